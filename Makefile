@@ -1,0 +1,46 @@
+# hintens developer entry points. Everything runs inside .venv, created on first use.
+#   make test    build the extension (warnings are errors) and run the test-suite
+#   make demo    the main job: run hintens and print its numbers
+#   make bench   benchmarks against the stdlib and the peers (installs the `bench` extra)
+#   make build   rebuild the extension in place after editing .pyx/.pxd/.h
+#   make clean   remove build products and the virtual environment
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+CORE_SOURCES := pyproject.toml setup.py hintens/_core.pyx hintens/_core.pxd hintens/_wire.h hintens/_crc16.h
+INSTALLED := $(VENV)/.installed-test
+BENCH_INSTALLED := $(VENV)/.installed-bench
+BENCH_ARGS ?=
+
+.PHONY: test demo bench build clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(INSTALLED): $(PY) $(CORE_SOURCES)
+	HINTENS_WERROR=1 $(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	touch $@
+
+$(BENCH_INSTALLED): $(INSTALLED)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test,bench]'
+	touch $@
+
+test: $(INSTALLED)
+	$(PY) -m pytest
+
+demo: $(INSTALLED)
+	$(PY) -m hintens demo
+
+bench: $(BENCH_INSTALLED)
+	$(PY) -m pytest bench --benchmark-only --benchmark-columns=min,median,mean,stddev,rounds \
+	    --benchmark-sort=name --benchmark-warmup=on $(BENCH_ARGS)
+
+build: $(INSTALLED)
+	$(PY) -m pip install --quiet --disable-pip-version-check 'Cython>=3,<4' setuptools-scm
+	HINTENS_WERROR=1 $(PY) setup.py --quiet build_ext --inplace
+
+clean:
+	rm -rf build dist *.egg-info hintens/_core.c hintens/*.so hintens/*.html hintens/_version.py \
+	    .pytest_cache .hypothesis .benchmarks bench/results $(VENV)
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

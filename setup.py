@@ -1,0 +1,45 @@
+"""Build of the compiled core. Metadata lives in pyproject.toml.
+
+Environment switches:
+    HINTENS_NO_EXTENSIONS=1  build without the extension (the pure-Python core is used).
+    HINTENS_DEBUG=1          line tracing and an annotated HTML listing (cython -a), for profiling.
+    HINTENS_WERROR=1         C compiler warnings are errors (set by `make test`).
+"""
+
+import os
+
+from setuptools import Extension, setup
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "") not in ("", "0")
+
+
+def _extensions():
+    if _flag("HINTENS_NO_EXTENSIONS"):
+        return []
+    from Cython.Build import cythonize
+
+    debug = _flag("HINTENS_DEBUG")
+    # Wheels run on any x86-64: never -march=native. The CRC kernel picks PCLMULQDQ or
+    # VPCLMULQDQ at run time through per-function target attributes.
+    cflags = ["-O3", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-missing-field-initializers"]
+    if _flag("HINTENS_WERROR"):
+        cflags.append("-Werror")
+    macros = [("CYTHON_TRACE", "1"), ("CYTHON_TRACE_NOGIL", "1")] if debug else []
+    ext = Extension(
+        "hintens._core",
+        ["hintens/_core.pyx"],
+        include_dirs=["hintens"],
+        depends=["hintens/_wire.h", "hintens/_crc16.h", "hintens/_core.pxd"],
+        extra_compile_args=cflags,
+        define_macros=macros,
+    )
+    return cythonize(
+        [ext],
+        compiler_directives={"language_level": "3", "embedsignature": True, "linetrace": debug},
+        annotate=debug,
+    )
+
+
+setup(ext_modules=_extensions())
