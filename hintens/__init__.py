@@ -1,0 +1,91 @@
+"""hintens: fast message passing between processes on one machine.
+
+Public names live here; every module behind them is private. See README.md for a tour and
+docs/PROTOCOL.md for the wire format.
+"""
+
+from __future__ import annotations
+
+from ._constants import (
+    DEFAULT_MAX_PAYLOAD_BYTES,
+    FIRST_APPLICATION_ERROR_CODE,
+    HEADER_SIZE,
+    MAGIC,
+    VERSION,
+    ErrorCode,
+    Flags,
+    MessageType,
+)
+from ._errors import (
+    BadHeaderError,
+    ChecksumError,
+    FrameTooLargeError,
+    HandlerError,
+    HintensError,
+    IncompleteFrameError,
+    ProtocolError,
+    RemoteError,
+    RemoteProtocolError,
+    RemoteTimeoutError,
+    ShmError,
+    UnavailableError,
+    UnsupportedFlagsError,
+    decode_error_payload,
+    encode_error_payload,
+    remote_error,
+)
+from ._impl import core as _core_impl
+from ._impl import implementation
+
+crc16 = _core_impl.crc16
+crc16_backend = _core_impl.crc16_backend
+encode_frame = _core_impl.encode_frame
+encode_header = _core_impl.encode_header
+pack_header_into = _core_impl.pack_header_into
+unpack_header = _core_impl.unpack_header
+Frame = _core_impl.Frame
+FrameHeader = _core_impl.FrameHeader
+FrameDecoder = _core_impl.FrameDecoder
+
+try:
+    from ._version import version as __version__
+except ImportError:  # a source tree that setuptools-scm never wrote to
+    __version__ = "0+unknown"
+
+__all__ = [
+    "DEFAULT_MAX_PAYLOAD_BYTES",
+    "FIRST_APPLICATION_ERROR_CODE",
+    "HEADER_SIZE",
+    "MAGIC",
+    "VERSION",
+    "BadHeaderError",
+    "ChecksumError",
+    "ErrorCode",
+    "Flags",
+    "Frame",
+    "FrameDecoder",
+    "FrameHeader",
+    "FrameTooLargeError",
+    "HandlerError",
+    "HintensError",
+    "IncompleteFrameError",
+    "MessageType",
+    "ProtocolError",
+    "RemoteError",
+    "RemoteProtocolError",
+    "RemoteTimeoutError",
+    "ShmError",
+    "UnavailableError",
+    "UnsupportedFlagsError",
+    "__version__",
+    "crc16",
+    "crc16_backend",
+    "decode_error_payload",
+    "encode_error_payload",
+    "encode_frame",
+    "encode_header",
+    "implementation",
+    "pack_header_into",
+    "remote_error",
+    "unpack_header",
+]

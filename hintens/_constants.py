@@ -1,0 +1,62 @@
+"""Wire constants shared by the compiled core and its pure-Python twin.
+
+Every number here is fixed by docs/PROTOCOL.md; change them only together with that file.
+"""
+
+from __future__ import annotations
+
+import enum
+
+#: Size in bytes of the fixed frame header.
+HEADER_SIZE = 24
+#: First two bytes of every frame: ASCII "HP".
+MAGIC = 0x4850
+#: Protocol version this package speaks: major 1, minor 0.
+VERSION = 0x0100
+#: Major version accepted from peers (any minor of it is accepted).
+VERSION_MAJOR = 1
+#: Largest payload the length field can describe.
+MAX_FRAME_PAYLOAD_BYTES = 0xFFFFFFFF
+#: Default payload limit of a FrameDecoder.
+DEFAULT_MAX_PAYLOAD_BYTES = 64 * 1024 * 1024
+#: Payloads shorter than this are copied out of the receive buffer into a new ``bytes``;
+#: longer ones are returned as read-only memoryviews sharing it (when it is immutable).
+PAYLOAD_COPY_THRESHOLD_BYTES = 1024
+
+
+class MessageType(enum.IntEnum):
+    """The message type field (header offset 4, u32)."""
+
+    REQUEST = 1
+    RESPONSE = 2
+    EVENT = 3
+    ERROR = 4
+
+
+class Flags(enum.IntFlag):
+    """The flags field (header offset 8, u16). Every other bit is reserved and must be zero."""
+
+    NONE = 0
+    SHM = 0x0001
+    COMPRESSED = 0x0002
+
+
+#: Bits of the flags field that a peer may set.
+KNOWN_FLAGS_MASK = int(Flags.SHM | Flags.COMPRESSED)
+
+
+class ErrorCode(enum.IntEnum):
+    """Codes carried by Error frames. Codes of 1000 and above belong to applications."""
+
+    CHECKSUM = 1
+    BAD_HEADER = 2
+    TOO_LARGE = 3
+    UNSUPPORTED_FLAGS = 4
+    HANDLER_ERROR = 5
+    TIMEOUT = 6
+    SHM_ERROR = 7
+    UNAVAILABLE = 8
+
+
+#: First error code free for applications.
+FIRST_APPLICATION_ERROR_CODE = 1000

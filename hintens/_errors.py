@@ -1,0 +1,250 @@
+"""Exceptions, and the table that ties each wire error code to them.
+
+Two families, on purpose:
+
+* ``ProtocolError`` subclasses are raised *here* when incoming bytes break the protocol
+  (the decoder found a bad CRC, a bad header, ...). ``fatal`` says whether the byte stream
+  can still be trusted: after a fatal error the connection must be closed.
+* ``RemoteError`` subclasses are raised when the *peer* answered with an Error frame.
+
+The Error frame payload is the bincode 1.x encoding of ``(code: u32, message: String)``:
+``<u32 code LE><u64 byte length LE><UTF-8 bytes>``.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any, Sequence
+
+from ._constants import ErrorCode
+
+_ERROR_PREFIX = struct.Struct("<IQ")
+#: Messages longer than this are cut when encoded, so an Error frame stays small.
+MAX_ERROR_MESSAGE_BYTES = 4096
+
+
+class HintensError(Exception):
+    """Base class of every exception hintens raises on its own."""
+
+
+class ProtocolError(HintensError):
+    """Incoming bytes broke the protocol.
+
+    Attributes:
+        code: the ``ErrorCode`` that answers this violation on the wire.
+        request_id: the offending frame's request id, or None where the header was unreadable.
+        frames: complete frames decoded, in the same ``feed`` call, before the bad one. They are
+            delivered only here, exactly once.
+        fatal: True when the stream cannot be resynchronised and the connection must close.
+    """
+
+    code: ErrorCode = ErrorCode.BAD_HEADER
+    fatal: bool = True
+
+    def __init__(self, message: str, request_id: int | None = None,
+                 frames: Sequence[Any] = ()) -> None:
+        super().__init__(message)
+        self.message = message
+        self.request_id = request_id
+        self.frames = list(frames)
+
+
+class ChecksumError(ProtocolError):
+    """The payload's CRC16 does not match the header. The stream stays in sync."""
+
+    code = ErrorCode.CHECKSUM
+    fatal = False
+
+
+class BadHeaderError(ProtocolError):
+    """Bad magic, an unsupported major version or an unknown message type."""
+
+    code = ErrorCode.BAD_HEADER
+    fatal = True
+
+
+class FrameTooLargeError(ProtocolError):
+    """The payload length is over the receiver's limit; nothing was allocated for it."""
+
+    code = ErrorCode.TOO_LARGE
+    fatal = True
+
+
+class UnsupportedFlagsError(ProtocolError):
+    """Reserved flag bits are set. The payload is skipped unread; the stream stays in sync."""
+
+    code = ErrorCode.UNSUPPORTED_FLAGS
+    fatal = False
+
+
+class ShmError(ProtocolError):
+    """A shared-memory descriptor or file descriptor failed validation."""
+
+    code = ErrorCode.SHM_ERROR
+    fatal = False
+
+
+class IncompleteFrameError(HintensError, EOFError):
+    """The stream ended inside a frame.
+
+    Attributes:
+        pending_bytes: how many bytes of the unfinished frame had arrived.
+    """
+
+    def __init__(self, message: str, pending_bytes: int) -> None:
+        super().__init__(message)
+        self.pending_bytes = pending_bytes
+
+
+class RemoteError(HintensError):
+    """The peer answered with an Error frame.
+
+    Attributes:
+        code: the error code (an ``ErrorCode`` where known, else the plain int).
+        message: the peer's message.
+        request_id: the request the error answers.
+    """
+
+    def __init__(self, code: int, message: str, request_id: int | None = None) -> None:
+        try:
+            code = ErrorCode(code)
+        except ValueError:
+            pass
+        super().__init__(f"[{code_name(code)}] {message}")
+        self.code = code
+        self.message = message
+        self.request_id = request_id
+
+
+class RemoteProtocolError(RemoteError):
+    """The peer rejected our frame as a protocol violation (codes 1-4 and 7)."""
+
+
+class HandlerError(RemoteError):
+    """The peer's handler raised while serving the request (code 5)."""
+
+
+class RemoteTimeoutError(RemoteError):
+    """The peer gave up on the request in time (code 6)."""
+
+
+class UnavailableError(RemoteError):
+    """The peer cannot serve the request now, for example while shutting down (code 8)."""
+
+
+#: code -> (exception raised locally on detection, exception raised when a peer reports it).
+ERROR_TABLE: dict[ErrorCode, tuple[type[ProtocolError] | None, type[RemoteError]]] = {
+    ErrorCode.CHECKSUM: (ChecksumError, RemoteProtocolError),
+    ErrorCode.BAD_HEADER: (BadHeaderError, RemoteProtocolError),
+    ErrorCode.TOO_LARGE: (FrameTooLargeError, RemoteProtocolError),
+    ErrorCode.UNSUPPORTED_FLAGS: (UnsupportedFlagsError, RemoteProtocolError),
+    ErrorCode.HANDLER_ERROR: (None, HandlerError),
+    ErrorCode.TIMEOUT: (None, RemoteTimeoutError),
+    ErrorCode.SHM_ERROR: (ShmError, RemoteProtocolError),
+    ErrorCode.UNAVAILABLE: (None, UnavailableError),
+}
+
+
+def code_name(code: int) -> str:
+    """Return the symbolic name of an error code, or ``APP_<n>``/``UNKNOWN_<n>``."""
+    try:
+        return ErrorCode(code).name
+    except ValueError:
+        return f"APP_{code}" if code >= 1000 else f"UNKNOWN_{code}"
+
+
+def remote_error(code: int, message: str, request_id: int | None = None) -> RemoteError:
+    """Build the ``RemoteError`` subclass that matches a code received in an Error frame.
+
+    Args:
+        code: the u32 code from the Error payload.
+        message: the message from the Error payload.
+        request_id: the request id of the Error frame.
+
+    Returns:
+        An instance of the matching ``RemoteError`` subclass (plain ``RemoteError`` for
+        application and unknown codes).
+    """
+    entry = ERROR_TABLE.get(code)  # type: ignore[call-overload]
+    cls = entry[1] if entry is not None else RemoteError
+    return cls(code, message, request_id)
+
+
+def encode_error_payload(code: int, message: str) -> bytes:
+    """Encode an Error frame payload: bincode ``(u32, String)``.
+
+    Args:
+        code: 0 <= code < 2**32.
+        message: text; cut to ``MAX_ERROR_MESSAGE_BYTES`` of UTF-8 on a character boundary.
+
+    Returns:
+        The payload bytes.
+
+    Raises:
+        OverflowError: the code does not fit a u32.
+    """
+    if not 0 <= code <= 0xFFFFFFFF:
+        raise OverflowError(f"error code {code} does not fit a u32")
+    text = message.encode("utf-8", "surrogatepass")[:MAX_ERROR_MESSAGE_BYTES]
+    text = text.decode("utf-8", "ignore").encode("utf-8")  # never end mid-character
+    return _ERROR_PREFIX.pack(code, len(text)) + text
+
+
+def decode_error_payload(payload: Any) -> tuple[int, str]:
+    """Decode an Error frame payload.
+
+    Args:
+        payload: a bytes-like object.
+
+    Returns:
+        ``(code, message)``. Invalid UTF-8 in the message is replaced, never fatal: the error
+        itself is what the caller needs to see.
+
+    Raises:
+        ValueError: the payload is shorter than its prefix, its length field disagrees with
+            its size, or it has trailing bytes.
+    """
+    data = memoryview(payload).cast("B")
+    if len(data) < _ERROR_PREFIX.size:
+        raise ValueError(f"error payload of {len(data)} bytes is shorter than its 12-byte prefix")
+    code, length = _ERROR_PREFIX.unpack_from(data)
+    if length != len(data) - _ERROR_PREFIX.size:
+        raise ValueError(
+            f"error payload says its message has {length} bytes, but {len(data) - 12} follow")
+    return code, bytes(data[_ERROR_PREFIX.size:]).decode("utf-8", "replace")
+
+
+# Constructors for the decoder's errors. Both core implementations call these, so the two
+# raise identical exceptions with identical messages. They run only on the error path.
+
+def bad_magic_error(magic: int) -> BadHeaderError:
+    return BadHeaderError(f"bad magic 0x{magic:04x}: not a hintens frame (expected 0x4850 'HP')")
+
+
+def bad_version_error(major: int) -> BadHeaderError:
+    return BadHeaderError(f"unsupported protocol major version {major} (this peer speaks 1.x)")
+
+
+def bad_type_error(msg_type: int, request_id: int) -> BadHeaderError:
+    return BadHeaderError(f"unknown message type {msg_type} (expected 1-4)", request_id)
+
+
+def too_large_error(length: int, limit: int, request_id: int) -> FrameTooLargeError:
+    return FrameTooLargeError(
+        f"payload of {length} bytes is over this receiver's limit of {limit} bytes", request_id)
+
+
+def reserved_flags_error(flags: int, request_id: int) -> UnsupportedFlagsError:
+    return UnsupportedFlagsError(
+        f"reserved flag bits 0x{flags & ~0x0003 & 0xFFFF:04x} are set (flags 0x{flags:04x})",
+        request_id)
+
+
+def checksum_error(expected: int, actual: int, request_id: int) -> ChecksumError:
+    return ChecksumError(
+        f"payload CRC16 is 0x{actual:04x} but the header says 0x{expected:04x}", request_id)
+
+
+def renew(error: ProtocolError) -> ProtocolError:
+    """A fresh copy of a fatal error, raised again by a decoder that already failed."""
+    return type(error)(error.message, error.request_id)
