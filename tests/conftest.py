@@ -1,0 +1,37 @@
+"""Shared fixtures: every core test runs against both implementations."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+from hintens import _core_py
+
+# Deterministic property tests: the same examples on every run and every machine.
+settings.register_profile(
+    "hintens", derandomize=True, deadline=None, max_examples=200,
+    suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("hintens")
+
+NO_EXTENSIONS = os.environ.get("HINTENS_NO_EXTENSIONS", "") not in ("", "0")
+
+
+def _cython_core():
+    if NO_EXTENSIONS:
+        pytest.skip("HINTENS_NO_EXTENSIONS is set")
+    # No skip on ImportError: a normal build must have the extension.
+    from hintens import _core
+    return _core
+
+
+@pytest.fixture(scope="session", params=["cython", "python"])
+def core(request):
+    """The compiled core, then its pure-Python twin."""
+    return _cython_core() if request.param == "cython" else _core_py
+
+
+@pytest.fixture(scope="session")
+def cython_core():
+    return _cython_core()

@@ -1,0 +1,129 @@
+"""CRC-16/IBM-3740 against known answers, a bitwise reference, and every kernel path."""
+
+from __future__ import annotations
+
+import array
+import binascii
+import mmap
+import os
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+
+def reference_crc16(data: bytes, crc: int = 0xFFFF) -> int:
+    """Bit-at-a-time CRC-16/IBM-3740, written from the catalogue's parameters."""
+    for byte in data:
+        crc ^= byte << 8
+        for _ in range(8):
+            crc = ((crc << 1) ^ 0x1021) if crc & 0x8000 else (crc << 1)
+            crc &= 0xFFFF
+    return crc
+
+
+@pytest.mark.parametrize("data, expected", [
+    (b"123456789", 0x29B1),        # the catalogue's check value
+    (b"", 0xFFFF),                 # init, untouched
+    (b"\x00", 0xE1F0),
+    (b"A", 0xB915),
+])
+def test_known_answers(core, data, expected):
+    assert reference_crc16(data) == expected  # the vectors themselves are right
+    assert core.crc16(data) == expected
+
+
+def test_incremental(core):
+    data = bytes(range(256)) * 40
+    for cut in (0, 1, 15, 16, 17, 255, 4096, len(data)):
+        assert core.crc16(data[cut:], core.crc16(data[:cut])) == core.crc16(data)
+
+
+@pytest.mark.parametrize("length", [*range(0, 300), 511, 512, 513, 1023, 4095, 4096, 4097,
+                                    65535, 65536, 65537, 1 << 20, (1 << 20) + 7])
+def test_lengths_match_binascii(core, length):
+    data = random.Random(length).randbytes(length)
+    assert core.crc16(data) == binascii.crc_hqx(data, 0xFFFF)
+
+
+def test_every_alignment_and_start_value(core):
+    rng = random.Random(7)
+    block = rng.randbytes(5000)
+    view = memoryview(block)
+    for offset in range(64):
+        for length in (0, 1, 31, 64, 257, 1500, 4000):
+            start = rng.randrange(0x10000)
+            piece = view[offset:offset + length]
+            assert core.crc16(piece, start) == binascii.crc_hqx(piece, start)
+
+
+@given(st.binary(max_size=5000), st.integers(0, 0xFFFF))
+def test_property_matches_reference(core, data, start):
+    assert core.crc16(data, start) == reference_crc16(data, start)
+
+
+def test_64_mib(core):
+    data = np.random.default_rng(1).integers(0, 256, 64 << 20, dtype=np.uint8)
+    assert core.crc16(data) == binascii.crc_hqx(data, 0xFFFF)
+
+
+def test_accepts_any_contiguous_buffer_without_copying(core):
+    payload = bytes(range(256)) * 4
+    expected = binascii.crc_hqx(payload, 0xFFFF)
+    with mmap.mmap(-1, len(payload)) as mapped:
+        mapped[:] = payload
+        buffers = [payload, bytearray(payload), memoryview(payload), mapped,
+                   np.frombuffer(payload, dtype=np.uint8),
+                   np.frombuffer(payload, dtype=np.float64),
+                   array.array("I", payload)]
+        for buffer in buffers:
+            assert core.crc16(buffer) == expected, type(buffer)
+        del buffers, buffer
+
+
+def test_rejects_bad_arguments(core):
+    with pytest.raises(TypeError):
+        core.crc16("text")
+    with pytest.raises(TypeError):
+        core.crc16(12)
+    with pytest.raises(BufferError):
+        core.crc16(memoryview(b"abcdef")[::2])
+    with pytest.raises(OverflowError):
+        core.crc16(b"x", 0x10000)
+    with pytest.raises(OverflowError):
+        core.crc16(b"x", -1)
+    with pytest.raises(TypeError):
+        core.crc16(b"x", 1.5)
+
+
+# The kernel is chosen once per process, so each forced path runs in its own interpreter.
+_PATH_CHECK = """
+import binascii, random, hintens
+from hintens import _core
+rng = random.Random(3)
+for n in [*range(0, 600), 4096, 65536, 1 << 20, 3 * 1024 * 1024 + 13]:
+    data = rng.randbytes(n)
+    start = rng.randrange(0x10000)
+    for off in (0, 1, 7):
+        piece = memoryview(data)[off:]
+        assert _core.crc16(piece, start) == binascii.crc_hqx(piece, start), (n, off)
+print(_core.crc16_backend())
+"""
+
+
+@pytest.mark.parametrize("forced, expected", [
+    ("table", "table"), ("pclmul", "pclmulqdq"), ("vpclmul", "vpclmulqdq-avx2")])
+def test_every_kernel_path(cython_core, forced, expected):
+    flags = open("/proc/cpuinfo").read()
+    needed = {"table": None, "pclmul": "pclmulqdq", "vpclmul": "vpclmulqdq"}[forced]
+    if needed and f" {needed}" not in flags:
+        pytest.skip(f"this CPU has no {needed}")
+    env = dict(os.environ, HINTENS_CRC_IMPL=forced)
+    out = subprocess.run([sys.executable, "-c", _PATH_CHECK], env=env,
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == expected

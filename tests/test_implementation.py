@@ -1,0 +1,60 @@
+"""The selector, and agreement of the two cores' public surfaces."""
+
+from __future__ import annotations
+
+import inspect
+import os
+import subprocess
+import sys
+
+import pytest
+
+import hintens
+from hintens import _constants, _core_py
+
+from .conftest import NO_EXTENSIONS
+
+
+@pytest.mark.skipif(NO_EXTENSIONS, reason="HINTENS_NO_EXTENSIONS is set")
+def test_compiled_core_loaded_in_a_normal_build():
+    assert hintens.implementation == "cython"
+    from hintens import _core
+    assert hintens.FrameDecoder is _core.FrameDecoder
+    assert hintens.crc16 is _core.crc16
+
+
+def test_no_extensions_env_selects_the_python_twin():
+    env = dict(os.environ, HINTENS_NO_EXTENSIONS="1")
+    out = subprocess.run(
+        [sys.executable, "-c",
+         "import hintens; print(hintens.implementation, hintens.FrameDecoder.__module__)"],
+        env=env, capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["python", "hintens._core_py"]
+
+
+def test_twins_export_the_same_names(cython_core):
+    assert sorted(cython_core.__all__) == sorted(_core_py.__all__)
+    for name in _core_py.__all__:
+        assert hasattr(cython_core, name), name
+
+
+@pytest.mark.parametrize("name", ["crc16", "encode_frame", "encode_header",
+                                  "pack_header_into", "unpack_header"])
+def test_twins_share_signatures(cython_core, name):
+    py_params = list(inspect.signature(getattr(_core_py, name)).parameters)
+    c_params = list(inspect.signature(getattr(cython_core, name)).parameters)
+    assert c_params == py_params
+
+
+def test_constants_match_the_wire_contract():
+    assert _constants.HEADER_SIZE == 24
+    assert _constants.MAGIC == 0x4850
+    assert _constants.VERSION == 0x0100
+    assert int(hintens.Flags.SHM) == 1 and int(hintens.Flags.COMPRESSED) == 2
+    assert [int(t) for t in hintens.MessageType] == [1, 2, 3, 4]
+    assert [int(c) for c in hintens.ErrorCode] == list(range(1, 9))
+
+
+def test_public_names_are_exported():
+    for name in hintens.__all__:
+        assert hasattr(hintens, name), name
