@@ -464,7 +464,8 @@ cdef class FrameDecoder:
                     self._state = _HEADER_STATE
                     if self._running_crc != self._fields.checksum:
                         raise _errors.checksum_error(
-                            self._fields.checksum, self._running_crc, self._fields.request_id)
+                            self._fields.checksum, self._running_crc, self._fields.request_id,
+                            self._fields.type)
                     PyList_Append(frames, _new_frame(&self._fields, payload))
             elif self._header_len == 0 and n - pos >= HEADER_SIZE:
                 # Fast path: a whole header in the input.
@@ -477,7 +478,7 @@ cdef class FrameDecoder:
                     if crc != h.checksum:
                         pos += h.length
                         pos_out[0] = pos
-                        raise _errors.checksum_error(h.checksum, crc, h.request_id)
+                        raise _errors.checksum_error(h.checksum, crc, h.request_id, h.type)
                     if share and <Py_ssize_t>h.length >= COPY_THRESHOLD:
                         if base_view is None:
                             base_view = PyMemoryView_FromObject(base)
@@ -504,7 +505,7 @@ cdef class FrameDecoder:
                         self._start_payload(&h)
                     else:
                         if h.checksum != 0xFFFF:
-                            raise _errors.checksum_error(h.checksum, 0xFFFF, h.request_id)
+                            raise _errors.checksum_error(h.checksum, 0xFFFF, h.request_id, h.type)
                         PyList_Append(frames, _new_frame(&h, b""))
         return 0
 
@@ -537,10 +538,10 @@ cdef class FrameDecoder:
         if not 1 <= h.type <= 4:
             raise _errors.bad_type_error(h.type, h.request_id)
         if h.length > self._max_payload:
-            raise _errors.too_large_error(h.length, self._max_payload, h.request_id)
+            raise _errors.too_large_error(h.length, self._max_payload, h.request_id, h.type)
         if h.flags & ~KNOWN_FLAGS_MASK:
             if h.length:
                 self._state = _DISCARD_STATE
                 self._remaining = h.length
-            raise _errors.reserved_flags_error(h.flags, h.request_id)
+            raise _errors.reserved_flags_error(h.flags, h.request_id, h.type)
         return 0

@@ -375,11 +375,11 @@ class FrameDecoder:
         if not 1 <= msg_type <= 4:
             raise _errors.bad_type_error(msg_type, request_id)
         if length > self._max_payload:
-            raise _errors.too_large_error(length, self._max_payload, request_id)
+            raise _errors.too_large_error(length, self._max_payload, request_id, msg_type)
         if flags & ~KNOWN_FLAGS_MASK:
             if length:
                 self._state, self._remaining = _DISCARD_STATE, length
-            raise _errors.reserved_flags_error(flags, request_id)
+            raise _errors.reserved_flags_error(flags, request_id, msg_type)
 
     def _start_payload(self, fields: tuple[int, ...]) -> None:
         self._fields = fields
@@ -391,5 +391,5 @@ class FrameDecoder:
         _, version, msg_type, flags, _, checksum, request_id = fields
         actual = binascii.crc_hqx(payload, 0xFFFF)
         if actual != checksum:
-            raise _errors.checksum_error(checksum, actual, request_id)
+            raise _errors.checksum_error(checksum, actual, request_id, msg_type)
         return Frame(msg_type, flags, version, request_id, payload)

@@ -33,6 +33,7 @@ class ProtocolError(HintensError):
     Attributes:
         code: the ``ErrorCode`` that answers this violation on the wire.
         request_id: the offending frame's request id, or None where the header was unreadable.
+        msg_type: the offending frame's message type where it is a valid one, else None.
         frames: complete frames decoded, in the same ``feed`` call, before the bad one. They are
             delivered only here, exactly once.
         fatal: True when the stream cannot be resynchronised and the connection must close.
@@ -42,10 +43,11 @@ class ProtocolError(HintensError):
     fatal: bool = True
 
     def __init__(self, message: str, request_id: int | None = None,
-                 frames: Sequence[Any] = ()) -> None:
+                 frames: Sequence[Any] = (), msg_type: int | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.request_id = request_id
+        self.msg_type = msg_type
         self.frames = list(frames)
 
 
@@ -229,22 +231,25 @@ def bad_type_error(msg_type: int, request_id: int) -> BadHeaderError:
     return BadHeaderError(f"unknown message type {msg_type} (expected 1-4)", request_id)
 
 
-def too_large_error(length: int, limit: int, request_id: int) -> FrameTooLargeError:
+def too_large_error(length: int, limit: int, request_id: int,
+                    msg_type: int) -> FrameTooLargeError:
     return FrameTooLargeError(
-        f"payload of {length} bytes is over this receiver's limit of {limit} bytes", request_id)
+        f"payload of {length} bytes is over this receiver's limit of {limit} bytes", request_id,
+        msg_type=msg_type)
 
 
-def reserved_flags_error(flags: int, request_id: int) -> UnsupportedFlagsError:
+def reserved_flags_error(flags: int, request_id: int, msg_type: int) -> UnsupportedFlagsError:
     return UnsupportedFlagsError(
         f"reserved flag bits 0x{flags & ~0x0003 & 0xFFFF:04x} are set (flags 0x{flags:04x})",
-        request_id)
+        request_id, msg_type=msg_type)
 
 
-def checksum_error(expected: int, actual: int, request_id: int) -> ChecksumError:
+def checksum_error(expected: int, actual: int, request_id: int, msg_type: int) -> ChecksumError:
     return ChecksumError(
-        f"payload CRC16 is 0x{actual:04x} but the header says 0x{expected:04x}", request_id)
+        f"payload CRC16 is 0x{actual:04x} but the header says 0x{expected:04x}", request_id,
+        msg_type=msg_type)
 
 
 def renew(error: ProtocolError) -> ProtocolError:
     """A fresh copy of a fatal error, raised again by a decoder that already failed."""
-    return type(error)(error.message, error.request_id)
+    return type(error)(error.message, error.request_id, msg_type=error.msg_type)

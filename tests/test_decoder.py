@@ -46,7 +46,8 @@ def drive(decoder, chunks):
                 frames = decoder.feed_eof() if chunk is None else decoder.feed(data)
             except ProtocolError as error:
                 events += [as_tuple(f) for f in error.frames]
-                events.append((type(error).__name__, int(error.code), error.request_id))
+                events.append((type(error).__name__, int(error.code), error.request_id,
+                               error.msg_type))
                 if error.fatal:
                     return events
                 data = b""
@@ -146,6 +147,8 @@ def test_malformed(core, stream, error, code, request_id, fatal):
                 decoder.feed(chunk)
         assert caught.value.code == code and caught.value.fatal is fatal, how
         assert caught.value.request_id == request_id, how
+        assert caught.value.msg_type == (None if request_id is None or error is BadHeaderError
+                                         else 1), how
         assert caught.value.frames == []
 
 
