@@ -2,6 +2,7 @@
 #   make test    build the extension (warnings are errors) and run the test-suite
 #   make demo    the main job: run hintens and print its numbers
 #   make bench   benchmarks against the stdlib and the peers (installs the `bench` extra)
+#   make crc-check  the CRC16 kernel's C harness (every path vs a bitwise reference, ASan/UBSan)
 #   make build   rebuild the extension in place after editing .pyx/.pxd/.h
 #   make clean   remove build products and the virtual environment
 
@@ -13,7 +14,7 @@ INSTALLED := $(VENV)/.installed-test
 BENCH_INSTALLED := $(VENV)/.installed-bench
 BENCH_ARGS ?=
 
-.PHONY: test demo bench build clean
+.PHONY: test demo bench build clean crc-check
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -26,8 +27,18 @@ $(BENCH_INSTALLED): $(INSTALLED)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test,bench]'
 	touch $@
 
-test: $(INSTALLED)
+test: $(INSTALLED) crc-check
 	$(PY) -m pytest
+
+# Sanitizers where the compiler has their runtime; a plain optimised build elsewhere.
+CRC_TEST_FLAGS := -Wall -Wextra -Werror -pthread -Ihintens
+crc-check:
+	mkdir -p build/crc16
+	$(CC) -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer \
+	    $(CRC_TEST_FLAGS) tools/crc16/test_crc16.c -o build/crc16/test_crc16 2>/dev/null \
+	  || { echo "crc-check: no sanitizer runtime, plain build"; \
+	       $(CC) -O2 $(CRC_TEST_FLAGS) tools/crc16/test_crc16.c -o build/crc16/test_crc16; }
+	build/crc16/test_crc16 | tail -n 1
 
 demo: $(INSTALLED)
 	$(PY) -m hintens demo

@@ -5,33 +5,36 @@
  *   hx_crc16(0xFFFF, "123456789", 9) == 0x29B1 == binascii.crc_hqx(b"123456789", 0xFFFF)
  *   Incremental: hx_crc16(hx_crc16(c, a, na), b, nb) == hx_crc16(c, a||b, na+nb).
  *
- * Public API (everything has static linkage so the header can be included
- * from a Cython module or several translation units):
+ * Public API (everything has static linkage, so the header can be included
+ * from a Cython module or from several translation units):
  *   static uint16_t    hx_crc16(uint16_t crc, const unsigned char *buf, size_t len);
  *   static const char *hx_crc16_impl(void);  "vpclmulqdq-avx2" | "pclmulqdq" | "table"
- * Both are thread-safe and never touch Python state, so the GIL can be released.
+ * Both are thread-safe and touch no Python state, so the GIL can be released.
  *
- * Paths (each one is also callable directly, which the tests do):
- *   hx_crc16_table    slice-by-16, portable, any length.
- *   hx_crc16_pclmul   PCLMULQDQ folding with 8 x 128-bit accumulators.
- *   hx_crc16_vpclmul  VPCLMULQDQ folding with 8 x 256-bit accumulators (AVX2,
+ * Paths (each also callable directly; the tests do):
+ *   hx_crc16_table    slice-by-16 tables, portable, any length.
+ *   hx_crc16_pclmul   PCLMULQDQ folding, 4 x 128-bit accumulators.
+ *   hx_crc16_vpclmul  VPCLMULQDQ folding, 4 x 256-bit accumulators (AVX2 only,
  *                     no AVX-512 needed).
- * The SIMD paths are compiled with per-function target attributes, so the
- * file builds with plain -O2 for generic x86-64; the CPU is probed once at
- * run time.  HINTENS_CRC_IMPL=table|pclmul|vpclmul forces a path (an
- * unsupported choice silently degrades to "table").
+ * The SIMD paths use per-function target attributes, so the file builds with
+ * plain -O2 for generic x86-64; the CPU is probed once at run time.
+ * HINTENS_CRC_IMPL=table|pclmul|vpclmul forces a path (an unsupported choice
+ * degrades to "table").
  *
- * Maths in one paragraph.  Read the message as a polynomial M(x) over GF(2),
- * first bit = highest power.  The CRC register after M is
- *     (M(x) + init(x) * x^(8n-16)) * x^16 mod P(x),  P = x^16+x^12+x^5+1,
- * i.e. the incoming register value is simply XORed into the first two bytes.
- * Because "mod P" is linear, a 128-bit chunk C = H*x^64 + L that still has d
- * bits of message after it can be replaced by the 80-bit value
+ * Maths.  Read the message as a polynomial M(x) over GF(2), first bit =
+ * highest power.  The CRC register after M (n bytes) is
+ *     (M(x) + init(x) * x^(8n-16)) * x^16 mod P(x),   P = x^16+x^12+x^5+1,
+ * i.e. the incoming register value is just XORed into the first two bytes.
+ * "mod P" is linear, so a 128-bit chunk C = H*x^64 + L followed by d more
+ * bits of message can be replaced by the (at most 80-bit) value
  *     H * (x^(d+64) mod P)  xor  L * (x^d mod P)
- * positioned d bits further on ("folding"); two carry-less 64x64 multiplies do
- * that.  All constants are x^k mod P for the fold distance k, produced by
- * gen_consts.py next to this file (plain shift-and-reduce), plus the Barrett
- * constant mu = floor(x^48 / P).  The tables come from the same script.
+ * placed d bits further on ("folding": two 64x64 carry-less multiplies).
+ * Every constant below is x^k mod P for some fold distance k, or a Barrett
+ * quotient floor(x^k / P); gen_consts.py (next to this file) derives them by
+ * plain shift-and-reduce and the test program re-checks them.
+ *
+ * This file is generated: edit _crc16.h.in and run build_header.py, which
+ * pastes in the tables from gen_consts.py.
  */
 #ifndef HX_CRC16_H
 #define HX_CRC16_H
@@ -41,8 +44,10 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* HX_CRC16_NO_SIMD builds the portable table path only (as on non-x86);
+ * the tests use it to check that configuration on this machine. */
 #if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__) && \
-    (defined(__clang__) || __GNUC__ >= 8)
+    (defined(__clang__) || __GNUC__ >= 8) && !defined(HX_CRC16_NO_SIMD)
 #define HX_CRC16_X86 1
 #include <immintrin.h>
 #else
@@ -50,19 +55,21 @@
 #endif
 
 /*
- * Dispatch thresholds (bytes), measured on AMD EPYC (Zen 3) with
- * bench_crc16.c:
- *  - below HX_CRC16_PCLMUL_MIN the table is faster than paying for the
- *    ~25-cycle pclmul reduction tail (which is a serial dependency chain);
- *  - below HX_CRC16_VPCLMUL_MIN the 128-bit kernel wins because the 256-bit
- *    one needs at least 256 bytes to fill its eight accumulators and has a
- *    longer fold-down epilogue.
+ * Dispatch thresholds in bytes, picked with `bench_crc16 sweep` on AMD EPYC
+ * (Zen 3, where one PCLMULQDQ or VPCLMULQDQ issues every 2 cycles):
+ *  - HX_CRC16_PCLMUL_MIN = 32: the table costs ~5 ns per 16-byte slice
+ *    while the SIMD paths pay a fixed ~20-cycle serial reduction at the
+ *    end; measured 16 B: table 6.8 / pclmul 8.5 ns, 24 B: 10.5 / 12.8 ns,
+ *    32 B: 11.9 / 10.5 ns.
+ *  - HX_CRC16_VPCLMUL_MIN = 128: the 256-bit kernel needs 128 bytes to fill
+ *    its four accumulators; from there on it is never slower than the
+ *    128-bit kernel (128 B: 13.4 vs 14.0 ns, 256 B: 20 vs 29 ns).
  */
 #ifndef HX_CRC16_PCLMUL_MIN
-#define HX_CRC16_PCLMUL_MIN 64
+#define HX_CRC16_PCLMUL_MIN 32
 #endif
 #ifndef HX_CRC16_VPCLMUL_MIN
-#define HX_CRC16_VPCLMUL_MIN 1024
+#define HX_CRC16_VPCLMUL_MIN 128
 #endif
 
 /* ------------------------------------------------------------------------ */
@@ -71,9 +78,8 @@
 
 /*
  * hx__crc16_tab[k][b] = b(x) * x^(8k+16) mod P: the contribution of byte b
- * when k more bytes follow it inside a 16-byte slice.  Row 0 is the classic
- * byte-at-a-time table.  Static const (generated by gen_consts.py --tables)
- * so there is nothing to initialise and nothing to race on.
+ * when k more bytes follow it.  Row 0 is the classic byte-at-a-time table.
+ * 8 KiB, static const (gen_consts.py --tables): no initialisation, no race.
  */
 static const uint16_t hx__crc16_tab[16][256] = {
     {
@@ -462,57 +468,45 @@ static const uint16_t hx__crc16_tab[16][256] = {
     },
 };
 
-/* Big-endian 64-bit load from any alignment: MSB-first CRC wants the first
- * byte in the top bits. memcpy compiles to a single unaligned load. */
-static inline uint64_t hx__load_be64(const unsigned char *p)
-{
-    uint64_t v;
-    memcpy(&v, p, sizeof v);
-#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
-    v = __builtin_bswap64(v);
-#elif !(defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__)
-    v = ((uint64_t)p[0] << 56) | ((uint64_t)p[1] << 48) | ((uint64_t)p[2] << 40) |
-        ((uint64_t)p[3] << 32) | ((uint64_t)p[4] << 24) | ((uint64_t)p[5] << 16) |
-        ((uint64_t)p[6] << 8) | (uint64_t)p[7];
-#endif
-    return v;
-}
+#define HX__T hx__crc16_tab
 
-/* Eight bytes held MSB-first in v, followed by `after` more bytes of the
- * slice, so byte i uses row (after + 7 - i). */
-#define HX__T8(v, after)                                                  \
-    (hx__crc16_tab[(after) + 7][(v) >> 56] ^                             \
-     hx__crc16_tab[(after) + 6][((v) >> 48) & 0xff] ^                    \
-     hx__crc16_tab[(after) + 5][((v) >> 40) & 0xff] ^                    \
-     hx__crc16_tab[(after) + 4][((v) >> 32) & 0xff] ^                    \
-     hx__crc16_tab[(after) + 3][((v) >> 24) & 0xff] ^                    \
-     hx__crc16_tab[(after) + 2][((v) >> 16) & 0xff] ^                    \
-     hx__crc16_tab[(after) + 1][((v) >> 8) & 0xff] ^                     \
-     hx__crc16_tab[(after) + 0][(v) & 0xff])
+/* One 16-byte slice.  Only the first two bytes meet the running crc, so the
+ * other 14 lookups are combined as a tree off the critical path and the
+ * loop-carried chain is just xor -> load -> xor (~8 cycles).  Bytes are read
+ * one by one: alignment- and endian-agnostic, and a byte load uses a load
+ * port where extracting it from a 64-bit word would cost two ALU ops (the
+ * ALUs, not the loads, were the bottleneck of the word-based version). */
+static inline uint16_t hx__slice16(uint16_t crc, const unsigned char *p)
+{
+    unsigned rest = ((HX__T[13][p[2]] ^ HX__T[12][p[3]]) ^ (HX__T[11][p[4]] ^ HX__T[10][p[5]])) ^
+                    ((HX__T[9][p[6]] ^ HX__T[8][p[7]]) ^ (HX__T[7][p[8]] ^ HX__T[6][p[9]])) ^
+                    ((HX__T[5][p[10]] ^ HX__T[4][p[11]]) ^ (HX__T[3][p[12]] ^ HX__T[2][p[13]])) ^
+                    (HX__T[1][p[14]] ^ HX__T[0][p[15]]);
+    return (uint16_t)(rest ^ HX__T[15][p[0] ^ (crc >> 8)] ^ HX__T[14][p[1] ^ (crc & 0xff)]);
+}
 
 static uint16_t hx_crc16_table(uint16_t crc, const unsigned char *p, size_t len)
 {
-    /* The 16 lookups per slice are independent, so the only serial
-     * dependency is one XOR of crc into the first two bytes per 16 bytes. */
     while (len >= 16) {
-        uint64_t a = hx__load_be64(p) ^ ((uint64_t)crc << 48);
-        uint64_t b = hx__load_be64(p + 8);
-        crc = (uint16_t)(HX__T8(a, 8) ^ HX__T8(b, 0));
+        crc = hx__slice16(crc, p);
         p += 16;
         len -= 16;
     }
-    if (len >= 8) {
-        uint64_t a = hx__load_be64(p) ^ ((uint64_t)crc << 48);
-        crc = (uint16_t)HX__T8(a, 0);
-        p += 8;
-        len -= 8;
+    /* The same trick for the last 2..15 bytes (rows len-1 .. 0), so the
+     * tail is one short dependency chain rather than len byte steps. */
+    if (len >= 2) {
+        unsigned rest = 0;
+        size_t i;
+        for (i = 2; i < len; i++)
+            rest ^= HX__T[len - 1 - i][p[i]];
+        crc = (uint16_t)(rest ^ HX__T[len - 1][p[0] ^ (crc >> 8)] ^ HX__T[len - 2][p[1] ^ (crc & 0xff)]);
+    } else if (len) {
+        crc = (uint16_t)((crc << 8) ^ HX__T[0][p[0] ^ (crc >> 8)]);
     }
-    while (len--)
-        crc = (uint16_t)((crc << 8) ^ hx__crc16_tab[0][(crc >> 8) ^ *p++]);
     return crc;
 }
 
-#undef HX__T8
+#undef HX__T
 
 #if HX_CRC16_X86
 /* ------------------------------------------------------------------------ */
@@ -520,17 +514,18 @@ static uint16_t hx_crc16_table(uint16_t crc, const unsigned char *p, size_t len)
 /* ------------------------------------------------------------------------ */
 
 /*
- * Fold constants {K_hi, K_lo} = {x^(d+64) mod P, x^d mod P} for fold distance
- * d bits (see header comment; values from gen_consts.py).  Index n means
- * d = 128*n, n = 1..8.  Uses:
- *   d = 1024 (n=8): main loop of the 128-bit kernel, 8 lanes x 16 bytes;
- *   d = 2048 (n=16, HX__K2048): main loop of the 256-bit kernel, 8 x 32 bytes;
- *   d = 128*n: merging accumulator i into the last one, and single-block steps.
- * Products are at most 64+16 bits, so folded values never exceed 80 bits and
- * XORing them into a fresh 128-bit block never needs a carry-out.
+ * Fold constants {K_hi, K_lo} = {x^(d+64) mod P, x^d mod P} for a fold
+ * distance of d = 128*n bits (gen_consts.py).  Products are at most 64+16
+ * bits, so a folded value never exceeds 80 bits and XORing it into a fresh
+ * 128-bit block never loses anything.
+ *   n = 1      one 16-byte step; high ymm lane -> low lane
+ *   n = 2      one 32-byte step of the 256-bit kernel
+ *   n = 1,2,3  merge of the 4 x 128-bit accumulators
+ *   n = 4      128-bit main loop: 4 accumulators x 16 bytes ahead
+ *   n = 2,4,6  merge of the 4 x 256-bit accumulators
+ *   n = 8      256-bit main loop: 4 accumulators x 32 bytes ahead
  */
-static const uint64_t hx__k128[9][2] = {
-    /* {K_hi, K_lo} */
+static const uint64_t hx__kfold[9][2] = {
     {0, 0},
     {0x650b, 0xaefc}, /* d =  128: x^192,  x^128  */
     {0x26aa, 0x8e29}, /* d =  256: x^320,  x^256  */
@@ -541,36 +536,21 @@ static const uint64_t hx__k128[9][2] = {
     {0xd24c, 0xcbc5}, /* d =  896: x^960,  x^896  */
     {0x71c4, 0x36c4}, /* d = 1024: x^1088, x^1024 */
 };
-/* 256-bit kernel merge distances d = 256*m, m = 1..7, and its loop stride. */
-static const uint64_t hx__k256[8][2] = {
-    {0, 0},
-    {0x26aa, 0x8e29}, /* d =  256 */
-    {0x8832, 0x13fc}, /* d =  512 */
-    {0x0447, 0x106f}, /* d =  768 */
-    {0x71c4, 0x36c4}, /* d = 1024 */
-    {0x8d5b, 0x30df}, /* d = 1280: x^1344, x^1280 */
-    {0xceac, 0x2764}, /* d = 1536: x^1600, x^1536 */
-    {0x8ae7, 0x46cf}, /* d = 1792: x^1856, x^1792 */
-};
-#define HX__K2048_HI 0xf17e /* x^2112 mod P */
-#define HX__K2048_LO 0xfd50 /* x^2048 mod P */
 
 /* Final reduction constants. */
-#define HX__X80 0xeb23         /* x^80 mod P */
-#define HX__X48 0xaa51         /* x^48 mod P */
-#define HX__MU 0x111303471ULL  /* floor(x^48 / P), Barrett */
-#define HX__POLY_LO 0x1021     /* P without its x^16 term */
+#define HX__X80 0xeb23                 /* x^80 mod P */
+#define HX__MU80 0x11303471a041b343ULL /* floor(x^80 / P) minus its x^64 term */
 
 #define HX__PCL __attribute__((target("pclmul,sse4.1")))
 #define HX__VPCL __attribute__((target("vpclmulqdq,avx2,pclmul")))
 
-static inline HX__PCL __m128i hx__kvec(const uint64_t k[2])
+static inline HX__PCL __m128i hx__k128(int n)
 {
-    return _mm_set_epi64x((long long)k[0], (long long)k[1]);
+    return _mm_set_epi64x((long long)hx__kfold[n][0], (long long)hx__kfold[n][1]);
 }
 
-/* Loads 16 bytes and reverses them so bit 127 is the message's first bit:
- * then the register's bit order equals polynomial degree order. */
+/* Loads 16 bytes (any alignment) reversed, so bit 127 is the message's first
+ * bit: register bit order then equals polynomial degree order. */
 static inline HX__PCL __m128i hx__load128(const unsigned char *p)
 {
     const __m128i rev = _mm_setr_epi8(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
@@ -584,41 +564,36 @@ static inline HX__PCL __m128i hx__fold128(__m128i x, __m128i k)
 }
 
 /*
- * 128-bit state X (more message may follow, handled by the caller) -> CRC
- * register value X(x) * x^16 mod P, in three carry-less steps, all constants
- * < 2^33 so each is one PCLMULQDQ:
- *   1. X*x^16 = H*x^80 + L*x^16 ==  H*(x^80 mod P) ^ (L << 16)      < 2^80
- *   2. T = Th*x^48 + Tl         ==  Th*(x^48 mod P) ^ Tl            < 2^48
- *   3. Barrett: q = ((V >> 16) * mu) >> 32 is exactly floor(V / P) because
- *      deg(V >> 16) < 32 = deg(mu); then V mod P = low16(V ^ q*P), and the
- *      x^16 term of P cannot reach the low 16 bits.
- * This is a serial chain of ~25 cycles, which is what sets PCLMUL_MIN.
+ * 128-bit state X -> CRC register X(x) * x^16 mod P (any message bytes after
+ * X are the caller's business).  Three dependent steps (~18 cycles):
+ *   1. X*x^16 = H*x^80 + L*x^16 == H*(x^80 mod P) ^ (L << 16) =: T, deg < 80.
+ *   2. Barrett: with mu = floor(x^80 / P) (65 bits: x^64 + HX__MU80) and
+ *      A = T >> 16 (deg < 64 = deg mu, which is what makes it exact),
+ *      q = floor(A * mu / x^64) = A ^ ((A * HX__MU80) >> 64) = floor(T / P).
+ *   3. T mod P = low16(T ^ q*P); the x^16 term of P cannot reach the low 16
+ *      bits and 0x1021 = x^12 + x^5 + 1, so that is T ^ q ^ q<<5 ^ q<<12:
+ *      shifts instead of a third multiply.
  */
 static inline HX__PCL uint16_t hx__reduce128(__m128i x)
 {
     const __m128i k80 = _mm_set_epi64x(0, HX__X80);
-    const __m128i k48 = _mm_set_epi64x(0, HX__X48);
-    const __m128i kmu = _mm_set_epi64x(0, (long long)HX__MU);
-    const __m128i kp = _mm_set_epi64x(0, HX__POLY_LO);
-    const __m128i m48 = _mm_set_epi64x(0, 0xffffffffffffLL);
-    __m128i t, v, q;
+    const __m128i kmu = _mm_set_epi64x(0, (long long)HX__MU80);
+    __m128i t, a, q;
 
-    t = _mm_xor_si128(_mm_clmulepi64_si128(x, k80, 0x01),
-                      _mm_slli_si128(_mm_move_epi64(x), 2));
-    v = _mm_xor_si128(_mm_clmulepi64_si128(_mm_srli_si128(t, 6), k48, 0x00),
-                      _mm_and_si128(t, m48));
-    q = _mm_srli_epi64(_mm_clmulepi64_si128(_mm_srli_epi64(v, 16), kmu, 0x00), 32);
-    q = _mm_clmulepi64_si128(q, kp, 0x00);
-    return (uint16_t)_mm_extract_epi16(_mm_xor_si128(v, q), 0);
+    t = _mm_xor_si128(_mm_clmulepi64_si128(x, k80, 0x01), _mm_slli_si128(_mm_move_epi64(x), 2));
+    a = _mm_srli_si128(t, 2);
+    q = _mm_xor_si128(_mm_srli_si128(_mm_clmulepi64_si128(a, kmu, 0x00), 8), a);
+    t = _mm_xor_si128(t, _mm_xor_si128(q, _mm_xor_si128(_mm_slli_epi64(q, 5), _mm_slli_epi64(q, 12))));
+    return (uint16_t)_mm_extract_epi16(t, 0);
 }
 
-/* 128-bit kernel.  Eight independent accumulators: PCLMULQDQ has ~4 cycles
- * latency and (on Zen 3) 2/cycle throughput, so a fold+xor chain of ~5
- * cycles needs >= 5 blocks in flight; 8 keeps all 16 xmm registers busy
- * without spilling. */
+/* 128-bit kernel.  PCLMULQDQ has ~4 cycles latency, so a fold+xor chain is
+ * ~6 cycles; four accumulators give 8 multiplies per chain step, enough to
+ * saturate both Zen 3 (one per 2 cycles) and Intel (one per cycle), while
+ * still fitting the 8 xmm registers of i386. */
 static HX__PCL uint16_t hx_crc16_pclmul(uint16_t crc, const unsigned char *p, size_t len)
 {
-    const __m128i k128 = hx__kvec(hx__k128[1]);
+    const __m128i k1 = hx__k128(1);
     __m128i x;
 
     if (len < 16)
@@ -627,129 +602,102 @@ static HX__PCL uint16_t hx_crc16_pclmul(uint16_t crc, const unsigned char *p, si
     /* The register value enters as the first two message bytes (bits 127..112). */
     x = _mm_xor_si128(hx__load128(p), _mm_set_epi64x((long long)((uint64_t)crc << 48), 0));
 
-    if (len >= 128) {
-        const __m128i k1024 = hx__kvec(hx__k128[8]);
-        __m128i a0 = x, a1 = hx__load128(p + 16), a2 = hx__load128(p + 32),
-                a3 = hx__load128(p + 48), a4 = hx__load128(p + 64),
-                a5 = hx__load128(p + 80), a6 = hx__load128(p + 96),
-                a7 = hx__load128(p + 112);
-        p += 128;
-        len -= 128;
-        while (len >= 128) {
-            a0 = _mm_xor_si128(hx__fold128(a0, k1024), hx__load128(p));
-            a1 = _mm_xor_si128(hx__fold128(a1, k1024), hx__load128(p + 16));
-            a2 = _mm_xor_si128(hx__fold128(a2, k1024), hx__load128(p + 32));
-            a3 = _mm_xor_si128(hx__fold128(a3, k1024), hx__load128(p + 48));
-            a4 = _mm_xor_si128(hx__fold128(a4, k1024), hx__load128(p + 64));
-            a5 = _mm_xor_si128(hx__fold128(a5, k1024), hx__load128(p + 80));
-            a6 = _mm_xor_si128(hx__fold128(a6, k1024), hx__load128(p + 96));
-            a7 = _mm_xor_si128(hx__fold128(a7, k1024), hx__load128(p + 112));
-            p += 128;
-            len -= 128;
+    if (len >= 64) {
+        const __m128i k4 = hx__k128(4);
+        __m128i a0 = x, a1 = hx__load128(p + 16), a2 = hx__load128(p + 32), a3 = hx__load128(p + 48);
+        p += 64;
+        len -= 64;
+        while (len >= 64) {
+            a0 = _mm_xor_si128(hx__fold128(a0, k4), hx__load128(p));
+            a1 = _mm_xor_si128(hx__fold128(a1, k4), hx__load128(p + 16));
+            a2 = _mm_xor_si128(hx__fold128(a2, k4), hx__load128(p + 32));
+            a3 = _mm_xor_si128(hx__fold128(a3, k4), hx__load128(p + 48));
+            p += 64;
+            len -= 64;
         }
-        /* Merge: accumulator i sits 16*(7-i) bytes before a7, so move it
-         * forward by 128*(7-i) bits.  All seven folds are independent (a
-         * tree of XORs instead of a 7-deep serial chain). */
-        a0 = _mm_xor_si128(hx__fold128(a0, hx__kvec(hx__k128[7])), hx__fold128(a1, hx__kvec(hx__k128[6])));
-        a2 = _mm_xor_si128(hx__fold128(a2, hx__kvec(hx__k128[5])), hx__fold128(a3, hx__kvec(hx__k128[4])));
-        a4 = _mm_xor_si128(hx__fold128(a4, hx__kvec(hx__k128[3])), hx__fold128(a5, hx__kvec(hx__k128[2])));
-        a6 = _mm_xor_si128(hx__fold128(a6, hx__kvec(hx__k128[1])), a7);
-        x = _mm_xor_si128(_mm_xor_si128(a0, a2), _mm_xor_si128(a4, a6));
+        /* Accumulator i is 16*(3-i) bytes before a3: move it 128*(3-i) bits
+         * forward.  Independent folds, so this costs one fold of latency. */
+        x = _mm_xor_si128(_mm_xor_si128(hx__fold128(a0, hx__k128(3)), hx__fold128(a1, hx__k128(2))),
+                          _mm_xor_si128(hx__fold128(a2, k1), a3));
     } else {
         p += 16;
         len -= 16;
     }
     while (len >= 16) {
-        x = _mm_xor_si128(hx__fold128(x, k128), hx__load128(p));
+        x = _mm_xor_si128(hx__fold128(x, k1), hx__load128(p));
         p += 16;
         len -= 16;
     }
     return hx_crc16_table(hx__reduce128(x), p, len);
 }
 
+/* Both 128-bit lanes are reversed independently: each lane is one 16-byte
+ * block in polynomial order, and vpshufb works per lane anyway. */
 static inline HX__VPCL __m256i hx__load256(const unsigned char *p)
 {
-    /* vpshufb works per 128-bit lane, which is exactly what we want: each
-     * lane is an independent 16-byte block in polynomial order. */
     const __m256i rev = _mm256_setr_epi8(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0,
                                          15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
     return _mm256_shuffle_epi8(_mm256_loadu_si256((const __m256i *)(const void *)p), rev);
 }
 
-static inline HX__VPCL __m256i hx__kvec256(uint64_t hi, uint64_t lo)
+/* Both lanes of a register always move by the same distance. */
+static inline HX__VPCL __m256i hx__k256(int n)
 {
-    return _mm256_set_epi64x((long long)hi, (long long)lo, (long long)hi, (long long)lo);
+    return _mm256_broadcastsi128_si256(hx__k128(n));
 }
 
 static inline HX__VPCL __m256i hx__fold256(__m256i x, __m256i k)
 {
-    return _mm256_xor_si256(_mm256_clmulepi64_epi128(x, k, 0x11),
-                            _mm256_clmulepi64_epi128(x, k, 0x00));
+    return _mm256_xor_si256(_mm256_clmulepi64_epi128(x, k, 0x11), _mm256_clmulepi64_epi128(x, k, 0x00));
 }
 
-#define HX__F256(a, m) hx__fold256((a), hx__kvec256(hx__k256[m][0], hx__k256[m][1]))
-
-/* 256-bit kernel: same scheme as the 128-bit one, each ymm lane is one
- * 16-byte block and both lanes of a register move by the same distance.
- * Eight ymm accumulators (256 bytes/iteration) keep ~16 VPCLMULQDQs in
- * flight, enough to saturate Zen 3's one-per-cycle 256-bit clmul. */
+/* 256-bit kernel: the 128-bit scheme with two blocks per register.  Zen 3
+ * issues one VPCLMULQDQ every 2 cycles, exactly as many as PCLMULQDQ, so
+ * this doubles throughput; it is also the hard ceiling here (8 bytes per
+ * 64x64 multiply => 8 bytes/cycle).  Four accumulators (16 cycles of
+ * multiplies per ~7-cycle chain step) are enough; more only lengthen the
+ * merge. */
 static HX__VPCL uint16_t hx_crc16_vpclmul(uint16_t crc, const unsigned char *p, size_t len)
 {
-    __m256i a0, a1, a2, a3, a4, a5, a6, a7;
-    __m256i k;
+    __m256i a0, a1, a2, a3, k;
     __m128i x;
 
-    if (len < 256)
+    if (len < 128)
         return hx_crc16_pclmul(crc, p, len);
 
-    k = hx__kvec256(HX__K2048_HI, HX__K2048_LO);
+    k = hx__k256(8);
     a0 = _mm256_xor_si256(hx__load256(p), _mm256_set_epi64x(0, 0, (long long)((uint64_t)crc << 48), 0));
     a1 = hx__load256(p + 32);
     a2 = hx__load256(p + 64);
     a3 = hx__load256(p + 96);
-    a4 = hx__load256(p + 128);
-    a5 = hx__load256(p + 160);
-    a6 = hx__load256(p + 192);
-    a7 = hx__load256(p + 224);
-    p += 256;
-    len -= 256;
-    while (len >= 256) {
+    p += 128;
+    len -= 128;
+    while (len >= 128) {
         a0 = _mm256_xor_si256(hx__fold256(a0, k), hx__load256(p));
         a1 = _mm256_xor_si256(hx__fold256(a1, k), hx__load256(p + 32));
         a2 = _mm256_xor_si256(hx__fold256(a2, k), hx__load256(p + 64));
         a3 = _mm256_xor_si256(hx__fold256(a3, k), hx__load256(p + 96));
-        a4 = _mm256_xor_si256(hx__fold256(a4, k), hx__load256(p + 128));
-        a5 = _mm256_xor_si256(hx__fold256(a5, k), hx__load256(p + 160));
-        a6 = _mm256_xor_si256(hx__fold256(a6, k), hx__load256(p + 192));
-        a7 = _mm256_xor_si256(hx__fold256(a7, k), hx__load256(p + 224));
-        p += 256;
-        len -= 256;
+        p += 128;
+        len -= 128;
     }
-    /* Merge accumulator i forward by 256*(7-i) bits into a7 (independent folds). */
-    a0 = _mm256_xor_si256(HX__F256(a0, 7), HX__F256(a1, 6));
-    a2 = _mm256_xor_si256(HX__F256(a2, 5), HX__F256(a3, 4));
-    a4 = _mm256_xor_si256(HX__F256(a4, 3), HX__F256(a5, 2));
-    a6 = _mm256_xor_si256(HX__F256(a6, 1), a7);
-    a0 = _mm256_xor_si256(_mm256_xor_si256(a0, a2), _mm256_xor_si256(a4, a6));
-
-    k = hx__kvec256(hx__k256[1][0], hx__k256[1][1]);
+    /* Accumulator i is 32*(3-i) bytes before a3. */
+    a0 = _mm256_xor_si256(_mm256_xor_si256(hx__fold256(a0, hx__k256(6)), hx__fold256(a1, hx__k256(4))),
+                          _mm256_xor_si256(hx__fold256(a2, hx__k256(2)), a3));
+    k = hx__k256(2);
     while (len >= 32) {
         a0 = _mm256_xor_si256(hx__fold256(a0, k), hx__load256(p));
         p += 32;
         len -= 32;
     }
-    /* Low lane precedes high lane by one 16-byte block. */
-    x = _mm_xor_si128(hx__fold128(_mm256_castsi256_si128(a0), hx__kvec(hx__k128[1])),
-                      _mm256_extracti128_si256(a0, 1));
+    /* The low lane precedes the high lane by one 16-byte block. */
+    x = _mm_xor_si128(hx__fold128(_mm256_castsi256_si128(a0), hx__k128(1)), _mm256_extracti128_si256(a0, 1));
     if (len >= 16) {
-        x = _mm_xor_si128(hx__fold128(x, hx__kvec(hx__k128[1])), hx__load128(p));
+        x = _mm_xor_si128(hx__fold128(x, hx__k128(1)), hx__load128(p));
         p += 16;
         len -= 16;
     }
     return hx_crc16_table(hx__reduce128(x), p, len);
 }
-
-#undef HX__F256
 #endif /* HX_CRC16_X86 */
 
 /* ------------------------------------------------------------------------ */
@@ -759,8 +707,9 @@ static HX__VPCL uint16_t hx_crc16_vpclmul(uint16_t crc, const unsigned char *p, 
 typedef uint16_t (*hx__crc16_fn)(uint16_t, const unsigned char *, size_t);
 
 #if HX_CRC16_X86
-/* The dispatcher has already routed len < PCLMUL_MIN to the table. */
-static uint16_t hx__crc16_simd_auto(uint16_t crc, const unsigned char *p, size_t len)
+/* Selected when the CPU has VPCLMULQDQ+AVX2.  hx_crc16() has already sent
+ * len < HX_CRC16_PCLMUL_MIN to the table. */
+static uint16_t hx__crc16_simd(uint16_t crc, const unsigned char *p, size_t len)
 {
     if (len >= HX_CRC16_VPCLMUL_MIN)
         return hx_crc16_vpclmul(crc, p, len);
@@ -768,8 +717,8 @@ static uint16_t hx__crc16_simd_auto(uint16_t crc, const unsigned char *p, size_t
 }
 #endif
 
-/* Written once, read on every call.  Racing first calls all compute the same
- * pointer and store it atomically, so the race is benign. */
+/* Written once, read on every call.  Concurrent first calls all compute the
+ * same pointer and store it atomically, so racing initialisation is benign. */
 static hx__crc16_fn hx__crc16_chosen;
 
 static hx__crc16_fn hx__crc16_select(void)
@@ -781,8 +730,8 @@ static hx__crc16_fn hx__crc16_select(void)
 
     __builtin_cpu_init();
     has_pcl = __builtin_cpu_supports("pclmul") && __builtin_cpu_supports("sse4.1");
-    /* libgcc only reports avx2 when the OS saves ymm state (XCR0), which
-     * the 256-bit path needs as much as the instruction itself. */
+    /* libgcc only reports avx2 when the OS saves ymm state (XCR0), which the
+     * 256-bit path needs as much as the instruction itself. */
     has_vpcl = has_pcl && __builtin_cpu_supports("vpclmulqdq") && __builtin_cpu_supports("avx2");
 
     if (env && strcmp(env, "table") == 0)
@@ -790,9 +739,9 @@ static hx__crc16_fn hx__crc16_select(void)
     else if (env && strcmp(env, "pclmul") == 0)
         fn = has_pcl ? hx_crc16_pclmul : hx_crc16_table;
     else if (env && strcmp(env, "vpclmul") == 0)
-        fn = has_vpcl ? hx__crc16_simd_auto : hx_crc16_table;
+        fn = has_vpcl ? hx__crc16_simd : hx_crc16_table;
     else if (has_vpcl)
-        fn = hx__crc16_simd_auto;
+        fn = hx__crc16_simd;
     else if (has_pcl)
         fn = hx_crc16_pclmul;
 #endif
@@ -808,7 +757,7 @@ static inline hx__crc16_fn hx__crc16_get(void)
 
 static inline uint16_t hx_crc16(uint16_t crc, const unsigned char *buf, size_t len)
 {
-    /* Short buffers never pay for the indirect call. */
+    /* Short buffers skip the indirect call altogether. */
     if (len < HX_CRC16_PCLMUL_MIN)
         return hx_crc16_table(crc, buf, len);
     return hx__crc16_get()(crc, buf, len);
@@ -818,7 +767,7 @@ static const char *hx_crc16_impl(void)
 {
     hx__crc16_fn fn = hx__crc16_get();
 #if HX_CRC16_X86
-    if (fn == hx__crc16_simd_auto)
+    if (fn == hx__crc16_simd)
         return "vpclmulqdq-avx2";
     if (fn == hx_crc16_pclmul)
         return "pclmulqdq";
