@@ -1,4 +1,4 @@
-# cython: language_level=3, embedsignature=True, boundscheck=False, wraparound=False, cdivision=True
+# cython: language_level=3, embedsignature=True, embedsignature.format=clinic, binding=False, boundscheck=False, wraparound=False, cdivision=True
 """Compiled core of hintens: CRC16, the frame header and the sans-IO frame decoder.
 
 hintens/_core_py.py is its pure-Python twin and documents the shared decoder rules; the two
@@ -280,7 +280,7 @@ def encode_frame(msg_type, payload, request_id, flags=0):
 
 
 def pack_header_into(buffer, offset, msg_type, length, checksum, request_id, flags=0,
-                     version=VERSION):
+                     version=0x0100):  # the literal keeps the signature introspectable
     """Write a header with the given raw field values into ``buffer`` at ``offset``.
 
     Nothing is validated beyond field widths: this is the low-level twin of

@@ -41,9 +41,10 @@ def test_twins_export_the_same_names(cython_core):
 @pytest.mark.parametrize("name", ["crc16", "encode_frame", "encode_header",
                                   "pack_header_into", "unpack_header"])
 def test_twins_share_signatures(cython_core, name):
-    py_params = list(inspect.signature(getattr(_core_py, name)).parameters)
-    c_params = list(inspect.signature(getattr(cython_core, name)).parameters)
-    assert c_params == py_params
+    py_params = inspect.signature(getattr(_core_py, name)).parameters
+    c_params = inspect.signature(getattr(cython_core, name)).parameters
+    assert list(c_params) == list(py_params)
+    assert [p.default for p in c_params.values()] == [p.default for p in py_params.values()]
 
 
 def test_constants_match_the_wire_contract():
