@@ -16,9 +16,12 @@ from ._constants import (
     Flags,
     MessageType,
 )
+from ._client import Client
 from ._errors import (
     BadHeaderError,
     ChecksumError,
+    ConnectError,
+    ConnectionClosed,
     FrameTooLargeError,
     HandlerError,
     HintensError,
@@ -27,7 +30,10 @@ from ._errors import (
     RemoteError,
     RemoteProtocolError,
     RemoteTimeoutError,
+    ServerRunningError,
     ShmError,
+    SocketPathError,
+    Timeout,
     UnavailableError,
     UnsupportedFlagsError,
     decode_error_payload,
@@ -36,6 +42,9 @@ from ._errors import (
 )
 from ._impl import core as _core_impl
 from ._impl import implementation
+from ._protocol import Hello
+from ._server import Server, ServerConnection
+from ._unix import PeerCredentials
 
 crc16 = _core_impl.crc16
 crc16_backend = _core_impl.crc16_backend
@@ -60,6 +69,9 @@ __all__ = [
     "VERSION",
     "BadHeaderError",
     "ChecksumError",
+    "Client",
+    "ConnectError",
+    "ConnectionClosed",
     "ErrorCode",
     "Flags",
     "Frame",
@@ -67,14 +79,21 @@ __all__ = [
     "FrameHeader",
     "FrameTooLargeError",
     "HandlerError",
+    "Hello",
     "HintensError",
     "IncompleteFrameError",
     "MessageType",
+    "PeerCredentials",
     "ProtocolError",
     "RemoteError",
     "RemoteProtocolError",
     "RemoteTimeoutError",
+    "Server",
+    "ServerConnection",
+    "ServerRunningError",
     "ShmError",
+    "SocketPathError",
+    "Timeout",
     "UnavailableError",
     "UnsupportedFlagsError",
     "__version__",

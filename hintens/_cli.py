@@ -1,10 +1,78 @@
-"""The `hintens` command line."""
+"""The `hintens` command line: serve, send, info, demo.
+
+Failures print one line, ``hintens: error: ...``, to stderr and exit non-zero without a
+traceback. Exit codes: 1 for an Error reply from the server, 2 for bad usage, 3 when the
+server is not there or the connection broke, 4 for a timeout.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import logging
+import signal
 import sys
-from typing import Sequence
+from typing import Any, Callable, Sequence
+
+EXIT_REMOTE_ERROR = 1
+EXIT_USAGE = 2
+EXIT_CONNECTION = 3
+EXIT_TIMEOUT = 4
+
+
+class _UsageError(Exception):
+    pass
+
+
+def load_handler(spec: str) -> Callable[[Any], Any]:
+    """Import ``module:function``.
+
+    Raises:
+        _UsageError: the spec is malformed, or the module or function cannot be found.
+    """
+    module_name, sep, attribute = spec.partition(":")
+    if not sep or not module_name or not attribute:
+        raise _UsageError(f"--handler wants module:function, not {spec!r}")
+    try:
+        target: Any = importlib.import_module(module_name)
+        for part in attribute.split("."):
+            target = getattr(target, part)
+    except (ImportError, AttributeError) as error:
+        raise _UsageError(f"cannot load handler {spec!r}: {error}") from error
+    if not callable(target):
+        raise _UsageError(f"handler {spec!r} is not callable")
+    return target
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from ._server import Server, echo
+
+    handler = load_handler(args.handler) if args.handler else echo
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    server = Server(args.socket, handler, mode=int(args.mode, 8), allow_uids=args.allow_uid,
+                    allow_gids=args.allow_gid)
+
+    def stop(signum: int, frame: Any) -> None:
+        server.shutdown()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    server.serve_forever()
+    return 0
+
+
+def _send(args: argparse.Namespace) -> int:
+    from ._client import Client
+
+    data = sys.stdin.buffer.read() if args.data == "-" else args.data.encode()
+    with Client(args.socket, timeout=args.timeout, connect_timeout=args.timeout) as client:
+        if args.event:
+            client.send_event(data)
+            return 0
+        reply = client.request(data)
+    sys.stdout.buffer.write(reply)
+    sys.stdout.buffer.flush()
+    return 0
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -19,7 +87,7 @@ def _info(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from . import _demo
 
-    _demo.run(lambda line: print(line, flush=True))
+    _demo.run(lambda line: print(line, flush=True), socket_dir=args.dir)
     return 0
 
 
@@ -27,19 +95,55 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hintens", description="Fast message passing between processes on one machine.")
     commands = parser.add_subparsers(dest="command", required=True)
+    socket_help = "socket path (default: $HINTENS_SOCKET, else /tmp/hintens.sock)"
+
+    serve = commands.add_parser("serve", help="run a server until SIGTERM or SIGINT")
+    serve.add_argument("--socket", help=socket_help)
+    serve.add_argument("--handler", metavar="MODULE:FUNCTION",
+                       help="request handler: payload in, response bytes out (default: echo)")
+    serve.add_argument("--mode", default="600", help="socket file mode, octal (default 600)")
+    serve.add_argument("--allow-uid", type=int, action="append", default=[], metavar="UID",
+                       help="also accept clients with this uid (repeatable)")
+    serve.add_argument("--allow-gid", type=int, action="append", default=[], metavar="GID",
+                       help="also accept clients with this gid (repeatable)")
+    serve.set_defaults(run=_serve)
+
+    send = commands.add_parser("send", help="send DATA and print the reply's bytes")
+    send.add_argument("--socket", help=socket_help)
+    send.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
+    send.add_argument("--event", action="store_true", help="send an Event; expect no reply")
+    send.add_argument("data", metavar="DATA", help="the payload, or - to read it from stdin")
+    send.set_defaults(run=_send)
+
     commands.add_parser("info", help="show the version and which core is in use").set_defaults(
         run=_info)
-    commands.add_parser("demo", help="measure the core and print a table").set_defaults(run=_demo)
+    demo = commands.add_parser("demo", help="run a server process, measure, print a table")
+    demo.add_argument("--dir", help="directory for the demo's socket (default: a temp dir)")
+    demo.set_defaults(run=_demo)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `hintens` console script."""
+    from ._errors import ConnectError, ConnectionClosed, HintensError, RemoteError, Timeout
+
     args = build_parser().parse_args(argv)
+    outcomes: list[tuple[type[BaseException], int]] = [
+        (_UsageError, EXIT_USAGE), (RemoteError, EXIT_REMOTE_ERROR), (Timeout, EXIT_TIMEOUT),
+        (ConnectError, EXIT_CONNECTION), (ConnectionClosed, EXIT_CONNECTION),
+        (HintensError, EXIT_CONNECTION), (OSError, EXIT_CONNECTION)]
     try:
         return int(args.run(args))
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:   # stdout closed early, e.g. piped into head
+        return 0
+    except Exception as error:
+        for kind, code in outcomes:
+            if isinstance(error, kind):
+                print(f"hintens: error: {error}", file=sys.stderr)
+                return code
+        raise
 
 
 if __name__ == "__main__":

@@ -98,6 +98,29 @@ class IncompleteFrameError(HintensError, EOFError):
         self.pending_bytes = pending_bytes
 
 
+class Timeout(HintensError, TimeoutError):
+    """An operation did not finish in time (connect, a request, a send)."""
+
+
+class ConnectionClosed(HintensError, ConnectionError):
+    """The connection is gone: closed by either side, lost, or failed by a fatal error.
+
+    Every request waiting on it raises this; ``__cause__`` holds the underlying reason.
+    """
+
+
+class ConnectError(HintensError, ConnectionError):
+    """No connection could be made: no socket file, nobody listening, or no permission."""
+
+
+class SocketPathError(HintensError, ValueError):
+    """The socket path cannot be used (too long for the OS, or not a socket)."""
+
+
+class ServerRunningError(HintensError, OSError):
+    """Another server is alive on the socket path; it was left alone."""
+
+
 class RemoteError(HintensError):
     """The peer answered with an Error frame.
 

@@ -25,7 +25,7 @@ else:
         import logging
 
         logging.getLogger("hintens").warning(
-            "hintens: compiled core unavailable (%s); using the pure-Python core", error)
+            "compiled core unavailable (%s); using the pure-Python core", error)
         from . import _core_py as core  # type: ignore[no-redef]
         implementation = "python"
 

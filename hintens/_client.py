@@ -1,0 +1,402 @@
+"""Sync, thread-safe client over a Unix socket.
+
+Reading uses leader/follower, not a reader thread. A thread that waits for a reply becomes
+the reader if nobody is reading. It recv()s, hands every decoded frame to its waiter, and
+gives the role back. A single thread that issues request after request therefore reads its
+own replies: no thread hand-off, no queue. Many threads can share a client. Replies are
+matched by request id and may come in any order.
+
+Events from the server go to ``on_event``. They are delivered by the thread that read them,
+after it has released the reader role, so a callback may itself call ``request()``. While no
+request is in flight, a small pump thread (started only when ``on_event`` is given) reads
+them.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import select
+import socket
+import threading
+from time import monotonic
+from typing import Any, Callable
+
+from . import _impl
+from ._constants import DEFAULT_MAX_PAYLOAD_BYTES, MessageType
+from ._errors import (
+    ConnectionClosed,
+    ProtocolError,
+    Timeout,
+    decode_error_payload,
+    remote_error,
+)
+from ._protocol import Endpoint, Hello
+from ._unix import connect, send_all, set_kernel_timeouts, socket_path
+
+log = logging.getLogger("hintens")
+
+DEFAULT_TIMEOUT_S = 30.0
+DEFAULT_CONNECT_TIMEOUT_S = 5.0
+RECEIVE_BUFFER_BYTES = 256 * 1024
+#: Payloads at least this large leave as header + payload in one sendmsg, without a copy.
+SCATTER_THRESHOLD_BYTES = 16 * 1024
+#: A kernel receive timeout may overshoot a request's deadline by this much at most.
+_TIMEOUT_SLACK_S = 0.01
+
+
+class _Waiter:
+    __slots__ = ("done", "payload", "error")
+
+    def __init__(self) -> None:
+        self.done = False
+        self.payload: Any = None
+        self.error: BaseException | None = None
+
+
+def frames_for(encode_frame: Callable[..., bytes], encode_header: Callable[..., bytes],
+               msg_type: int, payload: Any, request_id: int) -> list[Any]:
+    """The buffers that carry one frame: one copy for small payloads, none for large ones."""
+    size = len(payload) if type(payload) is bytes else memoryview(payload).nbytes
+    if size < SCATTER_THRESHOLD_BYTES:
+        return [encode_frame(msg_type, payload, request_id)]
+    return [encode_header(msg_type, payload, request_id), payload]
+
+
+class Client:
+    """A connection to a hintens server.
+
+    Args:
+        path: the server's socket; default ``$HINTENS_SOCKET``, else ``/tmp/hintens.sock``.
+        timeout: default seconds to wait for a reply, and for the server to take our bytes.
+        connect_timeout: seconds to wait for the connection.
+        on_event: called with the payload of each Event the server pushes.
+        max_payload: the largest inline payload accepted from the server.
+
+    Raises:
+        ConnectError: no server at ``path``.
+        SocketPathError: ``path`` is too long for the OS.
+        Timeout: the connection was not accepted in ``connect_timeout``.
+    """
+
+    def __init__(self, path: str | None = None, *, timeout: float = DEFAULT_TIMEOUT_S,
+                 connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S,
+                 on_event: Callable[[Any], Any] | None = None,
+                 max_payload: int = DEFAULT_MAX_PAYLOAD_BYTES) -> None:
+        if timeout <= 0:
+            raise ValueError("timeout must be positive")
+        self.path = socket_path(path)
+        self.timeout = timeout
+        self._endpoint = Endpoint(max_payload=max_payload)
+        self._frame_type = _impl.core.Frame
+        self._encode_frame = _impl.core.encode_frame
+        self._encode_header = _impl.core.encode_header
+        self._send_lock = threading.Lock()
+        self._cond = threading.Condition(threading.Lock())
+        self._reading = False
+        self._waiters: dict[int, _Waiter] = {}
+        self._ids = itertools.count(1)
+        self._closed_reason: BaseException | None = None
+        self._server_error: BaseException | None = None
+        self._close_when_idle = False
+        self._buffer = bytearray(RECEIVE_BUFFER_BYTES)
+        self._view = memoryview(self._buffer)
+        self._receive_timeout: float | None = None
+        self._on_event = on_event
+        self._sock = connect(self.path, connect_timeout)
+        try:
+            set_kernel_timeouts(self._sock, None, send_s=timeout)
+            self._send([self._endpoint.hello_frame()])
+        except BaseException:
+            self._sock.close()
+            raise
+        self._pump: threading.Thread | None = None
+        if on_event is not None:
+            self._pump = threading.Thread(target=self._pump_events, name="hintens-client-events",
+                                          daemon=True)
+            self._pump.start()
+
+    # Public API -------------------------------------------------------------------------
+
+    def request(self, payload: Any, timeout: float | None = None) -> Any:
+        """Send a Request and wait for its reply.
+
+        Args:
+            payload: any C-contiguous buffer.
+            timeout: seconds to wait for the reply; default ``self.timeout``.
+
+        Returns:
+            The Response payload (``bytes``, or a read-only ``memoryview``).
+
+        Raises:
+            RemoteError: the server answered with an Error frame (a subclass per code).
+            Timeout: no reply in time. The connection stays usable; a late reply is dropped.
+            ConnectionClosed: the connection is or became closed.
+            ProtocolError: the reply itself was corrupt (for example a bad CRC).
+        """
+        deadline = monotonic() + (self.timeout if timeout is None else timeout)
+        request_id = next(self._ids)
+        frames = frames_for(self._encode_frame, self._encode_header, MessageType.REQUEST,
+                            payload, request_id)
+        waiter = _Waiter()
+        with self._cond:
+            if self._closed_reason is not None:
+                raise self._closed_error()
+            self._waiters[request_id] = waiter
+        try:
+            self._send(frames)
+            self._wait(waiter, request_id, deadline)
+        finally:
+            if not waiter.done:
+                with self._cond:
+                    self._waiters.pop(request_id, None)
+        if waiter.error is not None:
+            raise waiter.error
+        return waiter.payload
+
+    def send_event(self, payload: Any) -> None:
+        """Send an Event; there is no reply.
+
+        Raises:
+            ConnectionClosed: the connection is closed.
+            Timeout: the server did not take the bytes within ``self.timeout``.
+        """
+        with self._cond:
+            if self._closed_reason is not None:
+                raise self._closed_error()
+        self._send(frames_for(self._encode_frame, self._encode_header, MessageType.EVENT,
+                              payload, next(self._ids)))
+
+    @property
+    def peer_hello(self) -> Hello | None:
+        """The server's capability hello, once it has arrived."""
+        return self._endpoint.peer_hello
+
+    @property
+    def closed(self) -> bool:
+        """True once the connection is closed or lost."""
+        return self._closed_reason is not None
+
+    def close(self) -> None:
+        """Close the connection. Waiting requests raise ConnectionClosed. Idempotent."""
+        self._fail(ConnectionClosed("the client was closed"))
+        if self._pump is not None and self._pump is not threading.current_thread():
+            self._pump.join()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    # Internals --------------------------------------------------------------------------
+
+    def _closed_error(self) -> ConnectionClosed:
+        reason = self._closed_reason
+        error = ConnectionClosed(str(reason) if isinstance(reason, ConnectionClosed)
+                                 else f"connection to {self.path} closed: {reason}")
+        error.__cause__ = reason.__cause__ if isinstance(reason, ConnectionClosed) else reason
+        return error
+
+    def _send(self, frames: list[Any]) -> None:
+        try:
+            with self._send_lock:
+                send_all(self._sock, frames)
+        except Timeout as error:
+            # Part of a frame may have left: the stream cannot be trusted any more.
+            self._fail(ConnectionClosed(f"connection to {self.path} closed: {error}"), error)
+            raise
+        except OSError as error:
+            self._salvage_server_error()
+            self._fail(ConnectionClosed(self._lost_message(error)), error)
+            raise self._closed_error() from error
+
+    def _salvage_server_error(self) -> None:
+        """After a failed send: the reason the server gave before it hung up, if any.
+
+        A server that refuses us (or fails) writes an Error frame with request id 0 and then
+        closes; the kernel still holds those bytes for us to read.
+        """
+        if self._server_error is None:
+            try:
+                while self._server_error is None:
+                    count = self._sock.recv_into(self._buffer, 0, socket.MSG_DONTWAIT)
+                    if not count:
+                        break
+                    for item in self._endpoint.receive(self._view[:count]):
+                        if type(item) is self._frame_type and item.type == MessageType.ERROR \
+                                and item.request_id == 0:
+                            self._error_frame(item)
+            except OSError:
+                pass
+
+    def _wait(self, waiter: _Waiter, request_id: int, deadline: float) -> None:
+        cond = self._cond
+        while True:
+            with cond:
+                while True:
+                    if waiter.done:
+                        return
+                    if self._closed_reason is not None:
+                        raise self._closed_error()
+                    remaining = deadline - monotonic()
+                    if remaining <= 0:
+                        raise Timeout(f"no reply to request {request_id} from {self.path} in time")
+                    if not self._reading:
+                        self._reading = True
+                        break
+                    cond.wait(remaining)
+            self._read(remaining)
+
+    def _set_receive_timeout(self, remaining: float) -> None:
+        current = self._receive_timeout
+        if current is None or current > remaining + _TIMEOUT_SLACK_S or current < remaining / 2:
+            set_kernel_timeouts(self._sock, remaining)
+            self._receive_timeout = remaining
+
+    def _read(self, remaining: float | None) -> None:
+        """One recv as the reader, then dispatch; always gives the reader role back.
+
+        ``remaining`` None means a non-blocking read (the event pump).
+        """
+        items: list[Any] = []
+        try:
+            if remaining is None:
+                count = self._sock.recv_into(self._buffer, 0, socket.MSG_DONTWAIT)
+            else:
+                self._set_receive_timeout(remaining)
+                count = self._sock.recv_into(self._buffer)
+            if count == 0:
+                self._fail(ConnectionClosed(self._lost_message(None)), self._server_error)
+            else:
+                items = self._endpoint.receive(self._view[:count])
+        except BlockingIOError:
+            pass  # the kernel timeout expired, or nothing to read: the caller re-checks
+        except OSError as error:
+            self._fail(ConnectionClosed(self._lost_message(error)), error)
+        finally:
+            with self._cond:
+                self._reading = False
+                events, replies = self._dispatch(items) if items else ((), ())
+                if self._close_when_idle:
+                    self._sock.close()
+                    self._close_when_idle = False
+                self._cond.notify_all()
+        if replies:
+            try:
+                self._send(list(replies))
+            except (ConnectionClosed, Timeout):
+                pass
+        for payload in events:
+            try:
+                self._on_event(payload)  # type: ignore[misc]
+            except Exception:
+                log.exception("on_event callback raised")
+
+    def _lost_message(self, error: OSError | None) -> str:
+        """Why the connection ended: the server's own word where it gave one."""
+        if self._server_error is not None:
+            return f"server at {self.path} closed the connection: {self._server_error}"
+        if error is None:
+            return f"server at {self.path} closed the connection"
+        return f"connection to {self.path} lost: {error.strerror or error}"
+
+    def _dispatch(self, items: list[Any]) -> tuple[list[Any], list[bytes]]:
+        """Hand frames to their waiters (under the condition's lock)."""
+        events: list[Any] = []
+        replies: list[bytes] = []
+        waiters = self._waiters
+        for item in items:
+            if type(item) is self._frame_type:
+                kind = item.type
+                if kind == MessageType.RESPONSE:
+                    waiter = waiters.pop(item.request_id, None)
+                    if waiter is None:
+                        log.debug("dropping a late reply to request %d", item.request_id)
+                    else:
+                        waiter.payload, waiter.done = item.payload, True
+                elif kind == MessageType.ERROR:
+                    self._error_frame(item)
+                elif kind == MessageType.EVENT:
+                    if self._on_event is not None:
+                        events.append(item.payload)
+                else:
+                    replies.append(self._endpoint.error_frame(
+                        8, "this peer is a client and serves no requests", item.request_id))
+            else:
+                self._violation(item)
+        return events, replies
+
+    def _error_frame(self, frame: Any) -> None:
+        try:
+            code, message = decode_error_payload(frame.payload)
+        except ValueError as error:
+            code, message = 2, f"malformed Error payload: {error}"
+        error = remote_error(code, message, frame.request_id)
+        if frame.request_id == 0:
+            # About the connection, not a request: the server closes next; say why then.
+            self._server_error = error
+            log.warning("server at %s reports: %s", self.path, error)
+            return
+        waiter = self._waiters.pop(frame.request_id, None)
+        if waiter is not None:
+            waiter.error, waiter.done = error, True
+
+    def _violation(self, error: ProtocolError) -> None:
+        if error.fatal:
+            reply = self._endpoint.error_reply(error)
+            if reply is not None:
+                try:
+                    self._sock.send(reply, socket.MSG_DONTWAIT)
+                except OSError:
+                    pass
+            self._fail_locked(ConnectionClosed(
+                f"connection to {self.path} closed: the server broke the protocol: {error}"),
+                error)
+            return
+        waiter = self._waiters.pop(error.request_id, None) if error.request_id else None
+        if waiter is not None and error.msg_type in (MessageType.RESPONSE, MessageType.ERROR):
+            waiter.error, waiter.done = error, True
+        else:
+            log.warning("dropped a bad frame from %s: %s", self.path, error)
+
+    def _fail(self, reason: ConnectionClosed, cause: BaseException | None = None) -> None:
+        with self._cond:
+            self._fail_locked(reason, cause)
+
+    def _fail_locked(self, reason: ConnectionClosed, cause: BaseException | None = None) -> None:
+        if self._closed_reason is not None:
+            return
+        if cause is not None:
+            reason.__cause__ = cause
+        self._closed_reason = reason
+        for waiter in self._waiters.values():
+            waiter.error, waiter.done = self._closed_error(), True
+        self._waiters.clear()
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)   # wakes a reader blocked in recv
+        except OSError:
+            pass
+        if self._reading:
+            self._close_when_idle = True
+        else:
+            self._sock.close()
+        self._cond.notify_all()
+
+    def _pump_events(self) -> None:
+        poller = select.poll()
+        poller.register(self._sock.fileno(), select.POLLIN)
+        cond = self._cond
+        while True:
+            ready = poller.poll(250)
+            with cond:
+                if self._closed_reason is not None:
+                    return
+                if not ready:
+                    continue
+                if self._reading or self._waiters:
+                    # A request thread is (or is about to be) the reader; it delivers events.
+                    cond.wait(0.05)
+                    continue
+                self._reading = True
+            self._read(None)

@@ -1,0 +1,418 @@
+"""Sync server over a Unix socket: one thread per connection.
+
+A thread per connection gives the lowest round-trip latency. The thread that read a request
+runs the handler and writes the reply, with no queue in between. A client that stalls, even
+in the middle of a frame, blocks only its own thread. Its connection closes when the frame
+deadline passes.
+
+Shutdown is graceful. ``close()`` (or ``shutdown()`` from a signal handler) stops accepting,
+removes the socket file, and half-closes each connection for reading. The kernel still hands
+over the bytes that had already arrived, so requests already in flight are read, answered
+and flushed. Connections still busy at the deadline are cut.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import select
+import socket
+import threading
+from time import monotonic
+from typing import Any, Callable, Iterable
+
+from . import _impl
+from ._client import RECEIVE_BUFFER_BYTES, frames_for
+from ._constants import DEFAULT_MAX_PAYLOAD_BYTES, ErrorCode, MessageType
+from ._errors import ConnectionClosed, RemoteError, Timeout
+from ._protocol import Endpoint, Hello
+from ._unix import (
+    PeerCredentials,
+    listen,
+    peer_credentials,
+    remove_socket_file,
+    send_all,
+    set_kernel_timeouts,
+    socket_path,
+)
+
+log = logging.getLogger("hintens")
+
+DEFAULT_MODE = 0o600
+DEFAULT_BACKLOG = 1024
+DEFAULT_FRAME_TIMEOUT_S = 10.0
+DEFAULT_SEND_TIMEOUT_S = 10.0
+DEFAULT_SHUTDOWN_TIMEOUT_S = 5.0
+
+Handler = Callable[[Any], Any]
+
+
+def echo(payload: Any) -> Any:
+    """The default handler: the response is the request."""
+    return payload
+
+
+class ServerConnection:
+    """One accepted client, as callbacks see it.
+
+    Attributes:
+        id: a number unique within this server.
+        peer: the client's pid, uid and gid from SO_PEERCRED.
+    """
+
+    def __init__(self, server: Server, sock: socket.socket, peer: PeerCredentials,
+                 connection_id: int) -> None:
+        self.id = connection_id
+        self.peer = peer
+        self._server = server
+        self._sock = sock
+        self._send_lock = threading.Lock()
+        self._endpoint = Endpoint(max_payload=server.max_payload)
+        self._open = True
+        self.thread: threading.Thread | None = None
+
+    @property
+    def peer_hello(self) -> Hello | None:
+        """The client's capability hello, once it has arrived."""
+        return self._endpoint.peer_hello
+
+    def send_event(self, payload: Any) -> None:
+        """Push an Event to this client.
+
+        Raises:
+            ConnectionClosed: the connection is closed or broke while sending.
+        """
+        self._send(frames_for(_impl.core.encode_frame, _impl.core.encode_header,
+                              MessageType.EVENT, payload, self._server._next_event_id()))
+
+    def close(self) -> None:
+        """Cut this connection now; its serving thread ends."""
+        self._open = False
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def _send(self, frames: list[Any]) -> None:
+        if not self._open:
+            raise ConnectionClosed(f"connection {self.id} is closed")
+        try:
+            with self._send_lock:
+                send_all(self._sock, frames)
+        except (Timeout, OSError) as error:
+            self.close()
+            raise ConnectionClosed(f"connection {self.id} lost while sending: {error}") from error
+
+    def __repr__(self) -> str:
+        return f"<ServerConnection {self.id} pid={self.peer.pid} uid={self.peer.uid}>"
+
+
+class Server:
+    """A hintens server on a Unix socket.
+
+    The socket is bound and listening when the constructor returns; call ``serve_forever()``
+    (blocking) or ``start()`` (background thread) to accept connections.
+
+    Args:
+        path: socket path; default ``$HINTENS_SOCKET``, else ``/tmp/hintens.sock``.
+        handler: called with each Request's payload; returns the Response payload (any
+            bytes-like object, or None for an empty one). An exception becomes an Error frame:
+            a ``RemoteError`` keeps its code and message, anything else is HANDLER_ERROR. The
+            connection stays open either way.
+        on_event: called as ``on_event(payload, connection)`` for each Event from a client.
+            Events are dropped when it is None.
+        on_connect, on_disconnect: called with the ``ServerConnection``.
+        mode: file mode of the socket (default 0o600: only the owner may connect).
+        allow_uids, allow_gids: peers whose uid or gid is listed may connect as well as this
+            process's own effective uid. Others are refused before a frame is read.
+        max_payload: largest inline payload accepted (default 64 MiB).
+        idle_timeout: seconds a connection may stay silent between frames (None: forever).
+        frame_timeout: seconds a frame may take from its first byte to its last.
+        send_timeout: seconds a client may leave our replies unread before it is cut.
+        backlog: listen() backlog, for bursts of connects.
+
+    Raises:
+        ServerRunningError: another server is listening on ``path``.
+        SocketPathError: ``path`` is too long, or exists and is not a socket.
+        OSError: the socket could not be bound (for example, no such directory).
+    """
+
+    def __init__(self, path: str | None = None, handler: Handler = echo, *,
+                 on_event: Callable[[Any, ServerConnection], Any] | None = None,
+                 on_connect: Callable[[ServerConnection], Any] | None = None,
+                 on_disconnect: Callable[[ServerConnection], Any] | None = None,
+                 mode: int = DEFAULT_MODE, allow_uids: Iterable[int] = (),
+                 allow_gids: Iterable[int] = (),
+                 max_payload: int = DEFAULT_MAX_PAYLOAD_BYTES,
+                 idle_timeout: float | None = None,
+                 frame_timeout: float = DEFAULT_FRAME_TIMEOUT_S,
+                 send_timeout: float = DEFAULT_SEND_TIMEOUT_S,
+                 backlog: int = DEFAULT_BACKLOG) -> None:
+        self.path = socket_path(path)
+        self.handler = handler
+        self.on_event = on_event
+        self.on_connect = on_connect
+        self.on_disconnect = on_disconnect
+        self.max_payload = max_payload
+        self.idle_timeout = idle_timeout
+        self.frame_timeout = frame_timeout
+        self.send_timeout = send_timeout
+        self._allowed_uids = {os.geteuid(), *allow_uids}
+        self._allowed_gids = set(allow_gids)
+        self._lock = threading.Lock()
+        self._connections: dict[int, ServerConnection] = {}
+        self._ids = itertools.count(1)
+        self._event_ids = itertools.count(1)
+        self._stop = threading.Event()
+        self._done = threading.Event()
+        self._serving = False
+        self._drained = False
+        self._thread: threading.Thread | None = None
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_w.setblocking(False)
+        self._listener, self._identity = listen(self.path, mode=mode, backlog=backlog)
+        self._listener.setblocking(False)
+        log.info("listening on %s", self.path)
+
+    # Public API -------------------------------------------------------------------------
+
+    @property
+    def connections(self) -> list[ServerConnection]:
+        """A snapshot of the open connections."""
+        with self._lock:
+            return list(self._connections.values())
+
+    def broadcast(self, payload: Any) -> int:
+        """Push an Event to every connected client.
+
+        Returns:
+            How many clients it was written to. A client whose connection broke is skipped.
+        """
+        frames = frames_for(_impl.core.encode_frame, _impl.core.encode_header,
+                            MessageType.EVENT, payload, self._next_event_id())
+        sent = 0
+        for connection in self.connections:
+            try:
+                connection._send(frames)
+                sent += 1
+            except ConnectionClosed:
+                pass
+        return sent
+
+    def serve_forever(self) -> None:
+        """Accept and serve connections until ``shutdown()`` or ``close()``, then drain."""
+        with self._lock:
+            if self._serving or self._stop.is_set():
+                raise RuntimeError("this server is already serving or closed")
+            self._serving = True
+        try:
+            self._accept_loop()
+        finally:
+            self._drain(self._shutdown_timeout)
+            self._done.set()
+
+    def start(self) -> Server:
+        """Serve in a background thread; returns self."""
+        self._thread = threading.Thread(target=self.serve_forever, name="hintens-server",
+                                        daemon=True)
+        self._thread.start()
+        return self
+
+    def shutdown(self, timeout: float = DEFAULT_SHUTDOWN_TIMEOUT_S) -> None:
+        """Ask ``serve_forever`` to stop and drain. Safe from a signal handler; returns at once."""
+        self._shutdown_timeout = timeout
+        self._stop.set()
+        try:
+            self._wake_w.send(b"\0")
+        except OSError:
+            pass
+
+    def close(self, timeout: float = DEFAULT_SHUTDOWN_TIMEOUT_S) -> None:
+        """Stop accepting, answer requests already in flight, close everything. Idempotent.
+
+        Args:
+            timeout: seconds to let in-flight requests finish before connections are cut.
+        """
+        self.shutdown(timeout)
+        if self._serving:
+            if threading.current_thread() is not self._thread:
+                self._done.wait(timeout + 5.0)
+        else:
+            self._drain(timeout)
+
+    def __enter__(self) -> Server:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    # Internals --------------------------------------------------------------------------
+
+    _shutdown_timeout = DEFAULT_SHUTDOWN_TIMEOUT_S
+
+    def _next_event_id(self) -> int:
+        return next(self._event_ids)
+
+    def _accept_loop(self) -> None:
+        poller = select.poll()
+        poller.register(self._listener.fileno(), select.POLLIN)
+        poller.register(self._wake_r.fileno(), select.POLLIN)
+        while not self._stop.is_set():
+            poller.poll()
+            while not self._stop.is_set():
+                try:
+                    sock, _ = self._listener.accept()
+                except BlockingIOError:
+                    break
+                except OSError as error:   # EMFILE and friends: back off, do not spin
+                    log.error("accept failed on %s: %s", self.path, error)
+                    self._stop.wait(0.05)
+                    break
+                self._admit(sock)
+
+    def _admit(self, sock: socket.socket) -> None:
+        sock.setblocking(True)
+        peer = peer_credentials(sock)
+        if peer.uid not in self._allowed_uids and peer.gid not in self._allowed_gids:
+            log.warning("refused a connection from pid %d uid %d gid %d on %s",
+                        peer.pid, peer.uid, peer.gid, self.path)
+            refusal = Endpoint().error_frame(
+                ErrorCode.UNAVAILABLE, f"uid {peer.uid} may not connect to this server", 0)
+            try:
+                sock.send(refusal, socket.MSG_DONTWAIT)
+            except OSError:
+                pass
+            sock.close()
+            return
+        set_kernel_timeouts(sock, None, send_s=self.send_timeout)
+        connection = ServerConnection(self, sock, peer, next(self._ids))
+        with self._lock:
+            self._connections[connection.id] = connection
+        connection.thread = threading.Thread(
+            target=self._serve, args=(connection,), name=f"hintens-conn-{connection.id}",
+            daemon=True)
+        connection.thread.start()
+
+    def _serve(self, connection: ServerConnection) -> None:
+        sock, endpoint = connection._sock, connection._endpoint
+        decoder, frame_type = endpoint.decoder, _impl.core.Frame
+        buffer = bytearray(RECEIVE_BUFFER_BYTES)
+        view = memoryview(buffer)
+        current_timeout: float | None = None
+        frame_started = 0.0
+        try:
+            if self.on_connect is not None:
+                self.on_connect(connection)
+            connection._send([endpoint.hello_frame()])
+            while True:
+                if decoder.pending:
+                    timeout: float | None = max(
+                        0.001, self.frame_timeout - (monotonic() - frame_started))
+                else:
+                    timeout = self.idle_timeout
+                if timeout != current_timeout:
+                    set_kernel_timeouts(sock, timeout)
+                    current_timeout = timeout
+                try:
+                    count = sock.recv_into(buffer)
+                except BlockingIOError:
+                    what = "inside a frame" if decoder.pending else "idle"
+                    log.info("closing %r: %s for too long", connection, what)
+                    break
+                except OSError as error:
+                    log.debug("%r: %s", connection, error)
+                    break
+                if count == 0:
+                    if decoder.pending:
+                        log.info("%r hung up inside a frame (%d bytes of it received)",
+                                 connection, decoder.pending)
+                    break
+                had_pending = decoder.pending
+                if not self._handle(connection, endpoint, frame_type, view[:count]):
+                    break
+                if decoder.pending and (not had_pending or count >= decoder.pending):
+                    frame_started = monotonic()   # a new frame began in this chunk
+        except ConnectionClosed as error:
+            log.debug("%s", error)
+        except Exception:
+            log.exception("connection %r failed", connection)
+        finally:
+            connection.close()
+            sock.close()
+            with self._lock:
+                self._connections.pop(connection.id, None)
+            if self.on_disconnect is not None:
+                try:
+                    self.on_disconnect(connection)
+                except Exception:
+                    log.exception("on_disconnect callback raised")
+
+    def _handle(self, connection: ServerConnection, endpoint: Endpoint, frame_type: type,
+                data: memoryview) -> bool:
+        """Serve every item of one read; False when the connection must close."""
+        out: list[Any] = []
+        keep_open = True
+        for item in endpoint.receive(data):
+            if type(item) is frame_type:
+                kind = item.type
+                if kind == MessageType.REQUEST:
+                    out += self._answer(endpoint, item)
+                elif kind == MessageType.EVENT:
+                    if self.on_event is not None:
+                        try:
+                            self.on_event(item.payload, connection)
+                        except Exception:
+                            log.exception("on_event callback raised")
+                else:
+                    log.debug("%r sent an unsolicited %s frame; ignored", connection,
+                              MessageType(kind).name)
+            else:
+                log.info("%r broke the protocol: %s", connection, item)
+                reply = endpoint.error_reply(item)
+                if reply is not None:
+                    out.append(reply)
+                if item.fatal:
+                    keep_open = False
+                    break
+        if out:
+            connection._send(out)
+        return keep_open
+
+    def _answer(self, endpoint: Endpoint, frame: Any) -> list[Any]:
+        request_id = frame.request_id
+        try:
+            result = self.handler(frame.payload)
+            return frames_for(_impl.core.encode_frame, _impl.core.encode_header,
+                              MessageType.RESPONSE, b"" if result is None else result, request_id)
+        except RemoteError as error:
+            return [endpoint.error_frame(error.code, error.message, request_id)]
+        except Exception as error:
+            log.warning("handler failed on request %d", request_id, exc_info=True)
+            return [endpoint.error_frame(ErrorCode.HANDLER_ERROR,
+                                         f"{type(error).__name__}: {error}", request_id)]
+
+    def _drain(self, timeout: float) -> None:
+        with self._lock:
+            if self._drained:
+                return
+            self._drained = True
+        self._listener.close()
+        remove_socket_file(self.path, self._identity)
+        deadline = monotonic() + timeout
+        for connection in self.connections:
+            try:
+                connection._sock.shutdown(socket.SHUT_RD)   # queued requests still get read
+            except OSError:
+                pass
+        me = threading.current_thread()
+        for connection in self.connections:
+            if connection.thread is not None and connection.thread is not me:
+                connection.thread.join(max(0.0, deadline - monotonic()))
+        for connection in self.connections:
+            if connection.thread is not me:
+                log.warning("cutting %r at the shutdown deadline", connection)
+                connection.close()
+        self._wake_r.close()
+        self._wake_w.close()
+        log.info("server on %s closed", self.path)

@@ -1,0 +1,101 @@
+"""Test peers: a server process, and a raw-socket peer that speaks frames byte by byte."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+
+from hintens import _core_py, _demo, decode_error_payload
+
+HEADER = struct.Struct(">HHIHIHQ")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def start_server(path: str, *extra: str, handler: str = "tests.handlers:command"):
+    """`hintens serve` in its own process, listening when this returns."""
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    argv = [sys.executable, "-m", "hintens", "serve", "--socket", path, "--handler", handler,
+            *extra]
+    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
+                               cwd=REPO)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(process.stderr.read().decode())
+        if os.path.exists(path):
+            probe = socket.socket(socket.AF_UNIX)
+            try:
+                probe.connect(path)
+                return process
+            except OSError:
+                pass
+            finally:
+                probe.close()
+        time.sleep(0.02)
+    process.kill()
+    raise RuntimeError("server process did not start")
+
+
+def stop_server(process, sig=signal.SIGTERM, timeout=10):
+    if process.poll() is None:
+        process.send_signal(sig)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    if process.stderr:
+        process.stderr.close()
+
+
+def raw_frame(payload=b"", *, magic=0x4850, version=0x0100, msg_type=1, flags=0, length=None,
+              checksum=None, request_id=1) -> bytes:
+    length = len(payload) if length is None else length
+    checksum = _core_py.crc16(payload) if checksum is None else checksum
+    return HEADER.pack(magic, version, msg_type, flags, length, checksum, request_id) + payload
+
+
+class RawPeer:
+    """A minimal peer written from PROTOCOL.md: no hello, plain frames, a decoder."""
+
+    def __init__(self, path: str, timeout: float = 5.0) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        self.sock.connect(path)
+        self.decoder = _core_py.FrameDecoder()
+        self.frames: list = []
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def next_frame(self, skip_hello: bool = True):
+        """The next frame from the server, or None at EOF."""
+        while True:
+            while self.frames:
+                frame = self.frames.pop(0)
+                if skip_hello and frame.type == 3 and frame.request_id == 0:
+                    continue
+                return frame
+            data = self.sock.recv(65536)
+            if not data:
+                return None
+            self.frames += self.decoder.feed(data)
+
+    def next_error(self):
+        frame = self.next_frame()
+        assert frame is not None and frame.type == 4, frame
+        return (frame.request_id, *decode_error_payload(frame.payload))
+
+    def at_eof(self) -> bool:
+        return self.next_frame() is None
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+__all__ = ["RawPeer", "raw_frame", "start_server", "stop_server", "_demo"]

@@ -1,0 +1,504 @@
+"""Client and Server over real Unix sockets, with real server processes where it matters."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import stat
+import tempfile
+import threading
+import time
+
+import pytest
+
+import hintens
+from hintens import ErrorCode
+from hintens._unix import DEFAULT_SOCKET_PATH
+
+from .peers import RawPeer, raw_frame, start_server, stop_server
+
+
+@pytest.fixture
+def sock_path(tmp_path):
+    return str(tmp_path / "hx.sock")
+
+
+@pytest.fixture
+def server_process(sock_path):
+    process = start_server(sock_path)
+    yield process
+    stop_server(process, signal.SIGKILL)
+
+
+@pytest.fixture
+def client(server_process, sock_path):
+    with hintens.Client(sock_path, timeout=10) as client:
+        yield client
+
+
+# Request / response ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("size", [0, 1, 64, 4096, 60 * 1024, 64 * 1024, 1 << 20])
+def test_round_trip_sizes(client, size):
+    payload = os.urandom(size)
+    assert bytes(client.request(b"echo:" + payload)) == payload
+
+
+def test_many_sequential_requests(client):
+    for i in range(500):
+        assert client.request(b"echo:%d" % i) == b"%d" % i
+
+
+def test_handler_error_keeps_the_connection(client):
+    with pytest.raises(hintens.HandlerError) as caught:
+        client.request(b"raise:no such thing")
+    assert caught.value.code == ErrorCode.HANDLER_ERROR
+    assert "ValueError: no such thing" in caught.value.message
+    assert client.request(b"echo:still here") == b"still here"
+
+
+def test_handler_bad_return_is_a_handler_error(client):
+    with pytest.raises(hintens.HandlerError, match="TypeError"):
+        client.request(b"bad-return:")
+    assert client.request(b"none:") == b""
+
+
+def test_application_error_codes_pass_through(client):
+    with pytest.raises(hintens.RemoteError) as caught:
+        client.request(b"app:1001:quota exceeded")
+    assert caught.value.code == 1001 and caught.value.message == "quota exceeded"
+    assert type(caught.value) is hintens.RemoteError
+
+
+def test_timeout_then_connection_still_usable(client):
+    started = time.monotonic()
+    with pytest.raises(hintens.Timeout) as caught:
+        client.request(b"sleep:0.6:late", timeout=0.2)
+    assert isinstance(caught.value, TimeoutError)
+    assert 0.15 < time.monotonic() - started < 0.6
+    # The late reply arrives while this request waits, and must not be taken for its answer.
+    assert client.request(b"echo:fresh") == b"fresh"
+
+
+def test_server_killed_fails_every_waiter(client, server_process):
+    errors = []
+
+    def wait():
+        try:
+            client.request(b"sleep:30:never")
+        except hintens.ConnectionClosed as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=wait) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.3)
+    server_process.kill()
+    for thread in threads:
+        thread.join(10)
+    assert not any(t.is_alive() for t in threads) and len(errors) == 8
+    with pytest.raises(hintens.ConnectionClosed):
+        client.request(b"echo:after")
+    assert client.closed
+
+
+def test_32_threads_200_requests_each(client):
+    failures = []
+
+    def work(worker):
+        try:
+            for seq in range(200):
+                body = b"%d-%d" % (worker, seq)
+                reply = client.request(b"echo:" + body)
+                if reply != body:
+                    failures.append((body, reply))
+        except Exception as error:  # noqa: BLE001 - reported below
+            failures.append(error)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(32)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert failures == []
+
+
+def test_replies_may_arrive_in_any_order(sock_path):
+    """A server written by hand that answers three requests in reverse order."""
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(sock_path)
+    listener.listen(1)
+
+    def serve():
+        conn, _ = listener.accept()
+        decoder, requests = hintens.FrameDecoder(), []
+        while len(requests) < 3:
+            requests += [f for f in decoder.feed(conn.recv(65536)) if f.type == 1]
+        for frame in reversed(requests):
+            conn.sendall(hintens.encode_frame(2, b"re:" + frame.payload, frame.request_id))
+        conn.recv(1)
+        conn.close()
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    results = {}
+    with hintens.Client(sock_path) as client:
+        workers = [threading.Thread(target=lambda i=i: results.__setitem__(
+            i, client.request(b"%d" % i))) for i in range(3)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join(10)
+    thread.join(10)
+    listener.close()
+    assert results == {i: b"re:%d" % i for i in range(3)}
+
+
+# Events and hello ---------------------------------------------------------------------------
+
+def test_events_both_ways(sock_path):
+    received, pushed = [], []
+    got_event, got_push = threading.Event(), threading.Event()
+
+    def on_event(payload, connection):
+        received.append((bytes(payload), connection.peer.pid))
+        got_event.set()
+
+    with hintens.Server(sock_path, on_event=on_event).start() as server:
+        with hintens.Client(sock_path, on_event=lambda p: (pushed.append(bytes(p)),
+                                                           got_push.set())) as client:
+            client.send_event(b"hi server")
+            assert got_event.wait(5)
+            assert received == [(b"hi server", os.getpid())]
+            (connection,) = server.connections
+            connection.send_event(b"just you")
+            assert got_push.wait(5)       # delivered with no request in flight
+            got_push.clear()
+            assert server.broadcast(b"everyone") == 1
+            assert client.request(b"x") == b"x"
+            assert got_push.wait(5)
+            assert pushed == [b"just you", b"everyone"]
+
+
+def test_events_get_no_reply(sock_path, server_process):
+    peer = RawPeer(sock_path)
+    peer.send(raw_frame(b"event", msg_type=3, request_id=5))
+    peer.send(raw_frame(b"bad crc event", msg_type=3, request_id=6, checksum=1))
+    peer.send(raw_frame(b"echo:req", msg_type=1, request_id=7))
+    frame = peer.next_frame()
+    assert (frame.type, frame.request_id, frame.payload) == (2, 7, b"req")
+    peer.close()
+
+
+def test_hello_is_exchanged(client, sock_path):
+    client.request(b"echo:x")
+    assert isinstance(client.peer_hello, hintens.Hello)
+    assert client.peer_hello.max_payload == hintens.DEFAULT_MAX_PAYLOAD_BYTES
+
+
+def test_peer_without_hello_gets_inline_frames(sock_path, server_process):
+    peer = RawPeer(sock_path)
+    hello = peer.next_frame(skip_hello=False)
+    assert (hello.type, hello.request_id) == (3, 0)
+    assert hintens.Hello.decode(hello.payload) is not None
+    payload = os.urandom(200_000)
+    peer.send(raw_frame(b"echo:" + payload, request_id=9))
+    frame = peer.next_frame()
+    assert (frame.type, frame.flags, frame.request_id, frame.payload) == (2, 0, 9, payload)
+    peer.close()
+
+
+def test_unknown_hello_is_ignored(sock_path, server_process):
+    peer = RawPeer(sock_path)
+    peer.send(raw_frame(b"not a hello at all", msg_type=3, request_id=0))
+    unknown_keys = hintens.Hello(entries={999: b"future"}).encode()
+    peer.send(raw_frame(unknown_keys, msg_type=3, request_id=0))
+    peer.send(raw_frame(b"echo:ok", request_id=1))
+    assert peer.next_frame().payload == b"ok"
+    peer.close()
+
+
+def test_hello_round_trip_and_malformed():
+    hello = hintens.Hello(minor=3, features=1, max_payload=1234, entries={77: b"x"})
+    decoded = hintens.Hello.decode(hello.encode())
+    assert (decoded.minor, decoded.features, decoded.max_payload) == (3, 1, 1234)
+    assert decoded.entries[77] == b"x"
+    encoded = hello.encode()
+    for broken in (encoded[:-1], encoded + b"!", b"HELO", b"HELX" + encoded[4:],
+                   b"HELO" + (10**6).to_bytes(8, "little")):
+        assert hintens.Hello.decode(broken) is None, broken
+    empty = hintens.Hello.decode(b"HELO" + bytes(8))     # no entries: a silent peer's values
+    assert (empty.minor, empty.features, empty.max_payload) == (0, 0, hintens.DEFAULT_MAX_PAYLOAD_BYTES)
+
+
+# Protocol errors on the server ------------------------------------------------------------
+
+def test_bad_crc_answers_checksum_and_stays_usable(sock_path, server_process):
+    peer = RawPeer(sock_path)
+    peer.send(raw_frame(b"echo:x", request_id=11, checksum=0x1234))
+    assert peer.next_error()[:2] == (11, ErrorCode.CHECKSUM)
+    peer.send(raw_frame(b"echo:y", request_id=12))
+    assert peer.next_frame().payload == b"y"
+    peer.close()
+
+
+@pytest.mark.parametrize("flags", [0x0004, 0x8000, 0x0001, 0x0002])
+def test_unsupported_flags_answered_and_stays_usable(sock_path, server_process, flags):
+    # 0x0001 (SHM) and 0x0002 (COMPRESSED) are defined but were not negotiated.
+    peer = RawPeer(sock_path)
+    peer.send(raw_frame(b"echo:x", request_id=13, flags=flags))
+    assert peer.next_error()[:2] == (13, ErrorCode.UNSUPPORTED_FLAGS)
+    peer.send(raw_frame(b"echo:y", request_id=14))
+    assert peer.next_frame().payload == b"y"
+    peer.close()
+
+
+@pytest.mark.parametrize("frame", [
+    raw_frame(b"x", magic=0x1234),
+    raw_frame(b"x", version=0x0200),
+    b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n",
+])
+def test_bad_header_answers_then_closes(sock_path, server_process, frame):
+    peer = RawPeer(sock_path)
+    peer.send(frame)
+    request_id, code, message = peer.next_error()
+    assert (request_id, code) == (0, ErrorCode.BAD_HEADER) and message
+    assert peer.at_eof()
+    peer.close()
+    with hintens.Client(sock_path) as other:   # the server itself is fine
+        assert other.request(b"echo:ok") == b"ok"
+
+
+def test_minor_versions_are_accepted(sock_path, server_process):
+    peer = RawPeer(sock_path)
+    peer.send(raw_frame(b"echo:minor", version=0x0109, request_id=3))
+    assert peer.next_frame().payload == b"minor"
+    peer.close()
+
+
+def test_too_large_is_refused_before_the_payload(sock_path):
+    with hintens.Server(sock_path, max_payload=1024).start():
+        peer = RawPeer(sock_path)
+        peer.send(raw_frame(length=10_000_000, request_id=21)[:24])   # header only
+        assert peer.next_error()[:2] == (21, ErrorCode.TOO_LARGE)
+        assert peer.at_eof()
+        peer.close()
+
+
+def test_unsolicited_response_is_ignored(sock_path, server_process):
+    peer = RawPeer(sock_path)
+    peer.send(raw_frame(b"stray", msg_type=2, request_id=99))
+    peer.send(raw_frame(b"echo:after", request_id=100))
+    assert peer.next_frame().payload == b"after"
+    peer.close()
+
+
+# Slow, stalled and vanishing clients -----------------------------------------------------
+
+def test_stalled_client_does_not_delay_others_and_is_cut(sock_path):
+    with hintens.Server(sock_path, frame_timeout=0.5).start():
+        staller = RawPeer(sock_path)
+        staller.send(raw_frame(b"echo:never finished", request_id=1)[:12])  # half a header
+        with hintens.Client(sock_path) as client:
+            started = time.monotonic()
+            for _ in range(50):
+                assert client.request(b"fast") == b"fast"
+            assert time.monotonic() - started < 0.4
+        assert staller.at_eof()      # cut at the frame deadline
+        staller.close()
+
+
+def test_slow_drip_is_cut_at_the_frame_deadline(sock_path):
+    with hintens.Server(sock_path, frame_timeout=0.6).start():
+        peer = RawPeer(sock_path)
+        frame = raw_frame(b"echo:" + bytes(100), request_id=1)
+        started = time.monotonic()
+        with pytest.raises(OSError):
+            for byte in frame:        # a byte every 0.1 s: never idle, never finished
+                peer.send(bytes([byte]))
+                time.sleep(0.1)
+                if time.monotonic() - started > 3:
+                    break
+        assert time.monotonic() - started < 2.5
+        peer.close()
+
+
+def test_idle_timeout(sock_path):
+    with hintens.Server(sock_path, idle_timeout=0.3).start():
+        peer = RawPeer(sock_path)
+        started = time.monotonic()
+        assert peer.at_eof()
+        assert 0.2 < time.monotonic() - started < 3
+        peer.close()
+
+
+def test_abrupt_disconnect_mid_frame(sock_path, server_process):
+    for cut in (5, 24, 30):
+        peer = RawPeer(sock_path)
+        peer.send(raw_frame(b"echo:" + bytes(100), request_id=1)[:cut])
+        peer.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
+        peer.close()   # RST with data in flight
+    with hintens.Client(sock_path) as client:
+        assert client.request(b"echo:alive") == b"alive"
+    assert server_process.poll() is None
+
+
+def test_connect_burst(sock_path, server_process):
+    clients, errors = [], []
+
+    def connect_and_ask(n):
+        try:
+            c = hintens.Client(sock_path, connect_timeout=20, timeout=20)
+            clients.append(c)
+            assert c.request(b"echo:%d" % n) == b"%d" % n
+        except Exception as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=connect_and_ask, args=(i,)) for i in range(300)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    for c in clients:
+        c.close()
+    assert errors == [] and len(clients) == 300
+
+
+# Socket file, permissions, path length --------------------------------------------------
+
+def test_socket_mode_default_and_configurable(tmp_path):
+    path = str(tmp_path / "a.sock")
+    with hintens.Server(path):
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    path = str(tmp_path / "b.sock")
+    with hintens.Server(path, mode=0o660):
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o660
+
+
+def test_stale_socket_replaced_live_one_refused(sock_path, tmp_path):
+    dead = socket.socket(socket.AF_UNIX)
+    dead.bind(sock_path)
+    dead.close()                       # the file stays: a server that died
+    with hintens.Server(sock_path).start():
+        with pytest.raises(hintens.ServerRunningError, match="another server"):
+            hintens.Server(sock_path)
+        with hintens.Client(sock_path) as client:
+            assert client.request(b"ok") == b"ok"
+    not_a_socket = tmp_path / "plain"
+    not_a_socket.write_text("keep me")
+    with pytest.raises(hintens.SocketPathError, match="not a socket"):
+        hintens.Server(str(not_a_socket))
+    assert not_a_socket.read_text() == "keep me"
+
+
+def test_socket_file_removed_on_close(sock_path):
+    server = hintens.Server(sock_path).start()
+    assert os.path.exists(sock_path)
+    server.close()
+    assert not os.path.exists(sock_path)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_cli_server_removes_socket_on_signal(sock_path, sig):
+    process = start_server(sock_path)
+    process.send_signal(sig)
+    assert process.wait(10) == 0
+    process.stderr.close()
+    assert not os.path.exists(sock_path)
+
+
+def test_path_too_long(tmp_path):
+    long_path = "/tmp/" + "x" * 120
+    for make in (lambda: hintens.Server(long_path), lambda: hintens.Client(long_path)):
+        with pytest.raises(hintens.SocketPathError, match="107"):
+            make()
+
+
+def test_default_path_and_env(monkeypatch, sock_path):
+    from hintens._unix import socket_path
+    monkeypatch.delenv("HINTENS_SOCKET", raising=False)
+    assert socket_path(None) == DEFAULT_SOCKET_PATH
+    monkeypatch.setenv("HINTENS_SOCKET", sock_path)
+    assert socket_path(None) == sock_path
+
+
+def test_missing_server_is_a_clear_connect_error(sock_path):
+    with pytest.raises(hintens.ConnectError, match="does not exist"):
+        hintens.Client(sock_path)
+
+
+def _connect_as_nobody(path):
+    """A forked process switches to uid/gid 65534, connects, and reports what happened.
+
+    The server runs in its own process, so this test process has no threads to fork with.
+    """
+    assert threading.active_count() == 1
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        outcome = b"error"
+        try:
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            with hintens.Client(path, timeout=5) as client:
+                outcome = b"served:" + client.request(b"echo:x")
+        except hintens.ConnectionClosed as error:
+            outcome = b"refused" if "may not connect" in str(error) else b"closed"
+        except BaseException as error:  # noqa: BLE001 - reported to the parent
+            outcome = repr(error).encode()
+        finally:
+            os.write(write_end, outcome)
+            os._exit(0)
+    os.close(write_end)
+    os.waitpid(pid, 0)
+    with os.fdopen(read_end, "rb") as pipe:
+        return pipe.read().decode()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch to another uid")
+@pytest.mark.parametrize("allow, expected", [
+    ((), "refused"), (("--allow-uid", "65534"), "served:x"), (("--allow-gid", "65534"), "served:x"),
+])
+def test_other_users_are_refused_unless_allowed(allow, expected):
+    with tempfile.TemporaryDirectory(dir="/tmp") as directory:
+        os.chmod(directory, 0o777)
+        path = os.path.join(directory, "perm.sock")
+        # Mode 666 lets them reach the socket; SO_PEERCRED is what must stop them.
+        process = start_server(path, "--mode", "666", *allow)
+        try:
+            assert _connect_as_nobody(path) == expected
+        finally:
+            stop_server(process)
+
+
+# Graceful shutdown ------------------------------------------------------------------------
+
+def test_in_flight_requests_are_answered_on_close(sock_path):
+    def slow(payload):
+        time.sleep(0.2)
+        return payload
+
+    server = hintens.Server(sock_path, slow).start()
+    client = hintens.Client(sock_path, timeout=10)
+    results, errors = [], []
+
+    def ask(i):
+        try:
+            results.append(client.request(b"%d" % i))
+        except Exception as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(5)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.1)           # all five are written; the first is being handled
+    server.close(timeout=5)
+    for thread in threads:
+        thread.join(10)
+    assert errors == [] and sorted(results) == [b"%d" % i for i in range(5)]
+    with pytest.raises(hintens.ConnectionClosed):
+        client.request(b"after close")
+    client.close()
+    assert not os.path.exists(sock_path)
