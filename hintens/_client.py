@@ -45,13 +45,14 @@ SCATTER_THRESHOLD_BYTES = 16 * 1024
 _TIMEOUT_SLACK_S = 0.01
 
 
-class _Waiter:
-    __slots__ = ("done", "payload", "error")
+_NOTHING: tuple[tuple[()], tuple[()]] = ((), ())
 
-    def __init__(self) -> None:
-        self.done = False
-        self.payload: Any = None
-        self.error: BaseException | None = None
+
+class _Waiter:
+    # Class-level defaults and no __init__: creating one runs no Python frame.
+    done = False
+    payload: Any = None
+    error: BaseException | None = None
 
 
 def frames_for(encode_frame: Callable[..., bytes], encode_header: Callable[..., bytes],
@@ -92,7 +93,12 @@ class Client:
         self._encode_frame = _impl.core.encode_frame
         self._encode_header = _impl.core.encode_header
         self._send_lock = threading.Lock()
-        self._cond = threading.Condition(threading.Lock())
+        # State lives under one C-level lock. Threads that must sleep use a Condition over the
+        # same lock, and are notified only when ``_sleepers`` says some exist: the lone-thread
+        # path never enters threading.Condition's Python code.
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._sleepers = 0
         self._reading = False
         self._waiters: dict[int, _Waiter] = {}
         self._ids = itertools.count(1)
@@ -136,19 +142,38 @@ class Client:
         """
         deadline = monotonic() + (self.timeout if timeout is None else timeout)
         request_id = next(self._ids)
-        frames = frames_for(self._encode_frame, self._encode_header, MessageType.REQUEST,
-                            payload, request_id)
+        if type(payload) is bytes and len(payload) < SCATTER_THRESHOLD_BYTES:
+            frames = None
+            frame = self._encode_frame(MessageType.REQUEST, payload, request_id)
+        else:
+            frames = frames_for(self._encode_frame, self._encode_header, MessageType.REQUEST,
+                                payload, request_id)
         waiter = _Waiter()
-        with self._cond:
+        with self._lock:
             if self._closed_reason is not None:
                 raise self._closed_error()
             self._waiters[request_id] = waiter
+            leading = not self._reading   # claim the reader role now: one lock round trip less
+            if leading:
+                self._reading = True
         try:
-            self._send(frames)
-            self._wait(waiter, request_id, deadline)
+            try:
+                if frames is None:
+                    try:
+                        with self._send_lock:
+                            self._sock.sendall(frame)
+                    except OSError:   # the slow path classifies and reports it
+                        self._send([frame])
+                else:
+                    self._send(frames)
+            except BaseException:
+                if leading:
+                    self._release_reader()
+                raise
+            self._wait(waiter, request_id, deadline, leading)
         finally:
             if not waiter.done:
-                with self._cond:
+                with self._lock:
                     self._waiters.pop(request_id, None)
         if waiter.error is not None:
             raise waiter.error
@@ -161,7 +186,7 @@ class Client:
             ConnectionClosed: the connection is closed.
             Timeout: the server did not take the bytes within ``self.timeout``.
         """
-        with self._cond:
+        with self._lock:
             if self._closed_reason is not None:
                 raise self._closed_error()
         self._send(frames_for(self._encode_frame, self._encode_header, MessageType.EVENT,
@@ -201,7 +226,14 @@ class Client:
     def _send(self, frames: list[Any]) -> None:
         try:
             with self._send_lock:
-                send_all(self._sock, frames)
+                if len(frames) == 1:
+                    self._sock.sendall(frames[0])
+                else:
+                    send_all(self._sock, frames)
+        except BlockingIOError as error:   # SO_SNDTIMEO expired on sendall
+            timeout = Timeout("the server did not read in time (send timed out)")
+            self._fail(ConnectionClosed(f"connection to {self.path} closed: {timeout}"), timeout)
+            raise timeout from error
         except Timeout as error:
             # Part of a frame may have left: the stream cannot be trusted any more.
             self._fail(ConnectionClosed(f"connection to {self.path} closed: {error}"), error)
@@ -230,10 +262,20 @@ class Client:
             except OSError:
                 pass
 
-    def _wait(self, waiter: _Waiter, request_id: int, deadline: float) -> None:
-        cond = self._cond
+    def _release_reader(self) -> None:
+        with self._lock:
+            self._reading = False
+            if self._sleepers:
+                self._cond.notify_all()
+
+    def _wait(self, waiter: _Waiter, request_id: int, deadline: float, leading: bool) -> None:
+        lock = self._lock
         while True:
-            with cond:
+            if leading:
+                self._read(deadline - monotonic())
+                if waiter.done:   # set under the lock by _read; a plain read is safe here
+                    return
+            with lock:
                 while True:
                     if waiter.done:
                         return
@@ -243,16 +285,13 @@ class Client:
                     if remaining <= 0:
                         raise Timeout(f"no reply to request {request_id} from {self.path} in time")
                     if not self._reading:
-                        self._reading = True
+                        self._reading = leading = True
                         break
-                    cond.wait(remaining)
-            self._read(remaining)
-
-    def _set_receive_timeout(self, remaining: float) -> None:
-        current = self._receive_timeout
-        if current is None or current > remaining + _TIMEOUT_SLACK_S or current < remaining / 2:
-            set_kernel_timeouts(self._sock, remaining)
-            self._receive_timeout = remaining
+                    self._sleepers += 1
+                    try:
+                        self._cond.wait(remaining)
+                    finally:
+                        self._sleepers -= 1
 
     def _read(self, remaining: float | None) -> None:
         """One recv as the reader, then dispatch; always gives the reader role back.
@@ -264,7 +303,13 @@ class Client:
             if remaining is None:
                 count = self._sock.recv_into(self._buffer, 0, socket.MSG_DONTWAIT)
             else:
-                self._set_receive_timeout(remaining)
+                if remaining <= 0:
+                    return
+                current = self._receive_timeout   # a setsockopt only when it must change
+                if current is None or current > remaining + _TIMEOUT_SLACK_S \
+                        or current < remaining / 2:
+                    set_kernel_timeouts(self._sock, remaining)
+                    self._receive_timeout = remaining
                 count = self._sock.recv_into(self._buffer)
             if count == 0:
                 self._fail(ConnectionClosed(self._lost_message(None)), self._server_error)
@@ -275,13 +320,22 @@ class Client:
         except OSError as error:
             self._fail(ConnectionClosed(self._lost_message(error)), error)
         finally:
-            with self._cond:
+            with self._lock:
                 self._reading = False
-                events, replies = self._dispatch(items) if items else ((), ())
+                if len(items) == 1 and type(items[0]) is self._frame_type \
+                        and items[0].type == 2:   # a lone Response: the common case
+                    frame = items[0]
+                    waiter = self._waiters.pop(frame.request_id, None)
+                    if waiter is not None:
+                        waiter.payload, waiter.done = frame.payload, True
+                    events, replies = _NOTHING
+                else:
+                    events, replies = self._dispatch(items) if items else _NOTHING
                 if self._close_when_idle:
                     self._sock.close()
                     self._close_when_idle = False
-                self._cond.notify_all()
+                if self._sleepers:
+                    self._cond.notify_all()
         if replies:
             try:
                 self._send(list(replies))
@@ -306,10 +360,11 @@ class Client:
         events: list[Any] = []
         replies: list[bytes] = []
         waiters = self._waiters
+        frame_type = self._frame_type
         for item in items:
-            if type(item) is self._frame_type:
+            if type(item) is frame_type:
                 kind = item.type
-                if kind == MessageType.RESPONSE:
+                if kind == 2:   # MessageType.RESPONSE, compared as a plain int on the hot path
                     waiter = waiters.pop(item.request_id, None)
                     if waiter is None:
                         log.debug("dropping a late reply to request %d", item.request_id)
@@ -361,7 +416,7 @@ class Client:
             log.warning("dropped a bad frame from %s: %s", self.path, error)
 
     def _fail(self, reason: ConnectionClosed, cause: BaseException | None = None) -> None:
-        with self._cond:
+        with self._lock:
             self._fail_locked(reason, cause)
 
     def _fail_locked(self, reason: ConnectionClosed, cause: BaseException | None = None) -> None:
@@ -381,22 +436,26 @@ class Client:
             self._close_when_idle = True
         else:
             self._sock.close()
-        self._cond.notify_all()
+        if self._sleepers:
+            self._cond.notify_all()
 
     def _pump_events(self) -> None:
         poller = select.poll()
         poller.register(self._sock.fileno(), select.POLLIN)
-        cond = self._cond
         while True:
             ready = poller.poll(250)
-            with cond:
+            with self._lock:
                 if self._closed_reason is not None:
                     return
                 if not ready:
                     continue
                 if self._reading or self._waiters:
                     # A request thread is (or is about to be) the reader; it delivers events.
-                    cond.wait(0.05)
+                    self._sleepers += 1
+                    try:
+                        self._cond.wait(0.05)
+                    finally:
+                        self._sleepers -= 1
                     continue
                 self._reading = True
             self._read(None)

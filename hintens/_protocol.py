@@ -159,8 +159,11 @@ class Endpoint:
                     return items
                 data = b""
                 continue
-            self._admit(frames, items)
-            return items
+            for frame in frames:   # frames without flags or a hello pass through as they are
+                if frame.flags or not frame.request_id:
+                    self._admit(frames, items)
+                    return items
+            return frames if not items else items + frames
 
     def _admit(self, frames: list[Any], items: list[Item]) -> None:
         allowed = self._allowed_flags

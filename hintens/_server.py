@@ -23,7 +23,7 @@ from time import monotonic
 from typing import Any, Callable, Iterable
 
 from . import _impl
-from ._client import RECEIVE_BUFFER_BYTES, frames_for
+from ._client import RECEIVE_BUFFER_BYTES, SCATTER_THRESHOLD_BYTES, frames_for
 from ._constants import DEFAULT_MAX_PAYLOAD_BYTES, ErrorCode, MessageType
 from ._errors import ConnectionClosed, RemoteError, Timeout
 from ._protocol import Endpoint, Hello
@@ -99,7 +99,10 @@ class ServerConnection:
             raise ConnectionClosed(f"connection {self.id} is closed")
         try:
             with self._send_lock:
-                send_all(self._sock, frames)
+                if len(frames) == 1:
+                    self._sock.sendall(frames[0])
+                else:
+                    send_all(self._sock, frames)
         except (Timeout, OSError) as error:
             self.close()
             raise ConnectionClosed(f"connection {self.id} lost while sending: {error}") from error
@@ -353,11 +356,21 @@ class Server:
         """Serve every item of one read; False when the connection must close."""
         out: list[Any] = []
         keep_open = True
+        encode_frame = _impl.core.encode_frame
         for item in endpoint.receive(data):
             if type(item) is frame_type:
                 kind = item.type
-                if kind == MessageType.REQUEST:
-                    out += self._answer(endpoint, item)
+                if kind == 1:   # MessageType.REQUEST, as a plain int on the hot path
+                    try:
+                        result = self.handler(item.payload)
+                        if type(result) is bytes and len(result) < SCATTER_THRESHOLD_BYTES:
+                            out.append(encode_frame(2, result, item.request_id))
+                        else:
+                            out += frames_for(encode_frame, _impl.core.encode_header,
+                                              MessageType.RESPONSE,
+                                              b"" if result is None else result, item.request_id)
+                    except Exception as error:
+                        out.append(self._error_answer(endpoint, item.request_id, error))
                 elif kind == MessageType.EVENT:
                     if self.on_event is not None:
                         try:
@@ -379,18 +392,14 @@ class Server:
             connection._send(out)
         return keep_open
 
-    def _answer(self, endpoint: Endpoint, frame: Any) -> list[Any]:
-        request_id = frame.request_id
-        try:
-            result = self.handler(frame.payload)
-            return frames_for(_impl.core.encode_frame, _impl.core.encode_header,
-                              MessageType.RESPONSE, b"" if result is None else result, request_id)
-        except RemoteError as error:
-            return [endpoint.error_frame(error.code, error.message, request_id)]
-        except Exception as error:
-            log.warning("handler failed on request %d", request_id, exc_info=True)
-            return [endpoint.error_frame(ErrorCode.HANDLER_ERROR,
-                                         f"{type(error).__name__}: {error}", request_id)]
+    @staticmethod
+    def _error_answer(endpoint: Endpoint, request_id: int, error: Exception) -> bytes:
+        """The Error frame for a handler that raised (or returned something unsendable)."""
+        if isinstance(error, RemoteError):
+            return endpoint.error_frame(error.code, error.message, request_id)
+        log.warning("handler failed on request %d", request_id, exc_info=True)
+        return endpoint.error_frame(ErrorCode.HANDLER_ERROR, f"{type(error).__name__}: {error}",
+                                    request_id)
 
     def _drain(self, timeout: float) -> None:
         with self._lock:
