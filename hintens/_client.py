@@ -32,7 +32,7 @@ from ._errors import (
     remote_error,
 )
 from ._protocol import Endpoint, Hello
-from ._unix import connect, send_all, set_kernel_timeouts, socket_path
+from ._unix import connect, set_kernel_timeouts, socket_path
 
 log = logging.getLogger("hintens")
 
@@ -92,7 +92,6 @@ class Client:
         self._frame_type = _impl.core.Frame
         self._encode_frame = _impl.core.encode_frame
         self._encode_header = _impl.core.encode_header
-        self._send_lock = threading.Lock()
         # State lives under one C-level lock. Threads that must sleep use a Condition over the
         # same lock, and are notified only when ``_sleepers`` says some exist: the lone-thread
         # path never enters threading.Condition's Python code.
@@ -105,12 +104,12 @@ class Client:
         self._closed_reason: BaseException | None = None
         self._server_error: BaseException | None = None
         self._close_when_idle = False
-        self._buffer = bytearray(RECEIVE_BUFFER_BYTES)
-        self._view = memoryview(self._buffer)
         self._receive_timeout: float | None = None
         self._on_event = on_event
         self._sock = connect(self.path, connect_timeout)
         try:
+            self._channel = _impl.core.Channel(self._sock, self._endpoint.decoder,
+                                               RECEIVE_BUFFER_BYTES)
             set_kernel_timeouts(self._sock, None, send_s=timeout)
             self._send([self._endpoint.hello_frame()])
         except BaseException:
@@ -143,8 +142,7 @@ class Client:
         deadline = monotonic() + (self.timeout if timeout is None else timeout)
         request_id = next(self._ids)
         if type(payload) is bytes and len(payload) < SCATTER_THRESHOLD_BYTES:
-            frames = None
-            frame = self._encode_frame(MessageType.REQUEST, payload, request_id)
+            frames = [self._encode_frame(MessageType.REQUEST, payload, request_id)]
         else:
             frames = frames_for(self._encode_frame, self._encode_header, MessageType.REQUEST,
                                 payload, request_id)
@@ -157,20 +155,36 @@ class Client:
             if leading:
                 self._reading = True
         try:
-            try:
-                if frames is None:
-                    try:
-                        with self._send_lock:
-                            self._sock.sendall(frame)
-                    except OSError:   # the slow path classifies and reports it
-                        self._send([frame])
+            if leading:
+                # The lone-thread path: write, read the reply, give the role back.
+                try:
+                    self._send(frames, reading=True)
+                except BaseException:
+                    self._finish_read(())
+                    raise
+                remaining = deadline - monotonic()
+                current = self._receive_timeout   # a setsockopt only when it must change
+                if current is None or current > remaining + _TIMEOUT_SLACK_S \
+                        or current < remaining / 2:
+                    self._read(remaining, request_id)
                 else:
-                    self._send(frames)
-            except BaseException:
-                if leading:
-                    self._release_reader()
-                raise
-            self._wait(waiter, request_id, deadline, leading)
+                    try:
+                        reply = self._channel.receive_reply(request_id)
+                    except BaseException as error:
+                        self._finish_read(self._read_failed(error))
+                    else:
+                        if reply is not None:
+                            with self._lock:
+                                self._reading = False
+                                del self._waiters[request_id]
+                                waiter.done = True
+                                if self._sleepers:
+                                    self._cond.notify_all()
+                            return reply
+                        self._finish_read(self._arrived(self._channel.pending))
+            else:
+                self._send(frames)
+            self._wait(waiter, request_id, deadline)
         finally:
             if not waiter.done:
                 with self._lock:
@@ -223,58 +237,51 @@ class Client:
         error.__cause__ = reason.__cause__ if isinstance(reason, ConnectionClosed) else reason
         return error
 
-    def _send(self, frames: list[Any]) -> None:
+    def _send(self, frames: list[Any], reading: bool = False) -> None:
+        """Write frames. ``reading``: this thread holds the reader role."""
         try:
-            with self._send_lock:
-                if len(frames) == 1:
-                    self._sock.sendall(frames[0])
-                else:
-                    send_all(self._sock, frames)
-        except BlockingIOError as error:   # SO_SNDTIMEO expired on sendall
+            self._channel.send(frames)
+        except BlockingIOError as error:
+            # SO_SNDTIMEO expired; part of a frame may have left, so the stream is unusable.
             timeout = Timeout("the server did not read in time (send timed out)")
             self._fail(ConnectionClosed(f"connection to {self.path} closed: {timeout}"), timeout)
             raise timeout from error
-        except Timeout as error:
-            # Part of a frame may have left: the stream cannot be trusted any more.
-            self._fail(ConnectionClosed(f"connection to {self.path} closed: {error}"), error)
-            raise
         except OSError as error:
-            self._salvage_server_error()
+            self._salvage_server_error(reading)
             self._fail(ConnectionClosed(self._lost_message(error)), error)
             raise self._closed_error() from error
 
-    def _salvage_server_error(self) -> None:
+    def _salvage_server_error(self, reading: bool) -> None:
         """After a failed send: the reason the server gave before it hung up, if any.
 
         A server that refuses us (or fails) writes an Error frame with request id 0 and then
-        closes; the kernel still holds those bytes for us to read.
+        closes; the kernel still holds those bytes. Read only if no other thread is reading.
         """
-        if self._server_error is None:
-            try:
-                while self._server_error is None:
-                    count = self._sock.recv_into(self._buffer, 0, socket.MSG_DONTWAIT)
-                    if not count:
-                        break
-                    for item in self._endpoint.receive(self._view[:count]):
-                        if type(item) is self._frame_type and item.type == MessageType.ERROR \
-                                and item.request_id == 0:
-                            self._error_frame(item)
-            except OSError:
-                pass
-
-    def _release_reader(self) -> None:
-        with self._lock:
-            self._reading = False
-            if self._sleepers:
-                self._cond.notify_all()
-
-    def _wait(self, waiter: _Waiter, request_id: int, deadline: float, leading: bool) -> None:
-        lock = self._lock
-        while True:
-            if leading:
-                self._read(deadline - monotonic())
-                if waiter.done:   # set under the lock by _read; a plain read is safe here
+        if not reading:
+            with self._lock:
+                if self._reading or self._server_error is not None:
                     return
+                self._reading = True
+        items: list[Any] = []
+        try:
+            while self._server_error is None:
+                frames = self._channel.receive(socket.MSG_DONTWAIT)
+                if not frames:
+                    break
+                items = self._endpoint.admit(frames)
+                for item in items:
+                    if type(item) is self._frame_type and item.type == MessageType.ERROR \
+                            and item.request_id == 0:
+                        self._error_frame(item)
+        except (OSError, ProtocolError):
+            pass
+        finally:
+            if not reading:
+                self._finish_read(())
+
+    def _wait(self, waiter: _Waiter, request_id: int, deadline: float) -> None:
+        lock = self._lock
+        while not waiter.done:   # set under the lock by a reader; a plain read is safe here
             with lock:
                 while True:
                     if waiter.done:
@@ -285,57 +292,84 @@ class Client:
                     if remaining <= 0:
                         raise Timeout(f"no reply to request {request_id} from {self.path} in time")
                     if not self._reading:
-                        self._reading = leading = True
+                        self._reading = True
                         break
                     self._sleepers += 1
                     try:
                         self._cond.wait(remaining)
                     finally:
                         self._sleepers -= 1
+            self._read(remaining, request_id)
 
-    def _read(self, remaining: float | None) -> None:
-        """One recv as the reader, then dispatch; always gives the reader role back.
+    def _read(self, remaining: float | None, request_id: int = 0) -> None:
+        """One read as the reader, then dispatch; always gives the reader role back.
 
-        ``remaining`` None means a non-blocking read (the event pump).
+        ``remaining`` None means a non-blocking read (the event pump). With a ``request_id``,
+        a lone plain Response to it is handed over without the general dispatch.
         """
-        items: list[Any] = []
+        items: Any = ()
         try:
             if remaining is None:
-                count = self._sock.recv_into(self._buffer, 0, socket.MSG_DONTWAIT)
+                frames = self._channel.receive(socket.MSG_DONTWAIT)
+            elif remaining <= 0:
+                return
             else:
-                if remaining <= 0:
-                    return
                 current = self._receive_timeout   # a setsockopt only when it must change
                 if current is None or current > remaining + _TIMEOUT_SLACK_S \
                         or current < remaining / 2:
                     set_kernel_timeouts(self._sock, remaining)
                     self._receive_timeout = remaining
-                count = self._sock.recv_into(self._buffer)
-            if count == 0:
-                self._fail(ConnectionClosed(self._lost_message(None)), self._server_error)
-            else:
-                items = self._endpoint.receive(self._view[:count])
-        except BlockingIOError:
-            pass  # the kernel timeout expired, or nothing to read: the caller re-checks
-        except OSError as error:
-            self._fail(ConnectionClosed(self._lost_message(error)), error)
-        finally:
-            with self._lock:
-                self._reading = False
-                if len(items) == 1 and type(items[0]) is self._frame_type \
-                        and items[0].type == 2:   # a lone Response: the common case
-                    frame = items[0]
-                    waiter = self._waiters.pop(frame.request_id, None)
-                    if waiter is not None:
-                        waiter.payload, waiter.done = frame.payload, True
-                    events, replies = _NOTHING
+                if request_id:
+                    reply = self._channel.receive_reply(request_id)
+                    if reply is not None:
+                        items = reply
+                        return
+                    frames = self._channel.pending
                 else:
-                    events, replies = self._dispatch(items) if items else _NOTHING
-                if self._close_when_idle:
-                    self._sock.close()
-                    self._close_when_idle = False
-                if self._sleepers:
-                    self._cond.notify_all()
+                    frames = self._channel.receive()
+            items = self._arrived(frames)
+        except Exception as error:
+            items = self._read_failed(error)
+        finally:
+            if type(items) is list or type(items) is tuple:
+                self._finish_read(items)
+            else:   # the fast path: ``items`` is the reply to ``request_id``
+                with self._lock:
+                    self._reading = False
+                    waiter = self._waiters.pop(request_id, None)
+                    if waiter is not None:
+                        waiter.payload, waiter.done = items, True
+                    if self._sleepers:
+                        self._cond.notify_all()
+
+    def _arrived(self, frames: list[Any] | None) -> list[Any]:
+        """Items for frames just read; None (end of stream) fails the connection."""
+        if frames is None:
+            self._fail(ConnectionClosed(self._lost_message(None)), self._server_error)
+            return []
+        return self._endpoint.admit(frames)
+
+    def _read_failed(self, error: BaseException) -> list[Any]:
+        """What a read that raised leaves to dispatch. Other exceptions propagate."""
+        if isinstance(error, BlockingIOError):
+            return []   # the kernel timeout expired, or nothing to read: the caller re-checks
+        if isinstance(error, ProtocolError):
+            return self._endpoint.after_error(error)
+        if isinstance(error, OSError):
+            self._fail(ConnectionClosed(self._lost_message(error)), error)
+            return []
+        raise error
+
+    def _finish_read(self, items: Any) -> None:
+        """Give the reader role back, hand ``items`` to their waiters, then run callbacks."""
+        with self._lock:
+            self._reading = False
+            events, replies = self._dispatch(items) if items else _NOTHING
+            if self._close_when_idle:
+                self._sock.close()
+                self._close_when_idle = False
+            if self._sleepers:
+                self._cond.notify_all()
         if replies:
             try:
                 self._send(list(replies))

@@ -1,7 +1,28 @@
 # The contract of the compiled core: C helpers it links and the layout of its classes.
 # Field comments say what each slot holds; hintens/_core_py.py is the pure-Python twin.
 
+from cpython.pythread cimport PyThread_type_lock
 from libc.stdint cimport uint16_t, uint32_t, uint64_t
+
+
+cdef extern from "sys/uio.h" nogil:
+    struct iovec:
+        void *iov_base
+        size_t iov_len
+
+
+cdef extern from "sys/socket.h" nogil:
+    struct msghdr:
+        void *msg_name
+        unsigned int msg_namelen
+        iovec *msg_iov
+        size_t msg_iovlen
+        void *msg_control
+        size_t msg_controllen
+        int msg_flags
+    ssize_t recv(int fd, void *buf, size_t n, int flags)
+    ssize_t sendmsg(int fd, const msghdr *message, int flags)
+    const int MSG_NOSIGNAL
 
 
 cdef extern from "_wire.h" nogil:
@@ -51,9 +72,26 @@ cdef class FrameDecoder:
     cdef uint16_t _running_crc           # CRC of the assembled bytes, computed while they are hot
     cdef bytes _backlog                  # input left unread when a recoverable error was raised
     cdef object _failed                  # the fatal ProtocolError, or None
+    cdef readonly uint64_t frames_decoded  # frames returned so far, errors excluded
 
+    cdef list _feed(self, const unsigned char *data, Py_ssize_t n, object base, bint share)
     cdef int _decode(self, const unsigned char *data, Py_ssize_t n, object base, bint share,
                      list frames, Py_ssize_t *pos_out) except -1
     cdef int _start_payload(self, const hx_header *h) except -1
     cdef int _check_prefix(self) except -1
     cdef int _validate(self, const hx_header *h) except -1
+
+
+cdef class Channel:
+    cdef int _fd                          # the socket's descriptor (the socket stays the caller's)
+    cdef object _sock                     # keeps the socket object, and so the fd, alive
+    cdef readonly FrameDecoder decoder    # decodes what arrives
+    cdef unsigned char *_buffer           # receive buffer, malloc'ed in __init__
+    cdef Py_ssize_t _size                 # its size in bytes
+    cdef PyThread_type_lock _send_lock    # one writer at a time, taken without the GIL
+    cdef public object pending            # frames exchange() did not consume, or None at EOF
+
+    cdef int _send(self, object buffers) except -1
+    cdef int _lock_send(self) except -1
+    cdef int _send_iov(self, iovec *iov, Py_ssize_t count) except -1
+    cdef list _receive(self, int flags)

@@ -15,7 +15,18 @@ from cpython.list cimport PyList_Append
 from cpython.memoryview cimport PyMemoryView_FromObject
 from cpython.number cimport PyNumber_Index
 from libc.stdint cimport uint16_t, uint32_t, uint64_t
+from libc.errno cimport EINTR, errno
+from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy
+from cpython.exc cimport PyErr_CheckSignals, PyErr_SetFromErrno
+from cpython.pythread cimport (
+    NOWAIT_LOCK,
+    WAIT_LOCK,
+    PyThread_acquire_lock,
+    PyThread_allocate_lock,
+    PyThread_free_lock,
+    PyThread_release_lock,
+)
 
 from . import _errors
 from ._constants import (
@@ -25,6 +36,7 @@ from ._constants import (
 from ._errors import IncompleteFrameError, ProtocolError
 
 __all__ = [
+    "Channel",
     "Frame",
     "FrameDecoder",
     "FrameHeader",
@@ -352,6 +364,7 @@ cdef class FrameDecoder:
         self._remaining = 0
         self._backlog = b""
         self._failed = None
+        self.frames_decoded = 0
 
     def __init__(self, max_payload=DEFAULT_MAX_PAYLOAD_BYTES):
         """Args:
@@ -390,28 +403,36 @@ cdef class FrameDecoder:
             ProtocolError: a subclass per violation; see hintens/_core_py.py.
             BufferError: ``data`` is not C-contiguous.
         """
-        cdef Py_buffer view
+        cdef _Input ref
+        _acquire(data, &ref, False)
+        try:
+            return self._feed(ref.buf, ref.len, data, type(data) is bytes)
+        finally:
+            _release(&ref)
+
+    cdef list _feed(self, const unsigned char *data, Py_ssize_t n, object base, bint share):
+        # feed() on raw memory; base is the object that owns it (shared only when share).
         cdef list frames = []
         cdef Py_ssize_t pos = 0
-        cdef bint share = type(data) is bytes
+        cdef bytes joined
         if self._failed is not None:
             raise _errors.renew(self._failed)
         if self._backlog:
-            data = self._backlog + bytes(data)
+            joined = self._backlog + PyBytes_FromStringAndSize(<const char *>data, n)
             self._backlog = b""
-            share = False
-        PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+            return self._feed(<const unsigned char *>PyBytes_AS_STRING(joined),
+                              PyBytes_GET_SIZE(joined), joined, False)
         try:
-            self._decode(<const unsigned char *>view.buf, view.len, data, share, frames, &pos)
+            self._decode(data, n, base, share, frames, &pos)
         except ProtocolError as error:
+            self.frames_decoded += len(frames)
             error.frames = frames
             if error.fatal:
                 self._failed = error
             else:
-                self._backlog = PyBytes_FromStringAndSize(<char *>view.buf + pos, view.len - pos)
+                self._backlog = PyBytes_FromStringAndSize(<const char *>data + pos, n - pos)
             raise
-        finally:
-            PyBuffer_Release(&view)
+        self.frames_decoded += len(frames)
         return frames
 
     def feed_eof(self):
@@ -545,3 +566,226 @@ cdef class FrameDecoder:
                 self._remaining = h.length
             raise _errors.reserved_flags_error(h.flags, h.request_id, h.type)
         return 0
+
+
+# Channel: a socket's receive buffer, decoder and send lock -----------------------------------
+
+cdef enum:
+    _MAX_IOV = 1024          # IOV_MAX on Linux
+    _SCATTER_BYTES = 16 * 1024
+
+
+cdef int _raise_errno() except -1:
+    PyErr_SetFromErrno(OSError)   # EAGAIN (a kernel timeout) becomes BlockingIOError
+    return -1
+
+
+@cython.final
+cdef class Channel:
+    """A connected stream socket's receive side (buffer and decoder) and a send lock.
+
+    The socket stays owned by the caller, who also sets its kernel timeouts. Every syscall runs
+    without the GIL. See hintens/_core_py.py for the semantics both cores share.
+    """
+
+    def __cinit__(self):
+        self._buffer = NULL
+        self._send_lock = PyThread_allocate_lock()
+        if self._send_lock == NULL:
+            raise MemoryError()
+
+    def __init__(self, sock, FrameDecoder decoder, Py_ssize_t buffer_size=256 * 1024):
+        if buffer_size < HEADER_SIZE:
+            raise ValueError("buffer_size must hold at least a header")
+        self._fd = sock.fileno()
+        self._sock = sock
+        self.decoder = decoder
+        self._buffer = <unsigned char *>malloc(buffer_size)
+        if self._buffer == NULL:
+            raise MemoryError()
+        self._size = buffer_size
+        self.pending = []
+
+    def __dealloc__(self):
+        free(self._buffer)
+        if self._send_lock != NULL:
+            PyThread_free_lock(self._send_lock)
+
+    cdef int _lock_send(self) except -1:
+        if not PyThread_acquire_lock(self._send_lock, NOWAIT_LOCK):
+            with nogil:
+                PyThread_acquire_lock(self._send_lock, WAIT_LOCK)
+        return 0
+
+    cdef int _send_iov(self, iovec *iov, Py_ssize_t count) except -1:
+        # Everything, in order; the caller holds the send lock and keeps the memory alive.
+        cdef msghdr message
+        cdef ssize_t sent
+        cdef Py_ssize_t first = 0, batch
+        while first < count:
+            batch = min(count - first, <Py_ssize_t>_MAX_IOV)
+            memset_msghdr(&message)
+            message.msg_iov = iov + first
+            message.msg_iovlen = <size_t>batch
+            with nogil:
+                sent = sendmsg(self._fd, &message, MSG_NOSIGNAL)
+            if sent < 0:
+                if errno == EINTR:
+                    PyErr_CheckSignals()
+                    continue
+                _raise_errno()
+            while sent > 0 and first < count:
+                if <size_t>sent >= iov[first].iov_len:
+                    sent -= iov[first].iov_len
+                    first += 1
+                else:
+                    iov[first].iov_base = <char *>iov[first].iov_base + sent
+                    iov[first].iov_len -= sent
+                    sent = 0
+            while first < count and iov[first].iov_len == 0:
+                first += 1
+        return 0
+
+    def send(self, buffers):
+        """Write a list of buffers, in order, as one stream of bytes.
+
+        Raises:
+            BlockingIOError: the send timeout expired (part may have been written).
+            OSError: the connection broke.
+        """
+        self._send(buffers)
+
+    cdef int _send(self, object buffers) except -1:
+        # A few buffers (the usual case) describe themselves on the stack; more need the heap.
+        cdef Py_buffer stack_views[8]
+        cdef iovec stack_iov[8]
+        cdef Py_ssize_t count = len(buffers), i, acquired = 0
+        cdef Py_buffer *views = stack_views
+        cdef iovec *iov = stack_iov
+        if count > 8:
+            views = <Py_buffer *>malloc(count * sizeof(Py_buffer))
+            iov = <iovec *>malloc(count * sizeof(iovec))
+            if views == NULL or iov == NULL:
+                free(views)
+                free(iov)
+                raise MemoryError()
+        try:
+            for i in range(count):
+                PyObject_GetBuffer(buffers[i], &views[i], PyBUF_SIMPLE)
+                acquired += 1
+                iov[i].iov_base = views[i].buf
+                iov[i].iov_len = <size_t>views[i].len
+            self._lock_send()
+            try:
+                self._send_iov(iov, count)
+            finally:
+                PyThread_release_lock(self._send_lock)
+        finally:
+            for i in range(acquired):
+                PyBuffer_Release(&views[i])
+            if views != stack_views:
+                free(views)
+                free(iov)
+        return 0
+
+    cdef list _receive(self, int flags):
+        # One recv, decoded. None at end of stream.
+        cdef ssize_t count
+        while True:
+            with nogil:
+                count = recv(self._fd, self._buffer, <size_t>self._size, flags)
+            if count >= 0:
+                break
+            if errno == EINTR:
+                PyErr_CheckSignals()
+                continue
+            _raise_errno()
+        if count == 0:
+            return None
+        return self.decoder._feed(self._buffer, count, None, False)
+
+    def receive(self, int flags=0):
+        """One recv, decoded: the frames it completed (maybe none), or None at end of stream.
+
+        Raises:
+            BlockingIOError: the receive timeout expired, or nothing to read with MSG_DONTWAIT.
+            OSError: the connection broke.
+            ProtocolError: from the decoder, as FrameDecoder.feed raises it.
+        """
+        return self._receive(flags)
+
+    def receive_reply(self, request_id):
+        """Read until at least one frame arrives (the request was sent by the caller).
+
+        Returns:
+            The payload when what arrived is exactly one Response to ``request_id`` without
+            flags; otherwise None, with the frames left in ``pending`` for the caller (and
+            ``pending`` None at end of stream).
+
+        Raises:
+            As ``receive``.
+        """
+        cdef list frames
+        cdef Frame only
+        cdef uint64_t wanted = _index(request_id)
+        while True:
+            frames = self._receive(0)
+            if frames is None or frames:
+                break
+        if frames is not None and len(frames) == 1:
+            only = frames[0]
+            if only.type == 2 and only.flags == 0 and only.request_id == wanted:
+                return only.payload
+        self.pending = frames
+        return None
+
+    def serve(self, handler, on_error):
+        """Read once; answer the leading run of plain Requests; return the frames after it.
+
+        ``handler(payload)`` returns the Response payload (bytes-like or None). If it raises an
+        Exception, ``on_error(request_id, exception)`` returns the Error frame to send instead.
+        Replies leave in one write, in request order.
+
+        Returns:
+            The frames that follow the run, for the caller (often empty), or None at end of
+            stream.
+
+        Raises:
+            As ``send`` and ``receive``.
+        """
+        cdef list frames = self._receive(0)
+        cdef list out = []
+        cdef Py_ssize_t i = 0, count
+        cdef Frame frame
+        if not frames:
+            return frames
+        count = len(frames)
+        while i < count:
+            frame = frames[i]
+            if frame.type != 1 or frame.flags != 0:
+                break
+            try:
+                result = handler(frame.payload)
+                if result is None:
+                    result = b""
+                if type(result) is bytes and len(<bytes>result) < _SCATTER_BYTES:
+                    out.append(encode_frame(2, result, frame.request_id))
+                else:
+                    out.append(encode_header(2, result, frame.request_id))
+                    out.append(result)
+            except Exception as error:
+                out.append(on_error(frame.request_id, error))
+            i += 1
+        if out:
+            self._send(out)
+        return frames[i:] if i else frames
+
+
+cdef inline void memset_msghdr(msghdr *message) noexcept nogil:
+    message.msg_name = NULL
+    message.msg_namelen = 0
+    message.msg_iov = NULL
+    message.msg_iovlen = 0
+    message.msg_control = NULL
+    message.msg_controllen = 0
+    message.msg_flags = 0

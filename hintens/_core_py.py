@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import binascii
 import operator
+import socket
 import struct
+import threading
 from typing import Any
 
 from . import _errors
@@ -40,6 +42,7 @@ from ._constants import (
 from ._errors import IncompleteFrameError, ProtocolError
 
 __all__ = [
+    "Channel",
     "Frame",
     "FrameDecoder",
     "FrameHeader",
@@ -246,6 +249,8 @@ class FrameDecoder:
         self._assembled = 0             # payload bytes assembled so far
         self._backlog = b""             # input left unread when a recoverable error was raised
         self._failed: ProtocolError | None = None
+        #: Frames returned so far (by ``feed`` or in errors' ``frames``).
+        self.frames_decoded = 0
 
     @property
     def max_payload(self) -> int:
@@ -283,10 +288,12 @@ class FrameDecoder:
         try:
             self._decode(view, share, frames)
         except ProtocolError as error:
+            self.frames_decoded += len(frames)
             error.frames = frames
             if error.fatal:
                 self._failed = error
             raise
+        self.frames_decoded += len(frames)
         return frames
 
     def feed_eof(self) -> list[Frame]:
@@ -393,3 +400,122 @@ class FrameDecoder:
         if actual != checksum:
             raise _errors.checksum_error(checksum, actual, request_id, msg_type)
         return Frame(msg_type, flags, version, request_id, payload)
+
+
+_MAX_IOV = 1024            # IOV_MAX on Linux
+_SCATTER_BYTES = 16 * 1024
+
+
+class Channel:
+    """A connected stream socket's receive side (buffer and decoder) and a send lock.
+
+    The socket stays owned by the caller, who also sets its kernel timeouts (SO_RCVTIMEO,
+    SO_SNDTIMEO): an expired one raises BlockingIOError.
+
+    Args:
+        sock: a connected, blocking stream socket.
+        decoder: the FrameDecoder for what arrives.
+        buffer_size: bytes read per recv.
+    """
+
+    def __init__(self, sock: Any, decoder: FrameDecoder, buffer_size: int = 256 * 1024) -> None:
+        if buffer_size < HEADER_SIZE:
+            raise ValueError("buffer_size must hold at least a header")
+        self._sock = sock
+        self.decoder = decoder
+        self._buffer = bytearray(buffer_size)
+        self._view = memoryview(self._buffer)
+        self._send_lock = threading.Lock()
+        self.pending: list[Frame] | None = []
+
+    def send(self, buffers: Any) -> None:
+        """Write a list of buffers, in order, as one stream of bytes.
+
+        Raises:
+            BlockingIOError: the send timeout expired (part may have been written).
+            OSError: the connection broke.
+        """
+        pending = [view for view in (memoryview(b).cast("B") for b in buffers) if len(view)]
+        with self._send_lock:
+            while pending:
+                sent = self._sock.sendmsg(pending[:_MAX_IOV], [], socket.MSG_NOSIGNAL)
+                while sent and pending:
+                    if sent >= len(pending[0]):
+                        sent -= len(pending.pop(0))
+                    else:
+                        pending[0] = pending[0][sent:]
+                        sent = 0
+                while pending and not len(pending[0]):
+                    pending.pop(0)
+
+    def receive(self, flags: int = 0) -> list[Frame] | None:
+        """One recv, decoded: the frames it completed (maybe none), or None at end of stream.
+
+        Raises:
+            BlockingIOError: the receive timeout expired, or nothing to read with MSG_DONTWAIT.
+            OSError: the connection broke.
+            ProtocolError: from the decoder, as FrameDecoder.feed raises it.
+        """
+        count = self._sock.recv_into(self._buffer, 0, flags)
+        if not count:
+            return None
+        return self.decoder.feed(self._view[:count])
+
+    def receive_reply(self, request_id: int) -> Any:
+        """Read until at least one frame arrives (the request was sent by the caller).
+
+        Returns:
+            The payload when what arrived is exactly one Response to ``request_id`` without
+            flags; otherwise None, with the frames left in ``pending`` for the caller (and
+            ``pending`` None at end of stream).
+
+        Raises:
+            As ``receive``.
+        """
+        while True:
+            frames = self.receive()
+            if frames is None or frames:
+                break
+        if frames is not None and len(frames) == 1:
+            only = frames[0]
+            if only.type == 2 and only.flags == 0 and only.request_id == request_id:
+                return only.payload
+        self.pending = frames
+        return None
+
+    def serve(self, handler: Any, on_error: Any) -> list[Frame] | None:
+        """Read once; answer the leading run of plain Requests; return the frames after it.
+
+        ``handler(payload)`` returns the Response payload (bytes-like or None). If it raises an
+        Exception, ``on_error(request_id, exception)`` returns the Error frame to send instead.
+        Replies leave in one write, in request order.
+
+        Returns:
+            The frames that follow the run, for the caller (often empty), or None at end of
+            stream.
+
+        Raises:
+            As ``send`` and ``receive``.
+        """
+        frames = self.receive()
+        if not frames:
+            return frames
+        out: list[Any] = []
+        done = 0
+        for frame in frames:
+            if frame.type != 1 or frame.flags != 0:
+                break
+            try:
+                result = handler(frame.payload)
+                if result is None:
+                    result = b""
+                if type(result) is bytes and len(result) < _SCATTER_BYTES:
+                    out.append(encode_frame(2, result, frame.request_id))
+                else:
+                    out += [encode_header(2, result, frame.request_id), result]
+            except Exception as error:
+                out.append(on_error(frame.request_id, error))
+            done += 1
+        if out:
+            self.send(out)
+        return frames[done:]

@@ -148,22 +148,35 @@ class Endpoint:
 
     def receive(self, data: Any) -> list[Item]:
         """Decode ``data``; return frames for the application and violations, in stream order."""
+        try:
+            frames = self.decoder.feed(data)
+        except ProtocolError as error:
+            return self.after_error(error)
+        return self.admit(frames)
+
+    def admit(self, frames: list[Any]) -> list[Item]:
+        """Apply the connection's rules (hello, negotiated flags) to frames already decoded."""
+        for frame in frames:   # frames without flags or a hello pass through as they are
+            if frame.flags or not frame.request_id:
+                items: list[Item] = []
+                self._admit(frames, items)
+                return items
+        return frames
+
+    def after_error(self, error: ProtocolError) -> list[Item]:
+        """The items around a violation the decoder raised: the frames before it, the error,
+        and, when the stream is still in sync, whatever was already buffered after it."""
         items: list[Item] = []
         while True:
+            self._admit(error.frames, items)
+            items.append(error)
+            if error.fatal:
+                return items
             try:
-                frames = self.decoder.feed(data)
-            except ProtocolError as error:
-                self._admit(error.frames, items)
-                items.append(error)
-                if error.fatal:
-                    return items
-                data = b""
-                continue
-            for frame in frames:   # frames without flags or a hello pass through as they are
-                if frame.flags or not frame.request_id:
-                    self._admit(frames, items)
-                    return items
-            return frames if not items else items + frames
+                items += self.admit(self.decoder.feed(b""))
+                return items
+            except ProtocolError as next_error:
+                error = next_error
 
     def _admit(self, frames: list[Any], items: list[Item]) -> None:
         allowed = self._allowed_flags

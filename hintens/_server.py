@@ -23,16 +23,15 @@ from time import monotonic
 from typing import Any, Callable, Iterable
 
 from . import _impl
-from ._client import RECEIVE_BUFFER_BYTES, SCATTER_THRESHOLD_BYTES, frames_for
+from ._client import RECEIVE_BUFFER_BYTES, frames_for
 from ._constants import DEFAULT_MAX_PAYLOAD_BYTES, ErrorCode, MessageType
-from ._errors import ConnectionClosed, RemoteError, Timeout
+from ._errors import ConnectionClosed, ProtocolError, RemoteError
 from ._protocol import Endpoint, Hello
 from ._unix import (
     PeerCredentials,
     listen,
     peer_credentials,
     remove_socket_file,
-    send_all,
     set_kernel_timeouts,
     socket_path,
 )
@@ -67,8 +66,8 @@ class ServerConnection:
         self.peer = peer
         self._server = server
         self._sock = sock
-        self._send_lock = threading.Lock()
         self._endpoint = Endpoint(max_payload=server.max_payload)
+        self._channel = _impl.core.Channel(sock, self._endpoint.decoder, RECEIVE_BUFFER_BYTES)
         self._open = True
         self.thread: threading.Thread | None = None
 
@@ -98,12 +97,8 @@ class ServerConnection:
         if not self._open:
             raise ConnectionClosed(f"connection {self.id} is closed")
         try:
-            with self._send_lock:
-                if len(frames) == 1:
-                    self._sock.sendall(frames[0])
-                else:
-                    send_all(self._sock, frames)
-        except (Timeout, OSError) as error:
+            self._channel.send(frames)
+        except OSError as error:   # BlockingIOError: the send timeout expired
             self.close()
             raise ConnectionClosed(f"connection {self.id} lost while sending: {error}") from error
 
@@ -298,10 +293,13 @@ class Server:
         connection.thread.start()
 
     def _serve(self, connection: ServerConnection) -> None:
-        sock, endpoint = connection._sock, connection._endpoint
-        decoder, frame_type = endpoint.decoder, _impl.core.Frame
-        buffer = bytearray(RECEIVE_BUFFER_BYTES)
-        view = memoryview(buffer)
+        sock, endpoint, channel = connection._sock, connection._endpoint, connection._channel
+        decoder = endpoint.decoder
+        handler = self.handler
+
+        def on_error(request_id: int, error: Exception) -> bytes:
+            return self._error_answer(endpoint, request_id, error)
+
         current_timeout: float | None = None
         frame_started = 0.0
         try:
@@ -317,25 +315,31 @@ class Server:
                 if timeout != current_timeout:
                     set_kernel_timeouts(sock, timeout)
                     current_timeout = timeout
+                had_pending, decoded = decoder.pending, decoder.frames_decoded
                 try:
-                    count = sock.recv_into(buffer)
+                    # Plain Requests are answered inside the core; the rest comes back here.
+                    rest = channel.serve(handler, on_error)
                 except BlockingIOError:
                     what = "inside a frame" if decoder.pending else "idle"
                     log.info("closing %r: %s for too long", connection, what)
                     break
+                except ProtocolError as error:
+                    if not self._handle(connection, endpoint.after_error(error)):
+                        break
+                    continue
                 except OSError as error:
                     log.debug("%r: %s", connection, error)
                     break
-                if count == 0:
+                if rest is None:
                     if decoder.pending:
                         log.info("%r hung up inside a frame (%d bytes of it received)",
                                  connection, decoder.pending)
                     break
-                had_pending = decoder.pending
-                if not self._handle(connection, endpoint, frame_type, view[:count]):
+                if rest and not self._handle(connection, endpoint.admit(rest)):
                     break
-                if decoder.pending and (not had_pending or count >= decoder.pending):
-                    frame_started = monotonic()   # a new frame began in this chunk
+                if decoder.pending and (not had_pending or decoder.frames_decoded != decoded):
+                    # A frame completed in this read, so the unfinished one began in it.
+                    frame_started = monotonic()
         except ConnectionClosed as error:
             log.debug("%s", error)
         except Exception:
@@ -351,24 +355,22 @@ class Server:
                 except Exception:
                     log.exception("on_disconnect callback raised")
 
-    def _handle(self, connection: ServerConnection, endpoint: Endpoint, frame_type: type,
-                data: memoryview) -> bool:
-        """Serve every item of one read; False when the connection must close."""
+    def _handle(self, connection: ServerConnection, items: list[Any]) -> bool:
+        """Serve items the core did not: Events, hellos, violations, and Requests after them.
+        False when the connection must close."""
+        endpoint = connection._endpoint
+        frame_type = _impl.core.Frame
         out: list[Any] = []
         keep_open = True
-        encode_frame = _impl.core.encode_frame
-        for item in endpoint.receive(data):
+        for item in items:
             if type(item) is frame_type:
                 kind = item.type
-                if kind == 1:   # MessageType.REQUEST, as a plain int on the hot path
+                if kind == MessageType.REQUEST:
                     try:
                         result = self.handler(item.payload)
-                        if type(result) is bytes and len(result) < SCATTER_THRESHOLD_BYTES:
-                            out.append(encode_frame(2, result, item.request_id))
-                        else:
-                            out += frames_for(encode_frame, _impl.core.encode_header,
-                                              MessageType.RESPONSE,
-                                              b"" if result is None else result, item.request_id)
+                        out += frames_for(_impl.core.encode_frame, _impl.core.encode_header,
+                                          MessageType.RESPONSE,
+                                          b"" if result is None else result, item.request_id)
                     except Exception as error:
                         out.append(self._error_answer(endpoint, item.request_id, error))
                 elif kind == MessageType.EVENT:

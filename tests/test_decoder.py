@@ -83,7 +83,9 @@ def test_three_ways(core):
 
 def test_many_small_frames_in_one_buffer(core):
     stream = b"".join(core.encode_frame(3, bytes([i % 256]) * 100, i) for i in range(10_000))
-    frames = core.FrameDecoder().feed(stream)
+    decoder = core.FrameDecoder()
+    frames = decoder.feed(stream)
+    assert decoder.frames_decoded == 10_000
     assert [f.request_id for f in frames] == list(range(10_000))
     assert all(bytes(f.payload) == bytes([f.request_id % 256]) * 100 for f in frames)
 
@@ -212,6 +214,7 @@ def test_recoverable_error_keeps_the_rest_of_the_input(core, bad, unread):
     assert [f.request_id for f in caught.value.frames] == [1]
     assert decoder.pending == len(after) + unread
     assert [f.request_id for f in decoder.feed(b"")] == [3]
+    assert decoder.frames_decoded == 2
     assert decoder.pending == 0
 
 

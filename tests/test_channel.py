@@ -1,0 +1,154 @@
+"""Channel (both cores) over a real socketpair: send, receive, receive_reply, serve."""
+
+from __future__ import annotations
+
+import socket
+import threading
+
+import pytest
+
+from hintens import ChecksumError, _unix
+
+
+@pytest.fixture
+def pair():
+    left, right = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    yield left, right
+    left.close()
+    right.close()
+
+
+def channel(core, sock):
+    return core.Channel(sock, core.FrameDecoder())
+
+
+def test_send_many_buffers_in_order(core, pair):
+    left, right = pair
+    chunks = [b"a" * 10, b"", bytearray(b"b" * 5), memoryview(b"c" * 7)]
+    channel(core, left).send(chunks)
+    assert right.recv(100) == b"a" * 10 + b"b" * 5 + b"c" * 7
+
+
+def test_send_larger_than_the_socket_buffer(core, pair):
+    left, right = pair
+    big = bytes(range(256)) * 20_000       # 5 MB, far over the socket buffer
+    received = bytearray()
+
+    def drain():
+        while len(received) < len(big) + 3:
+            received.extend(right.recv(1 << 20))
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+    channel(core, left).send([b"xyz", big])
+    reader.join(30)
+    assert bytes(received) == b"xyz" + big
+
+
+def test_receive_and_reply_fast_path(core, pair):
+    left, right = pair
+    ours = channel(core, left)
+    right.sendall(core.encode_frame(2, b"pong", 7))
+    assert ours.receive_reply(7) == b"pong"
+    right.sendall(core.encode_frame(2, b"other", 8) + core.encode_frame(3, b"event", 9))
+    assert ours.receive_reply(7) is None
+    assert [(f.type, f.request_id) for f in ours.pending] == [(2, 8), (3, 9)]
+    right.sendall(core.encode_frame(3, b"ev", 1))
+    assert [f.payload for f in ours.receive()] == [b"ev"]
+
+
+def test_reply_in_many_pieces(core, pair):
+    left, right = pair
+    ours = channel(core, left)
+    frame = core.encode_frame(2, bytes(300_000), 5)
+
+    def drip():
+        for start in range(0, len(frame), 70_000):
+            right.sendall(frame[start:start + 70_000])
+
+    writer = threading.Thread(target=drip)
+    writer.start()
+    assert bytes(ours.receive_reply(5)) == bytes(300_000)
+    writer.join(10)
+
+
+def test_end_of_stream(core, pair):
+    left, right = pair
+    ours = channel(core, left)
+    right.shutdown(socket.SHUT_WR)
+    assert ours.receive() is None
+    assert ours.receive_reply(1) is None and ours.pending is None
+
+
+def test_kernel_timeout_raises_blocking_io_error(core, pair):
+    left, _ = pair
+    _unix.set_kernel_timeouts(left, 0.05)
+    with pytest.raises(BlockingIOError):
+        channel(core, left).receive()
+    with pytest.raises(BlockingIOError):
+        channel(core, left).receive(socket.MSG_DONTWAIT)
+
+
+def test_protocol_errors_propagate(core, pair):
+    left, right = pair
+    good = core.encode_frame(2, b"ok", 1)
+    bad = bytearray(core.encode_frame(2, b"bad", 2))
+    bad[14:16] = b"\0\0"
+    right.sendall(good + bytes(bad))
+    with pytest.raises(ChecksumError) as caught:
+        channel(core, left).receive()
+    assert [f.request_id for f in caught.value.frames] == [1]
+
+
+def test_serve_answers_leading_requests_and_returns_the_rest(core, pair):
+    left, right = pair
+    ours = channel(core, left)
+
+    def handler(payload):
+        if payload == b"boom":
+            raise ValueError("boom")
+        if payload == b"big":
+            return memoryview(bytes(20_000))
+        return None if payload == b"none" else payload.upper()
+
+    errors = []
+
+    def on_error(request_id, error):
+        errors.append((request_id, str(error)))
+        return core.encode_frame(4, b"err", request_id)
+
+    right.sendall(b"".join([
+        core.encode_frame(1, b"a", 1), core.encode_frame(1, b"boom", 2),
+        core.encode_frame(1, b"none", 3), core.encode_frame(1, b"big", 4),
+        core.encode_frame(3, b"event", 5), core.encode_frame(1, b"after", 6),
+    ]))
+    rest = ours.serve(handler, on_error)
+    assert [(f.type, f.request_id) for f in rest] == [(3, 5), (1, 6)]
+    assert errors == [(2, "boom")]
+    decoder = core.FrameDecoder()
+    replies = []
+    while len(replies) < 4:
+        replies += decoder.feed(right.recv(1 << 20))
+    assert [(f.type, f.request_id, bytes(f.payload)) for f in replies] == [
+        (2, 1, b"A"), (4, 2, b"err"), (2, 3, b""), (2, 4, bytes(20_000))]
+
+
+def test_serve_end_of_stream_and_partial(core, pair):
+    left, right = pair
+    ours = channel(core, left)
+    right.sendall(core.encode_frame(1, b"x", 1)[:10])
+    assert ours.serve(lambda p: p, None) == []
+    right.shutdown(socket.SHUT_WR)
+    assert ours.serve(lambda p: p, None) is None
+
+
+def test_send_to_a_closed_peer(core, pair):
+    left, right = pair
+    right.close()
+    with pytest.raises(OSError):
+        channel(core, left).send([b"x" * 100])
+
+
+def test_buffer_size_must_hold_a_header(core, pair):
+    with pytest.raises(ValueError):
+        core.Channel(pair[0], core.FrameDecoder(), 10)
