@@ -1,6 +1,7 @@
 # Type stub of the compiled core; hintens/_core_py.py is its pure-Python twin with the same API.
 from typing import Any
 
+from ._core_py import Channel as Channel
 from ._core_py import Frame as Frame
 from ._core_py import FrameDecoder as FrameDecoder
 from ._core_py import FrameHeader as FrameHeader
