@@ -19,6 +19,27 @@ from hintens._unix import DEFAULT_SOCKET_PATH
 from .peers import RawPeer, raw_frame, start_server, stop_server
 
 
+def in_threads(target, count, timeout_s=120.0):
+    """Run target(i) for i in range(count) on as many threads; return the exceptions raised.
+
+    Fails the test if a thread is still running at the deadline (a hang)."""
+    errors = []
+
+    def run(i):
+        try:
+            target(i)
+        except Exception as error:  # noqa: BLE001 - returned to the test
+            errors.append(error)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout_s)
+    assert not any(thread.is_alive() for thread in threads), "threads hung"
+    return errors
+
+
 @pytest.fixture
 def sock_path(tmp_path):
     return str(tmp_path / "hx.sock")
@@ -82,46 +103,22 @@ def test_timeout_then_connection_still_usable(client):
 
 
 def test_server_killed_fails_every_waiter(client, server_process):
-    errors = []
-
-    def wait():
-        try:
-            client.request(b"sleep:30:never")
-        except hintens.ConnectionClosed as error:
-            errors.append(error)
-
-    threads = [threading.Thread(target=wait) for _ in range(8)]
-    for thread in threads:
-        thread.start()
-    time.sleep(0.3)
-    server_process.kill()
-    for thread in threads:
-        thread.join(10)
-    assert not any(t.is_alive() for t in threads) and len(errors) == 8
+    threading.Timer(0.3, server_process.kill).start()
+    errors = in_threads(lambda i: client.request(b"sleep:30:never"), 8, timeout_s=10)
+    assert len(errors) == 8 and all(isinstance(e, hintens.ConnectionClosed) for e in errors)
     with pytest.raises(hintens.ConnectionClosed):
         client.request(b"echo:after")
     assert client.closed
 
 
 def test_32_threads_200_requests_each(client):
-    failures = []
-
     def work(worker):
-        try:
-            for seq in range(200):
-                body = b"%d-%d" % (worker, seq)
-                reply = client.request(b"echo:" + body)
-                if reply != body:
-                    failures.append((body, reply))
-        except Exception as error:  # noqa: BLE001 - reported below
-            failures.append(error)
+        for seq in range(200):
+            body = b"%d-%d" % (worker, seq)
+            reply = client.request(b"echo:" + body)
+            assert reply == body, (body, reply)
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(32)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(120)
-    assert failures == []
+    assert in_threads(work, 32) == []
 
 
 def test_replies_may_arrive_in_any_order(sock_path):
@@ -345,21 +342,14 @@ def test_abrupt_disconnect_mid_frame(sock_path, server_process):
 
 
 def test_connect_burst(sock_path, server_process):
-    clients, errors = [], []
+    clients = []
 
     def connect_and_ask(n):
-        try:
-            c = hintens.Client(sock_path, connect_timeout=20, timeout=20)
-            clients.append(c)
-            assert c.request(b"echo:%d" % n) == b"%d" % n
-        except Exception as error:  # noqa: BLE001 - reported below
-            errors.append(error)
+        c = hintens.Client(sock_path, connect_timeout=20, timeout=20)
+        clients.append(c)
+        assert c.request(b"echo:%d" % n) == b"%d" % n
 
-    threads = [threading.Thread(target=connect_and_ask, args=(i,)) for i in range(300)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
+    errors = in_threads(connect_and_ask, 300, timeout_s=60)
     for c in clients:
         c.close()
     assert errors == [] and len(clients) == 300
@@ -482,21 +472,12 @@ def test_in_flight_requests_are_answered_on_close(sock_path):
 
     server = hintens.Server(sock_path, slow).start()
     client = hintens.Client(sock_path, timeout=10)
-    results, errors = [], []
-
-    def ask(i):
-        try:
-            results.append(client.request(b"%d" % i))
-        except Exception as error:  # noqa: BLE001 - reported below
-            errors.append(error)
-
-    threads = [threading.Thread(target=ask, args=(i,)) for i in range(5)]
-    for thread in threads:
-        thread.start()
-    time.sleep(0.1)           # all five are written; the first is being handled
-    server.close(timeout=5)
-    for thread in threads:
-        thread.join(10)
+    results = []
+    # At 0.1 s all five are written and the first is being handled; then the server closes.
+    closer = threading.Timer(0.1, server.close, kwargs={"timeout": 5})
+    closer.start()
+    errors = in_threads(lambda i: results.append(client.request(b"%d" % i)), 5, timeout_s=10)
+    closer.join()
     assert errors == [] and sorted(results) == [b"%d" % i for i in range(5)]
     with pytest.raises(hintens.ConnectionClosed):
         client.request(b"after close")
