@@ -28,6 +28,7 @@ $(BENCH_INSTALLED): $(INSTALLED)
 	touch $@
 
 test: $(INSTALLED) crc-check
+	$(PY) -m mypy
 	$(PY) -m pytest
 
 # Sanitizers where the compiler has their runtime; a plain optimised build elsewhere.

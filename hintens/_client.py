@@ -419,8 +419,8 @@ class Client:
     def _error_frame(self, frame: Any) -> None:
         try:
             code, message = decode_error_payload(frame.payload)
-        except ValueError as error:
-            code, message = 2, f"malformed Error payload: {error}"
+        except ValueError as malformed:
+            code, message = 2, f"malformed Error payload: {malformed}"
         error = remote_error(code, message, frame.request_id)
         if frame.request_id == 0:
             # About the connection, not a request: the server closes next; say why then.

@@ -330,10 +330,10 @@ class FrameDecoder:
                     self._remaining -= take
                     self._assembled += take
                     if not self._remaining:
-                        payload = b"".join(self._parts)
+                        assembled = b"".join(self._parts)
                         self._parts, self._assembled = [], 0
                         self._state = _HEADER_STATE
-                        frames.append(self._finish(self._fields, payload))
+                        frames.append(self._finish(self._fields, assembled))
                 elif not self._header and end - pos >= HEADER_SIZE:
                     fields = _HEADER.unpack_from(view, pos)
                     length = fields[4]

@@ -83,10 +83,16 @@ def _rows() -> Iterable[tuple[str, str, float, float, str]]:
         yield (f"crc16 {size} B", "binascii.crc_hqx", ours, base,
                f"{size / ours / 1e9:.2f} GB/s" if size >= 4096 else f"{ours * 1e9:.0f} ns")
     buffer = bytearray(64)
-    fields = (1, 100, 0x1234, 42)
-    ours = best_seconds(lambda: core.unpack_header(core.pack_header_into(buffer, 0, *fields) or buffer))
-    base = best_seconds(lambda: STRUCT_HEADER.unpack_from(
-        STRUCT_HEADER.pack_into(buffer, 0, 0x4850, 0x0100, 1, 0, 100, 0x1234, 42) or buffer))
+
+    def ours_header() -> None:
+        core.pack_header_into(buffer, 0, 1, 100, 0x1234, 42)
+        core.unpack_header(buffer, 0)
+
+    def struct_header() -> None:
+        STRUCT_HEADER.pack_into(buffer, 0, 0x4850, 0x0100, 1, 0, 100, 0x1234, 42)
+        STRUCT_HEADER.unpack_from(buffer, 0)
+
+    ours, base = best_seconds(ours_header), best_seconds(struct_header)
     yield ("header pack+unpack", "struct.Struct", ours, base, f"{ours * 1e9:.0f} ns")
     stream, count = small_frames_stream(core)
     ours = best_seconds(lambda: core.FrameDecoder().feed(stream))
@@ -107,8 +113,9 @@ def spawn(argv: Sequence[str], socket_file: str, timeout_s: float = 15.0) -> sub
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
+            stderr = process.stderr.read() if process.stderr is not None else b""
             raise RuntimeError(f"{argv[:3]} exited with {process.returncode}: "
-                               f"{process.stderr.read().decode(errors='replace')[-2000:]}")
+                               f"{stderr.decode(errors='replace')[-2000:]}")
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             probe.connect(socket_file)
