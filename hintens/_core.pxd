@@ -20,9 +20,22 @@ cdef extern from "sys/socket.h" nogil:
         void *msg_control
         size_t msg_controllen
         int msg_flags
-    ssize_t recv(int fd, void *buf, size_t n, int flags)
+    struct cmsghdr:
+        size_t cmsg_len
+        int cmsg_level
+        int cmsg_type
+    ssize_t recvmsg(int fd, msghdr *message, int flags)
     ssize_t sendmsg(int fd, const msghdr *message, int flags)
+    cmsghdr *CMSG_FIRSTHDR(msghdr *message)
+    cmsghdr *CMSG_NXTHDR(msghdr *message, cmsghdr *header)
+    unsigned char *CMSG_DATA(cmsghdr *header)
+    size_t CMSG_SPACE(size_t length)
+    size_t CMSG_LEN(size_t length)
+    const int SOL_SOCKET
+    const int SCM_RIGHTS
     const int MSG_NOSIGNAL
+    const int MSG_CMSG_CLOEXEC
+    const int MSG_CTRUNC
 
 
 cdef extern from "_wire.h" nogil:
@@ -89,9 +102,12 @@ cdef class Channel:
     cdef unsigned char *_buffer           # receive buffer, malloc'ed in __init__
     cdef Py_ssize_t _size                 # its size in bytes
     cdef PyThread_type_lock _send_lock    # one writer at a time, taken without the GIL
-    cdef public object pending            # frames exchange() did not consume, or None at EOF
+    cdef public object pending            # frames receive_reply() did not consume, or None at EOF
+    cdef readonly list fds                # descriptors received (SCM_RIGHTS), oldest first
+    cdef readonly Py_ssize_t fds_dropped  # received beyond the cap (closed) or cut by MSG_CTRUNC
 
-    cdef int _send(self, object buffers) except -1
+    cdef int _send(self, object buffers, object fds=*) except -1
     cdef int _lock_send(self) except -1
-    cdef int _send_iov(self, iovec *iov, Py_ssize_t count) except -1
+    cdef int _send_iov(self, iovec *iov, Py_ssize_t count, object fds) except -1
+    cdef int _keep_fds(self, msghdr *message) except -1
     cdef list _receive(self, int flags)

@@ -17,6 +17,7 @@ from cpython.number cimport PyNumber_Index
 from libc.stdint cimport uint16_t, uint32_t, uint64_t
 from libc.errno cimport EINTR, errno
 from libc.stdlib cimport free, malloc
+from posix.unistd cimport close as close_fd
 from libc.string cimport memcpy
 from cpython.exc cimport PyErr_CheckSignals, PyErr_SetFromErrno
 from cpython.pythread cimport (
@@ -573,6 +574,22 @@ cdef class FrameDecoder:
 cdef enum:
     _MAX_IOV = 1024          # IOV_MAX on Linux
     _SCATTER_BYTES = 16 * 1024
+    # Descriptors one read accepts, and how many may wait unclaimed: a peer cannot make us
+    # hold more than this (fd exhaustion); extras are closed at once and counted.
+    _FDS_PER_READ = 16
+    _MAX_PENDING_FDS = 64
+
+
+cdef extern from *:
+    """
+    /* Room for 16 descriptors, aligned for struct cmsghdr as CMSG_* require. */
+    typedef union {
+        struct cmsghdr align;
+        unsigned char bytes[CMSG_SPACE(16 * sizeof(int))];
+    } hx_fd_control;
+    """
+    ctypedef struct hx_fd_control:
+        unsigned char bytes[1]
 
 
 cdef int _raise_errno() except -1:
@@ -605,8 +622,13 @@ cdef class Channel:
             raise MemoryError()
         self._size = buffer_size
         self.pending = []
+        self.fds = []
+        self.fds_dropped = 0
 
     def __dealloc__(self):
+        if self.fds:
+            for fd in self.fds:
+                close_fd(fd)
         free(self._buffer)
         if self._send_lock != NULL:
             PyThread_free_lock(self._send_lock)
@@ -617,16 +639,32 @@ cdef class Channel:
                 PyThread_acquire_lock(self._send_lock, WAIT_LOCK)
         return 0
 
-    cdef int _send_iov(self, iovec *iov, Py_ssize_t count) except -1:
+    cdef int _send_iov(self, iovec *iov, Py_ssize_t count, object fds) except -1:
         # Everything, in order; the caller holds the send lock and keeps the memory alive.
+        # Descriptors ride with the first sendmsg, so they arrive with the first byte.
         cdef msghdr message
         cdef ssize_t sent
-        cdef Py_ssize_t first = 0, batch
+        cdef Py_ssize_t first = 0, batch, nfds = len(fds) if fds else 0, k
+        cdef hx_fd_control control
+        cdef cmsghdr *header
+        cdef int *slots
+        if nfds > _FDS_PER_READ:
+            raise ValueError(f"at most {_FDS_PER_READ} descriptors per send")
         while first < count:
             batch = min(count - first, <Py_ssize_t>_MAX_IOV)
             memset_msghdr(&message)
             message.msg_iov = iov + first
             message.msg_iovlen = <size_t>batch
+            if nfds:
+                message.msg_control = &control
+                message.msg_controllen = CMSG_SPACE(nfds * sizeof(int))
+                header = CMSG_FIRSTHDR(&message)
+                header.cmsg_level = SOL_SOCKET
+                header.cmsg_type = SCM_RIGHTS
+                header.cmsg_len = CMSG_LEN(nfds * sizeof(int))
+                slots = <int *>CMSG_DATA(header)
+                for k in range(nfds):
+                    slots[k] = fds[k]
             with nogil:
                 sent = sendmsg(self._fd, &message, MSG_NOSIGNAL)
             if sent < 0:
@@ -634,6 +672,7 @@ cdef class Channel:
                     PyErr_CheckSignals()
                     continue
                 _raise_errno()
+            nfds = 0
             while sent > 0 and first < count:
                 if <size_t>sent >= iov[first].iov_len:
                     sent -= iov[first].iov_len
@@ -646,16 +685,22 @@ cdef class Channel:
                 first += 1
         return 0
 
-    def send(self, buffers):
+    def send(self, buffers, fds=()):
         """Write a list of buffers, in order, as one stream of bytes.
+
+        Args:
+            buffers: bytes-like objects.
+            fds: up to 16 descriptors to pass (SCM_RIGHTS) with the first byte. They stay
+                open here; the receiver gets its own copies.
 
         Raises:
             BlockingIOError: the send timeout expired (part may have been written).
             OSError: the connection broke.
+            ValueError: more than 16 descriptors.
         """
-        self._send(buffers)
+        self._send(buffers, fds)
 
-    cdef int _send(self, object buffers) except -1:
+    cdef int _send(self, object buffers, object fds=None) except -1:
         # A few buffers (the usual case) describe themselves on the stack; more need the heap.
         cdef Py_buffer stack_views[8]
         cdef iovec stack_iov[8]
@@ -677,7 +722,7 @@ cdef class Channel:
                 iov[i].iov_len = <size_t>views[i].len
             self._lock_send()
             try:
-                self._send_iov(iov, count)
+                self._send_iov(iov, count, fds)
             finally:
                 PyThread_release_lock(self._send_lock)
         finally:
@@ -689,20 +734,57 @@ cdef class Channel:
         return 0
 
     cdef list _receive(self, int flags):
-        # One recv, decoded. None at end of stream.
+        # One recvmsg, decoded. None at end of stream. Descriptors that came with the bytes
+        # are kept in self.fds, close-on-exec.
         cdef ssize_t count
+        cdef msghdr message
+        cdef iovec vector
+        cdef hx_fd_control control
         while True:
+            memset_msghdr(&message)
+            vector.iov_base = self._buffer
+            vector.iov_len = <size_t>self._size
+            message.msg_iov = &vector
+            message.msg_iovlen = 1
+            message.msg_control = &control
+            message.msg_controllen = sizeof(hx_fd_control)
             with nogil:
-                count = recv(self._fd, self._buffer, <size_t>self._size, flags)
+                count = recvmsg(self._fd, &message, flags | MSG_CMSG_CLOEXEC)
             if count >= 0:
                 break
             if errno == EINTR:
                 PyErr_CheckSignals()
                 continue
             _raise_errno()
+        if message.msg_controllen:
+            self._keep_fds(&message)
         if count == 0:
             return None
         return self.decoder._feed(self._buffer, count, None, False)
+
+    cdef int _keep_fds(self, msghdr *message) except -1:
+        cdef cmsghdr *header = CMSG_FIRSTHDR(message)
+        cdef int *slots
+        cdef Py_ssize_t k, n
+        if message.msg_flags & MSG_CTRUNC:
+            self.fds_dropped += 1     # the kernel closed what did not fit
+        while header != NULL:
+            if header.cmsg_level == SOL_SOCKET and header.cmsg_type == SCM_RIGHTS:
+                n = <Py_ssize_t>((header.cmsg_len - CMSG_LEN(0)) // sizeof(int))
+                slots = <int *>CMSG_DATA(header)
+                for k in range(n):
+                    if len(self.fds) < _MAX_PENDING_FDS:
+                        self.fds.append(slots[k])
+                    else:
+                        close_fd(slots[k])
+                        self.fds_dropped += 1
+            header = CMSG_NXTHDR(message, header)
+        return 0
+
+    def close_fds(self):
+        """Close every received descriptor nobody claimed."""
+        while self.fds:
+            close_fd(self.fds.pop())
 
     def receive(self, int flags=0):
         """One recv, decoded: the frames it completed (maybe none), or None at end of stream.
@@ -777,7 +859,7 @@ cdef class Channel:
                 out.append(on_error(frame.request_id, error))
             i += 1
         if out:
-            self._send(out)
+            self._send(out, None)
         return frames[i:] if i else frames
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import binascii
 import operator
+import os
 import socket
 import struct
 import threading
@@ -404,6 +405,9 @@ class FrameDecoder:
 
 _MAX_IOV = 1024            # IOV_MAX on Linux
 _SCATTER_BYTES = 16 * 1024
+_FDS_PER_READ = 16
+_MAX_PENDING_FDS = 64
+_INT = struct.Struct("i")
 
 
 class Channel:
@@ -419,6 +423,10 @@ class Channel:
     """
 
     def __init__(self, sock: Any, decoder: FrameDecoder, buffer_size: int = 256 * 1024) -> None:
+        #: Descriptors received (SCM_RIGHTS), oldest first, close-on-exec.
+        self.fds: list[int] = []
+        #: Descriptors received beyond the cap (closed at once) or cut by MSG_CTRUNC.
+        self.fds_dropped = 0
         if buffer_size < HEADER_SIZE:
             raise ValueError("buffer_size must hold at least a header")
         self._sock = sock
@@ -428,17 +436,36 @@ class Channel:
         self._send_lock = threading.Lock()
         self.pending: list[Frame] | None = []
 
-    def send(self, buffers: Any) -> None:
+    def __del__(self) -> None:
+        self.close_fds()
+
+    def close_fds(self) -> None:
+        """Close every received descriptor nobody claimed."""
+        while self.fds:
+            os.close(self.fds.pop())
+
+    def send(self, buffers: Any, fds: Any = ()) -> None:
         """Write a list of buffers, in order, as one stream of bytes.
+
+        Args:
+            buffers: bytes-like objects.
+            fds: up to 16 descriptors to pass (SCM_RIGHTS) with the first byte. They stay
+                open here; the receiver gets its own copies.
 
         Raises:
             BlockingIOError: the send timeout expired (part may have been written).
             OSError: the connection broke.
+            ValueError: more than 16 descriptors.
         """
+        if len(fds) > _FDS_PER_READ:
+            raise ValueError(f"at most {_FDS_PER_READ} descriptors per send")
+        ancillary = ([(socket.SOL_SOCKET, socket.SCM_RIGHTS, b"".join(_INT.pack(fd) for fd in fds))]
+                     if len(fds) else [])
         pending = [view for view in (memoryview(b).cast("B") for b in buffers) if len(view)]
         with self._send_lock:
             while pending:
-                sent = self._sock.sendmsg(pending[:_MAX_IOV], [], socket.MSG_NOSIGNAL)
+                sent = self._sock.sendmsg(pending[:_MAX_IOV], ancillary, socket.MSG_NOSIGNAL)
+                ancillary = []
                 while sent and pending:
                     if sent >= len(pending[0]):
                         sent -= len(pending.pop(0))
@@ -456,10 +483,26 @@ class Channel:
             OSError: the connection broke.
             ProtocolError: from the decoder, as FrameDecoder.feed raises it.
         """
-        count = self._sock.recv_into(self._buffer, 0, flags)
+        count, ancillary, message_flags, _ = self._sock.recvmsg_into(
+            [self._buffer], socket.CMSG_SPACE(_FDS_PER_READ * _INT.size),
+            flags | socket.MSG_CMSG_CLOEXEC)
+        if ancillary or message_flags & socket.MSG_CTRUNC:
+            self._keep_fds(ancillary, message_flags)
         if not count:
             return None
         return self.decoder.feed(self._view[:count])
+
+    def _keep_fds(self, ancillary: list[tuple[int, int, bytes]], message_flags: int) -> None:
+        if message_flags & socket.MSG_CTRUNC:
+            self.fds_dropped += 1     # the kernel closed what did not fit
+        for level, kind, data in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                for (fd,) in _INT.iter_unpack(data[:len(data) - len(data) % _INT.size]):
+                    if len(self.fds) < _MAX_PENDING_FDS:
+                        self.fds.append(fd)
+                    else:
+                        os.close(fd)
+                        self.fds_dropped += 1
 
     def receive_reply(self, request_id: int) -> Any:
         """Read until at least one frame arrives (the request was sent by the caller).

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import array
+import fcntl
+import gc
+import os
 import socket
 import threading
 
@@ -152,3 +156,70 @@ def test_send_to_a_closed_peer(core, pair):
 def test_buffer_size_must_hold_a_header(core, pair):
     with pytest.raises(ValueError):
         core.Channel(pair[0], core.FrameDecoder(), 10)
+
+
+# Descriptor passing (SCM_RIGHTS) ----------------------------------------------------------
+
+def _open_fd_count():
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_descriptors_travel_with_the_bytes(core, pair):
+    left, right = pair
+    sender, receiver = channel(core, left), channel(core, right)
+    read_end, write_end = os.pipe()
+    try:
+        sender.send([core.encode_frame(3, b"with fd", 1)], fds=[write_end])
+        (frame,) = receiver.receive()
+        assert frame.payload == b"with fd" and len(receiver.fds) == 1
+        theirs = receiver.fds.pop()
+        assert theirs != write_end
+        assert fcntl.fcntl(theirs, fcntl.F_GETFD) & fcntl.FD_CLOEXEC
+        os.write(theirs, b"through the copy")
+        os.close(theirs)
+        assert os.read(read_end, 100) == b"through the copy"
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+
+
+def test_too_many_descriptors_are_refused_on_send(core, pair):
+    with pytest.raises(ValueError):
+        channel(core, pair[0]).send([b"x"], fds=[0] * 17)
+
+
+def test_unclaimed_descriptors_are_capped_and_closed(core, pair):
+    left, right = pair
+    receiver = channel(core, right)
+    baseline = _open_fd_count()
+    read_end, write_end = os.pipe()
+    try:
+        for i in range(10):       # 10 sends of 8 descriptors: 80 arrive, 64 may wait
+            left.sendmsg([core.encode_frame(3, b"%d" % i, i + 1)],
+                         [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                           array.array("i", [write_end] * 8).tobytes())])
+        frames = []
+        while len(frames) < 10:
+            frames += receiver.receive()
+        assert len(receiver.fds) == 64 and receiver.fds_dropped == 16
+        assert _open_fd_count() == baseline + 2 + 64
+        receiver.close_fds()
+        assert receiver.fds == [] and _open_fd_count() == baseline + 2
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+
+
+def test_descriptors_left_unclaimed_are_closed_with_the_channel(core, pair):
+    left, right = pair
+    baseline = _open_fd_count()
+    read_end, write_end = os.pipe()
+    receiver = channel(core, right)
+    channel(core, left).send([core.encode_frame(3, b"x", 1)], fds=[write_end, read_end])
+    receiver.receive()
+    assert _open_fd_count() == baseline + 4
+    del receiver
+    gc.collect()
+    assert _open_fd_count() == baseline + 2
+    os.close(read_end)
+    os.close(write_end)
