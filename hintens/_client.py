@@ -20,7 +20,7 @@ import select
 import socket
 import threading
 from time import monotonic
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from . import _impl
 from ._constants import DEFAULT_MAX_PAYLOAD_BYTES, MessageType
@@ -103,7 +103,7 @@ class Client:
         self._ids = itertools.count(1)
         self._closed_reason: BaseException | None = None
         self._server_error: BaseException | None = None
-        self._close_when_idle = False
+        self._close_pending = False
         self._receive_timeout: float | None = None
         self._on_event = on_event
         self._sock = connect(self.path, connect_timeout)
@@ -151,39 +151,10 @@ class Client:
             if self._closed_reason is not None:
                 raise self._closed_error()
             self._waiters[request_id] = waiter
-            leading = not self._reading   # claim the reader role now: one lock round trip less
-            if leading:
-                self._reading = True
         try:
-            if leading:
-                # The lone-thread path: write, read the reply, give the role back.
-                try:
-                    self._send(frames, reading=True)
-                except BaseException:
-                    self._finish_read(())
-                    raise
-                remaining = deadline - monotonic()
-                current = self._receive_timeout   # a setsockopt only when it must change
-                if current is None or current > remaining + _TIMEOUT_SLACK_S \
-                        or current < remaining / 2:
-                    self._read(remaining, request_id)
-                else:
-                    try:
-                        reply = self._channel.receive_reply(request_id)
-                    except BaseException as error:
-                        self._finish_read(self._read_failed(error))
-                    else:
-                        if reply is not None:
-                            with self._lock:
-                                self._reading = False
-                                del self._waiters[request_id]
-                                waiter.done = True
-                                if self._sleepers:
-                                    self._cond.notify_all()
-                            return reply
-                        self._finish_read(self._arrived(self._channel.pending))
-            else:
-                self._send(frames)
+            # Send first, read after: a thread blocked in send must never hold the reader
+            # role, or a peer blocked writing replies to us would never be drained.
+            self._send(frames)
             self._wait(waiter, request_id, deadline)
         finally:
             if not waiter.done:
@@ -213,8 +184,8 @@ class Client:
 
     @property
     def closed(self) -> bool:
-        """True once the connection is closed or lost."""
-        return self._closed_reason is not None
+        """True once the connection is closed or lost (a send cut mid-frame included)."""
+        return self._closed_reason is not None or self._channel.broken
 
     def close(self) -> None:
         """Close the connection. Waiting requests raise ConnectionClosed. Idempotent."""
@@ -237,47 +208,49 @@ class Client:
         error.__cause__ = reason.__cause__ if isinstance(reason, ConnectionClosed) else reason
         return error
 
-    def _send(self, frames: list[Any], reading: bool = False) -> None:
-        """Write frames. ``reading``: this thread holds the reader role."""
+    def _send(self, frames: list[Any]) -> None:
         try:
             self._channel.send(frames)
+        except (TypeError, ValueError):
+            raise   # refused before a byte was written
         except BlockingIOError as error:
             # SO_SNDTIMEO expired; part of a frame may have left, so the stream is unusable.
             timeout = Timeout("the server did not read in time (send timed out)")
             self._fail(ConnectionClosed(f"connection to {self.path} closed: {timeout}"), timeout)
             raise timeout from error
         except OSError as error:
-            self._salvage_server_error(reading)
+            self._salvage_server_error()
             self._fail(ConnectionClosed(self._lost_message(error)), error)
             raise self._closed_error() from error
+        except BaseException as error:
+            # A signal handler raised mid-write: part of a frame may have left.
+            self._fail(ConnectionClosed(f"connection to {self.path} closed: a send was "
+                                        f"interrupted ({type(error).__name__})"), error)
+            raise
 
-    def _salvage_server_error(self, reading: bool) -> None:
+    def _salvage_server_error(self) -> None:
         """After a failed send: the reason the server gave before it hung up, if any.
 
         A server that refuses us (or fails) writes an Error frame with request id 0 and then
         closes; the kernel still holds those bytes. Read only if no other thread is reading.
         """
-        if not reading:
-            with self._lock:
-                if self._reading or self._server_error is not None:
-                    return
-                self._reading = True
-        items: list[Any] = []
+        with self._lock:
+            if self._reading or self._server_error is not None:
+                return
+            self._reading = True
         try:
             while self._server_error is None:
                 frames = self._channel.receive(socket.MSG_DONTWAIT)
                 if not frames:
                     break
-                items = self._endpoint.admit(frames)
-                for item in items:
+                for item in self._endpoint.admit(frames):
                     if type(item) is self._frame_type and item.type == MessageType.ERROR \
                             and item.request_id == 0:
                         self._error_frame(item)
         except (OSError, ProtocolError):
             pass
         finally:
-            if not reading:
-                self._finish_read(())
+            self._finish_read(())
 
     def _wait(self, waiter: _Waiter, request_id: int, deadline: float) -> None:
         lock = self._lock
@@ -308,6 +281,7 @@ class Client:
         a lone plain Response to it is handed over without the general dispatch.
         """
         items: Any = ()
+        reply = None
         try:
             if remaining is None:
                 frames = self._channel.receive(socket.MSG_DONTWAIT)
@@ -322,7 +296,6 @@ class Client:
                 if request_id:
                     reply = self._channel.receive_reply(request_id)
                     if reply is not None:
-                        items = reply
                         return
                     frames = self._channel.pending
                 else:
@@ -331,16 +304,7 @@ class Client:
         except Exception as error:
             items = self._read_failed(error)
         finally:
-            if type(items) is list or type(items) is tuple:
-                self._finish_read(items)
-            else:   # the fast path: ``items`` is the reply to ``request_id``
-                with self._lock:
-                    self._reading = False
-                    waiter = self._waiters.pop(request_id, None)
-                    if waiter is not None:
-                        waiter.payload, waiter.done = items, True
-                    if self._sleepers:
-                        self._cond.notify_all()
+            self._finish_read(items, request_id, reply)
 
     def _arrived(self, frames: list[Any] | None) -> list[Any]:
         """Items for frames just read; None (end of stream) fails the connection."""
@@ -360,16 +324,26 @@ class Client:
             return []
         raise error
 
-    def _finish_read(self, items: Any) -> None:
-        """Give the reader role back, hand ``items`` to their waiters, then run callbacks."""
+    def _finish_read(self, items: Any, request_id: int = 0, reply: Any = None) -> None:
+        """Give the reader role back and hand over what was read: ``reply`` to ``request_id``
+        (the fast path), or ``items`` to their waiters. Then run callbacks, outside the lock."""
+        events: Sequence[Any]
+        replies: Sequence[bytes]
         with self._lock:
             self._reading = False
-            events, replies = self._dispatch(items) if items else _NOTHING
-            if self._close_when_idle:
-                self._sock.close()
-                self._close_when_idle = False
+            if reply is not None:
+                waiter = self._waiters.pop(request_id, None)
+                if waiter is not None:
+                    waiter.payload, waiter.done = reply, True
+                events, replies = _NOTHING
+            else:
+                events, replies = self._dispatch(items) if items else _NOTHING
             if self._sleepers:
                 self._cond.notify_all()
+            close_now = self._close_pending
+            self._close_pending = False
+        if close_now:
+            self._channel.close()
         if replies:
             try:
                 self._send(list(replies))
@@ -452,6 +426,13 @@ class Client:
     def _fail(self, reason: ConnectionClosed, cause: BaseException | None = None) -> None:
         with self._lock:
             self._fail_locked(reason, cause)
+            close_now = self._close_pending and not self._reading
+            if close_now:
+                self._close_pending = False
+        if close_now:
+            # Outside the lock: Channel.close waits for a send in progress, and a failing
+            # sender takes this lock.
+            self._channel.close()
 
     def _fail_locked(self, reason: ConnectionClosed, cause: BaseException | None = None) -> None:
         if self._closed_reason is not None:
@@ -466,10 +447,9 @@ class Client:
             self._sock.shutdown(socket.SHUT_RDWR)   # wakes a reader blocked in recv
         except OSError:
             pass
-        if self._reading:
-            self._close_when_idle = True
-        else:
-            self._sock.close()
+        # The descriptor itself is closed by whoever next holds no reader role: _fail now,
+        # or the reader in _finish_read. Never here, under the lock, and never under a reader.
+        self._close_pending = True
         if self._sleepers:
             self._cond.notify_all()
 

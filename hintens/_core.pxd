@@ -25,6 +25,8 @@ cdef extern from "sys/socket.h" nogil:
         int cmsg_level
         int cmsg_type
     ssize_t recvmsg(int fd, msghdr *message, int flags)
+    int shutdown(int fd, int how)
+    const int SHUT_RDWR
     ssize_t sendmsg(int fd, const msghdr *message, int flags)
     cmsghdr *CMSG_FIRSTHDR(msghdr *message)
     cmsghdr *CMSG_NXTHDR(msghdr *message, cmsghdr *header)
@@ -105,9 +107,13 @@ cdef class Channel:
     cdef public object pending            # frames receive_reply() did not consume, or None at EOF
     cdef readonly list fds                # descriptors received (SCM_RIGHTS), oldest first
     cdef readonly Py_ssize_t fds_dropped  # received beyond the cap (closed) or cut by MSG_CTRUNC
+    cdef public Py_ssize_t max_fds        # descriptors that may wait unclaimed (0: none, at most 64)
+    cdef readonly bint broken             # a send stopped mid-frame: the stream is shut for good
 
     cdef int _send(self, object buffers, object fds=*) except -1
     cdef int _lock_send(self) except -1
     cdef int _send_iov(self, iovec *iov, Py_ssize_t count, object fds) except -1
+    cdef int _write_all(self, iovec *iov, Py_ssize_t first, Py_ssize_t count, object fds,
+                        Py_ssize_t nfds, size_t *written) except -1
     cdef int _keep_fds(self, msghdr *message) except -1
     cdef list _receive(self, int flags)

@@ -15,7 +15,7 @@ from cpython.list cimport PyList_Append
 from cpython.memoryview cimport PyMemoryView_FromObject
 from cpython.number cimport PyNumber_Index
 from libc.stdint cimport uint16_t, uint32_t, uint64_t
-from libc.errno cimport EINTR, errno
+from libc.errno cimport EBADF, EINTR, EPIPE, errno
 from libc.stdlib cimport free, malloc
 from posix.unistd cimport close as close_fd
 from libc.string cimport memcpy
@@ -75,21 +75,24 @@ cdef inline object _index(object value):
 
 
 cdef struct _Input:
-    # A borrowed view of a caller's buffer. bytes, and short bytearrays that are only read with
-    # the GIL held, are read in place; anything else goes through the buffer protocol, whose
-    # export stops a bytearray from being resized while another thread runs.
+    # A borrowed view of a caller's buffer. bytes are read in place (immutable). A short
+    # bytearray is read in place only by callers that allocate nothing and keep the GIL until
+    # they are done (no GC callback, no other thread can run and resize it); anything else goes
+    # through the buffer protocol, whose export forbids resizing.
     const unsigned char *buf
     Py_ssize_t len
     bint exported
     Py_buffer view
 
 
-cdef inline int _acquire(object obj, _Input *ref, bint writable) except -1:
+cdef inline int _acquire(object obj, _Input *ref, bint writable,
+                         bint no_allocation=False) except -1:
     if type(obj) is bytes and not writable:
         ref.buf = <const unsigned char *>PyBytes_AS_STRING(obj)
         ref.len = PyBytes_GET_SIZE(obj)
         ref.exported = False
-    elif type(obj) is bytearray and PyByteArray_GET_SIZE(obj) < NOGIL_THRESHOLD_BYTES:
+    elif no_allocation and type(obj) is bytearray \
+            and PyByteArray_GET_SIZE(obj) < NOGIL_THRESHOLD_BYTES:
         ref.buf = <const unsigned char *>PyByteArray_AS_STRING(obj)
         ref.len = PyByteArray_GET_SIZE(obj)
         ref.exported = False
@@ -147,7 +150,7 @@ def crc16(data, value=0xFFFF):
     """
     cdef _Input ref
     cdef uint16_t crc = _index(value)
-    _acquire(data, &ref, False)
+    _acquire(data, &ref, False, True)
     crc = _crc(crc, ref.buf, <size_t>ref.len)
     _release(&ref)
     return crc
@@ -314,7 +317,7 @@ def pack_header_into(buffer, offset, msg_type, length, checksum, request_id, fla
     h.length = _index(length)
     h.checksum = _index(checksum)
     h.request_id = _index(request_id)
-    _acquire(buffer, &ref, True)
+    _acquire(buffer, &ref, True, True)
     try:
         if at < 0 or ref.len - at < HEADER_SIZE:
             raise ValueError(
@@ -334,7 +337,7 @@ def unpack_header(buffer, offset=0):
     cdef _Input ref
     cdef hx_header h
     cdef Py_ssize_t at = _index(offset)
-    _acquire(buffer, &ref, False)
+    _acquire(buffer, &ref, False, True)
     try:
         if at < 0 or ref.len - at < HEADER_SIZE:
             raise ValueError(
@@ -382,6 +385,11 @@ cdef class FrameDecoder:
     def max_payload(self):
         """The payload limit in bytes."""
         return self._max_payload
+
+    @property
+    def in_frame(self):
+        """True between the first byte of a frame and its last (skipped payloads included)."""
+        return self._header_len > 0 or self._state != _HEADER_STATE
 
     @property
     def pending(self):
@@ -624,6 +632,7 @@ cdef class Channel:
         self.pending = []
         self.fds = []
         self.fds_dropped = 0
+        self.max_fds = 0
 
     def __dealloc__(self):
         if self.fds:
@@ -642,14 +651,32 @@ cdef class Channel:
     cdef int _send_iov(self, iovec *iov, Py_ssize_t count, object fds) except -1:
         # Everything, in order; the caller holds the send lock and keeps the memory alive.
         # Descriptors ride with the first sendmsg, so they arrive with the first byte.
+        cdef Py_ssize_t nfds = len(fds) if fds else 0
+        cdef size_t written = 0
+        if nfds > _FDS_PER_READ:
+            raise ValueError(f"at most {_FDS_PER_READ} descriptors per send")
+        if self.broken:
+            raise OSError(EPIPE, "the channel broke in the middle of a frame")
+        try:
+            self._write_all(iov, 0, count, fds, nfds, &written)
+        except BaseException:
+            if written:
+                # Part of a frame is on the wire and the rest never will be: nothing sent on
+                # this stream from now on could be framed right. Shut it (readers see EOF);
+                # the descriptor itself stays until close(), so no number is reused under them.
+                self.broken = True
+                shutdown(self._fd, SHUT_RDWR)
+            raise
+        return 0
+
+    cdef int _write_all(self, iovec *iov, Py_ssize_t first, Py_ssize_t count, object fds,
+                        Py_ssize_t nfds, size_t *written) except -1:
         cdef msghdr message
         cdef ssize_t sent
-        cdef Py_ssize_t first = 0, batch, nfds = len(fds) if fds else 0, k
+        cdef Py_ssize_t batch, k
         cdef hx_fd_control control
         cdef cmsghdr *header
         cdef int *slots
-        if nfds > _FDS_PER_READ:
-            raise ValueError(f"at most {_FDS_PER_READ} descriptors per send")
         while first < count:
             batch = min(count - first, <Py_ssize_t>_MAX_IOV)
             memset_msghdr(&message)
@@ -673,6 +700,7 @@ cdef class Channel:
                     continue
                 _raise_errno()
             nfds = 0
+            written[0] += <size_t>sent
             while sent > 0 and first < count:
                 if <size_t>sent >= iov[first].iov_len:
                     sent -= iov[first].iov_len
@@ -722,6 +750,8 @@ cdef class Channel:
                 iov[i].iov_len = <size_t>views[i].len
             self._lock_send()
             try:
+                if self._fd < 0:
+                    raise OSError(EBADF, "the channel is closed")
                 self._send_iov(iov, count, fds)
             finally:
                 PyThread_release_lock(self._send_lock)
@@ -740,6 +770,8 @@ cdef class Channel:
         cdef msghdr message
         cdef iovec vector
         cdef hx_fd_control control
+        if self._fd < 0:
+            raise OSError(EBADF, "the channel is closed")
         while True:
             memset_msghdr(&message)
             vector.iov_base = self._buffer
@@ -773,13 +805,31 @@ cdef class Channel:
                 n = <Py_ssize_t>((header.cmsg_len - CMSG_LEN(0)) // sizeof(int))
                 slots = <int *>CMSG_DATA(header)
                 for k in range(n):
-                    if len(self.fds) < _MAX_PENDING_FDS:
+                    if len(self.fds) < min(self.max_fds, <Py_ssize_t>_MAX_PENDING_FDS):
                         self.fds.append(slots[k])
                     else:
                         close_fd(slots[k])
                         self.fds_dropped += 1
             header = CMSG_NXTHDR(message, header)
         return 0
+
+    def close(self):
+        """Close the socket (and unclaimed descriptors). Waits for a send in progress to end,
+        so no write can reach a descriptor number the kernel has handed out again. Idempotent.
+        """
+        self._lock_send()
+        try:
+            if self._fd >= 0:
+                self._fd = -1
+                self._sock.close()
+        finally:
+            PyThread_release_lock(self._send_lock)
+        self.close_fds()
+
+    @property
+    def closed(self):
+        """True once close() ran."""
+        return self._fd < 0
 
     def close_fds(self):
         """Close every received descriptor nobody claimed."""
@@ -797,12 +847,12 @@ cdef class Channel:
         return self._receive(flags)
 
     def receive_reply(self, request_id):
-        """Read until at least one frame arrives (the request was sent by the caller).
+        """One read, for a reply to a request the caller sent.
 
         Returns:
-            The payload when what arrived is exactly one Response to ``request_id`` without
-            flags; otherwise None, with the frames left in ``pending`` for the caller (and
-            ``pending`` None at end of stream).
+            The payload when the read completed exactly one frame, a Response to
+            ``request_id`` without flags; otherwise None, with the frames it completed (maybe
+            none) in ``pending``, or ``pending`` None at end of stream.
 
         Raises:
             As ``receive``.
@@ -810,10 +860,7 @@ cdef class Channel:
         cdef list frames
         cdef Frame only
         cdef uint64_t wanted = _index(request_id)
-        while True:
-            frames = self._receive(0)
-            if frames is None or frames:
-                break
+        frames = self._receive(0)
         if frames is not None and len(frames) == 1:
             only = frames[0]
             if only.type == 2 and only.flags == 0 and only.request_id == wanted:

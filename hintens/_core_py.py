@@ -22,6 +22,7 @@ Decoder rules (identical in both implementations):
 from __future__ import annotations
 
 import binascii
+import errno
 import operator
 import os
 import socket
@@ -259,6 +260,11 @@ class FrameDecoder:
         return self._max_payload
 
     @property
+    def in_frame(self) -> bool:
+        """True between the first byte of a frame and its last (skipped payloads included)."""
+        return bool(self._header) or self._state != _HEADER_STATE
+
+    @property
     def pending(self) -> int:
         """Bytes received but not yet returned as frames (an unfinished frame and backlog)."""
         assembling = HEADER_SIZE + self._assembled if self._state == _PAYLOAD_STATE else 0
@@ -427,6 +433,12 @@ class Channel:
         self.fds: list[int] = []
         #: Descriptors received beyond the cap (closed at once) or cut by MSG_CTRUNC.
         self.fds_dropped = 0
+        #: How many received descriptors may wait unclaimed (0: none, at most 64).
+        self.max_fds = 0
+        #: A send stopped mid-frame: the stream is shut for good.
+        self.broken = False
+        self._written = 0
+        self._closed = False
         if buffer_size < HEADER_SIZE:
             raise ValueError("buffer_size must hold at least a header")
         self._sock = sock
@@ -438,6 +450,21 @@ class Channel:
 
     def __del__(self) -> None:
         self.close_fds()
+
+    def close(self) -> None:
+        """Close the socket (and unclaimed descriptors). Waits for a send in progress to end,
+        so no write can reach a descriptor number the kernel has handed out again. Idempotent.
+        """
+        with self._send_lock:
+            if not self._closed:
+                self._closed = True
+                self._sock.close()
+        self.close_fds()
+
+    @property
+    def closed(self) -> bool:
+        """True once close() ran."""
+        return self._closed
 
     def close_fds(self) -> None:
         """Close every received descriptor nobody claimed."""
@@ -463,17 +490,35 @@ class Channel:
                      if len(fds) else [])
         pending = [view for view in (memoryview(b).cast("B") for b in buffers) if len(view)]
         with self._send_lock:
-            while pending:
-                sent = self._sock.sendmsg(pending[:_MAX_IOV], ancillary, socket.MSG_NOSIGNAL)
-                ancillary = []
-                while sent and pending:
-                    if sent >= len(pending[0]):
-                        sent -= len(pending.pop(0))
-                    else:
-                        pending[0] = pending[0][sent:]
-                        sent = 0
-                while pending and not len(pending[0]):
-                    pending.pop(0)
+            if self._closed:
+                raise OSError(errno.EBADF, "the channel is closed")
+            if self.broken:
+                raise OSError(errno.EPIPE, "the channel broke in the middle of a frame")
+            self._written = 0
+            try:
+                self._write_all(pending, ancillary)
+            except BaseException:
+                if self._written:
+                    # Part of a frame is on the wire and the rest never will be: shut the
+                    # stream (readers see EOF); the descriptor stays until close().
+                    self.broken = True
+                    self._sock.shutdown(socket.SHUT_RDWR)
+                raise
+
+    def _write_all(self, pending: list[memoryview], ancillary: list[Any]) -> None:
+        # Counts what left in self._written, so that an interrupted send knows.
+        while pending:
+            sent = self._sock.sendmsg(pending[:_MAX_IOV], ancillary, socket.MSG_NOSIGNAL)
+            self._written += sent
+            ancillary = []
+            while sent and pending:
+                if sent >= len(pending[0]):
+                    sent -= len(pending.pop(0))
+                else:
+                    pending[0] = pending[0][sent:]
+                    sent = 0
+            while pending and not len(pending[0]):
+                pending.pop(0)
 
     def receive(self, flags: int = 0) -> list[Frame] | None:
         """One recv, decoded: the frames it completed (maybe none), or None at end of stream.
@@ -483,6 +528,8 @@ class Channel:
             OSError: the connection broke.
             ProtocolError: from the decoder, as FrameDecoder.feed raises it.
         """
+        if self._closed:
+            raise OSError(errno.EBADF, "the channel is closed")
         count, ancillary, message_flags, _ = self._sock.recvmsg_into(
             [self._buffer], socket.CMSG_SPACE(_FDS_PER_READ * _INT.size),
             flags | socket.MSG_CMSG_CLOEXEC)
@@ -498,27 +545,24 @@ class Channel:
         for level, kind, data in ancillary:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 for (fd,) in _INT.iter_unpack(data[:len(data) - len(data) % _INT.size]):
-                    if len(self.fds) < _MAX_PENDING_FDS:
+                    if len(self.fds) < min(self.max_fds, _MAX_PENDING_FDS):
                         self.fds.append(fd)
                     else:
                         os.close(fd)
                         self.fds_dropped += 1
 
     def receive_reply(self, request_id: int) -> Any:
-        """Read until at least one frame arrives (the request was sent by the caller).
+        """One read, for a reply to a request the caller sent.
 
         Returns:
-            The payload when what arrived is exactly one Response to ``request_id`` without
-            flags; otherwise None, with the frames left in ``pending`` for the caller (and
-            ``pending`` None at end of stream).
+            The payload when the read completed exactly one frame, a Response to
+            ``request_id`` without flags; otherwise None, with the frames it completed (maybe
+            none) in ``pending``, or ``pending`` None at end of stream.
 
         Raises:
             As ``receive``.
         """
-        while True:
-            frames = self.receive()
-            if frames is None or frames:
-                break
+        frames = self.receive()
         if frames is not None and len(frames) == 1:
             only = frames[0]
             if only.type == 2 and only.flags == 0 and only.request_id == request_id:

@@ -160,6 +160,8 @@ class Server:
         self._allowed_gids = set(allow_gids)
         self._lock = threading.Lock()
         self._connections: dict[int, ServerConnection] = {}
+        self._starting: set[ServerConnection] = set()   # accepted, hello not yet sent
+        self._local = threading.local()                  # .serving: a connection thread
         self._ids = itertools.count(1)
         self._event_ids = itertools.count(1)
         self._stop = threading.Event()
@@ -233,6 +235,8 @@ class Server:
             timeout: seconds to let in-flight requests finish before connections are cut.
         """
         self.shutdown(timeout)
+        if getattr(self._local, "serving", False):
+            return   # from one of our handlers: waiting here would wait on ourselves
         if self._serving:
             if threading.current_thread() is not self._thread:
                 self._done.wait(timeout + 5.0)
@@ -286,7 +290,7 @@ class Server:
         set_kernel_timeouts(sock, None, send_s=self.send_timeout)
         connection = ServerConnection(self, sock, peer, next(self._ids))
         with self._lock:
-            self._connections[connection.id] = connection
+            self._starting.add(connection)   # registered once its hello has gone out
         connection.thread = threading.Thread(
             target=self._serve, args=(connection,), name=f"hintens-conn-{connection.id}",
             daemon=True)
@@ -302,12 +306,18 @@ class Server:
 
         current_timeout: float | None = None
         frame_started = 0.0
+        self._local.serving = True
         try:
+            connection._send([endpoint.hello_frame()])   # the hello goes first, always
+            with self._lock:
+                self._starting.discard(connection)
+                if self._drained:
+                    return
+                self._connections[connection.id] = connection
             if self.on_connect is not None:
                 self.on_connect(connection)
-            connection._send([endpoint.hello_frame()])
             while True:
-                if decoder.pending:
+                if decoder.in_frame:
                     timeout: float | None = max(
                         0.001, self.frame_timeout - (monotonic() - frame_started))
                 else:
@@ -315,30 +325,33 @@ class Server:
                 if timeout != current_timeout:
                     set_kernel_timeouts(sock, timeout)
                     current_timeout = timeout
-                had_pending, decoded = decoder.pending, decoder.frames_decoded
+                was_in_frame, decoded = decoder.in_frame, decoder.frames_decoded
+                keep_open = True
                 try:
                     # Plain Requests are answered inside the core; the rest comes back here.
                     rest = channel.serve(handler, on_error)
+                    if rest is None:
+                        if decoder.in_frame:
+                            log.info("%r hung up inside a frame (%d bytes of it received)",
+                                     connection, decoder.pending)
+                        break
+                    if rest:
+                        keep_open = self._handle(connection, endpoint.admit(rest))
                 except BlockingIOError:
-                    what = "inside a frame" if decoder.pending else "idle"
+                    what = "inside a frame" if decoder.in_frame else "idle"
                     log.info("closing %r: %s for too long", connection, what)
                     break
                 except ProtocolError as error:
-                    if not self._handle(connection, endpoint.after_error(error)):
-                        break
-                    continue
+                    keep_open = self._handle(connection, endpoint.after_error(error))
                 except OSError as error:
                     log.debug("%r: %s", connection, error)
                     break
-                if rest is None:
-                    if decoder.pending:
-                        log.info("%r hung up inside a frame (%d bytes of it received)",
-                                 connection, decoder.pending)
+                if not keep_open:
                     break
-                if rest and not self._handle(connection, endpoint.admit(rest)):
-                    break
-                if decoder.pending and (not had_pending or decoder.frames_decoded != decoded):
-                    # A frame completed in this read, so the unfinished one began in it.
+                if decoder.in_frame and (not was_in_frame or decoder.frames_decoded != decoded
+                                         or not current_timeout):
+                    # A frame completed (or an error ended one) in this read, or none was open:
+                    # the unfinished one began in this read.
                     frame_started = monotonic()
         except ConnectionClosed as error:
             log.debug("%s", error)
@@ -346,10 +359,11 @@ class Server:
             log.exception("connection %r failed", connection)
         finally:
             connection.close()
-            sock.close()
+            channel.close()
             with self._lock:
-                self._connections.pop(connection.id, None)
-            if self.on_disconnect is not None:
+                self._starting.discard(connection)
+                registered = self._connections.pop(connection.id, None) is not None
+            if registered and self.on_disconnect is not None:
                 try:
                     self.on_disconnect(connection)
                 except Exception:
@@ -411,6 +425,10 @@ class Server:
         self._listener.close()
         remove_socket_file(self.path, self._identity)
         deadline = monotonic() + timeout
+        with self._lock:
+            starting = list(self._starting)
+        for connection in starting:   # accepted but not serving yet: nothing is in flight
+            connection.close()
         for connection in self.connections:
             try:
                 connection._sock.shutdown(socket.SHUT_RD)   # queued requests still get read

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import array
+import errno
 import fcntl
 import gc
 import os
@@ -72,7 +73,13 @@ def test_reply_in_many_pieces(core, pair):
 
     writer = threading.Thread(target=drip)
     writer.start()
-    assert bytes(ours.receive_reply(5)) == bytes(300_000)
+    reads = 1
+    reply = ours.receive_reply(5)
+    while reply is None:       # one read per call: the caller re-checks its deadline between
+        assert ours.pending == []
+        reads += 1
+        reply = ours.receive_reply(5)
+    assert bytes(reply) == bytes(300_000) and reads > 1
     writer.join(10)
 
 
@@ -167,6 +174,7 @@ def _open_fd_count():
 def test_descriptors_travel_with_the_bytes(core, pair):
     left, right = pair
     sender, receiver = channel(core, left), channel(core, right)
+    receiver.max_fds = 4
     read_end, write_end = os.pipe()
     try:
         sender.send([core.encode_frame(3, b"with fd", 1)], fds=[write_end])
@@ -191,6 +199,7 @@ def test_too_many_descriptors_are_refused_on_send(core, pair):
 def test_unclaimed_descriptors_are_capped_and_closed(core, pair):
     left, right = pair
     receiver = channel(core, right)
+    receiver.max_fds = 1000            # more than the hard cap of 64
     baseline = _open_fd_count()
     read_end, write_end = os.pipe()
     try:
@@ -215,6 +224,7 @@ def test_descriptors_left_unclaimed_are_closed_with_the_channel(core, pair):
     baseline = _open_fd_count()
     read_end, write_end = os.pipe()
     receiver = channel(core, right)
+    receiver.max_fds = 2
     channel(core, left).send([core.encode_frame(3, b"x", 1)], fds=[write_end, read_end])
     receiver.receive()
     assert _open_fd_count() == baseline + 4
@@ -223,3 +233,30 @@ def test_descriptors_left_unclaimed_are_closed_with_the_channel(core, pair):
     assert _open_fd_count() == baseline + 2
     os.close(read_end)
     os.close(write_end)
+
+
+def test_descriptors_are_refused_by_default(core, pair):
+    """Until shared memory is negotiated nobody claims descriptors: they are closed at once."""
+    left, right = pair
+    receiver = channel(core, right)
+    baseline = _open_fd_count()
+    read_end, write_end = os.pipe()
+    channel(core, left).send([core.encode_frame(3, b"x", 1)], fds=[write_end, read_end])
+    assert [f.payload for f in receiver.receive()] == [b"x"]
+    assert receiver.fds == [] and receiver.fds_dropped == 2
+    assert _open_fd_count() == baseline + 2
+    os.close(read_end)
+    os.close(write_end)
+
+
+def test_close_waits_for_senders_and_refuses_afterwards(core, pair):
+    left, right = pair
+    ours = channel(core, left)
+    ours.close()
+    ours.close()                      # idempotent
+    assert ours.closed and left.fileno() == -1
+    with pytest.raises(OSError) as caught:
+        ours.send([b"x"])
+    assert caught.value.errno == errno.EBADF
+    with pytest.raises(OSError):
+        ours.receive()
