@@ -20,7 +20,7 @@ import select
 import socket
 import threading
 from time import monotonic
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NoReturn, Sequence
 
 from . import _impl
 from ._constants import DEFAULT_MAX_PAYLOAD_BYTES, MessageType
@@ -154,7 +154,10 @@ class Client:
         try:
             # Send first, read after: a thread blocked in send must never hold the reader
             # role, or a peer blocked writing replies to us would never be drained.
-            self._send(frames)
+            try:
+                self._channel.send(frames)
+            except BaseException as error:
+                self._send_failed(error)
             self._wait(waiter, request_id, deadline)
         finally:
             if not waiter.done:
@@ -211,22 +214,26 @@ class Client:
     def _send(self, frames: list[Any]) -> None:
         try:
             self._channel.send(frames)
-        except (TypeError, ValueError):
-            raise   # refused before a byte was written
-        except BlockingIOError as error:
+        except BaseException as error:
+            self._send_failed(error)
+
+    def _send_failed(self, error: BaseException) -> NoReturn:
+        """Classify a failed send, fail the connection where the stream may be cut, raise."""
+        if isinstance(error, (TypeError, ValueError)):
+            raise error   # refused before a byte was written
+        if isinstance(error, BlockingIOError):
             # SO_SNDTIMEO expired; part of a frame may have left, so the stream is unusable.
             timeout = Timeout("the server did not read in time (send timed out)")
             self._fail(ConnectionClosed(f"connection to {self.path} closed: {timeout}"), timeout)
             raise timeout from error
-        except OSError as error:
+        if isinstance(error, OSError):
             self._salvage_server_error()
             self._fail(ConnectionClosed(self._lost_message(error)), error)
             raise self._closed_error() from error
-        except BaseException as error:
-            # A signal handler raised mid-write: part of a frame may have left.
-            self._fail(ConnectionClosed(f"connection to {self.path} closed: a send was "
-                                        f"interrupted ({type(error).__name__})"), error)
-            raise
+        # A signal handler raised mid-write: part of a frame may have left.
+        self._fail(ConnectionClosed(f"connection to {self.path} closed: a send was "
+                                    f"interrupted ({type(error).__name__})"), error)
+        raise error
 
     def _salvage_server_error(self) -> None:
         """After a failed send: the reason the server gave before it hung up, if any.
