@@ -117,3 +117,14 @@ cdef class Channel:
                         Py_ssize_t nfds, size_t *written) except -1
     cdef int _keep_fds(self, msghdr *message) except -1
     cdef list _receive(self, int flags)
+
+
+cdef class SharedRegion:
+    cdef Py_buffer _source                # export of the mapping, held until release
+    cdef bint _has_source                 # whether _source must be released
+    cdef Py_ssize_t _offset               # window start within the mapping
+    cdef Py_ssize_t _length               # window length
+    cdef bint _readonly                   # refuse writable views
+    cdef object _on_release               # called once when released, or None
+    cdef readonly Py_ssize_t exports      # views alive right now
+    cdef readonly bint released           # give-back happened

@@ -5,6 +5,7 @@ from ._core_py import Channel as Channel
 from ._core_py import Frame as Frame
 from ._core_py import FrameDecoder as FrameDecoder
 from ._core_py import FrameHeader as FrameHeader
+from ._core_py import SharedRegion as SharedRegion
 
 __all__: list[str]
 

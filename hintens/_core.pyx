@@ -8,7 +8,13 @@ Long C loops (CRC and copies of 64 KiB or more) run without the GIL.
 """
 
 cimport cython
-from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.buffer cimport (
+    PyBUF_SIMPLE,
+    PyBUF_WRITABLE,
+    PyBuffer_FillInfo,
+    PyBuffer_Release,
+    PyObject_GetBuffer,
+)
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.list cimport PyList_Append
@@ -38,6 +44,7 @@ from ._errors import IncompleteFrameError, ProtocolError
 
 __all__ = [
     "Channel",
+    "SharedRegion",
     "Frame",
     "FrameDecoder",
     "FrameHeader",
@@ -918,3 +925,111 @@ cdef inline void memset_msghdr(msghdr *message) noexcept nogil:
     message.msg_control = NULL
     message.msg_controllen = 0
     message.msg_flags = 0
+
+
+# SharedRegion: a window of a shared mapping lent to the application --------------------------
+
+@cython.final
+cdef class SharedRegion:
+    """A window of a shared mapping lent to the application, with its views counted.
+
+    Args:
+        mapping: the object whose memory is shared (an mmap); its buffer is held until release.
+        offset, length: the window, checked against the mapping.
+        readonly: refuse writable views.
+        on_release: called once with the region when it is released with no view alive.
+
+    Raises:
+        ShmError: the window is outside the mapping.
+
+    numpy: ``numpy.frombuffer(memoryview)`` keeps the memoryview but no buffer export of it,
+    so releasing that memoryview while the array lives leaves the array dangling. Release views
+    only after the arrays made from them are gone; with the compiled core, hand the region
+    itself to numpy, which then holds an export the region counts.
+    """
+
+    def __cinit__(self, mapping, Py_ssize_t offset, Py_ssize_t length, bint readonly=True,
+                  on_release=None):
+        PyObject_GetBuffer(mapping, &self._source, PyBUF_SIMPLE if readonly
+                           else PyBUF_SIMPLE | PyBUF_WRITABLE)
+        self._has_source = True
+        if offset < 0 or length < 0 or offset > self._source.len \
+                or length > self._source.len - offset:
+            PyBuffer_Release(&self._source)
+            self._has_source = False
+            raise _errors.ShmError(f"region [{offset}, {offset}+{length}) is outside the "
+                                   f"{self._source.len}-byte mapping")
+        self._offset = offset
+        self._length = length
+        self._readonly = readonly
+        self._on_release = on_release
+        self.exports = 0
+        self.released = False
+
+    def __dealloc__(self):
+        if self._has_source:
+            PyBuffer_Release(&self._source)
+
+    def __getbuffer__(self, Py_buffer *view, int flags):
+        if self.released:
+            raise BufferError("this region was released")
+        if flags & PyBUF_WRITABLE and self._readonly:
+            raise BufferError("this region is read-only")
+        PyBuffer_FillInfo(view, self, <char *>self._source.buf + self._offset, self._length,
+                          self._readonly, flags)
+        self.exports += 1
+
+    def __releasebuffer__(self, Py_buffer *view):
+        self.exports -= 1
+
+    def __len__(self):
+        return self._length
+
+    def view(self):
+        """A memoryview of the region (release it, or use ``with``, when done)."""
+        return PyMemoryView_FromObject(self)
+
+    def copy_in(self, data, Py_ssize_t offset=0):
+        """Copy ``data`` into the region at ``offset``: the one copy a send makes.
+
+        Raises:
+            BufferError: the region is read-only or released.
+            ShmError: ``data`` does not fit.
+        """
+        cdef _Input ref
+        if self.released or self._readonly:
+            raise BufferError("cannot copy into a released or read-only region")
+        _acquire(data, &ref, False)
+        self.exports += 1   # the copy may run without the GIL: release() must wait for it
+        try:
+            if offset < 0 or ref.len > self._length - offset:
+                raise _errors.ShmError(f"{ref.len} bytes at offset {offset} do not fit a "
+                                       f"{self._length}-byte region")
+            _copy(<unsigned char *>self._source.buf + self._offset + offset, ref.buf,
+                  <size_t>ref.len)
+        finally:
+            self.exports -= 1
+            _release(&ref)
+
+    def release(self):
+        """Give the region back. Idempotent.
+
+        Raises:
+            BufferError: a view of it is still alive (its memory may not be recycled yet).
+        """
+        if self.released:
+            return
+        if self.exports:
+            raise BufferError(f"{self.exports} view(s) of this region are still alive")
+        self.released = True
+        PyBuffer_Release(&self._source)
+        self._has_source = False
+        callback, self._on_release = self._on_release, None
+        if callback is not None:
+            callback(self)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.release()

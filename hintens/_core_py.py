@@ -45,6 +45,7 @@ from ._errors import IncompleteFrameError, ProtocolError
 
 __all__ = [
     "Channel",
+    "SharedRegion",
     "Frame",
     "FrameDecoder",
     "FrameHeader",
@@ -606,3 +607,116 @@ class Channel:
         if out:
             self.send(out)
         return frames[done:]
+
+
+class SharedRegion:
+    """A window of a shared mapping lent to the application, with its views counted.
+
+    The compiled core's SharedRegion exports its buffer itself (``memoryview(region)``,
+    ``numpy.frombuffer(region)``) and counts every export, slices of its views included. Pure
+    Python cannot export a buffer before 3.12, so here the portable ``view()`` is the way in,
+    and only the views it handed out are counted, not slices made from them.
+
+    Args:
+        mapping: the object whose memory is shared (an mmap); its buffer is held until release.
+        offset, length: the window, checked against the mapping.
+        readonly: refuse writable views.
+        on_release: called once with the region when it is released with no view alive.
+
+    Raises:
+        ShmError: the window is outside the mapping.
+
+    numpy: ``numpy.frombuffer(memoryview)`` keeps the memoryview but no buffer export of it,
+    so releasing that memoryview while the array lives leaves the array dangling. Release views
+    only after the arrays made from them are gone; with the compiled core, hand the region
+    itself to numpy, which then holds an export the region counts.
+    """
+
+    def __init__(self, mapping: Any, offset: int, length: int, readonly: bool = True,
+                 on_release: Any = None) -> None:
+        source = memoryview(mapping).cast("B")
+        if readonly:
+            source = source.toreadonly()
+        if offset < 0 or length < 0 or offset > len(source) or length > len(source) - offset:
+            size = len(source)
+            source.release()
+            raise _errors.ShmError(f"region [{offset}, {offset}+{length}) is outside the "
+                                   f"{size}-byte mapping")
+        self._source: memoryview | None = source
+        self._offset = offset
+        self._length = length
+        self._readonly = readonly
+        self._on_release = on_release
+        self._views: list[memoryview] = []
+        self._copying = 0
+        self.released = False
+
+    @property
+    def exports(self) -> int:
+        """Views handed out and not yet released (or copies in progress)."""
+        return sum(1 for view in self._views if _alive(view)) + self._copying
+
+    def __len__(self) -> int:
+        return self._length
+
+    def view(self) -> memoryview:
+        """A memoryview of the region (release it, or use ``with``, when done)."""
+        if self.released or self._source is None:
+            raise BufferError("this region was released")
+        view = self._source[self._offset:self._offset + self._length]
+        self._views = [v for v in self._views if _alive(v)] + [view]
+        return view
+
+    def copy_in(self, data: Any, offset: int = 0) -> None:
+        """Copy ``data`` into the region at ``offset``: the one copy a send makes.
+
+        Raises:
+            BufferError: the region is read-only or released.
+            ShmError: ``data`` does not fit.
+        """
+        if self.released or self._readonly or self._source is None:
+            raise BufferError("cannot copy into a released or read-only region")
+        source = _contiguous_bytes(data)
+        if offset < 0 or len(source) > self._length - offset:
+            raise _errors.ShmError(f"{len(source)} bytes at offset {offset} do not fit a "
+                                   f"{self._length}-byte region")
+        start = self._offset + offset
+        self._copying += 1
+        try:
+            self._source[start:start + len(source)] = source
+        finally:
+            self._copying -= 1
+
+    def release(self) -> None:
+        """Give the region back. Idempotent.
+
+        Raises:
+            BufferError: a view of it is still alive (its memory may not be recycled yet).
+        """
+        if self.released:
+            return
+        alive = self.exports
+        if alive:
+            raise BufferError(f"{alive} view(s) of this region are still alive")
+        self.released = True
+        if self._source is not None:
+            self._source.release()
+            self._source = None
+        callback, self._on_release = self._on_release, None
+        if callback is not None:
+            callback(self)
+
+    def __enter__(self) -> SharedRegion:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
+
+
+def _alive(view: memoryview) -> bool:
+    """False for a released memoryview, which refuses every operation."""
+    try:
+        len(view)
+        return True
+    except ValueError:
+        return False
