@@ -414,12 +414,10 @@ class Client:
 
     def _violation(self, error: ProtocolError) -> None:
         if error.fatal:
-            reply = self._endpoint.error_reply(error)
-            if reply is not None:
-                try:
-                    self._sock.send(reply, socket.MSG_DONTWAIT)
-                except OSError:
-                    pass
+            # No Error frame back (PROTOCOL.md allows it): writing here, under the state lock,
+            # could interleave with another thread's frame or wait on a blocked sender.
+            log.warning("closing the connection to %s: the server broke the protocol: %s",
+                        self.path, error)
             self._fail_locked(ConnectionClosed(
                 f"connection to {self.path} closed: the server broke the protocol: {error}"),
                 error)

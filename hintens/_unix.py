@@ -12,7 +12,7 @@ import os
 import socket
 import stat
 import struct
-from typing import Any, NamedTuple, Sequence
+from typing import NamedTuple
 
 from ._errors import ConnectError, ServerRunningError, SocketPathError, Timeout
 
@@ -155,34 +155,3 @@ def peer_credentials(sock: socket.socket) -> PeerCredentials:
     """The connecting process's pid, uid and gid (SO_PEERCRED)."""
     raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
     return PeerCredentials(*_UCRED.unpack(raw))
-
-
-def send_all(sock: socket.socket, buffers: Sequence[Any]) -> None:
-    """Write every buffer, in order, with as few sendmsg calls as the kernel allows.
-
-    Raises:
-        Timeout: SO_SNDTIMEO expired (the peer stopped reading); the stream is now unusable.
-        OSError: the connection broke.
-    """
-    if len(buffers) == 1:
-        try:
-            sock.sendall(buffers[0])
-        except BlockingIOError as error:
-            raise Timeout("the peer did not read in time (send timed out)") from error
-        return
-    pending = [view for view in (memoryview(b).cast("B") for b in buffers) if len(view)]
-    while pending:
-        try:
-            sent = sock.sendmsg(pending[:1024])   # IOV_MAX is 1024 on Linux
-        except BlockingIOError as error:
-            raise Timeout("the peer did not read in time (send timed out)") from error
-        while sent:
-            head = pending[0]
-            if sent >= len(head):
-                sent -= len(head)
-                pending.pop(0)
-            else:
-                pending[0] = head[sent:]
-                sent = 0
-        while pending and not len(pending[0]):
-            pending.pop(0)
