@@ -60,6 +60,22 @@ def raw_frame(payload=b"", *, magic=0x4850, version=0x0100, msg_type=1, flags=0,
     return HEADER.pack(magic, version, msg_type, flags, length, checksum, request_id) + payload
 
 
+def raw_listener(path: str) -> socket.socket:
+    """A bare listening Unix socket, for servers written by hand in a test."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(1)
+    return listener
+
+
+def read_requests(conn: socket.socket, count: int) -> list:
+    """Read from ``conn`` until ``count`` Request frames have arrived; return them."""
+    decoder, requests = _core_py.FrameDecoder(), []
+    while len(requests) < count:
+        requests += [f for f in decoder.feed(conn.recv(65536)) if f.type == 1]
+    return requests
+
+
 class RawPeer:
     """A minimal peer written from PROTOCOL.md: no hello, plain frames, a decoder."""
 
@@ -98,4 +114,5 @@ class RawPeer:
         self.sock.close()
 
 
-__all__ = ["RawPeer", "raw_frame", "start_server", "stop_server", "_demo"]
+__all__ = ["RawPeer", "raw_frame", "raw_listener", "read_requests", "start_server",
+           "stop_server", "_demo"]

@@ -16,7 +16,7 @@ import hintens
 from hintens import ErrorCode
 from hintens._unix import DEFAULT_SOCKET_PATH
 
-from .peers import RawPeer, raw_frame, start_server, stop_server
+from .peers import RawPeer, raw_frame, raw_listener, read_requests, start_server, stop_server
 
 
 def in_threads(target, count, timeout_s=120.0):
@@ -123,16 +123,11 @@ def test_32_threads_200_requests_each(client):
 
 def test_replies_may_arrive_in_any_order(sock_path):
     """A server written by hand that answers three requests in reverse order."""
-    listener = socket.socket(socket.AF_UNIX)
-    listener.bind(sock_path)
-    listener.listen(1)
+    listener = raw_listener(sock_path)
 
     def serve():
         conn, _ = listener.accept()
-        decoder, requests = hintens.FrameDecoder(), []
-        while len(requests) < 3:
-            requests += [f for f in decoder.feed(conn.recv(65536)) if f.type == 1]
-        for frame in reversed(requests):
+        for frame in reversed(read_requests(conn, 3)):
             conn.sendall(hintens.encode_frame(2, b"re:" + frame.payload, frame.request_id))
         conn.recv(1)
         conn.close()

@@ -19,7 +19,7 @@ import pytest
 import hintens
 from hintens import _core_py
 
-from .peers import RawPeer, raw_frame
+from .peers import RawPeer, raw_frame, raw_listener, read_requests
 
 
 @pytest.fixture
@@ -112,9 +112,7 @@ def test_signal_during_a_read_leaves_the_client_usable(sock_path):
 
 
 def test_signal_during_a_partial_send_fails_the_connection(sock_path):
-    listener = socket.socket(socket.AF_UNIX)
-    listener.bind(sock_path)
-    listener.listen(1)
+    listener = raw_listener(sock_path)
     accepted = []
     threading.Thread(target=lambda: accepted.append(listener.accept()[0]), daemon=True).start()
     client = hintens.Client(sock_path, timeout=5)   # nobody reads: the send blocks half-way
@@ -156,16 +154,11 @@ def test_close_racing_a_request(sock_path):
 
 
 def test_a_trickled_reply_cannot_stretch_the_timeout(sock_path):
-    listener = socket.socket(socket.AF_UNIX)
-    listener.bind(sock_path)
-    listener.listen(1)
+    listener = raw_listener(sock_path)
 
     def trickle():
         conn, _ = listener.accept()
-        decoder = hintens.FrameDecoder()
-        request = None
-        while request is None:
-            request = next((f for f in decoder.feed(conn.recv(65536)) if f.type == 1), None)
+        (request,) = read_requests(conn, 1)
         reply = hintens.encode_frame(2, bytes(4000), request.request_id)
         try:
             for start in range(0, len(reply), 100):   # 4 KB over 4 s, never idle for long
