@@ -27,11 +27,18 @@ from ._constants import DEFAULT_MAX_PAYLOAD_BYTES, MessageType
 from ._errors import (
     ConnectionClosed,
     ProtocolError,
+    ShmError,
     Timeout,
     decode_error_payload,
     remote_error,
 )
-from ._protocol import Endpoint, Hello
+from ._protocol import (
+    DEFAULT_SHM_POOL_BYTES,
+    DEFAULT_SHM_THRESHOLD_BYTES,
+    FEATURE_SHM,
+    Endpoint,
+    Hello,
+)
 from ._unix import connect, set_kernel_timeouts, socket_path
 
 log = logging.getLogger("hintens")
@@ -41,6 +48,8 @@ DEFAULT_CONNECT_TIMEOUT_S = 5.0
 RECEIVE_BUFFER_BYTES = 256 * 1024
 #: Payloads at least this large leave as header + payload in one sendmsg, without a copy.
 SCATTER_THRESHOLD_BYTES = 16 * 1024
+#: How long a large send waits for the server's hello before it goes inline (once).
+HELLO_WAIT_S = 1.0
 #: A kernel receive timeout may overshoot a request's deadline by this much at most.
 _TIMEOUT_SLACK_S = 0.01
 
@@ -73,6 +82,11 @@ class Client:
         connect_timeout: seconds to wait for the connection.
         on_event: called with the payload of each Event the server pushes.
         max_payload: the largest inline payload accepted from the server.
+        shm: offer shared memory; payloads of ``shm_threshold`` bytes or more then travel
+            through sealed memfd segments toward a server that offers it too.
+        shm_threshold: the size from which payloads go through shared memory.
+        shm_pool_bytes: the most memory this connection's sending segments may hold; a send
+            that finds it all lent out waits for a release until its timeout.
 
     Raises:
         ConnectError: no server at ``path``.
@@ -83,12 +97,16 @@ class Client:
     def __init__(self, path: str | None = None, *, timeout: float = DEFAULT_TIMEOUT_S,
                  connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S,
                  on_event: Callable[[Any], Any] | None = None,
-                 max_payload: int = DEFAULT_MAX_PAYLOAD_BYTES) -> None:
+                 max_payload: int = DEFAULT_MAX_PAYLOAD_BYTES, shm: bool = True,
+                 shm_threshold: int = DEFAULT_SHM_THRESHOLD_BYTES,
+                 shm_pool_bytes: int = DEFAULT_SHM_POOL_BYTES) -> None:
         if timeout <= 0:
             raise ValueError("timeout must be positive")
         self.path = socket_path(path)
         self.timeout = timeout
-        self._endpoint = Endpoint(max_payload=max_payload)
+        self._endpoint = Endpoint(max_payload=max_payload,
+                                  features=FEATURE_SHM if shm else 0,
+                                  shm_threshold=shm_threshold, shm_pool_bytes=shm_pool_bytes)
         self._frame_type = _impl.core.Frame
         self._encode_frame = _impl.core.encode_frame
         self._encode_header = _impl.core.encode_header
@@ -110,6 +128,10 @@ class Client:
         try:
             self._channel = _impl.core.Channel(self._sock, self._endpoint.decoder,
                                                RECEIVE_BUFFER_BYTES)
+            self._endpoint.fd_source = self._channel.fds
+            self._endpoint.send_control = self._send_control
+            if shm:
+                self._channel.max_fds = 64
             set_kernel_timeouts(self._sock, None, send_s=timeout)
             self._send([self._endpoint.hello_frame()])
         except BaseException:
@@ -141,11 +163,14 @@ class Client:
         """
         deadline = monotonic() + (self.timeout if timeout is None else timeout)
         request_id = next(self._ids)
+        writes = None
         if type(payload) is bytes and len(payload) < SCATTER_THRESHOLD_BYTES:
             frames = [self._encode_frame(MessageType.REQUEST, payload, request_id)]
         else:
-            frames = frames_for(self._encode_frame, self._encode_header, MessageType.REQUEST,
-                                payload, request_id)
+            writes = self._shm_writes(MessageType.REQUEST, payload, request_id, deadline)
+            frames = [] if writes else frames_for(
+                self._encode_frame, self._encode_header, MessageType.REQUEST, payload,
+                request_id)
         waiter = _Waiter()
         with self._lock:
             if self._closed_reason is not None:
@@ -155,7 +180,11 @@ class Client:
             # Send first, read after: a thread blocked in send must never hold the reader
             # role, or a peer blocked writing replies to us would never be drained.
             try:
-                self._channel.send(frames)
+                if writes:
+                    for buffers, fds in writes:
+                        self._channel.send(buffers, fds)
+                else:
+                    self._channel.send(frames)
             except BaseException as error:
                 self._send_failed(error)
             self._wait(waiter, request_id, deadline)
@@ -177,8 +206,18 @@ class Client:
         with self._lock:
             if self._closed_reason is not None:
                 raise self._closed_error()
+        request_id = next(self._ids)
+        writes = self._shm_writes(MessageType.EVENT, payload, request_id,
+                                  monotonic() + self.timeout)
+        if writes:
+            for buffers, fds in writes:
+                try:
+                    self._channel.send(buffers, fds)
+                except BaseException as error:
+                    self._send_failed(error)
+            return
         self._send(frames_for(self._encode_frame, self._encode_header, MessageType.EVENT,
-                              payload, next(self._ids)))
+                              payload, request_id))
 
     @property
     def peer_hello(self) -> Hello | None:
@@ -210,6 +249,41 @@ class Client:
                                  else f"connection to {self.path} closed: {reason}")
         error.__cause__ = reason.__cause__ if isinstance(reason, ConnectionClosed) else reason
         return error
+
+    def _shm_writes(self, msg_type: int, payload: Any, request_id: int,
+                    deadline: float) -> list[tuple[list[Any], list[int]]] | None:
+        """The writes that carry ``payload`` through shared memory, or None for inline."""
+        if self._endpoint.peer_hello is None and self._endpoint.pool is not None \
+                and memoryview(payload).nbytes >= self._endpoint.shm_threshold:
+            self._await_hello(min(deadline, monotonic() + HELLO_WAIT_S))
+        try:
+            return self._endpoint.shm_sends(msg_type, payload, request_id, deadline)
+        except ShmError:
+            if self._closed_reason is not None:
+                raise self._closed_error() from None
+            raise
+
+    def _await_hello(self, until: float) -> None:
+        """Read until the server's hello has arrived, or ``until``: shared memory is only
+        negotiated once it has. A hintens server sends its hello on accept."""
+        while self._endpoint.peer_hello is None and self._closed_reason is None:
+            remaining = until - monotonic()
+            if remaining <= 0:
+                return
+            with self._lock:
+                if self._reading:   # another thread reads; it will admit the hello
+                    self._sleepers += 1
+                    try:
+                        self._cond.wait(min(remaining, 0.05))
+                    finally:
+                        self._sleepers -= 1
+                    continue
+                self._reading = True
+            self._read(remaining)
+
+    def _send_control(self, payload: bytes) -> None:
+        """A release or retire message (an Event with request id 0)."""
+        self._channel.send([self._encode_frame(MessageType.EVENT, payload, 0)])
 
     def _send(self, frames: list[Any]) -> None:
         try:
@@ -318,7 +392,10 @@ class Client:
         if frames is None:
             self._fail(ConnectionClosed(self._lost_message(None)), self._server_error)
             return []
-        return self._endpoint.admit(frames)
+        items = self._endpoint.admit(frames)
+        if self._channel.fds and not self._endpoint.decoder.in_frame:
+            self._channel.close_fds()   # descriptors no frame claimed: never kept
+        return items
 
     def _read_failed(self, error: BaseException) -> list[Any]:
         """What a read that raised leaves to dispatch. Other exceptions propagate."""
@@ -351,6 +428,7 @@ class Client:
             self._close_pending = False
         if close_now:
             self._channel.close()
+            self._endpoint.close_shm()
         if replies:
             try:
                 self._send(list(replies))
@@ -438,6 +516,7 @@ class Client:
             # Outside the lock: Channel.close waits for a send in progress, and a failing
             # sender takes this lock.
             self._channel.close()
+            self._endpoint.close_shm()
 
     def _fail_locked(self, reason: ConnectionClosed, cause: BaseException | None = None) -> None:
         if self._closed_reason is not None:

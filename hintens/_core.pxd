@@ -126,5 +126,6 @@ cdef class SharedRegion:
     cdef Py_ssize_t _length               # window length
     cdef bint _readonly                   # refuse writable views
     cdef object _on_release               # called once when released, or None
+    cdef bint _auto_release               # release when the last export goes
     cdef readonly Py_ssize_t exports      # views alive right now
     cdef readonly bint released           # give-back happened

@@ -875,12 +875,14 @@ cdef class Channel:
         self.pending = frames
         return None
 
-    def serve(self, handler, on_error):
+    def serve(self, handler, on_error, shm_reply=None):
         """Read once; answer the leading run of plain Requests; return the frames after it.
 
         ``handler(payload)`` returns the Response payload (bytes-like or None). If it raises an
         Exception, ``on_error(request_id, exception)`` returns the Error frame to send instead.
-        Replies leave in one write, in request order.
+        Replies leave in one write, in request order. ``shm_reply(request_id, result)``, when
+        given, may return the writes ``[(buffers, fds), ...]`` that carry a large result through
+        shared memory; they go out on their own, in order, or it returns None for inline.
 
         Returns:
             The frames that follow the run, for the caller (often empty), or None at end of
@@ -907,8 +909,17 @@ cdef class Channel:
                 if type(result) is bytes and len(<bytes>result) < _SCATTER_BYTES:
                     out.append(encode_frame(2, result, frame.request_id))
                 else:
-                    out.append(encode_header(2, result, frame.request_id))
-                    out.append(result)
+                    writes = None if shm_reply is None else shm_reply(frame.request_id, result)
+                    if writes is None:
+                        out.append(encode_header(2, result, frame.request_id))
+                        out.append(result)
+                    else:
+                        if out:
+                            self._send(out, None)
+                            out = []
+                        for buffers, fds in writes:
+                            self._send(buffers, fds)
+                    result = None   # a lent payload goes back once nothing holds it
             except Exception as error:
                 out.append(on_error(frame.request_id, error))
             i += 1
@@ -938,6 +949,8 @@ cdef class SharedRegion:
         offset, length: the window, checked against the mapping.
         readonly: refuse writable views.
         on_release: called once with the region when it is released with no view alive.
+        auto_release: release as soon as the last view is gone (for regions lent out as a
+            single memoryview, whose release or collection then gives the memory back).
 
     Raises:
         ShmError: the window is outside the mapping.
@@ -949,7 +962,7 @@ cdef class SharedRegion:
     """
 
     def __cinit__(self, mapping, Py_ssize_t offset, Py_ssize_t length, bint readonly=True,
-                  on_release=None):
+                  on_release=None, bint auto_release=False):
         PyObject_GetBuffer(mapping, &self._source, PyBUF_SIMPLE if readonly
                            else PyBUF_SIMPLE | PyBUF_WRITABLE)
         self._has_source = True
@@ -963,6 +976,7 @@ cdef class SharedRegion:
         self._length = length
         self._readonly = readonly
         self._on_release = on_release
+        self._auto_release = auto_release
         self.exports = 0
         self.released = False
 
@@ -981,6 +995,11 @@ cdef class SharedRegion:
 
     def __releasebuffer__(self, Py_buffer *view):
         self.exports -= 1
+        if self._auto_release and self.exports == 0 and not self.released:
+            try:
+                self.release()
+            except Exception:   # a callback must not break a buffer release
+                pass
 
     def __len__(self):
         return self._length

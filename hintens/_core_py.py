@@ -571,12 +571,14 @@ class Channel:
         self.pending = frames
         return None
 
-    def serve(self, handler: Any, on_error: Any) -> list[Frame] | None:
+    def serve(self, handler: Any, on_error: Any, shm_reply: Any = None) -> list[Frame] | None:
         """Read once; answer the leading run of plain Requests; return the frames after it.
 
         ``handler(payload)`` returns the Response payload (bytes-like or None). If it raises an
         Exception, ``on_error(request_id, exception)`` returns the Error frame to send instead.
-        Replies leave in one write, in request order.
+        Replies leave in one write, in request order. ``shm_reply(request_id, result)``, when
+        given, may return the writes ``[(buffers, fds), ...]`` that carry a large result through
+        shared memory; they go out on their own, in order, or it returns None for inline.
 
         Returns:
             The frames that follow the run, for the caller (often empty), or None at end of
@@ -600,7 +602,15 @@ class Channel:
                 if type(result) is bytes and len(result) < _SCATTER_BYTES:
                     out.append(encode_frame(2, result, frame.request_id))
                 else:
-                    out += [encode_header(2, result, frame.request_id), result]
+                    writes = None if shm_reply is None else shm_reply(frame.request_id, result)
+                    if writes is None:
+                        out += [encode_header(2, result, frame.request_id), result]
+                    else:
+                        if out:
+                            self.send(out)
+                            out = []
+                        for buffers, fds in writes:
+                            self.send(buffers, fds)
             except Exception as error:
                 out.append(on_error(frame.request_id, error))
             done += 1
@@ -633,7 +643,9 @@ class SharedRegion:
     """
 
     def __init__(self, mapping: Any, offset: int, length: int, readonly: bool = True,
-                 on_release: Any = None) -> None:
+                 on_release: Any = None, auto_release: bool = False) -> None:
+        # auto_release cannot work here (a view's release is invisible to pure Python on
+        # 3.11); connections using this core copy shared payloads out instead of lending them.
         source = memoryview(mapping).cast("B")
         if readonly:
             source = source.toreadonly()

@@ -13,12 +13,19 @@ Rules (docs/PROTOCOL.md sections 5, 6 and 8):
 
 from __future__ import annotations
 
+import logging
 import struct
-from typing import Any, Union
+from typing import Any, Callable, Union
 
-from . import _impl
+from . import _impl, _shm
 from ._constants import DEFAULT_MAX_PAYLOAD_BYTES, Flags, MessageType, VERSION
-from ._errors import ProtocolError, UnsupportedFlagsError, encode_error_payload
+from ._errors import ProtocolError, ShmError, UnsupportedFlagsError, encode_error_payload
+
+log = logging.getLogger("hintens")
+#: Payloads at least this large go through shared memory toward a peer that negotiated it.
+DEFAULT_SHM_THRESHOLD_BYTES = 64 * 1024
+#: The most memory one connection's sending segments may hold.
+DEFAULT_SHM_POOL_BYTES = 1 << 30
 
 HELLO_MAGIC = b"HELO"
 _U16 = struct.Struct("<H")
@@ -124,7 +131,9 @@ class Endpoint:
         features: ``FEATURE_*`` bits this side announces and can receive.
     """
 
-    def __init__(self, *, max_payload: int = DEFAULT_MAX_PAYLOAD_BYTES, features: int = 0) -> None:
+    def __init__(self, *, max_payload: int = DEFAULT_MAX_PAYLOAD_BYTES, features: int = 0,
+                 shm_threshold: int = DEFAULT_SHM_THRESHOLD_BYTES,
+                 shm_pool_bytes: int = DEFAULT_SHM_POOL_BYTES) -> None:
         core = _impl.core
         self._frame_type = core.Frame
         self._encode_frame = core.encode_frame
@@ -132,6 +141,13 @@ class Endpoint:
         self.hello = Hello(features=features, max_payload=max_payload)
         self.peer_hello: Hello | None = None
         self._allowed_flags = 0   # flags the peer may set: grows as features are negotiated
+        # Shared memory. Sending: a pool of our segments. Receiving: the peer's segments by id,
+        # the descriptors that came with them (the Channel's list) and a way to send releases.
+        self.shm_threshold = shm_threshold
+        self.pool = _shm.SegmentPool(shm_pool_bytes) if features & FEATURE_SHM else None
+        self.segments: dict[int, _shm.ReceivedSegment] = {}
+        self.fd_source: list[int] = []
+        self.send_control: Callable[[bytes], None] | None = None
 
     @property
     def peer(self) -> Hello:
@@ -179,19 +195,123 @@ class Endpoint:
                 error = next_error
 
     def _admit(self, frames: list[Any], items: list[Item]) -> None:
-        allowed = self._allowed_flags
         for frame in frames:
-            if frame.flags & ~allowed:
+            allowed = self._allowed_flags   # a hello earlier in this batch may have widened it
+            if frame.flags & Flags.SHM and not allowed & Flags.SHM:
+                error = ShmError("an SHM frame on a connection that did not negotiate shared "
+                                 "memory", frame.request_id, msg_type=frame.type)
+                items.append(error)
+            elif frame.flags & ~allowed:
                 items.append(UnsupportedFlagsError(
                     f"flags 0x{frame.flags:04x} were not negotiated on this connection",
                     frame.request_id, msg_type=frame.type))
             elif frame.type == MessageType.EVENT and frame.request_id == 0:
-                hello = Hello.decode(frame.payload)
-                if hello is not None:
-                    self.peer_hello = hello
-                    self._allowed_flags = self._negotiated_flags()
+                self._control(frame.payload)
+            elif frame.flags & Flags.SHM:
+                items.append(self._lend(frame))
             else:
                 items.append(frame)
+
+    def _control(self, payload: Any) -> None:
+        """An Event with request id 0: a hello, a release, a retire, or something to ignore."""
+        control = _shm.decode_control(payload)
+        if control is None:
+            hello = Hello.decode(payload)
+            if hello is not None:
+                self.peer_hello = hello
+                self._allowed_flags = self._negotiated_flags()
+            return
+        magic, ids = control
+        if magic == _shm.RELEASE_MAGIC and self.pool is not None:
+            for segment_id in ids:
+                self.pool.give_back(segment_id)
+        elif magic == _shm.RETIRE_MAGIC:
+            for segment_id in ids:
+                segment = self.segments.pop(segment_id, None)
+                if segment is not None:
+                    segment.retire()
+
+    def _lend(self, frame: Any) -> Any:
+        """An SHM frame's payload, mapped and lent; or the ShmError that answers it."""
+        segment_id = 0
+        try:
+            segment_id, new, size, offset, length = _shm.decode_descriptor(frame.payload)
+            if new:
+                if segment_id in self.segments:
+                    raise ShmError(f"segment {segment_id} is already mapped")
+                if not self.fd_source:
+                    raise ShmError("a new segment was announced without its descriptor")
+                self.segments[segment_id] = _shm.ReceivedSegment.adopt(
+                    self.fd_source.pop(0), size)
+            segment = self.segments.get(segment_id)
+            if segment is None:
+                raise ShmError(f"segment {segment_id} is not mapped here")
+            payload = self._region(segment, segment_id, offset, length)
+        except ShmError as error:
+            error.request_id, error.msg_type = frame.request_id, frame.type
+            if segment_id:
+                self._release(segment_id)   # the sender may reuse it: we will not read it
+            return error
+        return self._frame_type(frame.type, frame.flags & ~Flags.SHM, frame.version,
+                                frame.request_id, payload)
+
+    def _region(self, segment: _shm.ReceivedSegment, segment_id: int, offset: int,
+                length: int) -> Any:
+        if _impl.implementation == "python":
+            # Pure Python cannot see a view's release: copy out and give the segment back.
+            with segment.view(offset, length) as view:
+                payload = bytes(view)
+            self._release(segment_id)
+            return payload
+        region = _impl.core.SharedRegion(segment.map, offset, length, True,
+                                         lambda _: self._release(segment_id), True)
+        # The compiled region exports its buffer; released or collected, it gives back.
+        return memoryview(region)  # type: ignore[arg-type]
+
+    def _release(self, segment_id: int) -> None:
+        send = self.send_control
+        if send is not None:
+            try:
+                send(_shm.encode_control(_shm.RELEASE_MAGIC, [segment_id]))
+            except Exception as error:   # the connection is gone: nothing to give back to
+                log.debug("could not release segment %d: %s", segment_id, error)
+
+    def shm_sends(self, msg_type: int, payload: Any, request_id: int,
+                  deadline: float) -> list[tuple[list[Any], list[int]]] | None:
+        """The writes that carry a payload through shared memory, or None to send it inline.
+
+        Each write is (buffers, descriptors). Retirements go first, in a write of their own,
+        so that a new segment's descriptor rides with the first byte of its own frame.
+        """
+        if self.pool is None or not self.negotiated(FEATURE_SHM):
+            return None
+        size = memoryview(payload).nbytes
+        if size < self.shm_threshold:
+            return None
+        segment_id, segment, new, retired = self.pool.acquire(size, deadline)
+        try:
+            region = _impl.core.SharedRegion(segment.map, 0, size, False)
+            region.copy_in(payload)        # the one copy a send makes
+            region.release()
+            frame = self._encode_frame(msg_type, _shm.encode_descriptor(
+                segment_id, segment.size, 0, size, new), request_id, Flags.SHM)
+        except BaseException:
+            self.pool.give_back(segment_id)
+            raise
+        writes: list[tuple[list[Any], list[int]]] = []
+        if retired:
+            writes.append(([self._encode_frame(MessageType.EVENT, _shm.encode_control(
+                _shm.RETIRE_MAGIC, retired), 0)], []))
+        writes.append(([frame], [segment.fd] if new else []))
+        return writes
+
+    def close_shm(self) -> None:
+        """The connection is over: free our segments and unmap the peer's."""
+        if self.pool is not None:
+            self.pool.close()
+        for segment in self.segments.values():
+            segment.retire()
+        self.segments.clear()
 
     def _negotiated_flags(self) -> int:
         flags = 0

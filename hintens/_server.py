@@ -26,7 +26,13 @@ from . import _impl
 from ._client import RECEIVE_BUFFER_BYTES, frames_for
 from ._constants import DEFAULT_MAX_PAYLOAD_BYTES, ErrorCode, MessageType
 from ._errors import ConnectionClosed, ProtocolError, RemoteError
-from ._protocol import Endpoint, Hello
+from ._protocol import (
+    DEFAULT_SHM_POOL_BYTES,
+    DEFAULT_SHM_THRESHOLD_BYTES,
+    FEATURE_SHM,
+    Endpoint,
+    Hello,
+)
 from ._unix import (
     PeerCredentials,
     listen,
@@ -66,8 +72,15 @@ class ServerConnection:
         self.peer = peer
         self._server = server
         self._sock = sock
-        self._endpoint = Endpoint(max_payload=server.max_payload)
+        self._endpoint = Endpoint(max_payload=server.max_payload,
+                                  features=FEATURE_SHM if server.shm else 0,
+                                  shm_threshold=server.shm_threshold,
+                                  shm_pool_bytes=server.shm_pool_bytes)
         self._channel = _impl.core.Channel(sock, self._endpoint.decoder, RECEIVE_BUFFER_BYTES)
+        self._endpoint.fd_source = self._channel.fds
+        self._endpoint.send_control = self._send_control
+        if server.shm:
+            self._channel.max_fds = 64
         self._open = True
         self.thread: threading.Thread | None = None
 
@@ -84,6 +97,15 @@ class ServerConnection:
         """
         self._send(frames_for(_impl.core.encode_frame, _impl.core.encode_header,
                               MessageType.EVENT, payload, self._server._next_event_id()))
+
+    def _send_control(self, payload: bytes) -> None:
+        """A release or retire message (an Event with request id 0)."""
+        self._channel.send([_impl.core.encode_frame(MessageType.EVENT, payload, 0)])
+
+    def _shm_reply(self, request_id: int, result: Any) -> Any:
+        """The writes that carry a large Response through shared memory, or None."""
+        return self._endpoint.shm_sends(MessageType.RESPONSE, result, request_id,
+                                        monotonic() + self._server.send_timeout)
 
     def close(self) -> None:
         """Cut this connection now; its serving thread ends."""
@@ -129,6 +151,10 @@ class Server:
         frame_timeout: seconds a frame may take from its first byte to its last.
         send_timeout: seconds a client may leave our replies unread before it is cut.
         backlog: listen() backlog, for bursts of connects.
+        shm, shm_threshold, shm_pool_bytes: shared memory, as for ``Client``: payloads of
+            ``shm_threshold`` bytes or more travel through sealed memfd segments toward clients
+            that offer it too; each connection's sending segments hold at most
+            ``shm_pool_bytes``.
 
     Raises:
         ServerRunningError: another server is listening on ``path``.
@@ -146,7 +172,9 @@ class Server:
                  idle_timeout: float | None = None,
                  frame_timeout: float = DEFAULT_FRAME_TIMEOUT_S,
                  send_timeout: float = DEFAULT_SEND_TIMEOUT_S,
-                 backlog: int = DEFAULT_BACKLOG) -> None:
+                 backlog: int = DEFAULT_BACKLOG, shm: bool = True,
+                 shm_threshold: int = DEFAULT_SHM_THRESHOLD_BYTES,
+                 shm_pool_bytes: int = DEFAULT_SHM_POOL_BYTES) -> None:
         self.path = socket_path(path)
         self.handler = handler
         self.on_event = on_event
@@ -156,6 +184,9 @@ class Server:
         self.idle_timeout = idle_timeout
         self.frame_timeout = frame_timeout
         self.send_timeout = send_timeout
+        self.shm = shm
+        self.shm_threshold = shm_threshold
+        self.shm_pool_bytes = shm_pool_bytes
         self._allowed_uids = {os.geteuid(), *allow_uids}
         self._allowed_gids = set(allow_gids)
         self._lock = threading.Lock()
@@ -329,7 +360,7 @@ class Server:
                 keep_open = True
                 try:
                     # Plain Requests are answered inside the core; the rest comes back here.
-                    rest = channel.serve(handler, on_error)
+                    rest = channel.serve(handler, on_error, connection._shm_reply)
                     if rest is None:
                         if decoder.in_frame:
                             log.info("%r hung up inside a frame (%d bytes of it received)",
@@ -346,6 +377,8 @@ class Server:
                 except OSError as error:
                     log.debug("%r: %s", connection, error)
                     break
+                if channel.fds and not decoder.in_frame:
+                    channel.close_fds()   # descriptors no frame claimed: never kept
                 if not keep_open:
                     break
                 if decoder.in_frame and (not was_in_frame or decoder.frames_decoded != decoded
@@ -360,6 +393,7 @@ class Server:
         finally:
             connection.close()
             channel.close()
+            endpoint.close_shm()
             with self._lock:
                 self._starting.discard(connection)
                 registered = self._connections.pop(connection.id, None) is not None
@@ -376,17 +410,29 @@ class Server:
         frame_type = _impl.core.Frame
         out: list[Any] = []
         keep_open = True
-        for item in items:
+        for index, item in enumerate(items):
             if type(item) is frame_type:
                 kind = item.type
                 if kind == MessageType.REQUEST:
+                    request_id = item.request_id
                     try:
                         result = self.handler(item.payload)
-                        out += frames_for(_impl.core.encode_frame, _impl.core.encode_header,
-                                          MessageType.RESPONSE,
-                                          b"" if result is None else result, item.request_id)
+                        result = b"" if result is None else result
+                        writes = connection._shm_reply(request_id, result)
+                        if writes is None:
+                            out += frames_for(_impl.core.encode_frame, _impl.core.encode_header,
+                                              MessageType.RESPONSE, result, request_id)
+                        else:
+                            # The reply is copied out: drop the request's lent payload now, so
+                            # its release reaches the client before the reply does.
+                            items[index] = item = result = None
+                            if out:
+                                connection._send(out)
+                                out = []
+                            for buffers, fds in writes:
+                                connection._channel.send(buffers, fds)
                     except Exception as error:
-                        out.append(self._error_answer(endpoint, item.request_id, error))
+                        out.append(self._error_answer(endpoint, request_id, error))
                 elif kind == MessageType.EVENT:
                     if self.on_event is not None:
                         try:

@@ -1,7 +1,8 @@
 """Shared-memory segments: sealed memfds, created by a sender and validated by a receiver.
 
-This is the groundwork for sending large payloads through shared memory (issue #4). Sending
-segments over a connection, the SHM descriptor frame and the pool do not exist yet.
+Large payloads travel through these segments (docs/PROTOCOL.md, "Shared memory"): the
+sender's SegmentPool lends a segment per message, the receiver maps it once and lends the
+payload to the application, and a release message gives the segment back.
 
 Why it is safe to map what a peer sends:
 
@@ -25,6 +26,10 @@ import fcntl
 import mmap
 import os
 import stat
+import struct
+import threading
+import time
+from typing import Any, Sequence
 
 from ._errors import ShmError
 
@@ -102,6 +107,16 @@ class Segment:
             self.map.close()
             os.close(self.fd)
             self.fd = -1
+
+    def discard(self) -> None:
+        """Close the descriptor now; unmap now, or when the last view of it goes."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        try:
+            self.map.close()
+        except BufferError:
+            pass
 
     def __enter__(self) -> Segment:
         return self
@@ -193,3 +208,149 @@ class ReceivedSegment:
             self.map.close()
             os.close(self.fd)
             self.fd = -1
+
+    def retire(self) -> None:
+        """Close the descriptor now and unmap as soon as no lent payload uses the mapping."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        try:
+            self.map.close()
+        except BufferError:
+            pass   # payloads still lent keep it mapped; it unmaps when the last one goes
+
+
+# The wire side (docs/PROTOCOL.md, "Shared memory") -------------------------------------------
+
+#: An SHM frame's payload: segment id u32, flags u32, segment size u64, offset u64, length u64.
+DESCRIPTOR = struct.Struct("<IIQQQ")
+#: Descriptor flag: this frame carries the segment's descriptor (SCM_RIGHTS, with its first byte).
+NEW_SEGMENT = 0x1
+#: Control Events (request id 0): the receiver gives segments back; the sender retires them.
+RELEASE_MAGIC = b"HREL"
+RETIRE_MAGIC = b"HRET"
+_IDS = struct.Struct("<I")
+#: Largest number of segment ids in one control message.
+MAX_CONTROL_IDS = 1024
+
+
+def encode_descriptor(segment_id: int, size: int, offset: int, length: int, new: bool) -> bytes:
+    return DESCRIPTOR.pack(segment_id, NEW_SEGMENT if new else 0, size, offset, length)
+
+
+def decode_descriptor(payload: Any) -> tuple[int, bool, int, int, int]:
+    """(segment id, new, segment size, offset, length).
+
+    Raises:
+        ShmError: wrong size, unknown flag bits, or segment id 0.
+    """
+    data = bytes(payload)
+    if len(data) != DESCRIPTOR.size:
+        raise ShmError(f"an SHM descriptor has {DESCRIPTOR.size} bytes, not {len(data)}")
+    segment_id, flags, size, offset, length = DESCRIPTOR.unpack(data)
+    if flags & ~NEW_SEGMENT or segment_id == 0:
+        raise ShmError(f"bad SHM descriptor (segment {segment_id}, flags 0x{flags:x})")
+    return segment_id, bool(flags & NEW_SEGMENT), size, offset, length
+
+
+def encode_control(magic: bytes, segment_ids: Sequence[int]) -> bytes:
+    return magic + _IDS.pack(len(segment_ids)) + b"".join(_IDS.pack(i) for i in segment_ids)
+
+
+def decode_control(payload: Any) -> tuple[bytes, list[int]] | None:
+    """(magic, ids) for a release or retire message; None for anything else."""
+    data = bytes(payload)
+    if len(data) < 8 or data[:4] not in (RELEASE_MAGIC, RETIRE_MAGIC):
+        return None
+    (count,) = _IDS.unpack_from(data, 4)
+    if count > MAX_CONTROL_IDS or len(data) != 8 + 4 * count:
+        return None
+    return data[:4], [i for (i,) in _IDS.iter_unpack(data[8:])]
+
+
+class SegmentPool:
+    """A sender's segments on one connection: each carries one message at a time.
+
+    Segments are sized to the next power of two of at least ``min_segment_bytes`` and reused
+    once the receiver releases them, so a steady stream of large messages maps and faults no
+    new memory after warm-up. The pool holds at most ``max_bytes``; beyond that ``acquire``
+    retires free segments that are too small, and otherwise waits for a release until the
+    caller's deadline (backpressure).
+
+    Args:
+        max_bytes: the most memory this connection's segments may hold.
+        min_segment_bytes: the smallest segment created.
+    """
+
+    def __init__(self, max_bytes: int = 1 << 30, min_segment_bytes: int = 1 << 20) -> None:
+        self.max_bytes = max_bytes
+        self.min_segment_bytes = min_segment_bytes
+        self._segments: dict[int, Segment] = {}
+        self._free: set[int] = set()
+        self._next_id = 1
+        self._cond = threading.Condition()
+        self._closed = False
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(segment.size for segment in self._segments.values())
+
+    def acquire(self, size: int, deadline: float) -> tuple[int, Segment, bool, list[int]]:
+        """A free segment of at least ``size`` bytes.
+
+        Returns:
+            (segment id, segment, whether it is new, ids retired to make room).
+
+        Raises:
+            Timeout: no segment could be had before ``deadline`` (monotonic seconds).
+            ShmError: ``size`` exceeds the pool, or a segment could not be created.
+        """
+        from ._errors import Timeout
+
+        if size > self.max_bytes:
+            raise ShmError(f"a {size}-byte message exceeds the {self.max_bytes}-byte pool")
+        wanted = max(self.min_segment_bytes, 1 << max(0, (size - 1).bit_length()))
+        wanted = min(wanted, self.max_bytes)
+        with self._cond:
+            while True:
+                if self._closed:
+                    raise ShmError("the segment pool is closed")
+                fitting = [i for i in self._free if self._segments[i].size >= size]
+                if fitting:
+                    segment_id = min(fitting, key=lambda i: self._segments[i].size)
+                    self._free.discard(segment_id)
+                    return segment_id, self._segments[segment_id], False, []
+                retired: list[int] = []
+                for segment_id in sorted(self._free, key=lambda i: self._segments[i].size):
+                    if self.total_bytes + wanted <= self.max_bytes:
+                        break
+                    self._free.discard(segment_id)
+                    self._segments.pop(segment_id).discard()
+                    retired.append(segment_id)
+                if self.total_bytes + wanted <= self.max_bytes:
+                    segment = Segment(wanted)
+                    segment_id, self._next_id = self._next_id, self._next_id + 1
+                    self._segments[segment_id] = segment
+                    return segment_id, segment, True, retired
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise Timeout(f"no shared-memory segment came free in time "
+                                  f"({self.total_bytes} of {self.max_bytes} bytes lent out)")
+                self._cond.wait(remaining)
+
+    def give_back(self, segment_id: int) -> None:
+        """The receiver released a segment (or a send failed before it left): reuse it."""
+        with self._cond:
+            if segment_id in self._segments:
+                self._free.add(segment_id)
+                self._cond.notify_all()
+
+    def close(self) -> None:
+        """Unmap and close every segment (the peer's mappings stay valid until it unmaps)."""
+        with self._cond:
+            self._closed = True
+            for segment in self._segments.values():
+                segment.discard()
+            self._segments.clear()
+            self._free.clear()
+            self._cond.notify_all()

@@ -235,12 +235,15 @@ def test_bad_crc_answers_checksum_and_stays_usable(sock_path, server_process):
     peer.close()
 
 
-@pytest.mark.parametrize("flags", [0x0004, 0x8000, 0x0001, 0x0002])
-def test_unsupported_flags_answered_and_stays_usable(sock_path, server_process, flags):
-    # 0x0001 (SHM) and 0x0002 (COMPRESSED) are defined but were not negotiated.
+@pytest.mark.parametrize("flags, code", [
+    (0x0004, ErrorCode.UNSUPPORTED_FLAGS), (0x8000, ErrorCode.UNSUPPORTED_FLAGS),
+    (0x0002, ErrorCode.UNSUPPORTED_FLAGS),   # COMPRESSED, defined but not negotiated
+    (0x0001, ErrorCode.SHM_ERROR),           # SHM, defined but not negotiated
+])
+def test_unsupported_flags_answered_and_stays_usable(sock_path, server_process, flags, code):
     peer = RawPeer(sock_path)
     peer.send(raw_frame(b"echo:x", request_id=13, flags=flags))
-    assert peer.next_error()[:2] == (13, ErrorCode.UNSUPPORTED_FLAGS)
+    assert peer.next_error()[:2] == (13, code)
     peer.send(raw_frame(b"echo:y", request_id=14))
     assert peer.next_frame().payload == b"y"
     peer.close()

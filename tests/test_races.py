@@ -115,7 +115,8 @@ def test_signal_during_a_partial_send_fails_the_connection(sock_path):
     listener = raw_listener(sock_path)
     accepted = []
     threading.Thread(target=lambda: accepted.append(listener.accept()[0]), daemon=True).start()
-    client = hintens.Client(sock_path, timeout=5)   # nobody reads: the send blocks half-way
+    # Inline on purpose (shm=False): nobody reads, so the send blocks half-way.
+    client = hintens.Client(sock_path, timeout=5, shm=False)
     previous = _alarm_in(0.3)
     try:
         with pytest.raises(_Interrupted):

@@ -1,0 +1,260 @@
+"""Large payloads through shared memory between real processes, and hostile SHM peers."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import hintens
+from hintens import ErrorCode, _shm
+from hintens._protocol import FEATURE_SHM, Hello
+
+from .peers import REPO, RawPeer, raw_frame, start_server, stop_server
+
+MIB = 1 << 20
+# The compiled core lends shared payloads as memoryviews; the pure-Python one cannot see a
+# view's release, so it copies them out (bytes) and gives the segment back at once.
+LENT = memoryview if hintens.implementation == "cython" else bytes
+
+
+def done(reply):
+    """Give a received payload back (a no-op for copies)."""
+    if isinstance(reply, memoryview):
+        reply.release()
+
+
+@pytest.fixture
+def sock_path(tmp_path):
+    return str(tmp_path / "shm.sock")
+
+
+@pytest.fixture
+def server_process(sock_path):
+    process = start_server(sock_path)
+    yield process
+    stop_server(process, signal.SIGKILL)
+
+
+@pytest.fixture
+def client(server_process, sock_path):
+    with hintens.Client(sock_path, timeout=60) as client:
+        yield client
+
+
+@pytest.mark.parametrize("size", [64 * 1024 - 1, 64 * 1024, MIB, 64 * MIB])
+def test_round_trips(client, size):
+    payload = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8).tobytes()
+    reply = client.request(b"echo:" + payload)
+    assert bytes(reply) == payload
+    shared = size >= 64 * 1024          # the reply is `size` bytes; the request 5 more
+    assert type(reply) is (LENT if shared else bytes)
+    assert client.peer_hello.features & FEATURE_SHM
+    if shared and LENT is memoryview:
+        assert reply.readonly
+    done(reply)
+
+
+@pytest.mark.skipif(hintens.implementation != "cython", reason="the pure-Python core copies")
+def test_numpy_views_without_a_copy(sock_path):
+    with hintens.Server(sock_path).start():
+        with hintens.Client(sock_path, timeout=30) as client:
+            array = np.arange(4 * MIB, dtype=np.float64)
+            reply = client.request(array)
+            received = np.frombuffer(reply, dtype=np.float64)
+            assert received[-1] == array[-1] and not received.flags.writeable
+            assert type(reply.obj).__name__ == "SharedRegion"   # lent, not copied
+            del received
+            reply.release()
+
+
+def test_segments_are_reused_after_warm_up(sock_path):
+    with hintens.Server(sock_path).start():
+        with hintens.Client(sock_path, timeout=30) as client:
+            payload = bytes(2 * MIB)
+            for _ in range(3):
+                done(client.request(payload))
+            time.sleep(0.2)              # releases travel back
+            pool = client._endpoint.pool
+            before = pool.total_bytes
+            for _ in range(50):
+                done(client.request(payload))
+            assert pool.total_bytes == before     # no new segments: no new mmap, no faults
+
+
+def test_concurrent_large_requests_from_many_threads(sock_path):
+    with hintens.Server(sock_path).start():
+        with hintens.Client(sock_path, timeout=60) as client:
+            errors = []
+
+            def work(seed):
+                try:
+                    for i in range(10):
+                        payload = bytes([seed, i]) * (MIB // 2)
+                        reply = client.request(payload)
+                        assert bytes(reply) == payload
+                        done(reply)
+                except Exception as error:  # noqa: BLE001 - reported below
+                    errors.append(error)
+
+            threads = [threading.Thread(target=work, args=(n,)) for n in range(6)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(120)
+            assert errors == []
+
+
+def test_large_events_arrive_through_shared_memory(sock_path):
+    got, arrived = [], threading.Event()
+
+    def on_event(payload, connection):
+        got.append((type(payload).__name__, bytes(payload[:3]), len(payload)))
+        arrived.set()
+
+    with hintens.Server(sock_path, on_event=on_event).start():
+        with hintens.Client(sock_path) as client:
+            client.request(b"x")                      # the hellos have crossed
+            client.send_event(b"abc" + bytes(MIB))
+            assert arrived.wait(10)
+    assert got == [(LENT.__name__, b"abc", MIB + 3)]
+
+
+def test_shared_memory_can_be_declined(sock_path):
+    with hintens.Server(sock_path, shm=False).start():
+        with hintens.Client(sock_path) as client:
+            reply = client.request(bytes(MIB))
+            assert type(reply) is bytes and client.peer_hello.features == 0
+
+
+# Hostile peers -------------------------------------------------------------------------------
+
+class ShmPeer(RawPeer):
+    """A raw peer that announces shared memory and sends hand-made SHM frames."""
+
+    def __init__(self, path):
+        super().__init__(path)
+        self.send(raw_frame(Hello(features=FEATURE_SHM).encode(), msg_type=3, request_id=0))
+
+    def send_shm(self, request_id, segment_id, size, offset, length, new, fd=None):
+        frame = raw_frame(_shm.encode_descriptor(segment_id, size, offset, length, new),
+                          flags=1, request_id=request_id)
+        ancillary = [] if fd is None else [
+            (socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", fd))]
+        self.sock.sendmsg([frame], ancillary)
+
+
+def memfd(size, seals=0, fill=b""):
+    fd = os.memfd_create("hostile", os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, size)
+    if fill:
+        os.pwrite(fd, fill, 0)
+    if seals:
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
+    return fd
+
+
+def assert_still_serving(peer, request_id=99):
+    peer.send(raw_frame(b"echo:alive", request_id=request_id))
+    frame = peer.next_frame()
+    while frame.type == 3:          # release messages may come first
+        frame = peer.next_frame()
+    assert (frame.type, frame.request_id, frame.payload) == (2, request_id, b"alive")
+
+
+def test_a_well_formed_raw_shm_request_is_served(sock_path, server_process):
+    peer = ShmPeer(sock_path)
+    fd = memfd(MIB, fcntl.F_SEAL_SHRINK, b"echo:from a raw peer")
+    peer.send_shm(1, 7, MIB, 0, 20, True, fd)
+    os.close(fd)
+    frame = peer.next_frame()
+    while frame.type == 3 and frame.request_id == 0:   # our segment's release
+        frame = peer.next_frame()
+    assert frame.type == 2 and frame.payload == b"from a raw peer"
+    peer.close()
+
+
+@pytest.mark.parametrize("case", [
+    "unsealed", "unsealed_then_shrunk", "undersized", "offset_out_of_range",
+    "length_out_of_range", "no_descriptor", "unknown_segment", "not_negotiated", "pipe",
+])
+def test_hostile_shm_frames_get_shm_error(sock_path, server_process, case):
+    peer = RawPeer(sock_path) if case == "not_negotiated" else ShmPeer(sock_path)
+    fd = None
+    if case in ("unsealed", "unsealed_then_shrunk"):
+        fd = memfd(MIB)
+        peer.send_shm(5, 1, MIB, 0, 100, True, fd)
+        if case == "unsealed_then_shrunk":
+            os.ftruncate(fd, 0)
+    elif case == "undersized":
+        fd = memfd(4096, fcntl.F_SEAL_SHRINK)
+        peer.send_shm(5, 1, MIB, 0, 100, True, fd)
+    elif case in ("offset_out_of_range", "length_out_of_range"):
+        fd = memfd(MIB, fcntl.F_SEAL_SHRINK)
+        offset, length = (MIB + 1, 1) if case == "offset_out_of_range" else (10, MIB)
+        peer.send_shm(5, 1, MIB, offset, length, True, fd)
+    elif case == "no_descriptor":
+        peer.send_shm(5, 1, MIB, 0, 100, True)
+    elif case == "unknown_segment":
+        peer.send_shm(5, 42, MIB, 0, 100, False)
+    elif case == "not_negotiated":
+        peer.send(raw_frame(_shm.encode_descriptor(1, MIB, 0, 100, False), flags=1,
+                            request_id=5))
+    elif case == "pipe":
+        read_end, fd = os.pipe()
+        os.close(read_end)
+        peer.send_shm(5, 1, MIB, 0, 100, True, fd)
+    frame = peer.next_frame()
+    while frame.type == 3:            # a release of the refused segment may come first
+        frame = peer.next_frame()
+    assert frame.type == 4
+    request_id, code, message = (frame.request_id, *hintens.decode_error_payload(frame.payload))
+    assert (request_id, code) == (5, ErrorCode.SHM_ERROR) and message
+    assert_still_serving(peer)
+    if fd is not None:
+        os.close(fd)
+    peer.close()
+    assert server_process.poll() is None
+
+
+def _memfd_mappings(pid):
+    with open(f"/proc/{pid}/maps") as maps:
+        return [line for line in maps if "memfd:" in line]
+
+
+def test_client_killed_mid_stream_leaves_nothing_behind(sock_path, server_process):
+    assert _memfd_mappings(server_process.pid) == []
+    script = (
+        "import hintens, sys\n"
+        f"c = hintens.Client({sock_path!r}, timeout=30)\n"
+        "payload = bytes(8 << 20)\n"
+        "print('ready', flush=True)\n"
+        "while True:\n"
+        "    c.request(b'echo:' + payload)\n")
+    before = set(os.listdir("/dev/shm"))
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                             env=dict(os.environ, PYTHONPATH=REPO))
+    assert child.stdout.readline().strip() == b"ready"
+    deadline = time.monotonic() + 10
+    while not _memfd_mappings(server_process.pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _memfd_mappings(server_process.pid), "the stream never used shared memory"
+    child.send_signal(signal.SIGKILL)
+    child.wait(10)
+    child.stdout.close()
+    deadline = time.monotonic() + 10
+    while _memfd_mappings(server_process.pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _memfd_mappings(server_process.pid) == []
+    assert set(os.listdir("/dev/shm")) == before
+    with hintens.Client(sock_path) as other:          # and the server carries on
+        assert other.request(b"echo:ok") == b"ok"
