@@ -258,3 +258,34 @@ def test_client_killed_mid_stream_leaves_nothing_behind(sock_path, server_proces
     assert set(os.listdir("/dev/shm")) == before
     with hintens.Client(sock_path) as other:          # and the server carries on
         assert other.request(b"echo:ok") == b"ok"
+
+
+def _rss_mib(kind):
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(kind + ":"):
+                return int(line.split()[1]) // 1024
+    raise LookupError(kind)
+
+
+@pytest.mark.slow
+def test_one_gib_round_trip_without_private_memory_growth(sock_path):
+    process = start_server(sock_path, handler="hintens._server:echo")
+    try:
+        with hintens.Client(sock_path, timeout=120) as client:
+            payload = np.zeros(1 << 30, dtype=np.uint8)
+            payload[::4096] = 7                          # one byte per page, known values
+            payload[-1] = 9
+            client.request(b"warm up")
+            anon_before = _rss_mib("RssAnon")
+            reply = client.request(payload)
+            assert len(reply) == 1 << 30
+            received = np.frombuffer(reply, dtype=np.uint8)
+            assert received[-1] == 9 and int(received[::4096].sum()) == 7 * (1 << 18)
+            if LENT is memoryview:
+                # Lent, not copied: what grew is the shared mapping, not private memory.
+                assert _rss_mib("RssAnon") - anon_before < 64
+            del received
+            done(reply)
+    finally:
+        stop_server(process, signal.SIGKILL)

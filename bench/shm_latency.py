@@ -1,0 +1,179 @@
+"""Large-message echo round trips across two processes: hintens (shared memory) against
+multiprocessing.connection, pyzmq with copy=False, and multiprocessing.shared_memory with a
+new segment per message; plus one plain memcpy of the same size, the yardstick of the target.
+
+    python bench/shm_latency.py [--sizes 1,16,64,256] [--rounds 5]
+
+Each peer echoes; a round trip ends when the client holds the reply readable. Peers are
+interleaved round by round. Prints medians in ms, GB/s (both directions) and ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import rpc_peers  # noqa: E402
+
+from hintens import _demo  # noqa: E402
+
+MIB = 1 << 20
+KINDS = ("hintens", "multiprocessing", "pyzmq", "mp_shared_memory")
+
+
+def serve(kind: str, path: str) -> None:
+    if kind == "pyzmq":
+        import zmq
+
+        sock = zmq.Context().socket(zmq.REP)
+        sock.bind("ipc://" + path)
+        while True:
+            sock.send(sock.recv(copy=False), copy=False)
+    elif kind == "mp_shared_memory":
+        from multiprocessing.connection import Listener
+        from multiprocessing.shared_memory import SharedMemory
+
+        with Listener(path, family="AF_UNIX") as listener:
+            while True:                # the first connection is spawn()'s readiness probe
+                with listener.accept() as conn:
+                    try:
+                        while True:
+                            name, size = conn.recv()
+                            request = SharedMemory(name)
+                            reply = SharedMemory(create=True, size=size)
+                            reply.buf[:size] = request.buf[:size]
+                            request.close()
+                            conn.send((reply.name, size))
+                            reply.close()          # the client unlinks it
+                    except EOFError:
+                        pass
+    else:
+        rpc_peers.serve(kind, path)
+
+
+class _ShmClient:
+    def __init__(self, path: str) -> None:
+        from multiprocessing.connection import Client
+
+        self.conn = Client(path, family="AF_UNIX")
+
+    def request(self, payload: np.ndarray) -> memoryview:
+        from multiprocessing.shared_memory import SharedMemory
+
+        request = SharedMemory(create=True, size=payload.nbytes)
+        request.buf[:payload.nbytes] = memoryview(payload).cast("B")
+        self.conn.send((request.name, payload.nbytes))
+        name, size = self.conn.recv()
+        request.close()
+        request.unlink()
+        reply = SharedMemory(name)
+        view = bytes(reply.buf[:16])      # readable; a reply is held only this long
+        reply.close()
+        reply.unlink()
+        return memoryview(view)
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+class _ZmqCopyFree:
+    def __init__(self, path: str) -> None:
+        import zmq
+
+        self.context = zmq.Context()
+        self.sock = self.context.socket(zmq.REQ)
+        self.sock.connect("ipc://" + path)
+
+    def request(self, payload: np.ndarray) -> memoryview:
+        self.sock.send(payload, copy=False)
+        return self.sock.recv(copy=False).buffer
+
+    def close(self) -> None:
+        self.sock.close(0)
+        self.context.term()
+
+
+def start(kind: str, path: str):
+    if kind == "hintens":
+        return rpc_peers.start(kind, path)
+    return _demo.spawn([sys.executable, os.path.abspath(__file__), "serve", kind, path], path)
+
+
+def client(kind: str, path: str):
+    if kind == "pyzmq":
+        return _ZmqCopyFree(path)
+    if kind == "mp_shared_memory":
+        return _ShmClient(path)
+    if kind == "hintens":
+        import hintens
+
+        return hintens.Client(path, timeout=120)
+    return rpc_peers.client(kind, path)
+
+
+def round_trip(peer, payload: np.ndarray) -> None:
+    reply = peer.request(payload)
+    if isinstance(reply, memoryview):
+        reply.release()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="1,16,64,256", help="MiB, comma-separated")
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    sizes = [int(s) * MIB for s in args.sizes.split(",")]
+    results: dict[int, dict[str, list[float]]] = {n: {k: [] for k in KINDS} for n in sizes}
+    memcpy: dict[int, list[float]] = {n: [] for n in sizes}
+    with tempfile.TemporaryDirectory(prefix="hintens-shm-bench-") as directory:
+        servers, peers = [], {}
+        try:
+            for kind in KINDS:
+                path = os.path.join(directory, f"{kind}.sock")
+                servers.append(start(kind, path))
+                peers[kind] = client(kind, path)
+            for size in sizes:
+                payload = np.random.default_rng(size).integers(0, 255, size, dtype=np.uint8)
+                target = np.empty_like(payload)
+                for kind, peer in peers.items():       # warm-up: pools, page faults
+                    for _ in range(2):
+                        round_trip(peer, payload)
+                for _ in range(args.rounds):
+                    start_s = time.perf_counter()
+                    np.copyto(target, payload)
+                    memcpy[size].append(time.perf_counter() - start_s)
+                    for kind, peer in peers.items():
+                        start_s = time.perf_counter()
+                        round_trip(peer, payload)
+                        results[size][kind].append(time.perf_counter() - start_s)
+        finally:
+            for peer in peers.values():
+                peer.close()
+            for server in servers:
+                _demo.stop(server)
+    print(f"echo round trips, {args.rounds} rounds after warm-up, medians")
+    for size in sizes:
+        copy = statistics.median(memcpy[size])
+        print(f"\n{size // MIB} MiB   (one plain memcpy: {copy * 1e3:.2f} ms)")
+        medians = {kind: statistics.median(s) for kind, s in results[size].items()}
+        for kind, median in medians.items():
+            print(f"  {kind:<18} {median * 1e3:9.2f} ms  {2 * size / median / 1e9:6.2f} GB/s  "
+                  f"{median / copy:6.1f}x memcpy")
+        ours = medians["hintens"]
+        print(f"  hintens vs multiprocessing.connection: {medians['multiprocessing'] / ours:.1f}x "
+              f"faster (target >= 20x);  vs pyzmq copy=False: {medians['pyzmq'] / ours:.1f}x")
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["serve"]:
+        serve(sys.argv[2], sys.argv[3])
+    else:
+        main()
