@@ -30,7 +30,17 @@ KINDS = ("hintens", "multiprocessing", "pyzmq", "mp_shared_memory")
 
 
 def serve(kind: str, path: str) -> None:
-    if kind == "pyzmq":
+    if kind == "hintens_allocate":
+        import hintens
+
+        holder = {}
+
+        def handler(payload):           # the reply is written in place, never copied
+            return holder["server"].allocate(len(payload))
+
+        holder["server"] = hintens.Server(path, handler)
+        holder["server"].serve_forever()
+    elif kind == "pyzmq":
         import zmq
 
         sock = zmq.Context().socket(zmq.REP)
@@ -99,6 +109,31 @@ class _ZmqCopyFree:
     def close(self) -> None:
         self.sock.close(0)
         self.context.term()
+
+
+def allocate_ratio(rounds: int) -> None:
+    """Round trips with allocate() on both sides: does the cost stay flat as size grows?"""
+    import hintens
+
+    with tempfile.TemporaryDirectory(prefix="hintens-alloc-bench-") as directory:
+        path = os.path.join(directory, "alloc.sock")
+        server = start("hintens_allocate", path)
+        try:
+            with hintens.Client(path, timeout=120) as peer:
+                times: dict[int, list[float]] = {64 * 1024: [], 64 * MIB: []}
+                for _ in range(3):              # warm-up: both pools reach their sizes
+                    for size in times:
+                        peer.request(peer.allocate(size)).release()
+                for _ in range(rounds * 4):
+                    for size in times:
+                        start_s = time.perf_counter()
+                        peer.request(peer.allocate(size)).release()
+                        times[size].append(time.perf_counter() - start_s)
+        finally:
+            _demo.stop(server)
+    small, large = (statistics.median(times[n]) for n in (64 * 1024, 64 * MIB))
+    print(f"\nallocate() on both sides: 64 KiB {small * 1e3:.3f} ms, 64 MiB {large * 1e3:.3f} ms"
+          f" -> {large / small:.2f}x (target <= 3x)")
 
 
 def start(kind: str, path: str):
@@ -170,6 +205,7 @@ def main() -> None:
         ours = medians["hintens"]
         print(f"  hintens vs multiprocessing.connection: {medians['multiprocessing'] / ours:.1f}x "
               f"faster (target >= 20x);  vs pyzmq copy=False: {medians['pyzmq'] / ours:.1f}x")
+    allocate_ratio(args.rounds)
 
 
 if __name__ == "__main__":

@@ -219,6 +219,26 @@ class Client:
         self._send(frames_for(self._encode_frame, self._encode_header, MessageType.EVENT,
                               payload, request_id))
 
+    def allocate(self, size: int, timeout: float | None = None) -> memoryview:
+        """A writable buffer inside a shared-memory segment: fill it, then pass it to
+        ``request`` or ``send_event`` as the payload, and nothing is copied.
+
+        Once sent, the buffer belongs to the receiver until it releases the segment: do not
+        write to it again, and allocate a new one for the next message.
+
+        Args:
+            size: bytes.
+            timeout: seconds to wait for a free segment; default ``self.timeout``.
+
+        Raises:
+            ShmError: the server did not negotiate shared memory (or ``shm=False``).
+            Timeout: every segment of the pool is lent out.
+        """
+        deadline = monotonic() + (self.timeout if timeout is None else timeout)
+        if self._endpoint.peer_hello is None and self._endpoint.pool is not None:
+            self._await_hello(min(deadline, monotonic() + HELLO_WAIT_S))
+        return self._endpoint.allocate(size, deadline)
+
     @property
     def peer_hello(self) -> Hello | None:
         """The server's capability hello, once it has arrived."""

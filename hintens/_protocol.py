@@ -148,6 +148,8 @@ class Endpoint:
         self.segments: dict[int, _shm.ReceivedSegment] = {}
         self.fd_source: list[int] = []
         self.send_control: Callable[[bytes], None] | None = None
+        # Buffers handed out by allocate(), by id, with what sending them needs.
+        self._allocations: dict[int, tuple[Any, int, _shm.Segment, bool, list[int]]] = {}
 
     @property
     def peer(self) -> Hello:
@@ -276,6 +278,45 @@ class Endpoint:
             except Exception as error:   # the connection is gone: nothing to give back to
                 log.debug("could not release segment %d: %s", segment_id, error)
 
+    def allocate(self, size: int, deadline: float) -> memoryview:
+        """A writable buffer inside a segment; sending it copies nothing.
+
+        Raises:
+            ShmError: shared memory was not negotiated on this connection.
+            Timeout: no segment came free before ``deadline``.
+        """
+        if self.pool is None or not self.negotiated(FEATURE_SHM):
+            raise ShmError("allocate() needs shared memory, and this connection did not "
+                           "negotiate it")
+        segment_id, segment, new, retired = self.pool.acquire(size, deadline)
+        if _impl.implementation == "python":
+            view = memoryview(segment.map)[:size]
+        else:
+            region = _impl.core.SharedRegion(segment.map, 0, size, False)
+            view = memoryview(region)  # type: ignore[arg-type]
+        self._allocations[id(view)] = (view, segment_id, segment, new, retired)
+        return view
+
+    def _allocated_sends(self, msg_type: int, payload: Any,
+                         request_id: int) -> list[tuple[list[Any], list[int]]] | None:
+        entry = self._allocations.get(id(payload))
+        if entry is None or entry[0] is not payload:
+            return None
+        del self._allocations[id(payload)]
+        view, segment_id, segment, new, retired = entry
+        frame = self._encode_frame(msg_type, _shm.encode_descriptor(
+            segment_id, segment.size, 0, len(view), new), request_id, Flags.SHM)
+        return self._writes(frame, segment, new, retired)
+
+    def _writes(self, frame: bytes, segment: _shm.Segment, new: bool,
+                retired: list[int]) -> list[tuple[list[Any], list[int]]]:
+        writes: list[tuple[list[Any], list[int]]] = []
+        if retired:
+            writes.append(([self._encode_frame(MessageType.EVENT, _shm.encode_control(
+                _shm.RETIRE_MAGIC, retired), 0)], []))
+        writes.append(([frame], [segment.fd] if new else []))
+        return writes
+
     def shm_sends(self, msg_type: int, payload: Any, request_id: int,
                   deadline: float) -> list[tuple[list[Any], list[int]]] | None:
         """The writes that carry a payload through shared memory, or None to send it inline.
@@ -285,6 +326,10 @@ class Endpoint:
         """
         if self.pool is None or not self.negotiated(FEATURE_SHM):
             return None
+        if self._allocations:
+            allocated = self._allocated_sends(msg_type, payload, request_id)
+            if allocated is not None:
+                return allocated       # filled in place by the application: no copy
         size = memoryview(payload).nbytes
         if size < self.shm_threshold:
             return None
@@ -298,15 +343,11 @@ class Endpoint:
         except BaseException:
             self.pool.give_back(segment_id)
             raise
-        writes: list[tuple[list[Any], list[int]]] = []
-        if retired:
-            writes.append(([self._encode_frame(MessageType.EVENT, _shm.encode_control(
-                _shm.RETIRE_MAGIC, retired), 0)], []))
-        writes.append(([frame], [segment.fd] if new else []))
-        return writes
+        return self._writes(frame, segment, new, retired)
 
     def close_shm(self) -> None:
         """The connection is over: free our segments and unmap the peer's."""
+        self._allocations.clear()
         if self.pool is not None:
             self.pool.close()
         for segment in self.segments.values():

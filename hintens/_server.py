@@ -231,6 +231,21 @@ class Server:
                 pass
         return sent
 
+    def allocate(self, size: int, timeout: float | None = None) -> memoryview:
+        """From a handler: a writable buffer inside a shared-memory segment of the connection
+        being served. Fill it and return it as the response: nothing is copied.
+
+        Raises:
+            RuntimeError: not called from a handler.
+            ShmError: this client did not negotiate shared memory.
+            Timeout: every segment of the connection's pool is lent out.
+        """
+        connection = getattr(self._local, "connection", None)
+        if connection is None:
+            raise RuntimeError("Server.allocate() is for handlers, on the serving thread")
+        deadline = monotonic() + (self.send_timeout if timeout is None else timeout)
+        return connection._endpoint.allocate(size, deadline)
+
     def serve_forever(self) -> None:
         """Accept and serve connections until ``shutdown()`` or ``close()``, then drain."""
         with self._lock:
@@ -338,6 +353,7 @@ class Server:
         current_timeout: float | None = None
         frame_started = 0.0
         self._local.serving = True
+        self._local.connection = connection
         try:
             connection._send([endpoint.hello_frame()])   # the hello goes first, always
             with self._lock:

@@ -289,3 +289,42 @@ def test_one_gib_round_trip_without_private_memory_growth(sock_path):
             done(reply)
     finally:
         stop_server(process, signal.SIGKILL)
+
+
+def test_allocate_fill_send_round_trip_copies_nothing(sock_path):
+    seen = {}
+    holder = {}
+
+    def handler(payload):
+        seen["lent"] = type(payload) is LENT
+        seen["first"] = bytes(payload[:4])
+        reply = holder["server"].allocate(len(payload))
+        reply[:4] = b"pong"                       # filled in place on the server side too
+        return reply
+
+    holder["server"] = hintens.Server(sock_path, handler).start()
+    try:
+        with hintens.Client(sock_path, timeout=30) as client:
+            buffer = client.allocate(4 * MIB)
+            array = np.frombuffer(buffer, dtype=np.uint8)
+            array[:4] = list(b"ping")
+            del array
+            pool = client._endpoint.pool
+            segments_before = len(pool._segments)
+            reply = client.request(buffer)
+            assert bytes(reply[:4]) == b"pong" and len(reply) == 4 * MIB
+            assert seen == {"lent": True, "first": b"ping"}
+            assert len(pool._segments) == segments_before   # the send took no second segment
+            assert client._endpoint._allocations == {}
+            done(reply)
+    finally:
+        holder["server"].close()
+
+
+def test_allocate_needs_shared_memory(sock_path):
+    with hintens.Server(sock_path, shm=False).start() as server:
+        with hintens.Client(sock_path) as client:
+            with pytest.raises(hintens.ShmError, match="negotiate"):
+                client.allocate(MIB)
+        with pytest.raises(RuntimeError, match="handlers"):
+            server.allocate(MIB)
