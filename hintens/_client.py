@@ -145,15 +145,19 @@ class Client:
 
     # Public API -------------------------------------------------------------------------
 
-    def request(self, payload: Any, timeout: float | None = None) -> Any:
+    def request(self, payload: Any, timeout: float | None = None, *,
+                writable: bool = False) -> Any:
         """Send a Request and wait for its reply.
 
         Args:
-            payload: any C-contiguous buffer.
+            payload: any C-contiguous buffer (or a buffer from ``allocate``, sent uncopied).
             timeout: seconds to wait for the reply; default ``self.timeout``.
+            writable: a reply through shared memory comes as a writable copy-on-write view
+                (MAP_PRIVATE): nothing is copied until written, and writes stay here.
 
         Returns:
-            The Response payload (``bytes``, or a read-only ``memoryview``).
+            The Response payload: ``bytes``, or a ``memoryview`` (read-only unless
+            ``writable``) lent from shared memory until it is released.
 
         Raises:
             RemoteError: the server answered with an Error frame (a subclass per code).
@@ -176,6 +180,8 @@ class Client:
             if self._closed_reason is not None:
                 raise self._closed_error()
             self._waiters[request_id] = waiter
+            if writable:
+                self._endpoint.writable_ids.add(request_id)
         try:
             # Send first, read after: a thread blocked in send must never hold the reader
             # role, or a peer blocked writing replies to us would never be drained.
@@ -189,9 +195,10 @@ class Client:
                 self._send_failed(error)
             self._wait(waiter, request_id, deadline)
         finally:
-            if not waiter.done:
+            if not waiter.done or writable:
                 with self._lock:
                     self._waiters.pop(request_id, None)
+                    self._endpoint.writable_ids.discard(request_id)
         if waiter.error is not None:
             raise waiter.error
         return waiter.payload

@@ -148,6 +148,9 @@ class Endpoint:
         self.segments: dict[int, _shm.ReceivedSegment] = {}
         self.fd_source: list[int] = []
         self.send_control: Callable[[bytes], None] | None = None
+        # Whose shared payloads are lent writable (copy-on-write): request ids, or everything.
+        self.writable_ids: set[int] = set()
+        self.writable_all = False
         # Buffers handed out by allocate(), by id, with what sending them needs.
         self._allocations: dict[int, tuple[Any, int, _shm.Segment, bool, list[int]]] = {}
 
@@ -248,7 +251,8 @@ class Endpoint:
             segment = self.segments.get(segment_id)
             if segment is None:
                 raise ShmError(f"segment {segment_id} is not mapped here")
-            payload = self._region(segment, segment_id, offset, length)
+            writable = self.writable_all or frame.request_id in self.writable_ids
+            payload = self._region(segment, segment_id, offset, length, writable)
         except ShmError as error:
             error.request_id, error.msg_type = frame.request_id, frame.type
             if segment_id:
@@ -258,15 +262,22 @@ class Endpoint:
                                 frame.request_id, payload)
 
     def _region(self, segment: _shm.ReceivedSegment, segment_id: int, offset: int,
-                length: int) -> Any:
+                length: int, writable: bool = False) -> Any:
         if _impl.implementation == "python":
             # Pure Python cannot see a view's release: copy out and give the segment back.
             with segment.view(offset, length) as view:
-                payload = bytes(view)
+                payload = bytearray(view) if writable else bytes(view)
             self._release(segment_id)
             return payload
-        region = _impl.core.SharedRegion(segment.map, offset, length, True,
-                                         lambda _: self._release(segment_id), True)
+        if writable:
+            # Copy-on-write: nothing is copied until written, and writes never reach the
+            # sender. Unwritten pages still read the segment, so it is lent until the view goes.
+            private, delta = segment.private_map(offset, length)
+            region = _impl.core.SharedRegion(private, delta, length, False,
+                                             lambda _: self._release(segment_id), True)
+        else:
+            region = _impl.core.SharedRegion(segment.map, offset, length, True,
+                                             lambda _: self._release(segment_id), True)
         # The compiled region exports its buffer; released or collected, it gives back.
         return memoryview(region)  # type: ignore[arg-type]
 

@@ -79,6 +79,7 @@ class ServerConnection:
         self._channel = _impl.core.Channel(sock, self._endpoint.decoder, RECEIVE_BUFFER_BYTES)
         self._endpoint.fd_source = self._channel.fds
         self._endpoint.send_control = self._send_control
+        self._endpoint.writable_all = server.writable
         if server.shm:
             self._channel.max_fds = 64
         self._open = True
@@ -155,6 +156,8 @@ class Server:
             ``shm_threshold`` bytes or more travel through sealed memfd segments toward clients
             that offer it too; each connection's sending segments hold at most
             ``shm_pool_bytes``.
+        writable: handlers get shared payloads as writable copy-on-write views (MAP_PRIVATE)
+            instead of read-only ones; nothing is copied until written.
 
     Raises:
         ServerRunningError: another server is listening on ``path``.
@@ -172,7 +175,7 @@ class Server:
                  idle_timeout: float | None = None,
                  frame_timeout: float = DEFAULT_FRAME_TIMEOUT_S,
                  send_timeout: float = DEFAULT_SEND_TIMEOUT_S,
-                 backlog: int = DEFAULT_BACKLOG, shm: bool = True,
+                 backlog: int = DEFAULT_BACKLOG, shm: bool = True, writable: bool = False,
                  shm_threshold: int = DEFAULT_SHM_THRESHOLD_BYTES,
                  shm_pool_bytes: int = DEFAULT_SHM_POOL_BYTES) -> None:
         self.path = socket_path(path)
@@ -185,6 +188,7 @@ class Server:
         self.frame_timeout = frame_timeout
         self.send_timeout = send_timeout
         self.shm = shm
+        self.writable = writable
         self.shm_threshold = shm_threshold
         self.shm_pool_bytes = shm_pool_bytes
         self._allowed_uids = {os.geteuid(), *allow_uids}

@@ -186,9 +186,9 @@ class ReceivedSegment:
         self._check(offset, length)
         return memoryview(self.map)[offset:offset + length]
 
-    def private_view(self, offset: int, length: int) -> memoryview:
-        """A writable copy-on-write view (MAP_PRIVATE): nothing is copied until written, and
-        writes never reach the sender.
+    def private_map(self, offset: int, length: int) -> tuple[mmap.mmap, int]:
+        """A copy-on-write (MAP_PRIVATE) mapping covering the region, and the region's offset
+        in it. Pages not yet written still read through to the segment.
 
         Raises:
             ShmError: the region is outside the segment, or the mapping failed.
@@ -196,11 +196,21 @@ class ReceivedSegment:
         self._check(offset, length)
         start = offset - offset % mmap.ALLOCATIONGRANULARITY
         try:
-            private = mmap.mmap(self.fd, offset + length - start, mmap.MAP_PRIVATE,
+            private = mmap.mmap(self.fd, max(1, offset + length - start), mmap.MAP_PRIVATE,
                                 mmap.PROT_READ | mmap.PROT_WRITE, offset=start)
         except OSError as error:
             raise ShmError(f"cannot map a private copy: {error.strerror}") from error
-        return memoryview(private)[offset - start:offset - start + length]
+        return private, offset - start
+
+    def private_view(self, offset: int, length: int) -> memoryview:
+        """A writable copy-on-write view (MAP_PRIVATE): nothing is copied until written, and
+        writes never reach the sender.
+
+        Raises:
+            ShmError: the region is outside the segment, or the mapping failed.
+        """
+        private, delta = self.private_map(offset, length)
+        return memoryview(private)[delta:delta + length]
 
     def close(self) -> None:
         """Unmap and close. Raises BufferError while views of it are alive."""

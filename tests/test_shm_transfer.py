@@ -328,3 +328,45 @@ def test_allocate_needs_shared_memory(sock_path):
                 client.allocate(MIB)
         with pytest.raises(RuntimeError, match="handlers"):
             server.allocate(MIB)
+
+
+def test_writable_replies_are_private_copies_on_write(sock_path):
+    holder = {}
+
+    def handler(payload):
+        reply = holder["server"].allocate(MIB)
+        reply[:5] = b"fresh"
+        return reply
+
+    holder["server"] = hintens.Server(sock_path, handler).start()
+    try:
+        with hintens.Client(sock_path, timeout=30) as client:
+            reply = client.request(b"x", writable=True)
+            array = np.frombuffer(reply, dtype=np.uint8)
+            assert array.flags.writeable
+            array[:5] = list(b"MINE!")                 # lands in our private pages only
+            assert bytes(reply[:5]) == b"MINE!"
+            del array
+            done(reply)
+            time.sleep(0.2)                            # the segment travels back
+            again = client.request(b"x")               # the server reuses its segment
+            assert bytes(again[:5]) == b"fresh"        # our writes never reached it
+            done(again)
+    finally:
+        holder["server"].close()
+
+
+@pytest.mark.skipif(hintens.implementation != "cython", reason="the pure-Python core copies")
+def test_server_handlers_can_receive_writable_views(sock_path):
+    seen = {}
+
+    def handler(payload):
+        array = np.frombuffer(payload, dtype=np.uint8)
+        seen["writable"] = array.flags.writeable
+        array[:2] = 1                                  # allowed: a private copy
+        return bytes(payload[:2])
+
+    with hintens.Server(sock_path, handler, writable=True).start():
+        with hintens.Client(sock_path, timeout=30) as client:
+            assert client.request(bytes(MIB)) == b"\x01\x01"
+    assert seen == {"writable": True}
