@@ -193,7 +193,14 @@ class Client:
                     self._channel.send(frames)
             except BaseException as error:
                 self._send_failed(error)
-            self._wait(waiter, request_id, deadline)
+            with self._lock:   # nobody reading: read our own reply now, no _wait round
+                leading = not self._reading and self._closed_reason is None
+                if leading:
+                    self._reading = True
+            if leading:
+                self._read(deadline - monotonic(), request_id)
+            if not waiter.done:
+                self._wait(waiter, request_id, deadline)
         finally:
             if not waiter.done or writable:
                 with self._lock:
@@ -446,6 +453,10 @@ class Client:
                 waiter = self._waiters.pop(request_id, None)
                 if waiter is not None:
                     waiter.payload, waiter.done = reply, True
+                if self._sleepers:
+                    self._cond.notify_all()
+                if not self._close_pending:
+                    return   # the common case: a lone reply, nothing else to do
                 events, replies = _NOTHING
             else:
                 events, replies = self._dispatch(items) if items else _NOTHING
