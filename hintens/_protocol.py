@@ -151,6 +151,9 @@ class Endpoint:
         # Whose shared payloads are lent writable (copy-on-write): request ids, or everything.
         self.writable_ids: set[int] = set()
         self.writable_all = False
+        # Read-only payloads lent from the peer's segments, by id of their region: an echo of
+        # one goes back as a PEER_SEGMENT descriptor, without a copy.
+        self._lent: dict[int, tuple[int, int, int, int]] = {}
         # Buffers handed out by allocate(), by id, with what sending them needs.
         self._allocations: dict[int, tuple[Any, int, _shm.Segment, bool, list[int]]] = {}
 
@@ -240,7 +243,10 @@ class Endpoint:
         """An SHM frame's payload, mapped and lent; or the ShmError that answers it."""
         segment_id = 0
         try:
-            segment_id, new, size, offset, length = _shm.decode_descriptor(frame.payload)
+            segment_id, flags, size, offset, length = _shm.decode_descriptor(frame.payload)
+            if flags & _shm.PEER_SEGMENT:
+                return self._lend_ours(frame, segment_id, offset, length)
+            new = bool(flags & _shm.NEW_SEGMENT)
             if new:
                 if segment_id in self.segments:
                     raise ShmError(f"segment {segment_id} is already mapped")
@@ -261,6 +267,30 @@ class Endpoint:
         return self._frame_type(frame.type, frame.flags & ~Flags.SHM, frame.version,
                                 frame.request_id, payload)
 
+    def _lend_ours(self, frame: Any, segment_id: int, offset: int, length: int) -> Any:
+        """A payload that came back in one of our own segments (an echo): lent read-only,
+        with a hold that keeps the pool from reusing the segment until it is released."""
+        if self.pool is None:
+            raise ShmError("a PEER_SEGMENT descriptor, but this side lends no segments")
+        segment = self.pool.hold(segment_id)
+        try:
+            if offset < 0 or length < 0 or offset > segment.size or length > segment.size - offset:
+                raise ShmError(f"region [{offset}, {offset}+{length}) is outside our "
+                               f"{segment.size}-byte segment {segment_id}")
+            if _impl.implementation == "python":
+                payload: Any = bytes(memoryview(segment.map)[offset:offset + length])
+                self.pool.give_back(segment_id)
+            else:
+                pool = self.pool
+                region = _impl.core.SharedRegion(segment.map, offset, length, True,
+                                                 lambda _: pool.give_back(segment_id), True)
+                payload = memoryview(region)  # type: ignore[arg-type]
+        except BaseException:
+            self.pool.give_back(segment_id)
+            raise
+        return self._frame_type(frame.type, frame.flags & ~Flags.SHM, frame.version,
+                                frame.request_id, payload)
+
     def _region(self, segment: _shm.ReceivedSegment, segment_id: int, offset: int,
                 length: int, writable: bool = False) -> Any:
         if _impl.implementation == "python":
@@ -276,8 +306,14 @@ class Endpoint:
             region = _impl.core.SharedRegion(private, delta, length, False,
                                              lambda _: self._release(segment_id), True)
         else:
-            region = _impl.core.SharedRegion(segment.map, offset, length, True,
-                                             lambda _: self._release(segment_id), True)
+            lent = self._lent
+
+            def released(region: Any) -> None:
+                lent.pop(id(region), None)
+                self._release(segment_id)
+
+            region = _impl.core.SharedRegion(segment.map, offset, length, True, released, True)
+            lent[id(region)] = (segment_id, segment.size, offset, length)
         # The compiled region exports its buffer; released or collected, it gives back.
         return memoryview(region)  # type: ignore[arg-type]
 
@@ -341,6 +377,13 @@ class Endpoint:
             allocated = self._allocated_sends(msg_type, payload, request_id)
             if allocated is not None:
                 return allocated       # filled in place by the application: no copy
+        if self._lent and type(payload) is memoryview:
+            entry = self._lent.get(id(payload.obj))
+            if entry is not None and payload.nbytes == entry[3] and payload.c_contiguous:
+                segment_id, size, offset, length = entry     # an echo: point back at it
+                return [([self._encode_frame(msg_type, _shm.encode_descriptor(
+                    segment_id, size, offset, length, False, peer=True), request_id,
+                    Flags.SHM)], [])]
         size = memoryview(payload).nbytes
         if size < self.shm_threshold:
             return None

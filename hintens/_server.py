@@ -58,6 +58,11 @@ def echo(payload: Any) -> Any:
     return payload
 
 
+def _is_echo(endpoint: Endpoint, result: Any) -> bool:
+    """The handler returned the payload it was lent: the reply points back at its segment."""
+    return type(result) is memoryview and id(result.obj) in endpoint._lent
+
+
 class ServerConnection:
     """One accepted client, as callbacks see it.
 
@@ -443,14 +448,18 @@ class Server:
                             out += frames_for(_impl.core.encode_frame, _impl.core.encode_header,
                                               MessageType.RESPONSE, result, request_id)
                         else:
-                            # The reply is copied out: drop the request's lent payload now, so
-                            # its release reaches the client before the reply does.
-                            items[index] = item = result = None
+                            if not _is_echo(endpoint, result):
+                                # The reply was copied out: drop the request's lent payload now,
+                                # so its release reaches the client before the reply does.
+                                items[index] = item = result = None
+                            # (An echo names the client's own segment: the release must follow
+                            # the reply, or the client would free the segment before it.)
                             if out:
                                 connection._send(out)
                                 out = []
                             for buffers, fds in writes:
                                 connection._channel.send(buffers, fds)
+                            items[index] = item = result = None
                     except Exception as error:
                         out.append(self._error_answer(endpoint, request_id, error))
                 elif kind == MessageType.EVENT:

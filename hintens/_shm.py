@@ -236,6 +236,9 @@ class ReceivedSegment:
 DESCRIPTOR = struct.Struct("<IIQQQ")
 #: Descriptor flag: this frame carries the segment's descriptor (SCM_RIGHTS, with its first byte).
 NEW_SEGMENT = 0x1
+#: Descriptor flag: the id names a segment of the *receiver's* pool, one it lent to this sender
+#: (an echo of a lent payload goes back without a copy).
+PEER_SEGMENT = 0x2
 #: Control Events (request id 0): the receiver gives segments back; the sender retires them.
 RELEASE_MAGIC = b"HREL"
 RETIRE_MAGIC = b"HRET"
@@ -244,23 +247,26 @@ _IDS = struct.Struct("<I")
 MAX_CONTROL_IDS = 1024
 
 
-def encode_descriptor(segment_id: int, size: int, offset: int, length: int, new: bool) -> bytes:
-    return DESCRIPTOR.pack(segment_id, NEW_SEGMENT if new else 0, size, offset, length)
+def encode_descriptor(segment_id: int, size: int, offset: int, length: int, new: bool,
+                      peer: bool = False) -> bytes:
+    flags = (NEW_SEGMENT if new else 0) | (PEER_SEGMENT if peer else 0)
+    return DESCRIPTOR.pack(segment_id, flags, size, offset, length)
 
 
-def decode_descriptor(payload: Any) -> tuple[int, bool, int, int, int]:
-    """(segment id, new, segment size, offset, length).
+def decode_descriptor(payload: Any) -> tuple[int, int, int, int, int]:
+    """(segment id, flags, segment size, offset, length).
 
     Raises:
-        ShmError: wrong size, unknown flag bits, or segment id 0.
+        ShmError: wrong size, unknown or contradictory flag bits, or segment id 0.
     """
     data = bytes(payload)
     if len(data) != DESCRIPTOR.size:
         raise ShmError(f"an SHM descriptor has {DESCRIPTOR.size} bytes, not {len(data)}")
     segment_id, flags, size, offset, length = DESCRIPTOR.unpack(data)
-    if flags & ~NEW_SEGMENT or segment_id == 0:
+    if flags & ~(NEW_SEGMENT | PEER_SEGMENT) or flags == NEW_SEGMENT | PEER_SEGMENT \
+            or segment_id == 0:
         raise ShmError(f"bad SHM descriptor (segment {segment_id}, flags 0x{flags:x})")
-    return segment_id, bool(flags & NEW_SEGMENT), size, offset, length
+    return segment_id, flags, size, offset, length
 
 
 def encode_control(magic: bytes, segment_ids: Sequence[int]) -> bytes:
@@ -297,6 +303,9 @@ class SegmentPool:
         self.min_segment_bytes = min_segment_bytes
         self._segments: dict[int, Segment] = {}
         self._free: set[int] = set()
+        # Holds on each lent segment: the peer's (until its release) plus local views of an
+        # echo that came back in it (PEER_SEGMENT). Free again at zero.
+        self._holds: dict[int, int] = {}
         self._next_id = 1
         self._cond = threading.Condition()
         self._closed = False
@@ -329,6 +338,7 @@ class SegmentPool:
                 if fitting:
                     segment_id = min(fitting, key=lambda i: self._segments[i].size)
                     self._free.discard(segment_id)
+                    self._holds[segment_id] = 1
                     return segment_id, self._segments[segment_id], False, []
                 retired: list[int] = []
                 for segment_id in sorted(self._free, key=lambda i: self._segments[i].size):
@@ -341,6 +351,7 @@ class SegmentPool:
                     segment = Segment(wanted)
                     segment_id, self._next_id = self._next_id, self._next_id + 1
                     self._segments[segment_id] = segment
+                    self._holds[segment_id] = 1
                     return segment_id, segment, True, retired
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -349,11 +360,29 @@ class SegmentPool:
                 self._cond.wait(remaining)
 
     def give_back(self, segment_id: int) -> None:
-        """The receiver released a segment (or a send failed before it left): reuse it."""
+        """One hold on a lent segment ends (the receiver's release, a local view of an echo,
+        or a send that failed before it left); at none left it is free for reuse."""
         with self._cond:
+            holds = self._holds.get(segment_id, 0) - 1
+            if holds > 0:
+                self._holds[segment_id] = holds
+                return
+            self._holds.pop(segment_id, None)
             if segment_id in self._segments:
                 self._free.add(segment_id)
                 self._cond.notify_all()
+
+    def hold(self, segment_id: int) -> Segment:
+        """Add a hold on a segment that is lent out (an echo of it came back to us).
+
+        Raises:
+            ShmError: the id names no segment of ours that is lent out.
+        """
+        with self._cond:
+            if self._holds.get(segment_id, 0) <= 0 or segment_id not in self._segments:
+                raise ShmError(f"segment {segment_id} is not one of ours lent out")
+            self._holds[segment_id] += 1
+            return self._segments[segment_id]
 
     def close(self) -> None:
         """Unmap and close every segment (the peer's mappings stay valid until it unmaps)."""
@@ -363,4 +392,5 @@ class SegmentPool:
                 segment.discard()
             self._segments.clear()
             self._free.clear()
+            self._holds.clear()
             self._cond.notify_all()

@@ -370,3 +370,42 @@ def test_server_handlers_can_receive_writable_views(sock_path):
         with hintens.Client(sock_path, timeout=30) as client:
             assert client.request(bytes(MIB)) == b"\x01\x01"
     assert seen == {"writable": True}
+
+
+def test_an_echo_returns_in_the_requesters_own_segment(sock_path):
+    with hintens.Server(sock_path).start():                  # the default handler echoes
+        with hintens.Client(sock_path, timeout=30) as client:
+            payload = np.arange(MIB, dtype=np.uint64)        # 8 MiB
+            for _ in range(5):
+                reply = client.request(payload)
+                assert np.frombuffer(reply, dtype=np.uint64)[-1] == MIB - 1
+                done(reply)
+            pool = client._endpoint.pool
+            if LENT is memoryview:
+                assert len(pool._segments) == 1   # the echo came back in our one segment
+            deadline = time.monotonic() + 5
+            while pool._holds and time.monotonic() < deadline:
+                time.sleep(0.01)                  # the server's release may still travel
+            assert pool._holds == {} and len(pool._free) == len(pool._segments)
+
+
+def test_descriptor_flags_are_checked():
+    with pytest.raises(hintens.ShmError):
+        _shm.decode_descriptor(_shm.DESCRIPTOR.pack(1, 3, MIB, 0, 1))   # NEW and PEER
+    with pytest.raises(hintens.ShmError):
+        _shm.decode_descriptor(_shm.DESCRIPTOR.pack(1, 4, MIB, 0, 1))   # unknown bit
+    with pytest.raises(hintens.ShmError):
+        _shm.decode_descriptor(b"short")
+
+
+def test_a_peer_segment_we_never_lent_gets_shm_error(sock_path, server_process):
+    peer = ShmPeer(sock_path)
+    peer.send(raw_frame(_shm.encode_descriptor(9, MIB, 0, 10, False, peer=True), flags=1,
+                        request_id=5))
+    frame = peer.next_frame()
+    while frame.type == 3:
+        frame = peer.next_frame()
+    assert frame.type == 4 and frame.request_id == 5
+    assert hintens.decode_error_payload(frame.payload)[0] == ErrorCode.SHM_ERROR
+    assert_still_serving(peer)
+    peer.close()
