@@ -86,10 +86,14 @@ def test_segments_are_reused_after_warm_up(sock_path):
                 done(client.request(payload))
             client.request(b"x")         # reads the releases still on the stream
             pool = client._endpoint.pool
-            before = pool.total_bytes
+            created = pool._next_id
             for _ in range(50):
                 done(client.request(payload))
-            assert pool.total_bytes == before     # no new segments: no new mmap, no faults
+                # An echo's release follows its reply, so the next request may find that
+                # segment still held and take one more; never a third: the release of the one
+                # before always precedes the next reply on the stream.
+                assert len(pool._segments) <= 2
+            assert pool._next_id - created <= 1   # 50 messages, at most one new mmap
 
 
 def test_concurrent_large_requests_from_many_threads(sock_path):
