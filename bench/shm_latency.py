@@ -1,6 +1,7 @@
 """Large-message echo round trips across two processes: hintens (shared memory) against
-multiprocessing.connection, pyzmq with copy=False, and multiprocessing.shared_memory with a
-new segment per message; plus one plain memcpy of the same size, the yardstick of the target.
+multiprocessing.connection, pyzmq with copy=False, multiprocessing.shared_memory with a new
+segment per message, and iceoryx2 request-response (a copy each way, like hintens's copying
+path; its Python API polls); plus one plain memcpy of the same size, the target's yardstick.
 
     python bench/shm_latency.py [--sizes 1,16,64,256] [--rounds 5]
 
@@ -26,11 +27,67 @@ import rpc_peers  # noqa: E402
 from hintens import _demo  # noqa: E402
 
 MIB = 1 << 20
-KINDS = ("hintens", "multiprocessing", "pyzmq", "mp_shared_memory")
+KINDS = ("hintens", "multiprocessing", "pyzmq", "mp_shared_memory", "iceoryx2")
+#: iceoryx2 slices are sized up front: the largest message the run may send.
+ICEORYX2_MAX_BYTES = 256 * MIB
+
+
+def _iceoryx2_service(name: str):
+    import ctypes
+
+    import iceoryx2 as iox
+
+    node = iox.NodeBuilder.new().create(iox.ServiceType.Ipc)
+    service = (node.service_builder(iox.ServiceName.new(name))
+               .request_response(iox.Slice[ctypes.c_uint8], iox.Slice[ctypes.c_uint8])
+               .open_or_create())
+    return iox, node, service
+
+
+def _serve_iceoryx2(name: str) -> None:
+    """Echo over iceoryx2 request-response: one copy into a loaned response slice."""
+    iox, node, service = _iceoryx2_service(name)
+    server = service.server_builder().initial_max_slice_len(ICEORYX2_MAX_BYTES).create()
+    print("ready", flush=True)
+    while True:
+        active = server.receive()
+        if active is None:
+            # iceoryx2's Python API is pull-based. Spinning would take a whole core from the
+            # other peers on a small machine, so idle polls sleep 50 us (added to its latency).
+            time.sleep(50e-6)
+            continue
+        request = active.payload().as_memory_view().cast("B")   # ctypes says "<B"
+        response = active.loan_slice_uninit(len(request))
+        response.payload().as_memory_view().cast("B")[:] = request
+        response.assume_init().send()
+        del request, active
+
+
+class _Iceoryx2Client:
+    """Loan a request slice, copy the payload in (one copy), send, poll for the response and
+    read it in place (the same shape as hintens's copying path)."""
+
+    def __init__(self, name: str) -> None:
+        _, self.node, service = _iceoryx2_service(name)
+        self.client = service.client_builder().initial_max_slice_len(ICEORYX2_MAX_BYTES).create()
+
+    def request(self, payload: np.ndarray) -> memoryview:
+        request = self.client.loan_slice_uninit(payload.nbytes)
+        request.payload().as_memory_view().cast("B")[:] = memoryview(payload).cast("B")
+        pending = request.assume_init().send()
+        while True:
+            response = pending.receive()
+            if response is not None:
+                return response.payload().as_memory_view().cast("B")
+
+    def close(self) -> None:
+        self.client = None
 
 
 def serve(kind: str, path: str) -> None:
-    if kind == "hintens_allocate":
+    if kind == "iceoryx2":
+        _serve_iceoryx2(path)
+    elif kind == "hintens_allocate":
         import hintens
 
         holder = {}
@@ -139,10 +196,25 @@ def allocate_ratio(rounds: int) -> None:
 def start(kind: str, path: str):
     if kind == "hintens":
         return rpc_peers.start(kind, path)
+    if kind == "iceoryx2":             # no socket file: wait for the server's "ready" line
+        import subprocess
+
+        process = subprocess.Popen([sys.executable, os.path.abspath(__file__), "serve", kind,
+                                    _iceoryx2_name(path)], stdout=subprocess.PIPE,
+                                   stderr=subprocess.DEVNULL)
+        if process.stdout is None or process.stdout.readline().strip() != b"ready":
+            raise RuntimeError("the iceoryx2 server did not start")
+        return process
     return _demo.spawn([sys.executable, os.path.abspath(__file__), "serve", kind, path], path)
 
 
+def _iceoryx2_name(path: str) -> str:
+    return "hintens-bench/" + os.path.basename(os.path.dirname(path))
+
+
 def client(kind: str, path: str):
+    if kind == "iceoryx2":
+        return _Iceoryx2Client(_iceoryx2_name(path))
     if kind == "pyzmq":
         return _ZmqCopyFree(path)
     if kind == "mp_shared_memory":
