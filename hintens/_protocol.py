@@ -237,7 +237,7 @@ class Endpoint:
             for segment_id in ids:
                 segment = self.segments.pop(segment_id, None)
                 if segment is not None:
-                    segment.retire()
+                    segment.discard()
 
     def _lend(self, frame: Any) -> Any:
         """An SHM frame's payload, mapped and lent; or the ShmError that answers it."""
@@ -405,7 +405,7 @@ class Endpoint:
         if self.pool is not None:
             self.pool.close()
         for segment in self.segments.values():
-            segment.retire()
+            segment.discard()
         self.segments.clear()
 
     def _negotiated_flags(self) -> int:

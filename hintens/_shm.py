@@ -67,7 +67,32 @@ def prefault(mapping: mmap.mmap) -> None:
         view.release()
 
 
-class Segment:
+class _MappedFile:
+    """A memfd (or file) descriptor and its mapping; the closing rules both sides share."""
+
+    fd: int
+    map: mmap.mmap
+
+    def close(self) -> None:
+        """Unmap and close. Raises BufferError while views of it are alive."""
+        if self.fd >= 0:
+            self.map.close()
+            os.close(self.fd)
+            self.fd = -1
+
+    def discard(self) -> None:
+        """Close the descriptor now; unmap now, or as soon as the last view of it goes
+        (payloads still lent keep it mapped)."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        try:
+            self.map.close()
+        except BufferError:
+            pass
+
+
+class Segment(_MappedFile):
     """A segment this process created: a sealed memfd mapped read-write.
 
     Args:
@@ -101,23 +126,6 @@ class Segment:
         self.fd = fd
         self.size = size
 
-    def close(self) -> None:
-        """Unmap and close. Raises BufferError while views of it are alive."""
-        if self.fd >= 0:
-            self.map.close()
-            os.close(self.fd)
-            self.fd = -1
-
-    def discard(self) -> None:
-        """Close the descriptor now; unmap now, or when the last view of it goes."""
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-        try:
-            self.map.close()
-        except BufferError:
-            pass
-
     def __enter__(self) -> Segment:
         return self
 
@@ -125,7 +133,7 @@ class Segment:
         self.close()
 
 
-class ReceivedSegment:
+class ReceivedSegment(_MappedFile):
     """A segment a peer sent, validated and mapped read-only.
 
     Use ``adopt``; the descriptor is kept for copy-on-write views and closed by ``close``.
@@ -212,22 +220,6 @@ class ReceivedSegment:
         private, delta = self.private_map(offset, length)
         return memoryview(private)[delta:delta + length]
 
-    def close(self) -> None:
-        """Unmap and close. Raises BufferError while views of it are alive."""
-        if self.fd >= 0:
-            self.map.close()
-            os.close(self.fd)
-            self.fd = -1
-
-    def retire(self) -> None:
-        """Close the descriptor now and unmap as soon as no lent payload uses the mapping."""
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-        try:
-            self.map.close()
-        except BufferError:
-            pass   # payloads still lent keep it mapped; it unmaps when the last one goes
 
 
 # The wire side (docs/PROTOCOL.md, "Shared memory") -------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -35,3 +36,28 @@ def core(request):
 @pytest.fixture(scope="session")
 def cython_core():
     return _cython_core()
+
+
+# Real servers for the socket tests: each test gets its own socket path and, where it asks for
+# one, its own `hintens serve` process (handler: tests.handlers.command) and a client of it.
+
+@pytest.fixture
+def sock_path(tmp_path):
+    return str(tmp_path / "hx.sock")
+
+
+@pytest.fixture
+def server_process(sock_path):
+    from .peers import start_server, stop_server
+
+    process = start_server(sock_path)
+    yield process
+    stop_server(process, signal.SIGKILL)
+
+
+@pytest.fixture
+def client(server_process, sock_path):
+    import hintens
+
+    with hintens.Client(sock_path, timeout=60) as client:
+        yield client

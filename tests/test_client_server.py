@@ -40,22 +40,10 @@ def in_threads(target, count, timeout_s=120.0):
     return errors
 
 
-@pytest.fixture
-def sock_path(tmp_path):
-    return str(tmp_path / "hx.sock")
 
 
-@pytest.fixture
-def server_process(sock_path):
-    process = start_server(sock_path)
-    yield process
-    stop_server(process, signal.SIGKILL)
 
 
-@pytest.fixture
-def client(server_process, sock_path):
-    with hintens.Client(sock_path, timeout=10) as client:
-        yield client
 
 
 # Request / response ----------------------------------------------------------------------

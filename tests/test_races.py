@@ -22,9 +22,6 @@ from hintens import _core_py
 from .peers import RawPeer, raw_frame, raw_listener, read_requests
 
 
-@pytest.fixture
-def sock_path(tmp_path):
-    return str(tmp_path / "race.sock")
 
 
 def test_close_never_lets_a_sender_write_into_a_reused_descriptor(sock_path):

@@ -34,22 +34,10 @@ def done(reply):
         reply.release()
 
 
-@pytest.fixture
-def sock_path(tmp_path):
-    return str(tmp_path / "shm.sock")
 
 
-@pytest.fixture
-def server_process(sock_path):
-    process = start_server(sock_path)
-    yield process
-    stop_server(process, signal.SIGKILL)
 
 
-@pytest.fixture
-def client(server_process, sock_path):
-    with hintens.Client(sock_path, timeout=60) as client:
-        yield client
 
 
 @pytest.mark.parametrize("size", [64 * 1024 - 1, 64 * 1024, MIB, 64 * MIB])
