@@ -1,4 +1,8 @@
-"""Sans-IO connection layer: bytes in, frames and protocol errors out. No sockets here.
+"""Sans-IO connection layer: the rules a connection applies to decoded frames. No sockets.
+
+The core's Channel reads and decodes (with ``Endpoint.decoder``); ``admit`` and
+``after_error`` turn what it produced into frames for the application and protocol errors, in
+stream order, and the ``shm_*``/``allocate`` methods decide how payloads travel.
 
 Rules (docs/PROTOCOL.md sections 5, 6 and 8):
 
@@ -6,7 +10,7 @@ Rules (docs/PROTOCOL.md sections 5, 6 and 8):
   ``peer_hello``; one we do not understand is ignored. Neither reaches the application.
 * A flag the connection did not negotiate (SHM, COMPRESSED) is an UNSUPPORTED_FLAGS violation,
   exactly like a reserved bit.
-* Every violation comes out of ``receive`` as a ``ProtocolError`` item in stream order.
+* Every violation comes out of ``admit``/``after_error`` as a ``ProtocolError`` item.
   ``error_reply`` says what, if anything, goes back to the peer, and ``error.fatal`` says
   whether the connection must close afterwards.
 """
@@ -169,14 +173,6 @@ class Endpoint:
     def hello_frame(self) -> bytes:
         """The frame announcing this side's capabilities (Event, request id 0)."""
         return self._encode_frame(MessageType.EVENT, self.hello.encode(), 0)
-
-    def receive(self, data: Any) -> list[Item]:
-        """Decode ``data``; return frames for the application and violations, in stream order."""
-        try:
-            frames = self.decoder.feed(data)
-        except ProtocolError as error:
-            return self.after_error(error)
-        return self.admit(frames)
 
     def admit(self, frames: list[Any]) -> list[Item]:
         """Apply the connection's rules (hello, negotiated flags) to frames already decoded."""
