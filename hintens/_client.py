@@ -14,16 +14,18 @@ them.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
+import os
 import select
 import socket
 import threading
 from time import monotonic
-from typing import Any, Callable, NoReturn, Sequence
+from typing import Any, Callable, Iterable, Iterator, NoReturn, Sequence
 
 from . import _impl
-from ._constants import DEFAULT_MAX_PAYLOAD_BYTES, MessageType
+from ._constants import DEFAULT_FLUSH_INTERVAL_S, DEFAULT_MAX_PAYLOAD_BYTES, MessageType
 from ._errors import (
     ConnectionClosed,
     ProtocolError,
@@ -32,12 +34,14 @@ from ._errors import (
     decode_error_payload,
     remote_error,
 )
+from ._flusher import FLUSHER
 from ._protocol import (
     DEFAULT_SHM_POOL_BYTES,
     DEFAULT_SHM_THRESHOLD_BYTES,
     FEATURE_SHM,
     Endpoint,
     Hello,
+    HelloKey,
 )
 from ._unix import connect, set_kernel_timeouts, socket_path
 
@@ -55,6 +59,23 @@ _TIMEOUT_SLACK_S = 0.01
 
 
 _NOTHING: tuple[tuple[()], tuple[()]] = ((), ())
+
+
+class Session:
+    """A client identity that outlives connections: the id a ClientPool's connections announce
+    in their hello, and the request-id counter they share, so that an id names one request for
+    the whole session and a server can recognise a retried request (exactly-once).
+
+    Attributes:
+        id: 16 random bytes.
+    """
+
+    def __init__(self) -> None:
+        self.id = os.urandom(16)
+        self.ids = itertools.count(1)
+
+    def __repr__(self) -> str:
+        return f"<Session {self.id.hex()}>"
 
 
 class _Waiter:
@@ -87,6 +108,12 @@ class Client:
         shm_threshold: the size from which payloads go through shared memory.
         shm_pool_bytes: the most memory this connection's sending segments may hold; a send
             that finds it all lent out waits for a release until its timeout.
+        flush_interval: seconds an Event may wait to share a write with the ones after it
+            (default 1 ms). An Event that comes after a quiet spell of this long leaves at
+            once; a request or ``flush()`` takes queued Events with it. 0 writes every Event
+            at once.
+        session: announce this session in the hello and draw request ids from it (a
+            ``ClientPool`` shares one between its connections).
 
     Raises:
         ConnectError: no server at ``path``.
@@ -99,9 +126,13 @@ class Client:
                  on_event: Callable[[Any], Any] | None = None,
                  max_payload: int = DEFAULT_MAX_PAYLOAD_BYTES, shm: bool = True,
                  shm_threshold: int = DEFAULT_SHM_THRESHOLD_BYTES,
-                 shm_pool_bytes: int = DEFAULT_SHM_POOL_BYTES) -> None:
+                 shm_pool_bytes: int = DEFAULT_SHM_POOL_BYTES,
+                 flush_interval: float = DEFAULT_FLUSH_INTERVAL_S,
+                 session: Session | None = None) -> None:
         if timeout <= 0:
             raise ValueError("timeout must be positive")
+        if flush_interval < 0:
+            raise ValueError("flush_interval must not be negative")
         self.path = socket_path(path)
         self.timeout = timeout
         self._endpoint = Endpoint(max_payload=max_payload,
@@ -118,7 +149,10 @@ class Client:
         self._sleepers = 0
         self._reading = False
         self._waiters: dict[int, _Waiter] = {}
-        self._ids = itertools.count(1)
+        self.session = session
+        self._ids = session.ids if session is not None else itertools.count(1)
+        if session is not None:
+            self._endpoint.hello.entries[HelloKey.SESSION_ID] = session.id
         self._closed_reason: BaseException | None = None
         self._server_error: BaseException | None = None
         self._close_pending = False
@@ -132,6 +166,10 @@ class Client:
             self._endpoint.send_control = self._send_control
             if shm:
                 self._channel.max_fds = 64
+            self._channel.flush_interval = flush_interval
+            self._channel.on_queued = FLUSHER.schedule
+            self._post = self._channel.post
+            self._event = self._channel.event
             set_kernel_timeouts(self._sock, None, send_s=timeout)
             self._send([self._endpoint.hello_frame()])
         except BaseException:
@@ -167,14 +205,13 @@ class Client:
         """
         deadline = monotonic() + (self.timeout if timeout is None else timeout)
         request_id = next(self._ids)
-        writes = None
-        if type(payload) is bytes and len(payload) < SCATTER_THRESHOLD_BYTES:
-            frames = [self._encode_frame(MessageType.REQUEST, payload, request_id)]
-        else:
+        small = type(payload) is bytes and len(payload) < SCATTER_THRESHOLD_BYTES
+        writes = frames = None
+        if not small:
             writes = self._shm_writes(MessageType.REQUEST, payload, request_id, deadline)
-            frames = [] if writes else frames_for(
-                self._encode_frame, self._encode_header, MessageType.REQUEST, payload,
-                request_id)
+            if not writes:
+                frames = frames_for(self._encode_frame, self._encode_header,
+                                    MessageType.REQUEST, payload, request_id)
         waiter = _Waiter()
         with self._lock:
             if self._closed_reason is not None:
@@ -182,16 +219,20 @@ class Client:
             self._waiters[request_id] = waiter
             if writable:
                 self._endpoint.writable_ids.add(request_id)
+        end = 0   # the stream offset just past our frame, once known
         try:
             # Send first, read after: a thread blocked in send must never hold the reader
             # role, or a peer blocked writing replies to us would never be drained.
             try:
-                if writes:
+                if small:   # packed into the outbox, behind queued Events, in one write
+                    end = self._post(1, payload, request_id)
+                elif writes:
                     for buffers, fds in writes:
-                        self._channel.send(buffers, fds)
+                        end = self._channel.send(buffers, fds)
                 else:
-                    self._channel.send(frames)
+                    end = self._channel.send(frames)
             except BaseException as error:
+                end = getattr(error, "stream_end", 0)
                 self._send_failed(error)
             with self._lock:   # nobody reading: read our own reply now, no _wait round
                 leading = not self._reading and self._closed_reason is None
@@ -201,37 +242,149 @@ class Client:
                 self._read(deadline - monotonic(), request_id)
             if not waiter.done:
                 self._wait(waiter, request_id, deadline)
+        except (Timeout, ConnectionClosed) as error:
+            self._mark_sent(error, end)
+            raise
         finally:
             if not waiter.done or writable:
                 with self._lock:
                     self._waiters.pop(request_id, None)
                     self._endpoint.writable_ids.discard(request_id)
         if waiter.error is not None:
+            self._mark_sent(waiter.error, end)
             raise waiter.error
         return waiter.payload
 
+    def request_many(self, payloads: Iterable[Any], timeout: float | None = None, *,
+                     return_exceptions: bool = False) -> list[Any]:
+        """Send several Requests in one write and wait for every reply.
+
+        Args:
+            payloads: the request payloads. Small ones are packed into one buffer and leave
+                in a single write; large ones travel as ``request`` sends them, in order.
+            timeout: seconds for all the replies; default ``self.timeout``.
+            return_exceptions: put a request's ``RemoteError`` in its place in the list
+                instead of raising the first one.
+
+        Returns:
+            The replies, in the order of ``payloads``.
+
+        Raises:
+            RemoteError: a request failed (the first in order), unless ``return_exceptions``.
+            Timeout: not every reply arrived in time.
+            ConnectionClosed: the connection is or became closed.
+        """
+        items = list(payloads)
+        if not items:
+            return []
+        deadline = monotonic() + (self.timeout if timeout is None else timeout)
+        ids = [next(self._ids) for _ in items]
+        waiters = [_Waiter() for _ in items]
+        with self._lock:
+            if self._closed_reason is not None:
+                raise self._closed_error()
+            self._waiters.update(zip(ids, waiters))
+        end = 0
+        try:
+            try:
+                if all(type(p) is bytes and len(p) < SCATTER_THRESHOLD_BYTES for p in items):
+                    end = self._channel.post_many(MessageType.REQUEST, items, ids)
+                else:
+                    for payload, request_id in zip(items, ids):
+                        end = self._send_large(MessageType.REQUEST, payload, request_id,
+                                               deadline)
+            except BaseException as error:
+                end = getattr(error, "stream_end", end)
+                self._send_failed(error)
+            for request_id, waiter in zip(ids, waiters):
+                if not waiter.done:
+                    self._wait(waiter, request_id, deadline)
+        except (Timeout, ConnectionClosed) as error:
+            self._mark_sent(error, end)
+            raise
+        finally:
+            with self._lock:
+                for request_id in ids:
+                    self._waiters.pop(request_id, None)
+        replies = []
+        for waiter in waiters:
+            if waiter.error is not None and not return_exceptions:
+                raise waiter.error
+            replies.append(waiter.payload if waiter.error is None else waiter.error)
+        return replies
+
     def send_event(self, payload: Any) -> None:
         """Send an Event; there is no reply.
+
+        Small Events are batched: one that follows a write by less than ``flush_interval``
+        waits in the connection's queue (at most that long) so that the Events after it share
+        its write. A request, ``flush()``, ``close()`` or a full queue (64 KiB) writes them
+        out sooner; order on the connection is always kept.
 
         Raises:
             ConnectionClosed: the connection is closed.
             Timeout: the server did not take the bytes within ``self.timeout``.
         """
+        if self._closed_reason is None and type(payload) is bytes \
+                and len(payload) < SCATTER_THRESHOLD_BYTES:
+            try:
+                self._event(payload)
+            except BaseException as error:
+                self._send_failed(error)
+            return
         with self._lock:
             if self._closed_reason is not None:
                 raise self._closed_error()
-        request_id = next(self._ids)
-        writes = self._shm_writes(MessageType.EVENT, payload, request_id,
-                                  monotonic() + self.timeout)
-        if writes:
-            for buffers, fds in writes:
-                try:
-                    self._channel.send(buffers, fds)
-                except BaseException as error:
-                    self._send_failed(error)
-            return
-        self._send(frames_for(self._encode_frame, self._encode_header, MessageType.EVENT,
-                              payload, request_id))
+        try:
+            if type(payload) is not bytes and memoryview(payload).nbytes < SCATTER_THRESHOLD_BYTES:
+                self._event(payload)
+            else:
+                self._send_large(MessageType.EVENT, payload, next(self._ids),
+                                 monotonic() + self.timeout)
+        except (ConnectionClosed, Timeout):
+            raise
+        except BaseException as error:
+            self._send_failed(error)
+
+    def flush(self) -> None:
+        """Write out the Events waiting in the queue now, rather than at the flush deadline.
+
+        Raises:
+            ConnectionClosed: the connection is or became closed.
+            Timeout: the server did not take the bytes within ``self.timeout``.
+        """
+        if self._closed_reason is not None:
+            raise self._closed_error()
+        try:
+            self._channel.flush()
+        except BaseException as error:
+            self._send_failed(error)
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[Client]:
+        """Hold the Events sent inside the block and write them together at its end.
+
+        ``with client.batch(): ...`` keeps Events in the connection's queue (bounded: a full
+        queue is written out) instead of writing after a quiet spell or at the flush
+        deadline. A request inside the block still leaves at once, with the Events before
+        it. The hold covers every thread's Events on this connection. The Events are written
+        when the block ends, also when it ends by an exception.
+
+        Raises:
+            ConnectionClosed, Timeout: as ``flush``, when the block ends.
+        """
+        self._channel.cork()
+        try:
+            yield self
+        except BaseException:
+            self._channel.uncork()
+            try:
+                self.flush()
+            except (ConnectionClosed, Timeout) as error:
+                log.warning("events of a failed batch were not sent: %s", error)
+            raise
+        self._channel.uncork()
+        self.flush()
 
     def allocate(self, size: int, timeout: float | None = None) -> memoryview:
         """A writable buffer inside a shared-memory segment: fill it, then pass it to
@@ -264,7 +417,14 @@ class Client:
         return self._closed_reason is not None or self._channel.broken
 
     def close(self) -> None:
-        """Close the connection. Waiting requests raise ConnectionClosed. Idempotent."""
+        """Write out queued Events, then close the connection. Waiting requests raise
+        ConnectionClosed. Idempotent."""
+        if self._closed_reason is None and self._channel.queued:
+            try:
+                self._channel.flush()
+            except Exception as error:
+                log.warning("closing %s: queued events could not be written: %s", self.path,
+                            error)
         self._fail(ConnectionClosed("the client was closed"))
         if self._pump is not None and self._pump is not threading.current_thread():
             self._pump.join()
@@ -276,6 +436,30 @@ class Client:
         self.close()
 
     # Internals --------------------------------------------------------------------------
+
+    def _mark_sent(self, error: BaseException, end: int) -> None:
+        """Say on a failed request's error whether its frame had left whole."""
+        if isinstance(error, (Timeout, ConnectionClosed)) and error.request_sent is None:
+            error.request_sent = bool(end) and self._channel.written >= end
+
+    def _send_large(self, msg_type: int, payload: Any, request_id: int,
+                    deadline: float) -> int:
+        """Send one frame whose payload is not small: through shared memory or scattered."""
+        writes = self._shm_writes(msg_type, payload, request_id, deadline)
+        end = 0
+        if writes:
+            for buffers, fds in writes:
+                end = self._channel.send(buffers, fds)
+            return end
+        return self._channel.send(frames_for(self._encode_frame, self._encode_header, msg_type,
+                                             payload, request_id))
+
+    def _close_channel(self) -> None:
+        self._channel.close()
+        self._endpoint.close_shm()
+        if self._channel.dropped:
+            log.warning("connection to %s closed with %d bytes of queued frames unsent",
+                        self.path, self._channel.dropped)
 
     def _closed_error(self) -> ConnectionClosed:
         reason = self._closed_reason
@@ -465,8 +649,7 @@ class Client:
             close_now = self._close_pending
             self._close_pending = False
         if close_now:
-            self._channel.close()
-            self._endpoint.close_shm()
+            self._close_channel()
         if replies:
             try:
                 self._send(list(replies))
@@ -553,8 +736,7 @@ class Client:
         if close_now:
             # Outside the lock: Channel.close waits for a send in progress, and a failing
             # sender takes this lock.
-            self._channel.close()
-            self._endpoint.close_shm()
+            self._close_channel()
 
     def _fail_locked(self, reason: ConnectionClosed, cause: BaseException | None = None) -> None:
         if self._closed_reason is not None:

@@ -23,6 +23,14 @@ DEFAULT_MAX_PAYLOAD_BYTES = 64 * 1024 * 1024
 #: longer ones are returned as read-only memoryviews sharing it (when it is immutable).
 PAYLOAD_COPY_THRESHOLD_BYTES = 1024
 
+# Batching of small frames (not wire-visible).
+#: Seconds an Event may wait in a connection's queue for more frames to share its write.
+DEFAULT_FLUSH_INTERVAL_S = 0.001
+#: Queued bytes past which the thread that queues more writes them out itself (and waits).
+DEFAULT_MAX_QUEUE_BYTES = 1024 * 1024
+#: Queued bytes from which a write starts without waiting for the flush interval.
+BATCH_WRITE_BYTES = 64 * 1024
+
 
 class MessageType(enum.IntEnum):
     """The message type field (header offset 4, u32)."""

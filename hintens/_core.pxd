@@ -87,7 +87,9 @@ cdef class FrameDecoder:
     cdef uint16_t _running_crc           # CRC of the assembled bytes, computed while they are hot
     cdef bytes _backlog                  # input left unread when a recoverable error was raised
     cdef object _failed                  # the fatal ProtocolError, or None
-    cdef readonly uint64_t frames_decoded  # frames returned so far, errors excluded
+    cdef readonly uint64_t frames_decoded  # frames completed so far (skipped Events too), errors excluded
+    cdef public bint skip_events         # drop plain Events (request id != 0, no flags) unreturned
+    cdef readonly uint64_t events_skipped  # how many were dropped so
 
     cdef list _feed(self, const unsigned char *data, Py_ssize_t n, object base, bint share)
     cdef int _decode(self, const unsigned char *data, Py_ssize_t n, object base, bint share,
@@ -109,8 +111,32 @@ cdef class Channel:
     cdef readonly Py_ssize_t fds_dropped  # received beyond the cap (closed) or cut by MSG_CTRUNC
     cdef public Py_ssize_t max_fds        # descriptors that may wait unclaimed (0: none, at most 64)
     cdef readonly bint broken             # a send stopped mid-frame: the stream is shut for good
+    # The outbox: small frames packed back to back, written by whichever thread holds the send
+    # lock. Only touched with the GIL held; the writer sends a detached buffer without it.
+    cdef unsigned char *_queue            # frames submitted and not yet written, in order
+    cdef Py_ssize_t _queued               # bytes in _queue
+    cdef Py_ssize_t _queue_cap            # its allocation
+    cdef unsigned char *_spare            # the other buffer, swapped in by the writer
+    cdef Py_ssize_t _spare_cap            # its allocation
+    cdef readonly uint64_t submitted      # bytes ever submitted: the stream offset of the newest
+    cdef readonly uint64_t written        # bytes the kernel has taken
+    cdef readonly uint64_t dropped        # queued bytes that close() threw away unsent
+    cdef public double flush_interval     # seconds an Event may wait in the queue
+    cdef public Py_ssize_t max_queue      # queued bytes past which a submitter writes itself
+    cdef public object on_queued          # called with the channel when a deadline flush is due
+    cdef int _corked                      # cork() depth: Events wait for uncork or a full queue
+    cdef bint _scheduled                  # on_queued was called and flush_due() has not run
+    cdef double _last_write               # CLOCK_MONOTONIC seconds of the newest write
+    cdef uint64_t _event_id               # the request id of the newest Event posted
 
-    cdef int _send(self, object buffers, object fds=*) except -1
+    cdef uint64_t _send(self, object buffers, object fds=*) except? 0
+    cdef int _reserve(self, Py_ssize_t extra) except -1
+    cdef uint64_t _post(self, uint32_t msg_type, object payload, uint64_t request_id) except? 0
+    cdef int _after_post(self, bint urgent) except -1
+    cdef int _drain(self, int flags) except -1
+    cdef int _drain_quietly(self) except -1
+    cdef int _requeue(self, unsigned char *buf, Py_ssize_t cap, Py_ssize_t start,
+                      Py_ssize_t end) except -1
     cdef int _lock_send(self) except -1
     cdef int _send_iov(self, iovec *iov, Py_ssize_t count, object fds) except -1
     cdef int _write_all(self, iovec *iov, Py_ssize_t first, Py_ssize_t count, object fds,

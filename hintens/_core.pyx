@@ -21,10 +21,11 @@ from cpython.list cimport PyList_Append
 from cpython.memoryview cimport PyMemoryView_FromObject
 from cpython.number cimport PyNumber_Index
 from libc.stdint cimport uint16_t, uint32_t, uint64_t
-from libc.errno cimport EBADF, EINTR, EPIPE, errno
-from libc.stdlib cimport free, malloc
+from libc.errno cimport EAGAIN, EBADF, EINTR, EPIPE, errno
+from libc.stdlib cimport free, malloc, realloc
+from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 from posix.unistd cimport close as close_fd
-from libc.string cimport memcpy
+from libc.string cimport memcpy, memmove
 from cpython.exc cimport PyErr_CheckSignals, PyErr_SetFromErrno
 from cpython.pythread cimport (
     NOWAIT_LOCK,
@@ -37,7 +38,10 @@ from cpython.pythread cimport (
 
 from . import _errors
 from ._constants import (
+    BATCH_WRITE_BYTES,
+    DEFAULT_FLUSH_INTERVAL_S,
     DEFAULT_MAX_PAYLOAD_BYTES,
+    DEFAULT_MAX_QUEUE_BYTES,
     PAYLOAD_COPY_THRESHOLD_BYTES,
 )
 from ._errors import IncompleteFrameError, ProtocolError
@@ -218,6 +222,11 @@ cdef inline Frame _new_frame(const hx_header *h, object payload):
     return frame
 
 
+cdef inline bint _plain_event(const hx_header *h) noexcept:
+    # An application Event: no flags (no shared memory to release) and not a control message.
+    return h.type == 3 and h.flags == 0 and h.request_id != 0
+
+
 cdef int _check_frame_args(uint32_t msg_type, uint16_t flags, Py_ssize_t n) except -1:
     if not 1 <= msg_type <= 4:
         raise ValueError(f"msg_type must be 1-4 (a MessageType), not {msg_type}")
@@ -376,6 +385,8 @@ cdef class FrameDecoder:
         self._backlog = b""
         self._failed = None
         self.frames_decoded = 0
+        self.skip_events = False
+        self.events_skipped = 0
 
     def __init__(self, max_payload=DEFAULT_MAX_PAYLOAD_BYTES):
         """Args:
@@ -503,7 +514,11 @@ cdef class FrameDecoder:
                         raise _errors.checksum_error(
                             self._fields.checksum, self._running_crc, self._fields.request_id,
                             self._fields.type)
-                    PyList_Append(frames, _new_frame(&self._fields, payload))
+                    if self.skip_events and _plain_event(&self._fields):
+                        self.events_skipped += 1
+                        self.frames_decoded += 1
+                    else:
+                        PyList_Append(frames, _new_frame(&self._fields, payload))
             elif self._header_len == 0 and n - pos >= HEADER_SIZE:
                 # Fast path: a whole header in the input.
                 hx_unpack_header(data + pos, &h)
@@ -516,6 +531,12 @@ cdef class FrameDecoder:
                         pos += h.length
                         pos_out[0] = pos
                         raise _errors.checksum_error(h.checksum, crc, h.request_id, h.type)
+                    if self.skip_events and _plain_event(&h):
+                        pos += h.length
+                        pos_out[0] = pos
+                        self.events_skipped += 1
+                        self.frames_decoded += 1
+                        continue
                     if share and <Py_ssize_t>h.length >= COPY_THRESHOLD:
                         if base_view is None:
                             base_view = PyMemoryView_FromObject(base)
@@ -543,7 +564,11 @@ cdef class FrameDecoder:
                     else:
                         if h.checksum != 0xFFFF:
                             raise _errors.checksum_error(h.checksum, 0xFFFF, h.request_id, h.type)
-                        PyList_Append(frames, _new_frame(&h, b""))
+                        if self.skip_events and _plain_event(&h):
+                            self.events_skipped += 1
+                            self.frames_decoded += 1
+                        else:
+                            PyList_Append(frames, _new_frame(&h, b""))
         return 0
 
     cdef int _start_payload(self, const hx_header *h) except -1:
@@ -612,6 +637,20 @@ cdef int _raise_errno() except -1:
     return -1
 
 
+cdef extern from "sys/socket.h" nogil:
+    ssize_t send(int fd, const void *buf, size_t n, int flags)
+    const int MSG_DONTWAIT
+
+
+cdef inline double _now() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return <double>ts.tv_sec + <double>ts.tv_nsec * 1e-9
+
+
+cdef Py_ssize_t _BATCH_BYTES = BATCH_WRITE_BYTES
+
+
 @cython.final
 cdef class Channel:
     """A connected stream socket's receive side (buffer and decoder) and a send lock.
@@ -622,6 +661,8 @@ cdef class Channel:
 
     def __cinit__(self):
         self._buffer = NULL
+        self._queue = NULL
+        self._spare = NULL
         self._send_lock = PyThread_allocate_lock()
         if self._send_lock == NULL:
             raise MemoryError()
@@ -640,12 +681,17 @@ cdef class Channel:
         self.fds = []
         self.fds_dropped = 0
         self.max_fds = 0
+        self.flush_interval = DEFAULT_FLUSH_INTERVAL_S
+        self.max_queue = DEFAULT_MAX_QUEUE_BYTES
+        self.on_queued = None
 
     def __dealloc__(self):
         if self.fds:
             for fd in self.fds:
                 close_fd(fd)
         free(self._buffer)
+        free(self._queue)
+        free(self._spare)
         if self._send_lock != NULL:
             PyThread_free_lock(self._send_lock)
 
@@ -666,7 +712,9 @@ cdef class Channel:
             raise OSError(EPIPE, "the channel broke in the middle of a frame")
         try:
             self._write_all(iov, 0, count, fds, nfds, &written)
+            self.written += written
         except BaseException:
+            self.written += written
             if written:
                 # Part of a frame is on the wire and the rest never will be: nothing sent on
                 # this stream from now on could be framed right. Shut it (readers see EOF);
@@ -721,27 +769,31 @@ cdef class Channel:
         return 0
 
     def send(self, buffers, fds=()):
-        """Write a list of buffers, in order, as one stream of bytes.
+        """Write a list of buffers, in order, as one stream of bytes, after everything queued.
 
         Args:
             buffers: bytes-like objects.
             fds: up to 16 descriptors to pass (SCM_RIGHTS) with the first byte. They stay
                 open here; the receiver gets its own copies.
 
+        Returns:
+            The stream offset just past these bytes (compare with ``written``).
+
         Raises:
             BlockingIOError: the send timeout expired (part may have been written).
             OSError: the connection broke.
             ValueError: more than 16 descriptors.
         """
-        self._send(buffers, fds)
+        return self._send(buffers, fds)
 
-    cdef int _send(self, object buffers, object fds=None) except -1:
+    cdef uint64_t _send(self, object buffers, object fds=None) except? 0:
         # A few buffers (the usual case) describe themselves on the stack; more need the heap.
         cdef Py_buffer stack_views[8]
         cdef iovec stack_iov[8]
         cdef Py_ssize_t count = len(buffers), i, acquired = 0
         cdef Py_buffer *views = stack_views
         cdef iovec *iov = stack_iov
+        cdef uint64_t total = 0, end = 0
         if count > 8:
             views = <Py_buffer *>malloc(count * sizeof(Py_buffer))
             iov = <iovec *>malloc(count * sizeof(iovec))
@@ -755,11 +807,19 @@ cdef class Channel:
                 acquired += 1
                 iov[i].iov_base = views[i].buf
                 iov[i].iov_len = <size_t>views[i].len
+                total += <uint64_t>views[i].len
             self._lock_send()
             try:
                 if self._fd < 0:
                     raise OSError(EBADF, "the channel is closed")
+                if self._queued:
+                    self._drain(0)   # what was queued before us leaves first
+                self.submitted += total
+                end = self.submitted
                 self._send_iov(iov, count, fds)
+                self._last_write = _now()
+                if self._queued:
+                    self._drain_quietly()   # queued while we wrote
             finally:
                 PyThread_release_lock(self._send_lock)
         finally:
@@ -768,7 +828,255 @@ cdef class Channel:
             if views != stack_views:
                 free(views)
                 free(iov)
+        return end
+
+    # The outbox ------------------------------------------------------------------------------
+    # Small frames are packed into _queue with the GIL held, so appending needs no lock of its
+    # own. Whoever holds the send lock writes: it detaches the queue, sends it without the GIL
+    # (other threads keep appending to the spare buffer meanwhile) and loops until the queue is
+    # empty. It checks that and releases the lock without letting the GIL go in between, so a
+    # thread that queued a frame and found the lock taken can leave: the holder will write it.
+
+    cdef int _reserve(self, Py_ssize_t extra) except -1:
+        cdef Py_ssize_t want = self._queued + extra, cap
+        cdef unsigned char *grown
+        if want <= self._queue_cap:
+            return 0
+        cap = max(want, max(2 * self._queue_cap, _BATCH_BYTES + 4096))
+        grown = <unsigned char *>realloc(self._queue, <size_t>cap)
+        if grown == NULL:
+            raise MemoryError()
+        self._queue = grown
+        self._queue_cap = cap
         return 0
+
+    cdef uint64_t _post(self, uint32_t msg_type, object payload, uint64_t request_id) except? 0:
+        cdef _Input ref
+        cdef hx_header h
+        cdef unsigned char *dst
+        cdef Py_ssize_t size
+        if self._fd < 0:
+            raise OSError(EBADF, "the channel is closed")
+        if self.broken:
+            raise OSError(EPIPE, "the channel broke in the middle of a frame")
+        _acquire(payload, &ref, False, True)
+        try:
+            _check_frame_args(msg_type, 0, ref.len)
+            size = HEADER_SIZE + ref.len
+            if self._queued and self._queued + size > self.max_queue:
+                # Full: this thread writes it out itself, waiting its turn (backpressure).
+                self._lock_send()
+                try:
+                    self._drain(0)
+                finally:
+                    PyThread_release_lock(self._send_lock)
+            self._reserve(size)
+            dst = self._queue + self._queued
+            _fill_header(&h, msg_type, 0, <size_t>ref.len,
+                         _crc(0xFFFF, ref.buf, <size_t>ref.len), request_id)
+            hx_pack_header(dst, &h)
+            _copy(dst + HEADER_SIZE, ref.buf, <size_t>ref.len)
+        finally:
+            _release(&ref)
+        self._queued += size
+        self.submitted += <uint64_t>size
+        return self.submitted
+
+    cdef int _after_post(self, bint urgent) except -1:
+        # Write now: a request (never kept waiting), a full batch, or an Event after a quiet
+        # spell (nothing to batch it with). Otherwise leave it for the flush deadline.
+        if urgent or (not self._corked and (
+                self._queued >= _BATCH_BYTES or _now() - self._last_write >= self.flush_interval)):
+            if PyThread_acquire_lock(self._send_lock, NOWAIT_LOCK):
+                try:
+                    self._drain(0)
+                finally:
+                    PyThread_release_lock(self._send_lock)
+            # else the thread holding the lock writes our frame before it lets go
+        elif not self._scheduled and self.on_queued is not None:
+            self._scheduled = True
+            self.on_queued(self)
+        return 0
+
+    cdef int _drain(self, int flags) except -1:
+        # The caller holds the send lock. Returns 1 if MSG_DONTWAIT stopped it with bytes left.
+        cdef unsigned char *buf
+        cdef Py_ssize_t n, done, cap
+        cdef ssize_t sent = 0
+        cdef int error = 0
+        while self._queued:
+            if self._fd < 0:
+                raise OSError(EBADF, "the channel is closed")
+            buf, n, cap = self._queue, self._queued, self._queue_cap
+            self._queue, self._queue_cap, self._queued = self._spare, self._spare_cap, 0
+            self._spare, self._spare_cap = NULL, 0   # detached: ours until the loop ends
+            done = 0
+            while done < n:
+                with nogil:
+                    sent = send(self._fd, buf + done, <size_t>(n - done), flags | MSG_NOSIGNAL)
+                    if sent < 0:
+                        error = errno
+                if sent < 0:
+                    if error == EINTR:
+                        try:
+                            PyErr_CheckSignals()
+                        except BaseException:
+                            self._requeue(buf, cap, done, n)
+                            raise
+                        continue
+                    break
+                done += sent
+                self.written += <uint64_t>sent
+            if done < n:
+                self._requeue(buf, cap, done, n)   # in front of what came meanwhile
+                if error == EAGAIN and flags & MSG_DONTWAIT:
+                    return 1
+                errno = error
+                _raise_errno()
+            if self._spare == NULL:
+                self._spare, self._spare_cap = buf, cap
+            else:
+                free(buf)
+            self._last_write = _now()
+        return 0
+
+    cdef int _drain_quietly(self) except -1:
+        # After the holder's own bytes left: frames others queued meanwhile. A failure here is
+        # theirs to see (the next write raises it again); the bytes stay queued, in order.
+        try:
+            self._drain(0)
+        except OSError:
+            if self._queued and not self._scheduled and self.on_queued is not None:
+                self._scheduled = True
+                self.on_queued(self)
+        return 0
+
+    cdef int _requeue(self, unsigned char *buf, Py_ssize_t cap, Py_ssize_t start,
+                      Py_ssize_t end) except -1:
+        # buf[start:end] did not leave: it goes back in front of what was queued meanwhile.
+        cdef Py_ssize_t tail = end - start, total = end - start + self._queued
+        cdef unsigned char *grown
+        if total > cap:
+            grown = <unsigned char *>realloc(buf, <size_t>total)
+            if grown == NULL:
+                free(buf)
+                self.broken = True
+                shutdown(self._fd, SHUT_RDWR)
+                raise MemoryError()
+            buf, cap = grown, total
+        memmove(buf, buf + start, <size_t>tail)
+        if self._queued:
+            memcpy(buf + tail, self._queue, <size_t>self._queued)
+        free(self._spare)
+        self._spare, self._spare_cap = self._queue, self._queue_cap
+        self._queue, self._queue_cap, self._queued = buf, cap, total
+        return 0
+
+    def post(self, msg_type, payload, request_id, urgent=True):
+        """Queue one frame, packed straight into the outbox, behind everything submitted.
+
+        Args:
+            msg_type: a ``MessageType``.
+            payload: a C-contiguous buffer (meant for small ones: it is copied once).
+            request_id: u64.
+            urgent: write now if no other thread is writing (else that thread writes it
+                before it stops). Not urgent, it may wait up to ``flush_interval`` for company.
+
+        Returns:
+            The stream offset just past this frame (compare with ``written``).
+
+        Raises:
+            As ``send``, and ValueError or OverflowError as ``encode_frame``. An OSError raised
+            once the frame was queued carries its offset as ``stream_end``.
+        """
+        cdef uint64_t end = self._post(_index(msg_type), payload, _index(request_id))
+        try:
+            self._after_post(urgent)
+        except OSError as error:
+            error.stream_end = end   # queued, but the write failed: was it ours that failed?
+            raise
+        return end
+
+    def post_many(self, msg_type, payloads, request_ids):
+        """Queue one frame per payload, with the matching request id, and write them all now
+        (urgent), in as few writes as the queue bound allows.
+
+        Returns:
+            The stream offset just past the last frame.
+
+        Raises:
+            As ``post``. ValueError: the two sequences differ in length.
+        """
+        cdef uint32_t type_ = _index(msg_type)
+        cdef uint64_t end = self.submitted
+        if len(payloads) != len(request_ids):
+            raise ValueError("one request id per payload")
+        for payload, request_id in zip(payloads, request_ids):
+            end = self._post(type_, payload, _index(request_id))
+        try:
+            self._after_post(True)
+        except OSError as error:
+            error.stream_end = end
+            raise
+        return end
+
+    def event(self, payload):
+        """Queue an Event (request id from the channel's own count) without urgency."""
+        self._event_id += 1
+        self._post(3, payload, self._event_id)
+        self._after_post(False)
+
+    def flush(self):
+        """Write everything queued, waiting for another writer to finish first.
+
+        Raises:
+            As ``send``; what could not be written stays queued.
+        """
+        self._lock_send()
+        try:
+            self._drain(0)
+        finally:
+            PyThread_release_lock(self._send_lock)
+
+    def flush_due(self):
+        """For the deadline flusher: write the queue without blocking, unless another thread
+        is writing (it will) or the channel is corked.
+
+        Returns:
+            True when bytes are left that the socket would not take yet: call again later.
+            A connection error shuts the stream (its readers see the end), as nobody is
+            there to raise it to.
+        """
+        cdef int left = 0
+        self._scheduled = False
+        if not self._queued or self._corked or self._fd < 0:
+            return False
+        if not PyThread_acquire_lock(self._send_lock, NOWAIT_LOCK):
+            return False
+        try:
+            left = self._drain(MSG_DONTWAIT)
+        except OSError:
+            self.broken = True
+            shutdown(self._fd, SHUT_RDWR)
+        finally:
+            PyThread_release_lock(self._send_lock)
+        if left:
+            self._scheduled = True
+        return bool(left)
+
+    def cork(self):
+        """Hold Events in the queue (until ``uncork``, a request, or a full queue)."""
+        self._corked += 1
+
+    def uncork(self):
+        """Undo one ``cork``. The caller flushes when it wants the batch out."""
+        if self._corked:
+            self._corked -= 1
+
+    @property
+    def queued(self):
+        """Bytes waiting in the outbox."""
+        return self._queued
 
     cdef list _receive(self, int flags):
         # One recvmsg, decoded. None at end of stream. Descriptors that came with the bytes
@@ -828,6 +1136,8 @@ cdef class Channel:
         try:
             if self._fd >= 0:
                 self._fd = -1
+                self.dropped += <uint64_t>self._queued
+                self._queued = 0
                 self._sock.close()
         finally:
             PyThread_release_lock(self._send_lock)

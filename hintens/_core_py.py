@@ -28,11 +28,15 @@ import os
 import socket
 import struct
 import threading
+from time import monotonic
 from typing import Any
 
 from . import _errors
 from ._constants import (
+    BATCH_WRITE_BYTES,
+    DEFAULT_FLUSH_INTERVAL_S,
     DEFAULT_MAX_PAYLOAD_BYTES,
+    DEFAULT_MAX_QUEUE_BYTES,
     HEADER_SIZE,
     KNOWN_FLAGS_MASK,
     MAGIC,
@@ -252,8 +256,12 @@ class FrameDecoder:
         self._assembled = 0             # payload bytes assembled so far
         self._backlog = b""             # input left unread when a recoverable error was raised
         self._failed: ProtocolError | None = None
-        #: Frames returned so far (by ``feed`` or in errors' ``frames``).
+        #: Frames completed so far (returned, in errors' ``frames``, or skipped).
         self.frames_decoded = 0
+        #: Drop plain Events (no flags, request id not 0) instead of returning them.
+        self.skip_events = False
+        #: How many Events ``skip_events`` dropped.
+        self.events_skipped = 0
 
     @property
     def max_payload(self) -> int:
@@ -341,7 +349,7 @@ class FrameDecoder:
                         assembled = b"".join(self._parts)
                         self._parts, self._assembled = [], 0
                         self._state = _HEADER_STATE
-                        frames.append(self._finish(self._fields, assembled))
+                        self._emit(frames, self._finish(self._fields, assembled))
                 elif not self._header and end - pos >= HEADER_SIZE:
                     fields = _HEADER.unpack_from(view, pos)
                     length = fields[4]
@@ -353,7 +361,7 @@ class FrameDecoder:
                         else:
                             payload = bytes(view[pos:pos + length])
                         pos += length
-                        frames.append(self._finish(fields, payload))
+                        self._emit(frames, self._finish(fields, payload))
                     else:
                         self._start_payload(fields)
                 else:
@@ -368,7 +376,7 @@ class FrameDecoder:
                         if fields[4]:
                             self._start_payload(fields)
                         else:
-                            frames.append(self._finish(fields, b""))
+                            self._emit(frames, self._finish(fields, b""))
         except ProtocolError as error:
             if not error.fatal:
                 self._backlog = bytes(view[pos:])
@@ -395,6 +403,13 @@ class FrameDecoder:
             if length:
                 self._state, self._remaining = _DISCARD_STATE, length
             raise _errors.reserved_flags_error(flags, request_id, msg_type)
+
+    def _emit(self, frames: list[Frame], frame: Frame) -> None:
+        if self.skip_events and frame.type == 3 and not frame.flags and frame.request_id:
+            self.events_skipped += 1
+            self.frames_decoded += 1
+        else:
+            frames.append(frame)
 
     def _start_payload(self, fields: tuple[int, ...]) -> None:
         self._fields = fields
@@ -448,6 +463,26 @@ class Channel:
         self._view = memoryview(self._buffer)
         self._send_lock = threading.Lock()
         self.pending: list[Frame] | None = []
+        # The outbox (see the compiled core): small frames packed back to back, written by
+        # whoever holds the send lock. Pure Python needs a lock of its own to append.
+        self._queue = bytearray()
+        self._queue_lock = threading.Lock()
+        #: Bytes ever submitted: the stream offset just past the newest frame.
+        self.submitted = 0
+        #: Bytes the kernel has taken.
+        self.written = 0
+        #: Queued bytes that close() threw away unsent.
+        self.dropped = 0
+        #: Seconds an Event may wait in the queue for company.
+        self.flush_interval = DEFAULT_FLUSH_INTERVAL_S
+        #: Queued bytes past which a submitter writes them out itself.
+        self.max_queue = DEFAULT_MAX_QUEUE_BYTES
+        #: Called with the channel when Events wait for the flush deadline.
+        self.on_queued: Any = None
+        self._corked = 0
+        self._scheduled = False
+        self._last_write = 0.0
+        self._event_id = 0
 
     def __del__(self) -> None:
         self.close_fds()
@@ -459,6 +494,9 @@ class Channel:
         with self._send_lock:
             if not self._closed:
                 self._closed = True
+                with self._queue_lock:
+                    self.dropped += len(self._queue)
+                    self._queue = bytearray()
                 self._sock.close()
         self.close_fds()
 
@@ -472,13 +510,16 @@ class Channel:
         while self.fds:
             os.close(self.fds.pop())
 
-    def send(self, buffers: Any, fds: Any = ()) -> None:
-        """Write a list of buffers, in order, as one stream of bytes.
+    def send(self, buffers: Any, fds: Any = ()) -> int:
+        """Write a list of buffers, in order, as one stream of bytes, after everything queued.
 
         Args:
             buffers: bytes-like objects.
             fds: up to 16 descriptors to pass (SCM_RIGHTS) with the first byte. They stay
                 open here; the receiver gets its own copies.
+
+        Returns:
+            The stream offset just past these bytes (compare with ``written``).
 
         Raises:
             BlockingIOError: the send timeout expired (part may have been written).
@@ -490,21 +531,207 @@ class Channel:
         ancillary = ([(socket.SOL_SOCKET, socket.SCM_RIGHTS, b"".join(_INT.pack(fd) for fd in fds))]
                      if len(fds) else [])
         pending = [view for view in (memoryview(b).cast("B") for b in buffers) if len(view)]
+        total = sum(len(view) for view in pending)
         with self._send_lock:
             if self._closed:
                 raise OSError(errno.EBADF, "the channel is closed")
+            if self._queue:
+                self._drain(0)   # what was queued before us leaves first
             if self.broken:
                 raise OSError(errno.EPIPE, "the channel broke in the middle of a frame")
+            with self._queue_lock:
+                self.submitted += total
+                end = self.submitted
             self._written = 0
             try:
                 self._write_all(pending, ancillary)
             except BaseException:
+                self.written += self._written
                 if self._written:
                     # Part of a frame is on the wire and the rest never will be: shut the
                     # stream (readers see EOF); the descriptor stays until close().
                     self.broken = True
                     self._sock.shutdown(socket.SHUT_RDWR)
                 raise
+            self.written += self._written
+            self._last_write = monotonic()
+            if self._queue:
+                self._drain_quietly()   # queued while we wrote
+        self._write_leftovers()
+        return end
+
+    # The outbox -------------------------------------------------------------------------
+
+    def post(self, msg_type: int, payload: Any, request_id: int, urgent: bool = True) -> int:
+        """Queue one frame, packed straight into the outbox, behind everything submitted.
+
+        Args:
+            msg_type: a ``MessageType``.
+            payload: a C-contiguous buffer (meant for small ones: it is copied once).
+            request_id: u64.
+            urgent: write now if no other thread is writing (else that thread writes it
+                before it stops). Not urgent, it may wait up to ``flush_interval`` for company.
+
+        Returns:
+            The stream offset just past this frame (compare with ``written``).
+
+        Raises:
+            As ``send``, and ValueError or OverflowError as ``encode_frame``. An OSError raised
+            once the frame was queued carries its offset as ``stream_end``.
+        """
+        end = self._post(msg_type, payload, request_id)
+        try:
+            self._after_post(urgent)
+        except OSError as error:
+            error.stream_end = end   # type: ignore[attr-defined]
+            raise
+        return end
+
+    def post_many(self, msg_type: int, payloads: Any, request_ids: Any) -> int:
+        """Queue one frame per payload, with the matching request id, and write them all now
+        (urgent), in as few writes as the queue bound allows.
+
+        Returns:
+            The stream offset just past the last frame.
+
+        Raises:
+            As ``post``. ValueError: the two sequences differ in length.
+        """
+        end = self.submitted
+        if len(payloads) != len(request_ids):
+            raise ValueError("one request id per payload")
+        for payload, request_id in zip(payloads, request_ids):
+            end = self._post(msg_type, payload, request_id)
+        try:
+            self._after_post(True)
+        except OSError as error:
+            error.stream_end = end   # type: ignore[attr-defined]
+            raise
+        return end
+
+    def event(self, payload: Any) -> None:
+        """Queue an Event (request id from the channel's own count) without urgency."""
+        self._event_id += 1
+        self._post(3, payload, self._event_id)
+        self._after_post(False)
+
+    def flush(self) -> None:
+        """Write everything queued, waiting for another writer to finish first.
+
+        Raises:
+            As ``send``; what could not be written stays queued.
+        """
+        with self._send_lock:
+            self._drain(0)
+        self._write_leftovers()
+
+    def flush_due(self) -> bool:
+        """For the deadline flusher: write the queue without blocking, unless another thread
+        is writing (it will) or the channel is corked.
+
+        Returns:
+            True when bytes are left that the socket would not take yet: call again later.
+            A connection error shuts the stream (its readers see the end), as nobody is
+            there to raise it to.
+        """
+        self._scheduled = False
+        if not self._queue or self._corked or self._closed:
+            return False
+        if not self._send_lock.acquire(False):
+            return False
+        try:
+            left = self._drain(socket.MSG_DONTWAIT)
+        except OSError:
+            left = False
+            self.broken = True
+            self._sock.shutdown(socket.SHUT_RDWR)
+        finally:
+            self._send_lock.release()
+        if left:
+            self._scheduled = True
+        return left
+
+    def cork(self) -> None:
+        """Hold Events in the queue (until ``uncork``, a request, or a full queue)."""
+        self._corked += 1
+
+    def uncork(self) -> None:
+        """Undo one ``cork``. The caller flushes when it wants the batch out."""
+        if self._corked:
+            self._corked -= 1
+
+    @property
+    def queued(self) -> int:
+        """Bytes waiting in the outbox."""
+        return len(self._queue)
+
+    def _post(self, msg_type: int, payload: Any, request_id: int) -> int:
+        frame = encode_frame(msg_type, payload, request_id)
+        if self._closed:
+            raise OSError(errno.EBADF, "the channel is closed")
+        if self.broken:
+            raise OSError(errno.EPIPE, "the channel broke in the middle of a frame")
+        if self._queue and len(self._queue) + len(frame) > self.max_queue:
+            self.flush()   # full: this thread writes it out itself (backpressure)
+        with self._queue_lock:
+            self._queue += frame
+            self.submitted += len(frame)
+            return self.submitted
+
+    def _after_post(self, urgent: bool) -> None:
+        if urgent or (not self._corked and (
+                len(self._queue) >= BATCH_WRITE_BYTES
+                or monotonic() - self._last_write >= self.flush_interval)):
+            if self._send_lock.acquire(False):
+                try:
+                    self._drain(0)
+                finally:
+                    self._send_lock.release()
+                self._write_leftovers()
+        elif not self._scheduled and self.on_queued is not None:
+            self._scheduled = True
+            self.on_queued(self)
+
+    def _write_leftovers(self) -> None:
+        # Unlike the compiled core, a thread may queue between our last look and our release
+        # of the send lock, see it taken, and leave: look again once the lock is free.
+        while self._queue and not self._closed and self._send_lock.acquire(False):
+            try:
+                self._drain_quietly()
+            finally:
+                self._send_lock.release()
+
+    def _drain(self, flags: int) -> bool:
+        # The caller holds the send lock. True if MSG_DONTWAIT stopped it with bytes left.
+        while True:
+            if self._closed:
+                raise OSError(errno.EBADF, "the channel is closed")
+            with self._queue_lock:
+                if not self._queue:
+                    return False
+                data, self._queue = self._queue, bytearray()
+            done = 0
+            try:
+                with memoryview(data) as view:
+                    while done < len(data):
+                        sent = self._sock.send(view[done:], flags | socket.MSG_NOSIGNAL)
+                        done += sent
+                        self.written += sent
+            except BaseException as error:
+                with self._queue_lock:   # in front of what came meanwhile
+                    self._queue[0:0] = data[done:]
+                if flags & socket.MSG_DONTWAIT and isinstance(error, BlockingIOError):
+                    return True
+                raise
+            self._last_write = monotonic()
+
+    def _drain_quietly(self) -> None:
+        try:
+            self._drain(0)
+        except OSError:
+            if self._queue and not self._scheduled and self.on_queued is not None:
+                self._scheduled = True
+                self.on_queued(self)
 
     def _write_all(self, pending: list[memoryview], ancillary: list[Any]) -> None:
         # Counts what left in self._written, so that an interrupted send knows.

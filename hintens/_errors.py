@@ -99,14 +99,27 @@ class IncompleteFrameError(HintensError, EOFError):
 
 
 class Timeout(HintensError, TimeoutError):
-    """An operation did not finish in time (connect, a request, a send)."""
+    """An operation did not finish in time (connect, a request, a send).
+
+    Attributes:
+        request_sent: for a request, True when all of its frame had reached the kernel (the
+            server may have run it), False when it never left whole (the server cannot have
+            run it); None when the error is not about a request.
+    """
+
+    request_sent: bool | None = None
 
 
 class ConnectionClosed(HintensError, ConnectionError):
     """The connection is gone: closed by either side, lost, or failed by a fatal error.
 
     Every request waiting on it raises this; ``__cause__`` holds the underlying reason.
+
+    Attributes:
+        request_sent: as for ``Timeout``. False makes a retry safe for any request.
     """
+
+    request_sent: bool | None = None
 
 
 class ConnectError(HintensError, ConnectionError):

@@ -46,7 +46,8 @@ class HelloKey:
     MINOR = 1          # u8: highest minor version of major 1 the sender speaks
     FEATURES = 2       # u32 LE bit set, see FEATURE_*
     MAX_PAYLOAD = 3    # u32 LE: largest inline payload the sender accepts
-    SESSION_ID = 4     # 16 bytes: reserved for client sessions that survive reconnects
+    SESSION_ID = 4     # 16 bytes, client to server: a session that survives reconnects
+    INSTANCE_ID = 5    # 16 bytes, server to client: this run of the server (its replay memory)
 
 
 FEATURE_SHM = 0x1

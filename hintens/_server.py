@@ -23,9 +23,10 @@ from time import monotonic
 from typing import Any, Callable, Iterable
 
 from . import _impl
-from ._client import RECEIVE_BUFFER_BYTES, frames_for
+from ._client import RECEIVE_BUFFER_BYTES, SCATTER_THRESHOLD_BYTES, frames_for
 from ._constants import DEFAULT_MAX_PAYLOAD_BYTES, ErrorCode, MessageType
 from ._errors import ConnectionClosed, ProtocolError, RemoteError
+from ._flusher import FLUSHER
 from ._protocol import (
     DEFAULT_SHM_POOL_BYTES,
     DEFAULT_SHM_THRESHOLD_BYTES,
@@ -85,6 +86,10 @@ class ServerConnection:
         self._endpoint.fd_source = self._channel.fds
         self._endpoint.send_control = self._send_control
         self._endpoint.writable_all = server.writable
+        # Without an on_event handler, plain Events are dropped inside the decoder: no Frame,
+        # no Python call per Event.
+        self._endpoint.decoder.skip_events = server.on_event is None
+        self._channel.on_queued = FLUSHER.schedule
         if server.shm:
             self._channel.max_fds = 64
         self._open = True
@@ -101,6 +106,16 @@ class ServerConnection:
         Raises:
             ConnectionClosed: the connection is closed or broke while sending.
         """
+        if type(payload) is bytes and len(payload) < SCATTER_THRESHOLD_BYTES:
+            if not self._open:
+                raise ConnectionClosed(f"connection {self.id} is closed")
+            try:
+                self._channel.event(payload)   # batched as the Client batches its Events
+            except OSError as error:
+                self.close()
+                raise ConnectionClosed(
+                    f"connection {self.id} lost while sending: {error}") from error
+            return
         self._send(frames_for(_impl.core.encode_frame, _impl.core.encode_header,
                               MessageType.EVENT, payload, self._server._next_event_id()))
 
@@ -416,6 +431,11 @@ class Server:
         except Exception:
             log.exception("connection %r failed", connection)
         finally:
+            if connection._open and channel.queued:
+                try:
+                    channel.flush()   # Events pushed to this client before it went
+                except OSError:
+                    pass
             connection.close()
             channel.close()
             endpoint.close_shm()
