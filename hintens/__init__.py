@@ -16,7 +16,7 @@ from ._constants import (
     Flags,
     MessageType,
 )
-from ._client import Client
+from ._client import Client, Session
 from ._errors import (
     BadHeaderError,
     ChecksumError,
@@ -42,6 +42,7 @@ from ._errors import (
 )
 from ._impl import core as _core_impl
 from ._impl import implementation
+from ._pool import NO_RETRY, ClientPool, RetryPolicy
 from ._protocol import Hello
 from ._server import Server, ServerConnection
 from ._unix import PeerCredentials
@@ -70,6 +71,7 @@ __all__ = [
     "BadHeaderError",
     "ChecksumError",
     "Client",
+    "ClientPool",
     "ConnectError",
     "ConnectionClosed",
     "ErrorCode",
@@ -83,14 +85,17 @@ __all__ = [
     "HintensError",
     "IncompleteFrameError",
     "MessageType",
+    "NO_RETRY",
     "PeerCredentials",
     "ProtocolError",
     "RemoteError",
     "RemoteProtocolError",
     "RemoteTimeoutError",
+    "RetryPolicy",
     "Server",
     "ServerConnection",
     "ServerRunningError",
+    "Session",
     "ShmError",
     "SocketPathError",
     "Timeout",

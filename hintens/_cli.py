@@ -24,7 +24,7 @@ class _UsageError(Exception):
     pass
 
 
-def load_handler(spec: str) -> Callable[[Any], Any]:
+def load_handler(spec: str, option: str = "--handler") -> Callable[..., Any]:
     """Import ``module:function``.
 
     Raises:
@@ -32,7 +32,7 @@ def load_handler(spec: str) -> Callable[[Any], Any]:
     """
     module_name, sep, attribute = spec.partition(":")
     if not sep or not module_name or not attribute:
-        raise _UsageError(f"--handler wants module:function, not {spec!r}")
+        raise _UsageError(f"{option} wants module:function, not {spec!r}")
     try:
         target: Any = importlib.import_module(module_name)
         for part in attribute.split("."):
@@ -48,9 +48,10 @@ def _serve(args: argparse.Namespace) -> int:
     from ._server import Server, echo
 
     handler = load_handler(args.handler) if args.handler else echo
+    on_event = load_handler(args.on_event, "--on-event") if args.on_event else None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    server = Server(args.socket, handler, mode=int(args.mode, 8), allow_uids=args.allow_uid,
-                    allow_gids=args.allow_gid)
+    server = Server(args.socket, handler, on_event=on_event, mode=int(args.mode, 8),
+                    allow_uids=args.allow_uid, allow_gids=args.allow_gid)
 
     def stop(signum: int, frame: Any) -> None:
         server.shutdown()
@@ -101,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--socket", help=socket_help)
     serve.add_argument("--handler", metavar="MODULE:FUNCTION",
                        help="request handler: payload in, response bytes out (default: echo)")
+    serve.add_argument("--on-event", metavar="MODULE:FUNCTION",
+                       help="called as function(payload, connection) for each Event "
+                            "(default: Events are dropped unread)")
     serve.add_argument("--mode", default="600", help="socket file mode, octal (default 600)")
     serve.add_argument("--allow-uid", type=int, action="append", default=[], metavar="UID",
                        help="also accept clients with this uid (repeatable)")

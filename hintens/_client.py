@@ -109,8 +109,8 @@ class Client:
         shm_pool_bytes: the most memory this connection's sending segments may hold; a send
             that finds it all lent out waits for a release until its timeout.
         flush_interval: seconds an Event may wait to share a write with the ones after it
-            (default 1 ms). An Event that comes after a quiet spell of this long leaves at
-            once; a request or ``flush()`` takes queued Events with it. 0 writes every Event
+            (default 1 ms). An Event that comes this long or more after the previous one
+            leaves at once; a request or ``flush()`` takes queued Events with it. 0 writes every Event
             at once.
         session: announce this session in the hello and draw request ids from it (a
             ``ClientPool`` shares one between its connections).
@@ -184,7 +184,7 @@ class Client:
     # Public API -------------------------------------------------------------------------
 
     def request(self, payload: Any, timeout: float | None = None, *,
-                writable: bool = False) -> Any:
+                writable: bool = False, _request_id: int | None = None) -> Any:
         """Send a Request and wait for its reply.
 
         Args:
@@ -202,9 +202,11 @@ class Client:
             Timeout: no reply in time. The connection stays usable; a late reply is dropped.
             ConnectionClosed: the connection is or became closed.
             ProtocolError: the reply itself was corrupt (for example a bad CRC).
+
+        (``_request_id`` is for ``ClientPool`` retries that must reuse an id.)
         """
         deadline = monotonic() + (self.timeout if timeout is None else timeout)
-        request_id = next(self._ids)
+        request_id = next(self._ids) if _request_id is None else _request_id
         small = type(payload) is bytes and len(payload) < SCATTER_THRESHOLD_BYTES
         writes = frames = None
         if not small:
@@ -243,7 +245,7 @@ class Client:
             if not waiter.done:
                 self._wait(waiter, request_id, deadline)
         except (Timeout, ConnectionClosed) as error:
-            self._mark_sent(error, end)
+            self._mark_sent(error, end, request_id)
             raise
         finally:
             if not waiter.done or writable:
@@ -251,7 +253,7 @@ class Client:
                     self._waiters.pop(request_id, None)
                     self._endpoint.writable_ids.discard(request_id)
         if waiter.error is not None:
-            self._mark_sent(waiter.error, end)
+            self._mark_sent(waiter.error, end, request_id)
             raise waiter.error
         return waiter.payload
 
@@ -300,7 +302,7 @@ class Client:
                 if not waiter.done:
                     self._wait(waiter, request_id, deadline)
         except (Timeout, ConnectionClosed) as error:
-            self._mark_sent(error, end)
+            self._mark_sent(error, end, ids[-1])
             raise
         finally:
             with self._lock:
@@ -316,8 +318,8 @@ class Client:
     def send_event(self, payload: Any) -> None:
         """Send an Event; there is no reply.
 
-        Small Events are batched: one that follows a write by less than ``flush_interval``
-        waits in the connection's queue (at most that long) so that the Events after it share
+        Small Events are batched: one that follows the previous Event by less than
+        ``flush_interval`` waits in the connection's queue (at most that long) so that the Events after it share
         its write. A request, ``flush()``, ``close()`` or a full queue (64 KiB) writes them
         out sooner; order on the connection is always kept.
 
@@ -365,7 +367,7 @@ class Client:
         """Hold the Events sent inside the block and write them together at its end.
 
         ``with client.batch(): ...`` keeps Events in the connection's queue (bounded: a full
-        queue is written out) instead of writing after a quiet spell or at the flush
+        queue is written out) instead of writing a lone Event at once or at the flush
         deadline. A request inside the block still leaves at once, with the Events before
         it. The hold covers every thread's Events on this connection. The Events are written
         when the block ends, also when it ends by an exception.
@@ -437,10 +439,19 @@ class Client:
 
     # Internals --------------------------------------------------------------------------
 
-    def _mark_sent(self, error: BaseException, end: int) -> None:
+    def _mark_sent(self, error: BaseException, end: int, request_id: int) -> None:
         """Say on a failed request's error whether its frame had left whole."""
         if isinstance(error, (Timeout, ConnectionClosed)) and error.request_sent is None:
             error.request_sent = bool(end) and self._channel.written >= end
+            error.request_id = request_id
+
+    def _hung_up(self) -> bool:
+        """The server closed its end (seen without reading): this connection is dead."""
+        if self.closed:
+            return True
+        poller = select.poll()
+        poller.register(self._sock.fileno(), select.POLLRDHUP)
+        return bool(poller.poll(0))
 
     def _send_large(self, msg_type: int, payload: Any, request_id: int,
                     deadline: float) -> int:

@@ -126,7 +126,7 @@ cdef class Channel:
     cdef public object on_queued          # called with the channel when a deadline flush is due
     cdef int _corked                      # cork() depth: Events wait for uncork or a full queue
     cdef bint _scheduled                  # on_queued was called and flush_due() has not run
-    cdef double _last_write               # CLOCK_MONOTONIC seconds of the newest write
+    cdef double _last_lazy                # CLOCK_MONOTONIC seconds of the newest non-urgent post
     cdef uint64_t _event_id               # the request id of the newest Event posted
 
     cdef uint64_t _send(self, object buffers, object fds=*) except? 0

@@ -25,7 +25,7 @@ from libc.errno cimport EAGAIN, EBADF, EINTR, EPIPE, errno
 from libc.stdlib cimport free, malloc, realloc
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 from posix.unistd cimport close as close_fd
-from libc.string cimport memcpy, memmove
+from libc.string cimport memcpy, memmove, strerror
 from cpython.exc cimport PyErr_CheckSignals, PyErr_SetFromErrno
 from cpython.pythread cimport (
     NOWAIT_LOCK,
@@ -817,7 +817,6 @@ cdef class Channel:
                 self.submitted += total
                 end = self.submitted
                 self._send_iov(iov, count, fds)
-                self._last_write = _now()
                 if self._queued:
                     self._drain_quietly()   # queued while we wrote
             finally:
@@ -883,10 +882,16 @@ cdef class Channel:
         return self.submitted
 
     cdef int _after_post(self, bint urgent) except -1:
-        # Write now: a request (never kept waiting), a full batch, or an Event after a quiet
-        # spell (nothing to batch it with). Otherwise leave it for the flush deadline.
-        if urgent or (not self._corked and (
-                self._queued >= _BATCH_BYTES or _now() - self._last_write >= self.flush_interval)):
+        # Write now: a request (never kept waiting), a full batch, or an Event that follows
+        # the one before by flush_interval or more (nothing to batch it with). Otherwise leave
+        # it for the flush deadline.
+        cdef double now
+        cdef bint quiet = False
+        if not urgent:
+            now = _now()
+            quiet = now - self._last_lazy >= self.flush_interval
+            self._last_lazy = now
+        if urgent or (not self._corked and (quiet or self._queued >= _BATCH_BYTES)):
             if PyThread_acquire_lock(self._send_lock, NOWAIT_LOCK):
                 try:
                     self._drain(0)
@@ -931,13 +936,12 @@ cdef class Channel:
                 self._requeue(buf, cap, done, n)   # in front of what came meanwhile
                 if error == EAGAIN and flags & MSG_DONTWAIT:
                     return 1
-                errno = error
-                _raise_errno()
+                # OSError picks the subclass: EAGAIN (a kernel timeout) is BlockingIOError.
+                raise OSError(error, strerror(error).decode())
             if self._spare == NULL:
                 self._spare, self._spare_cap = buf, cap
             else:
                 free(buf)
-            self._last_write = _now()
         return 0
 
     cdef int _drain_quietly(self) except -1:

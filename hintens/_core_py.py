@@ -481,7 +481,7 @@ class Channel:
         self.on_queued: Any = None
         self._corked = 0
         self._scheduled = False
-        self._last_write = 0.0
+        self._last_lazy = 0.0   # when the newest non-urgent frame was posted
         self._event_id = 0
 
     def __del__(self) -> None:
@@ -554,7 +554,6 @@ class Channel:
                     self._sock.shutdown(socket.SHUT_RDWR)
                 raise
             self.written += self._written
-            self._last_write = monotonic()
             if self._queue:
                 self._drain_quietly()   # queued while we wrote
         self._write_leftovers()
@@ -679,9 +678,12 @@ class Channel:
             return self.submitted
 
     def _after_post(self, urgent: bool) -> None:
-        if urgent or (not self._corked and (
-                len(self._queue) >= BATCH_WRITE_BYTES
-                or monotonic() - self._last_write >= self.flush_interval)):
+        quiet = False
+        if not urgent:
+            now = monotonic()
+            quiet = now - self._last_lazy >= self.flush_interval
+            self._last_lazy = now
+        if urgent or (not self._corked and (quiet or len(self._queue) >= BATCH_WRITE_BYTES)):
             if self._send_lock.acquire(False):
                 try:
                     self._drain(0)
@@ -723,7 +725,6 @@ class Channel:
                 if flags & socket.MSG_DONTWAIT and isinstance(error, BlockingIOError):
                     return True
                 raise
-            self._last_write = monotonic()
 
     def _drain_quietly(self) -> None:
         try:

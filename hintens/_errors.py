@@ -105,9 +105,11 @@ class Timeout(HintensError, TimeoutError):
         request_sent: for a request, True when all of its frame had reached the kernel (the
             server may have run it), False when it never left whole (the server cannot have
             run it); None when the error is not about a request.
+        request_id: the id of that request, or None.
     """
 
     request_sent: bool | None = None
+    request_id: int | None = None
 
 
 class ConnectionClosed(HintensError, ConnectionError):
@@ -117,9 +119,11 @@ class ConnectionClosed(HintensError, ConnectionError):
 
     Attributes:
         request_sent: as for ``Timeout``. False makes a retry safe for any request.
+        request_id: the id of that request, or None.
     """
 
     request_sent: bool | None = None
+    request_id: int | None = None
 
 
 class ConnectError(HintensError, ConnectionError):

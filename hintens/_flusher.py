@@ -46,24 +46,33 @@ class Flusher:
 
     def _run(self) -> None:
         while True:
+            empty: list[Any] = []
+            channel = None
             with self._cond:
-                while True:
-                    if not self._due:
-                        self._cond.wait(IDLE_EXIT_S)
-                        if not self._due:   # idle: end; the next schedule() starts another
-                            self._thread = None
-                            return
-                        continue
-                    delay = self._due[0][0] - monotonic()
-                    if delay <= 0:
-                        break
-                    self._cond.wait(delay)
-                channel = heapq.heappop(self._due)[2]
-            try:
-                if channel.flush_due():
-                    self.schedule(channel)   # the socket was full: try again later
-            except Exception:
-                log.exception("flushing queued frames failed")
+                if not self._due:
+                    self._cond.wait(IDLE_EXIT_S)
+                    if not self._due:   # idle: end; the next schedule() starts another
+                        self._thread = None
+                        return
+                    continue
+                delay = self._due[0][0] - monotonic()
+                if delay <= 0:
+                    channel = heapq.heappop(self._due)[2]
+                else:
+                    self._cond.wait(min(delay, IDLE_EXIT_S))
+                    # Channels written out (or closed) before their deadline need no timer:
+                    # drop them, so a long flush_interval does not keep this thread alive.
+                    empty = [entry[2] for entry in self._due if not entry[2].queued]
+                    if empty:
+                        self._due = [entry for entry in self._due if entry[2].queued]
+                        heapq.heapify(self._due)
+            for waiting in ([channel] if channel is not None else empty):
+                try:
+                    # Clears the channel's "scheduled" mark; writes what was queued meanwhile.
+                    if waiting.flush_due():
+                        self.schedule(waiting)   # the socket was full: try again later
+                except Exception:
+                    log.exception("flushing queued frames failed")
 
     def _after_fork(self) -> None:
         # The thread did not survive the fork; the child's channels start a new one.

@@ -33,6 +33,19 @@ from ._protocol import (
     FEATURE_SHM,
     Endpoint,
     Hello,
+    HelloKey,
+)
+from ._replay import (
+    ANSWERED,
+    DEFAULT_REPLAY_BYTES,
+    DEFAULT_REPLAY_SESSIONS,
+    DEFAULT_REPLAY_WINDOW,
+    FORGOTTEN,
+    NEW,
+    RUNNING,
+    TOO_LARGE,
+    ReplayMemory,
+    ReplayWindow,
 )
 from ._unix import (
     PeerCredentials,
@@ -52,6 +65,12 @@ DEFAULT_SEND_TIMEOUT_S = 10.0
 DEFAULT_SHUTDOWN_TIMEOUT_S = 5.0
 
 Handler = Callable[[Any], Any]
+
+_REPLAY_REFUSALS = {
+    RUNNING: "is still running on another connection of its session",
+    FORGOTTEN: "may have run already, and is older than its session's replay window",
+    "too large": "ran already, and its answer was too large to keep for a replay",
+}
 
 
 def echo(payload: Any) -> Any:
@@ -86,6 +105,9 @@ class ServerConnection:
         self._endpoint.fd_source = self._channel.fds
         self._endpoint.send_control = self._send_control
         self._endpoint.writable_all = server.writable
+        self._endpoint.hello.entries[HelloKey.INSTANCE_ID] = server.instance_id
+        #: The replay window of the client's session, once its hello announced one.
+        self.window: ReplayWindow | None = None
         # Without an on_event handler, plain Events are dropped inside the decoder: no Frame,
         # no Python call per Event.
         self._endpoint.decoder.skip_events = server.on_event is None
@@ -178,6 +200,10 @@ class Server:
             ``shm_pool_bytes``.
         writable: handlers get shared payloads as writable copy-on-write views (MAP_PRIVATE)
             instead of read-only ones; nothing is copied until written.
+        replay_window, replay_bytes, replay_sessions: the bounds of the exactly-once memory
+            for clients that announce a session (``ClientPool(exactly_once=True)``): answers
+            kept per session, bytes of them per session, and sessions kept. 0 sessions turns
+            it off. See ``hintens._replay``.
 
     Raises:
         ServerRunningError: another server is listening on ``path``.
@@ -197,8 +223,16 @@ class Server:
                  send_timeout: float = DEFAULT_SEND_TIMEOUT_S,
                  backlog: int = DEFAULT_BACKLOG, shm: bool = True, writable: bool = False,
                  shm_threshold: int = DEFAULT_SHM_THRESHOLD_BYTES,
-                 shm_pool_bytes: int = DEFAULT_SHM_POOL_BYTES) -> None:
+                 shm_pool_bytes: int = DEFAULT_SHM_POOL_BYTES,
+                 replay_window: int = DEFAULT_REPLAY_WINDOW,
+                 replay_bytes: int = DEFAULT_REPLAY_BYTES,
+                 replay_sessions: int = DEFAULT_REPLAY_SESSIONS) -> None:
         self.path = socket_path(path)
+        #: Names this run of the server in its hellos: a retry that reaches another run
+        #: cannot be answered from this one's replay memory.
+        self.instance_id = os.urandom(16)
+        self._replay = ReplayMemory(replay_sessions, replay_window, replay_bytes) \
+            if replay_sessions > 0 else None
         self.handler = handler
         self.on_event = on_event
         self.on_connect = on_connect
@@ -255,6 +289,19 @@ class Server:
                 pass
         return sent
 
+    def current_connection(self) -> ServerConnection:
+        """From a handler or ``on_event``: the connection being served (its peer's
+        credentials, ``send_event``, ``close``).
+
+        Raises:
+            RuntimeError: not called on one of this server's connection threads.
+        """
+        connection = getattr(self._local, "connection", None)
+        if connection is None:
+            raise RuntimeError("Server.current_connection() is for handlers, on the serving "
+                               "thread")
+        return connection
+
     def allocate(self, size: int, timeout: float | None = None) -> memoryview:
         """From a handler: a writable buffer inside a shared-memory segment of the connection
         being served. Fill it and return it as the response: nothing is copied.
@@ -264,9 +311,11 @@ class Server:
             ShmError: this client did not negotiate shared memory.
             Timeout: every segment of the connection's pool is lent out.
         """
-        connection = getattr(self._local, "connection", None)
-        if connection is None:
-            raise RuntimeError("Server.allocate() is for handlers, on the serving thread")
+        try:
+            connection = self.current_connection()
+        except RuntimeError:
+            raise RuntimeError("Server.allocate() is for handlers, on the serving thread") \
+                from None
         deadline = monotonic() + (self.send_timeout if timeout is None else timeout)
         return connection._endpoint.allocate(size, deadline)
 
@@ -400,7 +449,11 @@ class Server:
                 keep_open = True
                 try:
                     # Plain Requests are answered inside the core; the rest comes back here.
-                    rest = channel.serve(handler, on_error, connection._shm_reply)
+                    # A session's requests all go through _handle and its replay window.
+                    if connection.window is None:
+                        rest = channel.serve(handler, on_error, connection._shm_reply)
+                    else:
+                        rest = channel.receive()
                     if rest is None:
                         if decoder.in_frame:
                             log.info("%r hung up inside a frame (%d bytes of it received)",
@@ -455,13 +508,38 @@ class Server:
         frame_type = _impl.core.Frame
         out: list[Any] = []
         keep_open = True
+        if connection.window is None and self._replay is not None \
+                and endpoint.peer_hello is not None:
+            session = endpoint.peer_hello.entries.get(HelloKey.SESSION_ID)
+            if session is not None and len(session) == 16:
+                connection.window = self._replay.window_for(session)
+        window = connection.window
         for index, item in enumerate(items):
             if type(item) is frame_type:
                 kind = item.type
                 if kind == MessageType.REQUEST:
                     request_id = item.request_id
+                    answer: Any = None
                     try:
-                        result = self.handler(item.payload)
+                        if window is not None:
+                            state, answer = window.claim(request_id, self.send_timeout)
+                            if state == NEW:
+                                answer = self._run_once(endpoint, window, item)
+                            elif state != ANSWERED or answer is TOO_LARGE:
+                                why = _REPLAY_REFUSALS[state if answer is not TOO_LARGE
+                                                       else "too large"]
+                                out.append(endpoint.error_frame(
+                                    ErrorCode.UNAVAILABLE,
+                                    f"request {request_id} {why}; it is not run again",
+                                    request_id))
+                                continue
+                            ok, data = answer
+                            if not ok:
+                                out.append(data)   # the Error frame it was answered with
+                                continue
+                            result = answer[1] if state == ANSWERED else answer[2]
+                        else:
+                            result = self.handler(item.payload)
                         result = b"" if result is None else result
                         writes = connection._shm_reply(request_id, result)
                         if writes is None:
@@ -502,6 +580,26 @@ class Server:
         if out:
             connection._send(out)
         return keep_open
+
+    def _run_once(self, endpoint: Endpoint, window: ReplayWindow, item: Any) -> Any:
+        """Run a session's request claimed NEW and remember its answer.
+
+        Returns:
+            ``(ok, kept, result)``: the answer as kept, plus the handler's own result (sent
+            as it is, shared memory included; the window keeps a copy).
+        """
+        answer: tuple[bool, bytes] = (False, endpoint.error_frame(
+            ErrorCode.HANDLER_ERROR, "the handler did not finish", item.request_id))
+        try:
+            result = self.handler(item.payload)
+            result = b"" if result is None else result
+            answer = (True, bytes(result))
+            return answer + (result,)
+        except Exception as error:
+            answer = (False, self._error_answer(endpoint, item.request_id, error))
+            return answer
+        finally:
+            window.finish(item.request_id, answer)
 
     @staticmethod
     def _error_answer(endpoint: Endpoint, request_id: int, error: Exception) -> bytes:

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import hintens
 
+#: Events received by ``record_event`` in this server process, in arrival order.
+EVENTS: list = []
+#: How many times ``command`` ran each ``count:`` payload.
+RUNS: dict = {}
+
 
 def command(payload):
     """``echo:...`` echoes, ``sleep:S:tag`` sleeps then returns tag, ``raise:msg`` raises,
-    ``app:code:msg`` answers an application error, ``size:N`` returns N bytes."""
+    ``app:code:msg`` answers an application error, ``size:N`` returns N bytes, ``events:``
+    summarises the Events ``record_event`` kept, ``count:key`` counts its own runs."""
     data = bytes(payload)
     verb, _, rest = data.partition(b":")
     if verb == b"echo":
@@ -29,4 +36,21 @@ def command(payload):
         return None
     if verb == b"bad-return":
         return 12345
+    if verb == b"events":
+        return json.dumps(event_summary()).encode()
+    if verb == b"count":
+        RUNS[rest] = RUNS.get(rest, 0) + 1
+        return b"%d" % RUNS[rest]
     return data
+
+
+def record_event(payload, connection):
+    """``--on-event`` for tests: keep every Event's payload."""
+    EVENTS.append(bytes(payload))
+
+
+def event_summary():
+    """How many Events arrived, and whether they were the decimal numbers 0, 1, 2... in order."""
+    numbers = [int(e) if e.isdigit() else None for e in EVENTS]
+    return {"count": len(EVENTS), "in_order": numbers == list(range(len(numbers))),
+            "sizes": sorted({len(e) for e in EVENTS})}

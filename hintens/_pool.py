@@ -1,0 +1,389 @@
+"""A pool of client connections, with retries.
+
+``ClientPool`` lends each request a connection of its own for the request's duration, opens
+connections lazily up to ``size``, replaces the ones that broke, and makes callers wait (with
+a timeout) when every connection is busy. ``RetryPolicy`` decides which failures are tried
+again, and only retries what is safe to retry:
+
+* a connect failure, or a request whose frame never left whole (``request_sent`` False): no
+  server can have run it;
+* a request that was sent and then lost its connection: only when it is marked idempotent, or
+  when the pool runs exactly-once sessions and the retry reaches the same server process,
+  whose replay window then answers it without running it again;
+* a request that timed out: only when it is marked idempotent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import threading
+import time
+from time import monotonic
+from typing import Any, Iterable, Iterator
+
+from ._client import DEFAULT_CONNECT_TIMEOUT_S, DEFAULT_TIMEOUT_S, Client, Session
+from ._errors import ConnectError, ConnectionClosed, Timeout
+from ._protocol import HelloKey
+from ._unix import socket_path
+
+log = logging.getLogger("hintens")
+
+DEFAULT_POOL_SIZE = 4
+DEFAULT_CLOSE_TIMEOUT_S = 5.0
+#: A connection idle this long is checked for a hang-up (one poll) before it is lent.
+_HANGUP_CHECK_S = 1.0
+#: How long a retry waits for the new connection's hello to learn which server it reached.
+_INSTANCE_WAIT_S = 1.0
+
+
+class RetryPolicy:
+    """Which failed requests a ``ClientPool`` tries again, and how long it waits in between.
+
+    Args:
+        max_attempts: tries in all, the first included (1: never retry).
+        backoff: seconds before the first retry. Each further retry waits twice as long.
+        max_backoff: the longest wait between two tries.
+        jitter: the fraction (0 to 1) of each wait that is random, so that clients that
+            failed together do not all retry at the same instant.
+        retry_on: the exception types that may be retried. Whatever it lists, a request is
+            only retried when that is safe (see the module docstring): a Timeout only for
+            idempotent requests, a ConnectionClosed after the request was sent only for
+            idempotent requests or exactly-once sessions.
+
+    Raises:
+        ValueError: a negative or inconsistent setting.
+    """
+
+    DEFAULT_RETRY_ON: tuple[type[BaseException], ...] = (ConnectError, ConnectionClosed, Timeout)
+
+    def __init__(self, max_attempts: int = 3, backoff: float = 0.05, max_backoff: float = 2.0,
+                 jitter: float = 0.5,
+                 retry_on: Iterable[type[BaseException]] = DEFAULT_RETRY_ON) -> None:
+        if max_attempts < 1:
+            raise ValueError("max_attempts must be at least 1")
+        if backoff < 0 or max_backoff < 0:
+            raise ValueError("backoff and max_backoff must not be negative")
+        if not 0 <= jitter <= 1:
+            raise ValueError("jitter must be between 0 and 1")
+        self.max_attempts = max_attempts
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+        self.jitter = jitter
+        self.retry_on = tuple(retry_on)
+
+    def delay(self, retry: int) -> float:
+        """Seconds to wait before retry number ``retry`` (1 for the first)."""
+        wait = min(self.max_backoff, self.backoff * 2 ** (retry - 1))
+        return wait * (1 - self.jitter * random.random())
+
+    def __repr__(self) -> str:
+        return (f"RetryPolicy(max_attempts={self.max_attempts}, backoff={self.backoff}, "
+                f"max_backoff={self.max_backoff}, jitter={self.jitter})")
+
+
+#: Never retry.
+NO_RETRY = RetryPolicy(max_attempts=1)
+
+
+class ClientPool:
+    """Up to ``size`` connections to one server, shared safely by any number of threads.
+
+    Args:
+        path: the server's socket; default ``$HINTENS_SOCKET``, else ``/tmp/hintens.sock``.
+        size: the most connections open at once.
+        timeout: default seconds a request waits for its reply (each attempt).
+        connect_timeout: seconds to wait for a new connection.
+        acquire_timeout: seconds to wait for a free connection when all ``size`` are busy
+            (default: ``timeout``); then ``Timeout`` is raised.
+        idle_timeout: close a connection left unused this many seconds (default: never);
+            the next request opens a fresh one.
+        retry: the ``RetryPolicy`` (default: 3 attempts, only what is safe). ``NO_RETRY``
+            turns retries off.
+        exactly_once: announce a session in each connection's hello, so that a server
+            answers a retried request it already ran from its replay window instead of
+            running it again. Retries after a lost connection then cover every request.
+        **client_options: passed to each ``Client`` (``shm``, ``max_payload``,
+            ``flush_interval``, ...).
+
+    The pool is a context manager; leaving it calls ``close()``.
+    """
+
+    def __init__(self, path: str | None = None, size: int = DEFAULT_POOL_SIZE, *,
+                 timeout: float = DEFAULT_TIMEOUT_S,
+                 connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S,
+                 acquire_timeout: float | None = None, idle_timeout: float | None = None,
+                 retry: RetryPolicy | None = None, exactly_once: bool = False,
+                 **client_options: Any) -> None:
+        if size < 1:
+            raise ValueError("size must be at least 1")
+        if timeout <= 0:
+            raise ValueError("timeout must be positive")
+        self.path = socket_path(path)
+        self.size = size
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        self.acquire_timeout = timeout if acquire_timeout is None else acquire_timeout
+        self.idle_timeout = idle_timeout
+        self.retry = RetryPolicy() if retry is None else retry
+        self.exactly_once = exactly_once
+        #: The pool's session: request ids are drawn from it by every connection.
+        self.session = Session()
+        self._client_options = client_options
+        self._cond = threading.Condition(threading.Lock())
+        self._idle: list[tuple[Client, float]] = []   # (client, idle since), newest last
+        self._open = 0        # connections open or being opened
+        self._busy = 0        # connections lent out
+        self._lent: set[Client] = set()
+        self._closed = False
+
+    # Public API -------------------------------------------------------------------------
+
+    def request(self, payload: Any, timeout: float | None = None, *,
+                idempotent: bool = False) -> Any:
+        """Send a Request on a free connection and wait for its reply, retrying per policy.
+
+        Args:
+            payload: as for ``Client.request``.
+            timeout: seconds each attempt waits for its reply; default ``self.timeout``.
+            idempotent: running this request twice is harmless, so it may be retried after a
+                timeout or a lost connection even without exactly-once.
+
+        Returns:
+            The Response payload, as ``Client.request`` returns it.
+
+        Raises:
+            RemoteError: the server answered with an Error frame.
+            Timeout: no reply in time (after the retries allowed), or no connection came free
+                within ``acquire_timeout``.
+            ConnectionClosed: the connection was lost and the request could not be retried
+                safely, or the pool is closed.
+            ConnectError: no server, after the retries.
+        """
+        return self._call(lambda client, request_id: client._request(
+            payload, timeout, request_id=request_id), idempotent)
+
+    def request_many(self, payloads: Iterable[Any], timeout: float | None = None, *,
+                     idempotent: bool = False, return_exceptions: bool = False) -> list[Any]:
+        """Send several Requests in one write on one connection; the replies, in order.
+
+        Args and Raises: as ``Client.request_many``, with retries as ``request`` (the whole
+        batch is retried, so mark it idempotent only if every request in it is).
+        """
+        items = list(payloads)
+        return self._call(lambda client, _: client.request_many(
+            items, timeout, return_exceptions=return_exceptions), idempotent, same_ids=False)
+
+    def send_event(self, payload: Any) -> None:
+        """Send an Event on a free connection (batched as ``Client.send_event`` batches).
+
+        Events sent through the pool keep their order only if they go through one
+        connection: use ``connection()`` for a sequence whose order matters.
+
+        Raises:
+            Timeout: no connection came free in time, or the server did not take the bytes.
+            ConnectionClosed: the pool is closed, or the connection broke while sending.
+            ConnectError: no server.
+        """
+        client = self._acquire()
+        try:
+            client.send_event(payload)
+        finally:
+            self._release(client)
+
+    @contextlib.contextmanager
+    def connection(self, timeout: float | None = None) -> Iterator[Client]:
+        """Borrow one connection for a sequence of calls, for example Events whose order
+        matters: ``with pool.connection() as client: ...``. No retries happen inside.
+
+        Raises:
+            Timeout: no connection came free within ``timeout`` (default ``acquire_timeout``).
+        """
+        client = self._acquire(timeout)
+        try:
+            yield client
+        finally:
+            self._release(client)
+
+    def flush(self) -> None:
+        """Write out the Events waiting in every idle connection's queue."""
+        with self._cond:
+            idle = [client for client, _ in self._idle]
+        for client in idle:
+            try:
+                client.flush()
+            except (ConnectionClosed, Timeout) as error:
+                log.warning("pool connection to %s: queued events not written: %s",
+                            self.path, error)
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Connections open (or opening), lent out, and idle right now."""
+        with self._cond:
+            return {"open": self._open, "busy": self._busy, "idle": len(self._idle)}
+
+    def close(self, timeout: float = DEFAULT_CLOSE_TIMEOUT_S) -> None:
+        """Stop lending connections, let requests in flight finish, then close everything.
+
+        Args:
+            timeout: seconds to wait for requests in flight. Connections still busy then are
+                closed under them (their requests raise ConnectionClosed).
+
+        Idempotent. Queued Events are written before each connection closes.
+        """
+        deadline = monotonic() + timeout
+        with self._cond:
+            self._closed = True
+            while self._busy and monotonic() < deadline:
+                self._cond.wait(deadline - monotonic())
+            idle, self._idle = self._idle, []
+            self._open -= len(idle)
+            busy = self._busy
+        for client, _ in idle:
+            client.close()
+        if busy:
+            log.warning("closing the pool to %s with %d requests still in flight",
+                        self.path, busy)
+            with self._cond:
+                lent = list(self._lent)
+            for client in lent:
+                client.close()
+
+    def __enter__(self) -> ClientPool:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<ClientPool {self.path} size={self.size} {self.stats}>"
+
+    # Internals --------------------------------------------------------------------------
+
+    def _acquire(self, timeout: float | None = None) -> Client:
+        deadline = monotonic() + (self.acquire_timeout if timeout is None else timeout)
+        stale: list[Client] = []
+        try:
+            with self._cond:
+                while True:
+                    if self._closed:
+                        raise ConnectionClosed(f"the pool to {self.path} is closed")
+                    while self._idle:
+                        client, since = self._idle.pop()
+                        idle = monotonic() - since
+                        if client.closed or (self.idle_timeout is not None
+                                             and idle > self.idle_timeout) \
+                                or (idle > _HANGUP_CHECK_S and client._hung_up()):
+                            self._open -= 1
+                            stale.append(client)
+                            continue
+                        self._lend(client)
+                        return client
+                    if self._open < self.size:
+                        self._open += 1
+                        self._busy += 1
+                        break
+                    remaining = deadline - monotonic()
+                    if remaining <= 0:
+                        raise Timeout(f"all {self.size} connections to {self.path} stayed busy")
+                    self._cond.wait(remaining)
+        finally:
+            for client in stale:   # outside the lock: close may flush
+                client.close()
+        try:
+            client = Client(self.path, timeout=self.timeout,
+                            connect_timeout=self.connect_timeout,
+                            session=self.session if self.exactly_once else None,
+                            **self._client_options)
+        except BaseException:
+            with self._cond:
+                self._open -= 1
+                self._busy -= 1
+                self._cond.notify()
+            raise
+        if not self.exactly_once:
+            client._ids = self.session.ids   # ids unique across the pool all the same
+        with self._cond:
+            self._lent.add(client)
+        return client
+
+    def _lend(self, client: Client) -> None:
+        self._busy += 1
+        self._lent.add(client)
+
+    def _release(self, client: Client) -> None:
+        with self._cond:
+            self._busy -= 1
+            self._lent.discard(client)
+            if client.closed or self._closed:
+                self._open -= 1
+                close = True
+            else:
+                self._idle.append((client, monotonic()))
+                close = False
+            self._cond.notify()
+        if close:
+            client.close()
+
+    def _call(self, attempt: Any, idempotent: bool, same_ids: bool = True) -> Any:
+        """Run ``attempt(client, request_id)`` with retries per the policy."""
+        policy = self.retry
+        request_id: int | None = None   # set when a retry must reach the same server
+        instance: bytes | None = None   # that server's instance id
+        last: BaseException | None = None
+        tries = 0
+        while True:
+            tries += 1
+            client = None
+            restarted = False
+            try:
+                client = self._acquire()
+                if instance is not None and _instance(client) != instance:
+                    restarted = True
+                else:
+                    return attempt(client, request_id)
+            except policy.retry_on as error:
+                if tries >= policy.max_attempts or not self._may_retry(error, idempotent):
+                    raise
+                if isinstance(error, ConnectionClosed) and error.request_sent \
+                        and not idempotent:
+                    # Exactly-once: the server may have run it. Only its replay window may
+                    # answer a retry, so the retry carries the same id to the same server.
+                    instance = _instance(client) if client is not None else None
+                    request_id = error.request_id if same_ids else None
+                    if instance is None or request_id is None:
+                        raise
+                last = error
+                log.info("retrying a request to %s after: %s", self.path, error)
+            finally:
+                if client is not None:
+                    self._release(client)
+            if restarted:
+                gone = ConnectionClosed(
+                    f"the server at {self.path} restarted after request {request_id} was "
+                    f"sent; it may or may not have run")
+                gone.request_sent, gone.request_id = True, request_id
+                raise gone from last
+            time.sleep(policy.delay(tries))
+
+    def _may_retry(self, error: BaseException, idempotent: bool) -> bool:
+        if isinstance(error, ConnectError):
+            return True
+        if isinstance(error, Timeout):
+            # Also a Timeout waiting for a free connection: nothing was sent, but waiting
+            # again would only double the wait the caller chose.
+            return idempotent and error.request_id is not None
+        if isinstance(error, ConnectionClosed):
+            if self._closed:
+                return False
+            return error.request_sent is False or idempotent or self.exactly_once
+        return True   # a type the caller listed in retry_on
+
+
+def _instance(client: Client) -> bytes | None:
+    """The id of the server process behind ``client`` (waiting briefly for its hello)."""
+    if client.peer_hello is None and not client.closed:
+        client._await_hello(monotonic() + _INSTANCE_WAIT_S)
+    hello = client.peer_hello
+    return None if hello is None else hello.entries.get(HelloKey.INSTANCE_ID)

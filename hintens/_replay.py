@@ -1,0 +1,120 @@
+"""The server's replay windows: exactly-once answers for client sessions.
+
+A client that announces a session id in its hello (a ``ClientPool`` with ``exactly_once``)
+draws its request ids from that session, across reconnects. The server remembers, per
+session, the answers it gave to the most recent requests. A request whose id it has already
+answered is answered again from memory, and a request still running on another connection is
+waited for, so that a retry after a lost connection never runs a handler twice.
+
+Bounds, per server (all configurable on ``Server``):
+
+* ``replay_window`` answers per session (default 1024), and at most ``replay_bytes`` of
+  answer payloads per session (default 16 MiB); the oldest answers are forgotten first, but
+  the newest one is always kept;
+* ``replay_sessions`` sessions (default 1024); the session used least recently is forgotten.
+
+A request whose id is at or below the highest id a session forgot, and that is not remembered,
+may have run already: it is refused with UNAVAILABLE rather than run. Answers larger than
+``replay_bytes`` are not kept: a retry of such a request is refused the same way.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from typing import Any
+
+DEFAULT_REPLAY_WINDOW = 1024
+DEFAULT_REPLAY_BYTES = 16 * 1024 * 1024
+DEFAULT_REPLAY_SESSIONS = 1024
+
+NEW = "new"                # run it, then call finish()
+ANSWERED = "answered"      # answer it with the remembered answer
+RUNNING = "running"        # still running elsewhere after the wait: refuse
+FORGOTTEN = "forgotten"    # may have run, and its answer is gone: refuse
+
+#: The kept answer of a request whose answer was too large to keep.
+TOO_LARGE = (False, b"")
+
+
+class ReplayWindow:
+    """The recent answers of one session, by request id.
+
+    An answer is a tuple ``(ok, data)``: ``(True, payload)`` for a Response, ``(False, frame)``
+    for the encoded Error frame that answered it.
+    """
+
+    def __init__(self, max_entries: int = DEFAULT_REPLAY_WINDOW,
+                 max_bytes: int = DEFAULT_REPLAY_BYTES) -> None:
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self._lock = threading.Lock()
+        self._answers: OrderedDict[int, tuple[bool, bytes]] = OrderedDict()
+        self._running: dict[int, threading.Event] = {}
+        self._bytes = 0
+        #: The highest request id forgotten so far.
+        self.floor = 0
+
+    def claim(self, request_id: int, wait: float) -> tuple[str, Any]:
+        """What to do with a request: ``(NEW, None)``, ``(ANSWERED, answer)``,
+        ``(RUNNING, None)`` or ``(FORGOTTEN, None)``. Waits up to ``wait`` seconds for a run
+        of the same request on another connection to finish."""
+        with self._lock:
+            answer = self._answers.get(request_id)
+            if answer is not None:
+                return ANSWERED, answer
+            running = self._running.get(request_id)
+            if running is None:
+                if request_id <= self.floor:
+                    return FORGOTTEN, None
+                self._running[request_id] = threading.Event()
+                return NEW, None
+        if not running.wait(wait):
+            return RUNNING, None
+        with self._lock:
+            answer = self._answers.get(request_id)
+        return (ANSWERED, answer) if answer is not None else (FORGOTTEN, None)
+
+    def finish(self, request_id: int, answer: tuple[bool, bytes]) -> None:
+        """Remember the answer of a request claimed NEW, and wake retries waiting for it."""
+        with self._lock:
+            running = self._running.pop(request_id, None)
+            if len(answer[1]) > self.max_bytes:
+                answer = TOO_LARGE
+            self._answers[request_id] = answer
+            self._bytes += len(answer[1])
+            while len(self._answers) > 1 and (len(self._answers) > self.max_entries
+                                              or self._bytes > self.max_bytes):
+                old_id, (_, data) = self._answers.popitem(last=False)
+                self._bytes -= len(data)
+                self.floor = max(self.floor, old_id)
+        if running is not None:
+            running.set()
+
+    def __len__(self) -> int:
+        return len(self._answers)
+
+
+class ReplayMemory:
+    """The replay windows of every session, least recently used forgotten first."""
+
+    def __init__(self, sessions: int = DEFAULT_REPLAY_SESSIONS,
+                 window: int = DEFAULT_REPLAY_WINDOW,
+                 max_bytes: int = DEFAULT_REPLAY_BYTES) -> None:
+        self.sessions = sessions
+        self.window = window
+        self.max_bytes = max_bytes
+        self._lock = threading.Lock()
+        self._windows: OrderedDict[bytes, ReplayWindow] = OrderedDict()
+
+    def window_for(self, session_id: bytes) -> ReplayWindow:
+        """The window of ``session_id``, created if new."""
+        with self._lock:
+            window = self._windows.get(session_id)
+            if window is None:
+                window = self._windows[session_id] = ReplayWindow(self.window, self.max_bytes)
+                while len(self._windows) > self.sessions:
+                    self._windows.popitem(last=False)
+            else:
+                self._windows.move_to_end(session_id)
+            return window

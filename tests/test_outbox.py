@@ -1,0 +1,283 @@
+"""The Channel's outbox (both cores) over a real socketpair: small frames packed into one queue,
+written in order by whoever holds the send lock, with the flush deadline, cork, the queue
+bound, partial writes and concurrent submitters."""
+
+from __future__ import annotations
+
+import socket
+import threading
+
+import pytest
+
+from hintens import _unix
+
+
+@pytest.fixture
+def pair():
+    left, right = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    yield left, right
+    left.close()
+    right.close()
+
+
+def channel(core, sock, interval=0.001):
+    ch = core.Channel(sock, core.FrameDecoder())
+    ch.flush_interval = interval
+    return ch
+
+
+def read_frames(core, sock, count, decoder=None):
+    """Read until ``count`` frames have arrived; return them (and fail on a short stream)."""
+    decoder = decoder or core.FrameDecoder()
+    frames = []
+    sock.settimeout(5)
+    while len(frames) < count:
+        data = sock.recv(1 << 20)
+        assert data, f"stream ended after {len(frames)} of {count} frames"
+        frames += decoder.feed(data)
+    return frames
+
+
+def nothing_to_read(sock):
+    previous = sock.gettimeout()
+    sock.settimeout(0)
+    try:
+        sock.recv(1, socket.MSG_PEEK)
+    except BlockingIOError:
+        return True
+    finally:
+        sock.settimeout(previous)
+    return False
+
+
+def test_urgent_post_leaves_at_once_and_offsets_count_bytes(core, pair):
+    left, right = pair
+    ours = channel(core, left)
+    end = ours.post(1, b"ping", 7)
+    assert end == 24 + 4 == ours.submitted == ours.written
+    assert ours.queued == 0
+    (frame,) = read_frames(core, right, 1)
+    assert (frame.type, frame.request_id, frame.payload) == (1, 7, b"ping")
+
+
+def test_events_in_quick_succession_wait_for_the_deadline_then_leave_together(core, pair):
+    left, right = pair
+    scheduled = []
+    ours = channel(core, left, interval=60.0)
+    ours.on_queued = scheduled.append
+    ours.event(b"first")                 # no Event before it: at once
+    assert ours.queued == 0 and not scheduled
+    ours.event(b"second")                # right after another: queued for company
+    ours.event(b"third")
+    assert ours.queued == 2 * 24 + len(b"second") + len(b"third")
+    assert scheduled == [ours]           # the flusher is asked once, not per Event
+    assert read_frames(core, right, 1)[0].payload == b"first"
+    assert nothing_to_read(right)
+    assert ours.flush_due() is False     # what the flusher calls at the deadline
+    frames = read_frames(core, right, 2)
+    assert [f.payload for f in frames] == [b"second", b"third"]
+    assert [f.type for f in frames] == [3, 3]
+    assert frames[0].request_id != 0 and frames[1].request_id == frames[0].request_id + 1
+    assert ours.written == ours.submitted
+
+
+def test_zero_interval_writes_every_event(core, pair):
+    left, right = pair
+    ours = channel(core, left, interval=0.0)
+    for n in range(5):
+        ours.event(b"%d" % n)
+        assert ours.queued == 0
+    assert [f.payload for f in read_frames(core, right, 5)] == [b"0", b"1", b"2", b"3", b"4"]
+
+
+def test_a_request_takes_queued_events_with_it(core, pair):
+    left, right = pair
+    ours = channel(core, left, interval=60.0)
+    ours.event(b"a")
+    ours.event(b"b")
+    ours.event(b"c")
+    assert ours.queued
+    ours.post(1, b"req", 1)
+    assert ours.queued == 0 and ours.written == ours.submitted
+    frames = core.FrameDecoder().feed(_recv_all(right))
+    assert [(f.type, f.payload) for f in frames] == [(3, b"a"), (3, b"b"), (3, b"c"),
+                                                     (1, b"req")]
+
+
+def _recv_all(sock):
+    """Whatever has arrived (waiting for the first byte only)."""
+    sock.settimeout(5)
+    data = sock.recv(1 << 16)
+    while not nothing_to_read(sock):
+        data += sock.recv(1 << 16)
+    return data
+
+
+def test_send_after_queued_events_keeps_the_order(core, pair):
+    left, right = pair
+    ours = channel(core, left, interval=60.0)
+    ours.event(b"first")
+    ours.event(b"queued")
+    big = b"x" * 100_000
+    reader_frames = []
+    reader = threading.Thread(target=lambda: reader_frames.extend(read_frames(core, right, 3)))
+    reader.start()
+    ours.send([core.encode_header(1, big, 5), big])
+    reader.join(10)
+    assert [f.payload for f in reader_frames] == [b"first", b"queued", big]
+
+
+def test_cork_holds_events_until_flush(core, pair):
+    left, right = pair
+    ours = channel(core, left, interval=0.0)
+    ours.cork()
+    ours.event(b"1")
+    ours.event(b"2")
+    assert ours.queued and nothing_to_read(right)
+    assert ours.flush_due() is False and ours.queued    # the deadline does not break a cork
+    ours.uncork()
+    ours.flush()
+    assert [f.payload for f in read_frames(core, right, 2)] == [b"1", b"2"]
+
+
+def test_the_queue_bound_makes_the_submitter_write(core, pair):
+    left, right = pair
+    ours = channel(core, left, interval=60.0)
+    ours.max_queue = 1000
+    ours.cork()
+    for n in range(100):
+        ours.event(b"%03d" % n)
+        assert ours.queued <= 1000
+    ours.uncork()
+    ours.flush()
+    frames = read_frames(core, right, 100)
+    assert [f.payload for f in frames] == [b"%03d" % n for n in range(100)]
+
+
+def test_a_full_socket_keeps_the_rest_queued_in_order(core, pair):
+    """flush_due never blocks: what the socket refuses stays queued, cut mid-frame or not, and
+    leaves first later. Nothing is lost or reordered."""
+    left, right = pair
+    left.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    ours = channel(core, left, interval=60.0)
+    payloads = [b"%05d" % n + b"." * 200 for n in range(2000)]    # ~450 KB
+    ours.cork()
+    for p in payloads:
+        ours.event(p)
+    ours.uncork()
+    assert ours.flush_due() is True        # the socket filled: come back later
+    assert 0 < ours.written < ours.submitted
+    frames = []
+    decoder = core.FrameDecoder()
+    right.settimeout(5)
+    while len(frames) < len(payloads):
+        frames += decoder.feed(right.recv(1 << 16))
+        ours.flush_due()
+    assert [f.payload for f in frames] == payloads
+    assert ours.written == ours.submitted and ours.queued == 0
+
+
+def test_a_send_timeout_keeps_queued_frames_and_says_where_ours_ended(core, pair):
+    left, right = pair
+    left.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    _unix.set_kernel_timeouts(left, None, send_s=0.05)
+    ours = channel(core, left, interval=60.0)
+    ours.cork()
+    payloads = [b"%05d" % n + b"-" * 500 for n in range(1000)]
+    for p in payloads[:-1]:
+        ours.event(p)
+    with pytest.raises(BlockingIOError) as caught:
+        ours.post(1, payloads[-1], 99)
+    end = caught.value.stream_end
+    assert end == ours.submitted and ours.written < end
+    assert not ours.broken                 # the stream is whole: the rest is still queued
+    ours.uncork()
+    got = []
+    reader = threading.Thread(target=lambda: got.extend(read_frames(core, right, 1000)))
+    reader.start()
+    ours.flush()
+    reader.join(10)
+    assert [f.payload for f in got] == payloads
+    assert got[-1].type == 1 and ours.written == end
+
+
+def test_concurrent_submitters_lose_nothing_and_keep_each_threads_order(core, pair):
+    left, right = pair
+    ours = channel(core, left, interval=0.0005)
+    threads, per_thread = 4, 2000
+    got = []
+    reader = threading.Thread(
+        target=lambda: got.extend(read_frames(core, right, threads * per_thread)))
+    reader.start()
+
+    def submit(t):
+        for n in range(per_thread):
+            if n % 100 == 99:
+                ours.post(1, b"%d:%d" % (t, n), t * per_thread + n + 1)
+            else:
+                ours.event(b"%d:%d" % (t, n))
+
+    workers = [threading.Thread(target=submit, args=(t,)) for t in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    ours.flush()
+    reader.join(20)
+    assert len(got) == threads * per_thread
+    for t in range(threads):
+        mine = [int(f.payload.split(b":")[1]) for f in got if f.payload.startswith(b"%d:" % t)]
+        assert mine == list(range(per_thread))
+    assert ours.written == ours.submitted
+
+
+def test_close_drops_and_counts_unsent_bytes(core, pair):
+    left, _ = pair
+    ours = channel(core, left, interval=60.0)
+    ours.event(b"sent")
+    ours.event(b"never")
+    ours.close()
+    assert ours.dropped == 24 + len(b"never")
+    with pytest.raises(OSError):
+        ours.event(b"after close")
+    assert ours.flush_due() is False
+
+
+def test_bad_frames_are_refused_before_anything_is_queued(core, pair):
+    left, _ = pair
+    ours = channel(core, left, interval=60.0)
+    with pytest.raises(ValueError):
+        ours.post(9, b"x", 1)
+    with pytest.raises(ValueError):
+        ours.post_many(1, [b"a", b"b"], [1])
+    with pytest.raises(OverflowError):
+        ours.post(1, b"x", -1)
+    assert ours.queued == 0 and ours.submitted == 0
+
+
+def test_post_many_writes_them_all_at_once(core, pair):
+    left, right = pair
+    ours = channel(core, left, interval=60.0)
+    end = ours.post_many(1, [b"a", b"bb", bytearray(b"ccc")], [5, 6, 9])
+    assert end == ours.written == 3 * 24 + 6
+    frames = read_frames(core, right, 3)
+    assert [(f.request_id, bytes(f.payload)) for f in frames] == [(5, b"a"), (6, b"bb"),
+                                                                   (9, b"ccc")]
+
+
+def test_decoder_skips_plain_events_only(core):
+    decoder = core.FrameDecoder()
+    decoder.skip_events = True
+    stream = (core.encode_frame(3, b"dropped", 5) + core.encode_frame(3, b"hello", 0)
+              + core.encode_frame(1, b"request", 6) + core.encode_frame(3, b"shm", 7, flags=1)
+              + core.encode_frame(3, b"", 8) + core.encode_frame(2, b"response", 9))
+    frames = []
+    for i in range(0, len(stream), 7):   # any chunking, the payload path included
+        frames += decoder.feed(stream[i:i + 7])
+    assert [(f.type, f.request_id) for f in frames] == [(3, 0), (1, 6), (3, 7), (2, 9)]
+    assert decoder.events_skipped == 2
+    assert decoder.frames_decoded == 6
+    whole = core.FrameDecoder()
+    whole.skip_events = True
+    assert [f.request_id for f in whole.feed(stream)] == [0, 6, 7, 9]
+    assert whole.events_skipped == 2 and whole.frames_decoded == 6
