@@ -83,6 +83,9 @@ class _Waiter:
     done = False
     payload: Any = None
     error: BaseException | None = None
+    # A lock of its own, held while parked, released by the thread that wakes it. Waking one
+    # thread at a time (its reply came, or it is to read next) avoids waking every waiter.
+    wake: Any = None
 
 
 def frames_for(encode_frame: Callable[..., bytes], encode_header: Callable[..., bytes],
@@ -146,7 +149,8 @@ class Client:
         # path never enters threading.Condition's Python code.
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
-        self._sleepers = 0
+        self._sleepers = 0   # threads in _cond.wait (the hello and event-pump waits)
+        self._parked: dict[int, _Waiter] = {}   # request threads asleep, by request id
         self._reading = False
         self._waiters: dict[int, _Waiter] = {}
         self.session = session
@@ -573,16 +577,36 @@ class Client:
                         raise self._closed_error()
                     remaining = deadline - monotonic()
                     if remaining <= 0:
+                        self._parked.pop(request_id, None)
                         raise Timeout(f"no reply to request {request_id} from {self.path} in time")
                     if not self._reading:
+                        self._parked.pop(request_id, None)
                         self._reading = True
                         break
-                    self._sleepers += 1
+                    # Park: the reader releases our lock when our reply is in, or when it
+                    # gives the reader role up while we still wait.
+                    wake = waiter.wake
+                    if wake is None:
+                        wake = waiter.wake = threading.Lock()
+                    wake.acquire(False)   # held while parked (still held after a timeout)
+                    self._parked[request_id] = waiter
+                    lock.release()
                     try:
-                        self._cond.wait(remaining)
+                        wake.acquire(True, remaining)
                     finally:
-                        self._sleepers -= 1
+                        lock.acquire()
             self._read(remaining, request_id)
+
+    def _wake_parked(self) -> None:
+        """Under the lock, after a read: wake the parked threads whose reply came, and one more
+        to take the reader role if others still wait."""
+        parked = self._parked
+        done = [rid for rid, waiter in parked.items() if waiter.done]
+        for rid in done:
+            parked.pop(rid).wake.release()
+        if parked and not self._reading:
+            rid = next(iter(parked))
+            parked.pop(rid).wake.release()
 
     def _read(self, remaining: float | None, request_id: int = 0) -> None:
         """One read as the reader, then dispatch; always gives the reader role back.
@@ -648,6 +672,8 @@ class Client:
                 waiter = self._waiters.pop(request_id, None)
                 if waiter is not None:
                     waiter.payload, waiter.done = reply, True
+                if self._parked:
+                    self._wake_parked()
                 if self._sleepers:
                     self._cond.notify_all()
                 if not self._close_pending:
@@ -655,6 +681,8 @@ class Client:
                 events, replies = _NOTHING
             else:
                 events, replies = self._dispatch(items) if items else _NOTHING
+            if self._parked:
+                self._wake_parked()
             if self._sleepers:
                 self._cond.notify_all()
             close_now = self._close_pending
@@ -765,6 +793,9 @@ class Client:
         # The descriptor itself is closed by whoever next holds no reader role: _fail now,
         # or the reader in _finish_read. Never here, under the lock, and never under a reader.
         self._close_pending = True
+        for waiter in self._parked.values():
+            waiter.wake.release()
+        self._parked.clear()
         if self._sleepers:
             self._cond.notify_all()
 

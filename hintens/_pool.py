@@ -161,8 +161,8 @@ class ClientPool:
                 safely, or the pool is closed.
             ConnectError: no server, after the retries.
         """
-        return self._call(lambda client, request_id: client._request(
-            payload, timeout, request_id=request_id), idempotent)
+        return self._call(lambda client, request_id: client.request(
+            payload, timeout, _request_id=request_id), idempotent)
 
     def request_many(self, payloads: Iterable[Any], timeout: float | None = None, *,
                      idempotent: bool = False, return_exceptions: bool = False) -> list[Any]:

@@ -519,25 +519,24 @@ class Server:
                 kind = item.type
                 if kind == MessageType.REQUEST:
                     request_id = item.request_id
-                    answer: Any = None
                     try:
                         if window is not None:
-                            state, answer = window.claim(request_id, self.send_timeout)
+                            state, kept = window.claim(request_id, self.send_timeout)
                             if state == NEW:
-                                answer = self._run_once(endpoint, window, item)
-                            elif state != ANSWERED or answer is TOO_LARGE:
-                                why = _REPLAY_REFUSALS[state if answer is not TOO_LARGE
+                                ok, data, result = self._run_once(endpoint, window, item)
+                            elif state == ANSWERED and kept is not TOO_LARGE:
+                                (ok, data), result = kept, kept[1]
+                            else:
+                                why = _REPLAY_REFUSALS[state if kept is not TOO_LARGE
                                                        else "too large"]
                                 out.append(endpoint.error_frame(
                                     ErrorCode.UNAVAILABLE,
                                     f"request {request_id} {why}; it is not run again",
                                     request_id))
                                 continue
-                            ok, data = answer
                             if not ok:
                                 out.append(data)   # the Error frame it was answered with
                                 continue
-                            result = answer[1] if state == ANSWERED else answer[2]
                         else:
                             result = self.handler(item.payload)
                         result = b"" if result is None else result
@@ -581,12 +580,14 @@ class Server:
             connection._send(out)
         return keep_open
 
-    def _run_once(self, endpoint: Endpoint, window: ReplayWindow, item: Any) -> Any:
+    def _run_once(self, endpoint: Endpoint, window: ReplayWindow,
+                  item: Any) -> tuple[bool, bytes, Any]:
         """Run a session's request claimed NEW and remember its answer.
 
         Returns:
-            ``(ok, kept, result)``: the answer as kept, plus the handler's own result (sent
-            as it is, shared memory included; the window keeps a copy).
+            ``(ok, kept, result)``: the answer as the window keeps it (a copy of the payload,
+            or the Error frame), and the handler's own result, sent as it is (shared memory
+            included).
         """
         answer: tuple[bool, bytes] = (False, endpoint.error_frame(
             ErrorCode.HANDLER_ERROR, "the handler did not finish", item.request_id))
@@ -594,10 +595,10 @@ class Server:
             result = self.handler(item.payload)
             result = b"" if result is None else result
             answer = (True, bytes(result))
-            return answer + (result,)
+            return True, answer[1], result
         except Exception as error:
             answer = (False, self._error_answer(endpoint, item.request_id, error))
-            return answer
+            return False, answer[1], None
         finally:
             window.finish(item.request_id, answer)
 
