@@ -48,6 +48,7 @@ bench: $(BENCH_INSTALLED)
 	$(PY) -m pytest bench --benchmark-only --benchmark-columns=min,median,mean,stddev,rounds \
 	    --benchmark-sort=name --benchmark-warmup=on $(BENCH_ARGS)
 	$(PY) bench/rpc_latency.py
+	$(PY) bench/throughput.py
 	$(PY) bench/shm_latency.py
 
 build: $(INSTALLED)
