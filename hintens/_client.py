@@ -290,6 +290,9 @@ class Client:
             if self._closed_reason is not None:
                 raise self._closed_error()
             self._waiters.update(zip(ids, waiters))
+        # Where the batch starts in the stream, or earlier (others may post before us): if
+        # any byte after it left, some request of the batch may have run.
+        start = self._channel.submitted
         end = 0
         try:
             try:
@@ -306,7 +309,7 @@ class Client:
                 if not waiter.done:
                     self._wait(waiter, request_id, deadline)
         except (Timeout, ConnectionClosed) as error:
-            self._mark_sent(error, end, ids[-1])
+            self._mark_sent(error, max(end, start + 1), ids[-1], start)
             raise
         finally:
             with self._lock:
@@ -443,11 +446,27 @@ class Client:
 
     # Internals --------------------------------------------------------------------------
 
-    def _mark_sent(self, error: BaseException, end: int, request_id: int) -> None:
-        """Say on a failed request's error whether its frame had left whole."""
-        if isinstance(error, (Timeout, ConnectionClosed)) and error.request_sent is None:
-            error.request_sent = bool(end) and self._channel.written >= end
-            error.request_id = request_id
+    def _mark_sent(self, error: BaseException, end: int, request_id: int,
+                   start: int | None = None) -> None:
+        """Say on a failed request's error whether the server may have it: its frame left
+        whole (for a batch from ``start``: any byte of it left), or it is still queued on an
+        open connection and may yet leave. False only when it never can."""
+        if not isinstance(error, (Timeout, ConnectionClosed)) or error.request_sent is not None:
+            return
+        channel = self._channel
+        # After a failure the stream is shut, so a write in progress ends at once: wait for
+        # it, or a frame the kernel took could be counted as unsent.
+        written = channel.settled_written() if isinstance(error, ConnectionClosed) \
+            else channel.written
+        if start is not None:
+            sent = written > start
+        else:
+            sent = bool(end) and written >= end
+        if not sent and end and not (channel.closed or channel.broken
+                                     or self._closed_reason is not None):
+            sent = True   # still queued (or being written) on a live connection
+        error.request_sent = sent
+        error.request_id = request_id
 
     def _hung_up(self) -> bool:
         """The server closed its end (seen without reading): this connection is dead."""
@@ -577,7 +596,7 @@ class Client:
                         raise self._closed_error()
                     remaining = deadline - monotonic()
                     if remaining <= 0:
-                        self._parked.pop(request_id, None)
+                        self._unpark(request_id)
                         raise Timeout(f"no reply to request {request_id} from {self.path} in time")
                     if not self._reading:
                         self._parked.pop(request_id, None)
@@ -593,9 +612,20 @@ class Client:
                     lock.release()
                     try:
                         wake.acquire(True, remaining)
-                    finally:
+                    except BaseException:   # a signal handler raised: leave, handing on
                         lock.acquire()
+                        self._unpark(request_id)
+                        raise
+                    lock.acquire()
             self._read(remaining, request_id)
+
+    def _unpark(self, request_id: int) -> None:
+        """Under the lock, for a thread that stops waiting: if it was woken to read next, the
+        role goes to another parked thread, or their replies would wait for their deadlines."""
+        self._parked.pop(request_id, None)
+        if self._parked and not self._reading:
+            rid = next(iter(self._parked))
+            self._parked.pop(rid).wake.release()
 
     def _wake_parked(self) -> None:
         """Under the lock, after a read: wake the parked threads whose reply came, and one more

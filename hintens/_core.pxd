@@ -133,6 +133,7 @@ cdef class Channel:
     cdef int _reserve(self, Py_ssize_t extra) except -1
     cdef uint64_t _post(self, uint32_t msg_type, object payload, uint64_t request_id) except? 0
     cdef int _after_post(self, bint urgent) except -1
+    cdef int _schedule(self) except -1
     cdef int _drain(self, int flags) except -1
     cdef int _drain_quietly(self) except -1
     cdef int _requeue(self, unsigned char *buf, Py_ssize_t cap, Py_ssize_t start,

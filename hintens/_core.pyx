@@ -858,7 +858,9 @@ cdef class Channel:
             raise OSError(EBADF, "the channel is closed")
         if self.broken:
             raise OSError(EPIPE, "the channel broke in the middle of a frame")
-        _acquire(payload, &ref, False, True)
+        # A buffer export (not the bytearray shortcut): the backpressure write below lets the
+        # GIL go, and the export keeps the payload from being resized meanwhile.
+        _acquire(payload, &ref, False)
         try:
             _check_frame_args(msg_type, 0, ref.len)
             size = HEADER_SIZE + ref.len
@@ -870,11 +872,13 @@ cdef class Channel:
                 finally:
                     PyThread_release_lock(self._send_lock)
             self._reserve(size)
+            # From here to the end, the GIL is held throughout (no _crc/_copy, which let it go
+            # for large payloads): dst points into a queue another thread may realloc or detach.
             dst = self._queue + self._queued
             _fill_header(&h, msg_type, 0, <size_t>ref.len,
-                         _crc(0xFFFF, ref.buf, <size_t>ref.len), request_id)
+                         hx_crc16(0xFFFF, ref.buf, <size_t>ref.len), request_id)
             hx_pack_header(dst, &h)
-            _copy(dst + HEADER_SIZE, ref.buf, <size_t>ref.len)
+            memcpy(dst + HEADER_SIZE, ref.buf, <size_t>ref.len)
         finally:
             _release(&ref)
         self._queued += size
@@ -899,8 +903,16 @@ cdef class Channel:
                     PyThread_release_lock(self._send_lock)
             # else the thread holding the lock writes our frame before it lets go
         elif not self._scheduled and self.on_queued is not None:
-            self._scheduled = True
+            self._schedule()
+        return 0
+
+    cdef int _schedule(self) except -1:
+        self._scheduled = True
+        try:
             self.on_queued(self)
+        except BaseException:
+            self._scheduled = False   # or no later Event would ever ask again
+            raise
         return 0
 
     cdef int _drain(self, int flags) except -1:
@@ -951,8 +963,7 @@ cdef class Channel:
             self._drain(0)
         except OSError:
             if self._queued and not self._scheduled and self.on_queued is not None:
-                self._scheduled = True
-                self.on_queued(self)
+                self._schedule()
         return 0
 
     cdef int _requeue(self, unsigned char *buf, Py_ssize_t cap, Py_ssize_t start,
@@ -1081,6 +1092,15 @@ cdef class Channel:
     def queued(self):
         """Bytes waiting in the outbox."""
         return self._queued
+
+    def settled_written(self):
+        """``written`` once no write is in progress (waits for one to end): whether a frame
+        left can then be told exactly, for example after the connection failed."""
+        self._lock_send()
+        try:
+            return self.written
+        finally:
+            PyThread_release_lock(self._send_lock)
 
     cdef list _receive(self, int flags):
         # One recvmsg, decoded. None at end of stream. Descriptors that came with the bytes

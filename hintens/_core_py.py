@@ -535,13 +535,16 @@ class Channel:
         with self._send_lock:
             if self._closed:
                 raise OSError(errno.EBADF, "the channel is closed")
-            if self._queue:
-                self._drain(0)   # what was queued before us leaves first
+            while True:
+                if self._queue:
+                    self._drain(0)   # what was queued before us leaves first
+                with self._queue_lock:   # our place in the stream: after an empty queue
+                    if not self._queue:
+                        self.submitted += total
+                        end = self.submitted
+                        break
             if self.broken:
                 raise OSError(errno.EPIPE, "the channel broke in the middle of a frame")
-            with self._queue_lock:
-                self.submitted += total
-                end = self.submitted
             self._written = 0
             try:
                 self._write_all(pending, ancillary)
@@ -648,16 +651,26 @@ class Channel:
             self._send_lock.release()
         if left:
             self._scheduled = True
+        elif not self.broken and self._write_leftovers(socket.MSG_DONTWAIT):
+            self._scheduled = left = True
         return left
 
     def cork(self) -> None:
         """Hold Events in the queue (until ``uncork``, a request, or a full queue)."""
-        self._corked += 1
+        with self._queue_lock:
+            self._corked += 1
 
     def uncork(self) -> None:
         """Undo one ``cork``. The caller flushes when it wants the batch out."""
-        if self._corked:
-            self._corked -= 1
+        with self._queue_lock:
+            if self._corked:
+                self._corked -= 1
+
+    def settled_written(self) -> int:
+        """``written`` once no write is in progress (waits for one to end): whether a frame
+        left can then be told exactly, for example after the connection failed."""
+        with self._send_lock:
+            return self.written
 
     @property
     def queued(self) -> int:
@@ -691,17 +704,34 @@ class Channel:
                     self._send_lock.release()
                 self._write_leftovers()
         elif not self._scheduled and self.on_queued is not None:
-            self._scheduled = True
-            self.on_queued(self)
+            self._schedule()
 
-    def _write_leftovers(self) -> None:
+    def _schedule(self) -> None:
+        self._scheduled = True
+        try:
+            self.on_queued(self)
+        except BaseException:
+            self._scheduled = False   # or no later Event would ever ask again
+            raise
+
+    def _write_leftovers(self, flags: int = 0) -> bool:
         # Unlike the compiled core, a thread may queue between our last look and our release
-        # of the send lock, see it taken, and leave: look again once the lock is free.
+        # of the send lock, see it taken, and leave: look again once the lock is free. A
+        # failed write stops it: the bytes stay queued for the next writer to raise about.
+        # True when MSG_DONTWAIT left bytes behind.
         while self._queue and not self._closed and self._send_lock.acquire(False):
             try:
-                self._drain_quietly()
+                if flags:
+                    try:
+                        if self._drain(flags):
+                            return True
+                    except OSError:
+                        return False
+                elif not self._drain_quietly():
+                    return False
             finally:
                 self._send_lock.release()
+        return False
 
     def _drain(self, flags: int) -> bool:
         # The caller holds the send lock. True if MSG_DONTWAIT stopped it with bytes left.
@@ -726,13 +756,14 @@ class Channel:
                     return True
                 raise
 
-    def _drain_quietly(self) -> None:
+    def _drain_quietly(self) -> bool:
         try:
             self._drain(0)
+            return True
         except OSError:
             if self._queue and not self._scheduled and self.on_queued is not None:
-                self._scheduled = True
-                self.on_queued(self)
+                self._schedule()
+            return False
 
     def _write_all(self, pending: list[memoryview], ancillary: list[Any]) -> None:
         # Counts what left in self._written, so that an interrupted send knows.

@@ -21,6 +21,8 @@ log = logging.getLogger("hintens")
 
 #: The thread ends after this many seconds with nothing to flush.
 IDLE_EXIT_S = 1.0
+#: How soon to try again when the socket would not take a queue.
+RETRY_S = 0.001
 
 
 class Flusher:
@@ -32,9 +34,11 @@ class Flusher:
         self._order = itertools.count()
         self._thread: threading.Thread | None = None
 
-    def schedule(self, channel: Any) -> None:
-        """Call ``channel.flush_due()`` once ``channel.flush_interval`` has passed."""
-        deadline = monotonic() + channel.flush_interval
+    def schedule(self, channel: Any, retry: bool = False) -> None:
+        """Call ``channel.flush_due()`` once ``channel.flush_interval`` has passed (at least
+        ``RETRY_S`` for a retry after the socket was full, so that a 0 interval never spins)."""
+        delay = channel.flush_interval
+        deadline = monotonic() + (max(delay, RETRY_S) if retry else delay)
         with self._cond:
             heapq.heappush(self._due, (deadline, next(self._order), channel))
             if self._thread is None:
@@ -70,7 +74,7 @@ class Flusher:
                 try:
                     # Clears the channel's "scheduled" mark; writes what was queued meanwhile.
                     if waiting.flush_due():
-                        self.schedule(waiting)   # the socket was full: try again later
+                        self.schedule(waiting, retry=True)   # the socket was full: later
                 except Exception:
                     log.exception("flushing queued frames failed")
 

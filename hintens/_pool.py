@@ -50,7 +50,8 @@ class RetryPolicy:
         retry_on: the exception types that may be retried. Whatever it lists, a request is
             only retried when that is safe (see the module docstring): a Timeout only for
             idempotent requests, a ConnectionClosed after the request was sent only for
-            idempotent requests or exactly-once sessions.
+            idempotent requests or exactly-once sessions, any other type (a ``RemoteError``
+            such as ``UnavailableError``, say) only for idempotent requests.
 
     Raises:
         ValueError: a negative or inconsistent setting.
@@ -378,7 +379,9 @@ class ClientPool:
             if self._closed:
                 return False
             return error.request_sent is False or idempotent or self.exactly_once
-        return True   # a type the caller listed in retry_on
+        # Another type the caller listed in retry_on (a RemoteError, say): the server may
+        # have run the request, so only an idempotent one goes again.
+        return idempotent or getattr(error, "request_sent", None) is False
 
 
 def _instance(client: Client) -> bytes | None:

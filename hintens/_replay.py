@@ -11,27 +11,34 @@ Bounds, per server (all configurable on ``Server``):
 * ``replay_window`` answers per session (default 1024), and at most ``replay_bytes`` of
   answer payloads per session (default 16 MiB); the oldest answers are forgotten first, but
   the newest one is always kept;
-* ``replay_sessions`` sessions (default 1024); the session used least recently is forgotten.
+* ``replay_sessions`` sessions (default 1024). Past that, the session used least recently
+  (with no request running) gives up its window, and leaves a tombstone: the highest request
+  id it had seen. Tombstones are kept for 16 times as many sessions.
 
-A request whose id is at or below the highest id a session forgot, and that is not remembered,
-may have run already: it is refused with UNAVAILABLE rather than run. Answers larger than
-``replay_bytes`` are not kept: a retry of such a request is refused the same way.
+A request whose id is at or below the highest id a session forgot (or its tombstone says it
+saw), and that is not remembered, may have run already: it is refused with UNAVAILABLE rather
+than run. Answers larger than ``replay_bytes`` are not kept: a retry of such a request is
+refused the same way. A session gone from the tombstones too is unknown: its retries run.
 """
 
 from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from time import monotonic
 from typing import Any
 
 DEFAULT_REPLAY_WINDOW = 1024
 DEFAULT_REPLAY_BYTES = 16 * 1024 * 1024
 DEFAULT_REPLAY_SESSIONS = 1024
+#: Tombstones kept per session slot.
+TOMBSTONES_PER_SESSION = 16
 
 NEW = "new"                # run it, then call finish()
 ANSWERED = "answered"      # answer it with the remembered answer
 RUNNING = "running"        # still running elsewhere after the wait: refuse
 FORGOTTEN = "forgotten"    # may have run, and its answer is gone: refuse
+MOVED = "moved"            # this window was given up: ask the memory for the session's new one
 
 #: The kept answer of a request whose answer was too large to keep.
 TOO_LARGE = (False, b"")
@@ -45,7 +52,7 @@ class ReplayWindow:
     """
 
     def __init__(self, max_entries: int = DEFAULT_REPLAY_WINDOW,
-                 max_bytes: int = DEFAULT_REPLAY_BYTES) -> None:
+                 max_bytes: int = DEFAULT_REPLAY_BYTES, floor: int = 0) -> None:
         self.max_entries = max_entries
         self.max_bytes = max_bytes
         self._lock = threading.Lock()
@@ -53,13 +60,24 @@ class ReplayWindow:
         self._running: dict[int, threading.Event] = {}
         self._bytes = 0
         #: The highest request id forgotten so far.
-        self.floor = 0
+        self.floor = floor
+        #: The highest request id claimed so far.
+        self.highest = floor
+        #: When a request last came (for the memory's least-recently-used choice).
+        self.last_used = monotonic()
+        #: Given up by the memory: claims answer MOVED.
+        self.evicted = False
 
     def claim(self, request_id: int, wait: float) -> tuple[str, Any]:
         """What to do with a request: ``(NEW, None)``, ``(ANSWERED, answer)``,
-        ``(RUNNING, None)`` or ``(FORGOTTEN, None)``. Waits up to ``wait`` seconds for a run
-        of the same request on another connection to finish."""
+        ``(RUNNING, None)``, ``(FORGOTTEN, None)`` or ``(MOVED, None)``. Waits up to ``wait``
+        seconds for a run of the same request on another connection to finish."""
         with self._lock:
+            if self.evicted:
+                return MOVED, None
+            self.last_used = monotonic()
+            if request_id > self.highest:
+                self.highest = request_id
             answer = self._answers.get(request_id)
             if answer is not None:
                 return ANSWERED, answer
@@ -91,6 +109,15 @@ class ReplayWindow:
         if running is not None:
             running.set()
 
+    def evict(self) -> int | None:
+        """Give the window up, unless a request of it is running. Returns the highest id it
+        saw (the tombstone), or None when it must stay."""
+        with self._lock:
+            if self._running:
+                return None
+            self.evicted = True
+            return self.highest
+
     def __len__(self) -> int:
         return len(self._answers)
 
@@ -105,16 +132,32 @@ class ReplayMemory:
         self.window = window
         self.max_bytes = max_bytes
         self._lock = threading.Lock()
-        self._windows: OrderedDict[bytes, ReplayWindow] = OrderedDict()
+        self._windows: dict[bytes, ReplayWindow] = {}
+        self._tombstones: OrderedDict[bytes, int] = OrderedDict()
 
     def window_for(self, session_id: bytes) -> ReplayWindow:
-        """The window of ``session_id``, created if new."""
+        """The window of ``session_id``: created if new, after a tombstone if it had one."""
         with self._lock:
             window = self._windows.get(session_id)
-            if window is None:
-                window = self._windows[session_id] = ReplayWindow(self.window, self.max_bytes)
-                while len(self._windows) > self.sessions:
-                    self._windows.popitem(last=False)
-            else:
-                self._windows.move_to_end(session_id)
+            if window is not None and not window.evicted:
+                return window
+            floor = self._tombstones.pop(session_id, 0)
+            window = self._windows[session_id] = ReplayWindow(self.window, self.max_bytes, floor)
+            if len(self._windows) > self.sessions:
+                self._evict_one(keep=session_id)
             return window
+
+    def _evict_one(self, keep: bytes) -> None:
+        # The least recently used window with nothing running; if every one is busy, the
+        # bound is exceeded until one is not.
+        for session_id, window in sorted(self._windows.items(),
+                                         key=lambda item: item[1].last_used):
+            if session_id == keep:
+                continue
+            highest = window.evict()
+            if highest is not None:
+                del self._windows[session_id]
+                self._tombstones[session_id] = highest
+                while len(self._tombstones) > TOMBSTONES_PER_SESSION * self.sessions:
+                    self._tombstones.popitem(last=False)
+                return

@@ -41,6 +41,7 @@ from ._replay import (
     DEFAULT_REPLAY_SESSIONS,
     DEFAULT_REPLAY_WINDOW,
     FORGOTTEN,
+    MOVED,
     NEW,
     RUNNING,
     TOO_LARGE,
@@ -108,6 +109,7 @@ class ServerConnection:
         self._endpoint.hello.entries[HelloKey.INSTANCE_ID] = server.instance_id
         #: The replay window of the client's session, once its hello announced one.
         self.window: ReplayWindow | None = None
+        self.session = b""
         # Without an on_event handler, plain Events are dropped inside the decoder: no Frame,
         # no Python call per Event.
         self._endpoint.decoder.skip_events = server.on_event is None
@@ -512,6 +514,7 @@ class Server:
                 and endpoint.peer_hello is not None:
             session = endpoint.peer_hello.entries.get(HelloKey.SESSION_ID)
             if session is not None and len(session) == 16:
+                connection.session = session
                 connection.window = self._replay.window_for(session)
         window = connection.window
         for index, item in enumerate(items):
@@ -522,6 +525,11 @@ class Server:
                     try:
                         if window is not None:
                             state, kept = window.claim(request_id, self.send_timeout)
+                            while state == MOVED:   # the memory gave that window up
+                                assert self._replay is not None
+                                window = connection.window = self._replay.window_for(
+                                    connection.session)
+                                state, kept = window.claim(request_id, self.send_timeout)
                             if state == NEW:
                                 ok, data, result = self._run_once(endpoint, window, item)
                             elif state == ANSWERED and kept is not TOO_LARGE:
@@ -594,7 +602,8 @@ class Server:
         try:
             result = self.handler(item.payload)
             result = b"" if result is None else result
-            answer = (True, bytes(result))
+            with memoryview(result) as view:   # not a buffer: the same Error as without replay
+                answer = (True, view.tobytes())
             return True, answer[1], result
         except Exception as error:
             answer = (False, self._error_answer(endpoint, item.request_id, error))

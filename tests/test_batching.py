@@ -184,3 +184,76 @@ def test_current_connection_outside_a_handler(sock_path):
     with hintens.Server(sock_path) as server:
         with pytest.raises(RuntimeError, match="handlers"):
             server.current_connection()
+
+
+def test_a_thread_woken_to_read_after_its_deadline_hands_the_role_on(sock_path):
+    """The reader gives its role to the first parked thread, whose deadline has just passed:
+    that thread must pass the role on, or the next one waits out its own deadline although
+    its reply is in (found in review)."""
+    with hintens.Server(sock_path) as server:
+        server.start()
+        client = hintens.Client(sock_path)
+        outcome = {}
+
+        def ask(name, timeout):
+            started = time.monotonic()
+            try:
+                client.request(name.encode(), timeout=timeout)
+                outcome[name] = ("reply", time.monotonic() - started)
+            except hintens.Timeout:
+                outcome[name] = ("timeout", time.monotonic() - started)
+
+        with client._lock:
+            client._reading = True            # a reader that is busy elsewhere
+        early = threading.Thread(target=ask, args=("early", 0.3))
+        early.start()
+        while len(client._parked) < 1:
+            time.sleep(0.001)
+        late = threading.Thread(target=ask, args=("late", 30))
+        late.start()
+        while len(client._parked) < 2:
+            time.sleep(0.001)
+        with client._lock:                    # hold the state past early's deadline...
+            time.sleep(0.5)
+            client._reading = False           # ...then give the role up, to early first
+            client._wake_parked()
+        early.join(10)
+        late.join(10)
+        client.close()
+    assert outcome["early"][0] == "timeout"
+    assert outcome["late"][0] == "reply" and outcome["late"][1] < 5
+
+
+def test_a_timed_out_request_still_queued_counts_as_maybe_sent(sock_path):
+    """A request queued behind a writer the server is not reading from times out; its frame
+    stays queued on a live connection and will run, so it must not say it was never sent."""
+    release = threading.Event()
+    runs = []
+
+    def handler(payload):
+        runs.append(bytes(payload[:5]))
+        if bytes(payload[:5]) == b"block":
+            release.wait(10)                  # the serving thread reads nothing meanwhile
+        return b"ok"
+
+    with hintens.Server(sock_path, handler) as server:
+        server.start()
+        client = hintens.Client(sock_path, shm=False, timeout=30)
+        blocker = threading.Thread(target=client.request, args=(b"block",))
+        blocker.start()
+        while not runs:
+            time.sleep(0.001)
+        big = threading.Thread(target=client.request, args=(b"big.." + b"x" * (8 << 20),))
+        big.start()
+        channel = client._channel
+        while channel.submitted - channel.written < (1 << 20):   # it is stuck in send
+            time.sleep(0.001)
+        with pytest.raises(hintens.Timeout) as caught:
+            client.request(b"small", timeout=0.3)
+        assert caught.value.request_sent is True
+        release.set()
+        blocker.join(10)
+        big.join(30)
+        assert client.request(b"after") == b"ok"
+        client.close()
+    assert runs.count(b"small") == 1          # it did run, once

@@ -281,3 +281,121 @@ def test_decoder_skips_plain_events_only(core):
     whole.skip_events = True
     assert [f.request_id for f in whole.feed(stream)] == [0, 6, 7, 9]
     assert whole.events_skipped == 2 and whole.frames_decoded == 6
+
+
+def test_large_posts_from_many_threads_arrive_whole(core, pair):
+    """Payloads large enough that the checksum and copy could run without the GIL: the
+    queue must not move under a post (the review found a use-after-free here)."""
+    left, right = pair
+    ours = channel(core, left, interval=0.0)
+    payloads = {t: [bytes([t]) * (300_000 + n) for n in range(10)] for t in range(4)}
+    got = []
+    reader = threading.Thread(target=lambda: got.extend(read_frames(core, right, 40)))
+    reader.start()
+    workers = [threading.Thread(target=lambda t=t: [ours.post(1, p, t) for p in payloads[t]])
+               for t in range(4)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    ours.flush()
+    reader.join(30)
+    for t in range(4):
+        assert [bytes(f.payload) for f in got if f.request_id == t] == payloads[t]
+
+
+# The pure-Python twin needs a lock where the compiled core relies on the GIL; these tests put
+# "another thread" exactly in the windows between its locked sections.
+
+class _HookedLock:
+    """A real lock that, on its first release, first runs ``hook`` in another thread."""
+
+    def __init__(self, hook):
+        self._lock, self._hook = threading.Lock(), hook
+
+    def acquire(self, blocking=True, timeout=-1):
+        return self._lock.acquire(blocking, timeout)
+
+    def release(self):
+        hook, self._hook = self._hook, None
+        if hook is not None:
+            other = threading.Thread(target=hook)
+            other.start()
+            other.join()
+        self._lock.release()
+
+    __enter__ = acquire
+
+    def __exit__(self, *exc_info):
+        self.release()
+
+
+def test_twin_flush_due_writes_a_request_posted_while_it_wrote(pair):
+    from hintens import _core_py as core
+
+    left, right = pair
+    ours = channel(core, left, interval=60.0)
+    ours.event(b"first")
+    ours.event(b"waits")                 # queued for the deadline
+    ours._send_lock = _HookedLock(lambda: ours.post(1, b"request", 42))
+    assert ours.flush_due() is False
+    frames = read_frames(core, right, 3)
+    assert [f.payload for f in frames] == [b"first", b"waits", b"request"]
+    assert ours.queued == 0
+
+
+def test_twin_leftover_writes_stop_at_a_dead_peer(pair):
+    from hintens import _core_py as core
+
+    left, right = pair
+    ours = channel(core, left, interval=0.0)
+
+    def meanwhile():
+        ours._after_post = lambda urgent: None   # queue only
+        ours.post(3, b"event", 9)
+        del ours._after_post
+        right.close()                            # and the peer goes away
+
+    ours._send_lock = _HookedLock(meanwhile)
+    poster = threading.Thread(target=ours.post, args=(1, b"req", 1), daemon=True)
+    poster.start()
+    poster.join(5)
+    assert not poster.is_alive(), "post() kept retrying a write to a dead peer"
+    assert ours.queued == 24 + len(b"event")     # kept, for the next writer to raise about
+
+
+def test_twin_send_reports_its_true_stream_offset(pair):
+    from hintens import _core_py as core
+
+    left, right = pair
+    ours = channel(core, left)
+    ends = {}
+    big = core.encode_frame(1, b"B" * 1000, 8)
+    real_lock = ours._queue_lock
+
+    class PostBetween:
+        """Lets another thread post between send()'s drain and its own queue-lock section."""
+
+        def __init__(self):
+            self.armed = True
+
+        def __enter__(self):
+            if self.armed:
+                self.armed = False
+                ours._queue_lock = real_lock
+                other = threading.Thread(
+                    target=lambda: ends.__setitem__("post", ours.post(1, b"req", 7, False)))
+                other.start()
+                other.join()
+            return real_lock.__enter__()
+
+        def __exit__(self, *exc_info):
+            return real_lock.__exit__(*exc_info)
+
+    ours._queue_lock = PostBetween()
+    ends["send"] = ours.send([big])
+    ours.flush()
+    frames = read_frames(core, right, 2)
+    order = [f.request_id for f in frames]
+    offsets = dict(zip(order, (len(big), len(big) + 27) if order[0] == 8 else (27, 27 + len(big))))
+    assert ends == {"send": offsets[8], "post": offsets[7]}

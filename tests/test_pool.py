@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import socket
 import threading
 import time
 
@@ -14,6 +15,7 @@ import hintens
 from hintens._replay import (
     ANSWERED,
     FORGOTTEN,
+    MOVED,
     NEW,
     RUNNING,
     TOO_LARGE,
@@ -78,6 +80,17 @@ def test_waiting_for_a_busy_pool_is_bounded(server_process, sock_path):
                 pool.request(b"echo:y")
             assert time.monotonic() - started < 5
         assert pool.request(b"echo:y") == b"y"   # free again
+
+
+def test_connections_idle_too_long_are_closed_and_replaced(server_process, sock_path):
+    with hintens.ClientPool(sock_path, size=1, idle_timeout=0.1) as pool:
+        with pool.connection() as first:
+            assert first.request(b"echo:1") == b"1"
+        time.sleep(0.3)
+        with pool.connection() as second:
+            assert second is not first and first.closed
+            assert second.request(b"echo:2") == b"2"
+        assert pool.stats == {"open": 1, "busy": 0, "idle": 1}
 
 
 def test_a_connection_the_server_dropped_is_replaced(sock_path):
@@ -354,10 +367,116 @@ def test_replay_window_retry_waits_for_the_first_run():
     assert window.claim(9, 5) == (ANSWERED, (True, b"done"))
 
 
-def test_replay_memory_forgets_the_least_recent_session():
+def test_replay_memory_forgets_the_least_recently_used_session():
     memory = ReplayMemory(sessions=2)
     a, b = memory.window_for(b"a" * 16), memory.window_for(b"b" * 16)
-    assert memory.window_for(b"a" * 16) is a             # a is now the most recent
+    b.claim(1, 0)
+    b.finish(1, (True, b""))
+    time.sleep(0.01)
+    a.claim(1, 0)                                        # a is now the most recent
+    a.finish(1, (True, b""))
     memory.window_for(b"c" * 16)
     assert memory.window_for(b"a" * 16) is a
     assert memory.window_for(b"b" * 16) is not b         # b was forgotten
+
+
+def test_listed_remote_errors_are_retried_only_when_idempotent(server_process, sock_path,
+                                                                 caplog):
+    policy = hintens.RetryPolicy(max_attempts=3, backoff=0.01,
+                                 retry_on=(*hintens.RetryPolicy.DEFAULT_RETRY_ON,
+                                           hintens.HandlerError))
+    with hintens.ClientPool(sock_path, retry=policy) as pool:
+        with caplog.at_level(logging.INFO, "hintens"):
+            with pytest.raises(hintens.HandlerError):
+                pool.request(b"raise:boom")          # it ran: never again
+            assert not retries(caplog)
+            with pytest.raises(hintens.HandlerError):
+                pool.request(b"raise:boom", idempotent=True)
+            assert len(retries(caplog)) == 2
+
+
+def test_a_batch_cut_in_the_middle_is_not_retried(sock_path):
+    """Part of a request_many batch reached a server that then went away: some of it may have
+    run, so the batch counts as sent, and a pool does not retry it unless idempotent."""
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(sock_path)
+    listener.listen(4)
+    accepted = []
+
+    def serve_then_vanish():
+        conn, _ = listener.accept()
+        accepted.append(conn)
+        got = 0
+        while got < 3000:          # the hello, and surely some requests of the batch
+            got += len(conn.recv(3000 - got))
+        conn.close()
+
+    server = threading.Thread(target=serve_then_vanish)
+    server.start()
+    try:
+        with hintens.ClientPool(sock_path, retry=PATIENT, timeout=10) as pool:
+            with pytest.raises(hintens.ConnectionClosed) as caught:
+                pool.request_many([b"x" * 100] * 2000)
+            assert caught.value.request_sent is True
+        server.join(10)
+        listener.settimeout(0.2)
+        with pytest.raises(socket.timeout):
+            listener.accept()      # no second connection: no retry
+        assert len(accepted) == 1
+    finally:
+        listener.close()
+
+
+def test_an_evicted_session_keeps_a_tombstone():
+    memory = ReplayMemory(sessions=1)
+    a = memory.window_for(b"a" * 16)
+    for n in (1, 2, 3):
+        assert a.claim(n, 0)[0] == NEW
+        a.finish(n, (True, b"%d" % n))
+    memory.window_for(b"b" * 16)                        # a's window is given up
+    assert a.claim(4, 0) == (MOVED, None)               # its old holders must look again
+    again = memory.window_for(b"a" * 16)
+    assert again is not a
+    assert again.claim(2, 0) == (FORGOTTEN, None)       # may have run: refused, not run
+    assert again.claim(4, 0) == (NEW, None)
+
+
+def test_a_window_with_a_running_request_is_not_evicted():
+    memory = ReplayMemory(sessions=1)
+    a = memory.window_for(b"a" * 16)
+    assert a.claim(1, 0)[0] == NEW                      # still running
+    memory.window_for(b"b" * 16)
+    assert memory.window_for(b"a" * 16) is a
+    a.finish(1, (True, b"done"))
+
+
+def test_a_session_retry_on_a_forgotten_window_never_runs_twice(sock_path):
+    """End to end: the request runs, its answer is lost, and before the retry comes (half a
+    second later) another session pushes ours out of the server's memory. The retry is
+    refused, not run again."""
+    served = CuttingServer(sock_path)
+    memory = served.server._replay = ReplayMemory(sessions=1)
+    slow_retry = hintens.RetryPolicy(max_attempts=3, backoff=0.5, jitter=0)
+    outcome = []
+
+    def call():
+        try:
+            outcome.append(pool.request(b"cut:x"))
+        except Exception as error:
+            outcome.append(error)
+
+    try:
+        with hintens.ClientPool(sock_path, exactly_once=True, retry=slow_retry) as pool:
+            caller = threading.Thread(target=call)
+            caller.start()
+            window = None
+            while window is None or len(window) == 0:   # until the run has finished
+                window = memory._windows.get(pool.session.id)
+                time.sleep(0.001)
+            memory.window_for(b"z" * 16)                 # another session: ours goes
+            caller.join(10)
+        assert isinstance(outcome[0], hintens.UnavailableError), outcome
+        assert "may have run" in str(outcome[0])
+        assert served.runs[b"cut:x"] == 1
+    finally:
+        served.close()
