@@ -128,6 +128,8 @@ cdef class Channel:
     cdef bint _scheduled                  # on_queued was called and flush_due() has not run
     cdef double _last_lazy                # CLOCK_MONOTONIC seconds of the newest non-urgent post
     cdef uint64_t _event_id               # the request id of the newest Event posted
+    cdef bint _eager                      # reads found several frames: try the next one
+                                          # with MSG_DONTWAIT first, keeping the GIL
 
     cdef uint64_t _send(self, object buffers, object fds=*) except? 0
     cdef int _reserve(self, Py_ssize_t extra) except -1
@@ -139,9 +141,10 @@ cdef class Channel:
     cdef int _requeue(self, unsigned char *buf, Py_ssize_t cap, Py_ssize_t start,
                       Py_ssize_t end) except -1
     cdef int _lock_send(self) except -1
-    cdef int _send_iov(self, iovec *iov, Py_ssize_t count, object fds) except -1
+    cdef int _send_iov(self, iovec *iov, Py_ssize_t count, object fds,
+                       bint quick=*) except -1
     cdef int _write_all(self, iovec *iov, Py_ssize_t first, Py_ssize_t count, object fds,
-                        Py_ssize_t nfds, size_t *written) except -1
+                        Py_ssize_t nfds, size_t *written, bint quick) except -1
     cdef int _keep_fds(self, msghdr *message) except -1
     cdef list _receive(self, int flags)
 

@@ -701,7 +701,8 @@ cdef class Channel:
                 PyThread_acquire_lock(self._send_lock, WAIT_LOCK)
         return 0
 
-    cdef int _send_iov(self, iovec *iov, Py_ssize_t count, object fds) except -1:
+    cdef int _send_iov(self, iovec *iov, Py_ssize_t count, object fds,
+                       bint quick=False) except -1:
         # Everything, in order; the caller holds the send lock and keeps the memory alive.
         # Descriptors ride with the first sendmsg, so they arrive with the first byte.
         cdef Py_ssize_t nfds = len(fds) if fds else 0
@@ -711,7 +712,7 @@ cdef class Channel:
         if self.broken:
             raise OSError(EPIPE, "the channel broke in the middle of a frame")
         try:
-            self._write_all(iov, 0, count, fds, nfds, &written)
+            self._write_all(iov, 0, count, fds, nfds, &written, quick)
             self.written += written
         except BaseException:
             self.written += written
@@ -725,7 +726,8 @@ cdef class Channel:
         return 0
 
     cdef int _write_all(self, iovec *iov, Py_ssize_t first, Py_ssize_t count, object fds,
-                        Py_ssize_t nfds, size_t *written) except -1:
+                        Py_ssize_t nfds, size_t *written, bint quick) except -1:
+        # quick: a small write, tried first without letting the GIL go (see _drain).
         cdef msghdr message
         cdef ssize_t sent
         cdef Py_ssize_t batch, k
@@ -747,8 +749,14 @@ cdef class Channel:
                 slots = <int *>CMSG_DATA(header)
                 for k in range(nfds):
                     slots[k] = fds[k]
-            with nogil:
-                sent = sendmsg(self._fd, &message, MSG_NOSIGNAL)
+            if quick:
+                quick = False
+                sent = sendmsg(self._fd, &message, MSG_NOSIGNAL | MSG_DONTWAIT)
+                if sent < 0 and errno == EAGAIN:
+                    continue   # the socket is full: wait for room without the GIL
+            else:
+                with nogil:
+                    sent = sendmsg(self._fd, &message, MSG_NOSIGNAL)
             if sent < 0:
                 if errno == EINTR:
                     PyErr_CheckSignals()
@@ -816,7 +824,7 @@ cdef class Channel:
                     self._drain(0)   # what was queued before us leaves first
                 self.submitted += total
                 end = self.submitted
-                self._send_iov(iov, count, fds)
+                self._send_iov(iov, count, fds, total <= NOGIL_THRESHOLD_BYTES)
                 if self._queued:
                     self._drain_quietly()   # queued while we wrote
             finally:
@@ -921,6 +929,7 @@ cdef class Channel:
         cdef Py_ssize_t n, done, cap
         cdef ssize_t sent = 0
         cdef int error = 0
+        cdef bint quick
         while self._queued:
             if self._fd < 0:
                 raise OSError(EBADF, "the channel is closed")
@@ -928,11 +937,24 @@ cdef class Channel:
             self._queue, self._queue_cap, self._queued = self._spare, self._spare_cap, 0
             self._spare, self._spare_cap = NULL, 0   # detached: ours until the loop ends
             done = 0
+            # A small write is tried first with the GIL held and MSG_DONTWAIT: copying a few
+            # KiB into the socket buffer takes microseconds, while letting the GIL go invites
+            # another thread in and makes this one wait for it back (a context switch or two).
+            quick = n <= NOGIL_THRESHOLD_BYTES
             while done < n:
-                with nogil:
-                    sent = send(self._fd, buf + done, <size_t>(n - done), flags | MSG_NOSIGNAL)
+                if quick:
+                    quick = False
+                    sent = send(self._fd, buf, <size_t>n, flags | MSG_NOSIGNAL | MSG_DONTWAIT)
                     if sent < 0:
                         error = errno
+                        if error == EAGAIN and not flags & MSG_DONTWAIT:
+                            continue   # full: wait for room without the GIL
+                else:
+                    with nogil:
+                        sent = send(self._fd, buf + done, <size_t>(n - done),
+                                    flags | MSG_NOSIGNAL)
+                        if sent < 0:
+                            error = errno
                 if sent < 0:
                     if error == EINTR:
                         try:
@@ -1109,6 +1131,8 @@ cdef class Channel:
         cdef msghdr message
         cdef iovec vector
         cdef hx_fd_control control
+        cdef list frames
+        cdef bint eager = self._eager
         if self._fd < 0:
             raise OSError(EBADF, "the channel is closed")
         while True:
@@ -1119,8 +1143,17 @@ cdef class Channel:
             message.msg_iovlen = 1
             message.msg_control = &control
             message.msg_controllen = sizeof(hx_fd_control)
-            with nogil:
-                count = recvmsg(self._fd, &message, flags | MSG_CMSG_CLOEXEC)
+            if eager:
+                # Under load bytes are usually waiting: take them without letting the GIL go
+                # (which would invite another thread in and make us wait for it back).
+                eager = False
+                count = recvmsg(self._fd, &message, flags | MSG_CMSG_CLOEXEC | MSG_DONTWAIT)
+                if count < 0 and errno == EAGAIN and not flags & MSG_DONTWAIT:
+                    self._eager = False   # nothing yet: block, and stop trying this first
+                    continue
+            else:
+                with nogil:
+                    count = recvmsg(self._fd, &message, flags | MSG_CMSG_CLOEXEC)
             if count >= 0:
                 break
             if errno == EINTR:
@@ -1131,7 +1164,10 @@ cdef class Channel:
             self._keep_fds(&message)
         if count == 0:
             return None
-        return self.decoder._feed(self._buffer, count, None, False)
+        frames = self.decoder._feed(self._buffer, count, None, False)
+        if len(frames) > 1:
+            self._eager = True   # several frames per read: the peer is ahead of us
+        return frames
 
     cdef int _keep_fds(self, msghdr *message) except -1:
         cdef cmsghdr *header = CMSG_FIRSTHDR(message)
