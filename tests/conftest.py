@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -40,6 +41,15 @@ def cython_core():
 
 # Real servers for the socket tests: each test gets its own socket path and, where it asks for
 # one, its own `hintens serve` process (handler: tests.handlers.command) and a client of it.
+
+@pytest.fixture
+def pair():
+    """A connected pair of Unix stream sockets."""
+    left, right = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    yield left, right
+    left.close()
+    right.close()
+
 
 @pytest.fixture
 def sock_path(tmp_path):

@@ -15,14 +15,6 @@ import pytest
 from hintens import ChecksumError, _unix
 
 
-@pytest.fixture
-def pair():
-    left, right = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    yield left, right
-    left.close()
-    right.close()
-
-
 def channel(core, sock):
     return core.Channel(sock, core.FrameDecoder())
 

@@ -12,14 +12,6 @@ import pytest
 from hintens import _unix
 
 
-@pytest.fixture
-def pair():
-    left, right = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    yield left, right
-    left.close()
-    right.close()
-
-
 def channel(core, sock, interval=0.001):
     ch = core.Channel(sock, core.FrameDecoder())
     ch.flush_interval = interval
