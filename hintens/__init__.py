@@ -16,6 +16,7 @@ from ._constants import (
     Flags,
     MessageType,
 )
+from . import bincode
 from ._client import Client, Session
 from ._errors import (
     BadHeaderError,
@@ -102,6 +103,7 @@ __all__ = [
     "UnavailableError",
     "UnsupportedFlagsError",
     "__version__",
+    "bincode",
     "crc16",
     "crc16_backend",
     "decode_error_payload",

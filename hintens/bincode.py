@@ -1,0 +1,767 @@
+"""bincode, byte for byte as Rust's ``bincode`` 1.x crate writes it.
+
+    from dataclasses import dataclass
+    from hintens import bincode
+
+    @dataclass
+    class Point:          # struct Point { x: i32, y: i32 }
+        x: bincode.i32
+        y: bincode.i32
+
+    data = bincode.encode(Point(1, -2), Point)          # bincode::serialize(&p)
+    bincode.decode(data, Point)                          # Point(x=1, y=-2)
+    bincode.encode([1, 2], list[bincode.u16], varint=True)   # DefaultOptions::new()
+
+Types (usable as annotations of dataclass fields):
+
+* ``u8 u16 u32 u64 i8 i16 i32 i64 f32 f64``; ``bool``; ``str`` (String); ``bytes`` (Vec<u8>;
+  any bytes-like value encodes); ``type(None)`` (the unit ``()``, value None);
+* ``list[T]`` (Vec<T>), ``tuple[A, B, ...]`` (a tuple or a fixed array ``[T; N]``: no length),
+  ``dict[K, V]`` (a map: length, then the pairs in the dict's order), ``Optional[T]``;
+* a dataclass (a struct: its fields in order, nothing else; one field is a newtype struct,
+  none a unit struct);
+* an ``enum.Enum`` (a Rust enum of unit variants: the member's position is the variant index);
+* ``Union[A, B, ...]`` of dataclasses (a Rust enum with data: the position in the Union is the
+  variant index, then the dataclass's fields).
+
+Modes. ``varint=False`` is bincode 1.x's default (``bincode::serialize``): little-endian
+fixed-width integers, u64 lengths, u32 variant indices. ``varint=True`` is ``DefaultOptions``:
+integers, lengths and variant indices as varints (below 251: one byte; 251 + u16; 252 + u32;
+253 + u64), signed integers zigzagged first; u8, i8, bool and floats stay raw. In both modes an
+Option is a 0/1 byte, then the value.
+
+Every type is compiled once into an encoder and a decoder, and cached. Runs of fixed-width
+fields become one ``struct`` call; a list of numbers, one call too (a numpy array or any buffer
+of the right item type is copied in with a single memcpy).
+
+Errors: ``EncodeError`` (a value that does not fit its type: wrong Python type, integer out of
+range) and ``DecodeError`` (truncated input, trailing bytes, invalid UTF-8, a bool or Option
+byte other than 0 or 1, an unknown variant index, an integer out of range), both subclasses of
+``bincode.Error``, a ``ValueError``. A length prefix larger than the input that remains is an
+error before anything is allocated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import struct
+import sys
+import threading
+import types
+import typing
+from typing import Any, Callable, Union
+
+__all__ = [
+    "DecodeError", "EncodeError", "Error", "decode", "encode", "encode_into",
+    "f32", "f64", "i8", "i16", "i32", "i64", "u8", "u16", "u32", "u64",
+]
+
+
+class Error(ValueError):
+    """A value or a byte string that does not match its bincode type."""
+
+
+class DecodeError(Error):
+    """The bytes are not a bincode encoding of the type."""
+
+
+class EncodeError(Error, TypeError):
+    """The value does not fit the type (a wrong Python type, or an integer out of range)."""
+
+
+class _Number:
+    """What an ``Annotated`` number type stands for."""
+
+    __slots__ = ("name", "code", "size", "signed", "integer", "low", "high")
+
+    def __init__(self, name: str, code: str, size: int, signed: bool, integer: bool) -> None:
+        self.name, self.code, self.size = name, code, size
+        self.signed, self.integer = signed, integer
+        bits = 8 * size
+        self.low = -(1 << (bits - 1)) if signed else 0
+        self.high = (1 << (bits - 1)) - 1 if signed else (1 << bits) - 1
+
+    def __repr__(self) -> str:
+        return f"bincode.{self.name}"
+
+
+def _number(name: str, code: str, size: int, signed: bool, integer: bool = True) -> Any:
+    base = int if integer else float
+    return typing.Annotated[base, _Number(name, code, size, signed, integer)]
+
+
+u8 = _number("u8", "B", 1, False)
+u16 = _number("u16", "H", 2, False)
+u32 = _number("u32", "I", 4, False)
+u64 = _number("u64", "Q", 8, False)
+i8 = _number("i8", "b", 1, True)
+i16 = _number("i16", "h", 2, True)
+i32 = _number("i32", "i", 4, True)
+i64 = _number("i64", "q", 8, True)
+f32 = _number("f32", "f", 4, True, integer=False)
+f64 = _number("f64", "d", 8, True, integer=False)
+
+
+def encode(value: Any, T: Any, *, varint: bool = False) -> bytes:
+    """The bincode encoding of ``value`` as type ``T``.
+
+    Raises:
+        EncodeError: ``value`` does not fit ``T``.
+        TypeError: ``T`` is not a type bincode can describe.
+    """
+    out = bytearray()
+    _plan(T, varint).encode(value, out)
+    return bytes(out)
+
+
+def encode_into(value: Any, T: Any, out: bytearray, *, varint: bool = False) -> None:
+    """Append the encoding of ``value`` to ``out``."""
+    _plan(T, varint).encode(value, out)
+
+
+def decode(data: Any, T: Any, *, varint: bool = False) -> Any:
+    """The value of type ``T`` that ``data`` (any bytes-like object) encodes, exactly.
+
+    Raises:
+        DecodeError: ``data`` is not exactly one encoding of ``T``.
+        TypeError: ``T`` is not a type bincode can describe.
+    """
+    plan = _plan(T, varint)
+    buf = data if type(data) is bytes else memoryview(data).cast("B")
+    try:
+        value, end = plan.decode(buf, 0)
+    except struct.error as error:   # a fixed-width read past the end
+        raise DecodeError(f"truncated input: {error}") from None
+    if end != len(buf):
+        raise DecodeError(f"{len(buf) - end} trailing bytes after the {_name(T)}")
+    return value
+
+
+# Plans ---------------------------------------------------------------------------------------
+
+class _Plan:
+    """How one type encodes and decodes. ``fixed`` is its struct code when it has a fixed
+    width (in fixint mode), so that runs of such fields merge into one struct call; ``least``
+    is the fewest bytes an encoding takes (for refusing impossible lengths early)."""
+
+    __slots__ = ("encode", "decode", "fixed", "least", "check")
+
+    def __init__(self, encode: Callable[[Any, bytearray], None],
+                 decode: Callable[[Any, int], tuple[Any, int]], least: int,
+                 fixed: str | None = None, check: Callable[[Any], Any] | None = None) -> None:
+        self.encode, self.decode, self.least, self.fixed = encode, decode, least, fixed
+        self.check = check   # for a fixed member: validates/converts a decoded raw value
+
+
+_cache: dict[tuple[Any, bool], _Plan] = {}
+_cache_lock = threading.RLock()
+
+
+def _plan(T: Any, varint: bool) -> _Plan:
+    key = (T, varint)
+    try:
+        return _cache[key]
+    except KeyError:
+        pass
+    except TypeError:   # an unhashable annotation
+        raise TypeError(f"{T!r} is not a type bincode can describe") from None
+    with _cache_lock:
+        if key in _cache:
+            return _cache[key]
+        return _compile(T, varint)
+
+
+def _name(T: Any) -> str:
+    return getattr(T, "__name__", None) or repr(T)
+
+
+_U64 = struct.Struct("<Q")
+_U32 = struct.Struct("<I")
+_U8 = struct.Struct("<B")
+
+
+def _compile(T: Any, varint: bool) -> _Plan:
+    key = (T, varint)
+    if dataclasses.is_dataclass(T) and isinstance(T, type):
+        # Recursive types: a forward plan stands in while the fields are compiled.
+        forward = _Plan(lambda v, o: plan.encode(v, o), lambda b, p: plan.decode(b, p), 0)
+        _cache[key] = forward
+        try:
+            plan = _struct_plan(T, varint)
+        except BaseException:
+            del _cache[key]
+            raise
+        forward.least = plan.least
+        _cache[key] = plan
+        return plan
+    plan = _compile_other(T, varint)
+    _cache[key] = plan
+    return plan
+
+
+def _compile_other(T: Any, varint: bool) -> _Plan:
+    origin = typing.get_origin(T)
+    if origin is typing.Annotated:
+        spec = typing.get_args(T)[1] if len(typing.get_args(T)) > 1 else None
+        if isinstance(spec, _Number):
+            return _number_plan(spec, varint)
+        raise TypeError(f"{T!r}: only bincode's own Annotated number types are understood")
+    if T is bool:
+        return _bool_plan()
+    if T is str:
+        return _str_plan(varint)
+    if T is bytes:
+        return _bytes_plan(varint)
+    if T is type(None) or T is None:
+        return _Plan(_encode_unit, lambda buf, pos: (None, pos), 0, None)
+    if T is int or T is float:
+        raise TypeError(f"a bare {T.__name__} has no bincode width: say bincode.i64, "
+                        f"bincode.u32, bincode.f64, ...")
+    if isinstance(T, type) and issubclass(T, enum.Enum):
+        return _enum_plan(T, varint)
+    if origin is list:
+        (item,) = typing.get_args(T) or (None,)
+        if item is None:
+            raise TypeError("list needs its item type: list[T]")
+        return _list_plan(item, varint)
+    if origin is tuple:
+        items = typing.get_args(T)
+        if not items or items[-1] is Ellipsis:
+            raise TypeError("tuple[T, ...] has no fixed length: use list[T] for a Vec")
+        if items == ((),):
+            items = ()
+        return _tuple_plan(items, varint)
+    if origin is dict:
+        key_type, value_type = typing.get_args(T)
+        return _dict_plan(key_type, value_type, varint)
+    if origin in (Union, getattr(types, "UnionType", Union)):
+        members = typing.get_args(T)
+        if type(None) in members:
+            rest = tuple(m for m in members if m is not type(None))
+            if len(rest) != 1:
+                raise TypeError("Optional of a Union is ambiguous: name the enum type")
+            return _option_plan(rest[0], varint)
+        return _union_plan(members, varint)
+    raise TypeError(f"{T!r} is not a type bincode can describe")
+
+
+def _encode_unit(value: Any, out: bytearray) -> None:
+    if value is not None:
+        raise EncodeError(f"the unit type () encodes only None, not {type(value).__name__}")
+
+
+# Integers --------------------------------------------------------------------------------------
+
+_SINGLE_BYTE_MAX = 250
+_U16_BYTE, _U32_BYTE, _U64_BYTE = 251, 252, 253
+
+
+def _write_varint(n: int, out: bytearray) -> None:
+    if n <= _SINGLE_BYTE_MAX:
+        out.append(n)
+    elif n <= 0xFFFF:
+        out.append(_U16_BYTE)
+        out += n.to_bytes(2, "little")
+    elif n <= 0xFFFFFFFF:
+        out.append(_U32_BYTE)
+        out += n.to_bytes(4, "little")
+    else:
+        out.append(_U64_BYTE)
+        out += n.to_bytes(8, "little")
+
+
+def _read_varint(buf: Any, pos: int) -> tuple[int, int]:
+    if pos >= len(buf):
+        raise DecodeError("truncated input: a varint is missing")
+    tag = buf[pos]
+    if tag <= _SINGLE_BYTE_MAX:
+        return tag, pos + 1
+    width = {_U16_BYTE: 2, _U32_BYTE: 4, _U64_BYTE: 8}.get(tag)
+    if width is None:
+        raise DecodeError(f"varint tag {tag} is not one bincode writes (u128 is not supported)")
+    end = pos + 1 + width
+    if end > len(buf):
+        raise DecodeError("truncated input inside a varint")
+    return int.from_bytes(buf[pos + 1:end], "little"), end
+
+
+def _check_int(spec: _Number, value: Any) -> int:
+    if type(value) is not int:
+        if isinstance(value, bool):
+            raise EncodeError(f"{spec.name} wants an int, not a bool")
+        if not isinstance(value, int):
+            try:
+                value = value.__index__()   # numpy integers and friends
+            except AttributeError:
+                raise EncodeError(f"{spec.name} wants an int, not {type(value).__name__}") \
+                    from None
+    if not spec.low <= value <= spec.high:
+        raise EncodeError(f"{value} is out of range for {spec.name}")
+    return value
+
+
+def _number_plan(spec: _Number, varint: bool) -> _Plan:
+    if not spec.integer or spec.size == 1 or not varint:
+        packer = struct.Struct("<" + spec.code)
+        pack, unpack = packer.pack, packer.unpack_from
+        size = spec.size
+
+        if spec.integer:
+            def enc(value: Any, out: bytearray) -> None:
+                out += pack(_check_int(spec, value))
+        else:
+            def enc(value: Any, out: bytearray) -> None:
+                try:
+                    out += pack(value)
+                except (struct.error, OverflowError, TypeError) as error:
+                    raise EncodeError(f"{spec.name}: {error}") from None
+
+        def dec(buf: Any, pos: int) -> tuple[Any, int]:
+            return unpack(buf, pos)[0], pos + size
+
+        return _Plan(enc, dec, size, spec.code)
+
+    if spec.signed:
+        def enc(value: Any, out: bytearray) -> None:
+            n = _check_int(spec, value)
+            _write_varint(n << 1 if n >= 0 else ((-n) << 1) - 1, out)
+
+        def dec(buf: Any, pos: int) -> tuple[Any, int]:
+            z, pos = _read_varint(buf, pos)
+            n = (z >> 1) ^ -(z & 1)
+            if not spec.low <= n <= spec.high:
+                raise DecodeError(f"{n} is out of range for {spec.name}")
+            return n, pos
+    else:
+        def enc(value: Any, out: bytearray) -> None:
+            _write_varint(_check_int(spec, value), out)
+
+        def dec(buf: Any, pos: int) -> tuple[Any, int]:
+            n, pos = _read_varint(buf, pos)
+            if n > spec.high:
+                raise DecodeError(f"{n} is out of range for {spec.name}")
+            return n, pos
+
+    return _Plan(enc, dec, 1)
+
+
+def _length_codec(varint: bool) -> tuple[Callable[[int, bytearray], None],
+                                         Callable[[Any, int], tuple[int, int]]]:
+    """How lengths (u64) are written and read in this mode."""
+    if varint:
+        return _write_varint, _read_varint
+    pack, unpack = _U64.pack, _U64.unpack_from
+
+    def write(n: int, out: bytearray) -> None:
+        out += pack(n)
+
+    def read(buf: Any, pos: int) -> tuple[int, int]:
+        if pos + 8 > len(buf):
+            raise DecodeError("truncated input: a length is missing")
+        return unpack(buf, pos)[0], pos + 8
+
+    return write, read
+
+
+def _variant_codec(varint: bool) -> tuple[Callable[[int, bytearray], None],
+                                          Callable[[Any, int], tuple[int, int]]]:
+    """How enum variant indices (u32) are written and read in this mode."""
+    if varint:
+        def read_varint_index(buf: Any, pos: int) -> tuple[int, int]:
+            n, pos = _read_varint(buf, pos)
+            if n > 0xFFFFFFFF:
+                raise DecodeError(f"variant index {n} is out of range for u32")
+            return n, pos
+        return _write_varint, read_varint_index
+    pack, unpack = _U32.pack, _U32.unpack_from
+
+    def write(n: int, out: bytearray) -> None:
+        out += pack(n)
+
+    def read(buf: Any, pos: int) -> tuple[int, int]:
+        if pos + 4 > len(buf):
+            raise DecodeError("truncated input: a variant index is missing")
+        return unpack(buf, pos)[0], pos + 4
+
+    return write, read
+
+
+# Scalars -------------------------------------------------------------------------------------
+
+def _bool_plan() -> _Plan:
+    def enc(value: Any, out: bytearray) -> None:
+        if type(value) is not bool:
+            raise EncodeError(f"bool wants True or False, not {type(value).__name__}")
+        out.append(value)
+
+    def dec(buf: Any, pos: int) -> tuple[Any, int]:
+        if pos >= len(buf):
+            raise DecodeError("truncated input: a bool is missing")
+        return _bool_of(buf[pos]), pos + 1
+
+    return _Plan(enc, dec, 1, "B", _bool_of)
+
+
+def _bool_of(byte: int) -> bool:
+    if byte > 1:
+        raise DecodeError(f"a bool is 0 or 1, not {byte}")
+    return byte == 1
+
+
+def _str_plan(varint: bool) -> _Plan:
+    write_len, read_len = _length_codec(varint)
+
+    def enc(value: Any, out: bytearray) -> None:
+        if type(value) is not str:
+            raise EncodeError(f"String wants a str, not {type(value).__name__}")
+        data = value.encode("utf-8")
+        write_len(len(data), out)
+        out += data
+
+    def dec(buf: Any, pos: int) -> tuple[Any, int]:
+        n, pos = read_len(buf, pos)
+        if n > len(buf) - pos:
+            raise DecodeError(f"a String of {n} bytes, but {len(buf) - pos} remain")
+        try:
+            return str(buf[pos:pos + n], "utf-8"), pos + n
+        except UnicodeDecodeError as error:
+            raise DecodeError(f"a String that is not UTF-8: {error}") from None
+
+    return _Plan(enc, dec, 1 if varint else 8)
+
+
+def _bytes_plan(varint: bool) -> _Plan:
+    write_len, read_len = _length_codec(varint)
+
+    def enc(value: Any, out: bytearray) -> None:
+        try:
+            view = memoryview(value)
+        except TypeError:
+            raise EncodeError(f"Vec<u8> wants a bytes-like object, not "
+                              f"{type(value).__name__}") from None
+        with view:
+            write_len(view.nbytes, out)
+            out += view
+
+    def dec(buf: Any, pos: int) -> tuple[Any, int]:
+        n, pos = read_len(buf, pos)
+        if n > len(buf) - pos:
+            raise DecodeError(f"a Vec<u8> of {n} bytes, but {len(buf) - pos} remain")
+        return bytes(buf[pos:pos + n]), pos + n
+
+    return _Plan(enc, dec, 1 if varint else 8)
+
+
+# Containers ----------------------------------------------------------------------------------
+
+_BUFFER_KINDS = {"B": "u", "H": "u", "I": "u", "L": "u", "Q": "u", "b": "i", "h": "i",
+                 "i": "i", "l": "i", "q": "i", "f": "f", "d": "f"}
+
+
+def _same_numbers(view: memoryview, spec: _Number) -> bool:
+    """A buffer whose items are exactly ``spec``'s machine type, native little-endian."""
+    fmt = view.format.lstrip("@=<") if sys.byteorder == "little" else view.format
+    kind = _BUFFER_KINDS.get(fmt)
+    want = "f" if not spec.integer else ("i" if spec.signed else "u")
+    return kind == want and view.itemsize == spec.size and view.c_contiguous
+
+
+def _list_plan(item: Any, varint: bool) -> _Plan:
+    write_len, read_len = _length_codec(varint)
+    inner = _plan(item, varint)
+    spec = _number_spec(item)
+    if spec is not None and inner.fixed is not None:   # a Vec of fixed-width numbers
+        code, size = spec.code, spec.size
+
+        def enc(value: Any, out: bytearray) -> None:
+            if not isinstance(value, (list, tuple)):
+                try:
+                    view = memoryview(value)
+                except TypeError:
+                    raise EncodeError(f"Vec<{spec.name}> wants a list, not "
+                                      f"{type(value).__name__}") from None
+                with view:
+                    if view.ndim == 1 and _same_numbers(view, spec):
+                        write_len(len(view), out)
+                        out += view   # one copy
+                        return
+                    value = view.tolist()
+            write_len(len(value), out)
+            if spec.integer:
+                for n in value:   # range checks (struct's messages are poor)
+                    if not (type(n) is int and spec.low <= n <= spec.high):
+                        _check_int(spec, n)
+            try:
+                out += struct.pack(f"<{len(value)}{code}", *value)
+            except (struct.error, OverflowError, TypeError) as error:
+                raise EncodeError(f"Vec<{spec.name}>: {error}") from None
+
+        def dec(buf: Any, pos: int) -> tuple[Any, int]:
+            n, pos = read_len(buf, pos)
+            if n > (len(buf) - pos) // size:
+                raise DecodeError(f"a Vec of {n} {spec.name}, but {len(buf) - pos} bytes "
+                                  f"remain")
+            return list(struct.unpack_from(f"<{n}{code}", buf, pos)), pos + n * size
+
+        return _Plan(enc, dec, 1 if varint else 8)
+
+    item_enc, item_dec, least = inner.encode, inner.decode, inner.least
+
+    def enc_items(value: Any, out: bytearray) -> None:
+        if not isinstance(value, (list, tuple)):
+            try:
+                with memoryview(value) as view:   # a numpy array, say
+                    value = view.tolist()
+            except TypeError:
+                raise EncodeError(f"Vec wants a list, not {type(value).__name__}") from None
+        write_len(len(value), out)
+        for element in value:
+            item_enc(element, out)
+
+    def dec_items(buf: Any, pos: int) -> tuple[Any, int]:
+        n, pos = read_len(buf, pos)
+        _check_count(n, least, len(buf) - pos)
+        result: list[Any] = []
+        append = result.append
+        for _ in range(n):
+            element, pos = item_dec(buf, pos)
+            append(element)
+        return result, pos
+
+    return _Plan(enc_items, dec_items, 1 if varint else 8)
+
+
+def _check_count(n: int, least: int, remaining: int) -> None:
+    """Refuse a count the input cannot hold, before anything is allocated. Elements that
+    take no bytes (units, empty structs) are capped at the input's length."""
+    if n > (remaining // least if least else remaining):
+        raise DecodeError(f"a length of {n} elements, but only {remaining} bytes remain")
+
+
+def _number_spec(T: Any) -> _Number | None:
+    if typing.get_origin(T) is typing.Annotated:
+        spec = typing.get_args(T)[1]
+        if isinstance(spec, _Number):
+            return spec
+    return None
+
+
+def _dict_plan(key_type: Any, value_type: Any, varint: bool) -> _Plan:
+    write_len, read_len = _length_codec(varint)
+    key_plan, value_plan = _plan(key_type, varint), _plan(value_type, varint)
+    key_enc, key_dec = key_plan.encode, key_plan.decode
+    value_enc, value_dec = value_plan.encode, value_plan.decode
+    least = key_plan.least + value_plan.least
+
+    def enc(value: Any, out: bytearray) -> None:
+        if not isinstance(value, dict):
+            raise EncodeError(f"a map wants a dict, not {type(value).__name__}")
+        write_len(len(value), out)
+        for k, v in value.items():
+            key_enc(k, out)
+            value_enc(v, out)
+
+    def dec(buf: Any, pos: int) -> tuple[Any, int]:
+        n, pos = read_len(buf, pos)
+        _check_count(n, least, len(buf) - pos)
+        result = {}
+        for _ in range(n):
+            k, pos = key_dec(buf, pos)
+            result[k], pos = value_dec(buf, pos)
+        return result, pos
+
+    return _Plan(enc, dec, 1 if varint else 8)
+
+
+def _option_plan(T: Any, varint: bool) -> _Plan:
+    inner = _plan(T, varint)
+    inner_enc, inner_dec = inner.encode, inner.decode
+
+    def enc(value: Any, out: bytearray) -> None:
+        if value is None:
+            out.append(0)
+        else:
+            out.append(1)
+            inner_enc(value, out)
+
+    def dec(buf: Any, pos: int) -> tuple[Any, int]:
+        if pos >= len(buf):
+            raise DecodeError("truncated input: an Option tag is missing")
+        tag = buf[pos]
+        if tag == 0:
+            return None, pos + 1
+        if tag != 1:
+            raise DecodeError(f"an Option tag is 0 or 1, not {tag}")
+        return inner_dec(buf, pos + 1)
+
+    return _Plan(enc, dec, 1)
+
+
+def _sequence_plan(plans: list[_Plan], what: str) -> tuple[Callable[[Any, bytearray], None],
+                                                             Callable[[Any, int], tuple[list[Any], int]],
+                                                             int]:
+    """Encode and decode a fixed sequence of values, runs of fixed-width ones in one struct
+    call each. The encoder takes a sequence of the values; the decoder returns a list."""
+    steps: list[tuple[str, Any]] = []   # ("run", (struct, count, checks)) or ("one", plan)
+    run: list[_Plan] = []
+
+    def close_run() -> None:
+        if run:
+            packer = struct.Struct("<" + "".join(p.fixed for p in run))  # type: ignore[misc]
+            checks = [p.check for p in run]
+            # Values struct would take but the type must not: anything but a plain int or
+            # float, and anything in a bool's place (struct packs 5 there as a byte).
+            strict = [p.check is not None for p in run]
+            steps.append(("run", (packer, len(run), checks if any(checks) else None,
+                                  [p.encode for p in run], strict)))
+            run.clear()
+
+    for plan in plans:
+        if plan.fixed is not None:
+            run.append(plan)
+        else:
+            close_run()
+            steps.append(("one", plan))
+    close_run()
+    least = sum(p.least for p in plans)
+
+    def enc(values: Any, out: bytearray) -> None:
+        index = 0
+        for kind, step in steps:
+            if kind == "one":
+                step.encode(values[index], out)
+                index += 1
+            else:
+                packer, n, _, encoders, strict = step
+                chunk = values[index:index + n]
+                try:
+                    out += packer.pack(*chunk)
+                except (struct.error, OverflowError, TypeError):
+                    for encoder, value in zip(encoders, chunk):   # say which, and why
+                        encoder(value, bytearray())
+                    raise EncodeError(f"{what}: a value does not fit its type") from None
+                for encoder, value, must in zip(encoders, chunk, strict):
+                    if must or (type(value) is not int and type(value) is not float):
+                        encoder(value, bytearray())   # raises if it does not fit
+                index += n
+
+    def dec(buf: Any, pos: int) -> tuple[list[Any], int]:
+        values: list[Any] = []
+        for kind, step in steps:
+            if kind == "one":
+                value, pos = step.decode(buf, pos)
+                values.append(value)
+            else:
+                packer, _, checks, _, _ = step
+                if pos + packer.size > len(buf):
+                    raise DecodeError(f"truncated input inside a {what}")
+                raw = packer.unpack_from(buf, pos)
+                pos += packer.size
+                if checks is None:
+                    values += raw
+                else:
+                    values += [c(v) if c is not None else v for c, v in zip(checks, raw)]
+        return values, pos
+
+    return enc, dec, least
+
+
+def _tuple_plan(items: tuple[Any, ...], varint: bool) -> _Plan:
+    seq_enc, seq_dec, least = _sequence_plan([_plan(t, varint) for t in items], "tuple")
+    size = len(items)
+
+    def enc(value: Any, out: bytearray) -> None:
+        if not isinstance(value, (tuple, list)) or len(value) != size:
+            raise EncodeError(f"a {size}-tuple wants a tuple of {size}, not "
+                              f"{type(value).__name__}"
+                              + (f" of {len(value)}" if isinstance(value, (tuple, list)) else ""))
+        seq_enc(value, out)
+
+    def dec(buf: Any, pos: int) -> tuple[Any, int]:
+        values, pos = seq_dec(buf, pos)
+        return tuple(values), pos
+
+    return _Plan(enc, dec, least)
+
+
+def _struct_plan(cls: type, varint: bool) -> _Plan:
+    hints = typing.get_type_hints(cls, include_extras=True)
+    fields = [f for f in dataclasses.fields(cls)]
+    names = [f.name for f in fields]
+    plans = [_plan(hints[name], varint) for name in names]
+    seq_enc, seq_dec, least = _sequence_plan(plans, cls.__name__)
+    keywords = any(getattr(f, "kw_only", False) or not f.init for f in fields)
+    getter = (lambda v: [getattr(v, name) for name in names]) if len(names) != 1 \
+        else (lambda v: [getattr(v, names[0])])
+
+    def enc(value: Any, out: bytearray) -> None:
+        if not isinstance(value, cls):
+            raise EncodeError(f"{cls.__name__} wants a {cls.__name__}, not "
+                              f"{type(value).__name__}")
+        seq_enc(getter(value), out)
+
+    if keywords:
+        def build(values: list[Any]) -> Any:
+            obj: Any = object.__new__(cls)
+            for name, value in zip(names, values):
+                object.__setattr__(obj, name, value)
+            return obj
+    else:
+        def build(values: list[Any]) -> Any:
+            return cls(*values)
+
+    def dec(buf: Any, pos: int) -> tuple[Any, int]:
+        values, pos = seq_dec(buf, pos)
+        return build(values), pos
+
+    return _Plan(enc, dec, least)
+
+
+def _enum_plan(cls: type[enum.Enum], varint: bool) -> _Plan:
+    members = list(cls)
+    index = {member: position for position, member in enumerate(members)}
+    write, read = _variant_codec(varint)
+
+    def enc(value: Any, out: bytearray) -> None:
+        position = index.get(value) if isinstance(value, cls) else None
+        if position is None:
+            raise EncodeError(f"{cls.__name__} wants one of its members, not {value!r}")
+        write(position, out)
+
+    def dec(buf: Any, pos: int) -> tuple[Any, int]:
+        position, pos = read(buf, pos)
+        if position >= len(members):
+            raise DecodeError(f"variant index {position} is not a {cls.__name__} "
+                              f"({len(members)} variants)")
+        return members[position], pos
+
+    return _Plan(enc, dec, 1 if varint else 4)
+
+
+def _union_plan(members: tuple[Any, ...], varint: bool) -> _Plan:
+    for member in members:
+        if not (isinstance(member, type) and dataclasses.is_dataclass(member)):
+            raise TypeError(f"a Union (a Rust enum with data) takes dataclasses, not {member!r}")
+    plans = [_plan(member, varint) for member in members]
+    index = {member: position for position, member in enumerate(members)}
+    write, read = _variant_codec(varint)
+
+    def enc(value: Any, out: bytearray) -> None:
+        position = index.get(type(value))
+        if position is None:
+            raise EncodeError(f"{type(value).__name__} is not a variant of "
+                              f"Union[{', '.join(m.__name__ for m in members)}]")
+        write(position, out)
+        plans[position].encode(value, out)
+
+    def dec(buf: Any, pos: int) -> tuple[Any, int]:
+        position, pos = read(buf, pos)
+        if position >= len(plans):
+            raise DecodeError(f"variant index {position} is not one of the {len(plans)} "
+                              f"variants")
+        return plans[position].decode(buf, pos)
+
+    return _Plan(enc, dec, 1 if varint else 4)
+
+

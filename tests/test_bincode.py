@@ -1,0 +1,310 @@
+"""hintens.bincode: known answers written by hand from the bincode 1.x format (both modes),
+round trips, and every malformed input the issue names."""
+
+from __future__ import annotations
+
+import enum
+import math
+import tracemalloc
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from hintens import bincode as b
+
+
+@dataclass
+class Unit:                      # struct Unit;
+    pass
+
+
+@dataclass
+class Meters:                    # struct Meters(u32);
+    value: b.u32
+
+
+@dataclass
+class Pair:                      # struct Pair(u8, u8);
+    first: b.u8
+    second: b.u8
+
+
+@dataclass
+class Move:                      # Message::Move { x: i32, y: i32 }
+    x: b.i32
+    y: b.i32
+
+
+@dataclass
+class Write:                     # Message::Write(String)
+    text: str
+
+
+@dataclass
+class Quit:                      # Message::Quit
+    pass
+
+
+Message = Union[Quit, Move, Write]
+
+
+class Color(enum.Enum):          # enum Color { Red, Green, Blue }
+    RED = "r"
+    GREEN = "g"
+    BLUE = "b"
+
+
+@dataclass
+class Record:                    # the benchmark's struct
+    id: b.u64
+    score: b.f64
+    name: str
+    tags: list[b.u32]
+
+
+@dataclass
+class Everything:
+    flag: bool
+    small: b.i8
+    count: b.u16
+    name: str
+    blob: bytes
+    maybe: Optional[b.i64]
+    color: Color
+    message: Message
+    pairs: dict[str, Pair]
+    fixed: tuple[b.u8, b.u8, b.u8]
+    unit: type(None) = None
+    nums: list[b.f32] = field(default_factory=list)
+
+
+@dataclass
+class Node:                      # struct Node { value: i32, next: Option<Box<Node>> }
+    value: b.i32
+    next: Optional[Node]
+
+
+H = bytes.fromhex
+
+FIXINT = [
+    (255, b.u8, "ff"), (0x1234, b.u16, "3412"), (1, b.u32, "01000000"),
+    (0x0102030405060708, b.u64, "0807060504030201"), (-1, b.i8, "ff"), (-2, b.i16, "feff"),
+    (-1, b.i32, "ffffffff"), (-2, b.i64, "feffffffffffffff"),
+    (1.0, b.f32, "0000803f"), (1.0, b.f64, "000000000000f03f"),
+    (True, bool, "01"), (False, bool, "00"),
+    ("hi", str, "0200000000000000" "6869"), ("", str, "0000000000000000"),
+    (b"\x00\x01", bytes, "0200000000000000" "0001"), (None, type(None), ""),
+    ([1, 2], list[b.u16], "0200000000000000" "0100" "0200"),
+    ([], list[str], "0000000000000000"),
+    ((1, 2), tuple[b.u8, b.u16], "01" "0200"), ((1, 2, 3), tuple[b.u8, b.u8, b.u8], "010203"),
+    ({1: True, 2: False}, dict[b.u8, bool], "0200000000000000" "0101" "0200"),
+    (None, Optional[b.u32], "00"), (5, Optional[b.u32], "01" "05000000"),
+    (Unit(), Unit, ""), (Meters(7), Meters, "07000000"), (Pair(1, 2), Pair, "0102"),
+    (Color.GREEN, Color, "01000000"),
+    (Quit(), Message, "00000000"), (Move(1, 2), Message, "01000000" "01000000" "02000000"),
+    (Write("a"), Message, "02000000" "0100000000000000" "61"),
+    (Record(1, 0.5, "ab", [7]), Record,
+     "0100000000000000" "000000000000e03f" "0200000000000000" "6162"
+     "0100000000000000" "07000000"),
+    (Node(1, Node(2, None)), Node, "01000000" "01" "02000000" "00"),
+]
+
+VARINT = [
+    (250, b.u16, "fa"), (251, b.u16, "fb" "fb00"), (65535, b.u32, "fb" "ffff"),
+    (65536, b.u32, "fc" "00000100"), (1 << 32, b.u64, "fd" "0000000001000000"),
+    (0, b.i32, "00"), (-1, b.i32, "01"), (1, b.i32, "02"), (-126, b.i32, "fb" "fb00"),
+    (-(1 << 63), b.i64, "fd" "ffffffffffffffff"), ((1 << 63) - 1, b.i64, "fd" "feffffffffffffff"),
+    (255, b.u8, "ff"), (-1, b.i8, "ff"), (1.0, b.f32, "0000803f"), (True, bool, "01"),
+    ("hi", str, "02" "6869"), (b"\x00", bytes, "01" "00"),
+    ([1, 300], list[b.u32], "02" "01" "fb2c01"),
+    ({"a": -1}, dict[str, b.i16], "01" "0161" "01"),
+    (5, Optional[b.u32], "01" "05"), (None, Optional[b.u32], "00"),
+    (Color.BLUE, Color, "02"), (Move(1, 2), Message, "01" "02" "04"),
+    (Write("a"), Message, "02" "01" "61"), ([1.5], list[b.f64], "01" "000000000000f83f"),
+    (Record(300, 0.5, "", []), Record, "fb2c01" "000000000000e03f" "00" "00"),
+]
+
+
+@pytest.mark.parametrize("value, T, expected", FIXINT, ids=[repr(c[2]) for c in FIXINT])
+def test_fixint_known_answers(value, T, expected):
+    assert b.encode(value, T) == H(expected)
+    assert b.decode(H(expected), T) == value
+
+
+@pytest.mark.parametrize("value, T, expected", VARINT, ids=[repr(c[2]) for c in VARINT])
+def test_varint_known_answers(value, T, expected):
+    assert b.encode(value, T, varint=True) == H(expected)
+    assert b.decode(H(expected), T, varint=True) == value
+
+
+def test_decoding_takes_any_buffer():
+    data = b.encode(Record(1, 2.0, "x", [1, 2]), Record)
+    assert b.decode(bytearray(data), Record) == b.decode(memoryview(data), Record)
+
+
+def test_numpy_arrays_encode_as_vecs_in_one_copy():
+    np = pytest.importorskip("numpy")
+    values = np.arange(1000, dtype=np.float64) / 7
+    assert b.encode(values, list[b.f64]) == b.encode(values.tolist(), list[b.f64])
+    ints = np.arange(-5, 5, dtype=np.int64)
+    assert b.encode(ints, list[b.i64], varint=True) == \
+        b.encode(ints.tolist(), list[b.i64], varint=True)
+    # Another item type is converted value by value, and checked.
+    assert b.encode(np.array([1.5], dtype=np.float32), list[b.f64]) == \
+        b.encode([1.5], list[b.f64])
+    with pytest.raises(b.EncodeError):
+        b.encode(np.array([300], dtype=np.int64), list[b.u8])
+
+
+# Malformed input ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("varint", [False, True])
+@pytest.mark.parametrize("data, T, message", [
+    ("010000", b.u32, "truncated"),
+    ("0500000000000000" "6869", str, "remain"),
+    ("05", str, None),
+    ("0100", b.u8, "trailing"),
+    ("01000000" "00", Meters, "trailing"),
+    ("0200000000000000" "fffe", str, "UTF-8"),
+    ("02", bool, "0 or 1"),
+    ("02" "00000000", Optional[b.u32], "0 or 1"),
+    ("03000000", Color, "variant index 3"),
+    ("05000000", Message, "variant index 5"),
+    ("", Pair, "truncated"),
+    ("01", Move, None),
+])
+def test_malformed_input_is_a_clear_error(data, T, message, varint):
+    raw = H(data)
+    if varint and data.startswith(("05000000", "03000000")):
+        raw = H(data[:2])   # the variant index as a varint
+    if varint and data.startswith("0200000000000000"):
+        raw = H("02" + data[16:])
+    if varint and data.startswith("0500000000000000"):
+        raw = H("05" + data[16:])
+    if varint and T is b.u32:
+        raw = H("fc0100")   # a u32 varint cut short
+    with pytest.raises(b.DecodeError) as caught:
+        b.decode(raw, T, varint=varint)
+    assert isinstance(caught.value, ValueError)
+    if message is not None:
+        assert message in str(caught.value)
+
+
+@pytest.mark.parametrize("T", [bytes, str, list[b.u8], list[Pair], list[str],
+                               dict[b.u32, b.u32], list[type(None)], list[Unit]])
+def test_a_huge_length_prefix_allocates_nothing(T):
+    huge = (1 << 40).to_bytes(8, "little") + b"\x00" * 4       # 1 TB, in 12 bytes
+    tracemalloc.start()
+    try:
+        with pytest.raises(b.DecodeError, match="remain"):
+            b.decode(huge, T)
+        with pytest.raises(b.DecodeError, match="remain"):
+            b.decode(bytes([253]) + (1 << 40).to_bytes(8, "little"), T, varint=True)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20
+
+
+@pytest.mark.parametrize("data, T", [
+    ("fc" "70110100", b.u16),         # 70000 does not fit a u16
+    ("fd" "0000000001000000", b.u32),
+    ("fc" "00000100", b.i16),         # zigzag 65536 is 32768: out of i16
+    ("fe", b.u64),                    # u128 tag
+    ("ff", b.u32),                    # no such tag
+    ("fd" "0000000001000000", Color),  # variant index over u32
+])
+def test_varint_out_of_range_or_bad_tags(data, T):
+    with pytest.raises(b.DecodeError):
+        b.decode(H(data), T, varint=True)
+
+
+@pytest.mark.parametrize("value, T", [
+    (256, b.u8), (-1, b.u8), (-129, b.i8), (1 << 64, b.u64), (-1, b.u64), (1 << 31, b.i32),
+    ("7", b.u32), (1.5, b.u32), (True, b.u32), (1, bool), (b"x", str), (5, bytes),
+    ("x", list[b.u8]), ([1, 2], tuple[b.u8, b.u8, b.u8]), (Pair(1, 2), Meters),
+    ("GREEN", Color), (Pair(1, 2), Message), (3, type(None)), ({1}, dict[b.u8, b.u8]),
+    ([1, 256], list[b.u8]), ([True], list[b.u32]), (1e40, b.f32), ("x", b.f64),
+    (Pair(1, 300), Pair), (Everything(True, 1, 2, "n", b"", None, Color.RED, Quit(), {},
+                                      (1, 2, 3), None, [1e40]), Everything),
+    (Move(1, "2"), Message),
+])
+def test_values_that_do_not_fit_are_encode_errors(value, T):
+    for varint in (False, True):
+        with pytest.raises(b.EncodeError) as caught:
+            b.encode(value, T, varint=varint)
+        assert isinstance(caught.value, ValueError)
+
+
+@pytest.mark.parametrize("T", [int, float, tuple[b.u8, ...], list, object, Union[Pair, int],
+                               Optional[Union[Move, Write]]])
+def test_types_bincode_cannot_describe(T):
+    with pytest.raises(TypeError):
+        b.encode(None, T)
+
+
+# Round trips ----------------------------------------------------------------------------------
+
+def strategy(T):
+    """Values of a bincode type."""
+    spec = b._number_spec(T)
+    if spec is not None:
+        if spec.integer:
+            return st.integers(spec.low, spec.high)
+        return st.floats(allow_nan=False, width=8 * spec.size)
+    if T is bool:
+        return st.booleans()
+    if T is str:
+        return st.text(max_size=20)
+    if T is bytes:
+        return st.binary(max_size=20)
+    if T is type(None):
+        return st.none()
+    if isinstance(T, type) and issubclass(T, enum.Enum):
+        return st.sampled_from(list(T))
+    origin = getattr(T, "__origin__", None)
+    args = getattr(T, "__args__", ())
+    if origin is list:
+        return st.lists(strategy(args[0]), max_size=5)
+    if origin is tuple:
+        return st.tuples(*map(strategy, args))
+    if origin is dict:
+        return st.dictionaries(strategy(args[0]), strategy(args[1]), max_size=4)
+    if origin is Union:
+        members = [m for m in args if m is not type(None)]
+        if len(members) < len(args):
+            return st.none() | strategy(members[0])
+        return st.one_of(*map(strategy, members))
+    if T is Node:
+        return st.builds(Node, strategy(b.i32), st.none())
+    import dataclasses
+    import typing
+    hints = typing.get_type_hints(T, include_extras=True)
+    return st.builds(T, *[strategy(hints[f.name]) for f in dataclasses.fields(T)])
+
+
+ROUND_TRIP_TYPES = [b.u8, b.u16, b.u32, b.u64, b.i8, b.i16, b.i32, b.i64, b.f32, b.f64, bool,
+                    str, bytes, list[b.i64], tuple[b.u8, str, b.f64], dict[str, b.u16],
+                    Optional[b.i32], Color, Message, Record, Everything, list[Everything]]
+
+
+@pytest.mark.parametrize("varint", [False, True])
+@pytest.mark.parametrize("T", ROUND_TRIP_TYPES, ids=repr)
+def test_round_trips(T, varint):
+    @given(strategy(T))
+    def check(value):
+        data = b.encode(value, T, varint=varint)
+        back = b.decode(data, T, varint=varint)
+        assert back == value or (isinstance(value, float) and math.isnan(value))
+        assert b.encode(back, T, varint=varint) == data
+    check()
+
+
+def test_plans_are_compiled_once():
+    b.encode(Record(1, 2.0, "x", []), Record)
+    plan = b._cache[(Record, False)]
+    b.decode(b.encode(Record(1, 2.0, "x", []), Record), Record)
+    assert b._cache[(Record, False)] is plan
