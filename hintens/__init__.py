@@ -18,6 +18,7 @@ from ._constants import (
 )
 from . import bincode
 from ._client import Client, Session
+from ._codecs import BincodeCodec, Codec, JsonCodec, PickleCodec, RawCodec
 from ._errors import (
     BadHeaderError,
     ChecksumError,
@@ -70,9 +71,11 @@ __all__ = [
     "MAGIC",
     "VERSION",
     "BadHeaderError",
+    "BincodeCodec",
     "ChecksumError",
     "Client",
     "ClientPool",
+    "Codec",
     "ConnectError",
     "ConnectionClosed",
     "ErrorCode",
@@ -85,10 +88,13 @@ __all__ = [
     "Hello",
     "HintensError",
     "IncompleteFrameError",
+    "JsonCodec",
     "MessageType",
     "NO_RETRY",
     "PeerCredentials",
+    "PickleCodec",
     "ProtocolError",
+    "RawCodec",
     "RemoteError",
     "RemoteProtocolError",
     "RemoteTimeoutError",

@@ -34,6 +34,7 @@ from ._errors import (
     decode_error_payload,
     remote_error,
 )
+from ._codecs import CodecSpec, codec_from, size_of
 from ._flusher import FLUSHER
 from ._protocol import (
     DEFAULT_SHM_POOL_BYTES,
@@ -117,6 +118,9 @@ class Client:
             at once.
         session: announce this session in the hello and draw request ids from it (a
             ``ClientPool`` shares one between its connections).
+        codec: how values become payloads (see ``hintens.Codec``): ``request``,
+            ``request_many`` and ``send_event`` then take values and return decoded
+            responses, and ``on_event`` gets decoded events. Default: raw bytes.
 
     Raises:
         ConnectError: no server at ``path``.
@@ -131,7 +135,7 @@ class Client:
                  shm_threshold: int = DEFAULT_SHM_THRESHOLD_BYTES,
                  shm_pool_bytes: int = DEFAULT_SHM_POOL_BYTES,
                  flush_interval: float = DEFAULT_FLUSH_INTERVAL_S,
-                 session: Session | None = None) -> None:
+                 session: Session | None = None, codec: CodecSpec = None) -> None:
         if timeout <= 0:
             raise ValueError("timeout must be positive")
         if flush_interval < 0:
@@ -161,6 +165,15 @@ class Client:
         self._server_error: BaseException | None = None
         self._close_pending = False
         self._receive_timeout: float | None = None
+        self.codec = codec_from(codec)
+        if self.codec is not None:
+            # The raw methods stay as they are; these wrappers stand in front of them.
+            self.request = self._coded_request   # type: ignore[method-assign,assignment]
+            self.request_many = self._coded_request_many   # type: ignore[method-assign,assignment]
+            self.send_event = self._coded_send_event   # type: ignore[method-assign,assignment]
+            if on_event is not None:
+                on_raw_event, decode = on_event, self.codec.decode
+                on_event = lambda payload: on_raw_event(decode(payload, "event"))  # noqa: E731
         self._on_event = on_event
         self._sock = connect(self.path, connect_timeout)
         try:
@@ -445,6 +458,49 @@ class Client:
         self.close()
 
     # Internals --------------------------------------------------------------------------
+
+    # Codecs ---------------------------------------------------------------------------------
+
+    def _coded_request(self, value: Any, timeout: float | None = None, *,
+                       writable: bool = False, _request_id: int | None = None) -> Any:
+        assert self.codec is not None
+        payload = self._outgoing(self.codec.encode(value, "request"))
+        reply = Client.request(self, payload, timeout, writable=writable,
+                               _request_id=_request_id)
+        return self.codec.decode(reply, "response")
+
+    def _coded_request_many(self, values: Iterable[Any], timeout: float | None = None, *,
+                            return_exceptions: bool = False) -> list[Any]:
+        assert self.codec is not None
+        payloads = [self._outgoing(self.codec.encode(v, "request")) for v in values]
+        replies = Client.request_many(self, payloads, timeout,
+                                      return_exceptions=return_exceptions)
+        decode = self.codec.decode
+        return [r if isinstance(r, BaseException) else decode(r, "response") for r in replies]
+
+    def _coded_send_event(self, value: Any) -> None:
+        assert self.codec is not None
+        Client.send_event(self, self._outgoing(self.codec.encode(value, "event")))
+
+    def _outgoing(self, payload: Any) -> Any:
+        """A codec's payload, ready to send: parts go straight into one shared-memory buffer
+        when they are large enough to travel that way, else they are joined."""
+        if not isinstance(payload, list):
+            return payload
+        total = size_of(payload)
+        endpoint = self._endpoint
+        if total >= endpoint.shm_threshold and endpoint.pool is not None:
+            try:
+                buffer = self.allocate(total)
+            except ShmError:   # the server did not negotiate it
+                return b"".join(payload)
+            offset = 0
+            for part in payload:
+                with memoryview(part) as view:
+                    buffer[offset:offset + view.nbytes] = view.cast("B")
+                    offset += view.nbytes
+            return buffer
+        return b"".join(payload)
 
     def _mark_sent(self, error: BaseException, end: int, request_id: int,
                    start: int | None = None) -> None:

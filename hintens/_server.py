@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterable
 
 from . import _impl
 from ._client import RECEIVE_BUFFER_BYTES, SCATTER_THRESHOLD_BYTES, frames_for
+from ._codecs import CodecSpec, codec_from, join, size_of
 from ._constants import DEFAULT_MAX_PAYLOAD_BYTES, ErrorCode, MessageType
 from ._errors import ConnectionClosed, ProtocolError, RemoteError
 from ._flusher import FLUSHER
@@ -130,6 +131,8 @@ class ServerConnection:
         Raises:
             ConnectionClosed: the connection is closed or broke while sending.
         """
+        if self._server.codec is not None:
+            payload = join(self._server.codec.encode(payload, "event"))
         if type(payload) is bytes and len(payload) < SCATTER_THRESHOLD_BYTES:
             if not self._open:
                 raise ConnectionClosed(f"connection {self.id} is closed")
@@ -202,6 +205,9 @@ class Server:
             ``shm_pool_bytes``.
         writable: handlers get shared payloads as writable copy-on-write views (MAP_PRIVATE)
             instead of read-only ones; nothing is copied until written.
+        codec: how payloads become values (see ``hintens.Codec``): the handler then gets the
+            decoded request and returns the response value, ``on_event`` gets decoded
+            events, and ``broadcast``/``send_event`` take values. Default: raw bytes.
         replay_window, replay_bytes, replay_sessions: the bounds of the exactly-once memory
             for clients that announce a session (``ClientPool(exactly_once=True)``): answers
             kept per session, bytes of them per session, and sessions kept. 0 sessions turns
@@ -228,7 +234,8 @@ class Server:
                  shm_pool_bytes: int = DEFAULT_SHM_POOL_BYTES,
                  replay_window: int = DEFAULT_REPLAY_WINDOW,
                  replay_bytes: int = DEFAULT_REPLAY_BYTES,
-                 replay_sessions: int = DEFAULT_REPLAY_SESSIONS) -> None:
+                 replay_sessions: int = DEFAULT_REPLAY_SESSIONS,
+                 codec: CodecSpec = None) -> None:
         self.path = socket_path(path)
         #: Names this run of the server in its hellos: a retry that reaches another run
         #: cannot be answered from this one's replay memory.
@@ -237,6 +244,8 @@ class Server:
             if replay_sessions > 0 else None
         self.handler = handler
         self.on_event = on_event
+        self.codec = codec_from(codec)
+        self._call = handler if self.codec is None else self._coded_call
         self.on_connect = on_connect
         self.on_disconnect = on_disconnect
         self.max_payload = max_payload
@@ -280,6 +289,8 @@ class Server:
         Returns:
             How many clients it was written to. A client whose connection broke is skipped.
         """
+        if self.codec is not None:
+            payload = join(self.codec.encode(payload, "event"))
         frames = frames_for(_impl.core.encode_frame, _impl.core.encode_header,
                             MessageType.EVENT, payload, self._next_event_id())
         sent = 0
@@ -420,7 +431,7 @@ class Server:
     def _serve(self, connection: ServerConnection) -> None:
         sock, endpoint, channel = connection._sock, connection._endpoint, connection._channel
         decoder = endpoint.decoder
-        handler = self.handler
+        handler = self._call
 
         def on_error(request_id: int, error: Exception) -> bytes:
             return self._error_answer(endpoint, request_id, error)
@@ -546,7 +557,7 @@ class Server:
                                 out.append(data)   # the Error frame it was answered with
                                 continue
                         else:
-                            result = self.handler(item.payload)
+                            result = self._call(item.payload)
                         result = b"" if result is None else result
                         writes = connection._shm_reply(request_id, result)
                         if writes is None:
@@ -570,7 +581,8 @@ class Server:
                 elif kind == MessageType.EVENT:
                     if self.on_event is not None:
                         try:
-                            self.on_event(item.payload, connection)
+                            self.on_event(item.payload if self.codec is None else
+                                          self.codec.decode(item.payload, "event"), connection)
                         except Exception:
                             log.exception("on_event callback raised")
                 else:
@@ -600,7 +612,7 @@ class Server:
         answer: tuple[bool, bytes] = (False, endpoint.error_frame(
             ErrorCode.HANDLER_ERROR, "the handler did not finish", item.request_id))
         try:
-            result = self.handler(item.payload)
+            result = self._call(item.payload)
             result = b"" if result is None else result
             with memoryview(result) as view:   # not a buffer: the same Error as without replay
                 answer = (True, view.tobytes())
@@ -610,6 +622,26 @@ class Server:
             return False, answer[1], None
         finally:
             window.finish(item.request_id, answer)
+
+    def _coded_call(self, payload: Any) -> Any:
+        """The handler behind a codec: decoded request in, encoded response out. A response
+        in parts goes into shared memory when the client negotiated it and it is large."""
+        assert self.codec is not None
+        out = self.codec.encode(self.handler(self.codec.decode(payload, "request")),
+                                "response")
+        if not isinstance(out, list):
+            return out
+        total = size_of(out)
+        connection = self.current_connection()
+        if total >= self.shm_threshold and connection._endpoint.negotiated(FEATURE_SHM):
+            buffer = self.allocate(total)
+            offset = 0
+            for part in out:
+                with memoryview(part) as view:
+                    buffer[offset:offset + view.nbytes] = view.cast("B")
+                    offset += view.nbytes
+            return buffer
+        return b"".join(out)
 
     @staticmethod
     def _error_answer(endpoint: Endpoint, request_id: int, error: Exception) -> bytes:
