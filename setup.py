@@ -1,4 +1,4 @@
-"""Build of the compiled core. Metadata lives in pyproject.toml.
+"""Build of the compiled core (and the bincode kernels). Metadata lives in pyproject.toml.
 
 Environment switches:
     HINTENS_NO_EXTENSIONS=1  build without the extension (the pure-Python core is used).
@@ -35,8 +35,14 @@ def _extensions():
         extra_compile_args=cflags,
         define_macros=macros,
     )
+    kernels = Extension(
+        "hintens._bincode",
+        ["hintens/_bincode.pyx"],
+        extra_compile_args=cflags,
+        define_macros=macros,
+    )
     return cythonize(
-        [ext],
+        [ext, kernels],
         compiler_directives={"language_level": "3", "embedsignature": True, "linetrace": debug},
         annotate=debug,
     )

@@ -110,6 +110,10 @@ def encode(value: Any, T: Any, *, varint: bool = False) -> bytes:
         EncodeError: ``value`` does not fit ``T``.
         TypeError: ``T`` is not a type bincode can describe.
     """
+    try:
+        return _direct[T, varint].encode(value, varint)   # type: ignore[no-any-return]
+    except (KeyError, TypeError):   # not a compiled struct (or unhashable: said below)
+        pass
     out = bytearray()
     _plan(T, varint).encode(value, out)
     return bytes(out)
@@ -127,6 +131,12 @@ def decode(data: Any, T: Any, *, varint: bool = False) -> Any:
         DecodeError: ``data`` is not exactly one encoding of ``T``.
         TypeError: ``T`` is not a type bincode can describe.
     """
+    try:
+        direct = _direct[T, varint]
+    except (KeyError, TypeError):
+        pass
+    else:
+        return direct.decode(data, varint)
     plan = _plan(T, varint)
     buf = data if type(data) is bytes else memoryview(data).cast("B")
     try:
@@ -690,6 +700,9 @@ def _struct_plan(cls: type, varint: bool) -> _Plan:
     fields = [f for f in dataclasses.fields(cls)]
     names = [f.name for f in fields]
     plans = [_plan(hints[name], varint) for name in names]
+    program = _program(cls, fields, hints) if _kernels is not None else None
+    if program is not None:
+        return _compiled_struct_plan(program, plans, varint)
     seq_enc, seq_dec, least = _sequence_plan(plans, cls.__name__)
     keywords = any(getattr(f, "kw_only", False) or not f.init for f in fields)
     getter = (lambda v: [getattr(v, name) for name in names]) if len(names) != 1 \
@@ -716,6 +729,70 @@ def _struct_plan(cls: type, varint: bool) -> _Plan:
         return build(values), pos
 
     return _Plan(enc, dec, least)
+
+
+# The compiled kernels (hintens/_bincode.pyx) ---------------------------------------------------
+
+_KINDS = {"u": 1, "i": 2, "f": 3}
+_VEC_KINDS = {"u": 7, "i": 8, "f": 9}
+_BOOL, _STR, _BYTES, _STRUCT = 4, 5, 6, 10
+
+
+def _program(cls: type, fields: list[Any], hints: dict[str, Any],
+             outer: tuple[type, ...] = ()) -> tuple[Any, ...] | None:
+    """The kernels' program for a dataclass whose fields are all numbers, bools, strings,
+    bytes, Vecs of numbers or such dataclasses; None for anything else."""
+    ops: list[tuple[int, int, Any]] = []
+    for f in fields:
+        T = hints[f.name]
+        spec = _number_spec(T)
+        if spec is not None:
+            ops.append((_KINDS[_kind(spec)], spec.size, None))
+        elif T is bool:
+            ops.append((_BOOL, 1, None))
+        elif T is str:
+            ops.append((_STR, 0, None))
+        elif T is bytes:
+            ops.append((_BYTES, 0, None))
+        elif typing.get_origin(T) is list and _number_spec(typing.get_args(T)[0]) is not None:
+            item = _number_spec(typing.get_args(T)[0])
+            assert item is not None
+            ops.append((_VEC_KINDS[_kind(item)], item.size, None))
+        elif isinstance(T, type) and dataclasses.is_dataclass(T) and T not in (cls, *outer):
+            inner = _program(T, list(dataclasses.fields(T)),
+                             typing.get_type_hints(T, include_extras=True), (cls, *outer))
+            if inner is None:
+                return None
+            ops.append((_STRUCT, 0, inner))
+        else:
+            return None
+    plain = not (hasattr(cls, "__post_init__") or hasattr(cls, "__slots__")
+                 or cls.__new__ is not object.__new__
+                 or any(getattr(f, "kw_only", False) or not f.init for f in fields))
+    return (cls, tuple(f.name for f in fields), tuple(ops), 0 if plain else 1)
+
+
+def _kind(spec: _Number) -> str:
+    return "f" if not spec.integer else ("i" if spec.signed else "u")
+
+
+def _compiled_struct_plan(program: tuple[Any, ...], plans: list[_Plan], varint: bool) -> _Plan:
+    assert _kernels is not None
+    compiled = _kernels.Program(*program)
+    _direct[program[0], varint] = compiled   # encode()/decode() call it straight away
+    encode_struct, decode_at = compiled.encode, compiled.decode_at
+
+    def enc(value: Any, out: bytearray) -> None:
+        out += encode_struct(value, varint)
+
+    def dec(buf: Any, pos: int) -> tuple[Any, int]:
+        return decode_at(buf, pos, varint)   # type: ignore[no-any-return]
+
+    return _Plan(enc, dec, sum(p.least for p in plans))
+
+
+#: Compiled kernels' programs of structs, by (type, varint).
+_direct: dict[tuple[Any, bool], Any] = {}
 
 
 def _enum_plan(cls: type[enum.Enum], varint: bool) -> _Plan:
@@ -765,3 +842,18 @@ def _union_plan(members: tuple[Any, ...], varint: bool) -> _Plan:
     return _Plan(enc, dec, 1 if varint else 4)
 
 
+
+
+def _load_kernels() -> Any:
+    from ._impl import NO_EXTENSIONS
+    if NO_EXTENSIONS:
+        return None
+    try:
+        from . import _bincode  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    return _bincode
+
+
+#: The compiled kernels, or None (not built, or HINTENS_NO_EXTENSIONS): Python plans only.
+_kernels = _load_kernels()

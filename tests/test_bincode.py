@@ -89,6 +89,19 @@ class Node:                      # struct Node { value: i32, next: Option<Box<No
 
 H = bytes.fromhex
 
+
+@pytest.fixture(autouse=True, params=["kernels", "python"])
+def implementation(request, monkeypatch):
+    """Every test runs with the compiled kernels (where built) and with the Python plans
+    alone, each from an empty plan cache."""
+    if request.param == "kernels" and b._kernels is None:
+        pytest.skip("the bincode kernels are not built")
+    if request.param == "python":
+        monkeypatch.setattr(b, "_kernels", None)
+    monkeypatch.setattr(b, "_cache", {})
+    monkeypatch.setattr(b, "_direct", {})
+    return request.param
+
 FIXINT = [
     (255, b.u8, "ff"), (0x1234, b.u16, "3412"), (1, b.u32, "01000000"),
     (0x0102030405060708, b.u64, "0807060504030201"), (-1, b.i8, "ff"), (-2, b.i16, "feff"),
@@ -308,3 +321,53 @@ def test_plans_are_compiled_once():
     plan = b._cache[(Record, False)]
     b.decode(b.encode(Record(1, 2.0, "x", []), Record), Record)
     assert b._cache[(Record, False)] is plan
+
+
+@dataclass
+class Flat:
+    a: b.u8
+    b_: b.i16
+    c: b.u32
+    d: b.i64
+    e: b.f32
+    f: bool
+    g: bytes
+    h: list[b.i8]
+    i: list[b.f64]
+    j: list[b.u64]
+    inner: Meters
+
+
+@pytest.mark.parametrize("varint", [False, True])
+def test_a_flat_struct_matches_its_parts(varint, implementation):
+    value = Flat(255, -300, 70000, -(1 << 40), 0.5, True, b"\x00\xff", [-1, 2], [1.25],
+                 [1 << 63], Meters(3))
+    parts = [b.encode(getattr(value, name), T, varint=varint) for name, T in [
+        ("a", b.u8), ("b_", b.i16), ("c", b.u32), ("d", b.i64), ("e", b.f32), ("f", bool),
+        ("g", bytes), ("h", list[b.i8]), ("i", list[b.f64]), ("j", list[b.u64]),
+        ("inner", Meters)]]
+    data = b.encode(value, Flat, varint=varint)
+    assert data == b"".join(parts)
+    assert b.decode(data, Flat, varint=varint) == value
+    assert (b._direct.get((Flat, varint)) is not None) == (implementation == "kernels")
+
+
+@dataclass(frozen=True)
+class Frozen:
+    x: b.u16
+    label: str
+
+
+@dataclass
+class Checked:
+    x: b.u16
+
+    def __post_init__(self):
+        if self.x == 13:
+            raise ValueError("unlucky")
+
+
+def test_frozen_and_post_init_dataclasses():
+    assert b.decode(b.encode(Frozen(7, "q"), Frozen), Frozen) == Frozen(7, "q")
+    with pytest.raises(ValueError, match="unlucky"):
+        b.decode(b.encode(13, b.u16), Checked)     # __post_init__ runs on decode
