@@ -250,9 +250,14 @@ cdef object _read_struct(_In *src, Program program, bint varint):
     cdef Py_ssize_t count = program.count, i
     cdef int kind, size
     cdef uint64_t length
-    cdef list values = PyList_New(count)
-    cdef object value
+    cdef list values = None
+    cdef object value, obj = None, state = None
     cdef unsigned char byte
+    if program.build == 0:   # fill the new instance's __dict__ as the fields come
+        obj = _new_instance(program.cls)
+        state = PyObject_GenericGetDict(obj, NULL)
+    else:
+        values = PyList_New(count)
     for i in range(count):
         kind = program.kinds[i]
         size = program.sizes[i]
@@ -288,13 +293,12 @@ cdef object _read_struct(_In *src, Program program, bint varint):
             value = _read_struct(src, <Program>program.subs[i], varint)
         else:
             value = _read_vec(src, kind, size, varint)
-        Py_INCREF(value)
-        PyList_SET_ITEM(values, i, value)
-    if program.build == 0:
-        obj = _new_instance(program.cls)
-        state = PyObject_GenericGetDict(obj, NULL)
-        for i in range(count):
-            PyDict_SetItem(state, program.names[i], values[i])
+        if state is not None:
+            PyDict_SetItem(state, program.names[i], value)
+        else:
+            Py_INCREF(value)
+            PyList_SET_ITEM(values, i, value)
+    if obj is not None:
         return obj
     return program.cls(*values)
 

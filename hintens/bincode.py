@@ -18,6 +18,7 @@ Types (usable as annotations of dataclass fields):
   any bytes-like value encodes); ``type(None)`` (the unit ``()``, value None);
 * ``list[T]`` (Vec<T>), ``tuple[A, B, ...]`` (a tuple or a fixed array ``[T; N]``: no length),
   ``dict[K, V]`` (a map: length, then the pairs in the dict's order), ``Optional[T]``;
+* ``ndarray(T)``: a Vec of numbers that decodes to a numpy array viewing the input;
 * a dataclass (a struct: its fields in order, nothing else; one field is a newtype struct,
   none a unit struct);
 * an ``enum.Enum`` (a Rust enum of unit variants: the member's position is the variant index);
@@ -43,6 +44,7 @@ error before anything is allocated.
 
 from __future__ import annotations
 
+import array
 import dataclasses
 import enum
 import struct
@@ -53,7 +55,7 @@ import typing
 from typing import Any, Callable, Union
 
 __all__ = [
-    "DecodeError", "EncodeError", "Error", "decode", "encode", "encode_into",
+    "DecodeError", "EncodeError", "Error", "decode", "encode", "encode_into", "ndarray",
     "f32", "f64", "i8", "i16", "i32", "i64", "u8", "u16", "u32", "u64",
 ]
 
@@ -103,6 +105,33 @@ f32 = _number("f32", "f", 4, True, integer=False)
 f64 = _number("f64", "d", 8, True, integer=False)
 
 
+class _Array:
+    """What ``ndarray(T)`` stands for: a Vec of numbers, decoded as a numpy array."""
+
+    __slots__ = ("item",)
+
+    def __init__(self, item: Any) -> None:
+        self.item = item
+
+    def __repr__(self) -> str:
+        return f"bincode.ndarray({self.item!r})"
+
+
+def ndarray(item: Any) -> Any:
+    """A Vec of numbers (``Vec<f64>``, say) that decodes to a numpy array instead of a list:
+    the same bytes on the wire, no Python object per element. The array views the input
+    (read-only when the input is), so it lives as long as the input does. Encoding takes a
+    numpy array (one copy) or a list.
+
+    Raises:
+        TypeError: ``item`` is not one of the number types.
+    """
+    spec = _number_spec(item)
+    if spec is None:
+        raise TypeError(f"ndarray wants a number type (bincode.f64, ...), not {item!r}")
+    return typing.Annotated[Any, _Array(item)]
+
+
 def encode(value: Any, T: Any, *, varint: bool = False) -> bytes:
     """The bincode encoding of ``value`` as type ``T``.
 
@@ -114,8 +143,13 @@ def encode(value: Any, T: Any, *, varint: bool = False) -> bytes:
         return _direct[T, varint].encode(value, varint)   # type: ignore[no-any-return]
     except (KeyError, TypeError):   # not a compiled struct (or unhashable: said below)
         pass
+    plan = _plan(T, varint)
+    if plan.to_bytes is not None:
+        data = plan.to_bytes(value)
+        if data is not None:
+            return data
     out = bytearray()
-    _plan(T, varint).encode(value, out)
+    plan.encode(value, out)
     return bytes(out)
 
 
@@ -155,13 +189,14 @@ class _Plan:
     width (in fixint mode), so that runs of such fields merge into one struct call; ``least``
     is the fewest bytes an encoding takes (for refusing impossible lengths early)."""
 
-    __slots__ = ("encode", "decode", "fixed", "least", "check")
+    __slots__ = ("encode", "decode", "fixed", "least", "check", "to_bytes")
 
     def __init__(self, encode: Callable[[Any, bytearray], None],
                  decode: Callable[[Any, int], tuple[Any, int]], least: int,
                  fixed: str | None = None, check: Callable[[Any], Any] | None = None) -> None:
         self.encode, self.decode, self.least, self.fixed = encode, decode, least, fixed
         self.check = check   # for a fixed member: validates/converts a decoded raw value
+        self.to_bytes: Callable[[Any], bytes | None] | None = None   # a one-copy encode()
 
 
 _cache: dict[tuple[Any, bool], _Plan] = {}
@@ -216,6 +251,8 @@ def _compile_other(T: Any, varint: bool) -> _Plan:
         spec = typing.get_args(T)[1] if len(typing.get_args(T)) > 1 else None
         if isinstance(spec, _Number):
             return _number_plan(spec, varint)
+        if isinstance(spec, _Array):
+            return _ndarray_plan(spec.item, varint)
         raise TypeError(f"{T!r}: only bincode's own Annotated number types are understood")
     if T is bool:
         return _bool_plan()
@@ -507,14 +544,38 @@ def _list_plan(item: Any, varint: bool) -> _Plan:
             except (struct.error, OverflowError, TypeError) as error:
                 raise EncodeError(f"Vec<{spec.name}>: {error}") from None
 
+        native = array.array(code).itemsize == size and sys.byteorder == "little"
+
         def dec(buf: Any, pos: int) -> tuple[Any, int]:
             n, pos = read_len(buf, pos)
             if n > (len(buf) - pos) // size:
                 raise DecodeError(f"a Vec of {n} {spec.name}, but {len(buf) - pos} bytes "
                                   f"remain")
-            return list(struct.unpack_from(f"<{n}{code}", buf, pos)), pos + n * size
+            end = pos + n * size
+            if native and n > 64:   # one pass in C, no intermediate tuple
+                items = array.array(code)
+                items.frombytes(buf[pos:end])
+                return items.tolist(), end
+            return list(struct.unpack_from(f"<{n}{code}", buf, pos)), end
 
-        return _Plan(enc, dec, 1 if varint else 8)
+        def to_bytes(value: Any) -> bytes | None:
+            """A buffer of this item type, encoded with its one copy (or None)."""
+            if isinstance(value, (list, tuple)):
+                return None
+            try:
+                view = memoryview(value)
+            except TypeError:
+                return None
+            with view:
+                if view.ndim != 1 or not _same_numbers(view, spec):
+                    return None
+                prefix = bytearray()
+                write_len(len(view), prefix)
+                return b"".join((prefix, view))
+
+        plan = _Plan(enc, dec, 1 if varint else 8)
+        plan.to_bytes = to_bytes
+        return plan
 
     item_enc, item_dec, least = inner.encode, inner.decode, inner.least
 
@@ -540,6 +601,30 @@ def _list_plan(item: Any, varint: bool) -> _Plan:
         return result, pos
 
     return _Plan(enc_items, dec_items, 1 if varint else 8)
+
+
+def _ndarray_plan(item: Any, varint: bool) -> _Plan:
+    import numpy
+
+    spec = _number_spec(item)
+    assert spec is not None
+    vec = _list_plan(item, varint)
+    read_len = _length_codec(varint)[1]
+    dtype = numpy.dtype(("<" if spec.size > 1 else "") + spec.code)
+    if not (spec.integer and varint and spec.size > 1):
+        def dec(buf: Any, pos: int) -> tuple[Any, int]:
+            n, pos = read_len(buf, pos)
+            if n > (len(buf) - pos) // spec.size:
+                raise DecodeError(f"a Vec of {n} {spec.name}, but {len(buf) - pos} bytes "
+                                  f"remain")
+            return numpy.frombuffer(buf, dtype, n, pos), pos + n * spec.size
+    else:   # varint integers have no fixed width: decode, then make the array
+        def dec(buf: Any, pos: int) -> tuple[Any, int]:
+            values, pos = vec.decode(buf, pos)
+            return numpy.array(values, dtype), pos
+    plan = _Plan(vec.encode, dec, vec.least)
+    plan.to_bytes = vec.to_bytes
+    return plan
 
 
 def _check_count(n: int, least: int, remaining: int) -> None:
@@ -849,7 +934,7 @@ def _load_kernels() -> Any:
     if NO_EXTENSIONS:
         return None
     try:
-        from . import _bincode  # type: ignore[attr-defined]
+        from . import _bincode
     except ImportError:
         return None
     return _bincode

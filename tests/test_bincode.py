@@ -371,3 +371,22 @@ def test_frozen_and_post_init_dataclasses():
     assert b.decode(b.encode(Frozen(7, "q"), Frozen), Frozen) == Frozen(7, "q")
     with pytest.raises(ValueError, match="unlucky"):
         b.decode(b.encode(13, b.u16), Checked)     # __post_init__ runs on decode
+
+
+@pytest.mark.parametrize("varint", [False, True])
+def test_ndarray_is_a_vec_that_decodes_to_numpy(varint):
+    np = pytest.importorskip("numpy")
+    values = np.arange(100, dtype=np.float64) / 3
+    T = b.ndarray(b.f64)
+    data = b.encode(values, T, varint=varint)
+    assert data == b.encode(values.tolist(), list[b.f64], varint=varint)
+    back = b.decode(data, T, varint=varint)
+    assert isinstance(back, np.ndarray) and np.array_equal(back, values)
+    assert not back.flags.owndata and not back.flags.writeable     # a view of the input
+    ints = b.decode(b.encode([-1, 300], list[b.i32], varint=varint), b.ndarray(b.i32),
+                    varint=varint)
+    assert ints.tolist() == [-1, 300] and ints.dtype == np.int32
+    with pytest.raises(b.DecodeError, match="remain"):
+        b.decode((1 << 40).to_bytes(8, "little"), T)
+    with pytest.raises(TypeError):
+        b.ndarray(str)
