@@ -49,6 +49,7 @@ bench: $(BENCH_INSTALLED)
 	    --benchmark-sort=name --benchmark-warmup=on $(BENCH_ARGS)
 	$(PY) bench/rpc_latency.py
 	$(PY) bench/throughput.py
+	$(PY) bench/serialization.py
 	$(PY) bench/shm_latency.py
 
 build: $(INSTALLED)
@@ -56,6 +57,6 @@ build: $(INSTALLED)
 	HINTENS_WERROR=1 $(PY) setup.py --quiet build_ext --inplace
 
 clean:
-	rm -rf build dist *.egg-info hintens/_core.c hintens/*.so hintens/*.html hintens/_version.py \
+	rm -rf build dist *.egg-info hintens/_core.c hintens/_bincode.c hintens/*.so hintens/*.html hintens/_version.py \
 	    .pytest_cache .hypothesis .benchmarks bench/results $(VENV)
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

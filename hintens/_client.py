@@ -37,9 +37,12 @@ from ._errors import (
 from ._codecs import CodecSpec, codec_from, size_of
 from ._flusher import FLUSHER
 from ._protocol import (
+    DEFAULT_COMPRESS_THRESHOLD_BYTES,
     DEFAULT_SHM_POOL_BYTES,
     DEFAULT_SHM_THRESHOLD_BYTES,
+    FEATURE_COMPRESSION,
     FEATURE_SHM,
+    SCATTER_THRESHOLD_BYTES,
     Endpoint,
     Hello,
     HelloKey,
@@ -51,8 +54,6 @@ log = logging.getLogger("hintens")
 DEFAULT_TIMEOUT_S = 30.0
 DEFAULT_CONNECT_TIMEOUT_S = 5.0
 RECEIVE_BUFFER_BYTES = 256 * 1024
-#: Payloads at least this large leave as header + payload in one sendmsg, without a copy.
-SCATTER_THRESHOLD_BYTES = 16 * 1024
 #: How long a large send waits for the server's hello before it goes inline (once).
 HELLO_WAIT_S = 1.0
 #: A kernel receive timeout may overshoot a request's deadline by this much at most.
@@ -118,6 +119,9 @@ class Client:
             at once.
         session: announce this session in the hello and draw request ids from it (a
             ``ClientPool`` shares one between its connections).
+        compress: offer zstd compression (the ``compression`` extra): toward a server that
+            offers it too, inline payloads of ``compress_threshold`` bytes (4 KiB) or more
+            are compressed when that makes them smaller. Shared memory is never compressed.
         codec: how values become payloads (see ``hintens.Codec``): ``request``,
             ``request_many`` and ``send_event`` then take values and return decoded
             responses, and ``on_event`` gets decoded events. Default: raw bytes.
@@ -135,7 +139,9 @@ class Client:
                  shm_threshold: int = DEFAULT_SHM_THRESHOLD_BYTES,
                  shm_pool_bytes: int = DEFAULT_SHM_POOL_BYTES,
                  flush_interval: float = DEFAULT_FLUSH_INTERVAL_S,
-                 session: Session | None = None, codec: CodecSpec = None) -> None:
+                 session: Session | None = None, codec: CodecSpec = None,
+                 compress: bool = False,
+                 compress_threshold: int = DEFAULT_COMPRESS_THRESHOLD_BYTES) -> None:
         if timeout <= 0:
             raise ValueError("timeout must be positive")
         if flush_interval < 0:
@@ -143,8 +149,10 @@ class Client:
         self.path = socket_path(path)
         self.timeout = timeout
         self._endpoint = Endpoint(max_payload=max_payload,
-                                  features=FEATURE_SHM if shm else 0,
-                                  shm_threshold=shm_threshold, shm_pool_bytes=shm_pool_bytes)
+                                  features=(FEATURE_SHM if shm else 0)
+                                  | (FEATURE_COMPRESSION if compress else 0),
+                                  shm_threshold=shm_threshold, shm_pool_bytes=shm_pool_bytes,
+                                  compress_threshold=compress_threshold)
         self._frame_type = _impl.core.Frame
         self._encode_frame = _impl.core.encode_frame
         self._encode_header = _impl.core.encode_header
@@ -224,13 +232,12 @@ class Client:
         """
         deadline = monotonic() + (self.timeout if timeout is None else timeout)
         request_id = next(self._ids) if _request_id is None else _request_id
-        small = type(payload) is bytes and len(payload) < SCATTER_THRESHOLD_BYTES
+        small = type(payload) is bytes and len(payload) < self._endpoint.small_max
         writes = frames = None
         if not small:
             writes = self._shm_writes(MessageType.REQUEST, payload, request_id, deadline)
             if not writes:
-                frames = frames_for(self._encode_frame, self._encode_header,
-                                    MessageType.REQUEST, payload, request_id)
+                frames = self._endpoint.inline(MessageType.REQUEST, payload, request_id)
         waiter = _Waiter()
         with self._lock:
             if self._closed_reason is not None:
@@ -309,7 +316,8 @@ class Client:
         end = 0
         try:
             try:
-                if all(type(p) is bytes and len(p) < SCATTER_THRESHOLD_BYTES for p in items):
+                small_max = self._endpoint.small_max
+                if all(type(p) is bytes and len(p) < small_max for p in items):
                     end = self._channel.post_many(MessageType.REQUEST, items, ids)
                 else:
                     for payload, request_id in zip(items, ids):
@@ -348,7 +356,7 @@ class Client:
             Timeout: the server did not take the bytes within ``self.timeout``.
         """
         if self._closed_reason is None and type(payload) is bytes \
-                and len(payload) < SCATTER_THRESHOLD_BYTES:
+                and len(payload) < self._endpoint.small_max:
             try:
                 self._event(payload)
             except BaseException as error:
@@ -358,7 +366,8 @@ class Client:
             if self._closed_reason is not None:
                 raise self._closed_error()
         try:
-            if type(payload) is not bytes and memoryview(payload).nbytes < SCATTER_THRESHOLD_BYTES:
+            if type(payload) is not bytes \
+                    and memoryview(payload).nbytes < self._endpoint.small_max:
                 self._event(payload)
             else:
                 self._send_large(MessageType.EVENT, payload, next(self._ids),
@@ -541,8 +550,7 @@ class Client:
             for buffers, fds in writes:
                 end = self._channel.send(buffers, fds)
             return end
-        return self._channel.send(frames_for(self._encode_frame, self._encode_header, msg_type,
-                                             payload, request_id))
+        return self._channel.send(self._endpoint.inline(msg_type, payload, request_id))
 
     def _close_channel(self) -> None:
         self._channel.close()

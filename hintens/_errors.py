@@ -79,6 +79,13 @@ class UnsupportedFlagsError(ProtocolError):
     fatal = False
 
 
+class DecompressedTooLargeError(FrameTooLargeError):
+    """A COMPRESSED payload would decompress past the receiver's limit. Nothing was inflated;
+    the frame's boundaries are intact, so the connection goes on."""
+
+    fatal = False
+
+
 class ShmError(ProtocolError):
     """A shared-memory descriptor or file descriptor failed validation."""
 

@@ -19,17 +19,37 @@ from __future__ import annotations
 
 import logging
 import struct
+import threading
 from typing import Any, Callable, Union
 
 from . import _impl, _shm
 from ._constants import DEFAULT_MAX_PAYLOAD_BYTES, Flags, MessageType, VERSION
-from ._errors import ProtocolError, ShmError, UnsupportedFlagsError, encode_error_payload
+from ._errors import (
+    DecompressedTooLargeError,
+    ProtocolError,
+    ShmError,
+    UnsupportedFlagsError,
+    encode_error_payload,
+)
+
+try:
+    import zstandard
+except ImportError:   # the `compression` extra is not installed
+    zstandard = None  # type: ignore[assignment]
 
 log = logging.getLogger("hintens")
 #: Payloads at least this large go through shared memory toward a peer that negotiated it.
 DEFAULT_SHM_THRESHOLD_BYTES = 64 * 1024
 #: The most memory one connection's sending segments may hold.
 DEFAULT_SHM_POOL_BYTES = 1 << 30
+#: Inline payloads at least this large are compressed toward a peer that negotiated it.
+DEFAULT_COMPRESS_THRESHOLD_BYTES = 4096
+#: zstd level: fast, and still a good ratio on text-like payloads.
+COMPRESSION_LEVEL = 3
+_NEVER = 1 << 62
+
+#: Payloads at least this large leave as header + payload in one sendmsg, without a copy.
+SCATTER_THRESHOLD_BYTES = 16 * 1024
 
 HELLO_MAGIC = b"HELO"
 _U16 = struct.Struct("<H")
@@ -138,8 +158,22 @@ class Endpoint:
 
     def __init__(self, *, max_payload: int = DEFAULT_MAX_PAYLOAD_BYTES, features: int = 0,
                  shm_threshold: int = DEFAULT_SHM_THRESHOLD_BYTES,
-                 shm_pool_bytes: int = DEFAULT_SHM_POOL_BYTES) -> None:
+                 shm_pool_bytes: int = DEFAULT_SHM_POOL_BYTES,
+                 compress_threshold: int = DEFAULT_COMPRESS_THRESHOLD_BYTES) -> None:
         core = _impl.core
+        if features & FEATURE_COMPRESSION and zstandard is None:
+            raise ValueError("compression needs the zstandard package: "
+                             "pip install 'hintens[compression]'")
+        # Compression (zstd), once both hellos announce it: inline payloads of at least
+        # compress_min bytes are compressed when that makes them smaller.
+        self.compress_threshold = compress_threshold
+        self.compress_min = _NEVER
+        #: Payloads below this go the small way (packed, never compressed).
+        self.small_max = SCATTER_THRESHOLD_BYTES
+        if features & FEATURE_COMPRESSION:
+            self._zstd_compress = zstandard.ZstdCompressor(level=COMPRESSION_LEVEL)
+            self._zstd_decompress = zstandard.ZstdDecompressor()
+            self._zstd_lock = threading.Lock()   # a compressor is not for two threads at once
         self._frame_type = core.Frame
         self._encode_frame = core.encode_frame
         self.decoder = core.FrameDecoder(max_payload)
@@ -202,6 +236,11 @@ class Endpoint:
     def _admit(self, frames: list[Any], items: list[Item]) -> None:
         for frame in frames:
             allowed = self._allowed_flags   # a hello earlier in this batch may have widened it
+            if frame.flags & Flags.COMPRESSED and allowed & Flags.COMPRESSED:
+                frame = self._inflate(frame)
+                if isinstance(frame, ProtocolError):
+                    items.append(frame)
+                    continue
             if frame.flags & Flags.SHM and not allowed & Flags.SHM:
                 error = ShmError("an SHM frame on a connection that did not negotiate shared "
                                  "memory", frame.request_id, msg_type=frame.type)
@@ -217,6 +256,45 @@ class Endpoint:
             else:
                 items.append(frame)
 
+    def _inflate(self, frame: Any) -> Any:
+        """A COMPRESSED frame with its payload decompressed (and the flag cleared), or the
+        error that answers it. The declared size is checked before anything is inflated."""
+        if frame.flags & Flags.SHM:
+            return UnsupportedFlagsError("COMPRESSED applies to inline frames only, not to SHM",
+                                         frame.request_id, msg_type=frame.type)
+        try:
+            size = zstandard.frame_content_size(frame.payload)
+            if size < 0:
+                raise zstandard.ZstdError("the zstd frame does not declare its content size")
+            if size > self.decoder.max_payload:
+                return DecompressedTooLargeError(
+                    f"a compressed payload of {size} bytes is over the limit of "
+                    f"{self.decoder.max_payload}", frame.request_id, msg_type=frame.type)
+            data = self._zstd_decompress.decompress(frame.payload, max_output_size=size)
+        except zstandard.ZstdError as error:
+            return UnsupportedFlagsError(f"a COMPRESSED payload is not one zstd frame: {error}",
+                                         frame.request_id, msg_type=frame.type)
+        return self._frame_type(frame.type, frame.flags & ~Flags.COMPRESSED, frame.version,
+                                frame.request_id, data)
+
+    @property
+    def compressing(self) -> bool:
+        """Compression was negotiated: payloads may be compressed and must be inflated."""
+        return self.compress_min < _NEVER
+
+    def inline(self, msg_type: int, payload: Any, request_id: int) -> list[Any]:
+        """The buffers of an inline frame: compressed when negotiated, at least
+        ``compress_min`` bytes and smaller that way; else as ``frames_for`` sends it."""
+        size = len(payload) if type(payload) is bytes else memoryview(payload).nbytes
+        if size >= self.compress_min:
+            with self._zstd_lock:
+                packed = self._zstd_compress.compress(payload)
+            if len(packed) < size:
+                return [self._encode_frame(msg_type, packed, request_id, Flags.COMPRESSED)]
+        if size < SCATTER_THRESHOLD_BYTES:
+            return [self._encode_frame(msg_type, payload, request_id)]
+        return [_impl.core.encode_header(msg_type, payload, request_id), payload]
+
     def _control(self, payload: Any) -> None:
         """An Event with request id 0: a hello, a release, a retire, or something to ignore."""
         control = _shm.decode_control(payload)
@@ -225,6 +303,9 @@ class Endpoint:
             if hello is not None:
                 self.peer_hello = hello
                 self._allowed_flags = self._negotiated_flags()
+                if self.negotiated(FEATURE_COMPRESSION):
+                    self.compress_min = self.compress_threshold
+                    self.small_max = min(SCATTER_THRESHOLD_BYTES, self.compress_threshold)
             return
         magic, ids = control
         if magic == _shm.RELEASE_MAGIC and self.pool is not None:

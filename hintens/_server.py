@@ -23,14 +23,16 @@ from time import monotonic
 from typing import Any, Callable, Iterable
 
 from . import _impl
-from ._client import RECEIVE_BUFFER_BYTES, SCATTER_THRESHOLD_BYTES, frames_for
+from ._client import RECEIVE_BUFFER_BYTES, frames_for
 from ._codecs import CodecSpec, codec_from, join, size_of
 from ._constants import DEFAULT_MAX_PAYLOAD_BYTES, ErrorCode, MessageType
 from ._errors import ConnectionClosed, ProtocolError, RemoteError
 from ._flusher import FLUSHER
 from ._protocol import (
+    DEFAULT_COMPRESS_THRESHOLD_BYTES,
     DEFAULT_SHM_POOL_BYTES,
     DEFAULT_SHM_THRESHOLD_BYTES,
+    FEATURE_COMPRESSION,
     FEATURE_SHM,
     Endpoint,
     Hello,
@@ -100,9 +102,11 @@ class ServerConnection:
         self._server = server
         self._sock = sock
         self._endpoint = Endpoint(max_payload=server.max_payload,
-                                  features=FEATURE_SHM if server.shm else 0,
+                                  features=(FEATURE_SHM if server.shm else 0)
+                                  | (FEATURE_COMPRESSION if server.compress else 0),
                                   shm_threshold=server.shm_threshold,
-                                  shm_pool_bytes=server.shm_pool_bytes)
+                                  shm_pool_bytes=server.shm_pool_bytes,
+                                  compress_threshold=server.compress_threshold)
         self._channel = _impl.core.Channel(sock, self._endpoint.decoder, RECEIVE_BUFFER_BYTES)
         self._endpoint.fd_source = self._channel.fds
         self._endpoint.send_control = self._send_control
@@ -133,7 +137,7 @@ class ServerConnection:
         """
         if self._server.codec is not None:
             payload = join(self._server.codec.encode(payload, "event"))
-        if type(payload) is bytes and len(payload) < SCATTER_THRESHOLD_BYTES:
+        if type(payload) is bytes and len(payload) < self._endpoint.small_max:
             if not self._open:
                 raise ConnectionClosed(f"connection {self.id} is closed")
             try:
@@ -143,8 +147,8 @@ class ServerConnection:
                 raise ConnectionClosed(
                     f"connection {self.id} lost while sending: {error}") from error
             return
-        self._send(frames_for(_impl.core.encode_frame, _impl.core.encode_header,
-                              MessageType.EVENT, payload, self._server._next_event_id()))
+        self._send(self._endpoint.inline(MessageType.EVENT, payload,
+                                         self._server._next_event_id()))
 
     def _send_control(self, payload: bytes) -> None:
         """A release or retire message (an Event with request id 0)."""
@@ -205,6 +209,8 @@ class Server:
             ``shm_pool_bytes``.
         writable: handlers get shared payloads as writable copy-on-write views (MAP_PRIVATE)
             instead of read-only ones; nothing is copied until written.
+        compress, compress_threshold: zstd compression, as for ``Client``, toward clients
+            that offer it too.
         codec: how payloads become values (see ``hintens.Codec``): the handler then gets the
             decoded request and returns the response value, ``on_event`` gets decoded
             events, and ``broadcast``/``send_event`` take values. Default: raw bytes.
@@ -235,7 +241,8 @@ class Server:
                  replay_window: int = DEFAULT_REPLAY_WINDOW,
                  replay_bytes: int = DEFAULT_REPLAY_BYTES,
                  replay_sessions: int = DEFAULT_REPLAY_SESSIONS,
-                 codec: CodecSpec = None) -> None:
+                 codec: CodecSpec = None, compress: bool = False,
+                 compress_threshold: int = DEFAULT_COMPRESS_THRESHOLD_BYTES) -> None:
         self.path = socket_path(path)
         #: Names this run of the server in its hellos: a retry that reaches another run
         #: cannot be answered from this one's replay memory.
@@ -245,6 +252,10 @@ class Server:
         self.handler = handler
         self.on_event = on_event
         self.codec = codec_from(codec)
+        self.compress = compress
+        self.compress_threshold = compress_threshold
+        if compress:
+            Endpoint(features=FEATURE_COMPRESSION)   # fails now, not per connection
         self._call = handler if self.codec is None else self._coded_call
         self.on_connect = on_connect
         self.on_disconnect = on_disconnect
@@ -291,12 +302,14 @@ class Server:
         """
         if self.codec is not None:
             payload = join(self.codec.encode(payload, "event"))
+        event_id = self._next_event_id()
         frames = frames_for(_impl.core.encode_frame, _impl.core.encode_header,
-                            MessageType.EVENT, payload, self._next_event_id())
+                            MessageType.EVENT, payload, event_id)
         sent = 0
         for connection in self.connections:
             try:
-                connection._send(frames)
+                connection._send(connection._endpoint.inline(MessageType.EVENT, payload, event_id)
+                                 if connection._endpoint.compressing else frames)
                 sent += 1
             except ConnectionClosed:
                 pass
@@ -463,7 +476,7 @@ class Server:
                 try:
                     # Plain Requests are answered inside the core; the rest comes back here.
                     # A session's requests all go through _handle and its replay window.
-                    if connection.window is None:
+                    if connection.window is None and not endpoint.compressing:
                         rest = channel.serve(handler, on_error, connection._shm_reply)
                     else:
                         rest = channel.receive()
@@ -561,8 +574,7 @@ class Server:
                         result = b"" if result is None else result
                         writes = connection._shm_reply(request_id, result)
                         if writes is None:
-                            out += frames_for(_impl.core.encode_frame, _impl.core.encode_header,
-                                              MessageType.RESPONSE, result, request_id)
+                            out += endpoint.inline(MessageType.RESPONSE, result, request_id)
                         else:
                             if not _is_echo(endpoint, result):
                                 # The reply was copied out: drop the request's lent payload now,
