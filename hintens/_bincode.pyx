@@ -312,7 +312,11 @@ cdef object _decode(Program program, data, Py_ssize_t pos, bint varint):
         src.p = <const unsigned char *>PyBytes_AS_STRING(data)
         src.n = PyBytes_GET_SIZE(data)
     else:
-        PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+        try:
+            PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+        except (TypeError, BufferError):
+            raise DecodeError(f"decode wants a bytes-like object, not "
+                              f"{type(data).__name__}") from None
         exported = True
         src.p = <const unsigned char *>view.buf
         src.n = view.len

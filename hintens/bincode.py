@@ -172,7 +172,11 @@ def decode(data: Any, T: Any, *, varint: bool = False) -> Any:
     else:
         return direct.decode(data, varint)
     plan = _plan(T, varint)
-    buf = data if type(data) is bytes else memoryview(data).cast("B")
+    try:
+        buf = data if type(data) is bytes else memoryview(data).cast("B")
+    except TypeError:
+        raise DecodeError(f"decode wants a bytes-like object, not {type(data).__name__}") \
+            from None
     try:
         value, end = plan.decode(buf, 0)
     except struct.error as error:   # a fixed-width read past the end

@@ -390,3 +390,10 @@ def test_ndarray_is_a_vec_that_decodes_to_numpy(varint):
         b.decode((1 << 40).to_bytes(8, "little"), T)
     with pytest.raises(TypeError):
         b.ndarray(str)
+
+
+@pytest.mark.parametrize("data", ["text", 12, None])
+def test_decoding_something_that_is_not_bytes(data):
+    for T in (Record, b.u32, list[str]):
+        with pytest.raises(b.DecodeError, match="bytes-like"):
+            b.decode(data, T)
