@@ -19,7 +19,7 @@ from cpython.unicode cimport PyUnicode_DecodeUTF8
 from libc.stdint cimport int64_t, uint64_t, uint8_t
 from libc.stdlib cimport free, realloc
 from libc.string cimport memcpy
-from libc.math cimport isfinite
+from libc.math cimport isinf
 
 from .bincode import DecodeError, EncodeError
 
@@ -434,17 +434,21 @@ cdef int _put_sint(_Out *out, object value, int size, bint varint) except -1:
 
 
 cdef int _put_float(_Out *out, object value, int size) except -1:
+    # As struct packs 'f' and 'd': anything with __float__ or __index__; a double that only
+    # overflows to infinity as a float is out of range (rounding to FLT_MAX is fine).
     cdef double d
     cdef float f
-    if PyBool_Check(value) or not isinstance(value, (float, int)):
-        if not hasattr(value, "__float__"):
-            raise EncodeError(f"f{8 * size} wants a float, not {type(value).__name__}")
-    d = PyFloat_AsDouble(value)
+    try:
+        d = PyFloat_AsDouble(value)
+    except TypeError:
+        raise EncodeError(f"f{8 * size} wants a float, not {type(value).__name__}") from None
+    except OverflowError:
+        raise EncodeError(f"{value} is out of range for f{8 * size}") from None
     _room(out, size)
     if size == 4:
-        if isfinite(d) and (d > 3.4028234663852886e38 or d < -3.4028234663852886e38):
-            raise EncodeError(f"{value} is out of range for f32")
         f = <float>d
+        if isinf(f) and not isinf(d):
+            raise EncodeError(f"{value} is out of range for f32")
         memcpy(out.p + out.len, &f, 4)
     else:
         memcpy(out.p + out.len, &d, 8)
@@ -454,16 +458,19 @@ cdef int _put_float(_Out *out, object value, int size) except -1:
 
 cdef int _put_vec(_Out *out, object value, int kind, int size, bint varint) except -1:
     cdef Py_ssize_t count, i
+    cdef tuple items
     if not isinstance(value, (list, tuple)):
         try:
             with memoryview(value) as view:
                 value = view.tolist()
         except TypeError:
             raise EncodeError(f"a Vec wants a list, not {type(value).__name__}") from None
-    count = len(value)
+    # A snapshot: an element's __index__ or another thread cannot change what we walk.
+    items = value if type(value) is tuple else tuple(value)
+    count = len(items)
     _put_length(out, <uint64_t>count, varint)
     for i in range(count):
-        item = value[i]
+        item = items[i]
         if kind == K_VEC_UINT:
             _put_uint(out, item, size, varint)
         elif kind == K_VEC_SINT:
@@ -502,7 +509,10 @@ cdef int _put_struct(_Out *out, Program program, object value, bint varint) exce
         elif kind == K_STR:
             if type(field) is not str:
                 raise EncodeError(f"String wants a str, not {type(field).__name__}")
-            text = PyUnicode_AsUTF8AndSize(field, &length)
+            try:
+                text = PyUnicode_AsUTF8AndSize(field, &length)
+            except UnicodeEncodeError as error:
+                raise EncodeError(f"a str that is not valid Unicode: {error}") from None
             _put_length(out, <uint64_t>length, varint)
             _room(out, length)
             memcpy(out.p + out.len, text, <size_t>length)

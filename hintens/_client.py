@@ -34,7 +34,7 @@ from ._errors import (
     decode_error_payload,
     remote_error,
 )
-from ._codecs import CodecSpec, codec_from, size_of
+from ._codecs import CodecSpec, codec_from, join, size_of
 from ._flusher import FLUSHER
 from ._protocol import (
     DEFAULT_COMPRESS_THRESHOLD_BYTES,
@@ -481,7 +481,9 @@ class Client:
     def _coded_request_many(self, values: Iterable[Any], timeout: float | None = None, *,
                             return_exceptions: bool = False) -> list[Any]:
         assert self.codec is not None
-        payloads = [self._outgoing(self.codec.encode(v, "request")) for v in values]
+        # Parts are joined here, not allocated in shared memory one payload at a time: an
+        # allocation failing halfway would leave the earlier ones lent and never sent.
+        payloads = [join(self.codec.encode(v, "request")) for v in values]
         replies = Client.request_many(self, payloads, timeout,
                                       return_exceptions=return_exceptions)
         decode = self.codec.decode

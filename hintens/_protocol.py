@@ -270,7 +270,14 @@ class Endpoint:
                 return DecompressedTooLargeError(
                     f"a compressed payload of {size} bytes is over the limit of "
                     f"{self.decoder.max_payload}", frame.request_id, msg_type=frame.type)
-            data = self._zstd_decompress.decompress(frame.payload, max_output_size=size)
+            if size:
+                data = self._zstd_decompress.decompress(frame.payload, max_output_size=size,
+                                                        allow_extra_data=False)
+            else:   # decompress() returns early for an empty frame: check "exactly one" here
+                reader = self._zstd_decompress.decompressobj()
+                data = reader.decompress(frame.payload)
+                if data or not reader.eof or reader.unused_data:
+                    raise zstandard.ZstdError("not exactly one empty zstd frame")
         except zstandard.ZstdError as error:
             return UnsupportedFlagsError(f"a COMPRESSED payload is not one zstd frame: {error}",
                                          frame.request_id, msg_type=frame.type)

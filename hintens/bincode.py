@@ -140,17 +140,32 @@ def encode(value: Any, T: Any, *, varint: bool = False) -> bytes:
         TypeError: ``T`` is not a type bincode can describe.
     """
     try:
-        return _direct[T, varint].encode(value, varint)   # type: ignore[no-any-return]
-    except (KeyError, TypeError):   # not a compiled struct (or unhashable: said below)
-        pass
-    plan = _plan(T, varint)
-    if plan.to_bytes is not None:
-        data = plan.to_bytes(value)
-        if data is not None:
-            return data
-    out = bytearray()
-    plan.encode(value, out)
-    return bytes(out)
+        direct = _direct.get((T, varint))
+    except TypeError:   # unhashable: said by _plan below
+        direct = None
+    plan = _plan(T, varint) if direct is None else None   # TypeError: T is what is wrong
+    try:
+        if direct is not None:
+            return direct.encode(value, varint)   # type: ignore[no-any-return]
+        assert plan is not None
+        if plan.to_bytes is not None:
+            data = plan.to_bytes(value)
+            if data is not None:
+                return data
+        out = bytearray()
+        plan.encode(value, out)
+        return bytes(out)
+    except Error:
+        raise
+    except _ODD_VALUES as error:
+        raise EncodeError(f"{_name(T)}: {type(error).__name__}: {error}") from error
+    except RecursionError:
+        raise EncodeError(f"{_name(T)}: nested too deeply") from None
+
+
+#: What a value that does not fit may raise from deep inside (a lone surrogate in a str, a
+#: 0-d or big-endian array, a non-contiguous buffer, ...): reported as EncodeError.
+_ODD_VALUES = (TypeError, ValueError, BufferError, NotImplementedError, OverflowError)
 
 
 def encode_into(value: Any, T: Any, out: bytearray, *, varint: bool = False) -> None:
@@ -166,10 +181,10 @@ def decode(data: Any, T: Any, *, varint: bool = False) -> Any:
         TypeError: ``T`` is not a type bincode can describe.
     """
     try:
-        direct = _direct[T, varint]
-    except (KeyError, TypeError):
-        pass
-    else:
+        direct = _direct.get((T, varint))
+    except TypeError:
+        direct = None
+    if direct is not None:
         return direct.decode(data, varint)
     plan = _plan(T, varint)
     try:
@@ -177,10 +192,13 @@ def decode(data: Any, T: Any, *, varint: bool = False) -> Any:
     except TypeError:
         raise DecodeError(f"decode wants a bytes-like object, not {type(data).__name__}") \
             from None
+    _zero_budget.left = ZERO_SIZE_BUDGET + len(buf)
     try:
         value, end = plan.decode(buf, 0)
     except struct.error as error:   # a fixed-width read past the end
         raise DecodeError(f"truncated input: {error}") from None
+    except RecursionError:
+        raise DecodeError(f"{_name(T)}: nested too deeply") from None
     if end != len(buf):
         raise DecodeError(f"{len(buf) - end} trailing bytes after the {_name(T)}")
     return value
@@ -215,10 +233,30 @@ def _plan(T: Any, varint: bool) -> _Plan:
         pass
     except TypeError:   # an unhashable annotation
         raise TypeError(f"{T!r} is not a type bincode can describe") from None
+    global _depth
     with _cache_lock:
         if key in _cache:
             return _cache[key]
-        return _compile(T, varint)
+        if key in _pending:   # being compiled by this thread (a recursive type)
+            return _pending[key]
+        _depth += 1
+        done = False
+        try:
+            plan = _compile(T, varint)
+            done = True
+        finally:
+            _depth -= 1
+            if _depth == 0:
+                # Plans become visible to other threads only once every one they refer to
+                # is complete (a recursive type's forward plan is not until then).
+                if done:
+                    _cache.update(_pending)
+                _pending.clear()
+        return plan
+
+
+_pending: dict[tuple[Any, bool], _Plan] = {}
+_depth = 0
 
 
 def _name(T: Any) -> str:
@@ -235,17 +273,13 @@ def _compile(T: Any, varint: bool) -> _Plan:
     if dataclasses.is_dataclass(T) and isinstance(T, type):
         # Recursive types: a forward plan stands in while the fields are compiled.
         forward = _Plan(lambda v, o: plan.encode(v, o), lambda b, p: plan.decode(b, p), 0)
-        _cache[key] = forward
-        try:
-            plan = _struct_plan(T, varint)
-        except BaseException:
-            del _cache[key]
-            raise
+        _pending[key] = forward
+        plan = _struct_plan(T, varint)
         forward.least = plan.least
-        _cache[key] = plan
+        _pending[key] = plan
         return plan
     plan = _compile_other(T, varint)
-    _cache[key] = plan
+    _pending[key] = plan
     return plan
 
 
@@ -466,7 +500,10 @@ def _str_plan(varint: bool) -> _Plan:
     def enc(value: Any, out: bytearray) -> None:
         if type(value) is not str:
             raise EncodeError(f"String wants a str, not {type(value).__name__}")
-        data = value.encode("utf-8")
+        try:
+            data = value.encode("utf-8")
+        except UnicodeEncodeError as error:
+            raise EncodeError(f"a str that is not valid Unicode: {error}") from None
         write_len(len(data), out)
         out += data
 
@@ -538,6 +575,8 @@ def _list_plan(item: Any, varint: bool) -> _Plan:
                         out += view   # one copy
                         return
                     value = view.tolist()
+            if type(value) is not tuple:
+                value = tuple(value)   # a snapshot: conversions cannot change its length
             write_len(len(value), out)
             if spec.integer:
                 for n in value:   # range checks (struct's messages are poor)
@@ -590,6 +629,8 @@ def _list_plan(item: Any, varint: bool) -> _Plan:
                     value = view.tolist()
             except TypeError:
                 raise EncodeError(f"Vec wants a list, not {type(value).__name__}") from None
+        if type(value) is not tuple:
+            value = tuple(value)   # a snapshot: element encoders cannot change its length
         write_len(len(value), out)
         for element in value:
             item_enc(element, out)
@@ -633,9 +674,21 @@ def _ndarray_plan(item: Any, varint: bool) -> _Plan:
 
 def _check_count(n: int, least: int, remaining: int) -> None:
     """Refuse a count the input cannot hold, before anything is allocated. Elements that
-    take no bytes (units, empty structs) are capped at the input's length."""
-    if n > (remaining // least if least else remaining):
-        raise DecodeError(f"a length of {n} elements, but only {remaining} bytes remain")
+    take no bytes (units, empty structs) draw on one budget for the whole decode."""
+    if least:
+        if n > remaining // least:
+            raise DecodeError(f"a length of {n} elements, but only {remaining} bytes remain")
+        return
+    left = getattr(_zero_budget, "left", ZERO_SIZE_BUDGET)
+    if n > left:
+        raise DecodeError(f"{n} elements that take no bytes: more than the {left} that may "
+                          f"remain to be made for this input")
+    _zero_budget.left = left - n
+
+
+#: How many elements that take no bytes one decode may make (plus one per input byte).
+ZERO_SIZE_BUDGET = 1 << 20
+_zero_budget = threading.local()
 
 
 def _number_spec(T: Any) -> _Number | None:
@@ -647,6 +700,10 @@ def _number_spec(T: Any) -> _Number | None:
 
 
 def _dict_plan(key_type: Any, value_type: Any, varint: bool) -> _Plan:
+    if typing.get_origin(key_type) in (list, dict) or (
+            typing.get_origin(key_type) is typing.Annotated
+            and isinstance(typing.get_args(key_type)[1], _Array)):
+        raise TypeError(f"map keys of type {key_type!r} cannot be dict keys in Python")
     write_len, read_len = _length_codec(varint)
     key_plan, value_plan = _plan(key_type, varint), _plan(value_type, varint)
     key_enc, key_dec = key_plan.encode, key_plan.decode
@@ -734,16 +791,23 @@ def _sequence_plan(plans: list[_Plan], what: str) -> tuple[Callable[[Any, bytear
             else:
                 packer, n, _, encoders, strict = step
                 chunk = values[index:index + n]
-                try:
-                    out += packer.pack(*chunk)
-                except (struct.error, OverflowError, TypeError):
-                    for encoder, value in zip(encoders, chunk):   # say which, and why
-                        encoder(value, bytearray())
-                    raise EncodeError(f"{what}: a value does not fit its type") from None
-                for encoder, value, must in zip(encoders, chunk, strict):
-                    if must or (type(value) is not int and type(value) is not float):
-                        encoder(value, bytearray())   # raises if it does not fit
                 index += n
+                # Plain ints and floats go in one struct call (their range errors surface
+                # below). Anything else (a bool's place, a numpy scalar, an object with
+                # __index__) goes field by field, so its conversion runs exactly once.
+                plain = True
+                for value, must in zip(chunk, strict):
+                    if must or (type(value) is not int and type(value) is not float):
+                        plain = False
+                        break
+                if plain:
+                    try:
+                        out += packer.pack(*chunk)
+                        continue
+                    except (struct.error, OverflowError):
+                        pass   # out of range: the field's encoder says which, and why
+                for encoder, value in zip(encoders, chunk):
+                    encoder(value, out)
 
     def dec(buf: Any, pos: int) -> tuple[list[Any], int]:
         values: list[Any] = []
@@ -855,9 +919,11 @@ def _program(cls: type, fields: list[Any], hints: dict[str, Any],
             ops.append((_STRUCT, 0, inner))
         else:
             return None
+    if any(getattr(f, "kw_only", False) or not f.init for f in fields) \
+            or not cls.__dataclass_params__.init:   # type: ignore[attr-defined]
+        return None   # no positional __init__ of the fields: the Python plan builds these
     plain = not (hasattr(cls, "__post_init__") or hasattr(cls, "__slots__")
-                 or cls.__new__ is not object.__new__
-                 or any(getattr(f, "kw_only", False) or not f.init for f in fields))
+                 or cls.__new__ is not object.__new__)
     return (cls, tuple(f.name for f in fields), tuple(ops), 0 if plain else 1)
 
 

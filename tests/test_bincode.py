@@ -397,3 +397,141 @@ def test_decoding_something_that_is_not_bytes(data):
     for T in (Record, b.u32, list[str]):
         with pytest.raises(b.DecodeError, match="bytes-like"):
             b.decode(data, T)
+
+
+# Found in review -------------------------------------------------------------------------------
+
+@dataclass
+class KeywordOnly:
+    a: b.u8
+    b_: b.u16 = field(kw_only=True, default=0)
+    c: str = field(init=False, default="x")
+
+
+@dataclass(init=False)
+class OwnInit:
+    a: b.u8
+
+    def __init__(self, a):
+        self.a = a
+        self.seen = True
+
+
+def test_dataclasses_without_a_positional_init():
+    value = KeywordOnly(1, b_=2)
+    value.c = "set"
+    assert b.decode(b.encode(value, KeywordOnly), KeywordOnly) == value
+    back = b.decode(b.encode(OwnInit(5), OwnInit), OwnInit)
+    assert back.a == 5 and back.seen   # its own __init__ ran
+
+
+def test_a_vec_that_shrinks_while_it_is_encoded():
+    items = []
+
+    class Shrinking:
+        def __index__(self):
+            items.clear()   # an element's conversion empties the list
+            return 1
+
+    items.extend([Shrinking()] + [1] * 1000)
+    data = b.encode(Meters(1), Meters)   # warm the caches
+    data = b.encode(items, list[b.u32])
+    assert data[:8] == (1001).to_bytes(8, "little") and len(data) == 8 + 4 * 1001
+
+
+def test_many_threads_meet_a_new_type_at_once():
+    import dataclasses
+    import sys
+    import threading
+    import typing
+
+    errors = []
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        for _ in range(20):
+            widths = [b.u8, b.u16, b.u32, b.u64]
+            big = dataclasses.make_dataclass(
+                "Big", [(f"f{i}", typing.Optional[list[widths[i % 4]]]) for i in range(30)])
+            value = big(*([None] * 30))
+            barrier = threading.Barrier(6)
+
+            def use():
+                barrier.wait()
+                try:
+                    assert b.decode(b.encode(value, big), big) == value
+                except Exception as error:   # collected: the test fails on any
+                    errors.append(error)
+
+            threads = [threading.Thread(target=use) for _ in range(6)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+    finally:
+        sys.setswitchinterval(before)
+    assert not errors, errors[:3]
+
+
+def test_elements_that_take_no_bytes_round_trip_but_cannot_amplify():
+    assert b.decode(b.encode([Unit(), Unit()], list[Unit]), list[Unit]) == [Unit(), Unit()]
+    assert b.decode(b.encode([None] * 5, list[type(None)]), list[type(None)]) == [None] * 5
+    inner = (1 << 20).to_bytes(8, "little")
+    hostile = (3000).to_bytes(8, "little") + inner * 3000   # 3000 lists of a million units
+    with pytest.raises(b.DecodeError, match="take no bytes"):
+        b.decode(hostile, list[list[type(None)]])
+
+
+def test_deep_nesting_is_a_clear_error():
+    data = b"\x01" + b"\x01\x00\x00\x00\x01" * 5000 + b"\x00"
+    with pytest.raises(b.DecodeError):
+        b.decode(data, Optional[Node])
+    chain = None
+    for n in range(5000):
+        chain = Node(n, chain)
+    with pytest.raises(b.EncodeError, match="deeply"):
+        b.encode(chain, Node)
+
+
+def test_floats_like_struct_packs_them():
+    assert b.encode(3.4028235e38, b.f32) == b.encode(3.4028234663852886e38, b.f32)   # f32::MAX
+    assert b.encode(Flat(0, 0, 0, 0, 3.4028235e38, False, b"", [], [], [], Meters(0)), Flat)
+    for big in (1e39, 10 ** 400):
+        with pytest.raises(b.EncodeError):
+            b.encode(big, b.f32)
+    with pytest.raises(b.EncodeError):
+        b.encode(10 ** 400, b.f64)
+
+    class Index:
+        def __index__(self):
+            return 2
+
+    assert b.encode(Index(), b.f64) == b.encode(2.0, b.f64)
+
+
+def test_an_encode_error_runs_user_code_once():
+    calls = []
+
+    class Counted:
+        def __index__(self):
+            calls.append(1)
+            return 1 << 40
+
+    with pytest.raises(b.EncodeError):
+        b.encode(Meters(Counted()), Meters)
+    assert len(calls) == 1
+
+
+def test_odd_values_are_encode_errors():
+    np = pytest.importorskip("numpy")
+    with pytest.raises(b.EncodeError):
+        b.encode("\ud800", str)
+    with pytest.raises(b.EncodeError):
+        b.encode(Write("\ud800"), Message)
+    with pytest.raises(b.EncodeError):
+        b.encode(np.float64(1.0).reshape(()) if hasattr(np.float64(1.0), "reshape")
+                 else np.array(1.0), list[b.f64])
+    with pytest.raises(b.EncodeError):
+        b.encode(np.arange(3, dtype=">f8"), list[b.f64])
+    with pytest.raises(TypeError):
+        b.encode({}, dict[list[b.u8], b.u8])

@@ -122,9 +122,21 @@ def test_a_bomb_is_refused_before_it_is_inflated(sock_path):
         peer.close()
 
 
-@pytest.mark.parametrize("payload", [b"not zstd at all", None])
+def _two_frames():
+    return zstandard.ZstdCompressor().compress(TEXT) + zstandard.ZstdCompressor().compress(b"x")
+
+
+def _empty_frame_then_garbage():
+    return zstandard.ZstdCompressor().compress(b"") + b"garbage"
+
+
+@pytest.mark.parametrize("payload", [b"not zstd at all", None, "two frames", "empty+garbage"])
 def test_undecodable_compressed_payloads(sock_path, payload):
-    if payload is None:   # a zstd frame that does not declare its size (streamed)
+    if payload == "two frames":        # not exactly one frame: nothing may be dropped
+        payload = _two_frames()
+    elif payload == "empty+garbage":
+        payload = _empty_frame_then_garbage()
+    elif payload is None:   # a zstd frame that does not declare its size (streamed)
         writer = zstandard.ZstdCompressor(write_content_size=False).compressobj()
         payload = writer.compress(TEXT) + writer.flush()
         assert zstandard.frame_content_size(payload) == -1
