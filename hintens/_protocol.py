@@ -260,8 +260,13 @@ class Endpoint:
         """A COMPRESSED frame with its payload decompressed (and the flag cleared), or the
         error that answers it. The declared size is checked before anything is inflated."""
         if frame.flags & Flags.SHM:
-            return UnsupportedFlagsError("COMPRESSED applies to inline frames only, not to SHM",
-                                         frame.request_id, msg_type=frame.type)
+            refused = UnsupportedFlagsError("COMPRESSED applies to inline frames only, not to "
+                                            "SHM", frame.request_id, msg_type=frame.type)
+            if self._allowed_flags & Flags.SHM:
+                # Take the segment in as any SHM frame would, then let its payload go at
+                # once: the sender gets its HREL and does not wait for it.
+                self._lend(frame)
+            return refused
         try:
             size = zstandard.frame_content_size(frame.payload)
             if size < 0:

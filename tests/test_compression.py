@@ -4,6 +4,8 @@ peers, end to end between Client and Server, and the receiver's limits."""
 from __future__ import annotations
 
 import os
+import socket
+import struct
 import threading
 import time
 
@@ -161,3 +163,33 @@ def test_compress_without_zstandard_is_a_clear_error(sock_path, monkeypatch):
     monkeypatch.setattr(_protocol, "zstandard", None)
     with pytest.raises(ValueError, match="zstandard"):
         hintens.Server(sock_path, compress=True)
+
+
+def test_compressed_and_shm_together_is_refused_and_the_segment_given_back(sock_path):
+    import fcntl
+
+    from hintens import _shm
+    from hintens._protocol import FEATURE_SHM
+
+    from .test_shm_transfer import MIB, memfd
+
+    with hintens.Server(sock_path, compress=True).start():
+        peer = RawPeer(sock_path)
+        peer.send(hello_frame(FEATURE_SHM | FEATURE_COMPRESSION))
+        fd = memfd(MIB, fcntl.F_SEAL_SHRINK, b"echo:x")
+        frame = raw_frame(_shm.encode_descriptor(5, MIB, 0, 6, True), flags=3, request_id=11)
+        peer.sock.sendmsg([frame], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                     struct.pack("i", fd))])
+        os.close(fd)
+        released = refused = None
+        while released is None or refused is None:
+            got = peer.next_frame(skip_hello=False)
+            if got.type == 3 and got.request_id == 0:
+                control = _shm.decode_control(got.payload)
+                if control is not None and control[0] == _shm.RELEASE_MAGIC:
+                    released = control[1]
+            elif got.type == 4:
+                refused = hintens.decode_error_payload(got.payload)[0], got.request_id
+        assert released == [5]
+        assert refused == (hintens.ErrorCode.UNSUPPORTED_FLAGS, 11)
+        peer.close()
