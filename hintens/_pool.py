@@ -132,7 +132,11 @@ class ClientPool:
         #: The pool's session: request ids are drawn from it by every connection.
         self.session = Session()
         self._client_options = client_options
-        self._cond = threading.Condition(threading.Lock())
+        # The fast paths take the plain lock (C); only waiting and waking go through the
+        # Condition (Python code), and a release notifies only when somebody waits.
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._waiting = 0
         self._idle: list[tuple[Client, float]] = []   # (client, idle since), newest last
         self._open = 0        # connections open or being opened
         self._busy = 0        # connections lent out
@@ -236,8 +240,13 @@ class ClientPool:
         deadline = monotonic() + timeout
         with self._cond:
             self._closed = True
-            while self._busy and monotonic() < deadline:
-                self._cond.wait(deadline - monotonic())
+            self._cond.notify_all()   # callers waiting for a connection: the pool is closed
+            self._waiting += 1
+            try:
+                while self._busy and monotonic() < deadline:
+                    self._cond.wait(deadline - monotonic())
+            finally:
+                self._waiting -= 1
             idle, self._idle = self._idle, []
             self._open -= len(idle)
             busy = self._busy
@@ -266,14 +275,15 @@ class ClientPool:
         deadline = monotonic() + (self.acquire_timeout if timeout is None else timeout)
         stale: list[Client] = []
         try:
-            with self._cond:
+            with self._lock:
                 while True:
                     if self._closed:
                         raise ConnectionClosed(f"the pool to {self.path} is closed")
                     while self._idle:
                         client, since = self._idle.pop()
                         idle = monotonic() - since
-                        if client.closed or (self.idle_timeout is not None
+                        if client._closed_reason is not None or client._channel.broken \
+                                or (self.idle_timeout is not None
                                              and idle > self.idle_timeout) \
                                 or (idle > _HANGUP_CHECK_S and client._hung_up()):
                             self._open -= 1
@@ -288,7 +298,11 @@ class ClientPool:
                     remaining = deadline - monotonic()
                     if remaining <= 0:
                         raise Timeout(f"all {self.size} connections to {self.path} stayed busy")
-                    self._cond.wait(remaining)
+                    self._waiting += 1
+                    try:
+                        self._cond.wait(remaining)
+                    finally:
+                        self._waiting -= 1
         finally:
             for client in stale:   # outside the lock: close may flush
                 client.close()
@@ -298,14 +312,15 @@ class ClientPool:
                             session=self.session if self.exactly_once else None,
                             **self._client_options)
         except BaseException:
-            with self._cond:
+            with self._lock:
                 self._open -= 1
                 self._busy -= 1
-                self._cond.notify()
+                if self._waiting:
+                    self._cond.notify()
             raise
         if not self.exactly_once:
             client._ids = self.session.ids   # ids unique across the pool all the same
-        with self._cond:
+        with self._lock:
             self._lent.add(client)
         return client
 
@@ -314,16 +329,17 @@ class ClientPool:
         self._lent.add(client)
 
     def _release(self, client: Client) -> None:
-        with self._cond:
+        with self._lock:
             self._busy -= 1
             self._lent.discard(client)
-            if client.closed or self._closed:
+            if client._closed_reason is not None or client._channel.broken or self._closed:
                 self._open -= 1
                 close = True
             else:
                 self._idle.append((client, monotonic()))
                 close = False
-            self._cond.notify()
+            if self._waiting:
+                self._cond.notify()
         if close:
             client.close()
 
