@@ -137,6 +137,9 @@ class ClientPool:
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._waiting = 0
+        # An idle connection younger than this is lent without a look (hang-up, idle time).
+        self._fresh_s = min(_HANGUP_CHECK_S, _HANGUP_CHECK_S if idle_timeout is None
+                            else idle_timeout)
         self._idle: list[tuple[Client, float]] = []   # (client, idle since), newest last
         self._open = 0        # connections open or being opened
         self._busy = 0        # connections lent out
@@ -166,8 +169,18 @@ class ClientPool:
                 safely, or the pool is closed.
             ConnectError: no server, after the retries.
         """
+        client = self._take_idle()
+        if client is not None:   # the common case: one attempt on an idle connection
+            try:
+                return client.request(payload, timeout)
+            except self.retry.retry_on as error:
+                first = (error, client)
+            finally:
+                self._release(client)
+        else:
+            first = None
         return self._call(lambda client, request_id: client.request(
-            payload, timeout, _request_id=request_id), idempotent)
+            payload, timeout, _request_id=request_id), idempotent, first=first)
 
     def request_many(self, payloads: Iterable[Any], timeout: float | None = None, *,
                      idempotent: bool = False, return_exceptions: bool = False) -> list[Any]:
@@ -343,13 +356,34 @@ class ClientPool:
         if close:
             client.close()
 
-    def _call(self, attempt: Any, idempotent: bool, same_ids: bool = True) -> Any:
-        """Run ``attempt(client, request_id)`` with retries per the policy."""
+    def _take_idle(self) -> Client | None:
+        """The fast path: the newest idle connection, if it needs no check; else None."""
+        with self._lock:
+            if self._closed or not self._idle:
+                return None
+            client, since = self._idle[-1]
+            if client._closed_reason is not None or client._channel.broken \
+                    or monotonic() - since > self._fresh_s:
+                return None   # _acquire looks closer
+            self._idle.pop()
+            self._busy += 1
+            self._lent.add(client)
+            return client
+
+    def _call(self, attempt: Any, idempotent: bool, same_ids: bool = True,
+              first: tuple[BaseException, Client] | None = None) -> Any:
+        """Run ``attempt(client, request_id)`` with retries per the policy. ``first`` is the
+        failure of a first attempt made on the fast path."""
         policy = self.retry
         request_id: int | None = None   # set when a retry must reach the same server
         instance: bytes | None = None   # that server's instance id
         last: BaseException | None = None
         tries = 0
+        if first is not None:
+            tries = 1
+            last, failed = first
+            instance, request_id = self._retry_plan(last, failed, idempotent, same_ids, 1)
+            time.sleep(policy.delay(1))
         while True:
             tries += 1
             client = None
@@ -361,18 +395,10 @@ class ClientPool:
                 else:
                     return attempt(client, request_id)
             except policy.retry_on as error:
-                if tries >= policy.max_attempts or not self._may_retry(error, idempotent):
-                    raise
-                if isinstance(error, ConnectionClosed) and error.request_sent \
-                        and not idempotent:
-                    # Exactly-once: the server may have run it. Only its replay window may
-                    # answer a retry, so the retry carries the same id to the same server.
-                    instance = _instance(client) if client is not None else None
-                    request_id = error.request_id if same_ids else None
-                    if instance is None or request_id is None:
-                        raise
+                planned = self._retry_plan(error, client, idempotent, same_ids, tries)
+                if planned != (None, None):
+                    instance, request_id = planned
                 last = error
-                log.info("retrying a request to %s after: %s", self.path, error)
             finally:
                 if client is not None:
                     self._release(client)
@@ -383,6 +409,24 @@ class ClientPool:
                 gone.request_sent, gone.request_id = True, request_id
                 raise gone from last
             time.sleep(policy.delay(tries))
+
+    def _retry_plan(self, error: BaseException, client: Client | None, idempotent: bool,
+                    same_ids: bool, tries: int) -> tuple[bytes | None, int | None]:
+        """Raise ``error`` unless it may be retried; else what the retry must reach: the
+        server instance and request id (exactly-once), or (None, None)."""
+        if tries >= self.retry.max_attempts or not self._may_retry(error, idempotent):
+            raise error
+        planned: tuple[bytes | None, int | None] = (None, None)
+        if isinstance(error, ConnectionClosed) and error.request_sent and not idempotent:
+            # Exactly-once: the server may have run it. Only its replay window may answer a
+            # retry, so the retry carries the same id to the same server.
+            instance = _instance(client) if client is not None else None
+            request_id = error.request_id if same_ids else None
+            if instance is None or request_id is None:
+                raise error
+            planned = (instance, request_id)
+        log.info("retrying a request to %s after: %s", self.path, error)
+        return planned
 
     def _may_retry(self, error: BaseException, idempotent: bool) -> bool:
         if isinstance(error, ConnectError):
