@@ -34,7 +34,7 @@ from ._errors import (
     decode_error_payload,
     remote_error,
 )
-from ._codecs import CodecSpec, codec_from, join, size_of
+from ._codecs import CodecSpec, codec_from, fill, join, size_of
 from ._flusher import FLUSHER
 from ._protocol import (
     DEFAULT_COMPRESS_THRESHOLD_BYTES,
@@ -502,15 +502,9 @@ class Client:
         endpoint = self._endpoint
         if total >= endpoint.shm_threshold and endpoint.pool is not None:
             try:
-                buffer = self.allocate(total)
+                return fill(payload, self.allocate(total))
             except ShmError:   # the server did not negotiate it
-                return b"".join(payload)
-            offset = 0
-            for part in payload:
-                with memoryview(part) as view:
-                    buffer[offset:offset + view.nbytes] = view.cast("B")
-                    offset += view.nbytes
-            return buffer
+                pass
         return b"".join(payload)
 
     def _mark_sent(self, error: BaseException, end: int, request_id: int,

@@ -195,3 +195,13 @@ def size_of(payload: Payload) -> int:
     if isinstance(payload, list):
         return sum(memoryview(part).nbytes for part in payload)
     return memoryview(payload).nbytes if type(payload) is not bytes else len(payload)
+
+
+def fill(parts: list[Any], buffer: memoryview) -> memoryview:
+    """Copy a codec's parts, back to back, into ``buffer`` (from ``allocate()``); return it."""
+    offset = 0
+    for part in parts:
+        with memoryview(part) as view:
+            buffer[offset:offset + view.nbytes] = view.cast("B")
+            offset += view.nbytes
+    return buffer

@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterable
 
 from . import _impl
 from ._client import RECEIVE_BUFFER_BYTES, frames_for
-from ._codecs import CodecSpec, codec_from, join, size_of
+from ._codecs import CodecSpec, codec_from, fill, join, size_of
 from ._constants import DEFAULT_MAX_PAYLOAD_BYTES, ErrorCode, MessageType
 from ._errors import ConnectionClosed, ProtocolError, RemoteError
 from ._flusher import FLUSHER
@@ -646,13 +646,7 @@ class Server:
         total = size_of(out)
         connection = self.current_connection()
         if total >= self.shm_threshold and connection._endpoint.negotiated(FEATURE_SHM):
-            buffer = self.allocate(total)
-            offset = 0
-            for part in out:
-                with memoryview(part) as view:
-                    buffer[offset:offset + view.nbytes] = view.cast("B")
-                    offset += view.nbytes
-            return buffer
+            return fill(out, self.allocate(total))
         return b"".join(out)
 
     @staticmethod
