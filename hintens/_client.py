@@ -42,7 +42,6 @@ from ._protocol import (
     DEFAULT_SHM_THRESHOLD_BYTES,
     FEATURE_COMPRESSION,
     FEATURE_SHM,
-    SCATTER_THRESHOLD_BYTES,
     Endpoint,
     Hello,
     HelloKey,
@@ -88,15 +87,6 @@ class _Waiter:
     # A lock of its own, held while parked, released by the thread that wakes it. Waking one
     # thread at a time (its reply came, or it is to read next) avoids waking every waiter.
     wake: Any = None
-
-
-def frames_for(encode_frame: Callable[..., bytes], encode_header: Callable[..., bytes],
-               msg_type: int, payload: Any, request_id: int) -> list[Any]:
-    """The buffers that carry one frame: one copy for small payloads, none for large ones."""
-    size = len(payload) if type(payload) is bytes else memoryview(payload).nbytes
-    if size < SCATTER_THRESHOLD_BYTES:
-        return [encode_frame(msg_type, payload, request_id)]
-    return [encode_header(msg_type, payload, request_id), payload]
 
 
 class Client:

@@ -148,6 +148,15 @@ SILENT_PEER = Hello(minor=0, features=0, max_payload=DEFAULT_MAX_PAYLOAD_BYTES)
 Item = Union[Any, ProtocolError]   # a core Frame, or a violation
 
 
+def plain_frame(msg_type: int, payload: Any, request_id: int) -> list[Any]:
+    """The buffers that carry one uncompressed frame: one copy for small payloads (header and
+    payload together), none for large ones (the header, then the payload itself)."""
+    size = len(payload) if type(payload) is bytes else memoryview(payload).nbytes
+    if size < SCATTER_THRESHOLD_BYTES:
+        return [_impl.core.encode_frame(msg_type, payload, request_id)]
+    return [_impl.core.encode_header(msg_type, payload, request_id), payload]
+
+
 class Endpoint:
     """One side of a connection, without I/O.
 
@@ -296,16 +305,15 @@ class Endpoint:
 
     def inline(self, msg_type: int, payload: Any, request_id: int) -> list[Any]:
         """The buffers of an inline frame: compressed when negotiated, at least
-        ``compress_min`` bytes and smaller that way; else as ``frames_for`` sends it."""
-        size = len(payload) if type(payload) is bytes else memoryview(payload).nbytes
-        if size >= self.compress_min:
-            with self._zstd_lock:
-                packed = self._zstd_compress.compress(payload)
-            if len(packed) < size:
-                return [self._encode_frame(msg_type, packed, request_id, Flags.COMPRESSED)]
-        if size < SCATTER_THRESHOLD_BYTES:
-            return [self._encode_frame(msg_type, payload, request_id)]
-        return [_impl.core.encode_header(msg_type, payload, request_id), payload]
+        ``compress_min`` bytes and smaller that way; else as ``plain_frame`` sends it."""
+        if self.compress_min < _NEVER:
+            size = len(payload) if type(payload) is bytes else memoryview(payload).nbytes
+            if size >= self.compress_min:
+                with self._zstd_lock:
+                    packed = self._zstd_compress.compress(payload)
+                if len(packed) < size:
+                    return [self._encode_frame(msg_type, packed, request_id, Flags.COMPRESSED)]
+        return plain_frame(msg_type, payload, request_id)
 
     def _control(self, payload: Any) -> None:
         """An Event with request id 0: a hello, a release, a retire, or something to ignore."""

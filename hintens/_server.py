@@ -23,7 +23,7 @@ from time import monotonic
 from typing import Any, Callable, Iterable
 
 from . import _impl
-from ._client import RECEIVE_BUFFER_BYTES, frames_for
+from ._client import RECEIVE_BUFFER_BYTES
 from ._codecs import CodecSpec, codec_from, fill, join, size_of
 from ._constants import DEFAULT_MAX_PAYLOAD_BYTES, ErrorCode, MessageType
 from ._errors import ConnectionClosed, ProtocolError, RemoteError
@@ -37,6 +37,7 @@ from ._protocol import (
     Endpoint,
     Hello,
     HelloKey,
+    plain_frame,
 )
 from ._replay import (
     ANSWERED,
@@ -303,8 +304,7 @@ class Server:
         if self.codec is not None:
             payload = join(self.codec.encode(payload, "event"))
         event_id = self._next_event_id()
-        frames = frames_for(_impl.core.encode_frame, _impl.core.encode_header,
-                            MessageType.EVENT, payload, event_id)
+        frames = plain_frame(MessageType.EVENT, payload, event_id)
         sent = 0
         for connection in self.connections:
             try:
