@@ -431,45 +431,44 @@ def _number_plan(spec: _Number, varint: bool) -> _Plan:
     return _Plan(enc, dec, 1)
 
 
-def _length_codec(varint: bool) -> tuple[Callable[[int, bytearray], None],
+def _prefix_codec(packer: struct.Struct, what: str,
+                  varint: bool) -> tuple[Callable[[int, bytearray], None],
                                          Callable[[Any, int], tuple[int, int]]]:
-    """How lengths (u64) are written and read in this mode."""
+    """How a prefix (a u64 length, a u32 variant index) is written and read in this mode."""
+    size = packer.size
     if varint:
-        return _write_varint, _read_varint
-    pack, unpack = _U64.pack, _U64.unpack_from
+        if size == 8:
+            return _write_varint, _read_varint
+
+        def read_varint(buf: Any, pos: int) -> tuple[int, int]:
+            n, pos = _read_varint(buf, pos)
+            if n >> (8 * size):
+                raise DecodeError(f"{what} {n} is out of range for u{8 * size}")
+            return n, pos
+        return _write_varint, read_varint
+    pack, unpack = packer.pack, packer.unpack_from
 
     def write(n: int, out: bytearray) -> None:
         out += pack(n)
 
     def read(buf: Any, pos: int) -> tuple[int, int]:
-        if pos + 8 > len(buf):
-            raise DecodeError("truncated input: a length is missing")
-        return unpack(buf, pos)[0], pos + 8
+        if pos + size > len(buf):
+            raise DecodeError(f"truncated input: a {what} is missing")
+        return unpack(buf, pos)[0], pos + size
 
     return write, read
+
+
+def _length_codec(varint: bool) -> tuple[Callable[[int, bytearray], None],
+                                         Callable[[Any, int], tuple[int, int]]]:
+    """How lengths (u64) are written and read in this mode."""
+    return _prefix_codec(_U64, "length", varint)
 
 
 def _variant_codec(varint: bool) -> tuple[Callable[[int, bytearray], None],
                                           Callable[[Any, int], tuple[int, int]]]:
     """How enum variant indices (u32) are written and read in this mode."""
-    if varint:
-        def read_varint_index(buf: Any, pos: int) -> tuple[int, int]:
-            n, pos = _read_varint(buf, pos)
-            if n > 0xFFFFFFFF:
-                raise DecodeError(f"variant index {n} is out of range for u32")
-            return n, pos
-        return _write_varint, read_varint_index
-    pack, unpack = _U32.pack, _U32.unpack_from
-
-    def write(n: int, out: bytearray) -> None:
-        out += pack(n)
-
-    def read(buf: Any, pos: int) -> tuple[int, int]:
-        if pos + 4 > len(buf):
-            raise DecodeError("truncated input: a variant index is missing")
-        return unpack(buf, pos)[0], pos + 4
-
-    return write, read
+    return _prefix_codec(_U32, "variant index", varint)
 
 
 # Scalars -------------------------------------------------------------------------------------
