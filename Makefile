@@ -53,7 +53,7 @@ bench: $(BENCH_INSTALLED)
 	$(PY) bench/shm_latency.py
 
 build: $(INSTALLED)
-	$(PY) -m pip install --quiet --disable-pip-version-check 'Cython>=3,<4' setuptools-scm
+	$(PY) -m pip install --quiet --disable-pip-version-check 'Cython>=3,<4' setuptools-scm 'setuptools>=77'
 	HINTENS_WERROR=1 $(PY) setup.py --quiet build_ext --inplace
 
 clean:

@@ -23,6 +23,7 @@ from cpython.number cimport PyNumber_Index
 from libc.stdint cimport uint16_t, uint32_t, uint64_t
 from libc.errno cimport EAGAIN, EBADF, EINTR, EPIPE, errno
 from libc.stdlib cimport free, malloc, realloc
+from libc.math cimport INFINITY
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 from posix.unistd cimport close as close_fd
 from libc.string cimport memcpy, memmove, strerror
@@ -684,6 +685,9 @@ cdef class Channel:
         self.flush_interval = DEFAULT_FLUSH_INTERVAL_S
         self.max_queue = DEFAULT_MAX_QUEUE_BYTES
         self.on_queued = None
+        # No Event yet: the first one leaves at once, whatever the machine's uptime (the
+        # monotonic clock counts from boot, so 0.0 would hold it on a machine just booted).
+        self._last_lazy = -INFINITY
 
     def __dealloc__(self):
         if self.fds:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import binascii
 import errno
+import math
 import operator
 import os
 import socket
@@ -481,7 +482,7 @@ class Channel:
         self.on_queued: Any = None
         self._corked = 0
         self._scheduled = False
-        self._last_lazy = 0.0   # when the newest non-urgent frame was posted
+        self._last_lazy = -math.inf   # when the newest non-urgent frame was posted (never yet)
         self._event_id = 0
 
     def __del__(self) -> None:

@@ -73,6 +73,17 @@ def test_events_in_quick_succession_wait_for_the_deadline_then_leave_together(co
     assert ours.written == ours.submitted
 
 
+def test_the_first_event_leaves_at_once_whatever_the_uptime(core, pair):
+    # An interval longer than any machine has been up: were the first Event compared with a
+    # clock origin of 0 (CLOCK_MONOTONIC counts from boot), it would wait for company.
+    left, right = pair
+    ours = channel(core, left, interval=1e12)
+    ours.on_queued = lambda _: pytest.fail("the first Event was held for the deadline")
+    ours.event(b"first")
+    assert ours.queued == 0 and ours.written == ours.submitted
+    assert read_frames(core, right, 1)[0].payload == b"first"
+
+
 def test_zero_interval_writes_every_event(core, pair):
     left, right = pair
     ours = channel(core, left, interval=0.0)
