@@ -50,7 +50,12 @@ def _serve(args: argparse.Namespace) -> int:
     handler = load_handler(args.handler) if args.handler else echo
     on_event = load_handler(args.on_event, "--on-event") if args.on_event else None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    server = Server(args.socket, handler, on_event=on_event, mode=int(args.mode, 8),
+    try:
+        mode = int(args.mode, 8)
+    except ValueError:
+        raise _UsageError(f"--mode wants an octal file mode such as 600, not {args.mode!r}") \
+            from None
+    server = Server(args.socket, handler, on_event=on_event, mode=mode,
                     allow_uids=args.allow_uid, allow_gids=args.allow_gid)
 
     def stop(signum: int, frame: Any) -> None:
@@ -66,7 +71,8 @@ def _send(args: argparse.Namespace) -> int:
     from ._client import Client
 
     data = sys.stdin.buffer.read() if args.data == "-" else args.data.encode()
-    with Client(args.socket, timeout=args.timeout, connect_timeout=args.timeout) as client:
+    with Client(args.socket, timeout=args.timeout, connect_timeout=args.timeout,
+                server_uids=args.server_uid) as client:
         if args.event:
             client.send_event(data)
             return 0
@@ -96,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hintens", description="Fast message passing between processes on one machine.")
     commands = parser.add_subparsers(dest="command", required=True)
-    socket_help = "socket path (default: $HINTENS_SOCKET, else /tmp/hintens.sock)"
+    socket_help = ("socket path (default: $HINTENS_SOCKET, else $XDG_RUNTIME_DIR/hintens.sock, "
+                   "else /tmp/hintens-$UID/hintens.sock)")
 
     serve = commands.add_parser("serve", help="run a server until SIGTERM or SIGINT")
     serve.add_argument("--socket", help=socket_help)
@@ -116,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("--socket", help=socket_help)
     send.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
     send.add_argument("--event", action="store_true", help="send an Event; expect no reply")
+    send.add_argument("--server-uid", type=int, action="append", default=[], metavar="UID",
+                      help="also trust a server running as this uid (repeatable; by default "
+                           "only our own uid and root are trusted)")
     send.add_argument("data", metavar="DATA", help="the payload, or - to read it from stdin")
     send.set_defaults(run=_send)
 
@@ -135,7 +145,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     outcomes: list[tuple[type[BaseException], int]] = [
         (_UsageError, EXIT_USAGE), (RemoteError, EXIT_REMOTE_ERROR), (Timeout, EXIT_TIMEOUT),
         (ConnectError, EXIT_CONNECTION), (ConnectionClosed, EXIT_CONNECTION),
-        (HintensError, EXIT_CONNECTION), (OSError, EXIT_CONNECTION)]
+        (HintensError, EXIT_CONNECTION), (OSError, EXIT_CONNECTION),
+        (ValueError, EXIT_USAGE), (TypeError, EXIT_USAGE)]
     try:
         return int(args.run(args))
     except KeyboardInterrupt:

@@ -46,7 +46,17 @@ from ._protocol import (
     Hello,
     HelloKey,
 )
-from ._unix import connect, set_kernel_timeouts, socket_path
+from ._checks import (
+    call_timeout_s,
+    deadline_after,
+    non_negative_s,
+    optional_callable,
+    path_like,
+    timeout_s,
+    lock_wait_s,
+    uids,
+)
+from ._unix import check_server, connect, set_kernel_timeouts, socket_path
 
 log = logging.getLogger("hintens")
 
@@ -93,9 +103,12 @@ class Client:
     """A connection to a hintens server.
 
     Args:
-        path: the server's socket; default ``$HINTENS_SOCKET``, else ``/tmp/hintens.sock``.
-        timeout: default seconds to wait for a reply, and for the server to take our bytes.
-        connect_timeout: seconds to wait for the connection.
+        path: the server's socket; default ``$HINTENS_SOCKET``, else
+            ``$XDG_RUNTIME_DIR/hintens.sock``, else ``/tmp/hintens-$UID/hintens.sock``.
+        timeout: default seconds to wait for a reply, and for the server to take our bytes;
+            None (or ``math.inf``) waits for ever.
+        connect_timeout: seconds to wait for the connection, a full accept queue included;
+            None waits for ever.
         on_event: called with the payload of each Event the server pushes.
         max_payload: the largest inline payload accepted from the server.
         shm: offer shared memory; payloads of ``shm_threshold`` bytes or more then travel
@@ -115,15 +128,21 @@ class Client:
         codec: how values become payloads (see ``hintens.Codec``): ``request``,
             ``request_many`` and ``send_event`` then take values and return decoded
             responses, and ``on_event`` gets decoded events. Default: raw bytes.
+        server_uids: uids whose servers this client trusts besides its own uid and root. The
+            server's uid (SO_PEERCRED) is checked right after connecting, before anything is
+            sent, so another local user cannot impersonate the server by binding its path.
 
     Raises:
         ConnectError: no server at ``path``.
-        SocketPathError: ``path`` is too long for the OS.
+        UntrustedServerError: the server runs as a uid this client does not trust.
+        SocketPathError: ``path`` is too long for the OS, or the default directory is unsafe.
         Timeout: the connection was not accepted in ``connect_timeout``.
+        ValueError, TypeError: a bad argument (a timeout that is not positive, say).
     """
 
-    def __init__(self, path: str | None = None, *, timeout: float = DEFAULT_TIMEOUT_S,
-                 connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S,
+    def __init__(self, path: str | os.PathLike[str] | None = None, *,
+                 timeout: float | None = DEFAULT_TIMEOUT_S,
+                 connect_timeout: float | None = DEFAULT_CONNECT_TIMEOUT_S,
                  on_event: Callable[[Any], Any] | None = None,
                  max_payload: int = DEFAULT_MAX_PAYLOAD_BYTES, shm: bool = True,
                  shm_threshold: int = DEFAULT_SHM_THRESHOLD_BYTES,
@@ -131,13 +150,17 @@ class Client:
                  flush_interval: float = DEFAULT_FLUSH_INTERVAL_S,
                  session: Session | None = None, codec: CodecSpec = None,
                  compress: bool = False,
-                 compress_threshold: int = DEFAULT_COMPRESS_THRESHOLD_BYTES) -> None:
-        if timeout <= 0:
-            raise ValueError("timeout must be positive")
-        if flush_interval < 0:
-            raise ValueError("flush_interval must not be negative")
-        self.path = socket_path(path)
-        self.timeout = timeout
+                 compress_threshold: int = DEFAULT_COMPRESS_THRESHOLD_BYTES,
+                 server_uids: Iterable[int] = ()) -> None:
+        checked_timeout = timeout_s(timeout, "timeout")
+        connect_timeout = timeout_s(connect_timeout, "connect_timeout")
+        flush_interval = non_negative_s(flush_interval, "flush_interval")
+        on_event = optional_callable(on_event, "on_event")
+        trusted = uids(server_uids, "server_uids")
+        self.path = socket_path(path_like(path))
+        #: Default seconds a request waits for its reply, and a send for the server to take
+        #: our bytes (None: for ever).
+        self.timeout = timeout = checked_timeout
         self._endpoint = Endpoint(max_payload=max_payload,
                                   features=(FEATURE_SHM if shm else 0)
                                   | (FEATURE_COMPRESSION if compress else 0),
@@ -175,6 +198,9 @@ class Client:
         self._on_event = on_event
         self._sock = connect(self.path, connect_timeout)
         try:
+            #: The server process's pid, uid and gid (SO_PEERCRED), checked before any byte
+            #: was sent: our own uid, root, or one of ``server_uids``.
+            self.server_credentials = check_server(self._sock, self.path, trusted)
             self._channel = _impl.core.Channel(self._sock, self._endpoint.decoder,
                                                RECEIVE_BUFFER_BYTES)
             self._endpoint.fd_source = self._channel.fds
@@ -185,7 +211,7 @@ class Client:
             self._channel.on_queued = FLUSHER.schedule
             self._post = self._channel.post
             self._event = self._channel.event
-            set_kernel_timeouts(self._sock, None, send_s=timeout)
+            set_kernel_timeouts(self._sock, None, timeout, set_send=True)
             self._send([self._endpoint.hello_frame()])
         except BaseException:
             self._sock.close()
@@ -220,7 +246,7 @@ class Client:
 
         (``_request_id`` is for ``ClientPool`` retries that must reuse an id.)
         """
-        deadline = monotonic() + (self.timeout if timeout is None else timeout)
+        deadline = deadline_after(call_timeout_s(timeout, self.timeout))
         request_id = next(self._ids) if _request_id is None else _request_id
         small = type(payload) is bytes and len(payload) < self._endpoint.small_max
         writes = frames = None
@@ -290,10 +316,10 @@ class Client:
             Timeout: not every reply arrived in time.
             ConnectionClosed: the connection is or became closed.
         """
+        deadline = deadline_after(call_timeout_s(timeout, self.timeout))
         items = list(payloads)
         if not items:
             return []
-        deadline = monotonic() + (self.timeout if timeout is None else timeout)
         ids = [next(self._ids) for _ in items]
         waiters = [_Waiter() for _ in items]
         with self._lock:
@@ -361,7 +387,7 @@ class Client:
                 self._event(payload)
             else:
                 self._send_large(MessageType.EVENT, payload, next(self._ids),
-                                 monotonic() + self.timeout)
+                                 deadline_after(self.timeout))
         except (ConnectionClosed, Timeout):
             raise
         except BaseException as error:
@@ -422,7 +448,7 @@ class Client:
             ShmError: the server did not negotiate shared memory (or ``shm=False``).
             Timeout: every segment of the pool is lent out.
         """
-        deadline = monotonic() + (self.timeout if timeout is None else timeout)
+        deadline = deadline_after(call_timeout_s(timeout, self.timeout))
         if self._endpoint.peer_hello is None and self._endpoint.pool is not None:
             self._await_hello(min(deadline, monotonic() + HELLO_WAIT_S))
         return self._endpoint.allocate(size, deadline)
@@ -661,7 +687,7 @@ class Client:
                     self._parked[request_id] = waiter
                     lock.release()
                     try:
-                        wake.acquire(True, remaining)
+                        wake.acquire(True, lock_wait_s(remaining))
                     except BaseException:   # a signal handler raised: leave, handing on
                         lock.acquire()
                         self._unpark(request_id)

@@ -137,6 +137,11 @@ class ConnectError(HintensError, ConnectionError):
     """No connection could be made: no socket file, nobody listening, or no permission."""
 
 
+class UntrustedServerError(ConnectError):
+    """The process listening on the socket runs as a user this client does not trust
+    (SO_PEERCRED): not our own uid, not root, and not in ``server_uids``. Nothing was sent."""
+
+
 class SocketPathError(HintensError, ValueError):
     """The socket path cannot be used (too long for the OS, or not a socket)."""
 

@@ -17,14 +17,16 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import random
 import threading
 import time
 from time import monotonic
 from typing import Any, Iterable, Iterator
 
+from ._checks import call_timeout_s, count, deadline_after, path_like, timeout_s, wait_s
 from ._client import DEFAULT_CONNECT_TIMEOUT_S, DEFAULT_TIMEOUT_S, Client, Session
-from ._errors import ConnectError, ConnectionClosed, Timeout
+from ._errors import ConnectError, ConnectionClosed, Timeout, UntrustedServerError
 from ._protocol import HelloKey
 from ._unix import socket_path
 
@@ -111,22 +113,22 @@ class ClientPool:
     The pool is a context manager; leaving it calls ``close()``.
     """
 
-    def __init__(self, path: str | None = None, size: int = DEFAULT_POOL_SIZE, *,
-                 timeout: float = DEFAULT_TIMEOUT_S,
-                 connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S,
+    def __init__(self, path: str | os.PathLike[str] | None = None,
+                 size: int = DEFAULT_POOL_SIZE, *,
+                 timeout: float | None = DEFAULT_TIMEOUT_S,
+                 connect_timeout: float | None = DEFAULT_CONNECT_TIMEOUT_S,
                  acquire_timeout: float | None = None, idle_timeout: float | None = None,
                  retry: RetryPolicy | None = None, exactly_once: bool = False,
                  **client_options: Any) -> None:
-        if size < 1:
-            raise ValueError("size must be at least 1")
-        if timeout <= 0:
-            raise ValueError("timeout must be positive")
-        self.path = socket_path(path)
-        self.size = size
-        self.timeout = timeout
-        self.connect_timeout = connect_timeout
-        self.acquire_timeout = timeout if acquire_timeout is None else acquire_timeout
-        self.idle_timeout = idle_timeout
+        self.size = count(size, "size")
+        self.timeout = timeout_s(timeout, "timeout")
+        self.connect_timeout = timeout_s(connect_timeout, "connect_timeout")
+        self.acquire_timeout = self.timeout if acquire_timeout is None \
+            else timeout_s(acquire_timeout, "acquire_timeout")
+        self.idle_timeout = timeout_s(idle_timeout, "idle_timeout")
+        if retry is not None and not isinstance(retry, RetryPolicy):
+            raise TypeError(f"retry must be a RetryPolicy, not {type(retry).__name__}")
+        self.path = socket_path(path_like(path))
         self.retry = RetryPolicy() if retry is None else retry
         self.exactly_once = exactly_once
         #: The pool's session: request ids are drawn from it by every connection.
@@ -250,14 +252,14 @@ class ClientPool:
 
         Idempotent. Queued Events are written before each connection closes.
         """
-        deadline = monotonic() + timeout
+        deadline = deadline_after(timeout_s(timeout, "timeout"))
         with self._cond:
             self._closed = True
             self._cond.notify_all()   # callers waiting for a connection: the pool is closed
             self._waiting += 1
             try:
                 while self._busy and monotonic() < deadline:
-                    self._cond.wait(deadline - monotonic())
+                    self._cond.wait(wait_s(deadline - monotonic()))
             finally:
                 self._waiting -= 1
             idle, self._idle = self._idle, []
@@ -285,7 +287,7 @@ class ClientPool:
     # Internals --------------------------------------------------------------------------
 
     def _acquire(self, timeout: float | None = None) -> Client:
-        deadline = monotonic() + (self.acquire_timeout if timeout is None else timeout)
+        deadline = deadline_after(call_timeout_s(timeout, self.acquire_timeout))
         stale: list[Client] = []
         try:
             with self._lock:
@@ -313,7 +315,7 @@ class ClientPool:
                         raise Timeout(f"all {self.size} connections to {self.path} stayed busy")
                     self._waiting += 1
                     try:
-                        self._cond.wait(remaining)
+                        self._cond.wait(wait_s(remaining))
                     finally:
                         self._waiting -= 1
         finally:
@@ -429,6 +431,8 @@ class ClientPool:
         return planned
 
     def _may_retry(self, error: BaseException, idempotent: bool) -> bool:
+        if isinstance(error, UntrustedServerError):
+            return False   # the same server would be refused again
         if isinstance(error, ConnectError):
             return True
         if isinstance(error, Timeout):

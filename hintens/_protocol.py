@@ -18,12 +18,20 @@ Rules (docs/PROTOCOL.md sections 5, 6 and 8):
 from __future__ import annotations
 
 import logging
+import mmap
 import struct
 import threading
 from typing import Any, Callable, Union
 
 from . import _impl, _shm
-from ._constants import DEFAULT_MAX_PAYLOAD_BYTES, Flags, MessageType, VERSION
+from ._checks import count
+from ._constants import (
+    DEFAULT_MAX_PAYLOAD_BYTES,
+    MAX_FRAME_PAYLOAD_BYTES,
+    VERSION,
+    Flags,
+    MessageType,
+)
 from ._errors import (
     DecompressedTooLargeError,
     ProtocolError,
@@ -38,6 +46,9 @@ except ImportError:   # the `compression` extra is not installed
     zstandard = None  # type: ignore[assignment]
 
 log = logging.getLogger("hintens")
+#: The smallest payload limit a Client or Server may be given (Error frames and control Events
+#: are accepted up to CONTROL_MAX_PAYLOAD_BYTES whatever the limit).
+MIN_MAX_PAYLOAD_BYTES = 1024
 #: Payloads at least this large go through shared memory toward a peer that negotiated it.
 DEFAULT_SHM_THRESHOLD_BYTES = 64 * 1024
 #: The most memory one connection's sending segments may hold.
@@ -170,6 +181,11 @@ class Endpoint:
                  shm_pool_bytes: int = DEFAULT_SHM_POOL_BYTES,
                  compress_threshold: int = DEFAULT_COMPRESS_THRESHOLD_BYTES) -> None:
         core = _impl.core
+        max_payload = count(max_payload, "max_payload", minimum=MIN_MAX_PAYLOAD_BYTES,
+                            maximum=MAX_FRAME_PAYLOAD_BYTES)
+        shm_threshold = count(shm_threshold, "shm_threshold", minimum=0)
+        shm_pool_bytes = count(shm_pool_bytes, "shm_pool_bytes", minimum=mmap.PAGESIZE)
+        compress_threshold = count(compress_threshold, "compress_threshold", minimum=0)
         if features & FEATURE_COMPRESSION and zstandard is None:
             raise ValueError("compression needs the zstandard package: "
                              "pip install 'hintens[compression]'")

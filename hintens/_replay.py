@@ -68,10 +68,11 @@ class ReplayWindow:
         #: Given up by the memory: claims answer MOVED.
         self.evicted = False
 
-    def claim(self, request_id: int, wait: float) -> tuple[str, Any]:
+    def claim(self, request_id: int, wait: float | None) -> tuple[str, Any]:
         """What to do with a request: ``(NEW, None)``, ``(ANSWERED, answer)``,
         ``(RUNNING, None)``, ``(FORGOTTEN, None)`` or ``(MOVED, None)``. Waits up to ``wait``
-        seconds for a run of the same request on another connection to finish."""
+        seconds (None: for ever) for a run of the same request on another connection to
+        finish."""
         with self._lock:
             if self.evicted:
                 return MOVED, None

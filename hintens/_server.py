@@ -52,6 +52,16 @@ from ._replay import (
     ReplayMemory,
     ReplayWindow,
 )
+from ._checks import (
+    call_timeout_s,
+    count,
+    deadline_after,
+    optional_callable,
+    path_like,
+    timeout_s,
+    uids,
+    wait_s,
+)
 from ._unix import (
     PeerCredentials,
     listen,
@@ -102,12 +112,7 @@ class ServerConnection:
         self.peer = peer
         self._server = server
         self._sock = sock
-        self._endpoint = Endpoint(max_payload=server.max_payload,
-                                  features=(FEATURE_SHM if server.shm else 0)
-                                  | (FEATURE_COMPRESSION if server.compress else 0),
-                                  shm_threshold=server.shm_threshold,
-                                  shm_pool_bytes=server.shm_pool_bytes,
-                                  compress_threshold=server.compress_threshold)
+        self._endpoint = server._new_endpoint()
         self._channel = _impl.core.Channel(sock, self._endpoint.decoder, RECEIVE_BUFFER_BYTES)
         self._endpoint.fd_source = self._channel.fds
         self._endpoint.send_control = self._send_control
@@ -158,7 +163,7 @@ class ServerConnection:
     def _shm_reply(self, request_id: int, result: Any) -> Any:
         """The writes that carry a large Response through shared memory, or None."""
         return self._endpoint.shm_sends(MessageType.RESPONSE, result, request_id,
-                                        monotonic() + self._server.send_timeout)
+                                        deadline_after(self._server.send_timeout))
 
     def close(self) -> None:
         """Cut this connection now; its serving thread ends."""
@@ -188,7 +193,10 @@ class Server:
     (blocking) or ``start()`` (background thread) to accept connections.
 
     Args:
-        path: socket path; default ``$HINTENS_SOCKET``, else ``/tmp/hintens.sock``.
+        path: socket path; default ``$HINTENS_SOCKET``, else ``$XDG_RUNTIME_DIR/hintens.sock``,
+            else ``/tmp/hintens-$UID/hintens.sock`` (that directory is created, mode 0700, and
+            refused if it is not this user's alone). A socket directory that others may write
+            to without the sticky bit is logged as a warning: they could replace the socket.
         handler: called with each Request's payload; returns the Response payload (any
             bytes-like object, or None for an empty one). An exception becomes an Error frame:
             a ``RemoteError`` keeps its code and message, anything else is HANDLER_ERROR. The
@@ -200,9 +208,11 @@ class Server:
         allow_uids, allow_gids: peers whose uid or gid is listed may connect as well as this
             process's own effective uid. Others are refused before a frame is read.
         max_payload: largest inline payload accepted (default 64 MiB).
-        idle_timeout: seconds a connection may stay silent between frames (None: forever).
-        frame_timeout: seconds a frame may take from its first byte to its last.
-        send_timeout: seconds a client may leave our replies unread before it is cut.
+        idle_timeout: seconds a connection may stay silent between frames (None: for ever).
+        frame_timeout: seconds a frame may take from its first byte to its last (None: no
+            limit, which lets a client hold a thread by dripping a frame).
+        send_timeout: seconds a client may leave our replies unread before it is cut (None:
+            for ever).
         backlog: listen() backlog, for bursts of connects.
         shm, shm_threshold, shm_pool_bytes: shared memory, as for ``Client``: payloads of
             ``shm_threshold`` bytes or more travel through sealed memfd segments toward clients
@@ -224,9 +234,12 @@ class Server:
         ServerRunningError: another server is listening on ``path``.
         SocketPathError: ``path`` is too long, or exists and is not a socket.
         OSError: the socket could not be bound (for example, no such directory).
+        TypeError, ValueError: a bad argument (a handler that is not callable, a ``mode``
+            that is not an int in [0, 0o777], a timeout that is not positive, ...). Arguments
+            are checked before the socket file is created.
     """
 
-    def __init__(self, path: str | None = None, handler: Handler = echo, *,
+    def __init__(self, path: str | os.PathLike[str] | None = None, handler: Handler = echo, *,
                  on_event: Callable[[Any, ServerConnection], Any] | None = None,
                  on_connect: Callable[[ServerConnection], Any] | None = None,
                  on_disconnect: Callable[[ServerConnection], Any] | None = None,
@@ -234,8 +247,8 @@ class Server:
                  allow_gids: Iterable[int] = (),
                  max_payload: int = DEFAULT_MAX_PAYLOAD_BYTES,
                  idle_timeout: float | None = None,
-                 frame_timeout: float = DEFAULT_FRAME_TIMEOUT_S,
-                 send_timeout: float = DEFAULT_SEND_TIMEOUT_S,
+                 frame_timeout: float | None = DEFAULT_FRAME_TIMEOUT_S,
+                 send_timeout: float | None = DEFAULT_SEND_TIMEOUT_S,
                  backlog: int = DEFAULT_BACKLOG, shm: bool = True, writable: bool = False,
                  shm_threshold: int = DEFAULT_SHM_THRESHOLD_BYTES,
                  shm_pool_bytes: int = DEFAULT_SHM_POOL_BYTES,
@@ -244,32 +257,38 @@ class Server:
                  replay_sessions: int = DEFAULT_REPLAY_SESSIONS,
                  codec: CodecSpec = None, compress: bool = False,
                  compress_threshold: int = DEFAULT_COMPRESS_THRESHOLD_BYTES) -> None:
-        self.path = socket_path(path)
+        # Every argument is checked before the socket file is made: a bad one leaves nothing
+        # behind.
+        path = path_like(path)
+        if not callable(handler):
+            raise TypeError(f"handler must be callable, not {type(handler).__name__}")
+        self.handler = handler
+        self.on_event = optional_callable(on_event, "on_event")
+        self.on_connect = optional_callable(on_connect, "on_connect")
+        self.on_disconnect = optional_callable(on_disconnect, "on_disconnect")
+        mode = count(mode, "mode", minimum=0, maximum=0o777)
+        backlog = count(backlog, "backlog", minimum=1)
+        self._allowed_uids = {os.geteuid(), *uids(allow_uids, "allow_uids")}
+        self._allowed_gids = uids(allow_gids, "allow_gids")
+        self.idle_timeout = timeout_s(idle_timeout, "idle_timeout")
+        self.frame_timeout = timeout_s(frame_timeout, "frame_timeout")
+        self.send_timeout = timeout_s(send_timeout, "send_timeout")
+        self.codec = codec_from(codec)
+        self.compress = compress
+        self.compress_threshold = compress_threshold
+        self.max_payload = max_payload
+        self.shm = shm
+        self.writable = writable
+        self.shm_threshold = shm_threshold
+        self.shm_pool_bytes = shm_pool_bytes
+        self._new_endpoint()   # the protocol layer checks its settings: once, and now
         #: Names this run of the server in its hellos: a retry that reaches another run
         #: cannot be answered from this one's replay memory.
         self.instance_id = os.urandom(16)
         self._replay = ReplayMemory(replay_sessions, replay_window, replay_bytes) \
             if replay_sessions > 0 else None
-        self.handler = handler
-        self.on_event = on_event
-        self.codec = codec_from(codec)
-        self.compress = compress
-        self.compress_threshold = compress_threshold
-        if compress:
-            Endpoint(features=FEATURE_COMPRESSION)   # fails now, not per connection
         self._call = handler if self.codec is None else self._coded_call
-        self.on_connect = on_connect
-        self.on_disconnect = on_disconnect
-        self.max_payload = max_payload
-        self.idle_timeout = idle_timeout
-        self.frame_timeout = frame_timeout
-        self.send_timeout = send_timeout
-        self.shm = shm
-        self.writable = writable
-        self.shm_threshold = shm_threshold
-        self.shm_pool_bytes = shm_pool_bytes
-        self._allowed_uids = {os.geteuid(), *allow_uids}
-        self._allowed_gids = set(allow_gids)
+        self.path = socket_path(path, create_dir=True)
         self._lock = threading.Lock()
         self._connections: dict[int, ServerConnection] = {}
         self._starting: set[ServerConnection] = set()   # accepted, hello not yet sent
@@ -342,7 +361,7 @@ class Server:
         except RuntimeError:
             raise RuntimeError("Server.allocate() is for handlers, on the serving thread") \
                 from None
-        deadline = monotonic() + (self.send_timeout if timeout is None else timeout)
+        deadline = deadline_after(call_timeout_s(timeout, self.send_timeout))
         return connection._endpoint.allocate(size, deadline)
 
     def serve_forever(self) -> None:
@@ -364,29 +383,42 @@ class Server:
         self._thread.start()
         return self
 
-    def shutdown(self, timeout: float = DEFAULT_SHUTDOWN_TIMEOUT_S) -> None:
-        """Ask ``serve_forever`` to stop and drain. Safe from a signal handler; returns at once."""
-        self._shutdown_timeout = timeout
+    def shutdown(self, timeout: float | None = DEFAULT_SHUTDOWN_TIMEOUT_S) -> None:
+        """Ask ``serve_forever`` to stop and drain. Safe from a signal handler; returns at once.
+
+        Args:
+            timeout: seconds to let in-flight requests finish before connections are cut
+                (None: wait for them however long they take).
+
+        Raises:
+            TypeError, ValueError: ``timeout`` is not a positive number or None.
+        """
+        self._shutdown_timeout = timeout_s(timeout, "timeout")
         self._stop.set()
         try:
             self._wake_w.send(b"\0")
         except OSError:
             pass
 
-    def close(self, timeout: float = DEFAULT_SHUTDOWN_TIMEOUT_S) -> None:
+    def close(self, timeout: float | None = DEFAULT_SHUTDOWN_TIMEOUT_S) -> None:
         """Stop accepting, answer requests already in flight, close everything. Idempotent.
 
         Args:
-            timeout: seconds to let in-flight requests finish before connections are cut.
+            timeout: seconds to let in-flight requests finish before connections are cut
+                (None: wait for them however long they take).
+
+        Raises:
+            TypeError, ValueError: ``timeout`` is not a positive number or None.
         """
         self.shutdown(timeout)
         if getattr(self._local, "serving", False):
             return   # from one of our handlers: waiting here would wait on ourselves
         if self._serving:
             if threading.current_thread() is not self._thread:
-                self._done.wait(timeout + 5.0)
+                self._done.wait(None if self._shutdown_timeout is None
+                                else self._shutdown_timeout + 5.0)
         else:
-            self._drain(timeout)
+            self._drain(self._shutdown_timeout)
 
     def __enter__(self) -> Server:
         return self
@@ -396,7 +428,15 @@ class Server:
 
     # Internals --------------------------------------------------------------------------
 
-    _shutdown_timeout = DEFAULT_SHUTDOWN_TIMEOUT_S
+    _shutdown_timeout: float | None = DEFAULT_SHUTDOWN_TIMEOUT_S
+
+    def _new_endpoint(self) -> Endpoint:
+        """The protocol state of one connection, with this server's settings."""
+        return Endpoint(max_payload=self.max_payload,
+                        features=(FEATURE_SHM if self.shm else 0)
+                        | (FEATURE_COMPRESSION if self.compress else 0),
+                        shm_threshold=self.shm_threshold, shm_pool_bytes=self.shm_pool_bytes,
+                        compress_threshold=self.compress_threshold)
 
     def _next_event_id(self) -> int:
         return next(self._event_ids)
@@ -463,7 +503,7 @@ class Server:
             if self.on_connect is not None:
                 self.on_connect(connection)
             while True:
-                if decoder.in_frame:
+                if decoder.in_frame and self.frame_timeout is not None:
                     timeout: float | None = max(
                         0.001, self.frame_timeout - (monotonic() - frame_started))
                 else:
@@ -658,14 +698,14 @@ class Server:
         return endpoint.error_frame(ErrorCode.HANDLER_ERROR, f"{type(error).__name__}: {error}",
                                     request_id)
 
-    def _drain(self, timeout: float) -> None:
+    def _drain(self, timeout: float | None) -> None:
         with self._lock:
             if self._drained:
                 return
             self._drained = True
         self._listener.close()
         remove_socket_file(self.path, self._identity)
-        deadline = monotonic() + timeout
+        deadline = deadline_after(timeout)
         with self._lock:
             starting = list(self._starting)
         for connection in starting:   # accepted but not serving yet: nothing is in flight
@@ -678,7 +718,7 @@ class Server:
         me = threading.current_thread()
         for connection in self.connections:
             if connection.thread is not None and connection.thread is not me:
-                connection.thread.join(max(0.0, deadline - monotonic()))
+                connection.thread.join(wait_s(deadline - monotonic()))
         for connection in self.connections:
             if connection.thread is not me:
                 log.warning("cutting %r at the shutdown deadline", connection)

@@ -8,9 +8,12 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 
 from hintens import _core_py, _demo, decode_error_payload
+
+from .handlers import command
 
 HEADER = struct.Struct(">HHIHIHQ")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,6 +42,49 @@ def start_server(path: str, *extra: str, handler: str = "tests.handlers:command"
         time.sleep(0.02)
     process.kill()
     raise RuntimeError("server process did not start")
+
+
+def wait_for_lone_thread(timeout_s: float = 5.0) -> None:
+    """Before a fork: wait until this process runs one thread (the flusher thread of earlier
+    tests' Events ends a second after its last work), so no lock is held across the fork."""
+    deadline = time.monotonic() + timeout_s
+    while threading.active_count() > 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert threading.active_count() == 1, threading.enumerate()
+
+
+def fork_server_as(uid: int, path: str, **options) -> int:
+    """A hintens server (handler ``command``) in a forked child running as ``uid`` (the
+    interpreter's own files may not be readable by that uid, so it cannot exec one), letting
+    our own uid in. Returns the child's pid once the socket accepts connections; end it with
+    os.kill(pid, SIGKILL) and os.waitpid."""
+    import hintens
+
+    wait_for_lone_thread()
+    me = os.geteuid()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+            options.setdefault("allow_uids", [me])
+            hintens.Server(path, command, **options).serve_forever()
+        finally:
+            os._exit(0)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        probe = socket.socket(socket.AF_UNIX)
+        try:
+            probe.connect(path)
+            return pid
+        except OSError:
+            time.sleep(0.02)
+        finally:
+            probe.close()
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    raise RuntimeError("forked server did not start")
 
 
 def stop_server(process, sig=signal.SIGTERM, timeout=10):
@@ -114,5 +160,5 @@ class RawPeer:
         self.sock.close()
 
 
-__all__ = ["RawPeer", "raw_frame", "raw_listener", "read_requests", "start_server",
-           "stop_server", "_demo"]
+__all__ = ["RawPeer", "fork_server_as", "raw_frame", "raw_listener", "read_requests",
+           "start_server", "stop_server", "wait_for_lone_thread", "_demo"]

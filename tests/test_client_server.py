@@ -14,9 +14,16 @@ import pytest
 
 import hintens
 from hintens import ErrorCode
-from hintens._unix import DEFAULT_SOCKET_PATH
 
-from .peers import RawPeer, raw_frame, raw_listener, read_requests, start_server, stop_server
+from .peers import (
+    RawPeer,
+    raw_frame,
+    raw_listener,
+    read_requests,
+    start_server,
+    stop_server,
+    wait_for_lone_thread,
+)
 
 
 def in_threads(target, count, timeout_s=120.0):
@@ -403,9 +410,9 @@ def test_path_too_long(tmp_path):
 
 
 def test_default_path_and_env(monkeypatch, sock_path):
-    from hintens._unix import socket_path
+    from hintens._unix import default_socket_path, socket_path
     monkeypatch.delenv("HINTENS_SOCKET", raising=False)
-    assert socket_path(None) == DEFAULT_SOCKET_PATH
+    assert socket_path(None) == default_socket_path()
     monkeypatch.setenv("HINTENS_SOCKET", sock_path)
     assert socket_path(None) == sock_path
 
@@ -421,10 +428,7 @@ def _connect_as_nobody(path):
     The server runs in its own process, so this test process has no threads to fork with
     (once the flusher thread of earlier tests' Events has ended, a second after its last work).
     """
-    deadline = time.monotonic() + 5
-    while threading.active_count() > 1 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert threading.active_count() == 1, threading.enumerate()
+    wait_for_lone_thread()
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:
