@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import math
 import os
 import select
 import socket
@@ -25,7 +26,12 @@ from time import monotonic
 from typing import Any, Callable, Iterable, Iterator, NoReturn, Sequence
 
 from . import _impl
-from ._constants import DEFAULT_FLUSH_INTERVAL_S, DEFAULT_MAX_PAYLOAD_BYTES, MessageType
+from ._constants import (
+    DEFAULT_FLUSH_INTERVAL_S,
+    DEFAULT_MAX_PAYLOAD_BYTES,
+    ErrorCode,
+    MessageType,
+)
 from ._errors import (
     ConnectionClosed,
     ProtocolError,
@@ -39,12 +45,15 @@ from ._flusher import FLUSHER
 from ._protocol import (
     DEFAULT_COMPRESS_THRESHOLD_BYTES,
     DEFAULT_SHM_POOL_BYTES,
+    DEFAULT_SHM_RECEIVE_BYTES,
+    DEFAULT_SHM_RECEIVE_SEGMENTS,
     DEFAULT_SHM_THRESHOLD_BYTES,
     FEATURE_COMPRESSION,
     FEATURE_SHM,
     Endpoint,
     Hello,
     HelloKey,
+    control_sender,
 )
 from ._checks import (
     call_timeout_s,
@@ -67,6 +76,11 @@ RECEIVE_BUFFER_BYTES = 256 * 1024
 HELLO_WAIT_S = 1.0
 #: A kernel receive timeout may overshoot a request's deadline by this much at most.
 _TIMEOUT_SLACK_S = 0.01
+_FOREVER = math.inf
+#: A sender waiting for a segment looks again at least this often (whether to read itself).
+_RELEASE_POLL_S = 0.05
+#: Codes of the Errors a server sends just before it hangs up (PROTOCOL.md 6).
+_FATAL_CODES = (ErrorCode.BAD_HEADER, ErrorCode.TOO_LARGE)
 
 
 _NOTHING: tuple[tuple[()], tuple[()]] = ((), ())
@@ -115,7 +129,11 @@ class Client:
             through sealed memfd segments toward a server that offers it too.
         shm_threshold: the size from which payloads go through shared memory.
         shm_pool_bytes: the most memory this connection's sending segments may hold; a send
-            that finds it all lent out waits for a release until its timeout.
+            that finds it all lent out waits for a release until its timeout (reading
+            meanwhile, so that the release can arrive). The server's hello can lower it.
+        shm_receive_bytes, shm_receive_segments: the most of the server's shared memory this
+            connection maps at once (1 GiB, 64 segments). Announced in our hello, so a hintens
+            server stays under them; a segment past them is refused (SHM_ERROR) unmapped.
         flush_interval: seconds an Event may wait to share a write with the ones after it
             (default 1 ms). An Event that comes this long or more after the previous one
             leaves at once; a request or ``flush()`` takes queued Events with it. 0 writes every Event
@@ -151,7 +169,9 @@ class Client:
                  session: Session | None = None, codec: CodecSpec = None,
                  compress: bool = False,
                  compress_threshold: int = DEFAULT_COMPRESS_THRESHOLD_BYTES,
-                 server_uids: Iterable[int] = ()) -> None:
+                 server_uids: Iterable[int] = (),
+                 shm_receive_bytes: int = DEFAULT_SHM_RECEIVE_BYTES,
+                 shm_receive_segments: int = DEFAULT_SHM_RECEIVE_SEGMENTS) -> None:
         checked_timeout = timeout_s(timeout, "timeout")
         connect_timeout = timeout_s(connect_timeout, "connect_timeout")
         flush_interval = non_negative_s(flush_interval, "flush_interval")
@@ -165,7 +185,9 @@ class Client:
                                   features=(FEATURE_SHM if shm else 0)
                                   | (FEATURE_COMPRESSION if compress else 0),
                                   shm_threshold=shm_threshold, shm_pool_bytes=shm_pool_bytes,
-                                  compress_threshold=compress_threshold)
+                                  compress_threshold=compress_threshold,
+                                  shm_receive_bytes=shm_receive_bytes,
+                                  shm_receive_segments=shm_receive_segments)
         self._frame_type = _impl.core.Frame
         self._encode_frame = _impl.core.encode_frame
         self._encode_header = _impl.core.encode_header
@@ -204,10 +226,12 @@ class Client:
             self._channel = _impl.core.Channel(self._sock, self._endpoint.decoder,
                                                RECEIVE_BUFFER_BYTES)
             self._endpoint.fd_source = self._channel.fds
-            self._endpoint.send_control = self._send_control
+            self._endpoint.send_control = control_sender(self._channel)
             if shm:
                 self._channel.max_fds = 64
             self._channel.flush_interval = flush_interval
+            # Events waiting on a server that reads nothing for this long: the flusher cuts.
+            self._channel.stall_timeout = timeout or 0.0
             self._channel.on_queued = FLUSHER.schedule
             self._post = self._channel.post
             self._event = self._channel.event
@@ -246,14 +270,13 @@ class Client:
 
         (``_request_id`` is for ``ClientPool`` retries that must reuse an id.)
         """
-        deadline = deadline_after(call_timeout_s(timeout, self.timeout))
+        seconds = self.timeout if timeout is None else call_timeout_s(timeout, self.timeout)
+        deadline = _FOREVER if seconds is None else monotonic() + seconds
         request_id = next(self._ids) if _request_id is None else _request_id
         small = type(payload) is bytes and len(payload) < self._endpoint.small_max
-        writes = frames = None
-        if not small:
-            writes = self._shm_writes(MessageType.REQUEST, payload, request_id, deadline)
-            if not writes:
-                frames = self._endpoint.inline(MessageType.REQUEST, payload, request_id)
+        writes: list[Any] = []
+        if not small:   # refused here (too large, not bytes-like) before anything is sent
+            writes = self._writes(MessageType.REQUEST, payload, request_id, deadline)
         waiter = _Waiter()
         with self._lock:
             if self._closed_reason is not None:
@@ -268,11 +291,9 @@ class Client:
             try:
                 if small:   # packed into the outbox, behind queued Events, in one write
                     end = self._post(1, payload, request_id)
-                elif writes:
+                else:
                     for buffers, fds in writes:
                         end = self._channel.send(buffers, fds)
-                else:
-                    end = self._channel.send(frames)
             except BaseException as error:
                 end = getattr(error, "stream_end", 0)
                 self._send_failed(error)
@@ -444,14 +465,19 @@ class Client:
             size: bytes.
             timeout: seconds to wait for a free segment; default ``self.timeout``.
 
+        A buffer dropped without being sent (released, or collected) gives its segment
+        back to the pool.
+
         Raises:
-            ShmError: the server did not negotiate shared memory (or ``shm=False``).
-            Timeout: every segment of the pool is lent out.
+            ShmError: the server did not negotiate shared memory (or ``shm=False``), or
+                ``size`` is more than the pool (or the server) takes.
+            Timeout: every segment of the pool stayed lent out.
+            ValueError, TypeError: ``size`` is not a positive int.
         """
         deadline = deadline_after(call_timeout_s(timeout, self.timeout))
         if self._endpoint.peer_hello is None and self._endpoint.pool is not None:
             self._await_hello(min(deadline, monotonic() + HELLO_WAIT_S))
-        return self._endpoint.allocate(size, deadline)
+        return self._until_released(lambda: self._endpoint.allocate(size), deadline)
 
     @property
     def peer_hello(self) -> Hello | None:
@@ -555,14 +581,11 @@ class Client:
 
     def _send_large(self, msg_type: int, payload: Any, request_id: int,
                     deadline: float) -> int:
-        """Send one frame whose payload is not small: through shared memory or scattered."""
-        writes = self._shm_writes(msg_type, payload, request_id, deadline)
+        """Send one frame whose payload is not small: through shared memory or inline."""
         end = 0
-        if writes:
-            for buffers, fds in writes:
-                end = self._channel.send(buffers, fds)
-            return end
-        return self._channel.send(self._endpoint.inline(msg_type, payload, request_id))
+        for buffers, fds in self._writes(msg_type, payload, request_id, deadline):
+            end = self._channel.send(buffers, fds)
+        return end
 
     def _close_channel(self) -> None:
         self._channel.close()
@@ -578,18 +601,65 @@ class Client:
         error.__cause__ = reason.__cause__ if isinstance(reason, ConnectionClosed) else reason
         return error
 
-    def _shm_writes(self, msg_type: int, payload: Any, request_id: int,
-                    deadline: float) -> list[tuple[list[Any], list[int]]] | None:
-        """The writes that carry ``payload`` through shared memory, or None for inline."""
-        if self._endpoint.peer_hello is None and self._endpoint.pool is not None \
-                and memoryview(payload).nbytes >= self._endpoint.shm_threshold:
-            self._await_hello(min(deadline, monotonic() + HELLO_WAIT_S))
-        try:
-            return self._endpoint.shm_sends(msg_type, payload, request_id, deadline)
-        except ShmError:
+    def _writes(self, msg_type: int, payload: Any, request_id: int,
+                deadline: float) -> list[Any]:
+        """The writes that carry a payload that is not small, by the protocol's limits rule
+        (``Endpoint.writes``), waiting for a shared-memory segment to come free if needed.
+
+        Raises:
+            FrameTooLargeError: over the server's limit without shared memory; nothing sent.
+            TypeError: not a bytes-like payload.
+            ShmError: more than shared memory takes.
+            Timeout: no segment came free by ``deadline``.
+            ConnectionClosed: the connection is closed.
+        """
+        endpoint = self._endpoint
+        if endpoint.peer_hello is None and endpoint.pool is not None:
+            try:
+                size = memoryview(payload).nbytes
+            except TypeError:
+                size = 0   # Endpoint.writes says what is wrong with it
+            if size >= endpoint.shm_threshold:
+                self._await_hello(min(deadline, monotonic() + HELLO_WAIT_S))
+        return self._until_released(
+            lambda: endpoint.writes(msg_type, payload, request_id), deadline)
+
+    def _until_released(self, attempt: Callable[[], Any], deadline: float) -> Any:
+        """``attempt()`` until it returns something other than None (shared memory was
+        exhausted), keeping this connection's reads going meanwhile: the releases that free
+        segments arrive on the stream, and nobody else may be reading it.
+
+        Raises:
+            Timeout: still None at ``deadline``.
+            ConnectionClosed: the connection closed meanwhile.
+        """
+        pool = self._endpoint.pool
+        while True:
             if self._closed_reason is not None:
-                raise self._closed_error() from None
-            raise
+                raise self._closed_error()
+            generation = pool.generation if pool is not None else 0
+            try:
+                result = attempt()
+            except ShmError:
+                if self._closed_reason is not None:
+                    raise self._closed_error() from None
+                raise
+            if result is not None:
+                return result
+            assert pool is not None
+            remaining = deadline - monotonic()
+            if remaining <= 0:
+                raise Timeout(f"no shared-memory segment came free in time "
+                              f"({pool.total_bytes} of {pool.max_bytes} bytes lent out)")
+            wait = min(remaining, _RELEASE_POLL_S)
+            with self._lock:
+                leading = not self._reading and self._closed_reason is None
+                if leading:
+                    self._reading = True
+            if leading:
+                self._read(wait)   # admits releases; hands replies to their threads
+            else:
+                pool.wait(generation, wait)   # the reader admits them for us
 
     def _await_hello(self, until: float) -> None:
         """Read until the server's hello has arrived, or ``until``: shared memory is only
@@ -609,10 +679,6 @@ class Client:
                 self._reading = True
             self._read(remaining)
 
-    def _send_control(self, payload: bytes) -> None:
-        """A release or retire message (an Event with request id 0)."""
-        self._channel.send([self._encode_frame(MessageType.EVENT, payload, 0)])
-
     def _send(self, frames: list[Any]) -> None:
         try:
             self._channel.send(frames)
@@ -621,8 +687,10 @@ class Client:
 
     def _send_failed(self, error: BaseException) -> NoReturn:
         """Classify a failed send, fail the connection where the stream may be cut, raise."""
-        if isinstance(error, (TypeError, ValueError)):
-            raise error   # refused before a byte was written
+        if isinstance(error, (TypeError, ValueError, ProtocolError)):
+            # Refused before a byte was written: too large for the server, not bytes-like,
+            # more than shared memory takes. The connection is untouched.
+            raise error
         if isinstance(error, BlockingIOError):
             # SO_SNDTIMEO expired; part of a frame may have left, so the stream is unusable.
             timeout = Timeout("the server did not read in time (send timed out)")
@@ -653,9 +721,8 @@ class Client:
                 if not frames:
                     break
                 for item in self._endpoint.admit(frames):
-                    if type(item) is self._frame_type and item.type == MessageType.ERROR \
-                            and item.request_id == 0:
-                        self._error_frame(item)
+                    if type(item) is self._frame_type and item.type == MessageType.ERROR:
+                        self._error_frame(item, salvaged=True)
         except (OSError, ProtocolError):
             pass
         finally:
@@ -807,9 +874,11 @@ class Client:
                 log.exception("on_event callback raised")
 
     def _lost_message(self, error: OSError | None) -> str:
-        """Why the connection ended: the server's own word where it gave one."""
+        """Why the connection ended: the server's own word where it gave one, or ours."""
         if self._server_error is not None:
             return f"server at {self.path} closed the connection: {self._server_error}"
+        if self._channel.aborted is not None:
+            return f"connection to {self.path} cut: {self._channel.aborted}"
         if error is None:
             return f"server at {self.path} closed the connection"
         return f"connection to {self.path} lost: {error.strerror or error}"
@@ -841,13 +910,13 @@ class Client:
                 self._violation(item)
         return events, replies
 
-    def _error_frame(self, frame: Any) -> None:
+    def _error_frame(self, frame: Any, salvaged: bool = False) -> None:
         try:
             code, message = decode_error_payload(frame.payload)
-        except ValueError as malformed:
-            code, message = 2, f"malformed Error payload: {malformed}"
+        except ValueError as malformed:   # still an answer: a generic one (PROTOCOL.md 7)
+            code, message = 0, f"the server sent a malformed Error payload: {malformed}"
         error = remote_error(code, message, frame.request_id)
-        if frame.request_id == 0:
+        if frame.request_id == 0 or (salvaged and code in _FATAL_CODES):
             # About the connection, not a request: the server closes next; say why then.
             self._server_error = error
             log.warning("server at %s reports: %s", self.path, error)

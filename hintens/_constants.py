@@ -19,6 +19,13 @@ VERSION_MAJOR = 1
 MAX_FRAME_PAYLOAD_BYTES = 0xFFFFFFFF
 #: Default payload limit of a FrameDecoder.
 DEFAULT_MAX_PAYLOAD_BYTES = 64 * 1024 * 1024
+#: Error frames and control Events (Events with request id 0) are accepted up to this size
+#: whatever the receiver's limit: an Error payload is at most 12 + 4096 bytes, a release or
+#: retire at most 8 + 4 * 1024, a hello at most 4096.
+CONTROL_MAX_PAYLOAD_BYTES = 12 + 4096
+#: Unfinished frames whose payload is larger than this count against a decoder's MemoryBudget
+#: (max_pending_bytes); smaller ones are not worth the bookkeeping.
+BUDGETED_FRAME_BYTES = 64 * 1024
 #: Payloads shorter than this are copied out of the receive buffer into a new ``bytes``;
 #: longer ones are returned as read-only memoryviews sharing it (when it is immutable).
 PAYLOAD_COPY_THRESHOLD_BYTES = 1024

@@ -1,6 +1,7 @@
 # The contract of the compiled core: C helpers it links and the layout of its classes.
 # Field comments say what each slot holds; hintens/_core_py.py is the pure-Python twin.
 
+from cpython.object cimport PyObject
 from cpython.pythread cimport PyThread_type_lock
 from libc.stdint cimport uint16_t, uint32_t, uint64_t
 
@@ -75,13 +76,23 @@ cdef class Frame:
     cdef readonly object payload         # bytes, or a read-only memoryview sharing the input
 
 
+cdef class MemoryBudget:
+    cdef readonly Py_ssize_t limit       # the most that may be taken at once
+    cdef readonly Py_ssize_t used        # taken and not given back yet
+    cpdef bint take(self, Py_ssize_t amount)
+    cpdef give(self, Py_ssize_t amount)
+
+
 cdef class FrameDecoder:
     cdef uint32_t _max_payload           # payload limit, checked before anything is buffered
     cdef int _state                      # _HEADER_STATE, _PAYLOAD_STATE or _DISCARD_STATE
     cdef unsigned char _header[24]       # header bytes of an unfinished frame
     cdef Py_ssize_t _header_len          # how many of them have arrived
     cdef hx_header _fields               # unpacked header of the frame being assembled
-    cdef bytes _payload                  # its payload, written in place while we own the only ref
+    cdef PyObject *_payload              # its payload (a bytes we own alone), grown as bytes come
+    cdef Py_ssize_t _capacity            # the size _payload has now (at most the payload length)
+    cdef Py_ssize_t _reserved            # bytes taken from budget for the frame being assembled
+    cdef public MemoryBudget budget      # bounds bytes held for unfinished frames, or None
     cdef Py_ssize_t _assembled           # payload bytes assembled so far
     cdef Py_ssize_t _remaining           # payload bytes still to assemble or discard
     cdef uint16_t _running_crc           # CRC of the assembled bytes, computed while they are hot
@@ -94,7 +105,10 @@ cdef class FrameDecoder:
     cdef list _feed(self, const unsigned char *data, Py_ssize_t n, object base, bint share)
     cdef int _decode(self, const unsigned char *data, Py_ssize_t n, object base, bint share,
                      list frames, Py_ssize_t *pos_out) except -1
-    cdef int _start_payload(self, const hx_header *h) except -1
+    cdef int _start_payload(self, const hx_header *h, Py_ssize_t available) except -1
+    cdef int _grow(self, Py_ssize_t needed) except -1
+    cdef object _take_payload(self)
+    cdef void _drop_payload(self) noexcept
     cdef int _check_prefix(self) except -1
     cdef int _validate(self, const hx_header *h) except -1
 
@@ -130,13 +144,27 @@ cdef class Channel:
     cdef uint64_t _event_id               # the request id of the newest Event posted
     cdef bint _eager                      # reads found several frames: try the next one
                                           # with MSG_DONTWAIT first, keeping the GIL
+    # Descriptors queued with frames of the outbox (offer), in stream order: each rides on the
+    # first byte of its frame, in a sendmsg that carries that frame alone. The channel owns
+    # these (duplicates) until they are sent or dropped.
+    cdef uint64_t *_fd_at                 # stream offset of each one's frame
+    cdef uint64_t *_fd_end                # stream offset just past that frame
+    cdef int *_fd_fds                     # the descriptors
+    cdef Py_ssize_t _fd_count             # how many are queued
+    cdef Py_ssize_t _fd_cap               # room in the three arrays
+    cdef readonly object aborted          # why abort() cut the stream, or None
+    cdef public double stall_timeout      # seconds queued bytes may wait on a full socket
+                                          # before the flusher aborts the channel (0: never)
 
     cdef uint64_t _send(self, object buffers, object fds=*) except? 0
     cdef int _reserve(self, Py_ssize_t extra) except -1
     cdef uint64_t _post(self, uint32_t msg_type, object payload, uint64_t request_id) except? 0
     cdef int _after_post(self, bint urgent) except -1
+    cdef int _after_offer(self) except -1
     cdef int _schedule(self) except -1
     cdef int _drain(self, int flags) except -1
+    cdef int _queue_fd(self, int fd, uint64_t at, uint64_t end) except -1
+    cdef void _drop_fds(self) noexcept
     cdef int _drain_quietly(self) except -1
     cdef int _requeue(self, unsigned char *buf, Py_ssize_t cap, Py_ssize_t start,
                       Py_ssize_t end) except -1
@@ -147,6 +175,15 @@ cdef class Channel:
                         Py_ssize_t nfds, size_t *written, bint quick) except -1
     cdef int _keep_fds(self, msghdr *message) except -1
     cdef list _receive(self, int flags)
+
+
+cdef class Mapping:
+    cdef unsigned char *_address          # start of the mapping, or NULL once unmapped
+    cdef Py_ssize_t _size                 # its length in bytes
+    cdef bint _writable                   # PROT_WRITE (refuses writable exports otherwise)
+    cdef readonly Py_ssize_t exports      # buffer exports alive right now
+    cdef list _charges                    # [(MemoryBudget, amount)], given back when unmapped
+    cdef int _unmap(self) except -1
 
 
 cdef class SharedRegion:

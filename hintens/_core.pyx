@@ -16,7 +16,14 @@ from cpython.buffer cimport (
     PyObject_GetBuffer,
 )
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE
-from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.bytes cimport (
+    PyBytes_AS_STRING,
+    PyBytes_FromStringAndSize,
+    PyBytes_GET_SIZE,
+    _PyBytes_Resize,
+)
+from cpython.object cimport PyObject
+from cpython.ref cimport Py_INCREF, Py_XDECREF
 from cpython.list cimport PyList_Append
 from cpython.memoryview cimport PyMemoryView_FromObject
 from cpython.number cimport PyNumber_Index
@@ -34,12 +41,16 @@ from cpython.pythread cimport (
     PyThread_acquire_lock,
     PyThread_allocate_lock,
     PyThread_free_lock,
+    PyThread_get_stacksize,
     PyThread_release_lock,
+    PyThread_set_stacksize,
 )
 
 from . import _errors
 from ._constants import (
     BATCH_WRITE_BYTES,
+    BUDGETED_FRAME_BYTES,
+    CONTROL_MAX_PAYLOAD_BYTES,
     DEFAULT_FLUSH_INTERVAL_S,
     DEFAULT_MAX_PAYLOAD_BYTES,
     DEFAULT_MAX_QUEUE_BYTES,
@@ -49,6 +60,9 @@ from ._errors import IncompleteFrameError, ProtocolError
 
 __all__ = [
     "Channel",
+    "Mapping",
+    "call_with_stack_size",
+    "MemoryBudget",
     "SharedRegion",
     "Frame",
     "FrameDecoder",
@@ -78,6 +92,11 @@ cdef enum:
 
 cdef Py_ssize_t COPY_THRESHOLD = PAYLOAD_COPY_THRESHOLD_BYTES
 cdef uint64_t MAX_FRAME_PAYLOAD = 0xFFFFFFFF
+cdef uint32_t CONTROL_MAX = CONTROL_MAX_PAYLOAD_BYTES
+cdef Py_ssize_t BUDGETED_BYTES = BUDGETED_FRAME_BYTES
+# An unfinished payload's buffer starts at this size (or its length, if smaller) and doubles as
+# bytes arrive: a peer that declares a large frame and stalls holds only what it sent.
+cdef Py_ssize_t FIRST_CAPACITY = 64 * 1024
 
 
 cdef inline object _index(object value):
@@ -166,6 +185,31 @@ def crc16(data, value=0xFFFF):
     crc = _crc(crc, ref.buf, <size_t>ref.len)
     _release(&ref)
     return crc
+
+
+def call_with_stack_size(Py_ssize_t stack_bytes, function, *args):
+    """``function(*args)`` with the interpreter's stack size for new threads set to
+    ``stack_bytes`` for that call alone (``_thread.start_new_thread``, say).
+
+    ``threading.stack_size`` is process-wide. Here the size is set, the call made and the
+    size put back in C, with the GIL held and no bytecode run in between: no other Python
+    thread can start a thread meanwhile and get our size by accident. (The pure-Python core
+    cannot promise that, so its twin leaves the size alone.)
+
+    Returns:
+        What ``function`` returns.
+
+    Raises:
+        ValueError: the platform refuses ``stack_bytes``.
+        Whatever ``function`` raises.
+    """
+    cdef size_t previous = PyThread_get_stacksize()
+    if PyThread_set_stacksize(<size_t>stack_bytes) != 0:
+        raise ValueError(f"the platform refuses a thread stack of {stack_bytes} bytes")
+    try:
+        return function(*args)
+    finally:
+        PyThread_set_stacksize(previous)
 
 
 def crc16_backend():
@@ -374,13 +418,52 @@ def unpack_header(buffer, offset=0):
 
 
 @cython.final
+cdef class MemoryBudget:
+    """A count of bytes (or of anything else) that several owners draw from, bounded by
+    ``limit``: the bytes all connections hold for unfinished frames, say, or the shared memory
+    they map. Every call runs with the GIL held, so it needs no lock of its own.
+
+    Args:
+        limit: the most that may be taken at once (at least 0).
+
+    Raises:
+        ValueError: ``limit`` is negative.
+    """
+
+    def __init__(self, Py_ssize_t limit):
+        if limit < 0:
+            raise ValueError("a budget's limit must not be negative")
+        self.limit = limit
+        self.used = 0
+
+    cpdef bint take(self, Py_ssize_t amount):
+        """Take ``amount`` if it fits under the limit. Returns:
+            True when taken (give it back later), False when it would not fit (nothing taken).
+        """
+        if amount < 0 or amount > self.limit - self.used:
+            return False
+        self.used += amount
+        return True
+
+    cpdef give(self, Py_ssize_t amount):
+        """Give back ``amount`` taken earlier."""
+        self.used = max(0, self.used - amount)
+
+    def __repr__(self):
+        return f"MemoryBudget(used={self.used}, limit={self.limit})"
+
+
+@cython.final
 cdef class FrameDecoder:
     """Sans-IO frame decoder: bytes in, frames out. See hintens/_core_py.py for its rules."""
 
     def __cinit__(self):
         self._state = _HEADER_STATE
         self._header_len = 0
-        self._payload = None
+        self._payload = NULL
+        self._capacity = 0
+        self._reserved = 0
+        self.budget = None
         self._assembled = 0
         self._remaining = 0
         self._backlog = b""
@@ -399,6 +482,33 @@ cdef class FrameDecoder:
         if not 0 <= max_payload <= MAX_FRAME_PAYLOAD:
             raise ValueError(f"max_payload must be in [0, {MAX_FRAME_PAYLOAD}]")
         self._max_payload = max_payload
+
+    def __dealloc__(self):
+        self._drop_payload()
+
+    def close(self):
+        """Drop the unfinished frame, if any, and give its bytes back to ``budget`` now (a
+        connection that ends inside a frame). The decoder may not be fed afterwards."""
+        self._drop_payload()
+        self._state = _HEADER_STATE
+        self._header_len = 0
+        self._remaining = 0
+        self._backlog = b""
+        self._failed = _errors.ProtocolError("the decoder was closed")
+
+    cdef void _drop_payload(self) noexcept:
+        # Frees the unfinished payload and gives its reservation back.
+        Py_XDECREF(self._payload)
+        self._payload = NULL
+        self._capacity = 0
+        self._assembled = 0
+        if self._reserved:
+            if self.budget is not None:
+                try:
+                    self.budget.give(self._reserved)
+                except BaseException:   # cannot happen (give only subtracts); never propagate
+                    pass
+            self._reserved = 0
 
     @property
     def max_payload(self):
@@ -499,7 +609,9 @@ cdef class FrameDecoder:
                     self._state = _HEADER_STATE
             elif self._state == _PAYLOAD_STATE:
                 take = min(self._remaining, n - pos)
-                _copy(<unsigned char *>PyBytes_AS_STRING(self._payload) + self._assembled,
+                if self._assembled + take > self._capacity:
+                    self._grow(self._assembled + take)
+                _copy(<unsigned char *>PyBytes_AS_STRING(<object>self._payload) + self._assembled,
                       data + pos, <size_t>take)
                 self._running_crc = _crc(self._running_crc, data + pos, <size_t>take)
                 pos += take
@@ -507,9 +619,7 @@ cdef class FrameDecoder:
                 self._remaining -= take
                 self._assembled += take
                 if self._remaining == 0:
-                    payload = self._payload
-                    self._payload = None
-                    self._assembled = 0
+                    payload = self._take_payload()
                     self._state = _HEADER_STATE
                     if self._running_crc != self._fields.checksum:
                         raise _errors.checksum_error(
@@ -548,7 +658,7 @@ cdef class FrameDecoder:
                     pos_out[0] = pos
                     PyList_Append(frames, _new_frame(&h, payload))
                 else:
-                    self._start_payload(&h)
+                    self._start_payload(&h, n - pos)
             else:
                 take = min(HEADER_SIZE - self._header_len, n - pos)
                 memcpy(self._header + self._header_len, data + pos, <size_t>take)
@@ -561,7 +671,7 @@ cdef class FrameDecoder:
                     hx_unpack_header(self._header, &h)
                     self._validate(&h)
                     if h.length:
-                        self._start_payload(&h)
+                        self._start_payload(&h, n - pos)
                     else:
                         if h.checksum != 0xFFFF:
                             raise _errors.checksum_error(h.checksum, 0xFFFF, h.request_id, h.type)
@@ -572,16 +682,61 @@ cdef class FrameDecoder:
                             PyList_Append(frames, _new_frame(&h, b""))
         return 0
 
-    cdef int _start_payload(self, const hx_header *h) except -1:
-        # Only after _validate: the length is within the limit. The bytes object is written in
-        # place while this decoder holds its only reference, and becomes the payload as is.
+    cdef int _start_payload(self, const hx_header *h, Py_ssize_t available) except -1:
+        # Only after _validate: the length is within the limit. A large payload first takes its
+        # whole length from the budget (so that a frame once admitted can always complete),
+        # or is skipped and refused. Its buffer, a bytes written in place while this decoder
+        # holds its only reference, starts small and grows as bytes arrive.
+        cdef Py_ssize_t length = h.length
+        if self.budget is not None and length > BUDGETED_BYTES:
+            if not self.budget.take(length):
+                self._state = _DISCARD_STATE
+                self._remaining = length
+                raise _errors.overloaded_error(length, self.budget.used, self.budget.limit,
+                                               h.request_id, h.type)
+            self._reserved = length
         self._fields = h[0]
-        self._payload = PyBytes_FromStringAndSize(NULL, h.length)
         self._assembled = 0
-        self._remaining = h.length
+        self._remaining = length
         self._running_crc = 0xFFFF
         self._state = _PAYLOAD_STATE
+        self._grow(min(length, max(available, FIRST_CAPACITY)))
         return 0
+
+    cdef int _grow(self, Py_ssize_t needed) except -1:
+        # At least `needed` bytes of room, doubling (never past the payload's length), so that
+        # assembling a payload copies each byte at most twice however it arrives.
+        cdef Py_ssize_t length = self._assembled + self._remaining
+        cdef Py_ssize_t capacity = min(length, max(needed, 2 * self._capacity))
+        cdef object fresh
+        try:
+            if self._payload == NULL:
+                fresh = PyBytes_FromStringAndSize(NULL, capacity)
+                Py_INCREF(fresh)
+                self._payload = <PyObject *>fresh
+            else:
+                _PyBytes_Resize(&self._payload, capacity)   # failing, it frees and NULLs it
+        except MemoryError:
+            # No memory for this frame: skip the rest of it and refuse it, as when the budget
+            # is spent. The stream stays in sync and nothing else is lost.
+            self._drop_payload()
+            self._state = _DISCARD_STATE
+            raise _errors.no_memory_error(length, self._fields.request_id, self._fields.type)
+        self._capacity = capacity
+        return 0
+
+    cdef object _take_payload(self):
+        # The finished payload (exactly its length by now), handed over with its reservation
+        # given back: from here on it is the application's memory.
+        cdef object payload = <object>self._payload
+        Py_XDECREF(self._payload)
+        self._payload = NULL
+        self._capacity = 0
+        self._assembled = 0
+        if self._reserved:
+            self.budget.give(self._reserved)
+            self._reserved = 0
+        return payload
 
     cdef int _check_prefix(self) except -1:
         cdef uint16_t magic
@@ -600,7 +755,8 @@ cdef class FrameDecoder:
             raise _errors.bad_version_error(h.version >> 8)
         if not 1 <= h.type <= 4:
             raise _errors.bad_type_error(h.type, h.request_id)
-        if h.length > self._max_payload:
+        if h.length > self._max_payload and not (
+                h.length <= CONTROL_MAX and (h.type == 4 or (h.type == 3 and h.request_id == 0))):
             raise _errors.too_large_error(h.length, self._max_payload, h.request_id, h.type)
         if h.flags & ~KNOWN_FLAGS_MASK:
             if h.length:
@@ -643,6 +799,35 @@ cdef extern from "sys/socket.h" nogil:
     const int MSG_DONTWAIT
 
 
+cdef extern from "fcntl.h" nogil:
+    int fcntl(int fd, int command, int argument)
+    const int F_DUPFD_CLOEXEC
+
+
+cdef ssize_t _send_with_fd(int sock, const unsigned char *data, size_t n, int fd,
+                           int flags) noexcept nogil:
+    # send(), or a sendmsg carrying one descriptor (SCM_RIGHTS) with the first byte.
+    cdef msghdr message
+    cdef iovec vector
+    cdef hx_fd_control control
+    cdef cmsghdr *header
+    if fd < 0:
+        return send(sock, data, n, flags)
+    memset_msghdr(&message)
+    vector.iov_base = <void *>data
+    vector.iov_len = n
+    message.msg_iov = &vector
+    message.msg_iovlen = 1
+    message.msg_control = &control
+    message.msg_controllen = CMSG_SPACE(sizeof(int))
+    header = CMSG_FIRSTHDR(&message)
+    header.cmsg_level = SOL_SOCKET
+    header.cmsg_type = SCM_RIGHTS
+    header.cmsg_len = CMSG_LEN(sizeof(int))
+    (<int *>CMSG_DATA(header))[0] = fd
+    return sendmsg(sock, &message, flags)
+
+
 cdef inline double _now() noexcept nogil:
     cdef timespec ts
     clock_gettime(CLOCK_MONOTONIC, &ts)
@@ -650,6 +835,9 @@ cdef inline double _now() noexcept nogil:
 
 
 cdef Py_ssize_t _BATCH_BYTES = BATCH_WRITE_BYTES
+# A drained queue buffer up to this size is kept for the next batch; a larger one (a burst)
+# is freed, so that a connection does not hold its largest burst's memory for good.
+cdef Py_ssize_t _KEEP_SPARE_BYTES = 1024 * 1024
 
 
 @cython.final
@@ -664,6 +852,13 @@ cdef class Channel:
         self._buffer = NULL
         self._queue = NULL
         self._spare = NULL
+        self._fd_at = NULL
+        self._fd_end = NULL
+        self._fd_fds = NULL
+        self._fd_count = 0
+        self._fd_cap = 0
+        self.aborted = None
+        self.stall_timeout = 0.0
         self._send_lock = PyThread_allocate_lock()
         if self._send_lock == NULL:
             raise MemoryError()
@@ -693,6 +888,10 @@ cdef class Channel:
         if self.fds:
             for fd in self.fds:
                 close_fd(fd)
+        self._drop_fds()
+        free(self._fd_at)
+        free(self._fd_end)
+        free(self._fd_fds)
         free(self._buffer)
         free(self._queue)
         free(self._spare)
@@ -918,6 +1117,26 @@ cdef class Channel:
             self._schedule()
         return 0
 
+    cdef int _after_offer(self) except -1:
+        # As _after_post for an Event, but never waiting for the socket: what it will not take
+        # now is left to the flusher (or to the thread that holds the send lock).
+        cdef double now = _now()
+        cdef bint quiet = now - self._last_lazy >= self.flush_interval
+        cdef int left = 0
+        self._last_lazy = now
+        if not self._corked and (quiet or self._queued >= _BATCH_BYTES):
+            if not PyThread_acquire_lock(self._send_lock, NOWAIT_LOCK):
+                return 0   # the holder writes our frames before it lets go
+            try:
+                left = self._drain(MSG_DONTWAIT)
+            finally:
+                PyThread_release_lock(self._send_lock)
+            if not left:
+                return 0
+        if not self._scheduled and self.on_queued is not None:
+            self._schedule()
+        return 0
+
     cdef int _schedule(self) except -1:
         self._scheduled = True
         try:
@@ -929,10 +1148,12 @@ cdef class Channel:
 
     cdef int _drain(self, int flags) except -1:
         # The caller holds the send lock. Returns 1 if MSG_DONTWAIT stopped it with bytes left.
+        # Invariant: self.written is the stream offset of buf[done] (the queue always follows
+        # the bytes already written), which places the queued descriptors within buf.
         cdef unsigned char *buf
-        cdef Py_ssize_t n, done, cap
+        cdef Py_ssize_t n, done, cap, chunk, ahead
         cdef ssize_t sent = 0
-        cdef int error = 0
+        cdef int error = 0, fd
         cdef bint quick
         while self._queued:
             if self._fd < 0:
@@ -946,17 +1167,27 @@ cdef class Channel:
             # another thread in and makes this one wait for it back (a context switch or two).
             quick = n <= NOGIL_THRESHOLD_BYTES
             while done < n:
+                fd = -1
+                chunk = n - done
+                if self._fd_count:
+                    ahead = <Py_ssize_t>(<long long>self._fd_at[0] - <long long>self.written)
+                    if ahead == 0:   # a descriptor's frame starts here: it goes alone with it
+                        fd = self._fd_fds[0]
+                        chunk = min(chunk, <Py_ssize_t>(self._fd_end[0] - self.written))
+                    elif ahead < chunk:
+                        chunk = ahead   # up to that frame, without the descriptor
                 if quick:
                     quick = False
-                    sent = send(self._fd, buf, <size_t>n, flags | MSG_NOSIGNAL | MSG_DONTWAIT)
+                    sent = _send_with_fd(self._fd, buf + done, <size_t>chunk, fd,
+                                         flags | MSG_NOSIGNAL | MSG_DONTWAIT)
                     if sent < 0:
                         error = errno
                         if error == EAGAIN and not flags & MSG_DONTWAIT:
                             continue   # full: wait for room without the GIL
                 else:
                     with nogil:
-                        sent = send(self._fd, buf + done, <size_t>(n - done),
-                                    flags | MSG_NOSIGNAL)
+                        sent = _send_with_fd(self._fd, buf + done, <size_t>chunk, fd,
+                                             flags | MSG_NOSIGNAL)
                         if sent < 0:
                             error = errno
                 if sent < 0:
@@ -968,6 +1199,12 @@ cdef class Channel:
                             raise
                         continue
                     break
+                if fd >= 0 and sent > 0:   # it left with the frame's first byte
+                    close_fd(fd)
+                    self._fd_count -= 1
+                    memmove(self._fd_at, self._fd_at + 1, self._fd_count * sizeof(uint64_t))
+                    memmove(self._fd_end, self._fd_end + 1, self._fd_count * sizeof(uint64_t))
+                    memmove(self._fd_fds, self._fd_fds + 1, self._fd_count * sizeof(int))
                 done += sent
                 self.written += <uint64_t>sent
             if done < n:
@@ -976,11 +1213,46 @@ cdef class Channel:
                     return 1
                 # OSError picks the subclass: EAGAIN (a kernel timeout) is BlockingIOError.
                 raise OSError(error, strerror(error).decode())
-            if self._spare == NULL:
+            if self._spare == NULL and cap <= _KEEP_SPARE_BYTES:
                 self._spare, self._spare_cap = buf, cap
             else:
-                free(buf)
+                free(buf)   # a burst's big buffer is not kept for good
         return 0
+
+    cdef int _queue_fd(self, int fd, uint64_t at, uint64_t end) except -1:
+        # A duplicate of fd, to ride on the first byte of the frame at [at, end).
+        cdef Py_ssize_t cap
+        cdef void *grown
+        cdef int copy
+        if self._fd_count == self._fd_cap:
+            cap = max(4, 2 * self._fd_cap)
+            grown = realloc(self._fd_at, cap * sizeof(uint64_t))
+            if grown == NULL:
+                raise MemoryError()
+            self._fd_at = <uint64_t *>grown
+            grown = realloc(self._fd_end, cap * sizeof(uint64_t))
+            if grown == NULL:
+                raise MemoryError()
+            self._fd_end = <uint64_t *>grown
+            grown = realloc(self._fd_fds, cap * sizeof(int))
+            if grown == NULL:
+                raise MemoryError()
+            self._fd_fds = <int *>grown
+            self._fd_cap = cap
+        copy = fcntl(fd, F_DUPFD_CLOEXEC, 0)
+        if copy < 0:
+            _raise_errno()
+        self._fd_at[self._fd_count] = at
+        self._fd_end[self._fd_count] = end
+        self._fd_fds[self._fd_count] = copy
+        self._fd_count += 1
+        return 0
+
+    cdef void _drop_fds(self) noexcept:
+        cdef Py_ssize_t k
+        for k in range(self._fd_count):
+            close_fd(self._fd_fds[k])
+        self._fd_count = 0
 
     cdef int _drain_quietly(self) except -1:
         # After the holder's own bytes left: frames others queued meanwhile. A failure here is
@@ -1202,15 +1474,90 @@ cdef class Channel:
                 self._fd = -1
                 self.dropped += <uint64_t>self._queued
                 self._queued = 0
+                self._drop_fds()
                 self._sock.close()
         finally:
             PyThread_release_lock(self._send_lock)
         self.close_fds()
 
+    def abort(self, reason):
+        """Cut the stream in both directions now, from any thread, without waiting for a
+        writer: readers see its end, writers an error. ``aborted`` keeps the first reason.
+        The descriptor itself stays open until ``close``."""
+        if self.aborted is None:
+            self.aborted = reason
+        self.broken = True
+        if self._fd >= 0:   # close() clears _fd before closing it, both with the GIL held
+            shutdown(self._fd, SHUT_RDWR)
+
+    def offer(self, writes, Py_ssize_t limit):
+        """Queue frames without waiting for the socket, all of them or none: a server pushes
+        Events this way, so that one slow reader never holds up the writer.
+
+        Args:
+            writes: ``[(buffers, fds), ...]``, each write one frame (or several), with at most
+                one descriptor, which rides on the write's first byte in a sendmsg of its own.
+            limit: queue no more than this many bytes in all; an empty queue takes any.
+
+        Returns:
+            True when queued (written now if the socket takes them, else by the flusher, or by
+            the thread writing now); False when they would take the queue over ``limit``:
+            nothing was queued.
+
+        Raises:
+            OSError: the channel is closed or broken, or the socket failed.
+        """
+        cdef Py_ssize_t total = 0, count = 0, acquired = 0, k
+        cdef uint64_t at
+        cdef _Input *refs
+        if self._fd < 0:
+            raise OSError(EBADF, "the channel is closed")
+        if self.broken:
+            raise OSError(EPIPE, "the channel broke in the middle of a frame")
+        for buffers, fds in writes:
+            if len(fds) > 1:
+                raise ValueError("at most one descriptor per write")
+            count += len(buffers)
+        refs = <_Input *>malloc(max(1, count) * sizeof(_Input))
+        if refs == NULL:
+            raise MemoryError()
+        try:
+            for buffers, fds in writes:
+                for buffer in buffers:
+                    _acquire(buffer, &refs[acquired], False)
+                    acquired += 1
+                    total += refs[acquired - 1].len
+            if self._queued and self._queued + total > limit:
+                return False
+            # The GIL is held from here to the end: the queue may be realloc'ed or detached by
+            # another thread as soon as we let go.
+            self._reserve(total)
+            k = 0
+            for buffers, fds in writes:
+                at = self.submitted
+                for buffer in buffers:
+                    memcpy(self._queue + self._queued, refs[k].buf, <size_t>refs[k].len)
+                    self._queued += refs[k].len
+                    self.submitted += <uint64_t>refs[k].len
+                    k += 1
+                if len(fds):
+                    self._queue_fd(fds[0], at, self.submitted)
+        finally:
+            for k in range(acquired):
+                _release(&refs[k])
+            free(refs)
+        self._after_offer()
+        return True
+
+
     @property
     def closed(self):
         """True once close() ran."""
         return self._fd < 0
+
+    def fileno(self):
+        """The socket's descriptor, or -1 once closed."""
+        return self._fd
 
     def close_fds(self):
         """Close every received descriptor nobody claimed."""
@@ -1249,14 +1596,17 @@ cdef class Channel:
         self.pending = frames
         return None
 
-    def serve(self, handler, on_error, shm_reply=None):
+    def serve(self, handler, on_error, reply_writes, Py_ssize_t small_max):
         """Read once; answer the leading run of plain Requests; return the frames after it.
 
-        ``handler(payload)`` returns the Response payload (bytes-like or None). If it raises an
+        ``handler(payload)`` returns the Response's payload (None for an empty one). A bytes
+        result shorter than ``small_max`` is answered here, inline; any other result goes to
+        ``reply_writes(request_id, result)``, which returns the writes ``[(buffers, fds), ...]``
+        that answer it (inline, through shared memory, or an Error frame), following the
+        protocol's one rule for replies. If ``handler`` or ``reply_writes`` raises an
         Exception, ``on_error(request_id, exception)`` returns the Error frame to send instead.
-        Replies leave in one write, in request order. ``shm_reply(request_id, result)``, when
-        given, may return the writes ``[(buffers, fds), ...]`` that carry a large result through
-        shared memory; they go out on their own, in order, or it returns None for inline.
+        Replies leave in request order, small ones together in one write. A read that holds
+        a control Event (request id 0) is answered by none of this: all of it goes back.
 
         Returns:
             The frames that follow the run, for the caller (often empty), or None at end of
@@ -1272,6 +1622,14 @@ cdef class Channel:
         if not frames:
             return frames
         count = len(frames)
+        for i in range(count):
+            frame = frames[i]
+            if frame.type == 3 and frame.request_id == 0:
+                # A control Event (a release, say) anywhere in this read: the caller admits
+                # the whole read before answering any of it, so that a reply waiting for
+                # the segment a later release frees does not wait for it in vain.
+                return frames
+        i = 0
         while i < count:
             frame = frames[i]
             if frame.type != 1 or frame.flags != 0:
@@ -1280,20 +1638,16 @@ cdef class Channel:
                 result = handler(frame.payload)
                 if result is None:
                     result = b""
-                if type(result) is bytes and len(<bytes>result) < _SCATTER_BYTES:
+                if type(result) is bytes and len(<bytes>result) < small_max:
                     out.append(encode_frame(2, result, frame.request_id))
                 else:
-                    writes = None if shm_reply is None else shm_reply(frame.request_id, result)
-                    if writes is None:
-                        out.append(encode_header(2, result, frame.request_id))
-                        out.append(result)
-                    else:
-                        if out:
-                            self._send(out, None)
-                            out = []
-                        for buffers, fds in writes:
-                            self._send(buffers, fds)
+                    writes = reply_writes(frame.request_id, result)
                     result = None   # a lent payload goes back once nothing holds it
+                    if out:
+                        self._send(out, None)
+                        out = []
+                    for buffers, fds in writes:
+                        self._send(buffers, fds)
             except Exception as error:
                 out.append(on_error(frame.request_id, error))
             i += 1
@@ -1310,6 +1664,130 @@ cdef inline void memset_msghdr(msghdr *message) noexcept nogil:
     message.msg_control = NULL
     message.msg_controllen = 0
     message.msg_flags = 0
+
+
+# Mapping: a memory mapping of a descriptor that keeps no descriptor -------------------------
+
+cdef extern from "sys/mman.h" nogil:
+    void *mmap(void *address, size_t length, int protection, int flags, int fd, long offset)
+    int munmap(void *address, size_t length)
+    int madvise(void *address, size_t length, int advice)
+    const int PROT_READ
+    const int PROT_WRITE
+    const int MAP_SHARED
+    const int MAP_PRIVATE
+    void *MAP_FAILED
+
+
+@cython.final
+@cython.no_gc_clear   # __dealloc__ gives the charges back; they hold no reference to us
+cdef class Mapping:
+    """``length`` bytes of a file descriptor mapped into memory, exposing the buffer protocol.
+
+    Unlike ``mmap.mmap``, it keeps no duplicate of the descriptor: once mapped, the caller may
+    close it. Its buffer exports are counted; ``close()`` refuses while one is alive, and the
+    memory is unmapped when the object goes. Budgets charged for it with ``charge`` are given
+    back when it is unmapped, so they count memory that is really mapped.
+
+    Args:
+        fd: the descriptor (not kept).
+        length: bytes to map, at least 1.
+        writable: map with PROT_WRITE; otherwise writable exports are refused.
+        private: MAP_PRIVATE (copy-on-write) instead of MAP_SHARED.
+        offset: where the mapping starts in the file; a multiple of the page size.
+
+    Raises:
+        OSError: mmap failed (ENOMEM, EACCES, ...).
+        ValueError: ``length`` is not positive or ``offset`` is negative.
+    """
+
+    def __cinit__(self, int fd, Py_ssize_t length, bint writable=False, bint private=False,
+                  Py_ssize_t offset=0):
+        cdef void *address
+        cdef int protection = PROT_READ | (PROT_WRITE if writable else 0)
+        cdef int flags = MAP_PRIVATE if private else MAP_SHARED
+        self._address = NULL
+        self._charges = []
+        if length <= 0 or offset < 0:
+            raise ValueError("a mapping needs a positive length and an offset of 0 or more")
+        with nogil:
+            address = mmap(NULL, <size_t>length, protection, flags, fd, offset)
+        if address == MAP_FAILED:
+            _raise_errno()
+        self._address = <unsigned char *>address
+        self._size = length
+        self._writable = writable
+        self.exports = 0
+
+    def __dealloc__(self):
+        self._unmap()
+
+    cdef int _unmap(self) except -1:
+        cdef MemoryBudget budget
+        if self._address != NULL:
+            munmap(self._address, <size_t>self._size)
+            self._address = NULL
+            for budget, amount in self._charges:
+                budget.give(amount)
+            self._charges = []
+        return 0
+
+    def charge(self, MemoryBudget budget, Py_ssize_t amount):
+        """Note that ``amount`` was taken from ``budget`` for this mapping: it is given back
+        when the mapping is unmapped (by ``close`` or when the object goes)."""
+        if self._address == NULL:
+            budget.give(amount)
+        else:
+            self._charges.append((budget, amount))
+
+    def __getbuffer__(self, Py_buffer *view, int flags):
+        if self._address == NULL:
+            raise ValueError("the mapping is closed")
+        if flags & PyBUF_WRITABLE and not self._writable:
+            raise BufferError("the mapping is read-only")
+        PyBuffer_FillInfo(view, self, self._address, self._size, not self._writable, flags)
+        self.exports += 1
+
+    def __releasebuffer__(self, Py_buffer *view):
+        self.exports -= 1
+
+    def __len__(self):
+        return self._size
+
+    @property
+    def closed(self):
+        """True once unmapped."""
+        return self._address == NULL
+
+    def close(self):
+        """Unmap now. Idempotent.
+
+        Raises:
+            BufferError: a view of it is still alive.
+        """
+        if self.exports:
+            raise BufferError(f"cannot close a mapping: {self.exports} export(s) are alive")
+        self._unmap()
+
+    def madvise(self, int advice, Py_ssize_t start=0, length=None):
+        """madvise(2) on ``[start, start + length)`` (default: to the end); ``start`` a multiple
+        of the page size.
+
+        Raises:
+            OSError: the kernel refused (EINVAL for an advice it does not know, say).
+            ValueError: the range is outside the mapping, or it is closed.
+        """
+        cdef Py_ssize_t span = self._size - start if length is None else length
+        cdef int result
+        if self._address == NULL:
+            raise ValueError("the mapping is closed")
+        if start < 0 or span < 0 or start > self._size or span > self._size - start:
+            raise ValueError(f"[{start}, {start}+{span}) is outside the {self._size}-byte "
+                             f"mapping")
+        with nogil:
+            result = madvise(self._address + start, <size_t>span, advice)
+        if result != 0:
+            _raise_errno()
 
 
 # SharedRegion: a window of a shared mapping lent to the application --------------------------

@@ -24,17 +24,21 @@ from __future__ import annotations
 import binascii
 import errno
 import math
+import mmap
 import operator
 import os
 import socket
 import struct
 import threading
+import weakref
 from time import monotonic
 from typing import Any
 
 from . import _errors
 from ._constants import (
     BATCH_WRITE_BYTES,
+    BUDGETED_FRAME_BYTES,
+    CONTROL_MAX_PAYLOAD_BYTES,
     DEFAULT_FLUSH_INTERVAL_S,
     DEFAULT_MAX_PAYLOAD_BYTES,
     DEFAULT_MAX_QUEUE_BYTES,
@@ -50,6 +54,9 @@ from ._errors import IncompleteFrameError, ProtocolError
 
 __all__ = [
     "Channel",
+    "Mapping",
+    "call_with_stack_size",
+    "MemoryBudget",
     "SharedRegion",
     "Frame",
     "FrameDecoder",
@@ -99,6 +106,18 @@ def crc16(data: Any, value: int = 0xFFFF) -> int:
     """
     value = _u(value, 16, "value")
     return binascii.crc_hqx(_contiguous_bytes(data), value)
+
+
+def call_with_stack_size(stack_bytes: int, function: Any, *args: Any) -> Any:
+    """``function(*args)``; the compiled core runs it with the interpreter's stack size for
+    new threads set to ``stack_bytes`` for that call alone. Pure Python cannot change that
+    size without a moment in which another thread could start one with it, so this twin
+    leaves the size alone (new threads get the platform's default stack).
+
+    Returns:
+        What ``function`` returns.
+    """
+    return function(*args)
 
 
 def crc16_backend() -> str:
@@ -231,12 +250,54 @@ def unpack_header(buffer: Any, offset: int = 0) -> FrameHeader:
     return FrameHeader(*_HEADER.unpack_from(view, offset))
 
 
+class MemoryBudget:
+    """A count of bytes (or of anything else) that several owners draw from, bounded by
+    ``limit``: the bytes all connections hold for unfinished frames, say, or the shared memory
+    they map.
+
+    Args:
+        limit: the most that may be taken at once (at least 0).
+
+    Raises:
+        ValueError: ``limit`` is negative.
+    """
+
+    def __init__(self, limit: int) -> None:
+        limit = operator.index(limit)
+        if limit < 0:
+            raise ValueError("a budget's limit must not be negative")
+        self.limit = limit
+        self.used = 0
+        self._lock = threading.Lock()
+
+    def take(self, amount: int) -> bool:
+        """Take ``amount`` if it fits under the limit. Returns:
+            True when taken (give it back later), False when it would not fit (nothing taken).
+        """
+        with self._lock:
+            if amount < 0 or amount > self.limit - self.used:
+                return False
+            self.used += amount
+            return True
+
+    def give(self, amount: int) -> None:
+        """Give back ``amount`` taken earlier."""
+        with self._lock:
+            self.used = max(0, self.used - amount)
+
+    def __repr__(self) -> str:
+        return f"MemoryBudget(used={self.used}, limit={self.limit})"
+
+
 # Decoder states.
 _HEADER_STATE, _PAYLOAD_STATE, _DISCARD_STATE = 0, 1, 2
 
 
 class FrameDecoder:
     """Sans-IO frame decoder: bytes in, frames out. See the module docstring for its rules."""
+
+    _reserved = 0   # class defaults: __del__ may run on an instance whose __init__ raised
+    budget: MemoryBudget | None = None
 
     def __init__(self, max_payload: int = DEFAULT_MAX_PAYLOAD_BYTES) -> None:
         """Args:
@@ -263,6 +324,27 @@ class FrameDecoder:
         self.skip_events = False
         #: How many Events ``skip_events`` dropped.
         self.events_skipped = 0
+        #: Bounds the bytes held for unfinished frames (shared by several decoders), or None.
+        self.budget = None
+        self._reserved = 0              # taken from budget for the frame being assembled
+
+    def __del__(self) -> None:
+        self._drop_payload()
+
+    def close(self) -> None:
+        """Drop the unfinished frame, if any, and give its bytes back to ``budget`` now (a
+        connection that ends inside a frame). The decoder may not be fed afterwards."""
+        self._drop_payload()
+        self._state, self._header, self._remaining = _HEADER_STATE, bytearray(), 0
+        self._backlog = b""
+        self._failed = ProtocolError("the decoder was closed")
+
+    def _drop_payload(self) -> None:
+        self._parts, self._assembled = [], 0
+        if self._reserved:   # given back once, whoever comes first (close, completion, GC)
+            if self.budget is not None:
+                self.budget.give(self._reserved)
+            self._reserved = 0
 
     @property
     def max_payload(self) -> int:
@@ -348,7 +430,7 @@ class FrameDecoder:
                     self._assembled += take
                     if not self._remaining:
                         assembled = b"".join(self._parts)
-                        self._parts, self._assembled = [], 0
+                        self._drop_payload()   # handed over: no longer ours to count
                         self._state = _HEADER_STATE
                         self._emit(frames, self._finish(self._fields, assembled))
                 elif not self._header and end - pos >= HEADER_SIZE:
@@ -398,7 +480,9 @@ class FrameDecoder:
             raise _errors.bad_version_error(version >> 8)
         if not 1 <= msg_type <= 4:
             raise _errors.bad_type_error(msg_type, request_id)
-        if length > self._max_payload:
+        if length > self._max_payload and not (
+                length <= CONTROL_MAX_PAYLOAD_BYTES
+                and (msg_type == 4 or (msg_type == 3 and request_id == 0))):
             raise _errors.too_large_error(length, self._max_payload, request_id, msg_type)
         if flags & ~KNOWN_FLAGS_MASK:
             if length:
@@ -413,9 +497,19 @@ class FrameDecoder:
             frames.append(frame)
 
     def _start_payload(self, fields: tuple[int, ...]) -> None:
+        # A large payload takes its whole length from the budget first (so that a frame once
+        # admitted can always complete), or is skipped and refused. Its pieces are kept as
+        # they arrive: a peer that declares a large frame and stalls holds only what it sent.
+        length = fields[4]
+        if self.budget is not None and length > BUDGETED_FRAME_BYTES:
+            if not self.budget.take(length):
+                self._state, self._remaining = _DISCARD_STATE, length
+                raise _errors.overloaded_error(length, self.budget.used, self.budget.limit,
+                                               fields[6], fields[2])
+            self._reserved = length
         self._fields = fields
         self._state = _PAYLOAD_STATE
-        self._remaining = fields[4]
+        self._remaining = length
 
     @staticmethod
     def _finish(fields: tuple[int, ...], payload: Any) -> Frame:
@@ -480,6 +574,14 @@ class Channel:
         self.max_queue = DEFAULT_MAX_QUEUE_BYTES
         #: Called with the channel when Events wait for the flush deadline.
         self.on_queued: Any = None
+        #: Why abort() cut the stream, or None.
+        self.aborted: str | None = None
+        #: Seconds queued bytes may wait on a full socket before the flusher aborts the
+        #: channel (0: never).
+        self.stall_timeout = 0.0
+        # Descriptors queued with frames (offer): (stream offset of the frame, offset past it,
+        # a duplicate we own), in stream order.
+        self._fd_slots: list[tuple[int, int, int]] = []
         self._corked = 0
         self._scheduled = False
         self._last_lazy = -math.inf   # when the newest non-urgent frame was posted (never yet)
@@ -498,13 +600,72 @@ class Channel:
                 with self._queue_lock:
                     self.dropped += len(self._queue)
                     self._queue = bytearray()
+                    while self._fd_slots:
+                        os.close(self._fd_slots.pop()[2])
                 self._sock.close()
         self.close_fds()
+
+    def abort(self, reason: str) -> None:
+        """Cut the stream in both directions now, from any thread, without waiting for a
+        writer: readers see its end, writers an error. ``aborted`` keeps the first reason.
+        The descriptor itself stays open until ``close``."""
+        if self.aborted is None:
+            self.aborted = reason
+        self.broken = True
+        if not self._closed:
+            try:
+                self._sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def offer(self, writes: Any, limit: int) -> bool:
+        """Queue frames without waiting for the socket, all of them or none: a server pushes
+        Events this way, so that one slow reader never holds up the writer.
+
+        Args:
+            writes: ``[(buffers, fds), ...]``, each write one frame (or several), with at most
+                one descriptor, which rides on the write's first byte in a sendmsg of its own.
+            limit: queue no more than this many bytes in all; an empty queue takes any.
+
+        Returns:
+            True when queued (written now if the socket takes them, else by the flusher, or by
+            the thread writing now); False when they would take the queue over ``limit``:
+            nothing was queued.
+
+        Raises:
+            OSError: the channel is closed or broken, or the socket failed.
+        """
+        if self._closed:
+            raise OSError(errno.EBADF, "the channel is closed")
+        if self.broken:
+            raise OSError(errno.EPIPE, "the channel broke in the middle of a frame")
+        parts = []
+        for buffers, fds in writes:
+            if len(fds) > 1:
+                raise ValueError("at most one descriptor per write")
+            parts.append(([memoryview(b).cast("B") for b in buffers], fds))
+        total = sum(len(view) for views, _ in parts for view in views)
+        with self._queue_lock:
+            if self._queue and len(self._queue) + total > limit:
+                return False
+            for views, fds in parts:
+                at = self.submitted
+                for view in views:
+                    self._queue += view
+                    self.submitted += len(view)
+                if len(fds):
+                    self._fd_slots.append((at, self.submitted, os.dup(fds[0])))
+        self._after_offer()
+        return True
 
     @property
     def closed(self) -> bool:
         """True once close() ran."""
         return self._closed
+
+    def fileno(self) -> int:
+        """The socket's descriptor, or -1 once closed."""
+        return -1 if self._closed else self._sock.fileno()
 
     def close_fds(self) -> None:
         """Close every received descriptor nobody claimed."""
@@ -707,6 +868,24 @@ class Channel:
         elif not self._scheduled and self.on_queued is not None:
             self._schedule()
 
+    def _after_offer(self) -> None:
+        # As _after_post for an Event, but never waiting for the socket: what it will not take
+        # now is left to the flusher (or to the thread that holds the send lock).
+        now = monotonic()
+        quiet = now - self._last_lazy >= self.flush_interval
+        self._last_lazy = now
+        if not self._corked and (quiet or len(self._queue) >= BATCH_WRITE_BYTES):
+            if not self._send_lock.acquire(False):
+                return   # the holder writes our frames before it lets go
+            try:
+                left = self._drain(socket.MSG_DONTWAIT)
+            finally:
+                self._send_lock.release()
+            if not left and not self._write_leftovers(socket.MSG_DONTWAIT):
+                return
+        if not self._scheduled and self.on_queued is not None:
+            self._schedule()
+
     def _schedule(self) -> None:
         self._scheduled = True
         try:
@@ -747,7 +926,27 @@ class Channel:
             try:
                 with memoryview(data) as view:
                     while done < len(data):
-                        sent = self._sock.send(view[done:], flags | socket.MSG_NOSIGNAL)
+                        # self.written is the stream offset of data[done]: a queued
+                        # descriptor goes alone with the first byte of its frame.
+                        chunk, fd = len(data) - done, -1
+                        if self._fd_slots:
+                            at, end, slot_fd = self._fd_slots[0]
+                            ahead = at - self.written
+                            if ahead == 0:
+                                fd, chunk = slot_fd, min(chunk, end - self.written)
+                            elif 0 < ahead < chunk:
+                                chunk = ahead
+                        if fd >= 0:
+                            sent = self._sock.sendmsg(
+                                [view[done:done + chunk]],
+                                [(socket.SOL_SOCKET, socket.SCM_RIGHTS, _INT.pack(fd))],
+                                flags | socket.MSG_NOSIGNAL)
+                            if sent:
+                                self._fd_slots.pop(0)
+                                os.close(fd)
+                        else:
+                            sent = self._sock.send(view[done:done + chunk],
+                                                   flags | socket.MSG_NOSIGNAL)
                         done += sent
                         self.written += sent
             except BaseException as error:
@@ -831,14 +1030,18 @@ class Channel:
         self.pending = frames
         return None
 
-    def serve(self, handler: Any, on_error: Any, shm_reply: Any = None) -> list[Frame] | None:
+    def serve(self, handler: Any, on_error: Any, reply_writes: Any,
+              small_max: int) -> list[Frame] | None:
         """Read once; answer the leading run of plain Requests; return the frames after it.
 
-        ``handler(payload)`` returns the Response payload (bytes-like or None). If it raises an
+        ``handler(payload)`` returns the Response's payload (None for an empty one). A bytes
+        result shorter than ``small_max`` is answered here, inline; any other result goes to
+        ``reply_writes(request_id, result)``, which returns the writes ``[(buffers, fds), ...]``
+        that answer it (inline, through shared memory, or an Error frame), following the
+        protocol's one rule for replies. If ``handler`` or ``reply_writes`` raises an
         Exception, ``on_error(request_id, exception)`` returns the Error frame to send instead.
-        Replies leave in one write, in request order. ``shm_reply(request_id, result)``, when
-        given, may return the writes ``[(buffers, fds), ...]`` that carry a large result through
-        shared memory; they go out on their own, in order, or it returns None for inline.
+        Replies leave in request order, small ones together in one write. A read that holds
+        a control Event (request id 0) is answered by none of this: all of it goes back.
 
         Returns:
             The frames that follow the run, for the caller (often empty), or None at end of
@@ -850,6 +1053,11 @@ class Channel:
         frames = self.receive()
         if not frames:
             return frames
+        if any(frame.type == 3 and frame.request_id == 0 for frame in frames):
+            # A control Event (a release, say) anywhere in this read: the caller admits the
+            # whole read before answering any of it, so that a reply waiting for the segment
+            # a later release frees does not wait for it in vain.
+            return frames
         out: list[Any] = []
         done = 0
         for frame in frames:
@@ -859,24 +1067,85 @@ class Channel:
                 result = handler(frame.payload)
                 if result is None:
                     result = b""
-                if type(result) is bytes and len(result) < _SCATTER_BYTES:
+                if type(result) is bytes and len(result) < small_max:
                     out.append(encode_frame(2, result, frame.request_id))
                 else:
-                    writes = None if shm_reply is None else shm_reply(frame.request_id, result)
-                    if writes is None:
-                        out += [encode_header(2, result, frame.request_id), result]
-                    else:
-                        if out:
-                            self.send(out)
-                            out = []
-                        for buffers, fds in writes:
-                            self.send(buffers, fds)
+                    writes = reply_writes(frame.request_id, result)
+                    result = None
+                    if out:
+                        self.send(out)
+                        out = []
+                    for buffers, fds in writes:
+                        self.send(buffers, fds)
             except Exception as error:
                 out.append(on_error(frame.request_id, error))
             done += 1
         if out:
             self.send(out)
         return frames[done:]
+
+
+class Mapping(mmap.mmap):
+    """``length`` bytes of a file descriptor mapped into memory, exposing the buffer protocol.
+
+    The compiled core's Mapping keeps no duplicate of the descriptor; this twin is an
+    ``mmap.mmap``, which keeps one until it is closed. mmap counts its buffer exports itself
+    (``close()`` raises BufferError while one is alive) but does not tell how many, so this
+    twin has no ``exports``. Budgets charged for it with ``charge`` are given back when it is
+    unmapped.
+
+    Args:
+        fd: the descriptor (the caller may close it).
+        length: bytes to map, at least 1.
+        writable: map with PROT_WRITE.
+        private: MAP_PRIVATE (copy-on-write) instead of MAP_SHARED.
+        offset: where the mapping starts in the file; a multiple of the page size.
+
+    Raises:
+        OSError: mmap failed.
+        ValueError: ``length`` is not positive or ``offset`` is negative.
+    """
+
+    _charges: list[tuple[MemoryBudget, int]]
+    _finalizer: weakref.finalize
+
+    def __new__(cls, fd: int, length: int, writable: bool = False, private: bool = False,
+                offset: int = 0) -> Mapping:
+        if length <= 0 or offset < 0:
+            raise ValueError("a mapping needs a positive length and an offset of 0 or more")
+        protection = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+        flags = mmap.MAP_PRIVATE if private else mmap.MAP_SHARED
+        self = super().__new__(cls, fd, length, flags, protection, offset=offset)
+        self._charges = []
+        # Unmapped when closed, or when the object goes: give the charges back either way.
+        self._finalizer = weakref.finalize(self, _give_back, self._charges)
+        return self
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass   # mmap.mmap takes its arguments in __new__
+
+    def charge(self, budget: MemoryBudget, amount: int) -> None:
+        """Note that ``amount`` was taken from ``budget`` for this mapping: it is given back
+        when the mapping is unmapped (by ``close`` or when the object goes)."""
+        if self.closed:
+            budget.give(amount)
+        else:
+            self._charges.append((budget, amount))
+
+    def close(self) -> None:
+        """Unmap now. Idempotent.
+
+        Raises:
+            BufferError: a view of it is still alive.
+        """
+        super().close()
+        self._finalizer()
+
+
+def _give_back(charges: list[tuple[MemoryBudget, int]]) -> None:
+    while charges:
+        budget, amount = charges.pop()
+        budget.give(amount)
 
 
 class SharedRegion:

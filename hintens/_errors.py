@@ -86,6 +86,15 @@ class DecompressedTooLargeError(FrameTooLargeError):
     fatal = False
 
 
+class OverloadedError(ProtocolError):
+    """The receiver has no room for this frame now: buffering its payload would take the bytes
+    held for unfinished frames over the receiver's bound (``max_pending_bytes``). The payload
+    is skipped unread, the stream stays in sync, and a Request is answered UNAVAILABLE."""
+
+    code = ErrorCode.UNAVAILABLE
+    fatal = False
+
+
 class ShmError(ProtocolError):
     """A shared-memory descriptor or file descriptor failed validation."""
 
@@ -195,7 +204,7 @@ ERROR_TABLE: dict[ErrorCode, tuple[type[ProtocolError] | None, type[RemoteError]
     ErrorCode.HANDLER_ERROR: (None, HandlerError),
     ErrorCode.TIMEOUT: (None, RemoteTimeoutError),
     ErrorCode.SHM_ERROR: (ShmError, RemoteProtocolError),
-    ErrorCode.UNAVAILABLE: (None, UnavailableError),
+    ErrorCode.UNAVAILABLE: (OverloadedError, UnavailableError),
 }
 
 
@@ -288,6 +297,19 @@ def too_large_error(length: int, limit: int, request_id: int,
     return FrameTooLargeError(
         f"payload of {length} bytes is over this receiver's limit of {limit} bytes", request_id,
         msg_type=msg_type)
+
+
+def overloaded_error(length: int, used: int, limit: int, request_id: int,
+                     msg_type: int) -> OverloadedError:
+    return OverloadedError(
+        f"no room for a {length}-byte frame now: {used} of the {limit} bytes this receiver "
+        f"holds for unfinished frames are taken; try again later", request_id,
+        msg_type=msg_type)
+
+
+def no_memory_error(length: int, request_id: int, msg_type: int) -> OverloadedError:
+    return OverloadedError(f"no memory for a {length}-byte frame now; try again later",
+                           request_id, msg_type=msg_type)
 
 
 def reserved_flags_error(flags: int, request_id: int, msg_type: int) -> UnsupportedFlagsError:

@@ -1,10 +1,20 @@
-"""The flush deadline: one daemon thread per process writes out Events left waiting.
+"""The flusher: one daemon thread per process writes out what connections left queued.
 
-A channel queues an Event that arrives soon after its last write, so that the Events after it
-share one write. When it queues the first such Event it calls ``FLUSHER.schedule(channel)``.
-``flush_interval`` seconds later this thread writes the queue out if nothing else has
-(a request, a full batch or ``flush()``). One thread serves every connection of the process,
-it sleeps while no queue waits, and it ends after a second with nothing to do.
+Two cases bring a channel here:
+
+* **A flush deadline.** A channel queues an Event that arrives soon after its last write, so
+  that the Events after it share one write. When it queues the first such Event it calls
+  ``FLUSHER.schedule(channel)``; ``flush_interval`` seconds later this thread writes the
+  queue out if nothing else has (a request, a full batch or ``flush()``).
+* **A full socket.** The flusher never blocks on a socket: what a socket will not take now
+  waits for the socket to become writable (epoll, EPOLLOUT), and is written then. A server's
+  pushed Events get there this way, so that one slow reader never holds up a writer.
+
+A channel whose queued bytes make no progress for its ``stall_timeout`` (the peer reads
+nothing) is aborted: its stream is cut, with the reason in ``channel.aborted``.
+
+One thread serves every connection of the process. It sleeps while nothing waits, and ends
+after a second with nothing to do; the next ``schedule`` starts another.
 """
 
 from __future__ import annotations
@@ -13,76 +23,211 @@ import heapq
 import itertools
 import logging
 import os
+import select
 import threading
 from time import monotonic
 from typing import Any
 
 log = logging.getLogger("hintens")
 
-#: The thread ends after this many seconds with nothing to flush.
+#: The thread ends after this many seconds with nothing to flush or watch.
 IDLE_EXIT_S = 1.0
-#: How soon to try again when the socket would not take a queue.
-RETRY_S = 0.001
+
+
+class _Watch:
+    """A channel waiting for its socket to take more, and when it last made progress."""
+
+    __slots__ = ("channel", "written", "since")
+
+    def __init__(self, channel: Any, written: int, since: float) -> None:
+        self.channel = channel
+        self.written = written
+        self.since = since
 
 
 class Flusher:
-    """A timer queue of channels whose queued Events must leave by a deadline."""
+    """Flush deadlines (a timer queue) and full sockets (epoll) of many channels."""
 
     def __init__(self) -> None:
-        self._cond = threading.Condition(threading.Lock())
+        self._lock = threading.Lock()
         self._due: list[tuple[float, int, Any]] = []
         self._order = itertools.count()
         self._thread: threading.Thread | None = None
+        self._epoll: select.epoll | None = None
+        self._wake_r = self._wake_w = -1
+        self._watched: dict[int, _Watch] = {}   # by descriptor; only this thread touches it
 
-    def schedule(self, channel: Any, retry: bool = False) -> None:
-        """Call ``channel.flush_due()`` once ``channel.flush_interval`` has passed (at least
-        ``RETRY_S`` for a retry after the socket was full, so that a 0 interval never spins)."""
-        delay = channel.flush_interval
-        deadline = monotonic() + (max(delay, RETRY_S) if retry else delay)
-        with self._cond:
+    def schedule(self, channel: Any) -> None:
+        """Call ``channel.flush_due()`` once ``channel.flush_interval`` has passed.
+
+        If the flusher's thread cannot be started (RLIMIT_NPROC, a pids cgroup), the queue is
+        written now, as far as the socket takes it without waiting; the rest leaves with the
+        channel's next write. That is logged; nothing is raised to the caller, whose frame is
+        queued already.
+        """
+        deadline = monotonic() + channel.flush_interval
+        with self._lock:
             heapq.heappush(self._due, (deadline, next(self._order), channel))
             if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="hintens-flusher",
-                                                daemon=True)
-                self._thread.start()
-            elif self._due[0][2] is channel:
-                self._cond.notify()   # a new earliest deadline
+                try:
+                    self._start()
+                except (RuntimeError, OSError) as error:
+                    self._due = [entry for entry in self._due if entry[2] is not channel]
+                    heapq.heapify(self._due)
+                    started = error
+                else:
+                    return
+            elif self._due[0][2] is not channel:
+                return
+            else:
+                started = None
+        if started is None:
+            self._wake()   # a new earliest deadline
+            return
+        log.error("cannot start the flusher thread (%s): writing queued frames now", started)
+        try:
+            channel.flush_due()
+        except Exception:
+            log.exception("flushing queued frames failed")
+
+    def _start(self) -> None:
+        # Under the lock.
+        if self._epoll is None:
+            self._epoll = select.epoll()
+            self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+            self._epoll.register(self._wake_r, select.EPOLLIN)
+        thread = threading.Thread(target=self._run, name="hintens-flusher", daemon=True)
+        thread.start()
+        self._thread = thread
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"\0")
+        except OSError:   # full (a wake is pending anyway) or closed
+            pass
 
     def _run(self) -> None:
+        idle_since = monotonic()
+        epoll = self._epoll
+        assert epoll is not None
         while True:
-            empty: list[Any] = []
-            channel = None
-            with self._cond:
-                if not self._due:
-                    self._cond.wait(IDLE_EXIT_S)
-                    if not self._due:   # idle: end; the next schedule() starts another
-                        self._thread = None
-                        return
+            now = monotonic()
+            with self._lock:
+                due = []
+                while self._due and self._due[0][0] <= now:
+                    due.append(heapq.heappop(self._due)[2])
+                if any(not entry[2].queued for entry in self._due):
+                    # Written out (or closed) before their deadline: they need no timer, and
+                    # a long flush_interval must not keep this thread alive. (Flushed once
+                    # below all the same: that clears their "scheduled" mark.)
+                    due += [entry[2] for entry in self._due if not entry[2].queued]
+                    self._due = [entry for entry in self._due if entry[2].queued]
+                    heapq.heapify(self._due)
+                next_deadline = self._due[0][0] if self._due else None
+                if due or self._due or self._watched:
+                    idle_since = now
+                elif now - idle_since >= IDLE_EXIT_S:   # idle: end
+                    self._thread = None
+                    return
+            for channel in due:
+                self._flush(channel, None)
+            timeout = self._check_stalls(now)
+            if next_deadline is not None:
+                timeout = min(timeout, next_deadline - now)
+            if not self._watched and next_deadline is None:
+                timeout = min(timeout, IDLE_EXIT_S)
+            try:
+                events = epoll.poll(max(0.0, timeout))
+            except InterruptedError:
+                continue
+            for fd, _ in events:
+                if fd == self._wake_r:
+                    try:
+                        while os.read(self._wake_r, 4096):
+                            pass
+                    except BlockingIOError:
+                        pass
                     continue
-                delay = self._due[0][0] - monotonic()
-                if delay <= 0:
-                    channel = heapq.heappop(self._due)[2]
-                else:
-                    self._cond.wait(min(delay, IDLE_EXIT_S))
-                    # Channels written out (or closed) before their deadline need no timer:
-                    # drop them, so a long flush_interval does not keep this thread alive.
-                    empty = [entry[2] for entry in self._due if not entry[2].queued]
-                    if empty:
-                        self._due = [entry for entry in self._due if entry[2].queued]
-                        heapq.heapify(self._due)
-            for waiting in ([channel] if channel is not None else empty):
-                try:
-                    # Clears the channel's "scheduled" mark; writes what was queued meanwhile.
-                    if waiting.flush_due():
-                        self.schedule(waiting, retry=True)   # the socket was full: later
-                except Exception:
-                    log.exception("flushing queued frames failed")
+                watch = self._watched.pop(fd, None)
+                if watch is not None:
+                    self._flush(watch.channel, watch)
+
+    def _flush(self, channel: Any, watch: _Watch | None) -> None:
+        """Write what ``channel`` has queued without blocking; watch its socket if it would
+        not take all of it."""
+        try:
+            # Clears the channel's "scheduled" mark; writes what was queued meanwhile.
+            left = channel.flush_due()
+        except Exception:
+            log.exception("flushing queued frames failed")
+            return
+        if not left:
+            return
+        fd = channel.fileno()
+        if fd < 0:
+            return
+        now = monotonic()
+        if watch is None or channel.written != watch.written:
+            watch = _Watch(channel, channel.written, now)   # progress: the clock starts again
+        assert self._epoll is not None
+        try:
+            try:
+                self._epoll.register(fd, select.EPOLLOUT | select.EPOLLONESHOT)
+            except FileExistsError:   # registered before; a one-shot event disarmed it
+                self._epoll.modify(fd, select.EPOLLOUT | select.EPOLLONESHOT)
+        except OSError as error:   # closed meanwhile
+            log.debug("cannot watch a channel's socket: %s", error)
+            return
+        self._watched[fd] = watch
+
+    def _check_stalls(self, now: float) -> float:
+        """Abort watched channels that made no progress for their stall_timeout; drop the
+        ones that closed or emptied. Returns seconds until the next such check is due."""
+        soonest = IDLE_EXIT_S
+        for fd, watch in list(self._watched.items()):
+            channel = watch.channel
+            if channel.closed or channel.broken:
+                self._unwatch(fd)
+                continue
+            if not channel.queued:   # another writer emptied it: clear its mark, let it go
+                self._unwatch(fd)
+                self._flush(channel, None)
+                continue
+            if channel.written != watch.written:
+                watch.written, watch.since = channel.written, now
+            limit = channel.stall_timeout
+            if not limit:
+                continue
+            left = watch.since + limit - now
+            if left <= 0:
+                channel.abort(f"it read nothing for {limit:g} s while {channel.queued} bytes "
+                              f"waited to be sent to it")
+                self._unwatch(fd)
+            else:
+                soonest = min(soonest, left)
+        return soonest
+
+    def _unwatch(self, fd: int) -> None:
+        self._watched.pop(fd, None)
+        assert self._epoll is not None
+        try:
+            self._epoll.unregister(fd)
+        except OSError:   # closed: the kernel dropped it already
+            pass
 
     def _after_fork(self) -> None:
-        # The thread did not survive the fork; the child's channels start a new one.
-        self._cond = threading.Condition(threading.Lock())
+        # The thread did not survive the fork; the child's channels start a new one, with an
+        # epoll set of their own.
+        self._lock = threading.Lock()
         self._due = []
         self._thread = None
+        self._watched = {}
+        if self._epoll is not None:
+            self._epoll.close()
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+        self._epoll = None
+        self._wake_r = self._wake_w = -1
 
 
 FLUSHER = Flusher()

@@ -25,19 +25,29 @@ from typing import Any, Callable, Iterable
 from . import _impl
 from ._client import RECEIVE_BUFFER_BYTES
 from ._codecs import CodecSpec, codec_from, fill, join, size_of
-from ._constants import DEFAULT_MAX_PAYLOAD_BYTES, ErrorCode, MessageType
-from ._errors import ConnectionClosed, ProtocolError, RemoteError
+from ._constants import DEFAULT_MAX_PAYLOAD_BYTES, ErrorCode, Flags, MessageType
+from ._errors import (
+    ConnectionClosed,
+    FrameTooLargeError,
+    ProtocolError,
+    RemoteError,
+    ShmError,
+    Timeout,
+    encode_error_payload,
+)
 from ._flusher import FLUSHER
 from ._protocol import (
     DEFAULT_COMPRESS_THRESHOLD_BYTES,
     DEFAULT_SHM_POOL_BYTES,
+    DEFAULT_SHM_RECEIVE_BYTES,
+    DEFAULT_SHM_RECEIVE_SEGMENTS,
     DEFAULT_SHM_THRESHOLD_BYTES,
     FEATURE_COMPRESSION,
     FEATURE_SHM,
     Endpoint,
     Hello,
     HelloKey,
-    plain_frame,
+    control_sender,
 )
 from ._replay import (
     ANSWERED,
@@ -88,6 +98,71 @@ _REPLAY_REFUSALS = {
 }
 
 
+#: A handler thread's stack: Python code needs little of one, and each connection has a
+#: thread, so the platform's default (often 8 MiB of address space) adds up.
+DEFAULT_THREAD_STACK_BYTES = 1 << 20
+MIN_THREAD_STACK_BYTES = 64 * 1024
+DEFAULT_MAX_CONNECTIONS = 1024
+#: Bytes held for unfinished frames across all connections (at least max_payload).
+DEFAULT_MAX_PENDING_BYTES = 256 << 20
+#: Clients' shared memory mapped across all connections: bytes and segments.
+DEFAULT_SHM_RECEIVE_TOTAL_BYTES = 4 << 30
+DEFAULT_SHM_RECEIVE_TOTAL_SEGMENTS = 4096
+#: Bytes of pushed Events one connection's outgoing queue holds before the slow-consumer
+#: policy applies.
+DEFAULT_SEND_QUEUE_BYTES = 16 << 20
+#: A reply waiting for a shared-memory segment reads at least this often.
+_RELEASE_POLL_S = 0.05
+_UNSET = object()
+# Connection threads get small stacks only where that can be done without touching the
+# stack size of threads the application starts: threading.stack_size() is process-wide, so
+# it is changed by the compiled core for the one C call that creates our thread (no bytecode
+# runs meanwhile, so no other thread can start one with it). That call is threading's own
+# start_new_thread, and the steps around it are Thread.start's (CPython 3.9 to 3.12). Where
+# these are missing, or with the pure-Python core, threads get the platform's default stack.
+_SMALL_STACKS = (_impl.implementation == "cython"
+                 and all(hasattr(threading, name) for name in
+                         ("_start_new_thread", "_limbo", "_active_limbo_lock"))
+                 and hasattr(threading.Thread, "_bootstrap"))
+
+
+def _start_thread(target: Callable[..., Any], argument: Any, name: str,
+                  stack_bytes: int | None) -> threading.Thread:
+    """Start a daemon thread with a stack of ``stack_bytes`` (None: the platform default).
+
+    Raises:
+        RuntimeError: the thread could not be started (RLIMIT_NPROC, a pids cgroup, memory).
+    """
+    thread = threading.Thread(target=target, args=(argument,), name=name, daemon=True)
+    if stack_bytes is None or not _SMALL_STACKS:
+        thread.start()
+        return thread
+    registry: Any = threading
+    with registry._active_limbo_lock:
+        registry._limbo[thread] = thread
+    try:
+        _impl.core.call_with_stack_size(stack_bytes, registry._start_new_thread,
+                                        thread._bootstrap, ())  # type: ignore[attr-defined]
+    except BaseException:
+        with registry._active_limbo_lock:
+            del registry._limbo[thread]
+        raise
+    thread._started.wait()  # type: ignore[attr-defined]
+    return thread
+
+
+def _refuse(sock: socket.socket, why: str) -> None:
+    """Answer a connection we will not serve with one Error (UNAVAILABLE, request id 0), if
+    the socket takes it now, and close it."""
+    frame = _impl.core.encode_frame(MessageType.ERROR,
+                                    encode_error_payload(ErrorCode.UNAVAILABLE, why), 0)
+    try:
+        sock.send(frame, socket.MSG_DONTWAIT)
+    except OSError:
+        pass
+    sock.close()
+
+
 def echo(payload: Any) -> Any:
     """The default handler: the response is the request."""
     return payload
@@ -104,18 +179,22 @@ class ServerConnection:
     Attributes:
         id: a number unique within this server.
         peer: the client's pid, uid and gid from SO_PEERCRED.
+        events_dropped: Events this client did not get because its outgoing queue was full
+            (``slow_consumer="drop"``).
     """
 
     def __init__(self, server: Server, sock: socket.socket, peer: PeerCredentials,
                  connection_id: int) -> None:
         self.id = connection_id
         self.peer = peer
+        self.events_dropped = 0
         self._server = server
         self._sock = sock
         self._endpoint = server._new_endpoint()
+        self._endpoint.decoder.budget = server._pending_budget
         self._channel = _impl.core.Channel(sock, self._endpoint.decoder, RECEIVE_BUFFER_BYTES)
         self._endpoint.fd_source = self._channel.fds
-        self._endpoint.send_control = self._send_control
+        self._endpoint.send_control = control_sender(self._channel)
         self._endpoint.writable_all = server.writable
         self._endpoint.hello.entries[HelloKey.INSTANCE_ID] = server.instance_id
         #: The replay window of the client's session, once its hello announced one.
@@ -125,9 +204,16 @@ class ServerConnection:
         # no Python call per Event.
         self._endpoint.decoder.skip_events = server.on_event is None
         self._channel.on_queued = FLUSHER.schedule
+        # Pushed Events left unread this long with the socket full: the flusher cuts.
+        self._channel.stall_timeout = server.send_timeout or 0.0
         if server.shm:
             self._channel.max_fds = 64
         self._open = True
+        self._dropping = False       # in an episode of dropped Events (logged once)
+        self._cut = False            # cut (and counted) for falling behind
+        self._receive_timeout: Any = _UNSET
+        # Items a read made while a reply waited for a shared-memory segment: served next.
+        self._backlog: list[Any] = []
         self.thread: threading.Thread | None = None
 
     @property
@@ -135,35 +221,47 @@ class ServerConnection:
         """The client's capability hello, once it has arrived."""
         return self._endpoint.peer_hello
 
-    def send_event(self, payload: Any) -> None:
-        """Push an Event to this client.
+    def send_event(self, payload: Any) -> bool:
+        """Push an Event to this client without waiting for it to read: into this
+        connection's outgoing queue (``send_queue_bytes``), through shared memory when large.
+
+        Returns:
+            True when queued; False when dropped because the queue is full and the server's
+            ``slow_consumer`` policy is "drop" (counted in ``events_dropped``).
 
         Raises:
-            ConnectionClosed: the connection is closed or broke while sending.
+            ConnectionClosed: the connection is closed, or was cut now because its queue is
+                full (``slow_consumer="cut"``).
+            FrameTooLargeError: over the client's limit, and shared memory was not negotiated.
+            TypeError: ``payload`` is not bytes-like (or not encodable by the codec).
         """
         if self._server.codec is not None:
             payload = join(self._server.codec.encode(payload, "event"))
-        if type(payload) is bytes and len(payload) < self._endpoint.small_max:
-            if not self._open:
-                raise ConnectionClosed(f"connection {self.id} is closed")
-            try:
-                self._channel.event(payload)   # batched as the Client batches its Events
-            except OSError as error:
-                self.close()
-                raise ConnectionClosed(
-                    f"connection {self.id} lost while sending: {error}") from error
-            return
-        self._send(self._endpoint.inline(MessageType.EVENT, payload,
-                                         self._server._next_event_id()))
+        return self._push(payload, self._server._next_event_id())
 
-    def _send_control(self, payload: bytes) -> None:
-        """A release or retire message (an Event with request id 0)."""
-        self._channel.send([_impl.core.encode_frame(MessageType.EVENT, payload, 0)])
-
-    def _shm_reply(self, request_id: int, result: Any) -> Any:
-        """The writes that carry a large Response through shared memory, or None."""
-        return self._endpoint.shm_sends(MessageType.RESPONSE, result, request_id,
-                                        deadline_after(self._server.send_timeout))
+    def _push(self, payload: Any, event_id: int) -> bool:
+        if not self._open:
+            raise ConnectionClosed(f"connection {self.id} is closed")
+        endpoint, channel = self._endpoint, self._channel
+        if type(payload) is bytes and len(payload) < endpoint.small_max:
+            writes: list[Any] | None = [([_impl.core.encode_frame(
+                MessageType.EVENT, payload, event_id)], [])]
+        else:
+            writes = endpoint.writes(MessageType.EVENT, payload, event_id)   # None: no segment
+        try:
+            if writes is not None and channel.offer(writes, self._server.send_queue_bytes):
+                self._dropping = False
+                return True
+        except OSError as error:
+            self.close()
+            raise ConnectionClosed(f"connection {self.id} lost while sending: {error}") \
+                from error
+        if writes is not None:
+            endpoint.unsent(writes)
+        return self._server._overflowed(
+            self, f"its outgoing queue is full ({channel.queued} bytes unread, "
+                  f"send_queue_bytes={self._server.send_queue_bytes})" if writes is not None
+            else "every shared-memory segment of its connection is lent out")
 
     def close(self) -> None:
         """Cut this connection now; its serving thread ends."""
@@ -182,8 +280,92 @@ class ServerConnection:
             self.close()
             raise ConnectionClosed(f"connection {self.id} lost while sending: {error}") from error
 
+    def _send_writes(self, writes: list[Any]) -> None:
+        for buffers, fds in writes:
+            if fds:
+                try:
+                    self._channel.send(buffers, fds)
+                except OSError as error:
+                    self.close()
+                    raise ConnectionClosed(
+                        f"connection {self.id} lost while sending: {error}") from error
+            else:
+                self._send(buffers)
+
+    def _set_receive_timeout(self, seconds: float | None) -> None:
+        if seconds != self._receive_timeout:
+            set_kernel_timeouts(self._sock, seconds)
+            self._receive_timeout = seconds
+
+    def _reply_writes(self, request_id: int, result: Any) -> list[Any]:
+        """The writes that answer a Request (Endpoint.reply_writes), waiting up to
+        ``send_timeout`` for a shared-memory segment if they need one, and reading meanwhile:
+        the release that frees one arrives on this connection, and this thread is its only
+        reader. After that, the answer is UNAVAILABLE.
+
+        Raises:
+            RemoteError: the handler's result is not bytes-like (a HANDLER_ERROR that says so).
+            ConnectionClosed: the client went while we waited.
+        """
+        if result is not None and not _bytes_like(result):
+            raise RemoteError(ErrorCode.HANDLER_ERROR, f"handler must return a bytes-like "
+                                                       f"object, got {type(result).__name__}")
+        endpoint = self._endpoint
+        pool = endpoint.pool
+        deadline = deadline_after(self._server.send_timeout)
+        while True:
+            generation = pool.generation if pool is not None else 0
+            writes = endpoint.reply_writes(request_id, result)
+            if writes is not None:
+                return writes
+            assert pool is not None
+            remaining = deadline - monotonic()
+            if remaining <= 0:
+                return [([endpoint.error_frame(
+                    ErrorCode.UNAVAILABLE, f"no shared memory for the reply: all "
+                    f"{pool.total_bytes} bytes of this connection's segments stayed lent out",
+                    request_id)], [])]
+            if pool.generation == generation:
+                self._read_aside(min(remaining, _RELEASE_POLL_S))
+
+    def _read_aside(self, timeout: float) -> None:
+        """One read while a reply waits for a segment: control Events (the releases) take
+        effect now, and whatever else came is kept, in order, to be served next.
+
+        Raises:
+            ConnectionClosed: the client hung up.
+        """
+        self._set_receive_timeout(timeout)
+        endpoint = self._endpoint
+        try:
+            frames = self._channel.receive()
+        except BlockingIOError:
+            return
+        except ProtocolError as error:
+            self._backlog += endpoint.after_error(error)
+            return
+        except OSError as error:
+            raise ConnectionClosed(f"connection {self.id} lost: {error}") from error
+        if frames is None:
+            raise ConnectionClosed(f"connection {self.id} closed by the client")
+        self._backlog += endpoint.admit(frames)
+
+    def _take_backlog(self) -> list[Any]:
+        items, self._backlog = self._backlog, []
+        return items
+
     def __repr__(self) -> str:
         return f"<ServerConnection {self.id} pid={self.peer.pid} uid={self.peer.uid}>"
+
+
+def _bytes_like(value: Any) -> bool:
+    if type(value) is bytes:
+        return True
+    try:
+        memoryview(value).release()
+        return True
+    except TypeError:
+        return False
 
 
 class Server:
@@ -256,7 +438,16 @@ class Server:
                  replay_bytes: int = DEFAULT_REPLAY_BYTES,
                  replay_sessions: int = DEFAULT_REPLAY_SESSIONS,
                  codec: CodecSpec = None, compress: bool = False,
-                 compress_threshold: int = DEFAULT_COMPRESS_THRESHOLD_BYTES) -> None:
+                 compress_threshold: int = DEFAULT_COMPRESS_THRESHOLD_BYTES,
+                 max_connections: int = DEFAULT_MAX_CONNECTIONS,
+                 max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES,
+                 shm_receive_bytes: int = DEFAULT_SHM_RECEIVE_BYTES,
+                 shm_receive_segments: int = DEFAULT_SHM_RECEIVE_SEGMENTS,
+                 shm_receive_total_bytes: int = DEFAULT_SHM_RECEIVE_TOTAL_BYTES,
+                 shm_receive_total_segments: int = DEFAULT_SHM_RECEIVE_TOTAL_SEGMENTS,
+                 send_queue_bytes: int = DEFAULT_SEND_QUEUE_BYTES,
+                 slow_consumer: str = "cut",
+                 thread_stack_bytes: int | None = DEFAULT_THREAD_STACK_BYTES) -> None:
         # Every argument is checked before the socket file is made: a bad one leaves nothing
         # behind.
         path = path_like(path)
@@ -281,7 +472,31 @@ class Server:
         self.writable = writable
         self.shm_threshold = shm_threshold
         self.shm_pool_bytes = shm_pool_bytes
+        self.shm_receive_bytes = shm_receive_bytes
+        self.shm_receive_segments = shm_receive_segments
+        self.max_connections = count(max_connections, "max_connections")
+        self.send_queue_bytes = count(send_queue_bytes, "send_queue_bytes", minimum=0)
+        if slow_consumer not in ("cut", "drop"):
+            raise ValueError(f"slow_consumer must be 'cut' or 'drop', not {slow_consumer!r}")
+        self.slow_consumer = slow_consumer
+        self.thread_stack_bytes = None if thread_stack_bytes is None else count(
+            thread_stack_bytes, "thread_stack_bytes", minimum=MIN_THREAD_STACK_BYTES)
+        core = _impl.core
+        # Bounds across connections: bytes held for unfinished frames, and the clients'
+        # shared memory we map (bytes and segments).
+        self._shm_budgets = [
+            (core.MemoryBudget(count(shm_receive_total_bytes, "shm_receive_total_bytes")),
+             "shared memory this server maps across connections (shm_receive_total_bytes)"),
+            (core.MemoryBudget(count(shm_receive_total_segments,
+                                     "shm_receive_total_segments")),
+             "segments this server maps across connections (shm_receive_total_segments)")]
         self._new_endpoint()   # the protocol layer checks its settings: once, and now
+        self._pending_budget = core.MemoryBudget(count(
+            max_pending_bytes, "max_pending_bytes", minimum=max_payload))
+        #: Counters, for monitoring: clients cut because they fell behind (their queue full,
+        #: or nothing read for send_timeout), Events dropped (slow_consumer="drop"), and
+        #: connections refused (max_connections, or no thread could be started).
+        self.stats = {"slow_consumers_cut": 0, "events_dropped": 0, "connections_refused": 0}
         #: Names this run of the server in its hellos: a retry that reaches another run
         #: cannot be answered from this one's replay memory.
         self.instance_id = os.urandom(16)
@@ -315,24 +530,33 @@ class Server:
             return list(self._connections.values())
 
     def broadcast(self, payload: Any) -> int:
-        """Push an Event to every connected client.
+        """Push an Event to every connected client, without waiting for any of them: each
+        gets it in its own outgoing queue (through shared memory when it is large and the
+        client negotiated it). A client whose queue is full is cut or skipped, per
+        ``slow_consumer``; one that cannot take the payload at all (over its limit without
+        shared memory) is skipped, and logged.
 
         Returns:
-            How many clients it was written to. A client whose connection broke is skipped.
+            How many clients it was queued for.
+
+        Raises:
+            TypeError: ``payload`` is not bytes-like (or not encodable by the codec).
         """
         if self.codec is not None:
             payload = join(self.codec.encode(payload, "event"))
+        elif not _bytes_like(payload):
+            raise TypeError(f"a payload must be a bytes-like object, not "
+                            f"{type(payload).__name__}")
         event_id = self._next_event_id()
-        frames = plain_frame(MessageType.EVENT, payload, event_id)
-        sent = 0
+        queued = 0
         for connection in self.connections:
             try:
-                connection._send(connection._endpoint.inline(MessageType.EVENT, payload, event_id)
-                                 if connection._endpoint.compressing else frames)
-                sent += 1
+                queued += connection._push(payload, event_id)
             except ConnectionClosed:
                 pass
-        return sent
+            except (FrameTooLargeError, ShmError) as error:
+                log.warning("broadcast skipped %r: %s", connection, error)
+        return queued
 
     def current_connection(self) -> ServerConnection:
         """From a handler or ``on_event``: the connection being served (its peer's
@@ -362,7 +586,19 @@ class Server:
             raise RuntimeError("Server.allocate() is for handlers, on the serving thread") \
                 from None
         deadline = deadline_after(call_timeout_s(timeout, self.send_timeout))
-        return connection._endpoint.allocate(size, deadline)
+        endpoint = connection._endpoint
+        while True:
+            generation = endpoint.pool.generation if endpoint.pool is not None else 0
+            view = endpoint.allocate(size)
+            if view is not None:
+                return view
+            assert endpoint.pool is not None
+            remaining = deadline - monotonic()
+            if remaining <= 0:
+                raise Timeout(f"no shared-memory segment came free in time "
+                              f"({endpoint.pool.total_bytes} bytes lent out)")
+            if endpoint.pool.generation == generation:
+                connection._read_aside(min(remaining, _RELEASE_POLL_S))
 
     def serve_forever(self) -> None:
         """Accept and serve connections until ``shutdown()`` or ``close()``, then drain."""
@@ -436,7 +672,37 @@ class Server:
                         features=(FEATURE_SHM if self.shm else 0)
                         | (FEATURE_COMPRESSION if self.compress else 0),
                         shm_threshold=self.shm_threshold, shm_pool_bytes=self.shm_pool_bytes,
-                        compress_threshold=self.compress_threshold)
+                        compress_threshold=self.compress_threshold,
+                        shm_receive_bytes=self.shm_receive_bytes,
+                        shm_receive_segments=self.shm_receive_segments,
+                        shared_budgets=self._shm_budgets, writable_lending=self.writable)
+
+    def _count(self, name: str, connection: ServerConnection | None = None) -> None:
+        with self._lock:
+            self.stats[name] += 1
+            if connection is not None and name == "events_dropped":
+                connection.events_dropped += 1
+
+    def _overflowed(self, connection: ServerConnection, why: str) -> bool:
+        """An Event did not fit ``connection``'s outgoing queue: the slow-consumer policy.
+        Returns False (dropped), or raises ConnectionClosed (cut)."""
+        if self.slow_consumer == "drop":
+            self._count("events_dropped", connection)
+            if not connection._dropping:
+                connection._dropping = True
+                log.warning("dropping Events for %r: %s", connection, why)
+            return False
+        self._cut(connection, why)
+        raise ConnectionClosed(f"connection {connection.id} was cut: {why}")
+
+    def _cut(self, connection: ServerConnection, why: str) -> None:
+        """Cut a client that fell behind, once, with a logged reason and a counter."""
+        if not connection._cut:
+            connection._cut = True
+            connection._channel.abort(why)
+            connection._open = False
+            self._count("slow_consumers_cut")
+            log.warning("cut %r: %s", connection, why)
 
     def _next_event_id(self) -> int:
         return next(self._event_ids)
@@ -464,35 +730,42 @@ class Server:
         if peer.uid not in self._allowed_uids and peer.gid not in self._allowed_gids:
             log.warning("refused a connection from pid %d uid %d gid %d on %s",
                         peer.pid, peer.uid, peer.gid, self.path)
-            refusal = Endpoint().error_frame(
-                ErrorCode.UNAVAILABLE, f"uid {peer.uid} may not connect to this server", 0)
-            try:
-                sock.send(refusal, socket.MSG_DONTWAIT)
-            except OSError:
-                pass
-            sock.close()
+            _refuse(sock, f"uid {peer.uid} may not connect to this server")
             return
-        set_kernel_timeouts(sock, None, send_s=self.send_timeout)
+        with self._lock:
+            full = len(self._connections) + len(self._starting) >= self.max_connections
+        if full:
+            self._count("connections_refused")
+            log.warning("refused a connection from pid %d on %s: %d connections are open "
+                        "(max_connections)", peer.pid, self.path, self.max_connections)
+            _refuse(sock, f"the server has {self.max_connections} connections open, its "
+                          f"limit (max_connections); try again later")
+            return
+        set_kernel_timeouts(sock, None, self.send_timeout, set_send=True)
         connection = ServerConnection(self, sock, peer, next(self._ids))
         with self._lock:
             self._starting.add(connection)   # registered once its hello has gone out
-        connection.thread = threading.Thread(
-            target=self._serve, args=(connection,), name=f"hintens-conn-{connection.id}",
-            daemon=True)
-        connection.thread.start()
+        try:
+            connection.thread = _start_thread(self._serve, connection,
+                                              f"hintens-conn-{connection.id}",
+                                              self.thread_stack_bytes)
+        except RuntimeError as error:   # RLIMIT_NPROC, a pids cgroup, no memory for a stack
+            with self._lock:
+                self._starting.discard(connection)
+            self._count("connections_refused")
+            log.error("refused a connection from pid %d on %s: cannot start its thread: %s",
+                      peer.pid, self.path, error)
+            _refuse(sock, f"the server cannot start a thread for this connection now "
+                          f"({error}); try again later")
+            connection._channel.close()
+            connection._endpoint.close_shm()
+            connection._endpoint.decoder.close()
 
     def _serve(self, connection: ServerConnection) -> None:
-        sock, endpoint, channel = connection._sock, connection._endpoint, connection._channel
-        decoder = endpoint.decoder
-        handler = self._call
-
-        def on_error(request_id: int, error: Exception) -> bytes:
-            return self._error_answer(endpoint, request_id, error)
-
-        current_timeout: float | None = None
-        frame_started = 0.0
+        channel, endpoint = connection._channel, connection._endpoint
         self._local.serving = True
         self._local.connection = connection
+        why = ""
         try:
             connection._send([endpoint.hello_frame()])   # the hello goes first, always
             with self._lock:
@@ -502,55 +775,19 @@ class Server:
                 self._connections[connection.id] = connection
             if self.on_connect is not None:
                 self.on_connect(connection)
-            while True:
-                if decoder.in_frame and self.frame_timeout is not None:
-                    timeout: float | None = max(
-                        0.001, self.frame_timeout - (monotonic() - frame_started))
-                else:
-                    timeout = self.idle_timeout
-                if timeout != current_timeout:
-                    set_kernel_timeouts(sock, timeout)
-                    current_timeout = timeout
-                was_in_frame, decoded = decoder.in_frame, decoder.frames_decoded
-                keep_open = True
-                try:
-                    # Plain Requests are answered inside the core; the rest comes back here.
-                    # A session's requests all go through _handle and its replay window.
-                    if connection.window is None and not endpoint.compressing:
-                        rest = channel.serve(handler, on_error, connection._shm_reply)
-                    else:
-                        rest = channel.receive()
-                    if rest is None:
-                        if decoder.in_frame:
-                            log.info("%r hung up inside a frame (%d bytes of it received)",
-                                     connection, decoder.pending)
-                        break
-                    if rest:
-                        keep_open = self._handle(connection, endpoint.admit(rest))
-                except BlockingIOError:
-                    what = "inside a frame" if decoder.in_frame else "idle"
-                    log.info("closing %r: %s for too long", connection, what)
-                    break
-                except ProtocolError as error:
-                    keep_open = self._handle(connection, endpoint.after_error(error))
-                except OSError as error:
-                    log.debug("%r: %s", connection, error)
-                    break
-                if channel.fds and not decoder.in_frame:
-                    channel.close_fds()   # descriptors no frame claimed: never kept
-                if not keep_open:
-                    break
-                if decoder.in_frame and (not was_in_frame or decoder.frames_decoded != decoded
-                                         or not current_timeout):
-                    # A frame completed (or an error ended one) in this read, or none was open:
-                    # the unfinished one began in this read.
-                    frame_started = monotonic()
+            why = self._serve_frames(connection)
         except ConnectionClosed as error:
-            log.debug("%s", error)
+            why = str(error)
         except Exception:
             log.exception("connection %r failed", connection)
         finally:
-            if connection._open and channel.queued:
+            if channel.aborted is not None and not connection._cut:
+                # Cut by the flusher: the client read nothing for send_timeout.
+                self._count("slow_consumers_cut")
+                log.warning("cut %r: %s", connection, channel.aborted)
+            elif why:
+                log.debug("%r ended: %s", connection, why)
+            if connection._open and channel.queued and not channel.broken:
                 try:
                     channel.flush()   # Events pushed to this client before it went
                 except OSError:
@@ -558,6 +795,8 @@ class Server:
             connection.close()
             channel.close()
             endpoint.close_shm()
+            endpoint.decoder.close()   # an unfinished frame's memory and budget, now
+            connection._backlog.clear()
             with self._lock:
                 self._starting.discard(connection)
                 registered = self._connections.pop(connection.id, None) is not None
@@ -567,6 +806,76 @@ class Server:
                 except Exception:
                     log.exception("on_disconnect callback raised")
 
+    def _serve_frames(self, connection: ServerConnection) -> str:
+        """Read and answer until the connection ends; returns why it ended."""
+        channel, endpoint = connection._channel, connection._endpoint
+        decoder = endpoint.decoder
+        handler = self._call
+        reply_writes = connection._reply_writes
+
+        def on_error(request_id: int, error: Exception) -> bytes:
+            return self._error_answer(endpoint, request_id, error)
+
+        frame_started = 0.0
+        frame_timeout, idle_timeout = self.frame_timeout, self.idle_timeout
+        joined = False   # looked for the session its hello announces
+        while True:
+            timeout: float | None
+            if decoder.in_frame and frame_timeout is not None:
+                timeout = max(0.001, frame_timeout - (monotonic() - frame_started))
+            else:
+                timeout = idle_timeout
+            if timeout != connection._receive_timeout:
+                connection._set_receive_timeout(timeout)
+            was_in_frame, decoded = decoder.in_frame, decoder.frames_decoded
+            try:
+                # Plain Requests are answered inside the core; the rest comes back here.
+                # A session's requests all go through _handle and its replay window.
+                if connection.window is None and not endpoint.compressing:
+                    rest = channel.serve(handler, on_error, reply_writes, endpoint.small_max)
+                else:
+                    rest = channel.receive()
+                if rest is None:
+                    if decoder.in_frame:
+                        return (f"hung up inside a frame ({decoder.pending} bytes of it "
+                                f"received)")
+                    return "closed by the client"
+                items = endpoint.admit(rest) if rest else []
+            except BlockingIOError:
+                what = "inside a frame" if decoder.in_frame else "idle"
+                log.info("closing %r: %s for too long", connection, what)
+                return f"{what} for too long"
+            except ProtocolError as error:
+                items = endpoint.after_error(error)
+            except OSError as error:
+                return str(error)
+            if not joined and endpoint.peer_hello is not None:
+                joined = True
+                self._join_session(connection)
+            if connection._backlog:
+                # Replies that waited for shared memory read on meanwhile: serve that too.
+                items += connection._take_backlog()
+            while items:
+                if not self._handle(connection, items):
+                    return "closed after a fatal protocol error"
+                items = connection._take_backlog()
+            if channel.fds and not decoder.in_frame:
+                channel.close_fds()   # descriptors no frame claimed: never kept
+            if decoder.in_frame and (not was_in_frame or decoder.frames_decoded != decoded
+                                     or connection._receive_timeout is None):
+                # A frame completed (or an error ended one) in this read, or none was open:
+                # the unfinished one began in this read.
+                frame_started = monotonic()
+
+    def _join_session(self, connection: ServerConnection) -> None:
+        """Once the client's hello is in: the replay window of the session it announced, so
+        that all its requests go through it (none through the core's fast path)."""
+        assert connection._endpoint.peer_hello is not None
+        session = connection._endpoint.peer_hello.entries.get(HelloKey.SESSION_ID)
+        if self._replay is not None and session is not None and len(session) == 16:
+            connection.session = session
+            connection.window = self._replay.window_for(session)
+
     def _handle(self, connection: ServerConnection, items: list[Any]) -> bool:
         """Serve items the core did not: Events, hellos, violations, and Requests after them.
         False when the connection must close."""
@@ -574,12 +883,6 @@ class Server:
         frame_type = _impl.core.Frame
         out: list[Any] = []
         keep_open = True
-        if connection.window is None and self._replay is not None \
-                and endpoint.peer_hello is not None:
-            session = endpoint.peer_hello.entries.get(HelloKey.SESSION_ID)
-            if session is not None and len(session) == 16:
-                connection.session = session
-                connection.window = self._replay.window_for(session)
         window = connection.window
         for index, item in enumerate(items):
             if type(item) is frame_type:
@@ -611,23 +914,22 @@ class Server:
                                 continue
                         else:
                             result = self._call(item.payload)
-                        result = b"" if result is None else result
-                        writes = connection._shm_reply(request_id, result)
-                        if writes is None:
-                            out += endpoint.inline(MessageType.RESPONSE, result, request_id)
-                        else:
-                            if not _is_echo(endpoint, result):
-                                # The reply was copied out: drop the request's lent payload now,
-                                # so its release reaches the client before the reply does.
-                                items[index] = item = result = None
-                            # (An echo names the client's own segment: the release must follow
-                            # the reply, or the client would free the segment before it.)
-                            if out:
-                                connection._send(out)
-                                out = []
-                            for buffers, fds in writes:
-                                connection._channel.send(buffers, fds)
+                        writes = connection._reply_writes(request_id, result)
+                        if len(writes) == 1 and not _impl.core.unpack_header(
+                                writes[0][0][0]).flags & Flags.SHM:
+                            out += writes[0][0]   # inline: goes with the others, in order
+                            continue
+                        if not _is_echo(endpoint, result):
+                            # The reply was copied out: drop the request's lent payload now,
+                            # so its release reaches the client before the reply does.
                             items[index] = item = result = None
+                        # (An echo names the client's own segment: the release must follow
+                        # the reply, or the client would free the segment before it.)
+                        if out:
+                            connection._send(out)
+                            out = []
+                        connection._send_writes(writes)
+                        items[index] = item = result = None
                     except Exception as error:
                         out.append(self._error_answer(endpoint, request_id, error))
                 elif kind == MessageType.EVENT:
@@ -666,7 +968,10 @@ class Server:
         try:
             result = self._call(item.payload)
             result = b"" if result is None else result
-            with memoryview(result) as view:   # not a buffer: the same Error as without replay
+            if not _bytes_like(result):   # the same Error as without replay
+                raise RemoteError(ErrorCode.HANDLER_ERROR, f"handler must return a bytes-like "
+                                                           f"object, got {type(result).__name__}")
+            with memoryview(result) as view:
                 answer = (True, view.tobytes())
             return True, answer[1], result
         except Exception as error:

@@ -8,6 +8,7 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -21,27 +22,52 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def start_server(path: str, *extra: str, handler: str = "tests.handlers:command"):
     """`hintens serve` in its own process, listening when this returns."""
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     argv = [sys.executable, "-m", "hintens", "serve", "--socket", path, "--handler", handler,
             *extra]
-    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
-                               cwd=REPO)
+    return _spawn(argv, path)
+
+
+def start_server_with(path: str, handler: str = "tests.handlers:command", **options):
+    """A hintens Server with ``options`` (keyword arguments, as Python literals) in its own
+    process, listening when this returns; stop it with ``stop_server``."""
+    module, _, function = handler.partition(":")
+    script = (
+        "import importlib, logging, signal, sys, hintens\n"
+        "logging.basicConfig(level=logging.INFO)\n"
+        f"handler = getattr(importlib.import_module({module!r}), {function!r})\n"
+        f"server = hintens.Server({path!r}, handler, **{options!r})\n"
+        "signal.signal(signal.SIGTERM, lambda *_: server.shutdown())\n"
+        "server.serve_forever()\n")
+    return _spawn([sys.executable, "-c", script], path)
+
+
+def _spawn(argv, path):
+    # Its log goes to a file, not a pipe: a server that logs much would block on a full pipe.
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    log = tempfile.TemporaryFile()
+    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=log, env=env, cwd=REPO)
+    process.log = log
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(process.stderr.read().decode())
-        if os.path.exists(path):
-            probe = socket.socket(socket.AF_UNIX)
-            try:
-                probe.connect(path)
-                return process
-            except OSError:
-                pass
-            finally:
-                probe.close()
-        time.sleep(0.02)
+            raise RuntimeError(server_log(process))
+        probe = socket.socket(socket.AF_UNIX)
+        try:
+            probe.connect(path)
+            return process
+        except OSError:
+            time.sleep(0.02)
+        finally:
+            probe.close()
     process.kill()
-    raise RuntimeError("server process did not start")
+    process.wait()
+    raise RuntimeError("server process did not start: " + server_log(process))
+
+
+def server_log(process) -> str:
+    """What a server process started here has logged so far."""
+    process.log.seek(0)
+    return process.log.read().decode(errors="replace")
 
 
 def wait_for_lone_thread(timeout_s: float = 5.0) -> None:
@@ -50,7 +76,10 @@ def wait_for_lone_thread(timeout_s: float = 5.0) -> None:
     deadline = time.monotonic() + timeout_s
     while threading.active_count() > 1 and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert threading.active_count() == 1, threading.enumerate()
+    from hintens._flusher import FLUSHER
+    assert threading.active_count() == 1, (threading.enumerate(), FLUSHER._due,
+                                           [(w.channel, w.channel.queued, w.channel.closed)
+                                            for w in FLUSHER._watched.values()])
 
 
 def fork_server_as(uid: int, path: str, **options) -> int:
@@ -95,8 +124,7 @@ def stop_server(process, sig=signal.SIGTERM, timeout=10):
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
-    if process.stderr:
-        process.stderr.close()
+    process.log.close()
 
 
 def raw_frame(payload=b"", *, magic=0x4850, version=0x0100, msg_type=1, flags=0, length=None,
@@ -156,9 +184,108 @@ class RawPeer:
     def at_eof(self) -> bool:
         return self.next_frame() is None
 
+    def controls(self, frames):
+        """(magic, ids) of the control Events among ``frames``."""
+        from hintens import _shm
+
+        found = []
+        for frame in frames:
+            if frame.type == 3 and frame.request_id == 0:
+                control = _shm.decode_control(frame.payload)
+                if control is not None:
+                    found.append(control)
+        return found
+
+    def until(self, predicate, limit=10_000):
+        """Frames up to and including the first that satisfies ``predicate`` (hellos too)."""
+        seen = []
+        while len(seen) < limit:
+            frame = self.next_frame(skip_hello=False)
+            assert frame is not None, f"the stream ended after {seen}"
+            seen.append(frame)
+            if predicate(frame):
+                return seen
+        raise AssertionError("no such frame")
+
     def close(self) -> None:
         self.sock.close()
 
 
-__all__ = ["RawPeer", "fork_server_as", "raw_frame", "raw_listener", "read_requests",
-           "start_server", "stop_server", "wait_for_lone_thread", "_demo"]
+class ShmPeer(RawPeer):
+    """A raw peer that announces shared memory and sends hand-made SHM frames."""
+
+    def __init__(self, path: str, timeout: float = 5.0, **hello) -> None:
+        from hintens._protocol import FEATURE_SHM, Hello
+
+        super().__init__(path, timeout)
+        hello.setdefault("features", FEATURE_SHM)
+        self.send(raw_frame(Hello(**hello).encode(), msg_type=3, request_id=0))
+
+    def send_shm(self, request_id, segment_id, size, offset, length, new, fd=None, *,
+                 msg_type=1, flags=0, descriptor_flags=None):
+        from hintens import _shm
+
+        descriptor = _shm.encode_descriptor(segment_id, size, offset, length, new)
+        if descriptor_flags is not None:
+            descriptor = descriptor[:4] + struct.pack("<I", descriptor_flags) + descriptor[8:]
+        frame = raw_frame(descriptor, flags=1 | flags, request_id=request_id, msg_type=msg_type)
+        ancillary = [] if fd is None else [
+            (socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", fd))]
+        self.sock.sendmsg([frame], ancillary)
+
+def memfd(size, seals=0, fill=b""):
+    """A memfd of ``size`` bytes (sparse: nothing is allocated), with ``fill`` at offset 0."""
+    import fcntl
+
+    fd = os.memfd_create("hostile", os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, size)
+    if fill:
+        os.pwrite(fd, fill, 0)
+    if seals:
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
+    return fd
+
+
+def open_fds(pid="self"):
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def memfd_fds(pid="self"):
+    """How many of a process's descriptors are memfds."""
+    count = 0
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            count += os.readlink(f"/proc/{pid}/fd/{name}").startswith("/memfd:")
+        except OSError:
+            pass
+    return count
+
+
+def memfd_mappings(pid="self"):
+    with open(f"/proc/{pid}/maps") as maps:
+        return [line for line in maps if "memfd:" in line]
+
+
+def status_kib(field, pid="self"):
+    """A /proc/PID/status field in KiB (VmRSS, VmSize, RssAnon, Threads as a count)."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise LookupError(field)
+
+
+def wait_until(predicate, timeout_s=10.0, interval_s=0.02):
+    """Poll ``predicate`` until it is true (returns True) or ``timeout_s`` passes (False)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval_s)
+    return bool(predicate())
+
+
+__all__ = ["RawPeer", "ShmPeer", "fork_server_as", "memfd", "memfd_fds", "memfd_mappings",
+           "open_fds", "raw_frame", "raw_listener", "read_requests", "server_log", "start_server",
+           "start_server_with",
+           "status_kib", "stop_server", "wait_for_lone_thread", "wait_until", "_demo"]

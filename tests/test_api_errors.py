@@ -189,3 +189,20 @@ def test_bad_client_arguments(sock_path, kwargs, error):
     path = kwargs.pop("path", sock_path)
     with pytest.raises(error):
         hintens.Client(path, **kwargs)
+# Handlers ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("result, name", [("text", "str"), (12345, "int"), ([b"x"], "list")])
+@pytest.mark.parametrize("exactly_once", [False, True])   # the core's path, the replay path
+def test_a_handler_that_returns_no_bytes_is_a_clear_handler_error(sock_path, result, name,
+                                                                   exactly_once):
+    def handler(payload):
+        return result if bytes(payload) == b"bad" else payload
+
+    with hintens.Server(sock_path, handler).start():
+        with hintens.ClientPool(sock_path, exactly_once=exactly_once) as pool:
+            for _ in range(3):
+                with pytest.raises(hintens.HandlerError) as caught:
+                    pool.request(b"bad")
+                assert caught.value.message == \
+                    f"handler must return a bytes-like object, got {name}"
+                assert pool.request(b"fine") == b"fine"      # the connection stays

@@ -103,6 +103,14 @@ def test_protocol_errors_propagate(core, pair):
     assert [f.request_id for f in caught.value.frames] == [1]
 
 
+SMALL = 16 * 1024
+
+
+def inline_reply(core):
+    """A reply_writes that sends every result inline, header and payload scattered."""
+    return lambda request_id, result: [([core.encode_header(2, result, request_id), result], [])]
+
+
 def test_serve_answers_leading_requests_and_returns_the_rest(core, pair):
     left, right = pair
     ours = channel(core, left)
@@ -125,7 +133,7 @@ def test_serve_answers_leading_requests_and_returns_the_rest(core, pair):
         core.encode_frame(1, b"none", 3), core.encode_frame(1, b"big", 4),
         core.encode_frame(3, b"event", 5), core.encode_frame(1, b"after", 6),
     ]))
-    rest = ours.serve(handler, on_error)
+    rest = ours.serve(handler, on_error, inline_reply(core), SMALL)
     assert [(f.type, f.request_id) for f in rest] == [(3, 5), (1, 6)]
     assert errors == [(2, "boom")]
     decoder = core.FrameDecoder()
@@ -136,13 +144,44 @@ def test_serve_answers_leading_requests_and_returns_the_rest(core, pair):
         (2, 1, b"A"), (4, 2, b"err"), (2, 3, b""), (2, 4, bytes(20_000))]
 
 
+def test_serve_leaves_a_read_with_a_control_event_to_the_caller(core, pair):
+    # A release later in the read must take effect before any reply is made (a reply may
+    # be waiting for the segment it frees): the caller admits the whole read first.
+    left, right = pair
+    ours = channel(core, left)
+    ran = []
+    frames = [core.encode_frame(1, b"a", 1), core.encode_frame(3, b"HREL\0\0\0\0", 0)]
+    right.sendall(b"".join(frames))
+    rest = ours.serve(ran.append, None, inline_reply(core), SMALL)
+    assert [(f.type, f.request_id) for f in rest] == [(1, 1), (3, 0)] and ran == []
+
+
+def test_serve_sends_larger_or_other_results_the_way_reply_writes_says(core, pair):
+    left, right = pair
+    ours = channel(core, left)
+    asked = []
+
+    def reply_writes(request_id, result):
+        asked.append((request_id, type(result).__name__))
+        return [([core.encode_frame(4, b"no", request_id)], [])]
+
+    right.sendall(core.encode_frame(1, b"x" * 100, 1) + core.encode_frame(1, b"y", 2))
+    ours.serve(lambda p: bytes(p) if p == b"y" else bytearray(p), None, reply_writes, 50)
+    assert asked == [(1, "bytearray")]   # b"y" is bytes and under small_max: answered in C
+    decoder = core.FrameDecoder()
+    replies = []
+    while len(replies) < 2:
+        replies += decoder.feed(right.recv(1 << 20))
+    assert [(f.type, f.request_id) for f in replies] == [(4, 1), (2, 2)]
+
+
 def test_serve_end_of_stream_and_partial(core, pair):
     left, right = pair
     ours = channel(core, left)
     right.sendall(core.encode_frame(1, b"x", 1)[:10])
-    assert ours.serve(lambda p: p, None) == []
+    assert ours.serve(lambda p: p, None, inline_reply(core), SMALL) == []
     right.shutdown(socket.SHUT_WR)
-    assert ours.serve(lambda p: p, None) is None
+    assert ours.serve(lambda p: p, None, inline_reply(core), SMALL) is None
 
 
 def test_send_to_a_closed_peer(core, pair):

@@ -186,7 +186,8 @@ def test_compressed_and_shm_together_is_refused_and_the_segment_given_back(sock_
             got = peer.next_frame(skip_hello=False)
             if got.type == 3 and got.request_id == 0:
                 control = _shm.decode_control(got.payload)
-                if control is not None and control[0] == _shm.RELEASE_MAGIC:
+                # A NEW_SEGMENT refused is never mapped: handed back with a reject (HREJ).
+                if control is not None and control[0] == _shm.REJECT_MAGIC:
                     released = control[1]
             elif got.type == 4:
                 refused = hintens.decode_error_payload(got.payload)[0], got.request_id

@@ -14,7 +14,7 @@ from hintens._shm import Segment
 @pytest.fixture
 def segment():
     with Segment(1 << 16) as seg:
-        seg.map[:] = bytes(range(256)) * 256
+        memoryview(seg.map)[:] = bytes(range(256)) * 256
         yield seg
 
 
@@ -31,7 +31,7 @@ def test_views_share_the_memory_and_are_read_only(core, segment):
     region = core.SharedRegion(segment.map, 256, 16)
     with region.view() as view:
         assert bytes(view) == bytes(range(16)) and view.readonly
-        segment.map[256] = 200                   # shared, not copied
+        memoryview(segment.map)[256] = 200                   # shared, not copied
         assert view[0] == 200
         with pytest.raises(TypeError):
             view[0] = 1
@@ -64,9 +64,9 @@ def test_context_manager_releases(core, segment):
 def test_copy_in(core, segment):
     region = core.SharedRegion(segment.map, 1000, 64, readonly=False)
     region.copy_in(b"hello", 10)
-    assert segment.map[1010:1015] == b"hello"
+    assert memoryview(segment.map)[1010:1015] == b"hello"
     region.copy_in(np.arange(8, dtype=np.uint64), 0)          # any buffer, one copy
-    assert np.frombuffer(segment.map[1000:1064], dtype=np.uint64)[7] == 7
+    assert np.frombuffer(memoryview(segment.map)[1000:1064], dtype=np.uint64)[7] == 7
     with pytest.raises(ShmError, match="do not fit"):
         region.copy_in(bytes(60), 10)
     with pytest.raises(ShmError):
@@ -74,7 +74,7 @@ def test_copy_in(core, segment):
     with region.view() as view:
         assert not view.readonly
         view[0] = 42
-    assert segment.map[1000] == 42
+    assert memoryview(segment.map)[1000] == 42
     region.release()
     with pytest.raises(BufferError):
         region.copy_in(b"x")

@@ -54,11 +54,11 @@ def test_segment_is_sealed_prefaulted_and_not_on_a_file_system():
 
 def test_round_trip_through_a_received_segment():
     with Segment(MIB) as segment:
-        segment.map[100:105] = b"hello"
+        memoryview(segment.map)[100:105] = b"hello"
         received = ReceivedSegment.adopt(os.dup(segment.fd), MIB)
         view = received.view(100, 5)
         assert bytes(view) == b"hello" and view.readonly
-        segment.map[100:101] = b"J"                 # shared, not copied
+        memoryview(segment.map)[100:101] = b"J"                 # shared, not copied
         assert bytes(view) == b"Jello"
         with pytest.raises(TypeError):
             view[0] = 0
@@ -70,14 +70,14 @@ def test_round_trip_through_a_received_segment():
 
 def test_private_view_is_writable_copy_on_write():
     with Segment(3 * mmap.ALLOCATIONGRANULARITY) as segment:
-        segment.map[:] = b"s" * len(segment.map)
-        received = ReceivedSegment.adopt(os.dup(segment.fd), segment.size)
+        memoryview(segment.map)[:] = b"s" * len(segment.map)
+        received = ReceivedSegment.adopt(os.dup(segment.fd), segment.size, copy_on_write=True)
         offset = mmap.ALLOCATIONGRANULARITY + 10      # not aligned: the view must still fit
         private = received.private_view(offset, 100)
         private[:5] = b"WRITE"
         assert bytes(private[:6]) == b"WRITEs"
         assert bytes(received.view(offset, 6)) == b"ssssss"
-        assert segment.map[offset:offset + 5] == b"sssss"
+        assert memoryview(segment.map)[offset:offset + 5] == b"sssss"
         private.release()
         received.close()
 
@@ -149,7 +149,7 @@ def test_a_sealed_segment_cannot_be_shrunk_by_its_sender():
     (0, MIB + 1), (MIB, 1), (MIB + 1, 0), (-1, 10), (10, -1), (2**63, 2**63), (1, MIB),
 ])
 def test_out_of_range_regions(offset, length):
-    received = ReceivedSegment.adopt(_memfd(MIB, fcntl.F_SEAL_SHRINK), MIB)
+    received = ReceivedSegment.adopt(_memfd(MIB, fcntl.F_SEAL_SHRINK), MIB, copy_on_write=True)
     with pytest.raises(ShmError, match="outside"):
         received.view(offset, length)
     with pytest.raises(ShmError, match="outside"):

@@ -20,7 +20,7 @@ import hintens
 from hintens import ErrorCode, _shm
 from hintens._protocol import FEATURE_SHM, Hello
 
-from .peers import REPO, RawPeer, raw_frame, start_server, stop_server
+from .peers import REPO, RawPeer, ShmPeer, memfd, raw_frame, start_server, stop_server
 
 MIB = 1 << 20
 # The compiled core lends shared payloads as memoryviews; the pure-Python one cannot see a
@@ -130,31 +130,6 @@ def test_shared_memory_can_be_declined(sock_path):
 
 
 # Hostile peers -------------------------------------------------------------------------------
-
-class ShmPeer(RawPeer):
-    """A raw peer that announces shared memory and sends hand-made SHM frames."""
-
-    def __init__(self, path):
-        super().__init__(path)
-        self.send(raw_frame(Hello(features=FEATURE_SHM).encode(), msg_type=3, request_id=0))
-
-    def send_shm(self, request_id, segment_id, size, offset, length, new, fd=None):
-        frame = raw_frame(_shm.encode_descriptor(segment_id, size, offset, length, new),
-                          flags=1, request_id=request_id)
-        ancillary = [] if fd is None else [
-            (socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", fd))]
-        self.sock.sendmsg([frame], ancillary)
-
-
-def memfd(size, seals=0, fill=b""):
-    fd = os.memfd_create("hostile", os.MFD_ALLOW_SEALING)
-    os.ftruncate(fd, size)
-    if fill:
-        os.pwrite(fd, fill, 0)
-    if seals:
-        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
-    return fd
-
 
 def assert_still_serving(peer, request_id=99):
     peer.send(raw_frame(b"echo:alive", request_id=request_id))
@@ -393,7 +368,7 @@ def test_an_echo_returns_in_the_requesters_own_segment(sock_path):
             # The server's last release follows its last reply on the stream; an idle client
             # reads nothing, so one more round trip brings it in, deterministically.
             assert client.request(b"x") == b"x"
-            assert pool._holds == {} and len(pool._free) == len(pool._segments)
+            assert not pool._peer and not pool._local and len(pool._free) == len(pool._segments)
 
 
 def test_descriptor_flags_are_checked():

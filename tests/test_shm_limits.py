@@ -1,0 +1,462 @@
+"""What a peer may make us map: per-connection and server-wide caps on shared memory, checked
+before anything is mapped; no descriptor kept per segment; checked descriptor arithmetic; and
+the rule that hands every refused segment back (HREL if mapped, HREJ if not).
+
+The hostile peers here are raw sockets sending hand-made hellos, descriptors and memfds, at
+servers in their own processes, so that the server's descriptors, mappings and memory can be
+read from /proc while it keeps serving.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import gc
+import os
+import signal
+import socket
+import struct
+import threading
+
+import pytest
+
+import hintens
+from hintens import ErrorCode, _shm
+from hintens._protocol import FEATURE_SHM, Hello
+
+from .peers import (
+    RawPeer,
+    ShmPeer,
+    memfd,
+    memfd_fds,
+    memfd_mappings,
+    open_fds,
+    raw_frame,
+    raw_listener,
+    read_requests,
+    start_server_with,
+    status_kib,
+    stop_server,
+    wait_until,
+)
+
+MIB = 1 << 20
+GIB = 1 << 30
+TIB = 1 << 40
+SEALED = fcntl.F_SEAL_SHRINK
+CYTHON = hintens.implementation == "cython"
+
+
+@pytest.fixture
+def server(sock_path):
+    process = start_server_with(sock_path)
+    yield process
+    stop_server(process, signal.SIGKILL)
+
+
+def answer(peer, request_id):
+    """The Response or Error that answers ``request_id`` (control Events before it noted)."""
+    frames = peer.until(lambda f: f.type in (2, 4) and f.request_id == request_id)
+    return frames[-1], peer.controls(frames)
+
+
+def error_of(frame):
+    assert frame.type == 4, frame
+    return hintens.decode_error_payload(frame.payload)
+
+
+def assert_serves(peer, request_id=999):
+    peer.send(raw_frame(b"echo:alive", request_id=request_id))
+    frame, _ = answer(peer, request_id)
+    assert (frame.type, bytes(frame.payload)) == (2, b"alive")
+
+
+def baseline(pid):
+    """The server's descriptors and resident memory (KiB), once idle."""
+    return open_fds(pid), status_kib("VmRSS", pid)
+
+
+def assert_near_baseline(pid, before, rss_slack_kib=32 * 1024):
+    fds, rss = before
+    assert wait_until(lambda: open_fds(pid) <= fds and not memfd_mappings(pid)), \
+        (open_fds(pid), fds, len(memfd_mappings(pid)))
+    assert memfd_fds(pid) == 0
+    assert status_kib("VmRSS", pid) - rss < rss_slack_kib
+
+
+# One connection's caps -----------------------------------------------------------------------
+
+def test_a_sparse_terabyte_segment_is_refused_before_it_is_mapped(sock_path, server):
+    before = baseline(server.pid)
+    peer = ShmPeer(sock_path)
+    fd = memfd(TIB, SEALED, b"echo:x")          # sealed, 1 TiB declared, nothing allocated
+    peer.send_shm(5, 1, TIB, 0, 6, True, fd)
+    os.close(fd)
+    frame, controls = answer(peer, 5)
+    code, message = error_of(frame)
+    assert code == ErrorCode.SHM_ERROR and "shm_receive_bytes" in message
+    assert (_shm.REJECT_MAGIC, [1]) in controls        # not mapped: introduce it again, or not
+    assert memfd_mappings(server.pid) == []             # nothing was mapped, even for a moment
+    assert_serves(peer)
+    peer.close()
+    assert_near_baseline(server.pid, before)
+
+
+def test_repeated_huge_segments_cannot_exhaust_address_space(sock_path, server):
+    before = baseline(server.pid)
+    vm_before = status_kib("VmSize", server.pid)
+    peer = ShmPeer(sock_path)
+    for n in range(1, 201):                            # 200 x 1 TiB: 200 TiB if mapped
+        fd = memfd(TIB, SEALED)
+        peer.send_shm(n, n, TIB, 0, 10, True, fd)
+        os.close(fd)
+    for n in range(1, 201):
+        frame, _ = answer(peer, n)
+        assert error_of(frame)[0] == ErrorCode.SHM_ERROR
+    assert status_kib("VmSize", server.pid) - vm_before < 256 * 1024   # KiB: no TiB mapped
+    with hintens.Client(sock_path) as other:           # and it still accepts and serves
+        assert other.request(b"echo:next") == b"next"
+    peer.close()
+    assert_near_baseline(server.pid, before)
+
+
+def test_thousands_of_small_segments_pin_no_descriptors(sock_path, server):
+    before = baseline(server.pid)
+    peer = ShmPeer(sock_path)
+    count = 3000
+    served, refused, controls = 0, 0, []
+    for n in range(1, count + 1):
+        fd = memfd(4096, SEALED, b"echo:%d" % n)
+        peer.send_shm(n, n, 4096, 0, len(b"echo:%d" % n), True, fd)
+        os.close(fd)
+        frame, found = answer(peer, n)
+        controls += found
+        if frame.type == 2:
+            served += 1
+        else:
+            code, message = error_of(frame)
+            assert code == ErrorCode.SHM_ERROR and "shm_receive_segments" in message
+            refused += 1
+    # The first 64 were mapped (each payload released after its reply); the rest refused
+    # unmapped, each handed back with an HREJ.
+    assert served == 64 and refused == count - 64
+    rejected = {i for magic, ids in controls if magic == _shm.REJECT_MAGIC for i in ids}
+    assert rejected == set(range(65, count + 1))
+    if CYTHON:   # the compiled core keeps no descriptor for a mapped segment
+        assert memfd_fds(server.pid) == 0
+    assert len(memfd_mappings(server.pid)) <= 64
+    assert open_fds(server.pid) <= before[0] + 1 + (64 if not CYTHON else 0)
+    assert_serves(peer)
+    peer.close()
+    assert_near_baseline(server.pid, before)
+
+
+@pytest.mark.parametrize("offset, length", [
+    (0, 2**63), (2**63, 2**63), (2**64 - 1, 1), (1, 2**64 - 1), (MIB, 1), (MIB + 1, 0),
+])
+def test_descriptor_arithmetic_cannot_overflow(sock_path, server, offset, length):
+    peer = ShmPeer(sock_path)
+    fd = memfd(MIB, SEALED, b"echo:mapped")
+    peer.send_shm(1, 3, MIB, 0, 11, True, fd)            # a good segment, mapped and used
+    os.close(fd)
+    assert bytes(answer(peer, 1)[0].payload) == b"mapped"
+    peer.send_shm(2, 3, MIB, offset, length, False)      # now the same segment, out of range
+    frame, controls = answer(peer, 2)
+    code, message = error_of(frame)
+    assert code == ErrorCode.SHM_ERROR and "outside" in message
+    assert_serves(peer)                                  # the connection stays
+    assert (_shm.RELEASE_MAGIC, [3]) in controls + peer.controls(peer.frames)
+    peer.close()
+
+
+def test_a_segment_size_that_disagrees_with_the_mapping_is_refused(sock_path, server):
+    peer = ShmPeer(sock_path)
+    fd = memfd(MIB, SEALED, b"echo:ok")
+    peer.send_shm(1, 3, MIB, 0, 7, True, fd)
+    os.close(fd)
+    assert bytes(answer(peer, 1)[0].payload) == b"ok"
+    peer.send_shm(2, 3, TIB, TIB - 10, 10, False)         # claims the segment grew to 1 TiB
+    code, message = error_of(answer(peer, 2)[0])
+    assert code == ErrorCode.SHM_ERROR and "not 1099511627776" in message
+    assert_serves(peer)
+    peer.close()
+
+
+# Across connections ----------------------------------------------------------------------------
+
+def test_the_server_wide_cap_bounds_all_connections_together(sock_path):
+    process = start_server_with(sock_path, shm_receive_total_bytes=3 * MIB)
+    try:
+        first, second = ShmPeer(sock_path), ShmPeer(sock_path)
+        fd = memfd(2 * MIB, SEALED, b"echo:first")
+        first.send_shm(1, 1, 2 * MIB, 0, 10, True, fd)
+        os.close(fd)
+        assert bytes(answer(first, 1)[0].payload) == b"first"
+        fd = memfd(2 * MIB, SEALED, b"echo:second")
+        second.send_shm(1, 1, 2 * MIB, 0, 11, True, fd)
+        os.close(fd)
+        code, message = error_of(answer(second, 1)[0])
+        assert code == ErrorCode.SHM_ERROR and "shm_receive_total_bytes" in message
+        first.close()                 # its mapping goes: the budget comes back
+        assert wait_until(lambda: not memfd_mappings(process.pid))
+        fd = memfd(2 * MIB, SEALED, b"echo:again")
+        second.send_shm(2, 1, 2 * MIB, 0, 10, True, fd)   # introduced again, after the HREJ
+        os.close(fd)
+        assert bytes(answer(second, 2)[0].payload) == b"again"
+        second.close()
+    finally:
+        stop_server(process, signal.SIGKILL)
+
+
+def test_caps_are_announced_and_a_hintens_client_keeps_to_them(sock_path):
+    with hintens.Server(sock_path, shm_receive_segments=2, shm_receive_bytes=4 * MIB).start():
+        with hintens.Client(sock_path, timeout=30) as client:
+            client.request(b"hello")
+            assert (client.peer_hello.shm_receive_segments,
+                    client.peer_hello.shm_receive_bytes) == (2, 4 * MIB)
+            pool = client._endpoint.pool
+            assert (pool.max_segments, pool.max_bytes) == (2, 4 * MIB)
+            errors = []
+
+            def work(seed):
+                try:
+                    for i in range(6):
+                        payload = bytes([seed, i]) * (MIB // 2)
+                        reply = client.request(payload)
+                        assert bytes(reply) == payload
+                        if isinstance(reply, memoryview):
+                            reply.release()
+                except Exception as error:  # noqa: BLE001 - reported below
+                    errors.append(error)
+
+            threads = [threading.Thread(target=work, args=(n,)) for n in range(4)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(120)
+            assert errors == []
+            assert len(pool._segments) <= 2
+
+
+# The same caps on the client side, against a hostile server --------------------------------------
+
+class HostileServer:
+    """A raw server that speaks just enough: a hello announcing shared memory, then for each
+    Request the reply ``respond(request_id, conn)`` writes."""
+
+    def __init__(self, path, respond):
+        self.listener = raw_listener(path)
+        self.respond = respond
+        self.seen = []
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        conn, _ = self.listener.accept()
+        self.conn = conn
+        conn.sendall(raw_frame(Hello(features=FEATURE_SHM).encode(), msg_type=3, request_id=0))
+        decoder = hintens._core_py.FrameDecoder()
+        try:
+            while True:
+                data = conn.recv(1 << 20)
+                if not data:
+                    return
+                for frame in decoder.feed(data):
+                    self.seen.append(frame)
+                    if frame.type == 1:
+                        self.respond(frame.request_id, conn)
+        except OSError:
+            return
+
+    def close(self):
+        try:
+            self.conn.close()
+        except (AttributeError, OSError):
+            pass
+        self.listener.close()
+        self.thread.join(5)
+
+
+def _shm_response(request_id, segment_id, size, offset, length, new, fd=None):
+    frame = raw_frame(_shm.encode_descriptor(segment_id, size, offset, length, new), flags=1,
+                      msg_type=2, request_id=request_id)
+    return [frame], [] if fd is None else [
+        (socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", fd))]
+
+
+@pytest.mark.parametrize("case", ["sparse_terabyte", "overflow", "bad_flags"])
+def test_the_client_refuses_hostile_replies_with_a_shm_error(sock_path, case):
+    def respond(request_id, conn):
+        if request_id == 1:        # the attack
+            if case == "sparse_terabyte":
+                fd = memfd(TIB, SEALED)
+                conn.sendmsg(*_shm_response(1, 9, TIB, 0, TIB, True, fd))
+                os.close(fd)
+            elif case == "overflow":
+                fd = memfd(MIB, SEALED)
+                conn.sendmsg(*_shm_response(1, 9, MIB, 0, 10, True, fd))   # fine...
+                os.close(fd)
+            else:
+                conn.sendall(raw_frame(struct.pack("<IIQQQ", 9, 0x80, MIB, 0, 10), flags=1,
+                                       msg_type=2, request_id=1))
+        elif request_id == 2 and case == "overflow":
+            conn.sendmsg(*_shm_response(2, 9, MIB, 2**63, 2**63, False))   # ...then this
+        else:
+            conn.sendall(raw_frame(b"fine", msg_type=2, request_id=request_id))
+
+    hostile = HostileServer(sock_path, respond)
+    try:
+        with hintens.Client(sock_path, timeout=10) as client:
+            if case == "overflow":
+                reply = client.request(b"first")
+                assert len(reply) == 10
+                if isinstance(reply, memoryview):
+                    reply.release()
+            with pytest.raises(hintens.ShmError) as caught:
+                client.request(b"attack")
+            assert not caught.value.fatal
+            assert client.request(b"after") == b"fine"      # the connection stays
+            assert not client.closed
+            assert len(client._endpoint.segments) <= 1
+        controls = [_shm.decode_control(f.payload) for f in hostile.seen
+                    if f.type == 3 and f.request_id == 0 and f.payload[:4] != b"HELO"]
+        expected = {"sparse_terabyte": (_shm.REJECT_MAGIC, [9]),
+                    "overflow": (_shm.RELEASE_MAGIC, [9]), "bad_flags": (_shm.REJECT_MAGIC, [9])}
+        assert expected[case] in controls
+    finally:
+        hostile.close()
+
+
+def test_a_reject_makes_the_sender_introduce_the_segment_again(sock_path):
+    listener = raw_listener(sock_path)
+    result = {}
+
+    def serve():
+        conn, _ = listener.accept()
+        conn.sendall(raw_frame(Hello(features=FEATURE_SHM).encode(), msg_type=3, request_id=0))
+        first = _read_shm_request(conn)
+        # Refuse the segment as if over our cap, and answer.
+        conn.sendall(raw_frame(_shm.encode_control(_shm.REJECT_MAGIC, [first["segment"]]),
+                               msg_type=3, request_id=0)
+                     + raw_frame(b"refused", msg_type=2, request_id=first["request_id"]))
+        second = _read_shm_request(conn)
+        conn.sendall(raw_frame(b"mapped", msg_type=2, request_id=second["request_id"]))
+        result.update(first=first, second=second)
+        conn.close()
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    try:
+        with hintens.Client(sock_path, timeout=10) as client:
+            assert client.request(bytes(MIB)) == b"refused"
+            assert client.request(bytes(MIB)) == b"mapped"
+        thread.join(10)
+        first, second = result["first"], result["second"]
+        assert first["new"] and first["fd"]
+        # The same segment, reused, but introduced again: NEW_SEGMENT with its descriptor.
+        assert second["segment"] == first["segment"] and second["new"] and second["fd"]
+    finally:
+        listener.close()
+
+
+def _read_shm_request(conn):
+    """Read until an SHM Request arrives; what it says, and whether a descriptor came."""
+    decoder = hintens._core_py.FrameDecoder()
+    got_fd = False
+    while True:
+        data, ancillary, _, _ = conn.recvmsg(1 << 16, socket.CMSG_SPACE(4 * 16))
+        for level, kind, fds in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                got_fd = True
+                for (fd,) in struct.iter_unpack("i", fds[:len(fds) - len(fds) % 4]):
+                    os.close(fd)
+        assert data, "the client hung up"
+        for frame in decoder.feed(data):
+            if frame.type == 1 and frame.flags & 1:
+                segment, flags = _shm.DESCRIPTOR.unpack(bytes(frame.payload))[:2]
+                return {"request_id": frame.request_id, "segment": segment,
+                        "new": bool(flags & _shm.NEW_SEGMENT), "fd": got_fd}
+
+
+# Handing refused segments back, exactly as the spec says -------------------------------------
+
+@pytest.mark.parametrize("case, expected", [
+    ("unsealed", (_shm.REJECT_MAGIC, [1])),
+    ("undersized", (_shm.REJECT_MAGIC, [1])),
+    ("no_descriptor", (_shm.REJECT_MAGIC, [1])),
+    ("unknown_segment", (_shm.REJECT_MAGIC, [42])),
+    ("unknown_flag_bits", (_shm.REJECT_MAGIC, [1])),
+    ("not_negotiated", (_shm.REJECT_MAGIC, [1])),
+    ("out_of_range_on_a_new_segment", (_shm.REJECT_MAGIC, [1])),   # checked before mapping
+    ("short_descriptor", None),
+    ("segment_id_zero", None),
+    ("peer_segment_never_lent", None),
+    ("error_frame_with_shm", (_shm.REJECT_MAGIC, [1])),
+])
+def test_every_refusal_hands_the_segment_back_as_the_spec_says(sock_path, server, case,
+                                                                expected):
+    before = open_fds(server.pid)
+    peer = RawPeer(sock_path) if case == "not_negotiated" else ShmPeer(sock_path)
+    fd = None
+    if case == "unsealed":
+        fd = memfd(MIB)
+        peer.send_shm(5, 1, MIB, 0, 10, True, fd)
+    elif case == "undersized":
+        fd = memfd(4096, SEALED)
+        peer.send_shm(5, 1, MIB, 0, 10, True, fd)
+    elif case == "no_descriptor":
+        peer.send_shm(5, 1, MIB, 0, 10, True)
+    elif case == "unknown_segment":
+        peer.send_shm(5, 42, MIB, 0, 10, False)
+    elif case == "unknown_flag_bits":
+        peer.send_shm(5, 1, MIB, 0, 10, False, descriptor_flags=0x10)
+    elif case == "not_negotiated":
+        peer.send(raw_frame(_shm.encode_descriptor(1, MIB, 0, 10, False), flags=1,
+                            request_id=5))
+    elif case == "out_of_range_on_a_new_segment":
+        fd = memfd(MIB, SEALED)
+        peer.send_shm(5, 1, MIB, MIB - 5, 10, True, fd)
+    elif case == "short_descriptor":
+        peer.send(raw_frame(b"\x01" * 31, flags=1, request_id=5))
+    elif case == "segment_id_zero":
+        peer.send_shm(5, 0, MIB, 0, 10, False)
+    elif case == "peer_segment_never_lent":
+        peer.send_shm(5, 7, MIB, 0, 10, False, descriptor_flags=_shm.PEER_SEGMENT)
+    elif case == "error_frame_with_shm":
+        fd = memfd(MIB, SEALED)
+        peer.send_shm(5, 1, MIB, 0, 10, True, fd, msg_type=4)
+    if case == "error_frame_with_shm":   # Errors are never answered: look for the hand-back
+        frames = peer.until(lambda f: f.type == 3 and f.request_id == 0
+                            and bytes(f.payload[:4]) in (b"HREL", b"HREJ"))
+        assert peer.controls(frames)[-1] == expected
+    else:
+        frame, controls = answer(peer, 5)
+        assert error_of(frame)[0] == ErrorCode.SHM_ERROR
+        handed_back = [c for c in controls if c[0] in (_shm.RELEASE_MAGIC, _shm.REJECT_MAGIC)]
+        assert handed_back == ([] if expected is None else [expected])
+    assert_serves(peer)
+    if fd is not None:
+        os.close(fd)
+    peer.close()
+    assert wait_until(lambda: open_fds(server.pid) <= before)   # the descriptor was closed
+
+
+def test_received_segments_keep_no_descriptor_on_either_side(sock_path):
+    # In one process: every memfd descriptor open is a segment some side created (the
+    # descriptor passes to the peer with NEW_SEGMENT); none is kept for a segment received.
+    gc.collect()
+    before = memfd_fds()      # other tests' leftovers, if any
+    with hintens.Server(sock_path, lambda payload: bytes(payload)).start() as server:
+        with hintens.Client(sock_path, timeout=30) as client:
+            replies = [client.request(bytes([n]) * MIB) for n in range(3)]
+            assert client._endpoint.segments                  # the server's, mapped here
+            (connection,) = server.connections
+            assert connection._endpoint.segments              # the client's, mapped there
+            created = len(client._endpoint.pool._segments) \
+                + len(connection._endpoint.pool._segments)
+            if CYTHON:
+                assert memfd_fds() - before == created
+            else:   # mmap.mmap keeps a duplicate per mapping
+                assert memfd_fds() - before > created
+            for reply in replies:
+                if isinstance(reply, memoryview):
+                    reply.release()
