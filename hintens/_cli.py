@@ -55,14 +55,21 @@ def _serve(args: argparse.Namespace) -> int:
     except ValueError:
         raise _UsageError(f"--mode wants an octal file mode such as 600, not {args.mode!r}") \
             from None
-    server = Server(args.socket, handler, on_event=on_event, mode=mode,
-                    allow_uids=args.allow_uid, allow_gids=args.allow_gid)
+    # SIGTERM/SIGINT wait until the handlers are in place: a signal that came the moment the
+    # socket began to accept connections would otherwise leave the socket file behind.
+    stops = {signal.SIGTERM, signal.SIGINT}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stops)
+    try:
+        server = Server(args.socket, handler, on_event=on_event, mode=mode,
+                        allow_uids=args.allow_uid, allow_gids=args.allow_gid)
 
-    def stop(signum: int, frame: Any) -> None:
-        server.shutdown()
+        def stop(signum: int, frame: Any) -> None:
+            server.shutdown()
 
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)
     server.serve_forever()
     return 0
 
