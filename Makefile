@@ -1,5 +1,5 @@
 # hintens developer entry points. Everything runs inside .venv, created on first use.
-#   make test    build the extension (warnings are errors) and run the test-suite
+#   make test    build the extension (warnings are errors), run the test-suite on both cores
 #   make demo    the main job: run hintens and print its numbers
 #   make bench   benchmarks against the stdlib and the peers (installs the `bench` extra)
 #   make crc-check  the CRC16 kernel's C harness (every path vs a bitwise reference, ASan/UBSan)
@@ -27,9 +27,12 @@ $(BENCH_INSTALLED): $(INSTALLED)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test,bench]'
 	touch $@
 
+# The suite runs twice: with the compiled core, then with its pure-Python twin (the slow 1 GiB
+# test only once; core tests that need the extension skip in the second pass).
 test: $(INSTALLED) crc-check
 	$(PY) -m mypy
 	$(PY) -m pytest
+	HINTENS_NO_EXTENSIONS=1 $(PY) -m pytest -q -m "not slow" -p no:cacheprovider
 
 # Sanitizers where the compiler has their runtime; a plain optimised build elsewhere.
 CRC_TEST_FLAGS := -Wall -Wextra -Werror -pthread -Ihintens

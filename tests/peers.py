@@ -47,21 +47,29 @@ def _spawn(argv, path):
     log = tempfile.TemporaryFile()
     process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=log, env=env, cwd=REPO)
     process.log = log
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(server_log(process))
+    if _accepting(path, lambda: process.poll() is None):
+        return process
+    if process.poll() is not None:
+        raise RuntimeError(server_log(process))
+    process.kill()
+    process.wait()
+    raise RuntimeError("server process did not start: " + server_log(process))
+
+
+def _accepting(path, alive, timeout_s=20.0) -> bool:
+    """Wait until ``path`` accepts a connection (True), or the server is not ``alive()`` any
+    more or ``timeout_s`` passed (False)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and alive():
         probe = socket.socket(socket.AF_UNIX)
         try:
             probe.connect(path)
-            return process
+            return True
         except OSError:
             time.sleep(0.02)
         finally:
             probe.close()
-    process.kill()
-    process.wait()
-    raise RuntimeError("server process did not start: " + server_log(process))
+    return False
 
 
 def server_log(process) -> str:
@@ -82,10 +90,11 @@ def wait_for_lone_thread(timeout_s: float = 5.0) -> None:
                                             for w in FLUSHER._watched.values()])
 
 
-def fork_server_as(uid: int, path: str, **options) -> int:
+def fork_server_as(uid: int, path: str, prepare=None, **options) -> int:
     """A hintens server (handler ``command``) in a forked child running as ``uid`` (the
     interpreter's own files may not be readable by that uid, so it cannot exec one), letting
-    our own uid in. Returns the child's pid once the socket accepts connections; end it with
+    our own uid in; ``prepare()`` runs in the child once it is ``uid`` (to set a limit, say).
+    Returns the child's pid once the socket accepts connections; end it with
     os.kill(pid, SIGKILL) and os.waitpid."""
     import hintens
 
@@ -97,20 +106,14 @@ def fork_server_as(uid: int, path: str, **options) -> int:
             os.setgroups([])
             os.setgid(uid)
             os.setuid(uid)
+            if prepare is not None:
+                prepare()
             options.setdefault("allow_uids", [me])
             hintens.Server(path, command, **options).serve_forever()
         finally:
             os._exit(0)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        probe = socket.socket(socket.AF_UNIX)
-        try:
-            probe.connect(path)
-            return pid
-        except OSError:
-            time.sleep(0.02)
-        finally:
-            probe.close()
+    if _accepting(path, lambda: os.waitpid(pid, os.WNOHANG) == (0, 0)):
+        return pid
     os.kill(pid, signal.SIGKILL)
     os.waitpid(pid, 0)
     raise RuntimeError("forked server did not start")

@@ -22,11 +22,11 @@ from hintens import ErrorCode
 
 from .peers import (
     RawPeer,
+    fork_server_as,
     raw_frame,
     start_server_with,
     status_kib,
     stop_server,
-    wait_for_lone_thread,
     wait_until,
 )
 
@@ -55,22 +55,14 @@ def test_a_thread_that_cannot_start_refuses_one_connection_and_serving_goes_on()
     directory = tempfile.mkdtemp(dir="/tmp")      # reachable by NOBODY (pytest's is not)
     os.chown(directory, NOBODY, NOBODY)
     path = os.path.join(directory, "nproc.sock")
-    wait_for_lone_thread()
-    me = os.geteuid()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.setgroups([])
-            os.setgid(NOBODY)
-            os.setuid(NOBODY)
-            # Room for this process's own thread and two connection threads, no more.
-            limit = _tasks_of(NOBODY) + 2
-            resource.setrlimit(resource.RLIMIT_NPROC, (limit, limit))
-            hintens.Server(path, allow_uids=[me]).serve_forever()
-        finally:
-            os._exit(0)
+
+    def limit_threads():
+        # Room for the server's own thread and two connection threads, no more.
+        limit = _tasks_of(NOBODY) + 2
+        resource.setrlimit(resource.RLIMIT_NPROC, (limit, limit))
+
+    pid = fork_server_as(NOBODY, path, limit_threads)
     try:
-        assert wait_until(lambda: os.path.exists(path))
         first = hintens.Client(path, timeout=10, server_uids=[NOBODY])
         second = hintens.Client(path, timeout=10, server_uids=[NOBODY])
         assert first.request(b"1") == b"1" and second.request(b"2") == b"2"

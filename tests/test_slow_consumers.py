@@ -13,7 +13,7 @@ import pytest
 
 import hintens
 
-from .peers import RawPeer, wait_until
+from .peers import RawPeer, raw_listener, wait_until
 
 MIB = 1 << 20
 CYTHON = hintens.implementation == "cython"
@@ -118,9 +118,7 @@ def test_a_subscriber_that_reads_nothing_is_cut_after_send_timeout(sock_path, ca
 
 
 def test_a_client_whose_server_reads_nothing_is_cut_after_its_timeout(sock_path):
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(sock_path)
-    listener.listen(1)
+    listener = raw_listener(sock_path)   # a server that accepts, then reads nothing
     try:
         with hintens.Client(sock_path, timeout=0.5, flush_interval=0.001) as client:
             conn, _ = listener.accept()                  # accepted, never read
@@ -140,9 +138,7 @@ def test_queued_events_on_a_full_socket_are_cut_by_the_flusher(sock_path):
     # Events that keep arriving within the flush interval wait for the flusher, which writes
     # them without blocking; toward a server that stopped reading, it gives up after the
     # client's timeout instead of trying for ever.
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(sock_path)
-    listener.listen(1)
+    listener = raw_listener(sock_path)   # a server that accepts, then reads nothing
     try:
         with hintens.Client(sock_path, timeout=0.5, flush_interval=0.05) as client:
             conn, _ = listener.accept()
