@@ -163,6 +163,7 @@ cdef class Channel:
     cdef int _after_offer(self) except -1
     cdef int _schedule(self) except -1
     cdef int _drain(self, int flags) except -1
+    cdef int _break(self) except -1
     cdef int _queue_fd(self, int fd, uint64_t at, uint64_t end) except -1
     cdef void _drop_fds(self) noexcept
     cdef int _drain_quietly(self) except -1

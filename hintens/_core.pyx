@@ -1027,7 +1027,17 @@ cdef class Channel:
                     self._drain(0)   # what was queued before us leaves first
                 self.submitted += total
                 end = self.submitted
-                self._send_iov(iov, count, fds, total <= NOGIL_THRESHOLD_BYTES)
+                try:
+                    self._send_iov(iov, count, fds, total <= NOGIL_THRESHOLD_BYTES)
+                except BaseException:
+                    if not self.broken:   # none of it left (a part would have broken it)
+                        if self.submitted == end:
+                            self.submitted -= total   # nothing came after: never submitted
+                        else:
+                            # Frames queued meanwhile were placed after ours: their stream
+                            # offsets (their descriptors' places) would be wrong.
+                            self._break()
+                    raise
                 if self._queued:
                     self._drain_quietly()   # queued while we wrote
             finally:
@@ -1171,6 +1181,12 @@ cdef class Channel:
                 chunk = n - done
                 if self._fd_count:
                     ahead = <Py_ssize_t>(<long long>self._fd_at[0] - <long long>self.written)
+                    if ahead < 0 or (ahead == 0 and self._fd_end[0] <= self.written):
+                        # Offsets out of step (cannot happen while they are kept right): stop
+                        # rather than write from outside the buffer or without the descriptor.
+                        self._requeue(buf, cap, done, n)
+                        self._break()
+                        raise OSError(EPIPE, "the outbox lost track of a descriptor's frame")
                     if ahead == 0:   # a descriptor's frame starts here: it goes alone with it
                         fd = self._fd_fds[0]
                         chunk = min(chunk, <Py_ssize_t>(self._fd_end[0] - self.written))
@@ -1217,6 +1233,14 @@ cdef class Channel:
                 self._spare, self._spare_cap = buf, cap
             else:
                 free(buf)   # a burst's big buffer is not kept for good
+        return 0
+
+    cdef int _break(self) except -1:
+        # The stream can no longer be framed right: shut it for good (readers see its end);
+        # the descriptor itself stays until close(), so no number is reused under anyone.
+        self.broken = True
+        if self._fd >= 0:
+            shutdown(self._fd, SHUT_RDWR)
         return 0
 
     cdef int _queue_fd(self, int fd, uint64_t at, uint64_t end) except -1:
@@ -1351,9 +1375,13 @@ cdef class Channel:
         finally:
             PyThread_release_lock(self._send_lock)
 
-    def flush_due(self):
+    def flush_due(self, bint mark=True):
         """For the deadline flusher: write the queue without blocking, unless another thread
         is writing (it will) or the channel is corked.
+
+        Args:
+            mark: with bytes left, note that the flusher has them (no new ``on_queued`` call
+                until it flushes again). False when nobody will: the next Event asks anew.
 
         Returns:
             True when bytes are left that the socket would not take yet: call again later.
@@ -1373,7 +1401,7 @@ cdef class Channel:
             shutdown(self._fd, SHUT_RDWR)
         finally:
             PyThread_release_lock(self._send_lock)
-        if left:
+        if left and mark:
             self._scheduled = True
         return bool(left)
 
@@ -1517,6 +1545,8 @@ cdef class Channel:
         for buffers, fds in writes:
             if len(fds) > 1:
                 raise ValueError("at most one descriptor per write")
+            if len(fds) and not any(len(memoryview(buffer)) for buffer in buffers):
+                raise ValueError("a descriptor needs at least one byte to ride on")
             count += len(buffers)
         refs = <_Input *>malloc(max(1, count) * sizeof(_Input))
         if refs == NULL:
@@ -1606,7 +1636,8 @@ cdef class Channel:
         protocol's one rule for replies. If ``handler`` or ``reply_writes`` raises an
         Exception, ``on_error(request_id, exception)`` returns the Error frame to send instead.
         Replies leave in request order, small ones together in one write. A read that holds
-        a control Event (request id 0) is answered by none of this: all of it goes back.
+        a control Event (request id 0) or a frame with flags is answered by none of this: all
+        of it goes back.
 
         Returns:
             The frames that follow the run, for the caller (often empty), or None at end of
@@ -1624,16 +1655,19 @@ cdef class Channel:
         count = len(frames)
         for i in range(count):
             frame = frames[i]
-            if frame.type == 3 and frame.request_id == 0:
-                # A control Event (a release, say) anywhere in this read: the caller admits
-                # the whole read before answering any of it, so that a reply waiting for
-                # the segment a later release frees does not wait for it in vain.
+            if frame.flags or (frame.type == 3 and frame.request_id == 0):
+                # A control Event (a release, say) or a frame with flags (shared memory)
+                # anywhere in this read: the caller admits the whole read, in stream order,
+                # before answering any of it. A reply that must wait for a segment reads on;
+                # a later release must take effect, and descriptors must be claimed by their
+                # frames in order.
                 return frames
         i = 0
         while i < count:
             frame = frames[i]
             if frame.type != 1 or frame.flags != 0:
                 break
+            writes = None
             try:
                 result = handler(frame.payload)
                 if result is None:
@@ -1642,14 +1676,16 @@ cdef class Channel:
                     out.append(encode_frame(2, result, frame.request_id))
                 else:
                     writes = reply_writes(frame.request_id, result)
-                    result = None   # a lent payload goes back once nothing holds it
-                    if out:
-                        self._send(out, None)
-                        out = []
-                    for buffers, fds in writes:
-                        self._send(buffers, fds)
-            except Exception as error:
+            except Exception as error:   # the handler's or the reply rule's, not a send's
                 out.append(on_error(frame.request_id, error))
+            result = None   # a lent payload goes back once nothing holds it
+            if writes is not None:
+                if out:
+                    self._send(out, None)
+                    out = []
+                for buffers, fds in writes:
+                    self._send(buffers, fds)
+                writes = None
             i += 1
         if out:
             self._send(out, None)

@@ -643,7 +643,10 @@ class Channel:
         for buffers, fds in writes:
             if len(fds) > 1:
                 raise ValueError("at most one descriptor per write")
-            parts.append(([memoryview(b).cast("B") for b in buffers], fds))
+            views = [memoryview(b).cast("B") for b in buffers]
+            if len(fds) and not any(len(view) for view in views):
+                raise ValueError("a descriptor needs at least one byte to ride on")
+            parts.append((views, fds))
         total = sum(len(view) for views, _ in parts for view in views)
         with self._queue_lock:
             if self._queue and len(self._queue) + total > limit:
@@ -712,11 +715,15 @@ class Channel:
                 self._write_all(pending, ancillary)
             except BaseException:
                 self.written += self._written
-                if self._written:
-                    # Part of a frame is on the wire and the rest never will be: shut the
-                    # stream (readers see EOF); the descriptor stays until close().
-                    self.broken = True
-                    self._sock.shutdown(socket.SHUT_RDWR)
+                with self._queue_lock:
+                    if not self._written and self.submitted == end:
+                        self.submitted -= total   # none left, nothing came after: as never sent
+                    else:
+                        # Part of a frame is on the wire and the rest never will be, or frames
+                        # queued meanwhile were placed after ours: shut the stream (readers
+                        # see EOF); the descriptor stays until close().
+                        self.broken = True
+                        self._sock.shutdown(socket.SHUT_RDWR)
                 raise
             self.written += self._written
             if self._queue:
@@ -789,9 +796,13 @@ class Channel:
             self._drain(0)
         self._write_leftovers()
 
-    def flush_due(self) -> bool:
+    def flush_due(self, mark: bool = True) -> bool:
         """For the deadline flusher: write the queue without blocking, unless another thread
         is writing (it will) or the channel is corked.
+
+        Args:
+            mark: with bytes left, note that the flusher has them (no new ``on_queued`` call
+                until it flushes again). False when nobody will: the next Event asks anew.
 
         Returns:
             True when bytes are left that the socket would not take yet: call again later.
@@ -811,10 +822,10 @@ class Channel:
             self._sock.shutdown(socket.SHUT_RDWR)
         finally:
             self._send_lock.release()
-        if left:
+        if not left and not self.broken:
+            left = self._write_leftovers(socket.MSG_DONTWAIT)
+        if left and mark:
             self._scheduled = True
-        elif not self.broken and self._write_leftovers(socket.MSG_DONTWAIT):
-            self._scheduled = left = True
         return left
 
     def cork(self) -> None:
@@ -932,9 +943,14 @@ class Channel:
                         if self._fd_slots:
                             at, end, slot_fd = self._fd_slots[0]
                             ahead = at - self.written
+                            if ahead < 0 or (ahead == 0 and end <= self.written):
+                                self.broken = True   # offsets out of step: stop, as C does
+                                self._sock.shutdown(socket.SHUT_RDWR)
+                                raise OSError(errno.EPIPE,
+                                              "the outbox lost track of a descriptor's frame")
                             if ahead == 0:
                                 fd, chunk = slot_fd, min(chunk, end - self.written)
-                            elif 0 < ahead < chunk:
+                            elif ahead < chunk:
                                 chunk = ahead
                         if fd >= 0:
                             sent = self._sock.sendmsg(
@@ -1041,7 +1057,8 @@ class Channel:
         protocol's one rule for replies. If ``handler`` or ``reply_writes`` raises an
         Exception, ``on_error(request_id, exception)`` returns the Error frame to send instead.
         Replies leave in request order, small ones together in one write. A read that holds
-        a control Event (request id 0) is answered by none of this: all of it goes back.
+        a control Event (request id 0) or a frame with flags is answered by none of this: all
+        of it goes back.
 
         Returns:
             The frames that follow the run, for the caller (often empty), or None at end of
@@ -1053,16 +1070,19 @@ class Channel:
         frames = self.receive()
         if not frames:
             return frames
-        if any(frame.type == 3 and frame.request_id == 0 for frame in frames):
-            # A control Event (a release, say) anywhere in this read: the caller admits the
-            # whole read before answering any of it, so that a reply waiting for the segment
-            # a later release frees does not wait for it in vain.
+        if any(frame.flags or (frame.type == 3 and frame.request_id == 0) for frame in frames):
+            # A control Event (a release, say) or a frame with flags (shared memory) anywhere
+            # in this read: the caller admits the whole read, in stream order, before
+            # answering any of it. A reply that must wait for a segment reads on; a later
+            # release must take effect, and descriptors must be claimed by their frames in
+            # order.
             return frames
         out: list[Any] = []
         done = 0
         for frame in frames:
             if frame.type != 1 or frame.flags != 0:
                 break
+            writes = None
             try:
                 result = handler(frame.payload)
                 if result is None:
@@ -1071,14 +1091,16 @@ class Channel:
                     out.append(encode_frame(2, result, frame.request_id))
                 else:
                     writes = reply_writes(frame.request_id, result)
-                    result = None
-                    if out:
-                        self.send(out)
-                        out = []
-                    for buffers, fds in writes:
-                        self.send(buffers, fds)
-            except Exception as error:
+            except Exception as error:   # the handler's or the reply rule's, not a send's
                 out.append(on_error(frame.request_id, error))
+            result = None
+            if writes is not None:
+                if out:
+                    self.send(out)
+                    out = []
+                for buffers, fds in writes:
+                    self.send(buffers, fds)
+                writes = None
             done += 1
         if out:
             self.send(out)

@@ -19,11 +19,14 @@ after a second with nothing to do; the next ``schedule`` starts another.
 
 from __future__ import annotations
 
+import fcntl
 import heapq
 import itertools
 import logging
 import os
 import select
+import struct
+import termios
 import threading
 from time import monotonic
 from typing import Any
@@ -35,14 +38,29 @@ IDLE_EXIT_S = 1.0
 
 
 class _Watch:
-    """A channel waiting for its socket to take more, and when it last made progress."""
+    """A channel waiting for its socket to take more, and when it last made progress: we
+    wrote more, or the peer read some of what the socket holds."""
 
-    __slots__ = ("channel", "written", "since")
+    __slots__ = ("channel", "written", "unread", "since")
 
-    def __init__(self, channel: Any, written: int, since: float) -> None:
+    def __init__(self, channel: Any, written: int, unread: int, since: float) -> None:
         self.channel = channel
         self.written = written
+        self.unread = unread
         self.since = since
+
+
+def _unread(fd: int) -> int:
+    """Bytes (kernel accounting) our socket holds that the peer has not read (SIOCOUTQ); a
+    Unix socket reports writable only once most of its buffer drained, so what we wrote is not
+    the measure of a peer that reads slowly."""
+    try:
+        return _INT.unpack(fcntl.ioctl(fd, termios.TIOCOUTQ, b"\0" * _INT.size))[0]
+    except OSError:
+        return 0
+
+
+_INT = struct.Struct("i")
 
 
 class Flusher:
@@ -80,36 +98,49 @@ class Flusher:
             elif self._due[0][2] is not channel:
                 return
             else:
-                started = None
-        if started is None:
-            self._wake()   # a new earliest deadline
-            return
+                self._wake()   # a new earliest deadline (under the lock: the pipe is open)
+                return
         log.error("cannot start the flusher thread (%s): writing queued frames now", started)
         try:
-            channel.flush_due()
+            # What the socket will not take now leaves with the connection's next write; the
+            # channel is not marked as ours, so its next Event asks for a flusher again.
+            channel.flush_due(False)
         except Exception:
             log.exception("flushing queued frames failed")
 
     def _start(self) -> None:
-        # Under the lock.
-        if self._epoll is None:
-            self._epoll = select.epoll()
+        # Under the lock. The epoll set and the wake-up pipe live as long as the thread.
+        self._epoll = select.epoll()
+        try:
             self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
             self._epoll.register(self._wake_r, select.EPOLLIN)
-        thread = threading.Thread(target=self._run, name="hintens-flusher", daemon=True)
-        thread.start()
+            thread = threading.Thread(target=self._run, args=(self._epoll,),
+                                      name="hintens-flusher", daemon=True)
+            thread.start()
+        except BaseException:
+            self._close_polling()
+            raise
         self._thread = thread
 
+    def _close_polling(self) -> None:
+        # Under the lock.
+        if self._epoll is not None:
+            self._epoll.close()
+            self._epoll = None
+        for fd in (self._wake_r, self._wake_w):
+            if fd >= 0:
+                os.close(fd)
+        self._wake_r = self._wake_w = -1
+
     def _wake(self) -> None:
+        # Under the lock, so that the pipe cannot be closed (and its number reused) meanwhile.
         try:
             os.write(self._wake_w, b"\0")
-        except OSError:   # full (a wake is pending anyway) or closed
+        except OSError:   # full: a wake is pending anyway
             pass
 
-    def _run(self) -> None:
+    def _run(self, epoll: select.epoll) -> None:
         idle_since = monotonic()
-        epoll = self._epoll
-        assert epoll is not None
         while True:
             now = monotonic()
             with self._lock:
@@ -126,8 +157,9 @@ class Flusher:
                 next_deadline = self._due[0][0] if self._due else None
                 if due or self._due or self._watched:
                     idle_since = now
-                elif now - idle_since >= IDLE_EXIT_S:   # idle: end
+                elif now - idle_since >= IDLE_EXIT_S:   # idle: end, leaving no descriptor
                     self._thread = None
+                    self._close_polling()
                     return
             for channel in due:
                 self._flush(channel, None)
@@ -168,7 +200,8 @@ class Flusher:
             return
         now = monotonic()
         if watch is None or channel.written != watch.written:
-            watch = _Watch(channel, channel.written, now)   # progress: the clock starts again
+            # Progress: the clock starts again.
+            watch = _Watch(channel, channel.written, _unread(fd), now)
         assert self._epoll is not None
         try:
             try:
@@ -193,8 +226,9 @@ class Flusher:
                 self._unwatch(fd)
                 self._flush(channel, None)
                 continue
-            if channel.written != watch.written:
-                watch.written, watch.since = channel.written, now
+            unread = _unread(fd)
+            if channel.written != watch.written or unread < watch.unread:
+                watch.written, watch.unread, watch.since = channel.written, unread, now
             limit = channel.stall_timeout
             if not limit:
                 continue
@@ -222,12 +256,7 @@ class Flusher:
         self._due = []
         self._thread = None
         self._watched = {}
-        if self._epoll is not None:
-            self._epoll.close()
-            os.close(self._wake_r)
-            os.close(self._wake_w)
-        self._epoll = None
-        self._wake_r = self._wake_w = -1
+        self._close_polling()
 
 
 FLUSHER = Flusher()

@@ -215,15 +215,22 @@ Write = tuple[list[Any], list[int]]   # buffers, and the descriptors that go wit
 
 
 def control_sender(channel: Any) -> Callable[[bytes], None]:
-    """What an Endpoint's ``send_control`` should be for a core Channel: it writes a control
-    Event (request id 0) with the given payload. It holds the channel only, not the object
-    that owns the endpoint, so no reference cycle keeps a closed connection's memory alive."""
+    """What an Endpoint's ``send_control`` should be for a core Channel: it queues a control
+    Event (request id 0) with the given payload, and never waits. A release can come from any
+    thread that drops the last view of a payload, the garbage collector included, even one
+    that holds the channel's send lock: it must not wait for that lock (the holder writes the
+    queue before it lets go) nor for the socket (the flusher writes what it will not take).
+    The sender holds the channel only, not the object that owns the endpoint, so no reference
+    cycle keeps a closed connection's memory alive."""
     encode_frame = _impl.core.encode_frame
 
     def send_control(payload: bytes) -> None:
-        channel.send([encode_frame(MessageType.EVENT, payload, 0)])
+        channel.offer([([encode_frame(MessageType.EVENT, payload, 0)], [])], _UNBOUNDED)
 
     return send_control
+
+
+_UNBOUNDED = 1 << 62   # control Events are never refused for room: they are small and vital
 
 
 class Endpoint:
@@ -637,6 +644,7 @@ class Endpoint:
         def dropped(key: int) -> None:   # never sent: the peer never got this use
             if allocations.pop(key, None) is not None:
                 pool.unlend(segment_id, new)
+                pool.unannounced(retired)
 
         try:
             if self._copy_shared:   # a mapping of its own, whose collection we can see
@@ -648,6 +656,7 @@ class Endpoint:
             view = memoryview(owner)
         except BaseException:
             pool.unlend(segment_id, new)
+            pool.unannounced(retired)
             raise
         allocations[id(owner)] = (segment_id, segment, new, retired, size)
         return view
@@ -727,7 +736,7 @@ class Endpoint:
         segment_id, segment, new, retired, length = entry
         frame = self._encode_frame(msg_type, _shm.encode_descriptor(
             segment_id, segment.size, 0, length, new), request_id, Flags.SHM)
-        return self._with_retirements(frame, segment, new, retired)
+        return self._with_retirements(frame, segment_id, new, retired)
 
     def _shared_writes(self, msg_type: int, payload: Any, size: int,
                        request_id: int) -> list[Write] | None:
@@ -742,32 +751,40 @@ class Endpoint:
             region.release()
             frame = self._encode_frame(msg_type, _shm.encode_descriptor(
                 segment_id, segment.size, 0, size, new), request_id, Flags.SHM)
+            return self._with_retirements(frame, segment_id, new, retired)
         except BaseException:
             self.pool.unlend(segment_id, new)
+            self.pool.unannounced(retired)
             raise
-        return self._with_retirements(frame, segment, new, retired)
 
-    def _with_retirements(self, frame: bytes, segment: _shm.Segment, new: bool,
+    def _with_retirements(self, frame: bytes, segment_id: int, new: bool,
                           retired: list[int]) -> list[Write]:
+        assert self.pool is not None
         writes: list[Write] = []
         if retired:
             writes.append(([self._encode_frame(MessageType.EVENT, _shm.encode_control(
                 _shm.RETIRE_MAGIC, retired), 0)], []))
-        writes.append(([frame], [segment.fd] if new else []))
+        # A duplicate of the descriptor, taken while the segment is surely ours and lent.
+        writes.append(([frame], [self.pool.descriptor_for(segment_id)] if new else []))
         return writes
 
     def unsent(self, writes: list[Write]) -> None:
-        """Writes that ``writes`` returned will not be sent (the connection failed first, or
-        an offer was refused): the segments they use are not lent to the peer after all."""
+        """Writes that ``writes`` returned will not be sent (an offer was refused): the
+        segments they use are not lent to the peer after all, and the retirements they
+        announce go with the next frame instead."""
         if self.pool is None:
             return
         for buffers, fds in writes:
             header = _impl.core.unpack_header(buffers[0])
+            body = bytes(memoryview(buffers[0])[24:24 + header.length])
             if header.flags & Flags.SHM:
-                data = bytes(memoryview(buffers[0])[24:24 + _shm.DESCRIPTOR.size])
-                segment_id, flags = _shm.DESCRIPTOR.unpack(data)[:2]
+                segment_id, flags = _shm.DESCRIPTOR.unpack(body)[:2]
                 if not flags & _shm.PEER_SEGMENT:
                     self.pool.unlend(segment_id, bool(flags & _shm.NEW_SEGMENT))
+            elif header.type == MessageType.EVENT and header.request_id == 0:
+                control = _shm.decode_control(body)
+                if control is not None and control[0] == _shm.RETIRE_MAGIC:
+                    self.pool.unannounced(control[1])
 
     def close_shm(self) -> None:
         """The connection is over: free our segments and unmap the peer's."""

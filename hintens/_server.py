@@ -25,7 +25,13 @@ from typing import Any, Callable, Iterable
 from . import _impl
 from ._client import RECEIVE_BUFFER_BYTES
 from ._codecs import CodecSpec, codec_from, fill, join, size_of
-from ._constants import DEFAULT_MAX_PAYLOAD_BYTES, ErrorCode, Flags, MessageType
+from ._constants import (
+    BATCH_WRITE_BYTES,
+    DEFAULT_MAX_PAYLOAD_BYTES,
+    ErrorCode,
+    Flags,
+    MessageType,
+)
 from ._errors import (
     ConnectionClosed,
     FrameTooLargeError,
@@ -102,6 +108,7 @@ _REPLAY_REFUSALS = {
 #: thread, so the platform's default (often 8 MiB of address space) adds up.
 DEFAULT_THREAD_STACK_BYTES = 1 << 20
 MIN_THREAD_STACK_BYTES = 64 * 1024
+MAX_THREAD_STACK_BYTES = 1 << 30
 DEFAULT_MAX_CONNECTIONS = 1024
 #: Bytes held for unfinished frames across all connections (at least max_payload).
 DEFAULT_MAX_PENDING_BYTES = 256 << 20
@@ -223,7 +230,9 @@ class ServerConnection:
 
     def send_event(self, payload: Any) -> bool:
         """Push an Event to this client without waiting for it to read: into this
-        connection's outgoing queue (``send_queue_bytes``), through shared memory when large.
+        connection's outgoing queue (``send_queue_bytes``), through shared memory when large
+        (inline, when the client holds every segment it was lent and the Event fits its
+        limit).
 
         Returns:
             True when queued; False when dropped because the queue is full and the server's
@@ -247,7 +256,11 @@ class ServerConnection:
             writes: list[Any] | None = [([_impl.core.encode_frame(
                 MessageType.EVENT, payload, event_id)], [])]
         else:
-            writes = endpoint.writes(MessageType.EVENT, payload, event_id)   # None: no segment
+            writes = endpoint.writes(MessageType.EVENT, payload, event_id)
+            if writes is None and memoryview(payload).nbytes <= endpoint.peer.max_payload:
+                # Every segment is lent out (the client holds the Events it was lent): this
+                # one goes inline, into the bounded queue, rather than wait.
+                writes = [(endpoint.inline(MessageType.EVENT, payload, event_id), [])]
         try:
             if writes is not None and channel.offer(writes, self._server.send_queue_bytes):
                 self._dropping = False
@@ -475,12 +488,16 @@ class Server:
         self.shm_receive_bytes = shm_receive_bytes
         self.shm_receive_segments = shm_receive_segments
         self.max_connections = count(max_connections, "max_connections")
-        self.send_queue_bytes = count(send_queue_bytes, "send_queue_bytes", minimum=0)
+        # At least two batches: Events held a moment for batching must never look like a
+        # client that fell behind.
+        self.send_queue_bytes = count(send_queue_bytes, "send_queue_bytes",
+                                      minimum=2 * BATCH_WRITE_BYTES)
         if slow_consumer not in ("cut", "drop"):
             raise ValueError(f"slow_consumer must be 'cut' or 'drop', not {slow_consumer!r}")
         self.slow_consumer = slow_consumer
         self.thread_stack_bytes = None if thread_stack_bytes is None else count(
-            thread_stack_bytes, "thread_stack_bytes", minimum=MIN_THREAD_STACK_BYTES)
+            thread_stack_bytes, "thread_stack_bytes", minimum=MIN_THREAD_STACK_BYTES,
+            maximum=MAX_THREAD_STACK_BYTES)
         core = _impl.core
         # Bounds across connections: bytes held for unfinished frames, and the clients'
         # shared memory we map (bytes and segments).
@@ -652,7 +669,7 @@ class Server:
         if self._serving:
             if threading.current_thread() is not self._thread:
                 self._done.wait(None if self._shutdown_timeout is None
-                                else self._shutdown_timeout + 5.0)
+                                else wait_s(self._shutdown_timeout + 5.0))
         else:
             self._drain(self._shutdown_timeout)
 
@@ -722,7 +739,11 @@ class Server:
                     log.error("accept failed on %s: %s", self.path, error)
                     self._stop.wait(0.05)
                     break
-                self._admit(sock)
+                try:
+                    self._admit(sock)
+                except Exception:   # whatever one connection does, accepting goes on
+                    log.exception("could not admit a connection on %s", self.path)
+                    sock.close()
 
     def _admit(self, sock: socket.socket) -> None:
         sock.setblocking(True)
@@ -749,7 +770,7 @@ class Server:
             connection.thread = _start_thread(self._serve, connection,
                                               f"hintens-conn-{connection.id}",
                                               self.thread_stack_bytes)
-        except RuntimeError as error:   # RLIMIT_NPROC, a pids cgroup, no memory for a stack
+        except Exception as error:   # RLIMIT_NPROC, a pids cgroup, no memory for a stack
             with self._lock:
                 self._starting.discard(connection)
             self._count("connections_refused")

@@ -102,6 +102,19 @@ def take(charges: Sequence[Charge]) -> None:
         taken.append(charge)
 
 
+class SentFd(int):
+    """A duplicate of a segment's descriptor for one write that passes it to the peer,
+    taken under the pool's lock while the segment is lent: were the segment retired before the
+    write leaves, the number in the write still names it, not whatever file reused the
+    original number. Closed when the write is dropped."""
+
+    def __del__(self) -> None:
+        try:
+            os.close(self)
+        except OSError:
+            pass
+
+
 class Segment:
     """A segment this process created: a sealed memfd mapped read-write.
 
@@ -397,6 +410,7 @@ class SegmentPool:
         self._peer: set[int] = set()           # held by the peer (sent, not yet released)
         self._local: dict[int, int] = {}       # local views of echoes, per segment
         self._introduced: set[int] = set()     # the peer maps these (NEW_SEGMENT went out)
+        self._unannounced: list[int] = []      # retired, and the peer not told yet (HRET)
         self._total = 0
         self._next_id = 1
         self._cond = threading.Condition()
@@ -419,8 +433,9 @@ class SegmentPool:
 
         Returns:
             (segment id, segment, whether the peer must be given it (NEW_SEGMENT), ids retired
-            to make room, for an HRET before the frame); or None when every segment that
-            could serve is lent out: wait for a release, then ask again.
+            and not announced yet, for an HRET before the frame: give them back with
+            ``unannounced`` if that frame is not sent); or None when every segment that could
+            serve is lent out: wait for a release, then ask again.
 
         Raises:
             ShmError: ``size`` is not positive or exceeds the pool (or what the receiver
@@ -438,7 +453,7 @@ class SegmentPool:
             fitting = [i for i in self._free if self._segments[i].size >= size]
             if fitting:
                 segment_id = min(fitting, key=lambda i: self._segments[i].size)
-                return self._lend(segment_id, [])
+                return self._lend(segment_id)
             wanted = max(self.min_segment_bytes, 1 << max(0, (size - 1).bit_length()))
             wanted = max(size, min(wanted, self.max_bytes))
             # Retire free segments (smallest first) only if that makes room: one retired for
@@ -459,18 +474,38 @@ class SegmentPool:
             segment_id, self._next_id = self._next_id, self._next_id + 1
             self._segments[segment_id] = segment
             self._total += wanted
-            return self._lend(segment_id, retiring)
+            return self._lend(segment_id)
 
-    def _lend(self, segment_id: int, retired: list[int]) -> tuple[int, Segment, bool, list[int]]:
+    def _lend(self, segment_id: int) -> tuple[int, Segment, bool, list[int]]:
         self._free.discard(segment_id)
         self._peer.add(segment_id)
         new = segment_id not in self._introduced
         self._introduced.add(segment_id)
+        retired, self._unannounced = self._unannounced, []
         return segment_id, self._segments[segment_id], new, retired
+
+    def unannounced(self, segment_ids: Sequence[int]) -> None:
+        """Retired ids whose HRET was not sent after all: they go with the next one."""
+        with self._cond:
+            self._unannounced += segment_ids
+
+    def descriptor_for(self, segment_id: int) -> SentFd:
+        """A duplicate of a lent segment's descriptor, for the write that introduces it.
+
+        Raises:
+            ShmError: the segment is no longer lent (a release came before the frame left).
+        """
+        with self._cond:
+            segment = self._segments.get(segment_id)
+            if segment is None or segment_id not in self._peer or segment.fd < 0:
+                raise ShmError(f"segment {segment_id} was released before it was sent")
+            return SentFd(os.dup(segment.fd))
 
     def _retire(self, segment_id: int) -> None:
         self._free.discard(segment_id)
-        self._introduced.discard(segment_id)
+        if segment_id in self._introduced:   # the peer maps it: it must hear of this
+            self._introduced.discard(segment_id)
+            self._unannounced.append(segment_id)
         segment = self._segments.pop(segment_id)
         self._total -= segment.size
         segment.discard()

@@ -206,3 +206,16 @@ def test_a_handler_that_returns_no_bytes_is_a_clear_handler_error(sock_path, res
                 assert caught.value.message == \
                     f"handler must return a bytes-like object, got {name}"
                 assert pool.request(b"fine") == b"fine"      # the connection stays
+
+
+def test_close_takes_the_largest_timeout_it_accepts(sock_path):
+    server = hintens.Server(sock_path).start()
+    server.close(timeout=threading.TIMEOUT_MAX - 1)     # not an OverflowError
+    assert not os.path.exists(sock_path)
+
+
+@pytest.mark.parametrize("value", [2**63, 1 << 31])
+def test_thread_stack_bytes_has_an_upper_bound(sock_path, value):
+    with pytest.raises(ValueError, match="thread_stack_bytes"):
+        hintens.Server(sock_path, thread_stack_bytes=value)
+    assert not os.path.exists(sock_path)

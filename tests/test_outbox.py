@@ -4,8 +4,11 @@ bound, partial writes and concurrent submitters."""
 
 from __future__ import annotations
 
+import os
 import socket
+import struct
 import threading
+import time
 
 import pytest
 
@@ -402,3 +405,133 @@ def test_twin_send_reports_its_true_stream_offset(pair):
     order = [f.request_id for f in frames]
     offsets = dict(zip(order, (len(big), len(big) + 27) if order[0] == 8 else (27, 27 + len(big))))
     assert ends == {"send": offsets[8], "post": offsets[7]}
+
+
+# Descriptors in the outbox, offer(), and sends that time out -------------------------------------
+
+def _fill(sock):
+    """Write to ``sock`` until the kernel takes no more; how much it took."""
+    sock.setblocking(False)
+    total = 0
+    try:
+        while True:
+            total += sock.send(bytes(65536))
+    except BlockingIOError:
+        return total
+    finally:
+        sock.setblocking(True)
+
+
+def test_a_send_that_times_out_with_nothing_written_leaves_the_stream_intact(core, pair):
+    left, right = pair
+    ours = channel(core, left)
+    _unix.set_kernel_timeouts(left, None, 0.2)
+    stuffed = _fill(left)
+    before = ours.submitted
+    with pytest.raises(BlockingIOError):
+        ours.send([core.encode_frame(1, b"x" * 20_000, 5)])
+    assert ours.submitted == before and not ours.broken   # never entered the stream
+    decoder = core.FrameDecoder()
+    received = 0
+    right.settimeout(5)
+    while received < stuffed:                              # the peer reads again
+        received += len(right.recv(1 << 20))
+    ours.send([core.encode_frame(1, b"after", 6)])
+    (frame,) = read_frames(core, right, 1, decoder)
+    assert (frame.request_id, frame.payload) == (6, b"after")
+
+
+def test_a_timed_out_send_with_frames_queued_behind_it_breaks_the_stream(core, pair):
+    # Frames queued while the send waited were placed after it in the stream: going on
+    # without it would put every later descriptor on the wrong frame. The stream is cut.
+    left, right = pair
+    ours = channel(core, left, interval=60.0)
+    _unix.set_kernel_timeouts(left, None, 0.5)
+    _fill(left)
+    poster = threading.Timer(0.1, lambda: ours.post(3, b"queued meanwhile", 9, False))
+    poster.start()
+    with pytest.raises(BlockingIOError):
+        ours.send([core.encode_frame(1, b"x" * 20_000, 5)])
+    poster.join()
+    assert ours.broken
+
+
+def test_an_offered_descriptor_rides_alone_with_its_frames_first_byte(core, pair):
+    left, right = pair
+    ours = channel(core, left, interval=60.0)
+    fd = os.memfd_create("offered")
+    before = len(os.listdir("/proc/self/fd"))
+    frames = [core.encode_frame(3, b"a" * n, n) for n in (10, 20, 30)]
+    assert ours.offer([([frames[0]], [])], 1 << 20)
+    assert ours.offer([([frames[1]], [fd])], 1 << 20)     # the channel keeps a duplicate
+    os.close(fd)
+    assert ours.offer([([frames[2]], [])], 1 << 20)
+    ours.flush()
+    right.settimeout(5)
+    received, arrivals = b"", []
+    while len(received) < sum(len(f) for f in frames):
+        data, ancillary, _, _ = right.recvmsg(1 << 16, socket.CMSG_SPACE(64))
+        for level, kind, fds in ancillary:
+            for (got,) in struct.iter_unpack("i", fds[:len(fds) - len(fds) % 4]):
+                arrivals.append((len(received), len(received) + len(data)))
+                os.close(got)
+        received += data
+    assert received == b"".join(frames)
+    # Exactly one descriptor, on the read that holds frame 2's first byte, which ends where
+    # frame 2 ends (the kernel may put the frame before it in the same read, never the one
+    # after): frame 2 is the last frame that begins in that read (PROTOCOL.md 9).
+    ((start, end),) = arrivals
+    assert start <= len(frames[0]) < end == len(frames[0]) + len(frames[1])
+    assert len(os.listdir("/proc/self/fd")) == before - 1   # our duplicate went with it
+
+
+def test_offer_refuses_past_its_limit_and_a_descriptor_without_a_byte(core, pair):
+    left, _ = pair
+    ours = channel(core, left, interval=60.0)
+    ours.cork()                                               # nothing leaves meanwhile
+    assert ours.offer([([bytes(100)], [])], 150)              # an empty queue takes any size
+    assert ours.offer([([bytes(10)], [])], 150)
+    assert not ours.offer([([bytes(100)], [])], 150)          # over the limit: nothing queued
+    assert ours.queued == 110
+    fd = os.memfd_create("x")
+    try:
+        with pytest.raises(ValueError, match="byte to ride on"):
+            ours.offer([([], [fd])], 1 << 20)
+        with pytest.raises(ValueError, match="one descriptor"):
+            ours.offer([([b"x"], [fd, fd])], 1 << 20)
+    finally:
+        os.close(fd)
+    assert ours.queued == 110
+
+
+def test_a_queued_descriptor_is_closed_when_the_channel_closes(core, pair):
+    left, _ = pair
+    ours = channel(core, left, interval=60.0)
+    _fill(left)
+    fd = os.memfd_create("x")
+    before = len(os.listdir("/proc/self/fd"))
+    ours.offer([([b"frame"], [fd])], 1 << 20)                 # the socket is full: it waits
+    assert len(os.listdir("/proc/self/fd")) == before + 1
+    ours.close()
+    assert len(os.listdir("/proc/self/fd")) == before - 1     # the socket, and the duplicate
+    os.close(fd)
+
+
+def test_a_control_event_never_waits_for_a_writer_holding_the_send_lock(core, pair):
+    # A release may be sent from any thread, the GC included, while another thread is in the
+    # middle of a long write on the same channel (or the same thread holds the send lock).
+    from hintens._protocol import control_sender
+
+    left, right = pair
+    ours = channel(core, left)
+    send_control = control_sender(ours)
+    big = core.encode_frame(1, bytes(4 << 20), 1)
+    writer = threading.Thread(target=ours.send, args=([big],))
+    writer.start()
+    time.sleep(0.2)                         # it holds the send lock, blocked on the socket
+    started = time.monotonic()
+    send_control(b"HREL\x01\x00\x00\x00\x07\x00\x00\x00")
+    assert time.monotonic() - started < 0.1
+    frames = read_frames(core, right, 2)
+    writer.join(10)
+    assert [(f.type, f.request_id) for f in frames] == [(1, 1), (3, 0)]

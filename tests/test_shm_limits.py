@@ -16,6 +16,7 @@ import signal
 import socket
 import struct
 import threading
+import time
 
 import pytest
 
@@ -144,7 +145,8 @@ def test_thousands_of_small_segments_pin_no_descriptors(sock_path, server):
     if CYTHON:   # the compiled core keeps no descriptor for a mapped segment
         assert memfd_fds(server.pid) == 0
     assert len(memfd_mappings(server.pid)) <= 64
-    assert open_fds(server.pid) <= before[0] + 1 + (64 if not CYTHON else 0)
+    # The connection, and the flusher's epoll set and wake-up pipe while it runs.
+    assert open_fds(server.pid) <= before[0] + 1 + 3 + (64 if not CYTHON else 0)
     assert_serves(peer)
     peer.close()
     assert_near_baseline(server.pid, before)
@@ -460,3 +462,107 @@ def test_received_segments_keep_no_descriptor_on_either_side(sock_path):
             for reply in replies:
                 if isinstance(reply, memoryview):
                     reply.release()
+
+
+# The sender's pool: what a refused or forged hand-back cannot do ---------------------------------
+
+def _negotiated_endpoint(**options):
+    from hintens._protocol import Endpoint
+
+    endpoint = Endpoint(features=FEATURE_SHM, **options)
+    hello = Hello(features=FEATURE_SHM).encode()
+    endpoint.admit([hintens._impl.core.Frame(3, 0, 0x0100, 0, hello)])
+    return endpoint
+
+
+def _descriptor(write):
+    buffers, fds = write
+    return _shm.DESCRIPTOR.unpack(bytes(memoryview(buffers[0])[24:56])), list(fds)
+
+
+def test_retirements_refused_with_their_frame_go_with_the_next_one():
+    endpoint = _negotiated_endpoint(shm_pool_bytes=4 * MIB)
+    pool = endpoint.pool
+    one = endpoint.writes(3, bytes(100_000), 1)              # segment 1, 1 MiB
+    two = endpoint.writes(3, bytes(1_500_000), 2)            # segment 2, 2 MiB
+    for segment_id in (1, 2):
+        pool.release(segment_id)                             # both free again
+    del one, two
+    big = endpoint.writes(3, bytes(3_000_000), 3)            # 4 MiB: retires 1 and 2
+    assert _shm.decode_control(bytes(memoryview(big[0][0][0])[24:])) == (_shm.RETIRE_MAGIC,
+                                                                          [1, 2])
+    endpoint.unsent(big)                                     # an offer refused it all
+    nxt = endpoint.writes(3, bytes(100_000), 4)
+    control = _shm.decode_control(bytes(memoryview(nxt[0][0][0])[24:]))
+    assert control == (_shm.RETIRE_MAGIC, [1, 2])            # not lost with the dropped frame
+    (segment_id, flags, *_), fds = _descriptor(nxt[1])
+    assert flags & _shm.NEW_SEGMENT and len(fds) == 1
+    del nxt
+    endpoint.close_shm()
+
+
+def test_a_forged_release_cannot_send_a_stale_descriptor():
+    endpoint = _negotiated_endpoint()
+    pool = endpoint.pool
+    acquired = pool.try_acquire(MIB)
+    segment_id = acquired[0]
+    pool.release(segment_id)           # a peer "releases" what it has not been sent yet...
+    pool.try_acquire(MIB)              # ...and another send takes it (or it is retired)
+    with pytest.raises(hintens.ShmError, match="released before it was sent"):
+        pool.descriptor_for(5)         # never an fd for a segment not lent
+    pool.release(segment_id)
+    pool.close()
+    with pytest.raises(hintens.ShmError):
+        pool.descriptor_for(segment_id)
+    del acquired
+
+
+def test_the_descriptor_a_write_carries_is_its_own_and_closes_with_it():
+    endpoint = _negotiated_endpoint()
+    before = open_fds()
+    writes = endpoint.writes(3, bytes(100_000), 1)
+    (_, fds) = writes[-1]
+    assert len(fds) == 1 and fds[0] != endpoint.pool._segments[1].fd   # a duplicate
+    with_write = open_fds()
+    del writes, fds
+    assert open_fds() == with_write - 1      # the write's own, closed with it
+    endpoint.close_shm()
+    assert open_fds() == before
+
+
+# Descriptors are claimed by their frames in stream order -----------------------------------------
+
+def test_a_reply_waiting_for_a_segment_does_not_cross_wire_later_segments(sock_path):
+    # The server's only segment is lent to the client, so the reply to "need" waits, reading
+    # on; meanwhile two Events introduce the client's segments 1 and 2. Each must be read from
+    # its own descriptor, whatever the order in which the server's reads admit them.
+    seen = []
+
+    def handler(payload):
+        if bytes(payload) == b"sleep":
+            time.sleep(0.3)
+            return b"ok"
+        return b"R" * 100_000
+
+    with hintens.Server(sock_path, handler, on_event=lambda p, c: seen.append(bytes(p[:4])),
+                        shm_pool_bytes=MIB).start():
+        peer = ShmPeer(sock_path)
+        peer.send(raw_frame(b"hold", request_id=1))
+        assert answer(peer, 1)[0].flags & 1           # lent, and kept: no release
+        fd_a, fd_b = memfd(MIB, SEALED, b"AAAA" * 16), memfd(MIB, SEALED, b"BBBB" * 16)
+        peer.send(raw_frame(b"sleep", request_id=2))
+        time.sleep(0.05)
+        peer.send(raw_frame(b"need", request_id=3))
+        peer.send_shm(11, 1, MIB, 0, 64, True, fd_a, msg_type=3)
+        time.sleep(0.6)
+        peer.send_shm(12, 2, MIB, 0, 64, True, fd_b, msg_type=3)
+        time.sleep(0.3)
+        peer.send(raw_frame(_shm.encode_control(_shm.RELEASE_MAGIC, [1]), msg_type=3,
+                            request_id=0))
+        assert wait_until(lambda: len(seen) == 2)
+        peer.send_shm(13, 1, MIB, 0, 64, False, msg_type=3)   # segment 1 again, by id
+        assert wait_until(lambda: len(seen) == 3)
+        assert seen == [b"AAAA", b"BBBB", b"AAAA"]
+        os.close(fd_a)
+        os.close(fd_b)
+        peer.close()

@@ -194,3 +194,79 @@ def test_a_push_too_large_for_a_client_without_shm_skips_it(sock_path, caplog):
 def test_slow_consumer_policy_is_checked(sock_path, value, error):
     with pytest.raises(error, match="slow_consumer"):
         hintens.Server(sock_path, slow_consumer=value)
+
+
+def test_a_slow_but_steady_reader_is_not_cut(sock_path):
+    # A Unix socket says "writable" only once most of its buffer drained: a reader slower
+    # than that per send_timeout still reads, and must not be taken for one that stopped.
+    with hintens.Server(sock_path, send_timeout=1.0).start() as server:
+        peer = RawPeer(sock_path)
+        assert wait_until(lambda: len(server.connections) == 1)
+        (connection,) = server.connections
+        for _ in range(100):                    # 400 KB: the socket fills, the rest queues
+            connection.send_event(b"e" * 4000)
+        peer.sock.settimeout(2)
+        started, got = time.monotonic(), 0
+        while time.monotonic() - started < 3.5:
+            data = peer.sock.recv(4096)         # ~40 KB/s, never stopping
+            assert data, "the server cut a client that was reading"
+            got += len(data)
+            time.sleep(0.1)
+        assert server.stats["slow_consumers_cut"] == 0 and len(server.connections) == 1
+        peer.close()
+
+
+@pytest.mark.skipif(not CYTHON, reason="the pure-Python core copies: no lent view is held")
+def test_a_client_holding_its_lent_events_gets_the_next_ones_inline(sock_path):
+    kept = []
+    with hintens.Server(sock_path).start() as server:
+        with hintens.Client(sock_path, on_event=kept.append, shm_receive_segments=4) as client:
+            client.request(b"x")
+            for n in range(7):                  # 4 segments lent and held, then inline
+                assert server.broadcast(bytes([n]) * 100_000) == 1
+            assert wait_until(lambda: len(kept) == 7)
+            assert [bytes(p[:1]) for p in kept] == [bytes([n]) for n in range(7)]
+            assert [type(p).__name__ for p in kept] == ["memoryview"] * 4 + ["bytes"] * 3
+            assert server.stats["slow_consumers_cut"] == 0 and not client.closed
+            for view in kept[:4]:
+                view.release()
+
+
+def test_send_queue_bytes_covers_what_batching_holds(sock_path):
+    with pytest.raises(ValueError, match="send_queue_bytes"):
+        hintens.Server(sock_path, send_queue_bytes=8192)
+    with hintens.Server(sock_path, send_queue_bytes=128 * 1024).start() as server:
+        got = []
+        with hintens.Client(sock_path, on_event=got.append) as client:
+            client.request(b"x")
+            for _ in range(100):
+                server.broadcast(b"e" * 200)    # held for batching, never "falling behind"
+            assert wait_until(lambda: len(got) == 100)
+            assert server.stats == {"slow_consumers_cut": 0, "events_dropped": 0,
+                                    "connections_refused": 0}
+
+
+def test_a_client_that_leaves_a_reply_unread_past_send_timeout_is_cut_cleanly(sock_path):
+    # The reply's write times out with nothing of it taken: the connection ends, and what the
+    # client reads afterwards is whole frames, then the end (never bytes out of place).
+    with hintens.Server(sock_path, lambda p: b"B" * 20_000, send_timeout=0.5).start() as server:
+        peer = RawPeer(sock_path)
+        peer.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        try:
+            for n in range(1, 200):             # replies pile up unread; the server stalls
+                peer.send(hintens.encode_frame(1, b"r", n))
+        except (BrokenPipeError, ConnectionResetError):
+            pass                                # cut while we were still sending
+        assert wait_until(lambda: not server.connections, timeout_s=10)
+        peer.sock.settimeout(5)
+        frames = 0
+        try:
+            while (frame := peer.next_frame()) is not None:   # whole frames, to the end
+                assert (frame.type, len(frame.payload)) == (2, 20_000)
+                frames += 1
+        except ConnectionResetError:   # the end, as a Unix socket reports it when our
+            pass                       # requests were left unread there
+        assert frames < 199
+        with hintens.Client(sock_path) as other:
+            assert len(other.request(b"x")) == 20_000
+        peer.close()
