@@ -13,7 +13,10 @@ Bounds, per server (all configurable on ``Server``):
   the newest one is always kept;
 * ``replay_sessions`` sessions (default 1024). Past that, the session used least recently
   (with no request running) gives up its window, and leaves a tombstone: the highest request
-  id it had seen. Tombstones are kept for 16 times as many sessions.
+  id it had seen. Tombstones are kept for 16 times as many sessions;
+* ``replay_total_bytes`` of answer payloads across all sessions (default 256 MiB). Past that,
+  sessions used least recently (none running) give up their windows the same way, and if that
+  is not enough the session that just answered forgets its own oldest answers.
 
 A request whose id is at or below the highest id a session forgot (or its tombstone says it
 saw), and that is not remembered, may have run already: it is refused with UNAVAILABLE rather
@@ -31,6 +34,7 @@ from typing import Any
 DEFAULT_REPLAY_WINDOW = 1024
 DEFAULT_REPLAY_BYTES = 16 * 1024 * 1024
 DEFAULT_REPLAY_SESSIONS = 1024
+DEFAULT_REPLAY_TOTAL_BYTES = 256 * 1024 * 1024
 #: Tombstones kept per session slot.
 TOMBSTONES_PER_SESSION = 16
 
@@ -52,9 +56,11 @@ class ReplayWindow:
     """
 
     def __init__(self, max_entries: int = DEFAULT_REPLAY_WINDOW,
-                 max_bytes: int = DEFAULT_REPLAY_BYTES, floor: int = 0) -> None:
+                 max_bytes: int = DEFAULT_REPLAY_BYTES, floor: int = 0,
+                 memory: ReplayMemory | None = None) -> None:
         self.max_entries = max_entries
         self.max_bytes = max_bytes
+        self._memory = memory
         self._lock = threading.Lock()
         self._answers: OrderedDict[int, tuple[bool, bytes]] = OrderedDict()
         self._running: dict[int, threading.Event] = {}
@@ -95,20 +101,43 @@ class ReplayWindow:
         return (ANSWERED, answer) if answer is not None else (FORGOTTEN, None)
 
     def finish(self, request_id: int, answer: tuple[bool, bytes]) -> None:
-        """Remember the answer of a request claimed NEW, and wake retries waiting for it."""
+        """Remember the answer of a request claimed NEW (``TOO_LARGE`` for one too large to
+        keep), and wake retries waiting for it."""
         with self._lock:
+            before = self._bytes
             running = self._running.pop(request_id, None)
             if len(answer[1]) > self.max_bytes:
                 answer = TOO_LARGE
             self._answers[request_id] = answer
             self._bytes += len(answer[1])
-            while len(self._answers) > 1 and (len(self._answers) > self.max_entries
-                                              or self._bytes > self.max_bytes):
-                old_id, (_, data) = self._answers.popitem(last=False)
-                self._bytes -= len(data)
-                self.floor = max(self.floor, old_id)
+            self._forget_oldest(self.max_bytes)
+            grown = self._bytes - before
         if running is not None:
             running.set()
+        if self._memory is not None:
+            self._memory._account(grown, self)
+
+    def _forget_oldest(self, max_bytes: int) -> int:
+        # Under the lock: the oldest answers go until the window is within its bounds; the
+        # newest one stays. Returns the bytes let go.
+        freed = 0
+        while len(self._answers) > 1 and (len(self._answers) > self.max_entries
+                                          or self._bytes > max_bytes):
+            old_id, (_, data) = self._answers.popitem(last=False)
+            self._bytes -= len(data)
+            freed += len(data)
+            self.floor = max(self.floor, old_id)
+        return freed
+
+    def shrink(self, excess: int) -> int:
+        """Forget the oldest answers until ``excess`` bytes went, or only the newest is left.
+        Returns the bytes let go."""
+        with self._lock:
+            return self._forget_oldest(max(0, self._bytes - excess))
+
+    @property
+    def kept_bytes(self) -> int:
+        return self._bytes
 
     def evict(self) -> int | None:
         """Give the window up, unless a request of it is running. Returns the highest id it
@@ -128,10 +157,13 @@ class ReplayMemory:
 
     def __init__(self, sessions: int = DEFAULT_REPLAY_SESSIONS,
                  window: int = DEFAULT_REPLAY_WINDOW,
-                 max_bytes: int = DEFAULT_REPLAY_BYTES) -> None:
+                 max_bytes: int = DEFAULT_REPLAY_BYTES,
+                 total_bytes: int = DEFAULT_REPLAY_TOTAL_BYTES) -> None:
         self.sessions = sessions
         self.window = window
         self.max_bytes = max_bytes
+        self.total_bytes = total_bytes
+        self._used = 0   # answer bytes kept by all windows
         self._lock = threading.Lock()
         self._windows: dict[bytes, ReplayWindow] = {}
         self._tombstones: OrderedDict[bytes, int] = OrderedDict()
@@ -143,14 +175,28 @@ class ReplayMemory:
             if window is not None and not window.evicted:
                 return window
             floor = self._tombstones.pop(session_id, 0)
-            window = self._windows[session_id] = ReplayWindow(self.window, self.max_bytes, floor)
+            window = self._windows[session_id] = ReplayWindow(self.window, self.max_bytes, floor,
+                                                              self)
             if len(self._windows) > self.sessions:
                 self._evict_one(keep=session_id)
             return window
 
-    def _evict_one(self, keep: bytes) -> None:
+    def _account(self, grown: int, window: ReplayWindow) -> None:
+        """A window's kept bytes changed by ``grown``: keep the total within bounds, evicting
+        the sessions used least recently (not ``window``), then ``window``'s oldest answers."""
+        with self._lock:
+            self._used += grown
+            if self._used <= self.total_bytes:
+                return
+            keep = next((sid for sid, w in self._windows.items() if w is window), b"")
+            while self._used > self.total_bytes and self._evict_one(keep):
+                pass
+            if self._used > self.total_bytes:
+                self._used -= window.shrink(self._used - self.total_bytes)
+
+    def _evict_one(self, keep: bytes) -> bool:
         # The least recently used window with nothing running; if every one is busy, the
-        # bound is exceeded until one is not.
+        # bound is exceeded until one is not. True when one went.
         for session_id, window in sorted(self._windows.items(),
                                          key=lambda item: item[1].last_used):
             if session_id == keep:
@@ -158,7 +204,9 @@ class ReplayMemory:
             highest = window.evict()
             if highest is not None:
                 del self._windows[session_id]
+                self._used -= window.kept_bytes
                 self._tombstones[session_id] = highest
                 while len(self._tombstones) > TOMBSTONES_PER_SESSION * self.sessions:
                     self._tombstones.popitem(last=False)
-                return
+                return True
+        return False

@@ -59,6 +59,7 @@ from ._replay import (
     ANSWERED,
     DEFAULT_REPLAY_BYTES,
     DEFAULT_REPLAY_SESSIONS,
+    DEFAULT_REPLAY_TOTAL_BYTES,
     DEFAULT_REPLAY_WINDOW,
     FORGOTTEN,
     MOVED,
@@ -286,12 +287,12 @@ class ServerConnection:
 
     def _send(self, frames: list[Any]) -> None:
         if not self._open:
-            raise ConnectionClosed(f"connection {self.id} is closed")
+            raise _ClientGone(f"connection {self.id} is closed")
         try:
             self._channel.send(frames)
         except OSError as error:   # BlockingIOError: the send timeout expired
             self.close()
-            raise ConnectionClosed(f"connection {self.id} lost while sending: {error}") from error
+            raise _ClientGone(f"connection {self.id} lost while sending: {error}") from error
 
     def _send_writes(self, writes: list[Any]) -> None:
         for buffers, fds in writes:
@@ -300,7 +301,7 @@ class ServerConnection:
                     self._channel.send(buffers, fds)
                 except OSError as error:
                     self.close()
-                    raise ConnectionClosed(
+                    raise _ClientGone(
                         f"connection {self.id} lost while sending: {error}") from error
             else:
                 self._send(buffers)
@@ -358,9 +359,9 @@ class ServerConnection:
             self._backlog += endpoint.after_error(error)
             return
         except OSError as error:
-            raise ConnectionClosed(f"connection {self.id} lost: {error}") from error
+            raise _ClientGone(f"connection {self.id} lost: {error}") from error
         if frames is None:
-            raise ConnectionClosed(f"connection {self.id} closed by the client")
+            raise _ClientGone(f"connection {self.id} closed by the client")
         self._backlog += endpoint.admit(frames)
 
     def _take_backlog(self) -> list[Any]:
@@ -369,6 +370,11 @@ class ServerConnection:
 
     def __repr__(self) -> str:
         return f"<ServerConnection {self.id} pid={self.peer.pid} uid={self.peer.uid}>"
+
+
+class _ClientGone(ConnectionClosed):
+    """The client went while we answered it: the connection ends, quietly. (Raised by our
+    own writes and reads; a handler's ConnectionClosed is the handler's failure.)"""
 
 
 def _bytes_like(value: Any) -> bool:
@@ -420,10 +426,11 @@ class Server:
         codec: how payloads become values (see ``hintens.Codec``): the handler then gets the
             decoded request and returns the response value, ``on_event`` gets decoded
             events, and ``broadcast``/``send_event`` take values. Default: raw bytes.
-        replay_window, replay_bytes, replay_sessions: the bounds of the exactly-once memory
-            for clients that announce a session (``ClientPool(exactly_once=True)``): answers
-            kept per session, bytes of them per session, and sessions kept. 0 sessions turns
-            it off. See ``hintens._replay``.
+        replay_window, replay_bytes, replay_sessions, replay_total_bytes: the bounds of the
+            exactly-once memory for clients that announce a session
+            (``ClientPool(exactly_once=True)``): answers kept per session, bytes of them per
+            session, sessions kept, and bytes of answers across all sessions (256 MiB). 0
+            sessions turns it off. See ``hintens._replay``.
 
     Raises:
         ServerRunningError: another server is listening on ``path``.
@@ -450,6 +457,7 @@ class Server:
                  replay_window: int = DEFAULT_REPLAY_WINDOW,
                  replay_bytes: int = DEFAULT_REPLAY_BYTES,
                  replay_sessions: int = DEFAULT_REPLAY_SESSIONS,
+                 replay_total_bytes: int = DEFAULT_REPLAY_TOTAL_BYTES,
                  codec: CodecSpec = None, compress: bool = False,
                  compress_threshold: int = DEFAULT_COMPRESS_THRESHOLD_BYTES,
                  max_connections: int = DEFAULT_MAX_CONNECTIONS,
@@ -517,7 +525,10 @@ class Server:
         #: Names this run of the server in its hellos: a retry that reaches another run
         #: cannot be answered from this one's replay memory.
         self.instance_id = os.urandom(16)
-        self._replay = ReplayMemory(replay_sessions, replay_window, replay_bytes) \
+        self._replay = ReplayMemory(
+            count(replay_sessions, "replay_sessions", minimum=0),
+            count(replay_window, "replay_window"), count(replay_bytes, "replay_bytes"),
+            count(replay_total_bytes, "replay_total_bytes", minimum=replay_bytes)) \
             if replay_sessions > 0 else None
         self._call = handler if self.codec is None else self._coded_call
         self.path = socket_path(path, create_dir=True)
@@ -980,9 +991,9 @@ class Server:
         """Run a session's request claimed NEW and remember its answer.
 
         Returns:
-            ``(ok, kept, result)``: the answer as the window keeps it (a copy of the payload,
-            or the Error frame), and the handler's own result, sent as it is (shared memory
-            included).
+            ``(ok, error_frame, result)``: whether the handler answered, the Error frame that
+            answers it when it did not, and the handler's own result, sent as it is (shared
+            memory included). The window keeps a copy of the answer, if it is small enough.
         """
         answer: tuple[bool, bytes] = (False, endpoint.error_frame(
             ErrorCode.HANDLER_ERROR, "the handler did not finish", item.request_id))
@@ -993,8 +1004,11 @@ class Server:
                 raise RemoteError(ErrorCode.HANDLER_ERROR, f"handler must return a bytes-like "
                                                            f"object, got {type(result).__name__}")
             with memoryview(result) as view:
-                answer = (True, view.tobytes())
-            return True, answer[1], result
+                # Copied only if it can be kept: an echo of a (sparse) lent gigabyte must not
+                # cost a gigabyte here.
+                answer = (True, view.tobytes()) if view.nbytes <= window.max_bytes \
+                    else TOO_LARGE
+            return True, b"", result
         except Exception as error:
             answer = (False, self._error_answer(endpoint, item.request_id, error))
             return False, answer[1], None
@@ -1017,7 +1031,14 @@ class Server:
 
     @staticmethod
     def _error_answer(endpoint: Endpoint, request_id: int, error: Exception) -> bytes:
-        """The Error frame for a handler that raised (or returned something unsendable)."""
+        """The Error frame for a handler that raised (or returned something unsendable).
+
+        Raises:
+            ConnectionClosed: the client went while we answered it: no answer is due, and
+                nothing else on this connection is.
+        """
+        if isinstance(error, _ClientGone):
+            raise error
         if isinstance(error, RemoteError):
             return endpoint.error_frame(error.code, error.message, request_id)
         log.warning("handler failed on request %d", request_id, exc_info=True)

@@ -480,3 +480,31 @@ def test_a_session_retry_on_a_forgotten_window_never_runs_twice(sock_path):
         assert served.runs[b"cut:x"] == 1
     finally:
         served.close()
+
+
+def test_replay_memory_bounds_answer_bytes_across_sessions():
+    memory = ReplayMemory(sessions=100, max_bytes=1000, total_bytes=2500)
+    windows = []
+    for n in range(5):
+        window = memory.window_for(bytes([n]) * 16)
+        windows.append(window)
+        assert window.claim(1, 0)[0] == NEW
+        window.finish(1, (True, bytes(1000)))             # each session keeps 1000 bytes
+        time.sleep(0.001)
+        assert memory._used <= 2500
+    # The oldest sessions gave their windows up (with tombstones: their retries are refused,
+    # never run again); the newest ones are kept.
+    assert memory.window_for(bytes([4]) * 16) is windows[4]
+    assert memory.window_for(bytes([0]) * 16).claim(1, 0) == (FORGOTTEN, None)
+    # One busy session alone: it forgets its own oldest answers, keeping the newest.
+    lone = ReplayMemory(sessions=10, max_bytes=1000, total_bytes=1500)
+    window = lone.window_for(b"x" * 16)
+    for n in (1, 2, 3):
+        window.claim(n, 0)
+        window.finish(n, (True, bytes(700)))
+    assert lone._used <= 1500 and window.claim(3, 0)[0] == ANSWERED
+
+
+def test_replay_total_bytes_is_checked(sock_path):
+    with pytest.raises(ValueError, match="replay_total_bytes"):
+        hintens.Server(sock_path, replay_bytes=1 << 20, replay_total_bytes=1000)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fcntl
 import gc
+import logging
 import os
 import signal
 import socket
@@ -566,3 +567,41 @@ def test_a_reply_waiting_for_a_segment_does_not_cross_wire_later_segments(sock_p
         os.close(fd_a)
         os.close(fd_b)
         peer.close()
+
+
+# A client that goes while it is answered; echoes on the exactly-once path ----------------------
+
+def test_a_client_that_hangs_up_while_answered_is_not_a_handler_failure(sock_path, caplog):
+    # Its replies wait for the server's only segment, which it never gives back; then it
+    # goes. That ends the connection quietly: no "handler failed" per queued request.
+    with caplog.at_level(logging.INFO, logger="hintens"):
+        with hintens.Server(sock_path, shm_pool_bytes=MIB, send_timeout=5).start() as server:
+            peer = ShmPeer(sock_path)
+            for n in range(1, 21):
+                peer.send(raw_frame(b"e" * 66_000, request_id=n))
+            answer(peer, 1)                       # the first reply took the segment
+            time.sleep(0.2)                       # the second waits for it, reading
+            peer.close()
+            assert wait_until(lambda: not server.connections)
+    assert "handler failed" not in caplog.text and "Traceback" not in caplog.text
+
+
+def test_an_exactly_once_echo_of_a_huge_sparse_segment_costs_no_copy(sock_path):
+    # A session's answers are kept for retries, but only when small enough to keep: the
+    # echo of a sparse 512 MiB segment must not be copied to find that out.
+    process = start_server_with(sock_path, handler="hintens._server:echo")
+    try:
+        peer = ShmPeer(sock_path, entries={4: b"s" * 16})   # a session id: the replay path
+        peer.send(raw_frame(b"warm", request_id=99))
+        assert bytes(answer(peer, 99)[0].payload) == b"warm"
+        rss = status_kib("VmRSS", process.pid)
+        fd = memfd(512 * MIB, SEALED, b"head")
+        peer.send_shm(1, 1, 512 * MIB, 0, 512 * MIB, True, fd)
+        os.close(fd)
+        frame, _ = answer(peer, 1)
+        segment_id, flags = _shm.DESCRIPTOR.unpack(bytes(frame.payload))[:2]
+        assert frame.type == 2 and flags & _shm.PEER_SEGMENT and segment_id == 1   # an echo
+        assert status_kib("VmRSS", process.pid) - rss < 64 * 1024
+        peer.close()
+    finally:
+        stop_server(process, signal.SIGKILL)
