@@ -289,6 +289,7 @@ class Endpoint:
             self._zstd_lock = threading.Lock()   # a compressor is not for two threads at once
         self._frame_type = core.Frame
         self._encode_frame = core.encode_frame
+        self._encode_header = core.encode_header
         self._copy_shared = _impl.implementation == "python"   # cannot see a view's release
         self.decoder = core.FrameDecoder(max_payload)
         self.hello = Hello(features=features, max_payload=max_payload,
@@ -296,6 +297,7 @@ class Endpoint:
                            shm_receive_segments=shm_receive_segments)
         self.peer_hello: Hello | None = None
         self._allowed_flags = 0   # flags the peer may set: grows as features are negotiated
+        self._peer_limit = DEFAULT_MAX_PAYLOAD_BYTES   # the peer's max_payload (its hello)
         # Shared memory. Sending: a pool of our segments. Receiving: the peer's segments by id,
         # the descriptors that came with them (the Channel's list), budgets that bound what
         # the peer makes us map, and a way to send releases.
@@ -447,6 +449,7 @@ class Endpoint:
                 log.debug("ignoring a second hello from the peer: the first one stands")
                 return
             self.peer_hello = hello
+            self._peer_limit = hello.max_payload
             self._allowed_flags = self._negotiated_flags()
             if self.negotiated(FEATURE_COMPRESSION):
                 self.compress_min = self.compress_threshold
@@ -684,8 +687,8 @@ class Endpoint:
         except TypeError:
             raise TypeError(f"a payload must be a bytes-like object, not "
                             f"{type(payload).__name__}") from None
-        limit = self.peer.max_payload
-        if self.pool is not None and self.negotiated(FEATURE_SHM):
+        limit = self._peer_limit
+        if self._allowed_flags & Flags.SHM:   # negotiated (so this side has a pool)
             if self._allocations and type(payload) is memoryview:
                 allocated = self._allocated_writes(msg_type, payload, request_id)
                 if allocated is not None:
@@ -706,7 +709,11 @@ class Endpoint:
                 request_id, msg_type=msg_type)
             error.fatal = False   # refused here: the connection is untouched
             raise error
-        return [(self.inline(msg_type, payload, request_id), [])]
+        if self.compress_min < _NEVER:
+            return [(self.inline(msg_type, payload, request_id), [])]
+        if size < SCATTER_THRESHOLD_BYTES:   # plain_frame, inlined: the hot inline path
+            return [([self._encode_frame(msg_type, payload, request_id)], [])]
+        return [([self._encode_header(msg_type, payload, request_id), payload], [])]
 
     def reply_writes(self, request_id: int, result: Any) -> list[Write] | None:
         """The writes that answer a Request with ``result`` (None: an empty payload), by the

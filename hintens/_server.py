@@ -325,14 +325,17 @@ class ServerConnection:
             raise RemoteError(ErrorCode.HANDLER_ERROR, f"handler must return a bytes-like "
                                                        f"object, got {type(result).__name__}")
         endpoint = self._endpoint
+        writes = endpoint.reply_writes(request_id, result)
+        if writes is not None:
+            return writes
         pool = endpoint.pool
+        assert pool is not None
         deadline = deadline_after(self._server.send_timeout)
         while True:
-            generation = pool.generation if pool is not None else 0
+            generation = pool.generation
             writes = endpoint.reply_writes(request_id, result)
             if writes is not None:
                 return writes
-            assert pool is not None
             remaining = deadline - monotonic()
             if remaining <= 0:
                 return [([endpoint.error_frame(
