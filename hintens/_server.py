@@ -632,9 +632,14 @@ class Server:
                 connection._read_aside(min(remaining, _RELEASE_POLL_S))
 
     def serve_forever(self) -> None:
-        """Accept and serve connections until ``shutdown()`` or ``close()``, then drain."""
+        """Accept and serve connections until ``shutdown()`` or ``close()``, then drain.
+        A ``shutdown()`` that came first (a signal handler's, say) makes it drain at once.
+
+        Raises:
+            RuntimeError: the server is already serving, or was closed.
+        """
         with self._lock:
-            if self._serving or self._stop.is_set():
+            if self._serving or self._drained:
                 raise RuntimeError("this server is already serving or closed")
             self._serving = True
         try:

@@ -403,6 +403,26 @@ def test_cli_server_removes_socket_on_signal(sock_path, sig):
     assert not os.path.exists(sock_path)
 
 
+def test_a_shutdown_before_serve_forever_makes_it_drain_at_once(sock_path):
+    # The CLI's signal handler may run between Server() and serve_forever(): serving must
+    # then stop at once, removing the socket file, not refuse to run.
+    server = hintens.Server(sock_path)
+    server.shutdown()
+    started = time.monotonic()
+    server.serve_forever()
+    assert time.monotonic() - started < 5
+    assert not os.path.exists(sock_path)
+    with pytest.raises(RuntimeError, match="already serving or closed"):
+        server.serve_forever()
+
+
+def test_serve_forever_after_close_is_an_error(sock_path):
+    server = hintens.Server(sock_path)
+    server.close()
+    with pytest.raises(RuntimeError, match="already serving or closed"):
+        server.serve_forever()
+
+
 def test_path_too_long(tmp_path):
     long_path = "/tmp/" + "x" * 120
     for make in (lambda: hintens.Server(long_path), lambda: hintens.Client(long_path)):
