@@ -273,9 +273,14 @@ class Client:
         seconds = self.timeout if timeout is None else call_timeout_s(timeout, self.timeout)
         deadline = _FOREVER if seconds is None else monotonic() + seconds
         request_id = next(self._ids) if _request_id is None else _request_id
-        small = type(payload) is bytes and len(payload) < self._endpoint.small_max
+        endpoint = self._endpoint
+        small = type(payload) is bytes and len(payload) < endpoint.small_max
         writes: list[Any] = []
-        if not small:   # refused here (too large, not bytes-like) before anything is sent
+        if small:
+            pass
+        elif type(payload) is bytes and len(payload) < endpoint.inline_max:   # as writes()
+            writes = [([self._encode_header(1, payload, request_id), payload], ())]
+        else:   # refused here (too large, not bytes-like) before anything is sent
             writes = self._writes(MessageType.REQUEST, payload, request_id, deadline)
         waiter = _Waiter()
         with self._lock:
@@ -621,6 +626,14 @@ class Client:
                 size = 0   # Endpoint.writes says what is wrong with it
             if size >= endpoint.shm_threshold:
                 self._await_hello(min(deadline, monotonic() + HELLO_WAIT_S))
+        try:
+            writes = endpoint.writes(msg_type, payload, request_id)   # no wait, most often
+        except ShmError:
+            if self._closed_reason is not None:
+                raise self._closed_error() from None
+            raise
+        if writes is not None:
+            return writes
         return self._until_released(
             lambda: endpoint.writes(msg_type, payload, request_id), deadline)
 

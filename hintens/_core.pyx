@@ -1626,11 +1626,14 @@ cdef class Channel:
         self.pending = frames
         return None
 
-    def serve(self, handler, on_error, reply_writes, Py_ssize_t small_max):
+    def serve(self, handler, on_error, reply_writes, Py_ssize_t small_max,
+              Py_ssize_t inline_max):
         """Read once; answer the leading run of plain Requests; return the frames after it.
 
         ``handler(payload)`` returns the Response's payload (None for an empty one). A bytes
-        result shorter than ``small_max`` is answered here, inline; any other result goes to
+        result shorter than ``small_max`` is answered here, packed with the other small
+        replies; one shorter than ``inline_max`` (``Endpoint.inline_max``) is answered here
+        too, as a plain frame of its own that leaves at once; any other result goes to
         ``reply_writes(request_id, result)``, which returns the writes ``[(buffers, fds), ...]``
         that answer it (inline, through shared memory, or an Error frame), following the
         protocol's one rule for replies. If ``handler`` or ``reply_writes`` raises an
@@ -1650,6 +1653,7 @@ cdef class Channel:
         cdef list out = []
         cdef Py_ssize_t i = 0, count
         cdef Frame frame
+        cdef bint flush = False
         if not frames:
             return frames
         count = len(frames)
@@ -1674,12 +1678,20 @@ cdef class Channel:
                     result = b""
                 if type(result) is bytes and len(<bytes>result) < small_max:
                     out.append(encode_frame(2, result, frame.request_id))
+                elif type(result) is bytes and len(<bytes>result) < inline_max:
+                    out.append(encode_header(2, result, frame.request_id))
+                    out.append(result)   # not copied into a frame; nor held past this write
+                    flush = True
                 else:
                     writes = reply_writes(frame.request_id, result)
             except Exception as error:   # the handler's or the reply rule's, not a send's
                 out.append(on_error(frame.request_id, error))
             result = None   # a lent payload goes back once nothing holds it
-            if writes is not None:
+            if flush:   # a send's error is not the handler's: it leaves this loop
+                self._send(out, None)
+                out = []
+                flush = False
+            elif writes is not None:
                 if out:
                     self._send(out, None)
                     out = []

@@ -1047,11 +1047,13 @@ class Channel:
         return None
 
     def serve(self, handler: Any, on_error: Any, reply_writes: Any,
-              small_max: int) -> list[Frame] | None:
+              small_max: int, inline_max: int) -> list[Frame] | None:
         """Read once; answer the leading run of plain Requests; return the frames after it.
 
         ``handler(payload)`` returns the Response's payload (None for an empty one). A bytes
-        result shorter than ``small_max`` is answered here, inline; any other result goes to
+        result shorter than ``small_max`` is answered here, packed with the other small
+        replies; one shorter than ``inline_max`` (``Endpoint.inline_max``) is answered here
+        too, as a plain frame of its own that leaves at once; any other result goes to
         ``reply_writes(request_id, result)``, which returns the writes ``[(buffers, fds), ...]``
         that answer it (inline, through shared memory, or an Error frame), following the
         protocol's one rule for replies. If ``handler`` or ``reply_writes`` raises an
@@ -1079,6 +1081,7 @@ class Channel:
             return frames
         out: list[Any] = []
         done = 0
+        flush = False
         for frame in frames:
             if frame.type != 1 or frame.flags != 0:
                 break
@@ -1089,12 +1092,20 @@ class Channel:
                     result = b""
                 if type(result) is bytes and len(result) < small_max:
                     out.append(encode_frame(2, result, frame.request_id))
+                elif type(result) is bytes and len(result) < inline_max:
+                    out.append(encode_header(2, result, frame.request_id))
+                    out.append(result)   # not copied into a frame; nor held past this write
+                    flush = True
                 else:
                     writes = reply_writes(frame.request_id, result)
             except Exception as error:   # the handler's or the reply rule's, not a send's
                 out.append(on_error(frame.request_id, error))
             result = None
-            if writes is not None:
+            if flush:   # a send's error is not the handler's: it leaves this loop
+                self.send(out)
+                out = []
+                flush = False
+            elif writes is not None:
                 if out:
                     self.send(out)
                     out = []

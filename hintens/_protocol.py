@@ -283,6 +283,13 @@ class Endpoint:
         #: Payloads below this go the small way (packed inline, never compressed, within the
         #: peer's limit).
         self.small_max = SCATTER_THRESHOLD_BYTES
+        #: A bytes payload shorter than this goes inline, as a plain frame (uncompressed,
+        #: within the peer's limit, under the shared-memory threshold once that is
+        #: negotiated): what ``writes`` would do with it, for callers that skip the call.
+        #: Until the peer's hello, it stays under our threshold: a larger payload may yet
+        #: go through shared memory (the client waits for the hello to know).
+        self.inline_max = min(DEFAULT_MAX_PAYLOAD_BYTES + 1,
+                              shm_threshold if features & FEATURE_SHM else _NEVER)
         if features & FEATURE_COMPRESSION:
             self._zstd_compress = zstandard.ZstdCompressor(level=COMPRESSION_LEVEL)
             self._zstd_decompress = zstandard.ZstdDecompressor()
@@ -455,6 +462,9 @@ class Endpoint:
                 self.compress_min = self.compress_threshold
             self.small_max = min(SCATTER_THRESHOLD_BYTES, self.compress_min,
                                  hello.max_payload + 1)
+            self.inline_max = min(self.compress_min, hello.max_payload + 1,
+                                  self.shm_threshold if self._allowed_flags & Flags.SHM
+                                  else _NEVER)
             if self.pool is not None:
                 self.pool.limit_to(hello.shm_receive_bytes, hello.shm_receive_segments)
             return

@@ -321,7 +321,7 @@ class ServerConnection:
             RemoteError: the handler's result is not bytes-like (a HANDLER_ERROR that says so).
             ConnectionClosed: the client went while we waited.
         """
-        if result is not None and not _bytes_like(result):
+        if type(result) is not bytes and result is not None and not _bytes_like(result):
             raise RemoteError(ErrorCode.HANDLER_ERROR, f"handler must return a bytes-like "
                                                        f"object, got {type(result).__name__}")
         endpoint = self._endpoint
@@ -872,7 +872,8 @@ class Server:
                 # Plain Requests are answered inside the core; the rest comes back here.
                 # A session's requests all go through _handle and its replay window.
                 if connection.window is None and not endpoint.compressing:
-                    rest = channel.serve(handler, on_error, reply_writes, endpoint.small_max)
+                    rest = channel.serve(handler, on_error, reply_writes, endpoint.small_max,
+                                         endpoint.inline_max)
                 else:
                     rest = channel.receive()
                 if rest is None:

@@ -133,7 +133,7 @@ def test_serve_answers_leading_requests_and_returns_the_rest(core, pair):
         core.encode_frame(1, b"none", 3), core.encode_frame(1, b"big", 4),
         core.encode_frame(3, b"event", 5), core.encode_frame(1, b"after", 6),
     ]))
-    rest = ours.serve(handler, on_error, inline_reply(core), SMALL)
+    rest = ours.serve(handler, on_error, inline_reply(core), SMALL, SMALL)
     assert [(f.type, f.request_id) for f in rest] == [(3, 5), (1, 6)]
     assert errors == [(2, "boom")]
     decoder = core.FrameDecoder()
@@ -152,7 +152,7 @@ def test_serve_leaves_a_read_with_a_control_event_to_the_caller(core, pair):
     ran = []
     frames = [core.encode_frame(1, b"a", 1), core.encode_frame(3, b"HREL\0\0\0\0", 0)]
     right.sendall(b"".join(frames))
-    rest = ours.serve(ran.append, None, inline_reply(core), SMALL)
+    rest = ours.serve(ran.append, None, inline_reply(core), SMALL, SMALL)
     assert [(f.type, f.request_id) for f in rest] == [(1, 1), (3, 0)] and ran == []
 
 
@@ -166,7 +166,7 @@ def test_serve_sends_larger_or_other_results_the_way_reply_writes_says(core, pai
         return [([core.encode_frame(4, b"no", request_id)], [])]
 
     right.sendall(core.encode_frame(1, b"x" * 100, 1) + core.encode_frame(1, b"y", 2))
-    ours.serve(lambda p: bytes(p) if p == b"y" else bytearray(p), None, reply_writes, 50)
+    ours.serve(lambda p: bytes(p) if p == b"y" else bytearray(p), None, reply_writes, 50, 50)
     assert asked == [(1, "bytearray")]   # b"y" is bytes and under small_max: answered in C
     decoder = core.FrameDecoder()
     replies = []
@@ -175,13 +175,48 @@ def test_serve_sends_larger_or_other_results_the_way_reply_writes_says(core, pai
     assert [(f.type, f.request_id) for f in replies] == [(4, 1), (2, 2)]
 
 
+def test_serve_sends_bytes_under_inline_max_itself_as_plain_frames(core, pair):
+    # Between small_max and inline_max a bytes result leaves as a plain frame of its own,
+    # written at once (with the small replies before it), without asking reply_writes.
+    left, right = pair
+    ours = channel(core, left)
+    asked = []
+
+    def reply_writes(request_id, result):
+        asked.append(request_id)
+        return [([core.encode_frame(4, b"big", request_id)], [])]
+
+    sizes = {1: 10, 2: 5_000, 3: 20, 4: 9_000, 5: 8_000}
+    right.sendall(b"".join(core.encode_frame(1, str(n).encode(), n) for n in sizes))
+    ours.serve(lambda p: bytes([65]) * sizes[int(bytes(p))], None, reply_writes, 100, 9_000)
+    assert asked == [4]   # 9_000 is not under inline_max
+    decoder = core.FrameDecoder()
+    replies = []
+    while len(replies) < 5:
+        replies += decoder.feed(right.recv(1 << 20))
+    assert [(f.type, f.request_id, f.flags, bytes(f.payload)) for f in replies] == [
+        (2, 1, 0, b"A" * 10), (2, 2, 0, b"A" * 5_000), (2, 3, 0, b"A" * 20), (4, 4, 0, b"big"),
+        (2, 5, 0, b"A" * 8_000)]
+
+
+def test_serve_does_not_answer_a_failed_send_as_a_handler_error(core, pair):
+    left, right = pair
+    ours = channel(core, left)
+    errors = []
+    right.sendall(core.encode_frame(1, b"x", 1))
+    right.close()   # the reply's write fails: that is the caller's to see, not on_error's
+    with pytest.raises(OSError):
+        ours.serve(lambda p: b"A" * 5_000, lambda *a: errors.append(a), None, 100, 9_000)
+    assert errors == []
+
+
 def test_serve_end_of_stream_and_partial(core, pair):
     left, right = pair
     ours = channel(core, left)
     right.sendall(core.encode_frame(1, b"x", 1)[:10])
-    assert ours.serve(lambda p: p, None, inline_reply(core), SMALL) == []
+    assert ours.serve(lambda p: p, None, inline_reply(core), SMALL, SMALL) == []
     right.shutdown(socket.SHUT_WR)
-    assert ours.serve(lambda p: p, None, inline_reply(core), SMALL) is None
+    assert ours.serve(lambda p: p, None, inline_reply(core), SMALL, SMALL) is None
 
 
 def test_send_to_a_closed_peer(core, pair):

@@ -73,3 +73,37 @@ def test_a_control_event_with_flags_is_not_a_control_event(frame):
     assert [type(item).__name__ for item in items] == ["UnsupportedFlagsError"]
     assert [_shm.decode_control(p) for p in sent] == [(_shm.REJECT_MAGIC, [4])]
     endpoint.close_shm()
+
+
+@pytest.mark.parametrize("ours, theirs", [
+    (0, dict()),
+    (FEATURE_SHM, dict(features=FEATURE_SHM)),
+    (FEATURE_SHM, dict(features=FEATURE_SHM, max_payload=70_000)),
+    (FEATURE_SHM, dict(features=0, max_payload=70_000)),
+    (FEATURE_COMPRESSION, dict(features=FEATURE_COMPRESSION)),
+    (0, None),   # no hello yet
+    (FEATURE_SHM, None),
+])
+def test_inline_max_says_what_writes_would_send_as_one_plain_frame(frame, core, ours, theirs):
+    # The compiled serve loop answers a bytes result under inline_max without asking
+    # writes(): the two must agree on every size.
+    if ours == FEATURE_COMPRESSION:
+        pytest.importorskip("zstandard")
+    endpoint = Endpoint(features=ours, shm_threshold=64 * 1024,
+                        compress_threshold=32 * 1024)
+    if theirs is not None:
+        endpoint.admit([frame(3, Hello(**theirs).encode())])
+    for size in (0, 1, 32 * 1024 - 1, 32 * 1024, 64 * 1024 - 1, 64 * 1024, 70_000, 70_001,
+                 16 << 20, (16 << 20) + 1):
+        payload = b"\x07" * size
+        try:
+            writes = endpoint.writes(2, payload, 1)
+        except Exception:
+            writes = None
+        plain = writes is not None and len(writes) == 1 and not writes[0][1] and \
+            b"".join(writes[0][0]) == core.encode_frame(2, payload, 1)
+        if size < endpoint.inline_max:
+            assert plain, size
+        else:   # before the hello a shared-memory side keeps larger payloads to writes()
+            assert not plain or (theirs is None and ours), size
+    endpoint.close_shm()
