@@ -626,14 +626,6 @@ class Client:
                 size = 0   # Endpoint.writes says what is wrong with it
             if size >= endpoint.shm_threshold:
                 self._await_hello(min(deadline, monotonic() + HELLO_WAIT_S))
-        try:
-            writes = endpoint.writes(msg_type, payload, request_id)   # no wait, most often
-        except ShmError:
-            if self._closed_reason is not None:
-                raise self._closed_error() from None
-            raise
-        if writes is not None:
-            return writes
         return self._until_released(
             lambda: endpoint.writes(msg_type, payload, request_id), deadline)
 
