@@ -122,6 +122,12 @@ def decode_hello(payload: bytes):
     }
 
 
+def receiver_limit(typ, rid):
+    """Section 6 check 4: the server's limit, raised to at least 4,108 bytes for Error frames
+    and control Events (never lowered to it)."""
+    return max(LIMIT, CONTROL_LIMIT) if typ == ERROR or (typ == EVENT and rid == 0) else LIMIT
+
+
 def expected_header_verdict(magic, version, typ, flags, length, rid):
     """Section 6 checks 1-5: (code, fatal) of the first failed check, or None."""
     if magic != MAGIC:
@@ -130,8 +136,7 @@ def expected_header_verdict(magic, version, typ, flags, length, rid):
         return BAD_HEADER, True
     if typ not in (1, 2, 3, 4):
         return BAD_HEADER, True
-    limit = CONTROL_LIMIT if typ == ERROR or (typ == EVENT and rid == 0) else LIMIT
-    if length > limit:
+    if length > receiver_limit(typ, rid):
         return TOO_LARGE, True
     if flags & ~0x3:
         return UNSUPPORTED_FLAGS, False
@@ -1202,10 +1207,10 @@ def ep_hello(ep: Episode) -> None:
         ep.log(f"hello #{i} style={style} len={len(payload)} type={typ} rid={rid} "
                f"flags={flags:#x} decodes={decode_hello(payload) is not None} "
                f"release_mode={conn.release_mode}")
-        fatal = len(payload) > CONTROL_LIMIT and (typ == ERROR or (typ == EVENT and rid == 0))
+        fatal = len(payload) > receiver_limit(typ, rid)
         conn.send(frame(typ, payload, rid, flags), timeout=2.0)
         if fatal:
-            ep.expect_fatal(conn, TOO_LARGE, "hello over 4108 bytes")
+            ep.expect_fatal(conn, TOO_LARGE, "hello over the server's limit")
             return
         if flags & 4 and typ == REQUEST:
             ep.expect_error(conn, rid, UNSUPPORTED_FLAGS, "hello as a Request, reserved flag")
@@ -1262,12 +1267,12 @@ def ep_control(ep: Episode) -> None:
         if rng.random() < 0.1:
             payload += rng.randbytes(rng.randint(1, 3))
         rid = 0 if rng.random() < 0.9 else rng.getrandbits(64)
-        fatal = len(payload) > CONTROL_LIMIT and rid == 0
+        fatal = len(payload) > receiver_limit(EVENT, rid)
         ep.log(f"control {magic!r} count={count} declared={declared} len={len(payload)} "
                f"rid={rid} held={held}")
         conn.send(frame(EVENT, payload, rid), timeout=2.0)
         if fatal:
-            ep.expect_fatal(conn, TOO_LARGE, "control Event over 4108 bytes")
+            ep.expect_fatal(conn, TOO_LARGE, "control Event over the server's limit")
             return
     ep.probe(conn)
     if conn.shm:
