@@ -87,17 +87,24 @@ _NOTHING: tuple[tuple[()], tuple[()]] = ((), ())
 
 
 class Session:
-    """A client identity that outlives connections: the id a ClientPool's connections announce
-    in their hello, and the request-id counter they share, so that an id names one request for
-    the whole session and a server can recognise a retried request (exactly-once).
+    """A client identity that outlives connections: the request-id counter that a
+    ClientPool's connections share, so that an id names one request for the whole session,
+    and (``exactly_once``) the id they announce in their hello, so that a server recognises a
+    retried request and answers it from its replay window instead of running it again.
+
+    Args:
+        exactly_once: announce the session in each hello. False: the connections only share
+            the id counter.
 
     Attributes:
         id: 16 random bytes.
+        exactly_once: whether connections announce it.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, exactly_once: bool = True) -> None:
         self.id = os.urandom(16)
         self.ids = itertools.count(1)
+        self.exactly_once = bool(exactly_once)
 
     def __repr__(self) -> str:
         return f"<Session {self.id.hex()}>"
@@ -138,8 +145,8 @@ class Client:
             (default 1 ms). An Event that comes this long or more after the previous one
             leaves at once; a request or ``flush()`` takes queued Events with it. 0 writes every Event
             at once.
-        session: announce this session in the hello and draw request ids from it (a
-            ``ClientPool`` shares one between its connections).
+        session: draw request ids from this ``Session``, and announce it in the hello if it
+            is ``exactly_once`` (a ``ClientPool`` shares one between its connections).
         compress: offer zstd compression (the ``compression`` extra): toward a server that
             offers it too, inline payloads of ``compress_threshold`` bytes (4 KiB) or more
             are compressed when that makes them smaller. Shared memory is never compressed.
@@ -202,7 +209,7 @@ class Client:
         self._waiters: dict[int, _Waiter] = {}
         self.session = session
         self._ids = session.ids if session is not None else itertools.count(1)
-        if session is not None:
+        if session is not None and session.exactly_once:
             self._endpoint.hello.entries[HelloKey.SESSION_ID] = session.id
         self._closed_reason: BaseException | None = None
         self._server_error: BaseException | None = None
@@ -249,7 +256,7 @@ class Client:
     # Public API -------------------------------------------------------------------------
 
     def request(self, payload: Any, timeout: float | None = None, *,
-                writable: bool = False, _request_id: int | None = None) -> Any:
+                writable: bool = False, request_id: int | None = None) -> Any:
         """Send a Request and wait for its reply.
 
         Args:
@@ -257,6 +264,9 @@ class Client:
             timeout: seconds to wait for the reply; default ``self.timeout``.
             writable: a reply through shared memory comes as a writable copy-on-write view
                 (MAP_PRIVATE): nothing is copied until written, and writes stay here.
+            request_id: retry an earlier attempt under its id (1 to 2**64-1): through an
+                exactly-once ``Session``, a server that already ran it answers from its
+                replay window instead of running it again. Default: the next id.
 
         Returns:
             The Response payload: ``bytes``, or a ``memoryview`` (read-only unless
@@ -267,12 +277,15 @@ class Client:
             Timeout: no reply in time. The connection stays usable; a late reply is dropped.
             ConnectionClosed: the connection is or became closed.
             ProtocolError: the reply itself was corrupt (for example a bad CRC).
-
-        (``_request_id`` is for ``ClientPool`` retries that must reuse an id.)
+            ValueError: ``request_id`` is out of range, or a request of this client is
+                waiting under it.
         """
         seconds = self.timeout if timeout is None else call_timeout_s(timeout, self.timeout)
         deadline = _FOREVER if seconds is None else monotonic() + seconds
-        request_id = next(self._ids) if _request_id is None else _request_id
+        if request_id is None:
+            request_id = next(self._ids)
+        elif type(request_id) is not int or not 0 < request_id < 1 << 64:
+            raise ValueError(f"request_id must be an int from 1 to 2**64-1, not {request_id!r}")
         endpoint = self._endpoint
         small = type(payload) is bytes and len(payload) < endpoint.small_max
         writes: list[Any] = []
@@ -286,6 +299,9 @@ class Client:
         with self._lock:
             if self._closed_reason is not None:
                 raise self._closed_error()
+            if request_id in self._waiters:
+                self._endpoint.unsent(writes)
+                raise ValueError(f"request {request_id} of this client is waiting already")
             self._waiters[request_id] = waiter
             if writable:
                 self._endpoint.writable_ids.add(request_id)
@@ -494,6 +510,41 @@ class Client:
         """True once the connection is closed or lost (a send cut mid-frame included)."""
         return self._closed_reason is not None or self._channel.broken
 
+    def is_alive(self) -> bool:
+        """Whether this connection can still carry a request: it is not ``closed``, and the
+        server has not hung up. The socket is asked now (poll for a hang-up, reading
+        nothing), so this sees a server that went away while the connection sat idle.
+
+        Returns:
+            False if the connection is closed, lost, or closed by the server.
+        """
+        if self.closed:
+            return False
+        poller = select.poll()
+        try:
+            poller.register(self._sock.fileno(), select.POLLRDHUP)
+        except ValueError:   # closed meanwhile: fileno() is -1
+            return False
+        return not poller.poll(0)
+
+    def wait_for_hello(self, timeout: float) -> Hello | None:
+        """Wait until the server's hello (its capabilities, ``peer_hello``) has arrived. A
+        hintens server sends it on accept; shared memory and compression are negotiated once
+        it is here.
+
+        Args:
+            timeout: seconds to wait at most.
+
+        Returns:
+            The server's hello, or None if it did not come in time or the connection closed.
+
+        Raises:
+            ValueError, TypeError: ``timeout`` is not a positive number of seconds.
+        """
+        seconds = timeout_s(timeout, "timeout")
+        self._await_hello(_FOREVER if seconds is None else monotonic() + seconds)
+        return self._endpoint.peer_hello
+
     def close(self) -> None:
         """Write out queued Events, then close the connection. Waiting requests raise
         ConnectionClosed. Idempotent."""
@@ -518,11 +569,11 @@ class Client:
     # Codecs ---------------------------------------------------------------------------------
 
     def _coded_request(self, value: Any, timeout: float | None = None, *,
-                       writable: bool = False, _request_id: int | None = None) -> Any:
+                       writable: bool = False, request_id: int | None = None) -> Any:
         assert self.codec is not None
         payload = self._outgoing(self.codec.encode(value, "request"))
         reply = Client.request(self, payload, timeout, writable=writable,
-                               _request_id=_request_id)
+                               request_id=request_id)
         return self.codec.decode(reply, "response")
 
     def _coded_request_many(self, values: Iterable[Any], timeout: float | None = None, *,
@@ -575,14 +626,6 @@ class Client:
             sent = True   # still queued (or being written) on a live connection
         error.request_sent = sent
         error.request_id = request_id
-
-    def _hung_up(self) -> bool:
-        """The server closed its end (seen without reading): this connection is dead."""
-        if self.closed:
-            return True
-        poller = select.poll()
-        poller.register(self._sock.fileno(), select.POLLRDHUP)
-        return bool(poller.poll(0))
 
     def _send_large(self, msg_type: int, payload: Any, request_id: int,
                     deadline: float) -> int:

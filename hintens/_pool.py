@@ -131,8 +131,9 @@ class ClientPool:
         self.path = socket_path(path_like(path))
         self.retry = RetryPolicy() if retry is None else retry
         self.exactly_once = exactly_once
-        #: The pool's session: request ids are drawn from it by every connection.
-        self.session = Session()
+        #: The pool's session: request ids are drawn from it by every connection (so that an
+        #: id names one request pool-wide), which announce it if ``exactly_once``.
+        self.session = Session(exactly_once)
         self._client_options = client_options
         # The fast paths take the plain lock (C); only waiting and waking go through the
         # Condition (Python code), and a release notifies only when somebody waits.
@@ -182,7 +183,7 @@ class ClientPool:
         else:
             first = None
         return self._call(lambda client, request_id: client.request(
-            payload, timeout, _request_id=request_id), idempotent, first=first)
+            payload, timeout, request_id=request_id), idempotent, first=first)
 
     def request_many(self, payloads: Iterable[Any], timeout: float | None = None, *,
                      idempotent: bool = False, return_exceptions: bool = False) -> list[Any]:
@@ -297,10 +298,9 @@ class ClientPool:
                     while self._idle:
                         client, since = self._idle.pop()
                         idle = monotonic() - since
-                        if client._closed_reason is not None or client._channel.broken \
-                                or (self.idle_timeout is not None
+                        if client.closed or (self.idle_timeout is not None
                                              and idle > self.idle_timeout) \
-                                or (idle > _HANGUP_CHECK_S and client._hung_up()):
+                                or (idle > _HANGUP_CHECK_S and not client.is_alive()):
                             self._open -= 1
                             stale.append(client)
                             continue
@@ -324,7 +324,7 @@ class ClientPool:
         try:
             client = Client(self.path, timeout=self.timeout,
                             connect_timeout=self.connect_timeout,
-                            session=self.session if self.exactly_once else None,
+                            session=self.session,
                             **self._client_options)
         except BaseException:
             with self._lock:
@@ -333,8 +333,6 @@ class ClientPool:
                 if self._waiting:
                     self._cond.notify()
             raise
-        if not self.exactly_once:
-            client._ids = self.session.ids   # ids unique across the pool all the same
         with self._lock:
             self._lent.add(client)
         return client
@@ -347,7 +345,7 @@ class ClientPool:
         with self._lock:
             self._busy -= 1
             self._lent.discard(client)
-            if client._closed_reason is not None or client._channel.broken or self._closed:
+            if client.closed or self._closed:
                 self._open -= 1
                 close = True
             else:
@@ -364,8 +362,7 @@ class ClientPool:
             if self._closed or not self._idle:
                 return None
             client, since = self._idle[-1]
-            if client._closed_reason is not None or client._channel.broken \
-                    or monotonic() - since > self._fresh_s:
+            if client.closed or monotonic() - since > self._fresh_s:
                 return None   # _acquire looks closer
             self._idle.pop()
             self._busy += 1
@@ -450,7 +447,5 @@ class ClientPool:
 
 def _instance(client: Client) -> bytes | None:
     """The id of the server process behind ``client`` (waiting briefly for its hello)."""
-    if client.peer_hello is None and not client.closed:
-        client._await_hello(monotonic() + _INSTANCE_WAIT_S)
-    hello = client.peer_hello
+    hello = client.wait_for_hello(_INSTANCE_WAIT_S)
     return None if hello is None else hello.entries.get(HelloKey.INSTANCE_ID)

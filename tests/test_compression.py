@@ -50,7 +50,7 @@ def first_request(path, client_options, peer_features, payload):
     server.start()
     try:
         with hintens.Client(path, **client_options) as client:
-            client._await_hello(time.monotonic() + 5)   # negotiated before the request
+            client.wait_for_hello(5)   # negotiated before the request
             assert client.request(payload) == b"ok"
         server.join(10)
     finally:
@@ -98,7 +98,7 @@ def test_compressed_events_are_inflated(sock_path):
 
     with hintens.Server(sock_path, on_event=on_event, compress=True).start():
         with hintens.Client(sock_path, compress=True) as client:
-            client._await_hello(time.monotonic() + 5)
+            client.wait_for_hello(5)
             client.send_event(TEXT)
             assert done.wait(10)
     assert got == [TEXT]

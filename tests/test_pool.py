@@ -23,7 +23,7 @@ from hintens._replay import (
     ReplayWindow,
 )
 
-from .peers import start_server, stop_server
+from .peers import raw_listener, start_server, stop_server, wait_until
 
 PATIENT = hintens.RetryPolicy(max_attempts=100, backoff=0.01, max_backoff=0.1, jitter=0.5)
 
@@ -508,3 +508,126 @@ def test_replay_memory_bounds_answer_bytes_across_sessions():
 def test_replay_total_bytes_is_checked(sock_path):
     with pytest.raises(ValueError, match="replay_total_bytes"):
         hintens.Server(sock_path, replay_bytes=1 << 20, replay_total_bytes=1000)
+
+
+# The Client interfaces a pool is built on ----------------------------------------------------
+
+class CountingServer:
+    """An in-process server that counts how often each payload ran."""
+
+    def __init__(self, path):
+        self.runs = {}
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.server = hintens.Server(path, self.handle).start()
+
+    def handle(self, payload):
+        payload = bytes(payload)
+        if payload == b"block":
+            self.entered.set()
+            self.release.wait(10)
+        self.runs[payload] = self.runs.get(payload, 0) + 1
+        return b"ran %d" % self.runs[payload]
+
+    def close(self):
+        self.release.set()
+        self.server.close()
+
+
+@pytest.mark.parametrize("exactly_once", [True, False])
+def test_a_request_retried_under_its_id_runs_once_through_an_exactly_once_session(
+        sock_path, exactly_once):
+    served = CountingServer(sock_path)
+    try:
+        with hintens.Client(sock_path,
+                            session=hintens.Session(exactly_once=exactly_once)) as client:
+            assert client.request(b"once", request_id=5) == b"ran 1"
+            again = client.request(b"once", request_id=5)
+            (connection,) = served.server.connections
+            if exactly_once:
+                assert again == b"ran 1" and served.runs[b"once"] == 1
+                assert connection.session == client.session.id
+            else:   # the ids are shared, the session is not announced: it runs again
+                assert again == b"ran 2" and served.runs[b"once"] == 2
+                assert connection.session == b""
+            assert client.request(b"next") == b"ran 1"   # the counter goes on meanwhile
+    finally:
+        served.close()
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1 << 64, "5", 5.0, True])
+def test_a_request_id_out_of_range_is_refused_before_sending(sock_path, bad):
+    served = CountingServer(sock_path)
+    try:
+        with hintens.Client(sock_path) as client:
+            with pytest.raises(ValueError, match="request_id"):
+                client.request(b"x", request_id=bad)
+            assert client.request(b"x") == b"ran 1"
+        assert served.runs == {b"x": 1}
+    finally:
+        served.close()
+
+
+def test_a_request_id_already_waiting_is_refused(sock_path):
+    served = CountingServer(sock_path)
+    try:
+        # One segment in all: a refused attempt that kept it would starve the next send.
+        with hintens.Client(sock_path, shm_threshold=4096, shm_pool_bytes=1 << 20,
+                            timeout=3) as client:
+            first = []
+            worker = threading.Thread(
+                target=lambda: first.append(client.request(b"block", request_id=7)))
+            worker.start()
+            assert served.entered.wait(10)
+            for payload in (b"small", bytes(1 << 20)):   # inline, and through shared memory
+                with pytest.raises(ValueError, match="waiting already"):
+                    client.request(payload, request_id=7)
+            served.release.set()
+            worker.join(10)
+            assert first == [b"ran 1"]
+            # The refused shared-memory attempt gave its segment back.
+            assert client.request(bytes(1 << 20)) == b"ran 1"
+            assert client.request(bytes(1 << 20)) == b"ran 2"
+        assert bytes(1 << 20) in served.runs and b"small" not in served.runs
+    finally:
+        served.close()
+
+
+def test_is_alive_sees_a_server_that_hung_up_without_reading(sock_path):
+    served = CountingServer(sock_path)
+    try:
+        with hintens.Client(sock_path) as client:
+            assert client.request(b"x") == b"ran 1"
+            assert client.is_alive()
+            served.server.connections[0].close()
+            assert wait_until(lambda: not client.is_alive())
+            assert not client.closed   # nothing was read: the client does not know yet
+        assert not client.is_alive()   # closed
+    finally:
+        served.close()
+
+
+def test_wait_for_hello(sock_path):
+    served = CountingServer(sock_path)
+    try:
+        with hintens.Client(sock_path) as client:
+            hello = client.wait_for_hello(5)
+            assert hello is not None and hello is client.peer_hello
+            for bad in (0, -1, float("nan")):
+                with pytest.raises(ValueError):
+                    client.wait_for_hello(bad)
+    finally:
+        served.close()
+
+
+def test_wait_for_hello_from_a_silent_server_gives_none(sock_path):
+    listener = raw_listener(sock_path)
+    try:
+        with hintens.Client(sock_path) as client:
+            conn, _ = listener.accept()
+            started = time.monotonic()
+            assert client.wait_for_hello(0.2) is None
+            assert 0.15 < time.monotonic() - started < 5
+            conn.close()
+    finally:
+        listener.close()
