@@ -29,6 +29,7 @@ from . import _impl
 from ._constants import (
     DEFAULT_FLUSH_INTERVAL_S,
     DEFAULT_MAX_PAYLOAD_BYTES,
+    RECEIVE_BUFFER_BYTES,
     ErrorCode,
     MessageType,
 )
@@ -71,7 +72,6 @@ log = logging.getLogger("hintens")
 
 DEFAULT_TIMEOUT_S = 30.0
 DEFAULT_CONNECT_TIMEOUT_S = 5.0
-RECEIVE_BUFFER_BYTES = 256 * 1024
 #: How long a large send waits for the server's hello before it goes inline (once).
 HELLO_WAIT_S = 1.0
 #: A kernel receive timeout may overshoot a request's deadline by this much at most.

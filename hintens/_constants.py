@@ -75,3 +75,9 @@ class ErrorCode(enum.IntEnum):
 
 #: First error code free for applications.
 FIRST_APPLICATION_ERROR_CODE = 1000
+
+#: Payloads at least this large leave as header + payload in one sendmsg, without a copy;
+#: smaller ones are packed into the connection's outbox (the protocol's ``small_max``).
+SCATTER_THRESHOLD_BYTES = 16 * 1024
+#: Bytes a connection reads from its socket at once (its receive buffer).
+RECEIVE_BUFFER_BYTES = 256 * 1024

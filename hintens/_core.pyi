@@ -8,6 +8,7 @@ from ._core_py import FrameHeader as FrameHeader
 from ._core_py import SharedRegion as SharedRegion
 
 __all__: list[str]
+SEES_VIEW_RELEASE: bool
 
 def crc16(data: Any, value: int = 0xFFFF) -> int: ...
 def crc16_backend() -> str: ...

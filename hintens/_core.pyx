@@ -64,6 +64,7 @@ __all__ = [
     "call_with_stack_size",
     "MemoryBudget",
     "SharedRegion",
+    "SEES_VIEW_RELEASE",
     "Frame",
     "FrameDecoder",
     "FrameHeader",
@@ -770,7 +771,6 @@ cdef class FrameDecoder:
 
 cdef enum:
     _MAX_IOV = 1024          # IOV_MAX on Linux
-    _SCATTER_BYTES = 16 * 1024
     # Descriptors one read accepts, and how many may wait unclaimed: a peer cannot make us
     # hold more than this (fd exhaustion); extras are closed at once and counted.
     _FDS_PER_READ = 16
@@ -1839,6 +1839,10 @@ cdef class Mapping:
 
 
 # SharedRegion: a window of a shared mapping lent to the application --------------------------
+
+#: A SharedRegion counts every export of its buffer, slices included, so the protocol may lend
+#: views of shared memory to the application and learn when the last one goes.
+SEES_VIEW_RELEASE = True
 
 @cython.final
 cdef class SharedRegion:

@@ -58,6 +58,7 @@ __all__ = [
     "call_with_stack_size",
     "MemoryBudget",
     "SharedRegion",
+    "SEES_VIEW_RELEASE",
     "Frame",
     "FrameDecoder",
     "FrameHeader",
@@ -521,7 +522,6 @@ class FrameDecoder:
 
 
 _MAX_IOV = 1024            # IOV_MAX on Linux
-_SCATTER_BYTES = 16 * 1024
 _FDS_PER_READ = 16
 _MAX_PENDING_FDS = 64
 _INT = struct.Struct("i")
@@ -1179,6 +1179,11 @@ def _give_back(charges: list[tuple[MemoryBudget, int]]) -> None:
     while charges:
         budget, amount = charges.pop()
         budget.give(amount)
+
+
+#: Only the views ``SharedRegion.view()`` handed out are counted (slices made from them are
+#: not), so the protocol copies shared payloads out rather than lend views it cannot track.
+SEES_VIEW_RELEASE = False
 
 
 class SharedRegion:

@@ -39,6 +39,7 @@ from ._checks import count
 from ._constants import (
     DEFAULT_MAX_PAYLOAD_BYTES,
     MAX_FRAME_PAYLOAD_BYTES,
+    SCATTER_THRESHOLD_BYTES,
     VERSION,
     Flags,
     MessageType,
@@ -75,8 +76,6 @@ DEFAULT_COMPRESS_THRESHOLD_BYTES = 4096
 COMPRESSION_LEVEL = 3
 _NEVER = 1 << 62
 
-#: Payloads at least this large leave as header + payload in one sendmsg, without a copy.
-SCATTER_THRESHOLD_BYTES = 16 * 1024
 
 HELLO_MAGIC = b"HELO"
 _U16 = struct.Struct("<H")
@@ -297,7 +296,7 @@ class Endpoint:
         self._frame_type = core.Frame
         self._encode_frame = core.encode_frame
         self._encode_header = core.encode_header
-        self._copy_shared = _impl.implementation == "python"   # cannot see a view's release
+        self._copy_shared = not core.SEES_VIEW_RELEASE   # copy out what we cannot track
         self.decoder = core.FrameDecoder(max_payload)
         self.hello = Hello(features=features, max_payload=max_payload,
                            shm_receive_bytes=shm_receive_bytes,
@@ -784,6 +783,11 @@ class Endpoint:
         # A duplicate of the descriptor, taken while the segment is surely ours and lent.
         writes.append(([frame], [self.pool.descriptor_for(segment_id)] if new else []))
         return writes
+
+    def lends(self, view: memoryview) -> bool:
+        """Whether ``view`` is a region of shared memory the peer lent us (still held): a
+        reply of it points back at the peer's segment instead of copying it."""
+        return id(view.obj) in self._lent
 
     def unsent(self, writes: list[Write]) -> None:
         """Writes that ``writes`` returned will not be sent (an offer was refused): the

@@ -23,11 +23,11 @@ from time import monotonic
 from typing import Any, Callable, Iterable
 
 from . import _impl
-from ._client import RECEIVE_BUFFER_BYTES
 from ._codecs import CodecSpec, codec_from, fill, join, size_of
 from ._constants import (
     BATCH_WRITE_BYTES,
     DEFAULT_MAX_PAYLOAD_BYTES,
+    RECEIVE_BUFFER_BYTES,
     ErrorCode,
     Flags,
     MessageType,
@@ -178,7 +178,7 @@ def echo(payload: Any) -> Any:
 
 def _is_echo(endpoint: Endpoint, result: Any) -> bool:
     """The handler returned the payload it was lent: the reply points back at its segment."""
-    return type(result) is memoryview and id(result.obj) in endpoint._lent
+    return type(result) is memoryview and endpoint.lends(result)
 
 
 class ServerConnection:
