@@ -28,7 +28,7 @@ import tempfile
 import threading
 import time
 
-from hintens import _demo
+import harness
 
 PAYLOAD = bytes(100)
 
@@ -203,9 +203,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="hintens-bench-") as directory:
         paths = {kind: os.path.join(directory, kind + ".sock") for kind in ("hintens", "zmq")}
         servers = [
-            _demo.spawn([sys.executable, __file__, "serve-hintens", paths["hintens"]],
+            harness.spawn([sys.executable, __file__, "serve-hintens", paths["hintens"]],
                         paths["hintens"]),
-            _demo.spawn([sys.executable, __file__, "serve-zmq", paths["zmq"]], paths["zmq"]),
+            harness.spawn([sys.executable, __file__, "serve-zmq", paths["zmq"]], paths["zmq"]),
         ]
         try:
             run_hintens(paths["hintens"], 1000)   # warm up
@@ -218,7 +218,7 @@ def main() -> None:
                         end_slow(other)
         finally:
             for process in servers:
-                _demo.stop(process)
+                harness.stop(process)
     print(f"\nbroadcast of {args.events} 100-byte messages to two subscribers, {args.rounds} "
           f"rounds. At the fast subscriber, with the other one fast, then slow (it sleeps "
           f"{args.delay * 1000:g} ms per message):")

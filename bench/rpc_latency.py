@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import rpc_peers  # noqa: E402
 
-from hintens import _demo  # noqa: E402
+import harness  # noqa: E402
 
 SIZES = {"64 B": 64, "4 KiB": 4096, "60 KiB": 60 * 1024}
 
@@ -39,13 +39,13 @@ def measure(rounds: int, batch: int) -> dict[str, dict[str, list[float]]]:
                     assert bytes(peer.request(payload)) == payload, kind
                 for _ in range(rounds):
                     for kind, peer in clients.items():
-                        samples[size_name][kind] += _demo.sample(
+                        samples[size_name][kind] += harness.sample(
                             lambda: peer.request(payload), batch, warmup=50)
         finally:
             for peer in clients.values():
                 peer.close()
             for server in servers:
-                _demo.stop(server)
+                harness.stop(server)
     return samples
 
 
@@ -61,7 +61,7 @@ def main() -> None:
         print(f"\n{size_name}")
         for kind, s in by_kind.items():
             print(f"  {kind:<16} median {medians[kind] * 1e6:8.1f}  "
-                  f"p99 {_demo.percentile(s, 0.99) * 1e6:8.1f}")
+                  f"p99 {harness.percentile(s, 0.99) * 1e6:8.1f}")
         ours = medians["hintens"]
         print("  hintens / raw floor       {:.2f}x   (target <= 1.3 at 64 B)".format(
             ours / medians["raw"]))

@@ -14,14 +14,14 @@ import os
 import sys
 from typing import Any
 
-from hintens import _demo
+import harness
 
 KINDS = ("raw", "multiprocessing", "pyzmq", "hintens")
 
 
 def serve(kind: str, path: str) -> None:
     if kind == "raw":
-        _demo.raw_echo_server(path)
+        harness.raw_echo_server(path)
     elif kind == "multiprocessing":
         from multiprocessing.connection import Listener
 
@@ -50,7 +50,7 @@ def start(kind: str, path: str):
         argv = [sys.executable, "-m", "hintens", "serve", "--socket", path]
     else:
         argv = [sys.executable, os.path.abspath(__file__), "serve", kind, path]
-    return _demo.spawn(argv, path)
+    return harness.spawn(argv, path)
 
 
 class _MpClient:
@@ -87,7 +87,7 @@ class _ZmqClient:
 def client(kind: str, path: str) -> Any:
     """A connected client with ``request(payload)`` and ``close()``."""
     if kind == "raw":
-        return _demo.RawClient(path)
+        return harness.RawClient(path)
     if kind == "multiprocessing":
         return _MpClient(path)
     if kind == "pyzmq":

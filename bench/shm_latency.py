@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import rpc_peers  # noqa: E402
 
-from hintens import _demo  # noqa: E402
+import harness  # noqa: E402
 
 MIB = 1 << 20
 KINDS = ("hintens", "multiprocessing", "pyzmq", "mp_shared_memory", "iceoryx2")
@@ -187,7 +187,7 @@ def allocate_ratio(rounds: int) -> None:
                         peer.request(peer.allocate(size)).release()
                         times[size].append(time.perf_counter() - start_s)
         finally:
-            _demo.stop(server)
+            harness.stop(server)
     small, large = (statistics.median(times[n]) for n in (64 * 1024, 64 * MIB))
     print(f"\nallocate() on both sides: 64 KiB {small * 1e3:.3f} ms, 64 MiB {large * 1e3:.3f} ms"
           f" -> {large / small:.2f}x (target <= 3x)")
@@ -205,7 +205,7 @@ def start(kind: str, path: str):
         if process.stdout is None or process.stdout.readline().strip() != b"ready":
             raise RuntimeError("the iceoryx2 server did not start")
         return process
-    return _demo.spawn([sys.executable, os.path.abspath(__file__), "serve", kind, path], path)
+    return harness.spawn([sys.executable, os.path.abspath(__file__), "serve", kind, path], path)
 
 
 def _iceoryx2_name(path: str) -> str:
@@ -265,7 +265,7 @@ def main() -> None:
             for peer in peers.values():
                 peer.close()
             for server in servers:
-                _demo.stop(server)
+                harness.stop(server)
     print(f"echo round trips, {args.rounds} rounds after warm-up, medians")
     for size in sizes:
         copy = statistics.median(memcpy[size])

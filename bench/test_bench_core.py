@@ -12,7 +12,9 @@ import struct
 
 import pytest
 
-from hintens import _core_py, _demo
+from hintens import _core_py
+
+import harness
 
 try:
     from hintens import _core as _cython_core
@@ -92,11 +94,11 @@ def test_header_unpack(benchmark, impl_name):
 
 @pytest.mark.parametrize("impl_name", ["struct+crc_hqx", *_cores()])
 def test_decode_small_frames(benchmark, impl_name):
-    stream, count = _demo.small_frames_stream(_core_py)
+    stream, count = harness.small_frames_stream(_core_py)
     benchmark.group = "decode 1 MiB of 100-byte frames"
     benchmark.extra_info.update(items=count, baseline=impl_name == "struct+crc_hqx")
     if impl_name == "struct+crc_hqx":
-        frames = benchmark(_demo.struct_crc_decode, stream)
+        frames = benchmark(harness.struct_crc_decode, stream)
     else:
         core = _cores()[impl_name]
         frames = benchmark(lambda: core.FrameDecoder().feed(stream))

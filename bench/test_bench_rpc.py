@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import rpc_peers  # noqa: E402
 
-from hintens import _demo  # noqa: E402
+import harness  # noqa: E402
 
 SIZES = {"64B": 64, "4KiB": 4096, "60KiB": 60 * 1024}
 
@@ -34,7 +34,7 @@ def clients(tmp_path_factory):
         for client in connected.values():
             client.close()
         for server in servers:
-            _demo.stop(server)
+            harness.stop(server)
 
 
 @pytest.mark.parametrize("size_name", list(SIZES))

@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import rpc_peers  # noqa: E402
 
-from hintens import _demo  # noqa: E402
+import harness  # noqa: E402
 
 EVENT_BYTES = 100
 THREADS = 8
@@ -100,7 +100,7 @@ def serve_zmq_pull(path: str) -> None:
 
 def start_receiver(kind: str, path: str):
     argv = [sys.executable, os.path.abspath(__file__), "serve", kind, path]
-    return _demo.spawn(argv, path)
+    return harness.spawn(argv, path)
 
 
 # Senders ----------------------------------------------------------------------------------------
@@ -184,7 +184,7 @@ def measure_events(rounds: int, count: int, directory: str) -> dict[str, list[fl
     finally:
         context.term()
         for process in processes:
-            _demo.stop(process)
+            harness.stop(process)
     return rates
 
 
@@ -251,7 +251,7 @@ def measure_requests(rounds: int, per_thread: int, directory: str) -> dict[str, 
     finally:
         context.term()
         for process in processes:
-            _demo.stop(process)
+            harness.stop(process)
     return rates
 
 

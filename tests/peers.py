@@ -12,7 +12,7 @@ import tempfile
 import threading
 import time
 
-from hintens import _core_py, _demo, decode_error_payload
+from hintens import _core_py, decode_error_payload
 
 from .handlers import command
 
@@ -291,4 +291,4 @@ def wait_until(predicate, timeout_s=10.0, interval_s=0.02):
 __all__ = ["RawPeer", "ShmPeer", "fork_server_as", "memfd", "memfd_fds", "memfd_mappings",
            "open_fds", "raw_frame", "raw_listener", "read_requests", "server_log", "start_server",
            "start_server_with",
-           "status_kib", "stop_server", "wait_for_lone_thread", "wait_until", "_demo"]
+           "status_kib", "stop_server", "wait_for_lone_thread", "wait_until"]
