@@ -920,80 +920,101 @@ class Server:
     def _handle(self, connection: ServerConnection, items: list[Any]) -> bool:
         """Serve items the core did not: Events, hellos, violations, and Requests after them.
         False when the connection must close."""
-        endpoint = connection._endpoint
         frame_type = _impl.core.Frame
-        out: list[Any] = []
-        keep_open = True
-        window = connection.window
-        for index, item in enumerate(items):
-            if type(item) is frame_type:
-                kind = item.type
-                if kind == MessageType.REQUEST:
-                    request_id = item.request_id
-                    try:
-                        if window is not None:
-                            state, kept = window.claim(request_id, self.send_timeout)
-                            while state == MOVED:   # the memory gave that window up
-                                assert self._replay is not None
-                                window = connection.window = self._replay.window_for(
-                                    connection.session)
-                                state, kept = window.claim(request_id, self.send_timeout)
-                            if state == NEW:
-                                ok, data, result = self._run_once(endpoint, window, item)
-                            elif state == ANSWERED and kept is not TOO_LARGE:
-                                (ok, data), result = kept, kept[1]
-                            else:
-                                why = _REPLAY_REFUSALS[state if kept is not TOO_LARGE
-                                                       else "too large"]
-                                out.append(endpoint.error_frame(
-                                    ErrorCode.UNAVAILABLE,
-                                    f"request {request_id} {why}; it is not run again",
-                                    request_id))
-                                continue
-                            if not ok:
-                                out.append(data)   # the Error frame it was answered with
-                                continue
-                        else:
-                            result = self._call(item.payload)
-                        writes = connection._reply_writes(request_id, result)
-                        if len(writes) == 1 and not _impl.core.unpack_header(
-                                writes[0][0][0]).flags & Flags.SHM:
-                            out += writes[0][0]   # inline: goes with the others, in order
-                            continue
-                        if not _is_echo(endpoint, result):
-                            # The reply was copied out: drop the request's lent payload now,
-                            # so its release reaches the client before the reply does.
-                            items[index] = item = result = None
-                        # (An echo names the client's own segment: the release must follow
-                        # the reply, or the client would free the segment before it.)
-                        if out:
-                            connection._send(out)
-                            out = []
-                        connection._send_writes(writes)
-                        items[index] = item = result = None
-                    except Exception as error:
-                        out.append(self._error_answer(endpoint, request_id, error))
-                elif kind == MessageType.EVENT:
-                    if self.on_event is not None:
-                        try:
-                            self.on_event(item.payload if self.codec is None else
-                                          self.codec.decode(item.payload, "event"), connection)
-                        except Exception:
-                            log.exception("on_event callback raised")
-                else:
-                    log.debug("%r sent an unsolicited %s frame; ignored", connection,
-                              MessageType(kind).name)
-            else:
-                log.info("%r broke the protocol: %s", connection, item)
-                reply = endpoint.error_reply(item)
-                if reply is not None:
-                    out.append(reply)
-                if item.fatal:
-                    keep_open = False
+        out: list[Any] = []   # inline answers, written together, in order
+        for index in range(len(items)):
+            item = items[index]
+            if type(item) is not frame_type:
+                if not self._violation(connection, item, out):
                     break
+            elif item.type == MessageType.REQUEST:
+                item = None   # _answer drops the request (and its lent payload) when it may
+                out = self._answer(connection, items, index, out)
+            elif item.type == MessageType.EVENT:
+                self._deliver_event(connection, item)
+            else:
+                log.debug("%r sent an unsolicited %s frame; ignored", connection,
+                          MessageType(item.type).name)
+        else:
+            if out:
+                connection._send(out)
+            return True
         if out:
             connection._send(out)
-        return keep_open
+        return False
+
+    def _answer(self, connection: ServerConnection, items: list[Any], index: int,
+                out: list[Any]) -> list[Any]:
+        """Answer the Request ``items[index]``. An inline reply joins ``out``; one through
+        shared memory goes at once, after what ``out`` held. Returns what is left in ``out``."""
+        endpoint = connection._endpoint
+        item = items[index]
+        request_id = item.request_id
+        try:
+            if connection.window is None:
+                result = self._call(item.payload)
+            else:
+                ok, result = self._replay_or_run(connection, item)
+                if not ok:
+                    out.append(result)   # the Error frame that answers it
+                    return out
+            writes = connection._reply_writes(request_id, result)
+            if len(writes) == 1 and not _impl.core.unpack_header(
+                    writes[0][0][0]).flags & Flags.SHM:
+                out += writes[0][0]   # inline: goes with the others, in order
+                return out
+            if not _is_echo(endpoint, result):
+                # The reply was copied out: drop the request's lent payload now, so that its
+                # release reaches the client before the reply does.
+                items[index] = item = result = None
+            # (An echo names the client's own segment: the release must follow the reply, or
+            # the client would free the segment before it.)
+            if out:
+                connection._send(out)
+                out = []
+            connection._send_writes(writes)
+            items[index] = item = result = None
+        except Exception as error:
+            out.append(self._error_answer(endpoint, request_id, error))
+        return out
+
+    def _replay_or_run(self, connection: ServerConnection, item: Any) -> tuple[bool, Any]:
+        """For a connection with a session: run the Request if it is new, or answer it from
+        the replay window. Returns ``(True, result)``, or ``(False, error_frame)``."""
+        assert connection.window is not None
+        request_id = item.request_id
+        window = connection.window
+        state, kept = window.claim(request_id, self.send_timeout)
+        while state == MOVED:   # the memory gave that window up
+            assert self._replay is not None
+            window = connection.window = self._replay.window_for(connection.session)
+            state, kept = window.claim(request_id, self.send_timeout)
+        if state == NEW:
+            ok, data, result = self._run_once(connection._endpoint, window, item)
+            return (True, result) if ok else (False, data)
+        if state == ANSWERED and kept is not TOO_LARGE:
+            return kept   # (ok, the answer's bytes or its Error frame)
+        why = _REPLAY_REFUSALS[state if kept is not TOO_LARGE else "too large"]
+        return False, connection._endpoint.error_frame(
+            ErrorCode.UNAVAILABLE, f"request {request_id} {why}; it is not run again",
+            request_id)
+
+    def _deliver_event(self, connection: ServerConnection, item: Any) -> None:
+        if self.on_event is not None:
+            try:
+                self.on_event(item.payload if self.codec is None else
+                              self.codec.decode(item.payload, "event"), connection)
+            except Exception:
+                log.exception("on_event callback raised")
+
+    def _violation(self, connection: ServerConnection, error: Any, out: list[Any]) -> bool:
+        """A frame that broke the protocol: its Error reply joins ``out``. False if it is
+        fatal (the connection closes)."""
+        log.info("%r broke the protocol: %s", connection, error)
+        reply = connection._endpoint.error_reply(error)
+        if reply is not None:
+            out.append(reply)
+        return not error.fatal
 
     def _run_once(self, endpoint: Endpoint, window: ReplayWindow,
                   item: Any) -> tuple[bool, bytes, Any]:
