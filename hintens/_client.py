@@ -282,7 +282,8 @@ class Client:
         """
         seconds = self.timeout if timeout is None else call_timeout_s(timeout, self.timeout)
         deadline = _FOREVER if seconds is None else monotonic() + seconds
-        if request_id is None:
+        retry = request_id is not None
+        if not retry:
             request_id = next(self._ids)
         elif type(request_id) is not int or not 0 < request_id < 1 << 64:
             raise ValueError(f"request_id must be an int from 1 to 2**64-1, not {request_id!r}")
@@ -299,7 +300,7 @@ class Client:
         with self._lock:
             if self._closed_reason is not None:
                 raise self._closed_error()
-            if request_id in self._waiters:
+            if retry and request_id in self._waiters:
                 self._endpoint.unsent(writes)
                 raise ValueError(f"request {request_id} of this client is waiting already")
             self._waiters[request_id] = waiter
