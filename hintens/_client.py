@@ -232,7 +232,6 @@ class Client:
             self.server_credentials = check_server(self._sock, self.path, trusted)
             self._channel = _impl.core.Channel(self._sock, self._endpoint.decoder,
                                                RECEIVE_BUFFER_BYTES)
-            self._endpoint.fd_source = self._channel.fds
             self._endpoint.send_control = control_sender(self._channel)
             if shm:
                 self._channel.max_fds = 64
@@ -769,7 +768,7 @@ class Client:
                 frames = self._channel.receive(socket.MSG_DONTWAIT)
                 if not frames:
                     break
-                for item in self._endpoint.admit(frames):
+                for item in self._endpoint.admit(frames, self._channel.fds):
                     if type(item) is self._frame_type and item.type == MessageType.ERROR:
                         self._error_frame(item, salvaged=True)
         except (OSError, ProtocolError):
@@ -867,7 +866,7 @@ class Client:
         if frames is None:
             self._fail(ConnectionClosed(self._lost_message(None)), self._server_error)
             return []
-        items = self._endpoint.admit(frames)
+        items = self._endpoint.admit(frames, self._channel.fds)
         if self._channel.fds and not self._endpoint.decoder.in_frame:
             self._channel.close_fds()   # descriptors no frame claimed: never kept
         return items
@@ -877,7 +876,7 @@ class Client:
         if isinstance(error, BlockingIOError):
             return []   # the kernel timeout expired, or nothing to read: the caller re-checks
         if isinstance(error, ProtocolError):
-            return self._endpoint.after_error(error)
+            return self._endpoint.after_error(error, self._channel.fds)
         if isinstance(error, OSError):
             self._fail(ConnectionClosed(self._lost_message(error)), error)
             return []

@@ -229,7 +229,8 @@ def control_sender(channel: Any) -> Callable[[bytes], None]:
     return send_control
 
 
-_UNBOUNDED = 1 << 62   # control Events are never refused for room: they are small and vital
+_UNBOUNDED = 1 << 62
+_NO_FDS: list[int] = []   # admit() without descriptors: nothing is ever added to it   # control Events are never refused for room: they are small and vital
 
 
 class Endpoint:
@@ -310,7 +311,6 @@ class Endpoint:
         self.shm_threshold = shm_threshold
         self.pool = _shm.SegmentPool(shm_pool_bytes) if features & FEATURE_SHM else None
         self.segments: dict[int, _shm.ReceivedSegment] = {}
-        self.fd_source: list[int] = []
         self.send_control: Callable[[bytes], None] | None = None
         self._receive_budgets = [
             (core.MemoryBudget(shm_receive_bytes),
@@ -342,29 +342,38 @@ class Endpoint:
         """The frame announcing this side's capabilities (Event, request id 0)."""
         return self._encode_frame(MessageType.EVENT, self.hello.encode(), 0)
 
-    def admit(self, frames: list[Any]) -> list[Item]:
-        """Apply the connection's rules (hello, negotiated flags) to frames already decoded."""
+    def admit(self, frames: list[Any], fds: list[int] | None = None) -> list[Item]:
+        """Apply the connection's rules (hello, negotiated flags) to frames already decoded.
+
+        Args:
+            frames: decoded frames, in stream order.
+            fds: descriptors received with them and not yet claimed, oldest first (the
+                transport's list): each NEW_SEGMENT frame takes the oldest one off it, and
+                owns it from then on (mapped, or closed if the frame is refused).
+        """
         for frame in frames:   # frames without flags or a hello pass through as they are
             if frame.flags or not frame.request_id:
                 items: list[Item] = []
-                self._admit(frames, items)
+                self._admit(frames, items, _NO_FDS if fds is None else fds)
                 return items
         return frames
-    def after_error(self, error: ProtocolError) -> list[Item]:
+    def after_error(self, error: ProtocolError, fds: list[int] | None = None) -> list[Item]:
         """The items around a violation the decoder raised: the frames before it, the error,
-        and, when the stream is still in sync, whatever was already buffered after it."""
+        and, when the stream is still in sync, whatever was already buffered after it.
+        ``fds`` as for ``admit``."""
         items: list[Item] = []
+        fds = _NO_FDS if fds is None else fds
         while True:
-            self._admit(error.frames, items)
+            self._admit(error.frames, items, fds)
             items.append(error)
             if error.fatal:
                 return items
             try:
-                items += self.admit(self.decoder.feed(b""))
+                items += self.admit(self.decoder.feed(b""), fds)
                 return items
             except ProtocolError as next_error:
                 error = next_error
-    def _admit(self, frames: list[Any], items: list[Item]) -> None:
+    def _admit(self, frames: list[Any], items: list[Item], fds: list[int]) -> None:
         for frame in frames:
             flags = frame.flags
             if not flags:
@@ -399,10 +408,10 @@ class Endpoint:
                     items.append(self._inflate(frame))
                     continue
             else:
-                items.append(self._lend(frame))
+                items.append(self._lend(frame, fds))
                 continue
             if flags & Flags.SHM:
-                self._hand_back_named(frame)
+                self._hand_back_named(frame, fds)
             items.append(self._refused(frame, error) if isinstance(error, ShmError) else error)
     def _inflate(self, frame: Any) -> Any:
         """A COMPRESSED frame with its payload decompressed (and the flag cleared), or the
@@ -482,7 +491,7 @@ class Endpoint:
 
     # Receiving through shared memory ------------------------------------------------------
 
-    def _lend(self, frame: Any) -> Any:
+    def _lend(self, frame: Any, fds: list[int]) -> Any:
         """An SHM frame's payload, mapped and lent; or the ShmError that answers it.
 
         Every descriptor field is checked with Python's unbounded ints, and every failure is a
@@ -495,7 +504,7 @@ class Endpoint:
             return self._refused(frame, ShmError(
                 f"an SHM descriptor has {_shm.DESCRIPTOR.size} bytes, not {len(data)}"))
         segment_id, flags, size, offset, length = _shm.DESCRIPTOR.unpack(data)
-        fd = self.fd_source.pop(0) if flags & _shm.NEW_SEGMENT and self.fd_source else -1
+        fd = fds.pop(0) if flags & _shm.NEW_SEGMENT and fds else -1
         try:
             if flags & ~(_shm.NEW_SEGMENT | _shm.PEER_SEGMENT) or segment_id == 0 \
                     or flags == _shm.NEW_SEGMENT | _shm.PEER_SEGMENT:
@@ -536,7 +545,7 @@ class Endpoint:
         error.request_id, error.msg_type = frame.request_id, frame.type
         return error
 
-    def _hand_back_named(self, frame: Any) -> None:
+    def _hand_back_named(self, frame: Any, fds: list[int]) -> None:
         """For an SHM frame refused before it was looked at: close the descriptor a
         NEW_SEGMENT claims, and hand back the sender's segment it names (HREL if we map it,
         HREJ if not)."""
@@ -544,8 +553,8 @@ class Endpoint:
         if len(data) != _shm.DESCRIPTOR.size:
             return
         segment_id, flags = _shm.DESCRIPTOR.unpack(data)[:2]
-        if flags & _shm.NEW_SEGMENT and self.fd_source:
-            os.close(self.fd_source.pop(0))
+        if flags & _shm.NEW_SEGMENT and fds:
+            os.close(fds.pop(0))
         if segment_id and not flags & _shm.PEER_SEGMENT:
             (self._release if segment_id in self.segments else self._reject)(segment_id)
 

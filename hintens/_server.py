@@ -201,7 +201,6 @@ class ServerConnection:
         self._endpoint = server._new_endpoint()
         self._endpoint.decoder.budget = server._pending_budget
         self._channel = _impl.core.Channel(sock, self._endpoint.decoder, RECEIVE_BUFFER_BYTES)
-        self._endpoint.fd_source = self._channel.fds
         self._endpoint.send_control = control_sender(self._channel)
         self._endpoint.writable_all = server.writable
         self._endpoint.hello.entries[HelloKey.INSTANCE_ID] = server.instance_id
@@ -359,13 +358,13 @@ class ServerConnection:
         except BlockingIOError:
             return
         except ProtocolError as error:
-            self._backlog += endpoint.after_error(error)
+            self._backlog += endpoint.after_error(error, self._channel.fds)
             return
         except OSError as error:
             raise _ClientGone(f"connection {self.id} lost: {error}") from error
         if frames is None:
             raise _ClientGone(f"connection {self.id} closed by the client")
-        self._backlog += endpoint.admit(frames)
+        self._backlog += endpoint.admit(frames, self._channel.fds)
 
     def _take_backlog(self) -> list[Any]:
         items, self._backlog = self._backlog, []
@@ -881,13 +880,13 @@ class Server:
                         return (f"hung up inside a frame ({decoder.pending} bytes of it "
                                 f"received)")
                     return "closed by the client"
-                items = endpoint.admit(rest) if rest else []
+                items = endpoint.admit(rest, channel.fds) if rest else []
             except BlockingIOError:
                 what = "inside a frame" if decoder.in_frame else "idle"
                 log.info("closing %r: %s for too long", connection, what)
                 return f"{what} for too long"
             except ProtocolError as error:
-                items = endpoint.after_error(error)
+                items = endpoint.after_error(error, channel.fds)
             except OSError as error:
                 return str(error)
             if not joined and endpoint.peer_hello is not None:

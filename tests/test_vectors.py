@@ -323,6 +323,7 @@ def test_descriptor_decision(endpoint_core, vector, tmp_path):
                         shm_receive_segments=receiver["shm_receive_segments"])
     captured: list[bytes] = []
     endpoint.send_control = captured.append
+    fds: list[int] = []   # descriptors received and not yet claimed, as a transport keeps them
     try:
         if vector["peer_hello"] is not None:
             hello = core.Frame(3, 0, 0x0100, 0, bytes.fromhex(vector["peer_hello"]))
@@ -330,11 +331,11 @@ def test_descriptor_decision(endpoint_core, vector, tmp_path):
         # The peer's segments the receiver maps: introduced as the peer would (NEW_SEGMENT,
         # an empty payload), so that they count against the receiver's bounds.
         for segment_id, size in receiver["mapped"].items():
-            endpoint.fd_source.append(segment_fd(
+            fds.append(segment_fd(
                 {"kind": "memfd", "size": size, "seals": ["SHRINK", "GROW", "SEAL"]}, tmp_path))
             introduce = core.Frame(3, 1, 0x0100, 1, _shm.encode_descriptor(
                 int(segment_id), size, 0, 0, True))
-            (item,) = endpoint.admit([introduce])
+            (item,) = endpoint.admit([introduce], fds)
             assert not isinstance(item, ProtocolError), item
             release(item.payload)
             del item
@@ -354,12 +355,13 @@ def test_descriptor_decision(endpoint_core, vector, tmp_path):
         captured.clear()
 
         if vector["fd"] is not None:
-            endpoint.fd_source.append(segment_fd(vector["fd"], tmp_path))
+            fds.append(segment_fd(vector["fd"], tmp_path))
         frame = vector["frame"]
         items = endpoint.admit([core.Frame(frame["type"], frame["flags"], 0x0100,
-                                           frame["request_id"], bytes.fromhex(frame["payload"]))])
+                                           frame["request_id"], bytes.fromhex(frame["payload"]))],
+                               fds)
         # What the receiver did, in the vector's terms, compared in one go.
-        actual = {"items": len(items), "fds_unclaimed": len(endpoint.fd_source),
+        actual = {"items": len(items), "fds_unclaimed": len(fds),
                   "mapped_after": {str(sid): segment.size
                                    for sid, segment in endpoint.segments.items()}}
         wanted = {"items": 1, "fds_unclaimed": 0,   # a NEW_SEGMENT's descriptor: used or closed
@@ -387,8 +389,8 @@ def test_descriptor_decision(endpoint_core, vector, tmp_path):
             assert _shm.decode_control(payload) == (
                 expect["hand_back"].encode(), [frame["descriptor"]["segment_id"]])
     finally:
-        while endpoint.fd_source:
-            os.close(endpoint.fd_source.pop())
+        while fds:
+            os.close(fds.pop())
         endpoint.close_shm()
         del endpoint
         gc.collect()
