@@ -18,6 +18,7 @@ from ._constants import (
 )
 from . import bincode
 from ._client import Client, Session
+from ._coded import CodedClient
 from ._codecs import BincodeCodec, Codec, JsonCodec, PickleCodec, RawCodec
 from ._errors import (
     BadHeaderError,
@@ -76,6 +77,7 @@ __all__ = [
     "ChecksumError",
     "Client",
     "ClientPool",
+    "CodedClient",
     "Codec",
     "ConnectError",
     "ConnectionClosed",

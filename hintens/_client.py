@@ -23,7 +23,8 @@ import select
 import socket
 import threading
 from time import monotonic
-from typing import Any, Callable, Iterable, Iterator, NoReturn, Sequence
+from typing import (TYPE_CHECKING, Any, Callable, Generic, Iterable, Iterator, NoReturn, Sequence,
+                    TypeVar, overload)
 
 from . import _impl
 from ._constants import (
@@ -67,6 +68,9 @@ from ._checks import (
     uids,
 )
 from ._unix import check_server, connect, set_kernel_timeouts, socket_path
+
+if TYPE_CHECKING:
+    from ._codecs import Codec
 
 log = logging.getLogger("hintens")
 
@@ -120,7 +124,10 @@ class _Waiter:
     wake: Any = None
 
 
-class Client:
+_R = TypeVar("_R")
+
+
+class Client(Generic[_R]):
     """A connection to a hintens server.
 
     Args:
@@ -164,6 +171,48 @@ class Client:
         Timeout: the connection was not accepted in ``connect_timeout``.
         ValueError, TypeError: a bad argument (a timeout that is not positive, say).
     """
+
+    def __new__(cls, *args: Any, codec: CodecSpec = None, **options: Any) -> Any:
+        # A codec makes a CodedClient: its request, request_many and send_event take and give
+        # values. Without one, the methods are the raw ones, typed as bytes.
+        if codec is not None and cls is Client:
+            from ._coded import CodedClient
+            cls = CodedClient
+        return object.__new__(cls)
+
+    # The static type says what ``request`` returns: bytes (or a lent view) without a codec,
+    # the codec's values (Any) with one.
+    @overload
+    def __init__(self: Client[bytes | memoryview], path: str | os.PathLike[str] | None = None, *,
+                 timeout: float | None = DEFAULT_TIMEOUT_S,
+                 connect_timeout: float | None = DEFAULT_CONNECT_TIMEOUT_S,
+                 on_event: Callable[[Any], Any] | None = None,
+                 max_payload: int = DEFAULT_MAX_PAYLOAD_BYTES, shm: bool = True,
+                 shm_threshold: int = DEFAULT_SHM_THRESHOLD_BYTES,
+                 shm_pool_bytes: int = DEFAULT_SHM_POOL_BYTES,
+                 flush_interval: float = DEFAULT_FLUSH_INTERVAL_S,
+                 session: Session | None = None, codec: None = None,
+                 compress: bool = False,
+                 compress_threshold: int = DEFAULT_COMPRESS_THRESHOLD_BYTES,
+                 server_uids: Iterable[int] = (),
+                 shm_receive_bytes: int = DEFAULT_SHM_RECEIVE_BYTES,
+                 shm_receive_segments: int = DEFAULT_SHM_RECEIVE_SEGMENTS) -> None: ...
+
+    @overload
+    def __init__(self: Client[Any], path: str | os.PathLike[str] | None = None, *,
+                 timeout: float | None = DEFAULT_TIMEOUT_S,
+                 connect_timeout: float | None = DEFAULT_CONNECT_TIMEOUT_S,
+                 on_event: Callable[[Any], Any] | None = None,
+                 max_payload: int = DEFAULT_MAX_PAYLOAD_BYTES, shm: bool = True,
+                 shm_threshold: int = DEFAULT_SHM_THRESHOLD_BYTES,
+                 shm_pool_bytes: int = DEFAULT_SHM_POOL_BYTES,
+                 flush_interval: float = DEFAULT_FLUSH_INTERVAL_S,
+                 session: Session | None = None, codec: str | Codec,
+                 compress: bool = False,
+                 compress_threshold: int = DEFAULT_COMPRESS_THRESHOLD_BYTES,
+                 server_uids: Iterable[int] = (),
+                 shm_receive_bytes: int = DEFAULT_SHM_RECEIVE_BYTES,
+                 shm_receive_segments: int = DEFAULT_SHM_RECEIVE_SEGMENTS) -> None: ...
 
     def __init__(self, path: str | os.PathLike[str] | None = None, *,
                  timeout: float | None = DEFAULT_TIMEOUT_S,
@@ -215,12 +264,9 @@ class Client:
         self._server_error: BaseException | None = None
         self._close_pending = False
         self._receive_timeout: float | None = None
+        #: The codec (None: raw bytes). With one, the instance is a ``CodedClient``.
         self.codec = codec_from(codec)
         if self.codec is not None:
-            # The raw methods stay as they are; these wrappers stand in front of them.
-            self.request = self._coded_request   # type: ignore[method-assign,assignment]
-            self.request_many = self._coded_request_many   # type: ignore[method-assign,assignment]
-            self.send_event = self._coded_send_event   # type: ignore[method-assign,assignment]
             if on_event is not None:
                 on_raw_event, decode = on_event, self.codec.decode
                 on_event = lambda payload: on_raw_event(decode(payload, "event"))  # noqa: E731
@@ -255,7 +301,7 @@ class Client:
     # Public API -------------------------------------------------------------------------
 
     def request(self, payload: Any, timeout: float | None = None, *,
-                writable: bool = False, request_id: int | None = None) -> Any:
+                writable: bool = False, request_id: int | None = None) -> _R:
         """Send a Request and wait for its reply.
 
         Args:
@@ -567,29 +613,6 @@ class Client:
     # Internals --------------------------------------------------------------------------
 
     # Codecs ---------------------------------------------------------------------------------
-
-    def _coded_request(self, value: Any, timeout: float | None = None, *,
-                       writable: bool = False, request_id: int | None = None) -> Any:
-        assert self.codec is not None
-        payload = self._outgoing(self.codec.encode(value, "request"))
-        reply = Client.request(self, payload, timeout, writable=writable,
-                               request_id=request_id)
-        return self.codec.decode(reply, "response")
-
-    def _coded_request_many(self, values: Iterable[Any], timeout: float | None = None, *,
-                            return_exceptions: bool = False) -> list[Any]:
-        assert self.codec is not None
-        # Parts are joined here, not allocated in shared memory one payload at a time: an
-        # allocation failing halfway would leave the earlier ones lent and never sent.
-        payloads = [join(self.codec.encode(v, "request")) for v in values]
-        replies = Client.request_many(self, payloads, timeout,
-                                      return_exceptions=return_exceptions)
-        decode = self.codec.decode
-        return [r if isinstance(r, BaseException) else decode(r, "response") for r in replies]
-
-    def _coded_send_event(self, value: Any) -> None:
-        assert self.codec is not None
-        Client.send_event(self, self._outgoing(self.codec.encode(value, "event")))
 
     def _outgoing(self, payload: Any) -> Any:
         """A codec's payload, ready to send: parts go straight into one shared-memory buffer

@@ -52,7 +52,7 @@ import sys
 import threading
 import types
 import typing
-from typing import Any, Callable, Union
+from typing import Any, Callable, TypeVar, Union, overload
 
 __all__ = [
     "DecodeError", "EncodeError", "Error", "decode", "encode", "encode_into", "ndarray",
@@ -173,8 +173,21 @@ def encode_into(value: Any, T: Any, out: bytearray, *, varint: bool = False) -> 
     _plan(T, varint).encode(value, out)
 
 
+_T = TypeVar("_T")
+
+
+@overload
+def decode(data: Any, T: type[_T], *, varint: bool = False) -> _T: ...
+
+
+@overload
+def decode(data: Any, T: Any, *, varint: bool = False) -> Any: ...
+
+
 def decode(data: Any, T: Any, *, varint: bool = False) -> Any:
-    """The value of type ``T`` that ``data`` (any bytes-like object) encodes, exactly.
+    """The value of type ``T`` that ``data`` (any bytes-like object) encodes, exactly. Typed:
+    ``decode(data, Point)`` is a ``Point`` (``list[int]``, a ``list[int]``); a bincode spec
+    such as ``bincode.u32`` or ``Annotated[...]`` gives ``Any``.
 
     Raises:
         DecodeError: ``data`` is not exactly one encoding of ``T``.

@@ -45,6 +45,21 @@ def test_json_both_ways(sock_path):
                 {"sum": 1, "echo": {"xs": [1]}}, {"sum": 0, "echo": {"xs": []}}]
 
 
+@pytest.mark.parametrize("codec", [None, "raw", "json"])
+def test_a_codec_makes_a_coded_client_with_methods_of_its_own(sock_path, codec):
+    with serve(sock_path, lambda value: value, codec=codec):
+        with hintens.Client(sock_path, codec=codec) as client:
+            # A subclass whose methods are methods: nothing is patched onto the instance.
+            assert type(client) is (hintens.Client if codec is None else hintens.CodedClient)
+            assert not {"request", "request_many", "send_event"} & set(vars(client))
+            value = {"x": 1} if codec == "json" else b"raw"
+            assert client.request(value) == value
+            assert client.request_many([value, value]) == [value, value]
+            client.send_event(value)
+        with hintens.CodedClient(sock_path, codec=codec) as named:   # also by its name
+            assert named.request(value) == value
+
+
 def test_bincode_with_request_and_response_types(sock_path):
     def handler(request):
         if isinstance(request, Add):
