@@ -30,7 +30,6 @@ from . import _impl
 from ._constants import (
     DEFAULT_FLUSH_INTERVAL_S,
     DEFAULT_MAX_PAYLOAD_BYTES,
-    RECEIVE_BUFFER_BYTES,
     ErrorCode,
     MessageType,
 )
@@ -42,8 +41,8 @@ from ._errors import (
     decode_error_payload,
     remote_error,
 )
-from ._codecs import CodecSpec, codec_from, fill, join, size_of
-from ._flusher import FLUSHER
+from ._codecs import CodecSpec, codec_from, ready
+from ._connection import open_channel
 from ._protocol import (
     DEFAULT_COMPRESS_THRESHOLD_BYTES,
     DEFAULT_SHM_POOL_BYTES,
@@ -55,7 +54,6 @@ from ._protocol import (
     Endpoint,
     Hello,
     HelloKey,
-    control_sender,
 )
 from ._checks import (
     call_timeout_s,
@@ -276,15 +274,10 @@ class Client(Generic[_R]):
             #: The server process's pid, uid and gid (SO_PEERCRED), checked before any byte
             #: was sent: our own uid, root, or one of ``server_uids``.
             self.server_credentials = check_server(self._sock, self.path, trusted)
-            self._channel = _impl.core.Channel(self._sock, self._endpoint.decoder,
-                                               RECEIVE_BUFFER_BYTES)
-            self._endpoint.send_control = control_sender(self._channel)
-            if shm:
-                self._channel.max_fds = 64
+            # Events waiting on a server that reads nothing for ``timeout``: the flusher cuts.
+            self._channel = open_channel(self._sock, self._endpoint, shm=shm,
+                                         stall_timeout=timeout)
             self._channel.flush_interval = flush_interval
-            # Events waiting on a server that reads nothing for this long: the flusher cuts.
-            self._channel.stall_timeout = timeout or 0.0
-            self._channel.on_queued = FLUSHER.schedule
             self._post = self._channel.post
             self._event = self._channel.event
             set_kernel_timeouts(self._sock, None, timeout, set_send=True)
@@ -615,18 +608,10 @@ class Client(Generic[_R]):
     # Codecs ---------------------------------------------------------------------------------
 
     def _outgoing(self, payload: Any) -> Any:
-        """A codec's payload, ready to send: parts go straight into one shared-memory buffer
-        when they are large enough to travel that way, else they are joined."""
-        if not isinstance(payload, list):
-            return payload
-        total = size_of(payload)
+        """A codec's payload, ready to send (see ``_codecs.ready``)."""
         endpoint = self._endpoint
-        if total >= endpoint.shm_threshold and endpoint.pool is not None:
-            try:
-                return fill(payload, self.allocate(total))
-            except ShmError:   # the server did not negotiate it
-                pass
-        return b"".join(payload)
+        return ready(payload, endpoint.shm_threshold,
+                     self.allocate if endpoint.pool is not None else None)
 
     def _mark_sent(self, error: BaseException, end: int, request_id: int,
                    start: int | None = None) -> None:

@@ -29,9 +29,10 @@ from __future__ import annotations
 import json
 import pickle
 import struct
-from typing import Any, Protocol, Union
+from typing import Any, Callable, Protocol, Union
 
 from . import bincode
+from ._errors import ShmError
 
 Payload = Any   # a bytes-like object, or a list of them
 
@@ -195,6 +196,23 @@ def size_of(payload: Payload) -> int:
     if isinstance(payload, list):
         return sum(memoryview(part).nbytes for part in payload)
     return memoryview(payload).nbytes if type(payload) is not bytes else len(payload)
+
+
+def ready(payload: Payload, shm_threshold: int,
+          allocate: Callable[[int], memoryview] | None) -> Any:
+    """A codec's payload, ready to send. Parts that together reach ``shm_threshold`` go
+    straight into one buffer from ``allocate`` (the connection's shared memory, when it
+    negotiated it; a ``ShmError`` from it means it did not), so they are copied once; else
+    they are joined."""
+    if not isinstance(payload, list):
+        return payload
+    total = size_of(payload)
+    if allocate is not None and total >= shm_threshold:
+        try:
+            return fill(payload, allocate(total))
+        except ShmError:
+            pass
+    return b"".join(payload)
 
 
 def fill(parts: list[Any], buffer: memoryview) -> memoryview:

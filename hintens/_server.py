@@ -23,11 +23,10 @@ from time import monotonic
 from typing import Any, Callable, Iterable
 
 from . import _impl
-from ._codecs import CodecSpec, codec_from, fill, join, size_of
+from ._codecs import CodecSpec, codec_from, join, ready
 from ._constants import (
     BATCH_WRITE_BYTES,
     DEFAULT_MAX_PAYLOAD_BYTES,
-    RECEIVE_BUFFER_BYTES,
     ErrorCode,
     Flags,
     MessageType,
@@ -41,7 +40,7 @@ from ._errors import (
     Timeout,
     encode_error_payload,
 )
-from ._flusher import FLUSHER
+from ._connection import open_channel
 from ._protocol import (
     DEFAULT_COMPRESS_THRESHOLD_BYTES,
     DEFAULT_SHM_POOL_BYTES,
@@ -53,7 +52,6 @@ from ._protocol import (
     Endpoint,
     Hello,
     HelloKey,
-    control_sender,
 )
 from ._replay import (
     ANSWERED,
@@ -200,8 +198,9 @@ class ServerConnection:
         self._sock = sock
         self._endpoint = server._new_endpoint()
         self._endpoint.decoder.budget = server._pending_budget
-        self._channel = _impl.core.Channel(sock, self._endpoint.decoder, RECEIVE_BUFFER_BYTES)
-        self._endpoint.send_control = control_sender(self._channel)
+        # Pushed Events left unread this long with the socket full: the flusher cuts.
+        self._channel = open_channel(sock, self._endpoint, shm=server.shm,
+                                     stall_timeout=server.send_timeout)
         self._endpoint.writable_all = server.writable
         self._endpoint.hello.entries[HelloKey.INSTANCE_ID] = server.instance_id
         #: The replay window of the client's session, once its hello announced one.
@@ -210,11 +209,6 @@ class ServerConnection:
         # Without an on_event handler, plain Events are dropped inside the decoder: no Frame,
         # no Python call per Event.
         self._endpoint.decoder.skip_events = server.on_event is None
-        self._channel.on_queued = FLUSHER.schedule
-        # Pushed Events left unread this long with the socket full: the flusher cuts.
-        self._channel.stall_timeout = server.send_timeout or 0.0
-        if server.shm:
-            self._channel.max_fds = 64
         self._open = True
         self._dropping = False       # in an episode of dropped Events (logged once)
         self._cut = False            # cut (and counted) for falling behind
@@ -1052,11 +1046,8 @@ class Server:
                                 "response")
         if not isinstance(out, list):
             return out
-        total = size_of(out)
-        connection = self.current_connection()
-        if total >= self.shm_threshold and connection._endpoint.negotiated(FEATURE_SHM):
-            return fill(out, self.allocate(total))
-        return b"".join(out)
+        negotiated = self.current_connection()._endpoint.negotiated(FEATURE_SHM)
+        return ready(out, self.shm_threshold, self.allocate if negotiated else None)
 
     @staticmethod
     def _error_answer(endpoint: Endpoint, request_id: int, error: Exception) -> bytes:
