@@ -1518,7 +1518,7 @@ cdef class Channel:
         if self._fd >= 0:   # close() clears _fd before closing it, both with the GIL held
             shutdown(self._fd, SHUT_RDWR)
 
-    def offer(self, writes, Py_ssize_t limit):
+    def offer(self, writes, Py_ssize_t limit, bint write=True):
         """Queue frames without waiting for the socket, all of them or none: a server pushes
         Events this way, so that one slow reader never holds up the writer.
 
@@ -1526,6 +1526,10 @@ cdef class Channel:
             writes: ``[(buffers, fds), ...]``, each write one frame (or several), with at most
                 one descriptor, which rides on the write's first byte in a sendmsg of its own.
             limit: queue no more than this many bytes in all; an empty queue takes any.
+            write: False: only queue them, and ask for them to be written soon
+                (``on_queued(channel, True)``): this thread never touches the socket. For
+                control Events, which any thread may give up (the last view of a payload
+                dropped, the garbage collector).
 
         Returns:
             True when queued (written now if the socket takes them, else by the flusher, or by
@@ -1576,7 +1580,11 @@ cdef class Channel:
             for k in range(acquired):
                 _release(&refs[k])
             free(refs)
-        self._after_offer()
+        if write:
+            self._after_offer()
+        elif self.on_queued is not None:
+            self._scheduled = True
+            self.on_queued(self, True)
         return True
 
 

@@ -618,7 +618,7 @@ class Channel:
             except OSError:
                 pass
 
-    def offer(self, writes: Any, limit: int) -> bool:
+    def offer(self, writes: Any, limit: int, write: bool = True) -> bool:
         """Queue frames without waiting for the socket, all of them or none: a server pushes
         Events this way, so that one slow reader never holds up the writer.
 
@@ -626,6 +626,10 @@ class Channel:
             writes: ``[(buffers, fds), ...]``, each write one frame (or several), with at most
                 one descriptor, which rides on the write's first byte in a sendmsg of its own.
             limit: queue no more than this many bytes in all; an empty queue takes any.
+            write: False: only queue them, and ask for them to be written soon
+                (``on_queued(channel, True)``): this thread never touches the socket. For
+                control Events, which any thread may give up (the last view of a payload
+                dropped, the garbage collector).
 
         Returns:
             True when queued (written now if the socket takes them, else by the flusher, or by
@@ -658,7 +662,11 @@ class Channel:
                     self.submitted += len(view)
                 if len(fds):
                     self._fd_slots.append((at, self.submitted, os.dup(fds[0])))
-        self._after_offer()
+        if write:
+            self._after_offer()
+        elif self.on_queued is not None:
+            self._scheduled = True
+            self.on_queued(self, True)
         return True
 
     @property

@@ -67,7 +67,11 @@ class Flusher:
     """Flush deadlines (a timer queue) and full sockets (epoll) of many channels."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        # Re-entrant: a release can reach schedule() from the garbage collector while this
+        # thread is inside schedule() or _run() already (an allocation there ran the GC); the
+        # heap is whole between the statements that may allocate, so the nested push is safe.
+        self._lock = threading.RLock()
+        self._starting = False
         self._due: list[tuple[float, int, Any]] = []
         self._order = itertools.count()
         self._thread: threading.Thread | None = None
@@ -75,17 +79,20 @@ class Flusher:
         self._wake_r = self._wake_w = -1
         self._watched: dict[int, _Watch] = {}   # by descriptor; only this thread touches it
 
-    def schedule(self, channel: Any) -> None:
-        """Call ``channel.flush_due()`` once ``channel.flush_interval`` has passed.
+    def schedule(self, channel: Any, soon: bool = False) -> None:
+        """Call ``channel.flush_due()`` once ``channel.flush_interval`` has passed, or at once
+        on this thread's next turn when ``soon`` (control Events: releases must not wait).
 
         If the flusher's thread cannot be started (RLIMIT_NPROC, a pids cgroup), the queue is
         written now, as far as the socket takes it without waiting; the rest leaves with the
         channel's next write. That is logged; nothing is raised to the caller, whose frame is
         queued already.
         """
-        deadline = monotonic() + channel.flush_interval
+        deadline = monotonic() + (0.0 if soon else channel.flush_interval)
         with self._lock:
             heapq.heappush(self._due, (deadline, next(self._order), channel))
+            if self._starting:   # a release from the GC while _start() runs: it will see ours
+                return
             if self._thread is None:
                 try:
                     self._start()
@@ -110,6 +117,13 @@ class Flusher:
 
     def _start(self) -> None:
         # Under the lock. The epoll set and the wake-up pipe live as long as the thread.
+        self._starting = True
+        try:
+            self._start_polling()
+        finally:
+            self._starting = False
+
+    def _start_polling(self) -> None:
         self._epoll = select.epoll()
         try:
             self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -252,7 +266,8 @@ class Flusher:
     def _after_fork(self) -> None:
         # The thread did not survive the fork; the child's channels start a new one, with an
         # epoll set of their own.
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
+        self._starting = False
         self._due = []
         self._thread = None
         self._watched = {}

@@ -215,16 +215,17 @@ Write = tuple[list[Any], list[int]]   # buffers, and the descriptors that go wit
 
 def control_sender(channel: Any) -> Callable[[bytes], None]:
     """What an Endpoint's ``send_control`` should be for a core Channel: it queues a control
-    Event (request id 0) with the given payload, and never waits. A release can come from any
+    Event (request id 0) with the given payload, and does no I/O. A release can come from any
     thread that drops the last view of a payload, the garbage collector included, even one
-    that holds the channel's send lock: it must not wait for that lock (the holder writes the
-    queue before it lets go) nor for the socket (the flusher writes what it will not take).
-    The sender holds the channel only, not the object that owns the endpoint, so no reference
-    cycle keeps a closed connection's memory alive."""
+    that holds the channel's send lock: it neither waits for that lock nor writes to the
+    socket. The frame leaves with the connection's next write, or the flusher's thread writes
+    it at once. The sender holds the channel only, not the object that owns the endpoint, so
+    no reference cycle keeps a closed connection's memory alive."""
     encode_frame = _impl.core.encode_frame
 
     def send_control(payload: bytes) -> None:
-        channel.offer([([encode_frame(MessageType.EVENT, payload, 0)], [])], _UNBOUNDED)
+        channel.offer([([encode_frame(MessageType.EVENT, payload, 0)], [])], _UNBOUNDED,
+                      False)
 
     return send_control
 

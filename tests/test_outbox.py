@@ -87,6 +87,29 @@ def test_the_first_event_leaves_at_once_whatever_the_uptime(core, pair):
     assert read_frames(core, right, 1)[0].payload == b"first"
 
 
+def test_a_control_offer_never_writes_on_the_offering_thread(core, pair):
+    # Releases reach the channel from whichever thread drops a payload's last view, the
+    # garbage collector included: they are queued and handed to the flusher, never written
+    # there, even when the socket is idle and takes everything.
+    left, right = pair
+    asked = []
+    ours = channel(core, left, interval=0.0)   # even with every Event written at once
+    ours.on_queued = lambda channel, soon=False: asked.append((channel, soon))
+    release = core.encode_frame(3, b"HREL" + bytes(8), 0)
+    assert ours.offer([([release], [])], 1 << 30, False) is True
+    assert ours.queued == len(release) and ours.written == 0
+    assert nothing_to_read(right)
+    assert asked == [(ours, True)]              # written soon, by the flusher
+    assert ours.flush_due() is False
+    (frame,) = read_frames(core, right, 1)
+    assert (frame.type, frame.request_id, bytes(frame.payload)) == (3, 0, b"HREL" + bytes(8))
+    # The next write on the connection takes a queued release along, ahead of it.
+    assert ours.offer([([release], [])], 1 << 30, False) is True
+    ours.post(1, b"ping", 9)
+    frames = read_frames(core, right, 2)
+    assert [(f.type, f.request_id) for f in frames] == [(3, 0), (1, 9)]
+
+
 def test_zero_interval_writes_every_event(core, pair):
     left, right = pair
     ours = channel(core, left, interval=0.0)
