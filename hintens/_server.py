@@ -27,6 +27,7 @@ from ._codecs import CodecSpec, codec_from, join, ready
 from ._constants import (
     BATCH_WRITE_BYTES,
     DEFAULT_MAX_PAYLOAD_BYTES,
+    SCATTER_THRESHOLD_BYTES,
     ErrorCode,
     Flags,
     MessageType,
@@ -242,12 +243,13 @@ class ServerConnection:
             payload = join(self._server.codec.encode(payload, "event"))
         return self._push(payload, self._server._next_event_id())
 
-    def _push(self, payload: Any, event_id: int) -> bool:
+    def _push(self, payload: Any, event_id: int, small: list[Any] | None = None) -> bool:
+        # ``small``: the writes of a small bytes payload, built once for a whole broadcast.
         if not self._open:
             raise ConnectionClosed(f"connection {self.id} is closed")
         endpoint, channel = self._endpoint, self._channel
         if type(payload) is bytes and len(payload) < endpoint.small_max:
-            writes: list[Any] | None = [([_impl.core.encode_frame(
+            writes: list[Any] | None = small or [([_impl.core.encode_frame(
                 MessageType.EVENT, payload, event_id)], [])]
         else:
             writes = endpoint.writes(MessageType.EVENT, payload, event_id)
@@ -568,14 +570,19 @@ class Server:
         """
         if self.codec is not None:
             payload = join(self.codec.encode(payload, "event"))
-        elif not _bytes_like(payload):
+        elif type(payload) is not bytes and not _bytes_like(payload):
             raise TypeError(f"a payload must be a bytes-like object, not "
                             f"{type(payload).__name__}")
         event_id = self._next_event_id()
+        # A small payload's frame is the same for every client: encoded once. (Each one
+        # still checks it against its client's limit.)
+        small: list[Any] | None = None
+        if type(payload) is bytes and len(payload) < SCATTER_THRESHOLD_BYTES:
+            small = [([_impl.core.encode_frame(MessageType.EVENT, payload, event_id)], [])]
         queued = 0
         for connection in self.connections:
             try:
-                queued += connection._push(payload, event_id)
+                queued += connection._push(payload, event_id, small)
             except ConnectionClosed:
                 pass
             except (FrameTooLargeError, ShmError) as error:
