@@ -13,7 +13,8 @@ import os
 import struct
 from typing import Any
 
-from hintens import MessageType, _impl
+from hintens import _impl
+from hintens.wire import MessageType
 from hintens._constants import HEADER_SIZE
 from hintens._demo import RawClient, percentile, raw_echo_server, sample, spawn, stop
 

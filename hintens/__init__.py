@@ -1,22 +1,14 @@
 """hintens: fast message passing between processes on one machine.
 
-Public names live here; every module behind them is private. See README.md for a tour and
+The application API lives here, and the wire format (headers, CRC16, frames, the decoder) in
+``hintens.wire``; every module behind them is private. See README.md for a tour and
 docs/PROTOCOL.md for the wire format.
 """
 
 from __future__ import annotations
 
-from ._constants import (
-    DEFAULT_MAX_PAYLOAD_BYTES,
-    FIRST_APPLICATION_ERROR_CODE,
-    HEADER_SIZE,
-    MAGIC,
-    VERSION,
-    ErrorCode,
-    Flags,
-    MessageType,
-)
-from . import bincode
+from ._constants import DEFAULT_MAX_PAYLOAD_BYTES, FIRST_APPLICATION_ERROR_CODE, ErrorCode
+from . import bincode, wire
 from ._client import Client, Session
 from ._coded import CodedClient
 from ._codecs import BincodeCodec, Codec, JsonCodec, PickleCodec, RawCodec
@@ -40,26 +32,30 @@ from ._errors import (
     UnavailableError,
     UnsupportedFlagsError,
     UntrustedServerError,
-    decode_error_payload,
-    encode_error_payload,
     remote_error,
 )
-from ._impl import core as _core_impl
 from ._impl import implementation
 from ._pool import NO_RETRY, ClientPool, RetryPolicy
 from ._protocol import Hello
 from ._server import Server, ServerConnection
 from ._unix import PeerCredentials
 
-crc16 = _core_impl.crc16
-crc16_backend = _core_impl.crc16_backend
-encode_frame = _core_impl.encode_frame
-encode_header = _core_impl.encode_header
-pack_header_into = _core_impl.pack_header_into
-unpack_header = _core_impl.unpack_header
-Frame = _core_impl.Frame
-FrameHeader = _core_impl.FrameHeader
-FrameDecoder = _core_impl.FrameDecoder
+# Wire-level names live in hintens.wire; these old spellings still work, with a warning.
+_MOVED_TO_WIRE = frozenset({
+    "HEADER_SIZE", "MAGIC", "VERSION", "Flags", "MessageType", "Frame", "FrameDecoder",
+    "FrameHeader", "crc16", "crc16_backend", "decode_error_payload", "encode_error_payload",
+    "encode_frame", "encode_header", "pack_header_into", "unpack_header"})
+
+
+def __getattr__(name: str) -> object:
+    if name in _MOVED_TO_WIRE:
+        import warnings
+
+        warnings.warn(f"hintens.{name} is hintens.wire.{name} now", DeprecationWarning,
+                      stacklevel=2)
+        return getattr(wire, name)
+    raise AttributeError(f"module 'hintens' has no attribute {name!r}")
+
 
 try:
     from ._version import version as __version__
@@ -69,9 +65,6 @@ except ImportError:  # a source tree that setuptools-scm never wrote to
 __all__ = [
     "DEFAULT_MAX_PAYLOAD_BYTES",
     "FIRST_APPLICATION_ERROR_CODE",
-    "HEADER_SIZE",
-    "MAGIC",
-    "VERSION",
     "BadHeaderError",
     "BincodeCodec",
     "ChecksumError",
@@ -82,17 +75,12 @@ __all__ = [
     "ConnectError",
     "ConnectionClosed",
     "ErrorCode",
-    "Flags",
-    "Frame",
-    "FrameDecoder",
-    "FrameHeader",
     "FrameTooLargeError",
     "HandlerError",
     "Hello",
     "HintensError",
     "IncompleteFrameError",
     "JsonCodec",
-    "MessageType",
     "NO_RETRY",
     "PeerCredentials",
     "PickleCodec",
@@ -114,14 +102,7 @@ __all__ = [
     "UntrustedServerError",
     "__version__",
     "bincode",
-    "crc16",
-    "crc16_backend",
-    "decode_error_payload",
-    "encode_error_payload",
-    "encode_frame",
-    "encode_header",
+    "wire",
     "implementation",
-    "pack_header_into",
     "remote_error",
-    "unpack_header",
 ]

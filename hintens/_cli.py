@@ -127,7 +127,7 @@ def _info(args: argparse.Namespace) -> int:
 
     print(f"hintens {hintens.__version__}")
     print(f"core: {hintens.implementation}")
-    print(f"crc16 kernel: {hintens.crc16_backend()}")
+    print(f"crc16 kernel: {hintens.wire.crc16_backend()}")
     return 0
 
 

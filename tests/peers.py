@@ -12,7 +12,8 @@ import tempfile
 import threading
 import time
 
-from hintens import _core_py, decode_error_payload
+from hintens import _core_py
+from hintens.wire import decode_error_payload
 
 from .handlers import command
 

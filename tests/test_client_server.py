@@ -124,7 +124,7 @@ def test_replies_may_arrive_in_any_order(sock_path):
     def serve():
         conn, _ = listener.accept()
         for frame in reversed(read_requests(conn, 3)):
-            conn.sendall(hintens.encode_frame(2, b"re:" + frame.payload, frame.request_id))
+            conn.sendall(hintens.wire.encode_frame(2, b"re:" + frame.payload, frame.request_id))
         conn.recv(1)
         conn.close()
 

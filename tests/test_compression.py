@@ -190,7 +190,7 @@ def test_compressed_and_shm_together_is_refused_and_the_segment_given_back(sock_
                 if control is not None and control[0] == _shm.REJECT_MAGIC:
                     released = control[1]
             elif got.type == 4:
-                refused = hintens.decode_error_payload(got.payload)[0], got.request_id
+                refused = hintens.wire.decode_error_payload(got.payload)[0], got.request_id
         assert released == [5]
         assert refused == (hintens.ErrorCode.UNSUPPORTED_FLAGS, 11)
         peer.close()

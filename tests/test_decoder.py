@@ -258,7 +258,7 @@ def test_frame_objects(core):
     frame = core.Frame(1, 0, 0x0100, 5, b"p")
     assert (frame.type, frame.request_id, frame.payload) == (1, 5, b"p")
     assert "request_id=5" in repr(frame)
-    assert frame.type == hintens.MessageType.REQUEST
+    assert frame.type == hintens.wire.MessageType.REQUEST
 
 
 # Property test: random streams with random faults, random chunking, both cores.

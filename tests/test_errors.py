@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 import hintens
-from hintens import ErrorCode, RemoteError, decode_error_payload, encode_error_payload
+from hintens import ErrorCode, RemoteError
+from hintens.wire import decode_error_payload, encode_error_payload
 from hintens._errors import ERROR_TABLE, MAX_ERROR_MESSAGE_BYTES
 
 

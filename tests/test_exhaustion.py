@@ -197,7 +197,7 @@ def test_unfinished_frames_are_bounded_across_connections(sock_path):
             except socket.timeout:
                 continue                    # admitted: the server waits for the rest
             request_id, code, message = (frame.request_id,
-                                         *hintens.decode_error_payload(frame.payload))
+                                         *hintens.wire.decode_error_payload(frame.payload))
             assert (request_id, code) == (n, ErrorCode.UNAVAILABLE)
             assert "no room" in message
             refused.append(n)

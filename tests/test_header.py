@@ -7,7 +7,7 @@ import struct
 
 import pytest
 
-from hintens import Flags, MessageType
+from hintens.wire import Flags, MessageType
 
 # Written by hand from docs/PROTOCOL.md: REQUEST, request id 0x0102030405060708, b"123456789".
 KNOWN_FRAME = bytes.fromhex(

@@ -19,15 +19,15 @@ from .conftest import NO_EXTENSIONS
 def test_compiled_core_loaded_in_a_normal_build():
     assert hintens.implementation == "cython"
     from hintens import _core
-    assert hintens.FrameDecoder is _core.FrameDecoder
-    assert hintens.crc16 is _core.crc16
+    assert hintens.wire.FrameDecoder is _core.FrameDecoder
+    assert hintens.wire.crc16 is _core.crc16
 
 
 def test_no_extensions_env_selects_the_python_twin():
     env = dict(os.environ, HINTENS_NO_EXTENSIONS="1")
     out = subprocess.run(
         [sys.executable, "-c",
-         "import hintens; print(hintens.implementation, hintens.FrameDecoder.__module__)"],
+         "import hintens; print(hintens.implementation, hintens.wire.FrameDecoder.__module__)"],
         env=env, capture_output=True, text=True, check=True).stdout.split()
     assert out == ["python", "hintens._core_py"]
 
@@ -51,11 +51,22 @@ def test_constants_match_the_wire_contract():
     assert _constants.HEADER_SIZE == 24
     assert _constants.MAGIC == 0x4850
     assert _constants.VERSION == 0x0100
-    assert int(hintens.Flags.SHM) == 1 and int(hintens.Flags.COMPRESSED) == 2
-    assert [int(t) for t in hintens.MessageType] == [1, 2, 3, 4]
+    assert int(hintens.wire.Flags.SHM) == 1 and int(hintens.wire.Flags.COMPRESSED) == 2
+    assert [int(t) for t in hintens.wire.MessageType] == [1, 2, 3, 4]
     assert [int(c) for c in hintens.ErrorCode] == list(range(1, 9))
 
 
 def test_public_names_are_exported():
     for name in hintens.__all__:
         assert hasattr(hintens, name), name
+    for name in hintens.wire.__all__:
+        assert hasattr(hintens.wire, name), name
+    # The application API at the top, the wire format under hintens.wire.
+    assert not set(hintens.__all__) & {"encode_frame", "FrameDecoder", "crc16", "Flags"}
+
+
+def test_wire_names_at_the_top_level_still_work_with_a_warning():
+    with pytest.warns(DeprecationWarning, match="hintens.wire.encode_frame"):
+        assert hintens.encode_frame is hintens.wire.encode_frame
+    with pytest.raises(AttributeError):
+        hintens.no_such_name

@@ -42,7 +42,7 @@ def test_the_server_keeps_to_the_clients_announced_limit(sock_path, server_proce
         assert frame.type == 2 and frame.flags & 1 and len(frame.payload) == 32
     else:
         assert frame.type == 4
-        code, message = hintens.decode_error_payload(frame.payload)
+        code, message = hintens.wire.decode_error_payload(frame.payload)
         assert code == ErrorCode.TOO_LARGE and "1024" in message
     peer.send(raw_frame(b"echo:still", request_id=3))   # the connection stays
     assert bytes(_answer(peer, 3).payload) == b"still"
@@ -138,7 +138,7 @@ def test_a_client_announcing_a_tiny_limit_still_gets_errors_and_releases(sock_pa
 
 def test_the_decoder_accepts_control_frames_over_its_limit(core):
     decoder = core.FrameDecoder(max_payload=16)
-    error = core.encode_frame(4, hintens.encode_error_payload(5, "x" * 4096), 3)
+    error = core.encode_frame(4, hintens.wire.encode_error_payload(5, "x" * 4096), 3)
     control = core.encode_frame(3, b"HREL" + bytes(4 + 4 * 1024), 0)
     assert [f.type for f in decoder.feed(error + control)] == [4, 3]
     with pytest.raises(hintens.FrameTooLargeError):

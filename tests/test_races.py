@@ -157,7 +157,7 @@ def test_a_trickled_reply_cannot_stretch_the_timeout(sock_path):
     def trickle():
         conn, _ = listener.accept()
         (request,) = read_requests(conn, 1)
-        reply = hintens.encode_frame(2, bytes(4000), request.request_id)
+        reply = hintens.wire.encode_frame(2, bytes(4000), request.request_id)
         try:
             for start in range(0, len(reply), 100):   # 4 KB over 4 s, never idle for long
                 conn.sendall(reply[start:start + 100])
@@ -213,7 +213,7 @@ def test_descriptors_sent_without_shared_memory_are_closed_at_once(sock_path):
                           bytes(memoryview(bytearray(
                               read_end.to_bytes(4, sys.byteorder) * 8))))])
         raw.sendall(raw_frame(b"ping", request_id=9))
-        decoder = hintens.FrameDecoder()
+        decoder = hintens.wire.FrameDecoder()
         reply = None
         while reply is None:
             reply = next((f for f in decoder.feed(raw.recv(65536)) if f.type == 2), None)

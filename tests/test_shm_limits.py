@@ -63,7 +63,7 @@ def answer(peer, request_id):
 
 def error_of(frame):
     assert frame.type == 4, frame
-    return hintens.decode_error_payload(frame.payload)
+    return hintens.wire.decode_error_payload(frame.payload)
 
 
 def assert_serves(peer, request_id=999):

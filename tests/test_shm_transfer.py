@@ -185,7 +185,7 @@ def test_hostile_shm_frames_get_shm_error(sock_path, server_process, case):
     while frame.type == 3:            # a release of the refused segment may come first
         frame = peer.next_frame()
     assert frame.type == 4
-    request_id, code, message = (frame.request_id, *hintens.decode_error_payload(frame.payload))
+    request_id, code, message = (frame.request_id, *hintens.wire.decode_error_payload(frame.payload))
     assert (request_id, code) == (5, ErrorCode.SHM_ERROR) and message
     assert_still_serving(peer)
     if fd is not None:
@@ -388,6 +388,6 @@ def test_a_peer_segment_we_never_lent_gets_shm_error(sock_path, server_process):
     while frame.type == 3:
         frame = peer.next_frame()
     assert frame.type == 4 and frame.request_id == 5
-    assert hintens.decode_error_payload(frame.payload)[0] == ErrorCode.SHM_ERROR
+    assert hintens.wire.decode_error_payload(frame.payload)[0] == ErrorCode.SHM_ERROR
     assert_still_serving(peer)
     peer.close()

@@ -254,7 +254,7 @@ def test_a_client_that_leaves_a_reply_unread_past_send_timeout_is_cut_cleanly(so
         peer.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         try:
             for n in range(1, 200):             # replies pile up unread; the server stalls
-                peer.send(hintens.encode_frame(1, b"r", n))
+                peer.send(hintens.wire.encode_frame(1, b"r", n))
         except (BrokenPipeError, ConnectionResetError):
             pass                                # cut while we were still sending
         assert wait_until(lambda: not server.connections, timeout_s=10)
