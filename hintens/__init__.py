@@ -36,9 +36,9 @@ from ._errors import (
 )
 from ._impl import implementation
 from ._pool import NO_RETRY, ClientPool, RetryPolicy
-from ._protocol import Hello
+from .protocol.endpoint import Hello
 from ._server import Server, ServerConnection
-from ._unix import PeerCredentials
+from .transport.unix import PeerCredentials
 
 # Wire-level names live in hintens.wire; these old spellings still work, with a warning.
 _MOVED_TO_WIRE = frozenset({

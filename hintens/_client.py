@@ -42,8 +42,8 @@ from ._errors import (
     remote_error,
 )
 from ._codecs import CodecSpec, codec_from, ready
-from ._connection import open_channel
-from ._protocol import (
+from .transport.connection import open_channel
+from .protocol.endpoint import (
     DEFAULT_COMPRESS_THRESHOLD_BYTES,
     DEFAULT_SHM_POOL_BYTES,
     DEFAULT_SHM_RECEIVE_BYTES,
@@ -65,7 +65,7 @@ from ._checks import (
     lock_wait_s,
     uids,
 )
-from ._unix import check_server, connect, set_kernel_timeouts, socket_path
+from .transport.unix import check_server, connect, set_kernel_timeouts, socket_path
 
 if TYPE_CHECKING:
     from ._codecs import Codec

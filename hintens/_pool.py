@@ -27,8 +27,8 @@ from typing import Any, Iterable, Iterator
 from ._checks import call_timeout_s, count, deadline_after, path_like, timeout_s, wait_s
 from ._client import DEFAULT_CONNECT_TIMEOUT_S, DEFAULT_TIMEOUT_S, Client, Session
 from ._errors import ConnectError, ConnectionClosed, Timeout, UntrustedServerError
-from ._protocol import HelloKey
-from ._unix import socket_path
+from .protocol.endpoint import HelloKey
+from .transport.unix import socket_path
 
 log = logging.getLogger("hintens")
 

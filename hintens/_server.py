@@ -41,8 +41,8 @@ from ._errors import (
     Timeout,
     encode_error_payload,
 )
-from ._connection import open_channel
-from ._protocol import (
+from .transport.connection import open_channel
+from .protocol.endpoint import (
     DEFAULT_COMPRESS_THRESHOLD_BYTES,
     DEFAULT_SHM_POOL_BYTES,
     DEFAULT_SHM_RECEIVE_BYTES,
@@ -54,7 +54,7 @@ from ._protocol import (
     Hello,
     HelloKey,
 )
-from ._replay import (
+from .protocol.replay import (
     ANSWERED,
     DEFAULT_REPLAY_BYTES,
     DEFAULT_REPLAY_SESSIONS,
@@ -78,7 +78,7 @@ from ._checks import (
     uids,
     wait_s,
 )
-from ._unix import (
+from .transport.unix import (
     PeerCredentials,
     listen,
     peer_credentials,
@@ -428,7 +428,7 @@ class Server:
             exactly-once memory for clients that announce a session
             (``ClientPool(exactly_once=True)``): answers kept per session, bytes of them per
             session, sessions kept, and bytes of answers across all sessions (256 MiB). 0
-            sessions turns it off. See ``hintens._replay``.
+            sessions turns it off. See ``hintens.protocol.replay``.
 
     Raises:
         ServerRunningError: another server is listening on ``path``.

@@ -85,7 +85,7 @@ def wait_for_lone_thread(timeout_s: float = 5.0) -> None:
     deadline = time.monotonic() + timeout_s
     while threading.active_count() > 1 and time.monotonic() < deadline:
         time.sleep(0.05)
-    from hintens._flusher import FLUSHER
+    from hintens.transport.flusher import FLUSHER
     assert threading.active_count() == 1, (threading.enumerate(), FLUSHER._due,
                                            [(w.channel, w.channel.queued, w.channel.closed)
                                             for w in FLUSHER._watched.values()])
@@ -190,7 +190,7 @@ class RawPeer:
 
     def controls(self, frames):
         """(magic, ids) of the control Events among ``frames``."""
-        from hintens import _shm
+        from hintens.protocol import shm as _shm
 
         found = []
         for frame in frames:
@@ -219,7 +219,7 @@ class ShmPeer(RawPeer):
     """A raw peer that announces shared memory and sends hand-made SHM frames."""
 
     def __init__(self, path: str, timeout: float = 5.0, **hello) -> None:
-        from hintens._protocol import FEATURE_SHM, Hello
+        from hintens.protocol.endpoint import FEATURE_SHM, Hello
 
         super().__init__(path, timeout)
         hello.setdefault("features", FEATURE_SHM)
@@ -227,7 +227,7 @@ class ShmPeer(RawPeer):
 
     def send_shm(self, request_id, segment_id, size, offset, length, new, fd=None, *,
                  msg_type=1, flags=0, descriptor_flags=None):
-        from hintens import _shm
+        from hintens.protocol import shm as _shm
 
         descriptor = _shm.encode_descriptor(segment_id, size, offset, length, new)
         if descriptor_flags is not None:

@@ -12,7 +12,8 @@ import threading
 
 import pytest
 
-from hintens import ChecksumError, _unix
+from hintens import ChecksumError
+from hintens.transport import unix as _unix
 
 
 def channel(core, sock):

@@ -431,7 +431,7 @@ def test_path_too_long(tmp_path):
 
 
 def test_default_path_and_env(monkeypatch, sock_path):
-    from hintens._unix import default_socket_path, socket_path
+    from hintens.transport.unix import default_socket_path, socket_path
     monkeypatch.delenv("HINTENS_SOCKET", raising=False)
     assert socket_path(None) == default_socket_path()
     monkeypatch.setenv("HINTENS_SOCKET", sock_path)

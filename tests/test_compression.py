@@ -12,8 +12,9 @@ import time
 import pytest
 
 import hintens
-from hintens import _core_py, _protocol
-from hintens._protocol import FEATURE_COMPRESSION, Hello
+from hintens import _core_py
+from hintens.protocol import endpoint as _protocol
+from hintens.protocol.endpoint import FEATURE_COMPRESSION, Hello
 
 from .peers import RawPeer, raw_frame, raw_listener
 
@@ -168,8 +169,8 @@ def test_compress_without_zstandard_is_a_clear_error(sock_path, monkeypatch):
 def test_compressed_and_shm_together_is_refused_and_the_segment_given_back(sock_path):
     import fcntl
 
-    from hintens import _shm
-    from hintens._protocol import FEATURE_SHM
+    from hintens.protocol import shm as _shm
+    from hintens.protocol.endpoint import FEATURE_SHM
 
     from .test_shm_transfer import MIB, memfd
 

@@ -13,7 +13,7 @@ import tempfile
 import pytest
 
 import hintens
-from hintens import _unix
+from hintens.transport import unix as _unix
 
 from .peers import fork_server_as, wait_for_lone_thread
 from .test_cli import hintens_cli

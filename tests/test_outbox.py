@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from hintens import _unix
+from hintens.transport import unix as _unix
 
 
 def channel(core, sock, interval=0.001):
@@ -543,7 +543,7 @@ def test_a_queued_descriptor_is_closed_when_the_channel_closes(core, pair):
 def test_a_control_event_never_waits_for_a_writer_holding_the_send_lock(core, pair):
     # A release may be sent from any thread, the GC included, while another thread is in the
     # middle of a long write on the same channel (or the same thread holds the send lock).
-    from hintens._protocol import control_sender
+    from hintens.protocol.endpoint import control_sender
 
     left, right = pair
     ours = channel(core, left)

@@ -11,7 +11,7 @@ import pytest
 
 import hintens
 from hintens import ErrorCode
-from hintens._protocol import FEATURE_SHM, Hello
+from hintens.protocol.endpoint import FEATURE_SHM, Hello
 
 from .peers import RawPeer, ShmPeer, raw_frame, start_server, stop_server
 

@@ -12,7 +12,7 @@ import time
 import pytest
 
 import hintens
-from hintens._replay import (
+from hintens.protocol.replay import (
     ANSWERED,
     FORGOTTEN,
     MOVED,

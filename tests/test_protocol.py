@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from hintens import _shm
-from hintens._protocol import (
+from hintens.protocol import shm as _shm
+from hintens.protocol.endpoint import (
     FEATURE_COMPRESSION,
     FEATURE_SHM,
     SCATTER_THRESHOLD_BYTES,

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from hintens import ShmError
-from hintens._shm import Segment
+from hintens.protocol.shm import Segment
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ import socket
 import pytest
 
 from hintens import ShmError
-from hintens._shm import ReceivedSegment, Segment
+from hintens.protocol.shm import ReceivedSegment, Segment
 
 MIB = 1 << 20
 

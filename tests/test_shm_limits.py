@@ -22,8 +22,9 @@ import time
 import pytest
 
 import hintens
-from hintens import ErrorCode, _shm
-from hintens._protocol import FEATURE_SHM, Hello
+from hintens import ErrorCode
+from hintens.protocol import shm as _shm
+from hintens.protocol.endpoint import FEATURE_SHM, Hello
 
 from .peers import (
     RawPeer,
@@ -468,7 +469,7 @@ def test_received_segments_keep_no_descriptor_on_either_side(sock_path):
 # The sender's pool: what a refused or forged hand-back cannot do ---------------------------------
 
 def _negotiated_endpoint(**options):
-    from hintens._protocol import Endpoint
+    from hintens.protocol.endpoint import Endpoint
 
     endpoint = Endpoint(features=FEATURE_SHM, **options)
     hello = Hello(features=FEATURE_SHM).encode()

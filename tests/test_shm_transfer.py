@@ -17,8 +17,9 @@ import numpy as np
 import pytest
 
 import hintens
-from hintens import ErrorCode, _shm
-from hintens._protocol import FEATURE_SHM, Hello
+from hintens import ErrorCode
+from hintens.protocol import shm as _shm
+from hintens.protocol.endpoint import FEATURE_SHM, Hello
 
 from .peers import REPO, RawPeer, ShmPeer, memfd, raw_frame, start_server, stop_server
 

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 import hintens
-from hintens import _shm
-from hintens._protocol import FEATURE_SHM, Hello
+from hintens.protocol import shm as _shm
+from hintens.protocol.endpoint import FEATURE_SHM, Hello
 
 from .peers import raw_frame, raw_listener
 

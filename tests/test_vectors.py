@@ -20,9 +20,10 @@ from pathlib import Path
 
 import pytest
 
-from hintens import _core_py, _impl, _shm
+from hintens import _core_py, _impl
+from hintens.protocol import shm as _shm
 from hintens._errors import ProtocolError, ShmError, decode_error_payload, encode_error_payload
-from hintens._protocol import Endpoint, Hello
+from hintens.protocol.endpoint import Endpoint, Hello
 
 ROOT = Path(__file__).resolve().parent.parent
 VECTORS = ROOT / "tests" / "vectors"

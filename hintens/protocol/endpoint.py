@@ -34,9 +34,10 @@ import threading
 import weakref
 from typing import Any, Callable, Sequence, Union
 
-from . import _impl, _shm
-from ._checks import count
-from ._constants import (
+from .. import _impl
+from . import shm as _shm
+from .._checks import count
+from .._constants import (
     DEFAULT_MAX_PAYLOAD_BYTES,
     MAX_FRAME_PAYLOAD_BYTES,
     SCATTER_THRESHOLD_BYTES,
@@ -44,7 +45,7 @@ from ._constants import (
     Flags,
     MessageType,
 )
-from ._errors import (
+from .._errors import (
     DecompressedTooLargeError,
     FrameTooLargeError,
     ProtocolError,

@@ -8,10 +8,10 @@ from __future__ import annotations
 import socket
 from typing import Any
 
-from . import _impl
-from ._constants import RECEIVE_BUFFER_BYTES
-from ._flusher import FLUSHER
-from ._protocol import Endpoint, control_sender
+from .. import _impl
+from .._constants import RECEIVE_BUFFER_BYTES
+from .flusher import FLUSHER
+from ..protocol.endpoint import Endpoint, control_sender
 
 #: Descriptors one connection's reads accept when shared memory is on (each NEW_SEGMENT
 #: frame brings one); more are closed on arrival.

@@ -15,7 +15,7 @@ import stat
 import struct
 from typing import NamedTuple
 
-from ._errors import (
+from .._errors import (
     ConnectError,
     ServerRunningError,
     SocketPathError,

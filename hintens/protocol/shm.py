@@ -36,8 +36,8 @@ import struct
 import threading
 from typing import Any, Callable, Sequence
 
-from . import _impl
-from ._errors import ShmError
+from .. import _impl
+from .._errors import ShmError
 
 #: Seals the sender applies: the size is fixed for good and nobody can change the seals.
 SENDER_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
