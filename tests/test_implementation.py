@@ -70,3 +70,17 @@ def test_wire_names_at_the_top_level_still_work_with_a_warning():
         assert hintens.encode_frame is hintens.wire.encode_frame
     with pytest.raises(AttributeError):
         hintens.no_such_name
+
+
+def test_the_wheel_ships_every_package():
+    # pyproject.toml lists the packages by hand: a new sub-package left out of it would be
+    # missing from the wheel while every test of the source tree still passed.
+    import pathlib
+    import tomllib
+
+    root = pathlib.Path(hintens.__file__).parent
+    listed = set(tomllib.loads((root.parent / "pyproject.toml").read_text())
+                 ["tool"]["setuptools"]["packages"])
+    found = {".".join(path.parent.relative_to(root.parent).parts)
+             for path in root.rglob("__init__.py")}
+    assert listed == found
