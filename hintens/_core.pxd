@@ -155,6 +155,7 @@ cdef class Channel:
     cdef readonly object aborted          # why abort() cut the stream, or None
     cdef public double stall_timeout      # seconds queued bytes may wait on a full socket
                                           # before the flusher aborts the channel (0: never)
+    cdef bint _slow                       # the last serve() read needed more than the handler
 
     cdef uint64_t _send(self, object buffers, object fds=*) except? 0
     cdef int _reserve(self, Py_ssize_t extra) except -1
@@ -176,6 +177,8 @@ cdef class Channel:
                         Py_ssize_t nfds, size_t *written, bint quick) except -1
     cdef int _keep_fds(self, msghdr *message) except -1
     cdef list _receive(self, int flags)
+    cdef list _serve_once(self, handler, on_error, reply_writes, Py_ssize_t small_max,
+                          Py_ssize_t inline_max)
 
 
 cdef class Mapping:

@@ -1635,7 +1635,7 @@ cdef class Channel:
         return None
 
     def serve(self, handler, on_error, reply_writes, Py_ssize_t small_max,
-              Py_ssize_t inline_max):
+              Py_ssize_t inline_max, bint repeat=False):
         """Read once; answer the leading run of plain Requests; return the frames after it.
 
         ``handler(payload)`` returns the Response's payload (None for an empty one). A bytes
@@ -1650,6 +1650,10 @@ cdef class Channel:
         a control Event (request id 0) or a frame with flags is answered by none of this: all
         of it goes back.
 
+        With ``repeat``, it reads again, for as long as each read was wholly answered here by
+        ``handler`` alone (no ``reply_writes``, no ``on_error``) and ended on a frame boundary:
+        the caller's loop runs only when there is something for it to see.
+
         Returns:
             The frames that follow the run, for the caller (often empty), or None at end of
             stream.
@@ -1657,11 +1661,22 @@ cdef class Channel:
         Raises:
             As ``send`` and ``receive``.
         """
+        cdef list frames
+        while True:
+            frames = self._serve_once(handler, on_error, reply_writes, small_max, inline_max)
+            if not repeat or frames is None or frames or self._slow \
+                    or self.decoder.in_frame:
+                return frames
+
+    cdef list _serve_once(self, handler, on_error, reply_writes, Py_ssize_t small_max,
+                          Py_ssize_t inline_max):
+        # One read of serve(); self._slow says whether anything beyond the handler ran.
         cdef list frames = self._receive(0)
         cdef list out = []
         cdef Py_ssize_t i = 0, count
         cdef Frame frame
-        cdef bint flush = False
+        cdef bint flush = False, slow = False
+        self._slow = True
         if not frames:
             return frames
         count = len(frames)
@@ -1692,8 +1707,10 @@ cdef class Channel:
                     flush = True
                 else:
                     writes = reply_writes(frame.request_id, result)
+                    slow = True
             except Exception as error:   # the handler's or the reply rule's, not a send's
                 out.append(on_error(frame.request_id, error))
+                slow = True
             result = None   # a lent payload goes back once nothing holds it
             if flush:   # a send's error is not the handler's: it leaves this loop
                 self._send(out, None)
@@ -1709,6 +1726,7 @@ cdef class Channel:
             i += 1
         if out:
             self._send(out, None)
+        self._slow = slow
         return frames[i:] if i else frames
 
 

@@ -1055,7 +1055,7 @@ class Channel:
         return None
 
     def serve(self, handler: Any, on_error: Any, reply_writes: Any,
-              small_max: int, inline_max: int) -> list[Frame] | None:
+              small_max: int, inline_max: int, repeat: bool = False) -> list[Frame] | None:
         """Read once; answer the leading run of plain Requests; return the frames after it.
 
         ``handler(payload)`` returns the Response's payload (None for an empty one). A bytes
@@ -1070,6 +1070,10 @@ class Channel:
         a control Event (request id 0) or a frame with flags is answered by none of this: all
         of it goes back.
 
+        With ``repeat``, it reads again, for as long as each read was wholly answered here by
+        ``handler`` alone (no ``reply_writes``, no ``on_error``) and ended on a frame boundary:
+        the caller's loop runs only when there is something for it to see.
+
         Returns:
             The frames that follow the run, for the caller (often empty), or None at end of
             stream.
@@ -1077,19 +1081,28 @@ class Channel:
         Raises:
             As ``send`` and ``receive``.
         """
+        while True:
+            frames, slow = self._serve_once(handler, on_error, reply_writes, small_max,
+                                            inline_max)
+            if not repeat or frames is None or frames or slow or self.decoder.in_frame:
+                return frames
+
+    def _serve_once(self, handler: Any, on_error: Any, reply_writes: Any, small_max: int,
+                    inline_max: int) -> tuple[list[Frame] | None, bool]:
+        # One read of serve(), and whether anything beyond the handler ran.
         frames = self.receive()
         if not frames:
-            return frames
+            return frames, True
         if any(frame.flags or (frame.type == 3 and frame.request_id == 0) for frame in frames):
             # A control Event (a release, say) or a frame with flags (shared memory) anywhere
             # in this read: the caller admits the whole read, in stream order, before
             # answering any of it. A reply that must wait for a segment reads on; a later
             # release must take effect, and descriptors must be claimed by their frames in
             # order.
-            return frames
+            return frames, True
         out: list[Any] = []
         done = 0
-        flush = False
+        flush = slow = False
         for frame in frames:
             if frame.type != 1 or frame.flags != 0:
                 break
@@ -1106,8 +1119,10 @@ class Channel:
                     flush = True
                 else:
                     writes = reply_writes(frame.request_id, result)
+                    slow = True
             except Exception as error:   # the handler's or the reply rule's, not a send's
                 out.append(on_error(frame.request_id, error))
+                slow = True
             result = None
             if flush:   # a send's error is not the handler's: it leaves this loop
                 self.send(out)
@@ -1123,7 +1138,7 @@ class Channel:
             done += 1
         if out:
             self.send(out)
-        return frames[done:]
+        return frames[done:], slow
 
 
 class Mapping(mmap.mmap):

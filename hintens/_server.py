@@ -869,11 +869,12 @@ class Server:
                 connection._set_receive_timeout(timeout)
             was_in_frame, decoded = decoder.in_frame, decoder.frames_decoded
             try:
-                # Plain Requests are answered inside the core; the rest comes back here.
-                # A session's requests all go through _handle and its replay window.
+                # Plain Requests are answered inside the core, read after read, until a
+                # read brings something else: that comes back here. A session's requests
+                # all go through _handle and its replay window.
                 if connection.window is None and not endpoint.compressing:
                     rest = channel.serve(handler, on_error, reply_writes, endpoint.small_max,
-                                         endpoint.inline_max)
+                                         endpoint.inline_max, True)
                 else:
                     rest = channel.receive()
                 if rest is None:

@@ -220,6 +220,56 @@ def test_serve_end_of_stream_and_partial(core, pair):
     assert ours.serve(lambda p: p, None, inline_reply(core), SMALL, SMALL) is None
 
 
+def test_serve_repeat_reads_on_while_the_handler_alone_answers(core, pair):
+    # Each request comes in a read of its own (the peer waits for each reply): with repeat,
+    # serve() answers read after read, and returns only for a read with something else in it.
+    left, right = pair
+    ours = channel(core, left)
+    decoder = core.FrameDecoder()
+    returned = []
+    worker = threading.Thread(target=lambda: returned.append(
+        ours.serve(lambda payload: payload, None, inline_reply(core), SMALL, SMALL, True)))
+    worker.start()
+    for n in (1, 2, 3):
+        right.sendall(core.encode_frame(1, b"r%d" % n, n))
+        (reply,) = decoder.feed(right.recv(1 << 16))
+        assert (reply.request_id, bytes(reply.payload)) == (n, b"r%d" % n)
+        assert worker.is_alive() and returned == []     # still serving, in the core
+    right.sendall(core.encode_frame(3, b"event", 9))
+    worker.join(10)
+    (rest,) = returned
+    assert [(f.type, f.request_id) for f in rest] == [(3, 9)]
+
+
+@pytest.mark.parametrize("case", ["reply_writes", "on_error", "partial frame", "end"])
+def test_serve_repeat_returns_when_the_caller_has_something_to_see(core, pair, case):
+    # After reply_writes or on_error (the caller may have work waiting, such as requests read
+    # while a reply waited for shared memory), inside a frame (its timeout is the caller's),
+    # and at the end of the stream.
+    left, right = pair
+    ours = channel(core, left)
+
+    def handler(payload):
+        if case == "on_error":
+            raise ValueError("no")
+        return memoryview(payload) if case == "reply_writes" else payload
+
+    if case == "partial frame":
+        right.sendall(core.encode_frame(1, b"whole", 1) + core.encode_frame(1, b"cut", 2)[:20])
+    elif case == "end":
+        right.sendall(core.encode_frame(1, b"whole", 1))
+        right.shutdown(socket.SHUT_WR)
+    else:
+        right.sendall(core.encode_frame(1, b"whole", 1))
+    on_error = lambda request_id, error: core.encode_frame(4, b"err", request_id)  # noqa: E731
+    result = ours.serve(handler, on_error, inline_reply(core), SMALL, SMALL, True)
+    if case == "end":   # the whole request was answered; then the stream ended
+        assert result is None
+    else:
+        assert result == []
+    assert ours.decoder.in_frame == (case == "partial frame")
+
+
 def test_send_to_a_closed_peer(core, pair):
     left, right = pair
     right.close()
