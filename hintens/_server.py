@@ -870,11 +870,12 @@ class Server:
             was_in_frame, decoded = decoder.in_frame, decoder.frames_decoded
             try:
                 # Plain Requests are answered inside the core, read after read, until a
-                # read brings something else: that comes back here. A session's requests
-                # all go through _handle and its replay window.
+                # read brings something else: that comes back here. (Not while a frame is
+                # open: its timeout is on the socket, and the idle one must come back after
+                # it.) A session's requests all go through _handle and its replay window.
                 if connection.window is None and not endpoint.compressing:
                     rest = channel.serve(handler, on_error, reply_writes, endpoint.small_max,
-                                         endpoint.inline_max, True)
+                                         endpoint.inline_max, not was_in_frame)
                 else:
                     rest = channel.receive()
                 if rest is None:

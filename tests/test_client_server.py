@@ -326,6 +326,24 @@ def test_slow_drip_is_cut_at_the_frame_deadline(sock_path):
         peer.close()
 
 
+def test_after_a_frame_in_pieces_the_idle_timeout_is_back(sock_path):
+    # While a frame is open the socket waits with frame_timeout; once it is whole, waiting is
+    # idle again (idle_timeout: none here), however long the client then stays quiet.
+    with hintens.Server(sock_path, frame_timeout=0.3).start():
+        peer = RawPeer(sock_path, timeout=10)
+        frame = raw_frame(b"in pieces", request_id=1)
+        peer.send(frame[:10])
+        time.sleep(0.05)
+        peer.send(frame[10:])
+        reply = peer.next_frame()
+        assert (reply.request_id, bytes(reply.payload)) == (1, b"in pieces")
+        time.sleep(1.0)                  # more than frame_timeout, with no frame open
+        peer.send(raw_frame(b"still here", request_id=2))
+        reply = peer.next_frame()
+        assert (reply.request_id, bytes(reply.payload)) == (2, b"still here")
+        peer.close()
+
+
 def test_idle_timeout(sock_path):
     with hintens.Server(sock_path, idle_timeout=0.3).start():
         peer = RawPeer(sock_path)
