@@ -1651,8 +1651,9 @@ cdef class Channel:
         of it goes back.
 
         With ``repeat``, it reads again, for as long as each read was wholly answered here by
-        ``handler`` alone (no ``reply_writes``, no ``on_error``) and ended on a frame boundary:
-        the caller's loop runs only when there is something for it to see.
+        ``handler`` alone (no ``reply_writes``, no ``on_error``), ended on a frame boundary and
+        brought no descriptor: the caller's loop runs only when there is something for it to
+        see (descriptors no frame claimed are the caller's to close).
 
         Returns:
             The frames that follow the run, for the caller (often empty), or None at end of
@@ -1665,7 +1666,7 @@ cdef class Channel:
         while True:
             frames = self._serve_once(handler, on_error, reply_writes, small_max, inline_max)
             if not repeat or frames is None or frames or self._slow \
-                    or self.decoder.in_frame:
+                    or self.decoder.in_frame or self.fds:
                 return frames
 
     cdef list _serve_once(self, handler, on_error, reply_writes, Py_ssize_t small_max,

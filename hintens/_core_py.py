@@ -1071,8 +1071,9 @@ class Channel:
         of it goes back.
 
         With ``repeat``, it reads again, for as long as each read was wholly answered here by
-        ``handler`` alone (no ``reply_writes``, no ``on_error``) and ended on a frame boundary:
-        the caller's loop runs only when there is something for it to see.
+        ``handler`` alone (no ``reply_writes``, no ``on_error``), ended on a frame boundary and
+        brought no descriptor: the caller's loop runs only when there is something for it to
+        see (descriptors no frame claimed are the caller's to close).
 
         Returns:
             The frames that follow the run, for the caller (often empty), or None at end of
@@ -1084,7 +1085,8 @@ class Channel:
         while True:
             frames, slow = self._serve_once(handler, on_error, reply_writes, small_max,
                                             inline_max)
-            if not repeat or frames is None or frames or slow or self.decoder.in_frame:
+            if not repeat or frames is None or frames or slow or self.decoder.in_frame \
+                    or self.fds:
                 return frames
 
     def _serve_once(self, handler: Any, on_error: Any, reply_writes: Any, small_max: int,

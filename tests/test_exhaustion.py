@@ -5,6 +5,7 @@ is freed at once, without the cyclic GC."""
 
 from __future__ import annotations
 
+import array
 import gc
 import os
 import resource
@@ -24,6 +25,7 @@ from hintens import ErrorCode
 from .peers import (
     RawPeer,
     fork_server_as,
+    open_fds,
     raw_frame,
     start_server_with,
     status_kib,
@@ -279,3 +281,24 @@ def test_a_closed_connection_is_freed_without_the_cyclic_gc(sock_path):
                 [gc.get_referrers(ref()) for ref in watched if ref() is not None]
     finally:
         gc.enable()
+
+
+@pytest.mark.parametrize("shm", [True, False])
+def test_a_peer_that_passes_its_own_socket_cannot_keep_its_connection_open(sock_path, shm):
+    # A descriptor that came with a plain frame is claimed by nothing and closed at once,
+    # even while the core answers read after read: kept, a copy of the peer's own socket end
+    # would hold the connection open after the peer closed it (no end of stream, ever).
+    with hintens.Server(sock_path, shm=shm).start() as server:
+        gc.collect()
+        baseline = open_fds()
+        peer = RawPeer(sock_path)
+        assert wait_until(lambda: len(server.connections) == 1)
+        for request_id in (1, 2):
+            peer.sock.sendmsg([raw_frame(b"ping", request_id=request_id)], [(
+                socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                array.array("i", [peer.sock.fileno()]).tobytes())])
+            reply = peer.next_frame()
+            assert (reply.request_id, bytes(reply.payload)) == (request_id, b"ping")
+        peer.close()
+        assert wait_until(lambda: not server.connections, timeout_s=5)
+        assert wait_until(lambda: open_fds() <= baseline, timeout_s=5)
