@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from ._constants import DEFAULT_MAX_PAYLOAD_BYTES, FIRST_APPLICATION_ERROR_CODE, ErrorCode
 from . import bincode, wire
-from ._client import Client, Session
-from ._coded import CodedClient
+from .sync.client import Client, Session
+from .sync.coded import CodedClient
 from ._codecs import BincodeCodec, Codec, JsonCodec, PickleCodec, RawCodec
 from ._errors import (
     BadHeaderError,
@@ -35,9 +35,9 @@ from ._errors import (
     remote_error,
 )
 from ._impl import implementation
-from ._pool import NO_RETRY, ClientPool, RetryPolicy
+from .sync.pool import NO_RETRY, ClientPool, RetryPolicy
 from .protocol.endpoint import Hello
-from ._server import Server, ServerConnection
+from .sync.server import Server, ServerConnection
 from .transport.unix import PeerCredentials
 
 # Wire-level names live in hintens.wire; these old spellings still work, with a warning.

@@ -76,7 +76,7 @@ def _fix_malloc_thresholds() -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from ._server import Server, echo
+    from .sync.server import Server, echo
 
     _fix_malloc_thresholds()   # before any connection thread exists
 
@@ -108,7 +108,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _send(args: argparse.Namespace) -> int:
-    from ._client import Client
+    from .sync.client import Client
 
     data = sys.stdin.buffer.read() if args.data == "-" else args.data.encode()
     with Client(args.socket, timeout=args.timeout, connect_timeout=args.timeout,

@@ -130,7 +130,7 @@ SIZES = (("64 B", 64), ("4 KiB", 4096), ("60 KiB", 60 * 1024))
 
 
 def _round_trip_rows(directory: str) -> Iterable[tuple[str, list[float], list[float]]]:
-    from ._client import Client
+    from .sync.client import Client
 
     ours_path, raw_path = os.path.join(directory, "hintens.sock"), os.path.join(directory, "raw.sock")
     server = spawn([sys.executable, "-m", "hintens", "serve", "--socket", ours_path], ours_path)

@@ -174,7 +174,7 @@ def test_a_connect_that_waits_succeeds_when_the_queue_drains(sock_path):
 def test_bad_server_arguments_fail_before_the_socket_exists(sock_path, kwargs, error, text):
     kwargs = dict(kwargs)
     path = kwargs.pop("path", sock_path)
-    handler = kwargs.pop("handler", hintens._server.echo)
+    handler = kwargs.pop("handler", hintens.sync.server.echo)
     with pytest.raises(error, match=text):
         hintens.Server(path, handler, **kwargs)
     assert not os.path.exists(sock_path)

@@ -543,17 +543,21 @@ def test_a_queued_descriptor_is_closed_when_the_channel_closes(core, pair):
 def test_a_control_event_never_waits_for_a_writer_holding_the_send_lock(core, pair):
     # A release may be sent from any thread, the GC included, while another thread is in the
     # middle of a long write on the same channel (or the same thread holds the send lock).
-    from hintens.protocol.endpoint import control_sender
+    import collections
+
+    from hintens.sync.connection import control_waker
 
     left, right = pair
     ours = channel(core, left)
-    send_control = control_sender(ours)
+    outgoing: collections.deque[bytes] = collections.deque()
+    wake = control_waker(ours, outgoing)
     big = core.encode_frame(1, bytes(4 << 20), 1)
     writer = threading.Thread(target=ours.send, args=([big],))
     writer.start()
     time.sleep(0.2)                         # it holds the send lock, blocked on the socket
     started = time.monotonic()
-    send_control(b"HREL\x01\x00\x00\x00\x07\x00\x00\x00")
+    outgoing.append(core.encode_frame(3, b"HREL\x01\x00\x00\x00\x07\x00\x00\x00", 0))
+    wake()
     assert time.monotonic() - started < 0.1
     frames = read_frames(core, right, 2)
     writer.join(10)

@@ -1,8 +1,8 @@
 """The sans-IO protocol core with no socket: a client-side and a server-side Endpoint paired
 (h11's ConnectionPair style). What one side's ``writes`` produce is fed, as bytes, to the
-other's decoder and ``admit``; a descriptor travels as a duplicate, the way SCM_RIGHTS gives
+other's ``receive_data``; a descriptor travels as a duplicate, the way SCM_RIGHTS gives
 the receiver its own. Control Events (releases, rejections) come out of an endpoint as
-payloads it hands over, never as I/O, and are fed back the same way.
+writes (``take_writes``), never as I/O, and are fed back the same way.
 
 Covered: the hello and negotiation, the limits rule, inline and shared-memory transfer,
 lending and release, echoes, and violations with what each side hands back.
@@ -31,27 +31,23 @@ class Side:
     def __init__(self, core, **options):
         self.core = core
         self.endpoint = Endpoint(**options)
-        self.controls: list[bytes] = []
-        self.endpoint.send_control = self.controls.append
-        self.fds: list[int] = []
+
+    @property
+    def controls(self) -> list[bytes]:
+        """The payloads of the control Events our endpoint has waiting to be sent."""
+        return [bytes(frame)[24:] for frame in self.endpoint.outgoing]
 
     def deliver(self, writes, to: Side, *, with_fds: bool = True) -> list:
-        """Our ``writes`` arrive at ``to``: the items its admit makes of them."""
+        """Our ``writes`` arrive at ``to``: the items its ``receive_data`` makes of them."""
         data = b"".join(bytes(buffer) for buffers, _ in writes for buffer in buffers)
-        if with_fds:
-            to.fds += [os.dup(fd) for _, fds in writes for fd in fds]
-        return to.endpoint.admit(to.endpoint.decoder.feed(data), to.fds)
+        fds = [os.dup(fd) for _, fds in writes for fd in fds] if with_fds else []
+        return to.endpoint.receive_data(data, fds)
 
     def deliver_controls(self, to: Side) -> list:
-        """Our control Events (request id 0) arrive at ``to``."""
-        frames = [self.core.encode_frame(MessageType.EVENT, payload, 0)
-                  for payload in self.controls]
-        self.controls.clear()
-        return self.deliver([(frames, [])], to)
+        """Our control Events (request id 0), taken as writes, arrive at ``to``."""
+        return self.deliver(self.endpoint.take_writes(), to)
 
     def close(self) -> None:
-        while self.fds:
-            os.close(self.fds.pop())
         self.endpoint.close_shm()
 
 
@@ -144,7 +140,7 @@ def test_a_large_payload_is_lent_and_its_release_frees_the_segment(pair, core):
     request = only(client.deliver(writes, server))
     del writes
     assert request.payload == payload
-    assert server.fds == []                             # the descriptor was claimed
+    assert server.endpoint.unclaimed_fds == []                             # the descriptor was claimed
     if core.SEES_VIEW_RELEASE:
         assert type(request.payload) is memoryview and server.endpoint.lends(request.payload)
         assert server.controls == []                    # lent: nothing handed back yet
@@ -210,7 +206,7 @@ def test_shared_memory_that_was_not_negotiated_is_refused_and_handed_back(pair, 
         writes = [([frame], [null.fileno()])]
         refusal = only(client.deliver(writes, server))
     assert isinstance(refusal, ShmError) and refusal.request_id == 9
-    assert server.fds == []                             # its descriptor closed at once
+    assert server.endpoint.unclaimed_fds == []                             # its descriptor closed at once
     (reject,) = server.controls
     assert _shm.decode_control(reject) == (_shm.REJECT_MAGIC, [3])
 
@@ -235,11 +231,10 @@ def test_a_corrupt_frame_is_fatal_and_answered(pair, core):
     client, server = pair()
     frame = bytearray(core.encode_frame(MessageType.REQUEST, b"payload", 6))
     frame[-1] ^= 0xFF                                   # the CRC no longer matches
-    with pytest.raises(ProtocolError) as caught:
-        server.endpoint.decoder.feed(bytes(frame))
-    items = server.endpoint.after_error(caught.value, server.fds)
-    assert items[-1] is caught.value and caught.value.code == ErrorCode.CHECKSUM
-    error = server.endpoint.error_reply(caught.value)
+    items = server.endpoint.receive_data(bytes(frame))
+    violation = items[-1]
+    assert isinstance(violation, ProtocolError) and violation.code == ErrorCode.CHECKSUM
+    error = server.endpoint.error_reply(violation)
     assert error is not None
     reply = only(server.deliver([([error], [])], client))
     assert reply.type == MessageType.ERROR

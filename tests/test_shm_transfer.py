@@ -239,7 +239,7 @@ def _rss_mib(kind):
 
 @pytest.mark.slow
 def test_one_gib_round_trip_without_private_memory_growth(sock_path):
-    process = start_server(sock_path, handler="hintens._server:echo")
+    process = start_server(sock_path, handler="hintens.sync.server:echo")
     try:
         with hintens.Client(sock_path, timeout=120) as client:
             payload = np.zeros(1 << 30, dtype=np.uint8)

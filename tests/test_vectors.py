@@ -323,7 +323,8 @@ def test_descriptor_decision(endpoint_core, vector, tmp_path):
                         shm_receive_bytes=receiver["shm_receive_bytes"],
                         shm_receive_segments=receiver["shm_receive_segments"])
     captured: list[bytes] = []
-    endpoint.send_control = captured.append
+    endpoint.on_writes = lambda: captured.extend(   # the control Events' payloads
+        bytes(frame)[24:] for buffers, _ in endpoint.take_writes() for frame in buffers)
     fds: list[int] = []   # descriptors received and not yet claimed, as a transport keeps them
     try:
         if vector["peer_hello"] is not None:

@@ -26,6 +26,7 @@ Rules (docs/PROTOCOL.md sections 4 to 9):
 
 from __future__ import annotations
 
+import collections
 import logging
 import mmap
 import os
@@ -214,25 +215,20 @@ def plain_frame(msg_type: int, payload: Any, request_id: int) -> list[Any]:
 Write = tuple[list[Any], list[int]]   # buffers, and the descriptors that go with them
 
 
-def control_sender(channel: Any) -> Callable[[bytes], None]:
-    """What an Endpoint's ``send_control`` should be for a core Channel: it queues a control
-    Event (request id 0) with the given payload, and does no I/O. A release can come from any
-    thread that drops the last view of a payload, the garbage collector included, even one
-    that holds the channel's send lock: it neither waits for that lock nor writes to the
-    socket. The frame leaves with the connection's next write, or the flusher's thread writes
-    it at once. The sender holds the channel only, not the object that owns the endpoint, so
-    no reference cycle keeps a closed connection's memory alive."""
-    encode_frame = _impl.core.encode_frame
-
-    def send_control(payload: bytes) -> None:
-        channel.offer([([encode_frame(MessageType.EVENT, payload, 0)], [])], _UNBOUNDED,
-                      False)
-
-    return send_control
+_NO_FDS: list[int] = []   # admit() without descriptors: nothing is ever added to it
 
 
-_UNBOUNDED = 1 << 62
-_NO_FDS: list[int] = []   # admit() without descriptors: nothing is ever added to it   # control Events are never refused for room: they are small and vital
+def take_writes(outgoing: collections.deque[bytes]) -> list[Write]:
+    """What ``Endpoint.take_writes`` does, for a driver that holds the endpoint's
+    ``outgoing`` queue and not the endpoint: the frames waiting in it, as one write, and
+    no longer waiting. Safe from any thread."""
+    frames = []
+    while outgoing:
+        try:
+            frames.append(outgoing.popleft())
+        except IndexError:   # another thread took the last one
+            break
+    return [(frames, [])] if frames else []
 
 
 class Endpoint:
@@ -313,7 +309,16 @@ class Endpoint:
         self.shm_threshold = shm_threshold
         self.pool = _shm.SegmentPool(shm_pool_bytes) if features & FEATURE_SHM else None
         self.segments: dict[int, _shm.ReceivedSegment] = {}
-        self.send_control: Callable[[bytes], None] | None = None
+        #: Descriptors ``receive_data`` was given and no frame has claimed yet.
+        self.unclaimed_fds: list[int] = []
+        #: Control Events to send (releases, rejections), as writes, oldest first: they may
+        #: be made on any thread that drops the last view of a lent payload (the garbage
+        #: collector's included). ``take_writes`` hands them over; ``on_writes`` (no
+        #: arguments, set by the driver) is told each time one is added. It must do no
+        #: I/O and take no lock a sender may hold: the driver queues them on its transport
+        #: and has them written later, by its own thread.
+        self.outgoing: collections.deque[bytes] = collections.deque()
+        self.on_writes: Callable[[], None] | None = None
         self._receive_budgets = [
             (core.MemoryBudget(shm_receive_bytes),
              "shared memory this connection maps (shm_receive_bytes)"),
@@ -359,6 +364,30 @@ class Endpoint:
                 self._admit(frames, items, _NO_FDS if fds is None else fds)
                 return items
         return frames
+    def receive_data(self, data: Any, fds: Sequence[int] = ()) -> list[Item]:
+        """Bytes (and descriptors) read from the transport, in: the items they complete out,
+        in stream order (frames for the application, and violations). A transport that
+        decodes in place (the core Channel) calls ``admit`` with its frames instead.
+
+        Args:
+            data: the next bytes of the stream (b"": none; what the decoder holds is
+                decoded again).
+            fds: descriptors received with them, in order. They join those still unclaimed
+                (``unclaimed_fds``); each NEW_SEGMENT frame takes the oldest one. Those no
+                frame claims by the end of a frame are closed.
+        """
+        unclaimed = self.unclaimed_fds
+        unclaimed += fds
+        try:
+            items = self.admit(self.decoder.feed(data), unclaimed)
+        except ProtocolError as error:
+            items = self.after_error(error, unclaimed)
+        if unclaimed and not self.decoder.in_frame:
+            for fd in unclaimed:
+                os.close(fd)
+            unclaimed.clear()
+        return items
+
     def after_error(self, error: ProtocolError, fds: list[int] | None = None) -> list[Item]:
         """The items around a violation the decoder raised: the frames before it, the error,
         and, when the stream is still in sync, whatever was already buffered after it.
@@ -631,12 +660,19 @@ class Endpoint:
         self._hand_back(_shm.REJECT_MAGIC, segment_id)
 
     def _hand_back(self, magic: bytes, segment_id: int) -> None:
-        send = self.send_control
-        if send is not None:
+        self.outgoing.append(self._encode_frame(
+            MessageType.EVENT, _shm.encode_control(magic, [segment_id]), 0))
+        wake = self.on_writes
+        if wake is not None:
             try:
-                send(_shm.encode_control(magic, [segment_id]))
+                wake()
             except Exception as error:   # the connection is gone: nothing to give back to
                 log.debug("could not hand segment %d back: %s", segment_id, error)
+
+    def take_writes(self) -> list[Write]:
+        """The control Events waiting to be sent (``outgoing``), as one write, and no longer
+        waiting; [] if there are none. Safe from any thread."""
+        return take_writes(self.outgoing)
 
     # Sending -----------------------------------------------------------------------------
 
@@ -826,6 +862,9 @@ class Endpoint:
         for segment in self.segments.values():
             segment.discard()
         self.segments.clear()
+        while self.unclaimed_fds:
+            os.close(self.unclaimed_fds.pop())
+        self.outgoing.clear()   # nobody left to hand anything back to
 
     def _negotiated_flags(self) -> int:
         flags = 0

@@ -22,27 +22,23 @@ import threading
 from time import monotonic
 from typing import Any, Callable, Iterable
 
-from . import _impl
-from ._codecs import CodecSpec, codec_from, join, ready
-from ._constants import (
+from .. import _impl
+from .._codecs import CodecSpec, codec_from, join, ready
+from .._constants import (
     BATCH_WRITE_BYTES,
     DEFAULT_MAX_PAYLOAD_BYTES,
     SCATTER_THRESHOLD_BYTES,
     ErrorCode,
-    Flags,
     MessageType,
 )
-from ._errors import (
+from .._errors import (
     ConnectionClosed,
     FrameTooLargeError,
-    ProtocolError,
-    RemoteError,
     ShmError,
-    Timeout,
     encode_error_payload,
 )
-from .transport.connection import open_channel
-from .protocol.endpoint import (
+from .serving import ServerConnection, is_bytes_like
+from ..protocol.endpoint import (
     DEFAULT_COMPRESS_THRESHOLD_BYTES,
     DEFAULT_SHM_POOL_BYTES,
     DEFAULT_SHM_RECEIVE_BYTES,
@@ -51,25 +47,15 @@ from .protocol.endpoint import (
     FEATURE_COMPRESSION,
     FEATURE_SHM,
     Endpoint,
-    Hello,
-    HelloKey,
 )
-from .protocol.replay import (
-    ANSWERED,
+from ..protocol.replay import (
     DEFAULT_REPLAY_BYTES,
     DEFAULT_REPLAY_SESSIONS,
     DEFAULT_REPLAY_TOTAL_BYTES,
     DEFAULT_REPLAY_WINDOW,
-    FORGOTTEN,
-    MOVED,
-    NEW,
-    RUNNING,
-    TOO_LARGE,
     ReplayMemory,
-    ReplayWindow,
 )
-from ._checks import (
-    call_timeout_s,
+from .._checks import (
     count,
     deadline_after,
     optional_callable,
@@ -78,8 +64,7 @@ from ._checks import (
     uids,
     wait_s,
 )
-from .transport.unix import (
-    PeerCredentials,
+from ..transport.unix import (
     listen,
     peer_credentials,
     remove_socket_file,
@@ -97,11 +82,6 @@ DEFAULT_SHUTDOWN_TIMEOUT_S = 5.0
 
 Handler = Callable[[Any], Any]
 
-_REPLAY_REFUSALS = {
-    RUNNING: "is still running on another connection of its session",
-    FORGOTTEN: "may have run already, and is older than its session's replay window",
-    "too large": "ran already, and its answer was too large to keep for a replay",
-}
 
 
 #: A handler thread's stack: Python code needs little of one, and each connection has a
@@ -131,6 +111,11 @@ _SMALL_STACKS = (_impl.implementation == "cython"
                  and all(hasattr(threading, name) for name in
                          ("_start_new_thread", "_limbo", "_active_limbo_lock"))
                  and hasattr(threading.Thread, "_bootstrap"))
+
+
+def echo(payload: Any) -> Any:
+    """The default handler: the response is the request."""
+    return payload
 
 
 def _start_thread(target: Callable[..., Any], argument: Any, name: str,
@@ -168,221 +153,6 @@ def _refuse(sock: socket.socket, why: str) -> None:
     except OSError:
         pass
     sock.close()
-
-
-def echo(payload: Any) -> Any:
-    """The default handler: the response is the request."""
-    return payload
-
-
-def _is_echo(endpoint: Endpoint, result: Any) -> bool:
-    """The handler returned the payload it was lent: the reply points back at its segment."""
-    return type(result) is memoryview and endpoint.lends(result)
-
-
-class ServerConnection:
-    """One accepted client, as callbacks see it.
-
-    Attributes:
-        id: a number unique within this server.
-        peer: the client's pid, uid and gid from SO_PEERCRED.
-        events_dropped: Events this client did not get because its outgoing queue was full
-            (``slow_consumer="drop"``).
-    """
-
-    def __init__(self, server: Server, sock: socket.socket, peer: PeerCredentials,
-                 connection_id: int) -> None:
-        self.id = connection_id
-        self.peer = peer
-        self.events_dropped = 0
-        self._server = server
-        self._sock = sock
-        self._endpoint = server._new_endpoint()
-        self._endpoint.decoder.budget = server._pending_budget
-        # Pushed Events left unread this long with the socket full: the flusher cuts.
-        self._channel = open_channel(sock, self._endpoint, shm=server.shm,
-                                     stall_timeout=server.send_timeout)
-        self._endpoint.writable_all = server.writable
-        self._endpoint.hello.entries[HelloKey.INSTANCE_ID] = server.instance_id
-        #: The replay window of the client's session, once its hello announced one.
-        self.window: ReplayWindow | None = None
-        self.session = b""
-        # Without an on_event handler, plain Events are dropped inside the decoder: no Frame,
-        # no Python call per Event.
-        self._endpoint.decoder.skip_events = server.on_event is None
-        self._open = True
-        self._dropping = False       # in an episode of dropped Events (logged once)
-        self._cut = False            # cut (and counted) for falling behind
-        self._receive_timeout: Any = _UNSET
-        # Items a read made while a reply waited for a shared-memory segment: served next.
-        self._backlog: list[Any] = []
-        self.thread: threading.Thread | None = None
-
-    @property
-    def peer_hello(self) -> Hello | None:
-        """The client's capability hello, once it has arrived."""
-        return self._endpoint.peer_hello
-
-    def send_event(self, payload: Any) -> bool:
-        """Push an Event to this client without waiting for it to read: into this
-        connection's outgoing queue (``send_queue_bytes``), through shared memory when large
-        (inline, when the client holds every segment it was lent and the Event fits its
-        limit).
-
-        Returns:
-            True when queued; False when dropped because the queue is full and the server's
-            ``slow_consumer`` policy is "drop" (counted in ``events_dropped``).
-
-        Raises:
-            ConnectionClosed: the connection is closed, or was cut now because its queue is
-                full (``slow_consumer="cut"``).
-            FrameTooLargeError: over the client's limit, and shared memory was not negotiated.
-            TypeError: ``payload`` is not bytes-like (or not encodable by the codec).
-        """
-        if self._server.codec is not None:
-            payload = join(self._server.codec.encode(payload, "event"))
-        return self._push(payload, self._server._next_event_id())
-
-    def _push(self, payload: Any, event_id: int, small: list[Any] | None = None) -> bool:
-        # ``small``: the writes of a small bytes payload, built once for a whole broadcast.
-        if not self._open:
-            raise ConnectionClosed(f"connection {self.id} is closed")
-        endpoint, channel = self._endpoint, self._channel
-        if type(payload) is bytes and len(payload) < endpoint.small_max:
-            writes: list[Any] | None = small or [([_impl.core.encode_frame(
-                MessageType.EVENT, payload, event_id)], [])]
-        else:
-            writes = endpoint.writes(MessageType.EVENT, payload, event_id)
-            if writes is None and memoryview(payload).nbytes <= endpoint.peer.max_payload:
-                # Every segment is lent out (the client holds the Events it was lent): this
-                # one goes inline, into the bounded queue, rather than wait.
-                writes = [(endpoint.inline(MessageType.EVENT, payload, event_id), [])]
-        try:
-            if writes is not None and channel.offer(writes, self._server.send_queue_bytes):
-                self._dropping = False
-                return True
-        except OSError as error:
-            self.close()
-            raise ConnectionClosed(f"connection {self.id} lost while sending: {error}") \
-                from error
-        if writes is not None:
-            endpoint.unsent(writes)
-        return self._server._overflowed(
-            self, f"its outgoing queue is full ({channel.queued} bytes unread, "
-                  f"send_queue_bytes={self._server.send_queue_bytes})" if writes is not None
-            else "every shared-memory segment of its connection is lent out")
-
-    def close(self) -> None:
-        """Cut this connection now; its serving thread ends."""
-        self._open = False
-        try:
-            self._sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-
-    def _send(self, frames: list[Any]) -> None:
-        if not self._open:
-            raise _ClientGone(f"connection {self.id} is closed")
-        try:
-            self._channel.send(frames)
-        except OSError as error:   # BlockingIOError: the send timeout expired
-            self.close()
-            raise _ClientGone(f"connection {self.id} lost while sending: {error}") from error
-
-    def _send_writes(self, writes: list[Any]) -> None:
-        for buffers, fds in writes:
-            if fds:
-                try:
-                    self._channel.send(buffers, fds)
-                except OSError as error:
-                    self.close()
-                    raise _ClientGone(
-                        f"connection {self.id} lost while sending: {error}") from error
-            else:
-                self._send(buffers)
-
-    def _set_receive_timeout(self, seconds: float | None) -> None:
-        if seconds != self._receive_timeout:
-            set_kernel_timeouts(self._sock, seconds)
-            self._receive_timeout = seconds
-
-    def _reply_writes(self, request_id: int, result: Any) -> list[Any]:
-        """The writes that answer a Request (Endpoint.reply_writes), waiting up to
-        ``send_timeout`` for a shared-memory segment if they need one, and reading meanwhile:
-        the release that frees one arrives on this connection, and this thread is its only
-        reader. After that, the answer is UNAVAILABLE.
-
-        Raises:
-            RemoteError: the handler's result is not bytes-like (a HANDLER_ERROR that says so).
-            ConnectionClosed: the client went while we waited.
-        """
-        if type(result) is not bytes and result is not None and not _bytes_like(result):
-            raise RemoteError(ErrorCode.HANDLER_ERROR, f"handler must return a bytes-like "
-                                                       f"object, got {type(result).__name__}")
-        endpoint = self._endpoint
-        writes = endpoint.reply_writes(request_id, result)
-        if writes is not None:
-            return writes
-        pool = endpoint.pool
-        assert pool is not None
-        deadline = deadline_after(self._server.send_timeout)
-        while True:
-            generation = pool.generation
-            writes = endpoint.reply_writes(request_id, result)
-            if writes is not None:
-                return writes
-            remaining = deadline - monotonic()
-            if remaining <= 0:
-                return [([endpoint.error_frame(
-                    ErrorCode.UNAVAILABLE, f"no shared memory for the reply: all "
-                    f"{pool.total_bytes} bytes of this connection's segments stayed lent out",
-                    request_id)], [])]
-            if pool.generation == generation:
-                self._read_aside(min(remaining, _RELEASE_POLL_S))
-
-    def _read_aside(self, timeout: float) -> None:
-        """One read while a reply waits for a segment: control Events (the releases) take
-        effect now, and whatever else came is kept, in order, to be served next.
-
-        Raises:
-            ConnectionClosed: the client hung up.
-        """
-        self._set_receive_timeout(timeout)
-        endpoint = self._endpoint
-        try:
-            frames = self._channel.receive()
-        except BlockingIOError:
-            return
-        except ProtocolError as error:
-            self._backlog += endpoint.after_error(error, self._channel.fds)
-            return
-        except OSError as error:
-            raise _ClientGone(f"connection {self.id} lost: {error}") from error
-        if frames is None:
-            raise _ClientGone(f"connection {self.id} closed by the client")
-        self._backlog += endpoint.admit(frames, self._channel.fds)
-
-    def _take_backlog(self) -> list[Any]:
-        items, self._backlog = self._backlog, []
-        return items
-
-    def __repr__(self) -> str:
-        return f"<ServerConnection {self.id} pid={self.peer.pid} uid={self.peer.uid}>"
-
-
-class _ClientGone(ConnectionClosed):
-    """The client went while we answered it: the connection ends, quietly. (Raised by our
-    own writes and reads; a handler's ConnectionClosed is the handler's failure.)"""
-
-
-def _bytes_like(value: Any) -> bool:
-    if type(value) is bytes:
-        return True
-    try:
-        memoryview(value).release()
-        return True
-    except TypeError:
-        return False
 
 
 class Server:
@@ -570,7 +340,7 @@ class Server:
         """
         if self.codec is not None:
             payload = join(self.codec.encode(payload, "event"))
-        elif type(payload) is not bytes and not _bytes_like(payload):
+        elif type(payload) is not bytes and not is_bytes_like(payload):
             raise TypeError(f"a payload must be a bytes-like object, not "
                             f"{type(payload).__name__}")
         event_id = self._next_event_id()
@@ -616,20 +386,7 @@ class Server:
         except RuntimeError:
             raise RuntimeError("Server.allocate() is for handlers, on the serving thread") \
                 from None
-        deadline = deadline_after(call_timeout_s(timeout, self.send_timeout))
-        endpoint = connection._endpoint
-        while True:
-            generation = endpoint.pool.generation if endpoint.pool is not None else 0
-            view = endpoint.allocate(size)
-            if view is not None:
-                return view
-            assert endpoint.pool is not None
-            remaining = deadline - monotonic()
-            if remaining <= 0:
-                raise Timeout(f"no shared-memory segment came free in time "
-                              f"({endpoint.pool.total_bytes} bytes lent out)")
-            if endpoint.pool.generation == generation:
-                connection._read_aside(min(remaining, _RELEASE_POLL_S))
+        return connection.allocate(size, timeout)
 
     def serve_forever(self) -> None:
         """Accept and serve connections until ``shutdown()`` or ``close()``, then drain.
@@ -797,17 +554,15 @@ class Server:
                       peer.pid, self.path, error)
             _refuse(sock, f"the server cannot start a thread for this connection now "
                           f"({error}); try again later")
-            connection._channel.close()
-            connection._endpoint.close_shm()
-            connection._endpoint.decoder.close()
+            connection._close_transport()
 
     def _serve(self, connection: ServerConnection) -> None:
-        channel, endpoint = connection._channel, connection._endpoint
+        channel = connection._channel
         self._local.serving = True
         self._local.connection = connection
         why = ""
         try:
-            connection._send([endpoint.hello_frame()])   # the hello goes first, always
+            connection._say_hello()   # the hello goes first, always
             with self._lock:
                 self._starting.discard(connection)
                 if self._drained:
@@ -815,7 +570,7 @@ class Server:
                 self._connections[connection.id] = connection
             if self.on_connect is not None:
                 self.on_connect(connection)
-            why = self._serve_frames(connection)
+            why = connection._serve_frames()
         except ConnectionClosed as error:
             why = str(error)
         except Exception:
@@ -827,16 +582,7 @@ class Server:
                 log.warning("cut %r: %s", connection, channel.aborted)
             elif why:
                 log.debug("%r ended: %s", connection, why)
-            if connection._open and channel.queued and not channel.broken:
-                try:
-                    channel.flush()   # Events pushed to this client before it went
-                except OSError:
-                    pass
-            connection.close()
-            channel.close()
-            endpoint.close_shm()
-            endpoint.decoder.close()   # an unfinished frame's memory and budget, now
-            connection._backlog.clear()
+            connection._close_transport()
             with self._lock:
                 self._starting.discard(connection)
                 registered = self._connections.pop(connection.id, None) is not None
@@ -846,207 +592,6 @@ class Server:
                 except Exception:
                     log.exception("on_disconnect callback raised")
 
-    def _serve_frames(self, connection: ServerConnection) -> str:
-        """Read and answer until the connection ends; returns why it ended."""
-        channel, endpoint = connection._channel, connection._endpoint
-        decoder = endpoint.decoder
-        handler = self._call
-        reply_writes = connection._reply_writes
-
-        def on_error(request_id: int, error: Exception) -> bytes:
-            return self._error_answer(endpoint, request_id, error)
-
-        frame_started = 0.0
-        frame_timeout, idle_timeout = self.frame_timeout, self.idle_timeout
-        joined = False   # looked for the session its hello announces
-        while True:
-            timeout: float | None
-            if decoder.in_frame and frame_timeout is not None:
-                timeout = max(0.001, frame_timeout - (monotonic() - frame_started))
-            else:
-                timeout = idle_timeout
-            if timeout != connection._receive_timeout:
-                connection._set_receive_timeout(timeout)
-            was_in_frame, decoded = decoder.in_frame, decoder.frames_decoded
-            try:
-                # Plain Requests are answered inside the core, read after read, until a
-                # read brings something else: that comes back here. (Not while a frame is
-                # open: its timeout is on the socket, and the idle one must come back after
-                # it.) A session's requests all go through _handle and its replay window.
-                if connection.window is None and not endpoint.compressing:
-                    rest = channel.serve(handler, on_error, reply_writes, endpoint.small_max,
-                                         endpoint.inline_max, not was_in_frame)
-                else:
-                    rest = channel.receive()
-                if rest is None:
-                    if decoder.in_frame:
-                        return (f"hung up inside a frame ({decoder.pending} bytes of it "
-                                f"received)")
-                    return "closed by the client"
-                items = endpoint.admit(rest, channel.fds) if rest else []
-            except BlockingIOError:
-                what = "inside a frame" if decoder.in_frame else "idle"
-                log.info("closing %r: %s for too long", connection, what)
-                return f"{what} for too long"
-            except ProtocolError as error:
-                items = endpoint.after_error(error, channel.fds)
-            except OSError as error:
-                return str(error)
-            if not joined and endpoint.peer_hello is not None:
-                joined = True
-                self._join_session(connection)
-            if connection._backlog:
-                # Replies that waited for shared memory read on meanwhile: serve that too.
-                items += connection._take_backlog()
-            while items:
-                if not self._handle(connection, items):
-                    return "closed after a fatal protocol error"
-                items = connection._take_backlog()
-            if channel.fds and not decoder.in_frame:
-                channel.close_fds()   # descriptors no frame claimed: never kept
-            if decoder.in_frame and (not was_in_frame or decoder.frames_decoded != decoded
-                                     or connection._receive_timeout is None):
-                # A frame completed (or an error ended one) in this read, or none was open:
-                # the unfinished one began in this read.
-                frame_started = monotonic()
-
-    def _join_session(self, connection: ServerConnection) -> None:
-        """Once the client's hello is in: the replay window of the session it announced, so
-        that all its requests go through it (none through the core's fast path)."""
-        assert connection._endpoint.peer_hello is not None
-        session = connection._endpoint.peer_hello.entries.get(HelloKey.SESSION_ID)
-        if self._replay is not None and session is not None and len(session) == 16:
-            connection.session = session
-            connection.window = self._replay.window_for(session)
-
-    def _handle(self, connection: ServerConnection, items: list[Any]) -> bool:
-        """Serve items the core did not: Events, hellos, violations, and Requests after them.
-        False when the connection must close."""
-        frame_type = _impl.core.Frame
-        out: list[Any] = []   # inline answers, written together, in order
-        for index in range(len(items)):
-            item = items[index]
-            if type(item) is not frame_type:
-                if not self._violation(connection, item, out):
-                    break
-            elif item.type == MessageType.REQUEST:
-                item = None   # _answer drops the request (and its lent payload) when it may
-                out = self._answer(connection, items, index, out)
-            elif item.type == MessageType.EVENT:
-                self._deliver_event(connection, item)
-            else:
-                log.debug("%r sent an unsolicited %s frame; ignored", connection,
-                          MessageType(item.type).name)
-        else:
-            if out:
-                connection._send(out)
-            return True
-        if out:
-            connection._send(out)
-        return False
-
-    def _answer(self, connection: ServerConnection, items: list[Any], index: int,
-                out: list[Any]) -> list[Any]:
-        """Answer the Request ``items[index]``. An inline reply joins ``out``; one through
-        shared memory goes at once, after what ``out`` held. Returns what is left in ``out``."""
-        endpoint = connection._endpoint
-        item = items[index]
-        request_id = item.request_id
-        try:
-            if connection.window is None:
-                result = self._call(item.payload)
-            else:
-                ok, result = self._replay_or_run(connection, item)
-                if not ok:
-                    out.append(result)   # the Error frame that answers it
-                    return out
-            writes = connection._reply_writes(request_id, result)
-            if len(writes) == 1 and not _impl.core.unpack_header(
-                    writes[0][0][0]).flags & Flags.SHM:
-                out += writes[0][0]   # inline: goes with the others, in order
-                return out
-            if not _is_echo(endpoint, result):
-                # The reply was copied out: drop the request's lent payload now, so that its
-                # release reaches the client before the reply does.
-                items[index] = item = result = None
-            # (An echo names the client's own segment: the release must follow the reply, or
-            # the client would free the segment before it.)
-            if out:
-                connection._send(out)
-                out = []
-            connection._send_writes(writes)
-            items[index] = item = result = None
-        except Exception as error:
-            out.append(self._error_answer(endpoint, request_id, error))
-        return out
-
-    def _replay_or_run(self, connection: ServerConnection, item: Any) -> tuple[bool, Any]:
-        """For a connection with a session: run the Request if it is new, or answer it from
-        the replay window. Returns ``(True, result)``, or ``(False, error_frame)``."""
-        assert connection.window is not None
-        request_id = item.request_id
-        window = connection.window
-        state, kept = window.claim(request_id, self.send_timeout)
-        while state == MOVED:   # the memory gave that window up
-            assert self._replay is not None
-            window = connection.window = self._replay.window_for(connection.session)
-            state, kept = window.claim(request_id, self.send_timeout)
-        if state == NEW:
-            ok, data, result = self._run_once(connection._endpoint, window, item)
-            return (True, result) if ok else (False, data)
-        if state == ANSWERED and kept is not TOO_LARGE:
-            return kept   # (ok, the answer's bytes or its Error frame)
-        why = _REPLAY_REFUSALS[state if kept is not TOO_LARGE else "too large"]
-        return False, connection._endpoint.error_frame(
-            ErrorCode.UNAVAILABLE, f"request {request_id} {why}; it is not run again",
-            request_id)
-
-    def _deliver_event(self, connection: ServerConnection, item: Any) -> None:
-        if self.on_event is not None:
-            try:
-                self.on_event(item.payload if self.codec is None else
-                              self.codec.decode(item.payload, "event"), connection)
-            except Exception:
-                log.exception("on_event callback raised")
-
-    def _violation(self, connection: ServerConnection, error: Any, out: list[Any]) -> bool:
-        """A frame that broke the protocol: its Error reply joins ``out``. False if it is
-        fatal (the connection closes)."""
-        log.info("%r broke the protocol: %s", connection, error)
-        reply = connection._endpoint.error_reply(error)
-        if reply is not None:
-            out.append(reply)
-        return not error.fatal
-
-    def _run_once(self, endpoint: Endpoint, window: ReplayWindow,
-                  item: Any) -> tuple[bool, bytes, Any]:
-        """Run a session's request claimed NEW and remember its answer.
-
-        Returns:
-            ``(ok, error_frame, result)``: whether the handler answered, the Error frame that
-            answers it when it did not, and the handler's own result, sent as it is (shared
-            memory included). The window keeps a copy of the answer, if it is small enough.
-        """
-        answer: tuple[bool, bytes] = (False, endpoint.error_frame(
-            ErrorCode.HANDLER_ERROR, "the handler did not finish", item.request_id))
-        try:
-            result = self._call(item.payload)
-            result = b"" if result is None else result
-            if not _bytes_like(result):   # the same Error as without replay
-                raise RemoteError(ErrorCode.HANDLER_ERROR, f"handler must return a bytes-like "
-                                                           f"object, got {type(result).__name__}")
-            with memoryview(result) as view:
-                # Copied only if it can be kept: an echo of a (sparse) lent gigabyte must not
-                # cost a gigabyte here.
-                answer = (True, view.tobytes()) if view.nbytes <= window.max_bytes \
-                    else TOO_LARGE
-            return True, b"", result
-        except Exception as error:
-            answer = (False, self._error_answer(endpoint, item.request_id, error))
-            return False, answer[1], None
-        finally:
-            window.finish(item.request_id, answer)
-
     def _coded_call(self, payload: Any) -> Any:
         """The handler behind a codec: decoded request in, encoded response out. A response
         in parts goes into shared memory when the client negotiated it and it is large."""
@@ -1055,24 +600,8 @@ class Server:
                                 "response")
         if not isinstance(out, list):
             return out
-        negotiated = self.current_connection()._endpoint.negotiated(FEATURE_SHM)
-        return ready(out, self.shm_threshold, self.allocate if negotiated else None)
-
-    @staticmethod
-    def _error_answer(endpoint: Endpoint, request_id: int, error: Exception) -> bytes:
-        """The Error frame for a handler that raised (or returned something unsendable).
-
-        Raises:
-            ConnectionClosed: the client went while we answered it: no answer is due, and
-                nothing else on this connection is.
-        """
-        if isinstance(error, _ClientGone):
-            raise error
-        if isinstance(error, RemoteError):
-            return endpoint.error_frame(error.code, error.message, request_id)
-        log.warning("handler failed on request %d", request_id, exc_info=True)
-        return endpoint.error_frame(ErrorCode.HANDLER_ERROR, f"{type(error).__name__}: {error}",
-                                    request_id)
+        connection = self.current_connection()
+        return ready(out, self.shm_threshold, connection.allocate if connection.shm else None)
 
     def _drain(self, timeout: float | None) -> None:
         with self._lock:

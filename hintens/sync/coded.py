@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
-from ._client import Client
-from ._codecs import join
+from .client import Client
+from .._codecs import join
 
 __all__ = ["CodedClient"]
 

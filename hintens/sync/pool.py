@@ -24,11 +24,11 @@ import time
 from time import monotonic
 from typing import Any, Iterable, Iterator
 
-from ._checks import call_timeout_s, count, deadline_after, path_like, timeout_s, wait_s
-from ._client import DEFAULT_CONNECT_TIMEOUT_S, DEFAULT_TIMEOUT_S, Client, Session
-from ._errors import ConnectError, ConnectionClosed, Timeout, UntrustedServerError
-from .protocol.endpoint import HelloKey
-from .transport.unix import socket_path
+from .._checks import call_timeout_s, count, deadline_after, path_like, timeout_s, wait_s
+from .client import DEFAULT_CONNECT_TIMEOUT_S, DEFAULT_TIMEOUT_S, Client, Session
+from .._errors import ConnectError, ConnectionClosed, Timeout, UntrustedServerError
+from ..protocol.endpoint import HelloKey
+from ..transport.unix import socket_path
 
 log = logging.getLogger("hintens")
 

@@ -1,0 +1,546 @@
+"""The client side of a sync connection: the reading, dispatching and failing that a
+``Client`` stands on. Its public methods are ``Client``'s; this holds the machinery.
+
+Reading uses leader/follower, not a reader thread. A thread that waits for a reply becomes
+the reader if nobody is reading. It reads (through the shared ``Connection``), hands every
+item to its waiter, and gives the role back. A single thread that issues request after
+request therefore reads its own replies: no thread hand-off, no queue. Many threads can share
+a client. Replies are matched by request id and may come in any order.
+
+Events from the server go to ``on_event``. They are delivered by the thread that read them,
+after it has released the reader role, so a callback may itself call ``request()``. While no
+request is in flight, a small pump thread (started only when ``on_event`` is given) reads
+them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import select
+import socket
+import threading
+from time import monotonic
+from typing import Any, Callable, Iterator, NoReturn, Sequence
+
+from .. import _impl
+from .._constants import ErrorCode, MessageType
+from .._errors import (
+    ConnectionClosed,
+    ProtocolError,
+    ShmError,
+    Timeout,
+    decode_error_payload,
+    remote_error,
+)
+from .._checks import lock_wait_s
+from ..transport.unix import set_kernel_timeouts
+from .connection import Connection
+
+log = logging.getLogger("hintens")
+
+#: How long a large send waits for the server's hello before it goes inline (once).
+HELLO_WAIT_S = 1.0
+#: A kernel receive timeout may overshoot a request's deadline by this much at most.
+_TIMEOUT_SLACK_S = 0.01
+FOREVER = math.inf
+#: Codes of the Errors a server sends just before it hangs up (PROTOCOL.md 6).
+_FATAL_CODES = (ErrorCode.BAD_HEADER, ErrorCode.TOO_LARGE)
+
+_NOTHING: tuple[tuple[()], tuple[()]] = ((), ())
+
+
+class Waiter:
+    """One request's wait for its reply."""
+    # Class-level defaults and no __init__: creating one runs no Python frame.
+    done = False
+    payload: Any = None
+    error: BaseException | None = None
+    # A lock of its own, held while parked, released by the thread that wakes it. Waking one
+    # thread at a time (its reply came, or it is to read next) avoids waking every waiter.
+    wake: Any = None
+
+
+class ClientDriver:
+    """The state and the steps of a client's connection, under one lock.
+
+    Attributes (set by ``_start``): ``_conn`` (the shared ``Connection``), and for the hot
+    path its parts: ``_sock``, ``_channel``, ``_endpoint``.
+    """
+
+    path: str
+    timeout: float | None
+
+    def _start(self, conn: Connection, *, ids: Iterator[int],
+               on_event: Callable[[Any], Any] | None, flush_interval: float) -> None:
+        """Take over a connected, checked socket: say hello, start the event pump."""
+        self._conn = conn
+        self._sock, self._channel, self._endpoint = conn.sock, conn.channel, conn.endpoint
+        self._ids = ids
+        self._on_event = on_event
+        self._frame_type = _impl.core.Frame
+        self._encode_frame = _impl.core.encode_frame
+        self._encode_header = _impl.core.encode_header
+        # State lives under one C-level lock. Threads that must sleep use a Condition over the
+        # same lock, and are notified only when ``_sleepers`` says some exist: the lone-thread
+        # path never enters threading.Condition's Python code.
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._sleepers = 0   # threads in _cond.wait (the hello and event-pump waits)
+        self._parked: dict[int, Waiter] = {}   # request threads asleep, by request id
+        self._reading = False
+        self._waiters: dict[int, Waiter] = {}
+        self._closed_reason: BaseException | None = None
+        self._server_error: BaseException | None = None
+        self._close_pending = False
+        self._receive_timeout: float | None = None
+        self._channel.flush_interval = flush_interval
+        self._post = self._channel.post
+        self._event = self._channel.event
+        self._pump: threading.Thread | None = None
+        set_kernel_timeouts(self._sock, None, self.timeout, set_send=True)
+        self._send([self._endpoint.hello_frame()])
+        if on_event is not None:
+            self._pump = threading.Thread(target=self._pump_events, name="hintens-client-events",
+                                          daemon=True)
+            self._pump.start()
+
+    def _mark_sent(self, error: BaseException, end: int, request_id: int,
+                   start: int | None = None) -> None:
+        """Say on a failed request's error whether the server may have it: its frame left
+        whole (for a batch from ``start``: any byte of it left), or it is still queued on an
+        open connection and may yet leave. False only when it never can."""
+        if not isinstance(error, (Timeout, ConnectionClosed)) or error.request_sent is not None:
+            return
+        channel = self._channel
+        # After a failure the stream is shut, so a write in progress ends at once: wait for
+        # it, or a frame the kernel took could be counted as unsent.
+        written = channel.settled_written() if isinstance(error, ConnectionClosed) \
+            else channel.written
+        if start is not None:
+            sent = written > start
+        else:
+            sent = bool(end) and written >= end
+        if not sent and end and not (channel.closed or channel.broken
+                                     or self._closed_reason is not None):
+            sent = True   # still queued (or being written) on a live connection
+        error.request_sent = sent
+        error.request_id = request_id
+
+    def _send_large(self, msg_type: int, payload: Any, request_id: int,
+                    deadline: float) -> int:
+        """Send one frame whose payload is not small: through shared memory or inline."""
+        end = 0
+        for buffers, fds in self._writes(msg_type, payload, request_id, deadline):
+            end = self._channel.send(buffers, fds)
+        return end
+
+    def _close_channel(self) -> None:
+        dropped = self._conn.close()
+        if dropped:
+            log.warning("connection to %s closed with %d bytes of queued frames unsent",
+                        self.path, dropped)
+
+    def _closed_error(self) -> ConnectionClosed:
+        reason = self._closed_reason
+        error = ConnectionClosed(str(reason) if isinstance(reason, ConnectionClosed)
+                                 else f"connection to {self.path} closed: {reason}")
+        error.__cause__ = reason.__cause__ if isinstance(reason, ConnectionClosed) else reason
+        return error
+
+    def _writes(self, msg_type: int, payload: Any, request_id: int,
+                deadline: float) -> list[Any]:
+        """The writes that carry a payload that is not small, by the protocol's limits rule
+        (``Endpoint.writes``), waiting for a shared-memory segment to come free if needed.
+
+        Raises:
+            FrameTooLargeError: over the server's limit without shared memory; nothing sent.
+            TypeError: not a bytes-like payload.
+            ShmError: more than shared memory takes.
+            Timeout: no segment came free by ``deadline``.
+            ConnectionClosed: the connection is closed.
+        """
+        endpoint = self._endpoint
+        if endpoint.peer_hello is None and endpoint.pool is not None:
+            try:
+                size = memoryview(payload).nbytes
+            except TypeError:
+                size = 0   # Endpoint.writes says what is wrong with it
+            if size >= endpoint.shm_threshold:
+                self._await_hello(min(deadline, monotonic() + HELLO_WAIT_S))
+        return self._until_released(
+            lambda: endpoint.writes(msg_type, payload, request_id), deadline)
+
+    def _until_released(self, attempt: Callable[[], Any], deadline: float) -> Any:
+        """``attempt()`` until it returns something other than None (shared memory was
+        exhausted), keeping this connection's reads going meanwhile: the releases that free
+        segments arrive on the stream, and nobody else may be reading it.
+
+        Raises:
+            Timeout: still None at ``deadline``.
+            ConnectionClosed: the connection closed meanwhile.
+        """
+        def checked() -> Any:
+            if self._closed_reason is not None:
+                raise self._closed_error()
+            try:
+                return attempt()
+            except ShmError:
+                if self._closed_reason is not None:
+                    raise self._closed_error() from None
+                raise
+
+        result = self._conn.until_free(checked, deadline, self._read_aside)
+        if result is None:
+            pool = self._endpoint.pool
+            assert pool is not None
+            raise Timeout(f"no shared-memory segment came free in time "
+                          f"({pool.total_bytes} of {pool.max_bytes} bytes lent out)")
+        return result
+
+    def _read_aside(self, generation: int, seconds: float) -> None:
+        """While a sender waits for a segment: read, if nobody is reading (that admits the
+        releases, and hands replies to their threads); else wait for the reader to admit
+        one."""
+        with self._lock:
+            leading = not self._reading and self._closed_reason is None
+            if leading:
+                self._reading = True
+        if leading:
+            self._read(seconds)
+        else:
+            pool = self._endpoint.pool
+            assert pool is not None
+            pool.wait(generation, seconds)
+
+    def _await_hello(self, until: float) -> None:
+        """Read until the server's hello has arrived, or ``until``: shared memory is only
+        negotiated once it has. A hintens server sends its hello on accept."""
+        while self._endpoint.peer_hello is None and self._closed_reason is None:
+            remaining = until - monotonic()
+            if remaining <= 0:
+                return
+            with self._lock:
+                if self._reading:   # another thread reads; it will admit the hello
+                    self._sleepers += 1
+                    try:
+                        self._cond.wait(min(remaining, 0.05))
+                    finally:
+                        self._sleepers -= 1
+                    continue
+                self._reading = True
+            self._read(remaining)
+
+    def _send(self, frames: list[Any]) -> None:
+        try:
+            self._channel.send(frames)
+        except BaseException as error:
+            self._send_failed(error)
+
+    def _send_failed(self, error: BaseException) -> NoReturn:
+        """Classify a failed send, fail the connection where the stream may be cut, raise."""
+        if isinstance(error, (TypeError, ValueError, ProtocolError)):
+            # Refused before a byte was written: too large for the server, not bytes-like,
+            # more than shared memory takes. The connection is untouched.
+            raise error
+        if isinstance(error, BlockingIOError):
+            # SO_SNDTIMEO expired; part of a frame may have left, so the stream is unusable.
+            timeout = Timeout("the server did not read in time (send timed out)")
+            self._fail(ConnectionClosed(f"connection to {self.path} closed: {timeout}"), timeout)
+            raise timeout from error
+        if isinstance(error, OSError):
+            self._salvage_server_error()
+            self._fail(ConnectionClosed(self._lost_message(error)), error)
+            raise self._closed_error() from error
+        # A signal handler raised mid-write: part of a frame may have left.
+        self._fail(ConnectionClosed(f"connection to {self.path} closed: a send was "
+                                    f"interrupted ({type(error).__name__})"), error)
+        raise error
+
+    def _salvage_server_error(self) -> None:
+        """After a failed send: the reason the server gave before it hung up, if any.
+
+        A server that refuses us (or fails) writes an Error frame with request id 0 and then
+        closes; the kernel still holds those bytes. Read only if no other thread is reading.
+        """
+        with self._lock:
+            if self._reading or self._server_error is not None:
+                return
+            self._reading = True
+        try:
+            while self._server_error is None:
+                frames = self._channel.receive(socket.MSG_DONTWAIT)
+                if not frames:
+                    break
+                for item in self._conn.admit(frames):
+                    if type(item) is self._frame_type and item.type == MessageType.ERROR:
+                        self._error_frame(item, salvaged=True)
+        except (OSError, ProtocolError):
+            pass
+        finally:
+            self._finish_read(())
+
+    def _wait(self, waiter: Waiter, request_id: int, deadline: float) -> None:
+        lock = self._lock
+        while not waiter.done:   # set under the lock by a reader; a plain read is safe here
+            with lock:
+                while True:
+                    if waiter.done:
+                        return
+                    if self._closed_reason is not None:
+                        raise self._closed_error()
+                    remaining = deadline - monotonic()
+                    if remaining <= 0:
+                        self._unpark(request_id)
+                        raise Timeout(f"no reply to request {request_id} from {self.path} in time")
+                    if not self._reading:
+                        self._parked.pop(request_id, None)
+                        self._reading = True
+                        break
+                    # Park: the reader releases our lock when our reply is in, or when it
+                    # gives the reader role up while we still wait.
+                    wake = waiter.wake
+                    if wake is None:
+                        wake = waiter.wake = threading.Lock()
+                    wake.acquire(False)   # held while parked (still held after a timeout)
+                    self._parked[request_id] = waiter
+                    lock.release()
+                    try:
+                        wake.acquire(True, lock_wait_s(remaining))
+                    except BaseException:   # a signal handler raised: leave, handing on
+                        lock.acquire()
+                        self._unpark(request_id)
+                        raise
+                    lock.acquire()
+            self._read(remaining, request_id)
+
+    def _unpark(self, request_id: int) -> None:
+        """Under the lock, for a thread that stops waiting: if it was woken to read next, the
+        role goes to another parked thread, or their replies would wait for their deadlines."""
+        self._parked.pop(request_id, None)
+        if self._parked and not self._reading:
+            rid = next(iter(self._parked))
+            self._parked.pop(rid).wake.release()
+
+    def _wake_parked(self) -> None:
+        """Under the lock, after a read: wake the parked threads whose reply came, and one more
+        to take the reader role if others still wait."""
+        parked = self._parked
+        done = [rid for rid, waiter in parked.items() if waiter.done]
+        for rid in done:
+            parked.pop(rid).wake.release()
+        if parked and not self._reading:
+            rid = next(iter(parked))
+            parked.pop(rid).wake.release()
+
+    def _read(self, remaining: float | None, request_id: int = 0) -> None:
+        """One read as the reader, then dispatch; always gives the reader role back.
+
+        ``remaining`` None means a non-blocking read (the event pump). With a ``request_id``,
+        a lone plain Response to it is handed over without the general dispatch.
+        """
+        items: Any = ()
+        reply = None
+        try:
+            if remaining is None:
+                frames = self._channel.receive(socket.MSG_DONTWAIT)
+            elif remaining <= 0:
+                return
+            else:
+                current = self._receive_timeout   # a setsockopt only when it must change
+                if current is None or current > remaining + _TIMEOUT_SLACK_S \
+                        or current < remaining / 2:
+                    self._conn.set_receive_timeout(remaining)
+                    self._receive_timeout = remaining
+                if request_id:
+                    reply = self._channel.receive_reply(request_id)
+                    if reply is not None:
+                        return
+                    frames = self._channel.pending
+                else:
+                    frames = self._channel.receive()
+            items = self._arrived(frames)
+        except Exception as error:
+            items = self._read_failed(error)
+        finally:
+            self._finish_read(items, request_id, reply)
+
+    def _arrived(self, frames: list[Any] | None) -> list[Any]:
+        """Items for frames just read; None (end of stream) fails the connection."""
+        if frames is None:
+            self._fail(ConnectionClosed(self._lost_message(None)), self._server_error)
+            return []
+        return self._conn.admit(frames)
+
+    def _read_failed(self, error: BaseException) -> list[Any]:
+        """What a read that raised leaves to dispatch. Other exceptions propagate."""
+        if isinstance(error, BlockingIOError):
+            return []   # the kernel timeout expired, or nothing to read: the caller re-checks
+        if isinstance(error, ProtocolError):
+            return self._conn.after_error(error)
+        if isinstance(error, OSError):
+            self._fail(ConnectionClosed(self._lost_message(error)), error)
+            return []
+        raise error
+
+    def _finish_read(self, items: Any, request_id: int = 0, reply: Any = None) -> None:
+        """Give the reader role back and hand over what was read: ``reply`` to ``request_id``
+        (the fast path), or ``items`` to their waiters. Then run callbacks, outside the lock."""
+        events: Sequence[Any]
+        replies: Sequence[bytes]
+        with self._lock:
+            self._reading = False
+            if reply is not None:
+                waiter = self._waiters.pop(request_id, None)
+                if waiter is not None:
+                    waiter.payload, waiter.done = reply, True
+                if self._parked:
+                    self._wake_parked()
+                if self._sleepers:
+                    self._cond.notify_all()
+                if not self._close_pending:
+                    return   # the common case: a lone reply, nothing else to do
+                events, replies = _NOTHING
+            else:
+                events, replies = self._dispatch(items) if items else _NOTHING
+            if self._parked:
+                self._wake_parked()
+            if self._sleepers:
+                self._cond.notify_all()
+            close_now = self._close_pending
+            self._close_pending = False
+        if close_now:
+            self._close_channel()
+        if replies:
+            try:
+                self._send(list(replies))
+            except (ConnectionClosed, Timeout):
+                pass
+        for payload in events:
+            try:
+                self._on_event(payload)  # type: ignore[misc]
+            except Exception:
+                log.exception("on_event callback raised")
+
+    def _lost_message(self, error: OSError | None) -> str:
+        """Why the connection ended: the server's own word where it gave one, or ours."""
+        if self._server_error is not None:
+            return f"server at {self.path} closed the connection: {self._server_error}"
+        if self._channel.aborted is not None:
+            return f"connection to {self.path} cut: {self._channel.aborted}"
+        if error is None:
+            return f"server at {self.path} closed the connection"
+        return f"connection to {self.path} lost: {error.strerror or error}"
+
+    def _dispatch(self, items: list[Any]) -> tuple[list[Any], list[bytes]]:
+        """Hand frames to their waiters (under the condition's lock)."""
+        events: list[Any] = []
+        replies: list[bytes] = []
+        waiters = self._waiters
+        frame_type = self._frame_type
+        for item in items:
+            if type(item) is frame_type:
+                kind = item.type
+                if kind == 2:   # MessageType.RESPONSE, compared as a plain int on the hot path
+                    waiter = waiters.pop(item.request_id, None)
+                    if waiter is None:
+                        log.debug("dropping a late reply to request %d", item.request_id)
+                    else:
+                        waiter.payload, waiter.done = item.payload, True
+                elif kind == MessageType.ERROR:
+                    self._error_frame(item)
+                elif kind == MessageType.EVENT:
+                    if self._on_event is not None:
+                        events.append(item.payload)
+                else:
+                    replies.append(self._endpoint.error_frame(
+                        8, "this peer is a client and serves no requests", item.request_id))
+            else:
+                self._violation(item)
+        return events, replies
+
+    def _error_frame(self, frame: Any, salvaged: bool = False) -> None:
+        try:
+            code, message = decode_error_payload(frame.payload)
+        except ValueError as malformed:   # still an answer: a generic one (PROTOCOL.md 7)
+            code, message = 0, f"the server sent a malformed Error payload: {malformed}"
+        error = remote_error(code, message, frame.request_id)
+        if frame.request_id == 0 or (salvaged and code in _FATAL_CODES):
+            # About the connection, not a request: the server closes next; say why then.
+            self._server_error = error
+            log.warning("server at %s reports: %s", self.path, error)
+            return
+        waiter = self._waiters.pop(frame.request_id, None)
+        if waiter is not None:
+            waiter.error, waiter.done = error, True
+
+    def _violation(self, error: ProtocolError) -> None:
+        if error.fatal:
+            # No Error frame back (PROTOCOL.md allows it): writing here, under the state lock,
+            # could interleave with another thread's frame or wait on a blocked sender.
+            log.warning("closing the connection to %s: the server broke the protocol: %s",
+                        self.path, error)
+            self._fail_locked(ConnectionClosed(
+                f"connection to {self.path} closed: the server broke the protocol: {error}"),
+                error)
+            return
+        waiter = self._waiters.pop(error.request_id, None) if error.request_id else None
+        if waiter is not None and error.msg_type in (MessageType.RESPONSE, MessageType.ERROR):
+            waiter.error, waiter.done = error, True
+        else:
+            log.warning("dropped a bad frame from %s: %s", self.path, error)
+
+    def _fail(self, reason: ConnectionClosed, cause: BaseException | None = None) -> None:
+        with self._lock:
+            self._fail_locked(reason, cause)
+            close_now = self._close_pending and not self._reading
+            if close_now:
+                self._close_pending = False
+        if close_now:
+            # Outside the lock: Channel.close waits for a send in progress, and a failing
+            # sender takes this lock.
+            self._close_channel()
+
+    def _fail_locked(self, reason: ConnectionClosed, cause: BaseException | None = None) -> None:
+        if self._closed_reason is not None:
+            return
+        if cause is not None:
+            reason.__cause__ = cause
+        self._closed_reason = reason
+        for waiter in self._waiters.values():
+            waiter.error, waiter.done = self._closed_error(), True
+        self._waiters.clear()
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)   # wakes a reader blocked in recv
+        except OSError:
+            pass
+        # The descriptor itself is closed by whoever next holds no reader role: _fail now,
+        # or the reader in _finish_read. Never here, under the lock, and never under a reader.
+        self._close_pending = True
+        for waiter in self._parked.values():
+            waiter.wake.release()
+        self._parked.clear()
+        if self._sleepers:
+            self._cond.notify_all()
+
+    def _pump_events(self) -> None:
+        poller = select.poll()
+        poller.register(self._sock.fileno(), select.POLLIN)
+        while True:
+            ready = poller.poll(250)
+            with self._lock:
+                if self._closed_reason is not None:
+                    return
+                if not ready:
+                    continue
+                if self._reading or self._waiters:
+                    # A request thread is (or is about to be) the reader; it delivers events.
+                    self._sleepers += 1
+                    try:
+                        self._cond.wait(0.05)
+                    finally:
+                        self._sleepers -= 1
+                    continue
+                self._reading = True
+            self._read(None)
+
