@@ -476,26 +476,30 @@ class Server:
             if connection is not None and name == "events_dropped":
                 connection.events_dropped += 1
 
-    def _overflowed(self, connection: ServerConnection, why: str) -> bool:
-        """An Event did not fit ``connection``'s outgoing queue: the slow-consumer policy.
-        Returns False (dropped), or raises ConnectionClosed (cut)."""
-        if self.slow_consumer == "drop":
-            self._count("events_dropped", connection)
-            if not connection._dropping:
-                connection._dropping = True
-                log.warning("dropping Events for %r: %s", connection, why)
-            return False
-        self._cut(connection, why)
-        raise ConnectionClosed(f"connection {connection.id} was cut: {why}")
+    def _register(self, connection: ServerConnection) -> bool:
+        """A connection's hello has gone out: it is served (and listed) from now on, unless
+        the server is closing (False)."""
+        self._local.serving = True
+        self._local.connection = connection
+        with self._lock:
+            self._starting.discard(connection)
+            if self._drained:
+                return False
+            self._connections[connection.id] = connection
+        if self.on_connect is not None:
+            self.on_connect(connection)
+        return True
 
-    def _cut(self, connection: ServerConnection, why: str) -> None:
-        """Cut a client that fell behind, once, with a logged reason and a counter."""
-        if not connection._cut:
-            connection._cut = True
-            connection._channel.abort(why)
-            connection._open = False
-            self._count("slow_consumers_cut")
-            log.warning("cut %r: %s", connection, why)
+    def _unregister(self, connection: ServerConnection) -> None:
+        """A connection has ended and been closed."""
+        with self._lock:
+            self._starting.discard(connection)
+            registered = self._connections.pop(connection.id, None) is not None
+        if registered and self.on_disconnect is not None:
+            try:
+                self.on_disconnect(connection)
+            except Exception:
+                log.exception("on_disconnect callback raised")
 
     def _next_event_id(self) -> int:
         return next(self._event_ids)
@@ -543,7 +547,7 @@ class Server:
         with self._lock:
             self._starting.add(connection)   # registered once its hello has gone out
         try:
-            connection.thread = _start_thread(self._serve, connection,
+            connection.thread = _start_thread(ServerConnection.serve, connection,
                                               f"hintens-conn-{connection.id}",
                                               self.thread_stack_bytes)
         except Exception as error:   # RLIMIT_NPROC, a pids cgroup, no memory for a stack
@@ -555,42 +559,6 @@ class Server:
             _refuse(sock, f"the server cannot start a thread for this connection now "
                           f"({error}); try again later")
             connection._close_transport()
-
-    def _serve(self, connection: ServerConnection) -> None:
-        channel = connection._channel
-        self._local.serving = True
-        self._local.connection = connection
-        why = ""
-        try:
-            connection._say_hello()   # the hello goes first, always
-            with self._lock:
-                self._starting.discard(connection)
-                if self._drained:
-                    return
-                self._connections[connection.id] = connection
-            if self.on_connect is not None:
-                self.on_connect(connection)
-            why = connection._serve_frames()
-        except ConnectionClosed as error:
-            why = str(error)
-        except Exception:
-            log.exception("connection %r failed", connection)
-        finally:
-            if channel.aborted is not None and not connection._cut:
-                # Cut by the flusher: the client read nothing for send_timeout.
-                self._count("slow_consumers_cut")
-                log.warning("cut %r: %s", connection, channel.aborted)
-            elif why:
-                log.debug("%r ended: %s", connection, why)
-            connection._close_transport()
-            with self._lock:
-                self._starting.discard(connection)
-                registered = self._connections.pop(connection.id, None) is not None
-            if registered and self.on_disconnect is not None:
-                try:
-                    self.on_disconnect(connection)
-                except Exception:
-                    log.exception("on_disconnect callback raised")
 
     def _coded_call(self, payload: Any) -> Any:
         """The handler behind a codec: decoded request in, encoded response out. A response

@@ -133,9 +133,9 @@ class ServerConnection:
                 from error
         if writes is not None:
             endpoint.unsent(writes)
-        return self._server._overflowed(
-            self, f"its outgoing queue is full ({channel.queued} bytes unread, "
-                  f"send_queue_bytes={self._server.send_queue_bytes})" if writes is not None
+        return self._overflowed(
+            f"its outgoing queue is full ({channel.queued} bytes unread, "
+            f"send_queue_bytes={self._server.send_queue_bytes})" if writes is not None
             else "every shared-memory segment of its connection is lent out")
 
     def close(self) -> None:
@@ -145,6 +145,51 @@ class ServerConnection:
             self._sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
+
+    def serve(self) -> None:
+        """The connection's thread: say hello, serve until the connection ends, close it."""
+        server, channel = self._server, self._channel
+        why = ""
+        try:
+            self._say_hello()   # the hello goes first, always
+            if not server._register(self):
+                return
+            why = self._serve_frames()
+        except ConnectionClosed as error:
+            why = str(error)
+        except Exception:
+            log.exception("connection %r failed", self)
+        finally:
+            if channel.aborted is not None and not self._cut:
+                # Cut by the flusher: the client read nothing for send_timeout.
+                server._count("slow_consumers_cut")
+                log.warning("cut %r: %s", self, channel.aborted)
+            elif why:
+                log.debug("%r ended: %s", self, why)
+            self._close_transport()
+            server._unregister(self)
+
+    def _overflowed(self, why: str) -> bool:
+        """An Event did not fit the outgoing queue: the server's slow-consumer policy.
+        Returns False (dropped), or raises ConnectionClosed (cut)."""
+        server = self._server
+        if server.slow_consumer == "drop":
+            server._count("events_dropped", self)
+            if not self._dropping:
+                self._dropping = True
+                log.warning("dropping Events for %r: %s", self, why)
+            return False
+        self._cut_behind(why)
+        raise ConnectionClosed(f"connection {self.id} was cut: {why}")
+
+    def _cut_behind(self, why: str) -> None:
+        """Cut a client that fell behind, once, with a logged reason and a counter."""
+        if not self._cut:
+            self._cut = True
+            self._channel.abort(why)
+            self._open = False
+            self._server._count("slow_consumers_cut")
+            log.warning("cut %r: %s", self, why)
 
     def _say_hello(self) -> None:
         self._send([self._endpoint.hello_frame()])
