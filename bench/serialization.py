@@ -64,7 +64,7 @@ def main() -> None:
     pickled = pickle.dumps(record, protocol=5)
     packed = msgpack.packb(as_dict)
     assert bincode.decode(encoded, Record) == record
-    print(f"kernels: {'compiled' if bincode._kernels is not None else 'pure Python'}")
+    print(f"kernels: {'compiled' if bincode._struct._kernels is not None else 'pure Python'}")
     print(f"\nstruct ({len(encoded)} B bincode, {len(pickled)} B pickle, {len(packed)} B "
           f"msgpack), microseconds per call, best of {5 * repeat} interleaved rounds")
     rows = table({"bincode": lambda: bincode.encode(record, Record),

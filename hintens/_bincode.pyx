@@ -3,9 +3,9 @@
 numbers and nested such structs, decoded and encoded in C with no Python work per field
 beyond making each value.
 
-hintens/bincode.py compiles a dataclass into a program for these kernels when every field is
-of those kinds, and uses its own Python plans (the reference, and this module's twin) for
-everything else, or when the extension is not built. A program is a tuple
+hintens/bincode/_struct.py compiles a dataclass into a program for these kernels when every
+field is of those kinds; hintens.bincode uses its own Python plans (the reference, and this
+module's twin) for everything else, or when the extension is not built. A program is a tuple
 ``(cls, names, ops, build)``: ``ops`` holds one ``(kind, size, sub)`` per field, ``build`` is
 0 to fill the instance's ``__dict__`` directly, 1 to call ``cls(*values)``.
 """
@@ -21,7 +21,7 @@ from libc.stdlib cimport free, realloc
 from libc.string cimport memcpy
 from libc.math cimport isinf
 
-from .bincode import DecodeError, EncodeError
+from .bincode._types import DecodeError, EncodeError
 
 cdef extern from "Python.h":
     int PyDict_SetItem(object mapping, object key, object value) except -1

@@ -32,6 +32,7 @@ import struct
 from typing import Any, Callable, Protocol, Union
 
 from . import bincode
+from .bincode._plans import _plan
 from ._errors import ShmError
 
 Payload = Any   # a bytes-like object, or a list of them
@@ -82,7 +83,7 @@ class BincodeCodec:
                       "event": request_type if event_type is None else event_type}
         self.varint = varint
         for T in self.types.values():   # compile now: a bad type fails here, not mid-call
-            bincode._plan(T, varint)
+            _plan(T, varint)
 
     def encode(self, value: Any, kind: str) -> Payload:
         return bincode.encode(value, self.types[kind], varint=self.varint)

@@ -14,6 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from hintens import bincode as b
+from hintens.bincode import _plans, _struct, _types
 
 
 @dataclass
@@ -94,12 +95,12 @@ H = bytes.fromhex
 def implementation(request, monkeypatch):
     """Every test runs with the compiled kernels (where built) and with the Python plans
     alone, each from an empty plan cache."""
-    if request.param == "kernels" and b._kernels is None:
+    if request.param == "kernels" and _struct._kernels is None:
         pytest.skip("the bincode kernels are not built")
     if request.param == "python":
-        monkeypatch.setattr(b, "_kernels", None)
-    monkeypatch.setattr(b, "_cache", {})
-    monkeypatch.setattr(b, "_direct", {})
+        monkeypatch.setattr(_struct, "_kernels", None)
+    monkeypatch.setattr(_plans, "_cache", {})
+    monkeypatch.setattr(_struct, "_direct", {})
     return request.param
 
 FIXINT = [
@@ -263,7 +264,7 @@ def test_types_bincode_cannot_describe(T):
 
 def strategy(T):
     """Values of a bincode type."""
-    spec = b._number_spec(T)
+    spec = _types._number_spec(T)
     if spec is not None:
         if spec.integer:
             return st.integers(spec.low, spec.high)
@@ -318,9 +319,9 @@ def test_round_trips(T, varint):
 
 def test_plans_are_compiled_once():
     b.encode(Record(1, 2.0, "x", []), Record)
-    plan = b._cache[(Record, False)]
+    plan = _plans._cache[(Record, False)]
     b.decode(b.encode(Record(1, 2.0, "x", []), Record), Record)
-    assert b._cache[(Record, False)] is plan
+    assert _plans._cache[(Record, False)] is plan
 
 
 @dataclass
@@ -349,7 +350,7 @@ def test_a_flat_struct_matches_its_parts(varint, implementation):
     data = b.encode(value, Flat, varint=varint)
     assert data == b"".join(parts)
     assert b.decode(data, Flat, varint=varint) == value
-    assert (b._direct.get((Flat, varint)) is not None) == (implementation == "kernels")
+    assert (_struct._direct.get((Flat, varint)) is not None) == (implementation == "kernels")
 
 
 @dataclass(frozen=True)
