@@ -36,7 +36,7 @@ from ._errors import (
 )
 from ._impl import implementation
 from .sync.pool import NO_RETRY, ClientPool, RetryPolicy
-from .protocol.endpoint import Hello
+from .protocol.hello import Hello
 from .sync.server import Server, ServerConnection
 from .transport.unix import PeerCredentials
 

@@ -1,8 +1,15 @@
-"""Sans-IO connection layer: the rules a connection applies to decoded frames. No sockets.
+"""Sans-IO connection layer: the rules a connection applies to decoded frames. No sockets, no
+threads, no blocking.
 
-The core's Channel reads and decodes (with ``Endpoint.decoder``); ``admit`` and
-``after_error`` turn what it produced into frames for the application and protocol errors, in
-stream order, and ``writes``/``reply_writes``/``allocate`` decide how payloads travel.
+Data in: ``receive_data(bytes, fds)`` decodes (with ``Endpoint.decoder``) and returns items:
+frames for the application and protocol errors, in stream order. A transport that decodes in
+place (the core Channel) hands its frames to ``admit`` and its decoder errors to
+``after_error`` instead. Data out: ``writes``/``reply_writes``/``allocate`` decide how
+payloads travel and return writes (buffers and descriptors); the control Events the endpoint
+owes the peer (releases, rejections) wait in ``outgoing`` until the driver takes them
+(``take_writes``). When shared memory is exhausted, ``writes`` returns None and the driver
+decides how to wait. The receiving side of shared memory is ``lending.Lending``, the sending
+side ``sending.Sending``, the hello ``hello.Hello``.
 
 Rules (docs/PROTOCOL.md sections 4 to 9):
 
@@ -30,9 +37,7 @@ import collections
 import logging
 import mmap
 import os
-import struct
 import threading
-import weakref
 from typing import Any, Callable, Sequence, Union
 
 from .. import _impl
@@ -42,18 +47,31 @@ from .._constants import (
     DEFAULT_MAX_PAYLOAD_BYTES,
     MAX_FRAME_PAYLOAD_BYTES,
     SCATTER_THRESHOLD_BYTES,
-    VERSION,
     Flags,
     MessageType,
 )
 from .._errors import (
     DecompressedTooLargeError,
-    FrameTooLargeError,
     ProtocolError,
     ShmError,
     UnsupportedFlagsError,
     encode_error_payload,
 )
+
+from .hello import (  # noqa: F401  (the protocol's names, importable from here too)
+    DEFAULT_SHM_RECEIVE_BYTES,
+    DEFAULT_SHM_RECEIVE_SEGMENTS,
+    FEATURE_COMPRESSION,
+    FEATURE_SHM,
+    HELLO_MAGIC,
+    MAX_HELLO_BYTES,
+    MAX_HELLO_ENTRIES,
+    SILENT_PEER,
+    Hello,
+    HelloKey,
+)
+from .lending import Lending, Write, take_writes  # noqa: F401
+from .sending import Sending, plain_frame  # noqa: F401
 
 try:
     import zstandard
@@ -68,10 +86,6 @@ MIN_MAX_PAYLOAD_BYTES = 1024
 DEFAULT_SHM_THRESHOLD_BYTES = 64 * 1024
 #: The most memory one connection's sending segments may hold.
 DEFAULT_SHM_POOL_BYTES = 1 << 30
-#: The most of a peer's shared memory one connection maps at once (hello key 6).
-DEFAULT_SHM_RECEIVE_BYTES = 1 << 30
-#: The most of a peer's segments one connection maps at once (hello key 7).
-DEFAULT_SHM_RECEIVE_SEGMENTS = 64
 #: Inline payloads at least this large are compressed toward a peer that negotiated it.
 DEFAULT_COMPRESS_THRESHOLD_BYTES = 4096
 #: zstd level: fast, and still a good ratio on text-like payloads.
@@ -79,159 +93,12 @@ COMPRESSION_LEVEL = 3
 _NEVER = 1 << 62
 
 
-HELLO_MAGIC = b"HELO"
-_U16 = struct.Struct("<H")
-_U32 = struct.Struct("<I")
-_U64 = struct.Struct("<Q")
-#: A hello larger than this, or with more entries, is not understood (and so ignored).
-MAX_HELLO_BYTES = 4096
-MAX_HELLO_ENTRIES = 64
-
-
-class HelloKey:
-    """Keys of the hello's entries. Unknown keys are skipped by receivers."""
-
-    MINOR = 1          # u8: highest minor version of major 1 the sender speaks
-    FEATURES = 2       # u32 LE bit set, see FEATURE_*
-    MAX_PAYLOAD = 3    # u32 LE: largest inline payload the sender accepts
-    SESSION_ID = 4     # 16 bytes, client to server: a session that survives reconnects
-    INSTANCE_ID = 5    # 16 bytes, server to client: this run of the server (its replay memory)
-    SHM_RECEIVE_BYTES = 6      # u64 LE: most bytes of the peer's segments the sender maps
-    SHM_RECEIVE_SEGMENTS = 7   # u32 LE: most segments of the peer's the sender maps
-
-
-#: Known keys and the size their value must have; a value of another size is read as absent.
-_HELLO_VALUE_SIZES = {HelloKey.MINOR: 1, HelloKey.FEATURES: 4, HelloKey.MAX_PAYLOAD: 4,
-                      HelloKey.SESSION_ID: 16, HelloKey.INSTANCE_ID: 16,
-                      HelloKey.SHM_RECEIVE_BYTES: 8, HelloKey.SHM_RECEIVE_SEGMENTS: 4}
-
-
-FEATURE_SHM = 0x1
-FEATURE_COMPRESSION = 0x2
-
-
-class Hello:
-    """What one side announces right after connecting.
-
-    Attributes:
-        minor: the highest minor version of protocol major 1 that the sender speaks.
-        features: ``FEATURE_*`` bits the sender can receive.
-        max_payload: the largest inline payload the sender accepts, in bytes.
-        shm_receive_bytes: the most bytes of our segments the sender maps at once.
-        shm_receive_segments: the most of our segments the sender maps at once.
-        entries: every entry as received, including keys this version does not know.
-    """
-
-    __slots__ = ("minor", "features", "max_payload", "shm_receive_bytes",
-                 "shm_receive_segments", "entries")
-
-    def __init__(self, minor: int = VERSION & 0xFF, features: int = 0,
-                 max_payload: int = DEFAULT_MAX_PAYLOAD_BYTES,
-                 entries: dict[int, bytes] | None = None, *,
-                 shm_receive_bytes: int = DEFAULT_SHM_RECEIVE_BYTES,
-                 shm_receive_segments: int = DEFAULT_SHM_RECEIVE_SEGMENTS) -> None:
-        self.minor = minor
-        self.features = features
-        self.max_payload = max_payload
-        self.shm_receive_bytes = shm_receive_bytes
-        self.shm_receive_segments = shm_receive_segments
-        self.entries = dict(entries or {})
-
-    def encode(self) -> bytes:
-        """The hello payload: bincode ``([u8; 4], Vec<(u16, Vec<u8>)>)``, keys in order."""
-        entries = dict(self.entries)
-        entries[HelloKey.MINOR] = bytes([self.minor])
-        entries[HelloKey.FEATURES] = _U32.pack(self.features)
-        entries[HelloKey.MAX_PAYLOAD] = _U32.pack(self.max_payload)
-        if self.features & FEATURE_SHM:
-            entries[HelloKey.SHM_RECEIVE_BYTES] = _U64.pack(self.shm_receive_bytes)
-            entries[HelloKey.SHM_RECEIVE_SEGMENTS] = _U32.pack(self.shm_receive_segments)
-        parts = [HELLO_MAGIC, _U64.pack(len(entries))]
-        for key in sorted(entries):
-            value = entries[key]
-            parts += [_U16.pack(key), _U64.pack(len(value)), value]
-        return b"".join(parts)
-
-    @classmethod
-    def decode(cls, payload: Any) -> Hello | None:
-        """Parse a hello payload; None when it is not one this version understands.
-
-        Keys may come in any order (senders send them in increasing order); a repeated key
-        makes the hello not understood. A known key whose value has the wrong size counts as
-        absent.
-        """
-        data = bytes(payload)
-        if len(data) > MAX_HELLO_BYTES or not data.startswith(HELLO_MAGIC) or len(data) < 12:
-            return None
-        (count_,) = _U64.unpack_from(data, 4)
-        if count_ > MAX_HELLO_ENTRIES:
-            return None
-        pos, entries = 12, {}
-        for _ in range(count_):
-            if len(data) - pos < 10:
-                return None
-            (key,) = _U16.unpack_from(data, pos)
-            (length,) = _U64.unpack_from(data, pos + 2)
-            pos += 10
-            if length > len(data) - pos or key in entries:
-                return None
-            entries[key] = data[pos:pos + length]
-            pos += length
-        if pos != len(data):
-            return None
-        known = {key: value for key, value in entries.items()
-                 if _HELLO_VALUE_SIZES.get(key) == len(value)}
-        hello = cls(known[HelloKey.MINOR][0] if HelloKey.MINOR in known else 0,
-                    _U32.unpack(known.get(HelloKey.FEATURES, bytes(4)))[0],
-                    _U32.unpack(known[HelloKey.MAX_PAYLOAD])[0]
-                    if HelloKey.MAX_PAYLOAD in known else DEFAULT_MAX_PAYLOAD_BYTES,
-                    entries)
-        if HelloKey.SHM_RECEIVE_BYTES in known:
-            hello.shm_receive_bytes = _U64.unpack(known[HelloKey.SHM_RECEIVE_BYTES])[0]
-        if HelloKey.SHM_RECEIVE_SEGMENTS in known:
-            hello.shm_receive_segments = _U32.unpack(known[HelloKey.SHM_RECEIVE_SEGMENTS])[0]
-        return hello
-
-    def __repr__(self) -> str:
-        return (f"Hello(minor={self.minor}, features=0x{self.features:x}, "
-                f"max_payload={self.max_payload})")
-
-
-#: A peer that never sends a hello gets inline frames only, within the default limit.
-SILENT_PEER = Hello(minor=0, features=0, max_payload=DEFAULT_MAX_PAYLOAD_BYTES)
-
 Item = Union[Any, ProtocolError]   # a core Frame, or a violation
-
-
-def plain_frame(msg_type: int, payload: Any, request_id: int) -> list[Any]:
-    """The buffers that carry one uncompressed frame: one copy for small payloads (header and
-    payload together), none for large ones (the header, then the payload itself)."""
-    size = len(payload) if type(payload) is bytes else memoryview(payload).nbytes
-    if size < SCATTER_THRESHOLD_BYTES:
-        return [_impl.core.encode_frame(msg_type, payload, request_id)]
-    return [_impl.core.encode_header(msg_type, payload, request_id), payload]
-
-
-Write = tuple[list[Any], list[int]]   # buffers, and the descriptors that go with them
-
 
 _NO_FDS: list[int] = []   # admit() without descriptors: nothing is ever added to it
 
 
-def take_writes(outgoing: collections.deque[bytes]) -> list[Write]:
-    """What ``Endpoint.take_writes`` does, for a driver that holds the endpoint's
-    ``outgoing`` queue and not the endpoint: the frames waiting in it, as one write, and
-    no longer waiting. Safe from any thread."""
-    frames = []
-    while outgoing:
-        try:
-            frames.append(outgoing.popleft())
-        except IndexError:   # another thread took the last one
-            break
-    return [(frames, [])] if frames else []
-
-
-class Endpoint:
+class Endpoint(Lending, Sending):
     """One side of a connection, without I/O.
 
     Args:
@@ -364,6 +231,7 @@ class Endpoint:
                 self._admit(frames, items, _NO_FDS if fds is None else fds)
                 return items
         return frames
+
     def receive_data(self, data: Any, fds: Sequence[int] = ()) -> list[Item]:
         """Bytes (and descriptors) read from the transport, in: the items they complete out,
         in stream order (frames for the application, and violations). A transport that
@@ -404,6 +272,7 @@ class Endpoint:
                 return items
             except ProtocolError as next_error:
                 error = next_error
+
     def _admit(self, frames: list[Any], items: list[Item], fds: list[int]) -> None:
         for frame in frames:
             flags = frame.flags
@@ -444,6 +313,7 @@ class Endpoint:
             if flags & Flags.SHM:
                 self._hand_back_named(frame, fds)
             items.append(self._refused(frame, error) if isinstance(error, ShmError) else error)
+
     def _inflate(self, frame: Any) -> Any:
         """A COMPRESSED frame with its payload decompressed (and the flag cleared), or the
         error that answers it. The declared size is checked before anything is inflated."""
@@ -468,21 +338,12 @@ class Endpoint:
                                          frame.request_id, msg_type=frame.type)
         return self._frame_type(frame.type, frame.flags & ~Flags.COMPRESSED, frame.version,
                                 frame.request_id, data)
+
     @property
     def compressing(self) -> bool:
         """Compression was negotiated: payloads may be compressed and must be inflated."""
         return self.compress_min < _NEVER
-    def inline(self, msg_type: int, payload: Any, request_id: int) -> list[Any]:
-        """The buffers of an inline frame: compressed when negotiated, at least
-        ``compress_min`` bytes and smaller that way; else as ``plain_frame`` sends it."""
-        if self.compress_min < _NEVER:
-            size = len(payload) if type(payload) is bytes else memoryview(payload).nbytes
-            if size >= self.compress_min:
-                with self._zstd_lock:
-                    packed = self._zstd_compress.compress(payload)
-                if len(packed) < size:
-                    return [self._encode_frame(msg_type, packed, request_id, Flags.COMPRESSED)]
-        return plain_frame(msg_type, payload, request_id)
+
     def _control(self, payload: Any) -> None:
         """An Event with request id 0: a hello, a release, a reject, a retire, or something
         to ignore."""
@@ -520,340 +381,6 @@ class Endpoint:
                 else:
                     self.pool.reject(segment_id)
 
-    # Receiving through shared memory ------------------------------------------------------
-
-    def _lend(self, frame: Any, fds: list[int]) -> Any:
-        """An SHM frame's payload, mapped and lent; or the ShmError that answers it.
-
-        Every descriptor field is checked with Python's unbounded ints, and every failure is a
-        ShmError. A NEW_SEGMENT frame claims the oldest received descriptor whatever happens
-        (a refused one is closed). A refused frame that names a segment of the sender's hands
-        it back: HREL if we map that segment, HREJ if we do not.
-        """
-        data = bytes(frame.payload)
-        if len(data) != _shm.DESCRIPTOR.size:
-            return self._refused(frame, ShmError(
-                f"an SHM descriptor has {_shm.DESCRIPTOR.size} bytes, not {len(data)}"))
-        segment_id, flags, size, offset, length = _shm.DESCRIPTOR.unpack(data)
-        fd = fds.pop(0) if flags & _shm.NEW_SEGMENT and fds else -1
-        try:
-            if flags & ~(_shm.NEW_SEGMENT | _shm.PEER_SEGMENT) or segment_id == 0 \
-                    or flags == _shm.NEW_SEGMENT | _shm.PEER_SEGMENT:
-                raise ShmError(f"bad SHM descriptor (segment {segment_id}, flags 0x{flags:x})")
-            if flags & _shm.PEER_SEGMENT:
-                return self._lend_ours(frame, segment_id, size, offset, length)
-            if flags & _shm.NEW_SEGMENT:
-                if segment_id in self.segments:
-                    raise ShmError(f"segment {segment_id} is already mapped")
-                if fd < 0:
-                    raise ShmError("a new segment was announced without its descriptor")
-                _shm._check_region(offset, length, size)   # nothing mapped for a bad one
-                owned, fd = fd, -1   # adopt() closes it, whatever happens
-                charges = [(budget, amount, what) for (budget, what), amount
-                           in zip(self._receive_budgets, (size, 1, size, 1))]
-                self.segments[segment_id] = _shm.ReceivedSegment.adopt(
-                    owned, size, charges, copy_on_write=self._writable_lending
-                    and not self._copy_shared)
-            segment = self.segments.get(segment_id)
-            if segment is None:
-                raise ShmError(f"segment {segment_id} is not mapped here")
-            if size != segment.size:
-                raise ShmError(f"segment {segment_id} is {segment.size} bytes, not {size}")
-            _shm._check_region(offset, length, size)
-            writable = self.writable_all or frame.request_id in self.writable_ids
-            payload = self._region(segment, segment_id, offset, length, writable)
-        except ShmError as error:
-            if fd >= 0:
-                os.close(fd)
-            if not flags & _shm.PEER_SEGMENT and segment_id:
-                (self._release if segment_id in self.segments else self._reject)(segment_id)
-            return self._refused(frame, error)
-        return self._frame_type(frame.type, frame.flags & ~Flags.SHM, frame.version,
-                                frame.request_id, payload)
-
-    @staticmethod
-    def _refused(frame: Any, error: ShmError) -> ShmError:
-        error.request_id, error.msg_type = frame.request_id, frame.type
-        return error
-
-    def _hand_back_named(self, frame: Any, fds: list[int]) -> None:
-        """For an SHM frame refused before it was looked at: close the descriptor a
-        NEW_SEGMENT claims, and hand back the sender's segment it names (HREL if we map it,
-        HREJ if not)."""
-        data = bytes(frame.payload)
-        if len(data) != _shm.DESCRIPTOR.size:
-            return
-        segment_id, flags = _shm.DESCRIPTOR.unpack(data)[:2]
-        if flags & _shm.NEW_SEGMENT and fds:
-            os.close(fds.pop(0))
-        if segment_id and not flags & _shm.PEER_SEGMENT:
-            (self._release if segment_id in self.segments else self._reject)(segment_id)
-
-    def _lend_ours(self, frame: Any, segment_id: int, size: int, offset: int,
-                   length: int) -> Any:
-        """A payload that came back in one of our own segments (an echo): lent read-only (or
-        copy-on-write when asked), with a hold that keeps the pool from reusing the segment
-        until it is released. Nothing is handed back on refusal: the segment is ours, and the
-        echo's sender releases it with an HREL of its own."""
-        if self.pool is None:
-            raise ShmError("a PEER_SEGMENT descriptor, but this side lends no segments")
-        pool = self.pool
-        segment = pool.hold(segment_id)
-        writable = self.writable_all or frame.request_id in self.writable_ids
-        try:
-            if size != segment.size:
-                raise ShmError(f"our segment {segment_id} is {segment.size} bytes, not {size}")
-            _shm._check_region(offset, length, size)
-            if self._copy_shared:
-                with memoryview(segment.map) as whole:
-                    part = whole[offset:offset + length]
-                    payload: Any = bytearray(part) if writable else bytes(part)
-                    part.release()
-                pool.unhold(segment_id)
-            elif writable:
-                private, delta = segment.private_map(offset, length)
-                payload = memoryview(_impl.core.SharedRegion(  # type: ignore[arg-type]
-                    private, delta, length, False, lambda _: pool.unhold(segment_id), True))
-            else:
-                payload = memoryview(_impl.core.SharedRegion(  # type: ignore[arg-type]
-                    segment.map, offset, length, True, lambda _: pool.unhold(segment_id), True))
-        except BaseException:
-            pool.unhold(segment_id)
-            raise
-        return self._frame_type(frame.type, frame.flags & ~Flags.SHM, frame.version,
-                                frame.request_id, payload)
-
-    def _region(self, segment: _shm.ReceivedSegment, segment_id: int, offset: int,
-                length: int, writable: bool = False) -> Any:
-        if self._copy_shared:
-            # Pure Python cannot see a view's release: copy out and give the segment back.
-            with segment.view(offset, length) as view:
-                payload = bytearray(view) if writable else bytes(view)
-            self._release(segment_id)
-            return payload
-        if writable:
-            # Copy-on-write: nothing is copied until written, and writes never reach the
-            # sender. Unwritten pages still read the segment, so it is lent until the view
-            # goes. Its private mapping serves one view at a time; another one is a copy.
-            lent = segment.lend_writable(offset, length, lambda: self._release(segment_id))
-            if lent is not None:
-                return lent
-            with segment.view(offset, length) as view:
-                copy = bytearray(view)
-            self._release(segment_id)
-            return memoryview(copy)
-        lent_views = self._lent
-
-        def released(region: Any) -> None:
-            lent_views.pop(id(region), None)
-            self._release(segment_id)
-
-        region = _impl.core.SharedRegion(segment.map, offset, length, True, released, True)
-        lent_views[id(region)] = (segment_id, segment.size, offset, length)
-        # The compiled region exports its buffer; released or collected, it gives back.
-        return memoryview(region)  # type: ignore[arg-type]
-
-    def _release(self, segment_id: int) -> None:
-        self._hand_back(_shm.RELEASE_MAGIC, segment_id)
-
-    def _reject(self, segment_id: int) -> None:
-        self._hand_back(_shm.REJECT_MAGIC, segment_id)
-
-    def _hand_back(self, magic: bytes, segment_id: int) -> None:
-        self.outgoing.append(self._encode_frame(
-            MessageType.EVENT, _shm.encode_control(magic, [segment_id]), 0))
-        wake = self.on_writes
-        if wake is not None:
-            try:
-                wake()
-            except Exception as error:   # the connection is gone: nothing to give back to
-                log.debug("could not hand segment %d back: %s", segment_id, error)
-
-    def take_writes(self) -> list[Write]:
-        """The control Events waiting to be sent (``outgoing``), as one write, and no longer
-        waiting; [] if there are none. Safe from any thread."""
-        return take_writes(self.outgoing)
-
-    # Sending -----------------------------------------------------------------------------
-
-    def allocate(self, size: int) -> memoryview | None:
-        """A writable buffer inside a segment; sending it copies nothing. Dropped (released
-        or collected) without being sent, it gives its segment back.
-
-        Returns:
-            The buffer, or None when every segment is lent out: wait for a release (keeping
-            the connection's reads going), then ask again.
-
-        Raises:
-            ShmError: shared memory was not negotiated on this connection, or ``size`` does
-                not fit the pool.
-            TypeError, ValueError: ``size`` is not a positive int.
-        """
-        size = count(size, "size")
-        if self.pool is None or not self.negotiated(FEATURE_SHM):
-            raise ShmError("allocate() needs shared memory, and this connection did not "
-                           "negotiate it")
-        pool = self.pool
-        acquired = pool.try_acquire(size)
-        if acquired is None:
-            return None
-        segment_id, segment, new, retired = acquired
-        allocations = self._allocations
-
-        def dropped(key: int) -> None:   # never sent: the peer never got this use
-            if allocations.pop(key, None) is not None:
-                pool.unlend(segment_id, new)
-                pool.unannounced(retired)
-
-        try:
-            if self._copy_shared:   # a mapping of its own, whose collection we can see
-                owner: Any = _impl.core.Mapping(segment.fd, size, True)
-                weakref.finalize(owner, dropped, id(owner))
-            else:
-                owner = _impl.core.SharedRegion(segment.map, 0, size, False,
-                                                lambda region: dropped(id(region)), True)
-            view = memoryview(owner)
-        except BaseException:
-            pool.unlend(segment_id, new)
-            pool.unannounced(retired)
-            raise
-        allocations[id(owner)] = (segment_id, segment, new, retired, size)
-        return view
-
-    def writes(self, msg_type: int, payload: Any, request_id: int) -> list[Write] | None:
-        """The writes that carry ``payload`` to the peer, by the limits rule: through shared
-        memory when that was negotiated and the payload is ``shm_threshold`` bytes or more,
-        over the peer's ``max_payload``, or an ``allocate()`` buffer or echo; else inline.
-
-        Each write is (buffers, descriptors). Retirements go first, in a write of their own,
-        so that a new segment's descriptor rides with the first byte of its own frame.
-
-        Returns:
-            The writes; None when shared memory is exhausted right now: wait for a release
-            (keeping the connection's reads going), then ask again.
-
-        Raises:
-            TypeError: ``payload`` is not a bytes-like object.
-            FrameTooLargeError: over the peer's limit, and shared memory was not negotiated.
-                Nothing was sent; the connection stays usable.
-            ShmError: over what the pool (or the peer) takes through shared memory.
-        """
-        try:
-            size = len(payload) if type(payload) is bytes else memoryview(payload).nbytes
-        except TypeError:
-            raise TypeError(f"a payload must be a bytes-like object, not "
-                            f"{type(payload).__name__}") from None
-        limit = self._peer_limit
-        if self._allowed_flags & Flags.SHM:   # negotiated (so this side has a pool)
-            if self._allocations and type(payload) is memoryview:
-                allocated = self._allocated_writes(msg_type, payload, request_id)
-                if allocated is not None:
-                    return allocated       # filled in place by the application: no copy
-            if self._lent and type(payload) is memoryview:
-                entry = self._lent.get(id(payload.obj))
-                if entry is not None and payload.nbytes == entry[3] and payload.c_contiguous:
-                    segment_id, segment_size, offset, length = entry   # an echo: point back
-                    return [([self._encode_frame(msg_type, _shm.encode_descriptor(
-                        segment_id, segment_size, offset, length, False, peer=True),
-                        request_id, Flags.SHM)], [])]
-            if size >= self.shm_threshold or size > limit:
-                return self._shared_writes(msg_type, payload, size, request_id)
-        if size > limit:
-            error = FrameTooLargeError(
-                f"a payload of {size} bytes is over the {limit}-byte limit the peer "
-                f"announced, and shared memory was not negotiated: nothing was sent",
-                request_id, msg_type=msg_type)
-            error.fatal = False   # refused here: the connection is untouched
-            raise error
-        if self.compress_min < _NEVER:
-            return [(self.inline(msg_type, payload, request_id), [])]
-        if size < SCATTER_THRESHOLD_BYTES:   # plain_frame, inlined: the hot inline path
-            return [([self._encode_frame(msg_type, payload, request_id)], [])]
-        return [([self._encode_header(msg_type, payload, request_id), payload], [])]
-
-    def reply_writes(self, request_id: int, result: Any) -> list[Write] | None:
-        """The writes that answer a Request with ``result`` (None: an empty payload), by the
-        same rule as ``writes``; a result that cannot reach the peer becomes an Error reply
-        (TOO_LARGE, or SHM_ERROR), so the requester learns why.
-
-        Returns:
-            The writes; None when shared memory is exhausted right now (as ``writes``).
-
-        Raises:
-            TypeError: ``result`` is not a bytes-like object.
-        """
-        try:
-            return self.writes(MessageType.RESPONSE, b"" if result is None else result,
-                               request_id)
-        except (FrameTooLargeError, ShmError) as error:
-            log.info("request %d: the reply cannot be sent: %s", request_id, error)
-            return [([self.error_frame(error.code, f"the reply cannot be sent: {error}",
-                                       request_id)], [])]
-
-    def _allocated_writes(self, msg_type: int, payload: memoryview,
-                          request_id: int) -> list[Write] | None:
-        entry = self._allocations.get(id(payload.obj))
-        if entry is None or payload.nbytes != entry[4] or not payload.c_contiguous:
-            return None   # not one of ours, or a part of one: copied like any buffer
-        del self._allocations[id(payload.obj)]
-        segment_id, segment, new, retired, length = entry
-        frame = self._encode_frame(msg_type, _shm.encode_descriptor(
-            segment_id, segment.size, 0, length, new), request_id, Flags.SHM)
-        return self._with_retirements(frame, segment_id, new, retired)
-
-    def _shared_writes(self, msg_type: int, payload: Any, size: int,
-                       request_id: int) -> list[Write] | None:
-        assert self.pool is not None
-        acquired = self.pool.try_acquire(size)
-        if acquired is None:
-            return None
-        segment_id, segment, new, retired = acquired
-        try:
-            region = _impl.core.SharedRegion(segment.map, 0, size, False)
-            region.copy_in(payload)        # the one copy a send makes
-            region.release()
-            frame = self._encode_frame(msg_type, _shm.encode_descriptor(
-                segment_id, segment.size, 0, size, new), request_id, Flags.SHM)
-            return self._with_retirements(frame, segment_id, new, retired)
-        except BaseException:
-            self.pool.unlend(segment_id, new)
-            self.pool.unannounced(retired)
-            raise
-
-    def _with_retirements(self, frame: bytes, segment_id: int, new: bool,
-                          retired: list[int]) -> list[Write]:
-        assert self.pool is not None
-        writes: list[Write] = []
-        if retired:
-            writes.append(([self._encode_frame(MessageType.EVENT, _shm.encode_control(
-                _shm.RETIRE_MAGIC, retired), 0)], []))
-        # A duplicate of the descriptor, taken while the segment is surely ours and lent.
-        writes.append(([frame], [self.pool.descriptor_for(segment_id)] if new else []))
-        return writes
-
-    def lends(self, view: memoryview) -> bool:
-        """Whether ``view`` is a region of shared memory the peer lent us (still held): a
-        reply of it points back at the peer's segment instead of copying it."""
-        return id(view.obj) in self._lent
-
-    def unsent(self, writes: list[Write]) -> None:
-        """Writes that ``writes`` returned will not be sent (an offer was refused): the
-        segments they use are not lent to the peer after all, and the retirements they
-        announce go with the next frame instead."""
-        if self.pool is None:
-            return
-        for buffers, fds in writes:
-            header = _impl.core.unpack_header(buffers[0])
-            body = bytes(memoryview(buffers[0])[24:24 + header.length])
-            if header.flags & Flags.SHM:
-                segment_id, flags = _shm.DESCRIPTOR.unpack(body)[:2]
-                if not flags & _shm.PEER_SEGMENT:
-                    self.pool.unlend(segment_id, bool(flags & _shm.NEW_SEGMENT))
-            elif header.type == MessageType.EVENT and header.request_id == 0:
-                control = _shm.decode_control(body)
-                if control is not None and control[0] == _shm.RETIRE_MAGIC:
-                    self.pool.unannounced(control[1])
-
     def close_shm(self) -> None:
         """The connection is over: free our segments and unmap the peer's."""
         self._allocations.clear()
@@ -873,10 +400,12 @@ class Endpoint:
         if self.negotiated(FEATURE_COMPRESSION):
             flags |= Flags.COMPRESSED
         return int(flags)
+
     def error_frame(self, code: int, message: str, request_id: int) -> bytes:
         """An Error frame."""
         return self._encode_frame(MessageType.ERROR, encode_error_payload(code, message),
                                   request_id)
+
     def error_reply(self, error: ProtocolError) -> bytes | None:
         """The Error frame that answers a violation, or None where none is due.
 

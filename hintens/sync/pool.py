@@ -27,7 +27,7 @@ from typing import Any, Iterable, Iterator
 from .._checks import call_timeout_s, count, deadline_after, path_like, timeout_s, wait_s
 from .client import DEFAULT_CONNECT_TIMEOUT_S, DEFAULT_TIMEOUT_S, Client, Session
 from .._errors import ConnectError, ConnectionClosed, Timeout, UntrustedServerError
-from ..protocol.endpoint import HelloKey
+from ..protocol.hello import HelloKey
 from ..transport.unix import socket_path
 
 log = logging.getLogger("hintens")

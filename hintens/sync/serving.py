@@ -19,7 +19,8 @@ from .._checks import call_timeout_s, deadline_after
 from .._codecs import join
 from .._constants import ErrorCode, Flags, MessageType
 from .._errors import ConnectionClosed, ProtocolError, RemoteError, Timeout
-from ..protocol.endpoint import FEATURE_SHM, Endpoint, Hello, HelloKey
+from ..protocol.endpoint import Endpoint
+from ..protocol.hello import FEATURE_SHM, Hello, HelloKey
 from ..protocol.replay import ANSWERED, FORGOTTEN, MOVED, NEW, RUNNING, TOO_LARGE, ReplayWindow
 from ..transport.unix import PeerCredentials
 from .connection import Connection
