@@ -258,7 +258,7 @@ class Client(ClientDriver, Generic[_R]):
             raise ValueError(f"request_id must be an int from 1 to 2**64-1, not {request_id!r}")
         endpoint = self._endpoint
         small = type(payload) is bytes and len(payload) < endpoint.small_max
-        writes: list[Any] = []
+        writes: Any = ()
         if small:
             pass
         elif type(payload) is bytes and len(payload) < endpoint.inline_max:   # as writes()
@@ -266,15 +266,21 @@ class Client(ClientDriver, Generic[_R]):
         else:   # refused here (too large, not bytes-like) before anything is sent
             writes = self._writes(MessageType.REQUEST, payload, request_id, deadline)
         waiter = Waiter()
-        with self._lock:
+        # acquire()/release() rather than ``with``: on this path, a ``with`` costs two bound
+        # method objects each time.
+        lock = self._lock
+        lock.acquire()
+        try:
             if self._closed_reason is not None:
                 raise self._closed_error()
             if retry and request_id in self._waiters:
-                self._endpoint.unsent(writes)
+                endpoint.unsent(writes)
                 raise ValueError(f"request {request_id} of this client is waiting already")
             self._waiters[request_id] = waiter
             if writable:
                 self._endpoint.writable_ids.add(request_id)
+        finally:
+            lock.release()
         end = 0   # the stream offset just past our frame, once known
         try:
             # Send first, read after: a thread blocked in send must never hold the reader
@@ -288,10 +294,13 @@ class Client(ClientDriver, Generic[_R]):
             except BaseException as error:
                 end = getattr(error, "stream_end", 0)
                 self._send_failed(error)
-            with self._lock:   # nobody reading: read our own reply now, no _wait round
+            lock.acquire()   # nobody reading: read our own reply now, no _wait round
+            try:
                 leading = not self._reading and self._closed_reason is None
                 if leading:
                     self._reading = True
+            finally:
+                lock.release()
             if leading:
                 self._read(deadline - monotonic(), request_id)
             if not waiter.done:

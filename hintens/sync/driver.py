@@ -93,9 +93,13 @@ class ClientDriver:
         self._closed_reason: BaseException | None = None
         self._server_error: BaseException | None = None
         self._close_pending = False
-        self._receive_timeout: float | None = None
+        # The kernel receive timeout is changed only when a read's remaining time falls
+        # outside [low, high]: the current timeout overshoots it by no more than the slack,
+        # and is at least half of it. (No timeout yet: an empty window.)
+        self._timeout_low, self._timeout_high = math.inf, -math.inf
         self._channel.flush_interval = flush_interval
         self._post = self._channel.post
+        self._receive_reply = self._channel.receive_reply
         self._event = self._channel.event
         self._pump: threading.Thread | None = None
         set_kernel_timeouts(self._sock, None, self.timeout, set_send=True)
@@ -340,21 +344,33 @@ class ClientDriver:
         a lone plain Response to it is handed over without the general dispatch.
         """
         items: Any = ()
-        reply = None
         try:
             if remaining is None:
                 frames = self._channel.receive(socket.MSG_DONTWAIT)
             elif remaining <= 0:
                 return
             else:
-                current = self._receive_timeout   # a setsockopt only when it must change
-                if current is None or current > remaining + _TIMEOUT_SLACK_S \
-                        or current < remaining / 2:
-                    self._conn.set_receive_timeout(remaining)
-                    self._receive_timeout = remaining
+                if not self._timeout_low <= remaining <= self._timeout_high:
+                    self._conn.set_receive_timeout(remaining)   # a setsockopt, now and then
+                    self._timeout_low = remaining - _TIMEOUT_SLACK_S
+                    self._timeout_high = remaining * 2
                 if request_id:
-                    reply = self._channel.receive_reply(request_id)
-                    if reply is not None:
+                    reply = self._receive_reply(request_id)
+                    if reply is not None:   # handed over here, in one step under the lock
+                        items = None
+                        lock = self._lock
+                        lock.acquire()   # not ``with``: see Client.request
+                        try:
+                            self._reading = False
+                            waiter = self._waiters.pop(request_id, None)
+                            if waiter is not None:
+                                waiter.payload, waiter.done = reply, True
+                            close_now = (self._parked or self._sleepers or self._close_pending) \
+                                and self._reader_left()
+                        finally:
+                            lock.release()
+                        if close_now:
+                            self._close_channel()
                         return
                     frames = self._channel.pending
                 else:
@@ -363,7 +379,8 @@ class ClientDriver:
         except Exception as error:
             items = self._read_failed(error)
         finally:
-            self._finish_read(items, request_id, reply)
+            if items is not None:
+                self._finish_read(items)
 
     def _arrived(self, frames: list[Any] | None) -> list[Any]:
         """Items for frames just read; None (end of stream) fails the connection."""
@@ -383,32 +400,15 @@ class ClientDriver:
             return []
         raise error
 
-    def _finish_read(self, items: Any, request_id: int = 0, reply: Any = None) -> None:
-        """Give the reader role back and hand over what was read: ``reply`` to ``request_id``
-        (the fast path), or ``items`` to their waiters. Then run callbacks, outside the lock."""
+    def _finish_read(self, items: Any) -> None:
+        """Give the reader role back and hand ``items`` to their waiters. Then run callbacks,
+        outside the lock."""
         events: Sequence[Any]
         replies: Sequence[bytes]
         with self._lock:
             self._reading = False
-            if reply is not None:
-                waiter = self._waiters.pop(request_id, None)
-                if waiter is not None:
-                    waiter.payload, waiter.done = reply, True
-                if self._parked:
-                    self._wake_parked()
-                if self._sleepers:
-                    self._cond.notify_all()
-                if not self._close_pending:
-                    return   # the common case: a lone reply, nothing else to do
-                events, replies = _NOTHING
-            else:
-                events, replies = self._dispatch(items) if items else _NOTHING
-            if self._parked:
-                self._wake_parked()
-            if self._sleepers:
-                self._cond.notify_all()
-            close_now = self._close_pending
-            self._close_pending = False
+            events, replies = self._dispatch(items) if items else _NOTHING
+            close_now = self._reader_left()
         if close_now:
             self._close_channel()
         if replies:
@@ -421,6 +421,18 @@ class ClientDriver:
                 self._on_event(payload)  # type: ignore[misc]
             except Exception:
                 log.exception("on_event callback raised")
+
+    def _reader_left(self) -> bool:
+        """Under the lock, once the reader role is given back: wake the threads whose reply
+        came, one more to read next, and the sleepers. Returns whether the socket is to be
+        closed now (by the caller, outside the lock)."""
+        if self._parked:
+            self._wake_parked()
+        if self._sleepers:
+            self._cond.notify_all()
+        close_now = self._close_pending
+        self._close_pending = False
+        return close_now
 
     def _lost_message(self, error: OSError | None) -> str:
         """Why the connection ended: the server's own word where it gave one, or ours."""
