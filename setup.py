@@ -28,10 +28,10 @@ def _extensions():
         cflags.append("-Werror")
     macros = [("CYTHON_TRACE", "1"), ("CYTHON_TRACE_NOGIL", "1")] if debug else []
     ext = Extension(
-        "hintens._core",
-        ["hintens/_core.pyx"],
-        include_dirs=["hintens"],
-        depends=["hintens/_wire.h", "hintens/_crc16.h", "hintens/_core.pxd"],
+        "hintens.wire._wire",
+        ["hintens/wire/_wire.pyx"],
+        include_dirs=["hintens/wire"],
+        depends=["hintens/wire/_wire.h", "hintens/wire/_crc16.h", "hintens/wire/_wire.pxd"],
         extra_compile_args=cflags,
         define_macros=macros,
     )

@@ -10,7 +10,8 @@ import sys
 import pytest
 
 import hintens
-from hintens import _constants, _core_py
+from hintens import _constants
+from hintens import _python_core as _core_py
 
 from .conftest import NO_EXTENSIONS
 
@@ -18,7 +19,7 @@ from .conftest import NO_EXTENSIONS
 @pytest.mark.skipif(NO_EXTENSIONS, reason="HINTENS_NO_EXTENSIONS is set")
 def test_compiled_core_loaded_in_a_normal_build():
     assert hintens.implementation == "cython"
-    from hintens import _core
+    from hintens import _cython_core as _core
     assert hintens.wire.FrameDecoder is _core.FrameDecoder
     assert hintens.wire.crc16 is _core.crc16
 
@@ -29,7 +30,7 @@ def test_no_extensions_env_selects_the_python_twin():
         [sys.executable, "-c",
          "import hintens; print(hintens.implementation, hintens.wire.FrameDecoder.__module__)"],
         env=env, capture_output=True, text=True, check=True).stdout.split()
-    assert out == ["python", "hintens._core_py"]
+    assert out == ["python", "hintens.wire._wire_py"]
 
 
 def test_twins_export_the_same_names(cython_core):

@@ -1,4 +1,4 @@
-"""Pure-Python twin of ``hintens._core``.
+"""Pure-Python twin of the compiled core, ``hintens.wire._wire``.
 
 Same names, same signatures, same exceptions and the same decoder semantics as the Cython
 module. It is used where the extension is not built, on interpreters other than CPython, or when
@@ -34,8 +34,8 @@ import weakref
 from time import monotonic
 from typing import Any
 
-from . import _errors
-from ._constants import (
+from .. import _errors
+from .._constants import (
     BATCH_WRITE_BYTES,
     BUDGETED_FRAME_BYTES,
     CONTROL_MAX_PAYLOAD_BYTES,
@@ -50,7 +50,7 @@ from ._constants import (
     VERSION,
     VERSION_MAJOR,
 )
-from ._errors import IncompleteFrameError, ProtocolError
+from .._errors import IncompleteFrameError, ProtocolError
 
 __all__ = [
     "Channel",

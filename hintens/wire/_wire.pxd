@@ -1,5 +1,5 @@
 # The contract of the compiled core: C helpers it links and the layout of its classes.
-# Field comments say what each slot holds; hintens/_core_py.py is the pure-Python twin.
+# Field comments say what each slot holds; hintens/wire/_wire_py.py is the pure-Python twin.
 
 from cpython.object cimport PyObject
 from cpython.pythread cimport PyThread_type_lock

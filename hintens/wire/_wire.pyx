@@ -1,7 +1,7 @@
 # cython: language_level=3, embedsignature=True, embedsignature.format=clinic, binding=False, boundscheck=False, wraparound=False, cdivision=True
 """Compiled core of hintens: CRC16, the frame header and the sans-IO frame decoder.
 
-hintens/_core_py.py is its pure-Python twin and documents the shared decoder rules; the two
+hintens/wire/_wire_py.py is its pure-Python twin and documents the shared decoder rules; the two
 export the same names and raise the same exceptions. Here every per-frame step (header parse,
 validation, CRC, payload slicing) runs in C; Python objects are made only for the results.
 Long C loops (CRC and copies of 64 KiB or more) run without the GIL.
@@ -46,8 +46,8 @@ from cpython.pythread cimport (
     PyThread_set_stacksize,
 )
 
-from . import _errors
-from ._constants import (
+from .. import _errors
+from .._constants import (
     BATCH_WRITE_BYTES,
     BUDGETED_FRAME_BYTES,
     CONTROL_MAX_PAYLOAD_BYTES,
@@ -56,7 +56,7 @@ from ._constants import (
     DEFAULT_MAX_QUEUE_BYTES,
     PAYLOAD_COPY_THRESHOLD_BYTES,
 )
-from ._errors import IncompleteFrameError, ProtocolError
+from .._errors import IncompleteFrameError, ProtocolError
 
 __all__ = [
     "Channel",
@@ -456,7 +456,7 @@ cdef class MemoryBudget:
 
 @cython.final
 cdef class FrameDecoder:
-    """Sans-IO frame decoder: bytes in, frames out. See hintens/_core_py.py for its rules."""
+    """Sans-IO frame decoder: bytes in, frames out. See hintens/wire/_wire_py.py for its rules."""
 
     def __cinit__(self):
         self._state = _HEADER_STATE
@@ -539,7 +539,7 @@ cdef class FrameDecoder:
             The frames completed by this call, in stream order, each exactly once.
 
         Raises:
-            ProtocolError: a subclass per violation; see hintens/_core_py.py.
+            ProtocolError: a subclass per violation; see hintens/wire/_wire_py.py.
             BufferError: ``data`` is not C-contiguous.
         """
         cdef _Input ref
@@ -845,7 +845,7 @@ cdef class Channel:
     """A connected stream socket's receive side (buffer and decoder) and a send lock.
 
     The socket stays owned by the caller, who also sets its kernel timeouts. Every syscall runs
-    without the GIL. See hintens/_core_py.py for the semantics both cores share.
+    without the GIL. See hintens/wire/_wire_py.py for the semantics both cores share.
     """
 
     def __cinit__(self):
