@@ -3,14 +3,15 @@
 #   make demo    the main job: run hintens and print its numbers
 #   make bench   benchmarks against the stdlib and the peers (installs the `bench` extra)
 #   make crc-check  the CRC16 kernel's C harness (every path vs a bitwise reference, ASan/UBSan)
-#   make build   rebuild the extension in place after editing .pyx/.pxd/.h
+#   make build   rebuild the extensions in place after editing .pyx/.pxd/.h
 #   make clean   remove build products and the virtual environment
 
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 CORE_SOURCES := pyproject.toml setup.py hintens/wire/_wire.pyx hintens/wire/_wire.pxd \
-    hintens/wire/_wire.h hintens/wire/_crc16.h
+    hintens/wire/_wire.h hintens/wire/_crc16.h hintens/transport/_channel.pyx \
+    hintens/transport/_channel.pxd
 INSTALLED := $(VENV)/.installed-test
 BENCH_INSTALLED := $(VENV)/.installed-bench
 BENCH_ARGS ?=
@@ -62,7 +63,7 @@ build: $(INSTALLED)
 	HINTENS_WERROR=1 $(PY) setup.py --quiet build_ext --inplace
 
 clean:
-	rm -rf build dist *.egg-info hintens/_bincode.c hintens/wire/_wire.c \
+	rm -rf build dist *.egg-info hintens/_bincode.c hintens/wire/_wire.c hintens/transport/_channel.c \
 	    hintens/*.so hintens/*/*.so hintens/*.html hintens/*/*.html hintens/_version.py \
 	    .pytest_cache .hypothesis .benchmarks bench/results $(VENV)
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -1,21 +1,23 @@
-"""The compiled core as one namespace, with the same names as its twin in
+"""The compiled core as one namespace: the wire kernels (``hintens.wire._wire``) and the
+socket transport (``hintens.transport._channel``), with the same names as their twins in
 ``hintens._python_core``. ``hintens._impl`` picks one of the two; importing this module fails
-(ImportError) where the extension is not built. (For now the whole core lives in
-``hintens.wire``.)
+(ImportError) where either extension is not built.
 """
 
 from __future__ import annotations
 
-from .wire._wire import (
+from .transport._channel import (
     SEES_VIEW_RELEASE,
     Channel,
+    Mapping,
+    SharedRegion,
+    call_with_stack_size,
+)
+from .wire._wire import (
     Frame,
     FrameDecoder,
     FrameHeader,
-    Mapping,
     MemoryBudget,
-    SharedRegion,
-    call_with_stack_size,
     crc16,
     crc16_backend,
     encode_frame,

@@ -39,6 +39,28 @@ def test_twins_export_the_same_names(cython_core):
         assert hasattr(cython_core, name), name
 
 
+@pytest.mark.skipif(NO_EXTENSIONS, reason="HINTENS_NO_EXTENSIONS is set")
+@pytest.mark.parametrize("layer", ["wire._wire", "transport._channel"])
+def test_each_layer_has_a_twin_with_the_same_names(layer):
+    import importlib
+
+    compiled = importlib.import_module(f"hintens.{layer}")
+    twin = importlib.import_module(f"hintens.{layer}_py")
+    assert compiled.__file__.endswith(".so")
+    assert sorted(compiled.__all__) == sorted(twin.__all__)
+    for name in twin.__all__:
+        assert hasattr(compiled, name), name
+
+
+def test_the_core_namespaces_are_the_two_layers():
+    from hintens.transport import _channel_py
+    from hintens.wire import _wire_py
+
+    assert sorted(_core_py.__all__) == sorted(_wire_py.__all__ + _channel_py.__all__)
+    assert _core_py.Channel is _channel_py.Channel
+    assert _core_py.FrameDecoder is _wire_py.FrameDecoder
+
+
 @pytest.mark.parametrize("name", ["crc16", "encode_frame", "encode_header",
                                   "pack_header_into", "unpack_header"])
 def test_twins_share_signatures(cython_core, name):

@@ -1,44 +1,15 @@
-# The contract of the compiled core: C helpers it links and the layout of its classes.
-# Field comments say what each slot holds; hintens/wire/_wire_py.py is the pure-Python twin.
+# The contract of the compiled wire kernels (hintens/wire/_wire.pyx): the C helpers they link,
+# the layout of their classes, and the small inline helpers the compiled transport shares
+# (hintens/transport/_channel.pyx cimports this file). Field comments say what each slot
+# holds; hintens/wire/_wire_py.py is the pure-Python twin.
 
+from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
+from cpython.number cimport PyNumber_Index
 from cpython.object cimport PyObject
-from cpython.pythread cimport PyThread_type_lock
 from libc.stdint cimport uint16_t, uint32_t, uint64_t
-
-
-cdef extern from "sys/uio.h" nogil:
-    struct iovec:
-        void *iov_base
-        size_t iov_len
-
-
-cdef extern from "sys/socket.h" nogil:
-    struct msghdr:
-        void *msg_name
-        unsigned int msg_namelen
-        iovec *msg_iov
-        size_t msg_iovlen
-        void *msg_control
-        size_t msg_controllen
-        int msg_flags
-    struct cmsghdr:
-        size_t cmsg_len
-        int cmsg_level
-        int cmsg_type
-    ssize_t recvmsg(int fd, msghdr *message, int flags)
-    int shutdown(int fd, int how)
-    const int SHUT_RDWR
-    ssize_t sendmsg(int fd, const msghdr *message, int flags)
-    cmsghdr *CMSG_FIRSTHDR(msghdr *message)
-    cmsghdr *CMSG_NXTHDR(msghdr *message, cmsghdr *header)
-    unsigned char *CMSG_DATA(cmsghdr *header)
-    size_t CMSG_SPACE(size_t length)
-    size_t CMSG_LEN(size_t length)
-    const int SOL_SOCKET
-    const int SCM_RIGHTS
-    const int MSG_NOSIGNAL
-    const int MSG_CMSG_CLOEXEC
-    const int MSG_CTRUNC
+from libc.string cimport memcpy
 
 
 cdef extern from "_wire.h" nogil:
@@ -54,8 +25,22 @@ cdef extern from "_wire.h" nogil:
     const int HX_HEADER_SIZE
     void hx_pack_header(unsigned char *p, const hx_header *h)
     void hx_unpack_header(const unsigned char *p, hx_header *h)
-    uint16_t hx_crc16(uint16_t crc, const unsigned char *buf, size_t length)
-    const char *hx_crc16_impl()
+
+
+# Mirrors of hintens._constants as C constants (asserted equal in the tests).
+cdef enum:
+    HEADER_SIZE = 24
+    MAGIC = 0x4850
+    VERSION = 0x0100
+    VERSION_MAJOR = 1
+    KNOWN_FLAGS_MASK = 0x0003
+    # Below this many bytes, releasing and re-taking the GIL costs more than the work.
+    NOGIL_THRESHOLD_BYTES = 64 * 1024
+
+
+# The CRC16 kernel on raw memory (the GIL is left as it is): the transport packs frames with
+# it, and _crc16.h is compiled into this extension alone.
+cdef uint16_t crc16_kernel(uint16_t crc, const unsigned char *p, size_t n) noexcept nogil
 
 
 cdef class FrameHeader:
@@ -113,90 +98,80 @@ cdef class FrameDecoder:
     cdef int _validate(self, const hx_header *h) except -1
 
 
-cdef class Channel:
-    cdef int _fd                          # the socket's descriptor (the socket stays the caller's)
-    cdef object _sock                     # keeps the socket object, and so the fd, alive
-    cdef readonly FrameDecoder decoder    # decodes what arrives
-    cdef unsigned char *_buffer           # receive buffer, malloc'ed in __init__
-    cdef Py_ssize_t _size                 # its size in bytes
-    cdef PyThread_type_lock _send_lock    # one writer at a time, taken without the GIL
-    cdef public object pending            # frames receive_reply() did not consume, or None at EOF
-    cdef readonly list fds                # descriptors received (SCM_RIGHTS), oldest first
-    cdef readonly Py_ssize_t fds_dropped  # received beyond the cap (closed) or cut by MSG_CTRUNC
-    cdef public Py_ssize_t max_fds        # descriptors that may wait unclaimed (0: none, at most 64)
-    cdef readonly bint broken             # a send stopped mid-frame: the stream is shut for good
-    # The outbox: small frames packed back to back, written by whichever thread holds the send
-    # lock. Only touched with the GIL held; the writer sends a detached buffer without it.
-    cdef unsigned char *_queue            # frames submitted and not yet written, in order
-    cdef Py_ssize_t _queued               # bytes in _queue
-    cdef Py_ssize_t _queue_cap            # its allocation
-    cdef unsigned char *_spare            # the other buffer, swapped in by the writer
-    cdef Py_ssize_t _spare_cap            # its allocation
-    cdef readonly uint64_t submitted      # bytes ever submitted: the stream offset of the newest
-    cdef readonly uint64_t written        # bytes the kernel has taken
-    cdef readonly uint64_t dropped        # queued bytes that close() threw away unsent
-    cdef public double flush_interval     # seconds an Event may wait in the queue
-    cdef public Py_ssize_t max_queue      # queued bytes past which a submitter writes itself
-    cdef public object on_queued          # called with the channel when a deadline flush is due
-    cdef int _corked                      # cork() depth: Events wait for uncork or a full queue
-    cdef bint _scheduled                  # on_queued was called and flush_due() has not run
-    cdef double _last_lazy                # CLOCK_MONOTONIC seconds of the newest non-urgent post
-    cdef uint64_t _event_id               # the request id of the newest Event posted
-    cdef bint _eager                      # reads found several frames: try the next one
-                                          # with MSG_DONTWAIT first, keeping the GIL
-    # Descriptors queued with frames of the outbox (offer), in stream order: each rides on the
-    # first byte of its frame, in a sendmsg that carries that frame alone. The channel owns
-    # these (duplicates) until they are sent or dropped.
-    cdef uint64_t *_fd_at                 # stream offset of each one's frame
-    cdef uint64_t *_fd_end                # stream offset just past that frame
-    cdef int *_fd_fds                     # the descriptors
-    cdef Py_ssize_t _fd_count             # how many are queued
-    cdef Py_ssize_t _fd_cap               # room in the three arrays
-    cdef readonly object aborted          # why abort() cut the stream, or None
-    cdef public double stall_timeout      # seconds queued bytes may wait on a full socket
-                                          # before the flusher aborts the channel (0: never)
-    cdef bint _slow                       # the last serve() read needed more than the handler
+# Inline helpers, compiled into every extension that cimports them -------------------------------
 
-    cdef uint64_t _send(self, object buffers, object fds=*) except? 0
-    cdef int _reserve(self, Py_ssize_t extra) except -1
-    cdef uint64_t _post(self, uint32_t msg_type, object payload, uint64_t request_id) except? 0
-    cdef int _after_post(self, bint urgent) except -1
-    cdef int _after_offer(self) except -1
-    cdef int _schedule(self) except -1
-    cdef int _drain(self, int flags) except -1
-    cdef int _break(self) except -1
-    cdef int _queue_fd(self, int fd, uint64_t at, uint64_t end) except -1
-    cdef void _drop_fds(self) noexcept
-    cdef int _drain_quietly(self) except -1
-    cdef int _requeue(self, unsigned char *buf, Py_ssize_t cap, Py_ssize_t start,
-                      Py_ssize_t end) except -1
-    cdef int _lock_send(self) except -1
-    cdef int _send_iov(self, iovec *iov, Py_ssize_t count, object fds,
-                       bint quick=*) except -1
-    cdef int _write_all(self, iovec *iov, Py_ssize_t first, Py_ssize_t count, object fds,
-                        Py_ssize_t nfds, size_t *written, bint quick) except -1
-    cdef int _keep_fds(self, msghdr *message) except -1
-    cdef list _receive(self, int flags)
-    cdef list _serve_once(self, handler, on_error, reply_writes, Py_ssize_t small_max,
-                          Py_ssize_t inline_max)
+cdef inline object _index(object value):
+    # Cython's own int conversion would truncate a float; the twin's operator.index refuses it.
+    # The range check (OverflowError) then comes from the assignment to the C field.
+    return value if type(value) is int else PyNumber_Index(value)
 
 
-cdef class Mapping:
-    cdef unsigned char *_address          # start of the mapping, or NULL once unmapped
-    cdef Py_ssize_t _size                 # its length in bytes
-    cdef bint _writable                   # PROT_WRITE (refuses writable exports otherwise)
-    cdef readonly Py_ssize_t exports      # buffer exports alive right now
-    cdef list _charges                    # [(MemoryBudget, amount)], given back when unmapped
-    cdef int _unmap(self) except -1
+cdef struct _Input:
+    # A borrowed view of a caller's buffer. bytes are read in place (immutable). A short
+    # bytearray is read in place only by callers that allocate nothing and keep the GIL until
+    # they are done (no GC callback, no other thread can run and resize it); anything else goes
+    # through the buffer protocol, whose export forbids resizing.
+    const unsigned char *buf
+    Py_ssize_t len
+    bint exported
+    Py_buffer view
 
 
-cdef class SharedRegion:
-    cdef Py_buffer _source                # export of the mapping, held until release
-    cdef bint _has_source                 # whether _source must be released
-    cdef Py_ssize_t _offset               # window start within the mapping
-    cdef Py_ssize_t _length               # window length
-    cdef bint _readonly                   # refuse writable views
-    cdef object _on_release               # called once when released, or None
-    cdef bint _auto_release               # release when the last export goes
-    cdef readonly Py_ssize_t exports      # views alive right now
-    cdef readonly bint released           # give-back happened
+cdef inline int _acquire(object obj, _Input *ref, bint writable,
+                         bint no_allocation=False) except -1:
+    if type(obj) is bytes and not writable:
+        ref.buf = <const unsigned char *>PyBytes_AS_STRING(obj)
+        ref.len = PyBytes_GET_SIZE(obj)
+        ref.exported = False
+    elif no_allocation and type(obj) is bytearray \
+            and PyByteArray_GET_SIZE(obj) < NOGIL_THRESHOLD_BYTES:
+        ref.buf = <const unsigned char *>PyByteArray_AS_STRING(obj)
+        ref.len = PyByteArray_GET_SIZE(obj)
+        ref.exported = False
+    else:
+        if writable:
+            try:
+                PyObject_GetBuffer(obj, &ref.view, PyBUF_SIMPLE | PyBUF_WRITABLE)
+            except BufferError as error:
+                raise TypeError("a writable buffer is needed") from error
+        else:
+            PyObject_GetBuffer(obj, &ref.view, PyBUF_SIMPLE)
+        ref.buf = <const unsigned char *>ref.view.buf
+        ref.len = ref.view.len
+        ref.exported = True
+    return 0
+
+
+cdef inline void _release(_Input *ref) noexcept:
+    if ref.exported:
+        PyBuffer_Release(&ref.view)
+        ref.exported = False
+
+
+cdef inline void _copy(unsigned char *dst, const unsigned char *src, size_t n) noexcept:
+    if n >= NOGIL_THRESHOLD_BYTES:
+        with nogil:
+            memcpy(dst, src, n)
+    else:
+        memcpy(dst, src, n)
+
+
+cdef inline int _check_frame_args(uint32_t msg_type, uint16_t flags, Py_ssize_t n) except -1:
+    if not 1 <= msg_type <= 4:
+        raise ValueError(f"msg_type must be 1-4 (a MessageType), not {msg_type}")
+    if flags & ~KNOWN_FLAGS_MASK:
+        raise ValueError(f"flags 0x{flags:04x} set reserved bits")
+    if <uint64_t>n > <uint64_t>0xFFFFFFFF:
+        raise ValueError(f"payload of {n} bytes does not fit the u32 length field")
+    return 0
+
+
+cdef inline void _fill_header(hx_header *h, uint32_t msg_type, uint16_t flags, size_t n,
+                              uint16_t crc, uint64_t request_id) noexcept:
+    h.magic = MAGIC
+    h.version = VERSION
+    h.type = msg_type
+    h.flags = flags
+    h.length = <uint32_t>n
+    h.checksum = crc
+    h.request_id = request_id

@@ -1,20 +1,16 @@
-# Type stub of the compiled core; hintens/wire/_wire_py.py is its pure-Python twin with the same API.
+# Type stub of the compiled wire kernels; hintens/wire/_wire_py.py is their pure-Python twin
+# with the same API.
 from typing import Any
 
-from ._wire_py import Channel as Channel
 from ._wire_py import Frame as Frame
 from ._wire_py import FrameDecoder as FrameDecoder
 from ._wire_py import FrameHeader as FrameHeader
-from ._wire_py import Mapping as Mapping
 from ._wire_py import MemoryBudget as MemoryBudget
-from ._wire_py import SharedRegion as SharedRegion
 
 __all__: list[str]
-SEES_VIEW_RELEASE: bool
 
 def crc16(data: Any, value: int = 0xFFFF) -> int: ...
 def crc16_backend() -> str: ...
-def call_with_stack_size(stack_bytes: int, function: Any, *args: Any) -> Any: ...
 def encode_header(msg_type: int, payload: Any, request_id: int, flags: int = 0) -> bytes: ...
 def encode_frame(msg_type: int, payload: Any, request_id: int, flags: int = 0) -> bytes: ...
 def pack_header_into(buffer: Any, offset: int, msg_type: int, length: int, checksum: int,

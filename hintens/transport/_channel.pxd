@@ -1,0 +1,133 @@
+# The contract of the compiled socket transport (hintens/transport/_channel.pyx): the socket
+# calls it makes and the layout of its classes. Field comments say what each slot holds;
+# hintens/transport/_channel_py.py is the pure-Python twin. The frame types come from the wire
+# kernels' contract, hintens/wire/_wire.pxd.
+
+from cpython.pythread cimport PyThread_type_lock
+from libc.stdint cimport uint32_t, uint64_t
+
+from ..wire._wire cimport FrameDecoder
+
+
+cdef extern from "sys/uio.h" nogil:
+    struct iovec:
+        void *iov_base
+        size_t iov_len
+
+
+cdef extern from "sys/socket.h" nogil:
+    struct msghdr:
+        void *msg_name
+        unsigned int msg_namelen
+        iovec *msg_iov
+        size_t msg_iovlen
+        void *msg_control
+        size_t msg_controllen
+        int msg_flags
+    struct cmsghdr:
+        size_t cmsg_len
+        int cmsg_level
+        int cmsg_type
+    ssize_t recvmsg(int fd, msghdr *message, int flags)
+    int shutdown(int fd, int how)
+    const int SHUT_RDWR
+    ssize_t sendmsg(int fd, const msghdr *message, int flags)
+    cmsghdr *CMSG_FIRSTHDR(msghdr *message)
+    cmsghdr *CMSG_NXTHDR(msghdr *message, cmsghdr *header)
+    unsigned char *CMSG_DATA(cmsghdr *header)
+    size_t CMSG_SPACE(size_t length)
+    size_t CMSG_LEN(size_t length)
+    const int SOL_SOCKET
+    const int SCM_RIGHTS
+    const int MSG_NOSIGNAL
+    const int MSG_CMSG_CLOEXEC
+    const int MSG_CTRUNC
+
+
+cdef class Channel:
+    cdef int _fd                          # the socket's descriptor (the socket stays the caller's)
+    cdef object _sock                     # keeps the socket object, and so the fd, alive
+    cdef readonly FrameDecoder decoder    # decodes what arrives
+    cdef unsigned char *_buffer           # receive buffer, malloc'ed in __init__
+    cdef Py_ssize_t _size                 # its size in bytes
+    cdef PyThread_type_lock _send_lock    # one writer at a time, taken without the GIL
+    cdef public object pending            # frames receive_reply() did not consume, or None at EOF
+    cdef readonly list fds                # descriptors received (SCM_RIGHTS), oldest first
+    cdef readonly Py_ssize_t fds_dropped  # received beyond the cap (closed) or cut by MSG_CTRUNC
+    cdef public Py_ssize_t max_fds        # descriptors that may wait unclaimed (0: none, at most 64)
+    cdef readonly bint broken             # a send stopped mid-frame: the stream is shut for good
+    # The outbox: small frames packed back to back, written by whichever thread holds the send
+    # lock. Only touched with the GIL held; the writer sends a detached buffer without it.
+    cdef unsigned char *_queue            # frames submitted and not yet written, in order
+    cdef Py_ssize_t _queued               # bytes in _queue
+    cdef Py_ssize_t _queue_cap            # its allocation
+    cdef unsigned char *_spare            # the other buffer, swapped in by the writer
+    cdef Py_ssize_t _spare_cap            # its allocation
+    cdef readonly uint64_t submitted      # bytes ever submitted: the stream offset of the newest
+    cdef readonly uint64_t written        # bytes the kernel has taken
+    cdef readonly uint64_t dropped        # queued bytes that close() threw away unsent
+    cdef public double flush_interval     # seconds an Event may wait in the queue
+    cdef public Py_ssize_t max_queue      # queued bytes past which a submitter writes itself
+    cdef public object on_queued          # called with the channel when a deadline flush is due
+    cdef int _corked                      # cork() depth: Events wait for uncork or a full queue
+    cdef bint _scheduled                  # on_queued was called and flush_due() has not run
+    cdef double _last_lazy                # CLOCK_MONOTONIC seconds of the newest non-urgent post
+    cdef uint64_t _event_id               # the request id of the newest Event posted
+    cdef bint _eager                      # reads found several frames: try the next one
+                                          # with MSG_DONTWAIT first, keeping the GIL
+    # Descriptors queued with frames of the outbox (offer), in stream order: each rides on the
+    # first byte of its frame, in a sendmsg that carries that frame alone. The channel owns
+    # these (duplicates) until they are sent or dropped.
+    cdef uint64_t *_fd_at                 # stream offset of each one's frame
+    cdef uint64_t *_fd_end                # stream offset just past that frame
+    cdef int *_fd_fds                     # the descriptors
+    cdef Py_ssize_t _fd_count             # how many are queued
+    cdef Py_ssize_t _fd_cap               # room in the three arrays
+    cdef readonly object aborted          # why abort() cut the stream, or None
+    cdef public double stall_timeout      # seconds queued bytes may wait on a full socket
+                                          # before the flusher aborts the channel (0: never)
+    cdef bint _slow                       # the last serve() read needed more than the handler
+
+    cdef uint64_t _send(self, object buffers, object fds=*) except? 0
+    cdef int _reserve(self, Py_ssize_t extra) except -1
+    cdef uint64_t _post(self, uint32_t msg_type, object payload, uint64_t request_id) except? 0
+    cdef int _after_post(self, bint urgent) except -1
+    cdef int _after_offer(self) except -1
+    cdef int _schedule(self) except -1
+    cdef int _drain(self, int flags) except -1
+    cdef int _break(self) except -1
+    cdef int _queue_fd(self, int fd, uint64_t at, uint64_t end) except -1
+    cdef void _drop_fds(self) noexcept
+    cdef int _drain_quietly(self) except -1
+    cdef int _requeue(self, unsigned char *buf, Py_ssize_t cap, Py_ssize_t start,
+                      Py_ssize_t end) except -1
+    cdef int _lock_send(self) except -1
+    cdef int _send_iov(self, iovec *iov, Py_ssize_t count, object fds,
+                       bint quick=*) except -1
+    cdef int _write_all(self, iovec *iov, Py_ssize_t first, Py_ssize_t count, object fds,
+                        Py_ssize_t nfds, size_t *written, bint quick) except -1
+    cdef int _keep_fds(self, msghdr *message) except -1
+    cdef list _receive(self, int flags)
+    cdef list _serve_once(self, handler, on_error, reply_writes, Py_ssize_t small_max,
+                          Py_ssize_t inline_max)
+
+
+cdef class Mapping:
+    cdef unsigned char *_address          # start of the mapping, or NULL once unmapped
+    cdef Py_ssize_t _size                 # its length in bytes
+    cdef bint _writable                   # PROT_WRITE (refuses writable exports otherwise)
+    cdef readonly Py_ssize_t exports      # buffer exports alive right now
+    cdef list _charges                    # [(MemoryBudget, amount)], given back when unmapped
+    cdef int _unmap(self) except -1
+
+
+cdef class SharedRegion:
+    cdef Py_buffer _source                # export of the mapping, held until release
+    cdef bint _has_source                 # whether _source must be released
+    cdef Py_ssize_t _offset               # window start within the mapping
+    cdef Py_ssize_t _length               # window length
+    cdef bint _readonly                   # refuse writable views
+    cdef object _on_release               # called once when released, or None
+    cdef bint _auto_release               # release when the last export goes
+    cdef readonly Py_ssize_t exports      # views alive right now
+    cdef readonly bint released           # give-back happened
