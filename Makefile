@@ -3,13 +3,15 @@
 #   make demo    the main job: run hintens and print its numbers
 #   make bench   benchmarks against the stdlib and the peers (installs the `bench` extra)
 #   make crc-check  the CRC16 kernel's C harness (every path vs a bitwise reference, ASan/UBSan)
-#   make build   rebuild the extension in place after editing .pyx/.pxd/.h
+#   make build   rebuild the extensions in place after editing .pyx/.pxd/.h
 #   make clean   remove build products and the virtual environment
 
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-CORE_SOURCES := pyproject.toml setup.py hintens/_core.pyx hintens/_core.pxd hintens/_wire.h hintens/_crc16.h
+CORE_SOURCES := pyproject.toml setup.py hintens/wire/_wire.pyx hintens/wire/_wire.pxd \
+    hintens/wire/_wire.h hintens/wire/_crc16.h hintens/transport/_channel.pyx \
+    hintens/transport/_channel.pxd
 INSTALLED := $(VENV)/.installed-test
 BENCH_INSTALLED := $(VENV)/.installed-bench
 BENCH_ARGS ?=
@@ -35,7 +37,7 @@ test: $(INSTALLED) crc-check
 	HINTENS_NO_EXTENSIONS=1 $(PY) -m pytest -q -m "not slow" -p no:cacheprovider
 
 # Sanitizers where the compiler has their runtime; a plain optimised build elsewhere.
-CRC_TEST_FLAGS := -Wall -Wextra -Werror -pthread -Ihintens
+CRC_TEST_FLAGS := -Wall -Wextra -Werror -pthread -Ihintens/wire
 crc-check:
 	mkdir -p build/crc16
 	$(CC) -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer \
@@ -61,6 +63,7 @@ build: $(INSTALLED)
 	HINTENS_WERROR=1 $(PY) setup.py --quiet build_ext --inplace
 
 clean:
-	rm -rf build dist *.egg-info hintens/_core.c hintens/_bincode.c hintens/*.so hintens/*.html hintens/_version.py \
+	rm -rf build dist *.egg-info hintens/_bincode.c hintens/wire/_wire.c hintens/transport/_channel.c \
+	    hintens/*.so hintens/*/*.so hintens/*.html hintens/*/*.html hintens/_version.py \
 	    .pytest_cache .hypothesis .benchmarks bench/results $(VENV)
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -1,4 +1,4 @@
-"""Build of the compiled core (and the bincode kernels). Metadata lives in pyproject.toml.
+"""Build of the compiled core (wire kernels and socket transport) and the bincode kernels. Metadata lives in pyproject.toml.
 
 Environment switches:
     HINTENS_NO_EXTENSIONS=1  build without the extension (the pure-Python core is used).
@@ -27,11 +27,22 @@ def _extensions():
     if _flag("HINTENS_WERROR"):
         cflags.append("-Werror")
     macros = [("CYTHON_TRACE", "1"), ("CYTHON_TRACE_NOGIL", "1")] if debug else []
-    ext = Extension(
-        "hintens._core",
-        ["hintens/_core.pyx"],
-        include_dirs=["hintens"],
-        depends=["hintens/_wire.h", "hintens/_crc16.h", "hintens/_core.pxd"],
+    # Two layers, two extensions: the wire kernels (CRC16, header, decoder), and the socket
+    # transport, which cimports their types and inline helpers from hintens/wire/_wire.pxd.
+    wire = Extension(
+        "hintens.wire._wire",
+        ["hintens/wire/_wire.pyx"],
+        include_dirs=["hintens/wire"],
+        depends=["hintens/wire/_wire.h", "hintens/wire/_crc16.h", "hintens/wire/_wire.pxd"],
+        extra_compile_args=cflags,
+        define_macros=macros,
+    )
+    transport = Extension(
+        "hintens.transport._channel",
+        ["hintens/transport/_channel.pyx"],
+        include_dirs=["hintens/wire"],
+        depends=["hintens/wire/_wire.h", "hintens/wire/_wire.pxd",
+                 "hintens/transport/_channel.pxd"],
         extra_compile_args=cflags,
         define_macros=macros,
     )
@@ -42,7 +53,7 @@ def _extensions():
         define_macros=macros,
     )
     return cythonize(
-        [ext, kernels],
+        [wire, transport, kernels],
         compiler_directives={"language_level": "3", "embedsignature": True, "linetrace": debug},
         annotate=debug,
     )

@@ -12,12 +12,12 @@ import struct
 
 import pytest
 
-from hintens import _core_py
+from hintens import _python_core as _core_py
 
 import harness
 
 try:
-    from hintens import _core as _cython_core
+    from hintens import _cython_core
 except ImportError:  # pragma: no cover - a build without the extension
     _cython_core = None
 

@@ -8,7 +8,11 @@ docs/PROTOCOL.md for the wire format.
 from __future__ import annotations
 
 from ._constants import DEFAULT_MAX_PAYLOAD_BYTES, FIRST_APPLICATION_ERROR_CODE, ErrorCode
-from . import bincode, wire
+# wire before anything that imports _impl: hintens.wire's __init__ takes its names from
+# _impl.core, and loading the core imports hintens.wire._wire, which runs that __init__ first
+# if it has not started yet, in the middle of _impl, before core is set.
+from . import wire
+from . import bincode
 from .sync.client import Client, Session
 from .sync.coded import CodedClient
 from ._codecs import BincodeCodec, Codec, JsonCodec, PickleCodec, RawCodec

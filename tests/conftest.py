@@ -9,7 +9,7 @@ import socket
 import pytest
 from hypothesis import HealthCheck, settings
 
-from hintens import _core_py
+from hintens import _python_core as _core_py
 
 # Deterministic property tests: the same examples on every run and every machine.
 settings.register_profile(
@@ -24,7 +24,7 @@ def _cython_core():
     if NO_EXTENSIONS:
         pytest.skip("HINTENS_NO_EXTENSIONS is set")
     # No skip on ImportError: a normal build must have the extension.
-    from hintens import _core
+    from hintens import _cython_core as _core
     return _core
 
 

@@ -12,7 +12,7 @@ import tempfile
 import threading
 import time
 
-from hintens import _core_py
+from hintens import _python_core as _core_py
 from hintens.wire import decode_error_payload
 
 from .handlers import command

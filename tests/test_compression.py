@@ -12,7 +12,7 @@ import time
 import pytest
 
 import hintens
-from hintens import _core_py
+from hintens import _python_core as _core_py
 from hintens.protocol import endpoint as _protocol
 from hintens.protocol.endpoint import FEATURE_COMPRESSION, Hello
 

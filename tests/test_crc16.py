@@ -103,7 +103,7 @@ def test_rejects_bad_arguments(core):
 # The kernel is chosen once per process, so each forced path runs in its own interpreter.
 _PATH_CHECK = """
 import binascii, random, hintens
-from hintens import _core
+from hintens import _cython_core as _core
 rng = random.Random(3)
 for n in [*range(0, 600), 4096, 65536, 1 << 20, 3 * 1024 * 1024 + 13]:
     data = rng.randbytes(n)

@@ -19,7 +19,7 @@ from hintens import (
     ProtocolError,
     UnsupportedFlagsError,
 )
-from hintens import _core_py
+from hintens import _python_core as _core_py
 
 HEADER = struct.Struct(">HHIHIHQ")
 

@@ -10,7 +10,8 @@ import sys
 import pytest
 
 import hintens
-from hintens import _constants, _core_py
+from hintens import _constants
+from hintens import _python_core as _core_py
 
 from .conftest import NO_EXTENSIONS
 
@@ -18,7 +19,7 @@ from .conftest import NO_EXTENSIONS
 @pytest.mark.skipif(NO_EXTENSIONS, reason="HINTENS_NO_EXTENSIONS is set")
 def test_compiled_core_loaded_in_a_normal_build():
     assert hintens.implementation == "cython"
-    from hintens import _core
+    from hintens import _cython_core as _core
     assert hintens.wire.FrameDecoder is _core.FrameDecoder
     assert hintens.wire.crc16 is _core.crc16
 
@@ -29,13 +30,35 @@ def test_no_extensions_env_selects_the_python_twin():
         [sys.executable, "-c",
          "import hintens; print(hintens.implementation, hintens.wire.FrameDecoder.__module__)"],
         env=env, capture_output=True, text=True, check=True).stdout.split()
-    assert out == ["python", "hintens._core_py"]
+    assert out == ["python", "hintens.wire._wire_py"]
 
 
 def test_twins_export_the_same_names(cython_core):
     assert sorted(cython_core.__all__) == sorted(_core_py.__all__)
     for name in _core_py.__all__:
         assert hasattr(cython_core, name), name
+
+
+@pytest.mark.skipif(NO_EXTENSIONS, reason="HINTENS_NO_EXTENSIONS is set")
+@pytest.mark.parametrize("layer", ["wire._wire", "transport._channel"])
+def test_each_layer_has_a_twin_with_the_same_names(layer):
+    import importlib
+
+    compiled = importlib.import_module(f"hintens.{layer}")
+    twin = importlib.import_module(f"hintens.{layer}_py")
+    assert compiled.__file__.endswith(".so")
+    assert sorted(compiled.__all__) == sorted(twin.__all__)
+    for name in twin.__all__:
+        assert hasattr(compiled, name), name
+
+
+def test_the_core_namespaces_are_the_two_layers():
+    from hintens.transport import _channel_py
+    from hintens.wire import _wire_py
+
+    assert sorted(_core_py.__all__) == sorted(_wire_py.__all__ + _channel_py.__all__)
+    assert _core_py.Channel is _channel_py.Channel
+    assert _core_py.FrameDecoder is _wire_py.FrameDecoder
 
 
 @pytest.mark.parametrize("name", ["crc16", "encode_frame", "encode_header",

@@ -360,7 +360,7 @@ class _HookedLock:
 
 
 def test_twin_flush_due_writes_a_request_posted_while_it_wrote(pair):
-    from hintens import _core_py as core
+    from hintens import _python_core as core
 
     left, right = pair
     ours = channel(core, left, interval=60.0)
@@ -374,7 +374,7 @@ def test_twin_flush_due_writes_a_request_posted_while_it_wrote(pair):
 
 
 def test_twin_leftover_writes_stop_at_a_dead_peer(pair):
-    from hintens import _core_py as core
+    from hintens import _python_core as core
 
     left, right = pair
     ours = channel(core, left, interval=0.0)
@@ -394,7 +394,7 @@ def test_twin_leftover_writes_stop_at_a_dead_peer(pair):
 
 
 def test_twin_send_reports_its_true_stream_offset(pair):
-    from hintens import _core_py as core
+    from hintens import _python_core as core
 
     left, right = pair
     ours = channel(core, left)

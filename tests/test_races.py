@@ -17,7 +17,7 @@ import time
 import pytest
 
 import hintens
-from hintens import _core_py
+from hintens import _python_core as _core_py
 
 from .peers import RawPeer, raw_frame, raw_listener, read_requests
 
@@ -226,7 +226,7 @@ def test_descriptors_sent_without_shared_memory_are_closed_at_once(sock_path):
 
 @pytest.mark.parametrize("core_name", ["cython", "python"])
 def test_decoder_input_resized_by_a_gc_callback(core_name):
-    core = _core_py if core_name == "python" else pytest.importorskip("hintens._core")
+    core = _core_py if core_name == "python" else pytest.importorskip("hintens._cython_core")
     stream = core.encode_frame(1, b"A" * 100, 1) + core.encode_frame(1, b"B" * 20000, 2)
     for skip in range(4):
         data = bytearray(stream)

@@ -258,7 +258,7 @@ class HostileServer:
         conn, _ = self.listener.accept()
         self.conn = conn
         conn.sendall(raw_frame(Hello(features=FEATURE_SHM).encode(), msg_type=3, request_id=0))
-        decoder = hintens._core_py.FrameDecoder()
+        decoder = hintens._python_core.FrameDecoder()
         try:
             while True:
                 data = conn.recv(1 << 20)
@@ -364,7 +364,7 @@ def test_a_reject_makes_the_sender_introduce_the_segment_again(sock_path):
 
 def _read_shm_request(conn):
     """Read until an SHM Request arrives; what it says, and whether a descriptor came."""
-    decoder = hintens._core_py.FrameDecoder()
+    decoder = hintens._python_core.FrameDecoder()
     got_fd = False
     while True:
         data, ancillary, _, _ = conn.recvmsg(1 << 16, socket.CMSG_SPACE(4 * 16))

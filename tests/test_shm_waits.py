@@ -42,7 +42,7 @@ class ReleasingLater:
     def _run(self):
         conn, _ = self.listener.accept()
         conn.sendall(raw_frame(Hello(features=FEATURE_SHM).encode(), msg_type=3, request_id=0))
-        decoder = hintens._core_py.FrameDecoder()
+        decoder = hintens._python_core.FrameDecoder()
         try:
             while True:
                 data, ancillary, _, _ = conn.recvmsg(1 << 16, socket.CMSG_SPACE(64))

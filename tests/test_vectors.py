@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from hintens import _core_py, _impl
+from hintens import _impl
+from hintens import _python_core as _core_py
 from hintens.protocol import shm as _shm
 from hintens._errors import ProtocolError, ShmError, decode_error_payload, encode_error_payload
 from hintens.protocol.endpoint import Endpoint, Hello

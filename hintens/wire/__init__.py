@@ -1,9 +1,11 @@
 """The wire format, for those who write their own transport or peer (docs/PROTOCOL.md):
 frame headers, CRC16, whole frames, the incremental decoder, and Error payloads.
 
-Backed by the compiled core, or by its pure-Python twin where the extension is not built
+Backed by the compiled wire kernels (``_wire.pyx``, with ``_wire.h`` and ``_crc16.h``), or by
+their pure-Python twin (``_wire_py.py``) where the extensions are not built
 (``hintens.implementation`` says which); both give the same results and raise the same
-errors. The application API (Client, Server, ...) is at the top level, ``hintens``.
+errors. The socket transport above them is ``hintens.transport``; the application API
+(Client, Server, ...) is at the top level, ``hintens``.
 """
 
 from __future__ import annotations

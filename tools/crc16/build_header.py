@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Regenerate hintens/_crc16.h from _crc16.h.in: fills in the tables computed by
+"""Regenerate hintens/wire/_crc16.h from _crc16.h.in: fills in the tables computed by
 gen_consts.py and the two dispatch thresholds.
 Usage (from anywhere): python3 tools/crc16/build_header.py [PCLMUL_MIN [VPCLMUL_MIN]]"""
 import os
@@ -17,4 +17,4 @@ tables = subprocess.run([sys.executable, "gen_consts.py", "--tables"], capture_o
 src = open("_crc16.h.in").read()
 src = (src.replace("@TABLES@", tables)
           .replace("@PCLMUL_MIN@", pcl).replace("@VPCLMUL_MIN@", vpcl))
-open(os.path.join(here, "..", "..", "hintens", "_crc16.h"), "w").write(src)
+open(os.path.join(here, "..", "..", "hintens", "wire", "_crc16.h"), "w").write(src)

@@ -1,9 +1,12 @@
-# The contract of the compiled core: C helpers it links and the layout of its classes.
-# Field comments say what each slot holds; hintens/_core_py.py is the pure-Python twin.
+# The contract of the compiled socket transport (hintens/transport/_channel.pyx): the socket
+# calls it makes and the layout of its classes. Field comments say what each slot holds;
+# hintens/transport/_channel_py.py is the pure-Python twin. The frame types come from the wire
+# kernels' contract, hintens/wire/_wire.pxd.
 
-from cpython.object cimport PyObject
 from cpython.pythread cimport PyThread_type_lock
-from libc.stdint cimport uint16_t, uint32_t, uint64_t
+from libc.stdint cimport uint32_t, uint64_t
+
+from ..wire._wire cimport FrameDecoder
 
 
 cdef extern from "sys/uio.h" nogil:
@@ -39,78 +42,6 @@ cdef extern from "sys/socket.h" nogil:
     const int MSG_NOSIGNAL
     const int MSG_CMSG_CLOEXEC
     const int MSG_CTRUNC
-
-
-cdef extern from "_wire.h" nogil:
-    ctypedef struct hx_header:
-        uint16_t magic
-        uint16_t version
-        uint32_t type
-        uint16_t flags
-        uint32_t length
-        uint16_t checksum
-        uint64_t request_id
-
-    const int HX_HEADER_SIZE
-    void hx_pack_header(unsigned char *p, const hx_header *h)
-    void hx_unpack_header(const unsigned char *p, hx_header *h)
-    uint16_t hx_crc16(uint16_t crc, const unsigned char *buf, size_t length)
-    const char *hx_crc16_impl()
-
-
-cdef class FrameHeader:
-    cdef readonly uint16_t magic         # 0x4850 in a valid frame
-    cdef readonly uint16_t version       # high byte major, low byte minor
-    cdef readonly uint32_t type          # MessageType value
-    cdef readonly uint16_t flags         # Flags bits
-    cdef readonly uint32_t length        # payload bytes after the header
-    cdef readonly uint16_t checksum      # CRC16 of the payload
-    cdef readonly uint64_t request_id    # chosen by the requester
-
-
-cdef class Frame:
-    cdef readonly uint32_t type          # MessageType value
-    cdef readonly uint16_t flags         # Flags bits
-    cdef readonly uint16_t version       # the sender's protocol version
-    cdef readonly uint64_t request_id    # echoed by Response and Error frames
-    cdef readonly object payload         # bytes, or a read-only memoryview sharing the input
-
-
-cdef class MemoryBudget:
-    cdef readonly Py_ssize_t limit       # the most that may be taken at once
-    cdef readonly Py_ssize_t used        # taken and not given back yet
-    cpdef bint take(self, Py_ssize_t amount)
-    cpdef give(self, Py_ssize_t amount)
-
-
-cdef class FrameDecoder:
-    cdef uint32_t _max_payload           # payload limit, checked before anything is buffered
-    cdef int _state                      # _HEADER_STATE, _PAYLOAD_STATE or _DISCARD_STATE
-    cdef unsigned char _header[24]       # header bytes of an unfinished frame
-    cdef Py_ssize_t _header_len          # how many of them have arrived
-    cdef hx_header _fields               # unpacked header of the frame being assembled
-    cdef PyObject *_payload              # its payload (a bytes we own alone), grown as bytes come
-    cdef Py_ssize_t _capacity            # the size _payload has now (at most the payload length)
-    cdef Py_ssize_t _reserved            # bytes taken from budget for the frame being assembled
-    cdef public MemoryBudget budget      # bounds bytes held for unfinished frames, or None
-    cdef Py_ssize_t _assembled           # payload bytes assembled so far
-    cdef Py_ssize_t _remaining           # payload bytes still to assemble or discard
-    cdef uint16_t _running_crc           # CRC of the assembled bytes, computed while they are hot
-    cdef bytes _backlog                  # input left unread when a recoverable error was raised
-    cdef object _failed                  # the fatal ProtocolError, or None
-    cdef readonly uint64_t frames_decoded  # frames completed so far (skipped Events too), errors excluded
-    cdef public bint skip_events         # drop plain Events (request id != 0, no flags) unreturned
-    cdef readonly uint64_t events_skipped  # how many were dropped so
-
-    cdef list _feed(self, const unsigned char *data, Py_ssize_t n, object base, bint share)
-    cdef int _decode(self, const unsigned char *data, Py_ssize_t n, object base, bint share,
-                     list frames, Py_ssize_t *pos_out) except -1
-    cdef int _start_payload(self, const hx_header *h, Py_ssize_t available) except -1
-    cdef int _grow(self, Py_ssize_t needed) except -1
-    cdef object _take_payload(self)
-    cdef void _drop_payload(self) noexcept
-    cdef int _check_prefix(self) except -1
-    cdef int _validate(self, const hx_header *h) except -1
 
 
 cdef class Channel:

@@ -1,14 +1,13 @@
-# Type stub of the compiled core; hintens/_core_py.py is its pure-Python twin with the same API.
+# Type stub of the compiled wire kernels; hintens/wire/_wire_py.py is their pure-Python twin
+# with the same API.
 from typing import Any
 
-from ._core_py import Channel as Channel
-from ._core_py import Frame as Frame
-from ._core_py import FrameDecoder as FrameDecoder
-from ._core_py import FrameHeader as FrameHeader
-from ._core_py import SharedRegion as SharedRegion
+from ._wire_py import Frame as Frame
+from ._wire_py import FrameDecoder as FrameDecoder
+from ._wire_py import FrameHeader as FrameHeader
+from ._wire_py import MemoryBudget as MemoryBudget
 
 __all__: list[str]
-SEES_VIEW_RELEASE: bool
 
 def crc16(data: Any, value: int = 0xFFFF) -> int: ...
 def crc16_backend() -> str: ...

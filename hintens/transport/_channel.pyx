@@ -1,10 +1,11 @@
 # cython: language_level=3, embedsignature=True, embedsignature.format=clinic, binding=False, boundscheck=False, wraparound=False, cdivision=True
-"""Compiled core of hintens: CRC16, the frame header and the sans-IO frame decoder.
+"""Compiled socket transport of hintens: the Channel (a socket's receive buffer, decoder, send
+lock and outbox), shared-memory Mapping and SharedRegion, and the sendmsg/recvmsg plumbing.
 
-hintens/_core_py.py is its pure-Python twin and documents the shared decoder rules; the two
-export the same names and raise the same exceptions. Here every per-frame step (header parse,
-validation, CRC, payload slicing) runs in C; Python objects are made only for the results.
-Long C loops (CRC and copies of 64 KiB or more) run without the GIL.
+hintens/transport/_channel_py.py is its pure-Python twin and documents the semantics both
+share; the two export the same names and raise the same exceptions. Frames are decoded and
+packed by the wire kernels (hintens/wire/_wire.pyx), whose types and inline helpers are
+cimported from _wire.pxd. Every syscall runs without the GIL.
 """
 
 cimport cython
@@ -15,18 +16,7 @@ from cpython.buffer cimport (
     PyBuffer_Release,
     PyObject_GetBuffer,
 )
-from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE
-from cpython.bytes cimport (
-    PyBytes_AS_STRING,
-    PyBytes_FromStringAndSize,
-    PyBytes_GET_SIZE,
-    _PyBytes_Resize,
-)
-from cpython.object cimport PyObject
-from cpython.ref cimport Py_INCREF, Py_XDECREF
-from cpython.list cimport PyList_Append
 from cpython.memoryview cimport PyMemoryView_FromObject
-from cpython.number cimport PyNumber_Index
 from libc.stdint cimport uint16_t, uint32_t, uint64_t
 from libc.errno cimport EAGAIN, EBADF, EINTR, EPIPE, errno
 from libc.stdlib cimport free, malloc, realloc
@@ -46,146 +36,39 @@ from cpython.pythread cimport (
     PyThread_set_stacksize,
 )
 
-from . import _errors
-from ._constants import (
-    BATCH_WRITE_BYTES,
-    BUDGETED_FRAME_BYTES,
-    CONTROL_MAX_PAYLOAD_BYTES,
-    DEFAULT_FLUSH_INTERVAL_S,
-    DEFAULT_MAX_PAYLOAD_BYTES,
-    DEFAULT_MAX_QUEUE_BYTES,
-    PAYLOAD_COPY_THRESHOLD_BYTES,
+from ..wire._wire cimport (
+    HEADER_SIZE,
+    NOGIL_THRESHOLD_BYTES,
+    Frame,
+    FrameDecoder,
+    MemoryBudget,
+    _Input,
+    _acquire,
+    _check_frame_args,
+    _copy,
+    _fill_header,
+    _index,
+    _release,
+    crc16_kernel,
+    hx_header,
+    hx_pack_header,
 )
-from ._errors import IncompleteFrameError, ProtocolError
+
+from .. import _errors
+from .._constants import (
+    BATCH_WRITE_BYTES,
+    DEFAULT_FLUSH_INTERVAL_S,
+    DEFAULT_MAX_QUEUE_BYTES,
+)
+from ..wire._wire import encode_frame, encode_header
 
 __all__ = [
     "Channel",
     "Mapping",
-    "call_with_stack_size",
-    "MemoryBudget",
     "SharedRegion",
     "SEES_VIEW_RELEASE",
-    "Frame",
-    "FrameDecoder",
-    "FrameHeader",
-    "crc16",
-    "crc16_backend",
-    "encode_frame",
-    "encode_header",
-    "pack_header_into",
-    "unpack_header",
+    "call_with_stack_size",
 ]
-
-# Mirrors of hintens._constants as C constants (asserted equal in the tests).
-cdef enum:
-    HEADER_SIZE = 24
-    MAGIC = 0x4850
-    VERSION = 0x0100
-    VERSION_MAJOR = 1
-    KNOWN_FLAGS_MASK = 0x0003
-    # Below this many bytes, releasing and re-taking the GIL costs more than the work.
-    NOGIL_THRESHOLD_BYTES = 64 * 1024
-
-cdef enum:
-    _HEADER_STATE = 0
-    _PAYLOAD_STATE = 1
-    _DISCARD_STATE = 2
-
-cdef Py_ssize_t COPY_THRESHOLD = PAYLOAD_COPY_THRESHOLD_BYTES
-cdef uint64_t MAX_FRAME_PAYLOAD = 0xFFFFFFFF
-cdef uint32_t CONTROL_MAX = CONTROL_MAX_PAYLOAD_BYTES
-cdef Py_ssize_t BUDGETED_BYTES = BUDGETED_FRAME_BYTES
-# An unfinished payload's buffer starts at this size (or its length, if smaller) and doubles as
-# bytes arrive: a peer that declares a large frame and stalls holds only what it sent.
-cdef Py_ssize_t FIRST_CAPACITY = 64 * 1024
-
-
-cdef inline object _index(object value):
-    # Cython's own int conversion would truncate a float; the twin's operator.index refuses it.
-    # The range check (OverflowError) then comes from the assignment to the C field.
-    return value if type(value) is int else PyNumber_Index(value)
-
-
-cdef struct _Input:
-    # A borrowed view of a caller's buffer. bytes are read in place (immutable). A short
-    # bytearray is read in place only by callers that allocate nothing and keep the GIL until
-    # they are done (no GC callback, no other thread can run and resize it); anything else goes
-    # through the buffer protocol, whose export forbids resizing.
-    const unsigned char *buf
-    Py_ssize_t len
-    bint exported
-    Py_buffer view
-
-
-cdef inline int _acquire(object obj, _Input *ref, bint writable,
-                         bint no_allocation=False) except -1:
-    if type(obj) is bytes and not writable:
-        ref.buf = <const unsigned char *>PyBytes_AS_STRING(obj)
-        ref.len = PyBytes_GET_SIZE(obj)
-        ref.exported = False
-    elif no_allocation and type(obj) is bytearray \
-            and PyByteArray_GET_SIZE(obj) < NOGIL_THRESHOLD_BYTES:
-        ref.buf = <const unsigned char *>PyByteArray_AS_STRING(obj)
-        ref.len = PyByteArray_GET_SIZE(obj)
-        ref.exported = False
-    else:
-        if writable:
-            try:
-                PyObject_GetBuffer(obj, &ref.view, PyBUF_SIMPLE | PyBUF_WRITABLE)
-            except BufferError as error:
-                raise TypeError("a writable buffer is needed") from error
-        else:
-            PyObject_GetBuffer(obj, &ref.view, PyBUF_SIMPLE)
-        ref.buf = <const unsigned char *>ref.view.buf
-        ref.len = ref.view.len
-        ref.exported = True
-    return 0
-
-
-cdef inline void _release(_Input *ref) noexcept:
-    if ref.exported:
-        PyBuffer_Release(&ref.view)
-        ref.exported = False
-
-
-cdef inline uint16_t _crc(uint16_t crc, const unsigned char *p, size_t n) noexcept:
-    if n >= NOGIL_THRESHOLD_BYTES:
-        with nogil:
-            crc = hx_crc16(crc, p, n)
-        return crc
-    return hx_crc16(crc, p, n)
-
-
-cdef inline void _copy(unsigned char *dst, const unsigned char *src, size_t n) noexcept:
-    if n >= NOGIL_THRESHOLD_BYTES:
-        with nogil:
-            memcpy(dst, src, n)
-    else:
-        memcpy(dst, src, n)
-
-
-def crc16(data, value=0xFFFF):
-    """CRC-16/IBM-3740 (poly 0x1021, init 0xFFFF, not reflected, xorout 0) of a buffer.
-
-    Args:
-        data: any C-contiguous buffer; it is not copied.
-        value: the CRC of the data that precedes ``data``, to compute incrementally; 0xFFFF
-            (the initial value) to start.
-
-    Returns:
-        The CRC as an int in [0, 0xFFFF].
-
-    Raises:
-        TypeError: ``data`` does not support the buffer protocol.
-        BufferError: ``data`` is not C-contiguous.
-        OverflowError: ``value`` is outside [0, 0xFFFF].
-    """
-    cdef _Input ref
-    cdef uint16_t crc = _index(value)
-    _acquire(data, &ref, False, True)
-    crc = _crc(crc, ref.buf, <size_t>ref.len)
-    _release(&ref)
-    return crc
 
 
 def call_with_stack_size(Py_ssize_t stack_bytes, function, *args):
@@ -213,561 +96,6 @@ def call_with_stack_size(Py_ssize_t stack_bytes, function, *args):
         PyThread_set_stacksize(previous)
 
 
-def crc16_backend():
-    """Name of the CRC16 kernel chosen for this CPU: "vpclmulqdq-avx2", "pclmulqdq" or "table"."""
-    return hx_crc16_impl().decode("ascii")
-
-
-@cython.final
-@cython.freelist(64)
-cdef class FrameHeader:
-    """The 24 header bytes, unpacked and unvalidated."""
-
-    def __init__(self, uint16_t magic, uint16_t version, uint32_t type, uint16_t flags,
-                 uint32_t length, uint16_t checksum, uint64_t request_id):
-        self.magic = magic
-        self.version = version
-        self.type = type
-        self.flags = flags
-        self.length = length
-        self.checksum = checksum
-        self.request_id = request_id
-
-    def __repr__(self):
-        return (f"FrameHeader(magic=0x{self.magic:04x}, version=0x{self.version:04x}, "
-                f"type={self.type}, flags=0x{self.flags:04x}, length={self.length}, "
-                f"checksum=0x{self.checksum:04x}, request_id={self.request_id})")
-
-
-@cython.final
-@cython.freelist(256)
-cdef class Frame:
-    """One decoded frame."""
-
-    def __init__(self, uint32_t type, uint16_t flags, uint16_t version, uint64_t request_id,
-                 payload):
-        self.type = type
-        self.flags = flags
-        self.version = version
-        self.request_id = request_id
-        self.payload = payload
-
-    def __repr__(self):
-        return (f"Frame(type={self.type}, flags=0x{self.flags:04x}, "
-                f"version=0x{self.version:04x}, request_id={self.request_id}, "
-                f"payload=<{len(self.payload)} bytes>)")
-
-
-cdef inline Frame _new_frame(const hx_header *h, object payload):
-    cdef Frame frame = Frame.__new__(Frame)
-    frame.type = h.type
-    frame.flags = h.flags
-    frame.version = h.version
-    frame.request_id = h.request_id
-    frame.payload = payload
-    return frame
-
-
-cdef inline bint _plain_event(const hx_header *h) noexcept:
-    # An application Event: no flags (no shared memory to release) and not a control message.
-    return h.type == 3 and h.flags == 0 and h.request_id != 0
-
-
-cdef int _check_frame_args(uint32_t msg_type, uint16_t flags, Py_ssize_t n) except -1:
-    if not 1 <= msg_type <= 4:
-        raise ValueError(f"msg_type must be 1-4 (a MessageType), not {msg_type}")
-    if flags & ~KNOWN_FLAGS_MASK:
-        raise ValueError(f"flags 0x{flags:04x} set reserved bits")
-    if <uint64_t>n > MAX_FRAME_PAYLOAD:
-        raise ValueError(f"payload of {n} bytes does not fit the u32 length field")
-    return 0
-
-
-cdef inline void _fill_header(hx_header *h, uint32_t msg_type, uint16_t flags, size_t n,
-                              uint16_t crc, uint64_t request_id) noexcept:
-    h.magic = MAGIC
-    h.version = VERSION
-    h.type = msg_type
-    h.flags = flags
-    h.length = <uint32_t>n
-    h.checksum = crc
-    h.request_id = request_id
-
-
-def encode_header(msg_type, payload, request_id, flags=0):
-    """The 24-byte header for ``payload``, for a scatter/gather write of header then payload.
-
-    Args:
-        msg_type: a ``MessageType`` (1-4).
-        payload: any C-contiguous buffer; only its length and CRC are read.
-        request_id: u64 chosen by the requester.
-        flags: ``Flags`` bits; reserved bits are refused.
-
-    Returns:
-        24 bytes.
-
-    Raises:
-        ValueError: unknown type, reserved flags, or a payload over 4 GiB - 1.
-        OverflowError: a field does not fit its width.
-    """
-    cdef _Input ref
-    cdef hx_header h
-    cdef bytes out
-    cdef uint32_t type_ = _index(msg_type)
-    cdef uint64_t rid = _index(request_id)
-    cdef uint16_t flags_ = _index(flags)
-    _acquire(payload, &ref, False)
-    try:
-        _check_frame_args(type_, flags_, ref.len)
-        _fill_header(&h, type_, flags_, <size_t>ref.len, _crc(0xFFFF, ref.buf, <size_t>ref.len),
-                     rid)
-    finally:
-        _release(&ref)
-    out = PyBytes_FromStringAndSize(NULL, HEADER_SIZE)
-    hx_pack_header(<unsigned char *>PyBytes_AS_STRING(out), &h)
-    return out
-
-
-def encode_frame(msg_type, payload, request_id, flags=0):
-    """A complete frame: header followed by a copy of the payload.
-
-    Args and Raises: as ``encode_header``.
-
-    Returns:
-        ``24 + len(payload)`` bytes.
-    """
-    cdef _Input ref
-    cdef hx_header h
-    cdef bytes out = None
-    cdef unsigned char *dst
-    cdef uint32_t type_ = _index(msg_type)
-    cdef uint64_t rid = _index(request_id)
-    cdef uint16_t flags_ = _index(flags)
-    _acquire(payload, &ref, False)
-    try:
-        _check_frame_args(type_, flags_, ref.len)
-        out = PyBytes_FromStringAndSize(NULL, HEADER_SIZE + ref.len)
-        dst = <unsigned char *>PyBytes_AS_STRING(out)
-        _fill_header(&h, type_, flags_, <size_t>ref.len, _crc(0xFFFF, ref.buf, <size_t>ref.len),
-                     rid)
-        hx_pack_header(dst, &h)
-        _copy(dst + HEADER_SIZE, ref.buf, <size_t>ref.len)
-    finally:
-        _release(&ref)
-    return out
-
-
-def pack_header_into(buffer, offset, msg_type, length, checksum, request_id, flags=0,
-                     version=0x0100):  # the literal keeps the signature introspectable
-    """Write a header with the given raw field values into ``buffer`` at ``offset``.
-
-    Nothing is validated beyond field widths: this is the low-level twin of
-    ``struct.pack_into``. Use ``encode_header`` to have length and CRC computed.
-
-    Raises:
-        OverflowError: a field does not fit its width.
-        ValueError: ``offset`` is negative or fewer than 24 bytes follow it.
-        TypeError: ``buffer`` is not a writable buffer.
-    """
-    cdef _Input ref
-    cdef hx_header h
-    cdef Py_ssize_t at = _index(offset)
-    h.magic = MAGIC
-    h.version = _index(version)
-    h.type = _index(msg_type)
-    h.flags = _index(flags)
-    h.length = _index(length)
-    h.checksum = _index(checksum)
-    h.request_id = _index(request_id)
-    _acquire(buffer, &ref, True, True)
-    try:
-        if at < 0 or ref.len - at < HEADER_SIZE:
-            raise ValueError(
-                f"need {HEADER_SIZE} bytes at offset {at} of a {ref.len}-byte buffer")
-        hx_pack_header(<unsigned char *>ref.buf + at, &h)
-    finally:
-        _release(&ref)
-
-
-def unpack_header(buffer, offset=0):
-    """Read the 24 header bytes at ``offset`` without validating them.
-
-    Raises:
-        ValueError: ``offset`` is negative or fewer than 24 bytes follow it.
-        TypeError: ``buffer`` does not support the buffer protocol.
-    """
-    cdef _Input ref
-    cdef hx_header h
-    cdef Py_ssize_t at = _index(offset)
-    _acquire(buffer, &ref, False, True)
-    try:
-        if at < 0 or ref.len - at < HEADER_SIZE:
-            raise ValueError(
-                f"need {HEADER_SIZE} bytes at offset {at} of a {ref.len}-byte buffer")
-        hx_unpack_header(ref.buf + at, &h)
-    finally:
-        _release(&ref)
-    cdef FrameHeader out = FrameHeader.__new__(FrameHeader)
-    out.magic = h.magic
-    out.version = h.version
-    out.type = h.type
-    out.flags = h.flags
-    out.length = h.length
-    out.checksum = h.checksum
-    out.request_id = h.request_id
-    return out
-
-
-@cython.final
-cdef class MemoryBudget:
-    """A count of bytes (or of anything else) that several owners draw from, bounded by
-    ``limit``: the bytes all connections hold for unfinished frames, say, or the shared memory
-    they map. Every call runs with the GIL held, so it needs no lock of its own.
-
-    Args:
-        limit: the most that may be taken at once (at least 0).
-
-    Raises:
-        ValueError: ``limit`` is negative.
-    """
-
-    def __init__(self, Py_ssize_t limit):
-        if limit < 0:
-            raise ValueError("a budget's limit must not be negative")
-        self.limit = limit
-        self.used = 0
-
-    cpdef bint take(self, Py_ssize_t amount):
-        """Take ``amount`` if it fits under the limit. Returns:
-            True when taken (give it back later), False when it would not fit (nothing taken).
-        """
-        if amount < 0 or amount > self.limit - self.used:
-            return False
-        self.used += amount
-        return True
-
-    cpdef give(self, Py_ssize_t amount):
-        """Give back ``amount`` taken earlier."""
-        self.used = max(0, self.used - amount)
-
-    def __repr__(self):
-        return f"MemoryBudget(used={self.used}, limit={self.limit})"
-
-
-@cython.final
-cdef class FrameDecoder:
-    """Sans-IO frame decoder: bytes in, frames out. See hintens/_core_py.py for its rules."""
-
-    def __cinit__(self):
-        self._state = _HEADER_STATE
-        self._header_len = 0
-        self._payload = NULL
-        self._capacity = 0
-        self._reserved = 0
-        self.budget = None
-        self._assembled = 0
-        self._remaining = 0
-        self._backlog = b""
-        self._failed = None
-        self.frames_decoded = 0
-        self.skip_events = False
-        self.events_skipped = 0
-
-    def __init__(self, max_payload=DEFAULT_MAX_PAYLOAD_BYTES):
-        """Args:
-            max_payload: the largest payload accepted, in bytes (at most 2**32 - 1).
-
-        Raises:
-            ValueError: ``max_payload`` is negative or over 2**32 - 1.
-        """
-        if not 0 <= max_payload <= MAX_FRAME_PAYLOAD:
-            raise ValueError(f"max_payload must be in [0, {MAX_FRAME_PAYLOAD}]")
-        self._max_payload = max_payload
-
-    def __dealloc__(self):
-        self._drop_payload()
-
-    def close(self):
-        """Drop the unfinished frame, if any, and give its bytes back to ``budget`` now (a
-        connection that ends inside a frame). The decoder may not be fed afterwards."""
-        self._drop_payload()
-        self._state = _HEADER_STATE
-        self._header_len = 0
-        self._remaining = 0
-        self._backlog = b""
-        self._failed = _errors.ProtocolError("the decoder was closed")
-
-    cdef void _drop_payload(self) noexcept:
-        # Frees the unfinished payload and gives its reservation back.
-        Py_XDECREF(self._payload)
-        self._payload = NULL
-        self._capacity = 0
-        self._assembled = 0
-        if self._reserved:
-            if self.budget is not None:
-                try:
-                    self.budget.give(self._reserved)
-                except BaseException:   # cannot happen (give only subtracts); never propagate
-                    pass
-            self._reserved = 0
-
-    @property
-    def max_payload(self):
-        """The payload limit in bytes."""
-        return self._max_payload
-
-    @property
-    def in_frame(self):
-        """True between the first byte of a frame and its last (skipped payloads included)."""
-        return self._header_len > 0 or self._state != _HEADER_STATE
-
-    @property
-    def pending(self):
-        """Bytes received but not yet returned as frames (an unfinished frame and backlog)."""
-        cdef Py_ssize_t assembling = 0
-        if self._state == _PAYLOAD_STATE:
-            assembling = HEADER_SIZE + self._assembled
-        return self._header_len + assembling + len(self._backlog)
-
-    def feed(self, data):
-        """Decode the frames that ``data`` completes.
-
-        Args:
-            data: the next bytes of the stream, any C-contiguous buffer, any chunking.
-
-        Returns:
-            The frames completed by this call, in stream order, each exactly once.
-
-        Raises:
-            ProtocolError: a subclass per violation; see hintens/_core_py.py.
-            BufferError: ``data`` is not C-contiguous.
-        """
-        cdef _Input ref
-        _acquire(data, &ref, False)
-        try:
-            return self._feed(ref.buf, ref.len, data, type(data) is bytes)
-        finally:
-            _release(&ref)
-
-    cdef list _feed(self, const unsigned char *data, Py_ssize_t n, object base, bint share):
-        # feed() on raw memory; base is the object that owns it (shared only when share).
-        cdef list frames = []
-        cdef Py_ssize_t pos = 0
-        cdef bytes joined
-        if self._failed is not None:
-            raise _errors.renew(self._failed)
-        if self._backlog:
-            joined = self._backlog + PyBytes_FromStringAndSize(<const char *>data, n)
-            self._backlog = b""
-            return self._feed(<const unsigned char *>PyBytes_AS_STRING(joined),
-                              PyBytes_GET_SIZE(joined), joined, False)
-        try:
-            self._decode(data, n, base, share, frames, &pos)
-        except ProtocolError as error:
-            self.frames_decoded += len(frames)
-            error.frames = frames
-            if error.fatal:
-                self._failed = error
-            else:
-                self._backlog = PyBytes_FromStringAndSize(<const char *>data + pos, n - pos)
-            raise
-        self.frames_decoded += len(frames)
-        return frames
-
-    def feed_eof(self):
-        """Signal the end of the stream.
-
-        Returns:
-            Frames still waiting in the backlog after a recoverable error.
-
-        Raises:
-            IncompleteFrameError: the stream ended inside a frame.
-            ProtocolError: the backlog holds a bad frame.
-        """
-        frames = self.feed(b"")
-        if self.pending or self._state != _HEADER_STATE:
-            raise IncompleteFrameError(
-                f"stream ended inside a frame ({self.pending} bytes of it received)",
-                self.pending)
-        return frames
-
-    cdef int _decode(self, const unsigned char *data, Py_ssize_t n, object base, bint share,
-                     list frames, Py_ssize_t *pos_out) except -1:
-        # pos_out always holds the first byte not yet consumed, so that a recoverable error
-        # can keep the rest of the input as backlog.
-        cdef Py_ssize_t pos = 0, take
-        cdef hx_header h
-        cdef uint16_t crc
-        cdef object payload
-        cdef object base_view = None
-        while pos < n:
-            if self._state == _DISCARD_STATE:
-                take = min(self._remaining, n - pos)
-                pos += take
-                pos_out[0] = pos
-                self._remaining -= take
-                if self._remaining == 0:
-                    self._state = _HEADER_STATE
-            elif self._state == _PAYLOAD_STATE:
-                take = min(self._remaining, n - pos)
-                if self._assembled + take > self._capacity:
-                    self._grow(self._assembled + take)
-                _copy(<unsigned char *>PyBytes_AS_STRING(<object>self._payload) + self._assembled,
-                      data + pos, <size_t>take)
-                self._running_crc = _crc(self._running_crc, data + pos, <size_t>take)
-                pos += take
-                pos_out[0] = pos
-                self._remaining -= take
-                self._assembled += take
-                if self._remaining == 0:
-                    payload = self._take_payload()
-                    self._state = _HEADER_STATE
-                    if self._running_crc != self._fields.checksum:
-                        raise _errors.checksum_error(
-                            self._fields.checksum, self._running_crc, self._fields.request_id,
-                            self._fields.type)
-                    if self.skip_events and _plain_event(&self._fields):
-                        self.events_skipped += 1
-                        self.frames_decoded += 1
-                    else:
-                        PyList_Append(frames, _new_frame(&self._fields, payload))
-            elif self._header_len == 0 and n - pos >= HEADER_SIZE:
-                # Fast path: a whole header in the input.
-                hx_unpack_header(data + pos, &h)
-                pos += HEADER_SIZE
-                pos_out[0] = pos
-                self._validate(&h)
-                if n - pos >= <Py_ssize_t>h.length:
-                    crc = _crc(0xFFFF, data + pos, h.length)
-                    if crc != h.checksum:
-                        pos += h.length
-                        pos_out[0] = pos
-                        raise _errors.checksum_error(h.checksum, crc, h.request_id, h.type)
-                    if self.skip_events and _plain_event(&h):
-                        pos += h.length
-                        pos_out[0] = pos
-                        self.events_skipped += 1
-                        self.frames_decoded += 1
-                        continue
-                    if share and <Py_ssize_t>h.length >= COPY_THRESHOLD:
-                        if base_view is None:
-                            base_view = PyMemoryView_FromObject(base)
-                        payload = base_view[pos:pos + h.length]
-                    else:
-                        payload = PyBytes_FromStringAndSize(<const char *>data + pos, h.length)
-                    pos += h.length
-                    pos_out[0] = pos
-                    PyList_Append(frames, _new_frame(&h, payload))
-                else:
-                    self._start_payload(&h, n - pos)
-            else:
-                take = min(HEADER_SIZE - self._header_len, n - pos)
-                memcpy(self._header + self._header_len, data + pos, <size_t>take)
-                self._header_len += take
-                pos += take
-                pos_out[0] = pos
-                self._check_prefix()
-                if self._header_len == HEADER_SIZE:
-                    self._header_len = 0
-                    hx_unpack_header(self._header, &h)
-                    self._validate(&h)
-                    if h.length:
-                        self._start_payload(&h, n - pos)
-                    else:
-                        if h.checksum != 0xFFFF:
-                            raise _errors.checksum_error(h.checksum, 0xFFFF, h.request_id, h.type)
-                        if self.skip_events and _plain_event(&h):
-                            self.events_skipped += 1
-                            self.frames_decoded += 1
-                        else:
-                            PyList_Append(frames, _new_frame(&h, b""))
-        return 0
-
-    cdef int _start_payload(self, const hx_header *h, Py_ssize_t available) except -1:
-        # Only after _validate: the length is within the limit. A large payload first takes its
-        # whole length from the budget (so that a frame once admitted can always complete),
-        # or is skipped and refused. Its buffer, a bytes written in place while this decoder
-        # holds its only reference, starts small and grows as bytes arrive.
-        cdef Py_ssize_t length = h.length
-        if self.budget is not None and length > BUDGETED_BYTES:
-            if not self.budget.take(length):
-                self._state = _DISCARD_STATE
-                self._remaining = length
-                raise _errors.overloaded_error(length, self.budget.used, self.budget.limit,
-                                               h.request_id, h.type)
-            self._reserved = length
-        self._fields = h[0]
-        self._assembled = 0
-        self._remaining = length
-        self._running_crc = 0xFFFF
-        self._state = _PAYLOAD_STATE
-        self._grow(min(length, max(available, FIRST_CAPACITY)))
-        return 0
-
-    cdef int _grow(self, Py_ssize_t needed) except -1:
-        # At least `needed` bytes of room, doubling (never past the payload's length), so that
-        # assembling a payload copies each byte at most twice however it arrives.
-        cdef Py_ssize_t length = self._assembled + self._remaining
-        cdef Py_ssize_t capacity = min(length, max(needed, 2 * self._capacity))
-        cdef object fresh
-        try:
-            if self._payload == NULL:
-                fresh = PyBytes_FromStringAndSize(NULL, capacity)
-                Py_INCREF(fresh)
-                self._payload = <PyObject *>fresh
-            else:
-                _PyBytes_Resize(&self._payload, capacity)   # failing, it frees and NULLs it
-        except MemoryError:
-            # No memory for this frame: skip the rest of it and refuse it, as when the budget
-            # is spent. The stream stays in sync and nothing else is lost.
-            self._drop_payload()
-            self._state = _DISCARD_STATE
-            raise _errors.no_memory_error(length, self._fields.request_id, self._fields.type)
-        self._capacity = capacity
-        return 0
-
-    cdef object _take_payload(self):
-        # The finished payload (exactly its length by now), handed over with its reservation
-        # given back: from here on it is the application's memory.
-        cdef object payload = <object>self._payload
-        Py_XDECREF(self._payload)
-        self._payload = NULL
-        self._capacity = 0
-        self._assembled = 0
-        if self._reserved:
-            self.budget.give(self._reserved)
-            self._reserved = 0
-        return payload
-
-    cdef int _check_prefix(self) except -1:
-        cdef uint16_t magic
-        if self._header_len >= 2:
-            magic = (self._header[0] << 8) | self._header[1]
-            if magic != MAGIC:
-                raise _errors.bad_magic_error(magic)
-        if self._header_len >= 3 and self._header[2] != VERSION_MAJOR:
-            raise _errors.bad_version_error(self._header[2])
-        return 0
-
-    cdef int _validate(self, const hx_header *h) except -1:
-        if h.magic != MAGIC:
-            raise _errors.bad_magic_error(h.magic)
-        if h.version >> 8 != VERSION_MAJOR:
-            raise _errors.bad_version_error(h.version >> 8)
-        if not 1 <= h.type <= 4:
-            raise _errors.bad_type_error(h.type, h.request_id)
-        if h.length > self._max_payload and not (
-                h.length <= CONTROL_MAX and (h.type == 4 or (h.type == 3 and h.request_id == 0))):
-            raise _errors.too_large_error(h.length, self._max_payload, h.request_id, h.type)
-        if h.flags & ~KNOWN_FLAGS_MASK:
-            if h.length:
-                self._state = _DISCARD_STATE
-                self._remaining = h.length
-            raise _errors.reserved_flags_error(h.flags, h.request_id, h.type)
-        return 0
-
-
-# Channel: a socket's receive buffer, decoder and send lock -----------------------------------
 
 cdef enum:
     _MAX_IOV = 1024          # IOV_MAX on Linux
@@ -845,7 +173,7 @@ cdef class Channel:
     """A connected stream socket's receive side (buffer and decoder) and a send lock.
 
     The socket stays owned by the caller, who also sets its kernel timeouts. Every syscall runs
-    without the GIL. See hintens/_core_py.py for the semantics both cores share.
+    without the GIL. See hintens/transport/_channel_py.py for the semantics both cores share.
     """
 
     def __cinit__(self):
@@ -1097,7 +425,7 @@ cdef class Channel:
             # for large payloads): dst points into a queue another thread may realloc or detach.
             dst = self._queue + self._queued
             _fill_header(&h, msg_type, 0, <size_t>ref.len,
-                         hx_crc16(0xFFFF, ref.buf, <size_t>ref.len), request_id)
+                         crc16_kernel(0xFFFF, ref.buf, <size_t>ref.len), request_id)
             hx_pack_header(dst, &h)
             memcpy(dst + HEADER_SIZE, ref.buf, <size_t>ref.len)
         finally:

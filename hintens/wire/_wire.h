@@ -1,4 +1,4 @@
-/* Byte-order helpers for the 24-byte hintens frame header, plus the CRC16 kernel.
+/* Byte-order helpers for the 24-byte hintens frame header (the CRC16 kernel is _crc16.h).
  *
  * Every load and store goes through memcpy so it is safe on unaligned data (frames sit at any
  * offset of a receive buffer); compilers turn each into a single mov plus bswap.
@@ -9,8 +9,6 @@
 
 #include <stdint.h>
 #include <string.h>
-
-#include "_crc16.h"
 
 #define HX_HEADER_SIZE 24
 
