@@ -18,8 +18,11 @@ import pytest
 from hintens import _impl
 from hintens.protocol import shm as _shm
 from hintens._constants import ErrorCode, Flags, MessageType
-from hintens._errors import FrameTooLargeError, ProtocolError, ShmError, UnsupportedFlagsError
+from hintens._errors import (FrameTooLargeError, ProtocolError, RemoteError, ShmError,
+                             UnsupportedFlagsError)
 from hintens.protocol.endpoint import FEATURE_COMPRESSION, FEATURE_SHM, Endpoint
+from hintens.protocol.replay import ANSWERED, ANSWERED_TOO_LARGE, NEW, ReplayMemory, refusal
+from hintens.protocol.roles import sort_for_client
 
 MIB = 1 << 20
 
@@ -238,3 +241,68 @@ def test_a_corrupt_frame_is_fatal_and_answered(pair, core):
     assert error is not None
     reply = only(server.deliver([([error], [])], client))
     assert reply.type == MessageType.ERROR
+
+
+# The client's rules --------------------------------------------------------------------------
+
+def test_the_client_sorts_replies_errors_events_and_what_it_must_answer(pair, core):
+    client, server = pair()
+    writes = [([core.encode_frame(MessageType.RESPONSE, b"pong", 3)], []),
+              ([server.endpoint.error_frame(ErrorCode.HANDLER_ERROR, "boom", 4)], []),
+              ([core.encode_frame(MessageType.EVENT, b"news", 9)], []),
+              ([core.encode_frame(MessageType.REQUEST, b"serve me", 5)], []),
+              ([server.endpoint.error_frame(ErrorCode.UNAVAILABLE, "going away", 0)], [])]
+    sorted_items = sort_for_client(client.endpoint, server.deliver(writes, client))
+    assert [(rid, bytes(p)) for rid, p in sorted_items.replies] == [(3, b"pong")]
+    ((rid, error),) = sorted_items.failures
+    assert rid == 4 and isinstance(error, RemoteError) and error.code == ErrorCode.HANDLER_ERROR
+    assert [bytes(p) for p in sorted_items.events] == [b"news"]
+    (answer,) = sorted_items.answers                    # a client serves no requests
+    reply = only(client.deliver([([answer], [])], server))
+    assert (reply.type, reply.request_id) == (MessageType.ERROR, 5)
+    assert sorted_items.server_error is not None and sorted_items.server_error.request_id == 0
+    assert sorted_items.fatal is None and sorted_items.dropped == []
+
+
+def test_a_fatal_error_read_after_a_failed_send_is_about_the_connection(pair):
+    client, server = pair()
+    frame = server.endpoint.error_frame(ErrorCode.TOO_LARGE, "frame too large", 7)
+    items = server.deliver([([frame], [])], client)
+    assert sort_for_client(client.endpoint, items).failures[0][0] == 7
+    salvaged = sort_for_client(client.endpoint, items, salvaged=True)
+    assert salvaged.failures == [] and salvaged.server_error.code == ErrorCode.TOO_LARGE
+
+
+def test_the_client_fails_a_corrupt_reply_and_closes_on_a_fatal_violation(pair, core):
+    client, server = pair()
+    flagged = core.encode_frame(MessageType.RESPONSE, b"x", 8, Flags.COMPRESSED)
+    sorted_items = sort_for_client(client.endpoint, server.deliver([([flagged], [])], client))
+    ((rid, error),) = sorted_items.failures             # not negotiated: that request fails
+    assert rid == 8 and isinstance(error, UnsupportedFlagsError)
+    corrupt = bytearray(core.encode_frame(MessageType.RESPONSE, b"payload", 9))
+    corrupt[-1] ^= 0xFF                                 # its CRC: that reply fails
+    sorted_items = sort_for_client(client.endpoint, client.endpoint.receive_data(bytes(corrupt)))
+    assert [(rid, e.code) for rid, e in sorted_items.failures] == [(9, ErrorCode.CHECKSUM)]
+    assert sorted_items.fatal is None
+    corrupt[0] ^= 0xFF                                  # its header: the stream is lost
+    sorted_items = sort_for_client(client.endpoint, client.endpoint.receive_data(bytes(corrupt)))
+    assert sorted_items.fatal is not None and sorted_items.fatal.code == ErrorCode.BAD_HEADER
+    assert sorted_items.failures == []
+
+
+# The server's exactly-once rule --------------------------------------------------------------
+
+def test_a_retry_is_claimed_once_and_refused_when_it_cannot_be_replayed():
+    memory = ReplayMemory(sessions=1, window=4, max_bytes=10)
+    session = b"s" * 16
+    window, state, _ = memory.claim(session, memory.window_for(session), 1, 0)
+    assert state == NEW
+    window.finish(1, (True, b"ok"))
+    assert memory.claim(session, window, 1, 0)[1:] == (ANSWERED, (True, b"ok"))
+    assert memory.claim(session, window, 2, 0)[1] == NEW
+    window.finish(2, (True, b"far too large to keep"))
+    assert memory.claim(session, window, 2, 0)[1] == ANSWERED_TOO_LARGE
+    assert "too large to keep" in refusal(2, ANSWERED_TOO_LARGE)
+    memory.window_for(b"t" * 16)                        # one session only: ours is given up
+    moved_to, state, _ = memory.claim(session, window, 3, 0)
+    assert moved_to is not window and state == NEW      # claimed in the session's new window

@@ -46,6 +46,19 @@ MOVED = "moved"            # this window was given up: ask the memory for the se
 
 #: The kept answer of a request whose answer was too large to keep.
 TOO_LARGE = (False, b"")
+#: Claimed: it ran, and its answer was too large to keep, so it cannot be replayed.
+ANSWERED_TOO_LARGE = "answered, too large to keep"
+
+_REFUSALS = {
+    RUNNING: "is still running on another connection of its session",
+    FORGOTTEN: "may have run already, and is older than its session's replay window",
+    ANSWERED_TOO_LARGE: "ran already, and its answer was too large to keep for a replay",
+}
+
+
+def refusal(request_id: int, state: str) -> str:
+    """Why a retried request is not run again (the message of its UNAVAILABLE Error)."""
+    return f"request {request_id} {_REFUSALS[state]}; it is not run again"
 
 
 class ReplayWindow:
@@ -180,6 +193,24 @@ class ReplayMemory:
             if len(self._windows) > self.sessions:
                 self._evict_one(keep=session_id)
             return window
+
+    def claim(self, session_id: bytes, window: ReplayWindow, request_id: int,
+              wait: float | None) -> tuple[ReplayWindow, str, Any]:
+        """The exactly-once rule for one Request of a session: claim it in ``window`` (or in
+        the session's new window, if the memory gave that one up meanwhile).
+
+        Returns:
+            ``(window, state, kept)``: the session's window now; NEW (run it, then
+            ``window.finish``), ANSWERED (``kept`` is the remembered ``(ok, answer)``), or a
+            refusal (RUNNING, FORGOTTEN, ANSWERED_TOO_LARGE), worded by ``refusal``.
+        """
+        state, kept = window.claim(request_id, wait)
+        while state == MOVED:   # the memory gave that window up
+            window = self.window_for(session_id)
+            state, kept = window.claim(request_id, wait)
+        if state == ANSWERED and kept is TOO_LARGE:
+            state = ANSWERED_TOO_LARGE
+        return window, state, kept
 
     def _account(self, grown: int, window: ReplayWindow) -> None:
         """A window's kept bytes changed by ``grown``: keep the total within bounds, evicting

@@ -108,8 +108,8 @@ class Client(ClientDriver, Generic[_R]):
             server stays under them; a segment past them is refused (SHM_ERROR) unmapped.
         flush_interval: seconds an Event may wait to share a write with the ones after it
             (default 1 ms). An Event that comes this long or more after the previous one
-            leaves at once; a request or ``flush()`` takes queued Events with it. 0 writes every Event
-            at once.
+            leaves at once; a request or ``flush()`` takes queued Events with it. 0 writes
+            every Event at once.
         session: draw request ids from this ``Session``, and announce it in the hello if it
             is ``exactly_once`` (a ``ClientPool`` shares one between its connections).
         compress: offer zstd compression (the ``compression`` extra): toward a server that
@@ -384,8 +384,8 @@ class Client(ClientDriver, Generic[_R]):
         """Send an Event; there is no reply.
 
         Small Events are batched: one that follows the previous Event by less than
-        ``flush_interval`` waits in the connection's queue (at most that long) so that the Events after it share
-        its write. A request, ``flush()``, ``close()`` or a full queue (64 KiB) writes them
+        ``flush_interval`` waits in the connection's queue (at most that long) so that the
+        Events after it share its write. A request, ``flush()``, ``close()`` or a full queue (64 KiB) writes them
         out sooner; order on the connection is always kept.
 
         Raises:

@@ -24,17 +24,15 @@ from time import monotonic
 from typing import Any, Callable, Iterator, NoReturn, Sequence
 
 from .. import _impl
-from .._constants import ErrorCode, MessageType
 from .._errors import (
     ConnectionClosed,
     ProtocolError,
     ShmError,
     Timeout,
-    decode_error_payload,
-    remote_error,
 )
 from .._checks import lock_wait_s
 from ..transport.unix import set_kernel_timeouts
+from ..protocol.roles import sort_for_client
 from .connection import Connection
 
 log = logging.getLogger("hintens")
@@ -44,8 +42,6 @@ HELLO_WAIT_S = 1.0
 #: A kernel receive timeout may overshoot a request's deadline by this much at most.
 _TIMEOUT_SLACK_S = 0.01
 FOREVER = math.inf
-#: Codes of the Errors a server sends just before it hangs up (PROTOCOL.md 6).
-_FATAL_CODES = (ErrorCode.BAD_HEADER, ErrorCode.TOO_LARGE)
 
 _NOTHING: tuple[tuple[()], tuple[()]] = ((), ())
 
@@ -78,8 +74,6 @@ class ClientDriver:
         self._sock, self._channel, self._endpoint = conn.sock, conn.channel, conn.endpoint
         self._ids = ids
         self._on_event = on_event
-        self._frame_type = _impl.core.Frame
-        self._encode_frame = _impl.core.encode_frame
         self._encode_header = _impl.core.encode_header
         # State lives under one C-level lock. Threads that must sleep use a Condition over the
         # same lock, and are notified only when ``_sleepers`` says some exist: the lone-thread
@@ -271,18 +265,17 @@ class ClientDriver:
             if self._reading or self._server_error is not None:
                 return
             self._reading = True
+        items: list[Any] = []
         try:
-            while self._server_error is None:
+            while True:   # what the kernel holds, up to the end of the stream
                 frames = self._channel.receive(socket.MSG_DONTWAIT)
                 if not frames:
                     break
-                for item in self._conn.admit(frames):
-                    if type(item) is self._frame_type and item.type == MessageType.ERROR:
-                        self._error_frame(item, salvaged=True)
+                items += self._conn.admit(frames)
         except (OSError, ProtocolError):
             pass
         finally:
-            self._finish_read(())
+            self._finish_read(items, salvaged=True)
 
     def _wait(self, waiter: Waiter, request_id: int, deadline: float) -> None:
         lock = self._lock
@@ -400,14 +393,14 @@ class ClientDriver:
             return []
         raise error
 
-    def _finish_read(self, items: Any) -> None:
-        """Give the reader role back and hand ``items`` to their waiters. Then run callbacks,
-        outside the lock."""
+    def _finish_read(self, items: Any, salvaged: bool = False) -> None:
+        """Give the reader role back and hand ``items`` to their waiters (``salvaged``: read
+        after a send failed). Then run callbacks, outside the lock."""
         events: Sequence[Any]
         replies: Sequence[bytes]
         with self._lock:
             self._reading = False
-            events, replies = self._dispatch(items) if items else _NOTHING
+            events, replies = self._dispatch(items, salvaged) if items else _NOTHING
             close_now = self._reader_left()
         if close_now:
             self._close_channel()
@@ -444,63 +437,43 @@ class ClientDriver:
             return f"server at {self.path} closed the connection"
         return f"connection to {self.path} lost: {error.strerror or error}"
 
-    def _dispatch(self, items: list[Any]) -> tuple[list[Any], list[bytes]]:
-        """Hand frames to their waiters (under the condition's lock)."""
-        events: list[Any] = []
-        replies: list[bytes] = []
+    def _dispatch(self, items: list[Any],
+                  salvaged: bool = False) -> tuple[list[Any], list[bytes]]:
+        """Under the lock: hand a read's items to their waiters, by the client's rules
+        (``sort_for_client``). Returns the Events to deliver and the Error frames to send,
+        both for after the lock."""
+        sorted_items = sort_for_client(self._endpoint, items, salvaged)
         waiters = self._waiters
-        frame_type = self._frame_type
-        for item in items:
-            if type(item) is frame_type:
-                kind = item.type
-                if kind == 2:   # MessageType.RESPONSE, compared as a plain int on the hot path
-                    waiter = waiters.pop(item.request_id, None)
-                    if waiter is None:
-                        log.debug("dropping a late reply to request %d", item.request_id)
-                    else:
-                        waiter.payload, waiter.done = item.payload, True
-                elif kind == MessageType.ERROR:
-                    self._error_frame(item)
-                elif kind == MessageType.EVENT:
-                    if self._on_event is not None:
-                        events.append(item.payload)
-                else:
-                    replies.append(self._endpoint.error_frame(
-                        8, "this peer is a client and serves no requests", item.request_id))
+        for request_id, payload in sorted_items.replies:
+            waiter = waiters.pop(request_id, None)
+            if waiter is None:
+                log.debug("dropping a late reply to request %d", request_id)
             else:
-                self._violation(item)
-        return events, replies
-
-    def _error_frame(self, frame: Any, salvaged: bool = False) -> None:
-        try:
-            code, message = decode_error_payload(frame.payload)
-        except ValueError as malformed:   # still an answer: a generic one (PROTOCOL.md 7)
-            code, message = 0, f"the server sent a malformed Error payload: {malformed}"
-        error = remote_error(code, message, frame.request_id)
-        if frame.request_id == 0 or (salvaged and code in _FATAL_CODES):
-            # About the connection, not a request: the server closes next; say why then.
-            self._server_error = error
-            log.warning("server at %s reports: %s", self.path, error)
-            return
-        waiter = self._waiters.pop(frame.request_id, None)
-        if waiter is not None:
-            waiter.error, waiter.done = error, True
-
-    def _violation(self, error: ProtocolError) -> None:
-        if error.fatal:
+                waiter.payload, waiter.done = payload, True
+        for request_id, error in sorted_items.failures:
+            waiter = waiters.pop(request_id, None)
+            if waiter is not None:
+                waiter.error, waiter.done = error, True
+        for dropped in sorted_items.dropped:
+            log.warning("dropped a bad frame from %s: %s", self.path, dropped)
+        if sorted_items.server_error is not None:
+            self._server_said(sorted_items.server_error)
+        if sorted_items.fatal is not None:
             # No Error frame back (PROTOCOL.md allows it): writing here, under the state lock,
             # could interleave with another thread's frame or wait on a blocked sender.
+            error = sorted_items.fatal
             log.warning("closing the connection to %s: the server broke the protocol: %s",
                         self.path, error)
             self._fail_locked(ConnectionClosed(
                 f"connection to {self.path} closed: the server broke the protocol: {error}"),
                 error)
-            return
-        waiter = self._waiters.pop(error.request_id, None) if error.request_id else None
-        if waiter is not None and error.msg_type in (MessageType.RESPONSE, MessageType.ERROR):
-            waiter.error, waiter.done = error, True
-        else:
-            log.warning("dropped a bad frame from %s: %s", self.path, error)
+        events = sorted_items.events if self._on_event is not None else []
+        return events, sorted_items.answers
+
+    def _server_said(self, error: BaseException) -> None:
+        """The server's word about the whole connection: it closes next; say why then."""
+        self._server_error = error
+        log.warning("server at %s reports: %s", self.path, error)
 
     def _fail(self, reason: ConnectionClosed, cause: BaseException | None = None) -> None:
         with self._lock:

@@ -21,7 +21,7 @@ from .._constants import ErrorCode, Flags, MessageType
 from .._errors import ConnectionClosed, ProtocolError, RemoteError, Timeout
 from ..protocol.endpoint import Endpoint
 from ..protocol.hello import FEATURE_SHM, Hello, HelloKey
-from ..protocol.replay import ANSWERED, FORGOTTEN, MOVED, NEW, RUNNING, TOO_LARGE, ReplayWindow
+from ..protocol.replay import ANSWERED, NEW, TOO_LARGE, ReplayWindow, refusal
 from ..transport.unix import PeerCredentials
 from .connection import Connection
 
@@ -30,11 +30,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("hintens")
 
-_REPLAY_REFUSALS = {
-    RUNNING: "is still running on another connection of its session",
-    FORGOTTEN: "may have run already, and is older than its session's replay window",
-    "too large": "ran already, and its answer was too large to keep for a replay",
-}
 
 
 def _is_echo(endpoint: Endpoint, result: Any) -> bool:
@@ -443,25 +438,20 @@ class ServerConnection:
 
     def _replay_or_run(self, item: Any) -> tuple[bool, Any]:
         """For a connection with a session: run the Request if it is new, or answer it from
-        the replay window. Returns ``(True, result)``, or ``(False, error_frame)``."""
+        the replay window (``ReplayMemory.claim``). Returns ``(True, result)``, or ``(False,
+        error_frame)``."""
         server = self._server
-        assert self.window is not None
+        assert self.window is not None and server._replay is not None
         request_id = item.request_id
-        window = self.window
-        state, kept = window.claim(request_id, server.send_timeout)
-        while state == MOVED:   # the memory gave that window up
-            assert server._replay is not None
-            window = self.window = server._replay.window_for(self.session)
-            state, kept = window.claim(request_id, server.send_timeout)
+        self.window, state, kept = server._replay.claim(self.session, self.window, request_id,
+                                                        server.send_timeout)
         if state == NEW:
-            ok, data, result = self._run_once(self._endpoint, window, item)
+            ok, data, result = self._run_once(self._endpoint, self.window, item)
             return (True, result) if ok else (False, data)
-        if state == ANSWERED and kept is not TOO_LARGE:
+        if state == ANSWERED:
             return kept   # (ok, the answer's bytes or its Error frame)
-        why = _REPLAY_REFUSALS[state if kept is not TOO_LARGE else "too large"]
-        return False, self._endpoint.error_frame(
-            ErrorCode.UNAVAILABLE, f"request {request_id} {why}; it is not run again",
-            request_id)
+        return False, self._endpoint.error_frame(ErrorCode.UNAVAILABLE,
+                                                 refusal(request_id, state), request_id)
 
     def _deliver_event(self, item: Any) -> None:
         server = self._server
