@@ -42,7 +42,9 @@ def _extensions():
         ["hintens/transport/_channel.pyx"],
         include_dirs=["hintens/wire"],
         depends=["hintens/wire/_wire.h", "hintens/wire/_wire.pxd",
-                 "hintens/transport/_channel.pxd"],
+                 "hintens/transport/_channel.pxd", "hintens/transport/_writer.pxi",
+                 "hintens/transport/_outbox.pxi",
+                 "hintens/transport/_memory.pxi"],
         extra_compile_args=cflags,
         define_macros=macros,
     )

@@ -44,20 +44,14 @@ cdef extern from "sys/socket.h" nogil:
     const int MSG_CTRUNC
 
 
-cdef class Channel:
+cdef class Writer:
+    # The sending end (hintens/transport/_writer.pxi), and the state of the queue the Outbox
+    # fills: written by whichever thread holds the send lock. The queue is only touched with
+    # the GIL held; the writer sends a detached buffer without it.
     cdef int _fd                          # the socket's descriptor (the socket stays the caller's)
     cdef object _sock                     # keeps the socket object, and so the fd, alive
-    cdef readonly FrameDecoder decoder    # decodes what arrives
-    cdef unsigned char *_buffer           # receive buffer, malloc'ed in __init__
-    cdef Py_ssize_t _size                 # its size in bytes
     cdef PyThread_type_lock _send_lock    # one writer at a time, taken without the GIL
-    cdef public object pending            # frames receive_reply() did not consume, or None at EOF
-    cdef readonly list fds                # descriptors received (SCM_RIGHTS), oldest first
-    cdef readonly Py_ssize_t fds_dropped  # received beyond the cap (closed) or cut by MSG_CTRUNC
-    cdef public Py_ssize_t max_fds        # descriptors that may wait unclaimed (0: none, at most 64)
     cdef readonly bint broken             # a send stopped mid-frame: the stream is shut for good
-    # The outbox: small frames packed back to back, written by whichever thread holds the send
-    # lock. Only touched with the GIL held; the writer sends a detached buffer without it.
     cdef unsigned char *_queue            # frames submitted and not yet written, in order
     cdef Py_ssize_t _queued               # bytes in _queue
     cdef Py_ssize_t _queue_cap            # its allocation
@@ -73,10 +67,8 @@ cdef class Channel:
     cdef bint _scheduled                  # on_queued was called and flush_due() has not run
     cdef double _last_lazy                # CLOCK_MONOTONIC seconds of the newest non-urgent post
     cdef uint64_t _event_id               # the request id of the newest Event posted
-    cdef bint _eager                      # reads found several frames: try the next one
-                                          # with MSG_DONTWAIT first, keeping the GIL
     # Descriptors queued with frames of the outbox (offer), in stream order: each rides on the
-    # first byte of its frame, in a sendmsg that carries that frame alone. The channel owns
+    # first byte of its frame, in a sendmsg that carries that frame alone. The outbox owns
     # these (duplicates) until they are sent or dropped.
     cdef uint64_t *_fd_at                 # stream offset of each one's frame
     cdef uint64_t *_fd_end                # stream offset just past that frame
@@ -86,13 +78,8 @@ cdef class Channel:
     cdef readonly object aborted          # why abort() cut the stream, or None
     cdef public double stall_timeout      # seconds queued bytes may wait on a full socket
                                           # before the flusher aborts the channel (0: never)
-    cdef bint _slow                       # the last serve() read needed more than the handler
 
     cdef uint64_t _send(self, object buffers, object fds=*) except? 0
-    cdef int _reserve(self, Py_ssize_t extra) except -1
-    cdef uint64_t _post(self, uint32_t msg_type, object payload, uint64_t request_id) except? 0
-    cdef int _after_post(self, bint urgent) except -1
-    cdef int _after_offer(self) except -1
     cdef int _schedule(self) except -1
     cdef int _drain(self, int flags) except -1
     cdef int _break(self) except -1
@@ -106,6 +93,29 @@ cdef class Channel:
                        bint quick=*) except -1
     cdef int _write_all(self, iovec *iov, Py_ssize_t first, Py_ssize_t count, object fds,
                         Py_ssize_t nfds, size_t *written, bint quick) except -1
+
+
+cdef class Outbox(Writer):
+    # The outgoing queue's API (hintens/transport/_outbox.pxi): post, offer, flush, cork.
+    cdef int _reserve(self, Py_ssize_t extra) except -1
+    cdef uint64_t _post(self, uint32_t msg_type, object payload, uint64_t request_id) except? 0
+    cdef int _after_post(self, bint urgent) except -1
+    cdef int _after_offer(self) except -1
+
+
+cdef class Channel(Outbox):
+    # The receive side (hintens/transport/_channel.pyx), over the Outbox.
+    cdef readonly FrameDecoder decoder    # decodes what arrives
+    cdef unsigned char *_buffer           # receive buffer, malloc'ed in __init__
+    cdef Py_ssize_t _size                 # its size in bytes
+    cdef public object pending            # frames receive_reply() did not consume, or None at EOF
+    cdef readonly list fds                # descriptors received (SCM_RIGHTS), oldest first
+    cdef readonly Py_ssize_t fds_dropped  # received beyond the cap (closed) or cut by MSG_CTRUNC
+    cdef public Py_ssize_t max_fds        # descriptors that may wait unclaimed (0: none, at most 64)
+    cdef bint _eager                      # reads found several frames: try the next one
+                                          # with MSG_DONTWAIT first, keeping the GIL
+    cdef bint _slow                       # the last serve() read needed more than the handler
+
     cdef int _keep_fds(self, msghdr *message) except -1
     cdef list _receive(self, int flags)
     cdef list _serve_once(self, handler, on_error, reply_writes, Py_ssize_t small_max,

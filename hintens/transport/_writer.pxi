@@ -1,0 +1,403 @@
+# The writer: the socket's sending end, the base of the Outbox and of the Channel; included by
+# _channel.pyx (one compiled module). One thread at a time holds the send lock and writes,
+# whatever was queued first, then its own bytes; a descriptor queued with a frame rides
+# alone on that frame's first byte. hintens/transport/_outbox_py.py is the pure-Python twin.
+
+
+cdef class Writer:
+    """A connected stream socket's sending end: the send lock, and the writing of the queue
+    of frames waiting for it (which the ``Outbox`` fills)."""
+
+    def __cinit__(self):
+        self._fd = -1
+        self._queue = NULL
+        self._spare = NULL
+        self._fd_at = NULL
+        self._fd_end = NULL
+        self._fd_fds = NULL
+        self._fd_count = 0
+        self._fd_cap = 0
+        self.aborted = None
+        self.stall_timeout = 0.0
+        self.flush_interval = DEFAULT_FLUSH_INTERVAL_S
+        self.max_queue = DEFAULT_MAX_QUEUE_BYTES
+        self.on_queued = None
+        # No Event yet: the first one leaves at once, whatever the machine's uptime (the
+        # monotonic clock counts from boot, so 0.0 would hold it on a machine just booted).
+        self._last_lazy = -INFINITY
+        self._send_lock = PyThread_allocate_lock()
+        if self._send_lock == NULL:
+            raise MemoryError()
+
+    def __dealloc__(self):
+        self._drop_fds()
+        free(self._fd_at)
+        free(self._fd_end)
+        free(self._fd_fds)
+        free(self._queue)
+        free(self._spare)
+        if self._send_lock != NULL:
+            PyThread_free_lock(self._send_lock)
+
+    def close(self):
+        """Close the socket. Waits for a send in progress to end, so no write can reach a
+        descriptor number the kernel has handed out again. Idempotent."""
+        self._lock_send()
+        try:
+            if self._fd >= 0:
+                self._fd = -1
+                self.dropped += <uint64_t>self._queued
+                self._queued = 0
+                self._drop_fds()
+                self._sock.close()
+        finally:
+            PyThread_release_lock(self._send_lock)
+
+    cdef int _lock_send(self) except -1:
+        if not PyThread_acquire_lock(self._send_lock, NOWAIT_LOCK):
+            with nogil:
+                PyThread_acquire_lock(self._send_lock, WAIT_LOCK)
+        return 0
+
+    cdef int _send_iov(self, iovec *iov, Py_ssize_t count, object fds,
+                       bint quick=False) except -1:
+        # Everything, in order; the caller holds the send lock and keeps the memory alive.
+        # Descriptors ride with the first sendmsg, so they arrive with the first byte.
+        cdef Py_ssize_t nfds = len(fds) if fds else 0
+        cdef size_t written = 0
+        if nfds > _FDS_PER_READ:
+            raise ValueError(f"at most {_FDS_PER_READ} descriptors per send")
+        if self.broken:
+            raise OSError(EPIPE, "the channel broke in the middle of a frame")
+        try:
+            self._write_all(iov, 0, count, fds, nfds, &written, quick)
+            self.written += written
+        except BaseException:
+            self.written += written
+            if written:
+                # Part of a frame is on the wire and the rest never will be: nothing sent on
+                # this stream from now on could be framed right. Shut it (readers see EOF);
+                # the descriptor itself stays until close(), so no number is reused under them.
+                self.broken = True
+                shutdown(self._fd, SHUT_RDWR)
+            raise
+        return 0
+
+    cdef int _write_all(self, iovec *iov, Py_ssize_t first, Py_ssize_t count, object fds,
+                        Py_ssize_t nfds, size_t *written, bint quick) except -1:
+        # quick: a small write, tried first without letting the GIL go (see _drain).
+        cdef msghdr message
+        cdef ssize_t sent
+        cdef Py_ssize_t batch, k
+        cdef hx_fd_control control
+        cdef cmsghdr *header
+        cdef int *slots
+        while first < count:
+            batch = min(count - first, <Py_ssize_t>_MAX_IOV)
+            memset_msghdr(&message)
+            message.msg_iov = iov + first
+            message.msg_iovlen = <size_t>batch
+            if nfds:
+                message.msg_control = &control
+                message.msg_controllen = CMSG_SPACE(nfds * sizeof(int))
+                header = CMSG_FIRSTHDR(&message)
+                header.cmsg_level = SOL_SOCKET
+                header.cmsg_type = SCM_RIGHTS
+                header.cmsg_len = CMSG_LEN(nfds * sizeof(int))
+                slots = <int *>CMSG_DATA(header)
+                for k in range(nfds):
+                    slots[k] = fds[k]
+            if quick:
+                quick = False
+                sent = sendmsg(self._fd, &message, MSG_NOSIGNAL | MSG_DONTWAIT)
+                if sent < 0 and errno == EAGAIN:
+                    continue   # the socket is full: wait for room without the GIL
+            else:
+                with nogil:
+                    sent = sendmsg(self._fd, &message, MSG_NOSIGNAL)
+            if sent < 0:
+                if errno == EINTR:
+                    PyErr_CheckSignals()
+                    continue
+                _raise_errno()
+            nfds = 0
+            written[0] += <size_t>sent
+            while sent > 0 and first < count:
+                if <size_t>sent >= iov[first].iov_len:
+                    sent -= iov[first].iov_len
+                    first += 1
+                else:
+                    iov[first].iov_base = <char *>iov[first].iov_base + sent
+                    iov[first].iov_len -= sent
+                    sent = 0
+            while first < count and iov[first].iov_len == 0:
+                first += 1
+        return 0
+
+    def send(self, buffers, fds=()):
+        """Write a list of buffers, in order, as one stream of bytes, after everything queued.
+
+        Args:
+            buffers: bytes-like objects.
+            fds: up to 16 descriptors to pass (SCM_RIGHTS) with the first byte. They stay
+                open here; the receiver gets its own copies.
+
+        Returns:
+            The stream offset just past these bytes (compare with ``written``).
+
+        Raises:
+            BlockingIOError: the send timeout expired (part may have been written).
+            OSError: the connection broke.
+            ValueError: more than 16 descriptors.
+        """
+        return self._send(buffers, fds)
+
+    cdef uint64_t _send(self, object buffers, object fds=None) except? 0:
+        # A few buffers (the usual case) describe themselves on the stack; more need the heap.
+        cdef Py_buffer stack_views[8]
+        cdef iovec stack_iov[8]
+        cdef Py_ssize_t count = len(buffers), i, acquired = 0
+        cdef Py_buffer *views = stack_views
+        cdef iovec *iov = stack_iov
+        cdef uint64_t total = 0, end = 0
+        if count > 8:
+            views = <Py_buffer *>malloc(count * sizeof(Py_buffer))
+            iov = <iovec *>malloc(count * sizeof(iovec))
+            if views == NULL or iov == NULL:
+                free(views)
+                free(iov)
+                raise MemoryError()
+        try:
+            for i in range(count):
+                PyObject_GetBuffer(buffers[i], &views[i], PyBUF_SIMPLE)
+                acquired += 1
+                iov[i].iov_base = views[i].buf
+                iov[i].iov_len = <size_t>views[i].len
+                total += <uint64_t>views[i].len
+            self._lock_send()
+            try:
+                if self._fd < 0:
+                    raise OSError(EBADF, "the channel is closed")
+                if self._queued:
+                    self._drain(0)   # what was queued before us leaves first
+                self.submitted += total
+                end = self.submitted
+                try:
+                    self._send_iov(iov, count, fds, total <= NOGIL_THRESHOLD_BYTES)
+                except BaseException:
+                    if not self.broken:   # none of it left (a part would have broken it)
+                        if self.submitted == end:
+                            self.submitted -= total   # nothing came after: never submitted
+                        else:
+                            # Frames queued meanwhile were placed after ours: their stream
+                            # offsets (their descriptors' places) would be wrong.
+                            self._break()
+                    raise
+                if self._queued:
+                    self._drain_quietly()   # queued while we wrote
+            finally:
+                PyThread_release_lock(self._send_lock)
+        finally:
+            for i in range(acquired):
+                PyBuffer_Release(&views[i])
+            if views != stack_views:
+                free(views)
+                free(iov)
+        return end
+
+    # The outbox ------------------------------------------------------------------------------
+    # Small frames are packed into _queue with the GIL held, so appending needs no lock of its
+    # own. Whoever holds the send lock writes: it detaches the queue, sends it without the GIL
+    # (other threads keep appending to the spare buffer meanwhile) and loops until the queue is
+    # empty. It checks that and releases the lock without letting the GIL go in between, so a
+    # thread that queued a frame and found the lock taken can leave: the holder will write it.
+
+    cdef int _schedule(self) except -1:
+        self._scheduled = True
+        try:
+            self.on_queued(self)
+        except BaseException:
+            self._scheduled = False   # or no later Event would ever ask again
+            raise
+        return 0
+
+    cdef int _drain(self, int flags) except -1:
+        # The caller holds the send lock. Returns 1 if MSG_DONTWAIT stopped it with bytes left.
+        # Invariant: self.written is the stream offset of buf[done] (the queue always follows
+        # the bytes already written), which places the queued descriptors within buf.
+        cdef unsigned char *buf
+        cdef Py_ssize_t n, done, cap, chunk, ahead
+        cdef ssize_t sent = 0
+        cdef int error = 0, fd
+        cdef bint quick
+        while self._queued:
+            if self._fd < 0:
+                raise OSError(EBADF, "the channel is closed")
+            buf, n, cap = self._queue, self._queued, self._queue_cap
+            self._queue, self._queue_cap, self._queued = self._spare, self._spare_cap, 0
+            self._spare, self._spare_cap = NULL, 0   # detached: ours until the loop ends
+            done = 0
+            # A small write is tried first with the GIL held and MSG_DONTWAIT: copying a few
+            # KiB into the socket buffer takes microseconds, while letting the GIL go invites
+            # another thread in and makes this one wait for it back (a context switch or two).
+            quick = n <= NOGIL_THRESHOLD_BYTES
+            while done < n:
+                fd = -1
+                chunk = n - done
+                if self._fd_count:
+                    ahead = <Py_ssize_t>(<long long>self._fd_at[0] - <long long>self.written)
+                    if ahead < 0 or (ahead == 0 and self._fd_end[0] <= self.written):
+                        # Offsets out of step (cannot happen while they are kept right): stop
+                        # rather than write from outside the buffer or without the descriptor.
+                        self._requeue(buf, cap, done, n)
+                        self._break()
+                        raise OSError(EPIPE, "the outbox lost track of a descriptor's frame")
+                    if ahead == 0:   # a descriptor's frame starts here: it goes alone with it
+                        fd = self._fd_fds[0]
+                        chunk = min(chunk, <Py_ssize_t>(self._fd_end[0] - self.written))
+                    elif ahead < chunk:
+                        chunk = ahead   # up to that frame, without the descriptor
+                if quick:
+                    quick = False
+                    sent = _send_with_fd(self._fd, buf + done, <size_t>chunk, fd,
+                                         flags | MSG_NOSIGNAL | MSG_DONTWAIT)
+                    if sent < 0:
+                        error = errno
+                        if error == EAGAIN and not flags & MSG_DONTWAIT:
+                            continue   # full: wait for room without the GIL
+                else:
+                    with nogil:
+                        sent = _send_with_fd(self._fd, buf + done, <size_t>chunk, fd,
+                                             flags | MSG_NOSIGNAL)
+                        if sent < 0:
+                            error = errno
+                if sent < 0:
+                    if error == EINTR:
+                        try:
+                            PyErr_CheckSignals()
+                        except BaseException:
+                            self._requeue(buf, cap, done, n)
+                            raise
+                        continue
+                    break
+                if fd >= 0 and sent > 0:   # it left with the frame's first byte
+                    close_fd(fd)
+                    self._fd_count -= 1
+                    memmove(self._fd_at, self._fd_at + 1, self._fd_count * sizeof(uint64_t))
+                    memmove(self._fd_end, self._fd_end + 1, self._fd_count * sizeof(uint64_t))
+                    memmove(self._fd_fds, self._fd_fds + 1, self._fd_count * sizeof(int))
+                done += sent
+                self.written += <uint64_t>sent
+            if done < n:
+                self._requeue(buf, cap, done, n)   # in front of what came meanwhile
+                if error == EAGAIN and flags & MSG_DONTWAIT:
+                    return 1
+                # OSError picks the subclass: EAGAIN (a kernel timeout) is BlockingIOError.
+                raise OSError(error, strerror(error).decode())
+            if self._spare == NULL and cap <= _KEEP_SPARE_BYTES:
+                self._spare, self._spare_cap = buf, cap
+            else:
+                free(buf)   # a burst's big buffer is not kept for good
+        return 0
+
+    cdef int _break(self) except -1:
+        # The stream can no longer be framed right: shut it for good (readers see its end);
+        # the descriptor itself stays until close(), so no number is reused under anyone.
+        self.broken = True
+        if self._fd >= 0:
+            shutdown(self._fd, SHUT_RDWR)
+        return 0
+
+    cdef int _queue_fd(self, int fd, uint64_t at, uint64_t end) except -1:
+        # A duplicate of fd, to ride on the first byte of the frame at [at, end).
+        cdef Py_ssize_t cap
+        cdef void *grown
+        cdef int copy
+        if self._fd_count == self._fd_cap:
+            cap = max(4, 2 * self._fd_cap)
+            grown = realloc(self._fd_at, cap * sizeof(uint64_t))
+            if grown == NULL:
+                raise MemoryError()
+            self._fd_at = <uint64_t *>grown
+            grown = realloc(self._fd_end, cap * sizeof(uint64_t))
+            if grown == NULL:
+                raise MemoryError()
+            self._fd_end = <uint64_t *>grown
+            grown = realloc(self._fd_fds, cap * sizeof(int))
+            if grown == NULL:
+                raise MemoryError()
+            self._fd_fds = <int *>grown
+            self._fd_cap = cap
+        copy = fcntl(fd, F_DUPFD_CLOEXEC, 0)
+        if copy < 0:
+            _raise_errno()
+        self._fd_at[self._fd_count] = at
+        self._fd_end[self._fd_count] = end
+        self._fd_fds[self._fd_count] = copy
+        self._fd_count += 1
+        return 0
+
+    cdef void _drop_fds(self) noexcept:
+        cdef Py_ssize_t k
+        for k in range(self._fd_count):
+            close_fd(self._fd_fds[k])
+        self._fd_count = 0
+
+    cdef int _drain_quietly(self) except -1:
+        # After the holder's own bytes left: frames others queued meanwhile. A failure here is
+        # theirs to see (the next write raises it again); the bytes stay queued, in order.
+        try:
+            self._drain(0)
+        except OSError:
+            if self._queued and not self._scheduled and self.on_queued is not None:
+                self._schedule()
+        return 0
+
+    cdef int _requeue(self, unsigned char *buf, Py_ssize_t cap, Py_ssize_t start,
+                      Py_ssize_t end) except -1:
+        # buf[start:end] did not leave: it goes back in front of what was queued meanwhile.
+        cdef Py_ssize_t tail = end - start, total = end - start + self._queued
+        cdef unsigned char *grown
+        if total > cap:
+            grown = <unsigned char *>realloc(buf, <size_t>total)
+            if grown == NULL:
+                free(buf)
+                self.broken = True
+                shutdown(self._fd, SHUT_RDWR)
+                raise MemoryError()
+            buf, cap = grown, total
+        memmove(buf, buf + start, <size_t>tail)
+        if self._queued:
+            memcpy(buf + tail, self._queue, <size_t>self._queued)
+        free(self._spare)
+        self._spare, self._spare_cap = self._queue, self._queue_cap
+        self._queue, self._queue_cap, self._queued = buf, cap, total
+        return 0
+
+    def settled_written(self):
+        """``written`` once no write is in progress (waits for one to end): whether a frame
+        left can then be told exactly, for example after the connection failed."""
+        self._lock_send()
+        try:
+            return self.written
+        finally:
+            PyThread_release_lock(self._send_lock)
+
+    def abort(self, reason):
+        """Cut the stream in both directions now, from any thread, without waiting for a
+        writer: readers see its end, writers an error. ``aborted`` keeps the first reason.
+        The descriptor itself stays open until ``close``."""
+        if self.aborted is None:
+            self.aborted = reason
+        self.broken = True
+        if self._fd >= 0:   # close() clears _fd before closing it, both with the GIL held
+            shutdown(self._fd, SHUT_RDWR)
+
+    @property
+    def closed(self):
+        """True once close() ran."""
+        return self._fd < 0
+
+    def fileno(self):
+        """The socket's descriptor, or -1 once closed."""
+        return self._fd
