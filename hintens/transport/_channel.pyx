@@ -1,6 +1,8 @@
 # cython: language_level=3, embedsignature=True, embedsignature.format=clinic, binding=False, boundscheck=False, wraparound=False, cdivision=True
 """Compiled socket transport of hintens: the Channel (a socket's receive buffer, decoder, send
 lock and outbox), shared-memory Mapping and SharedRegion, and the sendmsg/recvmsg plumbing.
+One module in several files: the Channel's sending end is ``Writer`` (_writer.pxi) and its
+queue ``Outbox`` (_outbox.pxi), and the shared-memory views are in _memory.pxi.
 
 hintens/transport/_channel_py.py is its pure-Python twin and documents the semantics both
 share; the two export the same names and raise the same exceptions. Frames are decoded and
