@@ -143,6 +143,55 @@ def test_replies_may_arrive_in_any_order(sock_path):
     assert results == {i: b"re:%d" % i for i in range(3)}
 
 
+def test_a_reply_handed_over_before_its_thread_looks_is_not_read_for_again(sock_path):
+    """Thread B posts its request; before it looks whether anybody reads, thread A reads B's
+    reply with its own, hands both over, and stops reading. B must take its reply, not become
+    the reader and wait for bytes that never come (found in the pure-Python core's runs)."""
+    listener = raw_listener(sock_path)
+    got_first = threading.Event()
+
+    def serve():
+        conn, _ = listener.accept()
+        decoder, requests = hintens.wire.FrameDecoder(), []
+        while len(requests) < 2:
+            requests += [f for f in decoder.feed(conn.recv(65536)) if f.type == 1]
+            if requests:
+                got_first.set()
+        conn.sendall(b"".join(hintens.wire.encode_frame(2, b"re:" + f.payload, f.request_id)
+                              for f in reversed(requests)))   # both replies, in one write
+        conn.recv(1)
+        conn.close()
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    results = {}
+    with hintens.Client(sock_path, timeout=30) as client:
+        a = threading.Thread(target=lambda: results.__setitem__("a", client.request(b"a")))
+        a.start()
+        assert got_first.wait(5)
+        post = client._post
+
+        def post_then_hold(msg_type, payload, request_id):
+            end = post(msg_type, payload, request_id)
+            # Hold B here until A has handed B's reply over and stopped reading.
+            deadline = time.monotonic() + 5
+            while (request_id in client._waiters or client._reading) \
+                    and time.monotonic() < deadline:
+                time.sleep(0.001)
+            return end
+
+        client._post = post_then_hold
+        started = time.monotonic()
+        results["b"] = client.request(b"b")
+        # Read for again, it would come back only at its 30 s timeout (the kernel's receive
+        # timeout), with the reply handed over long before.
+        assert time.monotonic() - started < 10
+        a.join(5)
+    thread.join(5)
+    listener.close()
+    assert results == {"a": b"re:a", "b": b"re:b"}
+
+
 # Events and hello ---------------------------------------------------------------------------
 
 def test_events_both_ways(sock_path):

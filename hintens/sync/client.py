@@ -296,7 +296,9 @@ class Client(ClientDriver, Generic[_R]):
                 self._send_failed(error)
             lock.acquire()   # nobody reading: read our own reply now, no _wait round
             try:
-                leading = not self._reading and self._closed_reason is None
+                # (Unless another reader has handed it over already: reading then would wait
+                # for bytes that never come.)
+                leading = not (self._reading or waiter.done) and self._closed_reason is None
                 if leading:
                     self._reading = True
             finally:
