@@ -37,7 +37,14 @@ from .._errors import (
     ShmError,
     encode_error_payload,
 )
-from .serving import ServerConnection, is_bytes_like
+from .answering import is_bytes_like
+from .serving import ServerConnection
+from .threads import (
+    DEFAULT_THREAD_STACK_BYTES,
+    MAX_THREAD_STACK_BYTES,
+    MIN_THREAD_STACK_BYTES,
+    start_thread,
+)
 from ..protocol.endpoint import (
     DEFAULT_COMPRESS_THRESHOLD_BYTES,
     DEFAULT_SHM_POOL_BYTES,
@@ -84,11 +91,6 @@ Handler = Callable[[Any], Any]
 
 
 
-#: A handler thread's stack: Python code needs little of one, and each connection has a
-#: thread, so the platform's default (often 8 MiB of address space) adds up.
-DEFAULT_THREAD_STACK_BYTES = 1 << 20
-MIN_THREAD_STACK_BYTES = 64 * 1024
-MAX_THREAD_STACK_BYTES = 1 << 30
 DEFAULT_MAX_CONNECTIONS = 1024
 #: Bytes held for unfinished frames across all connections (at least max_payload).
 DEFAULT_MAX_PENDING_BYTES = 256 << 20
@@ -98,49 +100,11 @@ DEFAULT_SHM_RECEIVE_TOTAL_SEGMENTS = 4096
 #: Bytes of pushed Events one connection's outgoing queue holds before the slow-consumer
 #: policy applies.
 DEFAULT_SEND_QUEUE_BYTES = 16 << 20
-#: A reply waiting for a shared-memory segment reads at least this often.
-_RELEASE_POLL_S = 0.05
-_UNSET = object()
-# Connection threads get small stacks only where that can be done without touching the
-# stack size of threads the application starts: threading.stack_size() is process-wide, so
-# it is changed by the compiled core for the one C call that creates our thread (no bytecode
-# runs meanwhile, so no other thread can start one with it). That call is threading's own
-# start_new_thread, and the steps around it are Thread.start's (CPython 3.9 to 3.12). Where
-# these are missing, or with the pure-Python core, threads get the platform's default stack.
-_SMALL_STACKS = (_impl.implementation == "cython"
-                 and all(hasattr(threading, name) for name in
-                         ("_start_new_thread", "_limbo", "_active_limbo_lock"))
-                 and hasattr(threading.Thread, "_bootstrap"))
 
 
 def echo(payload: Any) -> Any:
     """The default handler: the response is the request."""
     return payload
-
-
-def _start_thread(target: Callable[..., Any], argument: Any, name: str,
-                  stack_bytes: int | None) -> threading.Thread:
-    """Start a daemon thread with a stack of ``stack_bytes`` (None: the platform default).
-
-    Raises:
-        RuntimeError: the thread could not be started (RLIMIT_NPROC, a pids cgroup, memory).
-    """
-    thread = threading.Thread(target=target, args=(argument,), name=name, daemon=True)
-    if stack_bytes is None or not _SMALL_STACKS:
-        thread.start()
-        return thread
-    registry: Any = threading
-    with registry._active_limbo_lock:
-        registry._limbo[thread] = thread
-    try:
-        _impl.core.call_with_stack_size(stack_bytes, registry._start_new_thread,
-                                        thread._bootstrap, ())  # type: ignore[attr-defined]
-    except BaseException:
-        with registry._active_limbo_lock:
-            del registry._limbo[thread]
-        raise
-    thread._started.wait()  # type: ignore[attr-defined]
-    return thread
 
 
 def _refuse(sock: socket.socket, why: str) -> None:
@@ -547,7 +511,7 @@ class Server:
         with self._lock:
             self._starting.add(connection)   # registered once its hello has gone out
         try:
-            connection.thread = _start_thread(ServerConnection.serve, connection,
+            connection.thread = start_thread(ServerConnection.serve, connection,
                                               f"hintens-conn-{connection.id}",
                                               self.thread_stack_bytes)
         except Exception as error:   # RLIMIT_NPROC, a pids cgroup, no memory for a stack
