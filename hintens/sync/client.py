@@ -23,9 +23,10 @@ from .._errors import (
     ConnectionClosed,
     Timeout,
 )
-from .._codecs import CodecSpec, codec_from, ready
+from .._codecs import CodecSpec, codec_from
 from .connection import Connection
-from .driver import FOREVER, HELLO_WAIT_S, ClientDriver, Waiter
+from .driver import FOREVER, HELLO_WAIT_S, Waiter
+from .sender import ClientSender
 from ..protocol.endpoint import (
     DEFAULT_COMPRESS_THRESHOLD_BYTES,
     DEFAULT_SHM_POOL_BYTES,
@@ -85,7 +86,7 @@ class Session:
 _R = TypeVar("_R")
 
 
-class Client(ClientDriver, Generic[_R]):
+class Client(ClientSender, Generic[_R]):
     """A connection to a hintens server.
 
     Args:
@@ -296,9 +297,10 @@ class Client(ClientDriver, Generic[_R]):
                 self._send_failed(error)
             lock.acquire()   # nobody reading: read our own reply now, no _wait round
             try:
-                # (Unless another reader has handed it over already: reading then would wait
-                # for bytes that never come.)
-                leading = not (self._reading or waiter.done) and self._closed_reason is None
+                # (Unless another reader has handed it over already, and so taken it out of
+                # _waiters: reading then would wait for bytes that never come.)
+                leading = not self._reading and request_id in self._waiters \
+                    and self._closed_reason is None
                 if leading:
                     self._reading = True
             finally:
@@ -544,12 +546,3 @@ class Client(ClientDriver, Generic[_R]):
 
     def __exit__(self, *exc_info: Any) -> None:
         self.close()
-
-    # Internals --------------------------------------------------------------------------
-
-    def _outgoing(self, payload: Any) -> Any:
-        """A codec's payload, ready to send (see ``_codecs.ready``)."""
-        endpoint = self._endpoint
-        return ready(payload, endpoint.shm_threshold,
-                     self.allocate if endpoint.pool is not None else None)
-

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any, Iterable
 
 from .client import Client
-from .._codecs import join
+from .._codecs import join, ready
 
 __all__ = ["CodedClient"]
 
@@ -59,3 +59,10 @@ class CodedClient(Client[Any]):
         codec = self.codec
         Client.send_event(self, value if codec is None
                           else self._outgoing(codec.encode(value, "event")))
+
+    def _outgoing(self, payload: Any) -> Any:
+        """A codec's payload, ready to send (see ``_codecs.ready``): parts of a large one are
+        copied into one shared-memory buffer when the server negotiated it."""
+        endpoint = self._endpoint
+        return ready(payload, endpoint.shm_threshold,
+                     self.allocate if endpoint.pool is not None else None)
