@@ -1,0 +1,451 @@
+"""An asyncio client, on the same protocol core as the sync one.
+
+The socket is driven by the event loop itself: ``loop.add_reader`` on its descriptor reads with
+``recvmsg`` (the core Channel, which also receives shared-memory descriptors), and what a write
+leaves queued is written when ``loop.add_writer`` says the socket takes more. A reply wakes its
+waiting future directly, on the loop's thread: no thread hop on the hot path. The protocol's
+rules are the protocol layer's: ``Endpoint`` (hello, limits, lending) and ``sort_for_client``
+(what each frame read means to a client).
+
+Cancellation loses nothing: a cancelled ``request()`` takes its future out, the connection
+stays usable, and a late reply is dropped (a payload lent from shared memory is released when
+it is collected, which gives the segment back).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import socket
+import threading
+from typing import Any, Callable, Iterable
+
+from .._checks import call_timeout_s, optional_callable, path_like, timeout_s, uids
+from .._constants import DEFAULT_FLUSH_INTERVAL_S, DEFAULT_MAX_PAYLOAD_BYTES, MessageType
+from .._errors import ConnectionClosed, Timeout
+from ..protocol.endpoint import (
+    DEFAULT_SHM_POOL_BYTES,
+    DEFAULT_SHM_THRESHOLD_BYTES,
+    FEATURE_SHM,
+    Endpoint,
+)
+from ..protocol.hello import Hello
+from ..protocol.roles import sort_for_client
+from ..sync.connection import Connection
+from ..transport.unix import check_server, connect, socket_path
+
+log = logging.getLogger("hintens")
+
+DEFAULT_TIMEOUT_S = 30.0
+DEFAULT_CONNECT_TIMEOUT_S = 5.0
+#: How long a large send waits for the server's hello before it goes inline (once).
+HELLO_WAIT_S = 1.0
+#: A sender waiting for a shared-memory segment looks again at least this often.
+_RELEASE_POLL_S = 0.005
+_UNBOUNDED = 1 << 62
+
+
+class Client:
+    """An asyncio connection to a hintens server. Make one with ``await Client.connect(...)``
+    or ``async with Client(...) as client``; use it from the loop it was opened on.
+
+    Args:
+        path: the server's socket (the sync ``Client``'s default rules).
+        timeout: default seconds to wait for a reply (None: for ever).
+        connect_timeout: seconds to wait for the connection (a full accept queue included).
+        on_event: called with the payload of each Event the server pushes: a plain function
+            runs on the loop, a coroutine function as a task of its own.
+        max_payload: the largest inline payload accepted from the server.
+        shm: offer shared memory (payloads of ``shm_threshold`` bytes or more then travel
+            through sealed memfd segments toward a server that offers it too).
+        shm_threshold, shm_pool_bytes: as for the sync ``Client``.
+        flush_interval: seconds an Event may wait to share a write with the ones after it.
+        server_uids: uids whose servers this client trusts besides its own uid and root.
+
+    Raises (from ``connect``/``__aenter__``):
+        ConnectError, UntrustedServerError, SocketPathError, Timeout: as the sync ``Client``.
+    """
+
+    def __init__(self, path: str | os.PathLike[str] | None = None, *,
+                 timeout: float | None = DEFAULT_TIMEOUT_S,
+                 connect_timeout: float | None = DEFAULT_CONNECT_TIMEOUT_S,
+                 on_event: Callable[[Any], Any] | None = None,
+                 max_payload: int = DEFAULT_MAX_PAYLOAD_BYTES, shm: bool = True,
+                 shm_threshold: int = DEFAULT_SHM_THRESHOLD_BYTES,
+                 shm_pool_bytes: int = DEFAULT_SHM_POOL_BYTES,
+                 flush_interval: float = DEFAULT_FLUSH_INTERVAL_S,
+                 server_uids: Iterable[int] = ()) -> None:
+        self.timeout = timeout_s(timeout, "timeout")
+        self._connect_timeout = timeout_s(connect_timeout, "connect_timeout")
+        self._on_event = optional_callable(on_event, "on_event")
+        self._trusted = uids(server_uids, "server_uids")
+        self.path = socket_path(path_like(path))
+        self._shm = shm
+        self._flush_interval = flush_interval
+        self._endpoint = Endpoint(max_payload=max_payload,
+                                  features=FEATURE_SHM if shm else 0,
+                                  shm_threshold=shm_threshold, shm_pool_bytes=shm_pool_bytes)
+        self._ids = itertools.count(1)
+        self._waiters: dict[int, asyncio.Future[Any]] = {}
+        self._conn: Connection | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closed_reason: BaseException | None = None
+        self._server_error: BaseException | None = None
+        self._writing = False
+        self._flush_handle: asyncio.TimerHandle | None = None
+        self._hello = asyncio.Event()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._loop_thread = 0
+
+    # Opening and closing -----------------------------------------------------------------
+
+    @classmethod
+    async def connect(cls, path: str | os.PathLike[str] | None = None, **options: Any) -> Client:
+        """Connect: ``Client(path, **options)``, opened.
+
+        Raises:
+            As ``Client`` and ``__aenter__``.
+        """
+        client = cls(path, **options)
+        await client._open()
+        return client
+
+    async def __aenter__(self) -> Client:
+        await self._open()
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        await self.close()
+
+    async def _open(self) -> None:
+        if self._conn is not None:
+            raise RuntimeError("this client is already connected")
+        loop = self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
+        # connect() waits out a full accept queue in the kernel: off the loop's thread.
+        sock = await loop.run_in_executor(None, connect, self.path, self._connect_timeout)
+        try:
+            #: The server process's pid, uid and gid (SO_PEERCRED), checked before any byte.
+            self.server_credentials = check_server(sock, self.path, self._trusted)
+            sock.setblocking(False)
+            conn = Connection(sock, self._endpoint, shm=self._shm, stall_timeout=None)
+        except BaseException:
+            sock.close()
+            raise
+        conn.channel.flush_interval = self._flush_interval
+        # The loop writes what a write left queued: deadline flushes, releases and leftovers.
+        conn.channel.on_queued = self._queued_threadsafe
+        self._conn = conn
+        self._send([self._endpoint.hello_frame()])
+        loop.add_reader(conn.channel.fileno(), self._readable)
+
+    async def close(self) -> None:
+        """Write out what is queued if the socket takes it now, then close. Waiting requests
+        raise ConnectionClosed. Idempotent."""
+        conn = self._conn
+        if conn is None or self._closed_reason is not None:
+            return
+        try:
+            conn.channel.flush_due(False)
+        except OSError:
+            pass
+        self._fail(ConnectionClosed("the client was closed"))
+
+    @property
+    def closed(self) -> bool:
+        """True once the connection is closed or lost."""
+        return self._closed_reason is not None
+
+    @property
+    def peer_hello(self) -> Hello | None:
+        """The server's capability hello, once it has arrived."""
+        return self._endpoint.peer_hello
+
+    # Requests and Events -----------------------------------------------------------------
+
+    async def request(self, payload: Any, timeout: float | None = None, *,
+                      writable: bool = False) -> Any:
+        """Send a Request and wait for its reply.
+
+        Args:
+            payload: any C-contiguous buffer (or a buffer from ``allocate``, sent uncopied).
+            timeout: seconds to wait for the reply; default ``self.timeout``.
+            writable: a reply through shared memory comes as a writable copy-on-write view.
+
+        Returns:
+            The Response payload: ``bytes``, or a ``memoryview`` lent from shared memory.
+
+        Raises:
+            RemoteError: the server answered with an Error frame.
+            Timeout: no reply in time; the connection stays usable.
+            ConnectionClosed: the connection is or became closed.
+            asyncio.CancelledError: cancelled; the connection stays usable, and a late reply
+                is dropped.
+        """
+        seconds = self.timeout if timeout is None else call_timeout_s(timeout, self.timeout)
+        loop = self._running()
+        request_id = next(self._ids)
+        writes = await self._writes(MessageType.REQUEST, payload, request_id, seconds)
+        future: asyncio.Future[Any] = loop.create_future()
+        self._waiters[request_id] = future
+        if writable:
+            self._endpoint.writable_ids.add(request_id)
+        try:
+            self._send_writes(writes)
+            if seconds is None:
+                return await future
+            try:
+                return await asyncio.wait_for(future, seconds)
+            except asyncio.TimeoutError:
+                raise Timeout(f"no reply to request {request_id} from {self.path} in "
+                              f"time") from None
+        finally:
+            self._waiters.pop(request_id, None)
+            self._endpoint.writable_ids.discard(request_id)
+
+    async def request_many(self, payloads: Iterable[Any],
+                           timeout: float | None = None) -> list[Any]:
+        """Send several Requests together and wait for every reply, in order.
+
+        Raises:
+            As ``request``; the first failure in order.
+        """
+        return list(await asyncio.gather(*(self.request(p, timeout) for p in payloads)))
+
+    async def send_event(self, payload: Any) -> None:
+        """Send an Event (no reply). Small Events are batched as in the sync client: one that
+        comes within ``flush_interval`` of the previous one waits (at most that long) to
+        share its write.
+
+        Raises:
+            ConnectionClosed: the connection is closed.
+        """
+        self._running()
+        writes = await self._writes(MessageType.EVENT, payload, next(self._ids), self.timeout)
+        conn = self._live()
+        try:
+            if conn.offer(writes, _UNBOUNDED):
+                return
+        except OSError as error:
+            self._fail(ConnectionClosed(f"connection to {self.path} lost: {error}"), error)
+            raise self._closed_error() from error
+
+    async def flush(self) -> None:
+        """Write out queued Events now (those the socket does not take yet leave as soon as
+        it does)."""
+        self._flush()
+
+    # Internals ---------------------------------------------------------------------------
+
+    def _running(self) -> asyncio.AbstractEventLoop:
+        if self._closed_reason is not None:
+            raise self._closed_error()
+        if self._conn is None or self._loop is None:
+            raise RuntimeError("this client is not connected: await Client.connect(...) or "
+                               "use async with")
+        return self._loop
+
+    def _live(self) -> Connection:
+        if self._closed_reason is not None or self._conn is None:
+            raise self._closed_error()
+        return self._conn
+
+    async def _writes(self, msg_type: int, payload: Any, request_id: int,
+                      seconds: float | None) -> list[Any]:
+        """The protocol's writes for a payload, waiting for the server's hello when shared
+        memory may carry it, and for a segment to come free when all are lent out."""
+        endpoint = self._endpoint
+        if endpoint.peer_hello is None and endpoint.pool is not None:
+            try:
+                size = memoryview(payload).nbytes
+            except TypeError:
+                size = 0
+            if size >= endpoint.shm_threshold:
+                try:
+                    await asyncio.wait_for(self._hello.wait(), HELLO_WAIT_S)
+                except asyncio.TimeoutError:
+                    pass
+        loop = self._running()
+        deadline = None if seconds is None else loop.time() + seconds
+        while True:
+            writes = endpoint.writes(msg_type, payload, request_id)
+            if writes is not None:
+                return writes
+            if deadline is not None and loop.time() >= deadline:
+                pool = endpoint.pool
+                assert pool is not None
+                raise Timeout(f"no shared-memory segment came free in time "
+                              f"({pool.total_bytes} of {pool.max_bytes} bytes lent out)")
+            await asyncio.sleep(_RELEASE_POLL_S)   # the releases arrive through _readable
+            self._live()
+
+    def _send(self, frames: list[Any]) -> None:
+        self._send_writes([(frames, [])])
+
+    def _send_writes(self, writes: list[Any]) -> None:
+        """Queue writes on the channel and write what the socket takes now; the rest leaves
+        when the loop says the socket is writable."""
+        conn = self._live()
+        try:
+            conn.channel.offer(writes, _UNBOUNDED, False)
+        except OSError as error:
+            self._fail(ConnectionClosed(f"connection to {self.path} lost: {error}"), error)
+            raise self._closed_error() from error
+        self._flush()
+
+    def _flush(self) -> None:
+        conn = self._conn
+        if conn is None or self._closed_reason is not None:
+            return
+        try:
+            left = conn.channel.flush_due(False)
+        except OSError as error:
+            self._fail(ConnectionClosed(f"connection to {self.path} lost: {error}"), error)
+            return
+        if conn.channel.broken:
+            self._fail(ConnectionClosed(f"connection to {self.path} lost while writing"))
+        elif left and not self._writing and self._loop is not None:
+            self._writing = True
+            self._loop.add_writer(conn.channel.fileno(), self._writable)
+
+    def _writable(self) -> None:
+        self._writing = False
+        assert self._loop is not None and self._conn is not None
+        self._loop.remove_writer(self._conn.channel.fileno())
+        self._flush()
+
+    def _queued_threadsafe(self, channel: Any, soon: bool = False) -> None:
+        """The channel's ``on_queued``: from any thread (a release, on the thread that dropped
+        a view). The flush runs on the loop: at once, or at the Event deadline."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        if threading.get_ident() == self._loop_thread:
+            self._queued(soon)   # on the loop already: no wake-up through its self-pipe
+            return
+        try:
+            loop.call_soon_threadsafe(self._queued, soon)
+        except RuntimeError:   # the loop closed meanwhile
+            pass
+
+    def _queued(self, soon: bool) -> None:
+        if soon:
+            self._flush()
+        elif self._flush_handle is None and self._loop is not None:
+            def due() -> None:
+                self._flush_handle = None
+                self._flush()
+            self._flush_handle = self._loop.call_later(self._flush_interval, due)
+
+    def _readable(self) -> None:
+        conn = self._conn
+        if conn is None or self._closed_reason is not None:
+            return
+        try:
+            items = conn.read(socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return
+        except OSError as error:
+            self._fail(ConnectionClosed(self._lost_message(error)), error)
+            return
+        if items is None:
+            self._fail(ConnectionClosed(self._lost_message(None)), self._server_error)
+            return
+        if self._endpoint.peer_hello is not None and not self._hello.is_set():
+            self._hello.set()
+        if items:
+            self._dispatch(items)
+
+    def _dispatch(self, items: list[Any]) -> None:
+        sorted_items = sort_for_client(self._endpoint, items)
+        waiters = self._waiters
+        for request_id, payload in sorted_items.replies:
+            future = waiters.pop(request_id, None)
+            if future is None or future.done():
+                log.debug("dropping a late reply to request %d", request_id)
+            else:
+                future.set_result(payload)
+        for request_id, error in sorted_items.failures:
+            future = waiters.pop(request_id, None)
+            if future is not None and not future.done():
+                future.set_exception(error)
+        for dropped in sorted_items.dropped:
+            log.warning("dropped a bad frame from %s: %s", self.path, dropped)
+        if sorted_items.server_error is not None:
+            self._server_error = sorted_items.server_error
+            log.warning("server at %s reports: %s", self.path, sorted_items.server_error)
+        if sorted_items.answers:
+            try:
+                self._send(sorted_items.answers)
+            except ConnectionClosed:
+                pass
+        if self._on_event is not None:
+            for payload in sorted_items.events:
+                self._deliver(payload)
+        if sorted_items.fatal is not None:
+            error = sorted_items.fatal
+            log.warning("closing the connection to %s: the server broke the protocol: %s",
+                        self.path, error)
+            self._fail(ConnectionClosed(f"connection to {self.path} closed: the server broke "
+                                        f"the protocol: {error}"), error)
+
+    def _deliver(self, payload: Any) -> None:
+        assert self._on_event is not None
+        try:
+            result = self._on_event(payload)
+        except Exception:
+            log.exception("on_event callback raised")
+            return
+        if asyncio.iscoroutine(result):
+            task = asyncio.ensure_future(result)
+            self._tasks.add(task)
+            task.add_done_callback(self._event_done)
+
+    def _event_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("on_event callback raised", exc_info=task.exception())
+
+    def _lost_message(self, error: OSError | None) -> str:
+        if self._server_error is not None:
+            return f"server at {self.path} closed the connection: {self._server_error}"
+        if error is None:
+            return f"server at {self.path} closed the connection"
+        return f"connection to {self.path} lost: {error.strerror or error}"
+
+    def _closed_error(self) -> ConnectionClosed:
+        reason = self._closed_reason
+        if reason is None:
+            return ConnectionClosed(f"the client for {self.path} is not connected")
+        error = ConnectionClosed(str(reason) if isinstance(reason, ConnectionClosed)
+                                 else f"connection to {self.path} closed: {reason}")
+        error.__cause__ = reason.__cause__ if isinstance(reason, ConnectionClosed) else reason
+        return error
+
+    def _fail(self, reason: ConnectionClosed, cause: BaseException | None = None) -> None:
+        if self._closed_reason is not None:
+            return
+        if cause is not None:
+            reason.__cause__ = cause
+        self._closed_reason = reason
+        for future in self._waiters.values():
+            if not future.done():
+                future.set_exception(self._closed_error())
+        self._waiters.clear()
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        conn = self._conn
+        if conn is not None and self._loop is not None:
+            fd = conn.channel.fileno()
+            if fd >= 0:
+                self._loop.remove_reader(fd)
+                if self._writing:
+                    self._loop.remove_writer(fd)
+                    self._writing = False
+            dropped = conn.close()
+            if dropped:
+                log.warning("connection to %s closed with %d bytes of queued frames unsent",
+                            self.path, dropped)

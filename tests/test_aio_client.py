@@ -1,0 +1,270 @@
+"""hintens.aio.Client against real servers: the sync Server in another process (the
+``server_process`` fixture, tests/handlers.py:command) or in this one, and raw-socket peers."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import random
+import socket
+import threading
+
+import pytest
+
+import hintens
+import hintens.aio
+
+from .peers import open_fds, raw_listener
+
+CYTHON = hintens.implementation == "cython"
+
+
+def run(coroutine, timeout=60):
+    return asyncio.run(asyncio.wait_for(coroutine, timeout))
+
+
+def test_a_request_and_its_reply(server_process, sock_path):
+    async def main():
+        async with hintens.aio.Client(sock_path) as client:
+            assert await client.request(b"echo:hello") == b"hello"
+            assert await client.request(b"size:0") == b""
+            assert client.peer_hello is not None
+        assert client.closed
+
+    run(main())
+
+
+def test_connect_and_close(server_process, sock_path):
+    async def main():
+        client = await hintens.aio.Client.connect(sock_path, timeout=10)
+        assert await client.request(b"echo:x") == b"x"
+        await client.close()
+        await client.close()   # idempotent
+        with pytest.raises(hintens.ConnectionClosed):
+            await client.request(b"echo:y")
+
+    run(main())
+
+
+def test_an_unopened_client_says_so(sock_path):
+    async def main():
+        client = hintens.aio.Client(sock_path)
+        with pytest.raises(RuntimeError, match="not connected"):
+            await client.request(b"x")
+
+    run(main())
+
+
+def test_no_server_is_a_connect_error(sock_path):
+    async def main():
+        with pytest.raises(hintens.ConnectError):
+            await hintens.aio.Client.connect(sock_path)
+
+    run(main())
+
+
+def test_a_thousand_concurrent_requests_from_tasks_on_one_connection(server_process, sock_path):
+    async def main():
+        async with hintens.aio.Client(sock_path) as client:
+            replies = await asyncio.gather(*(client.request(b"echo:%d" % i)
+                                             for i in range(1000)))
+            assert replies == [b"%d" % i for i in range(1000)]
+            assert client._waiters == {}
+
+    run(main())
+
+
+def test_remote_errors_keep_their_class_and_the_connection(server_process, sock_path):
+    async def main():
+        async with hintens.aio.Client(sock_path) as client:
+            with pytest.raises(hintens.HandlerError, match="boom"):
+                await client.request(b"raise:boom")
+            with pytest.raises(hintens.RemoteError) as caught:
+                await client.request(b"app:1234:no such thing")
+            assert caught.value.code == 1234
+            assert await client.request(b"echo:still here") == b"still here"
+
+    run(main())
+
+
+def test_a_timeout_leaves_the_connection_usable_and_drops_the_late_reply(server_process,
+                                                                        sock_path):
+    async def main():
+        async with hintens.aio.Client(sock_path) as client:
+            with pytest.raises(hintens.Timeout):
+                await client.request(b"sleep:0.5:late", timeout=0.05)
+            assert client._waiters == {}
+            assert await client.request(b"echo:next") == b"next"   # the late reply is dropped
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(client.request(b"sleep:0.5:late"), 0.05)
+            assert await client.request(b"echo:after") == b"after"
+
+    run(main())
+
+
+def test_a_cancellation_storm_leaves_nothing_behind(sock_path):
+    # Large replies travel through shared memory: a cancelled request's late reply is a lent
+    # view, and dropping it must give the server its segment back.
+    def handler(payload):
+        return bytes(payload) * 4096 if len(payload) < 64 else bytes(payload)
+
+    with hintens.Server(sock_path, handler, shm_pool_bytes=64 << 20).start() as server:
+        async def main():
+            async with hintens.aio.Client(sock_path) as client:
+                async def one(i):
+                    reply = await client.request(b"%04d" % i * 4)
+                    assert bytes(reply) == b"%04d" % i * 4 * 4096
+                    if isinstance(reply, memoryview):   # lent (the pure-Python core copies)
+                        reply.release()   # the application holds no more than it uses
+                    return i
+
+                rng = random.Random(12)
+                answered = 0
+                for _ in range(5):
+                    tasks = [asyncio.ensure_future(one(i)) for i in range(400)]
+                    for _ in range(rng.randrange(0, 4)):
+                        await asyncio.sleep(0)
+                    for task in tasks:
+                        if rng.random() < 0.5:
+                            task.cancel()
+                    results = await asyncio.gather(*tasks, return_exceptions=True)
+                    assert all(r == i or isinstance(r, asyncio.CancelledError)
+                               for i, r in enumerate(results))
+                    answered += sum(r == i for i, r in enumerate(results))
+                    del results, tasks
+                assert answered > 0 and client._waiters == {}
+                gc.collect()
+                reply = await client.request(b"last" * 4)
+                assert bytes(reply) == b"last" * 4 * 4096
+                del reply
+                await asyncio.sleep(0.2)   # the last releases reach the server
+                (connection,) = server.connections
+                pool = connection._endpoint.pool
+                assert pool is not None and not pool._peer   # every segment is back
+
+        run(main())
+
+
+def test_large_payloads_travel_through_shared_memory_both_ways(sock_path):
+    with hintens.Server(sock_path, lambda payload: bytes(payload)[::-1]).start():
+        async def main():
+            async with hintens.aio.Client(sock_path) as client:
+                payload = bytes(range(256)) * 4096   # 1 MiB
+                for _ in range(20):
+                    reply = await client.request(payload)
+                    assert reply == payload[::-1]
+                    if CYTHON:   # lent from the segment; the pure-Python core copies it out
+                        assert isinstance(reply, memoryview) and reply.readonly
+                        with reply:
+                            pass
+                assert client._endpoint.segments   # the server's, mapped here
+
+        run(main())
+
+
+def test_events_both_ways_with_sync_and_async_callbacks(sock_path):
+    got, pushed_sync, pushed_async = [], [], []
+    done = threading.Event()
+
+    def on_event(payload, connection):
+        got.append(bytes(payload))
+        if len(got) == 50:
+            done.set()
+
+    with hintens.Server(sock_path, on_event=on_event).start() as server:
+        async def main():
+            arrived = asyncio.Event()
+
+            async def on_push(payload):
+                await asyncio.sleep(0)
+                pushed_async.append(bytes(payload))
+                if len(pushed_async) == 3:
+                    arrived.set()
+
+            async with hintens.aio.Client(sock_path, on_event=pushed_sync.append) as first, \
+                    hintens.aio.Client(sock_path, on_event=on_push) as second:
+                for i in range(50):
+                    await first.send_event(b"%d" % i)
+                await first.flush()
+                assert await second.request(b"sync") == b"sync"   # both are connected
+                for i in range(3):
+                    assert server.broadcast(b"push %d" % i) == 2
+                await asyncio.wait_for(arrived.wait(), 10)
+                while len(pushed_sync) < 3:
+                    await asyncio.sleep(0.01)
+
+        run(main())
+        assert done.wait(10)
+    assert got == [b"%d" % i for i in range(50)]
+    assert [bytes(p) for p in pushed_sync] == pushed_async == [b"push %d" % i for i in range(3)]
+
+
+def test_a_server_that_goes_fails_waiting_requests(sock_path):
+    listener = raw_listener(sock_path)
+
+    def serve():
+        conn, _ = listener.accept()
+        conn.recv(65536)   # the hello, and maybe the request
+        conn.close()
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+
+    async def main():
+        async with hintens.aio.Client(sock_path) as client:
+            with pytest.raises(hintens.ConnectionClosed):   # closed, reset, or lost writing
+                await client.request(b"never answered")
+            assert client.closed
+
+    run(main())
+    thread.join(5)
+    listener.close()
+
+
+def test_a_hostile_server_is_cut_cleanly_and_leaks_nothing(sock_path):
+    listener = raw_listener(sock_path)
+    before = open_fds()
+
+    def serve():
+        conn, _ = listener.accept()
+        conn.recv(65536)
+        conn.sendall(b"\xff" * 24)   # not a header: the stream cannot be trusted
+        try:
+            conn.recv(1)
+        except OSError:
+            pass
+        conn.close()
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+
+    async def main():
+        async with hintens.aio.Client(sock_path) as client:
+            with pytest.raises(hintens.ConnectionClosed, match="broke the protocol"):
+                await client.request(b"x")
+
+    run(main())
+    thread.join(5)
+    listener.close()
+    gc.collect()
+    assert open_fds() <= before
+
+
+def test_the_sync_and_async_clients_share_a_server(server_process, sock_path):
+    async def main():
+        async with hintens.aio.Client(sock_path) as client:
+            with hintens.Client(sock_path) as sync_client:
+                assert sync_client.request(b"echo:sync") == b"sync"
+                assert await client.request(b"echo:async") == b"async"
+
+    run(main())
+
+
+def test_the_socket_is_non_blocking_and_driven_by_the_loop(server_process, sock_path):
+    async def main():
+        async with hintens.aio.Client(sock_path) as client:
+            sock = client._conn.sock
+            assert isinstance(sock, socket.socket) and not sock.getblocking()
+            assert await client.request(b"echo:ok") == b"ok"
+
+    run(main())
