@@ -268,3 +268,20 @@ def test_the_socket_is_non_blocking_and_driven_by_the_loop(server_process, sock_
             assert await client.request(b"echo:ok") == b"ok"
 
     run(main())
+
+
+def test_allocate_sends_without_a_copy_and_says_when_it_cannot(sock_path):
+    with hintens.Server(sock_path, lambda payload: bytes(payload[:4])).start():
+        async def main():
+            async with hintens.aio.Client(sock_path) as client:
+                for n in range(5):
+                    buffer = client.allocate(1 << 20)
+                    buffer[:4] = b"%04d" % n
+                    assert await client.request(buffer) == b"%04d" % n
+                with pytest.raises(ValueError):
+                    client.allocate(0)
+            async with hintens.aio.Client(sock_path, shm=False) as client:
+                with pytest.raises(hintens.ShmError):
+                    client.allocate(1 << 20)
+
+        run(main())

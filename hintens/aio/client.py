@@ -140,6 +140,14 @@ class Client:
         self._conn = conn
         self._send([self._endpoint.hello_frame()])
         loop.add_reader(conn.channel.fileno(), self._readable)
+        if self._shm:
+            # A hintens server says hello on accept: shared memory is negotiated once it is
+            # here, and allocate() needs that. A server that never says it is waited for a
+            # moment only.
+            try:
+                await asyncio.wait_for(self._hello.wait(), HELLO_WAIT_S)
+            except asyncio.TimeoutError:
+                pass
 
     async def close(self) -> None:
         """Write out what is queued if the socket takes it now, then close. Waiting requests
@@ -231,6 +239,27 @@ class Client:
         except OSError as error:
             self._fail(ConnectionClosed(f"connection to {self.path} lost: {error}"), error)
             raise self._closed_error() from error
+
+    def allocate(self, size: int) -> memoryview:
+        """A writable buffer inside a shared-memory segment: fill it, then pass it to
+        ``request`` or ``send_event`` as the payload, and nothing is copied. Once sent, it
+        belongs to the receiver until released; a buffer dropped unsent gives its segment
+        back.
+
+        Raises:
+            ShmError: the server did not negotiate shared memory (or ``shm=False``), or
+                ``size`` is more than the pool (or the server) takes.
+            Timeout: every segment of the pool is lent out right now.
+            ValueError, TypeError: ``size`` is not a positive int.
+        """
+        self._live()
+        view = self._endpoint.allocate(size)
+        if view is None:
+            pool = self._endpoint.pool
+            assert pool is not None
+            raise Timeout(f"no shared-memory segment is free ({pool.total_bytes} of "
+                          f"{pool.max_bytes} bytes lent out)")
+        return view
 
     async def flush(self) -> None:
         """Write out queued Events now (those the socket does not take yet leave as soon as
