@@ -285,3 +285,48 @@ def test_allocate_sends_without_a_copy_and_says_when_it_cannot(sock_path):
                     client.allocate(1 << 20)
 
         run(main())
+
+
+def test_a_codec_encodes_requests_and_events_and_decodes_replies(sock_path):
+    events = []
+    got_event = threading.Event()
+
+    def on_event(value, connection):
+        events.append(value)
+        got_event.set()
+
+    with hintens.Server(sock_path, lambda value: {"echo": value}, codec="json",
+                        on_event=on_event).start() as server:
+        async def main():
+            pushed = asyncio.Event()
+            received = []
+
+            def on_push(value):
+                received.append(value)
+                pushed.set()
+
+            async with hintens.aio.Client(sock_path, codec="json", on_event=on_push) as client:
+                assert await client.request({"n": [1, 2]}) == {"echo": {"n": [1, 2]}}
+                await client.send_event(["hello"])
+                await client.flush()
+                assert server.broadcast({"to": "all"}) == 1
+                await asyncio.wait_for(pushed.wait(), 10)
+            assert received == [{"to": "all"}]
+
+        run(main())
+        assert got_event.wait(10)
+    assert events == [["hello"]]
+
+
+def test_compression_is_negotiated_and_inline_payloads_travel_compressed(sock_path):
+    with hintens.Server(sock_path, compress=True).start():
+        async def main():
+            async with hintens.aio.Client(sock_path, compress=True, shm=False) as client:
+                payload = b"compressible text " * 2000   # 36 KB, inline
+                assert await client.request(payload) == payload
+                assert client._endpoint.compressing
+            async with hintens.aio.Client(sock_path, shm=False) as client:
+                assert await client.request(b"plain") == b"plain"
+                assert not client._endpoint.compressing
+
+        run(main())

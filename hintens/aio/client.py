@@ -23,11 +23,14 @@ import threading
 from typing import Any, Callable, Iterable
 
 from .._checks import call_timeout_s, optional_callable, path_like, timeout_s, uids
+from .._codecs import CodecSpec, codec_from, ready
 from .._constants import DEFAULT_FLUSH_INTERVAL_S, DEFAULT_MAX_PAYLOAD_BYTES, MessageType
 from .._errors import ConnectionClosed, Timeout
 from ..protocol.endpoint import (
+    DEFAULT_COMPRESS_THRESHOLD_BYTES,
     DEFAULT_SHM_POOL_BYTES,
     DEFAULT_SHM_THRESHOLD_BYTES,
+    FEATURE_COMPRESSION,
     FEATURE_SHM,
     Endpoint,
 )
@@ -47,6 +50,11 @@ _RELEASE_POLL_S = 0.005
 _UNBOUNDED = 1 << 62
 
 
+def _expire(future: asyncio.Future[Any], request_id: int, path: str) -> None:
+    if not future.done():
+        future.set_exception(Timeout(f"no reply to request {request_id} from {path} in time"))
+
+
 class Client:
     """An asyncio connection to a hintens server. Make one with ``await Client.connect(...)``
     or ``async with Client(...) as client``; use it from the loop it was opened on.
@@ -63,6 +71,11 @@ class Client:
         shm_threshold, shm_pool_bytes: as for the sync ``Client``.
         flush_interval: seconds an Event may wait to share a write with the ones after it.
         server_uids: uids whose servers this client trusts besides its own uid and root.
+        codec: how values become payloads (see ``hintens.Codec``): ``request`` and
+            ``send_event`` then take values and ``request`` returns decoded responses, and
+            ``on_event`` gets decoded Events. Default: raw bytes.
+        compress, compress_threshold: zstd compression of inline payloads, as for the sync
+            ``Client`` (the ``compression`` extra).
 
     Raises (from ``connect``/``__aenter__``):
         ConnectError, UntrustedServerError, SocketPathError, Timeout: as the sync ``Client``.
@@ -76,7 +89,9 @@ class Client:
                  shm_threshold: int = DEFAULT_SHM_THRESHOLD_BYTES,
                  shm_pool_bytes: int = DEFAULT_SHM_POOL_BYTES,
                  flush_interval: float = DEFAULT_FLUSH_INTERVAL_S,
-                 server_uids: Iterable[int] = ()) -> None:
+                 server_uids: Iterable[int] = (), codec: CodecSpec = None,
+                 compress: bool = False,
+                 compress_threshold: int = DEFAULT_COMPRESS_THRESHOLD_BYTES) -> None:
         self.timeout = timeout_s(timeout, "timeout")
         self._connect_timeout = timeout_s(connect_timeout, "connect_timeout")
         self._on_event = optional_callable(on_event, "on_event")
@@ -84,9 +99,13 @@ class Client:
         self.path = socket_path(path_like(path))
         self._shm = shm
         self._flush_interval = flush_interval
+        #: The codec (None: raw bytes).
+        self.codec = codec_from(codec)
         self._endpoint = Endpoint(max_payload=max_payload,
-                                  features=FEATURE_SHM if shm else 0,
-                                  shm_threshold=shm_threshold, shm_pool_bytes=shm_pool_bytes)
+                                  features=(FEATURE_SHM if shm else 0)
+                                  | (FEATURE_COMPRESSION if compress else 0),
+                                  shm_threshold=shm_threshold, shm_pool_bytes=shm_pool_bytes,
+                                  compress_threshold=compress_threshold)
         self._ids = itertools.count(1)
         self._waiters: dict[int, asyncio.Future[Any]] = {}
         self._conn: Connection | None = None
@@ -195,23 +214,25 @@ class Client:
         seconds = self.timeout if timeout is None else call_timeout_s(timeout, self.timeout)
         loop = self._running()
         request_id = next(self._ids)
+        if self.codec is not None:
+            payload = self._encoded(payload, "request")
         writes = await self._writes(MessageType.REQUEST, payload, request_id, seconds)
         future: asyncio.Future[Any] = loop.create_future()
         self._waiters[request_id] = future
         if writable:
             self._endpoint.writable_ids.add(request_id)
+        # The deadline fails the future itself: no wrapper task per request (wait_for).
+        expiry = None if seconds is None else loop.call_later(
+            seconds, _expire, future, request_id, self.path)
         try:
             self._send_writes(writes)
-            if seconds is None:
-                return await future
-            try:
-                return await asyncio.wait_for(future, seconds)
-            except asyncio.TimeoutError:
-                raise Timeout(f"no reply to request {request_id} from {self.path} in "
-                              f"time") from None
+            reply = await future
         finally:
+            if expiry is not None:
+                expiry.cancel()
             self._waiters.pop(request_id, None)
             self._endpoint.writable_ids.discard(request_id)
+        return reply if self.codec is None else self.codec.decode(reply, "response")
 
     async def request_many(self, payloads: Iterable[Any],
                            timeout: float | None = None) -> list[Any]:
@@ -231,6 +252,8 @@ class Client:
             ConnectionClosed: the connection is closed.
         """
         self._running()
+        if self.codec is not None:
+            payload = self._encoded(payload, "event")
         writes = await self._writes(MessageType.EVENT, payload, next(self._ids), self.timeout)
         conn = self._live()
         try:
@@ -267,6 +290,14 @@ class Client:
         self._flush()
 
     # Internals ---------------------------------------------------------------------------
+
+    def _encoded(self, value: Any, kind: str) -> Any:
+        """A value as the codec's payload; parts of a large one go into one shared-memory
+        buffer when the server negotiated it."""
+        assert self.codec is not None
+        endpoint = self._endpoint
+        return ready(self.codec.encode(value, kind), endpoint.shm_threshold,
+                     self.allocate if endpoint.negotiated(FEATURE_SHM) else None)
 
     def _running(self) -> asyncio.AbstractEventLoop:
         if self._closed_reason is not None:
@@ -423,6 +454,8 @@ class Client:
     def _deliver(self, payload: Any) -> None:
         assert self._on_event is not None
         try:
+            if self.codec is not None:
+                payload = self.codec.decode(payload, "event")
             result = self._on_event(payload)
         except Exception:
             log.exception("on_event callback raised")
