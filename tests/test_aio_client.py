@@ -330,3 +330,51 @@ def test_compression_is_negotiated_and_inline_payloads_travel_compressed(sock_pa
                 assert not client._endpoint.compressing
 
         run(main())
+
+
+def test_events_as_an_async_iterator_in_order_until_the_connection_closes(sock_path):
+    with hintens.Server(sock_path).start() as server:
+        async def main():
+            client = await hintens.aio.Client.connect(sock_path)
+            received = []
+
+            async def consume():
+                async for payload in client.events():
+                    received.append(bytes(payload))
+
+            consumer = asyncio.ensure_future(consume())
+            await asyncio.sleep(0)          # it is iterating: Events are kept from now on
+            for i in range(100):
+                assert server.broadcast(b"%d" % i) == 1
+            while len(received) < 100:
+                await asyncio.sleep(0.01)
+            await client.close()
+            await asyncio.wait_for(consumer, 5)   # ends with the connection
+            assert received == [b"%d" % i for i in range(100)]
+            assert client.events_dropped == 0
+
+        run(main())
+
+
+def test_events_nobody_takes_are_bounded(sock_path):
+    with hintens.Server(sock_path).start() as server:
+        async def main():
+            async with hintens.aio.Client(sock_path, max_queued_events=10) as client:
+                iterator = client.events().__aiter__()
+                first = asyncio.ensure_future(iterator.__anext__())
+                await asyncio.sleep(0)          # iterating: Events are kept from now on
+                for i in range(50):
+                    server.broadcast(b"%d" % i)
+                taken = [bytes(await asyncio.wait_for(first, 5))]
+                while len(taken) + len(client._event_queue) + client.events_dropped < 50:
+                    await asyncio.sleep(0.01)   # every Event taken, kept or dropped
+                kept = len(client._event_queue)
+                assert kept <= 10 and client.events_dropped >= 50 - 1 - 10
+                taken += [bytes(await iterator.__anext__()) for _ in range(kept)]
+                numbers = [int(payload) for payload in taken]
+                assert numbers == sorted(numbers) and numbers[0] == 0   # in order
+            with pytest.raises(RuntimeError, match="on_event"):
+                async with hintens.aio.Client(sock_path, on_event=print) as other:
+                    await other.events().__anext__()
+
+        run(main())

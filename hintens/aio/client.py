@@ -15,14 +15,15 @@ it is collected, which gives the segment back).
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import logging
 import os
 import socket
 import threading
-from typing import Any, Callable, Iterable
+from typing import Any, AsyncIterator, Callable, Iterable
 
-from .._checks import call_timeout_s, optional_callable, path_like, timeout_s, uids
+from .._checks import call_timeout_s, count, optional_callable, path_like, timeout_s, uids
 from .._codecs import CodecSpec, codec_from, ready
 from .._constants import DEFAULT_FLUSH_INTERVAL_S, DEFAULT_MAX_PAYLOAD_BYTES, MessageType
 from .._errors import ConnectionClosed, Timeout
@@ -43,6 +44,8 @@ log = logging.getLogger("hintens")
 
 DEFAULT_TIMEOUT_S = 30.0
 DEFAULT_CONNECT_TIMEOUT_S = 5.0
+#: Events that wait for events() to take them, at most.
+DEFAULT_MAX_QUEUED_EVENTS = 1024
 #: How long a large send waits for the server's hello before it goes inline (once).
 HELLO_WAIT_S = 1.0
 #: A sender waiting for a shared-memory segment looks again at least this often.
@@ -76,6 +79,8 @@ class Client:
             ``on_event`` gets decoded Events. Default: raw bytes.
         compress, compress_threshold: zstd compression of inline payloads, as for the sync
             ``Client`` (the ``compression`` extra).
+        max_queued_events: Events that wait for ``events()`` to take them, at most; more are
+            dropped (counted in ``events_dropped``, logged once per episode).
 
     Raises (from ``connect``/``__aenter__``):
         ConnectError, UntrustedServerError, SocketPathError, Timeout: as the sync ``Client``.
@@ -91,7 +96,8 @@ class Client:
                  flush_interval: float = DEFAULT_FLUSH_INTERVAL_S,
                  server_uids: Iterable[int] = (), codec: CodecSpec = None,
                  compress: bool = False,
-                 compress_threshold: int = DEFAULT_COMPRESS_THRESHOLD_BYTES) -> None:
+                 compress_threshold: int = DEFAULT_COMPRESS_THRESHOLD_BYTES,
+                 max_queued_events: int = DEFAULT_MAX_QUEUED_EVENTS) -> None:
         self.timeout = timeout_s(timeout, "timeout")
         self._connect_timeout = timeout_s(connect_timeout, "connect_timeout")
         self._on_event = optional_callable(on_event, "on_event")
@@ -117,6 +123,13 @@ class Client:
         self._hello = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loop_thread = 0
+        # Events for events(): kept from its first call on, at most max_queued_events.
+        self._max_queued_events = count(max_queued_events, "max_queued_events")
+        self._event_queue: collections.deque[Any] | None = None
+        self._events_ready = asyncio.Event()
+        self._dropping = False
+        #: Events dropped because ``events()`` fell ``max_queued_events`` behind.
+        self.events_dropped = 0
 
     # Opening and closing -----------------------------------------------------------------
 
@@ -284,6 +297,28 @@ class Client:
                           f"{pool.max_bytes} bytes lent out)")
         return view
 
+    async def events(self) -> AsyncIterator[Any]:
+        """The server's Events, in order, as they arrive (decoded by the codec, if any), until
+        the connection closes. For a client made without ``on_event``; Events that came
+        before the first call are not kept. One consumer at a time.
+
+        Raises:
+            RuntimeError: the client has an ``on_event`` callback.
+        """
+        if self._on_event is not None:
+            raise RuntimeError("this client delivers Events to its on_event callback")
+        if self._event_queue is None:
+            self._event_queue = collections.deque()
+        queue = self._event_queue
+        while True:
+            while queue:
+                payload = queue.popleft()
+                yield payload if self.codec is None else self.codec.decode(payload, "event")
+            if self._closed_reason is not None:
+                return
+            self._events_ready.clear()
+            await self._events_ready.wait()
+
     async def flush(self) -> None:
         """Write out queued Events now (those the socket does not take yet leave as soon as
         it does)."""
@@ -444,12 +479,29 @@ class Client:
         if self._on_event is not None:
             for payload in sorted_items.events:
                 self._deliver(payload)
+        elif self._event_queue is not None and sorted_items.events:
+            self._queue_events(sorted_items.events)
         if sorted_items.fatal is not None:
             error = sorted_items.fatal
             log.warning("closing the connection to %s: the server broke the protocol: %s",
                         self.path, error)
             self._fail(ConnectionClosed(f"connection to {self.path} closed: the server broke "
                                         f"the protocol: {error}"), error)
+
+    def _queue_events(self, payloads: list[Any]) -> None:
+        queue = self._event_queue
+        assert queue is not None
+        for payload in payloads:
+            if len(queue) < self._max_queued_events:
+                queue.append(payload)
+                self._dropping = False
+            else:
+                self.events_dropped += 1
+                if not self._dropping:
+                    self._dropping = True
+                    log.warning("dropping Events from %s: events() is %d behind "
+                                "(max_queued_events)", self.path, len(queue))
+        self._events_ready.set()
 
     def _deliver(self, payload: Any) -> None:
         assert self._on_event is not None
@@ -499,6 +551,7 @@ class Client:
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush_handle = None
+        self._events_ready.set()   # events() ends once it has taken what is queued
         conn = self._conn
         if conn is not None and self._loop is not None:
             fd = conn.channel.fileno()
