@@ -142,6 +142,29 @@ class ConnectionClosed(HintensError, ConnectionError):
     request_id: int | None = None
 
 
+def closed_error(reason: BaseException, path: str) -> ConnectionClosed:
+    """A new ConnectionClosed for one more caller of a connection that ``reason`` closed:
+    the same words, and the same underlying cause."""
+    error = ConnectionClosed(str(reason) if isinstance(reason, ConnectionClosed)
+                             else f"connection to {path} closed: {reason}")
+    error.__cause__ = reason.__cause__ if isinstance(reason, ConnectionClosed) else reason
+    return error
+
+
+def lost_message(path: str, server_error: BaseException | None, aborted: str | None,
+                 error: OSError | None) -> str:
+    """Why a client's connection ended: the server's own word where it gave one (an Error
+    frame about the connection), the reason we cut it, or what the socket said (None: the
+    server closed it)."""
+    if server_error is not None:
+        return f"server at {path} closed the connection: {server_error}"
+    if aborted is not None:
+        return f"connection to {path} cut: {aborted}"
+    if error is None:
+        return f"server at {path} closed the connection"
+    return f"connection to {path} lost: {error.strerror or error}"
+
+
 class ConnectError(HintensError, ConnectionError):
     """No connection could be made: no socket file, nobody listening, or no permission."""
 

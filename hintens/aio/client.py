@@ -26,7 +26,7 @@ from typing import Any, AsyncIterator, Callable, Iterable
 from .._checks import call_timeout_s, count, optional_callable, path_like, timeout_s, uids
 from .._codecs import CodecSpec, codec_from, ready
 from .._constants import DEFAULT_FLUSH_INTERVAL_S, DEFAULT_MAX_PAYLOAD_BYTES, MessageType
-from .._errors import ConnectionClosed, Timeout
+from .._errors import ConnectionClosed, Timeout, closed_error, lost_message
 from ..protocol.endpoint import (
     DEFAULT_COMPRESS_THRESHOLD_BYTES,
     DEFAULT_SHM_POOL_BYTES,
@@ -523,20 +523,13 @@ class Client:
             log.error("on_event callback raised", exc_info=task.exception())
 
     def _lost_message(self, error: OSError | None) -> str:
-        if self._server_error is not None:
-            return f"server at {self.path} closed the connection: {self._server_error}"
-        if error is None:
-            return f"server at {self.path} closed the connection"
-        return f"connection to {self.path} lost: {error.strerror or error}"
+        aborted = self._conn.channel.aborted if self._conn is not None else None
+        return lost_message(self.path, self._server_error, aborted, error)
 
     def _closed_error(self) -> ConnectionClosed:
-        reason = self._closed_reason
-        if reason is None:
+        if self._closed_reason is None:
             return ConnectionClosed(f"the client for {self.path} is not connected")
-        error = ConnectionClosed(str(reason) if isinstance(reason, ConnectionClosed)
-                                 else f"connection to {self.path} closed: {reason}")
-        error.__cause__ = reason.__cause__ if isinstance(reason, ConnectionClosed) else reason
-        return error
+        return closed_error(self._closed_reason, self.path)
 
     def _fail(self, reason: ConnectionClosed, cause: BaseException | None = None) -> None:
         if self._closed_reason is not None:

@@ -28,6 +28,8 @@ from .._errors import (
     ConnectionClosed,
     ProtocolError,
     Timeout,
+    closed_error,
+    lost_message,
 )
 from .._checks import lock_wait_s
 from ..transport.unix import set_kernel_timeouts
@@ -110,10 +112,9 @@ class ClientDriver:
 
     def _closed_error(self) -> ConnectionClosed:
         reason = self._closed_reason
-        error = ConnectionClosed(str(reason) if isinstance(reason, ConnectionClosed)
-                                 else f"connection to {self.path} closed: {reason}")
-        error.__cause__ = reason.__cause__ if isinstance(reason, ConnectionClosed) else reason
-        return error
+        if reason is None:   # not closed after all: the channel broke under a send
+            return ConnectionClosed(f"connection to {self.path} is broken")
+        return closed_error(reason, self.path)
 
     def _send(self, frames: list[Any]) -> None:
         try:
@@ -315,13 +316,7 @@ class ClientDriver:
 
     def _lost_message(self, error: OSError | None) -> str:
         """Why the connection ended: the server's own word where it gave one, or ours."""
-        if self._server_error is not None:
-            return f"server at {self.path} closed the connection: {self._server_error}"
-        if self._channel.aborted is not None:
-            return f"connection to {self.path} cut: {self._channel.aborted}"
-        if error is None:
-            return f"server at {self.path} closed the connection"
-        return f"connection to {self.path} lost: {error.strerror or error}"
+        return lost_message(self.path, self._server_error, self._channel.aborted, error)
 
     def _dispatch(self, items: list[Any],
                   salvaged: bool = False) -> tuple[list[Any], list[bytes]]:
