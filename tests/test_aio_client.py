@@ -378,3 +378,20 @@ def test_events_nobody_takes_are_bounded(sock_path):
                     await other.events().__anext__()
 
         run(main())
+
+
+def test_a_shorter_deadline_after_a_longer_one_still_fires_on_time(server_process, sock_path):
+    async def main():
+        async with hintens.aio.Client(sock_path) as client:
+            loop = asyncio.get_running_loop()
+            slow = asyncio.ensure_future(client.request(b"sleep:0.3:slow", timeout=20))
+            await asyncio.sleep(0)
+            started = loop.time()
+            with pytest.raises(hintens.Timeout):
+                await client.request(b"sleep:0.5:late", timeout=0.05)
+            assert loop.time() - started < 5    # its own deadline, not the 20 s one
+            assert await slow == b"slow"
+            assert await client.request(b"echo:after") == b"after"
+            assert client._waiters == {}
+
+    run(main())
