@@ -23,6 +23,13 @@ def run(coroutine, timeout=60):
     return asyncio.run(asyncio.wait_for(coroutine, timeout))
 
 
+async def _registered(server, count=1):
+    """The server lists the connection (after its hello went out, which the client may see
+    first): a broadcast reaches it from then on."""
+    while len(server.connections) < count:
+        await asyncio.sleep(0.005)
+
+
 def test_a_request_and_its_reply(server_process, sock_path):
     async def main():
         async with hintens.aio.Client(sock_path) as client:
@@ -186,7 +193,8 @@ def test_events_both_ways_with_sync_and_async_callbacks(sock_path):
                 for i in range(50):
                     await first.send_event(b"%d" % i)
                 await first.flush()
-                assert await second.request(b"sync") == b"sync"   # both are connected
+                assert await second.request(b"sync") == b"sync"
+                await _registered(server, 2)
                 for i in range(3):
                     assert server.broadcast(b"push %d" % i) == 2
                 await asyncio.wait_for(arrived.wait(), 10)
@@ -344,6 +352,7 @@ def test_events_as_an_async_iterator_in_order_until_the_connection_closes(sock_p
 
             consumer = asyncio.ensure_future(consume())
             await asyncio.sleep(0)          # it is iterating: Events are kept from now on
+            await _registered(server)
             for i in range(100):
                 assert server.broadcast(b"%d" % i) == 1
             while len(received) < 100:
@@ -363,6 +372,7 @@ def test_events_nobody_takes_are_bounded(sock_path):
                 iterator = client.events().__aiter__()
                 first = asyncio.ensure_future(iterator.__anext__())
                 await asyncio.sleep(0)          # iterating: Events are kept from now on
+                await _registered(server)
                 for i in range(50):
                     server.broadcast(b"%d" % i)
                 taken = [bytes(await asyncio.wait_for(first, 5))]
