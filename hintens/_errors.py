@@ -151,6 +151,15 @@ def closed_error(reason: BaseException, path: str) -> ConnectionClosed:
     return error
 
 
+def no_free_segment(pool: Any, waited: bool = True) -> Timeout:
+    """The Timeout of a send or ``allocate`` that found every shared-memory segment of its
+    connection's pool lent out (``waited``: until its deadline)."""
+    state = f"{pool.total_bytes} of {pool.max_bytes} bytes lent out"
+    if waited:
+        return Timeout(f"no shared-memory segment came free in time ({state})")
+    return Timeout(f"no shared-memory segment is free ({state})")
+
+
 def lost_message(path: str, server_error: BaseException | None, aborted: str | None,
                  error: OSError | None) -> str:
     """Why a client's connection ended: the server's own word where it gave one (an Error

@@ -27,7 +27,7 @@ from typing import Any, AsyncIterator, Callable, Iterable
 from .._checks import call_timeout_s, count, optional_callable, path_like, timeout_s, uids
 from .._codecs import CodecSpec, codec_from, ready
 from .._constants import DEFAULT_FLUSH_INTERVAL_S, DEFAULT_MAX_PAYLOAD_BYTES, MessageType
-from .._errors import ConnectionClosed, Timeout, closed_error, lost_message
+from .._errors import ConnectionClosed, Timeout, closed_error, lost_message, no_free_segment
 from ..protocol.endpoint import (
     DEFAULT_COMPRESS_THRESHOLD_BYTES,
     DEFAULT_SHM_POOL_BYTES,
@@ -293,10 +293,7 @@ class Client:
         self._live()
         view = self._endpoint.allocate(size)
         if view is None:
-            pool = self._endpoint.pool
-            assert pool is not None
-            raise Timeout(f"no shared-memory segment is free ({pool.total_bytes} of "
-                          f"{pool.max_bytes} bytes lent out)")
+            raise no_free_segment(self._endpoint.pool, waited=False)
         return view
 
     async def events(self) -> AsyncIterator[Any]:
@@ -371,10 +368,7 @@ class Client:
             if writes is not None:
                 return writes
             if deadline is not None and loop.time() >= deadline:
-                pool = endpoint.pool
-                assert pool is not None
-                raise Timeout(f"no shared-memory segment came free in time "
-                              f"({pool.total_bytes} of {pool.max_bytes} bytes lent out)")
+                raise no_free_segment(endpoint.pool)
             await asyncio.sleep(_RELEASE_POLL_S)   # the releases arrive through _readable
             self._live()
 

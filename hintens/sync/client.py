@@ -389,8 +389,8 @@ class Client(ClientSender, Generic[_R]):
 
         Small Events are batched: one that follows the previous Event by less than
         ``flush_interval`` waits in the connection's queue (at most that long) so that the
-        Events after it share its write. A request, ``flush()``, ``close()`` or a full queue (64 KiB) writes them
-        out sooner; order on the connection is always kept.
+        Events after it share its write. A request, ``flush()``, ``close()`` or a full queue
+        (64 KiB) writes them out sooner; order on the connection is always kept.
 
         Raises:
             ConnectionClosed: the connection is closed.

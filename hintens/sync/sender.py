@@ -9,7 +9,7 @@ from __future__ import annotations
 from time import monotonic
 from typing import Any, Callable
 
-from .._errors import ConnectionClosed, ShmError, Timeout
+from .._errors import ConnectionClosed, ShmError, Timeout, no_free_segment
 from .driver import HELLO_WAIT_S, ClientDriver
 
 
@@ -90,10 +90,7 @@ class ClientSender(ClientDriver):
 
         result = self._conn.until_free(checked, deadline, self._read_aside)
         if result is None:
-            pool = self._endpoint.pool
-            assert pool is not None
-            raise Timeout(f"no shared-memory segment came free in time "
-                          f"({pool.total_bytes} of {pool.max_bytes} bytes lent out)")
+            raise no_free_segment(self._endpoint.pool)
         return result
 
     def _read_aside(self, generation: int, seconds: float) -> None:

@@ -18,7 +18,7 @@ from .. import _impl
 from .._checks import call_timeout_s, deadline_after
 from .._codecs import join
 from .._constants import MessageType
-from .._errors import ConnectionClosed, Timeout
+from .._errors import ConnectionClosed, no_free_segment
 from ..protocol.hello import FEATURE_SHM, Hello, HelloKey
 from ..protocol.replay import ReplayWindow
 from ..transport.unix import PeerCredentials
@@ -239,9 +239,7 @@ class ServerConnection(Answering):
         view = self._conn.until_free(lambda: endpoint.allocate(size), deadline,
                                      self._read_aside)
         if view is None:
-            assert endpoint.pool is not None
-            raise Timeout(f"no shared-memory segment came free in time "
-                          f"({endpoint.pool.total_bytes} bytes lent out)")
+            raise no_free_segment(endpoint.pool)
         return view
 
     def __repr__(self) -> str:
