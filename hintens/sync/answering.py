@@ -14,10 +14,11 @@ from typing import TYPE_CHECKING, Any
 from .. import _impl
 from .._checks import deadline_after
 from .._constants import ErrorCode, Flags, MessageType
-from .._errors import ConnectionClosed, ProtocolError, RemoteError
+from .._errors import ConnectionClosed, ProtocolError
+from ..protocol.answers import checked_result, failure_frame, is_echo, kept_answer
 from ..protocol.endpoint import Endpoint
 from ..protocol.hello import HelloKey
-from ..protocol.replay import ANSWERED, NEW, TOO_LARGE, ReplayWindow, refusal
+from ..protocol.replay import ANSWERED, NEW, ReplayWindow, refusal
 from .connection import Connection
 
 if TYPE_CHECKING:
@@ -29,21 +30,6 @@ log = logging.getLogger("hintens")
 class ClientGone(ConnectionClosed):
     """The client went while we answered it: the connection ends, quietly. (Raised by our
     own writes and reads; a handler's ConnectionClosed is the handler's failure.)"""
-
-
-def is_bytes_like(value: Any) -> bool:
-    if type(value) is bytes:
-        return True
-    try:
-        memoryview(value).release()
-        return True
-    except TypeError:
-        return False
-
-
-def _is_echo(endpoint: Endpoint, result: Any) -> bool:
-    """The handler returned the payload it was lent: the reply points back at its segment."""
-    return type(result) is memoryview and endpoint.lends(result)
 
 
 class Answering:
@@ -73,9 +59,8 @@ class Answering:
             RemoteError: the handler's result is not bytes-like (a HANDLER_ERROR that says so).
             ConnectionClosed: the client went while we waited.
         """
-        if type(result) is not bytes and result is not None and not is_bytes_like(result):
-            raise RemoteError(ErrorCode.HANDLER_ERROR, f"handler must return a bytes-like "
-                                                       f"object, got {type(result).__name__}")
+        if type(result) is not bytes:
+            result = checked_result(result)
         endpoint = self._endpoint
         writes = endpoint.reply_writes(request_id, result)
         if writes is None:
@@ -233,7 +218,7 @@ class Answering:
                     writes[0][0][0]).flags & Flags.SHM:
                 out += writes[0][0]   # inline: goes with the others, in order
                 return out
-            if not _is_echo(endpoint, result):
+            if not is_echo(endpoint, result):
                 # The reply was copied out: drop the request's lent payload now, so that its
                 # release reaches the client before the reply does.
                 items[index] = item = result = None
@@ -296,16 +281,8 @@ class Answering:
         answer: tuple[bool, bytes] = (False, endpoint.error_frame(
             ErrorCode.HANDLER_ERROR, "the handler did not finish", item.request_id))
         try:
-            result = server._call(item.payload)
-            result = b"" if result is None else result
-            if not is_bytes_like(result):   # the same Error as without replay
-                raise RemoteError(ErrorCode.HANDLER_ERROR, f"handler must return a bytes-like "
-                                                           f"object, got {type(result).__name__}")
-            with memoryview(result) as view:
-                # Copied only if it can be kept: an echo of a (sparse) lent gigabyte must not
-                # cost a gigabyte here.
-                answer = (True, view.tobytes()) if view.nbytes <= window.max_bytes \
-                    else TOO_LARGE
+            result = checked_result(server._call(item.payload))
+            answer = kept_answer(result, window.max_bytes)
             return True, b"", result
         except Exception as error:
             answer = (False, self._error_answer(endpoint, item.request_id, error))
@@ -323,8 +300,4 @@ class Answering:
         """
         if isinstance(error, ClientGone):
             raise error
-        if isinstance(error, RemoteError):
-            return endpoint.error_frame(error.code, error.message, request_id)
-        log.warning("handler failed on request %d", request_id, exc_info=True)
-        return endpoint.error_frame(ErrorCode.HANDLER_ERROR, f"{type(error).__name__}: {error}",
-                                    request_id)
+        return failure_frame(endpoint, request_id, error)

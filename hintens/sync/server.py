@@ -13,7 +13,6 @@ and flushed. Connections still busy at the deadline are cut.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
 import select
@@ -22,28 +21,24 @@ import threading
 from time import monotonic
 from typing import Any, Callable, Iterable
 
-from .. import _impl
-from .._codecs import CodecSpec, codec_from, join, ready
-from .._constants import (
-    BATCH_WRITE_BYTES,
-    DEFAULT_MAX_PAYLOAD_BYTES,
-    SCATTER_THRESHOLD_BYTES,
-    ErrorCode,
-    MessageType,
-)
-from .._errors import (
-    ConnectionClosed,
-    FrameTooLargeError,
-    ShmError,
-    encode_error_payload,
-)
-from .answering import is_bytes_like
-from .serving import ServerConnection
-from .threads import (
-    DEFAULT_THREAD_STACK_BYTES,
-    MAX_THREAD_STACK_BYTES,
-    MIN_THREAD_STACK_BYTES,
-    start_thread,
+from .._checks import count, deadline_after, timeout_s, wait_s
+from .._codecs import CodecSpec, ready
+from .._constants import DEFAULT_MAX_PAYLOAD_BYTES
+from .._errors import ConnectionClosed, FrameTooLargeError, ShmError
+from .._server_common import (
+    DEFAULT_BACKLOG,
+    DEFAULT_FRAME_TIMEOUT_S,
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_PENDING_BYTES,
+    DEFAULT_MODE,
+    DEFAULT_SEND_QUEUE_BYTES,
+    DEFAULT_SEND_TIMEOUT_S,
+    DEFAULT_SHM_RECEIVE_TOTAL_BYTES,
+    DEFAULT_SHM_RECEIVE_TOTAL_SEGMENTS,
+    DEFAULT_SHUTDOWN_TIMEOUT_S,
+    ServerBase,
+    echo,
+    refuse,
 )
 from ..protocol.endpoint import (
     DEFAULT_COMPRESS_THRESHOLD_BYTES,
@@ -51,75 +46,30 @@ from ..protocol.endpoint import (
     DEFAULT_SHM_RECEIVE_BYTES,
     DEFAULT_SHM_RECEIVE_SEGMENTS,
     DEFAULT_SHM_THRESHOLD_BYTES,
-    FEATURE_COMPRESSION,
-    FEATURE_SHM,
-    Endpoint,
 )
 from ..protocol.replay import (
     DEFAULT_REPLAY_BYTES,
     DEFAULT_REPLAY_SESSIONS,
     DEFAULT_REPLAY_TOTAL_BYTES,
     DEFAULT_REPLAY_WINDOW,
-    ReplayMemory,
 )
-from .._checks import (
-    count,
-    deadline_after,
-    optional_callable,
-    path_like,
-    timeout_s,
-    uids,
-    wait_s,
+from ..transport.unix import remove_socket_file, set_kernel_timeouts
+from .serving import ServerConnection
+from .threads import (
+    DEFAULT_THREAD_STACK_BYTES,
+    MAX_THREAD_STACK_BYTES,
+    MIN_THREAD_STACK_BYTES,
+    start_thread,
 )
-from ..transport.unix import (
-    listen,
-    peer_credentials,
-    remove_socket_file,
-    set_kernel_timeouts,
-    socket_path,
-)
+
+__all__ = ["Server", "ServerConnection", "echo"]
 
 log = logging.getLogger("hintens")
-
-DEFAULT_MODE = 0o600
-DEFAULT_BACKLOG = 1024
-DEFAULT_FRAME_TIMEOUT_S = 10.0
-DEFAULT_SEND_TIMEOUT_S = 10.0
-DEFAULT_SHUTDOWN_TIMEOUT_S = 5.0
 
 Handler = Callable[[Any], Any]
 
 
-
-DEFAULT_MAX_CONNECTIONS = 1024
-#: Bytes held for unfinished frames across all connections (at least max_payload).
-DEFAULT_MAX_PENDING_BYTES = 256 << 20
-#: Clients' shared memory mapped across all connections: bytes and segments.
-DEFAULT_SHM_RECEIVE_TOTAL_BYTES = 4 << 30
-DEFAULT_SHM_RECEIVE_TOTAL_SEGMENTS = 4096
-#: Bytes of pushed Events one connection's outgoing queue holds before the slow-consumer
-#: policy applies.
-DEFAULT_SEND_QUEUE_BYTES = 16 << 20
-
-
-def echo(payload: Any) -> Any:
-    """The default handler: the response is the request."""
-    return payload
-
-
-def _refuse(sock: socket.socket, why: str) -> None:
-    """Answer a connection we will not serve with one Error (UNAVAILABLE, request id 0), if
-    the socket takes it now, and close it."""
-    frame = _impl.core.encode_frame(MessageType.ERROR,
-                                    encode_error_payload(ErrorCode.UNAVAILABLE, why), 0)
-    try:
-        sock.send(frame, socket.MSG_DONTWAIT)
-    except OSError:
-        pass
-    sock.close()
-
-
-class Server:
+class Server(ServerBase):
     """A hintens server on a Unix socket.
 
     The socket is bound and listening when the constructor returns; call ``serve_forever()``
@@ -201,85 +151,35 @@ class Server:
                  send_queue_bytes: int = DEFAULT_SEND_QUEUE_BYTES,
                  slow_consumer: str = "cut",
                  thread_stack_bytes: int | None = DEFAULT_THREAD_STACK_BYTES) -> None:
-        # Every argument is checked before the socket file is made: a bad one leaves nothing
-        # behind.
-        path = path_like(path)
-        if not callable(handler):
-            raise TypeError(f"handler must be callable, not {type(handler).__name__}")
-        self.handler = handler
-        self.on_event = optional_callable(on_event, "on_event")
-        self.on_connect = optional_callable(on_connect, "on_connect")
-        self.on_disconnect = optional_callable(on_disconnect, "on_disconnect")
-        mode = count(mode, "mode", minimum=0, maximum=0o777)
-        backlog = count(backlog, "backlog", minimum=1)
-        self._allowed_uids = {os.geteuid(), *uids(allow_uids, "allow_uids")}
-        self._allowed_gids = uids(allow_gids, "allow_gids")
-        self.idle_timeout = timeout_s(idle_timeout, "idle_timeout")
-        self.frame_timeout = timeout_s(frame_timeout, "frame_timeout")
-        self.send_timeout = timeout_s(send_timeout, "send_timeout")
-        self.codec = codec_from(codec)
-        self.compress = compress
-        self.compress_threshold = compress_threshold
-        self.max_payload = max_payload
-        self.shm = shm
-        self.writable = writable
-        self.shm_threshold = shm_threshold
-        self.shm_pool_bytes = shm_pool_bytes
-        self.shm_receive_bytes = shm_receive_bytes
-        self.shm_receive_segments = shm_receive_segments
-        self.max_connections = count(max_connections, "max_connections")
-        # At least two batches: Events held a moment for batching must never look like a
-        # client that fell behind.
-        self.send_queue_bytes = count(send_queue_bytes, "send_queue_bytes",
-                                      minimum=2 * BATCH_WRITE_BYTES)
-        if slow_consumer not in ("cut", "drop"):
-            raise ValueError(f"slow_consumer must be 'cut' or 'drop', not {slow_consumer!r}")
-        self.slow_consumer = slow_consumer
         self.thread_stack_bytes = None if thread_stack_bytes is None else count(
             thread_stack_bytes, "thread_stack_bytes", minimum=MIN_THREAD_STACK_BYTES,
             maximum=MAX_THREAD_STACK_BYTES)
-        core = _impl.core
-        # Bounds across connections: bytes held for unfinished frames, and the clients'
-        # shared memory we map (bytes and segments).
-        self._shm_budgets = [
-            (core.MemoryBudget(count(shm_receive_total_bytes, "shm_receive_total_bytes")),
-             "shared memory this server maps across connections (shm_receive_total_bytes)"),
-            (core.MemoryBudget(count(shm_receive_total_segments,
-                                     "shm_receive_total_segments")),
-             "segments this server maps across connections (shm_receive_total_segments)")]
-        self._new_endpoint()   # the protocol layer checks its settings: once, and now
-        self._pending_budget = core.MemoryBudget(count(
-            max_pending_bytes, "max_pending_bytes", minimum=max_payload))
-        #: Counters, for monitoring: clients cut because they fell behind (their queue full,
-        #: or nothing read for send_timeout), Events dropped (slow_consumer="drop"), and
-        #: connections refused (max_connections, or no thread could be started).
-        self.stats = {"slow_consumers_cut": 0, "events_dropped": 0, "connections_refused": 0}
-        #: Names this run of the server in its hellos: a retry that reaches another run
-        #: cannot be answered from this one's replay memory.
-        self.instance_id = os.urandom(16)
-        self._replay = ReplayMemory(
-            count(replay_sessions, "replay_sessions", minimum=0),
-            count(replay_window, "replay_window"), count(replay_bytes, "replay_bytes"),
-            count(replay_total_bytes, "replay_total_bytes", minimum=replay_bytes)) \
-            if replay_sessions > 0 else None
-        self._call = handler if self.codec is None else self._coded_call
-        self.path = socket_path(path, create_dir=True)
         self._lock = threading.Lock()
         self._connections: dict[int, ServerConnection] = {}
         self._starting: set[ServerConnection] = set()   # accepted, hello not yet sent
         self._local = threading.local()                  # .serving: a connection thread
-        self._ids = itertools.count(1)
-        self._event_ids = itertools.count(1)
         self._stop = threading.Event()
         self._done = threading.Event()
         self._serving = False
         self._drained = False
         self._thread: threading.Thread | None = None
+        super().__init__(
+            path, handler, on_event=on_event, on_connect=on_connect,
+            on_disconnect=on_disconnect, mode=mode, allow_uids=allow_uids,
+            allow_gids=allow_gids, max_payload=max_payload, idle_timeout=idle_timeout,
+            frame_timeout=frame_timeout, send_timeout=send_timeout, backlog=backlog, shm=shm,
+            writable=writable, shm_threshold=shm_threshold, shm_pool_bytes=shm_pool_bytes,
+            replay_window=replay_window, replay_bytes=replay_bytes,
+            replay_sessions=replay_sessions, replay_total_bytes=replay_total_bytes,
+            codec=codec, compress=compress, compress_threshold=compress_threshold,
+            max_connections=max_connections, max_pending_bytes=max_pending_bytes,
+            shm_receive_bytes=shm_receive_bytes, shm_receive_segments=shm_receive_segments,
+            shm_receive_total_bytes=shm_receive_total_bytes,
+            shm_receive_total_segments=shm_receive_total_segments,
+            send_queue_bytes=send_queue_bytes, slow_consumer=slow_consumer)
+        self._call = handler if self.codec is None else self._coded_call
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_w.setblocking(False)
-        self._listener, self._identity = listen(self.path, mode=mode, backlog=backlog)
-        self._listener.setblocking(False)
-        log.info("listening on %s", self.path)
 
     # Public API -------------------------------------------------------------------------
 
@@ -302,17 +202,9 @@ class Server:
         Raises:
             TypeError: ``payload`` is not bytes-like (or not encodable by the codec).
         """
-        if self.codec is not None:
-            payload = join(self.codec.encode(payload, "event"))
-        elif type(payload) is not bytes and not is_bytes_like(payload):
-            raise TypeError(f"a payload must be a bytes-like object, not "
-                            f"{type(payload).__name__}")
+        payload = self._event_payload(payload)
         event_id = self._next_event_id()
-        # A small payload's frame is the same for every client: encoded once. (Each one
-        # still checks it against its client's limit.)
-        small: list[Any] | None = None
-        if type(payload) is bytes and len(payload) < SCATTER_THRESHOLD_BYTES:
-            small = [([_impl.core.encode_frame(MessageType.EVENT, payload, event_id)], [])]
+        small = self._broadcast_writes(payload, event_id)
         queued = 0
         for connection in self.connections:
             try:
@@ -423,22 +315,9 @@ class Server:
 
     _shutdown_timeout: float | None = DEFAULT_SHUTDOWN_TIMEOUT_S
 
-    def _new_endpoint(self) -> Endpoint:
-        """The protocol state of one connection, with this server's settings."""
-        return Endpoint(max_payload=self.max_payload,
-                        features=(FEATURE_SHM if self.shm else 0)
-                        | (FEATURE_COMPRESSION if self.compress else 0),
-                        shm_threshold=self.shm_threshold, shm_pool_bytes=self.shm_pool_bytes,
-                        compress_threshold=self.compress_threshold,
-                        shm_receive_bytes=self.shm_receive_bytes,
-                        shm_receive_segments=self.shm_receive_segments,
-                        shared_budgets=self._shm_budgets, writable_lending=self.writable)
-
     def _count(self, name: str, connection: ServerConnection | None = None) -> None:
         with self._lock:
-            self.stats[name] += 1
-            if connection is not None and name == "events_dropped":
-                connection.events_dropped += 1
+            super()._count(name, connection)
 
     def _register(self, connection: ServerConnection) -> bool:
         """A connection's hello has gone out: it is served (and listed) from now on, unless
@@ -465,9 +344,6 @@ class Server:
             except Exception:
                 log.exception("on_disconnect callback raised")
 
-    def _next_event_id(self) -> int:
-        return next(self._event_ids)
-
     def _accept_loop(self) -> None:
         poller = select.poll()
         poller.register(self._listener.fileno(), select.POLLIN)
@@ -491,20 +367,10 @@ class Server:
 
     def _admit(self, sock: socket.socket) -> None:
         sock.setblocking(True)
-        peer = peer_credentials(sock)
-        if peer.uid not in self._allowed_uids and peer.gid not in self._allowed_gids:
-            log.warning("refused a connection from pid %d uid %d gid %d on %s",
-                        peer.pid, peer.uid, peer.gid, self.path)
-            _refuse(sock, f"uid {peer.uid} may not connect to this server")
-            return
         with self._lock:
-            full = len(self._connections) + len(self._starting) >= self.max_connections
-        if full:
-            self._count("connections_refused")
-            log.warning("refused a connection from pid %d on %s: %d connections are open "
-                        "(max_connections)", peer.pid, self.path, self.max_connections)
-            _refuse(sock, f"the server has {self.max_connections} connections open, its "
-                          f"limit (max_connections); try again later")
+            open_now = len(self._connections) + len(self._starting)
+        peer = self._admissible(sock, open_now)
+        if peer is None:
             return
         set_kernel_timeouts(sock, None, self.send_timeout, set_send=True)
         connection = ServerConnection(self, sock, peer, next(self._ids))
@@ -520,7 +386,7 @@ class Server:
             self._count("connections_refused")
             log.error("refused a connection from pid %d on %s: cannot start its thread: %s",
                       peer.pid, self.path, error)
-            _refuse(sock, f"the server cannot start a thread for this connection now "
+            refuse(sock, f"the server cannot start a thread for this connection now "
                           f"({error}); try again later")
             connection._close_transport()
 

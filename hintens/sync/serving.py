@@ -14,11 +14,10 @@ import socket
 import threading
 from typing import TYPE_CHECKING, Any
 
-from .. import _impl
 from .._checks import call_timeout_s, deadline_after
 from .._codecs import join
-from .._constants import MessageType
 from .._errors import ConnectionClosed, no_free_segment
+from ..protocol.answers import event_writes
 from ..protocol.hello import FEATURE_SHM, Hello, HelloKey
 from ..protocol.replay import ReplayWindow
 from ..transport.unix import PeerCredentials
@@ -105,15 +104,7 @@ class ServerConnection(Answering):
         if not self._open:
             raise ConnectionClosed(f"connection {self.id} is closed")
         endpoint, channel = self._endpoint, self._channel
-        if type(payload) is bytes and len(payload) < endpoint.small_max:
-            writes: list[Any] | None = small or [([_impl.core.encode_frame(
-                MessageType.EVENT, payload, event_id)], [])]
-        else:
-            writes = endpoint.writes(MessageType.EVENT, payload, event_id)
-            if writes is None and memoryview(payload).nbytes <= endpoint.peer.max_payload:
-                # Every segment is lent out (the client holds the Events it was lent): this
-                # one goes inline, into the bounded queue, rather than wait.
-                writes = [(endpoint.inline(MessageType.EVENT, payload, event_id), [])]
+        writes = event_writes(endpoint, payload, event_id, small)
         try:
             if writes is not None and self._conn.offer(writes, self._server.send_queue_bytes):
                 self._dropping = False

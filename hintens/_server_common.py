@@ -1,0 +1,235 @@
+"""What the sync and the asyncio ``Server`` share: their settings (checked once, before the
+socket file is made), the listening socket, the protocol state each connection starts from,
+the exactly-once replay memory, who may connect, and the shape of a pushed Event. How
+connections are then driven (a thread each, or the event loop) is each front end's own.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import socket
+from typing import Any, Callable, Iterable
+
+from . import _impl
+from ._checks import count, optional_callable, path_like, timeout_s, uids
+from ._codecs import CodecSpec, codec_from, join
+from ._constants import (
+    BATCH_WRITE_BYTES,
+    DEFAULT_MAX_PAYLOAD_BYTES,
+    SCATTER_THRESHOLD_BYTES,
+    ErrorCode,
+    MessageType,
+)
+from ._errors import encode_error_payload
+from .protocol.answers import is_bytes_like
+from .protocol.endpoint import (
+    DEFAULT_COMPRESS_THRESHOLD_BYTES,
+    DEFAULT_SHM_POOL_BYTES,
+    DEFAULT_SHM_RECEIVE_BYTES,
+    DEFAULT_SHM_RECEIVE_SEGMENTS,
+    DEFAULT_SHM_THRESHOLD_BYTES,
+    FEATURE_COMPRESSION,
+    FEATURE_SHM,
+    Endpoint,
+)
+from .protocol.lending import Write
+from .protocol.replay import (
+    DEFAULT_REPLAY_BYTES,
+    DEFAULT_REPLAY_SESSIONS,
+    DEFAULT_REPLAY_TOTAL_BYTES,
+    DEFAULT_REPLAY_WINDOW,
+    ReplayMemory,
+)
+from .transport.unix import PeerCredentials, listen, peer_credentials, socket_path
+
+log = logging.getLogger("hintens")
+
+DEFAULT_MODE = 0o600
+DEFAULT_BACKLOG = 1024
+DEFAULT_FRAME_TIMEOUT_S = 10.0
+DEFAULT_SEND_TIMEOUT_S = 10.0
+DEFAULT_SHUTDOWN_TIMEOUT_S = 5.0
+DEFAULT_MAX_CONNECTIONS = 1024
+#: Bytes held for unfinished frames across all connections (at least max_payload).
+DEFAULT_MAX_PENDING_BYTES = 256 << 20
+#: Clients' shared memory mapped across all connections: bytes and segments.
+DEFAULT_SHM_RECEIVE_TOTAL_BYTES = 4 << 30
+DEFAULT_SHM_RECEIVE_TOTAL_SEGMENTS = 4096
+#: Bytes of pushed Events one connection's outgoing queue holds before the slow-consumer
+#: policy applies.
+DEFAULT_SEND_QUEUE_BYTES = 16 << 20
+
+
+def echo(payload: Any) -> Any:
+    """The default handler: the response is the request."""
+    return payload
+
+
+def refuse(sock: socket.socket, why: str) -> None:
+    """Answer a connection we will not serve with one Error (UNAVAILABLE, request id 0), if
+    the socket takes it now, and close it."""
+    frame = _impl.core.encode_frame(MessageType.ERROR,
+                                    encode_error_payload(ErrorCode.UNAVAILABLE, why), 0)
+    try:
+        sock.send(frame, socket.MSG_DONTWAIT)
+    except OSError:
+        pass
+    sock.close()
+
+
+class ServerBase:
+    """The settings and shared state of a server; see ``hintens.Server`` for the arguments
+    (the asyncio ``Server`` takes the same ones). The socket is bound and listening when the
+    constructor returns."""
+
+    def __init__(self, path: str | os.PathLike[str] | None, handler: Callable[..., Any], *,
+                 on_event: Callable[..., Any] | None,
+                 on_connect: Callable[..., Any] | None,
+                 on_disconnect: Callable[..., Any] | None,
+                 mode: int = DEFAULT_MODE, allow_uids: Iterable[int] = (),
+                 allow_gids: Iterable[int] = (),
+                 max_payload: int = DEFAULT_MAX_PAYLOAD_BYTES,
+                 idle_timeout: float | None = None,
+                 frame_timeout: float | None = DEFAULT_FRAME_TIMEOUT_S,
+                 send_timeout: float | None = DEFAULT_SEND_TIMEOUT_S,
+                 backlog: int = DEFAULT_BACKLOG, shm: bool = True, writable: bool = False,
+                 shm_threshold: int = DEFAULT_SHM_THRESHOLD_BYTES,
+                 shm_pool_bytes: int = DEFAULT_SHM_POOL_BYTES,
+                 replay_window: int = DEFAULT_REPLAY_WINDOW,
+                 replay_bytes: int = DEFAULT_REPLAY_BYTES,
+                 replay_sessions: int = DEFAULT_REPLAY_SESSIONS,
+                 replay_total_bytes: int = DEFAULT_REPLAY_TOTAL_BYTES,
+                 codec: CodecSpec = None, compress: bool = False,
+                 compress_threshold: int = DEFAULT_COMPRESS_THRESHOLD_BYTES,
+                 max_connections: int = DEFAULT_MAX_CONNECTIONS,
+                 max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES,
+                 shm_receive_bytes: int = DEFAULT_SHM_RECEIVE_BYTES,
+                 shm_receive_segments: int = DEFAULT_SHM_RECEIVE_SEGMENTS,
+                 shm_receive_total_bytes: int = DEFAULT_SHM_RECEIVE_TOTAL_BYTES,
+                 shm_receive_total_segments: int = DEFAULT_SHM_RECEIVE_TOTAL_SEGMENTS,
+                 send_queue_bytes: int = DEFAULT_SEND_QUEUE_BYTES,
+                 slow_consumer: str = "cut") -> None:
+        # Every argument is checked before the socket file is made: a bad one leaves nothing
+        # behind. (Subclasses check their own before calling this.)
+        path = path_like(path)
+        if not callable(handler):
+            raise TypeError(f"handler must be callable, not {type(handler).__name__}")
+        self.handler = handler
+        self.on_event = optional_callable(on_event, "on_event")
+        self.on_connect = optional_callable(on_connect, "on_connect")
+        self.on_disconnect = optional_callable(on_disconnect, "on_disconnect")
+        mode = count(mode, "mode", minimum=0, maximum=0o777)
+        backlog = count(backlog, "backlog", minimum=1)
+        self._allowed_uids = {os.geteuid(), *uids(allow_uids, "allow_uids")}
+        self._allowed_gids = uids(allow_gids, "allow_gids")
+        self.idle_timeout = timeout_s(idle_timeout, "idle_timeout")
+        self.frame_timeout = timeout_s(frame_timeout, "frame_timeout")
+        self.send_timeout = timeout_s(send_timeout, "send_timeout")
+        self.codec = codec_from(codec)
+        self.compress = compress
+        self.compress_threshold = compress_threshold
+        self.max_payload = max_payload
+        self.shm = shm
+        self.writable = writable
+        self.shm_threshold = shm_threshold
+        self.shm_pool_bytes = shm_pool_bytes
+        self.shm_receive_bytes = shm_receive_bytes
+        self.shm_receive_segments = shm_receive_segments
+        self.max_connections = count(max_connections, "max_connections")
+        # At least two batches: Events held a moment for batching must never look like a
+        # client that fell behind.
+        self.send_queue_bytes = count(send_queue_bytes, "send_queue_bytes",
+                                      minimum=2 * BATCH_WRITE_BYTES)
+        if slow_consumer not in ("cut", "drop"):
+            raise ValueError(f"slow_consumer must be 'cut' or 'drop', not {slow_consumer!r}")
+        self.slow_consumer = slow_consumer
+        core = _impl.core
+        # Bounds across connections: bytes held for unfinished frames, and the clients'
+        # shared memory we map (bytes and segments).
+        self._shm_budgets = [
+            (core.MemoryBudget(count(shm_receive_total_bytes, "shm_receive_total_bytes")),
+             "shared memory this server maps across connections (shm_receive_total_bytes)"),
+            (core.MemoryBudget(count(shm_receive_total_segments,
+                                     "shm_receive_total_segments")),
+             "segments this server maps across connections (shm_receive_total_segments)")]
+        self._new_endpoint()   # the protocol layer checks its settings: once, and now
+        self._pending_budget = core.MemoryBudget(count(
+            max_pending_bytes, "max_pending_bytes", minimum=max_payload))
+        #: Counters, for monitoring: clients cut because they fell behind (their queue full,
+        #: or nothing read for send_timeout), Events dropped (slow_consumer="drop"), and
+        #: connections refused (max_connections, or no thread could be started).
+        self.stats = {"slow_consumers_cut": 0, "events_dropped": 0, "connections_refused": 0}
+        #: Names this run of the server in its hellos: a retry that reaches another run
+        #: cannot be answered from this one's replay memory.
+        self.instance_id = os.urandom(16)
+        self._replay = ReplayMemory(
+            count(replay_sessions, "replay_sessions", minimum=0),
+            count(replay_window, "replay_window"), count(replay_bytes, "replay_bytes"),
+            count(replay_total_bytes, "replay_total_bytes", minimum=replay_bytes)) \
+            if replay_sessions > 0 else None
+        self._ids = itertools.count(1)
+        self._event_ids = itertools.count(1)
+        self.path = socket_path(path, create_dir=True)
+        self._listener, self._identity = listen(self.path, mode=mode, backlog=backlog)
+        self._listener.setblocking(False)
+        log.info("listening on %s", self.path)
+
+    def _new_endpoint(self) -> Endpoint:
+        """The protocol state of one connection, with this server's settings."""
+        return Endpoint(max_payload=self.max_payload,
+                        features=(FEATURE_SHM if self.shm else 0)
+                        | (FEATURE_COMPRESSION if self.compress else 0),
+                        shm_threshold=self.shm_threshold, shm_pool_bytes=self.shm_pool_bytes,
+                        compress_threshold=self.compress_threshold,
+                        shm_receive_bytes=self.shm_receive_bytes,
+                        shm_receive_segments=self.shm_receive_segments,
+                        shared_budgets=self._shm_budgets, writable_lending=self.writable)
+
+    def _next_event_id(self) -> int:
+        return next(self._event_ids)
+
+    def _event_payload(self, payload: Any) -> Any:
+        """An Event's payload: encoded by the codec, or checked to be bytes-like.
+
+        Raises:
+            TypeError: it is not bytes-like (or not encodable by the codec).
+        """
+        if self.codec is not None:
+            return join(self.codec.encode(payload, "event"))
+        if type(payload) is not bytes and not is_bytes_like(payload):
+            raise TypeError(f"a payload must be a bytes-like object, not "
+                            f"{type(payload).__name__}")
+        return payload
+
+    @staticmethod
+    def _broadcast_writes(payload: Any, event_id: int) -> list[Write] | None:
+        """A small bytes payload's frame, the same for every client: encoded once for a
+        whole broadcast (each connection still checks it against its client's limit)."""
+        if type(payload) is bytes and len(payload) < SCATTER_THRESHOLD_BYTES:
+            return [([_impl.core.encode_frame(MessageType.EVENT, payload, event_id)], [])]
+        return None
+
+    def _admissible(self, sock: socket.socket, open_now: int) -> PeerCredentials | None:
+        """Whether an accepted socket may be served, with ``open_now`` connections open: its
+        peer's credentials, or None once it has been refused (and closed)."""
+        peer = peer_credentials(sock)
+        if peer.uid not in self._allowed_uids and peer.gid not in self._allowed_gids:
+            log.warning("refused a connection from pid %d uid %d gid %d on %s",
+                        peer.pid, peer.uid, peer.gid, self.path)
+            refuse(sock, f"uid {peer.uid} may not connect to this server")
+            return None
+        if open_now >= self.max_connections:
+            self._count("connections_refused")
+            log.warning("refused a connection from pid %d on %s: %d connections are open "
+                        "(max_connections)", peer.pid, self.path, self.max_connections)
+            refuse(sock, f"the server has {self.max_connections} connections open, its "
+                         f"limit (max_connections); try again later")
+            return None
+        return peer
+
+    def _count(self, name: str, connection: Any = None) -> None:
+        self.stats[name] += 1
+        if connection is not None and name == "events_dropped":
+            connection.events_dropped += 1
