@@ -1,19 +1,30 @@
-"""asyncio round trips: hintens.aio.Client against a raw asyncio floor and zmq.asyncio, each
-server in its own process, all in one run (issue 12's benchmark; numbers are printed, never
-asserted).
+"""asyncio round trips: hintens.aio.Client against a raw asyncio floor, zmq.asyncio and
+grpc.aio, each server in its own process, all in one run (issue 12's benchmark; numbers are
+printed, never asserted).
 
     python bench/aio_latency.py [--count 5000] [--rounds 5]
 
-Rows:
+Columns, for each peer:
 * 64 B round trip from one task (median of the rounds' per-request means);
-* requests/s with 100 concurrent tasks on one connection;
-* the 64 MiB echo against one memcpy of 64 MiB (hintens only: it is the shared-memory path).
+* requests/s with 100 concurrent tasks on one connection (one channel for grpc.aio);
+* 1 MiB echo from one task, the payload passed as ``bytes`` (median of the rounds' means,
+  ``count // 50`` echoes a round, at least 10; hintens copies it into shared memory);
+* in brackets, each against the raw floor on the same event loop (latency: times the
+  floor's; requests/s: times the floor's rate, so more is faster).
+Then the 64 MiB echo against one memcpy of 64 MiB (hintens only: the shared-memory path, the
+buffer filled in place).
 
 Peers:
-* ``raw asyncio``: the floor, an ``asyncio.Protocol`` client and server over a Unix socket
-  speaking the same 24-byte frames (decoded with hintens.wire, echoed as Responses);
+* ``raw asyncio Protocol``: the floor, an ``asyncio.Protocol`` client and server over a Unix
+  socket speaking the same 24-byte frames (decoded with hintens.wire, echoed as Responses);
 * ``zmq.asyncio``: DEALER to a ROUTER echo server (if pyzmq is installed);
-* ``hintens sync``: the sync ``hintens.Client``, for reference.
+* ``grpc.aio``: a generic unary-unary bytes echo (no protobuf: identity serializers) on a
+  ``grpc.aio.server`` at ``unix:PATH``, messages up to 128 MiB both ways (if grpcio is
+  installed);
+* ``hintens sync Client``: the sync ``hintens.Client``, one task only, for reference;
+* ``hintens.aio (uvloop)`` and ``raw Protocol (uvloop)``: the hintens.aio client and the
+  floor's client again on a uvloop event loop, against the same servers as their asyncio
+  rows (the floor's server stays on the default loop; if uvloop is installed).
 """
 
 from __future__ import annotations
@@ -35,6 +46,10 @@ from hintens import wire
 
 TASKS = 100
 SMALL = b"x" * 64
+BIG = 1 << 20
+GRPC_METHOD = "/hintens.bench.Echo/Echo"
+GRPC_OPTIONS = [("grpc.max_send_message_length", 128 << 20),
+                ("grpc.max_receive_message_length", 128 << 20)]
 
 
 # Servers, each run as `python bench/aio_latency.py serve KIND PATH` ------------------------
@@ -49,6 +64,8 @@ def serve(kind: str, path: str) -> None:
         sock.bind("ipc://" + path)
         while True:
             sock.send_multipart(sock.recv_multipart(copy=False), copy=False)
+    elif kind == "grpc":
+        asyncio.run(_serve_grpc(path))
     else:
         raise SystemExit(f"unknown kind {kind}")
 
@@ -71,15 +88,29 @@ async def _serve_raw(path: str) -> None:
         await server.serve_forever()
 
 
+async def _serve_grpc(path: str) -> None:
+    import grpc
+    import grpc.aio
+
+    async def echo(request: bytes, context: Any) -> bytes:
+        return request
+
+    service, method = GRPC_METHOD.strip("/").split("/")
+    handler = grpc.unary_unary_rpc_method_handler(echo)   # no (de)serializers: bytes as is
+    server = grpc.aio.server(options=GRPC_OPTIONS)
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(service, {method: handler}),))
+    server.add_insecure_port("unix:" + path)
+    await server.start()
+    await server.wait_for_termination()
+
+
 def start(kind: str, path: str) -> Any:
     if kind == "hintens":
         argv = [sys.executable, "-m", "hintens", "serve", "--socket", path]
     else:
         argv = [sys.executable, os.path.abspath(__file__), "serve", kind, path]
-    if kind == "zmq":
-        process = harness.spawn(argv, path)   # ipc:// binds a socket file at path
-        return process
-    return harness.spawn(argv, path)
+    return harness.spawn(argv, path)   # zmq's ipc:// and grpc's unix: bind a socket file too
 
 
 # Clients ------------------------------------------------------------------------------------
@@ -145,6 +176,22 @@ class _ZmqClient:
         self.context.term()
 
 
+class _GrpcClient:
+    """A grpc.aio channel and its echo method, bytes in and out (made in the running loop)."""
+
+    async def connect(self, path: str) -> _GrpcClient:
+        import grpc.aio
+
+        self.channel = grpc.aio.insecure_channel("unix:" + path, options=GRPC_OPTIONS)
+        self.request = self.channel.unary_unary(GRPC_METHOD, request_serializer=None,
+                                                response_deserializer=None)
+        await self.channel.channel_ready()
+        return self
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+
 async def _one_task(request: Any, count: int, rounds: int) -> float:
     for _ in range(200):
         await request(SMALL)
@@ -174,25 +221,79 @@ async def _many_tasks(request: Any, count: int, rounds: int) -> float:
     return statistics.median(rates)
 
 
-async def _measure(kind: str, path: str, count: int, rounds: int) -> tuple[float, float]:
+async def _big_echo(request: Any, count: int, rounds: int) -> float:
+    """Microseconds per 1 MiB echo from one task (median of the rounds' means)."""
+    payload = os.urandom(BIG)
+    echoes = max(10, count // 50)
+
+    async def echo() -> int:
+        reply = await request(payload)
+        size = len(reply)
+        if isinstance(reply, memoryview):
+            reply.release()   # hintens: hands a shared-memory segment back
+        return size
+
+    for _ in range(5):
+        size = await echo()
+        if size != BIG:
+            raise RuntimeError(f"a 1 MiB echo came back with {size} bytes")
+    means = []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        for _ in range(echoes):
+            await echo()
+        means.append((time.perf_counter() - started) / echoes * 1e6)
+    return statistics.median(means)
+
+
+async def _rows(request: Any, count: int, rounds: int) -> tuple[float, float, float]:
+    return (await _one_task(request, count, rounds),
+            await _many_tasks(request, count * 4, rounds),
+            await _big_echo(request, count, rounds))
+
+
+async def _measure(kind: str, path: str, count: int,
+                   rounds: int) -> tuple[float, float, float]:
     loop = asyncio.get_running_loop()
     if kind == "hintens":
         async with hintens.aio.Client(path) as client:
-            return (await _one_task(client.request, count, rounds),
-                    await _many_tasks(client.request, count * 4, rounds))
+            return await _rows(client.request, count, rounds)
     if kind == "raw":
         transport, protocol = await loop.create_unix_connection(_RawClient, path)
         try:
-            return (await _one_task(protocol.request, count, rounds),
-                    await _many_tasks(protocol.request, count * 4, rounds))
+            return await _rows(protocol.request, count, rounds)
         finally:
             transport.close()
+    if kind == "grpc":
+        grpc_client = await _GrpcClient().connect(path)
+        try:
+            return await _rows(grpc_client.request, count, rounds)
+        finally:
+            await grpc_client.close()
     zmq_client = _ZmqClient(path)
     try:
-        return (await _one_task(zmq_client.request, count, rounds),
-                await _many_tasks(zmq_client.request, count * 4, rounds))
+        return await _rows(zmq_client.request, count, rounds)
     finally:
         await zmq_client.close()
+
+
+def _run(coroutine: Any, loop: str) -> Any:
+    """Run ``coroutine`` to the end on a new event loop: asyncio's default, or uvloop's."""
+    if loop == "asyncio":
+        return asyncio.run(coroutine)
+    import uvloop
+
+    if sys.version_info >= (3, 11):
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            return runner.run(coroutine)
+    new_loop = uvloop.new_event_loop()
+    asyncio.set_event_loop(new_loop)
+    try:
+        return new_loop.run_until_complete(coroutine)
+    finally:
+        new_loop.run_until_complete(new_loop.shutdown_asyncgens())
+        asyncio.set_event_loop(None)
+        new_loop.close()
 
 
 def _sync_one(path: str, count: int, rounds: int) -> float:
@@ -240,32 +341,64 @@ def main() -> None:
         kinds.append("zmq")
     except ImportError:
         print("zmq.asyncio: pyzmq is not installed (the bench extra)")
-    results: dict[str, tuple[float, float]] = {}
+    try:
+        import grpc.aio  # noqa: F401
+        kinds.append("grpc")
+    except ImportError:
+        print("grpc.aio: grpcio is not installed (the bench extra)")
+    loops = ["asyncio"]
+    try:
+        import uvloop  # noqa: F401
+        loops.append("uvloop")
+    except ImportError:
+        print("uvloop: not installed (the bench or uvloop extra)")
+    # (kind, loop) -> (one task us, 100 tasks requests/s, 1 MiB echo us)
+    results: dict[tuple[str, str], tuple[float, float, float]] = {}
     with tempfile.TemporaryDirectory() as directory:
         for kind in kinds:
             path = os.path.join(directory, f"{kind}.sock")
             process = start(kind, path)
             try:
-                results[kind] = asyncio.run(_measure(kind, path, args.count, args.rounds))
+                for loop in loops if kind in ("hintens", "raw") else ["asyncio"]:
+                    results[kind, loop] = _run(_measure(kind, path, args.count, args.rounds),
+                                               loop)
                 if kind == "hintens":
                     sync_us = _sync_one(path, args.count, args.rounds)
                     echo_ms, copy_ms = asyncio.run(_echo_64mib(path, args.rounds))
             finally:
                 harness.stop(process)
     print(f"asyncio, 64 B requests; one task: {args.rounds} rounds of {args.count}, medians; "
-          f"{TASKS} tasks: {args.count * 4} requests a round")
-    print(f"  {'peer':22} {'one task':>12} {'100 tasks':>16}")
-    names = {"hintens": "hintens.aio", "raw": "raw asyncio Protocol", "zmq": "zmq.asyncio"}
-    for kind, (one_us, rate) in results.items():
-        print(f"  {names[kind]:22} {one_us:9.1f} us {rate / 1e3:11.1f} K/s")
-    print(f"  {'hintens sync Client':22} {sync_us:9.1f} us")
-    one, rate = results["hintens"]
-    print(f"  hintens.aio / raw asyncio floor, one task:   {one / results['raw'][0]:.2f}x "
+          f"{TASKS} tasks: {args.count * 4} requests a round; 1 MiB echo: "
+          f"{max(10, args.count // 50)} a round")
+    print("  [in brackets: against the raw floor on the same event loop]")
+    print(f"  {'peer':22} {'one task':>21} {'100 tasks':>22} {'1 MiB echo':>21}")
+    names = {"hintens": "hintens.aio", "raw": "raw asyncio Protocol", "zmq": "zmq.asyncio",
+             "grpc": "grpc.aio"}
+    order = [(kind, "asyncio") for kind in kinds] + [(kind, "uvloop") for kind in kinds]
+    for kind, loop in order:
+        if (kind, loop) not in results:
+            continue
+        one_us, rate, big_us = results[kind, loop]
+        floor = results["raw", loop]
+        name = names[kind] if loop == "asyncio" else {
+            "hintens": "hintens.aio (uvloop)", "raw": "raw Protocol (uvloop)"}[kind]
+        ratios = (("", "", "") if kind == "raw" else
+                  (f"[{one_us / floor[0]:5.2f}x]", f"[{rate / floor[1]:5.2f}x]",
+                   f"[{big_us / floor[2]:5.2f}x]"))
+        print(f"  {name:22} {one_us:9.1f} us {ratios[0]:>8} {rate / 1e3:9.1f} K/s "
+              f"{ratios[1]:>8} {big_us:9.1f} us {ratios[2]:>8}".rstrip())
+        if (kind, loop) == (kinds[-1], "asyncio"):   # after the default loop's rows
+            ratio = f"[{sync_us / results['raw', 'asyncio'][0]:5.2f}x]"
+            print(f"  {'hintens sync Client':22} {sync_us:9.1f} us {ratio:>8}")
+    one, rate, _ = results["hintens", "asyncio"]
+    floor_one = results["raw", "asyncio"][0]
+    print(f"  hintens.aio / raw asyncio floor, one task:   {one / floor_one:.2f}x "
           f"(target <= 1.3x)")
-    if "zmq" in results:
-        print(f"  hintens.aio / zmq.asyncio, one task:         {one / results['zmq'][0]:.2f}x "
+    if ("zmq", "asyncio") in results:
+        zmq_one, zmq_rate, _ = results["zmq", "asyncio"]
+        print(f"  hintens.aio / zmq.asyncio, one task:         {one / zmq_one:.2f}x "
               f"(target <= 0.5x)")
-        print(f"  hintens.aio / zmq.asyncio, 100 tasks:        {rate / results['zmq'][1]:.2f}x "
+        print(f"  hintens.aio / zmq.asyncio, 100 tasks:        {rate / zmq_rate:.2f}x "
               f"(target >= 2x)")
     print(f"64 MiB echo through shared memory: {echo_ms:.2f} ms, one memcpy {copy_ms:.2f} ms: "
           f"{echo_ms / copy_ms:.2f}x (target <= 1.5x)")
