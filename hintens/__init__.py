@@ -39,7 +39,8 @@ from ._errors import (
     remote_error,
 )
 from ._impl import implementation
-from .sync.pool import NO_RETRY, ClientPool, RetryPolicy
+from ._retry import NO_RETRY, RetryPolicy
+from .sync.pool import ClientPool
 from .protocol.hello import Hello
 from .sync.server import Server, ServerConnection
 from .transport.unix import PeerCredentials

@@ -10,7 +10,8 @@ import itertools
 import logging
 import os
 import socket
-from typing import Any, Callable, Iterable
+import threading
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from . import _impl
 from ._checks import count, optional_callable, path_like, timeout_s, uids
@@ -22,8 +23,8 @@ from ._constants import (
     ErrorCode,
     MessageType,
 )
-from ._errors import encode_error_payload
-from .protocol.answers import is_bytes_like
+from ._errors import ConnectionClosed, encode_error_payload
+from .protocol.answers import event_writes, is_bytes_like
 from .protocol.endpoint import (
     DEFAULT_COMPRESS_THRESHOLD_BYTES,
     DEFAULT_SHM_POOL_BYTES,
@@ -35,6 +36,7 @@ from .protocol.endpoint import (
     Endpoint,
 )
 from .protocol.lending import Write
+from .sync.connection import Connection
 from .protocol.replay import (
     DEFAULT_REPLAY_BYTES,
     DEFAULT_REPLAY_SESSIONS,
@@ -161,6 +163,7 @@ class ServerBase:
         #: or nothing read for send_timeout), Events dropped (slow_consumer="drop"), and
         #: connections refused (max_connections, or no thread could be started).
         self.stats = {"slow_consumers_cut": 0, "events_dropped": 0, "connections_refused": 0}
+        self._stats_lock = threading.Lock()
         #: Names this run of the server in its hellos: a retry that reaches another run
         #: cannot be answered from this one's replay memory.
         self.instance_id = os.urandom(16)
@@ -230,6 +233,91 @@ class ServerBase:
         return peer
 
     def _count(self, name: str, connection: Any = None) -> None:
-        self.stats[name] += 1
-        if connection is not None and name == "events_dropped":
-            connection.events_dropped += 1
+        # From any thread: a handler in an executor may push Events.
+        with self._stats_lock:
+            self.stats[name] += 1
+            if connection is not None and name == "events_dropped":
+                connection.events_dropped += 1
+
+
+class Pushing:
+    """How a served connection pushes Events (``send_event``, a broadcast's share), for the
+    sync and the asyncio ``ServerConnection`` alike: into the connection's outgoing queue,
+    never waiting for the client, with the server's slow-consumer policy when the queue is
+    full. The connection class provides the state below and ``close()``."""
+
+    id: int
+    events_dropped: int
+    _server: Any
+    _conn: Connection
+    _endpoint: Endpoint
+    _channel: Any
+    _open: bool
+    _dropping: bool      # in an episode of dropped Events (logged once)
+    _cut: bool           # cut (and counted) for falling behind
+
+    if TYPE_CHECKING:   # the connection class's own
+        def close(self) -> None: ...
+
+    def send_event(self, payload: Any) -> bool:
+        """Push an Event to this client without waiting for it to read: into this
+        connection's outgoing queue (``send_queue_bytes``), through shared memory when large
+        (inline, when the client holds every segment it was lent and the Event fits its
+        limit).
+
+        Returns:
+            True when queued; False when dropped because the queue is full and the server's
+            ``slow_consumer`` policy is "drop" (counted in ``events_dropped``).
+
+        Raises:
+            ConnectionClosed: the connection is closed, or was cut now because its queue is
+                full (``slow_consumer="cut"``).
+            FrameTooLargeError: over the client's limit, and shared memory was not negotiated.
+            TypeError: ``payload`` is not bytes-like (or not encodable by the codec).
+        """
+        if self._server.codec is not None:
+            payload = join(self._server.codec.encode(payload, "event"))
+        return self._push(payload, self._server._next_event_id())
+
+    def _push(self, payload: Any, event_id: int, small: list[Any] | None = None) -> bool:
+        # ``small``: the writes of a small bytes payload, built once for a whole broadcast.
+        if not self._open:
+            raise ConnectionClosed(f"connection {self.id} is closed")
+        endpoint, channel = self._endpoint, self._channel
+        writes = event_writes(endpoint, payload, event_id, small)
+        try:
+            if writes is not None and self._conn.offer(writes, self._server.send_queue_bytes):
+                self._dropping = False
+                return True
+        except OSError as error:
+            self.close()
+            raise ConnectionClosed(f"connection {self.id} lost while sending: {error}") \
+                from error
+        if writes is not None:
+            endpoint.unsent(writes)
+        return self._overflowed(
+            f"its outgoing queue is full ({channel.queued} bytes unread, "
+            f"send_queue_bytes={self._server.send_queue_bytes})" if writes is not None
+            else "every shared-memory segment of its connection is lent out")
+
+    def _overflowed(self, why: str) -> bool:
+        """An Event did not fit the outgoing queue: the server's slow-consumer policy.
+        Returns False (dropped), or raises ConnectionClosed (cut)."""
+        server = self._server
+        if server.slow_consumer == "drop":
+            server._count("events_dropped", self)
+            if not self._dropping:
+                self._dropping = True
+                log.warning("dropping Events for %r: %s", self, why)
+            return False
+        self._cut_behind(why)
+        raise ConnectionClosed(f"connection {self.id} was cut: {why}")
+
+    def _cut_behind(self, why: str) -> None:
+        """Cut a client that fell behind, once, with a logged reason and a counter."""
+        if not self._cut:
+            self._cut = True
+            self._channel.abort(why)
+            self._open = False
+            self._server._count("slow_consumers_cut")
+            log.warning("cut %r: %s", self, why)

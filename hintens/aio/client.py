@@ -36,10 +36,11 @@ from ..protocol.endpoint import (
     FEATURE_SHM,
     Endpoint,
 )
-from ..protocol.hello import Hello
+from ..protocol.hello import Hello, HelloKey
 from ..protocol.roles import sort_for_client
-from ..sync.connection import Connection
-from ..transport.unix import check_server, connect, socket_path
+from ..sync.client import Session
+from ..sync.connection import Connection, mark_sent
+from ..transport.unix import check_server, connect, socket_alive, socket_path
 
 log = logging.getLogger("hintens")
 
@@ -77,6 +78,8 @@ class Client:
             ``Client`` (the ``compression`` extra).
         max_queued_events: Events that wait for ``events()`` to take them, at most; more are
             dropped (counted in ``events_dropped``, logged once per episode).
+        session: draw request ids from this ``hintens.Session``, and announce it in the hello
+            if it is exactly-once (as a ``ClientPool`` does for its connections).
 
     Raises (from ``connect``/``__aenter__``):
         ConnectError, UntrustedServerError, SocketPathError, Timeout: as the sync ``Client``.
@@ -93,7 +96,8 @@ class Client:
                  server_uids: Iterable[int] = (), codec: CodecSpec = None,
                  compress: bool = False,
                  compress_threshold: int = DEFAULT_COMPRESS_THRESHOLD_BYTES,
-                 max_queued_events: int = DEFAULT_MAX_QUEUED_EVENTS) -> None:
+                 max_queued_events: int = DEFAULT_MAX_QUEUED_EVENTS,
+                 session: Session | None = None) -> None:
         self.timeout = timeout_s(timeout, "timeout")
         self._connect_timeout = timeout_s(connect_timeout, "connect_timeout")
         self._on_event = optional_callable(on_event, "on_event")
@@ -108,7 +112,11 @@ class Client:
                                   | (FEATURE_COMPRESSION if compress else 0),
                                   shm_threshold=shm_threshold, shm_pool_bytes=shm_pool_bytes,
                                   compress_threshold=compress_threshold)
-        self._ids = itertools.count(1)
+        #: The session this client's request ids come from (None: its own count).
+        self.session = session
+        if session is not None and session.exactly_once:
+            self._endpoint.hello.entries[HelloKey.SESSION_ID] = session.id
+        self._ids = session.ids if session is not None else itertools.count(1)
         self._waiters: dict[int, asyncio.Future[Any]] = {}
         self._conn: Connection | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -203,30 +211,71 @@ class Client:
         """The server's capability hello, once it has arrived."""
         return self._endpoint.peer_hello
 
+    async def wait_for_hello(self, timeout: float) -> Hello | None:
+        """Wait until the server's hello (``peer_hello``) has arrived.
+
+        Returns:
+            The server's hello, or None if it did not come within ``timeout`` seconds or
+            the connection closed.
+
+        Raises:
+            ValueError, TypeError: ``timeout`` is not a positive number of seconds.
+        """
+        seconds = timeout_s(timeout, "timeout")
+        if self._endpoint.peer_hello is None and self._closed_reason is None:
+            try:
+                await asyncio.wait_for(self._hello.wait(), seconds)
+            except asyncio.TimeoutError:
+                pass
+        return self._endpoint.peer_hello
+
+    def is_alive(self) -> bool:
+        """Whether this connection can still carry a request: not ``closed``, and the server
+        has not hung up (the socket is asked now, reading nothing).
+
+        Returns:
+            False if the connection is closed, lost, or closed by the server.
+        """
+        if self._closed_reason is not None or self._conn is None:
+            return False
+        return socket_alive(self._conn.sock)
+
     # Requests and Events -----------------------------------------------------------------
 
     async def request(self, payload: Any, timeout: float | None = None, *,
-                      writable: bool = False) -> Any:
+                      writable: bool = False, request_id: int | None = None) -> Any:
         """Send a Request and wait for its reply.
 
         Args:
             payload: any C-contiguous buffer (or a buffer from ``allocate``, sent uncopied).
             timeout: seconds to wait for the reply; default ``self.timeout``.
             writable: a reply through shared memory comes as a writable copy-on-write view.
+            request_id: retry an earlier attempt under its id (1 to 2**64-1): through an
+                exactly-once session, the server answers it from its replay window instead
+                of running it again. Default: the next id.
 
         Returns:
             The Response payload: ``bytes``, or a ``memoryview`` lent from shared memory.
 
         Raises:
             RemoteError: the server answered with an Error frame.
-            Timeout: no reply in time; the connection stays usable.
-            ConnectionClosed: the connection is or became closed.
+            Timeout: no reply in time; the connection stays usable. ``request_sent`` says
+                whether the server may have the request.
+            ConnectionClosed: the connection is or became closed (``request_sent`` as for
+                Timeout: False means no server can have run it).
+            ValueError: ``request_id`` is out of range, or a request of this client is
+                waiting under it already.
             asyncio.CancelledError: cancelled; the connection stays usable, and a late reply
                 is dropped.
         """
         seconds = self.timeout if timeout is None else call_timeout_s(timeout, self.timeout)
         loop = self._running()
-        request_id = next(self._ids)
+        if request_id is None:
+            request_id = next(self._ids)
+        elif type(request_id) is not int or not 0 < request_id < 1 << 64:
+            raise ValueError(f"request_id must be an int from 1 to 2**64-1, not {request_id!r}")
+        elif request_id in self._waiters:
+            raise ValueError(f"request {request_id} of this client is waiting already")
         if self.codec is not None:
             payload = self._encoded(payload, "request")
         endpoint = self._endpoint
@@ -240,9 +289,15 @@ class Client:
             endpoint.writable_ids.add(request_id)
         if seconds is not None:
             self._deadline(loop, loop.time() + seconds, request_id)
+        end = 0
         try:
-            self._send_writes(writes)
+            end = self._send_writes(writes)
             reply = await future
+        except (Timeout, ConnectionClosed) as error:
+            conn = self._conn
+            if conn is not None:
+                mark_sent(error, conn.channel, self._closed_reason is None, end, request_id)
+            raise
         finally:
             self._waiters.pop(request_id, None)
             if writable:
@@ -408,9 +463,10 @@ class Client:
     def _send(self, frames: list[Any]) -> None:
         self._send_writes([(frames, [])])
 
-    def _send_writes(self, writes: list[Any]) -> None:
+    def _send_writes(self, writes: list[Any]) -> int:
         """Queue writes on the channel and write what the socket takes now; the rest leaves
-        when the loop says the socket is writable."""
+        when the loop says the socket is writable. Returns the stream offset just past
+        them."""
         conn = self._live()
         try:
             conn.channel.offer(writes, _UNBOUNDED, False)
@@ -418,6 +474,7 @@ class Client:
             self._fail(ConnectionClosed(f"connection to {self.path} lost: {error}"), error)
             raise self._closed_error() from error
         self._flush()
+        return int(conn.channel.submitted)
 
     def _flush(self) -> None:
         conn = self._conn

@@ -55,6 +55,16 @@ def failure_frame(endpoint: Endpoint, request_id: int, error: BaseException) -> 
                                 request_id)
 
 
+def no_segment_reply(endpoint: Endpoint, request_id: int) -> list[Write]:
+    """The answer when a reply waited its full time for a shared-memory segment and every
+    one stayed lent out: UNAVAILABLE, saying so."""
+    pool = endpoint.pool
+    total = pool.total_bytes if pool is not None else 0
+    return [([endpoint.error_frame(
+        ErrorCode.UNAVAILABLE, f"no shared memory for the reply: all {total} bytes of this "
+        f"connection's segments stayed lent out", request_id)], [])]
+
+
 def is_echo(endpoint: Endpoint, result: Any) -> bool:
     """The handler returned the payload it was lent: the reply points back at the client's
     own segment, so the request's release must follow the reply, never precede it."""

@@ -15,7 +15,13 @@ from .. import _impl
 from .._checks import deadline_after
 from .._constants import ErrorCode, Flags, MessageType
 from .._errors import ConnectionClosed, ProtocolError
-from ..protocol.answers import checked_result, failure_frame, is_echo, kept_answer
+from ..protocol.answers import (
+    checked_result,
+    failure_frame,
+    is_echo,
+    kept_answer,
+    no_segment_reply,
+)
 from ..protocol.endpoint import Endpoint
 from ..protocol.hello import HelloKey
 from ..protocol.replay import ANSWERED, NEW, ReplayWindow, refusal
@@ -68,12 +74,7 @@ class Answering:
                                            deadline_after(self._server.send_timeout),
                                            self._read_aside)
         if writes is None:
-            pool = endpoint.pool
-            assert pool is not None
-            return [([endpoint.error_frame(
-                ErrorCode.UNAVAILABLE, f"no shared memory for the reply: all "
-                f"{pool.total_bytes} bytes of this connection's segments stayed lent out",
-                request_id)], [])]
+            return no_segment_reply(endpoint, request_id)
         return writes
 
     def _read_aside(self, generation: int, seconds: float) -> None:

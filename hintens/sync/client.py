@@ -9,7 +9,6 @@ import contextlib
 import itertools
 import logging
 import os
-import select
 import threading
 from time import monotonic
 from typing import (TYPE_CHECKING, Any, Callable, Generic, Iterable, Iterator, TypeVar, overload)
@@ -48,7 +47,7 @@ from .._checks import (
     timeout_s,
     uids,
 )
-from ..transport.unix import check_server, connect, socket_path
+from ..transport.unix import check_server, connect, socket_alive, socket_path
 
 if TYPE_CHECKING:
     from .._codecs import Codec
@@ -501,14 +500,7 @@ class Client(ClientSender, Generic[_R]):
         Returns:
             False if the connection is closed, lost, or closed by the server.
         """
-        if self.closed:
-            return False
-        poller = select.poll()
-        try:
-            poller.register(self._sock.fileno(), select.POLLRDHUP)
-        except ValueError:   # closed meanwhile: fileno() is -1
-            return False
-        return not poller.poll(0)
+        return not self.closed and socket_alive(self._sock)
 
     def wait_for_hello(self, timeout: float) -> Hello | None:
         """Wait until the server's hello (its capabilities, ``peer_hello``) has arrived. A

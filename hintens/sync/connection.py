@@ -16,7 +16,7 @@ from typing import Any, Callable, TypeVar
 
 from .. import _impl
 from .._constants import RECEIVE_BUFFER_BYTES
-from .._errors import ProtocolError
+from .._errors import ConnectionClosed, ProtocolError, Timeout
 from ..protocol.endpoint import Endpoint, Item, Write, take_writes
 from ..transport.flusher import FLUSHER
 from ..transport.unix import set_kernel_timeouts
@@ -49,6 +49,32 @@ def control_waker(channel: Any, outgoing: collections.deque[bytes]) -> Callable[
             channel.offer(writes, _UNBOUNDED, False)
 
     return wake
+
+
+def mark_sent(error: BaseException, channel: Any, live: bool, end: int, request_id: int,
+              start: int | None = None) -> None:
+    """Say on a failed request's error (a Timeout or ConnectionClosed) whether the server may
+    have it: its frame left whole (for a batch from ``start``: any byte of it left), or it is
+    still queued on an open connection (``live``) and may yet leave. False only when it never
+    can; then any request may be retried safely.
+
+    Args:
+        end: the stream offset just past the request's frame (0: it was never queued).
+    """
+    if not isinstance(error, (Timeout, ConnectionClosed)) or error.request_sent is not None:
+        return
+    # After a failure the stream is shut, so a write in progress ends at once: wait for
+    # it, or a frame the kernel took could be counted as unsent.
+    written = channel.settled_written() if isinstance(error, ConnectionClosed) \
+        else channel.written
+    if start is not None:
+        sent = written > start
+    else:
+        sent = bool(end) and written >= end
+    if not sent and end and not (channel.closed or channel.broken or not live):
+        sent = True   # still queued (or being written) on a live connection
+    error.request_sent = sent
+    error.request_id = request_id
 
 
 class Connection:

@@ -3,14 +3,7 @@
 ``ClientPool`` lends each request a connection of its own for the request's duration, opens
 connections lazily up to ``size``, replaces the ones that broke, and makes callers wait (with
 a timeout) when every connection is busy. ``RetryPolicy`` decides which failures are tried
-again, and only retries what is safe to retry:
-
-* a connect failure, or a request whose frame never left whole (``request_sent`` False): no
-  server can have run it;
-* a request that was sent and then lost its connection: only when it is marked idempotent, or
-  when the pool runs exactly-once sessions and the retry reaches the same server process,
-  whose replay window then answers it without running it again;
-* a request that timed out: only when it is marked idempotent.
+again, and only what is safe is retried (the rule is in ``hintens/_retry.py``).
 """
 
 from __future__ import annotations
@@ -18,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import random
 import threading
 import time
 from time import monotonic
@@ -26,7 +18,8 @@ from typing import Any, Iterable, Iterator
 
 from .._checks import call_timeout_s, count, deadline_after, path_like, timeout_s, wait_s
 from .client import DEFAULT_CONNECT_TIMEOUT_S, DEFAULT_TIMEOUT_S, Client, Session
-from .._errors import ConnectError, ConnectionClosed, Timeout, UntrustedServerError
+from .._errors import ConnectionClosed, Timeout
+from .._retry import RetryPolicy, may_retry, needs_same_server
 from ..protocol.hello import HelloKey
 from ..transport.unix import socket_path
 
@@ -38,56 +31,6 @@ DEFAULT_CLOSE_TIMEOUT_S = 5.0
 _HANGUP_CHECK_S = 1.0
 #: How long a retry waits for the new connection's hello to learn which server it reached.
 _INSTANCE_WAIT_S = 1.0
-
-
-class RetryPolicy:
-    """Which failed requests a ``ClientPool`` tries again, and how long it waits in between.
-
-    Args:
-        max_attempts: tries in all, the first included (1: never retry).
-        backoff: seconds before the first retry. Each further retry waits twice as long.
-        max_backoff: the longest wait between two tries.
-        jitter: the fraction (0 to 1) of each wait that is random, so that clients that
-            failed together do not all retry at the same instant.
-        retry_on: the exception types that may be retried. Whatever it lists, a request is
-            only retried when that is safe (see the module docstring): a Timeout only for
-            idempotent requests, a ConnectionClosed after the request was sent only for
-            idempotent requests or exactly-once sessions, any other type (a ``RemoteError``
-            such as ``UnavailableError``, say) only for idempotent requests.
-
-    Raises:
-        ValueError: a negative or inconsistent setting.
-    """
-
-    DEFAULT_RETRY_ON: tuple[type[BaseException], ...] = (ConnectError, ConnectionClosed, Timeout)
-
-    def __init__(self, max_attempts: int = 3, backoff: float = 0.05, max_backoff: float = 2.0,
-                 jitter: float = 0.5,
-                 retry_on: Iterable[type[BaseException]] = DEFAULT_RETRY_ON) -> None:
-        if max_attempts < 1:
-            raise ValueError("max_attempts must be at least 1")
-        if backoff < 0 or max_backoff < 0:
-            raise ValueError("backoff and max_backoff must not be negative")
-        if not 0 <= jitter <= 1:
-            raise ValueError("jitter must be between 0 and 1")
-        self.max_attempts = max_attempts
-        self.backoff = backoff
-        self.max_backoff = max_backoff
-        self.jitter = jitter
-        self.retry_on = tuple(retry_on)
-
-    def delay(self, retry: int) -> float:
-        """Seconds to wait before retry number ``retry`` (1 for the first)."""
-        wait = min(self.max_backoff, self.backoff * 2 ** (retry - 1))
-        return wait * (1 - self.jitter * random.random())
-
-    def __repr__(self) -> str:
-        return (f"RetryPolicy(max_attempts={self.max_attempts}, backoff={self.backoff}, "
-                f"max_backoff={self.max_backoff}, jitter={self.jitter})")
-
-
-#: Never retry.
-NO_RETRY = RetryPolicy(max_attempts=1)
 
 
 class ClientPool:
@@ -369,6 +312,23 @@ class ClientPool:
             self._lent.add(client)
             return client
 
+    def _retry_plan(self, error: BaseException, client: Client | None, idempotent: bool,
+                    same_ids: bool, tries: int) -> tuple[bytes | None, int | None]:
+        """Raise ``error`` unless it may be retried; else what the retry must reach: the
+        server instance and request id (exactly-once), or (None, None)."""
+        if tries >= self.retry.max_attempts or not may_retry(
+                error, idempotent, self.exactly_once, self._closed):
+            raise error
+        planned: tuple[bytes | None, int | None] = (None, None)
+        if needs_same_server(error, idempotent):
+            instance = _instance(client) if client is not None else None
+            request_id = getattr(error, "request_id", None) if same_ids else None
+            if instance is None or request_id is None:
+                raise error
+            planned = (instance, request_id)
+        log.info("retrying a request to %s after: %s", self.path, error)
+        return planned
+
     def _call(self, attempt: Any, idempotent: bool, same_ids: bool = True,
               first: tuple[BaseException, Client] | None = None) -> Any:
         """Run ``attempt(client, request_id)`` with retries per the policy. ``first`` is the
@@ -408,41 +368,6 @@ class ClientPool:
                 gone.request_sent, gone.request_id = True, request_id
                 raise gone from last
             time.sleep(policy.delay(tries))
-
-    def _retry_plan(self, error: BaseException, client: Client | None, idempotent: bool,
-                    same_ids: bool, tries: int) -> tuple[bytes | None, int | None]:
-        """Raise ``error`` unless it may be retried; else what the retry must reach: the
-        server instance and request id (exactly-once), or (None, None)."""
-        if tries >= self.retry.max_attempts or not self._may_retry(error, idempotent):
-            raise error
-        planned: tuple[bytes | None, int | None] = (None, None)
-        if isinstance(error, ConnectionClosed) and error.request_sent and not idempotent:
-            # Exactly-once: the server may have run it. Only its replay window may answer a
-            # retry, so the retry carries the same id to the same server.
-            instance = _instance(client) if client is not None else None
-            request_id = error.request_id if same_ids else None
-            if instance is None or request_id is None:
-                raise error
-            planned = (instance, request_id)
-        log.info("retrying a request to %s after: %s", self.path, error)
-        return planned
-
-    def _may_retry(self, error: BaseException, idempotent: bool) -> bool:
-        if isinstance(error, UntrustedServerError):
-            return False   # the same server would be refused again
-        if isinstance(error, ConnectError):
-            return True
-        if isinstance(error, Timeout):
-            # Also a Timeout waiting for a free connection: nothing was sent, but waiting
-            # again would only double the wait the caller chose.
-            return idempotent and error.request_id is not None
-        if isinstance(error, ConnectionClosed):
-            if self._closed:
-                return False
-            return error.request_sent is False or idempotent or self.exactly_once
-        # Another type the caller listed in retry_on (a RemoteError, say): the server may
-        # have run the request, so only an idempotent one goes again.
-        return idempotent or getattr(error, "request_sent", None) is False
 
 
 def _instance(client: Client) -> bytes | None:

@@ -9,7 +9,8 @@ from __future__ import annotations
 from time import monotonic
 from typing import Any, Callable
 
-from .._errors import ConnectionClosed, ShmError, Timeout, no_free_segment
+from .._errors import ShmError, no_free_segment
+from .connection import mark_sent
 from .driver import HELLO_WAIT_S, ClientDriver
 
 
@@ -18,25 +19,9 @@ class ClientSender(ClientDriver):
 
     def _mark_sent(self, error: BaseException, end: int, request_id: int,
                    start: int | None = None) -> None:
-        """Say on a failed request's error whether the server may have it: its frame left
-        whole (for a batch from ``start``: any byte of it left), or it is still queued on an
-        open connection and may yet leave. False only when it never can."""
-        if not isinstance(error, (Timeout, ConnectionClosed)) or error.request_sent is not None:
-            return
-        channel = self._channel
-        # After a failure the stream is shut, so a write in progress ends at once: wait for
-        # it, or a frame the kernel took could be counted as unsent.
-        written = channel.settled_written() if isinstance(error, ConnectionClosed) \
-            else channel.written
-        if start is not None:
-            sent = written > start
-        else:
-            sent = bool(end) and written >= end
-        if not sent and end and not (channel.closed or channel.broken
-                                     or self._closed_reason is not None):
-            sent = True   # still queued (or being written) on a live connection
-        error.request_sent = sent
-        error.request_id = request_id
+        """Say on a failed request's error whether the server may have it
+        (``connection.mark_sent``)."""
+        mark_sent(error, self._channel, self._closed_reason is None, end, request_id, start)
 
     def _send_large(self, msg_type: int, payload: Any, request_id: int,
                     deadline: float) -> int:

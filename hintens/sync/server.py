@@ -315,10 +315,6 @@ class Server(ServerBase):
 
     _shutdown_timeout: float | None = DEFAULT_SHUTDOWN_TIMEOUT_S
 
-    def _count(self, name: str, connection: ServerConnection | None = None) -> None:
-        with self._lock:
-            super()._count(name, connection)
-
     def _register(self, connection: ServerConnection) -> bool:
         """A connection's hello has gone out: it is served (and listed) from now on, unless
         the server is closing (False)."""

@@ -15,12 +15,11 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 from .._checks import call_timeout_s, deadline_after
-from .._codecs import join
 from .._errors import ConnectionClosed, no_free_segment
-from ..protocol.answers import event_writes
 from ..protocol.hello import FEATURE_SHM, Hello, HelloKey
 from ..protocol.replay import ReplayWindow
 from ..transport.unix import PeerCredentials
+from .._server_common import Pushing
 from .answering import Answering, ClientGone
 from .connection import Connection
 
@@ -31,7 +30,7 @@ log = logging.getLogger("hintens")
 
 
 
-class ServerConnection(Answering):
+class ServerConnection(Answering, Pushing):
     """One accepted client, as callbacks see it.
 
     Attributes:
@@ -79,47 +78,6 @@ class ServerConnection(Answering):
         the server)."""
         return self._endpoint.negotiated(FEATURE_SHM)
 
-    def send_event(self, payload: Any) -> bool:
-        """Push an Event to this client without waiting for it to read: into this
-        connection's outgoing queue (``send_queue_bytes``), through shared memory when large
-        (inline, when the client holds every segment it was lent and the Event fits its
-        limit).
-
-        Returns:
-            True when queued; False when dropped because the queue is full and the server's
-            ``slow_consumer`` policy is "drop" (counted in ``events_dropped``).
-
-        Raises:
-            ConnectionClosed: the connection is closed, or was cut now because its queue is
-                full (``slow_consumer="cut"``).
-            FrameTooLargeError: over the client's limit, and shared memory was not negotiated.
-            TypeError: ``payload`` is not bytes-like (or not encodable by the codec).
-        """
-        if self._server.codec is not None:
-            payload = join(self._server.codec.encode(payload, "event"))
-        return self._push(payload, self._server._next_event_id())
-
-    def _push(self, payload: Any, event_id: int, small: list[Any] | None = None) -> bool:
-        # ``small``: the writes of a small bytes payload, built once for a whole broadcast.
-        if not self._open:
-            raise ConnectionClosed(f"connection {self.id} is closed")
-        endpoint, channel = self._endpoint, self._channel
-        writes = event_writes(endpoint, payload, event_id, small)
-        try:
-            if writes is not None and self._conn.offer(writes, self._server.send_queue_bytes):
-                self._dropping = False
-                return True
-        except OSError as error:
-            self.close()
-            raise ConnectionClosed(f"connection {self.id} lost while sending: {error}") \
-                from error
-        if writes is not None:
-            endpoint.unsent(writes)
-        return self._overflowed(
-            f"its outgoing queue is full ({channel.queued} bytes unread, "
-            f"send_queue_bytes={self._server.send_queue_bytes})" if writes is not None
-            else "every shared-memory segment of its connection is lent out")
-
     def close(self) -> None:
         """Cut this connection now; its serving thread ends."""
         self._open = False
@@ -150,28 +108,6 @@ class ServerConnection(Answering):
                 log.debug("%r ended: %s", self, why)
             self._close_transport()
             server._unregister(self)
-
-    def _overflowed(self, why: str) -> bool:
-        """An Event did not fit the outgoing queue: the server's slow-consumer policy.
-        Returns False (dropped), or raises ConnectionClosed (cut)."""
-        server = self._server
-        if server.slow_consumer == "drop":
-            server._count("events_dropped", self)
-            if not self._dropping:
-                self._dropping = True
-                log.warning("dropping Events for %r: %s", self, why)
-            return False
-        self._cut_behind(why)
-        raise ConnectionClosed(f"connection {self.id} was cut: {why}")
-
-    def _cut_behind(self, why: str) -> None:
-        """Cut a client that fell behind, once, with a logged reason and a counter."""
-        if not self._cut:
-            self._cut = True
-            self._channel.abort(why)
-            self._open = False
-            self._server._count("slow_consumers_cut")
-            log.warning("cut %r: %s", self, why)
 
     def _say_hello(self) -> None:
         self._send([self._endpoint.hello_frame()])

@@ -10,6 +10,7 @@ import errno
 import logging
 import math
 import os
+import select
 import socket
 import stat
 import struct
@@ -268,3 +269,14 @@ def peer_credentials(sock: socket.socket) -> PeerCredentials:
     """The connecting process's pid, uid and gid (SO_PEERCRED)."""
     raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
     return PeerCredentials(*_UCRED.unpack(raw))
+
+
+def socket_alive(sock: socket.socket) -> bool:
+    """Whether the peer of a connected socket has not hung up: one poll for POLLRDHUP, at
+    once, reading nothing. False for a closed socket."""
+    poller = select.poll()
+    try:
+        poller.register(sock.fileno(), select.POLLRDHUP)
+    except ValueError:   # closed meanwhile: fileno() is -1
+        return False
+    return not poller.poll(0)
