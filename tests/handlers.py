@@ -44,6 +44,20 @@ def command(payload):
     return data
 
 
+async def async_command(payload):
+    """``command`` as a coroutine: ``sleep:S:tag`` awaits instead of blocking (so requests on
+    one connection overlap); the rest as ``command``."""
+    data = bytes(payload)
+    verb, _, rest = data.partition(b":")
+    if verb == b"sleep":
+        import asyncio
+
+        seconds, _, tag = rest.partition(b":")
+        await asyncio.sleep(float(seconds))
+        return tag
+    return command(payload)
+
+
 def record_event(payload, connection):
     """``--on-event`` for tests: keep every Event's payload."""
     EVENTS.append(bytes(payload))

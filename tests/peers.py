@@ -42,6 +42,27 @@ def start_server_with(path: str, handler: str = "tests.handlers:command", **opti
     return _spawn([sys.executable, "-c", script], path)
 
 
+def start_aio_server_with(path: str, handler: str = "tests.handlers:async_command",
+                          **options):
+    """A ``hintens.aio.Server`` with ``options`` in its own process, on asyncio's default
+    loop (``loop="uvloop"`` in options: on uvloop), listening when this returns; stop it
+    with ``stop_server`` (SIGTERM closes it gracefully)."""
+    module, _, function = handler.partition(":")
+    loop = options.pop("loop", "asyncio")
+    script = (
+        "import asyncio, importlib, logging, signal, sys, hintens.aio\n"
+        "logging.basicConfig(level=logging.INFO)\n"
+        f"handler = getattr(importlib.import_module({module!r}), {function!r})\n"
+        "async def main():\n"
+        f"    server = hintens.aio.Server({path!r}, handler, **{options!r})\n"
+        "    asyncio.get_running_loop().add_signal_handler(\n"
+        "        signal.SIGTERM, lambda: asyncio.ensure_future(server.close()))\n"
+        "    await server.serve_forever()\n"
+        + ("import uvloop\nuvloop.install()\n" if loop == "uvloop" else "")
+        + "asyncio.run(main())\n")
+    return _spawn([sys.executable, "-c", script], path)
+
+
 def _spawn(argv, path):
     # Its log goes to a file, not a pipe: a server that logs much would block on a full pipe.
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
