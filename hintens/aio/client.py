@@ -298,6 +298,14 @@ class Client:
             if conn is not None:
                 mark_sent(error, conn.channel, self._closed_reason is None, end, request_id)
             raise
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled() and future.exception() is None:
+                # The reply came, but nobody will see it: a view lent from shared memory
+                # gives its segment back now, not when the cancelled task is collected.
+                late = future.result()
+                if type(late) is memoryview:
+                    late.release()
+            raise
         finally:
             self._waiters.pop(request_id, None)
             if writable:

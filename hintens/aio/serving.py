@@ -104,6 +104,7 @@ class ServerConnection(Pushing):
         self._writing = False
         self._eof = False            # the client's half is over: answer what came, then end
         self._tasks: set[asyncio.Future[Any]] = set()
+        self._held: list[Any] = []   # items read while max_concurrency tasks ran
         self._flush_handle: asyncio.Handle | None = None
         self._soon_handle: asyncio.Handle | None = None
         self._in_read = False        # replies of this read leave together at its end
@@ -290,6 +291,12 @@ class ServerConnection(Pushing):
                     self._end("closed after a fatal protocol error")
                     return
             elif item.type == MessageType.REQUEST:
+                if len(self._tasks) >= server.max_concurrency:
+                    # As many run as may: the rest of this read waits for one to finish
+                    # (and the socket is not read meanwhile).
+                    self._held = items[index:]
+                    self._pause()
+                    break
                 if inline:
                     items[index] = None
                     out = self._answer_now(item, out)
@@ -453,6 +460,14 @@ class ServerConnection(Pushing):
             log.error("%r: a task failed", self, exc_info=task.exception())
         if not self._tasks:
             self._last_activity = self._loop.time()
+        if self._held and self._open:
+            items, self._held = self._held, []
+            self._in_read = True
+            try:
+                self._handle(items)
+            finally:
+                self._in_read = False
+            self._flush()
         self._check_backpressure()
         self._maybe_done()
 
@@ -461,7 +476,7 @@ class ServerConnection(Pushing):
         under ``send_queue_bytes``."""
         if not self._open:
             return
-        if self._channel.queued > self._server.send_queue_bytes \
+        if self._held or self._channel.queued > self._server.send_queue_bytes \
                 or len(self._tasks) >= self._server.max_concurrency:
             self._pause()
         else:
@@ -470,7 +485,8 @@ class ServerConnection(Pushing):
     def _maybe_done(self) -> None:
         """After the client's end of the stream: once nothing runs and nothing waits to be
         written, the connection is over."""
-        if self._eof and self._open and not self._tasks and not self._channel.queued:
+        if self._eof and self._open and not self._tasks and not self._held \
+                and not self._channel.queued:
             self._end("closed by the client")
 
     # Writing -------------------------------------------------------------------------------
