@@ -21,6 +21,9 @@ Peers:
 * ``grpc.aio``: a generic unary-unary bytes echo (no protobuf: identity serializers) on a
   ``grpc.aio.server`` at ``unix:PATH``, messages up to 128 MiB both ways (if grpcio is
   installed);
+* ``hintens.aio, aio server``: the hintens.aio client against a ``hintens.aio.Server`` (its
+  default echo handler, a plain function run on the loop) instead of the sync server that
+  ``hintens serve`` runs (the ``hintens.aio`` row);
 * ``hintens sync Client``: the sync ``hintens.Client``, one task only, for reference;
 * ``hintens.aio (uvloop)`` and ``raw Protocol (uvloop)``: the hintens.aio client and the
   floor's client again on a uvloop event loop, against the same servers as their asyncio
@@ -66,6 +69,8 @@ def serve(kind: str, path: str) -> None:
             sock.send_multipart(sock.recv_multipart(copy=False), copy=False)
     elif kind == "grpc":
         asyncio.run(_serve_grpc(path))
+    elif kind == "hintens-aio":
+        asyncio.run(_serve_hintens_aio(path))
     else:
         raise SystemExit(f"unknown kind {kind}")
 
@@ -85,6 +90,12 @@ class _EchoFrames(asyncio.Protocol):
 async def _serve_raw(path: str) -> None:
     server = await asyncio.get_running_loop().create_unix_server(_EchoFrames, path)
     async with server:
+        await server.serve_forever()
+
+
+async def _serve_hintens_aio(path: str) -> None:
+    # The default echo handler: a plain function, run in the read callback.
+    async with hintens.aio.Server(path) as server:
         await server.serve_forever()
 
 
@@ -255,7 +266,7 @@ async def _rows(request: Any, count: int, rounds: int) -> tuple[float, float, fl
 async def _measure(kind: str, path: str, count: int,
                    rounds: int) -> tuple[float, float, float]:
     loop = asyncio.get_running_loop()
-    if kind == "hintens":
+    if kind in ("hintens", "hintens-aio"):
         async with hintens.aio.Client(path) as client:
             return await _rows(client.request, count, rounds)
     if kind == "raw":
@@ -335,7 +346,7 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=5000)
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
-    kinds = ["hintens", "raw"]
+    kinds = ["hintens", "hintens-aio", "raw"]
     try:
         import zmq.asyncio  # noqa: F401
         kinds.append("zmq")
@@ -359,7 +370,8 @@ def main() -> None:
             path = os.path.join(directory, f"{kind}.sock")
             process = start(kind, path)
             try:
-                for loop in loops if kind in ("hintens", "raw") else ["asyncio"]:
+                for loop in loops if kind in ("hintens", "hintens-aio", "raw") \
+                        else ["asyncio"]:
                     results[kind, loop] = _run(_measure(kind, path, args.count, args.rounds),
                                                loop)
                 if kind == "hintens":
@@ -371,9 +383,9 @@ def main() -> None:
           f"{TASKS} tasks: {args.count * 4} requests a round; 1 MiB echo: "
           f"{max(10, args.count // 50)} a round")
     print("  [in brackets: against the raw floor on the same event loop]")
-    print(f"  {'peer':22} {'one task':>21} {'100 tasks':>22} {'1 MiB echo':>21}")
-    names = {"hintens": "hintens.aio", "raw": "raw asyncio Protocol", "zmq": "zmq.asyncio",
-             "grpc": "grpc.aio"}
+    print(f"  {'peer':26} {'one task':>21} {'100 tasks':>22} {'1 MiB echo':>21}")
+    names = {"hintens": "hintens.aio", "hintens-aio": "hintens.aio, aio server",
+             "raw": "raw asyncio Protocol", "zmq": "zmq.asyncio", "grpc": "grpc.aio"}
     order = [(kind, "asyncio") for kind in kinds] + [(kind, "uvloop") for kind in kinds]
     for kind, loop in order:
         if (kind, loop) not in results:
@@ -381,19 +393,23 @@ def main() -> None:
         one_us, rate, big_us = results[kind, loop]
         floor = results["raw", loop]
         name = names[kind] if loop == "asyncio" else {
-            "hintens": "hintens.aio (uvloop)", "raw": "raw Protocol (uvloop)"}[kind]
+            "hintens": "hintens.aio (uvloop)", "hintens-aio": "hintens.aio, aio server (uvloop)",
+            "raw": "raw Protocol (uvloop)"}[kind]
         ratios = (("", "", "") if kind == "raw" else
                   (f"[{one_us / floor[0]:5.2f}x]", f"[{rate / floor[1]:5.2f}x]",
                    f"[{big_us / floor[2]:5.2f}x]"))
-        print(f"  {name:22} {one_us:9.1f} us {ratios[0]:>8} {rate / 1e3:9.1f} K/s "
+        print(f"  {name:26} {one_us:9.1f} us {ratios[0]:>8} {rate / 1e3:9.1f} K/s "
               f"{ratios[1]:>8} {big_us:9.1f} us {ratios[2]:>8}".rstrip())
         if (kind, loop) == (kinds[-1], "asyncio"):   # after the default loop's rows
             ratio = f"[{sync_us / results['raw', 'asyncio'][0]:5.2f}x]"
-            print(f"  {'hintens sync Client':22} {sync_us:9.1f} us {ratio:>8}")
+            print(f"  {'hintens sync Client':26} {sync_us:9.1f} us {ratio:>8}")
     one, rate, _ = results["hintens", "asyncio"]
     floor_one = results["raw", "asyncio"][0]
     print(f"  hintens.aio / raw asyncio floor, one task:   {one / floor_one:.2f}x "
           f"(target <= 1.3x)")
+    aio_one, aio_rate, _ = results["hintens-aio", "asyncio"]
+    print(f"  both asyncio (aio server) / raw floor:       {aio_one / floor_one:.2f}x one task, "
+          f"{aio_rate / results['raw', 'asyncio'][1]:.2f}x the floor's 100-task rate")
     if ("zmq", "asyncio") in results:
         zmq_one, zmq_rate, _ = results["zmq", "asyncio"]
         print(f"  hintens.aio / zmq.asyncio, one task:         {one / zmq_one:.2f}x "
