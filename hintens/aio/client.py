@@ -22,15 +22,25 @@ import logging
 import os
 import socket
 import threading
-from typing import Any, AsyncIterator, Callable, Iterable
+from typing import Any, AsyncIterator, Callable, Generic, Iterable, TypeVar, overload
 
-from .._checks import call_timeout_s, count, optional_callable, path_like, timeout_s, uids
-from .._codecs import CodecSpec, codec_from, ready
+from .._checks import (
+    call_timeout_s,
+    count,
+    non_negative_s,
+    optional_callable,
+    path_like,
+    timeout_s,
+    uids,
+)
+from .._codecs import Codec, CodecSpec, codec_from, ready
 from .._constants import DEFAULT_FLUSH_INTERVAL_S, DEFAULT_MAX_PAYLOAD_BYTES, MessageType
 from .._errors import ConnectionClosed, Timeout, closed_error, lost_message, no_free_segment
 from ..protocol.endpoint import (
     DEFAULT_COMPRESS_THRESHOLD_BYTES,
     DEFAULT_SHM_POOL_BYTES,
+    DEFAULT_SHM_RECEIVE_BYTES,
+    DEFAULT_SHM_RECEIVE_SEGMENTS,
     DEFAULT_SHM_THRESHOLD_BYTES,
     FEATURE_COMPRESSION,
     FEATURE_SHM,
@@ -43,6 +53,7 @@ from ..sync.connection import Connection, mark_sent
 from ..transport.unix import check_server, connect, socket_alive, socket_path
 
 log = logging.getLogger("hintens")
+_R = TypeVar("_R")
 
 DEFAULT_TIMEOUT_S = 30.0
 DEFAULT_CONNECT_TIMEOUT_S = 5.0
@@ -55,7 +66,7 @@ _RELEASE_POLL_S = 0.005
 _UNBOUNDED = 1 << 62
 
 
-class Client:
+class Client(Generic[_R]):
     """An asyncio connection to a hintens server. Make one with ``await Client.connect(...)``
     or ``async with Client(...) as client``; use it from the loop it was opened on.
 
@@ -78,12 +89,50 @@ class Client:
             ``Client`` (the ``compression`` extra).
         max_queued_events: Events that wait for ``events()`` to take them, at most; more are
             dropped (counted in ``events_dropped``, logged once per episode).
+        shm_receive_bytes, shm_receive_segments: the most of the server's shared memory this
+            connection maps at once, as for the sync ``Client``.
         session: draw request ids from this ``hintens.Session``, and announce it in the hello
             if it is exactly-once (as a ``ClientPool`` does for its connections).
 
     Raises (from ``connect``/``__aenter__``):
         ConnectError, UntrustedServerError, SocketPathError, Timeout: as the sync ``Client``.
     """
+
+    # The static type says what ``request`` returns: bytes (or a lent view) without a codec,
+    # the codec's values (Any) with one.
+    @overload
+    def __init__(self: Client[bytes | memoryview], path: str | os.PathLike[str] | None = None, *,
+                 timeout: float | None = DEFAULT_TIMEOUT_S,
+                 connect_timeout: float | None = DEFAULT_CONNECT_TIMEOUT_S,
+                 on_event: Callable[[Any], Any] | None = None,
+                 max_payload: int = DEFAULT_MAX_PAYLOAD_BYTES, shm: bool = True,
+                 shm_threshold: int = DEFAULT_SHM_THRESHOLD_BYTES,
+                 shm_pool_bytes: int = DEFAULT_SHM_POOL_BYTES,
+                 flush_interval: float = DEFAULT_FLUSH_INTERVAL_S,
+                 server_uids: Iterable[int] = (), codec: None = None,
+                 compress: bool = False,
+                 compress_threshold: int = DEFAULT_COMPRESS_THRESHOLD_BYTES,
+                 max_queued_events: int = DEFAULT_MAX_QUEUED_EVENTS,
+                 session: Session | None = None,
+                 shm_receive_bytes: int = DEFAULT_SHM_RECEIVE_BYTES,
+                 shm_receive_segments: int = DEFAULT_SHM_RECEIVE_SEGMENTS) -> None: ...
+
+    @overload
+    def __init__(self: Client[Any], path: str | os.PathLike[str] | None = None, *,
+                 timeout: float | None = DEFAULT_TIMEOUT_S,
+                 connect_timeout: float | None = DEFAULT_CONNECT_TIMEOUT_S,
+                 on_event: Callable[[Any], Any] | None = None,
+                 max_payload: int = DEFAULT_MAX_PAYLOAD_BYTES, shm: bool = True,
+                 shm_threshold: int = DEFAULT_SHM_THRESHOLD_BYTES,
+                 shm_pool_bytes: int = DEFAULT_SHM_POOL_BYTES,
+                 flush_interval: float = DEFAULT_FLUSH_INTERVAL_S,
+                 server_uids: Iterable[int] = (), codec: str | Codec,
+                 compress: bool = False,
+                 compress_threshold: int = DEFAULT_COMPRESS_THRESHOLD_BYTES,
+                 max_queued_events: int = DEFAULT_MAX_QUEUED_EVENTS,
+                 session: Session | None = None,
+                 shm_receive_bytes: int = DEFAULT_SHM_RECEIVE_BYTES,
+                 shm_receive_segments: int = DEFAULT_SHM_RECEIVE_SEGMENTS) -> None: ...
 
     def __init__(self, path: str | os.PathLike[str] | None = None, *,
                  timeout: float | None = DEFAULT_TIMEOUT_S,
@@ -97,21 +146,25 @@ class Client:
                  compress: bool = False,
                  compress_threshold: int = DEFAULT_COMPRESS_THRESHOLD_BYTES,
                  max_queued_events: int = DEFAULT_MAX_QUEUED_EVENTS,
-                 session: Session | None = None) -> None:
+                 session: Session | None = None,
+                 shm_receive_bytes: int = DEFAULT_SHM_RECEIVE_BYTES,
+                 shm_receive_segments: int = DEFAULT_SHM_RECEIVE_SEGMENTS) -> None:
         self.timeout = timeout_s(timeout, "timeout")
         self._connect_timeout = timeout_s(connect_timeout, "connect_timeout")
         self._on_event = optional_callable(on_event, "on_event")
         self._trusted = uids(server_uids, "server_uids")
         self.path = socket_path(path_like(path))
         self._shm = shm
-        self._flush_interval = flush_interval
+        self._flush_interval = non_negative_s(flush_interval, "flush_interval")
         #: The codec (None: raw bytes).
         self.codec = codec_from(codec)
         self._endpoint = Endpoint(max_payload=max_payload,
                                   features=(FEATURE_SHM if shm else 0)
                                   | (FEATURE_COMPRESSION if compress else 0),
                                   shm_threshold=shm_threshold, shm_pool_bytes=shm_pool_bytes,
-                                  compress_threshold=compress_threshold)
+                                  compress_threshold=compress_threshold,
+                                  shm_receive_bytes=shm_receive_bytes,
+                                  shm_receive_segments=shm_receive_segments)
         #: The session this client's request ids come from (None: its own count).
         self.session = session
         if session is not None and session.exactly_once:
@@ -141,18 +194,29 @@ class Client:
 
     # Opening and closing -----------------------------------------------------------------
 
+    @overload
     @classmethod
-    async def connect(cls, path: str | os.PathLike[str] | None = None, **options: Any) -> Client:
+    async def connect(cls, path: str | os.PathLike[str] | None = None, *,
+                      codec: None = None, **options: Any) -> Client[bytes | memoryview]: ...
+
+    @overload
+    @classmethod
+    async def connect(cls, path: str | os.PathLike[str] | None = None, *,
+                      codec: str | Codec, **options: Any) -> Client[Any]: ...
+
+    @classmethod
+    async def connect(cls, path: str | os.PathLike[str] | None = None, *,
+                      codec: CodecSpec = None, **options: Any) -> Client[Any]:
         """Connect: ``Client(path, **options)``, opened.
 
         Raises:
             As ``Client`` and ``__aenter__``.
         """
-        client = cls(path, **options)
+        client: Client[Any] = cls(path, codec=codec, **options)
         await client._open()
         return client
 
-    async def __aenter__(self) -> Client:
+    async def __aenter__(self) -> Client[_R]:
         await self._open()
         return self
 
@@ -243,7 +307,7 @@ class Client:
     # Requests and Events -----------------------------------------------------------------
 
     async def request(self, payload: Any, timeout: float | None = None, *,
-                      writable: bool = False, request_id: int | None = None) -> Any:
+                      writable: bool = False, request_id: int | None = None) -> _R:
         """Send a Request and wait for its reply.
 
         Args:
@@ -310,10 +374,11 @@ class Client:
             self._waiters.pop(request_id, None)
             if writable:
                 endpoint.writable_ids.discard(request_id)
-        return reply if self.codec is None else self.codec.decode(reply, "response")
+        return reply if self.codec is None else self.codec.decode(  # type: ignore[no-any-return]
+            reply, "response")
 
     async def request_many(self, payloads: Iterable[Any],
-                           timeout: float | None = None) -> list[Any]:
+                           timeout: float | None = None) -> list[_R]:
         """Send several Requests together and wait for every reply, in order.
 
         Raises:
