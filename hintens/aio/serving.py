@@ -57,6 +57,8 @@ log = logging.getLogger("hintens")
 #: looks again this often.
 _POLL_S = 0.005
 _UNBOUNDED = 1 << 62
+_SHM = int(Flags.SHM)
+_RESPONSE = int(MessageType.RESPONSE)
 
 #: The connection whose handler or callback is running (``Server.current_connection``).
 current: contextvars.ContextVar[ServerConnection | None] = contextvars.ContextVar(
@@ -315,25 +317,28 @@ class ServerConnection(Pushing):
         memory goes at once, after what ``out`` held; an awaitable result, or a reply that
         must wait for a segment, becomes a task."""
         request_id = item.request_id
+        endpoint = self._endpoint
         token = current.set(self)
         try:
             result = self._server._call(item.payload)
+            if type(result) is bytes and len(result) < endpoint.small_max:
+                out.append(_impl.core.encode_frame(_RESPONSE, result, request_id))   # common
+                return out
             if inspect.isawaitable(result):
                 self._spawn(self._finish(request_id, result, item))
                 return out
             if type(result) is not bytes:
                 result = checked_result(result)
-            writes = self._endpoint.reply_writes(request_id, result)
+            writes = endpoint.reply_writes(request_id, result)
         except Exception as error:
-            out.append(failure_frame(self._endpoint, request_id, error))
+            out.append(failure_frame(endpoint, request_id, error))
             return out
         finally:
             current.reset(token)
         if writes is None:   # every segment is lent out: wait for one, as a task
             self._spawn(self._finish(request_id, result, item))
             return out
-        if len(writes) == 1 and not _impl.core.unpack_header(writes[0][0][0]).flags \
-                & Flags.SHM:
+        if len(writes) == 1 and not _impl.core.unpack_header(writes[0][0][0]).flags & _SHM:
             out += writes[0][0]
             return out
         if not is_echo(self._endpoint, result):

@@ -20,6 +20,7 @@ from .lending import Write
 
 log = logging.getLogger("hintens")
 _NEVER = 1 << 62
+_SHM = int(Flags.SHM)   # a plain int: & on the IntFlag builds an enum member each time
 
 
 def plain_frame(msg_type: int, payload: Any, request_id: int) -> list[Any]:
@@ -132,7 +133,7 @@ class Sending:
             raise TypeError(f"a payload must be a bytes-like object, not "
                             f"{type(payload).__name__}") from None
         limit = self._peer_limit
-        if self._allowed_flags & Flags.SHM:   # negotiated (so this side has a pool)
+        if self._allowed_flags & _SHM:   # negotiated (so this side has a pool)
             if self._allocations and type(payload) is memoryview:
                 allocated = self._allocated_writes(msg_type, payload, request_id)
                 if allocated is not None:

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from .server import Server
 
 log = logging.getLogger("hintens")
+_SHM = int(Flags.SHM)
 
 
 class ClientGone(ConnectionClosed):
@@ -216,7 +217,7 @@ class Answering:
                     return out
             writes = self._reply_writes(request_id, result)
             if len(writes) == 1 and not _impl.core.unpack_header(
-                    writes[0][0][0]).flags & Flags.SHM:
+                    writes[0][0][0]).flags & _SHM:
                 out += writes[0][0]   # inline: goes with the others, in order
                 return out
             if not is_echo(endpoint, result):
