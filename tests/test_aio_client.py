@@ -405,3 +405,35 @@ def test_a_shorter_deadline_after_a_longer_one_still_fires_on_time(server_proces
             assert client._waiters == {}
 
     run(main())
+
+
+def test_a_server_that_reads_nothing_cannot_make_the_client_queue_without_end(sock_path):
+    # The listener accepts (the kernel does) but nobody reads: once the socket's buffer and
+    # the client's queue are full, send_event waits for room, then raises Timeout; and a
+    # connection whose bytes wait `timeout` with none taken is cut.
+    listener = raw_listener(sock_path)
+    try:
+        async def main():
+            client = await hintens.aio.Client.connect(sock_path, shm=False, timeout=0.5)
+            accepted, _ = listener.accept()
+            try:
+                payload = bytes(60_000)
+                with pytest.raises((hintens.Timeout, hintens.ConnectionClosed)):
+                    for _ in range(10_000):   # far more than the kernel buffers hold
+                        await client.send_event(payload)
+                queued = client._conn.channel.queued
+                assert queued < 4 << 20, queued   # bounded by max_queue, not by the loop
+                for _ in range(300):
+                    if client.closed:
+                        break
+                    await asyncio.sleep(0.01)
+                assert client.closed
+                with pytest.raises(hintens.ConnectionClosed, match="read nothing"):
+                    await client.request(b"x")
+            finally:
+                accepted.close()
+                await client.close()
+
+        run(main())
+    finally:
+        listener.close()

@@ -178,6 +178,11 @@ class Client(Generic[_R]):
         self._writing = False
         self._flush_handle: asyncio.TimerHandle | None = None
         self._soon_handle: asyncio.Handle | None = None
+        # Our bytes that wait for the server: since when (the channel's written count then),
+        # and who waits for room in the queue.
+        self._stall_handle: asyncio.TimerHandle | None = None
+        self._stall_mark = 0
+        self._drained: asyncio.Event | None = None
         self._hello = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loop_thread = 0
@@ -348,6 +353,8 @@ class Client(Generic[_R]):
             if endpoint.peer_hello is not None else None
         if writes is None:   # the hello, or a free segment, is to be waited for
             writes = await self._writes(MessageType.REQUEST, payload, request_id, seconds)
+        if self._conn is not None and self._conn.channel.queued >= self._conn.channel.max_queue:
+            await self._room(seconds)   # the server is not reading: do not queue without end
         future: asyncio.Future[Any] = loop.create_future()
         self._waiters[request_id] = future
         if writable:
@@ -394,12 +401,16 @@ class Client(Generic[_R]):
 
         Raises:
             ConnectionClosed: the connection is closed.
+            Timeout: the outgoing queue was full (the server reads nothing) for
+                ``self.timeout``.
         """
         self._running()
         if self.codec is not None:
             payload = self._encoded(payload, "event")
         writes = await self._writes(MessageType.EVENT, payload, next(self._ids), self.timeout)
         conn = self._live()
+        if conn.channel.queued >= conn.channel.max_queue:
+            await self._room(self.timeout)
         try:
             if conn.offer(writes, _UNBOUNDED):
                 return
@@ -560,9 +571,57 @@ class Client(Generic[_R]):
             return
         if conn.channel.broken:
             self._fail(ConnectionClosed(f"connection to {self.path} lost while writing"))
-        elif left and not self._writing and self._loop is not None:
-            self._writing = True
-            self._loop.add_writer(conn.channel.fileno(), self._writable)
+            return
+        if left:
+            if not self._writing and self._loop is not None:
+                self._writing = True
+                self._loop.add_writer(conn.channel.fileno(), self._writable)
+            if self._stall_handle is None and self.timeout is not None \
+                    and self._loop is not None:
+                self._stall_mark = conn.channel.written
+                self._stall_handle = self._loop.call_later(self.timeout, self._stalled)
+        elif self._stall_handle is not None:
+            self._stall_handle.cancel()
+            self._stall_handle = None
+        drained = self._drained
+        if drained is not None and conn.channel.queued < conn.channel.max_queue:
+            self._drained = None
+            drained.set()
+
+    def _stalled(self) -> None:
+        """``timeout`` seconds since our bytes began to wait for the server: unless it took
+        some meanwhile, it reads nothing, and the connection is cut (as the sync client's
+        flusher cuts it)."""
+        self._stall_handle = None
+        conn = self._conn
+        if conn is None or self._closed_reason is not None or not conn.channel.queued:
+            return
+        if conn.channel.written != self._stall_mark:
+            self._flush()   # it reads, slowly: look again in another timeout
+            return
+        self._fail(ConnectionClosed(
+            f"the server at {self.path} read nothing for {self.timeout:g} s while "
+            f"{conn.channel.queued} bytes waited for it; the connection was cut"))
+
+    async def _room(self, seconds: float | None) -> None:
+        """Wait until the outgoing queue is under ``max_queue`` bytes again (the server reads
+        what waits), for ``seconds`` at most.
+
+        Raises:
+            Timeout: it stayed full; nothing more was queued.
+            ConnectionClosed: the connection closed meanwhile.
+        """
+        conn = self._live()
+        self._flush()
+        while conn.channel.queued >= conn.channel.max_queue:
+            if self._drained is None:
+                self._drained = asyncio.Event()
+            try:
+                await asyncio.wait_for(self._drained.wait(), seconds)
+            except asyncio.TimeoutError:
+                raise Timeout(f"the server at {self.path} took none of our "
+                              f"{conn.channel.queued} queued bytes in {seconds:g} s") from None
+            self._live()
 
     def _flush_soon(self) -> None:
         self._soon_handle = None
@@ -707,10 +766,12 @@ class Client(Generic[_R]):
             if not future.done():
                 future.set_exception(self._closed_error())
         self._waiters.clear()
-        for handle in (self._flush_handle, self._soon_handle):
+        for handle in (self._flush_handle, self._soon_handle, self._stall_handle):
             if handle is not None:
                 handle.cancel()
-        self._flush_handle = self._soon_handle = None
+        self._flush_handle = self._soon_handle = self._stall_handle = None
+        if self._drained is not None:
+            self._drained.set()   # a sender waiting for room sees the connection closed
         if self._sweep_handle is not None:
             self._sweep_handle.cancel()
             self._sweep_handle = self._sweep_at = None

@@ -263,8 +263,9 @@ class ServerConnection(Pushing):
                 self._handle(items)
             finally:
                 self._in_read = False
-            self._flush()
-        self._check_backpressure()
+            self._flush()   # (which looks at the back-pressure once all is written)
+        if self._tasks or self._held or self._channel.queued:
+            self._check_backpressure()
 
     def _join_session(self) -> None:
         server = self._server
