@@ -104,6 +104,11 @@ def test_a_timeout_leaves_the_connection_usable_and_drops_the_late_reply(server_
             assert await client.request(b"echo:next") == b"next"   # the late reply is dropped
             with pytest.raises(asyncio.TimeoutError):
                 await asyncio.wait_for(client.request(b"sleep:0.5:late"), 0.05)
+            assert await client.request(b"echo:after wait_for") == b"after wait_for"
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.05):
+                    await client.request(b"sleep:0.5:late")
+            assert client._waiters == {}
             assert await client.request(b"echo:after") == b"after"
 
     run(main())
