@@ -235,7 +235,7 @@ class Client(Generic[_R]):
         loop = self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
         # connect() waits out a full accept queue in the kernel: off the loop's thread.
-        sock = await loop.run_in_executor(None, connect, self.path, self._connect_timeout)
+        sock = await _connect_off_loop(loop, self.path, self._connect_timeout)
         try:
             #: The server process's pid, uid and gid (SO_PEERCRED), checked before any byte.
             self.server_credentials = check_server(sock, self.path, self._trusted)
@@ -258,6 +258,9 @@ class Client(Generic[_R]):
                 await asyncio.wait_for(self._hello.wait(), HELLO_WAIT_S)
             except asyncio.TimeoutError:
                 pass
+            except BaseException:   # cancelled: the half-open connection must not stay
+                self._fail(ConnectionClosed(f"connecting to {self.path} was cancelled"))
+                raise
 
     async def close(self) -> None:
         """Write out what is queued if the socket takes it now, then close. Waiting requests
@@ -789,3 +792,29 @@ class Client(Generic[_R]):
             if dropped:
                 log.warning("connection to %s closed with %d bytes of queued frames unsent",
                             self.path, dropped)
+
+
+async def _connect_off_loop(loop: asyncio.AbstractEventLoop, path: str,
+                            timeout: float | None) -> socket.socket:
+    """``connect(path, timeout)`` in the loop's executor. Cancelled meanwhile, the socket the
+    thread still opens is closed, not left to the garbage collector."""
+    lock = threading.Lock()
+    state: dict[str, Any] = {"cancelled": False, "sock": None}
+
+    def attempt() -> socket.socket:
+        sock = connect(path, timeout)
+        with lock:
+            if state["cancelled"]:
+                sock.close()
+                raise ConnectionClosed(f"connecting to {path} was cancelled")
+            state["sock"] = sock
+        return sock
+
+    try:
+        return await loop.run_in_executor(None, attempt)
+    except asyncio.CancelledError:
+        with lock:
+            state["cancelled"] = True
+            if state["sock"] is not None:
+                state["sock"].close()
+        raise

@@ -85,6 +85,7 @@ class ClientPool:
         self._busy = 0                      # requests in flight across the pool
         self._idle = asyncio.Event()        # set while nothing is in flight
         self._idle.set()
+        self._opened = asyncio.Event()      # set (and replaced) each time an opening ends
         self._closed = False
 
     # Public API -------------------------------------------------------------------------
@@ -178,6 +179,8 @@ class ClientPool:
                 log.warning("closing the pool to %s with %d requests still in flight",
                             self.path, self._busy)
         clients, self._clients = self._clients, []
+        self._in_flight.clear()    # requests still running find their client gone: no _drop
+        self._last_used.clear()
         for client in clients:
             await client.close()
 
@@ -195,23 +198,29 @@ class ClientPool:
     async def _acquire(self) -> Client:
         """The open connection with the fewest requests in flight, or a new one when every
         open one is busy and the pool has room."""
-        if self._closed:
-            raise ConnectionClosed(f"the pool to {self.path} is closed")
         loop = asyncio.get_running_loop()
-        now = loop.time()
-        best: Client | None = None
-        for client in list(self._clients):
-            idle = now - self._last_used.get(client, now)
-            if client.closed or (not self._in_flight[client] and (
-                    (self.idle_timeout is not None and idle > self.idle_timeout)
-                    or (idle > _HANGUP_CHECK_S and not client.is_alive()))):
-                self._drop(client)
-                continue
-            if best is None or self._in_flight[client] < self._in_flight[best]:
-                best = client
-        if best is None or (self._in_flight[best] and
-                            len(self._clients) + self._opening < self.size):
-            best = await self._open()
+        while True:
+            if self._closed:
+                raise ConnectionClosed(f"the pool to {self.path} is closed")
+            now = loop.time()
+            best: Client | None = None
+            for client in list(self._clients):
+                idle = now - self._last_used.get(client, now)
+                if client.closed or (not self._in_flight[client] and (
+                        (self.idle_timeout is not None and idle > self.idle_timeout)
+                        or (idle > _HANGUP_CHECK_S and not client.is_alive()))):
+                    self._drop(client)
+                    continue
+                if best is None or self._in_flight[client] < self._in_flight[best]:
+                    best = client
+            room = len(self._clients) + self._opening < self.size
+            if best is not None and (not self._in_flight[best] or not room):
+                break
+            if room:
+                best = await self._open()
+                break
+            # Every free slot is a connection being opened: wait for one, then look again.
+            await self._opened.wait()
         self._in_flight[best] += 1
         self._last_used[best] = now
         self._busy += 1
@@ -226,6 +235,8 @@ class ClientPool:
                                           session=self.session, **self._client_options)
         finally:
             self._opening -= 1
+            self._opened.set()
+            self._opened = asyncio.Event()
         if self._closed:
             await client.close()
             raise ConnectionClosed(f"the pool to {self.path} is closed")

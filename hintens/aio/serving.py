@@ -58,6 +58,9 @@ log = logging.getLogger("hintens")
 _POLL_S = 0.005
 _UNBOUNDED = 1 << 62
 _SHM = int(Flags.SHM)
+#: Inline replies of one read leave in batches of at most this many frames, so that the
+#: outgoing queue's size (send_queue_bytes) sees them as they pile up.
+_BATCH_FRAMES = 64
 _RESPONSE = int(MessageType.RESPONSE)
 
 #: The connection whose handler or callback is running (``Server.current_connection``).
@@ -106,7 +109,10 @@ class ServerConnection(Pushing):
         self._writing = False
         self._eof = False            # the client's half is over: answer what came, then end
         self._tasks: set[asyncio.Future[Any]] = set()
-        self._held: list[Any] = []   # items read while max_concurrency tasks ran
+        # Items a read brought while the connection was busy (_busy): served, in order,
+        # once it is not.
+        self._held: list[Any] = []
+        self._held_handle: asyncio.Handle | None = None
         self._flush_handle: asyncio.Handle | None = None
         self._soon_handle: asyncio.Handle | None = None
         self._in_read = False        # replies of this read leave together at its end
@@ -192,10 +198,11 @@ class ServerConnection(Pushing):
         self._open = False
         self.ended.set_result(why)
         loop = self._loop
-        for handle in (self._timer, self._flush_handle, self._soon_handle):
+        for handle in (self._timer, self._flush_handle, self._soon_handle, self._held_handle):
             if handle is not None:
                 handle.cancel()
-        self._timer = self._flush_handle = self._soon_handle = None
+        self._timer = self._flush_handle = self._soon_handle = self._held_handle = None
+        self._held = []
         if self._fd >= 0:
             if self._reading:
                 loop.remove_reader(self._fd)
@@ -294,9 +301,12 @@ class ServerConnection(Pushing):
                     self._end("closed after a fatal protocol error")
                     return
             elif item.type == MessageType.REQUEST:
-                if len(self._tasks) >= server.max_concurrency:
-                    # As many run as may: the rest of this read waits for one to finish
-                    # (and the socket is not read meanwhile).
+                if len(out) >= _BATCH_FRAMES:   # the queue's size must see these replies
+                    self._send_frames(out)
+                    out = []
+                if self._busy():
+                    # max_concurrency tasks run, or send_queue_bytes wait for the client:
+                    # the rest of this read waits (and the socket is not read meanwhile).
                     self._held = items[index:]
                     self._pause()
                     break
@@ -466,14 +476,28 @@ class ServerConnection(Pushing):
             log.error("%r: a task failed", self, exc_info=task.exception())
         if not self._tasks:
             self._last_activity = self._loop.time()
-        if self._held and self._open:
-            items, self._held = self._held, []
-            self._in_read = True
-            try:
-                self._handle(items)
-            finally:
-                self._in_read = False
-            self._flush()
+            self._arm(self._next_deadline())   # the idle limit applies again
+        self._check_backpressure()
+        self._maybe_done()
+
+    def _busy(self) -> bool:
+        """Too much is under way to take more from this client: ``max_concurrency`` tasks,
+        or more than ``send_queue_bytes`` waiting for it to read."""
+        return len(self._tasks) >= self._server.max_concurrency \
+            or self._channel.queued > self._server.send_queue_bytes
+
+    def _serve_held(self) -> None:
+        """Serve what a read brought while the connection was busy, now that it is not."""
+        self._held_handle = None
+        if not self._open or not self._held or self._busy():
+            return
+        items, self._held = self._held, []
+        self._in_read = True
+        try:
+            self._handle(items)
+        finally:
+            self._in_read = False
+        self._flush()
         self._check_backpressure()
         self._maybe_done()
 
@@ -482,8 +506,11 @@ class ServerConnection(Pushing):
         under ``send_queue_bytes``."""
         if not self._open:
             return
-        if self._held or self._channel.queued > self._server.send_queue_bytes \
-                or len(self._tasks) >= self._server.max_concurrency:
+        if self._held:
+            self._pause()
+            if self._held_handle is None and not self._busy():
+                self._held_handle = self._loop.call_soon(self._serve_held)
+        elif self._busy():
             self._pause()
         else:
             self._resume()
@@ -572,6 +599,8 @@ class ServerConnection(Pushing):
         if self._stall_since is not None and channel.written != self._stall_mark:
             self._stall_since, self._stall_mark = self._loop.time(), channel.written
         self._flush()
+        if self._held:
+            self._check_backpressure()   # the queue may have drained below send_queue_bytes
 
     # Time limits ---------------------------------------------------------------------------
 

@@ -281,18 +281,32 @@ def handler(payload):
         return 12345
     return payload          # echo (a shared payload goes back as an echo of its segment)
 
-server = hintens.Server(sys.argv[1], handler)
-signal.signal(signal.SIGTERM, lambda *_: server.shutdown())
-print("core:", hintens.implementation, "version:", hintens.__version__, file=sys.stderr,
-      flush=True)
-server.serve_forever()
+if sys.argv[3:] == ["aio"]:   # the asyncio server, the same handler run on the loop
+    import asyncio
+    import hintens.aio
+
+    async def serve():
+        server = hintens.aio.Server(sys.argv[1], handler)
+        asyncio.get_running_loop().add_signal_handler(
+            signal.SIGTERM, lambda: asyncio.ensure_future(server.close()))
+        print("core:", hintens.implementation, "version:", hintens.__version__, "aio",
+              file=sys.stderr, flush=True)
+        await server.serve_forever()
+
+    asyncio.run(serve())
+else:
+    server = hintens.Server(sys.argv[1], handler)
+    signal.signal(signal.SIGTERM, lambda *_: server.shutdown())
+    print("core:", hintens.implementation, "version:", hintens.__version__, file=sys.stderr,
+          flush=True)
+    server.serve_forever()
 print("server exited cleanly", file=sys.stderr, flush=True)
 """
 
 
 class ServerProc:
     def __init__(self, path: str, log_path: str, level: str, trace: bool = False,
-                 extra_env=()) -> None:
+                 extra_env=(), aio: bool = False) -> None:
         self.path, self.log_path = path, log_path
         self.log = open(log_path, "wb")
         env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -301,7 +315,8 @@ class ServerProc:
         env.update(kv.split("=", 1) for kv in extra_env)
         self.env = {k: v for k, v in env.items() if k.startswith(("MALLOC_", "PYTHONTRACE"))}
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", SERVER_SCRIPT, path, level], stdin=subprocess.DEVNULL,
+            [sys.executable, "-c", SERVER_SCRIPT, path, level, *(["aio"] if aio else [])],
+            stdin=subprocess.DEVNULL,
             stdout=self.log, stderr=self.log, env=env, cwd=REPO)
         deadline = time.monotonic() + 30
         while True:
@@ -2089,7 +2104,7 @@ class Fuzzer:
             server_env = ["MALLOC_MMAP_THRESHOLD_=131072",
                           "MALLOC_TRIM_THRESHOLD_=131072"] + server_env
         self.server = ServerProc(self.path, self.log_path, self.args.log_level,
-                                 self.args.tracemalloc, server_env)
+                                 self.args.tracemalloc, server_env, aio=self.args.aio)
         print(f"  server environment: {self.server.env or 'glibc defaults'}", flush=True)
         self.t0 = time.monotonic()
         self.workers: list[Worker] = []
@@ -2301,6 +2316,9 @@ def code_state() -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=60)
+    parser.add_argument("--aio", action="store_true",
+                        help="attack hintens.aio.Server (the asyncio server) instead of the "
+                             "sync one")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--socket", help="socket path (default: under /tmp/hx-fuzz)")
