@@ -492,3 +492,29 @@ def test_an_aio_server_on_a_thread_and_sync_clients(sock_path):
     finally:
         asyncio.run_coroutine_threadsafe(box["server"].close(), box["loop"]).result(10)
         thread.join(10)
+
+
+def test_an_ended_connection_is_freed_without_waiting_for_the_garbage_collector(sock_path):
+    # A connection holds a 256 KiB receive buffer: a cycle through its channel would keep
+    # every ended one until a full collection (the fuzzer saw hundreds, and their memory).
+    import weakref
+
+    async def main():
+        async with hintens.aio.Server(sock_path) as server:
+            async with hintens.aio.Client(sock_path, timeout=10) as client:
+                assert await client.request(b"x") == b"x"
+                gone = weakref.ref(server.connections[0])
+            for _ in range(200):
+                if not server.connections:
+                    break
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.05)
+            assert gone() is None
+        return weakref.ref(client)
+
+    gc.disable()
+    try:
+        client_ref = run(main())
+        assert client_ref() is None
+    finally:
+        gc.enable()

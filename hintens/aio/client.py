@@ -789,6 +789,7 @@ class Client(Generic[_R]):
                     self._loop.remove_writer(fd)
                     self._writing = False
             dropped = conn.close()
+            conn.channel.on_queued = None   # no cycle through the channel keeps us alive
             if dropped:
                 log.warning("connection to %s closed with %d bytes of queued frames unsent",
                             self.path, dropped)

@@ -223,6 +223,9 @@ class ServerConnection(Pushing):
             except OSError:
                 pass
         self._conn.close()
+        # The channel called back into this object: without that cycle, the connection (and
+        # its buffers) goes as soon as nobody holds it, not at the next full collection.
+        channel.on_queued = None
         self._server._unregister(self)
 
     # Reading -------------------------------------------------------------------------------
