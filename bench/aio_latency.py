@@ -383,7 +383,7 @@ def main() -> None:
           f"{TASKS} tasks: {args.count * 4} requests a round; 1 MiB echo: "
           f"{max(10, args.count // 50)} a round")
     print("  [in brackets: against the raw floor on the same event loop]")
-    print(f"  {'peer':26} {'one task':>21} {'100 tasks':>22} {'1 MiB echo':>21}")
+    print(f"  {'peer':32} {'one task':>21} {'100 tasks':>22} {'1 MiB echo':>21}")
     names = {"hintens": "hintens.aio", "hintens-aio": "hintens.aio, aio server",
              "raw": "raw asyncio Protocol", "zmq": "zmq.asyncio", "grpc": "grpc.aio"}
     order = [(kind, "asyncio") for kind in kinds] + [(kind, "uvloop") for kind in kinds]
@@ -398,11 +398,11 @@ def main() -> None:
         ratios = (("", "", "") if kind == "raw" else
                   (f"[{one_us / floor[0]:5.2f}x]", f"[{rate / floor[1]:5.2f}x]",
                    f"[{big_us / floor[2]:5.2f}x]"))
-        print(f"  {name:26} {one_us:9.1f} us {ratios[0]:>8} {rate / 1e3:9.1f} K/s "
+        print(f"  {name:32} {one_us:9.1f} us {ratios[0]:>8} {rate / 1e3:9.1f} K/s "
               f"{ratios[1]:>8} {big_us:9.1f} us {ratios[2]:>8}".rstrip())
         if (kind, loop) == (kinds[-1], "asyncio"):   # after the default loop's rows
             ratio = f"[{sync_us / results['raw', 'asyncio'][0]:5.2f}x]"
-            print(f"  {'hintens sync Client':26} {sync_us:9.1f} us {ratio:>8}")
+            print(f"  {'hintens sync Client':32} {sync_us:9.1f} us {ratio:>8}")
     one, rate, _ = results["hintens", "asyncio"]
     floor_one = results["raw", "asyncio"][0]
     print(f"  hintens.aio / raw asyncio floor, one task:   {one / floor_one:.2f}x "
