@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .. import _impl
 from .._constants import ErrorCode, MessageType
 from .._errors import ProtocolError, RemoteError, decode_error_payload, remote_error
 from .endpoint import Endpoint, Item
@@ -19,6 +20,7 @@ from .endpoint import Endpoint, Item
 FATAL_CODES = (ErrorCode.BAD_HEADER, ErrorCode.TOO_LARGE)
 #: What a client answers a frame that only a server takes (a Request, say).
 NOT_A_SERVER = "this peer is a client and serves no requests"
+_RESPONSE, _ERROR, _EVENT = int(MessageType.RESPONSE), int(MessageType.ERROR), int(MessageType.EVENT)
 
 
 class ClientItems:
@@ -69,8 +71,10 @@ def sort_for_client(endpoint: Endpoint, items: list[Item], salvaged: bool = Fals
             then about the connection, whatever its request id.
     """
     out = ClientItems()
+    replies = out.replies
+    frame_type = _impl.core.Frame
     for item in items:
-        if isinstance(item, ProtocolError):
+        if type(item) is not frame_type and isinstance(item, ProtocolError):
             if item.fatal:
                 out.fatal = item
                 break   # nothing after a fatal violation is read
@@ -80,15 +84,15 @@ def sort_for_client(endpoint: Endpoint, items: list[Item], salvaged: bool = Fals
                 out.dropped.append(item)
             continue
         kind = item.type
-        if kind == MessageType.RESPONSE:
-            out.replies.append((item.request_id, item.payload))
-        elif kind == MessageType.ERROR:
+        if kind == _RESPONSE:   # the common case first, against a plain int
+            replies.append((item.request_id, item.payload))
+        elif kind == _ERROR:
             error = error_of(item)
             if item.request_id == 0 or (salvaged and error.code in FATAL_CODES):
                 out.server_error = error
             else:
                 out.failures.append((item.request_id, error))
-        elif kind == MessageType.EVENT:
+        elif kind == _EVENT:
             out.events.append(item.payload)
         else:
             out.answers.append(endpoint.error_frame(ErrorCode.UNAVAILABLE, NOT_A_SERVER,
