@@ -93,7 +93,8 @@ def _serve(args: argparse.Namespace) -> int:
     stops = {signal.SIGTERM, signal.SIGINT}
     signal.pthread_sigmask(signal.SIG_BLOCK, stops)
     try:
-        server = Server(args.socket, handler, on_event=on_event, mode=mode,
+        addresses = ([args.socket] if args.socket else []) + args.listen
+        server = Server(addresses or None, handler, on_event=on_event, mode=mode,
                         allow_uids=args.allow_uid, allow_gids=args.allow_gid)
 
         def stop(signum: int, frame: Any) -> None:
@@ -111,7 +112,9 @@ def _send(args: argparse.Namespace) -> int:
     from .sync.client import Client
 
     data = sys.stdin.buffer.read() if args.data == "-" else args.data.encode()
-    with Client(args.socket, timeout=args.timeout, connect_timeout=args.timeout,
+    if args.socket and args.connect:
+        raise _UsageError("give --socket or --connect, not both")
+    with Client(args.connect or args.socket, timeout=args.timeout, connect_timeout=args.timeout,
                 server_uids=args.server_uid) as client:
         if args.event:
             client.send_event(data)
@@ -147,6 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="run a server until SIGTERM or SIGINT")
     serve.add_argument("--socket", help=socket_help)
+    serve.add_argument("--listen", action="append", default=[], metavar="ADDRESS",
+                       help="also (or instead) listen here: tcp://host:port (tcp://:7400 "
+                            "binds 127.0.0.1) or unix:/path; may be given several times. "
+                            "Over TCP any host that can reach the port can call the server")
     serve.add_argument("--handler", metavar="MODULE:FUNCTION",
                        help="request handler: payload in, response bytes out (default: echo)")
     serve.add_argument("--on-event", metavar="MODULE:FUNCTION",
@@ -161,6 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     send = commands.add_parser("send", help="send DATA and print the reply's bytes")
     send.add_argument("--socket", help=socket_help)
+    send.add_argument("--connect", metavar="ADDRESS",
+                      help="the server's address instead of --socket: tcp://host:port or "
+                           "unix:/path")
     send.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
     send.add_argument("--event", action="store_true", help="send an Event; expect no reply")
     send.add_argument("--server-uid", type=int, action="append", default=[], metavar="UID",

@@ -11,7 +11,7 @@ import logging
 import os
 import socket
 import threading
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable, TypeAlias
 
 from . import _impl
 from ._checks import count, optional_callable, path_like, timeout_s, uids
@@ -44,9 +44,15 @@ from .protocol.replay import (
     DEFAULT_REPLAY_WINDOW,
     ReplayMemory,
 )
-from .transport.unix import PeerCredentials, listen, peer_credentials, socket_path
+from .transport.address import Listener, accepted, listen, resolve
+from .transport.unix import PeerCredentials
 
 log = logging.getLogger("hintens")
+
+#: Where a server listens: one address (a Unix socket path, ``unix:/path`` or
+#: ``tcp://host:port``; None for the default socket), or several.
+Addresses: TypeAlias = ("str | os.PathLike[str] | None | list[str | os.PathLike[str]] "
+                        "| tuple[str | os.PathLike[str], ...]")
 
 DEFAULT_MODE = 0o600
 DEFAULT_BACKLOG = 1024
@@ -86,7 +92,7 @@ class ServerBase:
     (the asyncio ``Server`` takes the same ones). The socket is bound and listening when the
     constructor returns."""
 
-    def __init__(self, path: str | os.PathLike[str] | None, handler: Callable[..., Any], *,
+    def __init__(self, path: Addresses, handler: Callable[..., Any], *,
                  on_event: Callable[..., Any] | None,
                  on_connect: Callable[..., Any] | None,
                  on_disconnect: Callable[..., Any] | None,
@@ -115,7 +121,10 @@ class ServerBase:
                  slow_consumer: str = "cut") -> None:
         # Every argument is checked before the socket file is made: a bad one leaves nothing
         # behind. (Subclasses check their own before calling this.)
-        path = path_like(path)
+        wanted = [path_like(one, "path") for one in path] \
+            if isinstance(path, (list, tuple)) else [path_like(path)]
+        if not wanted:
+            raise ValueError("a server needs at least one address to listen on")
         if not callable(handler):
             raise TypeError(f"handler must be callable, not {type(handler).__name__}")
         self.handler = handler
@@ -174,15 +183,32 @@ class ServerBase:
             if replay_sessions > 0 else None
         self._ids = itertools.count(1)
         self._event_ids = itertools.count(1)
-        self.path = socket_path(path, create_dir=True)
-        self._listener, self._identity = listen(self.path, mode=mode, backlog=backlog)
-        self._listener.setblocking(False)
-        log.info("listening on %s", self.path)
+        resolved = [resolve(one, server=True) for one in wanted]
+        self._listeners: list[Listener] = []
+        try:
+            for address in resolved:
+                self._listeners.append(listen(address, mode=mode, backlog=backlog))
+                log.info("listening on %s", self._listeners[-1].address)
+        except BaseException:
+            self._close_listeners()
+            raise
+        #: Where the server listens, in order: Unix socket paths and ``tcp://host:port``
+        #: (with the port the kernel chose, for port 0).
+        self.addresses = [listener.address for listener in self._listeners]
+        #: The first of ``addresses``.
+        self.path = self.addresses[0]
 
-    def _new_endpoint(self) -> Endpoint:
-        """The protocol state of one connection, with this server's settings."""
+    def _close_listeners(self) -> None:
+        """Stop listening everywhere (Unix socket files go too). Idempotent."""
+        listeners, self._listeners = self._listeners, []
+        for listener in listeners:
+            listener.close()
+
+    def _new_endpoint(self, shm: bool = True) -> Endpoint:
+        """The protocol state of one connection, with this server's settings (``shm``
+        False: shared memory is not offered on it, as over TCP)."""
         return Endpoint(max_payload=self.max_payload,
-                        features=(FEATURE_SHM if self.shm else 0)
+                        features=(FEATURE_SHM if self.shm and shm else 0)
                         | (FEATURE_COMPRESSION if self.compress else 0),
                         shm_threshold=self.shm_threshold, shm_pool_bytes=self.shm_pool_bytes,
                         compress_threshold=self.compress_threshold,
@@ -214,23 +240,32 @@ class ServerBase:
             return [([_impl.core.encode_frame(MessageType.EVENT, payload, event_id)], [])]
         return None
 
-    def _admissible(self, sock: socket.socket, open_now: int) -> PeerCredentials | None:
-        """Whether an accepted socket may be served, with ``open_now`` connections open: its
-        peer's credentials, or None once it has been refused (and closed)."""
-        peer = peer_credentials(sock)
-        if peer.uid not in self._allowed_uids and peer.gid not in self._allowed_gids:
+    def _admissible(self, sock: socket.socket, open_now: int,
+                    listener: Listener) -> tuple[PeerCredentials, str] | None:
+        """Whether a socket accepted on ``listener`` may be served, with ``open_now``
+        connections open: its peer's credentials and address, or None once it has been
+        refused (and closed). Over a Unix socket, the peer's uid or gid must be allowed; over
+        TCP there are none to check.
+
+        Raises:
+            OSError: the peer went already.
+        """
+        peer, address = accepted(listener, sock)
+        if not listener.tcp and peer.uid not in self._allowed_uids \
+                and peer.gid not in self._allowed_gids:
             log.warning("refused a connection from pid %d uid %d gid %d on %s",
-                        peer.pid, peer.uid, peer.gid, self.path)
+                        peer.pid, peer.uid, peer.gid, listener.address)
             refuse(sock, f"uid {peer.uid} may not connect to this server")
             return None
         if open_now >= self.max_connections:
             self._count("connections_refused")
-            log.warning("refused a connection from pid %d on %s: %d connections are open "
-                        "(max_connections)", peer.pid, self.path, self.max_connections)
+            log.warning("refused a connection from %s on %s: %d connections are open "
+                        "(max_connections)", address if listener.tcp else f"pid {peer.pid}",
+                        listener.address, self.max_connections)
             refuse(sock, f"the server has {self.max_connections} connections open, its "
                          f"limit (max_connections); try again later")
             return None
-        return peer
+        return peer, address
 
     def _count(self, name: str, connection: Any = None) -> None:
         # From any thread: a handler in an executor may push Events.

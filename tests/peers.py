@@ -83,9 +83,15 @@ def _accepting(path, alive, timeout_s=20.0) -> bool:
     more or ``timeout_s`` passed (False)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and alive():
-        probe = socket.socket(socket.AF_UNIX)
+        if path.startswith("tcp://"):
+            host, _, port = path[len("tcp://"):].rpartition(":")
+            probe = socket.socket(socket.AF_INET6 if host.startswith("[") else socket.AF_INET)
+            target = (host.strip("[]"), int(port))
+        else:
+            probe = socket.socket(socket.AF_UNIX)
+            target = path
         try:
-            probe.connect(path)
+            probe.connect(target)
             return True
         except OSError:
             time.sleep(0.02)
@@ -98,6 +104,13 @@ def server_log(process) -> str:
     """What a server process started here has logged so far."""
     process.log.seek(0)
     return process.log.read().decode(errors="replace")
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now (for a server a test starts, and restarts)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def wait_for_lone_thread(timeout_s: float = 5.0) -> None:

@@ -50,7 +50,8 @@ from ..protocol.hello import Hello, HelloKey
 from ..protocol.roles import sort_for_client
 from ..sync.client import Session
 from ..sync.connection import Connection, mark_sent
-from ..transport.unix import check_server, connect, socket_alive, socket_path
+from ..transport.address import connect, is_tcp, resolve, server_check
+from ..transport.unix import socket_alive
 
 log = logging.getLogger("hintens")
 _R = TypeVar("_R")
@@ -71,7 +72,8 @@ class Client(Generic[_R]):
     or ``async with Client(...) as client``; use it from the loop it was opened on.
 
     Args:
-        path: the server's socket (the sync ``Client``'s default rules).
+        path: the server's address: a Unix socket path, ``unix:/path`` or
+            ``tcp://host:port`` (the sync ``Client``'s rules; no shared memory over TCP).
         timeout: default seconds to wait for a reply (None: for ever).
         connect_timeout: seconds to wait for the connection (a full accept queue included).
         on_event: called with the payload of each Event the server pushes: a plain function
@@ -153,7 +155,8 @@ class Client(Generic[_R]):
         self._connect_timeout = timeout_s(connect_timeout, "connect_timeout")
         self._on_event = optional_callable(on_event, "on_event")
         self._trusted = uids(server_uids, "server_uids")
-        self.path = socket_path(path_like(path))
+        self.path = resolve(path_like(path))
+        shm = shm and not is_tcp(self.path)   # no shared memory across hosts
         self._shm = shm
         self._flush_interval = non_negative_s(flush_interval, "flush_interval")
         #: The codec (None: raw bytes).
@@ -237,8 +240,9 @@ class Client(Generic[_R]):
         # connect() waits out a full accept queue in the kernel: off the loop's thread.
         sock = await _connect_off_loop(loop, self.path, self._connect_timeout)
         try:
-            #: The server process's pid, uid and gid (SO_PEERCRED), checked before any byte.
-            self.server_credentials = check_server(sock, self.path, self._trusted)
+            #: The server process's pid, uid and gid (SO_PEERCRED), checked before any byte
+            #: (None over TCP).
+            self.server_credentials = server_check(sock, self.path, self._trusted)
             sock.setblocking(False)
             conn = Connection(sock, self._endpoint, shm=self._shm, stall_timeout=None)
         except BaseException:
@@ -494,7 +498,9 @@ class Client(Generic[_R]):
         """The protocol's writes for a payload, waiting for the server's hello when shared
         memory may carry it, and for a segment to come free when all are lent out."""
         endpoint = self._endpoint
-        if endpoint.peer_hello is None and endpoint.pool is not None:
+        if endpoint.peer_hello is None:
+            # A large payload waits (briefly) for the server's hello: its limit, and whether
+            # shared memory may carry it, are known only then.
             try:
                 size = memoryview(payload).nbytes
             except TypeError:

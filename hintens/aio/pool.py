@@ -22,7 +22,7 @@ from .._errors import ConnectionClosed
 from .._retry import RetryPolicy, may_retry, needs_same_server
 from ..protocol.hello import HelloKey
 from ..sync.client import Session
-from ..transport.unix import socket_path
+from ..transport.address import resolve
 from .client import DEFAULT_CONNECT_TIMEOUT_S, DEFAULT_TIMEOUT_S, Client
 
 log = logging.getLogger("hintens")
@@ -42,7 +42,8 @@ class ClientPool:
     one event loop.
 
     Args:
-        path: the server's socket (the sync ``Client``'s default rules).
+        path: the server's address (a Unix socket path, ``unix:/path`` or
+            ``tcp://host:port``, as for ``Client``).
         size: the most connections open at once.
         timeout: default seconds a request waits for its reply (each attempt).
         connect_timeout: seconds to wait for a new connection.
@@ -71,7 +72,7 @@ class ClientPool:
             raise TypeError(f"retry must be a RetryPolicy, not {type(retry).__name__}")
         if "session" in client_options:
             raise TypeError("the pool's connections share the pool's own session")
-        self.path = socket_path(path_like(path))
+        self.path = resolve(path_like(path))
         self.retry = RetryPolicy() if retry is None else retry
         self.exactly_once = bool(exactly_once)
         #: The pool's session: every connection draws request ids from it (an id names one

@@ -14,7 +14,6 @@ import concurrent.futures
 import contextvars
 import inspect
 import logging
-import os
 import threading
 from typing import Any, Callable, Iterable
 
@@ -33,6 +32,7 @@ from .._server_common import (
     DEFAULT_SHM_RECEIVE_TOTAL_BYTES,
     DEFAULT_SHM_RECEIVE_TOTAL_SEGMENTS,
     DEFAULT_SHUTDOWN_TIMEOUT_S,
+    Addresses,
     ServerBase,
     echo,
 )
@@ -49,7 +49,7 @@ from ..protocol.replay import (
     DEFAULT_REPLAY_TOTAL_BYTES,
     DEFAULT_REPLAY_WINDOW,
 )
-from ..transport.unix import remove_socket_file
+from ..transport.address import Listener
 from .serving import ServerConnection, current, logged
 
 log = logging.getLogger("hintens")
@@ -72,7 +72,8 @@ class Server(ServerBase):
     until ``close()``. Use the server from that loop's thread.
 
     Args:
-        path: socket path (the sync ``Server``'s default rules).
+        path: where to listen, as for the sync ``Server``: a Unix socket path, ``unix:/path``
+            or ``tcp://host:port``, or a list of them.
         handler: called with each Request's payload; returns the Response payload (any
             bytes-like object, or None for an empty one). It may be:
 
@@ -110,7 +111,7 @@ class Server(ServerBase):
             ``Server``.
     """
 
-    def __init__(self, path: str | os.PathLike[str] | None = None,
+    def __init__(self, path: Addresses = None,
                  handler: Callable[[Any], Any] = echo, *,
                  on_event: Callable[[Any, ServerConnection], Any] | None = None,
                  on_connect: Callable[[ServerConnection], Any] | None = None,
@@ -200,7 +201,8 @@ class Server(ServerBase):
                 thread_name_prefix="hintens-handler")
             self._own_executor = True
         self._accepting = True
-        loop.add_reader(self._listener.fileno(), self._accept)
+        for listener in self._listeners:
+            loop.add_reader(listener.sock.fileno(), self._accept, listener)
         return self
 
     async def serve_forever(self) -> None:
@@ -236,10 +238,10 @@ class Server(ServerBase):
             return
         self._closing = True
         if self._accepting and self._loop is not None:
-            self._loop.remove_reader(self._listener.fileno())
+            for listener in self._listeners:
+                self._loop.remove_reader(listener.sock.fileno())
             self._accepting = False
-        self._listener.close()
-        remove_socket_file(self.path, self._identity)
+        self._close_listeners()
         open_now = self.connections
         for connection in open_now:
             connection.drain()
@@ -343,44 +345,48 @@ class Server(ServerBase):
         return ready(out, self.shm_threshold, connection.allocate
                      if connection is not None and connection.shm else None)
 
-    def _accept(self) -> None:
+    def _accept(self, listener: Listener) -> None:
         for _ in range(_ACCEPT_BATCH):
             try:
-                sock, _ = self._listener.accept()
+                sock, _ = listener.sock.accept()
             except BlockingIOError:
                 return
             except OSError as error:   # EMFILE and friends: back off, do not spin
-                log.error("accept failed on %s: %s", self.path, error)
+                log.error("accept failed on %s: %s", listener.address, error)
                 self._pause_accepting()
                 return
             try:
-                self._admit(sock)
+                self._admit(sock, listener)
             except Exception:   # whatever one connection does, accepting goes on
-                log.exception("could not admit a connection on %s", self.path)
+                log.exception("could not admit a connection on %s", listener.address)
                 sock.close()
 
     def _pause_accepting(self) -> None:
         loop = self._loop
         if loop is None or not self._accepting:
             return
-        loop.remove_reader(self._listener.fileno())
+        for listener in self._listeners:
+            loop.remove_reader(listener.sock.fileno())
         self._accepting = False
 
         def resume() -> None:
             if not self._closing and not self._accepting:
                 self._accepting = True
-                loop.add_reader(self._listener.fileno(), self._accept)
+                for listener in self._listeners:
+                    loop.add_reader(listener.sock.fileno(), self._accept, listener)
 
         loop.call_later(_ACCEPT_BACKOFF_S, resume)
 
-    def _admit(self, sock: Any) -> None:
+    def _admit(self, sock: Any, listener: Listener) -> None:
         assert self._loop is not None
         sock.setblocking(False)
-        peer = self._admissible(sock, len(self._connections))
-        if peer is None:
+        admitted = self._admissible(sock, len(self._connections), listener)
+        if admitted is None:
             return
+        peer, address = admitted
         try:
-            connection = ServerConnection(self, sock, peer, next(self._ids), self._loop)
+            connection = ServerConnection(self, sock, peer, next(self._ids), self._loop,
+                                          address, shm=not listener.tcp)
         except BaseException:
             sock.close()
             raise

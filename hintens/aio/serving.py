@@ -75,25 +75,28 @@ class ServerConnection(Pushing):
 
     Attributes:
         id: a number unique within this server.
-        peer: the client's pid, uid and gid from SO_PEERCRED.
+        peer: the client's pid, uid and gid from SO_PEERCRED (-1 each over TCP).
+        address: where the client is: ``tcp://host:port``, or ``unix:`` and the socket path.
         events_dropped: Events this client did not get because its outgoing queue was full
             (``slow_consumer="drop"``).
     """
 
     def __init__(self, server: Server, sock: socket.socket, peer: PeerCredentials,
-                 connection_id: int, loop: asyncio.AbstractEventLoop) -> None:
+                 connection_id: int, loop: asyncio.AbstractEventLoop, address: str = "", *,
+                 shm: bool = True) -> None:
         self.id = connection_id
         self.peer = peer
+        self.address = address
         self.events_dropped = 0
         self._server = server
         self._loop = loop
-        endpoint = server._new_endpoint()
+        endpoint = server._new_endpoint(shm)
         endpoint.decoder.budget = server._pending_budget
         endpoint.writable_all = server.writable
         endpoint.hello.entries[HelloKey.INSTANCE_ID] = server.instance_id
         # Without an on_event handler, plain Events are dropped inside the decoder.
         endpoint.decoder.skip_events = server.on_event is None
-        self._conn = Connection(sock, endpoint, shm=server.shm, stall_timeout=None)
+        self._conn = Connection(sock, endpoint, shm=server.shm and shm, stall_timeout=None)
         self._sock, self._channel, self._endpoint = sock, self._conn.channel, endpoint
         self._channel.on_queued = self._queued_threadsafe
         self._fd = self._channel.fileno()
@@ -172,6 +175,8 @@ class ServerConnection(Pushing):
                 pass
 
     def __repr__(self) -> str:
+        if self.peer.pid < 0:
+            return f"<aio ServerConnection {self.id} {self.address}>"
         return f"<aio ServerConnection {self.id} pid={self.peer.pid} uid={self.peer.uid}>"
 
     # The connection's life -----------------------------------------------------------------

@@ -152,9 +152,9 @@ class Endpoint(Lending, Sending):
         #: within the peer's limit, under the shared-memory threshold once that is
         #: negotiated): what ``writes`` would do with it, for callers that skip the call.
         #: Until the peer's hello, it stays under our threshold: a larger payload may yet
-        #: go through shared memory (the client waits for the hello to know).
-        self.inline_max = min(DEFAULT_MAX_PAYLOAD_BYTES + 1,
-                              shm_threshold if features & FEATURE_SHM else _NEVER)
+        #: go through shared memory, or be over the peer's limit (the client waits for the
+        #: hello to know).
+        self.inline_max = min(DEFAULT_MAX_PAYLOAD_BYTES + 1, shm_threshold)
         if features & FEATURE_COMPRESSION:
             self._zstd_compress = zstandard.ZstdCompressor(level=COMPRESSION_LEVEL)
             self._zstd_decompress = zstandard.ZstdDecompressor()

@@ -47,7 +47,8 @@ from .._checks import (
     timeout_s,
     uids,
 )
-from ..transport.unix import check_server, connect, socket_alive, socket_path
+from ..transport.address import connect, is_tcp, resolve, server_check
+from ..transport.unix import socket_alive
 
 if TYPE_CHECKING:
     from .._codecs import Codec
@@ -89,8 +90,11 @@ class Client(ClientSender, Generic[_R]):
     """A connection to a hintens server.
 
     Args:
-        path: the server's socket; default ``$HINTENS_SOCKET``, else
-            ``$XDG_RUNTIME_DIR/hintens.sock``, else ``/tmp/hintens-$UID/hintens.sock``.
+        path: the server's address: a Unix socket path (or ``unix:/path``), or
+            ``tcp://host:port`` (``tcp://[::1]:7400`` for IPv6). A Unix socket's default is
+            ``$HINTENS_SOCKET``, else ``$XDG_RUNTIME_DIR/hintens.sock``, else
+            ``/tmp/hintens-$UID/hintens.sock``. Over TCP there is no shared memory (``shm``
+            is off) and no server credentials to check (``server_credentials`` is None).
         timeout: default seconds to wait for a reply, and for the server to take our bytes;
             None (or ``math.inf``) waits for ever.
         connect_timeout: seconds to wait for the connection, a full accept queue included;
@@ -191,7 +195,8 @@ class Client(ClientSender, Generic[_R]):
         flush_interval = non_negative_s(flush_interval, "flush_interval")
         on_event = optional_callable(on_event, "on_event")
         trusted = uids(server_uids, "server_uids")
-        self.path = socket_path(path_like(path))
+        self.path = resolve(path_like(path))
+        shm = shm and not is_tcp(self.path)   # no shared memory across hosts
         #: Default seconds a request waits for its reply, and a send for the server to take
         #: our bytes (None: for ever).
         self.timeout = checked_timeout
@@ -213,8 +218,8 @@ class Client(ClientSender, Generic[_R]):
         sock = connect(self.path, connect_timeout)
         try:
             #: The server process's pid, uid and gid (SO_PEERCRED), checked before any byte
-            #: was sent: our own uid, root, or one of ``server_uids``.
-            self.server_credentials = check_server(sock, self.path, trusted)
+            #: was sent: our own uid, root, or one of ``server_uids``. None over TCP.
+            self.server_credentials = server_check(sock, self.path, trusted)
             self._start(Connection(sock, endpoint, shm=shm, stall_timeout=checked_timeout),
                         ids=session.ids if session is not None else itertools.count(1),
                         on_event=on_event, flush_interval=flush_interval)

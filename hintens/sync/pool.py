@@ -21,7 +21,7 @@ from .client import DEFAULT_CONNECT_TIMEOUT_S, DEFAULT_TIMEOUT_S, Client, Sessio
 from .._errors import ConnectionClosed, Timeout
 from .._retry import RetryPolicy, may_retry, needs_same_server
 from ..protocol.hello import HelloKey
-from ..transport.unix import socket_path
+from ..transport.address import resolve
 
 log = logging.getLogger("hintens")
 
@@ -37,7 +37,8 @@ class ClientPool:
     """Up to ``size`` connections to one server, shared safely by any number of threads.
 
     Args:
-        path: the server's socket; default ``$HINTENS_SOCKET``, else ``/tmp/hintens.sock``.
+        path: the server's address (a Unix socket path, ``unix:/path`` or
+            ``tcp://host:port``, as for ``Client``).
         size: the most connections open at once.
         timeout: default seconds a request waits for its reply (each attempt).
         connect_timeout: seconds to wait for a new connection.
@@ -71,7 +72,7 @@ class ClientPool:
         self.idle_timeout = timeout_s(idle_timeout, "idle_timeout")
         if retry is not None and not isinstance(retry, RetryPolicy):
             raise TypeError(f"retry must be a RetryPolicy, not {type(retry).__name__}")
-        self.path = socket_path(path_like(path))
+        self.path = resolve(path_like(path))
         self.retry = RetryPolicy() if retry is None else retry
         self.exactly_once = exactly_once
         #: The pool's session: request ids are drawn from it by every connection (so that an

@@ -44,7 +44,9 @@ class ClientSender(ClientDriver):
             ConnectionClosed: the connection is closed.
         """
         endpoint = self._endpoint
-        if endpoint.peer_hello is None and endpoint.pool is not None:
+        if endpoint.peer_hello is None:
+            # A large payload waits (briefly) for the server's hello: its limit, and whether
+            # shared memory may carry it, are known only then.
             try:
                 size = memoryview(payload).nbytes
             except TypeError:

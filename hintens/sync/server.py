@@ -14,7 +14,6 @@ and flushed. Connections still busy at the deadline are cut.
 from __future__ import annotations
 
 import logging
-import os
 import select
 import socket
 import threading
@@ -36,6 +35,7 @@ from .._server_common import (
     DEFAULT_SHM_RECEIVE_TOTAL_BYTES,
     DEFAULT_SHM_RECEIVE_TOTAL_SEGMENTS,
     DEFAULT_SHUTDOWN_TIMEOUT_S,
+    Addresses,
     ServerBase,
     echo,
     refuse,
@@ -53,7 +53,8 @@ from ..protocol.replay import (
     DEFAULT_REPLAY_TOTAL_BYTES,
     DEFAULT_REPLAY_WINDOW,
 )
-from ..transport.unix import remove_socket_file, set_kernel_timeouts
+from ..transport.address import Listener
+from ..transport.unix import set_kernel_timeouts
 from .serving import ServerConnection
 from .threads import (
     DEFAULT_THREAD_STACK_BYTES,
@@ -76,10 +77,17 @@ class Server(ServerBase):
     (blocking) or ``start()`` (background thread) to accept connections.
 
     Args:
-        path: socket path; default ``$HINTENS_SOCKET``, else ``$XDG_RUNTIME_DIR/hintens.sock``,
-            else ``/tmp/hintens-$UID/hintens.sock`` (that directory is created, mode 0700, and
-            refused if it is not this user's alone). A socket directory that others may write
-            to without the sticky bit is logged as a warning: they could replace the socket.
+        path: where to listen: a Unix socket path (or ``unix:/path``), ``tcp://host:port``,
+            or a list of them (the server listens on all at once; ``addresses`` lists them,
+            ``path`` is the first). A Unix socket's default is ``$HINTENS_SOCKET``, else
+            ``$XDG_RUNTIME_DIR/hintens.sock``, else ``/tmp/hintens-$UID/hintens.sock`` (that
+            directory is created, mode 0700, and refused if it is not this user's alone). A
+            socket directory that others may write to without the sticky bit is logged as a
+            warning: they could replace the socket. ``tcp://:port`` binds 127.0.0.1; port 0
+            takes any free port. Over TCP there is no shared memory and no SO_PEERCRED:
+            ``allow_uids``/``allow_gids`` and ``mode`` do not apply, and any host that can
+            reach the port can call the server (binding a non-loopback address logs a
+            warning).
         handler: called with each Request's payload; returns the Response payload (any
             bytes-like object, or None for an empty one). An exception becomes an Error frame:
             a ``RemoteError`` keeps its code and message, anything else is HANDLER_ERROR. The
@@ -123,7 +131,7 @@ class Server(ServerBase):
             are checked before the socket file is created.
     """
 
-    def __init__(self, path: str | os.PathLike[str] | None = None, handler: Handler = echo, *,
+    def __init__(self, path: Addresses = None, handler: Handler = echo, *,
                  on_event: Callable[[Any, ServerConnection], Any] | None = None,
                  on_connect: Callable[[ServerConnection], Any] | None = None,
                  on_disconnect: Callable[[ServerConnection], Any] | None = None,
@@ -342,34 +350,42 @@ class Server(ServerBase):
 
     def _accept_loop(self) -> None:
         poller = select.poll()
-        poller.register(self._listener.fileno(), select.POLLIN)
+        by_fd = {listener.sock.fileno(): listener for listener in self._listeners}
+        for fd in by_fd:
+            poller.register(fd, select.POLLIN)
         poller.register(self._wake_r.fileno(), select.POLLIN)
         while not self._stop.is_set():
-            poller.poll()
-            while not self._stop.is_set():
-                try:
-                    sock, _ = self._listener.accept()
-                except BlockingIOError:
-                    break
-                except OSError as error:   # EMFILE and friends: back off, do not spin
-                    log.error("accept failed on %s: %s", self.path, error)
-                    self._stop.wait(0.05)
-                    break
-                try:
-                    self._admit(sock)
-                except Exception:   # whatever one connection does, accepting goes on
-                    log.exception("could not admit a connection on %s", self.path)
-                    sock.close()
+            ready = [by_fd[fd] for fd, _ in poller.poll() if fd in by_fd]
+            for listener in ready:
+                self._accept_from(listener)
 
-    def _admit(self, sock: socket.socket) -> None:
+    def _accept_from(self, listener: Listener) -> None:
+        while not self._stop.is_set():
+            try:
+                sock, _ = listener.sock.accept()
+            except BlockingIOError:
+                return
+            except OSError as error:   # EMFILE and friends: back off, do not spin
+                log.error("accept failed on %s: %s", listener.address, error)
+                self._stop.wait(0.05)
+                return
+            try:
+                self._admit(sock, listener)
+            except Exception:   # whatever one connection does, accepting goes on
+                log.exception("could not admit a connection on %s", listener.address)
+                sock.close()
+
+    def _admit(self, sock: socket.socket, listener: Listener) -> None:
         sock.setblocking(True)
         with self._lock:
             open_now = len(self._connections) + len(self._starting)
-        peer = self._admissible(sock, open_now)
-        if peer is None:
+        admitted = self._admissible(sock, open_now, listener)
+        if admitted is None:
             return
+        peer, address = admitted
         set_kernel_timeouts(sock, None, self.send_timeout, set_send=True)
-        connection = ServerConnection(self, sock, peer, next(self._ids))
+        connection = ServerConnection(self, sock, peer, next(self._ids), address,
+                                      shm=not listener.tcp)
         with self._lock:
             self._starting.add(connection)   # registered once its hello has gone out
         try:
@@ -380,8 +396,8 @@ class Server(ServerBase):
             with self._lock:
                 self._starting.discard(connection)
             self._count("connections_refused")
-            log.error("refused a connection from pid %d on %s: cannot start its thread: %s",
-                      peer.pid, self.path, error)
+            log.error("refused a connection from %s on %s: cannot start its thread: %s",
+                      address, listener.address, error)
             refuse(sock, f"the server cannot start a thread for this connection now "
                           f"({error}); try again later")
             connection._close_transport()
@@ -402,8 +418,7 @@ class Server(ServerBase):
             if self._drained:
                 return
             self._drained = True
-        self._listener.close()
-        remove_socket_file(self.path, self._identity)
+        self._close_listeners()
         deadline = deadline_after(timeout)
         with self._lock:
             starting = list(self._starting)

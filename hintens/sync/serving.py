@@ -35,21 +35,25 @@ class ServerConnection(Answering, Pushing):
 
     Attributes:
         id: a number unique within this server.
-        peer: the client's pid, uid and gid from SO_PEERCRED.
+        peer: the client's pid, uid and gid from SO_PEERCRED (-1 each over TCP, which has
+            none).
+        address: where the client is: ``tcp://host:port``, or ``unix:`` and the server's
+            socket path.
         events_dropped: Events this client did not get because its outgoing queue was full
             (``slow_consumer="drop"``).
     """
 
     def __init__(self, server: Server, sock: socket.socket, peer: PeerCredentials,
-                 connection_id: int) -> None:
+                 connection_id: int, address: str = "", *, shm: bool = True) -> None:
         self.id = connection_id
         self.peer = peer
+        self.address = address
         self.events_dropped = 0
         self._server = server
-        endpoint = server._new_endpoint()
+        endpoint = server._new_endpoint(shm)
         endpoint.decoder.budget = server._pending_budget
         # Pushed Events left unread this long with the socket full: the flusher cuts.
-        self._conn = Connection(sock, endpoint, shm=server.shm,
+        self._conn = Connection(sock, endpoint, shm=server.shm and shm,
                                 stall_timeout=server.send_timeout)
         self._sock, self._channel, self._endpoint = sock, self._conn.channel, endpoint
         self._endpoint.writable_all = server.writable
@@ -170,4 +174,6 @@ class ServerConnection(Answering, Pushing):
         return view
 
     def __repr__(self) -> str:
+        if self.peer.pid < 0:
+            return f"<ServerConnection {self.id} {self.address}>"
         return f"<ServerConnection {self.id} pid={self.peer.pid} uid={self.peer.uid}>"
