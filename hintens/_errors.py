@@ -161,17 +161,20 @@ def no_free_segment(pool: Any, waited: bool = True) -> Timeout:
 
 
 def lost_message(path: str, server_error: BaseException | None, aborted: str | None,
-                 error: OSError | None) -> str:
+                 error: OSError | None, before_hello: bool = False) -> str:
     """Why a client's connection ended: the server's own word where it gave one (an Error
     frame about the connection), the reason we cut it, or what the socket said (None: the
-    server closed it)."""
+    server closed it). ``before_hello``: a TCP server hung up before its hello, which is
+    what a TLS server does to a client that speaks no TLS: said as a hint."""
     if server_error is not None:
         return f"server at {path} closed the connection: {server_error}"
     if aborted is not None:
         return f"connection to {path} cut: {aborted}"
+    hint = (" before its hello (is it a TLS port? then pass ssl_context=)"
+            if before_hello and path.startswith("tcp://") else "")
     if error is None:
-        return f"server at {path} closed the connection"
-    return f"connection to {path} lost: {error.strerror or error}"
+        return f"server at {path} closed the connection{hint}"
+    return f"connection to {path} lost: {error.strerror or error}{hint}"
 
 
 class ConnectError(HintensError, ConnectionError):

@@ -10,6 +10,7 @@ import itertools
 import logging
 import os
 import socket
+import ssl
 import threading
 from typing import TYPE_CHECKING, Any, Callable, Iterable, TypeAlias
 
@@ -44,7 +45,8 @@ from .protocol.replay import (
     DEFAULT_REPLAY_WINDOW,
     ReplayMemory,
 )
-from .transport.address import Listener, accepted, listen, resolve
+from .transport.address import Listener, accepted, is_tcp, listen, resolve
+from .transport.tls import server_stream
 from .transport.unix import PeerCredentials
 
 log = logging.getLogger("hintens")
@@ -118,7 +120,9 @@ class ServerBase:
                  shm_receive_total_bytes: int = DEFAULT_SHM_RECEIVE_TOTAL_BYTES,
                  shm_receive_total_segments: int = DEFAULT_SHM_RECEIVE_TOTAL_SEGMENTS,
                  send_queue_bytes: int = DEFAULT_SEND_QUEUE_BYTES,
-                 slow_consumer: str = "cut") -> None:
+                 slow_consumer: str = "cut",
+                 ssl_context: ssl.SSLContext | None = None,
+                 allow_subjects: Iterable[str] | None = None) -> None:
         # Every argument is checked before the socket file is made: a bad one leaves nothing
         # behind. (Subclasses check their own before calling this.)
         wanted = [path_like(one, "path") for one in path] \
@@ -184,10 +188,25 @@ class ServerBase:
         self._ids = itertools.count(1)
         self._event_ids = itertools.count(1)
         resolved = [resolve(one, server=True) for one in wanted]
+        if ssl_context is not None:
+            if not isinstance(ssl_context, ssl.SSLContext):
+                raise TypeError(f"ssl_context must be an ssl.SSLContext, not "
+                                f"{type(ssl_context).__name__}")
+            if not any(is_tcp(address) for address in resolved):
+                raise ValueError("ssl_context is for tcp:// addresses; this server listens "
+                                 "on none")
+        if allow_subjects is not None and ssl_context is None:
+            raise ValueError("allow_subjects needs TLS (ssl_context) with client "
+                             "certificates")
+        #: TLS for the TCP addresses (None: plain TCP).
+        self.ssl_context = ssl_context
+        self._allow_subjects = None if allow_subjects is None else frozenset(
+            str(subject) for subject in allow_subjects)
         self._listeners: list[Listener] = []
         try:
             for address in resolved:
-                self._listeners.append(listen(address, mode=mode, backlog=backlog))
+                self._listeners.append(listen(address, mode=mode, backlog=backlog,
+                                              secure=ssl_context is not None))
                 log.info("listening on %s", self._listeners[-1].address)
         except BaseException:
             self._close_listeners()
@@ -255,17 +274,36 @@ class ServerBase:
                 and peer.gid not in self._allowed_gids:
             log.warning("refused a connection from pid %d uid %d gid %d on %s",
                         peer.pid, peer.uid, peer.gid, listener.address)
-            refuse(sock, f"uid {peer.uid} may not connect to this server")
+            self._refuse(sock, listener, f"uid {peer.uid} may not connect to this server")
             return None
         if open_now >= self.max_connections:
             self._count("connections_refused")
             log.warning("refused a connection from %s on %s: %d connections are open "
                         "(max_connections)", address if listener.tcp else f"pid {peer.pid}",
                         listener.address, self.max_connections)
-            refuse(sock, f"the server has {self.max_connections} connections open, its "
-                         f"limit (max_connections); try again later")
+            self._refuse(sock, listener, f"the server has {self.max_connections} connections "
+                                         f"open, its limit (max_connections); try again later")
             return None
         return peer, address
+
+    def _tls(self, listener: Listener) -> bool:
+        return listener.tcp and self.ssl_context is not None
+
+    def _refuse(self, sock: socket.socket, listener: Listener, why: str) -> None:
+        """Refuse an accepted socket: an Error saying why, in the clear (``refuse``); on a
+        TLS listener, where nothing is said before the handshake, it is only closed."""
+        if self._tls(listener):
+            sock.close()
+        else:
+            refuse(sock, why)
+
+    def _secured(self, sock: socket.socket, listener: Listener) -> Any:
+        """An accepted socket, wrapped for TLS if its listener is a TLS one (the handshake
+        is still to do: ``TlsStream.handshake``/``handshake_step``)."""
+        if not self._tls(listener):
+            return sock
+        assert self.ssl_context is not None
+        return server_stream(sock, self.ssl_context, self._allow_subjects)
 
     def _count(self, name: str, connection: Any = None) -> None:
         # From any thread: a handler in an executor may push Events.

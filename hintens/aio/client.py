@@ -21,6 +21,7 @@ import itertools
 import logging
 import os
 import socket
+import ssl
 import threading
 from typing import Any, AsyncIterator, Callable, Generic, Iterable, TypeVar, overload
 
@@ -50,7 +51,7 @@ from ..protocol.hello import Hello, HelloKey
 from ..protocol.roles import sort_for_client
 from ..sync.client import Session
 from ..sync.connection import Connection, mark_sent
-from ..transport.address import connect, is_tcp, resolve, server_check
+from ..transport.address import check_ssl_context, connect, is_tcp, resolve, server_check
 from ..transport.unix import socket_alive
 
 log = logging.getLogger("hintens")
@@ -93,6 +94,8 @@ class Client(Generic[_R]):
             dropped (counted in ``events_dropped``, logged once per episode).
         shm_receive_bytes, shm_receive_segments: the most of the server's shared memory this
             connection maps at once, as for the sync ``Client``.
+        ssl_context: TLS over a ``tcp://`` address, as for the sync ``Client`` (the
+            handshake runs with the connect, off the loop's thread).
         session: draw request ids from this ``hintens.Session``, and announce it in the hello
             if it is exactly-once (as a ``ClientPool`` does for its connections).
 
@@ -117,7 +120,8 @@ class Client(Generic[_R]):
                  max_queued_events: int = DEFAULT_MAX_QUEUED_EVENTS,
                  session: Session | None = None,
                  shm_receive_bytes: int = DEFAULT_SHM_RECEIVE_BYTES,
-                 shm_receive_segments: int = DEFAULT_SHM_RECEIVE_SEGMENTS) -> None: ...
+                 shm_receive_segments: int = DEFAULT_SHM_RECEIVE_SEGMENTS,
+                 ssl_context: ssl.SSLContext | None = None) -> None: ...
 
     @overload
     def __init__(self: Client[Any], path: str | os.PathLike[str] | None = None, *,
@@ -134,7 +138,8 @@ class Client(Generic[_R]):
                  max_queued_events: int = DEFAULT_MAX_QUEUED_EVENTS,
                  session: Session | None = None,
                  shm_receive_bytes: int = DEFAULT_SHM_RECEIVE_BYTES,
-                 shm_receive_segments: int = DEFAULT_SHM_RECEIVE_SEGMENTS) -> None: ...
+                 shm_receive_segments: int = DEFAULT_SHM_RECEIVE_SEGMENTS,
+                 ssl_context: ssl.SSLContext | None = None) -> None: ...
 
     def __init__(self, path: str | os.PathLike[str] | None = None, *,
                  timeout: float | None = DEFAULT_TIMEOUT_S,
@@ -150,13 +155,16 @@ class Client(Generic[_R]):
                  max_queued_events: int = DEFAULT_MAX_QUEUED_EVENTS,
                  session: Session | None = None,
                  shm_receive_bytes: int = DEFAULT_SHM_RECEIVE_BYTES,
-                 shm_receive_segments: int = DEFAULT_SHM_RECEIVE_SEGMENTS) -> None:
+                 shm_receive_segments: int = DEFAULT_SHM_RECEIVE_SEGMENTS,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
         self.timeout = timeout_s(timeout, "timeout")
         self._connect_timeout = timeout_s(connect_timeout, "connect_timeout")
         self._on_event = optional_callable(on_event, "on_event")
         self._trusted = uids(server_uids, "server_uids")
         self.path = resolve(path_like(path))
         shm = shm and not is_tcp(self.path)   # no shared memory across hosts
+        check_ssl_context(self.path, ssl_context)
+        self._ssl_context = ssl_context
         self._shm = shm
         self._flush_interval = non_negative_s(flush_interval, "flush_interval")
         #: The codec (None: raw bytes).
@@ -238,7 +246,8 @@ class Client(Generic[_R]):
         loop = self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
         # connect() waits out a full accept queue in the kernel: off the loop's thread.
-        sock = await _connect_off_loop(loop, self.path, self._connect_timeout)
+        sock = await _connect_off_loop(loop, self.path, self._connect_timeout,
+                                       self._ssl_context)
         try:
             #: The server process's pid, uid and gid (SO_PEERCRED), checked before any byte
             #: (None over TCP).
@@ -686,6 +695,8 @@ class Client(Generic[_R]):
             self._hello.set()
         if items:
             self._dispatch(items)
+        if conn.more_buffered() and self._closed_reason is None and self._loop is not None:
+            self._loop.call_soon(self._readable)   # decrypted TLS bytes the fd will not tell
 
     def _dispatch(self, items: list[Any]) -> None:
         sorted_items = sort_for_client(self._endpoint, items)
@@ -758,7 +769,8 @@ class Client(Generic[_R]):
 
     def _lost_message(self, error: OSError | None) -> str:
         aborted = self._conn.channel.aborted if self._conn is not None else None
-        return lost_message(self.path, self._server_error, aborted, error)
+        return lost_message(self.path, self._server_error, aborted, error,
+                            self._endpoint.peer_hello is None)
 
     def _closed_error(self) -> ConnectionClosed:
         if self._closed_reason is None:
@@ -802,14 +814,14 @@ class Client(Generic[_R]):
 
 
 async def _connect_off_loop(loop: asyncio.AbstractEventLoop, path: str,
-                            timeout: float | None) -> socket.socket:
+                            timeout: float | None, ssl_context: ssl.SSLContext | None) -> Any:
     """``connect(path, timeout)`` in the loop's executor. Cancelled meanwhile, the socket the
     thread still opens is closed, not left to the garbage collector."""
     lock = threading.Lock()
     state: dict[str, Any] = {"cancelled": False, "sock": None}
 
-    def attempt() -> socket.socket:
-        sock = connect(path, timeout)
+    def attempt() -> Any:
+        sock = connect(path, timeout, ssl_context)
         with lock:
             if state["cancelled"]:
                 sock.close()

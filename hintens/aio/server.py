@@ -14,6 +14,8 @@ import concurrent.futures
 import contextvars
 import inspect
 import logging
+import select
+import ssl
 import threading
 from typing import Any, Callable, Iterable
 
@@ -49,7 +51,9 @@ from ..protocol.replay import (
     DEFAULT_REPLAY_TOTAL_BYTES,
     DEFAULT_REPLAY_WINDOW,
 )
+from ..sync.serving import HANDSHAKE_TIMEOUT_S
 from ..transport.address import Listener
+from ..transport.tls import TlsStream, plaintext_hint
 from .serving import ServerConnection, current, logged
 
 log = logging.getLogger("hintens")
@@ -141,7 +145,9 @@ class Server(ServerBase):
                  shm_receive_total_bytes: int = DEFAULT_SHM_RECEIVE_TOTAL_BYTES,
                  shm_receive_total_segments: int = DEFAULT_SHM_RECEIVE_TOTAL_SEGMENTS,
                  send_queue_bytes: int = DEFAULT_SEND_QUEUE_BYTES,
-                 slow_consumer: str = "cut") -> None:
+                 slow_consumer: str = "cut",
+                 ssl_context: ssl.SSLContext | None = None,
+                 allow_subjects: Iterable[str] | None = None) -> None:
         self.max_concurrency = count(max_concurrency, "max_concurrency")
         if executor is not None and not isinstance(executor, concurrent.futures.Executor):
             raise TypeError(f"executor must be a concurrent.futures.Executor, not "
@@ -156,6 +162,8 @@ class Server(ServerBase):
         self._closing = False
         self._closed: asyncio.Event | None = None
         self._tasks: set[asyncio.Future[Any]] = set()
+        # TLS handshakes under way: the stream, and what ends it.
+        self._handshaking: dict[TlsStream, Callable[[BaseException | None], None]] = {}
         super().__init__(
             path, handler, on_event=on_event, on_connect=on_connect,
             on_disconnect=on_disconnect, mode=mode, allow_uids=allow_uids,
@@ -169,7 +177,8 @@ class Server(ServerBase):
             shm_receive_bytes=shm_receive_bytes, shm_receive_segments=shm_receive_segments,
             shm_receive_total_bytes=shm_receive_total_bytes,
             shm_receive_total_segments=shm_receive_total_segments,
-            send_queue_bytes=send_queue_bytes, slow_consumer=slow_consumer)
+            send_queue_bytes=send_queue_bytes, slow_consumer=slow_consumer,
+            ssl_context=ssl_context, allow_subjects=allow_subjects)
         #: Plain handlers run in the read callback; the rest as tasks.
         self._inline = not self.threaded and not inspect.iscoroutinefunction(handler)
         self._call: Callable[[Any], Any] = handler if self.codec is None else self._coded_call
@@ -242,6 +251,8 @@ class Server(ServerBase):
                 self._loop.remove_reader(listener.sock.fileno())
             self._accepting = False
         self._close_listeners()
+        for finish in list(self._handshaking.values()):
+            finish(ConnectionAbortedError("the server is closing"))
         open_now = self.connections
         for connection in open_now:
             connection.drain()
@@ -380,20 +391,82 @@ class Server(ServerBase):
     def _admit(self, sock: Any, listener: Listener) -> None:
         assert self._loop is not None
         sock.setblocking(False)
-        admitted = self._admissible(sock, len(self._connections), listener)
+        admitted = self._admissible(sock, len(self._connections) + len(self._handshaking),
+                                    listener)
         if admitted is None:
             return
         peer, address = admitted
+        if self._tls(listener):
+            self._handshake(self._secured(sock, listener), peer, address)
+            return
+        self._serve_connection(sock, peer, address, shm=not listener.tcp)
+
+    def _serve_connection(self, sock: Any, peer: Any, address: str, *, shm: bool,
+                          subject: str | None = None) -> None:
+        assert self._loop is not None
         try:
             connection = ServerConnection(self, sock, peer, next(self._ids), self._loop,
-                                          address, shm=not listener.tcp)
+                                          address, shm=shm)
         except BaseException:
             sock.close()
             raise
+        connection.subject = subject
         self._connections[connection.id] = connection   # listed before its hello goes
         connection.start()
         if self.on_connect is not None:
             self._callback(self.on_connect, connection, "on_connect")
+
+    def _handshake(self, stream: TlsStream, peer: Any, address: str) -> None:
+        """Drive a TLS handshake on the loop (reader or writer, as OpenSSL asks), within
+        ``frame_timeout``; then serve the connection, or close it, logging why."""
+        loop = self._loop
+        assert loop is not None
+        fd = stream.fileno()
+        watching: list[int] = []   # the event we wait for now, if any
+
+        def unwatch() -> None:
+            while watching:
+                if watching.pop() & select.POLLIN:
+                    loop.remove_reader(fd)
+                else:
+                    loop.remove_writer(fd)
+
+        def finish(error: BaseException | None) -> None:
+            unwatch()
+            timer.cancel()
+            self._handshaking.pop(stream, None)
+            if error is not None or self._closing:
+                if error is not None:
+                    log.info("TLS handshake with %s failed: %s%s", address, error,
+                             plaintext_hint(error))
+                stream.close()
+                return
+            try:
+                self._serve_connection(stream, peer, address, shm=False,
+                                       subject=stream.subject())
+            except Exception:
+                log.exception("could not admit a connection from %s", address)
+
+        def step() -> None:
+            unwatch()
+            try:
+                wait = stream.handshake_step()
+            except (ssl.SSLError, OSError) as error:
+                finish(error)
+                return
+            if wait is None:
+                finish(None)
+            elif wait & select.POLLIN:
+                watching.append(wait)
+                loop.add_reader(fd, step)
+            else:
+                watching.append(wait)
+                loop.add_writer(fd, step)
+
+        timer = loop.call_later(self.frame_timeout or HANDSHAKE_TIMEOUT_S, finish,
+                                TimeoutError("the TLS handshake took too long"))
+        self._handshaking[stream] = finish
+        step()
 
     def _unregister(self, connection: ServerConnection) -> None:
         """A connection has ended and been closed."""

@@ -46,6 +46,7 @@ from ..protocol.answers import (
 from ..protocol.hello import FEATURE_SHM, Hello, HelloKey
 from ..protocol.replay import ANSWERED, NEW, RUNNING, ReplayWindow, refusal
 from ..sync.connection import Connection
+from ..transport.tls import client_hello_hint
 from ..transport.unix import PeerCredentials
 
 if TYPE_CHECKING:
@@ -87,6 +88,8 @@ class ServerConnection(Pushing):
         self.id = connection_id
         self.peer = peer
         self.address = address
+        #: The client certificate's subject under TLS (``CN=...,O=...``), else None.
+        self.subject: str | None = None
         self.events_dropped = 0
         self._server = server
         self._loop = loop
@@ -281,6 +284,8 @@ class ServerConnection(Pushing):
             self._flush()   # (which looks at the back-pressure once all is written)
         if self._tasks or self._held or self._channel.queued:
             self._check_backpressure()
+        if self._reading and conn.more_buffered():
+            self._loop.call_soon(self._readable)   # decrypted TLS bytes the fd will not tell
 
     def _join_session(self) -> None:
         server = self._server
@@ -300,7 +305,7 @@ class ServerConnection(Pushing):
         for index in range(len(items)):
             item = items[index]
             if type(item) is not frame_type:
-                log.info("%r broke the protocol: %s", self, item)
+                log.info("%r broke the protocol: %s%s", self, item, client_hello_hint(item))
                 reply = endpoint.error_reply(item)
                 if reply is not None:
                     out.append(reply)

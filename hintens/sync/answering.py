@@ -25,6 +25,7 @@ from ..protocol.answers import (
 from ..protocol.endpoint import Endpoint
 from ..protocol.hello import HelloKey
 from ..protocol.replay import ANSWERED, NEW, ReplayWindow, refusal
+from ..transport.tls import client_hello_hint
 from .connection import Connection
 
 if TYPE_CHECKING:
@@ -264,7 +265,7 @@ class Answering:
     def _violation(self, error: Any, out: list[Any]) -> bool:
         """A frame that broke the protocol: its Error reply joins ``out``. False if it is
         fatal (the connection closes)."""
-        log.info("%r broke the protocol: %s", self, error)
+        log.info("%r broke the protocol: %s%s", self, error, client_hello_hint(error))
         reply = self._endpoint.error_reply(error)
         if reply is not None:
             out.append(reply)

@@ -9,6 +9,7 @@ import contextlib
 import itertools
 import logging
 import os
+import ssl
 import threading
 from time import monotonic
 from typing import (TYPE_CHECKING, Any, Callable, Generic, Iterable, Iterator, TypeVar, overload)
@@ -47,7 +48,7 @@ from .._checks import (
     timeout_s,
     uids,
 )
-from ..transport.address import connect, is_tcp, resolve, server_check
+from ..transport.address import check_ssl_context, connect, is_tcp, resolve, server_check
 from ..transport.unix import socket_alive
 
 if TYPE_CHECKING:
@@ -95,6 +96,10 @@ class Client(ClientSender, Generic[_R]):
             ``$HINTENS_SOCKET``, else ``$XDG_RUNTIME_DIR/hintens.sock``, else
             ``/tmp/hintens-$UID/hintens.sock``. Over TCP there is no shared memory (``shm``
             is off) and no server credentials to check (``server_credentials`` is None).
+        ssl_context: TLS over a ``tcp://`` address: an ``ssl.SSLContext`` for the client side
+            (``ssl.create_default_context(cafile=...)``; ``load_cert_chain`` on it for a
+            server that requires client certificates). The handshake happens on connect; a
+            failed one raises ``ConnectError`` with the reason.
         timeout: default seconds to wait for a reply, and for the server to take our bytes;
             None (or ``math.inf``) waits for ever.
         connect_timeout: seconds to wait for the connection, a full accept queue included;
@@ -158,7 +163,8 @@ class Client(ClientSender, Generic[_R]):
                  compress_threshold: int = DEFAULT_COMPRESS_THRESHOLD_BYTES,
                  server_uids: Iterable[int] = (),
                  shm_receive_bytes: int = DEFAULT_SHM_RECEIVE_BYTES,
-                 shm_receive_segments: int = DEFAULT_SHM_RECEIVE_SEGMENTS) -> None: ...
+                 shm_receive_segments: int = DEFAULT_SHM_RECEIVE_SEGMENTS,
+                 ssl_context: ssl.SSLContext | None = None) -> None: ...
 
     @overload
     def __init__(self: Client[Any], path: str | os.PathLike[str] | None = None, *,
@@ -174,7 +180,8 @@ class Client(ClientSender, Generic[_R]):
                  compress_threshold: int = DEFAULT_COMPRESS_THRESHOLD_BYTES,
                  server_uids: Iterable[int] = (),
                  shm_receive_bytes: int = DEFAULT_SHM_RECEIVE_BYTES,
-                 shm_receive_segments: int = DEFAULT_SHM_RECEIVE_SEGMENTS) -> None: ...
+                 shm_receive_segments: int = DEFAULT_SHM_RECEIVE_SEGMENTS,
+                 ssl_context: ssl.SSLContext | None = None) -> None: ...
 
     def __init__(self, path: str | os.PathLike[str] | None = None, *,
                  timeout: float | None = DEFAULT_TIMEOUT_S,
@@ -189,7 +196,8 @@ class Client(ClientSender, Generic[_R]):
                  compress_threshold: int = DEFAULT_COMPRESS_THRESHOLD_BYTES,
                  server_uids: Iterable[int] = (),
                  shm_receive_bytes: int = DEFAULT_SHM_RECEIVE_BYTES,
-                 shm_receive_segments: int = DEFAULT_SHM_RECEIVE_SEGMENTS) -> None:
+                 shm_receive_segments: int = DEFAULT_SHM_RECEIVE_SEGMENTS,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
         checked_timeout = timeout_s(timeout, "timeout")
         connect_timeout = timeout_s(connect_timeout, "connect_timeout")
         flush_interval = non_negative_s(flush_interval, "flush_interval")
@@ -197,6 +205,7 @@ class Client(ClientSender, Generic[_R]):
         trusted = uids(server_uids, "server_uids")
         self.path = resolve(path_like(path))
         shm = shm and not is_tcp(self.path)   # no shared memory across hosts
+        check_ssl_context(self.path, ssl_context)
         #: Default seconds a request waits for its reply, and a send for the server to take
         #: our bytes (None: for ever).
         self.timeout = checked_timeout
@@ -215,7 +224,7 @@ class Client(ClientSender, Generic[_R]):
         if self.codec is not None and on_event is not None:
             on_raw_event, decode = on_event, self.codec.decode
             on_event = lambda payload: on_raw_event(decode(payload, "event"))  # noqa: E731
-        sock = connect(self.path, connect_timeout)
+        sock = connect(self.path, connect_timeout, ssl_context)
         try:
             #: The server process's pid, uid and gid (SO_PEERCRED), checked before any byte
             #: was sent: our own uid, root, or one of ``server_uids``. None over TCP.

@@ -95,7 +95,9 @@ class Connection:
                  stall_timeout: float | None) -> None:
         self.sock = sock
         self.endpoint = endpoint
-        self.channel = channel = _impl.core.Channel(sock, endpoint.decoder, RECEIVE_BUFFER_BYTES)
+        # A TLS stream names the Channel that can drive it (the pure-Python one).
+        channel_class = getattr(sock, "channel_class", None) or _impl.core.Channel
+        self.channel = channel = channel_class(sock, endpoint.decoder, RECEIVE_BUFFER_BYTES)
         if shm:
             channel.max_fds = SHM_MAX_FDS
         channel.stall_timeout = stall_timeout or 0.0
@@ -152,6 +154,12 @@ class Connection:
         items = self.endpoint.after_error(error, self.channel.fds)
         self.drop_unclaimed()
         return items
+
+    def more_buffered(self) -> bool:
+        """Bytes wait above the socket (decrypted TLS records) that its descriptor will not
+        announce: read again without waiting for it."""
+        pending = getattr(self.sock, "pending", None)
+        return pending is not None and pending()
 
     def drop_unclaimed(self) -> None:
         """Close the descriptors no frame claimed, once no frame is open: never kept."""

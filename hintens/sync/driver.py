@@ -316,7 +316,8 @@ class ClientDriver:
 
     def _lost_message(self, error: OSError | None) -> str:
         """Why the connection ended: the server's own word where it gave one, or ours."""
-        return lost_message(self.path, self._server_error, self._channel.aborted, error)
+        return lost_message(self.path, self._server_error, self._channel.aborted, error,
+                            self._endpoint.peer_hello is None)
 
     def _dispatch(self, items: list[Any],
                   salvaged: bool = False) -> tuple[list[Any], list[bytes]]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import select
 import socket
+import ssl
 import threading
 from time import monotonic
 from typing import Any, Callable, Iterable
@@ -121,6 +122,14 @@ class Server(ServerBase):
             (``ClientPool(exactly_once=True)``): answers kept per session, bytes of them per
             session, sessions kept, and bytes of answers across all sessions (256 MiB). 0
             sessions turns it off. See ``hintens.protocol.replay``.
+        ssl_context: TLS on the ``tcp://`` addresses: a server-side ``ssl.SSLContext``
+            (``ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)`` with ``load_cert_chain``;
+            ``verify_mode = ssl.CERT_REQUIRED`` and ``load_verify_locations`` to let in only
+            clients whose certificate chains to that CA). Unix sockets stay as they are. A
+            handshake that fails, or takes longer than ``frame_timeout``, closes the
+            connection (logged); nothing is said in the clear.
+        allow_subjects: with client certificates, only these certificate subjects
+            (``"CN=client,O=Example"``, as ``ServerConnection.subject`` shows them) get in.
 
     Raises:
         ServerRunningError: another server is listening on ``path``.
@@ -158,6 +167,8 @@ class Server(ServerBase):
                  shm_receive_total_segments: int = DEFAULT_SHM_RECEIVE_TOTAL_SEGMENTS,
                  send_queue_bytes: int = DEFAULT_SEND_QUEUE_BYTES,
                  slow_consumer: str = "cut",
+                 ssl_context: ssl.SSLContext | None = None,
+                 allow_subjects: Iterable[str] | None = None,
                  thread_stack_bytes: int | None = DEFAULT_THREAD_STACK_BYTES) -> None:
         self.thread_stack_bytes = None if thread_stack_bytes is None else count(
             thread_stack_bytes, "thread_stack_bytes", minimum=MIN_THREAD_STACK_BYTES,
@@ -184,7 +195,8 @@ class Server(ServerBase):
             shm_receive_bytes=shm_receive_bytes, shm_receive_segments=shm_receive_segments,
             shm_receive_total_bytes=shm_receive_total_bytes,
             shm_receive_total_segments=shm_receive_total_segments,
-            send_queue_bytes=send_queue_bytes, slow_consumer=slow_consumer)
+            send_queue_bytes=send_queue_bytes, slow_consumer=slow_consumer,
+            ssl_context=ssl_context, allow_subjects=allow_subjects)
         self._call = handler if self.codec is None else self._coded_call
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_w.setblocking(False)
@@ -383,6 +395,7 @@ class Server(ServerBase):
         if admitted is None:
             return
         peer, address = admitted
+        sock = self._secured(sock, listener)   # TLS: its handshake runs on its own thread
         set_kernel_timeouts(sock, None, self.send_timeout, set_send=True)
         connection = ServerConnection(self, sock, peer, next(self._ids), address,
                                       shm=not listener.tcp)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 import threading
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +21,7 @@ from ..protocol.hello import FEATURE_SHM, Hello, HelloKey
 from ..protocol.replay import ReplayWindow
 from ..transport.unix import PeerCredentials
 from .._server_common import Pushing
+from ..transport.tls import TlsStream, plaintext_hint
 from .answering import Answering, ClientGone
 from .connection import Connection
 
@@ -27,6 +29,8 @@ if TYPE_CHECKING:
     from .server import Server
 
 log = logging.getLogger("hintens")
+#: How long a TLS handshake may take when the server has no frame_timeout.
+HANDSHAKE_TIMEOUT_S = 10.0
 
 
 
@@ -48,6 +52,8 @@ class ServerConnection(Answering, Pushing):
         self.id = connection_id
         self.peer = peer
         self.address = address
+        #: The client certificate's subject under TLS (``CN=...,O=...``), else None.
+        self.subject: str | None = None
         self.events_dropped = 0
         self._server = server
         endpoint = server._new_endpoint(shm)
@@ -95,6 +101,14 @@ class ServerConnection(Answering, Pushing):
         server, channel = self._server, self._channel
         why = ""
         try:
+            if isinstance(self._sock, TlsStream):
+                try:
+                    self._sock.handshake(server.frame_timeout or HANDSHAKE_TIMEOUT_S)
+                except (ssl.SSLError, OSError) as error:
+                    log.info("TLS handshake with %s failed: %s%s", self.address, error,
+                             plaintext_hint(error))
+                    return
+                self.subject = self._sock.subject()
             self._say_hello()   # the hello goes first, always
             if not server._register(self):
                 return

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import NamedTuple
+import ssl
+from typing import Any, NamedTuple
 
-from . import tcp, unix
+from . import tcp, tls, unix
 from .tcp import is_tcp
 from .unix import PeerCredentials
 
@@ -42,15 +43,40 @@ def resolve(address: str | os.PathLike[str] | None, *, server: bool = False) -> 
     return unix.socket_path(address, create_dir=server)
 
 
-def connect(address: str, timeout_s: float | None) -> socket.socket:
-    """A blocking stream socket connected to ``address`` (resolved).
+def connect(address: str, timeout_s: float | None,
+            ssl_context: ssl.SSLContext | None = None) -> Any:
+    """A blocking stream socket connected to ``address`` (resolved); with ``ssl_context``
+    (TCP only), a ``TlsStream`` whose handshake is done.
 
     Raises:
-        ConnectError, Timeout: as ``unix.connect`` and ``tcp.connect``.
+        ConnectError, Timeout: as ``unix.connect`` and ``tcp.connect``; ConnectError for a
+            TLS handshake that failed, naming the reason.
+        ValueError: ``ssl_context`` with a Unix socket address.
     """
     if is_tcp(address):
-        return tcp.connect(address, timeout_s)
+        sock = tcp.connect(address, timeout_s)
+        if ssl_context is None:
+            return sock
+        return tls.client_stream(sock, ssl_context, tcp.parse(address).host, address,
+                                 timeout_s)
+    if ssl_context is not None:
+        raise ValueError(f"ssl_context is for tcp:// addresses, not the Unix socket {address}")
     return unix.connect(address, timeout_s)
+
+
+def check_ssl_context(address: str, ssl_context: Any) -> None:
+    """Refuse an ``ssl_context`` that is not one, or that comes with a Unix socket address.
+
+    Raises:
+        TypeError, ValueError: as said.
+    """
+    if ssl_context is None:
+        return
+    if not isinstance(ssl_context, ssl.SSLContext):
+        raise TypeError(f"ssl_context must be an ssl.SSLContext, not "
+                        f"{type(ssl_context).__name__}")
+    if not is_tcp(address):
+        raise ValueError(f"ssl_context is for tcp:// addresses, not the Unix socket {address}")
 
 
 def server_check(sock: socket.socket, address: str,
@@ -91,6 +117,7 @@ class Listener(NamedTuple):
 
 
 def listen(address: str, *, mode: int, backlog: int, secure: bool = False) -> Listener:
+    # (secure: TLS will wrap what this TCP listener accepts; no warning for a public host)
     """Listen on ``address`` (resolved).
 
     Raises:

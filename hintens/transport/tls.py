@@ -1,0 +1,346 @@
+"""TLS over TCP: ``TlsStream`` gives the pure-Python Channel the socket interface it drives
+(``recvmsg_into``, ``send``, ``sendmsg``, ``shutdown``, ``setsockopt``...) over an
+``ssl.SSLSocket``, so that the same frames, batching and drivers run encrypted. (The compiled
+Channel reads and writes the descriptor itself, which TLS cannot allow.)
+
+The socket underneath is non-blocking; blocking calls wait in ``poll()`` for as long as the
+receive or send timeout the driver set (SO_RCVTIMEO / SO_SNDTIMEO, kept here instead of in the
+kernel), and raise ``BlockingIOError`` when it passes, as a plain socket does. One lock keeps
+OpenSSL's object to one thread at a time; nobody holds it while waiting.
+"""
+
+from __future__ import annotations
+
+import errno
+import select
+import socket
+import ssl
+import struct
+import threading
+from time import monotonic
+from typing import Any, Callable
+
+from .._errors import ConnectError
+
+#: What one write hands OpenSSL at most: one TLS record. A write that must be retried is
+#: retried with the same bytes, as OpenSSL requires.
+_RECORD_BYTES = 16384
+_TIMEVAL = struct.Struct("@ll")
+_EVENTS_READ = select.POLLIN | select.POLLPRI
+_EVENTS_WRITE = select.POLLOUT
+#: How long a client waits, after its side of the handshake, for the server's first bytes
+#: (a hintens server's hello): a refusal of its certificate comes instead of them.
+PREFETCH_S = 1.0
+
+
+def _seconds(timeval: bytes) -> float | None:
+    seconds, micros = _TIMEVAL.unpack(timeval)
+    total = seconds + micros / 1e6
+    return total or None
+
+
+class TlsStream:
+    """An ``ssl.SSLSocket`` (non-blocking underneath) with the interface of a blocking socket
+    with kernel timeouts.
+
+    Args:
+        ssl_sock: a connected, wrapped socket; its handshake may still be to do
+            (``handshake``), or is done.
+        verify: called with ``ssl_sock`` once the handshake is done; raises to refuse the
+            peer (a certificate subject not allowed, say).
+    """
+
+    def __init__(self, ssl_sock: ssl.SSLSocket,
+                 verify: Callable[[ssl.SSLSocket], None] | None = None) -> None:
+        ssl_sock.setblocking(False)
+        self._ssl = ssl_sock
+        self._verify = verify
+        self._lock = threading.Lock()
+        self._receive_s: float | None = None
+        self._send_s: float | None = None
+        self._closed = False
+        self._early = b""   # bytes read ahead (``prefetch``), served first
+
+    @property
+    def channel_class(self) -> Any:
+        """The Channel that can drive this stream: the pure-Python one."""
+        from . import _channel_py
+
+        return _channel_py.Channel
+
+    # Handshake --------------------------------------------------------------------------
+
+    def handshake(self, timeout_s: float | None) -> None:
+        """Do the TLS handshake, waiting at most ``timeout_s`` for the peer, then ``verify``.
+
+        Raises:
+            ssl.SSLError: the handshake failed (the reason says why).
+            TimeoutError: the peer took longer.
+            OSError: the connection broke.
+        """
+        deadline = None if timeout_s is None else monotonic() + timeout_s
+        while True:
+            wait = self.handshake_step()
+            if wait is None:
+                return
+            remaining = None if deadline is None else deadline - monotonic()
+            if remaining is not None and remaining <= 0:
+                raise TimeoutError(errno.ETIMEDOUT, "the TLS handshake took too long")
+            self._wait(wait, remaining)
+
+    def handshake_step(self) -> int | None:
+        """One step of a non-blocking handshake: None when it is done (and the peer
+        verified), else the poll events to wait for before the next step.
+
+        Raises:
+            As ``handshake``.
+        """
+        try:
+            with self._lock:
+                self._ssl.do_handshake()
+        except ssl.SSLWantReadError:
+            return _EVENTS_READ
+        except ssl.SSLWantWriteError:
+            return _EVENTS_WRITE
+        if self._verify is not None:
+            verify, self._verify = self._verify, None
+            verify(self._ssl)
+        return None
+
+    def subject(self) -> str | None:
+        """The peer certificate's subject, as ``CN=...,O=...`` (None without one)."""
+        cert = self._ssl.getpeercert()
+        return subject_of(cert) if cert else None
+
+    # The socket interface the Channel uses ------------------------------------------------
+
+    def fileno(self) -> int:
+        return -1 if self._closed else self._ssl.fileno()
+
+    def setsockopt(self, level: int, option: int, value: Any) -> None:
+        if level == socket.SOL_SOCKET and option == socket.SO_RCVTIMEO:
+            self._receive_s = _seconds(value)
+        elif level == socket.SOL_SOCKET and option == socket.SO_SNDTIMEO:
+            self._send_s = _seconds(value)
+        else:
+            self._ssl.setsockopt(level, option, value)
+
+    def getsockopt(self, *args: Any) -> Any:
+        return self._ssl.getsockopt(*args)
+
+    def getpeername(self) -> Any:
+        return self._ssl.getpeername()
+
+    def setblocking(self, flag: bool) -> None:
+        """Blocking or not, the calls behave the same: they wait within the timeouts."""
+
+    def pending(self) -> bool:
+        """Decrypted bytes wait inside OpenSSL (or here): the descriptor will not say so."""
+        return not self._closed and (bool(self._early) or self._ssl.pending() > 0)
+
+    def prefetch(self, timeout_s: float) -> None:
+        """Read what the peer sends first (a hintens server's hello), for ``timeout_s`` at
+        most, keeping it for the first reads. Under TLS 1.3 a server refuses a client's
+        certificate only after the client's side of the handshake is done: the alert comes
+        instead of those bytes, and is raised here rather than on a later request.
+
+        Raises:
+            ssl.SSLError: the server refused the handshake after all.
+            OSError: the connection broke.
+        """
+        buffer = bytearray(65536)
+        deadline = monotonic() + timeout_s
+        while True:
+            count, wait = self._read_some(memoryview(buffer))
+            if wait is None:
+                self._early += bytes(buffer[:count])
+                return
+            remaining = deadline - monotonic()
+            if remaining <= 0:
+                return
+            self._wait(wait, remaining)
+
+    def recvmsg_into(self, buffers: list[Any], ancbufsize: int = 0,
+                     flags: int = 0) -> tuple[int, list[Any], int, Any]:
+        """Read what is there into ``buffers[0]`` (at least one byte, waiting for it unless
+        MSG_DONTWAIT), as many records as it holds; 0 at the end of the stream.
+
+        Raises:
+            BlockingIOError: nothing came within the receive timeout (or now, MSG_DONTWAIT).
+            OSError: the connection broke; ssl.SSLError: the peer broke TLS.
+        """
+        view = memoryview(buffers[0]).cast("B")
+        if self._early:
+            count = min(len(view), len(self._early))
+            view[:count] = self._early[:count]
+            self._early = self._early[count:]
+            return count, [], 0, None
+        deadline = None if self._receive_s is None else monotonic() + self._receive_s
+        while True:
+            count, wait = self._read_some(view)
+            if wait is None:
+                return count, [], 0, None
+            if flags & socket.MSG_DONTWAIT:
+                raise BlockingIOError(errno.EAGAIN, "nothing to read now")
+            remaining = None if deadline is None else deadline - monotonic()
+            if remaining is not None and remaining <= 0:
+                raise BlockingIOError(errno.EAGAIN, "the receive timeout expired")
+            self._wait(wait, remaining)
+
+    def _read_some(self, view: memoryview) -> tuple[int, int | None]:
+        # (bytes read, None) when done, or (0, events to wait for) when nothing was there.
+        count = 0
+        with self._lock:
+            while count < len(view):
+                try:
+                    got = self._ssl.recv_into(view[count:])
+                except ssl.SSLWantReadError:
+                    return (count, None) if count else (0, _EVENTS_READ)
+                except ssl.SSLWantWriteError:
+                    return (count, None) if count else (0, _EVENTS_WRITE)
+                except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                    return count, None   # the end (the next read says 0)
+                if not got:
+                    return count, None
+                count += got
+        return count, None
+
+    def send(self, data: Any, flags: int = 0) -> int:
+        """Write some of ``data`` (one record at most), waiting within the send timeout.
+
+        Raises:
+            BlockingIOError: the peer took nothing within the send timeout (or now,
+                MSG_DONTWAIT); the same bytes must be written again.
+            OSError: the connection broke.
+        """
+        chunk = memoryview(data).cast("B")[:_RECORD_BYTES]
+        deadline = None if self._send_s is None else monotonic() + self._send_s
+        while True:
+            try:
+                with self._lock:
+                    return self._ssl.send(chunk)
+            except ssl.SSLWantWriteError:
+                wait = _EVENTS_WRITE
+            except ssl.SSLWantReadError:
+                wait = _EVENTS_READ
+            except ssl.SSLEOFError as error:
+                raise BrokenPipeError(errno.EPIPE, f"the peer closed the TLS stream: {error}") \
+                    from error
+            if flags & socket.MSG_DONTWAIT:
+                raise BlockingIOError(errno.EAGAIN, "the socket takes nothing now")
+            remaining = None if deadline is None else deadline - monotonic()
+            if remaining is not None and remaining <= 0:
+                raise BlockingIOError(errno.EAGAIN, "the send timeout expired")
+            self._wait(wait, remaining)
+
+    def sendmsg(self, buffers: list[Any], ancillary: Any = (), flags: int = 0,
+                address: Any = None) -> int:
+        """As ``send``, for buffers one after the other; no descriptors cross TLS."""
+        if ancillary:
+            raise OSError(errno.EINVAL, "descriptors cannot travel over TLS")
+        data = b"".join(bytes(buffer) for buffer in buffers) if len(buffers) != 1 \
+            else buffers[0]
+        return self.send(data, flags)
+
+    def shutdown(self, how: int) -> None:
+        """Shut the connection itself (not the TLS layer): a reader waiting wakes up."""
+        socket.socket.shutdown(self._ssl, how)
+
+    def close(self) -> None:
+        self._closed = True
+        self._ssl.close()
+
+    def _wait(self, events: int, timeout_s: float | None) -> None:
+        poller = select.poll()
+        try:
+            poller.register(self._ssl.fileno(), events)
+        except ValueError:   # closed meanwhile
+            raise OSError(errno.EBADF, "the connection is closed") from None
+        poller.poll(None if timeout_s is None else max(0, int(timeout_s * 1000) + 1))
+
+
+def subject_of(cert: dict[str, Any]) -> str:
+    """A certificate's subject as ``CN=client,O=Example`` (``getpeercert()`` form in)."""
+    parts = []
+    for rdn in cert.get("subject", ()):
+        for key, value in rdn:
+            short = {"commonName": "CN", "organizationName": "O",
+                     "organizationalUnitName": "OU", "countryName": "C",
+                     "localityName": "L", "stateOrProvinceName": "ST"}.get(key, key)
+            parts.append(f"{short}={value}")
+    return ",".join(parts)
+
+
+def client_stream(sock: socket.socket, context: ssl.SSLContext, host: str, address: str,
+                  timeout_s: float | None) -> TlsStream:
+    """Wrap a connected TCP socket as the client's end of TLS and do the handshake.
+
+    Raises:
+        ConnectError: the handshake failed (the reason says why: a certificate that does
+            not verify, a server that does not speak TLS...) or took longer than
+            ``timeout_s``.
+    """
+    try:
+        wrapped = context.wrap_socket(sock, server_hostname=host,
+                                      do_handshake_on_connect=False)
+    except (ssl.SSLError, ValueError) as error:
+        sock.close()
+        raise ConnectError(f"cannot start TLS with {address}: {error}") from error
+    stream = TlsStream(wrapped)
+    try:
+        stream.handshake(timeout_s)
+    except ssl.SSLError as error:
+        stream.close()
+        hint = ""
+        if "WRONG_VERSION_NUMBER" in str(error) or "wrong version number" in str(error):
+            hint = " (does the server speak TLS? a hintens server without ssl_context does not)"
+        raise ConnectError(f"the TLS handshake with {address} failed: "
+                           f"{error.reason or error}{hint}") from error
+    except (OSError, TimeoutError) as error:
+        stream.close()
+        raise ConnectError(f"the TLS handshake with {address} failed: {error}") from error
+    try:
+        stream.prefetch(min(timeout_s or PREFETCH_S, PREFETCH_S))
+    except ssl.SSLError as error:
+        stream.close()
+        raise ConnectError(f"the server at {address} refused the TLS handshake: "
+                           f"{error.reason or error}") from error
+    except OSError as error:
+        stream.close()
+        raise ConnectError(f"the server at {address} closed the connection after the TLS "
+                           f"handshake: {error}") from error
+    return stream
+
+
+def server_stream(sock: socket.socket, context: ssl.SSLContext,
+                  allow_subjects: frozenset[str] | None) -> TlsStream:
+    """Wrap an accepted TCP socket as the server's end of TLS; the handshake is the
+    caller's to do (``handshake`` or ``handshake_step``). With ``allow_subjects``, a client
+    whose certificate subject is not listed is refused once the handshake is done.
+    """
+    verify = None
+    if allow_subjects is not None:
+        def verify(wrapped: ssl.SSLSocket) -> None:
+            cert = wrapped.getpeercert()
+            subject = subject_of(cert) if cert else None
+            if subject not in allow_subjects:
+                raise ssl.SSLError(f"the client's certificate subject {subject!r} is not "
+                                   f"in allow_subjects")
+
+    wrapped = context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+    return TlsStream(wrapped, verify)
+
+
+def plaintext_hint(error: BaseException) -> str:
+    """For a server's log: a handshake that failed because the client spoke no TLS."""
+    text = str(error)
+    if "WRONG_VERSION_NUMBER" in text or "wrong version number" in text \
+            or "HTTP_REQUEST" in text:
+        return " (a client without TLS? it needs ssl_context=)"
+    return ""
+
+
+def client_hello_hint(error: BaseException) -> str:
+    """For a plain server's log: a frame whose "magic" is a TLS handshake record."""
+    return " (a TLS ClientHello: the client uses TLS, this server has no ssl_context)" \
+        if "0x1603" in str(error) else ""
