@@ -59,6 +59,7 @@ bench: $(BENCH_INSTALLED)
 	$(PY) bench/shm_latency.py
 	$(PY) bench/fanout.py
 	$(PY) bench/aio_latency.py
+	$(PY) bench/tcp_latency.py
 
 build: $(INSTALLED)
 	$(PY) -m pip install --quiet --disable-pip-version-check 'Cython>=3,<4' setuptools-scm 'setuptools>=77'
