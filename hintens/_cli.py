@@ -75,6 +75,61 @@ def _fix_malloc_thresholds() -> None:
         mallopt(_M_TRIM_THRESHOLD, _MALLOC_THRESHOLD_BYTES)
 
 
+def _server_tls(args: argparse.Namespace) -> Any:
+    """The server's TLS context from --tls-cert/--tls-key/--tls-ca/--tls-require-client-cert,
+    or None without --tls-cert."""
+    if not args.tls_cert:
+        if args.tls_key or args.tls_ca or args.tls_require_client_cert:
+            raise _UsageError("--tls-key, --tls-ca and --tls-require-client-cert need "
+                              "--tls-cert")
+        return None
+    import ssl
+
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(args.tls_cert, args.tls_key)
+        if args.tls_ca:
+            context.load_verify_locations(args.tls_ca)
+    except (OSError, ssl.SSLError) as error:
+        raise _UsageError(f"cannot load the TLS certificate or key: {error}") from None
+    if args.tls_require_client_cert:
+        if not args.tls_ca:
+            raise _UsageError("--tls-require-client-cert needs --tls-ca (the CA that signs "
+                              "the clients' certificates)")
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+def _client_tls(args: argparse.Namespace) -> Any:
+    """The client's TLS context from --tls-ca (the server's CA), --tls-cert and --tls-key
+    (a client certificate), or None without any of them."""
+    if not (args.tls_ca or args.tls_cert):
+        return None
+    import ssl
+
+    try:
+        context = ssl.create_default_context(cafile=args.tls_ca)
+        if args.tls_cert:
+            context.load_cert_chain(args.tls_cert, args.tls_key)
+    except (OSError, ssl.SSLError) as error:
+        raise _UsageError(f"cannot load the TLS certificate, key or CA: {error}") from None
+    return context
+
+
+def _tls_arguments(parser: argparse.ArgumentParser, server: bool) -> None:
+    parser.add_argument("--tls-cert", metavar="PEM",
+                        help="TLS over the tcp:// addresses: this side's certificate (chain)")
+    parser.add_argument("--tls-key", metavar="PEM",
+                        help="its private key (if not in --tls-cert's file)")
+    parser.add_argument("--tls-ca", metavar="PEM",
+                        help="the CA that signs the clients' certificates" if server else
+                             "the CA that signs the server's certificate (default: the "
+                             "system's)")
+    if server:
+        parser.add_argument("--tls-require-client-cert", action="store_true",
+                            help="let in only clients whose certificate chains to --tls-ca")
+
+
 def _serve(args: argparse.Namespace) -> int:
     from .sync.server import Server, echo
 
@@ -95,7 +150,8 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         addresses = ([args.socket] if args.socket else []) + args.listen
         server = Server(addresses or None, handler, on_event=on_event, mode=mode,
-                        allow_uids=args.allow_uid, allow_gids=args.allow_gid)
+                        allow_uids=args.allow_uid, allow_gids=args.allow_gid,
+                        ssl_context=_server_tls(args))
 
         def stop(signum: int, frame: Any) -> None:
             server.shutdown()
@@ -115,6 +171,7 @@ def _send(args: argparse.Namespace) -> int:
     if args.socket and args.connect:
         raise _UsageError("give --socket or --connect, not both")
     with Client(args.connect or args.socket, timeout=args.timeout, connect_timeout=args.timeout,
+                ssl_context=_client_tls(args),
                 server_uids=args.server_uid) as client:
         if args.event:
             client.send_event(data)
@@ -154,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="also (or instead) listen here: tcp://host:port (tcp://:7400 "
                             "binds 127.0.0.1) or unix:/path; may be given several times. "
                             "Over TCP any host that can reach the port can call the server")
+    _tls_arguments(serve, server=True)
     serve.add_argument("--handler", metavar="MODULE:FUNCTION",
                        help="request handler: payload in, response bytes out (default: echo)")
     serve.add_argument("--on-event", metavar="MODULE:FUNCTION",
@@ -172,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="the server's address instead of --socket: tcp://host:port or "
                            "unix:/path")
     send.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
+    _tls_arguments(send, server=False)
     send.add_argument("--event", action="store_true", help="send an Event; expect no reply")
     send.add_argument("--server-uid", type=int, action="append", default=[], metavar="UID",
                       help="also trust a server running as this uid (repeatable; by default "

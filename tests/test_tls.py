@@ -287,3 +287,38 @@ def test_a_public_bind_with_tls_does_not_warn(pki, caplog):
         server = hintens.Server("tcp://0.0.0.0:0", ssl_context=server_context(pki))
     server.close()
     assert not any("without TLS" in record.getMessage() for record in caplog.records)
+
+
+def test_the_command_line_with_mutual_tls(pki, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from .peers import REPO, free_port, start_server, stop_server
+
+    ca, server_pem, client_pem = (tmp_path / name for name in ("ca.pem", "server.pem",
+                                                                "client.pem"))
+    pki["ca"].cert_pem.write_to_path(str(ca))
+    pki["server"].private_key_and_cert_chain_pem.write_to_path(str(server_pem))
+    pki["client"].private_key_and_cert_chain_pem.write_to_path(str(client_pem))
+    address = f"tcp://127.0.0.1:{free_port()}"
+    process = start_server(str(tmp_path / "cli.sock"), "--listen", address,
+                           "--tls-cert", str(server_pem), "--tls-ca", str(ca),
+                           "--tls-require-client-cert")
+    env = dict(os.environ, PYTHONPATH=REPO)
+
+    def send(*extra):
+        return subprocess.run([sys.executable, "-m", "hintens", "send", "--connect", address,
+                               *extra, "echo:secret"], capture_output=True, env=env, cwd=REPO,
+                              timeout=30)
+
+    try:
+        ok = send("--tls-ca", str(ca), "--tls-cert", str(client_pem))
+        assert ok.returncode == 0, ok.stderr
+        assert ok.stdout == b"secret"
+        refused = send("--tls-ca", str(ca))   # no client certificate
+        assert refused.returncode == 3 and b"TLS" in refused.stderr, refused.stderr
+        plain = send()
+        assert plain.returncode == 3 and b"TLS port" in plain.stderr, plain.stderr
+    finally:
+        stop_server(process)
