@@ -114,7 +114,9 @@ def test_signal_during_a_partial_send_fails_the_connection(sock_path):
     threading.Thread(target=lambda: accepted.append(listener.accept()[0]), daemon=True).start()
     # Inline on purpose (shm=False): nobody reads, so the send blocks half-way.
     client = hintens.Client(sock_path, timeout=5, shm=False)
-    previous = _alarm_in(0.3)
+    # A large payload first waits (1 s) for a hello that this peer never sends; the signal
+    # comes after that, while the send is blocked half-way.
+    previous = _alarm_in(1.5)
     try:
         with pytest.raises(_Interrupted):
             client.request(b"x" * (8 << 20))
