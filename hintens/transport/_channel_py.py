@@ -24,7 +24,6 @@ from ._outbox_py import FDS_PER_SEND, Outbox
 from ..wire._wire_py import (
     Frame,
     FrameDecoder,
-    encode_frame,
     encode_header,
 )
 
@@ -66,6 +65,9 @@ class Channel(Outbox):
         decoder: the FrameDecoder for what arrives.
         buffer_size: bytes read per recv.
     """
+
+
+    _encode_header = staticmethod(encode_header)
 
     def __init__(self, sock: Any, decoder: FrameDecoder, buffer_size: int = 256 * 1024) -> None:
         #: Descriptors received (SCM_RIGHTS), oldest first, close-on-exec.
@@ -207,9 +209,9 @@ class Channel(Outbox):
                 if result is None:
                     result = b""
                 if type(result) is bytes and len(result) < small_max:
-                    out.append(encode_frame(2, result, frame.request_id))
+                    out.append(self._encode_frame(2, result, frame.request_id))
                 elif type(result) is bytes and len(result) < inline_max:
-                    out.append(encode_header(2, result, frame.request_id))
+                    out.append(self._encode_header(2, result, frame.request_id))
                     out.append(result)   # not copied into a frame; nor held past this write
                     flush = True
                 else:

@@ -35,6 +35,10 @@ class Writer:
             the caller's: an expired one raises BlockingIOError).
     """
 
+
+    #: How frames are encoded (a subclass may bring the compiled kernels: the TLS channel).
+    _encode_frame = staticmethod(encode_frame)
+
     def __init__(self, sock: Any) -> None:
         #: A send stopped mid-frame: the stream is shut for good.
         self.broken = False
@@ -435,7 +439,7 @@ class Outbox(Writer):
         return len(self._queue)
 
     def _post(self, msg_type: int, payload: Any, request_id: int) -> int:
-        frame = encode_frame(msg_type, payload, request_id)
+        frame = self._encode_frame(msg_type, payload, request_id)
         if self._closed:
             raise OSError(errno.EBADF, "the channel is closed")
         if self.broken:

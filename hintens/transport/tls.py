@@ -63,10 +63,9 @@ class TlsStream:
 
     @property
     def channel_class(self) -> Any:
-        """The Channel that can drive this stream: the pure-Python one."""
-        from . import _channel_py
-
-        return _channel_py.Channel
+        """The Channel that can drive this stream: the pure-Python one, with the core's
+        frame encoders (compiled, when the compiled core is in use)."""
+        return _tls_channel_class()
 
     # Handshake --------------------------------------------------------------------------
 
@@ -203,6 +202,8 @@ class TlsStream:
                 if not got:
                     return count, None
                 count += got
+                if not self._ssl.pending():
+                    return count, None   # the rest, if any, is news the descriptor will tell
         return count, None
 
     def send(self, data: Any, flags: int = 0) -> int:
@@ -238,8 +239,15 @@ class TlsStream:
         """As ``send``, for buffers one after the other; no descriptors cross TLS."""
         if ancillary:
             raise OSError(errno.EINVAL, "descriptors cannot travel over TLS")
-        data = b"".join(bytes(buffer) for buffer in buffers) if len(buffers) != 1 \
-            else buffers[0]
+        data: Any = memoryview(buffers[0]).cast("B")
+        if len(buffers) > 1 and len(data) < _RECORD_BYTES:
+            # One record's worth at most (send writes no more): never copy the rest.
+            record = bytearray(data)
+            for buffer in buffers[1:]:
+                if len(record) >= _RECORD_BYTES:
+                    break
+                record += memoryview(buffer).cast("B")[:_RECORD_BYTES - len(record)]
+            data = record
         return self.send(data, flags)
 
     def shutdown(self, how: int) -> None:
@@ -344,3 +352,22 @@ def client_hello_hint(error: BaseException) -> str:
     """For a plain server's log: a frame whose "magic" is a TLS handshake record."""
     return " (a TLS ClientHello: the client uses TLS, this server has no ssl_context)" \
         if "0x1603" in str(error) else ""
+
+
+_TLS_CHANNEL: Any = None
+
+
+def _tls_channel_class() -> Any:
+    global _TLS_CHANNEL
+    if _TLS_CHANNEL is None:
+        from .. import _impl
+        from . import _channel_py
+
+        class TlsChannel(_channel_py.Channel):
+            """The pure-Python Channel over a TlsStream, encoding with the core's kernels."""
+
+            _encode_frame = staticmethod(_impl.core.encode_frame)
+            _encode_header = staticmethod(_impl.core.encode_header)
+
+        _TLS_CHANNEL = TlsChannel
+    return _TLS_CHANNEL
