@@ -18,6 +18,18 @@ from cpython.memoryview cimport PyMemoryView_FromObject
 from libc.stdint cimport uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy
 
+
+cdef extern from "<sys/mman.h>" nogil:
+    int madvise(void *addr, size_t length, int advice)
+
+# MADV_POPULATE_WRITE (Linux 5.14): fault a range in with one call. Older kernels refuse it
+# (EINVAL), and the pages fault in one by one as before.
+cdef int _MADV_POPULATE_WRITE = 23
+cdef Py_ssize_t _PAGE = 4096
+# A payload buffer grown past this has its new pages faulted in with one call rather than one
+# fault each as bytes arrive (a fresh 64 MiB buffer: 16,384 faults).
+cdef Py_ssize_t POPULATE_FROM = 4 * 1024 * 1024
+
 from .. import _errors
 from .._constants import (
     BUDGETED_FRAME_BYTES,
@@ -52,6 +64,14 @@ cdef Py_ssize_t BUDGETED_BYTES = BUDGETED_FRAME_BYTES
 # An unfinished payload's buffer starts at this size (or its length, if smaller) and doubles as
 # bytes arrive: a peer that declares a large frame and stalls holds only what it sent.
 cdef Py_ssize_t FIRST_CAPACITY = 64 * 1024
+
+
+cdef inline void _populate(char *start, Py_ssize_t begin, Py_ssize_t end) noexcept nogil:
+    # The whole pages of start[begin:end]; a refusal (an old kernel) changes nothing.
+    cdef size_t first = (<size_t>(start + begin) + _PAGE - 1) & ~(<size_t>_PAGE - 1)
+    cdef size_t last = (<size_t>(start + end)) & ~(<size_t>_PAGE - 1)
+    if last > first:
+        madvise(<void *>first, last - first, _MADV_POPULATE_WRITE)
 
 
 cdef extern from "_crc16.h" nogil:
@@ -570,6 +590,7 @@ cdef class FrameDecoder:
         # assembling a payload copies each byte at most twice however it arrives.
         cdef Py_ssize_t length = self._assembled + self._remaining
         cdef Py_ssize_t capacity = min(length, max(needed, 2 * self._capacity))
+        cdef Py_ssize_t before = self._capacity
         cdef object fresh
         try:
             if self._payload == NULL:
@@ -585,6 +606,8 @@ cdef class FrameDecoder:
             self._state = _DISCARD_STATE
             raise _errors.no_memory_error(length, self._fields.request_id, self._fields.type)
         self._capacity = capacity
+        if capacity >= POPULATE_FROM:
+            _populate(PyBytes_AS_STRING(<object>self._payload), before, capacity)
         return 0
 
     cdef object _take_payload(self):
