@@ -264,12 +264,15 @@ class ServerBase:
         """Whether a socket accepted on ``listener`` may be served, with ``open_now``
         connections open: its peer's credentials and address, or None once it has been
         refused (and closed). Over a Unix socket, the peer's uid or gid must be allowed; over
-        TCP there are none to check.
-
-        Raises:
-            OSError: the peer went already.
+        TCP there are none to check. A peer that went already is dropped quietly (None).
         """
-        peer, address = accepted(listener, sock)
+        try:
+            peer, address = accepted(listener, sock)
+        except OSError as error:   # the peer reset before we looked: nothing to answer
+            log.debug("a connection on %s went before it was accepted: %s",
+                      listener.address, error)
+            sock.close()
+            return None
         if not listener.tcp and peer.uid not in self._allowed_uids \
                 and peer.gid not in self._allowed_gids:
             log.warning("refused a connection from pid %d uid %d gid %d on %s",
