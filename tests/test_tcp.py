@@ -290,8 +290,8 @@ def _sh(*argv):
     return subprocess.run(argv, check=True, capture_output=True, text=True)
 
 
-@pytest.fixture
-def netns_server():
+@pytest.fixture(params=["plain", "tls"])
+def netns_server(request, tmp_path):
     """A server process in a fresh network namespace at 10.203.x.2, reached from here over a
     veth pair (10.203.x.1); removed afterwards. Yields (address, pull_cable). Skipped, with the
     reason, where namespaces cannot be made."""
@@ -314,9 +314,24 @@ def netns_server():
         _sh("ip", "netns", "exec", ns, "ip", "link", "set", there, "up")
         _sh("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up")
         address = f"tcp://10.203.{net}.2:7400"
-        script = (f"import hintens, signal\n"
-                  f"from tests.handlers import command\n"
-                  f"server = hintens.Server({address!r}, command)\n"
+        tls_setup, tls_option, client_context = "", "", None
+        if request.param == "tls":
+            trustme = pytest.importorskip("trustme", reason="trustme is in the test extra")
+            ca = trustme.CA()
+            ca.issue_cert(f"10.203.{net}.2").private_key_and_cert_chain_pem.write_to_path(
+                str(tmp_path / "server.pem"))
+            import ssl
+
+            client_context = ssl.create_default_context()
+            ca.configure_trust(client_context)
+            tls_setup = (f"import ssl\ncontext = ssl.create_default_context("
+                         f"ssl.Purpose.CLIENT_AUTH)\n"
+                         f"context.load_cert_chain({str(tmp_path / 'server.pem')!r})\n")
+            tls_option = ", ssl_context=context"
+        script = ("import hintens, signal\n"
+                  "from tests.handlers import command\n"
+                  + tls_setup +
+                  f"server = hintens.Server({address!r}, command{tls_option})\n"
                   f"signal.signal(signal.SIGTERM, lambda *_: server.shutdown())\n"
                   f"server.serve_forever()\n")
         env = dict(os.environ, PYTHONPATH=REPO)
@@ -337,7 +352,7 @@ def netns_server():
             # sent is dropped without a word, as with a pulled cable.
             _sh("ip", "netns", "exec", ns, "ip", "link", "set", there, "down")
 
-        yield address, pull_cable
+        yield address, pull_cable, client_context
     finally:
         if process is not None:
             process.terminate()
@@ -351,13 +366,14 @@ def netns_server():
 
 
 def test_across_network_namespaces_and_a_pulled_cable(netns_server):
-    address, pull_cable = netns_server
-    with hintens.Client(address, timeout=1.0, connect_timeout=5) as client:
+    address, pull_cable, context = netns_server
+    with hintens.Client(address, timeout=1.0, connect_timeout=5, ssl_context=context) as client:
         assert client.request(b"echo:across") == b"across"
         assert len(client.request(b"size:3000000")) == 3_000_000
 
         async def main():
-            async with hintens.aio.Client(address, timeout=1.0) as aio_client:
+            async with hintens.aio.Client(address, timeout=1.0,
+                                          ssl_context=context) as aio_client:
                 assert await aio_client.request(b"echo:aio across") == b"aio across"
                 return aio_client
 
@@ -370,7 +386,7 @@ def test_across_network_namespaces_and_a_pulled_cable(netns_server):
 
     async def after():
         with pytest.raises((hintens.Timeout, hintens.ConnectError)):
-            await hintens.aio.Client.connect(address, connect_timeout=1.0)
+            await hintens.aio.Client.connect(address, connect_timeout=1.0, ssl_context=context)
 
     run(after())
 
@@ -390,5 +406,30 @@ def test_the_command_line_listens_and_connects_over_tcp(sock_path, tcp_address):
                                   f"tcp://127.0.0.1:{free_port()}", "x"], capture_output=True,
                                  env=env, cwd=REPO, timeout=30)
         assert refused.returncode == 3 and b"refused" in refused.stderr
+    finally:
+        stop_server(process)
+
+
+def test_the_asyncio_exactly_once_pool_across_a_server_restart(tcp_address):
+    process = start_aio_server_with(tcp_address)
+    try:
+        async def main():
+            nonlocal process
+            async with hintens.aio.ClientPool(tcp_address, 2, exactly_once=True, timeout=10,
+                                              retry=hintens.RetryPolicy(max_attempts=4,
+                                                                        backoff=0.2)) as pool:
+                assert await pool.request(b"count:warm") == b"1"
+                slow = asyncio.ensure_future(pool.request(b"sleep:2:slow"))
+                await asyncio.sleep(0.5)   # the request is running on the server
+                process.send_signal(signal.SIGKILL)
+                await asyncio.get_running_loop().run_in_executor(None, process.wait)
+                process = await asyncio.get_running_loop().run_in_executor(
+                    None, lambda: start_aio_server_with(tcp_address))
+                with pytest.raises(hintens.ConnectionClosed) as raised:
+                    await slow
+                assert raised.value.request_sent and "restarted" in str(raised.value)
+                assert await pool.request(b"count:after") == b"1"   # the pool carries on
+
+        run(main())
     finally:
         stop_server(process)
