@@ -51,9 +51,8 @@ from ..protocol.replay import (
     DEFAULT_REPLAY_TOTAL_BYTES,
     DEFAULT_REPLAY_WINDOW,
 )
-from ..sync.serving import HANDSHAKE_TIMEOUT_S
 from ..transport.address import Listener
-from ..transport.tls import TlsStream, plaintext_hint
+from ..transport.tls import HANDSHAKE_TIMEOUT_S, TlsStream, plaintext_hint
 from .serving import ServerConnection, current, logged
 
 log = logging.getLogger("hintens")

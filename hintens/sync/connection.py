@@ -97,6 +97,8 @@ class Connection:
         self.endpoint = endpoint
         # A TLS stream names the Channel that can drive it (the pure-Python one).
         channel_class = getattr(sock, "channel_class", None) or _impl.core.Channel
+        # A TLS stream's pending(): looked up once, not on every read of a plain socket.
+        self._pending: Callable[[], bool] | None = getattr(sock, "pending", None)
         self.channel = channel = channel_class(sock, endpoint.decoder, RECEIVE_BUFFER_BYTES)
         if shm:
             channel.max_fds = SHM_MAX_FDS
@@ -158,7 +160,7 @@ class Connection:
     def more_buffered(self) -> bool:
         """Bytes wait above the socket (decrypted TLS records) that its descriptor will not
         announce: read again without waiting for it."""
-        pending = getattr(self.sock, "pending", None)
+        pending = self._pending
         return pending is not None and pending()
 
     def drop_unclaimed(self) -> None:

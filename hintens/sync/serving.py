@@ -21,7 +21,7 @@ from ..protocol.hello import FEATURE_SHM, Hello, HelloKey
 from ..protocol.replay import ReplayWindow
 from ..transport.unix import PeerCredentials
 from .._server_common import Pushing
-from ..transport.tls import TlsStream, plaintext_hint
+from ..transport.tls import HANDSHAKE_TIMEOUT_S, TlsStream, plaintext_hint
 from .answering import Answering, ClientGone
 from .connection import Connection
 
@@ -29,8 +29,6 @@ if TYPE_CHECKING:
     from .server import Server
 
 log = logging.getLogger("hintens")
-#: How long a TLS handshake may take when the server has no frame_timeout.
-HANDSHAKE_TIMEOUT_S = 10.0
 
 
 

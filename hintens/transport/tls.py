@@ -28,6 +28,8 @@ _RECORD_BYTES = 16384
 _TIMEVAL = struct.Struct("@ll")
 _EVENTS_READ = select.POLLIN | select.POLLPRI
 _EVENTS_WRITE = select.POLLOUT
+#: How long a server's TLS handshake may take when it has no frame_timeout.
+HANDSHAKE_TIMEOUT_S = 10.0
 #: How long a client waits, after its side of the handshake, for the server's first bytes
 #: (a hintens server's hello): a refusal of its certificate comes instead of them.
 PREFETCH_S = 1.0
@@ -77,15 +79,8 @@ class TlsStream:
             TimeoutError: the peer took longer.
             OSError: the connection broke.
         """
-        deadline = None if timeout_s is None else monotonic() + timeout_s
-        while True:
-            wait = self.handshake_step()
-            if wait is None:
-                return
-            remaining = None if deadline is None else deadline - monotonic()
-            if remaining is not None and remaining <= 0:
-                raise TimeoutError(errno.ETIMEDOUT, "the TLS handshake took too long")
-            self._wait(wait, remaining)
+        self._until(lambda: (None, self.handshake_step()), timeout_s, False,
+                    TimeoutError(errno.ETIMEDOUT, "the TLS handshake took too long"))
 
     def handshake_step(self) -> int | None:
         """One step of a non-blocking handshake: None when it is done (and the peer
@@ -148,16 +143,9 @@ class TlsStream:
             OSError: the connection broke.
         """
         buffer = bytearray(65536)
-        deadline = monotonic() + timeout_s
-        while True:
-            count, wait = self._read_some(memoryview(buffer))
-            if wait is None:
-                self._early += bytes(buffer[:count])
-                return
-            remaining = deadline - monotonic()
-            if remaining <= 0:
-                return
-            self._wait(wait, remaining)
+        count = self._until(lambda: self._read_some(memoryview(buffer)), timeout_s, False, None)
+        if count is not None:
+            self._early += bytes(buffer[:count])
 
     def recvmsg_into(self, buffers: list[Any], ancbufsize: int = 0,
                      flags: int = 0) -> tuple[int, list[Any], int, Any]:
@@ -174,17 +162,10 @@ class TlsStream:
             view[:count] = self._early[:count]
             self._early = self._early[count:]
             return count, [], 0, None
-        deadline = None if self._receive_s is None else monotonic() + self._receive_s
-        while True:
-            count, wait = self._read_some(view)
-            if wait is None:
-                return count, [], 0, None
-            if flags & socket.MSG_DONTWAIT:
-                raise BlockingIOError(errno.EAGAIN, "nothing to read now")
-            remaining = None if deadline is None else deadline - monotonic()
-            if remaining is not None and remaining <= 0:
-                raise BlockingIOError(errno.EAGAIN, "the receive timeout expired")
-            self._wait(wait, remaining)
+        count = self._until(lambda: self._read_some(view), self._receive_s,
+                            bool(flags & socket.MSG_DONTWAIT),
+                            BlockingIOError(errno.EAGAIN, "the receive timeout expired"))
+        return count, [], 0, None
 
     def _read_some(self, view: memoryview) -> tuple[int, int | None]:
         # (bytes read, None) when done, or (0, events to wait for) when nothing was there.
@@ -215,23 +196,45 @@ class TlsStream:
             OSError: the connection broke.
         """
         chunk = memoryview(data).cast("B")[:_RECORD_BYTES]
-        deadline = None if self._send_s is None else monotonic() + self._send_s
+        sent: int = self._until(lambda: self._write_some(chunk), self._send_s,
+                                bool(flags & socket.MSG_DONTWAIT),
+                                BlockingIOError(errno.EAGAIN, "the send timeout expired"))
+        return sent
+
+    def _write_some(self, chunk: memoryview) -> tuple[int, int | None]:
+        # (bytes written, None), or (0, events to wait for) when OpenSSL could not go on.
+        try:
+            with self._lock:
+                return self._ssl.send(chunk), None
+        except ssl.SSLWantWriteError:
+            return 0, _EVENTS_WRITE
+        except ssl.SSLWantReadError:
+            return 0, _EVENTS_READ
+        except ssl.SSLEOFError as error:
+            raise BrokenPipeError(errno.EPIPE, f"the peer closed the TLS stream: {error}") \
+                from error
+
+    def _until(self, step: Callable[[], tuple[Any, int | None]], seconds: float | None,
+               now_only: bool, expired: BaseException | None) -> Any:
+        """``step()`` until it has a result (its wait is None), polling for the events it
+        asks for between tries, for ``seconds`` at most (None: for ever). Then ``expired``
+        is raised (None: None is returned). ``now_only`` (MSG_DONTWAIT): no wait at all.
+
+        Raises:
+            BlockingIOError: ``now_only``, and ``step`` had to wait.
+        """
+        deadline = None if seconds is None else monotonic() + seconds
         while True:
-            try:
-                with self._lock:
-                    return self._ssl.send(chunk)
-            except ssl.SSLWantWriteError:
-                wait = _EVENTS_WRITE
-            except ssl.SSLWantReadError:
-                wait = _EVENTS_READ
-            except ssl.SSLEOFError as error:
-                raise BrokenPipeError(errno.EPIPE, f"the peer closed the TLS stream: {error}") \
-                    from error
-            if flags & socket.MSG_DONTWAIT:
-                raise BlockingIOError(errno.EAGAIN, "the socket takes nothing now")
+            result, wait = step()
+            if wait is None:
+                return result
+            if now_only:
+                raise BlockingIOError(errno.EAGAIN, "nothing can be done now")
             remaining = None if deadline is None else deadline - monotonic()
             if remaining is not None and remaining <= 0:
-                raise BlockingIOError(errno.EAGAIN, "the send timeout expired")
+                if expired is None:
+                    return None
+                raise expired
             self._wait(wait, remaining)
 
     def sendmsg(self, buffers: list[Any], ancillary: Any = (), flags: int = 0,
