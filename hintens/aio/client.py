@@ -50,6 +50,7 @@ from ..protocol.endpoint import (
 from ..protocol.hello import Hello, HelloKey
 from ..protocol.roles import sort_for_client
 from ..sync.client import Session
+from ._loop import on_loop
 from ..sync.connection import Connection, mark_sent
 from ..transport.address import check_ssl_context, connect, is_tcp, resolve, server_check
 from ..transport.unix import socket_alive
@@ -654,16 +655,7 @@ class Client(Generic[_R]):
     def _queued_threadsafe(self, channel: Any, soon: bool = False) -> None:
         """The channel's ``on_queued``: from any thread (a release, on the thread that dropped
         a view). The flush runs on the loop: at once, or at the Event deadline."""
-        loop = self._loop
-        if loop is None or loop.is_closed():
-            return
-        if threading.get_ident() == self._loop_thread:
-            self._queued(soon)   # on the loop already: no wake-up through its self-pipe
-            return
-        try:
-            loop.call_soon_threadsafe(self._queued, soon)
-        except RuntimeError:   # the loop closed meanwhile
-            pass
+        on_loop(self._loop, self._loop_thread, self._queued, soon)
 
     def _queued(self, soon: bool) -> None:
         if soon:

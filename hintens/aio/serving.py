@@ -29,7 +29,6 @@ import contextvars
 import inspect
 import logging
 import socket
-from threading import get_ident
 from typing import TYPE_CHECKING, Any
 
 from .. import _impl
@@ -48,6 +47,7 @@ from ..protocol.replay import ANSWERED, NEW, RUNNING, ReplayWindow, refusal
 from ..sync.connection import Connection
 from ..transport.tls import client_hello_hint
 from ..transport.unix import PeerCredentials
+from ._loop import on_loop
 
 if TYPE_CHECKING:
     from .server import Server
@@ -169,13 +169,7 @@ class ServerConnection(Pushing):
         """Cut this connection now: requests in flight are not answered."""
         self._open = False
         self._channel.abort("closed by the server")
-        if get_ident() == self._loop_thread:
-            self._end("closed by the server")
-        else:
-            try:
-                self._loop.call_soon_threadsafe(self._end, "closed by the server")
-            except RuntimeError:   # the loop is closed
-                pass
+        on_loop(self._loop, self._loop_thread, self._end, "closed by the server")
 
     def __repr__(self) -> str:
         if self.peer.pid < 0:
@@ -553,13 +547,7 @@ class ServerConnection(Pushing):
     def _queued_threadsafe(self, channel: Any, soon: bool = False) -> None:
         """The channel's ``on_queued``, from any thread (a release is queued by whichever
         thread drops a lent view)."""
-        if get_ident() == self._loop_thread:
-            self._queued(soon)
-            return
-        try:
-            self._loop.call_soon_threadsafe(self._queued, soon)
-        except RuntimeError:   # the loop is closed
-            pass
+        on_loop(self._loop, self._loop_thread, self._queued, soon)
 
     def _queued(self, soon: bool) -> None:
         if not self._open:
