@@ -50,9 +50,7 @@ from hintens import wire
 TASKS = 100
 SMALL = b"x" * 64
 BIG = 1 << 20
-GRPC_METHOD = "/hintens.bench.Echo/Echo"
-GRPC_OPTIONS = [("grpc.max_send_message_length", 128 << 20),
-                ("grpc.max_receive_message_length", 128 << 20)]
+GRPC_METHOD, GRPC_OPTIONS = harness.GRPC_METHOD, harness.GRPC_OPTIONS
 
 
 # Servers, each run as `python bench/aio_latency.py serve KIND PATH` ------------------------
@@ -100,17 +98,7 @@ async def _serve_hintens_aio(path: str) -> None:
 
 
 async def _serve_grpc(path: str) -> None:
-    import grpc
-    import grpc.aio
-
-    async def echo(request: bytes, context: Any) -> bytes:
-        return request
-
-    service, method = GRPC_METHOD.strip("/").split("/")
-    handler = grpc.unary_unary_rpc_method_handler(echo)   # no (de)serializers: bytes as is
-    server = grpc.aio.server(options=GRPC_OPTIONS)
-    server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler(service, {method: handler}),))
+    server = harness.grpc_echo_server()
     server.add_insecure_port("unix:" + path)
     await server.start()
     await server.wait_for_termination()

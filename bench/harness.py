@@ -18,8 +18,9 @@ from hintens.wire import MessageType
 from hintens._constants import HEADER_SIZE
 from hintens._demo import RawClient, percentile, raw_echo_server, sample, spawn, stop
 
-__all__ = ["RawClient", "percentile", "raw_echo_server", "sample",
-           "small_frames_stream", "spawn", "stop", "struct_crc_decode"]
+__all__ = ["GRPC_METHOD", "GRPC_OPTIONS", "RawClient", "grpc_echo_server", "percentile",
+           "raw_echo_server", "sample", "small_frames_stream", "spawn", "stop",
+           "struct_crc_decode"]
 
 SMALL_FRAME_PAYLOAD_BYTES = 100
 STREAM_BYTES = 1 << 20
@@ -50,3 +51,27 @@ def struct_crc_decode(stream: bytes) -> list[tuple[int, int, int, bytes]]:
         out.append((msg_type, flags, request_id, payload))
         pos += HEADER_SIZE + length
     return out
+
+
+# grpc.aio, a peer of the asyncio and TCP benchmarks ----------------------------------------
+
+GRPC_METHOD = "/hintens.bench.Echo/Echo"
+#: Messages up to 128 MiB both ways (grpc's default is 4 MiB).
+GRPC_OPTIONS = [("grpc.max_send_message_length", 128 << 20),
+                ("grpc.max_receive_message_length", 128 << 20)]
+
+
+def grpc_echo_server() -> Any:
+    """A grpc.aio server, not yet bound nor started, whose one unary method echoes its bytes
+    (no protobuf: without (de)serializers, bytes go as they are)."""
+    import grpc
+    import grpc.aio
+
+    async def echo(request: bytes, context: Any) -> bytes:
+        return request
+
+    service, method = GRPC_METHOD.strip("/").split("/")
+    server = grpc.aio.server(options=GRPC_OPTIONS)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        service, {method: grpc.unary_unary_rpc_method_handler(echo)}),))
+    return server

@@ -80,9 +80,7 @@ BIG = 64 << 20
 BIG_LIMIT = 80 << 20          # max_payload of the hintens client and server for the 64 MiB echo
 COUNT_REQUEST = b"count"      # asks the counting hintens server for its Event count
 RAW_TLS_EVENTS = "raw TLS, a sendall per Event"
-GRPC_METHOD = "/hintens.bench.Echo/Echo"
-GRPC_OPTIONS = [("grpc.max_send_message_length", 128 << 20),
-                ("grpc.max_receive_message_length", 128 << 20)]
+GRPC_METHOD, GRPC_OPTIONS = harness.GRPC_METHOD, harness.GRPC_OPTIONS
 _SIZE = struct.Struct("<Q")
 #: The server processes pin themselves to the CPUs this variable lists (``--pin``).
 CPUS_VARIABLE = "HINTENS_TCP_BENCH_CPUS"
@@ -314,16 +312,8 @@ def serve_zmq_pull(port: int, ack_port: int) -> None:
 
 async def _serve_grpc(port: int, cert_dir: str | None = None) -> None:
     import grpc
-    import grpc.aio
 
-    async def echo(request: bytes, context: Any) -> bytes:
-        return request
-
-    service, method = GRPC_METHOD.strip("/").split("/")
-    handler = grpc.unary_unary_rpc_method_handler(echo)   # no (de)serializers: bytes as is
-    server = grpc.aio.server(options=GRPC_OPTIONS)
-    server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler(service, {method: handler}),))
+    server = harness.grpc_echo_server()
     if cert_dir is None:
         server.add_insecure_port(f"{HOST}:{port}")
     else:
