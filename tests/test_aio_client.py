@@ -41,6 +41,19 @@ def test_a_request_and_its_reply(server_process, sock_path):
     run(main())
 
 
+@pytest.mark.parametrize("shm", [True, False])
+def test_every_reply_is_a_memoryview_that_with_releases(server_process, sock_path, shm):
+    async def main():
+        async with hintens.aio.Client(sock_path, shm=shm) as client:
+            for size in (5, 1 << 20):
+                with await client.request(b"echo:" + b"x" * size) as reply:
+                    assert type(reply) is memoryview and reply == b"x" * size
+                assert [type(r) for r in await client.request_many([b"echo:a", b"echo:b"])] \
+                    == [memoryview, memoryview]
+
+    run(main())
+
+
 def test_connect_and_close(server_process, sock_path):
     async def main():
         client = await hintens.aio.Client.connect(sock_path, timeout=10)

@@ -30,7 +30,7 @@ def observer(recording_server, sock_path):
 
 
 def summary(client):
-    return json.loads(client.request(b"events:"))
+    return json.loads(bytes(client.request(b"events:")))
 
 
 def wait_for_count(observer, count, timeout=10.0):

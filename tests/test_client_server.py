@@ -571,8 +571,56 @@ def test_in_flight_requests_are_answered_on_close(sock_path):
     closer.start()
     errors = in_threads(lambda i: results.append(client.request(b"%d" % i)), 5, timeout_s=10)
     closer.join()
-    assert errors == [] and sorted(results) == [b"%d" % i for i in range(5)]
+    assert errors == [] and sorted(map(bytes, results)) == [b"%d" % i for i in range(5)]
     with pytest.raises(hintens.ConnectionClosed):
         client.request(b"after close")
     client.close()
     assert not os.path.exists(sock_path)
+
+
+# The shape of a reply, and a server in a ``with`` block ------------------------------------
+
+@pytest.mark.parametrize("shm", [True, False])
+@pytest.mark.parametrize("size", [5, 1 << 20])
+def test_every_reply_is_a_memoryview_that_with_releases(sock_path, shm, size):
+    """Inline or through shared memory, with or without shm, on either core: one shape, so
+    ``with reply:`` never raises TypeError and code written against small replies holds for
+    large ones."""
+    with hintens.Server(sock_path, lambda payload: payload):
+        with hintens.Client(sock_path, shm=shm) as client:
+            with client.request(b"x" * size) as reply:
+                assert type(reply) is memoryview and reply == b"x" * size
+            with pytest.raises(ValueError, match="released"):
+                len(reply)
+            more = client.request_many([b"a", b"b" * size])
+            assert [type(r) for r in more] == [memoryview, memoryview]
+            assert more == [b"a", b"b" * size]
+            for r in more:
+                r.release()
+
+
+def test_a_codec_still_gets_values_not_views(sock_path):
+    with hintens.Server(sock_path, lambda payload: payload):
+        with hintens.Client(sock_path, codec="json") as client:
+            assert client.request({"a": [1, 2]}) == {"a": [1, 2]}
+
+
+def test_with_server_serves_without_start(sock_path):
+    """``with Server(...)`` starts serving (a background thread); ``start()`` inside the
+    block, or before it, changes nothing; ``serve_forever()`` inside it waits for close."""
+    with hintens.Server(sock_path, lambda payload: bytes(payload).upper()) as server:
+        assert server.start() is server
+        with hintens.Client(sock_path, timeout=5) as client:
+            assert client.request(b"hi") == b"HI"
+        waiter = threading.Thread(target=server.serve_forever)
+        waiter.start()
+        time.sleep(0.05)
+        assert waiter.is_alive()
+        server.close()
+        waiter.join(5)
+        assert not waiter.is_alive()
+    with pytest.raises(RuntimeError, match="closed"):
+        server.start()
+    with hintens.Server(sock_path, lambda payload: payload).start() as again:
+        with hintens.Client(sock_path, timeout=5) as client:
+            assert client.request(b"ok") == b"ok"

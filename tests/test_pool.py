@@ -67,7 +67,7 @@ def test_connections_open_lazily_up_to_size(server_process, sock_path):
             thread.start()
         for thread in threads:
             thread.join()
-        assert sorted(results) == [b"%d" % n for n in range(6)]
+        assert sorted(map(bytes, results)) == [b"%d" % n for n in range(6)]
         assert pool.stats["open"] == 3 and pool.stats["busy"] == 0
 
 
@@ -248,7 +248,7 @@ def test_pool_events_and_ordered_events_through_one_connection(sock_path):
             pool.flush()
             deadline = time.monotonic() + 10
             while True:
-                seen = json.loads(pool.request(b"events:"))
+                seen = json.loads(bytes(pool.request(b"events:")))
                 if seen["count"] == 1001 or time.monotonic() > deadline:
                     break
                 time.sleep(0.01)

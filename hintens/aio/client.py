@@ -104,10 +104,10 @@ class Client(Generic[_R]):
         ConnectError, UntrustedServerError, SocketPathError, Timeout: as the sync ``Client``.
     """
 
-    # The static type says what ``request`` returns: bytes (or a lent view) without a codec,
+    # The static type says what ``request`` returns: a memoryview without a codec,
     # the codec's values (Any) with one.
     @overload
-    def __init__(self: Client[bytes | memoryview], path: str | os.PathLike[str] | None = None, *,
+    def __init__(self: Client[memoryview], path: str | os.PathLike[str] | None = None, *,
                  timeout: float | None = DEFAULT_TIMEOUT_S,
                  connect_timeout: float | None = DEFAULT_CONNECT_TIMEOUT_S,
                  on_event: Callable[[Any], Any] | None = None,
@@ -215,7 +215,7 @@ class Client(Generic[_R]):
     @overload
     @classmethod
     async def connect(cls, path: str | os.PathLike[str] | None = None, *,
-                      codec: None = None, **options: Any) -> Client[bytes | memoryview]: ...
+                      codec: None = None, **options: Any) -> Client[memoryview]: ...
 
     @overload
     @classmethod
@@ -342,7 +342,9 @@ class Client(Generic[_R]):
                 of running it again. Default: the next id.
 
         Returns:
-            The Response payload: ``bytes``, or a ``memoryview`` lent from shared memory.
+            The Response payload, always a ``memoryview`` (``with reply:`` works): over an
+            inline reply's bytes, or lent from shared memory until released. With a codec:
+            the decoded value.
 
         Raises:
             RemoteError: the server answered with an Error frame.
@@ -399,8 +401,9 @@ class Client(Generic[_R]):
             self._waiters.pop(request_id, None)
             if writable:
                 endpoint.writable_ids.discard(request_id)
-        return reply if self.codec is None else self.codec.decode(  # type: ignore[no-any-return]
-            reply, "response")
+        if self.codec is None:   # one shape for every raw reply, as in the sync client
+            return reply if type(reply) is memoryview else memoryview(reply)  # type: ignore[return-value]
+        return self.codec.decode(reply, "response")  # type: ignore[no-any-return]
 
     async def request_many(self, payloads: Iterable[Any],
                            timeout: float | None = None) -> list[_R]:

@@ -147,10 +147,10 @@ class Client(ClientSender, Generic[_R]):
             cls = CodedClient
         return object.__new__(cls)
 
-    # The static type says what ``request`` returns: bytes (or a lent view) without a codec,
+    # The static type says what ``request`` returns: a memoryview without a codec,
     # the codec's values (Any) with one.
     @overload
-    def __init__(self: Client[bytes | memoryview], path: str | os.PathLike[str] | None = None, *,
+    def __init__(self: Client[memoryview], path: str | os.PathLike[str] | None = None, *,
                  timeout: float | None = DEFAULT_TIMEOUT_S,
                  connect_timeout: float | None = DEFAULT_CONNECT_TIMEOUT_S,
                  on_event: Callable[[Any], Any] | None = None,
@@ -252,8 +252,10 @@ class Client(ClientSender, Generic[_R]):
                 replay window instead of running it again. Default: the next id.
 
         Returns:
-            The Response payload: ``bytes``, or a ``memoryview`` (read-only unless
-            ``writable``) lent from shared memory until it is released.
+            The Response payload, always a ``memoryview`` (so ``with reply:`` and
+            ``reply.release()`` work whichever way it came): over the bytes of an inline
+            reply, or lent from shared memory (read-only unless ``writable``) until it is
+            released or collected. With a codec: the decoded value.
 
         Raises:
             RemoteError: the server answered with an Error frame (a subclass per code).
@@ -333,7 +335,11 @@ class Client(ClientSender, Generic[_R]):
         if waiter.error is not None:
             self._mark_sent(waiter.error, end, request_id)
             raise waiter.error
-        return waiter.payload
+        reply = waiter.payload
+        # One shape for every raw reply, inline or lent from shared memory: a memoryview,
+        # which ``with`` and ``release()`` work on. A codec gets the payload as it came.
+        return reply if type(reply) is memoryview or self.codec is not None \
+            else memoryview(reply)
 
     def request_many(self, payloads: Iterable[Any], timeout: float | None = None, *,
                      return_exceptions: bool = False) -> list[Any]:
@@ -391,10 +397,12 @@ class Client(ClientSender, Generic[_R]):
                 for request_id in ids:
                     self._waiters.pop(request_id, None)
         replies = []
+        raw = self.codec is None
         for waiter in waiters:
             if waiter.error is not None and not return_exceptions:
                 raise waiter.error
-            replies.append(waiter.payload if waiter.error is None else waiter.error)
+            reply = waiter.payload if waiter.error is None else waiter.error
+            replies.append(memoryview(reply) if raw and type(reply) is bytes else reply)
         return replies
 
     def send_event(self, payload: Any) -> None:

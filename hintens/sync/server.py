@@ -267,14 +267,25 @@ class Server(ServerBase):
     def serve_forever(self) -> None:
         """Accept and serve connections until ``shutdown()`` or ``close()``, then drain.
         A ``shutdown()`` that came first (a signal handler's, say) makes it drain at once.
+        On a server that serves in the background already (``start``, or ``with``), it waits
+        until that stops.
 
         Raises:
-            RuntimeError: the server is already serving, or was closed.
+            RuntimeError: the server is serving in another thread's ``serve_forever``, or
+                was closed.
         """
         with self._lock:
-            if self._serving or self._drained:
+            background = self._thread
+            if background is not None and background is not threading.current_thread():
+                waiting = True
+            elif self._serving or self._drained:
                 raise RuntimeError("this server is already serving or closed")
-            self._serving = True
+            else:
+                waiting = False
+                self._serving = True
+        if waiting:
+            self._done.wait()
+            return
         try:
             self._accept_loop()
         finally:
@@ -282,9 +293,19 @@ class Server(ServerBase):
             self._done.set()
 
     def start(self) -> Server:
-        """Serve in a background thread; returns self."""
-        self._thread = threading.Thread(target=self.serve_forever, name="hintens-server",
-                                        daemon=True)
+        """Serve in a background thread; returns self. A server that serves already (from
+        ``start`` or ``with``) is left as it is.
+
+        Raises:
+            RuntimeError: the server was closed.
+        """
+        with self._lock:
+            if self._drained:
+                raise RuntimeError("this server is closed")
+            if self._thread is not None or self._serving:
+                return self
+            self._thread = threading.Thread(target=self.serve_forever, name="hintens-server",
+                                            daemon=True)
         self._thread.start()
         return self
 
@@ -326,7 +347,9 @@ class Server(ServerBase):
             self._drain(self._shutdown_timeout)
 
     def __enter__(self) -> Server:
-        return self
+        """Start serving in a background thread (as ``start``), so that a ``with`` block's
+        clients are answered; leaving the block closes the server."""
+        return self.start()
 
     def __exit__(self, *exc_info: Any) -> None:
         self.close()
