@@ -339,7 +339,7 @@ class Client(ClientSender, Generic[_R]):
         # One shape for every raw reply, inline or lent from shared memory: a memoryview,
         # which ``with`` and ``release()`` work on. A codec gets the payload as it came.
         return reply if type(reply) is memoryview or self.codec is not None \
-            else memoryview(reply)
+            else memoryview(reply)  # type: ignore[return-value]
 
     def request_many(self, payloads: Iterable[Any], timeout: float | None = None, *,
                      return_exceptions: bool = False) -> list[Any]:
