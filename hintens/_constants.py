@@ -81,3 +81,7 @@ FIRST_APPLICATION_ERROR_CODE = 1000
 SCATTER_THRESHOLD_BYTES = 16 * 1024
 #: Bytes a connection reads from its socket at once (its receive buffer).
 RECEIVE_BUFFER_BYTES = 256 * 1024
+
+#: Upper bounds (seconds) of the handler-time buckets that stats report; one more bucket
+#: holds what is slower than the last.
+HANDLER_BUCKETS_S = (1e-5, 1e-4, 1e-3, 1e-2, 0.1, 1.0, 10.0)

@@ -25,6 +25,7 @@ from ._constants import (
     MessageType,
 )
 from ._errors import ConnectionClosed, encode_error_payload
+from ._stats import connection_stats, handler_stats, merge_stats, public_name
 from .protocol.answers import event_writes, is_bytes_like
 from .protocol.endpoint import (
     DEFAULT_COMPRESS_THRESHOLD_BYTES,
@@ -93,6 +94,10 @@ class ServerBase:
     """The settings and shared state of a server; see ``hintens.Server`` for the arguments
     (the asyncio ``Server`` takes the same ones). The socket is bound and listening when the
     constructor returns."""
+
+    if TYPE_CHECKING:   # the server class's own
+        @property
+        def connections(self) -> list[Any]: ...
 
     def __init__(self, path: Addresses, handler: Callable[..., Any], *,
                  on_event: Callable[..., Any] | None,
@@ -172,10 +177,13 @@ class ServerBase:
         self._new_endpoint()   # the protocol layer checks its settings: once, and now
         self._pending_budget = core.MemoryBudget(count(
             max_pending_bytes, "max_pending_bytes", minimum=max_payload))
-        #: Counters, for monitoring: clients cut because they fell behind (their queue full,
-        #: or nothing read for send_timeout), Events dropped (slow_consumer="drop"), and
-        #: connections refused (max_connections, or no thread could be started).
-        self.stats = {"slow_consumers_cut": 0, "events_dropped": 0, "connections_refused": 0}
+        # Counters for ``stats``: clients cut because they fell behind (their queue full,
+        # or nothing read for send_timeout), Events dropped (slow_consumer="drop"), and
+        # connections refused (max_connections, or no thread could be started); and what
+        # the connections that have ended counted, summed.
+        self._counters = {"slow_consumers_cut": 0, "events_dropped": 0,
+                          "connections_refused": 0, "connections_closed": 0}
+        self._ended_stats: dict[str, Any] = {}
         self._stats_lock = threading.Lock()
         #: Names this run of the server in its hellos: a retry that reaches another run
         #: cannot be answered from this one's replay memory.
@@ -311,9 +319,35 @@ class ServerBase:
     def _count(self, name: str, connection: Any = None) -> None:
         # From any thread: a handler in an executor may push Events.
         with self._stats_lock:
-            self.stats[name] += 1
+            self._counters[name] += 1
             if connection is not None and name == "events_dropped":
                 connection.events_dropped += 1
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        """A snapshot of the server's counters: every connection's (``ServerConnection.stats``)
+        summed over those open now and those that have ended, plus ``connections`` (open
+        now), ``connections_closed``, ``connections_refused`` (max_connections, or no thread
+        could be started), ``slow_consumers_cut`` and ``events_dropped``."""
+        with self._stats_lock:   # a connection is in the sum once: ended, or open
+            total = merge_stats({}, self._ended_stats)
+            live = [c for c in self.connections if not c._stats_retired]
+            for connection in live:
+                merge_stats(total, connection.stats)
+            total.update(self._counters, connections=len(live))
+        return total
+
+    def __repr__(self) -> str:
+        where = " ".join(self.addresses)
+        return f"<{public_name(self)} {where}, {len(self.connections)} connections>"
+
+    def _retire_stats(self, connection: Any) -> None:
+        """A connection has ended: its counters join the server's sum (once)."""
+        with self._stats_lock:
+            if not connection._stats_retired:
+                connection._stats_retired = True
+                merge_stats(self._ended_stats, connection.stats)
+                self._counters["connections_closed"] += 1
 
 
 class Pushing:
@@ -334,6 +368,20 @@ class Pushing:
 
     if TYPE_CHECKING:   # the connection class's own
         def close(self) -> None: ...
+
+    events_sent = 0          # Events queued for this client (send_event, broadcasts)
+    _stats_retired = False   # its counters were added to the server's (it has ended)
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        """A snapshot of this connection's counters: the keys of
+        ``hintens._stats.connection_stats``, plus ``events_dropped`` and ``handler``
+        (``count``, ``seconds`` and cumulative ``buckets`` of the handler's run times)."""
+        channel = self._channel
+        stats = connection_stats(self._endpoint, channel, events_sent=self.events_sent,
+                                 responses_sent=channel.responses_sent)
+        stats.update(events_dropped=self.events_dropped, handler=handler_stats(channel))
+        return stats
 
     def send_event(self, payload: Any) -> bool:
         """Push an Event to this client without waiting for it to read: into this
@@ -364,6 +412,7 @@ class Pushing:
         try:
             if writes is not None and self._conn.offer(writes, self._server.send_queue_bytes):
                 self._dropping = False
+                self.events_sent += 1
                 return True
         except OSError as error:
             self.close()

@@ -36,7 +36,9 @@ from .._checks import (
 )
 from .._codecs import Codec, CodecSpec, codec_from, ready
 from .._constants import DEFAULT_FLUSH_INTERVAL_S, DEFAULT_MAX_PAYLOAD_BYTES, MessageType
-from .._errors import ConnectionClosed, Timeout, closed_error, lost_message, no_free_segment
+from .._errors import (
+    ConnectionClosed, RemoteError, Timeout, closed_error, lost_message, no_free_segment)
+from .._stats import connection_stats, public_name
 from ..protocol.endpoint import (
     DEFAULT_COMPRESS_THRESHOLD_BYTES,
     DEFAULT_SHM_POOL_BYTES,
@@ -198,6 +200,10 @@ class Client(Generic[_R]):
         self._hello = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loop_thread = 0
+        # For stats: Requests and Events sent, requests that timed out, and the
+        # RemoteErrors raised to callers, by code.
+        self._requests_sent = self._events_sent = self._timeouts = 0
+        self._errors: collections.Counter[int] = collections.Counter()
         # Requests' deadlines (loop time, request id), earliest first, and the one timer.
         self._deadlines: list[tuple[float, int]] = []
         self._sweep_handle: asyncio.TimerHandle | None = None
@@ -316,6 +322,22 @@ class Client(Generic[_R]):
                 pass
         return self._endpoint.peer_hello
 
+    @property
+    def stats(self) -> dict[str, Any]:
+        """A snapshot of this connection's counters, as the sync ``Client.stats``."""
+        conn = self._conn
+        stats = connection_stats(self._endpoint, conn.channel if conn is not None else None,
+                                 requests_sent=self._requests_sent,
+                                 events_sent=self._events_sent)
+        stats.update(errors=dict(self._errors), timeouts=self._timeouts,
+                     in_flight=len(self._waiters))
+        return stats
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed_reason is not None else \
+            "connected" if self._conn is not None else "not connected"
+        return f"<{public_name(self)} {self.path} {state}, {len(self._waiters)} in flight>"
+
     def is_alive(self) -> bool:
         """Whether this connection can still carry a request: not ``closed``, and the server
         has not hung up (the socket is asked now, reading nothing).
@@ -376,6 +398,7 @@ class Client(Generic[_R]):
             await self._room(seconds)   # the server is not reading: do not queue without end
         future: asyncio.Future[Any] = loop.create_future()
         self._waiters[request_id] = future
+        self._requests_sent += 1
         if writable:
             endpoint.writable_ids.add(request_id)
         if seconds is not None:
@@ -388,6 +411,10 @@ class Client(Generic[_R]):
             conn = self._conn
             if conn is not None:
                 mark_sent(error, conn.channel, self._closed_reason is None, end, request_id)
+            self._timeouts += isinstance(error, Timeout)
+            raise
+        except RemoteError as error:
+            self._errors[error.code] += 1
             raise
         except asyncio.CancelledError:
             if future.done() and not future.cancelled() and future.exception() is None:
@@ -425,6 +452,7 @@ class Client(Generic[_R]):
                 ``self.timeout``.
         """
         self._running()
+        self._events_sent += 1
         if self.codec is not None:
             payload = self._encoded(payload, "event")
         writes = await self._writes(MessageType.EVENT, payload, next(self._ids), self.timeout)

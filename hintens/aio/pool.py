@@ -20,6 +20,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Iterable
 from .._checks import count, path_like, timeout_s
 from .._errors import ConnectionClosed
 from .._retry import RetryPolicy, may_retry, needs_same_server
+from .._stats import PoolTally
 from ..protocol.hello import HelloKey
 from ..sync.client import Session
 from ..transport.address import resolve
@@ -83,6 +84,7 @@ class ClientPool:
         self._in_flight: dict[Client, int] = {}
         self._last_used: dict[Client, float] = {}
         self._opening = 0
+        self._tally = PoolTally()
         self._busy = 0                      # requests in flight across the pool
         self._idle = asyncio.Event()        # set while nothing is in flight
         self._idle.set()
@@ -163,9 +165,13 @@ class ClientPool:
                 await client.flush()
 
     @property
-    def stats(self) -> dict[str, int]:
-        """Connections open (or opening), and requests in flight, right now."""
-        return {"open": len(self._clients) + self._opening, "in_flight": self._busy}
+    def stats(self) -> dict[str, Any]:
+        """A snapshot: the counters of every connection (``Client.stats``) summed over those
+        open now and those closed; ``retries``, ``connections_opened``, ``reconnects``; and
+        connections ``open`` (or opening) and requests ``in_flight`` right now."""
+        return self._tally.snapshot(list(self._clients),
+                                    open=len(self._clients) + self._opening,
+                                    in_flight=self._busy)
 
     async def close(self, timeout: float = DEFAULT_CLOSE_TIMEOUT_S) -> None:
         """Stop taking requests, let those in flight finish (for ``timeout`` seconds at
@@ -184,6 +190,7 @@ class ClientPool:
         self._last_used.clear()
         for client in clients:
             await client.close()
+            self._tally.closing(client)
 
     async def __aenter__(self) -> ClientPool:
         return self
@@ -192,7 +199,9 @@ class ClientPool:
         await self.close()
 
     def __repr__(self) -> str:
-        return f"<aio ClientPool {self.path} size={self.size} {self.stats}>"
+        state = "closed" if self._closed else \
+            f"{len(self._clients) + self._opening} open, {self._busy} in flight"
+        return f"<hintens.aio.ClientPool {self.path} size={self.size} {state}>"
 
     # Internals --------------------------------------------------------------------------
 
@@ -230,6 +239,7 @@ class ClientPool:
 
     async def _open(self) -> Client:
         self._opening += 1
+        self._tally.opening()
         try:
             client = await Client.connect(self.path, timeout=self.timeout,
                                           connect_timeout=self.connect_timeout,
@@ -260,9 +270,11 @@ class ClientPool:
             self._clients.remove(client)
             del self._in_flight[client]
             self._last_used.pop(client, None)
+            lost = client.closed or not client.is_alive()
             if not client.closed:
                 task = asyncio.ensure_future(client.close())
                 task.add_done_callback(lambda done: done.cancelled() or done.exception())
+            self._tally.closing(client, lost)
 
     async def _call(self, attempt: Callable[[Client, int | None], Awaitable[Any]],
                     idempotent: bool, same_ids: bool = True) -> Any:
@@ -294,6 +306,7 @@ class ClientPool:
                     if instance is None or request_id is None:
                         raise
                 log.info("retrying a request to %s after: %s", self.path, error)
+                self._tally.retrying()
                 last = error
             finally:
                 if client is not None:

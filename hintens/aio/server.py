@@ -469,6 +469,7 @@ class Server(ServerBase):
 
     def _unregister(self, connection: ServerConnection) -> None:
         """A connection has ended and been closed."""
+        self._retire_stats(connection)
         if self._connections.pop(connection.id, None) is not None \
                 and self.on_disconnect is not None:
             self._callback(self.on_disconnect, connection, "on_disconnect")

@@ -29,11 +29,13 @@ import contextvars
 import inspect
 import logging
 import socket
+from time import monotonic
 from typing import TYPE_CHECKING, Any
 
 from .. import _impl
 from .._constants import ErrorCode, Flags, MessageType
 from .._errors import no_free_segment
+from .._stats import public_name
 from .._server_common import Pushing
 from ..protocol.answers import (
     checked_result,
@@ -173,8 +175,11 @@ class ServerConnection(Pushing):
 
     def __repr__(self) -> str:
         if self.peer.pid < 0:
-            return f"<aio ServerConnection {self.id} {self.address}>"
-        return f"<aio ServerConnection {self.id} pid={self.peer.pid} uid={self.peer.uid}>"
+            who = self.address if self.subject is None else f"{self.address} {self.subject}"
+        else:
+            who = f"pid={self.peer.pid} uid={self.peer.uid}"
+        state = "open" if self._open else "closed"
+        return f"<{public_name(self)} {self.id} {who} {state}>"
 
     # The connection's life -----------------------------------------------------------------
 
@@ -338,9 +343,14 @@ class ServerConnection(Pushing):
         endpoint = self._endpoint
         token = current.set(self)
         try:
-            result = self._server._call(item.payload)
+            started = monotonic()
+            try:
+                result = self._server._call(item.payload)
+            finally:
+                self._channel.note_handler(monotonic() - started)
             if type(result) is bytes and len(result) < endpoint.small_max:
                 out.append(_impl.core.encode_frame(_RESPONSE, result, request_id))   # common
+                endpoint.responses_sent += 1
                 return out
             if inspect.isawaitable(result):
                 self._spawn(self._finish(request_id, result, item))
@@ -378,7 +388,11 @@ class ServerConnection(Pushing):
                     self._send_frames([result])
                     return
             else:
-                result = await self._server._run(item.payload)
+                started = monotonic()
+                try:
+                    result = await self._server._run(item.payload)
+                finally:
+                    self._channel.note_handler(monotonic() - started)
         except asyncio.CancelledError:
             raise
         except Exception as error:
@@ -438,9 +452,15 @@ class ServerConnection(Pushing):
         whatever happens, a cancellation included."""
         endpoint = self._endpoint
         answer: tuple[bool, bytes] = (False, endpoint.error_frame(
-            ErrorCode.HANDLER_ERROR, "the handler did not finish", item.request_id))
+            ErrorCode.HANDLER_ERROR, "the handler did not finish", item.request_id,
+            counted=False))   # made in case: counted only if it is the answer
         try:
-            result = checked_result(await self._server._run(item.payload))
+            started = monotonic()
+            try:
+                result = await self._server._run(item.payload)
+            finally:
+                self._channel.note_handler(monotonic() - started)
+            result = checked_result(result)
             answer = kept_answer(result, window.max_bytes)
             return True, result
         except asyncio.CancelledError:

@@ -202,6 +202,12 @@ class Endpoint(Lending, Sending):
         # Buffers handed out by allocate() and not sent yet, by id of the object their views
         # share (``view.obj``): segment id, segment, whether new, ids retired, length.
         self._allocations: dict[int, tuple[int, _shm.Segment, bool, list[int], int]] = {}
+        # For stats (``hintens._stats``): payload bytes through shared memory each way,
+        # Responses made by ``reply_writes``, and Error frames made, by code.
+        self.shm_bytes_sent = 0
+        self.shm_bytes_received = 0
+        self.responses_sent = 0
+        self.errors_sent: collections.Counter[int] = collections.Counter()
 
     @property
     def peer(self) -> Hello:
@@ -401,8 +407,11 @@ class Endpoint(Lending, Sending):
             flags |= Flags.COMPRESSED
         return int(flags)
 
-    def error_frame(self, code: int, message: str, request_id: int) -> bytes:
-        """An Error frame."""
+    def error_frame(self, code: int, message: str, request_id: int, *,
+                    counted: bool = True) -> bytes:
+        """An Error frame (counted in ``errors_sent``, unless not ``counted``)."""
+        if counted:
+            self.errors_sent[code] += 1
         return self._encode_frame(MessageType.ERROR, encode_error_payload(code, message),
                                   request_id)
 

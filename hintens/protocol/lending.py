@@ -39,6 +39,7 @@ class Lending:
 
     pool: _shm.SegmentPool | None
     segments: dict[int, _shm.ReceivedSegment]
+    shm_bytes_received: int
     outgoing: collections.deque[bytes]
     on_writes: Callable[[], None] | None
     writable_ids: set[int]
@@ -96,6 +97,7 @@ class Lending:
             if not flags & _shm.PEER_SEGMENT and segment_id:
                 (self._release if segment_id in self.segments else self._reject)(segment_id)
             return self._refused(frame, error)
+        self.shm_bytes_received += length
         return self._frame_type(frame.type, frame.flags & ~Flags.SHM, frame.version,
                                 frame.request_id, payload)
 
@@ -148,6 +150,7 @@ class Lending:
         except BaseException:
             pool.unhold(segment_id)
             raise
+        self.shm_bytes_received += length
         return self._frame_type(frame.type, frame.flags & ~Flags.SHM, frame.version,
                                 frame.request_id, payload)
 

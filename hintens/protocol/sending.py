@@ -38,6 +38,8 @@ class Sending:
     pool: _shm.SegmentPool | None
     shm_threshold: int
     compress_min: int
+    shm_bytes_sent: int
+    responses_sent: int
     _allocations: dict[int, tuple[int, _shm.Segment, bool, list[int], int]]
     _allowed_flags: int
     _copy_shared: bool
@@ -51,7 +53,8 @@ class Sending:
     if TYPE_CHECKING:   # the Endpoint's own
         def negotiated(self, feature: int) -> bool: ...
 
-        def error_frame(self, code: int, message: str, request_id: int) -> bytes: ...
+        def error_frame(self, code: int, message: str, request_id: int, *,
+                        counted: bool = True) -> bytes: ...
 
     def inline(self, msg_type: int, payload: Any, request_id: int) -> list[Any]:
         """The buffers of an inline frame: compressed when negotiated, at least
@@ -142,6 +145,7 @@ class Sending:
                 entry = self._lent.get(id(payload.obj))
                 if entry is not None and payload.nbytes == entry[3] and payload.c_contiguous:
                     segment_id, segment_size, offset, length = entry   # an echo: point back
+                    self.shm_bytes_sent += length
                     return [([self._encode_frame(msg_type, _shm.encode_descriptor(
                         segment_id, segment_size, offset, length, False, peer=True),
                         request_id, Flags.SHM)], [])]
@@ -172,8 +176,11 @@ class Sending:
             TypeError: ``result`` is not a bytes-like object.
         """
         try:
-            return self.writes(MessageType.RESPONSE, b"" if result is None else result,
-                               request_id)
+            writes = self.writes(MessageType.RESPONSE, b"" if result is None else result,
+                                 request_id)
+            if writes is not None:
+                self.responses_sent += 1
+            return writes
         except (FrameTooLargeError, ShmError) as error:
             log.info("request %d: the reply cannot be sent: %s", request_id, error)
             return [([self.error_frame(error.code, f"the reply cannot be sent: {error}",
@@ -186,6 +193,7 @@ class Sending:
             return None   # not one of ours, or a part of one: copied like any buffer
         del self._allocations[id(payload.obj)]
         segment_id, segment, new, retired, length = entry
+        self.shm_bytes_sent += length
         frame = self._encode_frame(msg_type, _shm.encode_descriptor(
             segment_id, segment.size, 0, length, new), request_id, Flags.SHM)
         return self._with_retirements(frame, segment_id, new, retired)
@@ -203,6 +211,7 @@ class Sending:
             region.release()
             frame = self._encode_frame(msg_type, _shm.encode_descriptor(
                 segment_id, segment.size, 0, size, new), request_id, Flags.SHM)
+            self.shm_bytes_sent += size
             return self._with_retirements(frame, segment_id, new, retired)
         except BaseException:
             self.pool.unlend(segment_id, new)

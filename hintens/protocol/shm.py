@@ -422,6 +422,12 @@ class SegmentPool:
     def total_bytes(self) -> int:
         return self._total
 
+    def usage(self) -> tuple[int, int, int]:
+        """For stats: ``(segments, their bytes, segments in use)``; in use means lent to the
+        peer, held by a local view, or handed out by ``allocate``."""
+        with self._cond:
+            return len(self._segments), self._total, len(self._segments) - len(self._free)
+
     def limit_to(self, max_bytes: int, max_segments: int) -> None:
         """Lower the bounds to what the receiver announced it maps from us."""
         with self._cond:

@@ -210,7 +210,11 @@ class Answering:
         request_id = item.request_id
         try:
             if self.window is None:
-                result = server._call(item.payload)
+                started = monotonic()
+                try:
+                    result = server._call(item.payload)
+                finally:
+                    self._channel.note_handler(monotonic() - started)
             else:
                 ok, result = self._replay_or_run(item)
                 if not ok:
@@ -282,9 +286,15 @@ class Answering:
         """
         server = self._server
         answer: tuple[bool, bytes] = (False, endpoint.error_frame(
-            ErrorCode.HANDLER_ERROR, "the handler did not finish", item.request_id))
+            ErrorCode.HANDLER_ERROR, "the handler did not finish", item.request_id,
+            counted=False))   # made in case: counted only if it is the answer
         try:
-            result = checked_result(server._call(item.payload))
+            started = monotonic()
+            try:
+                result = server._call(item.payload)
+            finally:
+                self._channel.note_handler(monotonic() - started)
+            result = checked_result(result)
             answer = kept_answer(result, window.max_bytes)
             return True, b"", result
         except Exception as error:

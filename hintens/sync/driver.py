@@ -15,6 +15,7 @@ them.
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
 import select
@@ -27,11 +28,13 @@ from .. import _impl
 from .._errors import (
     ConnectionClosed,
     ProtocolError,
+    RemoteError,
     Timeout,
     closed_error,
     lost_message,
 )
 from .._checks import lock_wait_s
+from .._stats import connection_stats, public_name as _public_name
 from ..transport.unix import set_kernel_timeouts
 from ..protocol.roles import sort_for_client
 from .connection import Connection
@@ -97,12 +100,42 @@ class ClientDriver:
         self._receive_reply = self._channel.receive_reply
         self._event = self._channel.event
         self._pump: threading.Thread | None = None
+        # For stats: Requests and Events this client sent (Requests counted under the lock),
+        # requests that timed out, and the RemoteErrors raised to callers, by code.
+        self._requests_sent = self._events_sent = self._timeouts = 0
+        self._errors: collections.Counter[int] = collections.Counter()
         set_kernel_timeouts(self._sock, None, self.timeout, set_send=True)
         self._send([self._endpoint.hello_frame()])
         if on_event is not None:
             self._pump = threading.Thread(target=self._pump_events, name="hintens-client-events",
                                           daemon=True)
             self._pump.start()
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        """A snapshot of this connection's counters: the keys of
+        ``hintens._stats.connection_stats``, plus ``errors`` (the RemoteErrors raised to
+        callers, by code), ``timeouts`` and ``in_flight`` (requests waiting for replies)."""
+        with self._lock:
+            in_flight = len(self._waiters)
+            errors = dict(self._errors)
+        stats = connection_stats(self._endpoint, self._channel,
+                                 requests_sent=self._requests_sent,
+                                 events_sent=self._events_sent)
+        stats.update(errors=errors, timeouts=self._timeouts, in_flight=in_flight)
+        return stats
+
+    def _count_failure(self, error: BaseException) -> None:
+        """Count a request's failure for stats: a timeout, or a RemoteError by its code."""
+        if isinstance(error, Timeout):
+            self._timeouts += 1
+        elif isinstance(error, RemoteError):
+            with self._lock:
+                self._errors[error.code] += 1
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed_reason is not None else "connected"
+        return f"<{_public_name(self)} {self.path} {state}, {len(self._waiters)} in flight>"
 
     def _close_channel(self) -> None:
         dropped = self._conn.close()

@@ -20,6 +20,7 @@ from .._checks import call_timeout_s, count, deadline_after, path_like, timeout_
 from .client import DEFAULT_CONNECT_TIMEOUT_S, DEFAULT_TIMEOUT_S, Client, Session
 from .._errors import ConnectionClosed, Timeout
 from .._retry import RetryPolicy, may_retry, needs_same_server
+from .._stats import PoolTally
 from ..protocol.hello import HelloKey
 from ..transport.address import resolve
 
@@ -84,6 +85,7 @@ class ClientPool:
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._waiting = 0
+        self._tally = PoolTally()
         # An idle connection younger than this is lent without a look (hang-up, idle time).
         self._fresh_s = min(_HANGUP_CHECK_S, _HANGUP_CHECK_S if idle_timeout is None
                             else idle_timeout)
@@ -183,10 +185,14 @@ class ClientPool:
                             self.path, error)
 
     @property
-    def stats(self) -> dict[str, int]:
-        """Connections open (or opening), lent out, and idle right now."""
+    def stats(self) -> dict[str, Any]:
+        """A snapshot: the counters of every connection (``Client.stats``) summed over those
+        open now and those closed; ``retries``, ``connections_opened``, ``reconnects``; and
+        connections ``open`` (or opening), ``busy`` (lent out) and ``idle`` right now."""
         with self._cond:
-            return {"open": self._open, "busy": self._busy, "idle": len(self._idle)}
+            clients = [client for client, _ in self._idle] + list(self._lent)
+            own = {"open": self._open, "busy": self._busy, "idle": len(self._idle)}
+        return self._tally.snapshot(clients, **own)
 
     def close(self, timeout: float = DEFAULT_CLOSE_TIMEOUT_S) -> None:
         """Stop lending connections, let requests in flight finish, then close everything.
@@ -211,14 +217,14 @@ class ClientPool:
             self._open -= len(idle)
             busy = self._busy
         for client, _ in idle:
-            client.close()
+            self._close(client)
         if busy:
             log.warning("closing the pool to %s with %d requests still in flight",
                         self.path, busy)
             with self._cond:
                 lent = list(self._lent)
             for client in lent:
-                client.close()
+                self._close(client)
 
     def __enter__(self) -> ClientPool:
         return self
@@ -227,7 +233,9 @@ class ClientPool:
         self.close()
 
     def __repr__(self) -> str:
-        return f"<ClientPool {self.path} size={self.size} {self.stats}>"
+        with self._cond:
+            state = "closed" if self._closed else f"{self._open} open, {self._busy} busy"
+        return f"<hintens.ClientPool {self.path} size={self.size} {state}>"
 
     # Internals --------------------------------------------------------------------------
 
@@ -264,7 +272,8 @@ class ClientPool:
                         self._waiting -= 1
         finally:
             for client in stale:   # outside the lock: close may flush
-                client.close()
+                self._close(client, lost=client.closed or not client.is_alive())
+        self._tally.opening()
         try:
             client = Client(self.path, timeout=self.timeout,
                             connect_timeout=self.connect_timeout,
@@ -289,7 +298,8 @@ class ClientPool:
         with self._lock:
             self._busy -= 1
             self._lent.discard(client)
-            if client.closed or self._closed:
+            lost = client.closed
+            if lost or self._closed:
                 self._open -= 1
                 close = True
             else:
@@ -298,7 +308,13 @@ class ClientPool:
             if self._waiting:
                 self._cond.notify()
         if close:
-            client.close()
+            self._close(client, lost)
+
+    def _close(self, client: Client, lost: bool = False) -> None:
+        """Close a connection the pool lets go (``lost``: it had closed or died on its own),
+        keeping what it counted."""
+        client.close()
+        self._tally.closing(client, lost)
 
     def _take_idle(self) -> Client | None:
         """The fast path: the newest idle connection, if it needs no check; else None."""
@@ -328,6 +344,7 @@ class ClientPool:
                 raise error
             planned = (instance, request_id)
         log.info("retrying a request to %s after: %s", self.path, error)
+        self._tally.retrying()
         return planned
 
     def _call(self, attempt: Any, idempotent: bool, same_ids: bool = True,

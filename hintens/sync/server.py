@@ -374,6 +374,7 @@ class Server(ServerBase):
 
     def _unregister(self, connection: ServerConnection) -> None:
         """A connection has ended and been closed."""
+        self._retire_stats(connection)
         with self._lock:
             self._starting.discard(connection)
             registered = self._connections.pop(connection.id, None) is not None

@@ -20,6 +20,7 @@ from .._errors import ConnectionClosed, no_free_segment
 from ..protocol.hello import FEATURE_SHM, Hello, HelloKey
 from ..protocol.replay import ReplayWindow
 from ..transport.unix import PeerCredentials
+from .._stats import public_name
 from .._server_common import Pushing
 from ..transport.tls import HANDSHAKE_TIMEOUT_S, TlsStream, plaintext_hint
 from .answering import Answering, ClientGone
@@ -187,5 +188,8 @@ class ServerConnection(Answering, Pushing):
 
     def __repr__(self) -> str:
         if self.peer.pid < 0:
-            return f"<ServerConnection {self.id} {self.address}>"
-        return f"<ServerConnection {self.id} pid={self.peer.pid} uid={self.peer.uid}>"
+            who = self.address if self.subject is None else f"{self.address} {self.subject}"
+        else:
+            who = f"pid={self.peer.pid} uid={self.peer.uid}"
+        state = "open" if self._open else "closed"
+        return f"<{public_name(self)} {self.id} {who} {state}>"

@@ -115,6 +115,12 @@ cdef class Channel(Outbox):
     cdef bint _eager                      # reads found several frames: try the next one
                                           # with MSG_DONTWAIT first, keeping the GIL
     cdef bint _slow                       # the last serve() read needed more than the handler
+    cdef readonly uint64_t responses_sent # Responses serve() answered itself (small or inline)
+    cdef readonly uint64_t handler_calls  # handler runs timed (note_handler)
+    cdef readonly double handler_seconds  # their total time
+    cdef uint64_t _handler_buckets[8]     # their count by HANDLER_BUCKETS_S bound (+ the rest)
+
+    cpdef note_handler(self, double seconds)
 
     cdef int _keep_fds(self, msghdr *message) except -1
     cdef list _receive(self, int flags)

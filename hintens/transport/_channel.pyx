@@ -61,6 +61,7 @@ from .._constants import (
     BATCH_WRITE_BYTES,
     DEFAULT_FLUSH_INTERVAL_S,
     DEFAULT_MAX_QUEUE_BYTES,
+    HANDLER_BUCKETS_S,
 )
 from ..wire._wire import encode_frame, encode_header
 
@@ -165,6 +166,9 @@ cdef inline double _now() noexcept nogil:
 
 
 cdef Py_ssize_t _BATCH_BYTES = BATCH_WRITE_BYTES
+cdef double _HANDLER_BOUNDS[7]
+for _i, _bound in enumerate(HANDLER_BUCKETS_S):
+    _HANDLER_BOUNDS[_i] = _bound
 # A drained queue buffer up to this size is kept for the next batch; a larger one (a burst)
 # is freed, so that a connection does not hold its largest burst's memory for good.
 cdef Py_ssize_t _KEEP_SPARE_BYTES = 1024 * 1024
@@ -199,6 +203,22 @@ cdef class Channel(Outbox):
         self.fds = []
         self.fds_dropped = 0
         self.max_fds = 0
+
+    cpdef note_handler(self, double seconds):
+        """Count one handler run of ``seconds`` in the stats (``handler_times``)."""
+        cdef int i = 0
+        while i < 7 and seconds > _HANDLER_BOUNDS[i]:
+            i += 1
+        self._handler_buckets[i] += 1
+        self.handler_calls += 1
+        self.handler_seconds += seconds
+
+    def handler_times(self):
+        """The handler runs noted so far: ``(count, seconds, buckets)``, where ``buckets``
+        holds how many took at most each bound of ``HANDLER_BUCKETS_S``, then the rest (not
+        cumulative)."""
+        return (self.handler_calls, self.handler_seconds,
+                tuple([self._handler_buckets[i] for i in range(8)]))
 
     def __dealloc__(self):
         if self.fds:
@@ -357,6 +377,7 @@ cdef class Channel(Outbox):
         cdef Py_ssize_t i = 0, count
         cdef Frame frame
         cdef bint flush = False, slow = False
+        cdef double started
         self._slow = True
         if not frames:
             return frames
@@ -377,14 +398,20 @@ cdef class Channel(Outbox):
                 break
             writes = None
             try:
-                result = handler(frame.payload)
+                started = _now()
+                try:
+                    result = handler(frame.payload)
+                finally:
+                    self.note_handler(_now() - started)
                 if result is None:
                     result = b""
                 if type(result) is bytes and len(<bytes>result) < small_max:
                     out.append(encode_frame(2, result, frame.request_id))
+                    self.responses_sent += 1
                 elif type(result) is bytes and len(<bytes>result) < inline_max:
                     out.append(encode_header(2, result, frame.request_id))
                     out.append(result)   # not copied into a frame; nor held past this write
+                    self.responses_sent += 1
                     flush = True
                 else:
                     writes = reply_writes(frame.request_id, result)

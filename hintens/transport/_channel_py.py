@@ -10,13 +10,16 @@ against both.
 
 from __future__ import annotations
 
+import bisect
 import errno
 import os
 import socket
 import struct
+from time import monotonic
 from typing import Any
 
 from .._constants import (
+    HANDLER_BUCKETS_S,
     HEADER_SIZE,
 )
 from ._memory_py import SEES_VIEW_RELEASE, Mapping, SharedRegion
@@ -83,6 +86,24 @@ class Channel(Outbox):
         self._buffer = bytearray(buffer_size)
         self._view = memoryview(self._buffer)
         self.pending: list[Frame] | None = []
+        #: Responses ``serve()`` answered itself (small or inline).
+        self.responses_sent = 0
+        #: Handler runs noted (``note_handler``), and their total time in seconds.
+        self.handler_calls = 0
+        self.handler_seconds = 0.0
+        self._handler_buckets = [0] * (len(HANDLER_BUCKETS_S) + 1)
+
+    def note_handler(self, seconds: float) -> None:
+        """Count one handler run of ``seconds`` in the stats (``handler_times``)."""
+        self._handler_buckets[bisect.bisect_left(HANDLER_BUCKETS_S, seconds)] += 1
+        self.handler_calls += 1
+        self.handler_seconds += seconds
+
+    def handler_times(self) -> tuple[int, float, tuple[int, ...]]:
+        """The handler runs noted so far: ``(count, seconds, buckets)``, where ``buckets``
+        holds how many took at most each bound of ``HANDLER_BUCKETS_S``, then the rest (not
+        cumulative)."""
+        return self.handler_calls, self.handler_seconds, tuple(self._handler_buckets)
 
     def __del__(self) -> None:
         self.close_fds()
@@ -205,14 +226,20 @@ class Channel(Outbox):
                 break
             writes = None
             try:
-                result = handler(frame.payload)
+                started = monotonic()
+                try:
+                    result = handler(frame.payload)
+                finally:
+                    self.note_handler(monotonic() - started)
                 if result is None:
                     result = b""
                 if type(result) is bytes and len(result) < small_max:
                     out.append(self._encode_frame(2, result, frame.request_id))
+                    self.responses_sent += 1
                 elif type(result) is bytes and len(result) < inline_max:
                     out.append(self._encode_header(2, result, frame.request_id))
                     out.append(result)   # not copied into a frame; nor held past this write
+                    self.responses_sent += 1
                     flush = True
                 else:
                     writes = reply_writes(frame.request_id, result)

@@ -86,8 +86,11 @@ cdef class FrameDecoder:
     cdef readonly uint64_t frames_decoded  # frames completed so far (skipped Events too), errors excluded
     cdef public bint skip_events         # drop plain Events (request id != 0, no flags) unreturned
     cdef readonly uint64_t events_skipped  # how many were dropped so
+    cdef readonly uint64_t bytes_fed     # stream bytes fed in, each counted once
+    cdef uint64_t _by_type[5]            # frames returned, by type; [0]: control Events (id 0)
 
     cdef list _feed(self, const unsigned char *data, Py_ssize_t n, object base, bint share)
+    cdef int _count(self, list frames) except -1
     cdef int _decode(self, const unsigned char *data, Py_ssize_t n, object base, bint share,
                      list frames, Py_ssize_t *pos_out) except -1
     cdef int _start_payload(self, const hx_header *h, Py_ssize_t available) except -1

@@ -16,7 +16,7 @@ from cpython.ref cimport Py_INCREF, Py_XDECREF
 from cpython.list cimport PyList_Append
 from cpython.memoryview cimport PyMemoryView_FromObject
 from libc.stdint cimport uint16_t, uint32_t, uint64_t
-from libc.string cimport memcpy
+from libc.string cimport memcpy, memset
 
 
 cdef extern from "<sys/mman.h>" nogil:
@@ -353,6 +353,8 @@ cdef class FrameDecoder:
         self.frames_decoded = 0
         self.skip_events = False
         self.events_skipped = 0
+        self.bytes_fed = 0
+        memset(self._by_type, 0, sizeof(self._by_type))
 
     def __init__(self, max_payload=DEFAULT_MAX_PAYLOAD_BYTES):
         """Args:
@@ -440,11 +442,14 @@ cdef class FrameDecoder:
         if self._backlog:
             joined = self._backlog + PyBytes_FromStringAndSize(<const char *>data, n)
             self._backlog = b""
+            self.bytes_fed -= PyBytes_GET_SIZE(joined) - n   # the backlog was counted
             return self._feed(<const unsigned char *>PyBytes_AS_STRING(joined),
                               PyBytes_GET_SIZE(joined), joined, False)
+        self.bytes_fed += n
         try:
             self._decode(data, n, base, share, frames, &pos)
         except ProtocolError as error:
+            self._count(frames)
             self.frames_decoded += len(frames)
             error.frames = frames
             if error.fatal:
@@ -452,8 +457,27 @@ cdef class FrameDecoder:
             else:
                 self._backlog = PyBytes_FromStringAndSize(<const char *>data + pos, n - pos)
             raise
+        self._count(frames)
         self.frames_decoded += len(frames)
         return frames
+
+    cdef int _count(self, list frames) except -1:
+        # Frames returned, by type (a few instructions each, for the stats).
+        cdef Frame frame
+        for item in frames:
+            frame = <Frame>item
+            if frame.type == 3 and frame.request_id == 0:
+                self._by_type[0] += 1
+            elif frame.type <= 4:
+                self._by_type[frame.type] += 1
+        return 0
+
+    def frame_counts(self):
+        """Frames returned so far, by type: ``(control Events, Requests, Responses, Events,
+        Errors)``. Control Events are those with request id 0; skipped Events are in
+        ``events_skipped`` instead."""
+        return (self._by_type[0], self._by_type[1], self._by_type[2], self._by_type[3],
+                self._by_type[4])
 
     def feed_eof(self):
         """Signal the end of the stream.

@@ -298,6 +298,9 @@ class FrameDecoder:
         self.skip_events = False
         #: How many Events ``skip_events`` dropped.
         self.events_skipped = 0
+        #: Stream bytes fed in, each counted once.
+        self.bytes_fed = 0
+        self._by_type = [0, 0, 0, 0, 0]   # frames returned, by type; [0]: control Events
         #: Bounds the bytes held for unfinished frames (shared by several decoders), or None.
         self.budget = None
         self._reserved = 0              # taken from budget for the frame being assembled
@@ -353,6 +356,7 @@ class FrameDecoder:
             raise _errors.renew(self._failed)
         share = type(data) is bytes
         view = _contiguous_bytes(data)
+        self.bytes_fed += view.nbytes
         if self._backlog:
             view = memoryview(self._backlog + bytes(view))
             share = False
@@ -361,13 +365,27 @@ class FrameDecoder:
         try:
             self._decode(view, share, frames)
         except ProtocolError as error:
+            self._count(frames)
             self.frames_decoded += len(frames)
             error.frames = frames
             if error.fatal:
                 self._failed = error
             raise
+        self._count(frames)
         self.frames_decoded += len(frames)
         return frames
+
+    def _count(self, frames: list[Frame]) -> None:
+        by_type = self._by_type
+        for frame in frames:
+            by_type[0 if frame.type == 3 and not frame.request_id else frame.type] += 1
+
+    def frame_counts(self) -> tuple[int, int, int, int, int]:
+        """Frames returned so far, by type: ``(control Events, Requests, Responses, Events,
+        Errors)``. Control Events are those with request id 0; skipped Events are in
+        ``events_skipped`` instead."""
+        c = self._by_type
+        return (c[0], c[1], c[2], c[3], c[4])
 
     def feed_eof(self) -> list[Frame]:
         """Signal the end of the stream.
