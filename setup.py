@@ -6,11 +6,16 @@ Environment switches:
                              (cython -a), for profiling. Other builds carry no debug info and
                              are stripped: about 0.6 MB of extensions instead of 3.7 MB.
     HINTENS_WERROR=1         C compiler warnings are errors (set by `make test`).
+
+The sdist is every tracked file (setuptools-scm) less two things setuptools would add: the C
+that Cython generates (setup.py always runs Cython, a build requirement, so that C would never
+be compiled) and the egg-info (PKG-INFO at the top carries the version and the metadata).
 """
 
 import os
 
 from setuptools import Extension, setup
+from setuptools.command.sdist import sdist
 
 
 def _flag(name: str) -> bool:
@@ -71,4 +76,12 @@ def _extensions():
     )
 
 
-setup(ext_modules=_extensions())
+class _Sdist(sdist):
+    def make_release_tree(self, base_dir, files):
+        def generated(path):
+            return (path.startswith("hintens/") and path.endswith(".c")) \
+                or ".egg-info/" in path
+        super().make_release_tree(base_dir, [path for path in files if not generated(path)])
+
+
+setup(ext_modules=_extensions(), cmdclass={"sdist": _Sdist})
