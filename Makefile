@@ -77,7 +77,8 @@ $(WHEEL_TOOLS): $(PY)
 wheel: $(WHEEL_TOOLS)
 	rm -rf dist
 	$(PY) -m build --outdir dist/unrepaired .
-	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m auditwheel repair --wheel-dir dist dist/unrepaired/*.whl
+	PATH="$(abspath $(VENV))/bin:$$PATH" \
+	    $(PY) -m auditwheel repair --wheel-dir dist dist/unrepaired/*.whl
 	mv dist/unrepaired/*.tar.gz dist/
 	rm -rf dist/unrepaired
 	$(PY) -m twine check --strict dist/*
