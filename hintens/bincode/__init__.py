@@ -49,7 +49,7 @@ import typing
 from typing import Any, TypeVar, overload
 
 from . import _struct
-from ._containers import ZERO_SIZE_BUDGET, _zero_budget
+from ._containers import ZERO_SIZE_BUDGET, _numpy, _zero_budget
 from ._plans import _name, _plan
 from ._types import (
     DecodeError,
@@ -83,10 +83,12 @@ def ndarray(item: Any) -> Any:
 
     Raises:
         TypeError: ``item`` is not one of the number types.
+        ImportError: numpy is not installed.
     """
     spec = _number_spec(item)
     if spec is None:
         raise TypeError(f"ndarray wants a number type (bincode.f64, ...), not {item!r}")
+    _numpy()
     return typing.Annotated[Any, _Array(item)]
 
 

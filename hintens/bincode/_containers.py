@@ -122,9 +122,17 @@ def _list_plan(item: Any, varint: bool) -> _Plan:
     return _Plan(enc_items, dec_items, 1 if varint else 8)
 
 
-def _ndarray_plan(item: Any, varint: bool) -> _Plan:
-    import numpy
+def _numpy() -> Any:
+    """numpy, which ``ndarray(T)`` decodes to: an optional dependency, named when missing."""
+    try:
+        import numpy
+    except ImportError:
+        raise ImportError("hintens.bincode.ndarray needs numpy (pip install numpy)") from None
+    return numpy
 
+
+def _ndarray_plan(item: Any, varint: bool) -> _Plan:
+    numpy = _numpy()
     spec = _number_spec(item)
     assert spec is not None
     vec = _list_plan(item, varint)
