@@ -71,6 +71,7 @@ log = logging.getLogger("hintens")
 Handler = Callable[[Any], Any]
 
 
+# __module__ is the public name (hintens.X): help(), tracebacks and pickles show it.
 class Server(ServerBase):
     """A hintens server on a Unix socket.
 
@@ -139,6 +140,8 @@ class Server(ServerBase):
             that is not an int in [0, 0o777], a timeout that is not positive, ...). Arguments
             are checked before the socket file is created.
     """
+
+    __module__ = "hintens"
 
     def __init__(self, path: Addresses = None, handler: Handler = echo, *,
                  on_event: Callable[[Any, ServerConnection], Any] | None = None,

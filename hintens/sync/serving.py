@@ -32,6 +32,7 @@ log = logging.getLogger("hintens")
 
 
 
+# __module__ is the public name (hintens.X): help(), tracebacks and pickles show it.
 class ServerConnection(Answering, Pushing):
     """One accepted client, as callbacks see it.
 
@@ -44,6 +45,8 @@ class ServerConnection(Answering, Pushing):
         events_dropped: Events this client did not get because its outgoing queue was full
             (``slow_consumer="drop"``).
     """
+
+    __module__ = "hintens"
 
     def __init__(self, server: Server, sock: socket.socket, peer: PeerCredentials,
                  connection_id: int, address: str = "", *, shm: bool = True) -> None:
