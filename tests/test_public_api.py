@@ -1,11 +1,13 @@
-"""The public surface as users see it: every exported class and function names a public module
-(``help()``, tracebacks, pickles and Sphinx cross-references show that path, and it leads back
-to the object) and carries a docstring."""
+"""The public surface as users and the API reference see it: every exported class and function
+names a public module (``help()``, tracebacks, pickles and Sphinx cross-references show that
+path, and it leads back to the object), carries a docstring, and has its entry in the reference
+(docs/reference)."""
 
 from __future__ import annotations
 
 import importlib
 import inspect
+import pathlib
 import pickle
 import pydoc
 import re
@@ -20,6 +22,7 @@ import hintens.bincode
 
 #: The namespaces the reference documents; an exported object's __module__ is one of them.
 PUBLIC_NAMESPACES = ("hintens", "hintens.aio", "hintens.bincode", "hintens.wire")
+REFERENCE = pathlib.Path(__file__).resolve().parent.parent / "docs" / "reference"
 PRIVATE_PATH = re.compile(r"\bhintens(?:\.\w+)*\._\w+")
 
 
@@ -87,3 +90,34 @@ def test_values_pickle_by_their_public_name() -> None:
         copy = pickle.loads(pickle.dumps(value))
         assert type(copy) is type(value)
     assert pickle.loads(pickle.dumps(hintens.ErrorCode.TIMEOUT)) is hintens.ErrorCode.TIMEOUT
+
+
+def _documented() -> set[str]:
+    """Full names of what the reference's pages document, directive by directive."""
+    names: set[str] = set()
+    for page in sorted(REFERENCE.glob("*.rst")):
+        module = "hintens"
+        for line in page.read_text().splitlines():
+            current = re.match(r"\.\. (?:current)?module:: +([\w.]+)", line)
+            entry = re.match(
+                r"\.\. (?:auto)?(?:class|exception|function|data|module):: +([\w.]+)", line)
+            if current:
+                module = current[1]
+            if entry:
+                target = entry[1]
+                names.add(target if target.split(".")[0] == "hintens" else
+                          f"{module}.{target}")
+    return names
+
+
+@pytest.mark.parametrize(("name", "obj"), list(_exports(hintens, hintens.aio)),
+                         ids=[name for name, _ in _exports(hintens, hintens.aio)])
+def test_the_reference_documents_it(name: str, obj: Any) -> None:
+    documented = _documented()
+    canonical = {f"{obj.__module__}.{obj.__qualname__}"} \
+        if inspect.isclass(obj) or inspect.isfunction(obj) else set()
+    if isinstance(obj, ModuleType):
+        canonical = {obj.__name__}
+    if isinstance(obj, hintens.RetryPolicy):   # hintens.aio.NO_RETRY is hintens.NO_RETRY
+        canonical = {f"hintens.{key}" for key, value in vars(hintens).items() if value is obj}
+    assert ({name} | canonical) & documented, f"{name} is on no page of docs/reference"
