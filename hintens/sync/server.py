@@ -122,7 +122,7 @@ class Server(ServerBase):
             exactly-once memory for clients that announce a session
             (``ClientPool(exactly_once=True)``): answers kept per session, bytes of them per
             session, sessions kept, and bytes of answers across all sessions (256 MiB). 0
-            sessions turns it off. See ``hintens.protocol.replay``.
+            sessions turns it off. docs/PROTOCOL.md, section 10, has the rules.
         ssl_context: TLS on the ``tcp://`` addresses: a server-side ``ssl.SSLContext``
             (``ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)`` with ``load_cert_chain``;
             ``verify_mode = ssl.CERT_REQUIRED`` and ``load_verify_locations`` to let in only
