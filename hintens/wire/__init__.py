@@ -3,8 +3,8 @@ frame headers, CRC16, whole frames, the incremental decoder, and Error payloads.
 
 Backed by the compiled wire kernels, or by their pure-Python twin where the extensions are not
 built (``hintens.implementation`` says which); both give the same results and raise the same
-errors. The socket transport above them is ``hintens.transport``; the application API
-(Client, Server, ...) is at the top level, ``hintens``.
+errors. The application API above them (Client, Server, ...) is at the top level,
+``hintens``.
 """
 
 from __future__ import annotations
