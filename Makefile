@@ -2,6 +2,7 @@
 #   make test    build the extension (warnings are errors), run the test-suite on both cores
 #   make demo    the main job: run hintens and print its numbers
 #   make bench   benchmarks against the stdlib and the peers (installs the `bench` extra)
+#   make docs    the API reference, HTML in build/docs (installs the `docs` extra)
 #   make crc-check  the CRC16 kernel's C harness (every path vs a bitwise reference, ASan/UBSan)
 #   make build   rebuild the extensions in place after editing .pyx/.pxd/.h
 #   make wheel   the sdist and a manylinux wheel in dist/, checked by twine
@@ -17,9 +18,10 @@ CORE_SOURCES := pyproject.toml setup.py hintens/wire/_wire.pyx hintens/wire/_wir
 INSTALLED := $(VENV)/.installed-test
 BENCH_INSTALLED := $(VENV)/.installed-bench
 WHEEL_TOOLS := $(VENV)/.installed-wheel
+DOCS_INSTALLED := $(VENV)/.installed-docs
 BENCH_ARGS ?=
 
-.PHONY: test demo bench build wheel clean crc-check
+.PHONY: test demo bench docs build wheel clean crc-check
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +32,10 @@ $(INSTALLED): $(PY) $(CORE_SOURCES)
 
 $(BENCH_INSTALLED): $(INSTALLED)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test,bench]'
+	touch $@
+
+$(DOCS_INSTALLED): $(INSTALLED)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test,docs]'
 	touch $@
 
 # The suite runs twice: with the compiled core, then with its pure-Python twin (the slow 1 GiB
@@ -62,6 +68,12 @@ bench: $(BENCH_INSTALLED)
 	$(PY) bench/fanout.py
 	$(PY) bench/aio_latency.py
 	$(PY) bench/tcp_latency.py
+
+# Sphinx from docs/reference: warnings are errors (-W), and so is a reference to anything the
+# pages do not document (-n). -E rereads every page: Sphinx does not see docstring edits.
+docs: $(DOCS_INSTALLED)
+	$(PY) -m sphinx -W --keep-going -n -E -q -b html docs/reference build/docs
+	@echo "docs: build/docs/index.html"
 
 build: $(INSTALLED)
 	$(PY) -m pip install --quiet --disable-pip-version-check 'Cython>=3,<4' setuptools-scm 'setuptools>=77'

@@ -1,27 +1,6 @@
 """Codecs: how application values become payloads, and back.
 
-A codec is any object with two methods::
-
-    encode(value, kind) -> payload
-    decode(payload, kind) -> value
-
-``kind`` is ``"request"``, ``"response"`` or ``"event"``, so that requests, responses and
-events may have types of their own. ``encode`` returns a bytes-like object, or a list of them
-(parts): a client or server then copies the parts straight into one shared-memory buffer when
-the payload is large enough, or joins them, instead of making the codec join them first.
-``decode`` gets ``bytes`` or a read-only ``memoryview`` lent from shared memory (valid until
-released or collected): a codec that keeps views of it keeps the memory lent.
-
-Give one as ``Client(codec=...)``, ``Server(codec=...)`` or ``ClientPool(codec=...)``, as an
-object or by name: ``"raw"`` (the default: bytes in, bytes or memoryview out), ``"json"``,
-``"pickle"``; ``BincodeCodec(request_type, response_type)`` for Rust peers. msgpack, for one,
-plugs in as::
-
-    class MsgpackCodec:
-        def encode(self, value, kind):
-            return msgpack.packb(value)
-        def decode(self, payload, kind):
-            return msgpack.unpackb(payload)
+The protocol a codec follows is ``Codec``'s docstring.
 """
 
 from __future__ import annotations
@@ -39,15 +18,48 @@ Payload = Any   # a bytes-like object, or a list of them
 
 
 class Codec(Protocol):
-    """The codec protocol (see the module docstring)."""
+    """The codec protocol.
+
+    A codec is any object with two methods::
+
+        encode(value, kind) -> payload
+        decode(payload, kind) -> value
+
+    ``kind`` is ``"request"``, ``"response"`` or ``"event"``, so that requests, responses
+    and events may have types of their own. ``encode`` returns a bytes-like object, or a list
+    of them (parts): a client or server then copies the parts straight into one shared-memory
+    buffer when the payload is large enough, or joins them, instead of making the codec join
+    them first. ``decode`` gets ``bytes`` or a read-only ``memoryview`` lent from shared
+    memory (valid until released or collected): a codec that keeps views of it keeps the
+    memory lent.
+
+    Give one as ``Client(codec=...)``, ``Server(codec=...)`` or ``ClientPool(codec=...)``, as
+    an object or by name: ``"raw"`` (the default: bytes in, bytes or memoryview out),
+    ``"json"``, ``"pickle"``; ``BincodeCodec(request_type, response_type)`` for Rust peers.
+    msgpack, for one, plugs in as::
+
+        class MsgpackCodec:
+            def encode(self, value, kind):
+                return msgpack.packb(value)
+            def decode(self, payload, kind):
+                return msgpack.unpackb(payload)
+    """
 
     def encode(self, value: Any, kind: str) -> Payload: ...
 
     def decode(self, payload: Any, kind: str) -> Any: ...
 
 
+# The public name, hintens.Codec, for help(). Set after the class: in a Protocol's body it would
+# be a member that implementations must have (for mypy).
+Codec.__module__ = "hintens"
+
+
+# __module__ is the public name (hintens.X): help(), tracebacks and pickles show it.
 class RawCodec:
     """Payloads as they are: bytes-like in, ``bytes`` or ``memoryview`` out."""
+
+    __module__ = "hintens"
 
     def encode(self, value: Any, kind: str) -> Payload:
         return value
@@ -58,6 +70,8 @@ class RawCodec:
 
 class JsonCodec:
     """JSON (UTF-8, compact). Decodes to dicts, lists, str, int, float, bool, None."""
+
+    __module__ = "hintens"
 
     def encode(self, value: Any, kind: str) -> Payload:
         return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
@@ -75,6 +89,8 @@ class BincodeCodec:
         event_type: the type of events (default: ``request_type``).
         varint: bincode's varint encoding (``DefaultOptions``) instead of fixed-width.
     """
+
+    __module__ = "hintens"
 
     def __init__(self, request_type: Any, response_type: Any = None, event_type: Any = None,
                  *, varint: bool = False) -> None:
@@ -107,6 +123,8 @@ class PickleCodec:
     u64 LE length) of the buffers, then the pickle and the buffers. A payload without
     out-of-band buffers is a plain pickle.
     """
+
+    __module__ = "hintens"
 
     MAGIC = b"HXP5"
     ALIGN = 64

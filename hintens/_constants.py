@@ -39,8 +39,11 @@ DEFAULT_MAX_QUEUE_BYTES = 1024 * 1024
 BATCH_WRITE_BYTES = 64 * 1024
 
 
+# __module__ is the public name (hintens.wire.X; hintens.ErrorCode): help() and pickles show it.
 class MessageType(enum.IntEnum):
     """The message type field (header offset 4, u32)."""
+
+    __module__ = "hintens.wire"
 
     REQUEST = 1
     RESPONSE = 2
@@ -50,6 +53,8 @@ class MessageType(enum.IntEnum):
 
 class Flags(enum.IntFlag):
     """The flags field (header offset 8, u16). Every other bit is reserved and must be zero."""
+
+    __module__ = "hintens.wire"
 
     NONE = 0
     SHM = 0x0001
@@ -62,6 +67,8 @@ KNOWN_FLAGS_MASK = int(Flags.SHM | Flags.COMPRESSED)
 
 class ErrorCode(enum.IntEnum):
     """Codes carried by Error frames. Codes of 1000 and above belong to applications."""
+
+    __module__ = "hintens"
 
     CHECKSUM = 1
     BAD_HEADER = 2

@@ -23,8 +23,11 @@ _ERROR_PREFIX = struct.Struct("<IQ")
 MAX_ERROR_MESSAGE_BYTES = 4096
 
 
+# __module__ is the public name (hintens.X): help(), tracebacks and pickles show it.
 class HintensError(Exception):
     """Base class of every exception hintens raises on its own."""
+
+    __module__ = "hintens"
 
 
 class ProtocolError(HintensError):
@@ -38,6 +41,8 @@ class ProtocolError(HintensError):
             delivered only here, exactly once.
         fatal: True when the stream cannot be resynchronised and the connection must close.
     """
+
+    __module__ = "hintens"
 
     code: ErrorCode = ErrorCode.BAD_HEADER
     fatal: bool = True
@@ -54,12 +59,16 @@ class ProtocolError(HintensError):
 class ChecksumError(ProtocolError):
     """The payload's CRC16 does not match the header. The stream stays in sync."""
 
+    __module__ = "hintens"
+
     code = ErrorCode.CHECKSUM
     fatal = False
 
 
 class BadHeaderError(ProtocolError):
     """Bad magic, an unsupported major version or an unknown message type."""
+
+    __module__ = "hintens"
 
     code = ErrorCode.BAD_HEADER
     fatal = True
@@ -68,12 +77,16 @@ class BadHeaderError(ProtocolError):
 class FrameTooLargeError(ProtocolError):
     """The payload length is over the receiver's limit; nothing was allocated for it."""
 
+    __module__ = "hintens"
+
     code = ErrorCode.TOO_LARGE
     fatal = True
 
 
 class UnsupportedFlagsError(ProtocolError):
     """Reserved flag bits are set. The payload is skipped unread; the stream stays in sync."""
+
+    __module__ = "hintens"
 
     code = ErrorCode.UNSUPPORTED_FLAGS
     fatal = False
@@ -98,6 +111,8 @@ class OverloadedError(ProtocolError):
 class ShmError(ProtocolError):
     """A shared-memory descriptor or file descriptor failed validation."""
 
+    __module__ = "hintens"
+
     code = ErrorCode.SHM_ERROR
     fatal = False
 
@@ -108,6 +123,8 @@ class IncompleteFrameError(HintensError, EOFError):
     Attributes:
         pending_bytes: how many bytes of the unfinished frame had arrived.
     """
+
+    __module__ = "hintens"
 
     def __init__(self, message: str, pending_bytes: int) -> None:
         super().__init__(message)
@@ -124,6 +141,8 @@ class Timeout(HintensError, TimeoutError):
         request_id: the id of that request, or None.
     """
 
+    __module__ = "hintens"
+
     request_sent: bool | None = None
     request_id: int | None = None
 
@@ -137,6 +156,8 @@ class ConnectionClosed(HintensError, ConnectionError):
         request_sent: as for ``Timeout``. False makes a retry safe for any request.
         request_id: the id of that request, or None.
     """
+
+    __module__ = "hintens"
 
     request_sent: bool | None = None
     request_id: int | None = None
@@ -180,18 +201,26 @@ def lost_message(path: str, server_error: BaseException | None, aborted: str | N
 class ConnectError(HintensError, ConnectionError):
     """No connection could be made: no socket file, nobody listening, or no permission."""
 
+    __module__ = "hintens"
+
 
 class UntrustedServerError(ConnectError):
     """The process listening on the socket runs as a user this client does not trust
     (SO_PEERCRED): not our own uid, not root, and not in ``server_uids``. Nothing was sent."""
 
+    __module__ = "hintens"
+
 
 class SocketPathError(HintensError, ValueError):
     """The socket path cannot be used (too long for the OS, or not a socket)."""
 
+    __module__ = "hintens"
+
 
 class ServerRunningError(HintensError, OSError):
     """Another server is alive on the socket path; it was left alone."""
+
+    __module__ = "hintens"
 
 
 class RemoteError(HintensError):
@@ -202,6 +231,8 @@ class RemoteError(HintensError):
         message: the peer's message.
         request_id: the request the error answers.
     """
+
+    __module__ = "hintens"
 
     def __init__(self, code: int, message: str, request_id: int | None = None) -> None:
         try:
@@ -217,17 +248,25 @@ class RemoteError(HintensError):
 class RemoteProtocolError(RemoteError):
     """The peer rejected our frame as a protocol violation (codes 1-4 and 7)."""
 
+    __module__ = "hintens"
+
 
 class HandlerError(RemoteError):
     """The peer's handler raised while serving the request (code 5)."""
+
+    __module__ = "hintens"
 
 
 class RemoteTimeoutError(RemoteError):
     """The peer gave up on the request in time (code 6)."""
 
+    __module__ = "hintens"
+
 
 class UnavailableError(RemoteError):
     """The peer cannot serve the request now, for example while shutting down (code 8)."""
+
+    __module__ = "hintens"
 
 
 #: code -> (exception raised locally on detection, exception raised when a peer reports it).
@@ -273,7 +312,7 @@ def encode_error_payload(code: int, message: str) -> bytes:
 
     Args:
         code: 0 <= code < 2**32.
-        message: text; cut to ``MAX_ERROR_MESSAGE_BYTES`` of UTF-8 on a character boundary.
+        message: text; cut to 4096 bytes of UTF-8 on a character boundary.
 
     Returns:
         The payload bytes.
@@ -362,3 +401,10 @@ def checksum_error(expected: int, actual: int, request_id: int, msg_type: int) -
 def renew(error: ProtocolError) -> ProtocolError:
     """A fresh copy of a fatal error, raised again by a decoder that already failed."""
     return type(error)(error.message, error.request_id, msg_type=error.msg_type)
+
+
+# The public names, as for the classes above: help(), tracebacks and pickles show hintens.X
+# (hintens.wire.X), not this private module.
+remote_error.__module__ = "hintens"
+encode_error_payload.__module__ = "hintens.wire"
+decode_error_payload.__module__ = "hintens.wire"

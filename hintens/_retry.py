@@ -1,5 +1,6 @@
 """Retries, for the sync and the asyncio ``ClientPool``: ``RetryPolicy`` (how often, how
-long between tries, which failures) and the rule of what is safe to try again:
+long between tries, which failures) and the rule of what is safe to try again, which the
+``retry_on`` argument of its docstring states:
 
 * a connect failure, or a request whose frame never left whole (``request_sent`` False): no
   server can have run it;
@@ -17,6 +18,7 @@ from typing import Iterable
 from ._errors import ConnectError, ConnectionClosed, Timeout, UntrustedServerError
 
 
+# __module__ is the public name (hintens.X): help(), tracebacks and pickles show it.
 class RetryPolicy:
     """Which failed requests a ``ClientPool`` tries again, and how long it waits in between.
 
@@ -27,14 +29,19 @@ class RetryPolicy:
         jitter: the fraction (0 to 1) of each wait that is random, so that clients that
             failed together do not all retry at the same instant.
         retry_on: the exception types that may be retried. Whatever it lists, a request is
-            only retried when that is safe (see the module docstring): a Timeout only for
-            idempotent requests, a ConnectionClosed after the request was sent only for
-            idempotent requests or exactly-once sessions, any other type (a ``RemoteError``
-            such as ``UnavailableError``, say) only for idempotent requests.
+            only retried when that is safe: after a connect failure, or when its frame never
+            left whole (``request_sent`` False), as no server can have run it; after a
+            Timeout only if it is idempotent; after a ConnectionClosed once it was sent only
+            if it is idempotent, or in an exactly-once session whose retry reaches the same
+            server process (its replay window then answers without running it again); after
+            any other type (a ``RemoteError`` such as ``UnavailableError``, say) only if it
+            is idempotent.
 
     Raises:
         ValueError: a negative or inconsistent setting.
     """
+
+    __module__ = "hintens"
 
     DEFAULT_RETRY_ON: tuple[type[BaseException], ...] = (ConnectError, ConnectionClosed, Timeout)
 

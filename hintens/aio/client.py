@@ -71,6 +71,7 @@ _RELEASE_POLL_S = 0.005
 _UNBOUNDED = 1 << 62
 
 
+# __module__ is the public name (hintens.aio.X): help(), tracebacks and pickles show it.
 class Client(Generic[_R]):
     """An asyncio connection to a hintens server. Make one with ``await Client.connect(...)``
     or ``async with Client(...) as client``; use it from the loop it was opened on.
@@ -102,9 +103,13 @@ class Client(Generic[_R]):
         session: draw request ids from this ``hintens.Session``, and announce it in the hello
             if it is exactly-once (as a ``ClientPool`` does for its connections).
 
-    Raises (from ``connect``/``__aenter__``):
-        ConnectError, UntrustedServerError, SocketPathError, Timeout: as the sync ``Client``.
+    Raises:
+        ConnectError, UntrustedServerError, SocketPathError, Timeout: from ``connect`` or
+            ``async with``, as the sync ``Client``.
+        ValueError, TypeError: a bad argument, from the constructor.
     """
+
+    __module__ = "hintens.aio"
 
     # The static type says what ``request`` returns: a memoryview without a codec,
     # the codec's values (Any) with one.
@@ -233,8 +238,13 @@ class Client(Generic[_R]):
                       codec: CodecSpec = None, **options: Any) -> Client[Any]:
         """Connect: ``Client(path, **options)``, opened.
 
+        Returns:
+            The connected client.
+
         Raises:
-            As ``Client`` and ``__aenter__``.
+            ConnectError, UntrustedServerError, SocketPathError, Timeout: as the sync
+                ``Client``.
+            ValueError, TypeError: a bad argument.
         """
         client: Client[Any] = cls(path, codec=codec, **options)
         await client._open()
@@ -436,8 +446,12 @@ class Client(Generic[_R]):
                            timeout: float | None = None) -> list[_R]:
         """Send several Requests together and wait for every reply, in order.
 
+        Returns:
+            The replies, in the order of ``payloads``.
+
         Raises:
-            As ``request``; the first failure in order.
+            RemoteError, Timeout, ConnectionClosed: as ``request``; the first failure in
+                order.
         """
         return list(await asyncio.gather(*(self.request(p, timeout) for p in payloads)))
 

@@ -5,8 +5,8 @@ to one request at a time as the sync ``ClientPool`` does: each request goes on t
 connection with the fewest requests in flight, and a new one is opened (up to ``size``) only
 when every open one is busy. Broken connections are dropped and replaced on demand. What is
 retried, and when a retry must reach the same server, is the sync pool's rule
-(``hintens/_retry.py``); a retry of an exactly-once session carries the same request id, so
-that the server's replay window answers it instead of running it again.
+(``RetryPolicy``'s docstring); a retry of an exactly-once session carries the same request
+id, so that the server's replay window answers it instead of running it again.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ _INSTANCE_WAIT_S = 1.0
 __all__ = ["ClientPool", "DEFAULT_POOL_SIZE"]
 
 
+# __module__ is the public name (hintens.aio.X): help(), tracebacks and pickles show it.
 class ClientPool:
     """Up to ``size`` asyncio connections to one server, shared by any number of tasks of
     one event loop.
@@ -58,6 +59,8 @@ class ClientPool:
 
     Use it with ``async with``, or ``await close()`` when done.
     """
+
+    __module__ = "hintens.aio"
 
     def __init__(self, path: str | os.PathLike[str] | None = None,
                  size: int = DEFAULT_POOL_SIZE, *,
@@ -125,7 +128,7 @@ class ClientPool:
         whole batch is retried, so mark it idempotent only if every request in it is.
 
         Raises:
-            As ``request``.
+            RemoteError, Timeout, ConnectionClosed, ConnectError: as ``request``.
         """
         items = list(payloads)
         seconds = self.timeout if timeout is None else timeout

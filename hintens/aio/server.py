@@ -67,6 +67,7 @@ _ACCEPT_BACKOFF_S = 0.05
 __all__ = ["Server", "ServerConnection", "DEFAULT_MAX_CONCURRENCY"]
 
 
+# __module__ is the public name (hintens.aio.X): help(), tracebacks and pickles show it.
 class Server(ServerBase):
     """A hintens server on a Unix socket, driven by an asyncio event loop.
 
@@ -100,19 +101,22 @@ class Server(ServerBase):
         max_concurrency: tasks one connection runs at once (handlers and async callbacks);
             while it has that many, it is not read, so a client cannot make the server start
             tasks without end.
-        Every other argument is the sync ``hintens.Server``'s, with the same defaults and
-        meaning: ``mode``, ``allow_uids``, ``allow_gids``, ``max_payload``,
-        ``idle_timeout``, ``frame_timeout``, ``send_timeout`` (a client that leaves our bytes
-        unread that long is cut), ``backlog``, ``shm``, ``writable``, ``shm_threshold``,
-        ``shm_pool_bytes``, the ``replay_*`` bounds, ``codec``, ``compress``,
-        ``compress_threshold``, ``max_connections``, ``max_pending_bytes``,
-        ``shm_receive_*`` bounds, ``send_queue_bytes`` (also: a connection whose outgoing
-        queue holds more is not read until it drains) and ``slow_consumer``.
+
+    Every other argument is the sync ``hintens.Server``'s, with the same defaults and
+    meaning: ``mode``, ``allow_uids``, ``allow_gids``, ``max_payload``, ``idle_timeout``,
+    ``frame_timeout``, ``send_timeout`` (a client that leaves our bytes unread that long is
+    cut), ``backlog``, ``shm``, ``writable``, ``shm_threshold``, ``shm_pool_bytes``, the
+    ``replay_*`` bounds, ``codec``, ``compress``, ``compress_threshold``,
+    ``max_connections``, ``max_pending_bytes``, ``shm_receive_*`` bounds,
+    ``send_queue_bytes`` (also: a connection whose outgoing queue holds more is not read until
+    it drains) and ``slow_consumer``.
 
     Raises:
         ServerRunningError, SocketPathError, OSError, TypeError, ValueError: as the sync
             ``Server``.
     """
+
+    __module__ = "hintens.aio"
 
     def __init__(self, path: Addresses = None,
                  handler: Callable[[Any], Any] = echo, *,

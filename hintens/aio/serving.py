@@ -71,6 +71,7 @@ current: contextvars.ContextVar[ServerConnection | None] = contextvars.ContextVa
     "hintens_aio_connection", default=None)
 
 
+# __module__ is the public name (hintens.aio.X): help(), tracebacks and pickles show it.
 class ServerConnection(Pushing):
     """One accepted client of an asyncio ``Server``, as handlers and callbacks see it. Use it
     from the loop's thread (``send_event`` and ``allocate`` may also be called from a
@@ -83,6 +84,8 @@ class ServerConnection(Pushing):
         events_dropped: Events this client did not get because its outgoing queue was full
             (``slow_consumer="drop"``).
     """
+
+    __module__ = "hintens.aio"
 
     def __init__(self, server: Server, sock: socket.socket, peer: PeerCredentials,
                  connection_id: int, loop: asyncio.AbstractEventLoop, address: str = "", *,

@@ -1,4 +1,4 @@
-"""bincode, byte for byte as Rust's ``bincode`` 1.x crate writes it.
+"""bincode, byte for byte as Rust's ``bincode`` 1.x crate writes it. For example::
 
     from dataclasses import dataclass
     from hintens import bincode

@@ -45,6 +45,7 @@ FEATURE_SHM = 0x1
 FEATURE_COMPRESSION = 0x2
 
 
+# __module__ is the public name (hintens.X): help(), tracebacks and pickles show it.
 class Hello:
     """What one side announces right after connecting.
 
@@ -56,6 +57,8 @@ class Hello:
         shm_receive_segments: the most of our segments the sender maps at once.
         entries: every entry as received, including keys this version does not know.
     """
+
+    __module__ = "hintens"
 
     __slots__ = ("minor", "features", "max_payload", "shm_receive_bytes",
                  "shm_receive_segments", "entries")

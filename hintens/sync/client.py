@@ -60,6 +60,7 @@ DEFAULT_TIMEOUT_S = 30.0
 DEFAULT_CONNECT_TIMEOUT_S = 5.0
 
 
+# __module__ is the public name (hintens.X): help(), tracebacks and pickles show it.
 class Session:
     """A client identity that outlives connections: the request-id counter that a
     ClientPool's connections share, so that an id names one request for the whole session,
@@ -74,6 +75,8 @@ class Session:
         id: 16 random bytes.
         exactly_once: whether connections announce it.
     """
+
+    __module__ = "hintens"
 
     def __init__(self, exactly_once: bool = True) -> None:
         self.id = os.urandom(16)
@@ -138,6 +141,8 @@ class Client(ClientSender, Generic[_R]):
         Timeout: the connection was not accepted in ``connect_timeout``.
         ValueError, TypeError: a bad argument (a timeout that is not positive, say).
     """
+
+    __module__ = "hintens"
 
     def __new__(cls, *args: Any, codec: CodecSpec = None, **options: Any) -> Any:
         # A codec makes a CodedClient: its request, request_many and send_event take and give

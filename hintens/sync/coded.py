@@ -15,20 +15,20 @@ from .._codecs import join, ready
 __all__ = ["CodedClient"]
 
 
+# __module__ is the public name (hintens.X): help(), tracebacks and pickles show it.
 class CodedClient(Client[Any]):
     """A ``Client`` whose ``request``, ``request_many`` and ``send_event`` take values and
     return decoded responses, through ``self.codec`` (``on_event`` gets decoded Events too).
     Arguments, errors and everything else: as ``Client``. With the ``"raw"`` codec the values
     are the payloads themselves."""
 
+    __module__ = "hintens"
+
     def request(self, value: Any, timeout: float | None = None, *,
                 writable: bool = False, request_id: int | None = None) -> Any:
-        """As ``Client.request``, with ``value`` encoded and the response decoded.
-
-        Raises:
-            As ``Client.request``, and whatever the codec raises for a value it cannot
-            encode or a response it cannot decode.
-        """
+        """As ``Client.request``, with ``value`` encoded and the response decoded. It raises
+        what ``Client.request`` raises, and whatever the codec raises for a value it cannot
+        encode or a response it cannot decode."""
         codec = self.codec
         if codec is None:
             return Client.request(self, value, timeout, writable=writable,

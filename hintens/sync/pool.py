@@ -3,7 +3,7 @@
 ``ClientPool`` lends each request a connection of its own for the request's duration, opens
 connections lazily up to ``size``, replaces the ones that broke, and makes callers wait (with
 a timeout) when every connection is busy. ``RetryPolicy`` decides which failures are tried
-again, and only what is safe is retried (the rule is in ``hintens/_retry.py``).
+again, and only what is safe is retried (the rule is in ``RetryPolicy``'s docstring).
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ _HANGUP_CHECK_S = 1.0
 _INSTANCE_WAIT_S = 1.0
 
 
+# __module__ is the public name (hintens.X): help(), tracebacks and pickles show it.
 class ClientPool:
     """Up to ``size`` connections to one server, shared safely by any number of threads.
 
@@ -57,6 +58,8 @@ class ClientPool:
 
     The pool is a context manager; leaving it calls ``close()``.
     """
+
+    __module__ = "hintens"
 
     def __init__(self, path: str | os.PathLike[str] | None = None,
                  size: int = DEFAULT_POOL_SIZE, *,

@@ -71,6 +71,7 @@ log = logging.getLogger("hintens")
 Handler = Callable[[Any], Any]
 
 
+# __module__ is the public name (hintens.X): help(), tracebacks and pickles show it.
 class Server(ServerBase):
     """A hintens server on a Unix socket.
 
@@ -121,7 +122,7 @@ class Server(ServerBase):
             exactly-once memory for clients that announce a session
             (``ClientPool(exactly_once=True)``): answers kept per session, bytes of them per
             session, sessions kept, and bytes of answers across all sessions (256 MiB). 0
-            sessions turns it off. See ``hintens.protocol.replay``.
+            sessions turns it off. docs/PROTOCOL.md, section 10, has the rules.
         ssl_context: TLS on the ``tcp://`` addresses: a server-side ``ssl.SSLContext``
             (``ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)`` with ``load_cert_chain``;
             ``verify_mode = ssl.CERT_REQUIRED`` and ``load_verify_locations`` to let in only
@@ -139,6 +140,8 @@ class Server(ServerBase):
             that is not an int in [0, 0o777], a timeout that is not positive, ...). Arguments
             are checked before the socket file is created.
     """
+
+    __module__ = "hintens"
 
     def __init__(self, path: Addresses = None, handler: Handler = echo, *,
                  on_event: Callable[[Any, ServerConnection], Any] | None = None,

@@ -33,6 +33,7 @@ log = logging.getLogger("hintens")
 
 
 
+# __module__ is the public name (hintens.X): help(), tracebacks and pickles show it.
 class ServerConnection(Answering, Pushing):
     """One accepted client, as callbacks see it.
 
@@ -45,6 +46,8 @@ class ServerConnection(Answering, Pushing):
         events_dropped: Events this client did not get because its outgoing queue was full
             (``slow_consumer="drop"``).
     """
+
+    __module__ = "hintens"
 
     def __init__(self, server: Server, sock: socket.socket, peer: PeerCredentials,
                  connection_id: int, address: str = "", *, shm: bool = True) -> None:

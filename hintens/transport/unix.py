@@ -46,6 +46,11 @@ class PeerCredentials(NamedTuple):
     gid: int
 
 
+# The public name, hintens.PeerCredentials, for help() and pickles. Set after the class: a
+# NamedTuple's body may hold only its fields (for mypy).
+PeerCredentials.__module__ = "hintens"
+
+
 def _private_dir_problem(path: str, uid: int) -> str | None:
     """Why ``path`` is not a directory that only ``uid`` controls (None when it is)."""
     try:

@@ -1,11 +1,10 @@
 """The wire format, for those who write their own transport or peer (docs/PROTOCOL.md):
 frame headers, CRC16, whole frames, the incremental decoder, and Error payloads.
 
-Backed by the compiled wire kernels (``_wire.pyx``, with ``_wire.h`` and ``_crc16.h``), or by
-their pure-Python twin (``_wire_py.py``) where the extensions are not built
-(``hintens.implementation`` says which); both give the same results and raise the same
-errors. The socket transport above them is ``hintens.transport``; the application API
-(Client, Server, ...) is at the top level, ``hintens``.
+Backed by the compiled wire kernels, or by their pure-Python twin where the extensions are not
+built (``hintens.implementation`` says which); both give the same results and raise the same
+errors. The application API above them (Client, Server, ...) is at the top level,
+``hintens``.
 """
 
 from __future__ import annotations
@@ -43,7 +42,6 @@ pack_header_into = _core.pack_header_into
 unpack_header = _core.unpack_header
 Frame = _core.Frame
 FrameHeader = _core.FrameHeader
-#: Frames from a byte stream fed in any pieces: ``FrameDecoder(max_payload).feed(data)``.
 FrameDecoder = _core.FrameDecoder
 
 __all__ = [

@@ -1,12 +1,12 @@
 # cython: language_level=3, embedsignature=True, embedsignature.format=clinic, binding=False, boundscheck=False, wraparound=False, cdivision=True
 """Compiled wire kernels of hintens: CRC16, the frame header and the sans-IO frame decoder.
 
-hintens/wire/_wire_py.py is its pure-Python twin and documents the shared decoder rules; the
-two export the same names and raise the same exceptions. Here every per-frame step (header
-parse, validation, CRC, payload slicing) runs in C; Python objects are made only for the
-results. Long C loops (CRC and copies of 64 KiB or more) run without the GIL. No I/O: the
-socket transport (hintens/transport/_channel.pyx) cimports the decoder and the inline helpers
-declared in _wire.pxd.
+hintens/wire/_wire_py.py is its pure-Python twin (FrameDecoder's docstring states the decoder
+rules both follow); the two export the same names and raise the same exceptions. Here every
+per-frame step (header parse, validation, CRC, payload slicing) runs in C; Python objects are
+made only for the results. Long C loops (CRC and copies of 64 KiB or more) run without the
+GIL. No I/O: the socket transport (hintens/transport/_channel.pyx) cimports the decoder and the
+inline helpers declared in _wire.pxd.
 """
 
 cimport cython
@@ -337,7 +337,23 @@ cdef class MemoryBudget:
 
 @cython.final
 cdef class FrameDecoder:
-    """Sans-IO frame decoder: bytes in, frames out. See hintens/wire/_wire_py.py for its rules."""
+    """Sans-IO frame decoder: bytes in, frames out, from a byte stream fed in any pieces
+    (``FrameDecoder(max_payload).feed(data)``).
+
+    Rules (the compiled core and its pure-Python twin follow the same ones):
+
+    * A frame's header is validated, in this order, before any of its payload is buffered:
+      magic, major version, message type, length limit, reserved flags. The first two are
+      checked as soon as their bytes arrive, so garbage is rejected without waiting for 24
+      bytes.
+    * Fatal errors (bad header, too large) poison the decoder: every later call raises again.
+    * Recoverable errors (CRC, reserved flags) consume exactly the bad frame. Bytes after it
+      that were already passed in are kept; ``feed(b"")`` decodes them.
+    * Frames decoded before an error in the same call travel in the exception's ``frames``.
+    * A payload is a read-only memoryview sharing the input when the input is ``bytes``, the
+      frame lies wholly inside it and the payload has at least 1 KiB; otherwise it is a new
+      ``bytes``.
+    """
 
     def __cinit__(self):
         self._state = _HEADER_STATE
@@ -422,7 +438,7 @@ cdef class FrameDecoder:
             The frames completed by this call, in stream order, each exactly once.
 
         Raises:
-            ProtocolError: a subclass per violation; see hintens/wire/_wire_py.py.
+            ProtocolError: a subclass per violation (the class's rules).
             BufferError: ``data`` is not C-contiguous.
         """
         cdef _Input ref

@@ -5,18 +5,7 @@ module (the socket transport's twin is ``hintens.transport._channel_py``). It is
 ``HINTENS_NO_EXTENSIONS=1``. Speed is not its goal: correctness and agreement with the compiled
 core are, and the test-suite runs every core test against both.
 
-Decoder rules (identical in both implementations):
-
-* A frame's header is validated, in this order, before any of its payload is buffered: magic,
-  major version, message type, length limit, reserved flags. The first two are checked as soon
-  as their bytes arrive, so garbage is rejected without waiting for 24 bytes.
-* Fatal errors (bad header, too large) poison the decoder: every later call raises again.
-* Recoverable errors (CRC, reserved flags) consume exactly the bad frame. Bytes after it that
-  were already passed in are kept; ``feed(b"")`` decodes them.
-* Frames decoded before an error in the same call travel in the exception's ``frames``.
-* A payload is a read-only memoryview sharing the input when the input is ``bytes``, the frame
-  lies wholly inside it and the payload has at least ``PAYLOAD_COPY_THRESHOLD_BYTES``; otherwise
-  it is a new ``bytes``.
+The decoder's rules, which both implementations follow, are in ``FrameDecoder``'s docstring.
 """
 
 from __future__ import annotations
@@ -268,7 +257,23 @@ _HEADER_STATE, _PAYLOAD_STATE, _DISCARD_STATE = 0, 1, 2
 
 
 class FrameDecoder:
-    """Sans-IO frame decoder: bytes in, frames out. See the module docstring for its rules."""
+    """Sans-IO frame decoder: bytes in, frames out, from a byte stream fed in any pieces
+    (``FrameDecoder(max_payload).feed(data)``).
+
+    Rules (the compiled core and its pure-Python twin follow the same ones):
+
+    * A frame's header is validated, in this order, before any of its payload is buffered:
+      magic, major version, message type, length limit, reserved flags. The first two are
+      checked as soon as their bytes arrive, so garbage is rejected without waiting for 24
+      bytes.
+    * Fatal errors (bad header, too large) poison the decoder: every later call raises again.
+    * Recoverable errors (CRC, reserved flags) consume exactly the bad frame. Bytes after it
+      that were already passed in are kept; ``feed(b"")`` decodes them.
+    * Frames decoded before an error in the same call travel in the exception's ``frames``.
+    * A payload is a read-only memoryview sharing the input when the input is ``bytes``, the
+      frame lies wholly inside it and the payload has at least 1 KiB; otherwise it is a new
+      ``bytes``.
+    """
 
     _reserved = 0   # class defaults: __del__ may run on an instance whose __init__ raised
     budget: MemoryBudget | None = None
@@ -349,7 +354,7 @@ class FrameDecoder:
             The frames completed by this call, in stream order, each exactly once.
 
         Raises:
-            ProtocolError: a subclass per violation; see the module docstring.
+            ProtocolError: a subclass per violation (the class's rules).
             BufferError: ``data`` is not C-contiguous.
         """
         if self._failed is not None:
