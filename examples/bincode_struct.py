@@ -1,13 +1,6 @@
 """bincode with a Rust-shaped struct: a dataclass that reads and writes the bytes Rust's
-``bincode`` 1.x crate does for the struct below, and a client and server that exchange it.
-
-    #[derive(Serialize, Deserialize)]
-    struct Quote {
-        id: u64,
-        price: f64,
-        venue: String,
-        sizes: Vec<u32>,
-    }
+``bincode`` 1.x crate does for the struct in the comment above it, and a client and server
+that exchange it.
 
 Run it: ``python examples/bincode_struct.py``.
 """
@@ -22,8 +15,10 @@ from hintens import bincode
 PATH = os.path.join(tempfile.mkdtemp(), "quotes.sock")
 
 
+# #[derive(Serialize, Deserialize)]
+# struct Quote { id: u64, price: f64, venue: String, sizes: Vec<u32> }
 @dataclass
-class Quote:                      # struct Quote { id: u64, price: f64, venue: String, sizes: Vec<u32> }
+class Quote:
     id: bincode.u64
     price: bincode.f64
     venue: str

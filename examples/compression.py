@@ -26,7 +26,7 @@ class CountingRelay:
         self.bytes = 0
         self._lock = threading.Lock()       # two pumps per connection add to the count
         self.listener = socket.create_server(("127.0.0.1", 0))
-        self.address = "tcp://127.0.0.1:%d" % self.listener.getsockname()[1]
+        self.address = f"tcp://127.0.0.1:{self.listener.getsockname()[1]}"
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self):
