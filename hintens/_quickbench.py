@@ -128,9 +128,12 @@ def client(kind: str, path: str) -> Any:
 def available_kinds() -> list[str]:
     """The kinds this interpreter can run, hintens first: all but pyzmq when it is not
     installed."""
+    try:
+        with_zmq = importlib.util.find_spec("zmq") is not None
+    except ValueError:   # sys.modules["zmq"] is None: blocked on purpose
+        with_zmq = False
     kinds = ["hintens"] + [kind for kind in KINDS if kind != "hintens"]
-    return [kind for kind in kinds
-            if kind != "pyzmq" or importlib.util.find_spec("zmq") is not None]
+    return [kind for kind in kinds if kind != "pyzmq" or with_zmq]
 
 
 # Measuring ----------------------------------------------------------------------------------

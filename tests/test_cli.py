@@ -146,6 +146,24 @@ def test_bench_prints_a_row_per_peer(tmp_path):
     assert b"64 B round trip" in done.stdout and b"1 MiB echo" in done.stdout
 
 
+def hintens_cli_without(module, *args, timeout=120):
+    """`python -m hintens ARGS` as if ``module`` were not installed (its import fails)."""
+    script = ("import runpy, sys\n"
+              f"sys.modules[{module!r}] = None\n"
+              f"sys.argv = ['hintens', *{args!r}]\n"
+              "runpy.run_module('hintens', run_name='__main__', alter_sys=True)\n")
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=timeout,
+                          env=dict(os.environ, PYTHONPATH=REPO), cwd=REPO)
+
+
+def test_bench_without_pyzmq_says_so():
+    done = hintens_cli_without("zmq", "bench", "--count", "50")
+    assert done.returncode == 0, done.stderr
+    assert b"(pyzmq is not installed: no pyzmq row)" in done.stdout
+    assert set(bench_rows(done.stdout)) == {"hintens", "raw socket (stdlib)",
+                                           "multiprocessing.connection"}
+
+
 def test_bench_plot_draws_a_png(tmp_path):
     pytest.importorskip("matplotlib")
     image = tmp_path / "bench.png"
@@ -159,12 +177,7 @@ def test_bench_plot_draws_a_png(tmp_path):
 
 def test_bench_plot_without_matplotlib_is_one_line(tmp_path):
     image = tmp_path / "bench.png"
-    script = ("import runpy, sys\n"
-              "sys.modules['matplotlib'] = None   # as if it were not installed\n"
-              f"sys.argv = ['hintens', 'bench', '--plot', {str(image)!r}]\n"
-              "runpy.run_module('hintens', run_name='__main__', alter_sys=True)\n")
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=60,
-                          env=dict(os.environ, PYTHONPATH=REPO), cwd=REPO)
+    done = hintens_cli_without("matplotlib", "bench", "--plot", str(image))
     assert (done.returncode, done.stdout, done.stderr) == (
         2, b"", b"hintens: error: --plot needs matplotlib (pip install hintens[plot])\n")
     assert not image.exists()
