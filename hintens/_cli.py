@@ -1,4 +1,4 @@
-"""The `hintens` command line: serve, send, info, demo.
+"""The `hintens` command line: serve, send, info, demo, bench.
 
 Failures print one line, ``hintens: error: ...``, to stderr and exit non-zero without a
 traceback. Exit codes: 1 for an Error reply from the server, 2 for bad usage, 3 when the
@@ -27,7 +27,8 @@ class _UsageError(Exception):
 
 
 def load_handler(spec: str, option: str = "--handler") -> Callable[..., Any]:
-    """Import ``module:function``.
+    """Import ``module:function``, looking in the current directory first, as ``python -m``
+    does (the console script's sys.path starts with its own directory instead).
 
     Raises:
         _UsageError: the spec is malformed, or the module or function cannot be found.
@@ -35,6 +36,9 @@ def load_handler(spec: str, option: str = "--handler") -> Callable[..., Any]:
     module_name, sep, attribute = spec.partition(":")
     if not sep or not module_name or not attribute:
         raise _UsageError(f"{option} wants module:function, not {spec!r}")
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
     try:
         target: Any = importlib.import_module(module_name)
         for part in attribute.split("."):
@@ -130,19 +134,61 @@ def _tls_arguments(parser: argparse.ArgumentParser, server: bool) -> None:
                             help="let in only clients whose certificate chains to --tls-ca")
 
 
+def _file_mode(text: str) -> int:
+    """--mode's octal permission bits.
+
+    Raises:
+        _UsageError: not octal digits, or more than permission bits (0-777).
+    """
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        mode = -1
+    if not 0 <= mode <= 0o777:
+        raise _UsageError(f"--mode wants an octal file mode from 0 to 777 such as 600, "
+                          f"not {text!r}")
+    return mode
+
+
+def _check_socket_dirs(args: argparse.Namespace) -> None:
+    """Name the missing directory of a --socket or unix: --listen path, before the server
+    tries to bind there.
+
+    Raises:
+        _UsageError: a socket path's directory does not exist.
+    """
+    from .transport.address import UNIX_PREFIX, is_tcp
+
+    given = [("--socket", args.socket)] if args.socket else []
+    for option, address in given + [("--listen", address) for address in args.listen]:
+        if is_tcp(address):
+            continue
+        path = address.removeprefix(UNIX_PREFIX)
+        directory = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(directory):
+            raise _UsageError(f"the directory {directory} does not exist "
+                              f"(for {option} {address})")
+
+
+def _log_level(args: argparse.Namespace) -> int:
+    if args.quiet:
+        return logging.WARNING
+    if args.verbose:
+        return logging.DEBUG
+    return int(getattr(logging, args.log_level))
+
+
 def _serve(args: argparse.Namespace) -> int:
     from .sync.server import Server, echo
 
     _fix_malloc_thresholds()   # before any connection thread exists
 
+    mode = _file_mode(args.mode)
+    _check_socket_dirs(args)
+    logging.basicConfig(level=_log_level(args),
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
     handler = load_handler(args.handler) if args.handler else echo
     on_event = load_handler(args.on_event, "--on-event") if args.on_event else None
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    try:
-        mode = int(args.mode, 8)
-    except ValueError:
-        raise _UsageError(f"--mode wants an octal file mode such as 600, not {args.mode!r}") \
-            from None
     # SIGTERM/SIGINT wait until the handlers are in place: a signal that came the moment the
     # socket began to accept connections would otherwise leave the socket file behind.
     stops = {signal.SIGTERM, signal.SIGINT}
@@ -164,12 +210,30 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _payload(data: str) -> bytes:
+    """send's DATA: the bytes of stdin for ``-``, of FILE for ``@FILE``, else the text itself.
+
+    Raises:
+        _UsageError: FILE cannot be read.
+    """
+    if data == "-":
+        return sys.stdin.buffer.read()
+    if data.startswith("@"):
+        try:
+            with open(data[1:], "rb") as file:
+                return file.read()
+        except OSError as error:
+            raise _UsageError(f"cannot read {data[1:]!r}: {error.strerror or error}") \
+                from None
+    return data.encode()
+
+
 def _send(args: argparse.Namespace) -> int:
     from .sync.client import Client
 
-    data = sys.stdin.buffer.read() if args.data == "-" else args.data.encode()
     if args.socket and args.connect:
         raise _UsageError("give --socket or --connect, not both")
+    data = _payload(args.data)
     with Client(args.connect or args.socket, timeout=args.timeout, connect_timeout=args.timeout,
                 ssl_context=_client_tls(args),
                 server_uids=args.server_uid) as client:
@@ -178,6 +242,8 @@ def _send(args: argparse.Namespace) -> int:
             return 0
         reply = client.request(data)
     sys.stdout.buffer.write(reply)
+    if sys.stdout.isatty() and len(reply) and bytes(reply[-1:]) != b"\n":
+        sys.stdout.buffer.write(b"\n")   # the shell's prompt on a line of its own
     sys.stdout.buffer.flush()
     return 0
 
@@ -198,9 +264,35 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from . import _quickbench
+
+    if args.count is not None and args.count < 1:
+        raise _UsageError(f"--count wants a positive number, not {args.count}")
+    if args.seconds is not None and not args.seconds > 0:
+        raise _UsageError(f"--seconds wants a positive number, not {args.seconds}")
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise _UsageError("--plot needs matplotlib (pip install hintens[plot])") from None
+        directory = os.path.dirname(os.path.abspath(args.plot))
+        if not os.path.isdir(directory):
+            raise _UsageError(f"the directory {directory} does not exist (for --plot "
+                              f"{args.plot})")
+    _quickbench.run(lambda line: print(line, flush=True), count=args.count,
+                    seconds=args.seconds or _quickbench.DEFAULT_SECONDS, plot_path=args.plot)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(
-        prog="hintens", description="Fast message passing between processes on one machine.")
+        prog="hintens", description="Fast message passing between processes on one machine.",
+        epilog="Exit codes: 0 done, 1 an Error reply from the server, 2 bad usage, 3 no server "
+               "or the connection broke, 4 a timeout.")
+    parser.add_argument("--version", action="version", version=f"hintens {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     socket_help = ("socket path (default: $HINTENS_SOCKET, else $XDG_RUNTIME_DIR/hintens.sock, "
                    "else /tmp/hintens-$UID/hintens.sock)")
@@ -222,6 +314,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help="also accept clients with this uid (repeatable)")
     serve.add_argument("--allow-gid", type=int, action="append", default=[], metavar="GID",
                        help="also accept clients with this gid (repeatable)")
+    verbosity = serve.add_mutually_exclusive_group()
+    verbosity.add_argument("--log-level", default="INFO",
+                           choices=("DEBUG", "INFO", "WARNING", "ERROR"), type=str.upper,
+                           help="what the server logs to stderr (default INFO: listening, "
+                                "closing, refused connections; DEBUG adds each connect and "
+                                "disconnect)")
+    verbosity.add_argument("-q", "--quiet", action="store_true",
+                           help="warnings and errors only (--log-level WARNING)")
+    verbosity.add_argument("-v", "--verbose", action="store_true",
+                           help="debug detail (--log-level DEBUG)")
     serve.set_defaults(run=_serve)
 
     send = commands.add_parser("send", help="send DATA and print the reply's bytes")
@@ -235,14 +337,43 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("--server-uid", type=int, action="append", default=[], metavar="UID",
                       help="also trust a server running as this uid (repeatable; by default "
                            "only our own uid and root are trusted)")
-    send.add_argument("data", metavar="DATA", help="the payload, or - to read it from stdin")
+    send.add_argument("data", metavar="DATA",
+                      help="the payload: the text itself, - to read it from stdin, or @FILE "
+                           "to read it from FILE. On a terminal a newline follows the reply "
+                           "unless it ends with one")
     send.set_defaults(run=_send)
 
-    commands.add_parser("info", help="show the version and which core is in use").set_defaults(
+    info_help = "show the version, which core is in use and which CRC16 kernel"
+    commands.add_parser("info", help=info_help, description=info_help + ": the compiled "
+                        "(cython) or the pure-Python core (python, forced by "
+                        "HINTENS_NO_EXTENSIONS=1), and the kernel CPU dispatch chose").set_defaults(
         run=_info)
-    demo = commands.add_parser("demo", help="run a server process, measure, print a table")
-    demo.add_argument("--dir", help="directory for the demo's socket (default: a temp dir)")
+    demo_help = "run a server process, measure, print a table"
+    demo = commands.add_parser(
+        "demo", help=demo_help,
+        description="Start `hintens serve` and a raw-socket echo server (the floor for Python) "
+                    "in their own processes, time request round trips of 64 B, 4 KiB and "
+                    "60 KiB against both, and print median, p99, requests/s and MB/s. It takes "
+                    "a few seconds at most.")
+    demo.add_argument("--dir", help="directory for the demo's sockets (default: a temp dir)")
     demo.set_defaults(run=_demo)
+    bench = commands.add_parser(
+        "bench", help="compare with a raw socket, multiprocessing and pyzmq; print a table",
+        description="A quick side-by-side: echo servers of hintens, a raw Unix socket "
+                    "speaking length-prefixed frames (the floor), multiprocessing.connection "
+                    "and pyzmq REQ/REP (if installed), each in its own process; 64 B round "
+                    "trips and 1 MiB echoes, interleaved. Prints medians and ratios to the "
+                    "raw floor. The benchmarks in the source tree's bench/ measure more.")
+    budget = bench.add_mutually_exclusive_group()
+    budget.add_argument("--count", type=int, metavar="N",
+                        help="64 B round trips per peer (and N/50 1 MiB echoes, at least 4)")
+    budget.add_argument("--seconds", type=float, metavar="S",
+                        help="measure for about S seconds instead (default 2; starting the "
+                             "servers comes on top)")
+    bench.add_argument("--plot", metavar="FILE.png",
+                       help="also draw the table into FILE.png (needs matplotlib: pip install "
+                            "hintens[plot])")
+    bench.set_defaults(run=_bench)
     return parser
 
 

@@ -90,6 +90,9 @@ def raw_echo_server(path: str) -> None:
                 if not _read_exactly(conn, view[:4]):
                     break
                 (size,) = struct.unpack_from("<I", buffer)
+                if 4 + size > len(buffer):   # a larger message: grow, keep the header read
+                    buffer = bytearray(buffer[:4]) + bytearray(size)
+                    view = memoryview(buffer)
                 if not _read_exactly(conn, view[4:4 + size]):
                     break
                 conn.sendall(view[:4 + size])
@@ -105,6 +108,10 @@ def _read_exactly(conn: socket.socket, view: memoryview) -> bool:
     return True
 
 
+#: The raw client joins header and payload (one write) below this size, writes both above it.
+COPY_BELOW_BYTES = 64 * 1024
+
+
 class RawClient:
     """Client side of the raw floor: sendall the message, read the whole echo back."""
 
@@ -114,7 +121,13 @@ class RawClient:
         self.buffer = memoryview(bytearray(1 << 20))
 
     def request(self, payload: bytes) -> memoryview:
-        self.sock.sendall(struct.pack("<I", len(payload)) + payload)
+        if 4 + len(payload) > len(self.buffer):
+            self.buffer = memoryview(bytearray(4 + len(payload)))
+        if len(payload) < COPY_BELOW_BYTES:   # one write; a large payload is not copied
+            self.sock.sendall(struct.pack("<I", len(payload)) + payload)
+        else:
+            self.sock.sendall(struct.pack("<I", len(payload)))
+            self.sock.sendall(payload)
         _read_exactly(self.sock, self.buffer[:4 + len(payload)])
         return self.buffer[4:4 + len(payload)]
 

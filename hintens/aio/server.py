@@ -416,6 +416,7 @@ class Server(ServerBase):
         connection.subject = subject
         self._connections[connection.id] = connection   # listed before its hello goes
         connection.start()
+        log.debug("%r connected", connection)
         if self.on_connect is not None:
             self._callback(self.on_connect, connection, "on_connect")
 

@@ -114,6 +114,7 @@ class ServerConnection(Answering, Pushing):
             self._say_hello()   # the hello goes first, always
             if not server._register(self):
                 return
+            log.debug("%r connected", self)
             why = self._serve_frames()
         except ConnectionClosed as error:
             why = str(error)
