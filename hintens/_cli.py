@@ -185,6 +185,15 @@ def _serve(args: argparse.Namespace) -> int:
 
     mode = _file_mode(args.mode)
     _check_socket_dirs(args)
+    if args.metrics_port is not None:
+        if not 0 <= args.metrics_port <= 65535:
+            raise _UsageError(f"--metrics-port wants a port from 0 to 65535, not "
+                              f"{args.metrics_port}")
+        try:
+            import prometheus_client
+        except ImportError:
+            raise _UsageError("--metrics-port needs prometheus_client (pip install "
+                              "'hintens[prometheus]')") from None
     logging.basicConfig(level=_log_level(args),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     handler = load_handler(args.handler) if args.handler else echo
@@ -206,6 +215,20 @@ def _serve(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGINT, stop)
     finally:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)
+    if args.metrics_port is not None:
+        from .metrics import PrometheusCollector
+
+        registry = prometheus_client.CollectorRegistry()
+        registry.register(PrometheusCollector(server))
+        try:
+            prometheus_client.start_http_server(args.metrics_port, args.metrics_host,
+                                                registry=registry)
+        except OSError as error:
+            server.close()
+            raise _UsageError(f"cannot serve metrics on {args.metrics_host}:"
+                              f"{args.metrics_port}: {error.strerror or error}") from None
+        logging.getLogger("hintens").info("metrics at http://%s:%d/metrics",
+                                          args.metrics_host, args.metrics_port)
     server.serve_forever()
     return 0
 
@@ -314,6 +337,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="also accept clients with this uid (repeatable)")
     serve.add_argument("--allow-gid", type=int, action="append", default=[], metavar="GID",
                        help="also accept clients with this gid (repeatable)")
+    serve.add_argument("--metrics-port", type=int, metavar="PORT",
+                       help="serve the server's stats for Prometheus at "
+                            "http://127.0.0.1:PORT/metrics (needs prometheus_client: pip "
+                            "install 'hintens[prometheus]')")
+    serve.add_argument("--metrics-host", default="127.0.0.1", metavar="HOST",
+                       help="the address --metrics-port binds (default 127.0.0.1)")
     verbosity = serve.add_mutually_exclusive_group()
     verbosity.add_argument("--log-level", default="INFO",
                            choices=("DEBUG", "INFO", "WARNING", "ERROR"), type=str.upper,

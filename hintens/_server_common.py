@@ -25,7 +25,7 @@ from ._constants import (
     MessageType,
 )
 from ._errors import ConnectionClosed, encode_error_payload
-from ._stats import connection_stats, handler_stats, merge_stats, public_name
+from ._stats import HANDLER_BUCKETS_S, connection_stats, handler_stats, merge_stats, public_name
 from .protocol.answers import event_writes, is_bytes_like
 from .protocol.endpoint import (
     DEFAULT_COMPRESS_THRESHOLD_BYTES,
@@ -174,7 +174,7 @@ class ServerBase:
             (core.MemoryBudget(count(shm_receive_total_segments,
                                      "shm_receive_total_segments")),
              "segments this server maps across connections (shm_receive_total_segments)")]
-        self._new_endpoint()   # the protocol layer checks its settings: once, and now
+        probe = self._new_endpoint()   # the protocol layer checks its settings: once, now
         self._pending_budget = core.MemoryBudget(count(
             max_pending_bytes, "max_pending_bytes", minimum=max_payload))
         # Counters for ``stats``: clients cut because they fell behind (their queue full,
@@ -183,7 +183,10 @@ class ServerBase:
         # the connections that have ended counted, summed.
         self._counters = {"slow_consumers_cut": 0, "events_dropped": 0,
                           "connections_refused": 0, "connections_closed": 0}
-        self._ended_stats: dict[str, Any] = {}
+        # (Every key present from the start, at zero: ``stats`` before any connection.)
+        self._ended_stats: dict[str, Any] = {
+            **connection_stats(probe, None), "events_dropped": 0,
+            "handler": handler_stats((0, 0.0, (0,) * (len(HANDLER_BUCKETS_S) + 1)))}
         self._stats_lock = threading.Lock()
         #: Names this run of the server in its hellos: a retry that reaches another run
         #: cannot be answered from this one's replay memory.
@@ -339,7 +342,8 @@ class ServerBase:
 
     def __repr__(self) -> str:
         where = " ".join(self.addresses)
-        return f"<{public_name(self)} {where}, {len(self.connections)} connections>"
+        count = len(self.connections)
+        return f"<{public_name(self)} {where}, {count} connection{'' if count == 1 else 's'}>"
 
     def _retire_stats(self, connection: Any) -> None:
         """A connection has ended: its counters join the server's sum (once)."""
@@ -374,13 +378,17 @@ class Pushing:
 
     @property
     def stats(self) -> dict[str, Any]:
-        """A snapshot of this connection's counters: the keys of
-        ``hintens._stats.connection_stats``, plus ``events_dropped`` and ``handler``
-        (``count``, ``seconds`` and cumulative ``buckets`` of the handler's run times)."""
+        """A snapshot of this connection's counters, a new dict each time: frames each way
+        (``requests_received``, ``responses_sent``, ``events_sent``, ...), Error frames
+        (``errors_sent`` by code, ``errors_received``), bytes on the socket and through
+        shared memory, segments, ``queued_bytes``; ``events_dropped``; and ``handler``:
+        ``count``, ``seconds`` and cumulative ``buckets`` of the handler's run times. The
+        README's "Seeing what happens" lists every key."""
         channel = self._channel
         stats = connection_stats(self._endpoint, channel, events_sent=self.events_sent,
                                  responses_sent=channel.responses_sent)
-        stats.update(events_dropped=self.events_dropped, handler=handler_stats(channel))
+        stats.update(events_dropped=self.events_dropped,
+                     handler=handler_stats(channel.handler_times()))
         return stats
 
     def send_event(self, payload: Any) -> bool:

@@ -62,11 +62,12 @@ def connection_stats(endpoint: Any, channel: Any, *, requests_sent: int = 0,
     }
 
 
-def handler_stats(channel: Any) -> dict[str, Any]:
-    """A served connection's handler times: ``count``, ``seconds`` (their sum) and
-    ``buckets``, a dict from each bound of ``HANDLER_BUCKETS_S`` (and ``inf``) to how many
-    runs took at most that long (cumulative, as Prometheus histograms count)."""
-    count, seconds, buckets = channel.handler_times()
+def handler_stats(times: tuple[int, float, tuple[int, ...]]) -> dict[str, Any]:
+    """A served connection's handler times (``Channel.handler_times()``) for stats:
+    ``count``, ``seconds`` (their sum) and ``buckets``, a dict from each bound of
+    ``HANDLER_BUCKETS_S`` (and ``inf``) to how many runs took at most that long (cumulative,
+    as Prometheus histograms count)."""
+    count, seconds, buckets = times
     cumulative: dict[float, int] = {}
     running = 0
     for bound, n in zip((*HANDLER_BUCKETS_S, float("inf")), buckets):

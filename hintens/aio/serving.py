@@ -181,8 +181,7 @@ class ServerConnection(Pushing):
             who = self.address if self.subject is None else f"{self.address} {self.subject}"
         else:
             who = f"pid={self.peer.pid} uid={self.peer.uid}"
-        state = "open" if self._open else "closed"
-        return f"<{public_name(self)} {self.id} {who} {state}>"
+        return f"<{public_name(self)} {self.id} {who}>"   # the same for its whole life (logs)
 
     # The connection's life -----------------------------------------------------------------
 

@@ -113,9 +113,12 @@ class ClientDriver:
 
     @property
     def stats(self) -> dict[str, Any]:
-        """A snapshot of this connection's counters: the keys of
-        ``hintens._stats.connection_stats``, plus ``errors`` (the RemoteErrors raised to
-        callers, by code), ``timeouts`` and ``in_flight`` (requests waiting for replies)."""
+        """A snapshot of this connection's counters, a new dict each time: frames each way
+        (``requests_sent``, ``responses_received``, ``events_sent``, ...), Error frames
+        (``errors_sent`` by code, ``errors_received``), bytes on the socket and through
+        shared memory, segments, ``queued_bytes``; and the client's own: ``errors`` (the
+        RemoteErrors raised to callers, by code), ``timeouts`` and ``in_flight`` (requests
+        waiting for replies). The README's "Seeing what happens" lists every key."""
         with self._lock:
             in_flight = len(self._waiters)
             errors = dict(self._errors)
