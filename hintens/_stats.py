@@ -13,13 +13,14 @@ own serve loop runs in C. The rest are Python counters bumped where something ra
 
 from __future__ import annotations
 
+import collections
 import threading
 from typing import Any, Iterable
 
 from ._constants import HANDLER_BUCKETS_S
 
-__all__ = ["HANDLER_BUCKETS_S", "PoolTally", "connection_stats", "handler_stats",
-           "merge_stats", "public_name"]
+__all__ = ["HANDLER_BUCKETS_S", "ClientCounts", "PoolTally", "connection_stats",
+           "handler_stats", "merge_stats", "public_name"]
 
 
 def connection_stats(endpoint: Any, channel: Any, *, requests_sent: int = 0,
@@ -143,3 +144,42 @@ class PoolTally:
             total.update(retries=self.retries, connections_opened=self.opened,
                          reconnects=self.reconnects, **own)
         return total
+
+
+class ClientCounts:
+    """A client's own counters (sync or asyncio), kept in one small object: a client with
+    one attribute more per counter would pass CPython's limit for shared instance dicts,
+    and every attribute access on the request path would get slower.
+
+    Attributes:
+        requests: Requests sent (the sync client counts them under its lock).
+        events: Events sent.
+        timeouts: requests that timed out.
+        errors: RemoteErrors raised to callers, by code.
+    """
+
+    __slots__ = ("requests", "events", "timeouts", "errors", "_lock")
+
+    def __init__(self) -> None:
+        self.requests = self.events = self.timeouts = 0
+        self.errors: collections.Counter[int] = collections.Counter()
+        self._lock = threading.Lock()
+
+    def failed(self, error: BaseException) -> None:
+        """Count a request's failure: a timeout, or a RemoteError by its code."""
+        code = getattr(error, "code", None)
+        if isinstance(error, TimeoutError):
+            with self._lock:
+                self.timeouts += 1
+        elif isinstance(code, int):
+            with self._lock:
+                self.errors[code] += 1
+
+    def stats(self, endpoint: Any, channel: Any, in_flight: int) -> dict[str, Any]:
+        """The client's stats: its connection's counters, and its own."""
+        with self._lock:
+            errors, timeouts = dict(self.errors), self.timeouts
+        stats = connection_stats(endpoint, channel, requests_sent=self.requests,
+                                 events_sent=self.events)
+        stats.update(errors=errors, timeouts=timeouts, in_flight=in_flight)
+        return stats

@@ -38,7 +38,7 @@ from .._codecs import Codec, CodecSpec, codec_from, ready
 from .._constants import DEFAULT_FLUSH_INTERVAL_S, DEFAULT_MAX_PAYLOAD_BYTES, MessageType
 from .._errors import (
     ConnectionClosed, RemoteError, Timeout, closed_error, lost_message, no_free_segment)
-from .._stats import connection_stats, public_name
+from .._stats import ClientCounts, public_name
 from ..protocol.endpoint import (
     DEFAULT_COMPRESS_THRESHOLD_BYTES,
     DEFAULT_SHM_POOL_BYTES,
@@ -205,10 +205,7 @@ class Client(Generic[_R]):
         self._hello = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loop_thread = 0
-        # For stats: Requests and Events sent, requests that timed out, and the
-        # RemoteErrors raised to callers, by code.
-        self._requests_sent = self._events_sent = self._timeouts = 0
-        self._errors: collections.Counter[int] = collections.Counter()
+        self._counts = ClientCounts()   # for stats
         # Requests' deadlines (loop time, request id), earliest first, and the one timer.
         self._deadlines: list[tuple[float, int]] = []
         self._sweep_handle: asyncio.TimerHandle | None = None
@@ -336,12 +333,8 @@ class Client(Generic[_R]):
     def stats(self) -> dict[str, Any]:
         """A snapshot of this connection's counters, as the sync ``Client.stats``."""
         conn = self._conn
-        stats = connection_stats(self._endpoint, conn.channel if conn is not None else None,
-                                 requests_sent=self._requests_sent,
-                                 events_sent=self._events_sent)
-        stats.update(errors=dict(self._errors), timeouts=self._timeouts,
-                     in_flight=len(self._waiters))
-        return stats
+        return self._counts.stats(self._endpoint, conn.channel if conn is not None else None,
+                                  len(self._waiters))
 
     def __repr__(self) -> str:
         state = "closed" if self._closed_reason is not None else \
@@ -408,7 +401,7 @@ class Client(Generic[_R]):
             await self._room(seconds)   # the server is not reading: do not queue without end
         future: asyncio.Future[Any] = loop.create_future()
         self._waiters[request_id] = future
-        self._requests_sent += 1
+        self._counts.requests += 1
         if writable:
             endpoint.writable_ids.add(request_id)
         if seconds is not None:
@@ -421,10 +414,10 @@ class Client(Generic[_R]):
             conn = self._conn
             if conn is not None:
                 mark_sent(error, conn.channel, self._closed_reason is None, end, request_id)
-            self._timeouts += isinstance(error, Timeout)
+            self._counts.failed(error)
             raise
         except RemoteError as error:
-            self._errors[error.code] += 1
+            self._counts.failed(error)
             raise
         except asyncio.CancelledError:
             if future.done() and not future.cancelled() and future.exception() is None:
@@ -466,7 +459,7 @@ class Client(Generic[_R]):
                 ``self.timeout``.
         """
         self._running()
-        self._events_sent += 1
+        self._counts.events += 1
         if self.codec is not None:
             payload = self._encoded(payload, "event")
         writes = await self._writes(MessageType.EVENT, payload, next(self._ids), self.timeout)

@@ -298,7 +298,7 @@ class Client(ClientSender, Generic[_R]):
                 endpoint.unsent(writes)
                 raise ValueError(f"request {request_id} of this client is waiting already")
             self._waiters[request_id] = waiter
-            self._requests_sent += 1
+            self._counts.requests += 1
             if writable:
                 self._endpoint.writable_ids.add(request_id)
         finally:
@@ -332,7 +332,7 @@ class Client(ClientSender, Generic[_R]):
                 self._wait(waiter, request_id, deadline)
         except (Timeout, ConnectionClosed) as error:
             self._mark_sent(error, end, request_id)
-            self._count_failure(error)
+            self._counts.failed(error)
             raise
         finally:
             if not waiter.done or writable:
@@ -341,7 +341,7 @@ class Client(ClientSender, Generic[_R]):
                     self._endpoint.writable_ids.discard(request_id)
         if waiter.error is not None:
             self._mark_sent(waiter.error, end, request_id)
-            self._count_failure(waiter.error)
+            self._counts.failed(waiter.error)
             raise waiter.error
         reply = waiter.payload
         # One shape for every raw reply, inline or lent from shared memory: a memoryview,
@@ -378,7 +378,7 @@ class Client(ClientSender, Generic[_R]):
             if self._closed_reason is not None:
                 raise self._closed_error()
             self._waiters.update(zip(ids, waiters))
-            self._requests_sent += len(ids)
+            self._counts.requests += len(ids)
         # Where the batch starts in the stream, or earlier (others may post before us): if
         # any byte after it left, some request of the batch may have run.
         start = self._channel.submitted
@@ -400,7 +400,7 @@ class Client(ClientSender, Generic[_R]):
                     self._wait(waiter, request_id, deadline)
         except (Timeout, ConnectionClosed) as error:
             self._mark_sent(error, max(end, start + 1), ids[-1], start)
-            self._count_failure(error)
+            self._counts.failed(error)
             raise
         finally:
             with self._lock:
@@ -410,7 +410,7 @@ class Client(ClientSender, Generic[_R]):
         raw = self.codec is None
         for waiter in waiters:
             if waiter.error is not None:
-                self._count_failure(waiter.error)
+                self._counts.failed(waiter.error)
         for waiter in waiters:
             if waiter.error is not None and not return_exceptions:
                 raise waiter.error
@@ -430,7 +430,7 @@ class Client(ClientSender, Generic[_R]):
             ConnectionClosed: the connection is closed.
             Timeout: the server did not take the bytes within ``self.timeout``.
         """
-        self._events_sent += 1
+        self._counts.events += 1
         if self._closed_reason is None and type(payload) is bytes \
                 and len(payload) < self._endpoint.small_max:
             try:

@@ -15,7 +15,6 @@ them.
 
 from __future__ import annotations
 
-import collections
 import logging
 import math
 import select
@@ -28,13 +27,12 @@ from .. import _impl
 from .._errors import (
     ConnectionClosed,
     ProtocolError,
-    RemoteError,
     Timeout,
     closed_error,
     lost_message,
 )
 from .._checks import lock_wait_s
-from .._stats import connection_stats, public_name as _public_name
+from .._stats import ClientCounts, public_name as _public_name
 from ..transport.unix import set_kernel_timeouts
 from ..protocol.roles import sort_for_client
 from .connection import Connection
@@ -100,10 +98,7 @@ class ClientDriver:
         self._receive_reply = self._channel.receive_reply
         self._event = self._channel.event
         self._pump: threading.Thread | None = None
-        # For stats: Requests and Events this client sent (Requests counted under the lock),
-        # requests that timed out, and the RemoteErrors raised to callers, by code.
-        self._requests_sent = self._events_sent = self._timeouts = 0
-        self._errors: collections.Counter[int] = collections.Counter()
+        self._counts = ClientCounts()   # for stats
         set_kernel_timeouts(self._sock, None, self.timeout, set_send=True)
         self._send([self._endpoint.hello_frame()])
         if on_event is not None:
@@ -121,20 +116,7 @@ class ClientDriver:
         waiting for replies). The README's "Seeing what happens" lists every key."""
         with self._lock:
             in_flight = len(self._waiters)
-            errors = dict(self._errors)
-        stats = connection_stats(self._endpoint, self._channel,
-                                 requests_sent=self._requests_sent,
-                                 events_sent=self._events_sent)
-        stats.update(errors=errors, timeouts=self._timeouts, in_flight=in_flight)
-        return stats
-
-    def _count_failure(self, error: BaseException) -> None:
-        """Count a request's failure for stats: a timeout, or a RemoteError by its code."""
-        if isinstance(error, Timeout):
-            self._timeouts += 1
-        elif isinstance(error, RemoteError):
-            with self._lock:
-                self._errors[error.code] += 1
+        return self._counts.stats(self._endpoint, self._channel, in_flight)
 
     def __repr__(self) -> str:
         state = "closed" if self._closed_reason is not None else "connected"
