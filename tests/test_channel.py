@@ -377,3 +377,51 @@ def test_close_waits_for_senders_and_refuses_afterwards(core, pair):
     assert caught.value.errno == errno.EBADF
     with pytest.raises(OSError):
         ours.receive()
+
+
+# A large payload is read straight into its buffer (compiled core) ---------------------------
+
+def _stream_in(sock, data):
+    threading.Thread(target=sock.sendall, args=(data,), daemon=True).start()
+
+
+def test_large_payloads_and_what_follows_them_arrive_whole(core, pair):
+    """Large frames (read into their own buffer a chunk at a time on the compiled core) with
+    small frames before, between and after them, all in one stream: every frame whole, in
+    order, and the byte count exact."""
+    left, right = pair
+    ours = core.Channel(left, core.FrameDecoder(8 << 20), buffer_size=64 * 1024)
+    big = [os.urandom(n) for n in (3 << 20, 64 * 1024, 5 << 20)]
+    stream = b"".join([core.encode_frame(2, b"first", 1), core.encode_frame(2, big[0], 2),
+                       core.encode_frame(2, b"between", 3), core.encode_frame(2, big[1], 4),
+                       core.encode_frame(2, big[2], 5), core.encode_frame(2, b"last", 6)])
+    _stream_in(right, stream)
+    got = []
+    while len(got) < 6:
+        got += [(f.request_id, bytes(f.payload)) for f in ours.receive()]
+    assert got == [(1, b"first"), (2, big[0]), (3, b"between"), (4, big[1]), (5, big[2]),
+                   (6, b"last")]
+    assert ours.decoder.bytes_fed == len(stream)
+    assert ours.decoder.frame_counts()[2] == 6
+
+
+@pytest.mark.parametrize("buffer_size", [64 * 1024, 256 * 1024])
+def test_a_bad_crc_in_a_large_payload_keeps_the_frames_after_it(core, pair, buffer_size):
+    """(With the larger buffer, the payload's last 100 KiB are usually read straight into it
+    together with the frame after it.)"""
+    left, right = pair
+    ours = core.Channel(left, core.FrameDecoder(8 << 20), buffer_size=buffer_size)
+    big = bytearray(core.encode_frame(2, os.urandom((1 << 20) + 100 * 1024), 9))
+    big[-1] ^= 0xFF                                  # the last payload byte: CRC mismatch
+    stream = bytes(big) + core.encode_frame(2, b"after", 10)
+    _stream_in(right, stream)
+    got, errors = [], []
+    while not any(f.request_id == 10 for f in got):
+        try:
+            got += ours.receive()
+        except ChecksumError as error:   # what was read after it: as Endpoint.after_error
+            errors.append(error)
+            got += ours.decoder.feed(b"")
+    assert len(errors) == 1 and errors[0].request_id == 9
+    assert [(f.request_id, f.payload) for f in got] == [(10, b"after")]
+    assert ours.decoder.bytes_fed == len(stream)

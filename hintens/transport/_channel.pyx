@@ -238,18 +238,31 @@ cdef class Channel(Outbox):
         # are kept in self.fds, close-on-exec.
         cdef ssize_t count
         cdef msghdr message
-        cdef iovec vector
+        cdef iovec vectors[2]
         cdef hx_fd_control control
         cdef list frames
         cdef bint eager = self._eager
+        cdef Py_ssize_t room = 0
+        cdef unsigned char *direct
         if self._fd < 0:
             raise OSError(EBADF, "the channel is closed")
+        # Inside a large payload, the kernel copies straight into its buffer (at most a
+        # buffer's worth per read, so that its CRC runs while the bytes are in cache); what
+        # follows it lands in our buffer as usual.
+        direct = self.decoder._direct(self._size, &room)
         while True:
             memset_msghdr(&message)
-            vector.iov_base = self._buffer
-            vector.iov_len = <size_t>self._size
-            message.msg_iov = &vector
-            message.msg_iovlen = 1
+            if direct != NULL:
+                vectors[0].iov_base = direct
+                vectors[0].iov_len = <size_t>room
+                vectors[1].iov_base = self._buffer
+                vectors[1].iov_len = <size_t>self._size
+                message.msg_iovlen = 2
+            else:
+                vectors[0].iov_base = self._buffer
+                vectors[0].iov_len = <size_t>self._size
+                message.msg_iovlen = 1
+            message.msg_iov = vectors
             message.msg_control = &control
             message.msg_controllen = sizeof(hx_fd_control)
             if eager:
@@ -273,7 +286,11 @@ cdef class Channel(Outbox):
             self._keep_fds(&message)
         if count == 0:
             return None
-        frames = self.decoder._feed(self._buffer, count, None, False)
+        if direct != NULL:
+            frames = self.decoder._direct_done(min(<Py_ssize_t>count, room), self._buffer,
+                                               max(<Py_ssize_t>count - room, 0))
+        else:
+            frames = self.decoder._feed(self._buffer, count, None, False)
         if len(frames) > 1:
             self._eager = True   # several frames per read: the peer is ahead of us
         return frames

@@ -91,6 +91,9 @@ cdef class FrameDecoder:
 
     cdef list _feed(self, const unsigned char *data, Py_ssize_t n, object base, bint share)
     cdef int _count(self, list frames) except -1
+    cdef unsigned char *_direct(self, Py_ssize_t limit, Py_ssize_t *room) except? NULL
+    cdef list _direct_done(self, Py_ssize_t n, const unsigned char *rest, Py_ssize_t more)
+    cdef int _finish_payload(self, list frames) except -1
     cdef int _decode(self, const unsigned char *data, Py_ssize_t n, object base, bint share,
                      list frames, Py_ssize_t *pos_out) except -1
     cdef int _start_payload(self, const hx_header *h, Py_ssize_t available) except -1

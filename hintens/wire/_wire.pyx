@@ -64,6 +64,9 @@ cdef Py_ssize_t BUDGETED_BYTES = BUDGETED_FRAME_BYTES
 # An unfinished payload's buffer starts at this size (or its length, if smaller) and doubles as
 # bytes arrive: a peer that declares a large frame and stalls holds only what it sent.
 cdef Py_ssize_t FIRST_CAPACITY = 64 * 1024
+# A payload with at least this much still to come is read straight into its buffer
+# (FrameDecoder._direct), by a transport that can.
+cdef Py_ssize_t DIRECT_MIN = 64 * 1024
 
 
 cdef inline void _populate(char *start, Py_ssize_t begin, Py_ssize_t end) noexcept nogil:
@@ -541,17 +544,7 @@ cdef class FrameDecoder:
                 self._remaining -= take
                 self._assembled += take
                 if self._remaining == 0:
-                    payload = self._take_payload()
-                    self._state = _HEADER_STATE
-                    if self._running_crc != self._fields.checksum:
-                        raise _errors.checksum_error(
-                            self._fields.checksum, self._running_crc, self._fields.request_id,
-                            self._fields.type)
-                    if self.skip_events and _plain_event(&self._fields):
-                        self.events_skipped += 1
-                        self.frames_decoded += 1
-                    else:
-                        PyList_Append(frames, _new_frame(&self._fields, payload))
+                    self._finish_payload(frames)
             elif self._header_len == 0 and n - pos >= HEADER_SIZE:
                 # Fast path: a whole header in the input.
                 hx_unpack_header(data + pos, &h)
@@ -603,6 +596,65 @@ cdef class FrameDecoder:
                         else:
                             PyList_Append(frames, _new_frame(&h, b""))
         return 0
+
+    cdef int _finish_payload(self, list frames) except -1:
+        # The payload being assembled is whole: check its CRC, and return its frame (or skip
+        # it, a plain Event nobody reads).
+        cdef object payload = self._take_payload()
+        self._state = _HEADER_STATE
+        if self._running_crc != self._fields.checksum:
+            raise _errors.checksum_error(self._fields.checksum, self._running_crc,
+                                         self._fields.request_id, self._fields.type)
+        if self.skip_events and _plain_event(&self._fields):
+            self.events_skipped += 1
+            self.frames_decoded += 1
+        else:
+            PyList_Append(frames, _new_frame(&self._fields, payload))
+        return 0
+
+    cdef unsigned char *_direct(self, Py_ssize_t limit, Py_ssize_t *room) except? NULL:
+        # For a transport that reads straight into the payload being assembled, saving a copy:
+        # while at least DIRECT_MIN bytes of it are still to come, where the next ones go and
+        # how many (at most ``limit``, room made for them); else NULL. The transport hands the
+        # bytes it read there to _direct_done.
+        cdef Py_ssize_t take
+        if self._state != _PAYLOAD_STATE or self._remaining < DIRECT_MIN or self._backlog \
+                or self._failed is not None:
+            return NULL
+        take = min(self._remaining, limit)
+        if self._assembled + take > self._capacity:
+            self._grow(self._assembled + take)
+        room[0] = take
+        return <unsigned char *>PyBytes_AS_STRING(<object>self._payload) + self._assembled
+
+    cdef list _direct_done(self, Py_ssize_t n, const unsigned char *rest, Py_ssize_t more):
+        # ``n`` bytes arrived where _direct said, and ``more`` after them at ``rest`` (the
+        # transport's buffer): the CRC of the first is taken while they are in cache, the
+        # frame returned once whole, and the rest decoded as feed() would. A bad CRC raises
+        # as feed() would, the rest kept as backlog.
+        cdef list frames = []
+        cdef unsigned char *start = <unsigned char *>PyBytes_AS_STRING(
+            <object>self._payload) + self._assembled
+        self.bytes_fed += n
+        self._running_crc = _crc(self._running_crc, start, <size_t>n)
+        self._remaining -= n
+        self._assembled += n
+        if self._remaining == 0:
+            try:
+                self._finish_payload(frames)
+            except ProtocolError as error:
+                error.frames = frames
+                if error.fatal:
+                    self._failed = error
+                elif more:
+                    self._backlog = PyBytes_FromStringAndSize(<const char *>rest, more)
+                    self.bytes_fed += more
+                raise
+            self._count(frames)
+            self.frames_decoded += len(frames)
+        if more:
+            frames += self._feed(rest, more, None, False)
+        return frames
 
     cdef int _start_payload(self, const hx_header *h, Py_ssize_t available) except -1:
         # Only after _validate: the length is within the limit. A large payload first takes its
