@@ -6,6 +6,7 @@ with the server side (hintens/sync/connection.py).
 from __future__ import annotations
 
 import contextlib
+import inspect
 import itertools
 import logging
 import os
@@ -574,3 +575,8 @@ class Client(ClientSender, Generic[_R]):
 
     def __exit__(self, *exc_info: Any) -> None:
         self.close()
+
+
+# help() and inspect show what Client takes, not __new__'s catch-all (*args, **options).
+Client.__signature__ = inspect.signature(Client.__init__).replace(  # type: ignore[attr-defined]
+    parameters=list(inspect.signature(Client.__init__).parameters.values())[1:])
