@@ -130,6 +130,9 @@ class IncompleteFrameError(HintensError, EOFError):
         super().__init__(message)
         self.pending_bytes = pending_bytes
 
+    def __reduce__(self) -> Any:   # pickles rebuild it from its own arguments
+        return type(self), (str(self), self.pending_bytes), self.__dict__
+
 
 class Timeout(HintensError, TimeoutError):
     """An operation did not finish in time (connect, a request, a send).
@@ -243,6 +246,11 @@ class RemoteError(HintensError):
         self.code = code
         self.message = message
         self.request_id = request_id
+
+    def __reduce__(self) -> Any:
+        # Pickles (a process pool's results, say) rebuild it from its own arguments, and
+        # keep what was set on it since (request_sent, for one).
+        return type(self), (int(self.code), self.message, self.request_id), self.__dict__
 
 
 class RemoteProtocolError(RemoteError):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+
 import pytest
 
 import hintens
@@ -61,3 +63,17 @@ def test_table_covers_every_code():
         if local is not None:
             assert local.code == code
     assert "APP_1000" in str(hintens.remote_error(1000, "x"))
+
+
+@pytest.mark.parametrize("error", [
+    hintens.RemoteError(1001, "mine", 5), hintens.HandlerError(5, "boom", 7),
+    hintens.UnavailableError(8, "busy"), hintens.ChecksumError("bad crc", 3),
+    hintens.IncompleteFrameError("cut", 10), hintens.Timeout("late"),
+    hintens.ConnectionClosed("gone")], ids=lambda error: type(error).__name__)
+def test_errors_survive_pickling(error):
+    """A process pool returns exceptions by pickling them: each comes back whole, with what
+    was set on it since (request_sent, for one)."""
+    error.request_sent = True
+    back = pickle.loads(pickle.dumps(error))
+    assert type(back) is type(error) and str(back) == str(error)
+    assert vars(back) == vars(error)
