@@ -280,7 +280,6 @@ def _tls_streams():
 
 
 @pytest.mark.parametrize("sent", [b"", b"\x16\x03\x01\x02"], ids=["silent", "half_hello"])
-@pytest.mark.parametrize("server_kind", ["sync"])
 def test_a_handshake_that_times_out_is_freed_without_the_garbage_collector(pki, server_kind,
                                                                             sent):
     """The TimeoutError of a stalled handshake must not hold its connection (and, on the

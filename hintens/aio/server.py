@@ -436,6 +436,10 @@ class Server(ServerBase):
                     loop.remove_writer(fd)
 
         def finish(error: BaseException | None) -> None:
+            nonlocal step
+            # step names itself (to wait again): a cycle that would hold the stream until a
+            # full garbage collection. finish runs once per handshake: break it here.
+            del step
             unwatch()
             timer.cancel()
             self._handshaking.pop(stream, None)
