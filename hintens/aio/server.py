@@ -435,6 +435,22 @@ class Server(ServerBase):
                 else:
                     loop.remove_writer(fd)
 
+        def step() -> None:
+            unwatch()
+            try:
+                wait = stream.handshake_step()
+            except (ssl.SSLError, OSError) as error:
+                finish(error)
+                return
+            if wait is None:
+                finish(None)
+            elif wait & select.POLLIN:
+                watching.append(wait)
+                loop.add_reader(fd, step)
+            else:
+                watching.append(wait)
+                loop.add_writer(fd, step)
+
         def finish(error: BaseException | None) -> None:
             nonlocal step
             # step names itself (to wait again): a cycle that would hold the stream until a
@@ -454,22 +470,6 @@ class Server(ServerBase):
                                        subject=stream.subject())
             except Exception:
                 log.exception("could not admit a connection from %s", address)
-
-        def step() -> None:
-            unwatch()
-            try:
-                wait = stream.handshake_step()
-            except (ssl.SSLError, OSError) as error:
-                finish(error)
-                return
-            if wait is None:
-                finish(None)
-            elif wait & select.POLLIN:
-                watching.append(wait)
-                loop.add_reader(fd, step)
-            else:
-                watching.append(wait)
-                loop.add_writer(fd, step)
 
         timer = loop.call_later(self.frame_timeout or HANDSHAKE_TIMEOUT_S, finish,
                                 TimeoutError("the TLS handshake took too long"))
