@@ -608,3 +608,27 @@ def test_a_peer_that_resets_before_it_is_accepted_is_dropped_quietly(target, kin
         server.process.send_signal(signal.SIGCONT)
     server.assert_recovered()
     assert "could not admit" not in server.log(), server.log()
+
+
+def test_queued_frames_for_a_peer_that_reset_are_dropped_quietly():
+    # The pure-Python channel (every TLS connection's, and all of them without the compiled
+    # core) shuts the stream when the flusher's write fails. Once the peer has reset, that
+    # shutdown fails too (ENOTCONN): the flusher must drop the frames and mark the channel
+    # broken, not raise (the server logged an ERROR with a traceback for each such peer).
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        peer = socket.create_connection(listener.getsockname())
+        ours, _ = listener.accept()
+    channel = _core_py.Channel(ours, _core_py.FrameDecoder())
+    channel.flush_interval = 60.0     # the second Event waits in the queue for the flusher
+    channel.event(b"an Event")
+    channel.event(b"another, for a peer that is going")
+    assert channel.queued
+    peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    peer.close()
+    assert wait_until(lambda: ours.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) != 0
+                      or not ours.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+    try:
+        assert channel.flush_due() is False
+        assert channel.broken
+    finally:
+        channel.close()

@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import gc
 import logging
+import socket
 import ssl
 import threading
+import time
 
 import pytest
 
@@ -268,6 +271,36 @@ def test_a_tls_client_at_a_plaintext_port(pki, server_kind, caplog):
                 threading.Event().wait(0.02)
         assert any("TLS ClientHello" in r.getMessage() for r in caplog.records)
     finally:
+        served.close()
+
+
+def _tls_streams():
+    from hintens.transport.tls import TlsStream
+    return sum(1 for thing in gc.get_objects() if type(thing) is TlsStream)
+
+
+@pytest.mark.parametrize("sent", [b"", b"\x16\x03\x01\x02"], ids=["silent", "half_hello"])
+def test_a_handshake_that_times_out_is_freed_without_the_garbage_collector(pki, server_kind,
+                                                                            sent):
+    """The TimeoutError of a stalled handshake must not hold its connection (and, on the
+    sync server, the 128 KiB receive buffer) in a reference cycle: hostile peers that stall
+    handshakes would make the server's memory grow until a full collection."""
+    served = Served(server_kind, ssl_context=server_context(pki), frame_timeout=0.3)
+    gc.collect()
+    gc.disable()
+    try:
+        before = _tls_streams()
+        for _ in range(3):
+            with socket.create_connection(("127.0.0.1", int(served.address.rsplit(":", 1)[1])),
+                                          timeout=5) as sock:
+                sock.sendall(sent)
+                assert sock.recv(100) == b""   # the server ends it at frame_timeout
+        deadline = time.monotonic() + 5
+        while _tls_streams() > before and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert _tls_streams() <= before   # (a stream of an earlier test may end meanwhile)
+    finally:
+        gc.enable()
         served.close()
 
 

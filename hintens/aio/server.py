@@ -435,22 +435,6 @@ class Server(ServerBase):
                 else:
                     loop.remove_writer(fd)
 
-        def finish(error: BaseException | None) -> None:
-            unwatch()
-            timer.cancel()
-            self._handshaking.pop(stream, None)
-            if error is not None or self._closing:
-                if error is not None:
-                    log.info("TLS handshake with %s failed: %s%s", address, error,
-                             plaintext_hint(error))
-                stream.close()
-                return
-            try:
-                self._serve_connection(stream, peer, address, shm=False,
-                                       subject=stream.subject())
-            except Exception:
-                log.exception("could not admit a connection from %s", address)
-
         def step() -> None:
             unwatch()
             try:
@@ -466,6 +450,26 @@ class Server(ServerBase):
             else:
                 watching.append(wait)
                 loop.add_writer(fd, step)
+
+        def finish(error: BaseException | None) -> None:
+            nonlocal step
+            # step names itself (to wait again): a cycle that would hold the stream until a
+            # full garbage collection. finish runs once per handshake: break it here.
+            del step
+            unwatch()
+            timer.cancel()
+            self._handshaking.pop(stream, None)
+            if error is not None or self._closing:
+                if error is not None:
+                    log.info("TLS handshake with %s failed: %s%s", address, error,
+                             plaintext_hint(error))
+                stream.close()
+                return
+            try:
+                self._serve_connection(stream, peer, address, shm=False,
+                                       subject=stream.subject())
+            except Exception:
+                log.exception("could not admit a connection from %s", address)
 
         timer = loop.call_later(self.frame_timeout or HANDSHAKE_TIMEOUT_S, finish,
                                 TimeoutError("the TLS handshake took too long"))

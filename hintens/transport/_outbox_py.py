@@ -96,10 +96,15 @@ class Writer:
             self.aborted = reason
         self.broken = True
         if not self._closed:
-            try:
-                self._sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+            self._shut()
+
+    def _shut(self) -> None:
+        # Shut the stream both ways; as in C, a failure (ENOTCONN: the peer reset it
+        # already) changes nothing: it is over either way.
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
     @property
     def closed(self) -> bool:
@@ -158,7 +163,7 @@ class Writer:
                         # queued meanwhile were placed after ours: shut the stream (readers
                         # see EOF); the descriptor stays until close().
                         self.broken = True
-                        self._sock.shutdown(socket.SHUT_RDWR)
+                        self._shut()
                 raise
             self.written += self._written
             if self._queue:
@@ -220,7 +225,7 @@ class Writer:
                             ahead = at - self.written
                             if ahead < 0 or (ahead == 0 and end <= self.written):
                                 self.broken = True   # offsets out of step: stop, as C does
-                                self._sock.shutdown(socket.SHUT_RDWR)
+                                self._shut()
                                 raise OSError(errno.EPIPE,
                                               "the outbox lost track of a descriptor's frame")
                             if ahead == 0:
@@ -413,7 +418,7 @@ class Outbox(Writer):
         except OSError:
             left = False
             self.broken = True
-            self._sock.shutdown(socket.SHUT_RDWR)
+            self._shut()
         finally:
             self._send_lock.release()
         if not left and not self.broken:

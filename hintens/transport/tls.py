@@ -234,7 +234,14 @@ class TlsStream:
             if remaining is not None and remaining <= 0:
                 if expired is None:
                     return None
-                raise expired
+                # Raised from a local, the error's traceback would hold this frame and so
+                # the error itself: a cycle keeping the caller's connection (and its
+                # buffers) alive until a full garbage collection.
+                error, expired = expired, None
+                try:
+                    raise error
+                finally:
+                    del error
             self._wait(wait, remaining)
 
     def sendmsg(self, buffers: list[Any], ancillary: Any = (), flags: int = 0,

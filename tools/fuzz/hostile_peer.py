@@ -5,6 +5,9 @@ It starts its own server process, records a baseline of its resources, lets K wo
 throw random "episodes" of bad input at it over raw AF_UNIX sockets for N seconds, checks
 liveness with a real hintens.Client every few seconds, and at the end checks that the server
 is alive, still serving, and back near its baseline (fds, threads, memfd mappings, RSS).
+With --tcp the server listens on loopback TCP and the workers attack over TCP (no shared
+memory, no descriptors: those episodes become shm_tcp); with --tls, inside mutual TLS, with
+episodes around the handshake as well.
 
 Frames are built here from docs/PROTOCOL.md alone (CRC from binascii.crc_hqx, not from
 hintens), so this file is also an independent model of the protocol: where a reply can be
@@ -27,6 +30,7 @@ import random
 import select
 import signal
 import socket
+import ssl
 import stat
 import struct
 import subprocess
@@ -281,12 +285,49 @@ def handler(payload):
         return 12345
     return payload          # echo (a shared payload goes back as an echo of its segment)
 
-if sys.argv[3:] == ["aio"]:   # the asyncio server, the same handler run on the loop
+options = {}
+if "events" in sys.argv[3:]:
+    # Events count per tag, for the checker's chaos mix: an Event "ev:TAG:..." adds one to
+    # TAG, and a Request "evcount:TAG" answers the count (the last 64 tags are kept).
+    import collections
+    _counts = collections.OrderedDict()
+    _counts_lock = threading.Lock()
+
+    def on_event(payload, connection):
+        head = bytes(memoryview(payload)[:40])
+        if head.startswith(b"ev:"):
+            tag = head[3:].split(b":")[0]
+            with _counts_lock:
+                _counts[tag] = _counts.get(tag, 0) + 1
+                _counts.move_to_end(tag)
+                while len(_counts) > 64:
+                    _counts.popitem(last=False)
+
+    _echo_handler = handler
+
+    def handler(payload):
+        head = bytes(memoryview(payload)[:40])
+        if head.startswith(b"evcount:"):
+            with _counts_lock:
+                return b"%d" % _counts.get(head[8:], 0)
+        return _echo_handler(payload)
+
+    options["on_event"] = on_event
+for arg in sys.argv[3:]:
+    if arg.startswith("tls="):   # mutual TLS: our CA's client certificates only
+        import os, ssl
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(os.path.join(arg[4:], "server.pem"))
+        context.load_verify_locations(os.path.join(arg[4:], "ca.pem"))
+        context.verify_mode = ssl.CERT_REQUIRED
+        options["ssl_context"] = context
+
+if "aio" in sys.argv[3:]:   # the asyncio server, the same handler run on the loop
     import asyncio
     import hintens.aio
 
     async def serve():
-        server = hintens.aio.Server(sys.argv[1], handler)
+        server = hintens.aio.Server(sys.argv[1], handler, **options)
         asyncio.get_running_loop().add_signal_handler(
             signal.SIGTERM, lambda: asyncio.ensure_future(server.close()))
         print("core:", hintens.implementation, "version:", hintens.__version__, "aio",
@@ -295,7 +336,7 @@ if sys.argv[3:] == ["aio"]:   # the asyncio server, the same handler run on the 
 
     asyncio.run(serve())
 else:
-    server = hintens.Server(sys.argv[1], handler)
+    server = hintens.Server(sys.argv[1], handler, **options)
     signal.signal(signal.SIGTERM, lambda *_: server.shutdown())
     print("core:", hintens.implementation, "version:", hintens.__version__, file=sys.stderr,
           flush=True)
@@ -306,8 +347,12 @@ print("server exited cleanly", file=sys.stderr, flush=True)
 
 class ServerProc:
     def __init__(self, path: str, log_path: str, level: str, trace: bool = False,
-                 extra_env=(), aio: bool = False) -> None:
+                 extra_env=(), aio: bool = False, sockaddr=None, options=()) -> None:
+        """``path``: the address the server listens on (a socket path or tcp://...);
+        ``sockaddr``: what a raw socket connects to (the path, or (host, port));
+        ``options``: more SERVER_SCRIPT arguments ("events", "tls=DIR")."""
         self.path, self.log_path = path, log_path
+        sockaddr = path if sockaddr is None else sockaddr
         self.log = open(log_path, "wb")
         env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
         if trace:
@@ -315,7 +360,8 @@ class ServerProc:
         env.update(kv.split("=", 1) for kv in extra_env)
         self.env = {k: v for k, v in env.items() if k.startswith(("MALLOC_", "PYTHONTRACE"))}
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", SERVER_SCRIPT, path, level, *(["aio"] if aio else [])],
+            [sys.executable, "-c", SERVER_SCRIPT, path, level, *(["aio"] if aio else []),
+             *options],
             stdin=subprocess.DEVNULL,
             stdout=self.log, stderr=self.log, env=env, cwd=REPO)
         deadline = time.monotonic() + 30
@@ -323,9 +369,10 @@ class ServerProc:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}; see "
                                    f"{log_path}")
-            probe = socket.socket(socket.AF_UNIX)
+            probe = socket.socket(socket.AF_UNIX if isinstance(sockaddr, str)
+                                  else socket.AF_INET)
             try:
-                probe.connect(path)
+                probe.connect(sockaddr)
                 break
             except OSError:
                 if time.monotonic() > deadline:
@@ -403,9 +450,20 @@ class Conn:
     registry: set = set()
     registry_lock = threading.Lock()
 
-    def __init__(self, fz: "Fuzzer", ep: "Episode") -> None:
+    def __init__(self, fz: "Fuzzer", ep: "Episode", tls=True) -> None:
+        """Connect to the fuzz server. Over ``--tls``, ``tls`` is True (the handshake with
+        our client certificate, done before this returns), an ``ssl.SSLContext`` (that
+        handshake with another context; it may fail) or False (a plain TCP connection to
+        the TLS port: what the server sends is kept, unparsed, in ``raw_in``)."""
         self.fz, self.ep = fz, ep
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.tcp = fz.tcp
+        self.sock = socket.socket(socket.AF_INET if fz.tcp else socket.AF_UNIX,
+                                  socket.SOCK_STREAM)
+        self.tls = None                    # ssl.SSLObject over memory BIOs (--tls)
+        self.tls_done = False              # its handshake completed on our side
+        self.tls_error = None              # what OpenSSL said when the stream failed
+        self.opaque = fz.tls and tls is False    # the server's bytes are not hintens frames
+        self.raw_in = bytearray()
         with Conn.registry_lock:
             Conn.registry.add(self)
         self.buf = bytearray()
@@ -425,15 +483,93 @@ class Conn:
         self.my_segments: dict = {}        # our segments, by id (ShmModel)
         self.sock.settimeout(5.0)
         try:
-            self.sock.connect(fz.path)
+            self.sock.connect(fz.sockaddr)
         except OSError as error:
             self.close()
             raise ConnectFailed(f"{error.__class__.__name__}: {error}") from error
         self.sock.setblocking(False)
+        if self.tcp:
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if fz.tls and tls is not False:
+            context = fz.tls_client if tls is True else tls
+            self.tls_in, self.tls_out = ssl.MemoryBIO(), ssl.MemoryBIO()
+            self.tls = context.wrap_bio(self.tls_in, self.tls_out,
+                                        server_hostname="127.0.0.1")
+            self.tls_step()
+            self.pump(lambda: self.tls_done or self.eof, 5.0)
+            if not self.tls_done and tls is True:   # our own certificate: we must get in
+                why = self.tls_error or ("server closed" if self.eof else "timed out")
+                self.close()
+                raise ConnectFailed(f"TLS handshake: {why}")
+
+    # TLS, over memory BIOs: the socket stays a plain non-blocking one, the bytes on the
+    # wire are ours to cut, delay or drop (records, handshake flights).
+
+    def tls_step(self) -> None:
+        """Feed the handshake (or read application data once it is done); what OpenSSL
+        wants to send goes to the outbox."""
+        if not self.tls_done:
+            try:
+                self.tls.do_handshake()
+                self.tls_done = True
+            except ssl.SSLWantReadError:
+                pass
+            except (ssl.SSLError, ValueError) as error:
+                self.tls_error = f"{error.__class__.__name__}: {error}"
+                self.eof = True
+        if self.tls_done:
+            while True:
+                try:
+                    data = self.tls.read(1 << 18)
+                except ssl.SSLWantReadError:
+                    break
+                except ssl.SSLZeroReturnError:
+                    self.eof = True
+                    break
+                except (ssl.SSLError, ValueError) as error:
+                    self.tls_error = f"{error.__class__.__name__}: {error}"
+                    self.eof = True
+                    break
+                if not data:
+                    self.eof = True
+                    break
+                self.buf += data
+                self._parse()
+        pending = self.tls_out.read()
+        if pending:
+            self.outbox.append((memoryview(pending), []))
+
+    def encrypt(self, data) -> bytes:
+        """The TLS records that carry ``data`` (after the handshake), or ``data``
+        itself without TLS."""
+        if self.tls is None or not self.tls_done:
+            return bytes(data)
+        if data:
+            try:
+                self.tls.write(bytes(data))
+            except (ssl.SSLError, ValueError) as error:
+                self.tls_error = f"{error.__class__.__name__}: {error}"
+        return self.tls_out.read()
+
+    def shutdown_write(self) -> None:
+        """Half-close: TLS's close_notify first (TLS 1.3 allows reading after it), then
+        shutdown(SHUT_WR)."""
+        if self.tls is not None and self.tls_done:
+            try:
+                self.tls.unwrap()
+            except (ssl.SSLError, ValueError):
+                pass
+            pending = self.tls_out.read()
+            if pending:
+                self.send(pending, raw=True, timeout=2.0)
+        self.sock.shutdown(socket.SHUT_WR)
 
     # I/O ----------------------------------------------------------------------------------
 
     def _read(self) -> None:
+        if self.tcp:
+            self._read_stream()
+            return
         for _ in range(64):
             try:
                 data, anc, flags, _ = self.sock.recvmsg(
@@ -459,9 +595,46 @@ class Conn:
             self.buf += data
             self._parse()
 
+    def _read_stream(self) -> None:
+        """TCP (and TLS under it): no descriptors can come."""
+        for _ in range(64):
+            try:
+                data = self.sock.recv(1 << 18)
+            except (BlockingIOError, InterruptedError):
+                return
+            except ConnectionResetError:
+                self.eof = self.reset = True
+                return
+            except OSError:
+                self.eof = True
+                return
+            if self.opaque:
+                self.raw_in += data
+                if not data:
+                    self.eof = True
+                    return
+                continue
+            if self.tls is not None:
+                if data:
+                    self.tls_in.write(data)
+                else:
+                    self.tls_in.write_eof()
+                self.tls_step()
+                if not data:
+                    self.eof = True
+                    return
+                continue
+            if not data:
+                self.eof = True
+                return
+            self.buf += data
+            self._parse()
+
     def _write(self) -> None:
         while self.outbox and not self.wbroken:
             data, fds = self.outbox[0]
+            if self.tcp:
+                fds = []    # nothing can carry them: an SHM frame goes without its fd
             try:
                 if fds:
                     n = self.sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
@@ -510,18 +683,21 @@ class Conn:
             if self.fz.stop.is_set() and time.monotonic() > self.fz.hard_stop:
                 return False
 
-    def send(self, data, fds=(), timeout: float = 4.0) -> bool:
-        """Queue bytes (descriptors ride on the first one) and push them out, reading
-        meanwhile. False when they could not all go in time (or the socket broke)."""
+    def send(self, data, fds=(), timeout: float = 4.0, raw: bool = False) -> bool:
+        """Queue bytes (descriptors ride on the first one; over TLS, encrypted unless
+        ``raw``) and push them out, reading meanwhile. False when they could not all go in
+        time (or the socket broke)."""
         if self.wbroken or self.closed:
             return False
-        self.outbox.append((memoryview(bytes(data)), list(fds)))
+        self.outbox.append((memoryview(bytes(data) if raw else self.encrypt(data)),
+                            list(fds)))
         self.pump(lambda: not self.outbox or self.wbroken, timeout)
         return not self.outbox and not self.wbroken
 
-    def send_now(self, data, fds=()) -> None:
+    def send_now(self, data, fds=(), raw: bool = False) -> None:
         """One raw attempt, without waiting (for drips and abrupt ends)."""
-        self.outbox.append((memoryview(bytes(data)), list(fds)))
+        self.outbox.append((memoryview(bytes(data) if raw else self.encrypt(data)),
+                            list(fds)))
         self._write()
 
     def wait_reply(self, rid: int, timeout: float = 5.0):
@@ -588,6 +764,9 @@ class Conn:
     def _on_frame(self, typ, flags, rid, payload) -> None:
         if flags & ~F_SHM or (flags & F_SHM and typ not in (RESPONSE, EVENT, REQUEST)):
             self.ep.deviation(f"server frame with flags 0x{flags:x} (type {typ})")
+        if flags & F_SHM and self.tcp:
+            self.ep.deviation(f"server SHM frame over TCP (type {typ}, rid {rid})")
+            return
         if typ == EVENT and rid == 0:
             magic = payload[:4]
             if magic == b"HELO":
@@ -595,6 +774,10 @@ class Conn:
                     self.server_hello = decode_hello(payload)
                     if self.server_hello is None:
                         self.ep.deviation("server hello not decodable by the spec's rules")
+                    elif self.tcp and (self.server_hello["features"] & 1 or {6, 7}
+                                       & set(self.server_hello["entries"])):
+                        self.ep.deviation("server hello announces SHM (or keys 6/7) over "
+                                          "TCP (section 1a)")
                 else:
                     self.ep.deviation("server sent a second hello")
             elif magic in (b"HREL", b"HREJ", b"HRET"):
@@ -689,11 +872,11 @@ class Conn:
         mode = self.release_mode
         if mode in ("normal", "twice"):
             for _ in range(2 if mode == "twice" else 1):
-                self.outbox.append((memoryview(frame(EVENT, control_payload(
-                    b"HREL", [sid]), 0)), []))
+                self.outbox.append((memoryview(self.encrypt(frame(EVENT, control_payload(
+                    b"HREL", [sid]), 0))), []))
         elif mode == "reject":
-            self.outbox.append((memoryview(frame(EVENT, control_payload(b"HREJ", [sid]), 0)),
-                                []))
+            self.outbox.append((memoryview(self.encrypt(frame(EVENT, control_payload(
+                b"HREJ", [sid]), 0))), []))
             seg = self.server_segments.pop(sid)
             seg.map.close()
         return data
@@ -718,7 +901,8 @@ class Conn:
 
     @property
     def shm(self) -> bool:
-        return bool(self.peer and self.peer["features"] & 1)
+        """SHM negotiated: never over TCP, whatever our hello says (section 1a)."""
+        return bool(self.peer and self.peer["features"] & 1) and not self.tcp
 
     def next_rid(self, rng) -> int:
         if self.session_counter is not None:
@@ -877,8 +1061,8 @@ class Episode:
     def own(self, fd: int) -> None:
         self.owned.append(fd)
 
-    def connect(self) -> Conn:
-        conn = Conn(self.fz, self)
+    def connect(self, tls=True) -> Conn:
+        conn = Conn(self.fz, self, tls)
         self.conns.append(conn)
         return conn
 
@@ -1722,7 +1906,7 @@ def ep_valid(ep: Episode) -> None:
     ep.log(f"pipelined {len(pending)} requests: {[v[0] for v in pending.values()]}")
     end = rng.choice(["read", "read", "shut_wr"])
     if end == "shut_wr":
-        conn.sock.shutdown(socket.SHUT_WR)
+        conn.shutdown_write()
         ep.log("shutdown(SHUT_WR): every reply must still come, then EOF")
     for rid, (what, payload) in pending.items():
         answer = conn.wait_reply(rid, 10.0)
@@ -1843,6 +2027,276 @@ def ep_park(ep: Episode) -> None:
         ep.park(conn, rng.uniform(0.5, 13.0))
 
 
+# Over TCP and TLS (--tcp, --tls) ------------------------------------------------------------
+
+def ep_shm_tcp(ep: Episode) -> None:
+    """What the shm, shm_flood and fd_junk episodes mean where no descriptor can cross:
+    shared memory is never negotiated over TCP (section 1a), so every SHM frame, a
+    NEW_SEGMENT without its descriptor included, is refused as on any connection without
+    it (section 9): SHM_ERROR for a Request (SHM|COMPRESSED: UNSUPPORTED_FLAGS, section 9a),
+    nothing for other types, and HREJ for a 32-byte descriptor whose id is not 0 and whose
+    PEER_SEGMENT bit is clear. Inline Requests between them must be served."""
+    rng = ep.rng
+    conn = ep.connect()
+    shm = rng.random() < 0.7           # announcing SHM over TCP: the server must not take it
+    ep.hello(conn, shm=shm, k6=rng.choice([None, 1 << 30]) if shm else None,
+             k7=rng.choice([None, 64]) if shm else None)
+    model = ShmModel(ep, conn)
+    for _ in range(rng.randint(1, 12)):
+        action = rng.choice(["new", "new", "new", "ref", "peer", "short", "id0", "bad_flags",
+                             "compressed", "inline", "flood"])
+        if action == "inline":
+            ep.probe(conn, what="inline request between SHM frames")
+            continue
+        if action == "flood":           # past the 64-segment bound of a Unix connection
+            n = rng.randint(10, 90)
+            ep.log(f"flood: {n} NEW_SEGMENT Events without descriptors")
+            data = b""
+            for _ in range(n):
+                sid = model.fresh_id()
+                model.hand_back(sid, NEW_SEGMENT)
+                data += frame(EVENT, descriptor(sid, NEW_SEGMENT, 1 << 20, 0, 10),
+                              rng.getrandbits(63) | 1, F_SHM)
+            conn.send(data, timeout=4.0)
+            continue
+        typ = REQUEST if rng.random() < 0.7 else rng.choice([EVENT, RESPONSE, ERROR])
+        rid = conn.next_rid(rng)
+        sid = rng.choice([model.fresh_id(), model.fresh_id(), 2**32 - 1])
+        size = rng.choice([1, 4096, 1 << 20, 1 << 40, 2**64 - 1])
+        offset = rng.choice([0, 0, size // 2, size])
+        length = rng.choice([0, 10, size - offset, 2**64 - 1])
+        dflags = {"new": NEW_SEGMENT, "compressed": NEW_SEGMENT, "peer": PEER_SEGMENT}.get(
+            action, 0)
+        desc_ok = action != "short"
+        if action == "id0":
+            sid = 0
+        elif action == "bad_flags":
+            dflags = rng.choice([3, 4, 0x80000000, 0xFFFFFFFF, 5])
+        desc = descriptor(sid, dflags, size, offset, length) if desc_ok else \
+            rng.randbytes(rng.choice([0, 8, 31, 33, 64]))
+        flags = F_SHM | (F_COMPRESSED if action == "compressed" else 0)
+        model.hand_back(sid, dflags, desc_ok)
+        ep.log(f"{action}: SHM {['', 'Request', 'Response', 'Event', 'Error'][typ]} "
+               f"desc(id={sid}, flags={dflags:#x}, size={size}, {offset}+{length}, "
+               f"{len(desc)} bytes) rid={rid}")
+        conn.send(frame(typ, desc, rid, flags), timeout=2.0)
+        if typ != REQUEST:
+            continue
+        answer = conn.wait_reply(rid, 8.0)
+        if answer is None:
+            ep.fail(f"no answer within 8 s to an SHM Request ({action}) over TCP "
+                    f"(eof={conn.eof} tls_error={conn.tls_error})")
+        codes = (UNSUPPORTED_FLAGS, SHM_ERROR) if action == "compressed" else (SHM_ERROR,)
+        if answer[0] != "err" or answer[1] not in codes:
+            ep.deviation(f"SHM over TCP ({action}): expected "
+                         f"{'/'.join(CODE_NAMES[c] for c in codes)}, got {ep.show(answer)}")
+    ep.probe(conn)
+    model.check()
+
+
+def client_hello(context) -> tuple:
+    """A ClientHello from ``context`` (its bytes) and the SSLObject that wrote it, for a
+    handshake driven by hand."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing, server_hostname="127.0.0.1")
+    try:
+        tls.do_handshake()
+    except ssl.SSLWantReadError:
+        pass
+    return outgoing.read(), tls, incoming, outgoing
+
+
+RECLAIM_S = 10.0 + 6.0     # the server's frame_timeout (its handshake timeout) and a margin
+
+
+def expect_closed(ep: Episode, conn: Conn, what: str, seconds: float = RECLAIM_S) -> None:
+    """The server must end a connection that never completes a handshake (at once when
+    it is refused, at the latest after frame_timeout), and say nothing in the clear."""
+    closed = conn.wait_eof(seconds)
+    if conn.raw_in[:2] == b"HP":
+        ep.fail(f"{what}: the server answered in the clear: {bytes(conn.raw_in[:24]).hex()}")
+    if conn.frames_in or conn.replies:
+        ep.fail(f"{what}: the server sent hintens frames ({conn.frames_in}) to a peer it "
+                f"must not let in")
+    if not closed:
+        ep.fail(f"{what}: still open {seconds:.0f} s later (the handshake timeout should "
+                f"have reclaimed it)")
+    ep.log(f"{what}: closed by the server (tls_error={conn.tls_error}, "
+           f"{len(conn.raw_in)} bytes in the clear)")
+
+
+def ep_tls_plaintext(ep: Episode) -> None:
+    """Plain hintens frames at the TLS port: a hello, Requests, an SHM frame."""
+    rng = ep.rng
+    conn = ep.connect(tls=False)
+    data = frame(EVENT, hello_payload([(1, b"\0"), (2, struct.pack("<I", 0))]), 0)
+    for i in range(rng.randint(0, 5)):
+        data += frame(REQUEST, b"echo:" + rng.randbytes(rng.randint(0, 3000)), i + 1)
+    if rng.random() < 0.3:
+        data += frame(REQUEST, descriptor(5, NEW_SEGMENT, 4096, 0, 10), 99, F_SHM)
+    ep.log(f"plaintext hintens frames at the TLS port: {len(data)} bytes")
+    conn.send(data, timeout=2.0)
+    expect_closed(ep, conn, "plaintext at the TLS port", 5.0)
+
+
+def ep_tls_stall(ep: Episode) -> None:
+    """A ClientHello (all of it or a part), then silence: the server must not wait for
+    ever. Checked here or parked (then the end checks see it)."""
+    rng = ep.rng
+    hello, _, _, _ = client_hello(ep.fz.tls_client)
+    conn = ep.connect(tls=False)
+    cut = rng.choice([len(hello), len(hello), 1, 5, len(hello) // 2, 0])
+    ep.log(f"ClientHello: {cut} of {len(hello)} bytes, then silence")
+    if cut:
+        conn.send(hello[:cut], raw=True, timeout=2.0)
+    if rng.random() < 0.4:
+        ep.park(conn, rng.uniform(0.5, 14.0))
+        return
+    expect_closed(ep, conn, f"stalled handshake ({cut} bytes of the ClientHello)")
+
+
+def ep_tls_garbage(ep: Episode) -> None:
+    """Bytes that are not a TLS handshake where one must come."""
+    rng = ep.rng
+    style = rng.choice(["random", "record_header", "huge_record", "app_data", "alert",
+                        "http", "sslv2", "hello_then_junk", "hello_twice", "zeros"])
+    hello, _, _, _ = client_hello(ep.fz.tls_client)
+    data = {
+        "random": lambda: rng.randbytes(rng.choice([1, 5, 100, 5000, 70000])),
+        "record_header": lambda: b"\x16\x03\x01" + rng.randbytes(2),
+        "huge_record": lambda: b"\x16\x03\x03\xff\xff" + rng.randbytes(rng.randint(0, 3000)),
+        "app_data": lambda: b"\x17\x03\x03\x00\x20" + rng.randbytes(32),
+        "alert": lambda: b"\x15\x03\x03\x00\x02\x02\x28",
+        "http": lambda: b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+        "sslv2": lambda: b"\x80\x2e\x01\x00\x02\x00\x15\x00\x00\x00\x10" + rng.randbytes(37),
+        "hello_then_junk": lambda: hello + rng.randbytes(rng.randint(1, 2000)),
+        "hello_twice": lambda: hello + hello,
+        "zeros": lambda: bytes(rng.choice([5, 1000])),
+    }[style]()
+    if style == "random" and data[:1] == b"\x16":
+        data = b"\x00" + data      # keep the "not a handshake" model simple
+    conn = ep.connect(tls=False)
+    ep.log(f"garbage instead of a handshake: {style}, {len(data)} bytes, "
+           f"head {data[:16].hex()}")
+    conn.send(data, raw=True, timeout=2.0)
+    # OpenSSL refuses at once what it can tell is no handshake: a whole record header of a
+    # wrong type or version. Anything it may still take for the start of a record (random
+    # bytes, fewer than 5, an SSLv2 length, junk after a ClientHello) waits for more, until
+    # the handshake timeout.
+    quick = style in ("app_data", "alert", "http", "zeros")
+    expect_closed(ep, conn, f"garbage handshake ({style})", 5.0 if quick else RECLAIM_S)
+
+
+def ep_tls_stranger(ep: Episode) -> None:
+    """A client certificate from another CA, or none: refused, never served."""
+    rng = ep.rng
+    which = rng.choice(["stranger", "anonymous"])
+    conn = ep.connect(tls=ep.fz.tls_stranger if which == "stranger" else ep.fz.tls_anonymous)
+    ep.log(f"{which} client: handshake done on our side={conn.tls_done} "
+           f"error={conn.tls_error}")
+    if conn.tls_done:     # TLS 1.3: the server's verdict comes after our side is done
+        conn.send(frame(EVENT, hello_payload([(2, struct.pack("<I", 0))]), 0), timeout=2.0)
+        conn.send(frame(REQUEST, b"echo:stranger", 7), timeout=2.0)
+    conn.wait_eof(5.0)
+    if conn.frames_in or conn.replies:
+        ep.fail(f"a {which} client was served ({conn.frames_in} frames)")
+    if not conn.eof:
+        ep.fail(f"a {which} client was not closed within 5 s")
+    ep.log(f"refused: {conn.tls_error}")
+
+
+def ep_tls_abrupt(ep: Episode) -> None:
+    """Ends in the middle of the handshake or of a record, by close or RST."""
+    rng = ep.rng
+    style = rng.choice(["mid_client_hello", "after_client_hello", "mid_final_flight",
+                        "after_handshake", "mid_record", "unread_replies", "after_hello"])
+    how = rng.choice(["close", "rst", "rst", "shut_rdwr"])
+    ep.log(f"tls abrupt: {style}, {how}")
+    if style in ("mid_client_hello", "after_client_hello", "mid_final_flight"):
+        hello, tls, incoming, outgoing = client_hello(ep.fz.tls_client)
+        conn = ep.connect(tls=False)
+        if style == "mid_client_hello":
+            conn.send_now(hello[:rng.randint(1, len(hello) - 1)], raw=True)
+        else:
+            conn.send(hello, raw=True, timeout=2.0)
+            conn.pump(timeout=rng.choice([0, 0.02, 0.3]))
+            if style == "mid_final_flight":
+                conn.pump(lambda: len(conn.raw_in) > 0, 3.0)
+                conn.pump(timeout=0.05)
+                incoming.write(bytes(conn.raw_in))
+                try:
+                    tls.do_handshake()
+                except ssl.SSLError:
+                    pass
+                flight = outgoing.read()
+                ep.log(f"server flight {len(conn.raw_in)} bytes; ours {len(flight)}")
+                if flight:
+                    conn.send_now(flight[:rng.randint(0, len(flight) - 1)], raw=True)
+        conn.close(how)
+        return
+    conn = ep.connect()
+    if style == "after_handshake":
+        conn.close(how)
+        return
+    ep.hello(conn, shm=False)
+    if style == "mid_record":
+        payload = b"echo:" + rng.randbytes(rng.choice([10, 3000, 20000, 200000]))
+        records = conn.encrypt(frame(REQUEST, payload, conn.next_rid(rng)))
+        cut = rng.randint(1, len(records) - 1)
+        ep.log(f"request of {len(payload)} bytes: {cut} of {len(records)} bytes of TLS "
+               f"records")
+        conn.send_now(records[:cut], raw=True)
+        conn.pump(timeout=rng.choice([0, 0.05, 0.5]))
+    elif style == "unread_replies":
+        for i in range(rng.randint(1, 8)):
+            conn.send_now(frame(REQUEST, b"big:%d" % rng.choice([1000, 100000, 2 << 20]),
+                                i + 1))
+        time.sleep(rng.choice([0, 0.05, 0.3]))
+    else:
+        ep.probe(conn, strict=False)
+    conn.close(how)
+
+
+def ep_tls_halfopen(ep: Episode) -> None:
+    """Many handshakes left half-open at once (nothing, part of a ClientHello, all of
+    it): the server keeps serving a well-behaved client meanwhile, and ends each of them
+    once frame_timeout has passed."""
+    rng = ep.rng
+    n = rng.randint(20, 150)
+    hello, _, _, _ = client_hello(ep.fz.tls_client)
+    conns = []
+    for _ in range(n):
+        conn = ep.connect(tls=False)
+        cut = rng.choice([0, 1, len(hello) // 2, len(hello)])
+        if cut:
+            conn.send_now(hello[:cut], raw=True)
+        conns.append(conn)
+    ep.log(f"{n} half-open handshakes")
+    t0 = time.monotonic()
+    other = ep.connect()
+    ep.hello(other, shm=False)
+    ep.probe(other, what="probe while handshakes hang")
+    other.close()
+    ep.log(f"served another client {time.monotonic() - t0:.2f} s after them")
+    if rng.random() < 0.5:
+        for conn in conns:
+            conn.close(rng.choice(["close", "rst"]))
+        return
+    deadline = t0 + RECLAIM_S + 4.0
+    while time.monotonic() < deadline and not all(c.eof for c in conns):
+        for conn in conns:
+            conn.pump(timeout=0)
+        time.sleep(0.1)
+        if ep.fz.stop.is_set() and time.monotonic() > ep.fz.hard_stop:
+            return
+    open_ = [c for c in conns if not c.eof]
+    if open_:
+        ep.fail(f"{len(open_)} of {n} half-open handshakes still open "
+                f"{time.monotonic() - t0:.1f} s later")
+    if any(c.raw_in[:2] == b"HP" for c in conns):
+        ep.fail("a half-open handshake got hintens bytes in the clear")
+
+
 EPISODES = {
     "random_bytes": (ep_random_bytes, 6),
     "bad_header": (ep_bad_header, 12),
@@ -1859,6 +2313,32 @@ EPISODES = {
     "no_read": (ep_no_read, 2),
     "park": (ep_park, 3),
 }
+#: --tcp: no descriptors cross, so the fd-passing kinds give way to shm_tcp.
+TCP_EPISODES = {**{k: v for k, v in EPISODES.items()
+                   if k not in ("shm", "shm_flood", "fd_junk")},
+                "shm_tcp": (ep_shm_tcp, 16)}
+#: --tls: the TCP kinds inside TLS, and these around the handshake.
+TLS_EPISODES = {
+    "tls_plaintext": (ep_tls_plaintext, 2),
+    "tls_stall": (ep_tls_stall, 2),
+    "tls_garbage": (ep_tls_garbage, 3),
+    "tls_stranger": (ep_tls_stranger, 3),
+    "tls_abrupt": (ep_tls_abrupt, 6),
+    "tls_halfopen": (ep_tls_halfopen, 1),
+}
+
+
+def episode_table(tcp: bool, tls: bool) -> dict:
+    """The episode kinds (function, weight) of a mode."""
+    if tls:
+        return {**TCP_EPISODES, **TLS_EPISODES}
+    return TCP_EPISODES if tcp else EPISODES
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 # Workers, checker, main ---------------------------------------------------------------------
@@ -1891,8 +2371,8 @@ class Worker(threading.Thread):
         self.parked = keep
 
     def run(self) -> None:
-        kinds = [k for k in EPISODES if not self.fz.kinds or k in self.fz.kinds]
-        weights = [EPISODES[k][1] for k in kinds]
+        kinds = [k for k in self.fz.episodes if not self.fz.kinds or k in self.fz.kinds]
+        weights = [self.fz.episodes[k][1] for k in kinds]
         while not self.fz.stop.is_set() and time.monotonic() < self.fz.t_end:
             self.expire()
             kind = self.rng.choices(kinds, weights)[0]
@@ -1922,10 +2402,23 @@ class Fuzzer:
         self._session_counters = {s: __import__("itertools").count(1) for s in self.sessions}
         stamp = time.strftime("%Y%m%d-%H%M%S")
         self.tag = f"seed{self.seed}-{stamp}"
-        self.path = args.socket or os.path.join(WORKDIR, f"srv-{self.seed}-{os.getpid()}.sock")
+        self.tls = bool(args.tls)
+        self.tcp = bool(args.tcp or args.tls)
+        if self.tcp:
+            self.port = args.port or free_port()
+            self.sockaddr = ("127.0.0.1", self.port)
+            self.path = f"tcp://127.0.0.1:{self.port}"
+        else:
+            self.path = args.socket or os.path.join(WORKDIR,
+                                                    f"srv-{self.seed}-{os.getpid()}.sock")
+            self.sockaddr = self.path
+        self.episodes = episode_table(self.tcp, self.tls)
+        self.pki_dir = os.path.join(WORKDIR, f"pki-{self.seed}-{os.getpid()}")
+        self.tls_client = self.tls_stranger = self.tls_anonymous = None
         self.log_path = os.path.join(WORKDIR, f"server-{self.tag}.log")
         self.out_prefix = os.path.join(WORKDIR, self.tag)
         self.hard_stop = float("inf")
+        self.chaos_tags = __import__("itertools").count(1)
 
     def session_counter(self, session: bytes):
         counter = self._session_counters.get(session)
@@ -1971,7 +2464,7 @@ class Fuzzer:
         with self.lock:
             self.counts[kind] += 1
         try:
-            EPISODES[kind][0](ep)
+            self.episodes[kind][0](ep)
         except EpisodeFailure as failure:
             ep.outcome = "FAILED"
             stats = self.server.stats()
@@ -2002,8 +2495,37 @@ class Fuzzer:
             worker.recent.append(ep.describe())
 
     def repro_command(self, kind: str, seed: int) -> str:
+        mode = " ".join(flag for flag, on in (("--tls", self.tls),
+                                               ("--tcp", self.tcp and not self.tls),
+                                               ("--aio", self.args.aio)) if on)
         return (f"{sys.executable} {os.path.abspath(__file__)} --episode {kind}:{seed} "
-                f"--seed {self.seed}")
+                f"--seed {self.seed}{' ' + mode if mode else ''}")
+
+    def make_pki(self) -> None:
+        """--tls: a CA, the server's certificate for 127.0.0.1 and a client certificate
+        from it, and a stranger's client certificate from another CA (trustme), as PEM
+        files in the work directory; the client contexts the workers and the checker use."""
+        import trustme
+        ca, other_ca = trustme.CA(), trustme.CA()
+        os.makedirs(self.pki_dir, exist_ok=True)
+        ca.cert_pem.write_to_path(os.path.join(self.pki_dir, "ca.pem"))
+        ca.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(
+            os.path.join(self.pki_dir, "server.pem"))
+        certs = {"client": ca.issue_cert("client.hxfuzz", common_name="client.hxfuzz"),
+                 "stranger": other_ca.issue_cert("client.hxfuzz",
+                                                 common_name="client.hxfuzz")}
+        for name, cert in certs.items():
+            cert.private_key_and_cert_chain_pem.write_to_path(
+                os.path.join(self.pki_dir, f"{name}.pem"))
+
+        def context(cert):
+            ctx = ssl.create_default_context(cafile=os.path.join(self.pki_dir, "ca.pem"))
+            if cert:
+                ctx.load_cert_chain(os.path.join(self.pki_dir, f"{cert}.pem"))
+            return ctx
+        self.tls_client = context("client")
+        self.tls_stranger = context("stranger")
+        self.tls_anonymous = context(None)
 
     # Liveness --------------------------------------------------------------------------------
 
@@ -2011,10 +2533,10 @@ class Fuzzer:
         import hintens
         t0 = time.monotonic()
         problems = []
-        for shm in (True, False):
+        for shm in ((False,) if self.tcp else (True, False)):
             try:
                 with hintens.Client(self.path, timeout=10.0, connect_timeout=10.0,
-                                    shm=shm) as client:
+                                    shm=shm, ssl_context=self.tls_client) as client:
                     small = b"echo:" + os.urandom(32)
                     if bytes(client.request(small)) != small:
                         problems.append(f"small echo (shm={shm}) came back wrong")
@@ -2024,6 +2546,8 @@ class Fuzzer:
                         problems.append(f"1 MiB echo (shm={shm}) came back wrong")
                     if isinstance(reply, memoryview):
                         reply.release()
+                    if self.tcp:
+                        problems += self.chaos(client)
             except Exception as error:
                 problems.append(f"shm={shm}: {error.__class__.__name__}: {error}")
         elapsed = time.monotonic() - t0
@@ -2043,6 +2567,49 @@ class Fuzzer:
                                              "alive": self.server.alive(),
                                              "recent_episodes": self.recent_episodes()})
         return not problems
+
+    CHAOS_THREADS = 3
+    CHAOS_ROUNDS = 12
+
+    def chaos(self, client) -> list:
+        """Requests and Events interleaved on one client from several threads: every
+        Request gets its own answer, and the server counts every Event (``ev:TAG:``; a
+        Request ``evcount:TAG`` reads the count back)."""
+        tag = b"%d-%d" % (os.getpid(), next(self.chaos_tags))
+        problems: list = []
+        rng = random.Random()
+
+        def run(index: int) -> None:
+            try:
+                for i in range(self.CHAOS_ROUNDS):
+                    if i % 2:
+                        client.send_event(b"ev:%s:%d:%d:" % (tag, index, i)
+                                          + os.urandom(rng.choice([0, 100, 3000, 70000])))
+                    else:
+                        payload = b"echo:" + os.urandom(rng.choice([0, 10, 5000, 200000]))
+                        if bytes(client.request(payload)) != payload:
+                            problems.append(f"chaos thread {index}: wrong echo")
+            except Exception as error:
+                problems.append(f"chaos thread {index}: {error.__class__.__name__}: {error}")
+
+        threads = [threading.Thread(target=run, args=(i,), name=f"chaos-{i}")
+                   for i in range(self.CHAOS_THREADS)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        if any(t.is_alive() for t in threads):
+            return problems + ["chaos threads stuck for 30 s"]
+        want = self.CHAOS_THREADS * (self.CHAOS_ROUNDS // 2)
+        deadline = time.monotonic() + 5.0
+        while True:
+            got = int(bytes(client.request(b"evcount:" + tag)))
+            if got == want or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        if got != want:
+            problems.append(f"chaos: the server counted {got} of {want} Events in 5 s")
+        return problems
 
     def checker(self) -> None:
         last_print = 0.0
@@ -2089,12 +2656,20 @@ class Fuzzer:
 
     def run(self) -> int:
         os.makedirs(WORKDIR, exist_ok=True)
-        if os.path.exists(self.path):
+        if not self.tcp and os.path.exists(self.path):
             os.unlink(self.path)
+        options = []
+        if self.tcp:
+            options.append("events")
+        if self.tls:
+            self.make_pki()
+            options.append(f"tls={self.pki_dir}")
         my_fds0 = len(os.listdir("/proc/self/fd"))
+        mode = ("tls" if self.tls else "tcp" if self.tcp else "unix") + \
+            ("+aio" if self.args.aio else "")
         print(f"hostile_peer: seed={self.seed} workers={self.args.workers} "
-              f"seconds={self.args.seconds} socket={self.path}\n  server log: {self.log_path}",
-              flush=True)
+              f"seconds={self.args.seconds} mode={mode} address={self.path}\n"
+              f"  server log: {self.log_path}", flush=True)
         self.code = code_state()
         print(f"  code under test: {self.code}", flush=True)
         server_env = list(self.args.server_env)
@@ -2104,7 +2679,8 @@ class Fuzzer:
             server_env = ["MALLOC_MMAP_THRESHOLD_=131072",
                           "MALLOC_TRIM_THRESHOLD_=131072"] + server_env
         self.server = ServerProc(self.path, self.log_path, self.args.log_level,
-                                 self.args.tracemalloc, server_env, aio=self.args.aio)
+                                 self.args.tracemalloc, server_env, aio=self.args.aio,
+                                 sockaddr=self.sockaddr, options=options)
         print(f"  server environment: {self.server.env or 'glibc defaults'}", flush=True)
         self.t0 = time.monotonic()
         self.workers: list[Worker] = []
@@ -2194,6 +2770,8 @@ class Fuzzer:
         my_fds = len(os.listdir("/proc/self/fd"))
         summary = {
             "seed": self.seed, "workers": self.args.workers, "seconds": self.args.seconds,
+            "mode": ("tls" if self.tls else "tcp" if self.tcp else "unix")
+            + ("+aio" if self.args.aio else ""),
             "episodes": sum(self.counts.values()), "by_kind": dict(self.counts.most_common()),
             "seconds_by_kind": {k: round(v, 1) for k, v in self.kind_seconds.most_common()},
             "code": self.code, "server_env": self.server.env,
@@ -2232,7 +2810,7 @@ class Fuzzer:
     @staticmethod
     def print_summary(s: dict) -> None:
         print("=" * 78)
-        print(f"seed {s['seed']}, {s['workers']} workers, {s['seconds']} s: "
+        print(f"seed {s['seed']}, {s['mode']}, {s['workers']} workers, {s['seconds']} s: "
               f"{s['episodes']} episodes")
         print("  by kind: " + ", ".join(f"{k}={v}" for k, v in s["by_kind"].items()))
         print("  outcomes: " + ", ".join(f"{k}={v}" for k, v in s["outcomes"].items()))
@@ -2322,8 +2900,17 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--socket", help="socket path (default: under /tmp/hx-fuzz)")
-    parser.add_argument("--kinds", help="comma-separated episode kinds (default: all): "
-                                        + ",".join(EPISODES))
+    parser.add_argument("--tcp", action="store_true",
+                        help="the server listens on tcp://127.0.0.1:PORT and every worker "
+                             "attacks over TCP (no shared memory, no fd passing)")
+    parser.add_argument("--tls", action="store_true",
+                        help="as --tcp, inside mutual TLS (certificates from trustme), plus "
+                             "the TLS episodes")
+    parser.add_argument("--port", type=int, default=0,
+                        help="--tcp/--tls port (default: a free one)")
+    parser.add_argument("--kinds", help="comma-separated episode kinds (default: all of the "
+                                        "mode's): " + ",".join(
+                                            {**EPISODES, **TCP_EPISODES, **TLS_EPISODES}))
     parser.add_argument("--episode", metavar="KIND:SEED",
                         help="run one episode against a fresh server, then the final checks")
     parser.add_argument("--check-every", type=float, default=3.0)
