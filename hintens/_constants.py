@@ -6,6 +6,7 @@ Every number here is fixed by docs/PROTOCOL.md; change them only together with t
 from __future__ import annotations
 
 import enum
+import socket
 
 #: Size in bytes of the fixed frame header.
 HEADER_SIZE = 24
@@ -92,3 +93,10 @@ RECEIVE_BUFFER_BYTES = 256 * 1024
 #: Upper bounds (seconds) of the handler-time buckets that stats report; one more bucket
 #: holds what is slower than the last.
 HANDLER_BUCKETS_S = (1e-5, 1e-4, 1e-3, 1e-2, 0.1, 1.0, 10.0)
+
+# Socket flags as plain ints: operators on the socket module's MsgFlag enum members run enum
+# code in Python, microseconds a call on the pure-Python (and TLS) paths.
+MSG_DONTWAIT = int(socket.MSG_DONTWAIT)
+MSG_NOSIGNAL = int(socket.MSG_NOSIGNAL)
+MSG_CMSG_CLOEXEC = int(socket.MSG_CMSG_CLOEXEC)
+MSG_CTRUNC = int(socket.MSG_CTRUNC)

@@ -20,7 +20,6 @@ import heapq
 import itertools
 import logging
 import os
-import socket
 import ssl
 import threading
 from typing import Any, AsyncIterator, Callable, Generic, Iterable, TypeVar, overload
@@ -35,7 +34,8 @@ from .._checks import (
     uids,
 )
 from .._codecs import Codec, CodecSpec, codec_from, ready
-from .._constants import DEFAULT_FLUSH_INTERVAL_S, DEFAULT_MAX_PAYLOAD_BYTES, MessageType
+from .._constants import (
+    DEFAULT_FLUSH_INTERVAL_S, DEFAULT_MAX_PAYLOAD_BYTES, MSG_DONTWAIT, MessageType)
 from .._errors import (
     ConnectionClosed, RemoteError, Timeout, closed_error, lost_message, no_free_segment)
 from .._stats import ClientCounts, public_name
@@ -712,7 +712,7 @@ class Client(Generic[_R]):
         if conn is None or self._closed_reason is not None:
             return
         try:
-            items = conn.read(socket.MSG_DONTWAIT)
+            items = conn.read(MSG_DONTWAIT)
         except BlockingIOError:
             return
         except OSError as error:

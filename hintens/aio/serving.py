@@ -33,7 +33,7 @@ from time import monotonic
 from typing import TYPE_CHECKING, Any
 
 from .. import _impl
-from .._constants import ErrorCode, Flags, MessageType
+from .._constants import MSG_DONTWAIT, ErrorCode, Flags, MessageType
 from .._errors import no_free_segment
 from .._stats import public_name
 from .._server_common import Pushing
@@ -254,7 +254,7 @@ class ServerConnection(Pushing):
         decoder = endpoint.decoder
         was_in_frame, decoded = decoder.in_frame, decoder.frames_decoded
         try:
-            items = conn.read(socket.MSG_DONTWAIT)
+            items = conn.read(MSG_DONTWAIT)
         except BlockingIOError:
             return
         except OSError as error:

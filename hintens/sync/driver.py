@@ -23,6 +23,7 @@ import threading
 from time import monotonic
 from typing import Any, Callable, Iterator, NoReturn, Sequence
 
+from .._constants import MSG_DONTWAIT
 from .. import _impl
 from .._errors import (
     ConnectionClosed,
@@ -36,6 +37,7 @@ from .._stats import ClientCounts, public_name as _public_name
 from ..transport.unix import set_kernel_timeouts
 from ..protocol.roles import sort_for_client
 from .connection import Connection
+
 
 log = logging.getLogger("hintens")
 
@@ -173,7 +175,7 @@ class ClientDriver:
         items: list[Any] = []
         try:
             while True:   # what the kernel holds, up to the end of the stream
-                frames = self._channel.receive(socket.MSG_DONTWAIT)
+                frames = self._channel.receive(MSG_DONTWAIT)
                 if not frames:
                     break
                 items += self._conn.admit(frames)
@@ -244,7 +246,7 @@ class ClientDriver:
         items: Any = ()
         try:
             if remaining is None:
-                frames = self._channel.receive(socket.MSG_DONTWAIT)
+                frames = self._channel.receive(MSG_DONTWAIT)
             elif remaining <= 0:
                 return
             else:

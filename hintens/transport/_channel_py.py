@@ -21,6 +21,8 @@ from typing import Any
 from .._constants import (
     HANDLER_BUCKETS_S,
     HEADER_SIZE,
+    MSG_CMSG_CLOEXEC,
+    MSG_CTRUNC,
 )
 from ._memory_py import SEES_VIEW_RELEASE, Mapping, SharedRegion
 from ._outbox_py import FDS_PER_SEND, Outbox
@@ -29,6 +31,7 @@ from ..wire._wire_py import (
     FrameDecoder,
     encode_header,
 )
+
 
 __all__ = [
     "Channel",
@@ -49,7 +52,6 @@ def call_with_stack_size(stack_bytes: int, function: Any, *args: Any) -> Any:
         What ``function`` returns.
     """
     return function(*args)
-
 
 
 _FDS_PER_READ = FDS_PER_SEND
@@ -132,15 +134,15 @@ class Channel(Outbox):
             raise OSError(errno.EBADF, "the channel is closed")
         count, ancillary, message_flags, _ = self._sock.recvmsg_into(
             [self._buffer], socket.CMSG_SPACE(_FDS_PER_READ * _INT.size),
-            flags | socket.MSG_CMSG_CLOEXEC)
-        if ancillary or message_flags & socket.MSG_CTRUNC:
+            flags | MSG_CMSG_CLOEXEC)
+        if ancillary or message_flags & MSG_CTRUNC:
             self._keep_fds(ancillary, message_flags)
         if not count:
             return None
         return self.decoder.feed(self._view[:count])
 
     def _keep_fds(self, ancillary: list[tuple[int, int, bytes]], message_flags: int) -> None:
-        if message_flags & socket.MSG_CTRUNC:
+        if message_flags & MSG_CTRUNC:
             self.fds_dropped += 1     # the kernel closed what did not fit
         for level, kind, data in ancillary:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:

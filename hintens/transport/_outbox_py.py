@@ -15,8 +15,11 @@ import threading
 from time import monotonic
 from typing import Any
 
-from .._constants import BATCH_WRITE_BYTES, DEFAULT_FLUSH_INTERVAL_S, DEFAULT_MAX_QUEUE_BYTES
+from .._constants import (
+    BATCH_WRITE_BYTES, DEFAULT_FLUSH_INTERVAL_S, DEFAULT_MAX_QUEUE_BYTES, MSG_DONTWAIT,
+    MSG_NOSIGNAL)
 from ..wire._wire_py import encode_frame
+
 
 __all__ = ["Outbox", "Writer"]
 
@@ -236,19 +239,19 @@ class Writer:
                             sent = self._sock.sendmsg(
                                 [view[done:done + chunk]],
                                 [(socket.SOL_SOCKET, socket.SCM_RIGHTS, _INT.pack(fd))],
-                                flags | socket.MSG_NOSIGNAL)
+                                flags | MSG_NOSIGNAL)
                             if sent:
                                 self._fd_slots.pop(0)
                                 os.close(fd)
                         else:
                             sent = self._sock.send(view[done:done + chunk],
-                                                   flags | socket.MSG_NOSIGNAL)
+                                                   flags | MSG_NOSIGNAL)
                         done += sent
                         self.written += sent
             except BaseException as error:
                 with self._queue_lock:   # in front of what came meanwhile
                     self._queue[0:0] = data[done:]
-                if flags & socket.MSG_DONTWAIT and isinstance(error, BlockingIOError):
+                if flags & MSG_DONTWAIT and isinstance(error, BlockingIOError):
                     return True
                 raise
 
@@ -264,7 +267,7 @@ class Writer:
     def _write_all(self, pending: list[memoryview], ancillary: list[Any]) -> None:
         # Counts what left in self._written, so that an interrupted send knows.
         while pending:
-            sent = self._sock.sendmsg(pending[:_MAX_IOV], ancillary, socket.MSG_NOSIGNAL)
+            sent = self._sock.sendmsg(pending[:_MAX_IOV], ancillary, MSG_NOSIGNAL)
             self._written += sent
             ancillary = []
             while sent and pending:
@@ -414,7 +417,7 @@ class Outbox(Writer):
         if not self._send_lock.acquire(False):
             return False
         try:
-            left = self._drain(socket.MSG_DONTWAIT)
+            left = self._drain(MSG_DONTWAIT)
         except OSError:
             left = False
             self.broken = True
@@ -422,7 +425,7 @@ class Outbox(Writer):
         finally:
             self._send_lock.release()
         if not left and not self.broken:
-            left = self._write_leftovers(socket.MSG_DONTWAIT)
+            left = self._write_leftovers(MSG_DONTWAIT)
         if left and mark:
             self._scheduled = True
         return left
@@ -482,10 +485,10 @@ class Outbox(Writer):
             if not self._send_lock.acquire(False):
                 return   # the holder writes our frames before it lets go
             try:
-                left = self._drain(socket.MSG_DONTWAIT)
+                left = self._drain(MSG_DONTWAIT)
             finally:
                 self._send_lock.release()
-            if not left and not self._write_leftovers(socket.MSG_DONTWAIT):
+            if not left and not self._write_leftovers(MSG_DONTWAIT):
                 return
         if not self._scheduled and self.on_queued is not None:
             self._schedule()

@@ -20,7 +20,9 @@ import threading
 from time import monotonic
 from typing import Any, Callable
 
+from .._constants import MSG_DONTWAIT
 from .._errors import ConnectError
+
 
 #: What one write hands OpenSSL at most: one TLS record. A write that must be retried is
 #: retried with the same bytes, as OpenSSL requires.
@@ -163,7 +165,7 @@ class TlsStream:
             self._early = self._early[count:]
             return count, [], 0, None
         count = self._until(lambda: self._read_some(view), self._receive_s,
-                            bool(flags & socket.MSG_DONTWAIT),
+                            bool(flags & MSG_DONTWAIT),
                             BlockingIOError(errno.EAGAIN, "the receive timeout expired"))
         return count, [], 0, None
 
@@ -197,7 +199,7 @@ class TlsStream:
         """
         chunk = memoryview(data).cast("B")[:_RECORD_BYTES]
         sent: int = self._until(lambda: self._write_some(chunk), self._send_s,
-                                bool(flags & socket.MSG_DONTWAIT),
+                                bool(flags & MSG_DONTWAIT),
                                 BlockingIOError(errno.EAGAIN, "the send timeout expired"))
         return sent
 
