@@ -79,7 +79,9 @@ def pair(core, monkeypatch):
         side.close()
     del made
     gc.collect()
-    assert len(os.listdir("/proc/self/fd")) == fds_before
+    # Not one more: a descriptor of ours left open. (Fewer is another test's socket that a
+    # background thread, the flusher's say, closed meanwhile.)
+    assert len(os.listdir("/proc/self/fd")) <= fds_before
 
 
 def only(items):

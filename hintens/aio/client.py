@@ -35,7 +35,7 @@ from .._checks import (
 )
 from .._codecs import Codec, CodecSpec, codec_from, ready
 from .._constants import (
-    DEFAULT_FLUSH_INTERVAL_S, DEFAULT_MAX_PAYLOAD_BYTES, MSG_DONTWAIT, MessageType)
+    DEFAULT_FLUSH_INTERVAL_S, DEFAULT_MAX_PAYLOAD_BYTES, EVENT, MSG_DONTWAIT, REQUEST)
 from .._errors import (
     ConnectionClosed, RemoteError, Timeout, closed_error, lost_message, no_free_segment)
 from .._stats import ClientCounts, public_name
@@ -393,10 +393,10 @@ class Client(Generic[_R]):
         if self.codec is not None:
             payload = self._encoded(payload, "request")
         endpoint = self._endpoint
-        writes = endpoint.writes(MessageType.REQUEST, payload, request_id) \
+        writes = endpoint.writes(REQUEST, payload, request_id) \
             if endpoint.peer_hello is not None else None
         if writes is None:   # the hello, or a free segment, is to be waited for
-            writes = await self._writes(MessageType.REQUEST, payload, request_id, seconds)
+            writes = await self._writes(REQUEST, payload, request_id, seconds)
         if self._conn is not None and self._conn.channel.queued >= self._conn.channel.max_queue:
             await self._room(seconds)   # the server is not reading: do not queue without end
         future: asyncio.Future[Any] = loop.create_future()
@@ -462,7 +462,7 @@ class Client(Generic[_R]):
         self._counts.events += 1
         if self.codec is not None:
             payload = self._encoded(payload, "event")
-        writes = await self._writes(MessageType.EVENT, payload, next(self._ids), self.timeout)
+        writes = await self._writes(EVENT, payload, next(self._ids), self.timeout)
         conn = self._live()
         if conn.channel.queued >= conn.channel.max_queue:
             await self._room(self.timeout)

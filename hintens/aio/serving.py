@@ -33,7 +33,7 @@ from time import monotonic
 from typing import TYPE_CHECKING, Any
 
 from .. import _impl
-from .._constants import MSG_DONTWAIT, ErrorCode, Flags, MessageType
+from .._constants import EVENT, MSG_DONTWAIT, REQUEST, RESPONSE, ErrorCode, Flags, MessageType
 from .._errors import no_free_segment
 from .._stats import public_name
 from .._server_common import Pushing
@@ -64,7 +64,6 @@ _SHM = int(Flags.SHM)
 #: Inline replies of one read leave in batches of at most this many frames, so that the
 #: outgoing queue's size (send_queue_bytes) sees them as they pile up.
 _BATCH_FRAMES = 64
-_RESPONSE = int(MessageType.RESPONSE)
 
 #: The connection whose handler or callback is running (``Server.current_connection``).
 current: contextvars.ContextVar[ServerConnection | None] = contextvars.ContextVar(
@@ -314,7 +313,7 @@ class ServerConnection(Pushing):
                     self._send_frames(out)
                     self._end("closed after a fatal protocol error")
                     return
-            elif item.type == MessageType.REQUEST:
+            elif item.type == REQUEST:
                 if len(out) >= _BATCH_FRAMES:   # the queue's size must see these replies
                     self._send_frames(out)
                     out = []
@@ -329,7 +328,7 @@ class ServerConnection(Pushing):
                     out = self._answer_now(item, out)
                 else:
                     self._spawn(self._answer(item))
-            elif item.type == MessageType.EVENT:
+            elif item.type == EVENT:
                 self._deliver_event(item.payload)
             else:
                 log.debug("%r sent an unsolicited %s frame; ignored", self,
@@ -351,7 +350,7 @@ class ServerConnection(Pushing):
             finally:
                 self._channel.note_handler(monotonic() - started)
             if type(result) is bytes and len(result) < endpoint.small_max:
-                out.append(_impl.core.encode_frame(_RESPONSE, result, request_id))   # common
+                out.append(_impl.core.encode_frame(RESPONSE, result, request_id))   # common
                 endpoint.responses_sent += 1
                 return out
             if inspect.isawaitable(result):

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from .. import _impl
-from .._constants import ErrorCode, MessageType
+from .._constants import ERROR, EVENT, RESPONSE, ErrorCode, MessageType
 from .._errors import ProtocolError, RemoteError, decode_error_payload, remote_error
 from .endpoint import Endpoint, Item
 
@@ -20,7 +20,6 @@ from .endpoint import Endpoint, Item
 FATAL_CODES = (ErrorCode.BAD_HEADER, ErrorCode.TOO_LARGE)
 #: What a client answers a frame that only a server takes (a Request, say).
 NOT_A_SERVER = "this peer is a client and serves no requests"
-_RESPONSE, _ERROR, _EVENT = int(MessageType.RESPONSE), int(MessageType.ERROR), int(MessageType.EVENT)
 
 
 class ClientItems:
@@ -84,15 +83,15 @@ def sort_for_client(endpoint: Endpoint, items: list[Item], salvaged: bool = Fals
                 out.dropped.append(item)
             continue
         kind = item.type
-        if kind == _RESPONSE:   # the common case first, against a plain int
+        if kind == RESPONSE:   # the common case first, against a plain int
             replies.append((item.request_id, item.payload))
-        elif kind == _ERROR:
+        elif kind == ERROR:
             error = error_of(item)
             if item.request_id == 0 or (salvaged and error.code in FATAL_CODES):
                 out.server_error = error
             else:
                 out.failures.append((item.request_id, error))
-        elif kind == _EVENT:
+        elif kind == EVENT:
             out.events.append(item.payload)
         else:
             out.answers.append(endpoint.error_frame(ErrorCode.UNAVAILABLE, NOT_A_SERVER,

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import _impl
 from .._checks import deadline_after
-from .._constants import ErrorCode, Flags, MessageType
+from .._constants import EVENT, REQUEST, ErrorCode, Flags, MessageType
 from .._errors import ConnectionClosed, ProtocolError
 from ..protocol.answers import (
     checked_result,
@@ -184,10 +184,10 @@ class Answering:
             if type(item) is not frame_type:
                 if not self._violation(item, out):
                     break
-            elif item.type == MessageType.REQUEST:
+            elif item.type == REQUEST:
                 item = None   # _answer drops the request (and its lent payload) when it may
                 out = self._answer(items, index, out)
-            elif item.type == MessageType.EVENT:
+            elif item.type == EVENT:
                 self._deliver_event(item)
             else:
                 log.debug("%r sent an unsolicited %s frame; ignored", self,
