@@ -571,17 +571,11 @@ class Conn:
             self._read_stream()
             return
         for _ in range(64):
-            try:
-                data, anc, flags, _ = self.sock.recvmsg(
-                    1 << 18, socket.CMSG_SPACE(16 * 4), socket.MSG_CMSG_CLOEXEC)
-            except (BlockingIOError, InterruptedError):
+            got = self._recv(lambda: self.sock.recvmsg(
+                1 << 18, socket.CMSG_SPACE(16 * 4), socket.MSG_CMSG_CLOEXEC))
+            if got is None:
                 return
-            except ConnectionResetError:
-                self.eof = self.reset = True
-                return
-            except OSError:
-                self.eof = True
-                return
+            data, anc, flags, _ = got
             for level, kind, cdata in anc:
                 if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                     fds = array.array("i")
@@ -595,18 +589,24 @@ class Conn:
             self.buf += data
             self._parse()
 
+    def _recv(self, read):
+        """One read by ``read()``: what it returned, or None when nothing more comes now (it
+        would block) or ever (a reset or another error, with eof marked)."""
+        try:
+            return read()
+        except (BlockingIOError, InterruptedError):
+            return None
+        except ConnectionResetError:
+            self.eof = self.reset = True
+        except OSError:
+            self.eof = True
+        return None
+
     def _read_stream(self) -> None:
         """TCP (and TLS under it): no descriptors can come."""
         for _ in range(64):
-            try:
-                data = self.sock.recv(1 << 18)
-            except (BlockingIOError, InterruptedError):
-                return
-            except ConnectionResetError:
-                self.eof = self.reset = True
-                return
-            except OSError:
-                self.eof = True
+            data = self._recv(lambda: self.sock.recv(1 << 18))
+            if data is None:
                 return
             if self.opaque:
                 self.raw_in += data
