@@ -307,3 +307,93 @@ def test_property_round_trip(core, frames, chunk_size):
     chunks = [stream[i:i + chunk_size] for i in range(0, len(stream), chunk_size)]
     decoded = drive(core.FrameDecoder(), chunks)
     assert decoded == [(t, f, 0x0100, r, p) for t, p, r, f in frames]
+
+
+# -- the compiled decoder's spare buffer for large payloads -----------------------------------
+
+SPARE_SIZE = 8 << 20
+
+
+def _pieces(frame: bytes, size: int = 1 << 18):
+    """A frame fed as a transport would: in reads of ``size`` bytes."""
+    view = memoryview(frame)
+    return [bytes(view[i:i + size]) for i in range(0, len(frame), size)]
+
+
+def _decode_one(decoder, frame):
+    frames = []
+    for piece in _pieces(frame):
+        frames += decoder.feed(piece)
+    assert len(frames) == 1
+    return frames[0]
+
+
+@pytest.fixture()
+def spare_module(cython_core):
+    from hintens.wire import _wire
+    _wire.drop_spare()
+    yield _wire
+    _wire.drop_spare()
+
+
+def test_a_released_large_payload_is_reused_for_the_next(spare_module):
+    decoder = spare_module.FrameDecoder(max_payload=16 << 20)
+    first, second = bytes([1]) * SPARE_SIZE, bytes([2]) * (SPARE_SIZE - 5)
+    payload = _decode_one(decoder, raw_frame(first, request_id=1)).payload
+    assert payload == first
+    kept = id(payload)
+    assert spare_module.spare_bytes() == SPARE_SIZE
+    hash(payload)   # a cached hash must not outlive the bytes it was taken of
+    del payload
+    again = _decode_one(decoder, raw_frame(second, request_id=2)).payload
+    assert id(again) == kept   # assembled in the same buffer, at its new length
+    assert len(again) == len(second) and again == second
+    assert hash(again) == hash(bytes(second))
+    assert spare_module.spare_bytes() == SPARE_SIZE   # still room for the larger one
+
+
+def test_a_payload_still_held_is_never_overwritten(spare_module):
+    decoder = spare_module.FrameDecoder(max_payload=16 << 20)
+    first, second = bytes([1]) * SPARE_SIZE, bytes([2]) * SPARE_SIZE
+    held = _decode_one(decoder, raw_frame(first, request_id=1)).payload
+    view = memoryview(held)[10:20]          # a view keeps it, as the reference does
+    again = _decode_one(decoder, raw_frame(second, request_id=2)).payload
+    assert again == second and again is not held
+    assert held == first and bytes(view) == first[10:20]
+    # The spare is now the second payload, the first belongs to the application alone.
+    assert spare_module.spare_bytes() == SPARE_SIZE
+
+
+def test_spare_limits_and_drop(spare_module):
+    decoder = spare_module.FrameDecoder(max_payload=80 << 20)
+    small = _decode_one(decoder, raw_frame(bytes(1 << 20))).payload   # under SPARE_MIN
+    assert small == bytes(1 << 20) and spare_module.spare_bytes() == 0
+    big = _decode_one(decoder, raw_frame(bytes(SPARE_SIZE))).payload
+    del big
+    assert spare_module.spare_bytes() == SPARE_SIZE
+    # Too large for the spare: a fresh buffer, and the spare (free) is let go at once.
+    larger = _decode_one(decoder, raw_frame(bytes([3]) * (SPARE_SIZE + 1))).payload
+    assert larger == bytes([3]) * (SPARE_SIZE + 1)
+    assert spare_module.spare_bytes() == SPARE_SIZE + 1
+    # Over 64 MiB (SPARE_MAX) is never kept.
+    del larger
+    huge = _decode_one(decoder, raw_frame(bytes((64 << 20) + 1))).payload
+    assert len(huge) == (64 << 20) + 1 and spare_module.spare_bytes() == 0
+    big = _decode_one(decoder, raw_frame(bytes(SPARE_SIZE))).payload
+    del big
+    assert spare_module.spare_bytes() == SPARE_SIZE
+    spare_module.drop_spare()
+    assert spare_module.spare_bytes() == 0
+
+
+def test_a_bad_crc_in_a_reused_buffer(spare_module):
+    decoder = spare_module.FrameDecoder(max_payload=16 << 20)
+    _decode_one(decoder, raw_frame(bytes(SPARE_SIZE)))   # delivered, then dropped
+    bad = raw_frame(bytes([7]) * SPARE_SIZE, checksum=0x1234, request_id=9)
+    frames = []
+    with pytest.raises(ChecksumError) as caught:
+        for piece in _pieces(bad):
+            frames += decoder.feed(piece)
+    assert caught.value.request_id == 9 and not frames
+    ok = _decode_one(decoder, raw_frame(bytes([8]) * SPARE_SIZE, request_id=10))
+    assert ok.request_id == 10 and ok.payload == bytes([8]) * SPARE_SIZE

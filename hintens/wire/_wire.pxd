@@ -76,6 +76,7 @@ cdef class FrameDecoder:
     cdef hx_header _fields               # unpacked header of the frame being assembled
     cdef PyObject *_payload              # its payload (a bytes we own alone), grown as bytes come
     cdef Py_ssize_t _capacity            # the size _payload has now (at most the payload length)
+    cdef Py_ssize_t _room                # the bytes _payload's allocation holds (a spare's: more)
     cdef Py_ssize_t _reserved            # bytes taken from budget for the frame being assembled
     cdef public MemoryBudget budget      # bounds bytes held for unfinished frames, or None
     cdef Py_ssize_t _assembled           # payload bytes assembled so far
@@ -98,6 +99,7 @@ cdef class FrameDecoder:
                      list frames, Py_ssize_t *pos_out) except -1
     cdef int _start_payload(self, const hx_header *h, Py_ssize_t available) except -1
     cdef int _grow(self, Py_ssize_t needed) except -1
+    cdef bint _reuse_spare(self, Py_ssize_t length)
     cdef object _take_payload(self)
     cdef void _drop_payload(self) noexcept
     cdef int _check_prefix(self) except -1

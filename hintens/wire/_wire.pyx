@@ -14,7 +14,8 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, _PyByte
 from cpython.object cimport PyObject
 from cpython.ref cimport Py_INCREF, Py_XDECREF
 from cpython.list cimport PyList_Append
-from cpython.memoryview cimport PyMemoryView_FromObject
+from cpython.buffer cimport PyBUF_WRITE
+from cpython.memoryview cimport PyMemoryView_FromMemory, PyMemoryView_FromObject
 from libc.stdint cimport uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy, memset
 
@@ -67,6 +68,55 @@ cdef Py_ssize_t FIRST_CAPACITY = 64 * 1024
 # A payload with at least this much still to come is read straight into its buffer
 # (FrameDecoder._direct), by a transport that can.
 cdef Py_ssize_t DIRECT_MIN = 64 * 1024
+
+
+# The spare: the last large payload this process decoded, kept so that the next one, on any
+# connection, can be assembled in it once the application has let go of it (nothing but the
+# spare refers to it). A fresh buffer is expensive past glibc's mmap threshold (32 MiB at most):
+# its pages are faulted and zeroed one by one, about 25 ms for 64 MiB here, which costs a 64 MiB
+# echo over TCP more than its copies do. One spare per process, from SPARE_MIN to SPARE_MAX
+# bytes, so a peer cannot make us keep more than SPARE_MAX beyond what it is sending now.
+cdef Py_ssize_t SPARE_MIN = 4 * 1024 * 1024
+cdef Py_ssize_t SPARE_MAX = DEFAULT_MAX_PAYLOAD_BYTES
+cdef object _spare = None
+cdef Py_ssize_t _spare_room = 0      # the bytes _spare's allocation can hold (its size or more)
+
+cdef extern from *:
+    """
+    /* A bytes object nothing else refers to, given a new length within its allocation: its
+       size, the NUL after its bytes and its cached hash (which no longer describes it). */
+    static inline void hx_bytes_relength(PyObject *o, Py_ssize_t length) {
+        Py_SET_SIZE(o, length);
+        PyBytes_AS_STRING(o)[length] = 0;
+    #if defined(__GNUC__)
+    #pragma GCC diagnostic push
+    #pragma GCC diagnostic ignored "-Wdeprecated-declarations"
+    #endif
+        ((PyBytesObject *)o)->ob_shash = -1;
+    #if defined(__GNUC__)
+    #pragma GCC diagnostic pop
+    #endif
+    }
+    """
+    void hx_bytes_relength(object o, Py_ssize_t length)
+    Py_ssize_t Py_REFCNT(object o)
+
+
+def spare_bytes():
+    """The size of the buffer kept for the next large payload (0 when none is kept).
+
+    The compiled decoder keeps the last payload of 4 MiB to 64 MiB it delivered, one per
+    process, and assembles the next large payload in it if nothing else refers to it by then:
+    a fresh buffer of that size costs a page fault per 4 KiB.
+    """
+    return _spare_room if _spare is not None else 0
+
+
+def drop_spare():
+    """Let go of the buffer kept for the next large payload (``spare_bytes``), if any."""
+    global _spare, _spare_room
+    _spare = None
+    _spare_room = 0
 
 
 cdef inline void _populate(char *start, Py_ssize_t begin, Py_ssize_t end) noexcept nogil:
@@ -363,6 +413,7 @@ cdef class FrameDecoder:
         self._header_len = 0
         self._payload = NULL
         self._capacity = 0
+        self._room = 0
         self._reserved = 0
         self.budget = None
         self._assembled = 0
@@ -600,11 +651,16 @@ cdef class FrameDecoder:
     cdef int _finish_payload(self, list frames) except -1:
         # The payload being assembled is whole: check its CRC, and return its frame (or skip
         # it, a plain Event nobody reads).
+        global _spare, _spare_room
+        cdef Py_ssize_t room = self._room
         cdef object payload = self._take_payload()
         self._state = _HEADER_STATE
         if self._running_crc != self._fields.checksum:
             raise _errors.checksum_error(self._fields.checksum, self._running_crc,
                                          self._fields.request_id, self._fields.type)
+        if SPARE_MIN <= room <= SPARE_MAX:
+            _spare = payload       # the next large payload's, once the application drops it
+            _spare_room = room
         if self.skip_events and _plain_event(&self._fields):
             self.events_skipped += 1
             self.frames_decoded += 1
@@ -626,6 +682,29 @@ cdef class FrameDecoder:
             self._grow(self._assembled + take)
         room[0] = take
         return <unsigned char *>PyBytes_AS_STRING(<object>self._payload) + self._assembled
+
+    def _direct_view(self, Py_ssize_t limit):
+        """For a transport in Python that reads into a buffer (the TLS channel): a writable
+        memoryview of where the next bytes of a large payload go (at most ``limit``), or None
+        when no payload is being read that way. Internal: fill it, release it, and report the
+        count to ``_direct_fed`` before this decoder is used in any other way."""
+        cdef Py_ssize_t room = 0
+        cdef unsigned char *start = self._direct(limit, &room)
+        if start == NULL:
+            return None
+        return PyMemoryView_FromMemory(<char *>start, room, PyBUF_WRITE)
+
+    def _direct_fed(self, Py_ssize_t count):
+        """``count`` bytes were read into the last ``_direct_view``: the frames they complete.
+
+        Raises:
+            ValueError: ``count`` is more than that view held.
+            ProtocolError: as ``feed``.
+        """
+        if self._state != _PAYLOAD_STATE or not 0 <= count <= self._remaining \
+                or self._assembled + count > self._capacity:
+            raise ValueError(f"{count} bytes do not fit the payload being read")
+        return self._direct_done(count, NULL, 0)
 
     cdef list _direct_done(self, Py_ssize_t n, const unsigned char *rest, Py_ssize_t more):
         # ``n`` bytes arrived where _direct said, and ``more`` after them at ``rest`` (the
@@ -674,8 +753,25 @@ cdef class FrameDecoder:
         self._remaining = length
         self._running_crc = 0xFFFF
         self._state = _PAYLOAD_STATE
+        if length >= SPARE_MIN and _spare is not None and self._reuse_spare(length):
+            return 0
         self._grow(min(length, max(available, FIRST_CAPACITY)))
         return 0
+
+    cdef bint _reuse_spare(self, Py_ssize_t length):
+        # Take the spare for a payload of ``length`` bytes if nothing else refers to it and it
+        # is large enough. One that is still in use is the application's: let it go.
+        global _spare, _spare_room
+        cdef object spare = _spare
+        _spare = None
+        if Py_REFCNT(spare) != 1 or _spare_room < length:   # 1: only ``spare`` here
+            return False
+        hx_bytes_relength(spare, length)
+        Py_INCREF(spare)
+        self._payload = <PyObject *>spare
+        self._capacity = length
+        self._room = _spare_room
+        return True
 
     cdef int _grow(self, Py_ssize_t needed) except -1:
         # At least `needed` bytes of room, doubling (never past the payload's length), so that
@@ -698,6 +794,7 @@ cdef class FrameDecoder:
             self._state = _DISCARD_STATE
             raise _errors.no_memory_error(length, self._fields.request_id, self._fields.type)
         self._capacity = capacity
+        self._room = capacity
         if capacity >= POPULATE_FROM:
             _populate(PyBytes_AS_STRING(<object>self._payload), before, capacity)
         return 0
