@@ -90,7 +90,7 @@ def serve(path: str) -> None:
                 for i in range(n):
                     connection.send_event(b"ev-%d" % i)
                 return b"sent %d" % n
-        if bytes(payload) == b"count":
+        if len(payload) == 5 and bytes(payload) == b"count":
             with lock:
                 return b"%d %d" % (events[0], events[1])
         if head.startswith(b"quote:"):
