@@ -573,6 +573,10 @@ static const uint64_t hx__kfold[17][2] = {
 /* AVX-512F for the zmm registers, BW for the byte shuffle, VL for vpternlogq
  * on xmm in the 128-bit helpers it inlines. */
 #define HX__VPCL512 __attribute__((target("vpclmulqdq,avx512f,avx512bw,avx512vl,avx2,pclmul")))
+/* From this many bytes on, the 512-bit kernel aligns its loads (see there). */
+#ifndef HX__ALIGN512_MIN
+#define HX__ALIGN512_MIN 16384
+#endif
 
 static inline HX__PCL __m128i hx__k128(int n)
 {
@@ -763,20 +767,45 @@ static inline HX__VPCL512 __m512i hx__fold512_xor(__m512i x, __m512i k, __m512i 
  * the multiplier busy. */
 static HX__VPCL512 uint16_t hx_crc16_vpclmul512(uint16_t crc, const unsigned char *p, size_t len)
 {
+    const __m512i rev = _mm512_broadcast_i32x4(_mm_setr_epi8(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0));
     __m512i a0, a1, a2, a3, k;
     __m256i y;
     __m128i x;
+    unsigned head;
 
     if (len < 256)
         return hx_crc16_vpclmul(crc, p, len);
 
-    k = hx__k512(16);
-    a0 = _mm512_xor_si512(hx__load512(p), _mm512_set_epi64(0, 0, 0, 0, 0, 0, (long long)((uint64_t)crc << 48), 0));
-    a1 = hx__load512(p + 64);
+    head = (unsigned)((uintptr_t)p & 63);
+    if (len >= HX__ALIGN512_MIN && head) {
+        /* Start at the 64-byte boundary below p, so that no load in the loops
+         * splits a cache line: 7-11% faster from 64 KiB on (data from L2 or
+         * memory) on Emerald Rapids, where Python buffers seldom start
+         * 64-byte aligned; no gain below, where the data sits in L1.  The
+         * first load masks off the `head` bytes before p: leading zero bytes
+         * do not change a CRC whose register enters at the real first two
+         * bytes, head and head+1 (the second one in a1 when head is 63).
+         * Masked-off bytes are not accessed (no fault, no read), and an
+         * aligned 64-byte line never spans two pages. */
+        p -= head;
+        len += head;
+        a0 = _mm512_xor_si512(_mm512_maskz_loadu_epi8(~(__mmask64)0 << head, (const void *)p),
+                              _mm512_xor_si512(_mm512_maskz_set1_epi8((__mmask64)1 << head, (char)(crc >> 8)),
+                                               _mm512_maskz_set1_epi8((__mmask64)2 << head, (char)crc)));
+        a0 = _mm512_shuffle_epi8(a0, rev);
+        a1 = _mm512_shuffle_epi8(_mm512_xor_si512(_mm512_loadu_si512((const void *)(p + 64)),
+                                                  _mm512_maskz_set1_epi8((__mmask64)(head == 63), (char)crc)),
+                                 rev);
+    } else {
+        a0 = _mm512_xor_si512(hx__load512(p),
+                              _mm512_set_epi64(0, 0, 0, 0, 0, 0, (long long)((uint64_t)crc << 48), 0));
+        a1 = hx__load512(p + 64);
+    }
     a2 = hx__load512(p + 128);
     a3 = hx__load512(p + 192);
     p += 256;
     len -= 256;
+    k = hx__k512(16);
     while (len >= 256) {
         a0 = hx__fold512_xor(a0, k, hx__load512(p));
         a1 = hx__fold512_xor(a1, k, hx__load512(p + 64));
