@@ -22,6 +22,7 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import Callable
 
 SIZES = {"16 B": 16, "64 B": 64, "256 B": 256, "4 KiB": 4096, "64 KiB": 64 << 10,
          "1 MiB": 1 << 20, "64 MiB": 64 << 20}
@@ -38,6 +39,7 @@ BASELINE = "fastcrc"
 
 def worker(name: str, sample_ns: int) -> None:
     """Serve samples on stdin/stdout: a size in, ns per call out."""
+    crc: Callable[[bytes], int]
     if name == BASELINE:
         import fastcrc
         crc = fastcrc.crc16.ibm_3740
