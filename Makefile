@@ -75,6 +75,7 @@ bench: $(BENCH_INSTALLED)
 	$(PY) bench/fanout.py
 	$(PY) bench/aio_latency.py
 	$(PY) bench/tcp_latency.py
+	$(PY) bench/crc16.py
 
 # Sphinx from docs/reference: warnings are errors (-W), and so is a reference to anything the
 # pages do not document (-n). -E rereads every page: Sphinx does not see docstring edits.
