@@ -29,7 +29,8 @@ def _extensions():
 
     debug = _flag("HINTENS_DEBUG")
     # Wheels run on any x86-64: never -march=native. The CRC kernel picks PCLMULQDQ or
-    # VPCLMULQDQ at run time through per-function target attributes.
+    # VPCLMULQDQ (on ymm, or on zmm with AVX-512) at run time through per-function target
+    # attributes.
     cflags = ["-O3", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-missing-field-initializers"]
     if _flag("HINTENS_WERROR"):
         cflags.append("-Werror")

@@ -169,7 +169,11 @@ def crc16(data, value=0xFFFF):
 
 
 def crc16_backend():
-    """Name of the CRC16 kernel chosen for this CPU: "vpclmulqdq-avx2", "pclmulqdq" or "table"."""
+    """Name of the CRC16 kernel chosen for this CPU.
+
+    "vpclmulqdq-avx512", "vpclmulqdq-avx2", "pclmulqdq" or "table"; ``HINTENS_CRC_IMPL``
+    forces one.
+    """
     return hx_crc16_impl().decode("ascii")
 
 

@@ -57,24 +57,34 @@ int main(int argc, char **argv)
     struct {
         const char *name;
         hx__crc16_fn fn;
-    } paths[4];
+    } paths[5];
     int n = 0;
     paths[n].name = "table";
     paths[n++].fn = hx_crc16_table;
 #if HX_CRC16_X86
-    paths[n].name = "pclmul";
-    paths[n++].fn = hx_crc16_pclmul;
-    paths[n].name = "vpclmul";
-    paths[n++].fn = hx_crc16_vpclmul;
+    /* Only the paths this CPU can run (the others would die of SIGILL). */
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("pclmul") && __builtin_cpu_supports("sse4.1")) {
+        paths[n].name = "pclmul";
+        paths[n++].fn = hx_crc16_pclmul;
+        if (__builtin_cpu_supports("vpclmulqdq") && __builtin_cpu_supports("avx2")) {
+            paths[n].name = "vpclmul";
+            paths[n++].fn = hx_crc16_vpclmul;
+            if (hx__cpu_has_zmm()) {
+                paths[n].name = "vpclmul512";
+                paths[n++].fn = hx_crc16_vpclmul512;
+            }
+        }
+    }
 #endif
     paths[n].name = "dispatched";
     paths[n++].fn = dispatched;
-    printf("dispatcher picked: %s (PCLMUL_MIN=%d VPCLMUL_MIN=%d)\n", hx_crc16_impl(), HX_CRC16_PCLMUL_MIN,
-           HX_CRC16_VPCLMUL_MIN);
+    printf("dispatcher picked: %s (PCLMUL_MIN=%d VPCLMUL_MIN=%d VPCLMUL512_MIN=%d)\n", hx_crc16_impl(),
+           HX_CRC16_PCLMUL_MIN, HX_CRC16_VPCLMUL_MIN, HX_CRC16_VPCLMUL512_MIN);
 
     if (argc > 1 && strcmp(argv[1], "sweep") == 0) {
-        static const size_t sz[] = {16, 24, 32, 48, 64, 80, 96, 112, 128, 160, 192, 256, 320, 384, 512,
-                                    640, 768, 1024, 1536, 2048, 4096, 8192};
+        static const size_t sz[] = {16, 24, 32, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256, 288, 320,
+                                    384, 448, 512, 640, 768, 1024, 1536, 2048, 4096, 8192, 65536};
         printf("%8s", "bytes");
         for (int i = 0; i < n; i++)
             printf(" %12s", paths[i].name);
@@ -82,7 +92,7 @@ int main(int argc, char **argv)
         for (size_t j = 0; j < sizeof sz / sizeof sz[0]; j++) {
             printf("%8zu", sz[j]);
             for (int i = 0; i < n; i++)
-                printf(" %12.2f", bench(paths[i].fn, buf, sz[j], 16384));
+                printf(" %12.2f", bench(paths[i].fn, buf, sz[j], sz[j] > 16384 ? sz[j] : 16384));
             printf("\n");
         }
         return 0;

@@ -56,10 +56,10 @@ if __name__ == "__main__":
             print("    },")
         sys.exit(0)
     # hx__kfold[n]: fold distance d = 128*n bits (n 16-byte blocks)
-    for n in range(1, 9):
+    for n in range(1, 17):
         d = 128 * n
         hi, lo = fold_pair(d)
-        print("kfold[%d] d=%-4d {x^%-4d, x^%-4d} mod P = {0x%04x, 0x%04x}" % (n, d, d + 64, d, hi, lo))
+        print("kfold[%2d] d=%-4d {x^%-4d, x^%-4d} mod P = {0x%04x, 0x%04x}" % (n, d, d + 64, d, hi, lo))
     print("final: x^80 mod P = 0x%04x" % xpow_mod(80))
     mu = pdiv(1 << 80, P)
     print("Barrett mu = floor(x^80 / P) = 0x%x (HX__MU80 = 0x%016x without the x^64 term)" % (mu, mu ^ (1 << 64)))

@@ -66,7 +66,7 @@ static void test_constants(void)
 {
     /* Constants in the header must equal x^k mod P computed independently. */
 #if HX_CRC16_X86
-    for (unsigned n = 1; n <= 8; n++) {
+    for (unsigned n = 1; n <= 16; n++) {
         if (hx__kfold[n][0] != xpow_mod(128 * n + 64) || hx__kfold[n][1] != xpow_mod(128 * n)) {
             fprintf(stderr, "FAIL kfold[%u]\n", n);
             failures++;
@@ -140,10 +140,11 @@ static void run_all(const unsigned char *data, size_t big)
             free(raw);
         }
 
-    /* 3b. every misalignment 0..63 x every length 0..288 (all tail shapes of
-     * the SIMD kernels at every offset) */
+    /* 3b. every misalignment 0..63 x every length 0..800: all tail shapes of
+     * the SIMD kernels at every offset, for none, one and two steps of the
+     * widest main loop (256 bytes) */
     for (unsigned mis = 0; mis < 64; mis++)
-        for (size_t len = 0; len <= 288; len++) {
+        for (size_t len = 0; len <= 800; len++) {
             unsigned char *raw = malloc(len + mis ? len + mis : 1); /* ends exactly at the data */
             unsigned char *b = raw + mis;
             memcpy(b, data + (rnd() % 4096), len);
@@ -207,7 +208,7 @@ static const char *set_impl(const char *env)
     return hx_crc16_impl();
 }
 
-static void test_dispatch(const unsigned char *data, size_t big, int has_pcl, int has_vpcl)
+static void test_dispatch(const unsigned char *data, size_t big, int has_pcl, int has_vpcl, int has_zmm)
 {
     const char *native = set_impl(NULL);
     const struct {
@@ -215,11 +216,15 @@ static void test_dispatch(const unsigned char *data, size_t big, int has_pcl, in
     } cases[] = {{"table", "table"},
                  {"pclmul", has_pcl ? "pclmulqdq" : "table"},
                  {"vpclmul", has_vpcl ? "vpclmulqdq-avx2" : "table"},
+                 {"vpclmul512", has_zmm ? "vpclmulqdq-avx512" : "table"},
                  {"bogus", native},
-                 {NULL, has_vpcl ? "vpclmulqdq-avx2" : has_pcl ? "pclmulqdq" : "table"}};
+                 {NULL, has_zmm    ? "vpclmulqdq-avx512"
+                        : has_vpcl ? "vpclmulqdq-avx2"
+                        : has_pcl  ? "pclmulqdq"
+                                   : "table"}};
     for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
         const char *impl = set_impl(cases[c].env);
-        printf("  HINTENS_CRC_IMPL=%-8s -> %s\n", cases[c].env ? cases[c].env : "(unset)", impl);
+        printf("  HINTENS_CRC_IMPL=%-10s -> %s\n", cases[c].env ? cases[c].env : "(unset)", impl);
         if (strcmp(impl, cases[c].want) != 0) {
             fprintf(stderr, "FAIL env %s chose %s, want %s\n", cases[c].env, impl, cases[c].want);
             failures++;
@@ -247,7 +252,7 @@ int main(int argc, char **argv)
 
     test_constants();
 
-    int has_pcl = 0, has_vpcl = 0;
+    int has_pcl = 0, has_vpcl = 0, has_zmm = 0;
     npaths = 0;
     paths[npaths++] = (path_t){"table", hx_crc16_table};
 #if HX_CRC16_X86
@@ -262,6 +267,12 @@ int main(int argc, char **argv)
         paths[npaths++] = (path_t){"vpclmul", hx_crc16_vpclmul};
     else
         printf("note: no vpclmulqdq/avx2 on this CPU, vpclmul path not tested\n");
+    has_zmm = has_vpcl && hx__cpu_has_zmm();
+    if (has_zmm)
+        paths[npaths++] = (path_t){"vpclmul512", hx_crc16_vpclmul512};
+    else
+        printf("note: no avx512f/bw/vl+vpclmulqdq with zmm state enabled by the OS on this CPU, "
+               "vpclmul512 path not tested\n");
 #endif
     paths[npaths++] = (path_t){"dispatched", dispatched};
     printf("raw paths:");
@@ -271,7 +282,7 @@ int main(int argc, char **argv)
     run_all(data, big);
 
     printf("dispatcher / env override:\n");
-    test_dispatch(data, big, has_pcl, has_vpcl);
+    test_dispatch(data, big, has_pcl, has_vpcl, has_zmm);
 
     free(data);
     printf("%ld passed, %ld failed\n", checks - failures, failures);
