@@ -516,12 +516,20 @@ impl Conn {
                 Err(e) => break format!("poll failed: {e}"),
             };
             let (ptr, room) = dec.spare();
-            let res = guard.try_io(|inner| recvmsg(inner.as_raw_fd(), ptr, room, &mut fds));
-            match res {
-                Err(_would_block) => continue,
-                Ok(Err(e)) => break format!("read failed: {e}"),
-                Ok(Ok(0)) => break "the peer closed the connection".to_string(),
-                Ok(Ok(n)) => {
+            match recvmsg(conn.raw_fd(), ptr, room, &mut fds) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    guard.clear_ready();
+                    continue;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => break format!("read failed: {e}"),
+                Ok(0) => break "the peer closed the connection".to_string(),
+                Ok(n) => {
+                    // A short read drained the socket (as tokio's own streams assume): wait
+                    // for the next edge instead of paying a recvmsg that says EAGAIN.
+                    if n < room {
+                        guard.clear_ready();
+                    }
                     // SAFETY: recvmsg wrote n <= room bytes there.
                     unsafe { dec.commit(n) };
                 }

@@ -390,7 +390,9 @@ fn usage() -> Failed {
 }
 
 fn run(args: &[String]) -> Result<Option<String>, Failed> {
-    let rt = || tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| Failed(e.to_string()));
+    // One thread: the reader task, the caller and (on the server) the worker meet on it, so a
+    // round trip costs no cross-thread wake-up.
+    let rt = || tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| Failed(e.to_string()));
     match args.first().map(String::as_str) {
         Some("serve") if args.len() >= 2 => rt()?.block_on(serve(&args[1])).map(|_| None),
         Some("client") if args.len() >= 3 => rt()?.block_on(scenario(&args[1], &args[2])).map(Some),
