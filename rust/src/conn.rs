@@ -215,6 +215,12 @@ impl Conn {
     async fn writer(conn: Weak<Conn>, mut rx: mpsc::UnboundedReceiver<Vec<u8>>) {
         while let Some(frame) = rx.recv().await {
             let Some(c) = conn.upgrade() else { return };
+            if frame.is_empty() {
+                // The reader ended the connection after queueing a last frame (a fatal error's
+                // Error): it has been written, close now.
+                c.shutdown();
+                return;
+            }
             if c.write_all(&[&frame], None).await.is_err() {
                 return;
             }
@@ -244,9 +250,6 @@ impl Conn {
         let mut off = 0usize;
         let mut fd = fd;
         while idx < bufs.len() {
-            if self.is_closed() {
-                return Err(self.closed_error());
-            }
             let mut guard = self.io.writable().await?;
             let res = guard.try_io(|inner| sendmsg(inner.as_raw_fd(), &bufs[idx..], off, fd));
             match res {
@@ -510,6 +513,7 @@ impl Conn {
     async fn reader(conn: Arc<Conn>, dispatch: Arc<dyn Dispatch>) {
         let mut dec = FrameDecoder::new(conn.limits.max_payload);
         let mut fds: VecDeque<OwnedFd> = VecDeque::new();
+        let mut linger = false;
         let why = loop {
             let mut guard = match conn.io.readable().await {
                 Ok(g) => g,
@@ -534,20 +538,21 @@ impl Conn {
                     unsafe { dec.commit(n) };
                 }
             }
-            if let Err(why) = conn.process(&mut dec, &mut fds, &dispatch) {
+            if let Err((why, last_frame)) = conn.process(&mut dec, &mut fds, &dispatch) {
+                linger = last_frame;
                 break why;
             }
             if !dec.in_frame() {
                 fds.clear();
             }
         };
-        conn.finish(why);
+        conn.finish(why, linger);
         dispatch.closed(&conn);
     }
 
     /// Ends the connection: fails pending requests, drops our segments and the peer's mappings
     /// (payloads still lent to the application keep theirs until dropped).
-    pub(crate) fn finish(&self, why: String) {
+    pub(crate) fn finish(self: &Arc<Self>, why: String, linger: bool) {
         let (pending, own, mapped) = {
             let mut st = self.st.lock().unwrap();
             if st.closed.is_none() {
@@ -558,7 +563,17 @@ impl Conn {
             (std::mem::take(&mut st.pending), std::mem::take(&mut st.own), std::mem::take(&mut st.mapped))
         };
         self.closed_flag.store(true, Ordering::Release);
-        self.shutdown();
+        if linger {
+            // Let the writer task flush the last frame, then close (at most 1 s later).
+            self.queue(Vec::new());
+            let c = self.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                c.shutdown();
+            });
+        } else {
+            self.shutdown();
+        }
         for (_, tx) in pending {
             let _ = tx.send(Err(Error::Closed(why.clone())));
         }
@@ -588,7 +603,7 @@ impl Conn {
         dec: &mut FrameDecoder,
         fds: &mut VecDeque<OwnedFd>,
         dispatch: &Arc<dyn Dispatch>,
-    ) -> Result<(), String> {
+    ) -> Result<(), (String, bool)> {
         loop {
             let frame = match dec.next_frame() {
                 Ok(Some(f)) => f,
@@ -602,7 +617,7 @@ impl Conn {
                             &wire::encode_error(e.code, &e.message),
                         ));
                     }
-                    return Err(format!("fatal protocol error {}: {}", e.code, e.message));
+                    return Err((format!("fatal protocol error {}: {}", e.code, e.message), self.is_server));
                 }
                 Err(e) => {
                     let rid = e.request_id.unwrap_or(0);
