@@ -23,9 +23,15 @@ impl Client {
     }
 
     pub fn connect_with(path: impl AsRef<Path>, opts: ClientOptions) -> Result<Client, Error> {
-        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()?;
         let inner = rt.block_on(IPCClient::connect_with(path, opts))?;
-        Ok(Client { rt, inner: Some(inner) })
+        Ok(Client {
+            rt,
+            inner: Some(inner),
+        })
     }
 
     fn c(&self) -> &IPCClient {

@@ -31,7 +31,12 @@ pub struct ClientOptions {
 
 impl Default for ClientOptions {
     fn default() -> Self {
-        ClientOptions { timeout: Duration::from_secs(10), limits: Limits::default(), server_uids: Vec::new(), on_event: None }
+        ClientOptions {
+            timeout: Duration::from_secs(10),
+            limits: Limits::default(),
+            server_uids: Vec::new(),
+            on_event: None,
+        }
     }
 }
 
@@ -82,9 +87,15 @@ impl IPCClient {
         if uid != conn::my_uid() && uid != 0 && !opts.server_uids.contains(&uid) {
             return Err(Error::UntrustedServer(uid));
         }
-        let dispatch = Arc::new(ClientDispatch { on_event: Mutex::new(opts.on_event.clone()) });
+        let dispatch = Arc::new(ClientDispatch {
+            on_event: Mutex::new(opts.on_event.clone()),
+        });
         let conn = Conn::start(fd, opts.limits.clone(), dispatch.clone(), false)?;
-        Ok(IPCClient { conn, dispatch, timeout: opts.timeout })
+        Ok(IPCClient {
+            conn,
+            dispatch,
+            timeout: opts.timeout,
+        })
     }
 
     /// Sends `value` encoded with bincode 1.x (what Python's `hintens.bincode` writes) and
@@ -121,7 +132,10 @@ impl IPCClient {
     /// through it.
     pub fn shm_counts(&self) -> (u64, u64) {
         use std::sync::atomic::Ordering::Relaxed;
-        (self.conn.shm_sent.load(Relaxed), self.conn.shm_received.load(Relaxed))
+        (
+            self.conn.shm_sent.load(Relaxed),
+            self.conn.shm_received.load(Relaxed),
+        )
     }
 
     /// True once the connection has ended.

@@ -162,7 +162,10 @@ impl Conn {
         let conn = Arc::new(Conn {
             io,
             wlock: tokio::sync::Mutex::new(()),
-            st: Mutex::new(State { next_segment_id: 1, ..Default::default() }),
+            st: Mutex::new(State {
+                next_segment_id: 1,
+                ..Default::default()
+            }),
             limits,
             hello_arrived: Notify::new(),
             pool_freed: Notify::new(),
@@ -278,7 +281,13 @@ impl Conn {
         Ok(())
     }
 
-    pub(crate) async fn write_frame(&self, mtype: u8, flags: u16, rid: u64, payload: &[u8]) -> Result<(), Error> {
+    pub(crate) async fn write_frame(
+        &self,
+        mtype: u8,
+        flags: u16,
+        rid: u64,
+        payload: &[u8],
+    ) -> Result<(), Error> {
         let h = wire::header_for(mtype, flags, rid, payload);
         self.write_all(&[&h, payload], None).await
     }
@@ -361,19 +370,33 @@ impl Conn {
 
     /// Sends a Request, Response or Event: inline, or through shared memory when negotiated
     /// and the payload is large or over the peer's limit (sections 8b, 9).
-    pub(crate) async fn send(&self, mtype: u8, rid: u64, body: Body<'_>, deadline: Instant) -> Result<(), Error> {
+    pub(crate) async fn send(
+        &self,
+        mtype: u8,
+        rid: u64,
+        body: Body<'_>,
+        deadline: Instant,
+    ) -> Result<(), Error> {
         let len = body.len();
         let hello = if len >= self.limits.shm_threshold {
             self.peer_hello(deadline).await
         } else {
             self.st.lock().unwrap().peer_hello.clone()
         };
-        let peer_limit = hello.as_ref().map_or(wire::DEFAULT_MAX_PAYLOAD, |h| h.max_payload);
+        let peer_limit = hello
+            .as_ref()
+            .map_or(wire::DEFAULT_MAX_PAYLOAD, |h| h.max_payload);
         let negotiated = self.limits.shm && hello.as_ref().is_some_and(|h| h.features & FEATURE_SHM != 0);
         if let Body::Echo(p) = &body {
             if let Some((id, size, offset, length)) = p.peer_segment() {
                 if negotiated {
-                    let d = Descriptor { segment_id: id, flags: PEER_SEGMENT, size, offset, length };
+                    let d = Descriptor {
+                        segment_id: id,
+                        flags: PEER_SEGMENT,
+                        size,
+                        offset,
+                        length,
+                    };
                     self.write_frame(mtype, FLAG_SHM, rid, &d.encode()).await?;
                     self.shm_sent.fetch_add(1, Ordering::Relaxed);
                     return Ok(());
@@ -385,17 +408,30 @@ impl Conn {
             return self.send_shm(mtype, rid, body.bytes(), &hello, deadline).await;
         }
         if len as u64 > peer_limit as u64 {
-            return Err(Error::TooLarge { len, limit: peer_limit as u64 });
+            return Err(Error::TooLarge {
+                len,
+                limit: peer_limit as u64,
+            });
         }
         self.write_frame(mtype, 0, rid, body.bytes()).await
     }
 
-    async fn send_shm(&self, mtype: u8, rid: u64, data: &[u8], hello: &Hello, deadline: Instant) -> Result<(), Error> {
+    async fn send_shm(
+        &self,
+        mtype: u8,
+        rid: u64,
+        data: &[u8],
+        hello: &Hello,
+        deadline: Instant,
+    ) -> Result<(), Error> {
         let len = data.len() as u64;
         let cap_bytes = self.limits.shm_pool_bytes.min(hello.shm_receive_bytes);
         let cap_segs = hello.shm_receive_segments as usize;
         if len > cap_bytes || cap_segs == 0 {
-            return Err(Error::TooLarge { len: data.len(), limit: cap_bytes });
+            return Err(Error::TooLarge {
+                len: data.len(),
+                limit: cap_bytes,
+            });
         }
         let size = {
             let p = len.max(MIN_SEGMENT).next_power_of_two();
@@ -448,7 +484,15 @@ impl Conn {
                         st.next_segment_id = st.next_segment_id.checked_add(1).unwrap_or(1);
                         let seg = Arc::new(Segment::create(id, size)?);
                         st.own_bytes += size;
-                        st.own.insert(id, OwnSeg { seg: seg.clone(), peer_holds: 1, local_views: 0, introduced: false });
+                        st.own.insert(
+                            id,
+                            OwnSeg {
+                                seg: seg.clone(),
+                                peer_holds: 1,
+                                local_views: 0,
+                                introduced: false,
+                            },
+                        );
                         Some((seg, true))
                     } else {
                         None
@@ -497,7 +541,12 @@ impl Conn {
 
     pub(crate) fn release_peer(&self, id: u32) {
         if !self.is_closed() {
-            self.queue(wire::encode_frame(EVENT, 0, 0, &wire::encode_control(Control::Release, &[id])));
+            self.queue(wire::encode_frame(
+                EVENT,
+                0,
+                0,
+                &wire::encode_control(Control::Release, &[id]),
+            ));
         }
     }
 
@@ -560,7 +609,11 @@ impl Conn {
             }
             st.mapped_sizes.clear();
             st.own_bytes = 0;
-            (std::mem::take(&mut st.pending), std::mem::take(&mut st.own), std::mem::take(&mut st.mapped))
+            (
+                std::mem::take(&mut st.pending),
+                std::mem::take(&mut st.own),
+                std::mem::take(&mut st.mapped),
+            )
         };
         self.closed_flag.store(true, Ordering::Release);
         if linger {
@@ -587,7 +640,12 @@ impl Conn {
     /// Answers a frame's violation: a Request gets an Error frame (via the writer task).
     fn answer_error(&self, mtype: Option<u8>, rid: u64, code: u32, message: &str) {
         if mtype == Some(REQUEST) {
-            self.queue(wire::encode_frame(wire::ERROR, 0, rid, &wire::encode_error(code, message)));
+            self.queue(wire::encode_frame(
+                wire::ERROR,
+                0,
+                rid,
+                &wire::encode_error(code, message),
+            ));
         }
     }
 
@@ -617,7 +675,10 @@ impl Conn {
                             &wire::encode_error(e.code, &e.message),
                         ));
                     }
-                    return Err((format!("fatal protocol error {}: {}", e.code, e.message), self.is_server));
+                    return Err((
+                        format!("fatal protocol error {}: {}", e.code, e.message),
+                        self.is_server,
+                    ));
                 }
                 Err(e) => {
                     let rid = e.request_id.unwrap_or(0);
@@ -626,9 +687,13 @@ impl Conn {
                         self.refuse_shm_segment(&e.payload, fds);
                     }
                     match e.mtype {
-                        Some(wire::RESPONSE) | Some(wire::ERROR) => {
-                            self.fail_pending(rid, Error::Protocol { code: e.code, message: e.message })
-                        }
+                        Some(wire::RESPONSE) | Some(wire::ERROR) => self.fail_pending(
+                            rid,
+                            Error::Protocol {
+                                code: e.code,
+                                message: e.message,
+                            },
+                        ),
                         m => self.answer_error(m, rid, e.code, &e.message),
                     }
                     continue;
@@ -640,7 +705,9 @@ impl Conn {
                     Ok(p) => p,
                     Err((code, message)) => {
                         match frame.mtype {
-                            wire::RESPONSE | wire::ERROR => self.fail_pending(rid, Error::Protocol { code, message }),
+                            wire::RESPONSE | wire::ERROR => {
+                                self.fail_pending(rid, Error::Protocol { code, message })
+                            }
                             m => self.answer_error(Some(m), rid, code, &message),
                         }
                         continue;
@@ -650,9 +717,13 @@ impl Conn {
                 // We never announce COMPRESSION, so it is never negotiated.
                 let m = "COMPRESSED was not negotiated";
                 match frame.mtype {
-                    wire::RESPONSE | wire::ERROR => {
-                        self.fail_pending(rid, Error::Protocol { code: code::UNSUPPORTED_FLAGS, message: m.into() })
-                    }
+                    wire::RESPONSE | wire::ERROR => self.fail_pending(
+                        rid,
+                        Error::Protocol {
+                            code: code::UNSUPPORTED_FLAGS,
+                            message: m.into(),
+                        },
+                    ),
                     t => self.answer_error(Some(t), rid, code::UNSUPPORTED_FLAGS, m),
                 }
                 continue;
@@ -669,7 +740,10 @@ impl Conn {
                 wire::ERROR => {
                     let err = match wire::decode_error(&payload) {
                         Some((code, message)) => Error::Remote { code, message },
-                        None => Error::Remote { code: code::GENERIC, message: "malformed Error payload".into() },
+                        None => Error::Remote {
+                            code: code::GENERIC,
+                            message: "malformed Error payload".into(),
+                        },
                     };
                     if let Some(tx) = self.st.lock().unwrap().pending.remove(&rid) {
                         let _ = tx.send(Err(err));
@@ -693,7 +767,9 @@ impl Conn {
             }
             return;
         }
-        let Some((kind, ids)) = wire::decode_control(payload) else { return };
+        let Some((kind, ids)) = wire::decode_control(payload) else {
+            return;
+        };
         let mut st = self.st.lock().unwrap();
         match kind {
             Control::Release | Control::Reject => {
@@ -731,7 +807,12 @@ impl Conn {
         let hb = shm::hand_back(payload, &st.mapped_sizes);
         drop(st);
         if let Some((kind, id)) = hb {
-            self.queue(wire::encode_frame(EVENT, 0, 0, &wire::encode_control(kind, &[id])));
+            self.queue(wire::encode_frame(
+                EVENT,
+                0,
+                0,
+                &wire::encode_control(kind, &[id]),
+            ));
         }
     }
 
@@ -748,7 +829,11 @@ impl Conn {
         let fd = if wants_fd { fds.pop_front() } else { None };
         let info = fd.as_ref().map(FdInfo::of);
         let mut st = self.st.lock().unwrap();
-        let negotiated = self.limits.shm && st.peer_hello.as_ref().is_some_and(|h| h.features & FEATURE_SHM != 0);
+        let negotiated = self.limits.shm
+            && st
+                .peer_hello
+                .as_ref()
+                .is_some_and(|h| h.features & FEATURE_SHM != 0);
         let lent: HashMap<u32, u64> = st
             .own
             .values()
@@ -765,21 +850,43 @@ impl Conn {
             global: shm::global_mapped(),
         };
         match shm::decide(&view, mtype, rid, flags, payload, info) {
-            Decision::Refuse { code, message, hand_back } => {
+            Decision::Refuse {
+                code,
+                message,
+                hand_back,
+            } => {
                 drop(st);
                 if let Some((kind, id)) = hand_back {
-                    self.queue(wire::encode_frame(EVENT, 0, 0, &wire::encode_control(kind, &[id])));
+                    self.queue(wire::encode_frame(
+                        EVENT,
+                        0,
+                        0,
+                        &wire::encode_control(kind, &[id]),
+                    ));
                 }
                 Err((code, message))
             }
-            Decision::Lend { at: Lent::Own { id }, offset, length } => {
+            Decision::Lend {
+                at: Lent::Own { id },
+                offset,
+                length,
+            } => {
                 let s = st.own.get_mut(&id).expect("decide checked it is lent");
                 s.local_views += 1;
                 let seg = s.seg.clone();
                 self.shm_received.fetch_add(1, Ordering::Relaxed);
-                Ok(Payload::own(seg, offset, length, Release::new(Arc::downgrade(self), id, true)))
+                Ok(Payload::own(
+                    seg,
+                    offset,
+                    length,
+                    Release::new(Arc::downgrade(self), id, true),
+                ))
             }
-            Decision::Lend { at: Lent::Peer { id, new, size }, offset, length } => {
+            Decision::Lend {
+                at: Lent::Peer { id, new, size },
+                offset,
+                length,
+            } => {
                 let map = if new {
                     let fd = fd.expect("decide checked the descriptor");
                     match PeerMapping::map(&fd, size) {
@@ -791,7 +898,12 @@ impl Conn {
                         }
                         Err(e) => {
                             drop(st);
-                            self.queue(wire::encode_frame(EVENT, 0, 0, &wire::encode_control(Control::Reject, &[id])));
+                            self.queue(wire::encode_frame(
+                                EVENT,
+                                0,
+                                0,
+                                &wire::encode_control(Control::Reject, &[id]),
+                            ));
                             return Err((code::SHM_ERROR, format!("mmap failed: {e}")));
                         }
                     }
@@ -800,7 +912,12 @@ impl Conn {
                 };
                 drop(st);
                 self.shm_received.fetch_add(1, Ordering::Relaxed);
-                Ok(Payload::peer(map, offset, length, Release::new(Arc::downgrade(self), id, false)))
+                Ok(Payload::peer(
+                    map,
+                    offset,
+                    length,
+                    Release::new(Arc::downgrade(self), id, false),
+                ))
             }
         }
     }
@@ -828,7 +945,10 @@ fn sendmsg(fd: RawFd, bufs: &[&[u8]], first_off: usize, pass: Option<RawFd>) -> 
     let mut iov: Vec<libc::iovec> = Vec::with_capacity(bufs.len().min(64));
     for (i, b) in bufs.iter().take(64).enumerate() {
         let b = if i == 0 { &b[first_off..] } else { b };
-        iov.push(libc::iovec { iov_base: b.as_ptr() as *mut libc::c_void, iov_len: b.len() });
+        iov.push(libc::iovec {
+            iov_base: b.as_ptr() as *mut libc::c_void,
+            iov_len: b.len(),
+        });
     }
     // SAFETY: msghdr built from live buffers; cmsg space sized for one descriptor.
     unsafe {
@@ -859,7 +979,10 @@ fn recvmsg(fd: RawFd, ptr: *mut u8, room: usize, fds: &mut VecDeque<OwnedFd>) ->
     // SAFETY: recvmsg into `room` bytes at `ptr` (the decoder's spare capacity) and a local
     // control buffer; every descriptor received is wrapped in an OwnedFd at once.
     unsafe {
-        let mut iov = libc::iovec { iov_base: ptr as *mut libc::c_void, iov_len: room };
+        let mut iov = libc::iovec {
+            iov_base: ptr as *mut libc::c_void,
+            iov_len: room,
+        };
         let mut cbuf = [0u64; 32];
         let mut msg: libc::msghdr = std::mem::zeroed();
         msg.msg_iov = &mut iov;
@@ -874,7 +997,8 @@ fn recvmsg(fd: RawFd, ptr: *mut u8, room: usize, fds: &mut VecDeque<OwnedFd>) ->
         while !c.is_null() {
             if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
                 let data = libc::CMSG_DATA(c) as *const RawFd;
-                let count = ((*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize) / std::mem::size_of::<RawFd>();
+                let count =
+                    ((*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize) / std::mem::size_of::<RawFd>();
                 for i in 0..count {
                     let owned = OwnedFd::from_raw_fd(std::ptr::read_unaligned(data.add(i)));
                     if fds.len() < MAX_WAITING_FDS {

@@ -12,7 +12,11 @@ const fn build_tables() -> [[u16; 256]; 8] {
         let mut crc = (i as u16) << 8;
         let mut b = 0;
         while b < 8 {
-            crc = if crc & 0x8000 != 0 { (crc << 1) ^ POLY } else { crc << 1 };
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ POLY
+            } else {
+                crc << 1
+            };
             b += 1;
         }
         t[0][i] = crc;
@@ -71,7 +75,11 @@ mod tests {
         for &b in data {
             crc ^= (b as u16) << 8;
             for _ in 0..8 {
-                crc = if crc & 0x8000 != 0 { (crc << 1) ^ POLY } else { crc << 1 };
+                crc = if crc & 0x8000 != 0 {
+                    (crc << 1) ^ POLY
+                } else {
+                    crc << 1
+                };
             }
         }
         crc

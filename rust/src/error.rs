@@ -115,12 +115,18 @@ pub struct HandlerError {
 impl HandlerError {
     /// The handler failed: HANDLER_ERROR (5) with `message`.
     pub fn new(message: impl Into<String>) -> Self {
-        HandlerError { code: code::HANDLER_ERROR, message: message.into() }
+        HandlerError {
+            code: code::HANDLER_ERROR,
+            message: message.into(),
+        }
     }
 
     /// An application error code (1000 or more).
     pub fn app(code: u32, message: impl Into<String>) -> Self {
-        HandlerError { code, message: message.into() }
+        HandlerError {
+            code,
+            message: message.into(),
+        }
     }
 }
 

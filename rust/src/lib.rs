@@ -1,6 +1,6 @@
 //! hintens: the Rust port of the hintens IPC protocol (docs/PROTOCOL.md in the repository).
-pub mod crc16;
 pub(crate) mod conn;
+pub mod crc16;
 mod error;
 mod payload;
 pub mod shm;
@@ -8,9 +8,9 @@ pub mod wire;
 
 pub use error::{Error, ErrorCode, HandlerError};
 pub use payload::Payload;
+pub mod blocking;
 mod client;
 mod server;
-pub mod blocking;
 
 pub use client::{ClientOptions, EventHandler, IPCClient};
 pub use conn::Limits;

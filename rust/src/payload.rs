@@ -36,8 +36,19 @@ impl Drop for Release {
 
 enum Inner {
     Inline(Vec<u8>),
-    Peer { map: Arc<PeerMapping>, offset: u64, len: u64, _rel: Release, id: u32 },
-    Own { seg: Arc<Segment>, offset: u64, len: u64, _rel: Release },
+    Peer {
+        map: Arc<PeerMapping>,
+        offset: u64,
+        len: u64,
+        _rel: Release,
+        id: u32,
+    },
+    Own {
+        seg: Arc<Segment>,
+        offset: u64,
+        len: u64,
+        _rel: Release,
+    },
 }
 
 /// A received payload. It derefs to `&[u8]`.
@@ -57,11 +68,22 @@ impl Payload {
 
     pub(crate) fn peer(map: Arc<PeerMapping>, offset: u64, len: u64, rel: Release) -> Self {
         let id = rel.id;
-        Payload(Inner::Peer { map, offset, len, _rel: rel, id })
+        Payload(Inner::Peer {
+            map,
+            offset,
+            len,
+            _rel: rel,
+            id,
+        })
     }
 
     pub(crate) fn own(seg: Arc<Segment>, offset: u64, len: u64, rel: Release) -> Self {
-        Payload(Inner::Own { seg, offset, len, _rel: rel })
+        Payload(Inner::Own {
+            seg,
+            offset,
+            len,
+            _rel: rel,
+        })
     }
 
     /// True when the bytes are a view of shared memory (see the ownership rule above).
@@ -81,7 +103,9 @@ impl Payload {
     /// For an echo: the peer's segment this payload lies in (id, size, offset, length).
     pub(crate) fn peer_segment(&self) -> Option<(u32, u64, u64, u64)> {
         match &self.0 {
-            Inner::Peer { map, offset, len, id, .. } => Some((*id, map.size, *offset, *len)),
+            Inner::Peer {
+                map, offset, len, id, ..
+            } => Some((*id, map.size, *offset, *len)),
             _ => None,
         }
     }
@@ -106,7 +130,10 @@ impl AsRef<[u8]> for Payload {
 
 impl fmt::Debug for Payload {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Payload").field("len", &self.len()).field("shared", &self.is_shared()).finish()
+        f.debug_struct("Payload")
+            .field("len", &self.len())
+            .field("shared", &self.is_shared())
+            .finish()
     }
 }
 

@@ -63,7 +63,9 @@ impl Peer {
     /// Sends an Event to this client (inline, or through shared memory when large).
     pub async fn send_event(&self, payload: &[u8]) -> Result<(), Error> {
         let id = self.next_event_id.fetch_add(1, Ordering::Relaxed);
-        self.conn.send(EVENT, id, Body::Bytes(payload), Instant::now() + self.timeout).await
+        self.conn
+            .send(EVENT, id, Body::Bytes(payload), Instant::now() + self.timeout)
+            .await
     }
 
     /// The client's uid (SO_PEERCRED).
@@ -149,7 +151,13 @@ impl ServerHandle {
 }
 
 async fn broadcast(shared: &Arc<Shared>, payload: &[u8]) -> usize {
-    let conns: Vec<Arc<Conn>> = shared.conns.lock().unwrap().values().filter_map(|w| w.upgrade()).collect();
+    let conns: Vec<Arc<Conn>> = shared
+        .conns
+        .lock()
+        .unwrap()
+        .values()
+        .filter_map(|w| w.upgrade())
+        .collect();
     let mut n = 0;
     for c in conns {
         let id = shared.next_event_id.fetch_add(1, Ordering::Relaxed);
@@ -208,7 +216,10 @@ impl Server {
 
     /// A handle to stop the server or broadcast, usable from other tasks.
     pub fn handle(&self) -> ServerHandle {
-        ServerHandle { stop_tx: self.stop_tx.clone(), shared: self.shared.clone() }
+        ServerHandle {
+            stop_tx: self.stop_tx.clone(),
+            shared: self.shared.clone(),
+        }
     }
 
     /// Binds (mode 0600 unless configured) and serves until [`ServerHandle::shutdown`].
@@ -256,7 +267,10 @@ impl Server {
             }
             next_conn += 1;
             let (tx, rx) = mpsc::unbounded_channel();
-            let dispatch = Arc::new(ServerDispatch { shared: self.shared.clone(), work: Mutex::new(Some(tx)) });
+            let dispatch = Arc::new(ServerDispatch {
+                shared: self.shared.clone(),
+                work: Mutex::new(Some(tx)),
+            });
             let conn = match Conn::start(fd, self.shared.opts.limits.clone(), dispatch, true) {
                 Ok(c) => c,
                 Err(e) => {
@@ -264,7 +278,11 @@ impl Server {
                     continue;
                 }
             };
-            self.shared.conns.lock().unwrap().insert(next_conn, Arc::downgrade(&conn));
+            self.shared
+                .conns
+                .lock()
+                .unwrap()
+                .insert(next_conn, Arc::downgrade(&conn));
             tasks.push(tokio::spawn(worker(conn, self.shared.clone(), rx, stop.clone())));
             tasks.retain(|t| !t.is_finished());
         }
@@ -292,7 +310,12 @@ fn refuse(fd: &OwnedFd, why: &str) {
     let frame = wire::encode_frame(ERROR, 0, 0, &wire::encode_error(code::UNAVAILABLE, why));
     // SAFETY: a plain send on a socket we own; best effort.
     unsafe {
-        libc::send(fd.as_raw_fd(), frame.as_ptr() as *const libc::c_void, frame.len(), libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT);
+        libc::send(
+            fd.as_raw_fd(),
+            frame.as_ptr() as *const libc::c_void,
+            frame.len(),
+            libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+        );
     }
 }
 
@@ -331,7 +354,14 @@ impl Dispatch for ServerDispatch {
 
     fn event(&self, conn: &Arc<Conn>, payload: Payload) {
         if let Some(f) = &self.shared.on_event {
-            f(payload, Peer { conn: conn.clone(), timeout: self.shared.opts.send_timeout, next_event_id: self.shared.next_event_id.clone() });
+            f(
+                payload,
+                Peer {
+                    conn: conn.clone(),
+                    timeout: self.shared.opts.send_timeout,
+                    next_event_id: self.shared.next_event_id.clone(),
+                },
+            );
         }
     }
 
@@ -351,7 +381,11 @@ async fn worker(
     mut rx: mpsc::UnboundedReceiver<(u64, Payload)>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let peer = Peer { conn: conn.clone(), timeout: shared.opts.send_timeout, next_event_id: shared.next_event_id.clone() };
+    let peer = Peer {
+        conn: conn.clone(),
+        timeout: shared.opts.send_timeout,
+        next_event_id: shared.next_event_id.clone(),
+    };
     let mut stopping = false;
     loop {
         let item = if stopping {
@@ -372,12 +406,19 @@ async fn worker(
             }
         };
         let (rid, payload) = item;
-        let result = (shared.handler)(Request { payload, peer: peer.clone() }).await;
+        let result = (shared.handler)(Request {
+            payload,
+            peer: peer.clone(),
+        })
+        .await;
         let deadline = Instant::now() + shared.opts.send_timeout;
         let sent = match result {
             Ok(Reply::Bytes(b)) => conn.send(RESPONSE, rid, Body::Bytes(&b), deadline).await,
             Ok(Reply::Payload(p)) => conn.send(RESPONSE, rid, Body::Echo(&p), deadline).await,
-            Err(e) => conn.write_frame(ERROR, 0, rid, &wire::encode_error(e.code, &e.message)).await,
+            Err(e) => {
+                conn.write_frame(ERROR, 0, rid, &wire::encode_error(e.code, &e.message))
+                    .await
+            }
         };
         let fallback = match sent {
             Ok(()) => None,
@@ -387,7 +428,11 @@ async fn worker(
             Err(_) => break,
         };
         if let Some((c, m)) = fallback {
-            if conn.write_frame(ERROR, 0, rid, &wire::encode_error(c, m)).await.is_err() {
+            if conn
+                .write_frame(ERROR, 0, rid, &wire::encode_error(c, m))
+                .await
+                .is_err()
+            {
                 break;
             }
         }

@@ -57,7 +57,12 @@ impl Segment {
             if ptr == libc::MAP_FAILED {
                 return Err(io::Error::last_os_error());
             }
-            Ok(Segment { id, size, fd, ptr: ptr as *mut u8 })
+            Ok(Segment {
+                id,
+                size,
+                fd,
+                ptr: ptr as *mut u8,
+            })
         }
     }
 
@@ -138,7 +143,10 @@ impl PeerMapping {
         }
         MAPPED_BYTES.fetch_add(size, Ordering::Relaxed);
         MAPPED_SEGMENTS.fetch_add(1, Ordering::Relaxed);
-        Ok(PeerMapping { size, ptr: ptr as *const u8 })
+        Ok(PeerMapping {
+            size,
+            ptr: ptr as *const u8,
+        })
     }
 
     pub fn slice(&self, offset: u64, len: u64) -> &[u8] {
@@ -174,7 +182,11 @@ impl FdInfo {
         unsafe {
             let mut st: libc::stat = std::mem::zeroed();
             if libc::fstat(fd.as_raw_fd(), &mut st) != 0 {
-                return FdInfo { regular: false, size: 0, seal_shrink: false };
+                return FdInfo {
+                    regular: false,
+                    size: 0,
+                    seal_shrink: false,
+                };
             }
             let seals = libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS);
             FdInfo {
@@ -214,10 +226,18 @@ pub enum Lent {
 /// The decision for one SHM frame.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Decision {
-    Lend { at: Lent, offset: u64, length: u64 },
+    Lend {
+        at: Lent,
+        offset: u64,
+        length: u64,
+    },
     /// Refused with `code`; `hand_back` is the control Event to send at once for the
     /// descriptor's segment id.
-    Refuse { code: u32, message: String, hand_back: Option<(wire::Control, u32)> },
+    Refuse {
+        code: u32,
+        message: String,
+        hand_back: Option<(wire::Control, u32)>,
+    },
 }
 
 /// The segment a refused frame hands back (section 9, "Refused SHM frames").
@@ -252,7 +272,10 @@ pub fn decide(
         return refuse(code::UNSUPPORTED_FLAGS, "an Error frame never uses shared memory");
     }
     if mtype == wire::EVENT && request_id == 0 {
-        return refuse(code::UNSUPPORTED_FLAGS, "a control Event never uses shared memory");
+        return refuse(
+            code::UNSUPPORTED_FLAGS,
+            "a control Event never uses shared memory",
+        );
     }
     if flags & FLAG_COMPRESSED != 0 {
         return refuse(code::UNSUPPORTED_FLAGS, "COMPRESSED together with SHM");
@@ -268,11 +291,16 @@ pub fn decide(
     }
     if d.flags & PEER_SEGMENT != 0 {
         return match view.lent.get(&d.segment_id) {
-            Some(&size) if size == d.size && d.region_in(size) => {
-                Decision::Lend { at: Lent::Own { id: d.segment_id }, offset: d.offset, length: d.length }
-            }
+            Some(&size) if size == d.size && d.region_in(size) => Decision::Lend {
+                at: Lent::Own { id: d.segment_id },
+                offset: d.offset,
+                length: d.length,
+            },
             Some(_) => refuse(code::SHM_ERROR, "PEER_SEGMENT region or size out of bounds"),
-            None => refuse(code::SHM_ERROR, "PEER_SEGMENT names no segment of ours that is lent"),
+            None => refuse(
+                code::SHM_ERROR,
+                "PEER_SEGMENT names no segment of ours that is lent",
+            ),
         };
     }
     if d.flags & NEW_SEGMENT != 0 {
@@ -295,14 +323,22 @@ pub fn decide(
             return refuse(code::SHM_ERROR, "the memfd is smaller than the segment size");
         }
         let bytes: u64 = view.mapped.values().sum();
-        if bytes.checked_add(d.size).map_or(true, |b| b > view.shm_receive_bytes)
+        if bytes
+            .checked_add(d.size)
+            .map_or(true, |b| b > view.shm_receive_bytes)
             || view.mapped.len() as u64 + 1 > view.shm_receive_segments as u64
         {
-            return refuse(code::SHM_ERROR, "the segment is over this connection's mapping bounds");
+            return refuse(
+                code::SHM_ERROR,
+                "the segment is over this connection's mapping bounds",
+            );
         }
         if let Some((gb, gmax, gs, gsmax)) = view.global {
             if gb.checked_add(d.size).map_or(true, |b| b > gmax) || gs >= gsmax {
-                return refuse(code::SHM_ERROR, "the segment is over the process's mapping bounds");
+                return refuse(
+                    code::SHM_ERROR,
+                    "the segment is over the process's mapping bounds",
+                );
             }
         }
         if usize::try_from(d.size).is_err() {
@@ -312,7 +348,11 @@ pub fn decide(
             return refuse(code::SHM_ERROR, "offset + length past the segment size");
         }
         return Decision::Lend {
-            at: Lent::Peer { id: d.segment_id, new: true, size: d.size },
+            at: Lent::Peer {
+                id: d.segment_id,
+                new: true,
+                size: d.size,
+            },
             offset: d.offset,
             length: d.length,
         };
@@ -322,7 +362,11 @@ pub fn decide(
         Some(&size) if size != d.size => refuse(code::SHM_ERROR, "segment size differs from its mapping"),
         Some(&size) if !d.region_in(size) => refuse(code::SHM_ERROR, "offset + length past the segment size"),
         Some(&size) => Decision::Lend {
-            at: Lent::Peer { id: d.segment_id, new: false, size },
+            at: Lent::Peer {
+                id: d.segment_id,
+                new: false,
+                size,
+            },
             offset: d.offset,
             length: d.length,
         },

@@ -292,7 +292,9 @@ impl FrameDecoder {
                     }
                     self.pos += HEADER_LEN;
                     if hdr.flags & !KNOWN_FLAGS != 0 {
-                        self.state = State::Skip { remaining: hdr.length as u64 };
+                        self.state = State::Skip {
+                            remaining: hdr.length as u64,
+                        };
                         return Err(DecodeError {
                             code: code::UNSUPPORTED_FLAGS,
                             fatal: false,
@@ -629,6 +631,8 @@ impl Descriptor {
 
     /// `offset + length <= size`, without overflow.
     pub fn region_in(&self, size: u64) -> bool {
-        self.offset.checked_add(self.length).is_some_and(|end| end <= size)
+        self.offset
+            .checked_add(self.length)
+            .is_some_and(|end| end <= size)
     }
 }

@@ -13,15 +13,21 @@ use hintens::{Reply, Request, Server, ServerHandle};
 struct TestServer {
     path: PathBuf,
     handle: ServerHandle,
-    rt: tokio::runtime::Runtime,
+    _rt: tokio::runtime::Runtime,
 }
 
 fn start_server(tag: &str) -> TestServer {
     let dir = std::env::temp_dir().join(format!("hintens-rs-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join(format!("{tag}.sock"));
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    let server = Server::new(&path, |r: Request| async move { Ok::<Reply, hintens::HandlerError>(r.payload.into()) });
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let server = Server::new(&path, |r: Request| async move {
+        Ok::<Reply, hintens::HandlerError>(r.payload.into())
+    });
     let handle = server.handle();
     rt.spawn(server.serve());
     let t0 = Instant::now();
@@ -29,7 +35,11 @@ fn start_server(tag: &str) -> TestServer {
         assert!(t0.elapsed() < Duration::from_secs(5), "server did not bind");
         std::thread::sleep(Duration::from_millis(2));
     }
-    TestServer { path, handle, rt }
+    TestServer {
+        path,
+        handle,
+        _rt: rt,
+    }
 }
 
 impl Drop for TestServer {
@@ -51,7 +61,10 @@ fn assert_fds_back(baseline: usize) {
         if n <= baseline + 1 {
             return;
         }
-        assert!(t0.elapsed() < Duration::from_secs(3), "descriptors: {n}, baseline {baseline}");
+        assert!(
+            t0.elapsed() < Duration::from_secs(3),
+            "descriptors: {n}, baseline {baseline}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -65,8 +78,14 @@ impl RawPeer {
     fn connect(path: &PathBuf, hello_shm: bool) -> RawPeer {
         let s = UnixStream::connect(path).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        let mut p = RawPeer { s, dec: FrameDecoder::new(64 << 20) };
-        let h = Hello { features: if hello_shm { wire::FEATURE_SHM } else { 0 }, ..Default::default() };
+        let mut p = RawPeer {
+            s,
+            dec: FrameDecoder::new(64 << 20),
+        };
+        let h = Hello {
+            features: if hello_shm { wire::FEATURE_SHM } else { 0 },
+            ..Default::default()
+        };
         p.send(&wire::encode_frame(EVENT, 0, 0, &h.encode()));
         p
     }
@@ -78,7 +97,10 @@ impl RawPeer {
     fn send_with_fd(&mut self, b: &[u8], fd: &OwnedFd) {
         // SAFETY: a sendmsg with one SCM_RIGHTS descriptor from live buffers.
         unsafe {
-            let mut iov = libc::iovec { iov_base: b.as_ptr() as *mut _, iov_len: b.len() };
+            let mut iov = libc::iovec {
+                iov_base: b.as_ptr() as *mut _,
+                iov_len: b.len(),
+            };
             let mut cbuf = [0u64; 4];
             let mut msg: libc::msghdr = std::mem::zeroed();
             msg.msg_iov = &mut iov;
@@ -137,12 +159,20 @@ impl RawPeer {
     fn echo_ok(&mut self, rid: u64) {
         self.send(&wire::encode_frame(REQUEST, 0, rid, b"still-serving"));
         let f = self.next().expect("an answer");
-        assert_eq!((f.mtype, f.request_id, &f.payload[..]), (wire::RESPONSE, rid, &b"still-serving"[..]));
+        assert_eq!(
+            (f.mtype, f.request_id, &f.payload[..]),
+            (wire::RESPONSE, rid, &b"still-serving"[..])
+        );
     }
 }
 
 fn error_of(f: &wire::Frame) -> (u32, String) {
-    assert_eq!(f.mtype, wire::ERROR, "expected an Error frame, got type {}", f.mtype);
+    assert_eq!(
+        f.mtype,
+        wire::ERROR,
+        "expected an Error frame, got type {}",
+        f.mtype
+    );
     wire::decode_error(&f.payload).unwrap()
 }
 
@@ -219,7 +249,13 @@ fn bad_magic_and_bad_version_are_fatal_after_three_bytes() {
 fn garbage_hellos_and_controls_are_ignored() {
     let srv = start_server("garbage");
     let mut p = RawPeer::connect(&srv.path, false);
-    for junk in [&b"HELO"[..], &b"HELO\xff\xff\xff\xff\xff\xff\xff\xff"[..], &b"HREL\x05\x00\x00\x00"[..], &b"HRET\x01\x00\x00\x00\x07\x00\x00\x00"[..], &[0u8; 4000][..]] {
+    for junk in [
+        &b"HELO"[..],
+        &b"HELO\xff\xff\xff\xff\xff\xff\xff\xff"[..],
+        &b"HREL\x05\x00\x00\x00"[..],
+        &b"HRET\x01\x00\x00\x00\x07\x00\x00\x00"[..],
+        &[0u8; 4000][..],
+    ] {
         p.send(&wire::encode_frame(EVENT, 0, 0, junk));
     }
     p.echo_ok(3);
@@ -228,7 +264,10 @@ fn garbage_hellos_and_controls_are_ignored() {
 fn memfd(size: u64, seals: i32) -> OwnedFd {
     // SAFETY: plain syscalls on a descriptor we own.
     unsafe {
-        let fd = OwnedFd::from_raw_fd(libc::memfd_create(c"t".as_ptr(), libc::MFD_ALLOW_SEALING | libc::MFD_CLOEXEC));
+        let fd = OwnedFd::from_raw_fd(libc::memfd_create(
+            c"t".as_ptr(),
+            libc::MFD_ALLOW_SEALING | libc::MFD_CLOEXEC,
+        ));
         assert_eq!(libc::ftruncate(fd.as_raw_fd(), size as i64), 0);
         if seals != 0 {
             assert_eq!(libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, seals), 0);
@@ -246,16 +285,90 @@ fn bogus_descriptors_and_memfds_are_refused_and_handed_back() {
     let srv = start_server("shm");
     let base = fd_count();
     let mut p = RawPeer::connect(&srv.path, true);
-    let new = |id, size, len| Descriptor { segment_id: id, flags: wire::NEW_SEGMENT, size, offset: 0, length: len };
-    let cases: Vec<(&str, Vec<u8>, Option<OwnedFd>, Option<&[u8; 4]>)> = vec![
-        ("short descriptor", wire::encode_frame(REQUEST, wire::FLAG_SHM, 1, &[1u8; 31]), None, None),
-        ("unknown id", shm_request(2, Descriptor { segment_id: 40, flags: 0, size: 4096, offset: 0, length: 1 }), None, Some(b"HREJ")),
-        ("unsealed memfd", shm_request(3, new(41, 4096, 16)), Some(memfd(4096, 0)), Some(b"HREJ")),
-        ("memfd smaller than its size", shm_request(4, new(42, 1 << 20, 16)), Some(memfd(4096, libc::F_SEAL_SHRINK)), Some(b"HREJ")),
-        ("sparse 1 TiB over the cap", shm_request(5, new(43, 1 << 40, 16)), Some(memfd(1 << 40, libc::F_SEAL_SHRINK)), Some(b"HREJ")),
-        ("region past the end", shm_request(6, Descriptor { segment_id: 44, flags: wire::NEW_SEGMENT, size: 4096, offset: 4000, length: 97 }), Some(memfd(4096, libc::F_SEAL_SHRINK)), Some(b"HREJ")),
-        ("PEER_SEGMENT we never lent", shm_request(7, Descriptor { segment_id: 45, flags: wire::PEER_SEGMENT, size: 4096, offset: 0, length: 1 }), None, None),
-        ("NEW_SEGMENT without a descriptor", shm_request(8, new(46, 4096, 1)), None, Some(b"HREJ")),
+    let new = |id, size, len| Descriptor {
+        segment_id: id,
+        flags: wire::NEW_SEGMENT,
+        size,
+        offset: 0,
+        length: len,
+    };
+    type Case<'a> = (&'a str, Vec<u8>, Option<OwnedFd>, Option<&'a [u8; 4]>);
+    let cases: Vec<Case> = vec![
+        (
+            "short descriptor",
+            wire::encode_frame(REQUEST, wire::FLAG_SHM, 1, &[1u8; 31]),
+            None,
+            None,
+        ),
+        (
+            "unknown id",
+            shm_request(
+                2,
+                Descriptor {
+                    segment_id: 40,
+                    flags: 0,
+                    size: 4096,
+                    offset: 0,
+                    length: 1,
+                },
+            ),
+            None,
+            Some(b"HREJ"),
+        ),
+        (
+            "unsealed memfd",
+            shm_request(3, new(41, 4096, 16)),
+            Some(memfd(4096, 0)),
+            Some(b"HREJ"),
+        ),
+        (
+            "memfd smaller than its size",
+            shm_request(4, new(42, 1 << 20, 16)),
+            Some(memfd(4096, libc::F_SEAL_SHRINK)),
+            Some(b"HREJ"),
+        ),
+        (
+            "sparse 1 TiB over the cap",
+            shm_request(5, new(43, 1 << 40, 16)),
+            Some(memfd(1 << 40, libc::F_SEAL_SHRINK)),
+            Some(b"HREJ"),
+        ),
+        (
+            "region past the end",
+            shm_request(
+                6,
+                Descriptor {
+                    segment_id: 44,
+                    flags: wire::NEW_SEGMENT,
+                    size: 4096,
+                    offset: 4000,
+                    length: 97,
+                },
+            ),
+            Some(memfd(4096, libc::F_SEAL_SHRINK)),
+            Some(b"HREJ"),
+        ),
+        (
+            "PEER_SEGMENT we never lent",
+            shm_request(
+                7,
+                Descriptor {
+                    segment_id: 45,
+                    flags: wire::PEER_SEGMENT,
+                    size: 4096,
+                    offset: 0,
+                    length: 1,
+                },
+            ),
+            None,
+            None,
+        ),
+        (
+            "NEW_SEGMENT without a descriptor",
+            shm_request(8, new(46, 4096, 1)),
+            None,
+            Some(b"HREJ"),
+        ),
     ];
     for (what, frame, fd, hand_back) in cases {
         let rid = u64::from_be_bytes(frame[16..24].try_into().unwrap());
@@ -266,10 +379,17 @@ fn bogus_descriptors_and_memfds_are_refused_and_handed_back() {
         drop(fd);
         let (controls, f) = p.next_with_controls();
         let f = f.unwrap_or_else(|| panic!("{what}: connection closed"));
-        assert_eq!((f.request_id, error_of(&f).0), (rid, wire::code::SHM_ERROR), "{what}");
+        assert_eq!(
+            (f.request_id, error_of(&f).0),
+            (rid, wire::code::SHM_ERROR),
+            "{what}"
+        );
         // The hand-back was queued before the Error: it has arrived.
         match hand_back {
-            Some(magic) => assert!(controls.iter().any(|c| c.starts_with(magic)), "{what}: {controls:?}"),
+            Some(magic) => assert!(
+                controls.iter().any(|c| c.starts_with(magic)),
+                "{what}: {controls:?}"
+            ),
             None => assert!(controls.is_empty(), "{what}: {controls:?}"),
         }
     }
@@ -304,10 +424,14 @@ fn client_fails_promptly_when_the_server_dies_mid_frame() {
         let mut buf = [0u8; 4096];
         let _ = s.read(&mut buf);
         // Half a Response header, then death.
-        s.write_all(&wire::header_for(wire::RESPONSE, 0, 1, b"abc")[..10]).unwrap();
+        s.write_all(&wire::header_for(wire::RESPONSE, 0, 1, b"abc")[..10])
+            .unwrap();
         std::thread::sleep(Duration::from_millis(100));
     });
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async {
         let c = hintens::IPCClient::connect(&path).await.unwrap();
         let t0 = Instant::now();

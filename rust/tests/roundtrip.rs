@@ -19,8 +19,14 @@ async fn handler(r: Request) -> Result<Reply, HandlerError> {
         b"fail" => Err(HandlerError::new("it failed")),
         b"app" => Err(HandlerError::app(4321, "app said no")),
         b"push" => {
-            r.peer.send_event(b"pushed-1").await.map_err(|e| HandlerError::new(e.to_string()))?;
-            r.peer.send_event(&vec![9u8; 200_000]).await.map_err(|e| HandlerError::new(e.to_string()))?;
+            r.peer
+                .send_event(b"pushed-1")
+                .await
+                .map_err(|e| HandlerError::new(e.to_string()))?;
+            r.peer
+                .send_event(&vec![9u8; 200_000])
+                .await
+                .map_err(|e| HandlerError::new(e.to_string()))?;
             Ok("pushed".into())
         }
         _ => Ok(r.payload.into()),
@@ -36,7 +42,11 @@ fn wait_bound(path: &std::path::Path) {
 }
 
 fn memfd_maps() -> usize {
-    std::fs::read_to_string("/proc/self/maps").unwrap().lines().filter(|l| l.contains("/memfd:hintens")).count()
+    std::fs::read_to_string("/proc/self/maps")
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains("/memfd:hintens"))
+        .count()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -50,7 +60,9 @@ async fn async_client_and_server() {
     let handle = server.handle();
     let task = tokio::spawn(server.serve());
     wait_bound(&path);
-    let mode = std::fs::metadata(&path).map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions())).unwrap();
+    let mode = std::fs::metadata(&path)
+        .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()))
+        .unwrap();
     assert_eq!(mode & 0o777, 0o600);
 
     let client = IPCClient::connect(&path).await.unwrap();
@@ -111,7 +123,11 @@ async fn async_client_and_server() {
 #[test]
 fn blocking_client() {
     let path = sock("blocking");
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
     let server = Server::new(&path, handler);
     let handle = server.handle();
     rt.spawn(server.serve());

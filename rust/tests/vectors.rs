@@ -8,14 +8,19 @@ use hintens::wire::{self, Control, Descriptor, FrameDecoder, Header, Hello};
 use serde_json::Value;
 
 fn load(name: &str) -> Value {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/vectors").join(name);
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/vectors")
+        .join(name);
     let text = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
     serde_json::from_str(&text).unwrap()
 }
 
 fn hex(v: &Value) -> Vec<u8> {
     let s = v.as_str().expect("hex string");
-    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect()
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+        .collect()
 }
 
 fn u(v: &Value) -> u64 {
@@ -30,11 +35,18 @@ fn arr(v: &Value) -> &Vec<Value> {
 fn crc16_vectors() {
     let d = load("crc16.json");
     for v in arr(&d["vectors"]) {
-        assert_eq!(hintens::crc16::crc16(&hex(&v["input"])) as u64, u(&v["crc"]), "{}", v["name"]);
+        assert_eq!(
+            hintens::crc16::crc16(&hex(&v["input"])) as u64,
+            u(&v["crc"]),
+            "{}",
+            v["name"]
+        );
     }
     for v in arr(&d["patterns"]) {
         let (mul, add, m) = (u(&v["mul"]), u(&v["add"]), u(&v["mod"]));
-        let data: Vec<u8> = (0..u(&v["length"])).map(|i| ((mul * i + add) % m) as u8).collect();
+        let data: Vec<u8> = (0..u(&v["length"]))
+            .map(|i| ((mul * i + add) % m) as u8)
+            .collect();
         assert_eq!(hintens::crc16::crc16(&data) as u64, u(&v["crc"]), "{}", v["name"]);
     }
 }
@@ -71,7 +83,11 @@ fn decode(
     stream: &[u8],
     max_payload: u32,
     chunk: usize,
-) -> (Vec<wire::Frame>, Option<(wire::DecodeError, usize)>, Vec<wire::Frame>) {
+) -> (
+    Vec<wire::Frame>,
+    Option<(wire::DecodeError, usize)>,
+    Vec<wire::Frame>,
+) {
     let mut dec = FrameDecoder::new(max_payload);
     let (mut before, mut after, mut err) = (Vec::new(), Vec::new(), None);
     let mut fed = 0;
@@ -111,7 +127,12 @@ fn frame_vectors() {
     let d = load("frames.json");
     for v in arr(&d["frames"]) {
         let bytes = hex(&v["frame"]);
-        let enc = wire::encode_frame(u(&v["type"]) as u8, u(&v["flags"]) as u16, u(&v["request_id"]), &hex(&v["payload"]));
+        let enc = wire::encode_frame(
+            u(&v["type"]) as u8,
+            u(&v["flags"]) as u16,
+            u(&v["request_id"]),
+            &hex(&v["payload"]),
+        );
         if u(&v["version"]) == 0x0100 {
             assert_eq!(enc, bytes, "{}", v["name"]);
         }
@@ -185,7 +206,11 @@ fn hello_vectors() {
         assert_eq!(h.features as u64, u(&v["features"]), "{name}");
         assert_eq!(h.max_payload as u64, u(&v["max_payload"]), "{name}");
         assert_eq!(h.shm_receive_bytes, u(&v["shm_receive_bytes"]), "{name}");
-        assert_eq!(h.shm_receive_segments as u64, u(&v["shm_receive_segments"]), "{name}");
+        assert_eq!(
+            h.shm_receive_segments as u64,
+            u(&v["shm_receive_segments"]),
+            "{name}"
+        );
         let entries = wire::hello_entries(&payload).unwrap();
         let want = arr(&v["entries"]);
         assert_eq!(entries.len(), want.len(), "{name}");
@@ -203,7 +228,10 @@ fn hello_vectors() {
                 shm_receive_bytes: u(&e["shm_receive_bytes"]),
                 shm_receive_segments: u(&e["shm_receive_segments"]) as u32,
             };
-            let extra: Vec<(u16, Vec<u8>)> = arr(&e["extra_entries"]).iter().map(|x| (u(&x[0]) as u16, hex(&x[1]))).collect();
+            let extra: Vec<(u16, Vec<u8>)> = arr(&e["extra_entries"])
+                .iter()
+                .map(|x| (u(&x[0]) as u16, hex(&x[1])))
+                .collect();
             assert_eq!(h.encode_with(&extra), payload, "{name}: encode");
         }
     }
@@ -232,20 +260,43 @@ fn control_vectors() {
 fn error_payload_vectors() {
     let d = load("errors.json");
     for v in arr(&d["valid"]) {
-        let (code, msg, payload) = (u(&v["code"]) as u32, v["message"].as_str().unwrap(), hex(&v["payload"]));
+        let (code, msg, payload) = (
+            u(&v["code"]) as u32,
+            v["message"].as_str().unwrap(),
+            hex(&v["payload"]),
+        );
         assert_eq!(wire::encode_error(code, msg), payload, "{}", v["name"]);
-        assert_eq!(wire::decode_error(&payload), Some((code, msg.to_string())), "{}", v["name"]);
+        assert_eq!(
+            wire::decode_error(&payload),
+            Some((code, msg.to_string())),
+            "{}",
+            v["name"]
+        );
     }
     for v in arr(&d["hintens_truncation"]) {
         let payload = hex(&v["payload"]);
-        assert_eq!(wire::encode_error(u(&v["code"]) as u32, v["message"].as_str().unwrap()), payload, "{}", v["name"]);
+        assert_eq!(
+            wire::encode_error(u(&v["code"]) as u32, v["message"].as_str().unwrap()),
+            payload,
+            "{}",
+            v["name"]
+        );
         let (c, m) = wire::decode_error(&payload).unwrap();
-        assert_eq!((c as u64, m.as_str()), (u(&v["code"]), v["sent_message"].as_str().unwrap()), "{}", v["name"]);
+        assert_eq!(
+            (c as u64, m.as_str()),
+            (u(&v["code"]), v["sent_message"].as_str().unwrap()),
+            "{}",
+            v["name"]
+        );
     }
     for v in arr(&d["invalid_utf8"]) {
         let (c, m) = wire::decode_error(&hex(&v["payload"])).unwrap();
         assert_eq!(c as u64, u(&v["code"]));
-        assert!(m.starts_with(v["message_prefix"].as_str().unwrap()) && m.contains('\u{FFFD}'), "{}", v["name"]);
+        assert!(
+            m.starts_with(v["message_prefix"].as_str().unwrap()) && m.contains('\u{FFFD}'),
+            "{}",
+            v["name"]
+        );
     }
     for v in arr(&d["malformed"]) {
         assert_eq!(wire::decode_error(&hex(&v["payload"])), None, "{}", v["name"]);
@@ -254,7 +305,11 @@ fn error_payload_vectors() {
 }
 
 fn idmap(v: &Value) -> HashMap<u32, u64> {
-    v.as_object().unwrap().iter().map(|(k, s)| (k.parse().unwrap(), u(s))).collect()
+    v.as_object()
+        .unwrap()
+        .iter()
+        .map(|(k, s)| (k.parse().unwrap(), u(s)))
+        .collect()
 }
 
 #[test]
@@ -263,10 +318,25 @@ fn descriptor_vectors() {
     for v in arr(&d["descriptors"]) {
         let bytes = hex(&v["hex"]);
         let parsed = Descriptor::parse(&bytes);
-        assert_eq!(parsed.is_some_and(|p| p.is_valid()), v["valid"].as_bool().unwrap(), "{}", v["name"]);
+        assert_eq!(
+            parsed.is_some_and(|p| p.is_valid()),
+            v["valid"].as_bool().unwrap(),
+            "{}",
+            v["name"]
+        );
         if let Some(p) = parsed {
-            assert_eq!((p.segment_id as u64, p.flags as u64), (u(&v["segment_id"]), u(&v["flags"])), "{}", v["name"]);
-            assert_eq!((p.size, p.offset, p.length), (u(&v["size"]), u(&v["offset"]), u(&v["length"])), "{}", v["name"]);
+            assert_eq!(
+                (p.segment_id as u64, p.flags as u64),
+                (u(&v["segment_id"]), u(&v["flags"])),
+                "{}",
+                v["name"]
+            );
+            assert_eq!(
+                (p.size, p.offset, p.length),
+                (u(&v["size"]), u(&v["offset"]), u(&v["length"])),
+                "{}",
+                v["name"]
+            );
             assert_eq!(p.encode().to_vec(), bytes);
         }
     }
@@ -279,7 +349,11 @@ fn shm_decision_vectors() {
         let name = &v["name"];
         let r = &v["receiver"];
         let features = u(&r["features"]) as u32;
-        let peer = if v["peer_hello"].is_null() { None } else { Hello::decode(&hex(&v["peer_hello"])) };
+        let peer = if v["peer_hello"].is_null() {
+            None
+        } else {
+            Hello::decode(&hex(&v["peer_hello"]))
+        };
         let negotiated = features & 1 != 0 && peer.as_ref().is_some_and(|h| h.features & 1 != 0);
         let mapped = idmap(&r["mapped"]);
         let lent = idmap(&r["lent"]);
@@ -307,7 +381,14 @@ fn shm_decision_vectors() {
         let payload = hex(&f["payload"]);
         // A NEW_SEGMENT frame takes the descriptor; another frame's is not its own.
         let takes_fd = Descriptor::parse(&payload).is_some_and(|d| d.flags & wire::NEW_SEGMENT != 0);
-        let got = decide(&view, u(&f["type"]) as u8, u(&f["request_id"]), u(&f["flags"]) as u16, &payload, fd.filter(|_| takes_fd));
+        let got = decide(
+            &view,
+            u(&f["type"]) as u8,
+            u(&f["request_id"]),
+            u(&f["flags"]) as u16,
+            &payload,
+            fd.filter(|_| takes_fd),
+        );
         let e = &v["expect"];
         let mut mapped_after = mapped.clone();
         match got {
@@ -317,7 +398,11 @@ fn shm_decision_vectors() {
                 match at {
                     Lent::Peer { id, new, size } => {
                         assert_eq!(e["hand_back"], "HREL", "{name}");
-                        assert_eq!(hex(&e["hand_back_payload"]), wire::encode_control(Control::Release, &[id]), "{name}");
+                        assert_eq!(
+                            hex(&e["hand_back_payload"]),
+                            wire::encode_control(Control::Release, &[id]),
+                            "{name}"
+                        );
                         if new {
                             mapped_after.insert(id, size);
                         }
@@ -325,13 +410,25 @@ fn shm_decision_vectors() {
                     Lent::Own { .. } => assert!(e["hand_back"].is_null(), "{name}"),
                 }
             }
-            Decision::Refuse { code, hand_back, message } => {
+            Decision::Refuse {
+                code,
+                hand_back,
+                message,
+            } => {
                 assert_eq!(Some(code as u64), e["code"].as_u64(), "{name}: {message}");
                 match hand_back {
                     None => assert!(e["hand_back"].is_null(), "{name}: expected {}", e["hand_back"]),
                     Some((kind, id)) => {
-                        assert_eq!(e["hand_back"].as_str(), Some(std::str::from_utf8(kind.magic()).unwrap()), "{name}");
-                        assert_eq!(hex(&e["hand_back_payload"]), wire::encode_control(kind, &[id]), "{name}");
+                        assert_eq!(
+                            e["hand_back"].as_str(),
+                            Some(std::str::from_utf8(kind.magic()).unwrap()),
+                            "{name}"
+                        );
+                        assert_eq!(
+                            hex(&e["hand_back_payload"]),
+                            wire::encode_control(kind, &[id]),
+                            "{name}"
+                        );
                     }
                 }
             }

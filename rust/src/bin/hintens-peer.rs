@@ -68,7 +68,10 @@ fn ready() {
 async fn handle(req: Request) -> Result<Reply, HandlerError> {
     let p: &[u8] = &req.payload;
     if let Some(rest) = p.strip_prefix(b"err:") {
-        return Err(HandlerError::new(format!("boom: {}", String::from_utf8_lossy(rest))));
+        return Err(HandlerError::new(format!(
+            "boom: {}",
+            String::from_utf8_lossy(rest)
+        )));
     }
     if let Some(rest) = p.strip_prefix(b"app:") {
         let s = String::from_utf8_lossy(rest);
@@ -83,13 +86,19 @@ async fn handle(req: Request) -> Result<Reply, HandlerError> {
     if let Some(rest) = p.strip_prefix(b"events:") {
         if let Ok(n) = std::str::from_utf8(rest).unwrap_or("").parse::<u64>() {
             for i in 0..n {
-                req.peer.send_event(format!("ev-{i}").as_bytes()).await.map_err(|e| HandlerError::new(e.to_string()))?;
+                req.peer
+                    .send_event(format!("ev-{i}").as_bytes())
+                    .await
+                    .map_err(|e| HandlerError::new(e.to_string()))?;
             }
             return Ok(format!("sent {n}").into());
         }
     }
     if p == b"count" {
-        let (n, b) = (EVENTS.load(Ordering::Relaxed), EVENT_BYTES.load(Ordering::Relaxed));
+        let (n, b) = (
+            EVENTS.load(Ordering::Relaxed),
+            EVENT_BYTES.load(Ordering::Relaxed),
+        );
         return Ok(format!("{n} {b}").into());
     }
     if let Some(rest) = p.strip_prefix(b"quote:") {
@@ -122,7 +131,8 @@ async fn serve(path: &str) -> Result<(), Failed> {
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     ready();
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(|e| Failed(e.to_string()))?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| Failed(e.to_string()))?;
     tokio::select! {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
@@ -137,13 +147,24 @@ async fn serve(path: &str) -> Result<(), Failed> {
 
 // -- client scenarios -------------------------------------------------------------------------
 
-fn expect_code(r: Result<Payload, Error>, code: u32, msg_check: impl Fn(&str) -> bool, what: &str) -> Result<(), Failed> {
+fn expect_code(
+    r: Result<Payload, Error>,
+    code: u32,
+    msg_check: impl Fn(&str) -> bool,
+    what: &str,
+) -> Result<(), Failed> {
     match r {
-        Ok(p) => Err(Failed(format!("{what}: expected error {code}, got an answer of {} bytes", p.len()))),
+        Ok(p) => Err(Failed(format!(
+            "{what}: expected error {code}, got an answer of {} bytes",
+            p.len()
+        ))),
         Err(e) => {
             let c = e.code().map(|c| c.as_u32());
             check(c == Some(code), format!("{what}: expected code {code}, got {e}"))?;
-            check(msg_check(e.message().unwrap_or("")), format!("{what}: unexpected message: {e}"))
+            check(
+                msg_check(e.message().unwrap_or("")),
+                format!("{what}: unexpected message: {e}"),
+            )
         }
     }
 }
@@ -177,8 +198,18 @@ async fn scenario(path: &str, name: &str) -> Result<String, Failed> {
             "{\"ok\": true, \"count\": 1000}".to_string()
         }
         "errors" => {
-            expect_code(client.send_bytes(b"err:x").await, 5, |m| m.contains("boom: x"), "err:x")?;
-            expect_code(client.send_bytes(b"app:1234:custom").await, 1234, |m| m == "custom", "app:1234")?;
+            expect_code(
+                client.send_bytes(b"err:x").await,
+                5,
+                |m| m.contains("boom: x"),
+                "err:x",
+            )?;
+            expect_code(
+                client.send_bytes(b"app:1234:custom").await,
+                1234,
+                |m| m == "custom",
+                "app:1234",
+            )?;
             let a = client.send_bytes(b"ok").await?;
             check(*a == *b"ok", "ok did not echo")?;
             "{\"ok\": true}".to_string()
@@ -201,23 +232,42 @@ async fn scenario(path: &str, name: &str) -> Result<String, Failed> {
                 client.send_event(format!("c-{i}").as_bytes()).await?;
             }
             let a = client.send_bytes(b"count").await?;
-            check(*a == *b"5 15", format!("count answered {:?}", String::from_utf8_lossy(&a)))?;
+            check(
+                *a == *b"5 15",
+                format!("count answered {:?}", String::from_utf8_lossy(&a)),
+            )?;
             let a = client.send_bytes(b"events:3").await?;
-            check(*a == *b"sent 3", format!("events:3 answered {:?}", String::from_utf8_lossy(&a)))?;
+            check(
+                *a == *b"sent 3",
+                format!("events:3 answered {:?}", String::from_utf8_lossy(&a)),
+            )?;
             let got = got.lock().unwrap().clone();
             let want: Vec<Vec<u8>> = (0..3).map(|i| format!("ev-{i}").into_bytes()).collect();
             check(got == want, format!("events received: {got:?}"))?;
             "{\"ok\": true}".to_string()
         }
         "quote" => {
-            let q = Quote { id: 7, price: 9.5, venue: "XNAS".into(), sizes: vec![100, 200, 300] };
+            let q = Quote {
+                id: 7,
+                price: 9.5,
+                venue: "XNAS".into(),
+                sizes: vec![100, 200, 300],
+            };
             let mut req = b"quote:".to_vec();
             req.extend(bincode::serialize(&q).unwrap());
             let a = client.send_bytes(&req).await?;
-            let want = Quote { id: 8, price: 19.0, venue: "XNAS!".into(), sizes: vec![300, 200, 100] };
+            let want = Quote {
+                id: 8,
+                price: 19.0,
+                venue: "XNAS!".into(),
+                sizes: vec![300, 200, 100],
+            };
             let got: Quote = bincode::deserialize(&a).map_err(|e| Failed(format!("quote: {e}")))?;
             check(got == want, format!("quote answered {got:?}"))?;
-            check(*a == *bincode::serialize(&want).unwrap(), "quote: not exactly its bincode")?;
+            check(
+                *a == *bincode::serialize(&want).unwrap(),
+                "quote: not exactly its bincode",
+            )?;
             "{\"ok\": true}".to_string()
         }
         "kill" => {
@@ -240,7 +290,10 @@ async fn scenario(path: &str, name: &str) -> Result<String, Failed> {
                 i += 1;
             };
             check(i > 0, format!("kill: the first request failed: {err}"))?;
-            check(matches!(err, Error::Closed(_)), format!("kill: expected a connection-closed error, got {err}"))?;
+            check(
+                matches!(err, Error::Closed(_)),
+                format!("kill: expected a connection-closed error, got {err}"),
+            )?;
             check(after_ms < 2000.0, format!("kill: the error took {after_ms} ms"))?;
             client.close().await;
             drop(client);
@@ -262,7 +315,11 @@ async fn scenario(path: &str, name: &str) -> Result<String, Failed> {
 // -- benchmarks -------------------------------------------------------------------------------
 
 fn count_arg(args: &[String], default: usize) -> usize {
-    args.iter().position(|a| a == "--count").and_then(|i| args.get(i + 1)).and_then(|s| s.parse().ok()).unwrap_or(default)
+    args.iter()
+        .position(|a| a == "--count")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -290,7 +347,11 @@ async fn bench(path: &str, what: &str, n: usize) -> Result<String, Failed> {
                 t.push(t0.elapsed().as_secs_f64() * 1e6);
                 check(a.len() == 64, "rt64: wrong length")?;
             }
-            format!("{{\"median_us\": {:.2}, \"p99_us\": {:.2}, \"n\": {n}}}", median(&mut t), p99(&mut t))
+            format!(
+                "{{\"median_us\": {:.2}, \"p99_us\": {:.2}, \"n\": {n}}}",
+                median(&mut t),
+                p99(&mut t)
+            )
         }
         "echo64m" => {
             let p = pattern(64 << 20);
@@ -365,7 +426,11 @@ fn floor_bench(path: &str, what: &str, n: usize) -> Result<String, Failed> {
     }
     Ok(if what == "rt64" {
         let mut us: Vec<f64> = t.iter().map(|x| x * 1e6).collect();
-        format!("{{\"median_us\": {:.2}, \"p99_us\": {:.2}, \"n\": {n}}}", median(&mut us), p99(&mut us))
+        format!(
+            "{{\"median_us\": {:.2}, \"p99_us\": {:.2}, \"n\": {n}}}",
+            median(&mut us),
+            p99(&mut us)
+        )
     } else {
         let mut ms: Vec<f64> = t.iter().map(|x| x * 1e3).collect();
         format!("{{\"median_ms\": {:.3}, \"n\": {n}}}", median(&mut ms))
@@ -392,7 +457,12 @@ fn usage() -> Failed {
 fn run(args: &[String]) -> Result<Option<String>, Failed> {
     // One thread: the reader task, the caller and (on the server) the worker meet on it, so a
     // round trip costs no cross-thread wake-up.
-    let rt = || tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| Failed(e.to_string()));
+    let rt = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| Failed(e.to_string()))
+    };
     match args.first().map(String::as_str) {
         Some("serve") if args.len() >= 2 => rt()?.block_on(serve(&args[1])).map(|_| None),
         Some("client") if args.len() >= 3 => rt()?.block_on(scenario(&args[1], &args[2])).map(Some),
