@@ -90,7 +90,7 @@ impl IPCClient {
         let dispatch = Arc::new(ClientDispatch {
             on_event: Mutex::new(opts.on_event.clone()),
         });
-        let conn = Conn::start(fd, opts.limits.clone(), dispatch.clone(), false)?;
+        let conn = Conn::start(fd, opts.limits.clone(), dispatch.clone(), false, None)?;
         Ok(IPCClient {
             conn,
             dispatch,
@@ -155,7 +155,9 @@ impl IPCClient {
     #[doc(hidden)]
     pub async fn __raw_request(&self, frame: &[u8], request_id: u64) -> Result<Payload, Error> {
         let rx = self.conn.register_id(request_id)?;
-        self.conn.write_all(&[frame], None).await?;
+        self.conn
+            .write_all(&[frame], None, Instant::now() + self.timeout)
+            .await?;
         self.conn.wait_answer(request_id, rx, self.timeout).await
     }
 }

@@ -40,6 +40,13 @@ pub struct Limits {
     pub shm_receive_segments: u32,
     /// How long a send waits for the peer's hello before a large payload (section 8).
     pub hello_wait: Duration,
+    /// A peer that leaves our frames unread this long is cut (section 10, `send_timeout`).
+    pub send_timeout: Duration,
+    /// A frame must arrive whole within this time of its first byte (`frame_timeout`).
+    pub frame_timeout: Duration,
+    /// Bytes of unfinished large frames held at once (`max_pending_bytes`, section 6); a
+    /// server shares one budget across its connections.
+    pub max_pending_bytes: u64,
 }
 
 impl Default for Limits {
@@ -52,6 +59,9 @@ impl Default for Limits {
             shm_receive_bytes: wire::DEFAULT_SHM_RECEIVE_BYTES,
             shm_receive_segments: wire::DEFAULT_SHM_RECEIVE_SEGMENTS,
             hello_wait: Duration::from_secs(1),
+            send_timeout: Duration::from_secs(10),
+            frame_timeout: Duration::from_secs(10),
+            max_pending_bytes: 256 << 20,
         }
     }
 }
@@ -108,6 +118,7 @@ pub(crate) struct Conn {
     pub(crate) shm_sent: AtomicU64,
     pub(crate) shm_received: AtomicU64,
     is_server: bool,
+    budget: Arc<wire::PendingBudget>,
 }
 
 fn set_nonblocking(fd: RawFd) -> io::Result<()> {
@@ -154,7 +165,9 @@ impl Conn {
         limits: Limits,
         dispatch: Arc<dyn Dispatch>,
         is_server: bool,
+        budget: Option<Arc<wire::PendingBudget>>,
     ) -> io::Result<Arc<Conn>> {
+        let budget = budget.unwrap_or_else(|| wire::PendingBudget::new(limits.max_pending_bytes));
         set_nonblocking(fd.as_raw_fd())?;
         // SAFETY: the AsyncFd owns the descriptor, so it stays open while registered.
         let io = unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE | Interest::WRITABLE)? };
@@ -176,6 +189,7 @@ impl Conn {
             shm_sent: AtomicU64::new(0),
             shm_received: AtomicU64::new(0),
             is_server,
+            budget,
         });
         let hello = Hello {
             features: if conn.limits.shm { FEATURE_SHM } else { 0 },
@@ -224,7 +238,11 @@ impl Conn {
                 c.shutdown();
                 return;
             }
-            if c.write_all(&[&frame], None).await.is_err() {
+            let deadline = Instant::now() + c.limits.send_timeout;
+            if let Err(e) = c.write_all(&[&frame], None, deadline).await {
+                if matches!(e, Error::Timeout(_)) {
+                    c.cut("the peer left our frames unread past send_timeout");
+                }
                 return;
             }
         }
@@ -245,15 +263,32 @@ impl Conn {
 
     // -- writing ------------------------------------------------------------------------------
 
-    /// Writes `bufs` in order, all of them, under the write lock; `fd` goes with the first
-    /// byte (SCM_RIGHTS).
-    pub(crate) async fn write_all(&self, bufs: &[&[u8]], fd: Option<RawFd>) -> Result<(), Error> {
-        let _w = self.wlock.lock().await;
+    /// Writes `bufs` in order, all of them, under the write lock, by `deadline`; `fd` goes
+    /// with the first byte (SCM_RIGHTS). Past the deadline with part of the bytes written, the
+    /// stream has a torn frame: the connection is cut.
+    pub(crate) async fn write_all(
+        &self,
+        bufs: &[&[u8]],
+        fd: Option<RawFd>,
+        deadline: Instant,
+    ) -> Result<(), Error> {
+        let timeout = deadline.saturating_duration_since(Instant::now());
+        let Ok(_w) = tokio::time::timeout_at(deadline.into(), self.wlock.lock()).await else {
+            return Err(Error::Timeout(timeout));
+        };
         let mut idx = 0usize;
         let mut off = 0usize;
         let mut fd = fd;
         while idx < bufs.len() {
-            let mut guard = self.io.writable().await?;
+            let mut guard = match tokio::time::timeout_at(deadline.into(), self.io.writable()).await {
+                Ok(g) => g?,
+                Err(_) => {
+                    if idx > 0 || off > 0 {
+                        self.cut("a write timed out in the middle of a frame");
+                    }
+                    return Err(Error::Timeout(timeout));
+                }
+            };
             let res = guard.try_io(|inner| sendmsg(inner.as_raw_fd(), &bufs[idx..], off, fd));
             match res {
                 Ok(Ok(mut n)) => {
@@ -274,11 +309,23 @@ impl Conn {
                         off = 0;
                     }
                 }
+                Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Ok(Err(e)) => return Err(Error::Closed(format!("write failed: {e}"))),
                 Err(_would_block) => continue,
             }
         }
         Ok(())
+    }
+
+    /// Cuts the connection (the reader task sees the end and cleans up).
+    pub(crate) fn cut(&self, why: &str) {
+        {
+            let mut st = self.st.lock().unwrap();
+            if st.closed.is_none() {
+                st.closed = Some(why.to_string());
+            }
+        }
+        self.shutdown();
     }
 
     pub(crate) async fn write_frame(
@@ -287,9 +334,10 @@ impl Conn {
         flags: u16,
         rid: u64,
         payload: &[u8],
+        deadline: Instant,
     ) -> Result<(), Error> {
         let h = wire::header_for(mtype, flags, rid, payload);
-        self.write_all(&[&h, payload], None).await
+        self.write_all(&[&h, payload], None, deadline).await
     }
 
     /// Registers a new request and returns its id and the receiver of its answer.
@@ -397,7 +445,8 @@ impl Conn {
                         offset,
                         length,
                     };
-                    self.write_frame(mtype, FLAG_SHM, rid, &d.encode()).await?;
+                    self.write_frame(mtype, FLAG_SHM, rid, &d.encode(), deadline)
+                        .await?;
                     self.shm_sent.fetch_add(1, Ordering::Relaxed);
                     return Ok(());
                 }
@@ -413,7 +462,7 @@ impl Conn {
                 limit: peer_limit as u64,
             });
         }
-        self.write_frame(mtype, 0, rid, body.bytes()).await
+        self.write_frame(mtype, 0, rid, body.bytes(), deadline).await
     }
 
     async fn send_shm(
@@ -502,7 +551,7 @@ impl Conn {
             if !retire.is_empty() {
                 for chunk in retire.chunks(wire::MAX_CONTROL_IDS) {
                     let p = wire::encode_control(Control::Retire, chunk);
-                    self.write_frame(EVENT, 0, 0, &p).await?;
+                    self.write_frame(EVENT, 0, 0, &p, deadline).await?;
                 }
             }
             if let Some(f) = found {
@@ -524,7 +573,7 @@ impl Conn {
         let dp = d.encode();
         let h = wire::header_for(mtype, FLAG_SHM, rid, &dp);
         let res = self
-            .write_all(&[&h, &dp], if new { Some(seg.raw_fd()) } else { None })
+            .write_all(&[&h, &dp], if new { Some(seg.raw_fd()) } else { None }, deadline)
             .await;
         if res.is_ok() {
             if new {
@@ -560,11 +609,23 @@ impl Conn {
     // -- reading ------------------------------------------------------------------------------
 
     async fn reader(conn: Arc<Conn>, dispatch: Arc<dyn Dispatch>) {
-        let mut dec = FrameDecoder::new(conn.limits.max_payload);
+        let budget = conn.budget.clone();
+        let mut dec = FrameDecoder::new(conn.limits.max_payload).with_budget(budget);
+        let mut frame_started: Option<tokio::time::Instant> = None;
         let mut fds: VecDeque<OwnedFd> = VecDeque::new();
         let mut linger = false;
         let why = loop {
-            let mut guard = match conn.io.readable().await {
+            let readable = match frame_started {
+                // A frame must arrive whole within frame_timeout of its first byte.
+                Some(t0) => {
+                    match tokio::time::timeout_at(t0 + conn.limits.frame_timeout, conn.io.readable()).await {
+                        Ok(r) => r,
+                        Err(_) => break "a frame did not arrive whole within frame_timeout".to_string(),
+                    }
+                }
+                None => conn.io.readable().await,
+            };
+            let mut guard = match readable {
                 Ok(g) => g,
                 Err(e) => break format!("poll failed: {e}"),
             };
@@ -591,7 +652,10 @@ impl Conn {
                 linger = last_frame;
                 break why;
             }
-            if !dec.in_frame() {
+            if dec.in_frame() {
+                frame_started.get_or_insert_with(tokio::time::Instant::now);
+            } else {
+                frame_started = None;
                 fds.clear();
             }
         };

@@ -94,8 +94,6 @@ pub struct ServerOptions {
     pub mode: u32,
     /// Client uids allowed besides our own.
     pub allow_uids: Vec<u32>,
-    /// How long a send (a reply or pushed Event) may wait for room (default 10 s).
-    pub send_timeout: Duration,
     /// Most connections at once (default 1024).
     pub max_connections: usize,
     /// How long [`ServerHandle::shutdown`] lets connections finish (default 5 s).
@@ -108,7 +106,6 @@ impl Default for ServerOptions {
             limits: Limits::default(),
             mode: 0o600,
             allow_uids: Vec::new(),
-            send_timeout: Duration::from_secs(10),
             max_connections: 1024,
             shutdown_timeout: Duration::from_secs(5),
         }
@@ -161,7 +158,7 @@ async fn broadcast(shared: &Arc<Shared>, payload: &[u8]) -> usize {
     let mut n = 0;
     for c in conns {
         let id = shared.next_event_id.fetch_add(1, Ordering::Relaxed);
-        let deadline = Instant::now() + shared.opts.send_timeout;
+        let deadline = Instant::now() + shared.opts.limits.send_timeout;
         if c.send(EVENT, id, Body::Bytes(payload), deadline).await.is_ok() {
             n += 1;
         }
@@ -232,6 +229,10 @@ impl Server {
         let mut stop = self.stop_tx.subscribe();
         let my_uid = conn::my_uid();
         let mut next_conn = 0u64;
+        // One budget for unfinished frames across the server's connections, at least
+        // max_payload (section 10).
+        let limits = &self.shared.opts.limits;
+        let budget = wire::PendingBudget::new(limits.max_pending_bytes.max(limits.max_payload as u64));
         let mut tasks = Vec::new();
         loop {
             let accepted = tokio::select! {
@@ -271,7 +272,13 @@ impl Server {
                 shared: self.shared.clone(),
                 work: Mutex::new(Some(tx)),
             });
-            let conn = match Conn::start(fd, self.shared.opts.limits.clone(), dispatch, true) {
+            let conn = match Conn::start(
+                fd,
+                self.shared.opts.limits.clone(),
+                dispatch,
+                true,
+                Some(budget.clone()),
+            ) {
                 Ok(c) => c,
                 Err(e) => {
                     eprintln!("hintens: connection setup failed: {e}");
@@ -358,7 +365,7 @@ impl Dispatch for ServerDispatch {
                 payload,
                 Peer {
                     conn: conn.clone(),
-                    timeout: self.shared.opts.send_timeout,
+                    timeout: self.shared.opts.limits.send_timeout,
                     next_event_id: self.shared.next_event_id.clone(),
                 },
             );
@@ -383,7 +390,7 @@ async fn worker(
 ) {
     let peer = Peer {
         conn: conn.clone(),
-        timeout: shared.opts.send_timeout,
+        timeout: shared.opts.limits.send_timeout,
         next_event_id: shared.next_event_id.clone(),
     };
     let mut stopping = false;
@@ -411,12 +418,12 @@ async fn worker(
             peer: peer.clone(),
         })
         .await;
-        let deadline = Instant::now() + shared.opts.send_timeout;
+        let deadline = Instant::now() + shared.opts.limits.send_timeout;
         let sent = match result {
             Ok(Reply::Bytes(b)) => conn.send(RESPONSE, rid, Body::Bytes(&b), deadline).await,
             Ok(Reply::Payload(p)) => conn.send(RESPONSE, rid, Body::Echo(&p), deadline).await,
             Err(e) => {
-                conn.write_frame(ERROR, 0, rid, &wire::encode_error(e.code, &e.message))
+                conn.write_frame(ERROR, 0, rid, &wire::encode_error(e.code, &e.message), deadline)
                     .await
             }
         };
@@ -429,7 +436,13 @@ async fn worker(
         };
         if let Some((c, m)) = fallback {
             if conn
-                .write_frame(ERROR, 0, rid, &wire::encode_error(c, m))
+                .write_frame(
+                    ERROR,
+                    0,
+                    rid,
+                    &wire::encode_error(c, m),
+                    Instant::now() + shared.opts.limits.send_timeout,
+                )
                 .await
                 .is_err()
             {

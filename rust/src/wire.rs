@@ -148,6 +148,38 @@ enum State {
 /// grows as bytes arrive and is handed to the frame without a copy.
 const BIG_PAYLOAD: usize = 64 * 1024;
 
+/// The bytes of unfinished large frames held across the decoders that share it
+/// (`max_pending_bytes`, PROTOCOL.md sections 6 and 10).
+#[derive(Debug)]
+pub struct PendingBudget {
+    used: std::sync::atomic::AtomicU64,
+    cap: u64,
+}
+
+impl PendingBudget {
+    pub fn new(cap: u64) -> std::sync::Arc<PendingBudget> {
+        std::sync::Arc::new(PendingBudget { used: 0.into(), cap })
+    }
+
+    fn take(&self, n: u64) -> bool {
+        use std::sync::atomic::Ordering::AcqRel;
+        self.used
+            .fetch_update(AcqRel, std::sync::atomic::Ordering::Acquire, |u| {
+                u.checked_add(n).filter(|t| *t <= self.cap)
+            })
+            .is_ok()
+    }
+
+    fn give(&self, n: u64) {
+        self.used.fetch_sub(n, std::sync::atomic::Ordering::AcqRel);
+    }
+
+    /// Bytes taken now.
+    pub fn used(&self) -> u64 {
+        self.used.load(std::sync::atomic::Ordering::Acquire)
+    }
+}
+
 /// Incremental frame decoder (section 6). Feed bytes with [`FrameDecoder::feed`] (or receive
 /// straight into [`FrameDecoder::spare`]), then call [`FrameDecoder::next_frame`] until it
 /// returns `Ok(None)`. After a recoverable error, keep calling it; after a fatal one it
@@ -159,6 +191,9 @@ pub struct FrameDecoder {
     max_payload: u32,
     fatal: Option<DecodeError>,
     into_big: bool,
+    budget: Option<std::sync::Arc<PendingBudget>>,
+    /// Bytes this decoder holds of `budget` (the frame in progress).
+    taken: u64,
 }
 
 impl FrameDecoder {
@@ -170,6 +205,25 @@ impl FrameDecoder {
             max_payload,
             fatal: None,
             into_big: false,
+            budget: None,
+            taken: 0,
+        }
+    }
+
+    /// Shares `budget` for unfinished frames over 64 KiB whose payload does not arrive with
+    /// their header: a frame that would take it over its cap is refused with UNAVAILABLE
+    /// (recoverable) and its payload skipped unread.
+    pub fn with_budget(mut self, budget: std::sync::Arc<PendingBudget>) -> Self {
+        self.budget = Some(budget);
+        self
+    }
+
+    fn give_back(&mut self) {
+        if self.taken > 0 {
+            if let Some(b) = &self.budget {
+                b.give(self.taken);
+            }
+            self.taken = 0;
         }
     }
 
@@ -307,6 +361,25 @@ impl FrameDecoder {
                     }
                     let len = hdr.length as usize;
                     let big = if len > BIG_PAYLOAD && self.buf.len() - self.pos < len {
+                        if let Some(b) = &self.budget {
+                            if !b.take(len as u64) {
+                                self.state = State::Skip {
+                                    remaining: len as u64,
+                                };
+                                return Err(DecodeError {
+                                    code: code::UNAVAILABLE,
+                                    fatal: false,
+                                    request_id: Some(rid),
+                                    mtype: Some(mtype),
+                                    flags: hdr.flags,
+                                    payload: Vec::new(),
+                                    message: format!(
+                                        "no room to buffer a frame of {len} bytes now (max_pending_bytes)"
+                                    ),
+                                });
+                            }
+                            self.taken = len as u64;
+                        }
                         Some(Vec::new())
                     } else {
                         None
@@ -323,7 +396,9 @@ impl FrameDecoder {
                         if v.len() < len {
                             return Ok(None);
                         }
-                        std::mem::take(v)
+                        let v = std::mem::take(v);
+                        self.give_back();
+                        v
                     } else {
                         if self.buf.len() - self.pos < len {
                             return Ok(None);
@@ -358,6 +433,12 @@ impl FrameDecoder {
                 }
             }
         }
+    }
+}
+
+impl Drop for FrameDecoder {
+    fn drop(&mut self) {
+        self.give_back();
     }
 }
 

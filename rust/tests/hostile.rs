@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use hintens::wire::{self, Descriptor, FrameDecoder, Hello, EVENT, REQUEST};
-use hintens::{Reply, Request, Server, ServerHandle};
+use hintens::{Reply, Request, Server, ServerHandle, ServerOptions};
 
 struct TestServer {
     path: PathBuf,
@@ -17,6 +17,10 @@ struct TestServer {
 }
 
 fn start_server(tag: &str) -> TestServer {
+    start_server_with(tag, ServerOptions::default())
+}
+
+fn start_server_with(tag: &str, opts: ServerOptions) -> TestServer {
     let dir = std::env::temp_dir().join(format!("hintens-rs-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join(format!("{tag}.sock"));
@@ -25,9 +29,11 @@ fn start_server(tag: &str) -> TestServer {
         .enable_all()
         .build()
         .unwrap();
-    let server = Server::new(&path, |r: Request| async move {
-        Ok::<Reply, hintens::HandlerError>(r.payload.into())
-    });
+    let server = Server::with_options(
+        &path,
+        |r: Request| async move { Ok::<Reply, hintens::HandlerError>(r.payload.into()) },
+        opts,
+    );
     let handle = server.handle();
     rt.spawn(server.serve());
     let t0 = Instant::now();
@@ -440,4 +446,63 @@ fn client_fails_promptly_when_the_server_dies_mid_frame() {
         assert!(t0.elapsed() < Duration::from_secs(2));
     });
     t.join().unwrap();
+}
+
+#[test]
+fn pending_bytes_budget_refuses_with_unavailable_and_the_connection_survives() {
+    let mut opts = ServerOptions::default();
+    opts.limits.max_payload = 1 << 20;
+    opts.limits.max_pending_bytes = 1 << 20;
+    let srv = start_server_with("budget", opts);
+    let base = fd_count();
+    let len = 800_000usize;
+    // A takes 800 kB of the 1 MiB budget with a frame whose payload is slow to come.
+    let a_frame = wire::encode_frame(REQUEST, 0, 1, &vec![1u8; len]);
+    let mut a = RawPeer::connect(&srv.path, false);
+    a.send(&a_frame[..24 + 1000]);
+    std::thread::sleep(Duration::from_millis(100));
+    // B's frame would take the budget over its cap: refused now, its payload skipped unread.
+    let mut b = RawPeer::connect(&srv.path, false);
+    let payload = vec![2u8; len];
+    let mut frame = wire::encode_frame(REQUEST, 0, 2, &payload);
+    frame.truncate(24 + 10);
+    b.send(&frame);
+    let e = b.next().unwrap();
+    assert_eq!((e.request_id, error_of(&e).0), (2, wire::code::UNAVAILABLE));
+    b.send(&payload[10..]);
+    b.echo_ok(3);
+    // A finishes its frame: answered, and the budget is free again for B.
+    a.send(&a_frame[24 + 1000..]);
+    let f = a.next().unwrap();
+    assert_eq!(
+        (f.request_id, f.mtype, f.payload.len()),
+        (1, wire::RESPONSE, len),
+        "{:?}",
+        wire::decode_error(&f.payload)
+    );
+    let frame = wire::encode_frame(REQUEST, 0, 4, &payload);
+    b.send(&frame[..100]);
+    std::thread::sleep(Duration::from_millis(20));
+    b.send(&frame[100..]);
+    let f = b.next().unwrap();
+    assert_eq!((f.request_id, f.payload.len()), (4, len));
+    drop((a, b));
+    assert_fds_back(base);
+}
+
+#[test]
+fn a_frame_that_stalls_past_frame_timeout_is_cut() {
+    let mut opts = ServerOptions::default();
+    opts.limits.frame_timeout = Duration::from_millis(200);
+    let srv = start_server_with("stall", opts);
+    let base = fd_count();
+    let mut p = RawPeer::connect(&srv.path, false);
+    p.echo_ok(1);
+    p.send(&wire::encode_frame(REQUEST, 0, 2, b"never finished")[..30]);
+    let t0 = Instant::now();
+    assert!(p.next().is_none(), "the server cuts the stalled connection");
+    assert!(t0.elapsed() < Duration::from_secs(3));
+    drop(p);
+    server_still_serves(&srv.path);
+    assert_fds_back(base);
 }
