@@ -372,7 +372,15 @@ impl Conn {
         let deadline = Instant::now() + timeout;
         let (rid, rx) = self.register()?;
         let res = async {
-            self.send(REQUEST, rid, Body::Bytes(payload), deadline).await?;
+            self.send(REQUEST, rid, Body::Bytes(payload), deadline)
+                .await
+                .map_err(|e| {
+                    if let Error::Timeout(_) = e {
+                        Error::Timeout(timeout)
+                    } else {
+                        e
+                    }
+                })?;
             match tokio::time::timeout_at(deadline.into(), rx).await {
                 Ok(Ok(r)) => r,
                 Ok(Err(_)) => Err(self.closed_error()),
