@@ -506,3 +506,36 @@ fn a_frame_that_stalls_past_frame_timeout_is_cut() {
     server_still_serves(&srv.path);
     assert_fds_back(base);
 }
+
+#[test]
+fn connections_past_max_connections_get_unavailable() {
+    let opts = ServerOptions {
+        max_connections: 2,
+        ..Default::default()
+    };
+    let srv = start_server_with("maxconn", opts);
+    let base = fd_count();
+    let mut a = RawPeer::connect(&srv.path, false);
+    let mut b = RawPeer::connect(&srv.path, false);
+    a.echo_ok(1);
+    b.echo_ok(1);
+    let mut c = RawPeer::connect(&srv.path, false);
+    let e = c.next().expect("one Error frame");
+    assert_eq!((e.request_id, error_of(&e).0), (0, wire::code::UNAVAILABLE));
+    assert!(c.next().is_none(), "then closed");
+    drop((a, c));
+    // A place is free again.
+    let t0 = Instant::now();
+    loop {
+        let mut d = RawPeer::connect(&srv.path, false);
+        d.send(&wire::encode_frame(REQUEST, 0, 5, b"x"));
+        match d.next() {
+            Some(f) if f.mtype == wire::RESPONSE => break,
+            _ => assert!(t0.elapsed() < Duration::from_secs(3), "no place freed"),
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    b.echo_ok(2);
+    drop(b);
+    assert_fds_back(base);
+}

@@ -97,6 +97,22 @@ async fn async_client_and_server() {
     assert_eq!(*got.lock().unwrap(), vec![8, 200_000]);
     assert_eq!(events.load(Ordering::SeqCst), 100_003);
 
+    // Broadcast reaches every connected client.
+    let other = IPCClient::connect(&path).await.unwrap();
+    let seen: Arc<Mutex<Vec<Vec<u8>>>> = Arc::default();
+    let s2 = seen.clone();
+    other.on_event(move |p| s2.lock().unwrap().push(p.to_vec()));
+    assert_eq!(&other.send_bytes(b"hello").await.unwrap()[..], b"hello");
+    got.lock().unwrap().clear();
+    assert_eq!(handle.broadcast(b"to all").await, 2);
+    // broadcast() returned once the Event was written to each socket, so the answer to a later
+    // request arrives after it on the same stream: by then the Event has been handled.
+    other.send_bytes(b"sync").await.unwrap();
+    client.send_bytes(b"sync").await.unwrap();
+    assert_eq!(*seen.lock().unwrap(), vec![b"to all".to_vec()]);
+    assert_eq!(*got.lock().unwrap(), vec![6]);
+    other.close().await;
+
     // 200 concurrent requests on one connection.
     let client = Arc::new(client);
     let mut tasks = Vec::new();
