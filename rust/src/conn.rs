@@ -444,7 +444,7 @@ impl Conn {
             .map_or(wire::DEFAULT_MAX_PAYLOAD, |h| h.max_payload);
         let negotiated = self.limits.shm && hello.as_ref().is_some_and(|h| h.features & FEATURE_SHM != 0);
         if let Body::Echo(p) = &body {
-            if let Some((id, size, offset, length)) = p.peer_segment() {
+            if let Some((id, size, offset, length)) = p.peer_segment_on(self) {
                 if negotiated {
                     let d = Descriptor {
                         segment_id: id,

@@ -100,12 +100,18 @@ impl Payload {
         }
     }
 
-    /// For an echo: the peer's segment this payload lies in (id, size, offset, length).
-    pub(crate) fn peer_segment(&self) -> Option<(u32, u64, u64, u64)> {
+    /// For an echo on `conn`: the segment of `conn`'s peer this payload lies in (id, size,
+    /// offset, length). `None` for a payload of another connection, whose peer does not know
+    /// that segment.
+    pub(crate) fn peer_segment_on(&self, conn: &Conn) -> Option<(u32, u64, u64, u64)> {
         match &self.0 {
             Inner::Peer {
-                map, offset, len, id, ..
-            } => Some((*id, map.size, *offset, *len)),
+                map,
+                offset,
+                len,
+                id,
+                _rel,
+            } if std::ptr::eq(_rel.conn.as_ptr(), conn) => Some((*id, map.size, *offset, *len)),
             _ => None,
         }
     }

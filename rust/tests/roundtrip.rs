@@ -163,3 +163,43 @@ fn blocking_client() {
     drop(c);
     handle.shutdown();
 }
+
+/// A handler may answer with a payload lent by another connection: it is then copied into a
+/// segment of this connection (a PEER_SEGMENT echo would name a segment this client never had).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_payload_of_another_connection_is_sent_as_a_copy() {
+    let path = sock("stash");
+    let stash: Arc<Mutex<Option<hintens::Payload>>> = Arc::default();
+    let st = stash.clone();
+    let server = Server::new(&path, move |r: Request| {
+        let st = st.clone();
+        async move {
+            if &r.payload[..] == b"replay" {
+                let p = st
+                    .lock()
+                    .unwrap()
+                    .take()
+                    .ok_or_else(|| HandlerError::new("nothing stashed"))?;
+                return Ok(Reply::from(p));
+            }
+            let n = r.payload.len();
+            *st.lock().unwrap() = Some(r.payload);
+            Ok(Reply::from(format!("stashed {n}")))
+        }
+    });
+    let handle = server.handle();
+    let task = tokio::spawn(server.serve());
+    wait_bound(&path);
+    let one = IPCClient::connect(&path).await.unwrap();
+    let two = IPCClient::connect(&path).await.unwrap();
+    let big: Vec<u8> = (0..(1usize << 20)).map(|i| (i % 241) as u8).collect();
+    assert_eq!(&one.send_bytes(&big).await.unwrap()[..], b"stashed 1048576");
+    let back = two.send_bytes(b"replay").await.unwrap();
+    assert!(back.is_shared());
+    assert!(*back == *big);
+    drop(back);
+    one.close().await;
+    two.close().await;
+    handle.shutdown();
+    task.await.unwrap().unwrap();
+}
