@@ -292,3 +292,104 @@ fn over_the_peer_limit_without_shm_is_refused_before_sending() {
         },
     );
 }
+
+fn sealed_memfd(data: &[u8]) -> OwnedFd {
+    // SAFETY: plain syscalls on a descriptor we own.
+    unsafe {
+        let fd = OwnedFd::from_raw_fd(libc::memfd_create(
+            c"srv".as_ptr(),
+            libc::MFD_ALLOW_SEALING | libc::MFD_CLOEXEC,
+        ));
+        assert_eq!(
+            libc::write(fd.as_raw_fd(), data.as_ptr() as *const _, data.len()),
+            data.len() as isize
+        );
+        let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+        assert_eq!(libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, seals), 0);
+        fd
+    }
+}
+
+fn send_with_fd(s: &UnixStream, b: &[u8], fd: &OwnedFd) {
+    // SAFETY: a sendmsg with one SCM_RIGHTS descriptor from live buffers.
+    unsafe {
+        let mut iov = libc::iovec {
+            iov_base: b.as_ptr() as *mut _,
+            iov_len: b.len(),
+        };
+        let mut cbuf = [0u64; 4];
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = cbuf.as_mut_ptr() as *mut _;
+        msg.msg_controllen = libc::CMSG_SPACE(4) as _;
+        let c = libc::CMSG_FIRSTHDR(&msg);
+        (*c).cmsg_level = libc::SOL_SOCKET;
+        (*c).cmsg_type = libc::SCM_RIGHTS;
+        (*c).cmsg_len = libc::CMSG_LEN(4) as _;
+        std::ptr::write_unaligned(libc::CMSG_DATA(c) as *mut i32, fd.as_raw_fd());
+        assert_eq!(libc::sendmsg(s.as_raw_fd(), &msg, 0), b.len() as isize);
+    }
+}
+
+#[test]
+fn a_shared_answer_is_released_only_when_the_payload_is_dropped() {
+    with_raw_server(
+        "guard",
+        shm_hello(1 << 30, 64),
+        |raw| {
+            let f = raw.next().unwrap();
+            let data: Vec<u8> = (0..8192u32).map(|i| (i % 251) as u8).collect();
+            let fd = sealed_memfd(&data);
+            let d = Descriptor {
+                segment_id: 3,
+                flags: wire::NEW_SEGMENT,
+                size: 8192,
+                offset: 100,
+                length: 5000,
+            };
+            send_with_fd(
+                &raw.s,
+                &wire::encode_frame(RESPONSE, wire::FLAG_SHM, f.request_id, &d.encode()),
+                &fd,
+            );
+            // While the client holds the payload, its next request comes without a release.
+            let f = raw.next().unwrap();
+            assert_eq!((f.mtype, &f.payload[..]), (REQUEST, &b"while held"[..]));
+            raw.send(&wire::encode_frame(RESPONSE, 0, f.request_id, b"ok"));
+            // Dropped: HREL for segment 3 (queued for the writer task, so it may come just
+            // before or just after the next request).
+            let (mut released, mut answered) = (false, false);
+            while !(released && answered) {
+                let f = raw.next().unwrap();
+                if f.mtype == EVENT {
+                    assert_eq!(f.payload, wire::encode_control(wire::Control::Release, &[3]));
+                    released = true;
+                } else {
+                    assert_eq!(&f.payload[..], b"after drop");
+                    raw.send(&wire::encode_frame(RESPONSE, 0, f.request_id, b"ok"));
+                    answered = true;
+                }
+            }
+        },
+        |path| {
+            Box::pin(async move {
+                let c = IPCClient::connect(&path).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                let p = c.send_bytes(b"give me shared").await.unwrap();
+                assert!(p.is_shared());
+                let want: Vec<u8> = (100..5100u32).map(|i| (i % 251) as u8).collect();
+                assert!(*p == *want);
+                c.send_bytes(b"while held").await.unwrap();
+                drop(p);
+                c.send_bytes(b"after drop").await.unwrap();
+                c.close().await;
+                let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+                assert!(
+                    !maps.contains("/memfd:srv"),
+                    "the server's segment is unmapped after close"
+                );
+            })
+        },
+    );
+}

@@ -404,12 +404,26 @@ fn bogus_descriptors_and_memfds_are_refused_and_handed_back() {
     let frame = shm_request(20, new(50, 4096, 100));
     p.send_with_fd(&frame, &fd);
     drop(fd);
-    let (_, f) = p.next_with_controls();
+    let (before, f) = p.next_with_controls();
+    assert!(before.is_empty(), "{before:?}");
     let f = f.unwrap();
     assert_eq!((f.mtype, f.flags), (wire::RESPONSE, wire::FLAG_SHM));
     let d = Descriptor::parse(&f.payload).unwrap();
     assert_eq!((d.segment_id, d.flags, d.length), (50, wire::PEER_SEGMENT, 100));
-    p.echo_ok(21);
+    // The server releases the segment after its echo frame (no release came before the
+    // echo), and only once.
+    let mut controls = Vec::new();
+    for rid in 21..24 {
+        p.send(&wire::encode_frame(REQUEST, 0, rid, b"sync"));
+        let (c, f) = p.next_with_controls();
+        assert_eq!(f.unwrap().request_id, rid);
+        controls.extend(c);
+    }
+    assert_eq!(
+        controls,
+        vec![wire::encode_control(wire::Control::Release, &[50])]
+    );
+    p.echo_ok(30);
     drop(p);
     server_still_serves(&srv.path);
     // The server unmapped and closed everything of ours.
