@@ -76,6 +76,9 @@ pub(crate) trait Dispatch: Send + Sync + 'static {
     fn request(&self, conn: &Arc<Conn>, request_id: u64, payload: Payload);
     /// A plain Event.
     fn event(&self, conn: &Arc<Conn>, payload: Payload);
+    /// A drain (graceful shutdown) read everything the socket held: no more Requests are
+    /// taken after this.
+    fn drained(&self, _conn: &Arc<Conn>) {}
     /// The connection ended.
     fn closed(&self, _conn: &Arc<Conn>) {}
 }
@@ -119,6 +122,7 @@ pub(crate) struct Conn {
     pub(crate) shm_received: AtomicU64,
     is_server: bool,
     budget: Arc<wire::PendingBudget>,
+    drain: Notify,
 }
 
 fn set_nonblocking(fd: RawFd) -> io::Result<()> {
@@ -190,6 +194,7 @@ impl Conn {
             shm_received: AtomicU64::new(0),
             is_server,
             budget,
+            drain: Notify::new(),
         });
         let hello = Hello {
             features: if conn.limits.shm { FEATURE_SHM } else { 0 },
@@ -245,6 +250,19 @@ impl Conn {
                 }
                 return;
             }
+        }
+    }
+
+    /// Graceful shutdown: the reader reads what the socket holds now, hands those Requests on,
+    /// then takes no more (they get UNAVAILABLE) while it keeps processing releases.
+    pub(crate) fn start_drain(&self) {
+        self.drain.notify_one();
+    }
+
+    /// Closes once the writer task wrote what was queued before.
+    pub(crate) fn close_after_queued(&self) {
+        if self.ctl_tx.send(Vec::new()).is_err() {
+            self.shutdown();
         }
     }
 
@@ -622,16 +640,23 @@ impl Conn {
         let mut frame_started: Option<tokio::time::Instant> = None;
         let mut fds: VecDeque<OwnedFd> = VecDeque::new();
         let mut linger = false;
+        let mut draining = false;
         let why = loop {
-            let readable = match frame_started {
+            let frame_deadline = frame_started.map(|t0| t0 + conn.limits.frame_timeout);
+            let readable = tokio::select! {
+                r = conn.io.readable() => r,
                 // A frame must arrive whole within frame_timeout of its first byte.
-                Some(t0) => {
-                    match tokio::time::timeout_at(t0 + conn.limits.frame_timeout, conn.io.readable()).await {
-                        Ok(r) => r,
-                        Err(_) => break "a frame did not arrive whole within frame_timeout".to_string(),
-                    }
+                _ = sleep_until(frame_deadline) => {
+                    break "a frame did not arrive whole within frame_timeout".to_string();
                 }
-                None => conn.io.readable().await,
+                _ = conn.drain.notified(), if !draining => {
+                    draining = true;
+                    if let Err(why) = conn.drain_now(&mut dec, &mut fds, &dispatch) {
+                        break why;
+                    }
+                    dispatch.drained(&conn);
+                    continue;
+                }
             };
             let mut guard = match readable {
                 Ok(g) => g,
@@ -669,6 +694,27 @@ impl Conn {
         };
         conn.finish(why, linger);
         dispatch.closed(&conn);
+    }
+
+    /// Reads and processes whatever the socket holds now, without waiting.
+    fn drain_now(
+        self: &Arc<Self>,
+        dec: &mut FrameDecoder,
+        fds: &mut VecDeque<OwnedFd>,
+        dispatch: &Arc<dyn Dispatch>,
+    ) -> Result<(), String> {
+        loop {
+            let (ptr, room) = dec.spare();
+            match recvmsg(self.raw_fd(), ptr, room, fds) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(format!("read failed: {e}")),
+                Ok(0) => return Ok(()),
+                // SAFETY: recvmsg wrote n <= room bytes there.
+                Ok(n) => unsafe { dec.commit(n) },
+            }
+            self.process(dec, fds, dispatch).map_err(|(why, _)| why)?;
+        }
     }
 
     /// Ends the connection: fails pending requests, drops our segments and the peer's mappings
@@ -992,6 +1038,13 @@ impl Conn {
                 ))
             }
         }
+    }
+}
+
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
     }
 }
 

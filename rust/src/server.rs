@@ -290,11 +290,16 @@ impl Server {
                 .lock()
                 .unwrap()
                 .insert(next_conn, Arc::downgrade(&conn));
-            tasks.push(tokio::spawn(worker(conn, self.shared.clone(), rx, stop.clone())));
+            tasks.push(tokio::spawn(worker(conn, self.shared.clone(), rx)));
             tasks.retain(|t| !t.is_finished());
         }
         drop(listener);
         let _ = std::fs::remove_file(&self.path);
+        for c in self.shared.conns.lock().unwrap().values() {
+            if let Some(c) = c.upgrade() {
+                c.start_drain();
+            }
+        }
         // Shutdown: each worker answers what was read, then closes its connection.
         let deadline = tokio::time::Instant::now() + self.shared.opts.shutdown_timeout;
         for t in tasks {
@@ -372,6 +377,10 @@ impl Dispatch for ServerDispatch {
         }
     }
 
+    fn drained(&self, _conn: &Arc<Conn>) {
+        self.work.lock().unwrap().take();
+    }
+
     fn closed(&self, _conn: &Arc<Conn>) {
         self.work.lock().unwrap().take();
     }
@@ -381,38 +390,15 @@ async fn stopped(rx: &mut watch::Receiver<bool>) {
     let _ = rx.wait_for(|s| *s).await;
 }
 
-/// Runs one connection's Requests in arrival order.
-async fn worker(
-    conn: Arc<Conn>,
-    shared: Arc<Shared>,
-    mut rx: mpsc::UnboundedReceiver<(u64, Payload)>,
-    mut stop: watch::Receiver<bool>,
-) {
+/// Runs one connection's Requests in arrival order, until the reader stops handing them on
+/// (the connection ended, or a drain read everything), then closes the connection.
+async fn worker(conn: Arc<Conn>, shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<(u64, Payload)>) {
     let peer = Peer {
         conn: conn.clone(),
         timeout: shared.opts.limits.send_timeout,
         next_event_id: shared.next_event_id.clone(),
     };
-    let mut stopping = false;
-    loop {
-        let item = if stopping {
-            // Answer what was already read, then close.
-            match rx.try_recv() {
-                Ok(i) => i,
-                Err(_) => break,
-            }
-        } else {
-            tokio::select! {
-                i = rx.recv() => match i { Some(i) => i, None => break },
-                _ = stopped(&mut stop) => {
-                    stopping = true;
-                    // Give the reader a moment to decode what the socket already holds.
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    continue;
-                }
-            }
-        };
-        let (rid, payload) = item;
+    while let Some((rid, payload)) = rx.recv().await {
         let result = (shared.handler)(Request {
             payload,
             peer: peer.clone(),
@@ -435,14 +421,9 @@ async fn worker(
             Err(_) => break,
         };
         if let Some((c, m)) = fallback {
+            let deadline = Instant::now() + shared.opts.limits.send_timeout;
             if conn
-                .write_frame(
-                    ERROR,
-                    0,
-                    rid,
-                    &wire::encode_error(c, m),
-                    Instant::now() + shared.opts.limits.send_timeout,
-                )
+                .write_frame(ERROR, 0, rid, &wire::encode_error(c, m), deadline)
                 .await
                 .is_err()
             {
@@ -450,7 +431,7 @@ async fn worker(
             }
         }
     }
-    if stopping {
-        conn.shutdown();
-    }
+    // Every reply was written (writes complete before they return): close once the frames
+    // queued for the writer task (releases, refusals) are out. The reader task sees the end.
+    conn.close_after_queued();
 }

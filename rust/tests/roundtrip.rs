@@ -203,3 +203,43 @@ async fn a_payload_of_another_connection_is_sent_as_a_copy() {
     handle.shutdown();
     task.await.unwrap().unwrap();
 }
+
+/// Shutdown answers every Request already sent, then closes; the socket file goes at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_answers_what_was_sent_then_closes() {
+    let path = sock("graceful");
+    let started = Arc::new(tokio::sync::Notify::new());
+    let s2 = started.clone();
+    let server = Server::new(&path, move |r: Request| {
+        let s2 = s2.clone();
+        async move {
+            s2.notify_one();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            Ok::<Reply, HandlerError>(r.payload.into())
+        }
+    });
+    let handle = server.handle();
+    let task = tokio::spawn(server.serve());
+    wait_bound(&path);
+    let client = Arc::new(IPCClient::connect(&path).await.unwrap());
+    let mut calls = Vec::new();
+    for i in 0..10 {
+        let c = client.clone();
+        calls.push(tokio::spawn(async move {
+            let p = format!("slow-{i}");
+            c.send_bytes(p.as_bytes())
+                .await
+                .map(|a| a.to_vec() == p.into_bytes())
+        }));
+    }
+    started.notified().await;
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    handle.shutdown();
+    for c in calls {
+        assert!(c.await.unwrap().unwrap(), "an answer differs");
+    }
+    task.await.unwrap().unwrap();
+    assert!(!path.exists());
+    let e = client.send_bytes(b"after").await.unwrap_err();
+    assert!(matches!(e, hintens::Error::Closed(_)), "{e}");
+}
