@@ -1,4 +1,4 @@
-//! A blocking client: [`Client`] runs an [`IPCClient`](crate::IPCClient) on a private
+//! A blocking client: [`Client`] runs an [`IPCClient`] on a private
 //! one-thread tokio runtime, so its reader keeps running (Events, releases) between calls.
 
 use std::path::Path;
