@@ -9,7 +9,8 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use crate::wire::{self, code, Descriptor, FLAG_COMPRESSED, NEW_SEGMENT, PEER_SEGMENT};
 
-/// Our own segment: a memfd sealed against shrinking and growing, mapped read-write.
+/// Our own segment: a memfd sealed against shrinking and growing (and against writable
+/// mappings other than ours, where the kernel has F_SEAL_FUTURE_WRITE), mapped read-write.
 pub struct Segment {
     pub id: u32,
     pub size: u64,
@@ -41,11 +42,6 @@ impl Segment {
             ))?;
             let fd = OwnedFd::from_raw_fd(raw);
             cvt(libc::ftruncate(raw, size as libc::off_t))?;
-            cvt(libc::fcntl(
-                raw,
-                libc::F_ADD_SEALS,
-                libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL,
-            ))?;
             let ptr = libc::mmap(
                 std::ptr::null_mut(),
                 size as usize,
@@ -57,12 +53,20 @@ impl Segment {
             if ptr == libc::MAP_FAILED {
                 return Err(io::Error::last_os_error());
             }
-            Ok(Segment {
+            let seg = Segment {
                 id,
                 size,
                 fd,
                 ptr: ptr as *mut u8,
-            })
+            };
+            // F_SEAL_FUTURE_WRITE (Linux 5.1), added once our own writable mapping exists: the
+            // peer can map the segment read-only only, so it cannot change a payload while we
+            // write it or read an echo of it. Older kernels refuse it: go on without it.
+            let base = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+            if libc::fcntl(raw, libc::F_ADD_SEALS, base | libc::F_SEAL_FUTURE_WRITE) != 0 {
+                cvt(libc::fcntl(raw, libc::F_ADD_SEALS, base))?;
+            }
+            Ok(seg)
         }
     }
 
@@ -370,5 +374,36 @@ pub fn decide(
             offset: d.offset,
             length: d.length,
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_segments_are_sealed_and_closed_to_other_writers() {
+        let seg = Segment::create(1, 1 << 20).unwrap();
+        // SAFETY: fcntl and mmap on the segment's descriptor.
+        unsafe {
+            let seals = libc::fcntl(seg.raw_fd(), libc::F_GET_SEALS);
+            assert_eq!(seals & libc::F_SEAL_SHRINK, libc::F_SEAL_SHRINK);
+            assert_eq!(seals & libc::F_SEAL_SEAL, libc::F_SEAL_SEAL);
+            if seals & libc::F_SEAL_FUTURE_WRITE != 0 {
+                let p = libc::mmap(
+                    std::ptr::null_mut(),
+                    4096,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_SHARED,
+                    seg.raw_fd(),
+                    0,
+                );
+                assert_eq!(p, libc::MAP_FAILED, "a second writable mapping must be refused");
+            }
+            seg.write(b"still writable here");
+        }
+        assert_eq!(seg.slice(0, 19), b"still writable here");
+        let info = FdInfo::of(&seg.fd);
+        assert!(info.regular && info.seal_shrink && info.size == 1 << 20);
     }
 }
