@@ -293,7 +293,7 @@ fn over_the_peer_limit_without_shm_is_refused_before_sending() {
     );
 }
 
-fn sealed_memfd(data: &[u8]) -> OwnedFd {
+fn sealed_memfd(name: &std::ffi::CStr, data: &[u8]) -> OwnedFd {
     // SAFETY: plain syscalls on a descriptor we own.
     unsafe {
         let fd = OwnedFd::from_raw_fd(libc::memfd_create(
@@ -340,7 +340,7 @@ fn a_shared_answer_is_released_only_when_the_payload_is_dropped() {
         |raw| {
             let f = raw.next().unwrap();
             let data: Vec<u8> = (0..8192u32).map(|i| (i % 251) as u8).collect();
-            let fd = sealed_memfd(&data);
+            let fd = sealed_memfd(c"srv-guard", &data);
             let d = Descriptor {
                 segment_id: 3,
                 flags: wire::NEW_SEGMENT,
@@ -389,6 +389,79 @@ fn a_shared_answer_is_released_only_when_the_payload_is_dropped() {
                     !maps.contains("/memfd:srv"),
                     "the server's segment is unmapped after close"
                 );
+            })
+        },
+    );
+}
+
+#[test]
+fn a_retired_segment_is_unmapped_and_no_longer_accepted() {
+    with_raw_server(
+        "retire",
+        shm_hello(1 << 30, 64),
+        |raw| {
+            let f = raw.next().unwrap();
+            let fd = sealed_memfd(c"srv-retire", &vec![42u8; 4096]);
+            let d = Descriptor {
+                segment_id: 3,
+                flags: wire::NEW_SEGMENT,
+                size: 4096,
+                offset: 0,
+                length: 10,
+            };
+            send_with_fd(
+                &raw.s,
+                &wire::encode_frame(RESPONSE, wire::FLAG_SHM, f.request_id, &d.encode()),
+                &fd,
+            );
+            drop(fd);
+            // The client dropped it: HREL; then we retire the segment.
+            let hrel = raw.next().unwrap();
+            assert_eq!(hrel.payload, wire::encode_control(wire::Control::Release, &[3]));
+            raw.send(&wire::encode_frame(
+                EVENT,
+                0,
+                0,
+                &wire::encode_control(wire::Control::Retire, &[3]),
+            ));
+            // Naming it again without NEW_SEGMENT: refused, and rejected (it is not mapped).
+            let f = raw.next().unwrap();
+            let d = Descriptor {
+                segment_id: 3,
+                flags: 0,
+                size: 4096,
+                offset: 0,
+                length: 10,
+            };
+            raw.send(&wire::encode_frame(
+                RESPONSE,
+                wire::FLAG_SHM,
+                f.request_id,
+                &d.encode(),
+            ));
+            let hrej = raw.next().unwrap();
+            assert_eq!(hrej.payload, wire::encode_control(wire::Control::Reject, &[3]));
+            let f = raw.next().unwrap();
+            raw.send(&wire::encode_frame(RESPONSE, 0, f.request_id, b"done"));
+        },
+        |path| {
+            Box::pin(async move {
+                let c = IPCClient::connect(&path).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                let p = c.send_bytes(b"first").await.unwrap();
+                assert_eq!(&p[..], &[42u8; 10]);
+                drop(p);
+                // The retire arrives after the release; give it a moment, then the mapping is gone.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+                assert!(
+                    !maps.contains("/memfd:srv-retire"),
+                    "retired segment still mapped"
+                );
+                let e = c.send_bytes(b"again").await.unwrap_err();
+                assert_eq!(e.code(), Some(ErrorCode::ShmError), "{e}");
+                assert_eq!(&c.send_bytes(b"last").await.unwrap()[..], b"done");
+                c.close().await;
             })
         },
     );
