@@ -297,7 +297,7 @@ fn sealed_memfd(name: &std::ffi::CStr, data: &[u8]) -> OwnedFd {
     // SAFETY: plain syscalls on a descriptor we own.
     unsafe {
         let fd = OwnedFd::from_raw_fd(libc::memfd_create(
-            c"srv".as_ptr(),
+            name.as_ptr(),
             libc::MFD_ALLOW_SEALING | libc::MFD_CLOEXEC,
         ));
         assert_eq!(
@@ -386,7 +386,7 @@ fn a_shared_answer_is_released_only_when_the_payload_is_dropped() {
                 c.close().await;
                 let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
                 assert!(
-                    !maps.contains("/memfd:srv"),
+                    !maps.contains("/memfd:srv-guard"),
                     "the server's segment is unmapped after close"
                 );
             })
