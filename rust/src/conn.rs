@@ -1,0 +1,1138 @@
+//! One connection, for either role: the socket (with SCM_RIGHTS), the reader task that decodes
+//! frames and applies section 6 and 9's rules, request matching, and the shared-memory pool.
+//!
+//! Writes happen under one async lock, from the caller's task (requests, responses) or from a
+//! small writer task fed by a channel (control Events, error answers, releases from `Drop`):
+//! the reader task never waits on a write, so two peers that both write can never deadlock.
+
+use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
+use tokio::sync::{mpsc, oneshot, Notify};
+
+use crate::error::Error;
+use crate::payload::{Payload, Release};
+use crate::shm::{self, Decision, FdInfo, Lent, PeerMapping, ReceiverView, Segment};
+use crate::wire::{
+    self, code, Control, Descriptor, FrameDecoder, Hello, EVENT, FEATURE_SHM, FLAG_SHM, NEW_SEGMENT,
+    PEER_SEGMENT, REQUEST, RESPONSE,
+};
+
+/// Settings shared by client and server connections.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Largest inline payload accepted (hello key 3).
+    pub max_payload: u32,
+    /// Offer shared memory (hello key 2, bit 0).
+    pub shm: bool,
+    /// Payloads of this many bytes or more travel through shared memory when negotiated.
+    pub shm_threshold: usize,
+    /// Most bytes of our segments lent to one peer at once.
+    pub shm_pool_bytes: u64,
+    /// Most bytes / segments of the peer's we map per connection (hello keys 6, 7).
+    pub shm_receive_bytes: u64,
+    pub shm_receive_segments: u32,
+    /// How long a send waits for the peer's hello before a large payload (section 8).
+    pub hello_wait: Duration,
+    /// A peer that leaves our frames unread this long is cut (section 10, `send_timeout`).
+    pub send_timeout: Duration,
+    /// A frame must arrive whole within this time of its first byte (`frame_timeout`).
+    pub frame_timeout: Duration,
+    /// Bytes of unfinished large frames held at once (`max_pending_bytes`, section 6); a
+    /// server shares one budget across its connections.
+    pub max_pending_bytes: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_payload: wire::DEFAULT_MAX_PAYLOAD,
+            shm: true,
+            shm_threshold: 64 * 1024,
+            shm_pool_bytes: 1 << 30,
+            shm_receive_bytes: wire::DEFAULT_SHM_RECEIVE_BYTES,
+            shm_receive_segments: wire::DEFAULT_SHM_RECEIVE_SEGMENTS,
+            hello_wait: Duration::from_secs(1),
+            send_timeout: Duration::from_secs(10),
+            frame_timeout: Duration::from_secs(10),
+            max_pending_bytes: 256 << 20,
+        }
+    }
+}
+
+/// Most descriptors waiting on one connection (section 10, "Passed descriptors").
+const MAX_WAITING_FDS: usize = 64;
+const MIN_SEGMENT: u64 = 1 << 20;
+
+/// What the role (client or server) does with Requests and Events.
+pub(crate) trait Dispatch: Send + Sync + 'static {
+    /// A Request (the reader task must not block here).
+    fn request(&self, conn: &Arc<Conn>, request_id: u64, payload: Payload);
+    /// A plain Event.
+    fn event(&self, conn: &Arc<Conn>, payload: Payload);
+    /// A drain (graceful shutdown) read everything the socket held: no more Requests are
+    /// taken after this.
+    fn drained(&self, _conn: &Arc<Conn>) {}
+    /// The connection ended.
+    fn closed(&self, _conn: &Arc<Conn>) {}
+}
+
+struct OwnSeg {
+    seg: Arc<Segment>,
+    /// Uses lent to the peer and not handed back yet.
+    peer_holds: u32,
+    /// Our own views of echoes (PEER_SEGMENT frames) still alive.
+    local_views: u32,
+    /// The peer maps it (NEW_SEGMENT sent and no HREJ since).
+    introduced: bool,
+}
+
+type Pending = oneshot::Sender<Result<Payload, Error>>;
+
+#[derive(Default)]
+struct State {
+    peer_hello: Option<Hello>,
+    own: HashMap<u32, OwnSeg>,
+    own_bytes: u64,
+    next_segment_id: u32,
+    mapped: HashMap<u32, Arc<PeerMapping>>,
+    mapped_sizes: HashMap<u32, u64>,
+    pending: HashMap<u64, Pending>,
+    closed: Option<String>,
+}
+
+pub(crate) struct Conn {
+    io: AsyncFd<OwnedFd>,
+    wlock: tokio::sync::Mutex<()>,
+    st: Mutex<State>,
+    pub(crate) limits: Limits,
+    hello_arrived: Notify,
+    pool_freed: Notify,
+    closed_flag: AtomicBool,
+    closed_notify: Notify,
+    ctl_tx: mpsc::UnboundedSender<Vec<u8>>,
+    next_request_id: AtomicU64,
+    pub(crate) shm_sent: AtomicU64,
+    pub(crate) shm_received: AtomicU64,
+    is_server: bool,
+    budget: Arc<wire::PendingBudget>,
+    drain: Notify,
+}
+
+fn set_nonblocking(fd: RawFd) -> io::Result<()> {
+    // SAFETY: fcntl on a descriptor we own.
+    unsafe {
+        let fl = libc::fcntl(fd, libc::F_GETFL);
+        if fl < 0 || libc::fcntl(fd, libc::F_SETFL, fl | libc::O_NONBLOCK) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// The peer's uid (SO_PEERCRED).
+pub(crate) fn peer_uid(fd: RawFd) -> io::Result<u32> {
+    // SAFETY: getsockopt into a zeroed ucred of the right size.
+    unsafe {
+        let mut cred: libc::ucred = std::mem::zeroed();
+        let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+        if libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            &mut cred as *mut _ as *mut libc::c_void,
+            &mut len,
+        ) != 0
+        {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(cred.uid)
+    }
+}
+
+pub(crate) fn my_uid() -> u32 {
+    // SAFETY: always succeeds.
+    unsafe { libc::getuid() }
+}
+
+impl Conn {
+    /// Wraps a connected Unix stream socket, sends our hello and starts the reader and writer
+    /// tasks.
+    pub(crate) fn start(
+        fd: OwnedFd,
+        limits: Limits,
+        dispatch: Arc<dyn Dispatch>,
+        is_server: bool,
+        budget: Option<Arc<wire::PendingBudget>>,
+    ) -> io::Result<Arc<Conn>> {
+        let budget = budget.unwrap_or_else(|| wire::PendingBudget::new(limits.max_pending_bytes));
+        set_nonblocking(fd.as_raw_fd())?;
+        // SAFETY: the AsyncFd owns the descriptor, so it stays open while registered.
+        let io = unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE | Interest::WRITABLE)? };
+        let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
+        let conn = Arc::new(Conn {
+            io,
+            wlock: tokio::sync::Mutex::new(()),
+            st: Mutex::new(State {
+                next_segment_id: 1,
+                ..Default::default()
+            }),
+            limits,
+            hello_arrived: Notify::new(),
+            pool_freed: Notify::new(),
+            closed_flag: AtomicBool::new(false),
+            closed_notify: Notify::new(),
+            ctl_tx,
+            next_request_id: AtomicU64::new(1),
+            shm_sent: AtomicU64::new(0),
+            shm_received: AtomicU64::new(0),
+            is_server,
+            budget,
+            drain: Notify::new(),
+        });
+        let hello = Hello {
+            features: if conn.limits.shm { FEATURE_SHM } else { 0 },
+            max_payload: conn.limits.max_payload,
+            shm_receive_bytes: conn.limits.shm_receive_bytes,
+            shm_receive_segments: conn.limits.shm_receive_segments,
+            ..Default::default()
+        };
+        // The hello goes first: the writer task writes it before anything else can.
+        conn.queue(wire::encode_frame(EVENT, 0, 0, &hello.encode()));
+        tokio::spawn(Conn::writer(Arc::downgrade(&conn), ctl_rx));
+        tokio::spawn(Conn::reader(conn.clone(), dispatch));
+        Ok(conn)
+    }
+
+    pub(crate) fn raw_fd(&self) -> RawFd {
+        self.io.get_ref().as_raw_fd()
+    }
+
+    pub(crate) fn is_closed(&self) -> bool {
+        self.closed_flag.load(Ordering::Acquire)
+    }
+
+    /// Waits until the connection has ended.
+    pub(crate) async fn wait_closed(&self) {
+        loop {
+            let n = self.closed_notify.notified();
+            if self.is_closed() {
+                return;
+            }
+            n.await;
+        }
+    }
+
+    /// Queues a whole frame for the writer task.
+    pub(crate) fn queue(&self, frame: Vec<u8>) {
+        let _ = self.ctl_tx.send(frame);
+    }
+
+    async fn writer(conn: Weak<Conn>, mut rx: mpsc::UnboundedReceiver<Vec<u8>>) {
+        while let Some(frame) = rx.recv().await {
+            let Some(c) = conn.upgrade() else { return };
+            if frame.is_empty() {
+                // The reader ended the connection after queueing a last frame (a fatal error's
+                // Error): it has been written, close now.
+                c.shutdown();
+                return;
+            }
+            let deadline = Instant::now() + c.limits.send_timeout;
+            if let Err(e) = c.write_all(&[&frame], None, deadline).await {
+                if matches!(e, Error::Timeout(_)) {
+                    c.cut("the peer left our frames unread past send_timeout");
+                }
+                return;
+            }
+        }
+    }
+
+    /// Graceful shutdown: the reader reads what the socket holds now, hands those Requests on,
+    /// then takes no more (they get UNAVAILABLE) while it keeps processing releases.
+    pub(crate) fn start_drain(&self) {
+        self.drain.notify_one();
+    }
+
+    /// Closes once the writer task wrote what was queued before.
+    pub(crate) fn close_after_queued(&self) {
+        if self.ctl_tx.send(Vec::new()).is_err() {
+            self.shutdown();
+        }
+    }
+
+    /// Shuts the socket down: the reader task sees the end and cleans up.
+    pub(crate) fn shutdown(&self) {
+        // SAFETY: shutdown on our socket.
+        unsafe {
+            libc::shutdown(self.raw_fd(), libc::SHUT_RDWR);
+        }
+    }
+
+    fn closed_error(&self) -> Error {
+        let st = self.st.lock().unwrap();
+        Error::Closed(st.closed.clone().unwrap_or_else(|| "closed".into()))
+    }
+
+    // -- writing ------------------------------------------------------------------------------
+
+    /// Writes `bufs` in order, all of them, under the write lock, by `deadline`; `fd` goes
+    /// with the first byte (SCM_RIGHTS). Past the deadline with part of the bytes written, the
+    /// stream has a torn frame: the connection is cut.
+    pub(crate) async fn write_all(
+        &self,
+        bufs: &[&[u8]],
+        fd: Option<RawFd>,
+        deadline: Instant,
+    ) -> Result<(), Error> {
+        let timeout = deadline.saturating_duration_since(Instant::now());
+        let Ok(_w) = tokio::time::timeout_at(deadline.into(), self.wlock.lock()).await else {
+            return Err(Error::Timeout(timeout));
+        };
+        let mut idx = 0usize;
+        let mut off = 0usize;
+        let mut fd = fd;
+        while idx < bufs.len() {
+            let mut guard = match tokio::time::timeout_at(deadline.into(), self.io.writable()).await {
+                Ok(g) => g?,
+                Err(_) => {
+                    if idx > 0 || off > 0 {
+                        self.cut("a write timed out in the middle of a frame");
+                    }
+                    return Err(Error::Timeout(timeout));
+                }
+            };
+            let res = guard.try_io(|inner| sendmsg(inner.as_raw_fd(), &bufs[idx..], off, fd));
+            match res {
+                Ok(Ok(mut n)) => {
+                    fd = None;
+                    while n > 0 {
+                        let left = bufs[idx].len() - off;
+                        if n >= left {
+                            n -= left;
+                            idx += 1;
+                            off = 0;
+                        } else {
+                            off += n;
+                            n = 0;
+                        }
+                    }
+                    while idx < bufs.len() && bufs[idx].len() == off {
+                        idx += 1;
+                        off = 0;
+                    }
+                }
+                Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Ok(Err(e)) => return Err(Error::Closed(format!("write failed: {e}"))),
+                Err(_would_block) => continue,
+            }
+        }
+        Ok(())
+    }
+
+    /// Cuts the connection (the reader task sees the end and cleans up).
+    pub(crate) fn cut(&self, why: &str) {
+        {
+            let mut st = self.st.lock().unwrap();
+            if st.closed.is_none() {
+                st.closed = Some(why.to_string());
+            }
+        }
+        self.shutdown();
+    }
+
+    pub(crate) async fn write_frame(
+        &self,
+        mtype: u8,
+        flags: u16,
+        rid: u64,
+        payload: &[u8],
+        deadline: Instant,
+    ) -> Result<(), Error> {
+        let h = wire::header_for(mtype, flags, rid, payload);
+        self.write_all(&[&h, payload], None, deadline).await
+    }
+
+    /// Registers a new request and returns its id and the receiver of its answer.
+    pub(crate) fn register(&self) -> Result<(u64, oneshot::Receiver<Result<Payload, Error>>), Error> {
+        let rid = self.next_request_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        let mut st = self.st.lock().unwrap();
+        if let Some(why) = &st.closed {
+            return Err(Error::Closed(why.clone()));
+        }
+        st.pending.insert(rid, tx);
+        Ok((rid, rx))
+    }
+
+    /// Registers a request id chosen by the caller (test-only raw requests).
+    pub(crate) fn register_id(&self, rid: u64) -> Result<oneshot::Receiver<Result<Payload, Error>>, Error> {
+        let (tx, rx) = oneshot::channel();
+        let mut st = self.st.lock().unwrap();
+        if let Some(why) = &st.closed {
+            return Err(Error::Closed(why.clone()));
+        }
+        st.pending.insert(rid, tx);
+        Ok(rx)
+    }
+
+    pub(crate) fn unregister(&self, rid: u64) {
+        self.st.lock().unwrap().pending.remove(&rid);
+    }
+
+    /// A request: sends `payload`, waits for its answer until `deadline`.
+    pub(crate) async fn request(&self, payload: &[u8], timeout: Duration) -> Result<Payload, Error> {
+        let deadline = Instant::now() + timeout;
+        let (rid, rx) = self.register()?;
+        let res = async {
+            self.send(REQUEST, rid, Body::Bytes(payload), deadline)
+                .await
+                .map_err(|e| {
+                    if let Error::Timeout(_) = e {
+                        Error::Timeout(timeout)
+                    } else {
+                        e
+                    }
+                })?;
+            match tokio::time::timeout_at(deadline.into(), rx).await {
+                Ok(Ok(r)) => r,
+                Ok(Err(_)) => Err(self.closed_error()),
+                Err(_) => Err(Error::Timeout(timeout)),
+            }
+        }
+        .await;
+        if res.is_err() {
+            self.unregister(rid);
+        }
+        res
+    }
+
+    /// Waits for an answer to a request whose frame was written by other means.
+    pub(crate) async fn wait_answer(
+        &self,
+        rid: u64,
+        rx: oneshot::Receiver<Result<Payload, Error>>,
+        timeout: Duration,
+    ) -> Result<Payload, Error> {
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err(self.closed_error()),
+            Err(_) => {
+                self.unregister(rid);
+                Err(Error::Timeout(timeout))
+            }
+        }
+    }
+
+    async fn peer_hello(&self, deadline: Instant) -> Option<Hello> {
+        let until = deadline.min(Instant::now() + self.limits.hello_wait);
+        loop {
+            let n = self.hello_arrived.notified();
+            if let Some(h) = self.st.lock().unwrap().peer_hello.clone() {
+                return Some(h);
+            }
+            if self.is_closed() || tokio::time::timeout_at(until.into(), n).await.is_err() {
+                return self.st.lock().unwrap().peer_hello.clone();
+            }
+        }
+    }
+
+    /// Sends a Request, Response or Event: inline, or through shared memory when negotiated
+    /// and the payload is large or over the peer's limit (sections 8b, 9).
+    pub(crate) async fn send(
+        &self,
+        mtype: u8,
+        rid: u64,
+        body: Body<'_>,
+        deadline: Instant,
+    ) -> Result<(), Error> {
+        let len = body.len();
+        let hello = if len >= self.limits.shm_threshold {
+            self.peer_hello(deadline).await
+        } else {
+            self.st.lock().unwrap().peer_hello.clone()
+        };
+        let peer_limit = hello
+            .as_ref()
+            .map_or(wire::DEFAULT_MAX_PAYLOAD, |h| h.max_payload);
+        let negotiated = self.limits.shm && hello.as_ref().is_some_and(|h| h.features & FEATURE_SHM != 0);
+        if let Body::Echo(p) = &body {
+            if let Some((id, size, offset, length)) = p.peer_segment_on(self) {
+                if negotiated {
+                    let d = Descriptor {
+                        segment_id: id,
+                        flags: PEER_SEGMENT,
+                        size,
+                        offset,
+                        length,
+                    };
+                    self.write_frame(mtype, FLAG_SHM, rid, &d.encode(), deadline)
+                        .await?;
+                    self.shm_sent.fetch_add(1, Ordering::Relaxed);
+                    return Ok(());
+                }
+            }
+        }
+        if negotiated && (len >= self.limits.shm_threshold || len as u64 > peer_limit as u64) {
+            let hello = hello.expect("negotiated implies a hello");
+            return self.send_shm(mtype, rid, body.bytes(), &hello, deadline).await;
+        }
+        if len as u64 > peer_limit as u64 {
+            return Err(Error::TooLarge {
+                len,
+                limit: peer_limit as u64,
+            });
+        }
+        self.write_frame(mtype, 0, rid, body.bytes(), deadline).await
+    }
+
+    async fn send_shm(
+        &self,
+        mtype: u8,
+        rid: u64,
+        data: &[u8],
+        hello: &Hello,
+        deadline: Instant,
+    ) -> Result<(), Error> {
+        let len = data.len() as u64;
+        let cap_bytes = self.limits.shm_pool_bytes.min(hello.shm_receive_bytes);
+        let cap_segs = hello.shm_receive_segments as usize;
+        if len > cap_bytes || cap_segs == 0 {
+            return Err(Error::TooLarge {
+                len: data.len(),
+                limit: cap_bytes,
+            });
+        }
+        let size = {
+            let p = len.max(MIN_SEGMENT).next_power_of_two();
+            if p <= cap_bytes {
+                p
+            } else {
+                len.max(1)
+            }
+        };
+        let (seg, new) = loop {
+            let notified = self.pool_freed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let mut retire = Vec::new();
+            let found = {
+                let mut st = self.st.lock().unwrap();
+                if let Some(why) = &st.closed {
+                    return Err(Error::Closed(why.clone()));
+                }
+                let free = st
+                    .own
+                    .values()
+                    .filter(|s| s.peer_holds == 0 && s.local_views == 0 && s.seg.size >= len)
+                    .min_by_key(|s| s.seg.size)
+                    .map(|s| s.seg.id);
+                if let Some(id) = free {
+                    let s = st.own.get_mut(&id).unwrap();
+                    s.peer_holds = 1;
+                    Some((s.seg.clone(), !s.introduced))
+                } else {
+                    // Retire free segments until the new one fits (HRET before it).
+                    let fits = |st: &State| st.own_bytes + size <= cap_bytes && st.own.len() < cap_segs;
+                    if !fits(&st) {
+                        let mut frees: Vec<(u32, u64)> = st
+                            .own
+                            .values()
+                            .filter(|s| s.peer_holds == 0 && s.local_views == 0)
+                            .map(|s| (s.seg.id, s.seg.size))
+                            .collect();
+                        frees.sort_by_key(|f| f.1);
+                        while !fits(&st) {
+                            let Some((id, sz)) = frees.pop() else { break };
+                            st.own.remove(&id);
+                            st.own_bytes -= sz;
+                            retire.push(id);
+                        }
+                    }
+                    if fits(&st) {
+                        let id = st.next_segment_id;
+                        st.next_segment_id = st.next_segment_id.checked_add(1).unwrap_or(1);
+                        let seg = Arc::new(Segment::create(id, size)?);
+                        st.own_bytes += size;
+                        st.own.insert(
+                            id,
+                            OwnSeg {
+                                seg: seg.clone(),
+                                peer_holds: 1,
+                                local_views: 0,
+                                introduced: false,
+                            },
+                        );
+                        Some((seg, true))
+                    } else {
+                        None
+                    }
+                }
+            };
+            if !retire.is_empty() {
+                for chunk in retire.chunks(wire::MAX_CONTROL_IDS) {
+                    let p = wire::encode_control(Control::Retire, chunk);
+                    self.write_frame(EVENT, 0, 0, &p, deadline).await?;
+                }
+            }
+            if let Some(f) = found {
+                break f;
+            }
+            if tokio::time::timeout_at(deadline.into(), notified).await.is_err() {
+                return Err(Error::Timeout(Duration::ZERO));
+            }
+        };
+        // SAFETY: the segment is ours and not lent (we just took it with peer_holds 0 -> 1).
+        unsafe { seg.write(data) };
+        let d = Descriptor {
+            segment_id: seg.id,
+            flags: if new { NEW_SEGMENT } else { 0 },
+            size: seg.size,
+            offset: 0,
+            length: len,
+        };
+        let dp = d.encode();
+        let h = wire::header_for(mtype, FLAG_SHM, rid, &dp);
+        let res = self
+            .write_all(&[&h, &dp], if new { Some(seg.raw_fd()) } else { None }, deadline)
+            .await;
+        if res.is_ok() {
+            if new {
+                if let Some(s) = self.st.lock().unwrap().own.get_mut(&seg.id) {
+                    s.introduced = true;
+                }
+            }
+            self.shm_sent.fetch_add(1, Ordering::Relaxed);
+        }
+        res
+    }
+
+    // -- releasing (called from Payload's Drop) ------------------------------------------------
+
+    pub(crate) fn release_peer(&self, id: u32) {
+        if !self.is_closed() {
+            self.queue(wire::encode_frame(
+                EVENT,
+                0,
+                0,
+                &wire::encode_control(Control::Release, &[id]),
+            ));
+        }
+    }
+
+    pub(crate) fn release_own_view(&self, id: u32) {
+        if let Some(s) = self.st.lock().unwrap().own.get_mut(&id) {
+            s.local_views = s.local_views.saturating_sub(1);
+        }
+        self.pool_freed.notify_waiters();
+    }
+
+    // -- reading ------------------------------------------------------------------------------
+
+    async fn reader(conn: Arc<Conn>, dispatch: Arc<dyn Dispatch>) {
+        let budget = conn.budget.clone();
+        let mut dec = FrameDecoder::new(conn.limits.max_payload).with_budget(budget);
+        let mut frame_started: Option<tokio::time::Instant> = None;
+        let mut fds: VecDeque<OwnedFd> = VecDeque::new();
+        let mut linger = false;
+        let mut draining = false;
+        let why = loop {
+            let frame_deadline = frame_started.map(|t0| t0 + conn.limits.frame_timeout);
+            let readable = tokio::select! {
+                r = conn.io.readable() => r,
+                // A frame must arrive whole within frame_timeout of its first byte.
+                _ = sleep_until(frame_deadline) => {
+                    break "a frame did not arrive whole within frame_timeout".to_string();
+                }
+                _ = conn.drain.notified(), if !draining => {
+                    draining = true;
+                    if let Err(why) = conn.drain_now(&mut dec, &mut fds, &dispatch) {
+                        break why;
+                    }
+                    dispatch.drained(&conn);
+                    continue;
+                }
+            };
+            let mut guard = match readable {
+                Ok(g) => g,
+                Err(e) => break format!("poll failed: {e}"),
+            };
+            let (ptr, room) = dec.spare();
+            match recvmsg(conn.raw_fd(), ptr, room, &mut fds) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    guard.clear_ready();
+                    continue;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => break format!("read failed: {e}"),
+                Ok(0) => break "the peer closed the connection".to_string(),
+                Ok(n) => {
+                    // A short read drained the socket (as tokio's own streams assume): wait
+                    // for the next edge instead of paying a recvmsg that says EAGAIN.
+                    if n < room {
+                        guard.clear_ready();
+                    }
+                    // SAFETY: recvmsg wrote n <= room bytes there.
+                    unsafe { dec.commit(n) };
+                }
+            }
+            if let Err((why, last_frame)) = conn.process(&mut dec, &mut fds, &dispatch) {
+                linger = last_frame;
+                break why;
+            }
+            if dec.in_frame() {
+                frame_started.get_or_insert_with(tokio::time::Instant::now);
+            } else {
+                frame_started = None;
+                fds.clear();
+            }
+        };
+        conn.finish(why, linger);
+        dispatch.closed(&conn);
+    }
+
+    /// Reads and processes whatever the socket holds now, without waiting.
+    fn drain_now(
+        self: &Arc<Self>,
+        dec: &mut FrameDecoder,
+        fds: &mut VecDeque<OwnedFd>,
+        dispatch: &Arc<dyn Dispatch>,
+    ) -> Result<(), String> {
+        loop {
+            let (ptr, room) = dec.spare();
+            match recvmsg(self.raw_fd(), ptr, room, fds) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(format!("read failed: {e}")),
+                Ok(0) => return Ok(()),
+                // SAFETY: recvmsg wrote n <= room bytes there.
+                Ok(n) => unsafe { dec.commit(n) },
+            }
+            self.process(dec, fds, dispatch).map_err(|(why, _)| why)?;
+        }
+    }
+
+    /// Ends the connection: fails pending requests, drops our segments and the peer's mappings
+    /// (payloads still lent to the application keep theirs until dropped).
+    pub(crate) fn finish(self: &Arc<Self>, why: String, linger: bool) {
+        let (pending, own, mapped) = {
+            let mut st = self.st.lock().unwrap();
+            if st.closed.is_none() {
+                st.closed = Some(why.clone());
+            }
+            st.mapped_sizes.clear();
+            st.own_bytes = 0;
+            (
+                std::mem::take(&mut st.pending),
+                std::mem::take(&mut st.own),
+                std::mem::take(&mut st.mapped),
+            )
+        };
+        self.closed_flag.store(true, Ordering::Release);
+        if linger {
+            // Let the writer task flush the last frame, then close (at most 1 s later).
+            self.queue(Vec::new());
+            let c = self.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                c.shutdown();
+            });
+        } else {
+            self.shutdown();
+        }
+        for (_, tx) in pending {
+            let _ = tx.send(Err(Error::Closed(why.clone())));
+        }
+        drop(own);
+        drop(mapped);
+        self.closed_notify.notify_waiters();
+        self.pool_freed.notify_waiters();
+        self.hello_arrived.notify_waiters();
+    }
+
+    /// Answers a frame's violation: a Request gets an Error frame (via the writer task).
+    fn answer_error(&self, mtype: Option<u8>, rid: u64, code: u32, message: &str) {
+        if mtype == Some(REQUEST) {
+            self.queue(wire::encode_frame(
+                wire::ERROR,
+                0,
+                rid,
+                &wire::encode_error(code, message),
+            ));
+        }
+    }
+
+    fn fail_pending(&self, rid: u64, err: Error) {
+        if let Some(tx) = self.st.lock().unwrap().pending.remove(&rid) {
+            let _ = tx.send(Err(err));
+        }
+    }
+
+    /// Decodes and handles every whole frame buffered. `Err` ends the connection.
+    fn process(
+        self: &Arc<Self>,
+        dec: &mut FrameDecoder,
+        fds: &mut VecDeque<OwnedFd>,
+        dispatch: &Arc<dyn Dispatch>,
+    ) -> Result<(), (String, bool)> {
+        loop {
+            let frame = match dec.next_frame() {
+                Ok(Some(f)) => f,
+                Ok(None) => return Ok(()),
+                Err(e) if e.fatal => {
+                    if self.is_server {
+                        self.queue(wire::encode_frame(
+                            wire::ERROR,
+                            0,
+                            e.request_id.unwrap_or(0),
+                            &wire::encode_error(e.code, &e.message),
+                        ));
+                    }
+                    return Err((
+                        format!("fatal protocol error {}: {}", e.code, e.message),
+                        self.is_server,
+                    ));
+                }
+                Err(e) => {
+                    let rid = e.request_id.unwrap_or(0);
+                    if e.flags & FLAG_SHM != 0 && e.code == code::CHECKSUM {
+                        // The descriptor failed its CRC: hand the segment back all the same.
+                        self.refuse_shm_segment(&e.payload, fds);
+                    }
+                    match e.mtype {
+                        Some(wire::RESPONSE) | Some(wire::ERROR) => self.fail_pending(
+                            rid,
+                            Error::Protocol {
+                                code: e.code,
+                                message: e.message,
+                            },
+                        ),
+                        m => self.answer_error(m, rid, e.code, &e.message),
+                    }
+                    continue;
+                }
+            };
+            let rid = frame.request_id;
+            let payload = if frame.flags & FLAG_SHM != 0 {
+                match self.receive_shm(frame.mtype, rid, frame.flags, &frame.payload, fds) {
+                    Ok(p) => p,
+                    Err((code, message)) => {
+                        match frame.mtype {
+                            wire::RESPONSE | wire::ERROR => {
+                                self.fail_pending(rid, Error::Protocol { code, message })
+                            }
+                            m => self.answer_error(Some(m), rid, code, &message),
+                        }
+                        continue;
+                    }
+                }
+            } else if frame.flags & wire::FLAG_COMPRESSED != 0 {
+                // We never announce COMPRESSION, so it is never negotiated.
+                let m = "COMPRESSED was not negotiated";
+                match frame.mtype {
+                    wire::RESPONSE | wire::ERROR => self.fail_pending(
+                        rid,
+                        Error::Protocol {
+                            code: code::UNSUPPORTED_FLAGS,
+                            message: m.into(),
+                        },
+                    ),
+                    t => self.answer_error(Some(t), rid, code::UNSUPPORTED_FLAGS, m),
+                }
+                continue;
+            } else {
+                Payload::inline(frame.payload)
+            };
+            match frame.mtype {
+                REQUEST => dispatch.request(self, rid, payload),
+                RESPONSE => {
+                    if let Some(tx) = self.st.lock().unwrap().pending.remove(&rid) {
+                        let _ = tx.send(Ok(payload));
+                    }
+                }
+                wire::ERROR => {
+                    let err = match wire::decode_error(&payload) {
+                        Some((code, message)) => Error::Remote { code, message },
+                        None => Error::Remote {
+                            code: code::GENERIC,
+                            message: "malformed Error payload".into(),
+                        },
+                    };
+                    if let Some(tx) = self.st.lock().unwrap().pending.remove(&rid) {
+                        let _ = tx.send(Err(err));
+                    }
+                }
+                _ if rid == 0 => self.control(&payload),
+                _ => dispatch.event(self, payload),
+            }
+        }
+    }
+
+    /// A control Event (section 8a): the hello, or a release, reject or retire.
+    fn control(&self, payload: &[u8]) {
+        if payload.starts_with(b"HELO") {
+            let Some(h) = Hello::decode(payload) else { return };
+            let mut st = self.st.lock().unwrap();
+            if st.peer_hello.is_none() {
+                st.peer_hello = Some(h);
+                drop(st);
+                self.hello_arrived.notify_waiters();
+            }
+            return;
+        }
+        let Some((kind, ids)) = wire::decode_control(payload) else {
+            return;
+        };
+        let mut st = self.st.lock().unwrap();
+        match kind {
+            Control::Release | Control::Reject => {
+                for id in ids {
+                    if let Some(s) = st.own.get_mut(&id) {
+                        if s.peer_holds > 0 {
+                            s.peer_holds -= 1;
+                        }
+                        if kind == Control::Reject {
+                            s.introduced = false;
+                        }
+                    }
+                }
+                drop(st);
+                self.pool_freed.notify_waiters();
+            }
+            Control::Retire => {
+                for id in ids {
+                    // Payloads still lent keep their mapping alive until dropped.
+                    st.mapped.remove(&id);
+                    st.mapped_sizes.remove(&id);
+                }
+            }
+        }
+    }
+
+    /// Hands back the segment of a refused SHM frame, and closes a NEW_SEGMENT's descriptor.
+    fn refuse_shm_segment(&self, payload: &[u8], fds: &mut VecDeque<OwnedFd>) {
+        let st = self.st.lock().unwrap();
+        if let Some(d) = Descriptor::parse(payload) {
+            if d.flags & NEW_SEGMENT != 0 && d.flags & PEER_SEGMENT == 0 {
+                fds.pop_front();
+            }
+        }
+        let hb = shm::hand_back(payload, &st.mapped_sizes);
+        drop(st);
+        if let Some((kind, id)) = hb {
+            self.queue(wire::encode_frame(
+                EVENT,
+                0,
+                0,
+                &wire::encode_control(kind, &[id]),
+            ));
+        }
+    }
+
+    fn receive_shm(
+        self: &Arc<Self>,
+        mtype: u8,
+        rid: u64,
+        flags: u16,
+        payload: &[u8],
+        fds: &mut VecDeque<OwnedFd>,
+    ) -> Result<Payload, (u32, String)> {
+        let d = Descriptor::parse(payload);
+        let wants_fd = d.is_some_and(|d| d.flags & NEW_SEGMENT != 0);
+        let fd = if wants_fd { fds.pop_front() } else { None };
+        let info = fd.as_ref().map(FdInfo::of);
+        let mut st = self.st.lock().unwrap();
+        let negotiated = self.limits.shm
+            && st
+                .peer_hello
+                .as_ref()
+                .is_some_and(|h| h.features & FEATURE_SHM != 0);
+        let lent: HashMap<u32, u64> = st
+            .own
+            .values()
+            .filter(|s| s.peer_holds > 0)
+            .map(|s| (s.seg.id, s.seg.size))
+            .collect();
+        let view = ReceiverView {
+            negotiated,
+            compression: false,
+            shm_receive_bytes: self.limits.shm_receive_bytes,
+            shm_receive_segments: self.limits.shm_receive_segments,
+            mapped: &st.mapped_sizes,
+            lent: &lent,
+            global: shm::global_mapped(),
+        };
+        match shm::decide(&view, mtype, rid, flags, payload, info) {
+            Decision::Refuse {
+                code,
+                message,
+                hand_back,
+            } => {
+                drop(st);
+                if let Some((kind, id)) = hand_back {
+                    self.queue(wire::encode_frame(
+                        EVENT,
+                        0,
+                        0,
+                        &wire::encode_control(kind, &[id]),
+                    ));
+                }
+                Err((code, message))
+            }
+            Decision::Lend {
+                at: Lent::Own { id },
+                offset,
+                length,
+            } => {
+                let s = st.own.get_mut(&id).expect("decide checked it is lent");
+                s.local_views += 1;
+                let seg = s.seg.clone();
+                self.shm_received.fetch_add(1, Ordering::Relaxed);
+                Ok(Payload::own(
+                    seg,
+                    offset,
+                    length,
+                    Release::new(Arc::downgrade(self), id, true),
+                ))
+            }
+            Decision::Lend {
+                at: Lent::Peer { id, new, size },
+                offset,
+                length,
+            } => {
+                let map = if new {
+                    let fd = fd.expect("decide checked the descriptor");
+                    match PeerMapping::map(&fd, size) {
+                        Ok(m) => {
+                            let m = Arc::new(m);
+                            st.mapped.insert(id, m.clone());
+                            st.mapped_sizes.insert(id, size);
+                            m
+                        }
+                        Err(e) => {
+                            drop(st);
+                            self.queue(wire::encode_frame(
+                                EVENT,
+                                0,
+                                0,
+                                &wire::encode_control(Control::Reject, &[id]),
+                            ));
+                            return Err((code::SHM_ERROR, format!("mmap failed: {e}")));
+                        }
+                    }
+                } else {
+                    st.mapped.get(&id).expect("decide checked it is mapped").clone()
+                };
+                drop(st);
+                self.shm_received.fetch_add(1, Ordering::Relaxed);
+                Ok(Payload::peer(
+                    map,
+                    offset,
+                    length,
+                    Release::new(Arc::downgrade(self), id, false),
+                ))
+            }
+        }
+    }
+}
+
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// What to send: bytes, or a received payload (an echo of a shared one costs no copy).
+pub(crate) enum Body<'a> {
+    Bytes(&'a [u8]),
+    Echo(&'a Payload),
+}
+
+impl Body<'_> {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Body::Bytes(b) => b,
+            Body::Echo(p) => p,
+        }
+    }
+    fn len(&self) -> usize {
+        self.bytes().len()
+    }
+}
+
+fn sendmsg(fd: RawFd, bufs: &[&[u8]], first_off: usize, pass: Option<RawFd>) -> io::Result<usize> {
+    let mut iov: Vec<libc::iovec> = Vec::with_capacity(bufs.len().min(64));
+    for (i, b) in bufs.iter().take(64).enumerate() {
+        let b = if i == 0 { &b[first_off..] } else { b };
+        iov.push(libc::iovec {
+            iov_base: b.as_ptr() as *mut libc::c_void,
+            iov_len: b.len(),
+        });
+    }
+    // SAFETY: msghdr built from live buffers; cmsg space sized for one descriptor.
+    unsafe {
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = iov.as_mut_ptr();
+        msg.msg_iovlen = iov.len() as _;
+        let space = libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) as usize;
+        let mut cbuf = [0u64; 8];
+        if let Some(pfd) = pass {
+            msg.msg_control = cbuf.as_mut_ptr() as *mut libc::c_void;
+            msg.msg_controllen = space as _;
+            let c = libc::CMSG_FIRSTHDR(&msg);
+            (*c).cmsg_level = libc::SOL_SOCKET;
+            (*c).cmsg_type = libc::SCM_RIGHTS;
+            (*c).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<RawFd>() as u32) as _;
+            std::ptr::write_unaligned(libc::CMSG_DATA(c) as *mut RawFd, pfd);
+        }
+        let n = libc::sendmsg(fd, &msg, libc::MSG_NOSIGNAL);
+        if n < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(n as usize)
+        }
+    }
+}
+
+fn recvmsg(fd: RawFd, ptr: *mut u8, room: usize, fds: &mut VecDeque<OwnedFd>) -> io::Result<usize> {
+    // SAFETY: recvmsg into `room` bytes at `ptr` (the decoder's spare capacity) and a local
+    // control buffer; every descriptor received is wrapped in an OwnedFd at once.
+    unsafe {
+        let mut iov = libc::iovec {
+            iov_base: ptr as *mut libc::c_void,
+            iov_len: room,
+        };
+        let mut cbuf = [0u64; 32];
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = cbuf.as_mut_ptr() as *mut libc::c_void;
+        msg.msg_controllen = std::mem::size_of_val(&cbuf) as _;
+        let n = libc::recvmsg(fd, &mut msg, libc::MSG_CMSG_CLOEXEC);
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut c = libc::CMSG_FIRSTHDR(&msg);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
+                let data = libc::CMSG_DATA(c) as *const RawFd;
+                let count =
+                    ((*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize) / std::mem::size_of::<RawFd>();
+                for i in 0..count {
+                    let owned = OwnedFd::from_raw_fd(std::ptr::read_unaligned(data.add(i)));
+                    if fds.len() < MAX_WAITING_FDS {
+                        fds.push_back(owned);
+                    }
+                }
+            }
+            c = libc::CMSG_NXTHDR(&msg, c);
+        }
+        Ok(n as usize)
+    }
+}

@@ -1,0 +1,437 @@
+//! The async server, [`Server`]: one task reads each connection, one runs its Requests in
+//! arrival order (so replies leave in that order), Events go to an optional callback.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, watch};
+
+use crate::conn::{self, Body, Conn, Dispatch, Limits};
+use crate::error::{Error, HandlerError};
+use crate::payload::Payload;
+use crate::wire::{self, code, ERROR, EVENT, RESPONSE};
+
+/// What a handler answers: bytes, or a received [`Payload`] sent back as it is (an echo of a
+/// shared-memory payload points back into the client's segment: no copy).
+pub enum Reply {
+    Bytes(Vec<u8>),
+    Payload(Payload),
+}
+
+impl From<Vec<u8>> for Reply {
+    fn from(v: Vec<u8>) -> Self {
+        Reply::Bytes(v)
+    }
+}
+impl From<&[u8]> for Reply {
+    fn from(v: &[u8]) -> Self {
+        Reply::Bytes(v.to_vec())
+    }
+}
+impl From<String> for Reply {
+    fn from(v: String) -> Self {
+        Reply::Bytes(v.into_bytes())
+    }
+}
+impl From<&str> for Reply {
+    fn from(v: &str) -> Self {
+        Reply::Bytes(v.as_bytes().to_vec())
+    }
+}
+impl From<Payload> for Reply {
+    fn from(p: Payload) -> Self {
+        Reply::Payload(p)
+    }
+}
+
+/// One client connection, as a handler sees it: push Events to it.
+#[derive(Clone)]
+pub struct Peer {
+    conn: Arc<Conn>,
+    timeout: Duration,
+    next_event_id: Arc<AtomicU64>,
+}
+
+impl Peer {
+    /// Sends an Event to this client (inline, or through shared memory when large).
+    pub async fn send_event(&self, payload: &[u8]) -> Result<(), Error> {
+        let id = self.next_event_id.fetch_add(1, Ordering::Relaxed);
+        self.conn
+            .send(EVENT, id, Body::Bytes(payload), Instant::now() + self.timeout)
+            .await
+    }
+
+    /// The client's uid (SO_PEERCRED).
+    pub fn uid(&self) -> Option<u32> {
+        conn::peer_uid(self.conn.raw_fd()).ok()
+    }
+}
+
+/// A Request as a handler receives it.
+pub struct Request {
+    /// The payload (a zero-copy view when it came through shared memory).
+    pub payload: Payload,
+    /// The connection it came on.
+    pub peer: Peer,
+}
+
+type BoxFut = Pin<Box<dyn Future<Output = Result<Reply, HandlerError>> + Send>>;
+type HandlerFn = Arc<dyn Fn(Request) -> BoxFut + Send + Sync>;
+type EventFn = Arc<dyn Fn(Payload, Peer) + Send + Sync>;
+
+/// Server settings.
+#[derive(Clone)]
+pub struct ServerOptions {
+    pub limits: Limits,
+    /// Socket file mode (default 0600).
+    pub mode: u32,
+    /// Client uids allowed besides our own.
+    pub allow_uids: Vec<u32>,
+    /// Most connections at once (default 1024).
+    pub max_connections: usize,
+    /// How long [`ServerHandle::shutdown`] lets connections finish (default 5 s).
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        ServerOptions {
+            limits: Limits::default(),
+            mode: 0o600,
+            allow_uids: Vec::new(),
+            max_connections: 1024,
+            shutdown_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+struct Shared {
+    handler: HandlerFn,
+    on_event: Option<EventFn>,
+    opts: ServerOptions,
+    conns: Mutex<HashMap<u64, Weak<Conn>>>,
+    next_event_id: Arc<AtomicU64>,
+}
+
+/// An async hintens server.
+pub struct Server {
+    path: PathBuf,
+    shared: Arc<Shared>,
+    stop_tx: watch::Sender<bool>,
+}
+
+/// Stops a running [`Server`] from another task.
+#[derive(Clone)]
+pub struct ServerHandle {
+    stop_tx: watch::Sender<bool>,
+    shared: Arc<Shared>,
+}
+
+impl ServerHandle {
+    /// Stops accepting, removes the socket file, lets each connection finish the Requests it
+    /// has read (up to `shutdown_timeout`), then closes them. [`Server::serve`] returns.
+    pub fn shutdown(&self) {
+        let _ = self.stop_tx.send(true);
+    }
+
+    /// Sends an Event to every connected client; returns how many it reached.
+    pub async fn broadcast(&self, payload: &[u8]) -> usize {
+        broadcast(&self.shared, payload).await
+    }
+}
+
+async fn broadcast(shared: &Arc<Shared>, payload: &[u8]) -> usize {
+    let conns: Vec<Arc<Conn>> = shared
+        .conns
+        .lock()
+        .unwrap()
+        .values()
+        .filter_map(|w| w.upgrade())
+        .collect();
+    let mut n = 0;
+    for c in conns {
+        let id = shared.next_event_id.fetch_add(1, Ordering::Relaxed);
+        let deadline = Instant::now() + shared.opts.limits.send_timeout;
+        if c.send(EVENT, id, Body::Bytes(payload), deadline).await.is_ok() {
+            n += 1;
+        }
+    }
+    n
+}
+
+impl Server {
+    /// A server on `path` whose handler answers each Request.
+    ///
+    /// ```no_run
+    /// # async fn f() -> Result<(), hintens::Error> {
+    /// let server = hintens::Server::new("/tmp/hintens.sock", |req: hintens::Request| async move {
+    ///     Ok(req.payload.into())   // echo
+    /// });
+    /// server.serve().await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn new<F, Fut>(path: impl AsRef<Path>, handler: F) -> Server
+    where
+        F: Fn(Request) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Reply, HandlerError>> + Send + 'static,
+    {
+        Self::with_options(path, handler, ServerOptions::default())
+    }
+
+    pub fn with_options<F, Fut>(path: impl AsRef<Path>, handler: F, opts: ServerOptions) -> Server
+    where
+        F: Fn(Request) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Reply, HandlerError>> + Send + 'static,
+    {
+        let handler: HandlerFn = Arc::new(move |r| Box::pin(handler(r)));
+        let (stop_tx, _) = watch::channel(false);
+        Server {
+            path: path.as_ref().to_path_buf(),
+            shared: Arc::new(Shared {
+                handler,
+                on_event: None,
+                opts,
+                conns: Mutex::new(HashMap::new()),
+                next_event_id: Arc::new(AtomicU64::new(1)),
+            }),
+            stop_tx,
+        }
+    }
+
+    /// Sets the callback for Events from clients (without one, plain Events are dropped).
+    pub fn on_event(mut self, f: impl Fn(Payload, Peer) + Send + Sync + 'static) -> Server {
+        Arc::get_mut(&mut self.shared).expect("before serve").on_event = Some(Arc::new(f));
+        self
+    }
+
+    /// A handle to stop the server or broadcast, usable from other tasks.
+    pub fn handle(&self) -> ServerHandle {
+        ServerHandle {
+            stop_tx: self.stop_tx.clone(),
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// Binds (mode 0600 unless configured) and serves until [`ServerHandle::shutdown`].
+    pub async fn serve(self) -> Result<(), Error> {
+        let listener = bind(&self.path, self.shared.opts.mode)?;
+        self.serve_on(listener).await
+    }
+
+    async fn serve_on(self, listener: tokio::net::UnixListener) -> Result<(), Error> {
+        let mut stop = self.stop_tx.subscribe();
+        let my_uid = conn::my_uid();
+        let mut next_conn = 0u64;
+        // One budget for unfinished frames across the server's connections, at least
+        // max_payload (section 10).
+        let limits = &self.shared.opts.limits;
+        let budget = wire::PendingBudget::new(limits.max_pending_bytes.max(limits.max_payload as u64));
+        let mut tasks = Vec::new();
+        loop {
+            let accepted = tokio::select! {
+                r = listener.accept() => r,
+                _ = stopped(&mut stop) => break,
+            };
+            let (stream, _) = match accepted {
+                Ok(s) => s,
+                Err(e) => {
+                    // EMFILE and the like: keep serving the others.
+                    eprintln!("hintens: accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            };
+            let fd: OwnedFd = match stream.into_std() {
+                Ok(s) => s.into(),
+                Err(_) => continue,
+            };
+            let uid = conn::peer_uid(fd.as_raw_fd()).unwrap_or(u32::MAX);
+            if uid != my_uid && !self.shared.opts.allow_uids.contains(&uid) {
+                refuse(&fd, &format!("uid {uid} may not use this server"));
+                continue;
+            }
+            let live = {
+                let mut conns = self.shared.conns.lock().unwrap();
+                conns.retain(|_, w| w.strong_count() > 0);
+                conns.len()
+            };
+            if live >= self.shared.opts.max_connections {
+                refuse(&fd, "too many connections");
+                continue;
+            }
+            next_conn += 1;
+            let (tx, rx) = mpsc::unbounded_channel();
+            let dispatch = Arc::new(ServerDispatch {
+                shared: self.shared.clone(),
+                work: Mutex::new(Some(tx)),
+            });
+            let conn = match Conn::start(
+                fd,
+                self.shared.opts.limits.clone(),
+                dispatch,
+                true,
+                Some(budget.clone()),
+            ) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("hintens: connection setup failed: {e}");
+                    continue;
+                }
+            };
+            self.shared
+                .conns
+                .lock()
+                .unwrap()
+                .insert(next_conn, Arc::downgrade(&conn));
+            tasks.push(tokio::spawn(worker(conn, self.shared.clone(), rx)));
+            tasks.retain(|t| !t.is_finished());
+        }
+        drop(listener);
+        let _ = std::fs::remove_file(&self.path);
+        for c in self.shared.conns.lock().unwrap().values() {
+            if let Some(c) = c.upgrade() {
+                c.start_drain();
+            }
+        }
+        // Shutdown: each worker answers what was read, then closes its connection.
+        let deadline = tokio::time::Instant::now() + self.shared.opts.shutdown_timeout;
+        for t in tasks {
+            let abort = t.abort_handle();
+            if tokio::time::timeout_at(deadline, t).await.is_err() {
+                abort.abort();
+            }
+        }
+        for c in self.shared.conns.lock().unwrap().drain() {
+            if let Some(c) = c.1.upgrade() {
+                c.shutdown();
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One Error frame (UNAVAILABLE, request id 0), then close, before reading anything.
+fn refuse(fd: &OwnedFd, why: &str) {
+    let frame = wire::encode_frame(ERROR, 0, 0, &wire::encode_error(code::UNAVAILABLE, why));
+    // SAFETY: a plain send on a socket we own; best effort.
+    unsafe {
+        libc::send(
+            fd.as_raw_fd(),
+            frame.as_ptr() as *const libc::c_void,
+            frame.len(),
+            libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+        );
+    }
+}
+
+fn bind(path: &Path, mode: u32) -> Result<tokio::net::UnixListener, Error> {
+    if let Ok(md) = std::fs::symlink_metadata(path) {
+        // A stale socket of a server that is gone is replaced; a live one is not.
+        if md.file_type().is_socket() && std::os::unix::net::UnixStream::connect(path).is_err() {
+            std::fs::remove_file(path)?;
+        }
+    }
+    let listener = tokio::net::UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+    Ok(listener)
+}
+
+struct ServerDispatch {
+    shared: Arc<Shared>,
+    work: Mutex<Option<mpsc::UnboundedSender<(u64, Payload)>>>,
+}
+
+impl Dispatch for ServerDispatch {
+    fn request(&self, conn: &Arc<Conn>, request_id: u64, payload: Payload) {
+        let sent = match &*self.work.lock().unwrap() {
+            Some(tx) => tx.send((request_id, payload)).is_ok(),
+            None => false,
+        };
+        if !sent {
+            conn.queue(wire::encode_frame(
+                ERROR,
+                0,
+                request_id,
+                &wire::encode_error(code::UNAVAILABLE, "the server is shutting down"),
+            ));
+        }
+    }
+
+    fn event(&self, conn: &Arc<Conn>, payload: Payload) {
+        if let Some(f) = &self.shared.on_event {
+            f(
+                payload,
+                Peer {
+                    conn: conn.clone(),
+                    timeout: self.shared.opts.limits.send_timeout,
+                    next_event_id: self.shared.next_event_id.clone(),
+                },
+            );
+        }
+    }
+
+    fn drained(&self, _conn: &Arc<Conn>) {
+        self.work.lock().unwrap().take();
+    }
+
+    fn closed(&self, _conn: &Arc<Conn>) {
+        self.work.lock().unwrap().take();
+    }
+}
+
+async fn stopped(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}
+
+/// Runs one connection's Requests in arrival order, until the reader stops handing them on
+/// (the connection ended, or a drain read everything), then closes the connection.
+async fn worker(conn: Arc<Conn>, shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<(u64, Payload)>) {
+    let peer = Peer {
+        conn: conn.clone(),
+        timeout: shared.opts.limits.send_timeout,
+        next_event_id: shared.next_event_id.clone(),
+    };
+    while let Some((rid, payload)) = rx.recv().await {
+        let result = (shared.handler)(Request {
+            payload,
+            peer: peer.clone(),
+        })
+        .await;
+        let deadline = Instant::now() + shared.opts.limits.send_timeout;
+        let sent = match result {
+            Ok(Reply::Bytes(b)) => conn.send(RESPONSE, rid, Body::Bytes(&b), deadline).await,
+            Ok(Reply::Payload(p)) => conn.send(RESPONSE, rid, Body::Echo(&p), deadline).await,
+            Err(e) => {
+                conn.write_frame(ERROR, 0, rid, &wire::encode_error(e.code, &e.message), deadline)
+                    .await
+            }
+        };
+        let fallback = match sent {
+            Ok(()) => None,
+            Err(Error::TooLarge { .. }) => Some((code::TOO_LARGE, "the response is over the client's limit")),
+            Err(Error::Timeout(_)) => Some((code::UNAVAILABLE, "no shared memory free for the response")),
+            Err(Error::Io(_)) => Some((code::SHM_ERROR, "shared memory failed for the response")),
+            Err(_) => break,
+        };
+        if let Some((c, m)) = fallback {
+            let deadline = Instant::now() + shared.opts.limits.send_timeout;
+            if conn
+                .write_frame(ERROR, 0, rid, &wire::encode_error(c, m), deadline)
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+    }
+    // Every reply was written (writes complete before they return): close once the frames
+    // queued for the writer task (releases, refusals) are out. The reader task sees the end.
+    conn.close_after_queued();
+}
