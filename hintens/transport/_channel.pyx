@@ -257,7 +257,9 @@ cdef class Channel(Outbox):
                 vectors[0].iov_len = <size_t>room
                 vectors[1].iov_base = self._buffer
                 vectors[1].iov_len = <size_t>self._size
-                message.msg_iovlen = 2
+                # Our buffer only once the payload ends in this read: before that, what the
+                # kernel put there would be payload bytes, to be copied over again.
+                message.msg_iovlen = 2 if room >= self.decoder._remaining else 1
             else:
                 vectors[0].iov_base = self._buffer
                 vectors[0].iov_len = <size_t>self._size
