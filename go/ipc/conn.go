@@ -1,0 +1,477 @@
+package ipc
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"log"
+	"net"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// conn is one hintens connection, for a client or a server: one goroutine reads (readLoop),
+// any goroutine writes whole frames under wmu. What to do with Requests, Responses and Events
+// is left to the owner's callbacks, which run on the reading goroutine.
+type conn struct {
+	nc  *net.UnixConn
+	cfg *config
+	dec *Decoder
+	shm *shmState
+
+	isServer bool
+
+	helloDone chan struct{}
+	helloOnce sync.Once
+
+	wmu        sync.Mutex
+	wbuf       []byte
+	wDeadline  time.Time
+	eventIDSeq atomic.Uint64
+
+	fds []int // received descriptors not yet claimed, oldest first (reader only)
+
+	closed    chan struct{}
+	closeOnce sync.Once
+	closeErr  error
+
+	onRequest  func(rid uint64, payload []byte, l *lease)
+	onResponse func(rid uint64, payload []byte, l *lease, err error)
+	onEvent    func(payload []byte, l *lease)
+	onClose    func(err error)
+	// onReadEnd, if set, is called instead of closeWith when reading ends (a server lets
+	// its worker answer what was read first).
+	onReadEnd func(err error)
+
+	shmSent, shmReceived atomic.Uint64
+}
+
+func newConn(nc *net.UnixConn, cfg *config, isServer bool, totals *shmTotals) *conn {
+	features := uint32(0)
+	if cfg.shm {
+		features = FeatureSHM
+	}
+	c := &conn{nc: nc, cfg: cfg, isServer: isServer, dec: NewDecoder(cfg.maxPayload),
+		shm:       newShmState(features, cfg.shmReceiveBytes, cfg.shmReceiveSegments, cfg.shmPoolBytes, totals),
+		helloDone: make(chan struct{}), closed: make(chan struct{})}
+	return c
+}
+
+func (c *conn) localHello() []byte {
+	h := Hello{Features: c.shm.localFeatures, MaxPayload: c.cfg.maxPayload,
+		ShmReceiveBytes: c.cfg.shmReceiveBytes, ShmReceiveSegments: c.cfg.shmReceiveSegments}
+	return EncodeHello(h)
+}
+
+// closeWith ends the connection once: pending work fails with err.
+func (c *conn) closeWith(err error) {
+	c.closeOnce.Do(func() {
+		c.closeErr = err
+		close(c.closed)
+		c.nc.Close()
+		c.helloOnce.Do(func() { close(c.helloDone) })
+		c.shm.closeAll()
+		if c.onClose != nil {
+			c.onClose(err)
+		}
+	})
+}
+
+func (c *conn) err() error {
+	select {
+	case <-c.closed:
+		return c.closeErr
+	default:
+		return nil
+	}
+}
+
+// ---- writing ----
+
+// writeFrame writes one whole frame. Small frames leave in one write.
+func (c *conn) writeFrame(typ uint32, flags uint16, rid uint64, payload []byte) error {
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	if err := c.err(); err != nil {
+		return err
+	}
+	c.armWriteDeadline()
+	var err error
+	if len(payload) <= 64<<10 {
+		n := HeaderSize + len(payload)
+		if cap(c.wbuf) < n {
+			c.wbuf = make([]byte, n, max(n, 4096))
+		}
+		b := c.wbuf[:n]
+		putHeader(b, typ, flags, rid, payload)
+		copy(b[HeaderSize:], payload)
+		_, err = c.nc.Write(b)
+	} else {
+		var h [HeaderSize]byte
+		putHeader(h[:], typ, flags, rid, payload)
+		bufs := net.Buffers{h[:], payload}
+		_, err = bufs.WriteTo(c.nc)
+	}
+	if err != nil {
+		c.closeWith(fmt.Errorf("%w: write: %v", ErrClosed, err))
+		return c.closeErr
+	}
+	return nil
+}
+
+// writeFrameFD writes one frame with a descriptor attached to its first byte (section 9).
+func (c *conn) writeFrameFD(typ uint32, flags uint16, rid uint64, payload []byte, fd int) error {
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	if err := c.err(); err != nil {
+		return err
+	}
+	c.armWriteDeadline()
+	frame := EncodeFrame(typ, flags, rid, payload)
+	n, _, err := c.nc.WriteMsgUnix(frame, unix.UnixRights(fd), nil)
+	if err == nil && n < len(frame) {
+		_, err = c.nc.Write(frame[n:])
+	}
+	if err != nil {
+		c.closeWith(fmt.Errorf("%w: write: %v", ErrClosed, err))
+		return c.closeErr
+	}
+	return nil
+}
+
+// armWriteDeadline keeps a write deadline of about sendTimeout ahead, touching the timer
+// only when it has run down by a second (caller holds wmu).
+func (c *conn) armWriteDeadline() {
+	if c.cfg.sendTimeout <= 0 {
+		return
+	}
+	now := time.Now()
+	if c.wDeadline.Sub(now) < c.cfg.sendTimeout-time.Second {
+		c.wDeadline = now.Add(c.cfg.sendTimeout)
+		c.nc.SetWriteDeadline(c.wDeadline)
+	}
+}
+
+func (c *conn) sendControl(magic string, ids ...uint32) {
+	for len(ids) > 0 {
+		n := min(len(ids), maxControlIDs)
+		_ = c.writeFrame(TypeEvent, 0, 0, EncodeControl(magic, ids[:n]))
+		ids = ids[n:]
+	}
+}
+
+func (c *conn) sendError(rid uint64, code uint32, msg string) {
+	_ = c.writeFrame(TypeError, 0, rid, EncodeErrorPayload(code, msg))
+}
+
+// releaseLease lets go of a lent payload and hands the segment back to the peer.
+func (c *conn) releaseLease(l *lease) {
+	if l == nil {
+		return
+	}
+	if id := l.release(); id != 0 {
+		c.sendControl("HREL", id)
+	}
+}
+
+// peerLimits: the peer's inline limit and whether shared memory was negotiated.
+func (c *conn) peerLimits() (maxPayload int, shm bool) {
+	c.shm.mu.Lock()
+	defer c.shm.mu.Unlock()
+	maxPayload = DefaultMaxPayload
+	if c.shm.peer != nil {
+		maxPayload = int(c.shm.peer.MaxPayload)
+	}
+	return maxPayload, c.shm.negotiatedLocked()
+}
+
+// waitHello waits (up to helloWait or deadline) for the peer's hello, before a payload that
+// shared memory might carry or the peer's limit might refuse (section 8).
+func (c *conn) waitHello(deadline time.Time) {
+	select {
+	case <-c.helloDone:
+		return
+	default:
+	}
+	wait := helloWait
+	if !deadline.IsZero() {
+		wait = min(wait, time.Until(deadline))
+	}
+	if wait <= 0 {
+		return
+	}
+	t := time.NewTimer(wait)
+	defer t.Stop()
+	select {
+	case <-c.helloDone:
+	case <-t.C:
+	}
+}
+
+// send sends a Request, Response or Event, inline or through shared memory (sections 8b and
+// 9). echo, if set, is the lease of the Request being answered: data inside it goes back as a
+// PEER_SEGMENT echo. wait says whether it may wait for a free segment (until deadline);
+// otherwise an exhausted pool sends inline when the peer's limit allows.
+func (c *conn) send(typ uint32, rid uint64, data []byte, echo *lease, deadline time.Time, wait bool) error {
+	if len(data) >= c.cfg.shmThreshold {
+		c.waitHello(deadline)
+	}
+	peerMax, negotiated := c.peerLimits()
+	if negotiated && echo != nil {
+		if d, ok := echo.echoDescriptor(data); ok {
+			c.shmSent.Add(1)
+			return c.writeFrame(typ, FlagSHM, rid, d.Encode())
+		}
+	}
+	if negotiated && (len(data) >= c.cfg.shmThreshold || len(data) > peerMax) {
+		for {
+			seg, retired, waitCh, err := c.shm.acquire(uint64(len(data)))
+			if len(retired) > 0 {
+				c.sendControl("HRET", retired...)
+			}
+			if errors.Is(err, errPoolTooSmall) {
+				break // inline, if the peer's limit allows
+			}
+			if err != nil {
+				return err
+			}
+			if seg != nil {
+				copy(seg.mem, data)
+				d, fd := c.shm.lend(seg, uint64(len(data)))
+				c.shmSent.Add(1)
+				if fd >= 0 {
+					return c.writeFrameFD(typ, FlagSHM, rid, d.Encode(), fd)
+				}
+				return c.writeFrame(typ, FlagSHM, rid, d.Encode())
+			}
+			if !wait {
+				break
+			}
+			var timeout <-chan time.Time
+			if !deadline.IsZero() {
+				t := time.NewTimer(time.Until(deadline))
+				defer t.Stop()
+				timeout = t.C
+			}
+			select {
+			case <-waitCh:
+			case <-timeout:
+				return &ProtocolError{Code: CodeTimeout, Message: "no shared-memory segment came free in time"}
+			case <-c.closed:
+				return c.closeErr
+			}
+		}
+	}
+	if len(data) > peerMax {
+		return &ProtocolError{Code: CodeTooLarge, Message: fmt.Sprintf(
+			"payload of %d bytes over the peer's limit of %d, and shared memory cannot carry it", len(data), peerMax)}
+	}
+	return c.writeFrame(typ, 0, rid, data)
+}
+
+// ---- reading ----
+
+func (c *conn) readLoop() {
+	oob := make([]byte, unix.CmsgSpace(4*maxWaitingFDs))
+	var inFrameSince time.Time
+	var err error
+	defer func() {
+		c.dec.Abandon()
+		for _, fd := range c.fds {
+			unix.Close(fd)
+		}
+		c.fds = nil
+		if c.onReadEnd != nil {
+			c.onReadEnd(err)
+		} else {
+			c.closeWith(err)
+		}
+	}()
+	for {
+		space := c.dec.Space()
+		n, oobn, _, _, rerr := c.nc.ReadMsgUnix(space, oob)
+		if oobn > 0 {
+			c.takeFDs(oob[:oobn])
+		}
+		if n > 0 {
+			c.dec.Commit(n)
+			if !c.processFrames() {
+				err = c.closeErr
+				if err == nil {
+					err = fmt.Errorf("%w: protocol error", ErrClosed)
+				}
+				return
+			}
+			if c.dec.Idle() {
+				for _, fd := range c.fds {
+					unix.Close(fd) // unclaimed once no frame is in progress
+				}
+				c.fds = c.fds[:0]
+				if !inFrameSince.IsZero() {
+					inFrameSince = time.Time{}
+					c.nc.SetReadDeadline(time.Time{})
+				}
+			} else if inFrameSince.IsZero() && c.cfg.frameTimeout > 0 {
+				inFrameSince = time.Now()
+				c.nc.SetReadDeadline(inFrameSince.Add(c.cfg.frameTimeout))
+			}
+		}
+		if rerr != nil || (n == 0 && oobn == 0) {
+			switch {
+			case rerr == nil || errors.Is(rerr, io.EOF):
+				err = fmt.Errorf("%w: the peer closed the connection", ErrClosed)
+			case errors.Is(rerr, unix.ECONNRESET):
+				err = fmt.Errorf("%w: connection reset by the peer", ErrClosed)
+			case errors.Is(rerr, net.ErrClosed):
+				err = fmt.Errorf("%w: closed", ErrClosed)
+			default:
+				var ne net.Error
+				if errors.As(rerr, &ne) && ne.Timeout() {
+					err = fmt.Errorf("%w: a frame did not arrive whole within %v", ErrClosed, c.cfg.frameTimeout)
+				} else {
+					err = fmt.Errorf("%w: read: %v", ErrClosed, rerr)
+				}
+			}
+			return
+		}
+	}
+}
+
+func (c *conn) takeFDs(oob []byte) {
+	msgs, err := unix.ParseSocketControlMessage(oob)
+	if err != nil {
+		return
+	}
+	for _, m := range msgs {
+		fds, err := unix.ParseUnixRights(&m)
+		if err != nil {
+			continue
+		}
+		for _, fd := range fds {
+			if len(c.fds) >= maxWaitingFDs {
+				unix.Close(fd)
+				continue
+			}
+			c.fds = append(c.fds, fd)
+		}
+	}
+}
+
+// processFrames decodes and dispatches what the buffer holds; false after a fatal error.
+func (c *conn) processFrames() bool {
+	for {
+		f, ok, perr := c.dec.Next()
+		if perr != nil {
+			if perr.Fatal {
+				if c.isServer {
+					rid := uint64(0)
+					if perr.HasID {
+						rid = perr.RequestID
+					}
+					c.sendError(rid, perr.Code, perr.Message)
+				}
+				c.closeWith(fmt.Errorf("%w: %v", ErrClosed, perr))
+				return false
+			}
+			c.refuse(perr.Type, perr.RequestID, perr)
+			continue
+		}
+		if !ok {
+			return true
+		}
+		c.dispatch(f)
+	}
+}
+
+// aliasesBuffer: whether a decoded inline payload lives in the decoder's reused buffer.
+func aliasesBuffer(n int) bool { return HeaderSize+n <= decoderBufSize }
+
+func (c *conn) dispatch(f Frame) {
+	payload := f.Payload
+	var l *lease
+	if f.Flags&FlagSHM != 0 {
+		fd := -1
+		if len(payload) == descriptorSize && payload[4]&byte(DescNewSegment) != 0 && len(c.fds) > 0 {
+			fd = c.fds[0]
+			c.fds = c.fds[1:]
+		}
+		dec := c.shm.receive(f.Type, f.Flags, f.RequestID, payload, fd)
+		if dec.handBack != "" {
+			c.sendControl(dec.handBack, dec.id)
+		}
+		if dec.lease == nil {
+			c.refuse(f.Type, f.RequestID, &ProtocolError{Code: dec.code, RequestID: f.RequestID,
+				HasID: true, Type: f.Type, Message: dec.msg})
+			return
+		}
+		l = dec.lease
+		payload = l.data
+		c.shmReceived.Add(1)
+	} else if f.Flags&FlagCompressed != 0 {
+		c.refuse(f.Type, f.RequestID, &ProtocolError{Code: CodeUnsupportedFlags, RequestID: f.RequestID,
+			HasID: true, Type: f.Type, Message: "COMPRESSED was not negotiated"})
+		return
+	}
+	switch f.Type {
+	case TypeEvent:
+		if f.RequestID == 0 {
+			c.control(payload)
+			return
+		}
+		if c.onEvent != nil {
+			c.onEvent(payload, l)
+		} else {
+			c.releaseLease(l)
+		}
+	case TypeRequest:
+		c.onRequest(f.RequestID, payload, l)
+	case TypeResponse:
+		c.onResponse(f.RequestID, payload, l, nil)
+	case TypeError:
+		c.onResponse(f.RequestID, nil, nil, remoteErrorFromPayload(payload))
+	}
+}
+
+// refuse handles a frame dropped for a recoverable violation (section 6).
+func (c *conn) refuse(typ uint32, rid uint64, perr *ProtocolError) {
+	switch typ {
+	case TypeRequest:
+		c.sendError(rid, perr.Code, perr.Message)
+	case TypeResponse, TypeError:
+		c.onResponse(rid, nil, nil, perr)
+	default:
+		if rid != 0 {
+			log.Printf("hintens: dropped an Event: %v", perr)
+		}
+	}
+}
+
+func (c *conn) control(p []byte) {
+	if len(p) < 4 {
+		return
+	}
+	switch string(p[:4]) {
+	case "HELO":
+		h, _, ok := ParseHello(p)
+		if !ok {
+			return
+		}
+		c.helloOnce.Do(func() {
+			c.shm.mu.Lock()
+			c.shm.peer = &h
+			c.shm.mu.Unlock()
+			close(c.helloDone)
+		})
+	case "HREL", "HREJ":
+		if magic, ids, ok := ParseControl(p); ok {
+			c.shm.handBack(magic, ids)
+		}
+	case "HRET":
+		if _, ids, ok := ParseControl(p); ok {
+			c.shm.retire(ids)
+		}
+	}
+}

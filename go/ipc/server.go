@@ -1,0 +1,336 @@
+package ipc
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log"
+	"net"
+	"os"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+)
+
+// Handler answers one Request. req is valid only until the handler returns (it may be a
+// view of the client's shared memory): copy what you keep. Returning a slice of req is fine
+// (an echo of a shared-memory request goes back without a copy). A returned *RemoteError
+// answers with its code and message; any other error answers HANDLER_ERROR with err.Error().
+type Handler func(ctx context.Context, req []byte) ([]byte, error)
+
+// EventHandler receives the Events clients send. payload is valid only during the call.
+// ConnFromContext(ctx) names the connection.
+type EventHandler func(ctx context.Context, payload []byte)
+
+// Server serves hintens clients on a Unix socket.
+type Server struct {
+	path    string
+	handler Handler
+	cfg     config
+
+	onEvent atomic.Pointer[EventHandler]
+
+	mu       sync.Mutex
+	ln       *net.UnixListener
+	conns    map[*Conn]struct{}
+	shutdown bool
+	wg       sync.WaitGroup
+
+	totals  *shmTotals
+	pending atomic.Int64
+}
+
+// Conn is one client's connection, as a server sees it.
+type Conn struct {
+	s      *Server
+	c      *conn
+	ctx    context.Context
+	cancel context.CancelFunc
+	queue  chan request
+	done   chan struct{}
+}
+
+type request struct {
+	rid     uint64
+	payload []byte
+	l       *lease
+}
+
+type connKey struct{}
+
+// ConnFromContext returns the connection a handler's Request (or Event) came on.
+func ConnFromContext(ctx context.Context) *Conn {
+	c, _ := ctx.Value(connKey{}).(*Conn)
+	return c
+}
+
+// NewServer returns a server for the socket path that answers Requests with handler.
+// Nothing listens until Listen or Serve.
+func NewServer(path string, handler Handler, opts ...Option) *Server {
+	cfg := defaultConfig()
+	for _, o := range opts {
+		o(&cfg)
+	}
+	return &Server{path: path, handler: handler, cfg: cfg, conns: map[*Conn]struct{}{},
+		totals: &shmTotals{maxBytes: cfg.shmTotalBytes, maxSegs: cfg.shmTotalSegments}}
+}
+
+// OnEvent sets the function called for each Event a client sends, in arrival order, on that
+// connection's reading goroutine. Without one, Events are dropped after their CRC check.
+func (s *Server) OnEvent(fn EventHandler) {
+	if fn == nil {
+		s.onEvent.Store(nil)
+		return
+	}
+	s.onEvent.Store(&fn)
+}
+
+// Listen binds the socket with mode 0600 (WithSocketMode). A stale socket file nobody
+// listens on is replaced; a live one is an error.
+func (s *Server) Listen() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.ln != nil {
+		return nil
+	}
+	if s.shutdown {
+		return ErrServerClosed
+	}
+	if fi, err := os.Lstat(s.path); err == nil && fi.Mode()&os.ModeSocket != 0 {
+		if c, err := net.Dial("unix", s.path); err == nil {
+			c.Close()
+			return fmt.Errorf("hintens: %s: a server is already listening", s.path)
+		}
+		os.Remove(s.path)
+	}
+	// the umask makes the socket 0600 from the start, with no window before a chmod
+	old := syscall.Umask(0o177)
+	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: s.path, Net: "unix"})
+	syscall.Umask(old)
+	if err != nil {
+		return fmt.Errorf("hintens: listen %s: %w", s.path, err)
+	}
+	ln.SetUnlinkOnClose(false)
+	if err := os.Chmod(s.path, os.FileMode(s.cfg.socketMode)); err != nil {
+		ln.Close()
+		return fmt.Errorf("hintens: chmod %s: %w", s.path, err)
+	}
+	s.ln = ln
+	return nil
+}
+
+// Serve accepts and serves connections until Shutdown, then returns ErrServerClosed.
+func (s *Server) Serve() error {
+	if err := s.Listen(); err != nil {
+		return err
+	}
+	s.mu.Lock()
+	ln := s.ln
+	s.mu.Unlock()
+	for {
+		nc, err := ln.AcceptUnix()
+		if err != nil {
+			s.mu.Lock()
+			down := s.shutdown
+			s.mu.Unlock()
+			if down {
+				return ErrServerClosed
+			}
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() {
+				continue
+			}
+			log.Printf("hintens: accept: %v", err)
+			time.Sleep(10 * time.Millisecond) // e.g. EMFILE: let descriptors come back
+			continue
+		}
+		s.accept(nc)
+	}
+}
+
+func (s *Server) refuseConn(nc *net.UnixConn, msg string) {
+	nc.SetWriteDeadline(time.Now().Add(time.Second))
+	nc.Write(EncodeFrame(TypeError, 0, 0, EncodeErrorPayload(CodeUnavailable, msg)))
+	nc.Close()
+}
+
+func (s *Server) accept(nc *net.UnixConn) {
+	uid, err := peerUID(nc)
+	if err != nil {
+		s.refuseConn(nc, "cannot read the peer's credentials")
+		return
+	}
+	if uid != uint32(os.Getuid()) && !containsUID(s.cfg.allowedUIDs, uid) {
+		log.Printf("hintens: refused a client of uid %d", uid)
+		s.refuseConn(nc, fmt.Sprintf("uid %d may not connect", uid))
+		return
+	}
+	s.mu.Lock()
+	if s.shutdown {
+		s.mu.Unlock()
+		s.refuseConn(nc, "the server is shutting down")
+		return
+	}
+	if len(s.conns) >= s.cfg.maxConnections {
+		s.mu.Unlock()
+		log.Printf("hintens: refused a connection: %d connections already", s.cfg.maxConnections)
+		s.refuseConn(nc, "too many connections")
+		return
+	}
+	sc := &Conn{s: s, queue: make(chan request, 1024), done: make(chan struct{})}
+	sc.c = newConn(nc, &s.cfg, true, s.totals)
+	ctx, cancel := context.WithCancel(context.Background())
+	sc.ctx, sc.cancel = context.WithValue(ctx, connKey{}, sc), cancel
+	s.conns[sc] = struct{}{}
+	s.wg.Add(1)
+	s.mu.Unlock()
+
+	c := sc.c
+	c.dec.reserve = func(n int) bool {
+		if s.pending.Add(int64(n)) > s.cfg.maxPendingBytes {
+			s.pending.Add(-int64(n))
+			return false
+		}
+		return true
+	}
+	c.dec.release = func(n int) { s.pending.Add(-int64(n)) }
+	c.onRequest = func(rid uint64, payload []byte, l *lease) {
+		if l == nil && aliasesBuffer(len(payload)) {
+			payload = append([]byte(nil), payload...)
+		}
+		sc.queue <- request{rid, payload, l}
+	}
+	c.onResponse = func(uint64, []byte, *lease, error) {} // this server sends no Requests
+	c.onEvent = func(payload []byte, l *lease) {
+		if fn := s.onEvent.Load(); fn != nil {
+			(*fn)(sc.ctx, payload)
+		}
+		c.releaseLease(l)
+	}
+	c.onReadEnd = func(error) { close(sc.queue) }
+	c.onClose = func(error) { cancel() }
+	if err := c.writeFrame(TypeEvent, 0, 0, c.localHello()); err != nil {
+		c.closeWith(err)
+	}
+	go c.readLoop()
+	go sc.work()
+}
+
+// work answers the connection's Requests in arrival order.
+func (sc *Conn) work() {
+	s, c := sc.s, sc.c
+	defer func() {
+		for r := range sc.queue { // after a close: hand back what is left
+			c.releaseLease(r.l)
+		}
+		c.closeWith(fmt.Errorf("%w: connection ended", ErrClosed))
+		s.mu.Lock()
+		delete(s.conns, sc)
+		s.mu.Unlock()
+		close(sc.done)
+		s.wg.Done()
+	}()
+	for r := range sc.queue {
+		if c.err() != nil {
+			c.releaseLease(r.l)
+			continue
+		}
+		resp, err := sc.call(r.payload)
+		if err != nil {
+			var re *RemoteError
+			if errors.As(err, &re) {
+				c.sendError(r.rid, re.Code, re.Message)
+			} else {
+				c.sendError(r.rid, CodeHandlerError, err.Error())
+			}
+			c.releaseLease(r.l)
+			continue
+		}
+		deadline := time.Now().Add(s.cfg.sendTimeout)
+		if serr := c.send(TypeResponse, r.rid, resp, r.l, deadline, true); serr != nil && c.err() == nil {
+			code := CodeUnavailable
+			var pe *ProtocolError
+			if errors.As(serr, &pe) && pe.Code == CodeTooLarge {
+				code = CodeTooLarge
+			}
+			c.sendError(r.rid, code, serr.Error())
+		}
+		c.releaseLease(r.l) // after the answer: an echo's HREL follows the echo (section 9)
+	}
+}
+
+func (sc *Conn) call(req []byte) (resp []byte, err error) {
+	defer func() {
+		if p := recover(); p != nil {
+			err = fmt.Errorf("handler panicked: %v", p)
+		}
+	}()
+	return sc.s.handler(sc.ctx, req)
+}
+
+// SendEvent sends an Event to this client. It never waits for shared memory: when every
+// segment is lent out, the Event goes inline if the client's limit allows, else it fails.
+// A client that leaves our bytes unread for the send timeout is cut.
+func (sc *Conn) SendEvent(payload []byte) error {
+	return sc.c.send(TypeEvent, sc.c.eventIDSeq.Add(1), payload, nil, time.Time{}, false)
+}
+
+// Close cuts this connection.
+func (sc *Conn) Close() error {
+	sc.c.closeWith(fmt.Errorf("%w: closed by the server", ErrClosed))
+	return nil
+}
+
+// Broadcast sends an Event to every connected client, and returns how many it reached.
+func (s *Server) Broadcast(payload []byte) int {
+	s.mu.Lock()
+	conns := make([]*Conn, 0, len(s.conns))
+	for sc := range s.conns {
+		conns = append(conns, sc)
+	}
+	s.mu.Unlock()
+	n := 0
+	for _, sc := range conns {
+		if sc.SendEvent(payload) == nil {
+			n++
+		}
+	}
+	return n
+}
+
+// Shutdown stops accepting, removes the socket file, answers the Requests clients already
+// sent, then closes each connection. Connections still busy when ctx ends are cut.
+func (s *Server) Shutdown(ctx context.Context) error {
+	s.mu.Lock()
+	if !s.shutdown {
+		s.shutdown = true
+		if s.ln != nil {
+			s.ln.Close()
+			os.Remove(s.path)
+		}
+	}
+	conns := make([]*Conn, 0, len(s.conns))
+	for sc := range s.conns {
+		conns = append(conns, sc)
+	}
+	s.mu.Unlock()
+	for _, sc := range conns {
+		sc.c.nc.CloseRead() // what the client already sent is still read, then EOF
+	}
+	done := make(chan struct{})
+	go func() { s.wg.Wait(); close(done) }()
+	select {
+	case <-done:
+		return nil
+	case <-ctx.Done():
+		for _, sc := range conns {
+			sc.Close()
+		}
+		<-done
+		return ctx.Err()
+	}
+}
+
+// Addr returns the socket path.
+func (s *Server) Addr() string { return s.path }
