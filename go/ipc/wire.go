@@ -37,6 +37,40 @@ type Frame struct {
 	Payload   []byte
 }
 
+// Header is a frame header's fields (the magic is implied).
+type Header struct {
+	Version   uint16
+	Type      uint32
+	Flags     uint16
+	Length    uint32
+	Checksum  uint16
+	RequestID uint64
+}
+
+// Encode returns the 24-byte big-endian header.
+func (h Header) Encode() []byte {
+	b := make([]byte, HeaderSize)
+	binary.BigEndian.PutUint16(b[0:], magic)
+	binary.BigEndian.PutUint16(b[2:], h.Version)
+	binary.BigEndian.PutUint32(b[4:], h.Type)
+	binary.BigEndian.PutUint16(b[8:], h.Flags)
+	binary.BigEndian.PutUint32(b[10:], h.Length)
+	binary.BigEndian.PutUint16(b[14:], h.Checksum)
+	binary.BigEndian.PutUint64(b[16:], h.RequestID)
+	return b
+}
+
+// DecodeHeader reads a header's fields without validating them; ok is false when b is not
+// 24 bytes starting with the magic.
+func DecodeHeader(b []byte) (h Header, ok bool) {
+	if len(b) != HeaderSize || binary.BigEndian.Uint16(b) != magic {
+		return h, false
+	}
+	return Header{binary.BigEndian.Uint16(b[2:]), binary.BigEndian.Uint32(b[4:]),
+		binary.BigEndian.Uint16(b[8:]), binary.BigEndian.Uint32(b[10:]),
+		binary.BigEndian.Uint16(b[14:]), binary.BigEndian.Uint64(b[16:])}, true
+}
+
 // putHeader writes a header for a payload into h (24 bytes).
 func putHeader(h []byte, typ uint32, flags uint16, rid uint64, payload []byte) {
 	binary.BigEndian.PutUint16(h[0:], magic)
