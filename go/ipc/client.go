@@ -175,13 +175,15 @@ func (cl *Client) roundTrip(ctx context.Context, payload []byte, raw []byte) (re
 	if err := cl.c.err(); err != nil {
 		return result{}, err
 	}
+	// the client's timeout runs a timer; a context deadline that comes first ends the wait
+	// through ctx.Done instead
 	var deadline time.Time
 	timeout := cl.cfg.timeout
-	if d, ok := ctx.Deadline(); ok && (timeout <= 0 || time.Until(d) < timeout) {
-		timeout = time.Until(d)
-	}
 	if timeout > 0 {
 		deadline = time.Now().Add(timeout)
+	}
+	if d, ok := ctx.Deadline(); ok && (deadline.IsZero() || d.Before(deadline)) {
+		deadline, timeout = d, 0
 	}
 	id := cl.nextID.Add(1)
 	if raw != nil {

@@ -142,14 +142,14 @@ func (c *conn) writeFrameFD(typ uint32, flags uint16, rid uint64, payload []byte
 	return nil
 }
 
-// armWriteDeadline keeps a write deadline of about sendTimeout ahead, touching the timer
-// only when it has run down by a second (caller holds wmu).
+// armWriteDeadline keeps a write deadline between half and all of sendTimeout ahead,
+// touching the timer only when half of it has run down (caller holds wmu).
 func (c *conn) armWriteDeadline() {
 	if c.cfg.sendTimeout <= 0 {
 		return
 	}
 	now := time.Now()
-	if c.wDeadline.Sub(now) < c.cfg.sendTimeout-time.Second {
+	if c.wDeadline.Sub(now) < c.cfg.sendTimeout/2 {
 		c.wDeadline = now.Add(c.cfg.sendTimeout)
 		c.nc.SetWriteDeadline(c.wDeadline)
 	}
