@@ -211,11 +211,22 @@ func (c *conn) waitHello(deadline time.Time) {
 	}
 }
 
+// sendMode says what send does when shared memory should carry a payload but every segment
+// the pool may hold is lent out.
+type sendMode int
+
+const (
+	waitForSegment    sendMode = iota // wait for a release until the deadline
+	inlineIfNoSegment                 // send inline if the peer's limit allows (pushed Events)
+	failIfNoSegment                   // return errWouldWait (the caller waits elsewhere)
+)
+
+var errWouldWait = errors.New("hintens: every shared-memory segment is lent out")
+
 // send sends a Request, Response or Event, inline or through shared memory (sections 8b and
 // 9). echo, if set, is the lease of the Request being answered: data inside it goes back as a
-// PEER_SEGMENT echo. wait says whether it may wait for a free segment (until deadline);
-// otherwise an exhausted pool sends inline when the peer's limit allows.
-func (c *conn) send(typ uint32, rid uint64, data []byte, echo *lease, deadline time.Time, wait bool) error {
+// PEER_SEGMENT echo.
+func (c *conn) send(typ uint32, rid uint64, data []byte, echo *lease, deadline time.Time, mode sendMode) error {
 	if len(data) >= c.cfg.shmThreshold {
 		c.waitHello(deadline)
 	}
@@ -247,7 +258,10 @@ func (c *conn) send(typ uint32, rid uint64, data []byte, echo *lease, deadline t
 				}
 				return c.writeFrame(typ, FlagSHM, rid, d.Encode())
 			}
-			if !wait {
+			if mode == failIfNoSegment {
+				return errWouldWait
+			}
+			if mode == inlineIfNoSegment {
 				break
 			}
 			var timeout <-chan time.Time

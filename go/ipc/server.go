@@ -49,12 +49,17 @@ type Conn struct {
 	cancel context.CancelFunc
 	queue  chan request
 	done   chan struct{}
+	// inflight counts queued Requests not yet answered. While it is 0 the reading goroutine
+	// answers a Request itself (no hand-off between goroutines); otherwise it queues it, so
+	// that answers keep arrival order.
+	inflight atomic.Int32
 }
 
 type request struct {
-	rid     uint64
-	payload []byte
-	l       *lease
+	rid      uint64
+	payload  []byte // the request, or the answer when answered is set
+	l        *lease
+	answered bool // the handler ran; the answer waits for a shared-memory segment
 }
 
 type connKey struct{}
@@ -196,10 +201,15 @@ func (s *Server) accept(nc *net.UnixConn) {
 	}
 	c.dec.release = func(n int) { s.pending.Add(-int64(n)) }
 	c.onRequest = func(rid uint64, payload []byte, l *lease) {
+		if sc.inflight.Load() == 0 {
+			sc.answer(rid, payload, l, failIfNoSegment)
+			return
+		}
 		if l == nil && aliasesBuffer(len(payload)) {
 			payload = append([]byte(nil), payload...)
 		}
-		sc.queue <- request{rid, payload, l}
+		sc.inflight.Add(1)
+		sc.queue <- request{rid: rid, payload: payload, l: l}
 	}
 	c.onResponse = func(uint64, []byte, *lease, error) {} // this server sends no Requests
 	c.onEvent = func(payload []byte, l *lease) {
@@ -232,32 +242,55 @@ func (sc *Conn) work() {
 		s.wg.Done()
 	}()
 	for r := range sc.queue {
-		if c.err() != nil {
+		switch {
+		case c.err() != nil:
 			c.releaseLease(r.l)
-			continue
+		case r.answered:
+			sc.respond(r.rid, r.payload, r.l, waitForSegment)
+		default:
+			sc.answer(r.rid, r.payload, r.l, waitForSegment)
 		}
-		resp, err := sc.call(r.payload)
-		if err != nil {
-			var re *RemoteError
-			if errors.As(err, &re) {
-				c.sendError(r.rid, re.Code, re.Message)
-			} else {
-				c.sendError(r.rid, CodeHandlerError, err.Error())
-			}
-			c.releaseLease(r.l)
-			continue
-		}
-		deadline := time.Now().Add(s.cfg.sendTimeout)
-		if serr := c.send(TypeResponse, r.rid, resp, r.l, deadline, true); serr != nil && c.err() == nil {
-			code := CodeUnavailable
-			var pe *ProtocolError
-			if errors.As(serr, &pe) && pe.Code == CodeTooLarge {
-				code = CodeTooLarge
-			}
-			c.sendError(r.rid, code, serr.Error())
-		}
-		c.releaseLease(r.l) // after the answer: an echo's HREL follows the echo (section 9)
+		sc.inflight.Add(-1)
 	}
+}
+
+// answer runs the handler for one Request and sends its answer. With failIfNoSegment (on the
+// reading goroutine, which must not wait: the releases it waits for arrive there), an answer
+// that needs a segment when none is free goes to the worker, which waits.
+func (sc *Conn) answer(rid uint64, payload []byte, l *lease, mode sendMode) {
+	c := sc.c
+	resp, err := sc.call(payload)
+	if err != nil {
+		var re *RemoteError
+		if errors.As(err, &re) {
+			c.sendError(rid, re.Code, re.Message)
+		} else {
+			c.sendError(rid, CodeHandlerError, err.Error())
+		}
+		c.releaseLease(l)
+		return
+	}
+	sc.respond(rid, resp, l, mode)
+}
+
+func (sc *Conn) respond(rid uint64, resp []byte, l *lease, mode sendMode) {
+	c := sc.c
+	deadline := time.Now().Add(sc.s.cfg.sendTimeout)
+	serr := c.send(TypeResponse, rid, resp, l, deadline, mode)
+	if serr == errWouldWait {
+		sc.inflight.Add(1)
+		sc.queue <- request{rid: rid, payload: append([]byte(nil), resp...), l: l, answered: true}
+		return
+	}
+	if serr != nil && c.err() == nil {
+		code := CodeUnavailable
+		var pe *ProtocolError
+		if errors.As(serr, &pe) && pe.Code == CodeTooLarge {
+			code = CodeTooLarge
+		}
+		c.sendError(rid, code, serr.Error())
+	}
+	c.releaseLease(l) // after the answer: an echo's HREL follows the echo (section 9)
 }
 
 func (sc *Conn) call(req []byte) (resp []byte, err error) {
@@ -273,7 +306,7 @@ func (sc *Conn) call(req []byte) (resp []byte, err error) {
 // segment is lent out, the Event goes inline if the client's limit allows, else it fails.
 // A client that leaves our bytes unread for the send timeout is cut.
 func (sc *Conn) SendEvent(payload []byte) error {
-	return sc.c.send(TypeEvent, sc.c.eventIDSeq.Add(1), payload, nil, time.Time{}, false)
+	return sc.c.send(TypeEvent, sc.c.eventIDSeq.Add(1), payload, nil, time.Time{}, inlineIfNoSegment)
 }
 
 // Close cuts this connection.
