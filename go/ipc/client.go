@@ -25,7 +25,22 @@ type Client struct {
 	pending map[uint64]chan result
 
 	onEvent atomic.Pointer[func([]byte)]
+
+	// The read role: one goroutine at a time reads the connection. A request waiting alone
+	// for its answer takes the role and reads the answer itself, with no hand-off between
+	// goroutines; otherwise the background reader (readLoop) holds it, delivering answers to
+	// their waiters. The background reader also reads while the connection is idle, so that
+	// Events, releases and the end of the connection are seen.
+	rmu       sync.Mutex
+	roleHeld  bool
+	bgWake    chan struct{}
+	idleTimer *time.Timer
+	delivered atomic.Uint64
 }
+
+// idleReadDelay: how long the connection may go without a reader after a request returned,
+// before the background reader takes over (Events wait at most this long meanwhile).
+const idleReadDelay = time.Millisecond
 
 type result struct {
 	payload []byte
@@ -79,7 +94,8 @@ func NewClient(path string, opts ...Option) (*Client, error) {
 		nc.Close()
 		return nil, fmt.Errorf("%w: %s belongs to a process of uid %d", ErrUntrustedServer, path, uid)
 	}
-	cl := &Client{cfg: cfg, pending: map[uint64]chan result{}}
+	cl := &Client{cfg: cfg, pending: map[uint64]chan result{}, bgWake: make(chan struct{}, 1)}
+	cl.idleTimer = time.AfterFunc(time.Hour, cl.wakeReader)
 	cl.c = newConn(nc, &cl.cfg, false, nil)
 	cl.c.onRequest = func(rid uint64, _ []byte, l *lease) {
 		cl.c.releaseLease(l)
@@ -88,11 +104,13 @@ func NewClient(path string, opts ...Option) (*Client, error) {
 	cl.c.onResponse = cl.deliver
 	cl.c.onEvent = cl.event
 	cl.c.onClose = cl.failAll
+	cl.c.needReader = cl.wakeReader
 	if err := cl.c.writeFrame(TypeEvent, 0, 0, cl.c.localHello()); err != nil {
 		cl.c.closeWith(err)
 		return nil, err
 	}
-	go cl.c.readLoop()
+	go cl.readLoop()
+	cl.wakeReader()
 	return cl, nil
 }
 
@@ -128,6 +146,7 @@ func peerUID(nc *net.UnixConn) (uint32, error) {
 // unmapped on Release.
 func (cl *Client) Close() error {
 	cl.c.closeWith(fmt.Errorf("%w: closed by the client", ErrClosed))
+	cl.idleTimer.Stop()
 	return nil
 }
 
@@ -193,6 +212,12 @@ func (cl *Client) roundTrip(ctx context.Context, payload []byte, raw []byte) (re
 	cl.mu.Lock()
 	cl.pending[id] = ch
 	cl.mu.Unlock()
+	if err := cl.c.err(); err != nil { // closed meanwhile: failAll may have run already
+		if cl.forget(id) {
+			chanPool.Put(ch)
+		}
+		return result{}, err
+	}
 	var err error
 	if raw != nil {
 		err = cl.c.writeRaw(raw)
@@ -204,6 +229,9 @@ func (cl *Client) roundTrip(ctx context.Context, payload []byte, raw []byte) (re
 			chanPool.Put(ch)
 		}
 		return result{}, err
+	}
+	if ctx.Done() == nil && cl.takeRole() {
+		return cl.readForAnswer(id, ch, deadline, timeout)
 	}
 	var tc <-chan time.Time
 	var t *time.Timer
@@ -239,6 +267,106 @@ func (cl *Client) roundTrip(ctx context.Context, payload []byte, raw []byte) (re
 		}
 		cl.abandon(id, ch)
 		return result{}, ctx.Err()
+	}
+}
+
+// readForAnswer reads the connection (holding the read role) until the answer to id is in ch.
+func (cl *Client) readForAnswer(id uint64, ch chan result, deadline time.Time, timeout time.Duration) (result, error) {
+	for {
+		select {
+		case r := <-ch:
+			cl.releaseRole()
+			chanPool.Put(ch)
+			if r.err != nil {
+				return result{}, r.err
+			}
+			return r, nil
+		default:
+		}
+		err := cl.c.readOnce(deadline)
+		if err == errReadTimeout {
+			cl.releaseRole()
+			cl.abandon(id, ch)
+			return result{}, &ProtocolError{Code: CodeTimeout, RequestID: id, HasID: true,
+				Message: fmt.Sprintf("no answer within %v", timeout)}
+		}
+		if err != nil {
+			cl.c.endReading(err) // closes the connection: every waiter, us included, fails
+			r := <-ch
+			chanPool.Put(ch)
+			if r.err != nil {
+				return result{}, r.err
+			}
+			return r, nil
+		}
+	}
+}
+
+func (cl *Client) takeRole() bool {
+	cl.rmu.Lock()
+	defer cl.rmu.Unlock()
+	if cl.roleHeld {
+		return false
+	}
+	cl.roleHeld = true
+	return true
+}
+
+// releaseRole gives up reading: to the background reader at once if requests still wait,
+// else after idleReadDelay (a request that comes sooner reads for itself).
+func (cl *Client) releaseRole() {
+	cl.rmu.Lock()
+	cl.roleHeld = false
+	cl.rmu.Unlock()
+	cl.mu.Lock()
+	waiting := len(cl.pending)
+	cl.mu.Unlock()
+	if waiting > 0 {
+		cl.wakeReader()
+	} else {
+		cl.idleTimer.Reset(idleReadDelay)
+	}
+}
+
+func (cl *Client) wakeReader() {
+	select {
+	case cl.bgWake <- struct{}{}:
+	default:
+	}
+}
+
+// readLoop is the background reader: woken when nobody reads, it reads until it has
+// delivered an answer and no request waits any more.
+func (cl *Client) readLoop() {
+	for {
+		select {
+		case <-cl.bgWake:
+		case <-cl.c.closed:
+			return
+		}
+		if !cl.takeRole() {
+			continue
+		}
+		start := cl.delivered.Load()
+		for {
+			err := cl.c.readOnce(time.Time{})
+			if err == errReadTimeout {
+				continue
+			}
+			if err != nil {
+				cl.c.endReading(err)
+				return
+			}
+			if cl.delivered.Load() != start {
+				cl.mu.Lock()
+				waiting := len(cl.pending)
+				cl.mu.Unlock()
+				if waiting == 0 {
+					cl.releaseRole()
+					break
+				}
+			}
+		}
 	}
 }
 
@@ -280,6 +408,7 @@ func (cl *Client) deliver(rid uint64, payload []byte, l *lease, err error) {
 		payload = append([]byte(nil), payload...)
 	}
 	ch <- result{payload: payload, l: l, err: err}
+	cl.delivered.Add(1)
 }
 
 func (cl *Client) failAll(err error) {
@@ -301,8 +430,11 @@ func (cl *Client) SendEvent(payload []byte) error {
 	return cl.c.send(TypeEvent, cl.c.eventIDSeq.Add(1), payload, nil, deadline, waitForSegment)
 }
 
-// OnEvent sets the function called for each Event the server sends, in arrival order, on the
-// connection's reading goroutine (keep it short; Events and answers wait meanwhile). The
+// OnEvent sets the function called for each Event the server sends, in arrival order, on
+// whichever goroutine reads the connection at that moment (a background one, or a Send
+// waiting for its answer): keep it short, Events and answers wait meanwhile. Events that
+// arrive before an answer have been delivered when that answer returns; while no request is
+// in flight, an Event waits at most about a millisecond for a reader. The
 // payload is valid only during the call: copy what you keep. nil removes the handler.
 func (cl *Client) OnEvent(fn func(payload []byte)) {
 	if fn == nil {

@@ -32,7 +32,15 @@ type conn struct {
 	wDeadline  time.Time
 	eventIDSeq atomic.Uint64
 
-	fds []int // received descriptors not yet claimed, oldest first (reader only)
+	// reading state, owned by whichever goroutine reads (readOnce)
+	fds           []int // received descriptors not yet claimed, oldest first
+	oob           []byte
+	frameDeadline time.Time // when the frame in progress must be complete
+	readDeadline  time.Time // what the socket's read deadline is set to
+
+	// needReader, if set, is called before a sender waits for something only a reader
+	// sees (the peer's hello, a segment's release).
+	needReader func()
 
 	closed    chan struct{}
 	closeOnce sync.Once
@@ -196,6 +204,9 @@ func (c *conn) waitHello(deadline time.Time) {
 		return
 	default:
 	}
+	if c.needReader != nil {
+		c.needReader()
+	}
 	wait := helloWait
 	if !deadline.IsZero() {
 		wait = min(wait, time.Until(deadline))
@@ -264,6 +275,9 @@ func (c *conn) send(typ uint32, rid uint64, data []byte, echo *lease, deadline t
 			if mode == inlineIfNoSegment {
 				break
 			}
+			if c.needReader != nil {
+				c.needReader()
+			}
 			var timeout <-chan time.Time
 			if !deadline.IsZero() {
 				t := time.NewTimer(time.Until(deadline))
@@ -288,70 +302,98 @@ func (c *conn) send(typ uint32, rid uint64, data []byte, echo *lease, deadline t
 
 // ---- reading ----
 
+// errReadTimeout: readOnce's own deadline passed (no frame overran its frame timeout).
+var errReadTimeout = errors.New("hintens: read deadline")
+
+// readLoop reads until the connection ends (the server's reading goroutine).
 func (c *conn) readLoop() {
-	oob := make([]byte, unix.CmsgSpace(4*maxWaitingFDs))
-	var inFrameSince time.Time
-	var err error
-	defer func() {
-		c.dec.Abandon()
-		for _, fd := range c.fds {
-			unix.Close(fd)
-		}
-		c.fds = nil
-		if c.onReadEnd != nil {
-			c.onReadEnd(err)
-		} else {
-			c.closeWith(err)
-		}
-	}()
 	for {
-		space := c.dec.Space()
-		n, oobn, _, _, rerr := c.nc.ReadMsgUnix(space, oob)
-		if oobn > 0 {
-			c.takeFDs(oob[:oobn])
+		err := c.readOnce(time.Time{})
+		if err == errReadTimeout {
+			continue
 		}
-		if n > 0 {
-			c.dec.Commit(n)
-			if !c.processFrames() {
-				err = c.closeErr
-				if err == nil {
-					err = fmt.Errorf("%w: protocol error", ErrClosed)
-				}
-				return
-			}
-			if c.dec.Idle() {
-				for _, fd := range c.fds {
-					unix.Close(fd) // unclaimed once no frame is in progress
-				}
-				c.fds = c.fds[:0]
-				if !inFrameSince.IsZero() {
-					inFrameSince = time.Time{}
-					c.nc.SetReadDeadline(time.Time{})
-				}
-			} else if inFrameSince.IsZero() && c.cfg.frameTimeout > 0 {
-				inFrameSince = time.Now()
-				c.nc.SetReadDeadline(inFrameSince.Add(c.cfg.frameTimeout))
-			}
-		}
-		if rerr != nil || (n == 0 && oobn == 0) {
-			switch {
-			case rerr == nil || errors.Is(rerr, io.EOF):
-				err = fmt.Errorf("%w: the peer closed the connection", ErrClosed)
-			case errors.Is(rerr, unix.ECONNRESET):
-				err = fmt.Errorf("%w: connection reset by the peer", ErrClosed)
-			case errors.Is(rerr, net.ErrClosed):
-				err = fmt.Errorf("%w: closed", ErrClosed)
-			default:
-				var ne net.Error
-				if errors.As(rerr, &ne) && ne.Timeout() {
-					err = fmt.Errorf("%w: a frame did not arrive whole within %v", ErrClosed, c.cfg.frameTimeout)
-				} else {
-					err = fmt.Errorf("%w: read: %v", ErrClosed, rerr)
-				}
-			}
+		if err != nil {
+			c.endReading(err)
 			return
 		}
 	}
+}
+
+// endReading ends reading for good: partial frames and waiting descriptors are dropped.
+func (c *conn) endReading(err error) {
+	c.dec.Abandon()
+	for _, fd := range c.fds {
+		unix.Close(fd)
+	}
+	c.fds = nil
+	if c.onReadEnd != nil {
+		c.onReadEnd(err)
+	} else {
+		c.closeWith(err)
+	}
+}
+
+// readOnce makes one read (blocking until bytes, the end of the stream, or deadline; zero:
+// none) and dispatches the frames it completes. Only one goroutine at a time may call it. It
+// returns errReadTimeout when deadline passed, and any other error when the connection is
+// over (then the caller calls endReading).
+func (c *conn) readOnce(deadline time.Time) error {
+	eff := deadline
+	if !c.frameDeadline.IsZero() && (eff.IsZero() || c.frameDeadline.Before(eff)) {
+		eff = c.frameDeadline
+	}
+	if !eff.Equal(c.readDeadline) {
+		c.nc.SetReadDeadline(eff)
+		c.readDeadline = eff
+	}
+	if c.oob == nil {
+		c.oob = make([]byte, unix.CmsgSpace(4*maxWaitingFDs))
+	}
+	space := c.dec.Space()
+	n, oobn, _, _, rerr := c.nc.ReadMsgUnix(space, c.oob)
+	if oobn > 0 {
+		c.takeFDs(c.oob[:oobn])
+	}
+	if n > 0 {
+		c.dec.Commit(n)
+		if !c.processFrames() {
+			if err := c.err(); err != nil {
+				return err
+			}
+			return fmt.Errorf("%w: protocol error", ErrClosed)
+		}
+		if c.dec.Idle() {
+			for _, fd := range c.fds {
+				unix.Close(fd) // unclaimed once no frame is in progress
+			}
+			c.fds = c.fds[:0]
+			c.frameDeadline = time.Time{}
+		} else if c.frameDeadline.IsZero() && c.cfg.frameTimeout > 0 {
+			c.frameDeadline = time.Now().Add(c.cfg.frameTimeout)
+		}
+	}
+	if rerr == nil && (n > 0 || oobn > 0) {
+		return nil
+	}
+	switch {
+	case rerr == nil || errors.Is(rerr, io.EOF):
+		return fmt.Errorf("%w: the peer closed the connection", ErrClosed)
+	case errors.Is(rerr, unix.ECONNRESET):
+		return fmt.Errorf("%w: connection reset by the peer", ErrClosed)
+	case errors.Is(rerr, net.ErrClosed):
+		if err := c.err(); err != nil {
+			return err
+		}
+		return fmt.Errorf("%w: closed", ErrClosed)
+	}
+	var ne net.Error
+	if errors.As(rerr, &ne) && ne.Timeout() {
+		if !c.frameDeadline.IsZero() && !time.Now().Before(c.frameDeadline) {
+			return fmt.Errorf("%w: a frame did not arrive whole within %v", ErrClosed, c.cfg.frameTimeout)
+		}
+		return errReadTimeout
+	}
+	return fmt.Errorf("%w: read: %v", ErrClosed, rerr)
 }
 
 func (c *conn) takeFDs(oob []byte) {
