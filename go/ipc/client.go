@@ -35,7 +35,11 @@ type Client struct {
 	roleHeld  bool
 	bgWake    chan struct{}
 	idleTimer *time.Timer
-	delivered atomic.Uint64
+	// the idle timer is armed at most once at a time; lastRelease (UnixNano) moves its
+	// deadline without touching the timer on every request
+	idleArmed   atomic.Bool
+	lastRelease atomic.Int64
+	delivered   atomic.Uint64
 }
 
 // idleReadDelay: how long the connection may go without a reader after a request returned,
@@ -95,7 +99,8 @@ func NewClient(path string, opts ...Option) (*Client, error) {
 		return nil, fmt.Errorf("%w: %s belongs to a process of uid %d", ErrUntrustedServer, path, uid)
 	}
 	cl := &Client{cfg: cfg, pending: map[uint64]chan result{}, bgWake: make(chan struct{}, 1)}
-	cl.idleTimer = time.AfterFunc(time.Hour, cl.wakeReader)
+	cl.idleTimer = time.AfterFunc(time.Hour, cl.idleCheck)
+	cl.idleTimer.Stop()
 	cl.c = newConn(nc, &cl.cfg, false, nil)
 	cl.c.onRequest = func(rid uint64, _ []byte, l *lease) {
 		cl.c.releaseLease(l)
@@ -283,7 +288,10 @@ func (cl *Client) readForAnswer(id uint64, ch chan result, deadline time.Time, t
 			return r, nil
 		default:
 		}
-		err := cl.c.readOnce(deadline)
+		err := cl.c.readOnce(cl.coarseDeadline(deadline))
+		if err == errReadTimeout && time.Now().Before(deadline) {
+			continue // the coarse deadline came first
+		}
 		if err == errReadTimeout {
 			cl.releaseRole()
 			cl.abandon(id, ch)
@@ -300,6 +308,15 @@ func (cl *Client) readForAnswer(id uint64, ch chan result, deadline time.Time, t
 			return r, nil
 		}
 	}
+}
+
+// coarseDeadline keeps the socket's read deadline when it falls at most a second before d,
+// so that back-to-back requests do not reset it each time (an early expiry is read again).
+func (cl *Client) coarseDeadline(d time.Time) time.Time {
+	if cur := cl.c.readDeadline; !d.IsZero() && !cur.IsZero() && !cur.After(d) && d.Sub(cur) < time.Second {
+		return cur
+	}
+	return d
 }
 
 func (cl *Client) takeRole() bool {
@@ -323,9 +340,24 @@ func (cl *Client) releaseRole() {
 	cl.mu.Unlock()
 	if waiting > 0 {
 		cl.wakeReader()
-	} else {
+		return
+	}
+	cl.lastRelease.Store(time.Now().UnixNano())
+	if cl.idleArmed.CompareAndSwap(false, true) {
 		cl.idleTimer.Reset(idleReadDelay)
 	}
+}
+
+// idleCheck runs idleReadDelay after the idle timer was armed: it wakes the background reader
+// if no request took the role since the last release, or waits out the rest of the delay.
+func (cl *Client) idleCheck() {
+	since := time.Duration(time.Now().UnixNano() - cl.lastRelease.Load())
+	if since < idleReadDelay {
+		cl.idleTimer.Reset(idleReadDelay - since)
+		return
+	}
+	cl.idleArmed.Store(false)
+	cl.wakeReader()
 }
 
 func (cl *Client) wakeReader() {
