@@ -308,3 +308,35 @@ func TestListenRefusesALiveSocket(t *testing.T) {
 	}
 	stillServes(t, path)
 }
+
+func TestListenRefusesANonSocketAndReplacesAStaleOne(t *testing.T) {
+	dir := t.TempDir()
+	file := dir + "/plain"
+	os.WriteFile(file, []byte("data"), 0o600)
+	if err := NewServer(file, echoHandler).Listen(); err == nil {
+		t.Fatal("listened over a regular file")
+	}
+	if b, _ := os.ReadFile(file); string(b) != "data" {
+		t.Fatal("the regular file was touched")
+	}
+	// a socket file nobody listens on (its server died) is replaced
+	stale := dir + "/stale.sock"
+	s1 := NewServer(stale, echoHandler)
+	if err := s1.Listen(); err != nil {
+		t.Fatal(err)
+	}
+	s1.ln.Close() // leaves the file, as a killed server would
+	s2 := NewServer(stale, echoHandler)
+	if err := s2.Listen(); err != nil {
+		t.Fatalf("a stale socket file was not replaced: %v", err)
+	}
+	go s2.Serve()
+	defer s2.Shutdown(context.Background())
+	stillServes(t, stale)
+	// the first server's Shutdown must not remove its successor's socket file
+	s1.Shutdown(context.Background())
+	if _, err := os.Stat(stale); err != nil {
+		t.Fatalf("Shutdown removed another server's socket: %v", err)
+	}
+	stillServes(t, stale)
+}

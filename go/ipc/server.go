@@ -9,8 +9,9 @@ import (
 	"os"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // Handler answers one Request. req is valid only until the handler returns (it may be a
@@ -33,6 +34,7 @@ type Server struct {
 
 	mu       sync.Mutex
 	ln       *net.UnixListener
+	ident    [4]uint64 // fileIdentity of our socket file
 	conns    map[*Conn]struct{}
 	shutdown bool
 	wg       sync.WaitGroup
@@ -91,8 +93,9 @@ func (s *Server) OnEvent(fn EventHandler) {
 	s.onEvent.Store(&fn)
 }
 
-// Listen binds the socket with mode 0600 (WithSocketMode). A stale socket file nobody
-// listens on is replaced; a live one is an error.
+// Listen binds the socket with mode 0600 (WithSocketMode), set before the socket listens.
+// A stale socket file nobody listens on is replaced; a live one, or a path that is not a
+// socket, is an error.
 func (s *Server) Listen() error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -102,27 +105,81 @@ func (s *Server) Listen() error {
 	if s.shutdown {
 		return ErrServerClosed
 	}
-	if fi, err := os.Lstat(s.path); err == nil && fi.Mode()&os.ModeSocket != 0 {
+	if fi, err := os.Lstat(s.path); err == nil {
+		if fi.Mode()&os.ModeSocket == 0 {
+			return fmt.Errorf("hintens: %s exists and is not a socket", s.path)
+		}
 		if c, err := net.Dial("unix", s.path); err == nil {
 			c.Close()
 			return fmt.Errorf("hintens: %s: a server is already listening", s.path)
 		}
 		os.Remove(s.path)
 	}
-	// the umask makes the socket 0600 from the start, with no window before a chmod
-	old := syscall.Umask(0o177)
-	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: s.path, Net: "unix"})
-	syscall.Umask(old)
+	ln, ident, err := listenUnix(s.path, s.cfg.socketMode)
 	if err != nil {
-		return fmt.Errorf("hintens: listen %s: %w", s.path, err)
+		return err
 	}
-	ln.SetUnlinkOnClose(false)
-	if err := os.Chmod(s.path, os.FileMode(s.cfg.socketMode)); err != nil {
-		ln.Close()
-		return fmt.Errorf("hintens: chmod %s: %w", s.path, err)
-	}
+	s.ident = ident
 	s.ln = ln
 	return nil
+}
+
+// listenUnix binds path, sets its mode, and only then listens, so that no connect succeeds
+// while the file still has the umask's mode (as the Python server does). It returns the
+// file's identity, so that Shutdown removes only our own socket file.
+func listenUnix(path string, mode uint32) (*net.UnixListener, [4]uint64, error) {
+	var ident [4]uint64
+	fd, err := unix.Socket(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return nil, ident, fmt.Errorf("hintens: socket: %w", err)
+	}
+	fail := func(what string, err error, bound bool) (*net.UnixListener, [4]uint64, error) {
+		unix.Close(fd)
+		if bound {
+			removeSocketFile(path, ident)
+		}
+		return nil, ident, fmt.Errorf("hintens: %s %s: %w", what, path, err)
+	}
+	if err := unix.Bind(fd, &unix.SockaddrUnix{Name: path}); err != nil {
+		return fail("bind", err, false)
+	}
+	var st unix.Stat_t
+	if err := unix.Lstat(path, &st); err != nil {
+		return fail("stat", err, false)
+	}
+	ident = fileIdentity(&st)
+	if err := unix.Chmod(path, mode); err != nil {
+		return fail("chmod", err, true)
+	}
+	if err := unix.Lstat(path, &st); err != nil { // the chmod changed its ctime
+		return fail("stat", err, true)
+	}
+	ident = fileIdentity(&st)
+	if err := unix.Listen(fd, unix.SOMAXCONN); err != nil {
+		return fail("listen", err, true)
+	}
+	f := os.NewFile(uintptr(fd), path)
+	l, err := net.FileListener(f)
+	f.Close()
+	if err != nil {
+		removeSocketFile(path, ident)
+		return nil, ident, fmt.Errorf("hintens: listen %s: %w", path, err)
+	}
+	return l.(*net.UnixListener), ident, nil
+}
+
+// fileIdentity tells our socket file from a successor's: (st_dev, st_ino) alone is not
+// enough, as tmpfs hands a freed inode number out again at once; the ctime (ns) is added.
+func fileIdentity(st *unix.Stat_t) [4]uint64 {
+	return [4]uint64{st.Dev, st.Ino, uint64(st.Ctim.Sec), uint64(st.Ctim.Nsec)}
+}
+
+// removeSocketFile unlinks path if it is still the file we bound, not a successor's.
+func removeSocketFile(path string, ident [4]uint64) {
+	var st unix.Stat_t
+	if unix.Lstat(path, &st) == nil && fileIdentity(&st) == ident {
+		os.Remove(path)
+	}
 }
 
 // Serve accepts and serves connections until Shutdown, then returns ErrServerClosed.
@@ -340,7 +397,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 		s.shutdown = true
 		if s.ln != nil {
 			s.ln.Close()
-			os.Remove(s.path)
+			removeSocketFile(s.path, s.ident)
 		}
 	}
 	conns := make([]*Conn, 0, len(s.conns))
