@@ -372,7 +372,9 @@ func (sc *Conn) Close() error {
 	return nil
 }
 
-// Broadcast sends an Event to every connected client, and returns how many it reached.
+// Broadcast sends an Event to every connected client, and returns how many it reached. Each
+// connection is written by its own goroutine, so a client that reads slowly delays only
+// Broadcast's return (up to the send timeout, after which it is cut), not the others.
 func (s *Server) Broadcast(payload []byte) int {
 	s.mu.Lock()
 	conns := make([]*Conn, 0, len(s.conns))
@@ -380,13 +382,19 @@ func (s *Server) Broadcast(payload []byte) int {
 		conns = append(conns, sc)
 	}
 	s.mu.Unlock()
-	n := 0
+	var reached atomic.Int64
+	var wg sync.WaitGroup
 	for _, sc := range conns {
-		if sc.SendEvent(payload) == nil {
-			n++
-		}
+		wg.Add(1)
+		go func(sc *Conn) {
+			defer wg.Done()
+			if sc.SendEvent(payload) == nil {
+				reached.Add(1)
+			}
+		}(sc)
 	}
-	return n
+	wg.Wait()
+	return int(reached.Load())
 }
 
 // Shutdown stops accepting, removes the socket file, answers the Requests clients already
