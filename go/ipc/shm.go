@@ -511,11 +511,9 @@ func (l *lease) echoDescriptor(data []byte) (Descriptor, bool) {
 	p := l.peer
 	base := uintptr(unsafe.Pointer(unsafe.SliceData(p.mem)))
 	ptr := uintptr(unsafe.Pointer(unsafe.SliceData(data)))
-	if ptr < base || ptr-base+uint64ToUintptr(uint64(len(data))) > uintptr(len(p.mem)) {
+	if ptr < base || ptr-base > uintptr(len(p.mem)) || uintptr(len(data)) > uintptr(len(p.mem))-(ptr-base) {
 		return Descriptor{}, false
 	}
 	return Descriptor{SegmentID: p.id, Flags: DescPeerSegment, Size: p.size,
 		Offset: uint64(ptr - base), Length: uint64(len(data))}, true
 }
-
-func uint64ToUintptr(v uint64) uintptr { return uintptr(v) }

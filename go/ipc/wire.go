@@ -142,18 +142,12 @@ func (d *Decoder) Commit(n int) {
 	}
 }
 
-// Feed copies data into the decoder. Call Next until it returns ok false between feeds.
-func (d *Decoder) Feed(data []byte) {
-	for len(data) > 0 {
-		s := d.Space()
-		n := copy(s, data)
-		d.Commit(n)
-		data = data[n:]
-		if len(data) > 0 {
-			// the caller must drain with Next before feeding more than fits
-			panic("hintens: Decoder.Feed past the buffer; call Next between feeds")
-		}
-	}
+// Feed copies as much of data as the decoder can take before Next is called, and returns
+// how many bytes that was. Call Next until it reports nothing more, then Feed the rest.
+func (d *Decoder) Feed(data []byte) int {
+	n := copy(d.Space(), data)
+	d.Commit(n)
+	return n
 }
 
 // Idle reports whether no frame is partly received.
