@@ -340,3 +340,44 @@ func TestListenRefusesANonSocketAndReplacesAStaleOne(t *testing.T) {
 	}
 	stillServes(t, stale)
 }
+
+func TestEchoOfASliceGoesBackWithoutACopy(t *testing.T) {
+	_, path := startServer(t, func(_ context.Context, req []byte) ([]byte, error) {
+		if len(req) > 100 {
+			return req[10 : len(req)-5], nil // a PEER_SEGMENT echo at offset 10
+		}
+		return req, nil
+	})
+	c := dial(t, path)
+	p := pattern(2 << 20)
+	ans, err := c.Request(context.Background(), p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !ans.Shared() || !bytes.Equal(ans.Bytes(), p[10:len(p)-5]) {
+		t.Fatalf("shared %v, equal %v", ans.Shared(), bytes.Equal(ans.Bytes(), p[10:len(p)-5]))
+	}
+	// the echo points into the client's own segment: nothing of the server's is mapped
+	st := c.Stats()
+	ans.Release()
+	if st.ShmSent != 1 || st.ShmReceived != 1 {
+		t.Fatalf("stats %+v", st)
+	}
+	c.c.shm.mu.Lock()
+	mapped := len(c.c.shm.mapped)
+	c.c.shm.mu.Unlock()
+	if mapped != 0 {
+		t.Fatalf("the client maps %d server segments for an echo", mapped)
+	}
+	// and the segment is reused for the next request once both sides let go
+	eventually(t, "the segment is free again", func() bool {
+		c.c.shm.mu.Lock()
+		defer c.c.shm.mu.Unlock()
+		for _, o := range c.c.shm.own {
+			if !o.free() {
+				return false
+			}
+		}
+		return len(c.c.shm.own) == 1
+	})
+}
