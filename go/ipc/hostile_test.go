@@ -346,3 +346,31 @@ func TestClientRefusesRequests(t *testing.T) {
 		t.Fatal("no answer")
 	}
 }
+
+// A Response (or an Event) through shared memory that nothing waits for: the server hands
+// the segment back and keeps no mapping once the peer is gone.
+func TestHostileUnsolicitedShmFrames(t *testing.T) {
+	_, path, base := hostileServer(t)
+	p := rawDial(t, path)
+	p.write(shmHello())
+	seals := unix.F_SEAL_SHRINK | unix.F_SEAL_GROW | unix.F_SEAL_SEAL
+	for i, typ := range []uint32{TypeResponse, TypeEvent} {
+		id := uint32(20 + i)
+		p.writeFD(EncodeFrame(typ, FlagSHM, 99, Descriptor{SegmentID: id, Flags: DescNewSegment,
+			Size: 1 << 16, Length: 100}.Encode()), sealedMemfd(t, 1<<16, pattern(100), seals))
+		for {
+			f, ok := p.next()
+			if !ok {
+				t.Fatal("closed")
+			}
+			if m, ids, ok := ParseControl(f.Payload); ok && m == "HREL" && len(ids) == 1 && ids[0] == id {
+				break
+			}
+		}
+	}
+	p.write(EncodeFrame(TypeRequest, 0, 1, []byte("ok")))
+	p.expectEcho(1, []byte("ok"))
+	p.nc.Close()
+	fdsBackNear(t, base)
+	eventually(t, "no memfd mapping left", func() bool { return memfdMaps() == 0 })
+}

@@ -268,7 +268,7 @@ func (s *Server) accept(nc *net.UnixConn) {
 		sc.inflight.Add(1)
 		sc.queue <- request{rid: rid, payload: payload, l: l}
 	}
-	c.onResponse = func(uint64, []byte, *lease, error) {} // this server sends no Requests
+	c.onResponse = func(_ uint64, _ []byte, l *lease, _ error) { c.releaseLease(l) } // we send no Requests
 	c.onEvent = func(payload []byte, l *lease) {
 		if fn := s.onEvent.Load(); fn != nil {
 			(*fn)(sc.ctx, payload)
