@@ -521,6 +521,9 @@ func (c *conn) writeRaw(b []byte) error {
 	if err := c.err(); err != nil {
 		return err
 	}
+	if len(c.backlog) > 0 {
+		return c.enqueueLocked(outFrame{append([]byte(nil), b...), -1})
+	}
 	if _, err := c.nc.Write(b); err != nil {
 		c.closeWith(fmt.Errorf("%w: write: %v", ErrClosed, err))
 		return c.closeErr

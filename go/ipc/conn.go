@@ -27,10 +27,13 @@ type conn struct {
 	helloDone chan struct{}
 	helloOnce sync.Once
 
-	wmu        sync.Mutex
-	wbuf       []byte
-	wDeadline  time.Time
-	eventIDSeq atomic.Uint64
+	wmu          sync.Mutex
+	wbuf         []byte
+	backlog      []outFrame // frames waiting for a slow peer, oldest first (under wmu)
+	backlogBytes int
+	draining     bool
+	wDeadline    time.Time
+	eventIDSeq   atomic.Uint64
 
 	// reading state, owned by whichever goroutine reads (readOnce)
 	fds           []int // received descriptors not yet claimed, oldest first
@@ -99,16 +102,62 @@ func (c *conn) err() error {
 
 // ---- writing ----
 
-// writeFrame writes one whole frame. Small frames leave in one write.
+// writeFrame writes one whole frame, waiting for the socket if need be (up to the send
+// timeout, after which the peer is cut). Small frames leave in one write.
 func (c *conn) writeFrame(typ uint32, flags uint16, rid uint64, payload []byte) error {
+	return c.write(typ, flags, rid, payload, -1, false)
+}
+
+// writeFrameFD writes one frame with a descriptor attached to its first byte (section 9).
+func (c *conn) writeFrameFD(typ uint32, flags uint16, rid uint64, payload []byte, fd int) error {
+	return c.write(typ, flags, rid, payload, fd, false)
+}
+
+// outFrame is a frame (or the rest of one) waiting in the send backlog.
+type outFrame struct {
+	b  []byte
+	fd int // sent with the first byte of b, or -1
+}
+
+// write sends one frame. With noWait (Events a server pushes: section 10 says they never
+// wait for the client), what the socket does not take at once goes to the connection's
+// backlog, written by a goroutine of its own; a backlog over sendQueueBytes cuts the peer.
+// While the backlog holds anything, every frame joins it, so frames keep their order.
+func (c *conn) write(typ uint32, flags uint16, rid uint64, payload []byte, fd int, noWait bool) error {
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
 	if err := c.err(); err != nil {
 		return err
 	}
+	if len(c.backlog) > 0 {
+		return c.enqueueLocked(outFrame{EncodeFrame(typ, flags, rid, payload), fd})
+	}
+	if noWait {
+		frame := EncodeFrame(typ, flags, rid, payload)
+		n, err := c.tryWriteLocked(frame, fd)
+		if err != nil {
+			c.closeWith(fmt.Errorf("%w: write: %v", ErrClosed, err))
+			return c.closeErr
+		}
+		if n == len(frame) {
+			return nil
+		}
+		if n > 0 {
+			fd = -1 // it went with the first bytes
+		}
+		return c.enqueueLocked(outFrame{frame[n:], fd})
+	}
 	c.armWriteDeadline()
 	var err error
-	if len(payload) <= 64<<10 {
+	switch {
+	case fd >= 0:
+		frame := EncodeFrame(typ, flags, rid, payload)
+		var n int
+		n, _, err = c.nc.WriteMsgUnix(frame, unix.UnixRights(fd), nil)
+		if err == nil && n < len(frame) {
+			_, err = c.nc.Write(frame[n:])
+		}
+	case len(payload) <= 64<<10:
 		n := HeaderSize + len(payload)
 		if cap(c.wbuf) < n {
 			c.wbuf = make([]byte, n, max(n, 4096))
@@ -117,7 +166,7 @@ func (c *conn) writeFrame(typ uint32, flags uint16, rid uint64, payload []byte) 
 		putHeader(b, typ, flags, rid, payload)
 		copy(b[HeaderSize:], payload)
 		_, err = c.nc.Write(b)
-	} else {
+	default:
 		var h [HeaderSize]byte
 		putHeader(h[:], typ, flags, rid, payload)
 		bufs := net.Buffers{h[:], payload}
@@ -130,24 +179,77 @@ func (c *conn) writeFrame(typ uint32, flags uint16, rid uint64, payload []byte) 
 	return nil
 }
 
-// writeFrameFD writes one frame with a descriptor attached to its first byte (section 9).
-func (c *conn) writeFrameFD(typ uint32, flags uint16, rid uint64, payload []byte, fd int) error {
-	c.wmu.Lock()
-	defer c.wmu.Unlock()
-	if err := c.err(); err != nil {
-		return err
-	}
-	c.armWriteDeadline()
-	frame := EncodeFrame(typ, flags, rid, payload)
-	n, _, err := c.nc.WriteMsgUnix(frame, unix.UnixRights(fd), nil)
-	if err == nil && n < len(frame) {
-		_, err = c.nc.Write(frame[n:])
-	}
+// tryWriteLocked makes one non-blocking attempt to write b (with fd, if not -1).
+func (c *conn) tryWriteLocked(b []byte, fd int) (int, error) {
+	raw, err := c.nc.SyscallConn()
 	if err != nil {
-		c.closeWith(fmt.Errorf("%w: write: %v", ErrClosed, err))
+		return 0, err
+	}
+	var n int
+	var werr error
+	var oob []byte
+	if fd >= 0 {
+		oob = unix.UnixRights(fd)
+	}
+	if err := raw.Write(func(s uintptr) bool {
+		n, werr = unix.SendmsgN(int(s), b, oob, nil, unix.MSG_DONTWAIT|unix.MSG_NOSIGNAL)
+		return true
+	}); err != nil {
+		return 0, err
+	}
+	if werr == unix.EAGAIN || werr == unix.EINTR {
+		return 0, nil
+	}
+	return max(n, 0), werr
+}
+
+// enqueueLocked adds to the backlog (caller holds wmu) and starts its writer.
+func (c *conn) enqueueLocked(f outFrame) error {
+	if c.backlogBytes+len(f.b) > c.cfg.sendQueueBytes {
+		c.closeWith(fmt.Errorf("%w: the peer left %d bytes unread (slow consumer: cut)",
+			ErrClosed, c.backlogBytes+len(f.b)))
 		return c.closeErr
 	}
+	c.backlog = append(c.backlog, f)
+	c.backlogBytes += len(f.b)
+	if !c.draining {
+		c.draining = true
+		go c.drain()
+	}
 	return nil
+}
+
+// drain writes the backlog in order. A frame stays in the backlog until it is written, so
+// nobody writes directly meanwhile. A peer that takes nothing for the send timeout is cut.
+func (c *conn) drain() {
+	for {
+		c.wmu.Lock()
+		if len(c.backlog) == 0 || c.err() != nil {
+			c.backlog, c.backlogBytes, c.draining = nil, 0, false
+			c.wmu.Unlock()
+			return
+		}
+		f := c.backlog[0]
+		c.armWriteDeadline()
+		c.wmu.Unlock()
+		var err error
+		if f.fd >= 0 {
+			var n int
+			n, _, err = c.nc.WriteMsgUnix(f.b, unix.UnixRights(f.fd), nil)
+			if err == nil && n < len(f.b) {
+				_, err = c.nc.Write(f.b[n:])
+			}
+		} else {
+			_, err = c.nc.Write(f.b)
+		}
+		c.wmu.Lock()
+		c.backlog = c.backlog[1:]
+		c.backlogBytes -= len(f.b)
+		c.wmu.Unlock()
+		if err != nil {
+			c.closeWith(fmt.Errorf("%w: write: %v", ErrClosed, err))
+		}
+	}
 }
 
 // armWriteDeadline keeps a write deadline between half and all of sendTimeout ahead,
@@ -228,7 +330,7 @@ type sendMode int
 
 const (
 	waitForSegment    sendMode = iota // wait for a release until the deadline
-	inlineIfNoSegment                 // send inline if the peer's limit allows (pushed Events)
+	inlineIfNoSegment                 // send inline if the peer's limit allows, and never wait for the socket (pushed Events)
 	failIfNoSegment                   // return errWouldWait (the caller waits elsewhere)
 )
 
@@ -264,10 +366,7 @@ func (c *conn) send(typ uint32, rid uint64, data []byte, echo *lease, deadline t
 				copy(seg.mem, data)
 				d, fd := c.shm.lend(seg, uint64(len(data)))
 				c.shmSent.Add(1)
-				if fd >= 0 {
-					return c.writeFrameFD(typ, FlagSHM, rid, d.Encode(), fd)
-				}
-				return c.writeFrame(typ, FlagSHM, rid, d.Encode())
+				return c.write(typ, FlagSHM, rid, d.Encode(), fd, mode == inlineIfNoSegment)
 			}
 			if mode == failIfNoSegment {
 				return errWouldWait
@@ -297,7 +396,7 @@ func (c *conn) send(typ uint32, rid uint64, data []byte, echo *lease, deadline t
 		return &ProtocolError{Code: CodeTooLarge, Message: fmt.Sprintf(
 			"payload of %d bytes over the peer's limit of %d, and shared memory cannot carry it", len(data), peerMax)}
 	}
-	return c.writeFrame(typ, 0, rid, data)
+	return c.write(typ, 0, rid, data, -1, mode == inlineIfNoSegment)
 }
 
 // ---- reading ----

@@ -8,6 +8,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"net"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -373,4 +374,43 @@ func TestHostileUnsolicitedShmFrames(t *testing.T) {
 	p.nc.Close()
 	fdsBackNear(t, base)
 	eventually(t, "no memfd mapping left", func() bool { return memfdMaps() == 0 })
+}
+
+// A client that reads nothing: Events pushed to it never make the server wait; once more
+// than the send queue bound waits for it, it is cut, and the other clients are served.
+func TestHostileClientThatNeverReads(t *testing.T) {
+	s, path, base := hostileServer(t, WithSendQueueBytes(1<<20))
+	good := dial(t, path)
+	var got atomic.Int64
+	good.OnEvent(func(p []byte) { got.Add(1) })
+	p := rawDial(t, path) // sends no hello, reads nothing
+	p.write(EncodeFrame(TypeRequest, 0, 1, []byte("hi")))
+	eventually(t, "both connected", func() bool {
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		return len(s.conns) == 2
+	})
+	ev := pattern(60 << 10)
+	var inBroadcast time.Duration
+	for i := 0; i < 100; i++ { // 6 MB: far over what the socket and the 1 MiB backlog hold
+		start := time.Now()
+		s.Broadcast(ev)
+		inBroadcast += time.Since(start)
+		// the good client keeps up (a client that lags by the bound is cut too: that is the rule)
+		eventually(t, "the good client reads the Event", func() bool { return got.Load() == int64(i+1) })
+	}
+	if inBroadcast > 3*time.Second {
+		t.Fatalf("Broadcast waited for a client that does not read: %v", inBroadcast)
+	}
+	eventually(t, "the silent client is cut", func() bool {
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		return len(s.conns) == 1
+	})
+	eventually(t, "the good client got every Event", func() bool { return got.Load() == 100 })
+	if ans, err := good.Send([]byte("ok")); err != nil || string(ans) != "ok" {
+		t.Fatalf("the good client: %q %v", ans, err)
+	}
+	p.nc.Close()
+	fdsBackNear(t, base+1) // the good client's connection (both ends) remains
 }

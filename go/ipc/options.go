@@ -12,6 +12,8 @@ const (
 	DefaultMaxConnections  = 1024
 	DefaultMaxPendingBytes = 256 << 20
 	DefaultShutdownTimeout = 5 * time.Second
+	DefaultSendQueueBytes  = 16 << 20
+	minSendQueueBytes      = 128 << 10
 	helloWait              = time.Second
 	maxWaitingFDs          = 64
 )
@@ -30,6 +32,7 @@ type config struct {
 	sendTimeout        time.Duration
 	maxConnections     int
 	maxPendingBytes    int64
+	sendQueueBytes     int
 	allowedUIDs        []uint32
 	socketMode         uint32
 }
@@ -49,6 +52,7 @@ func defaultConfig() config {
 		sendTimeout:        DefaultSendTimeout,
 		maxConnections:     DefaultMaxConnections,
 		maxPendingBytes:    DefaultMaxPendingBytes,
+		sendQueueBytes:     DefaultSendQueueBytes,
 		socketMode:         0o600,
 	}
 }
@@ -102,3 +106,9 @@ func WithAllowedUIDs(uids ...uint32) Option {
 
 // WithSocketMode sets the server socket file's mode (default 0600).
 func WithSocketMode(mode uint32) Option { return func(c *config) { c.socketMode = mode } }
+
+// WithSendQueueBytes bounds the Events a server holds for one client that does not read
+// (default 16 MiB, at least 128 KiB); past it, that client is cut.
+func WithSendQueueBytes(n int) Option {
+	return func(c *config) { c.sendQueueBytes = max(n, minSendQueueBytes) }
+}
