@@ -129,21 +129,26 @@ func containsUID(list []uint32, uid uint32) bool {
 }
 
 func peerUID(nc *net.UnixConn) (uint32, error) {
-	raw, err := nc.SyscallConn()
+	cred, err := peerCred(nc)
 	if err != nil {
 		return 0, err
+	}
+	return cred.Uid, nil
+}
+
+func peerCred(nc *net.UnixConn) (*unix.Ucred, error) {
+	raw, err := nc.SyscallConn()
+	if err != nil {
+		return nil, err
 	}
 	var cred *unix.Ucred
 	var cerr error
 	if err := raw.Control(func(fd uintptr) {
 		cred, cerr = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED)
 	}); err != nil {
-		return 0, err
+		return nil, err
 	}
-	if cerr != nil {
-		return 0, cerr
-	}
-	return cred.Uid, nil
+	return cred, cerr
 }
 
 // Close closes the connection. Requests in flight fail with ErrClosed. Shared memory of the

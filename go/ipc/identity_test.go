@@ -128,6 +128,20 @@ func TestServerAllowsListedUID(t *testing.T) {
 	}
 }
 
+func TestServerAllowsListedGID(t *testing.T) {
+	path := filepath.Join(sharedDir(t), "s.sock")
+	s := NewServer(path, echoHandler, WithSocketMode(0o666), WithAllowedGIDs(otherUID))
+	if err := s.Listen(); err != nil {
+		t.Fatal(err)
+	}
+	go s.Serve()
+	defer s.Shutdown(context.Background())
+	out, err := asOtherUser(t, "rawclient:"+path).CombinedOutput()
+	if err != nil || !strings.HasPrefix(string(out), fmt.Sprintf("frame type %d", TypeEvent)) {
+		t.Fatalf("an allowed gid got: %s (%v)", out, err)
+	}
+}
+
 func TestClientRefusesServerOfAnotherUID(t *testing.T) {
 	path := filepath.Join(sharedDir(t), "s.sock")
 	cmd := asOtherUser(t, "server:"+path)

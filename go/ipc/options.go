@@ -34,6 +34,7 @@ type config struct {
 	maxPendingBytes    int64
 	sendQueueBytes     int
 	allowedUIDs        []uint32
+	allowedGIDs        []uint32
 	socketMode         uint32
 }
 
@@ -111,4 +112,9 @@ func WithSocketMode(mode uint32) Option { return func(c *config) { c.socketMode 
 // (default 16 MiB, at least 128 KiB); past it, that client is cut.
 func WithSendQueueBytes(n int) Option {
 	return func(c *config) { c.sendQueueBytes = max(n, minSendQueueBytes) }
+}
+
+// WithAllowedGIDs: a server also accepts clients whose (primary) gid is listed.
+func WithAllowedGIDs(gids ...uint32) Option {
+	return func(c *config) { c.allowedGIDs = append(c.allowedGIDs, gids...) }
 }

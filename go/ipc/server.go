@@ -218,12 +218,13 @@ func (s *Server) refuseConn(nc *net.UnixConn, msg string) {
 }
 
 func (s *Server) accept(nc *net.UnixConn) {
-	uid, err := peerUID(nc)
+	cred, err := peerCred(nc)
 	if err != nil {
 		s.refuseConn(nc, "cannot read the peer's credentials")
 		return
 	}
-	if uid != uint32(os.Getuid()) && !containsUID(s.cfg.allowedUIDs, uid) {
+	uid := cred.Uid
+	if uid != uint32(os.Getuid()) && !containsUID(s.cfg.allowedUIDs, uid) && !containsUID(s.cfg.allowedGIDs, cred.Gid) {
 		log.Printf("hintens: refused a client of uid %d", uid)
 		s.refuseConn(nc, fmt.Sprintf("uid %d may not connect", uid))
 		return
