@@ -1,0 +1,632 @@
+package ipc
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"log"
+	"net"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// conn is one hintens connection, for a client or a server: one goroutine reads (readLoop),
+// any goroutine writes whole frames under wmu. What to do with Requests, Responses and Events
+// is left to the owner's callbacks, which run on the reading goroutine.
+type conn struct {
+	nc  *net.UnixConn
+	cfg *config
+	dec *Decoder
+	shm *shmState
+
+	isServer bool
+
+	helloDone chan struct{}
+	helloOnce sync.Once
+
+	wmu          sync.Mutex
+	wbuf         []byte
+	backlog      []outFrame // frames waiting for a slow peer, oldest first (under wmu)
+	backlogBytes int
+	draining     bool
+	wDeadline    time.Time
+	eventIDSeq   atomic.Uint64
+
+	// reading state, owned by whichever goroutine reads (readOnce)
+	fds           []int // received descriptors not yet claimed, oldest first
+	oob           []byte
+	frameDeadline time.Time // when the frame in progress must be complete
+	readDeadline  time.Time // what the socket's read deadline is set to
+
+	// needReader, if set, is called before a sender waits for something only a reader
+	// sees (the peer's hello, a segment's release).
+	needReader func()
+
+	closed    chan struct{}
+	closeOnce sync.Once
+	closeErr  error
+
+	onRequest  func(rid uint64, payload []byte, l *lease)
+	onResponse func(rid uint64, payload []byte, l *lease, err error)
+	onEvent    func(payload []byte, l *lease)
+	onClose    func(err error)
+	// onReadEnd, if set, is called instead of closeWith when reading ends (a server lets
+	// its worker answer what was read first).
+	onReadEnd func(err error)
+
+	shmSent, shmReceived atomic.Uint64
+}
+
+func newConn(nc *net.UnixConn, cfg *config, isServer bool, totals *shmTotals) *conn {
+	features := uint32(0)
+	if cfg.shm {
+		features = FeatureSHM
+	}
+	c := &conn{nc: nc, cfg: cfg, isServer: isServer, dec: NewDecoder(cfg.maxPayload),
+		shm:       newShmState(features, cfg.shmReceiveBytes, cfg.shmReceiveSegments, cfg.shmPoolBytes, totals),
+		helloDone: make(chan struct{}), closed: make(chan struct{})}
+	return c
+}
+
+func (c *conn) localHello() []byte {
+	h := Hello{Features: c.shm.localFeatures, MaxPayload: c.cfg.maxPayload,
+		ShmReceiveBytes: c.cfg.shmReceiveBytes, ShmReceiveSegments: c.cfg.shmReceiveSegments}
+	return EncodeHello(h)
+}
+
+// closeWith ends the connection once: pending work fails with err.
+func (c *conn) closeWith(err error) {
+	c.closeOnce.Do(func() {
+		c.closeErr = err
+		close(c.closed)
+		c.nc.Close()
+		c.helloOnce.Do(func() { close(c.helloDone) })
+		c.shm.closeAll()
+		if c.onClose != nil {
+			c.onClose(err)
+		}
+	})
+}
+
+func (c *conn) err() error {
+	select {
+	case <-c.closed:
+		return c.closeErr
+	default:
+		return nil
+	}
+}
+
+// ---- writing ----
+
+// writeFrame writes one whole frame, waiting for the socket if need be (up to the send
+// timeout, after which the peer is cut). Small frames leave in one write.
+func (c *conn) writeFrame(typ uint32, flags uint16, rid uint64, payload []byte) error {
+	return c.write(typ, flags, rid, payload, -1, false)
+}
+
+// writeFrameFD writes one frame with a descriptor attached to its first byte (section 9).
+func (c *conn) writeFrameFD(typ uint32, flags uint16, rid uint64, payload []byte, fd int) error {
+	return c.write(typ, flags, rid, payload, fd, false)
+}
+
+// outFrame is a frame (or the rest of one) waiting in the send backlog.
+type outFrame struct {
+	b  []byte
+	fd int // sent with the first byte of b, or -1
+}
+
+// write sends one frame. With noWait (Events a server pushes: section 10 says they never
+// wait for the client), what the socket does not take at once goes to the connection's
+// backlog, written by a goroutine of its own; a backlog over sendQueueBytes cuts the peer.
+// While the backlog holds anything, every frame joins it, so frames keep their order.
+func (c *conn) write(typ uint32, flags uint16, rid uint64, payload []byte, fd int, noWait bool) error {
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	if err := c.err(); err != nil {
+		return err
+	}
+	if len(c.backlog) > 0 {
+		return c.enqueueLocked(outFrame{EncodeFrame(typ, flags, rid, payload), fd})
+	}
+	if noWait {
+		frame := EncodeFrame(typ, flags, rid, payload)
+		n, err := c.tryWriteLocked(frame, fd)
+		if err != nil {
+			c.closeWith(fmt.Errorf("%w: write: %v", ErrClosed, err))
+			return c.closeErr
+		}
+		if n == len(frame) {
+			return nil
+		}
+		if n > 0 {
+			fd = -1 // it went with the first bytes
+		}
+		return c.enqueueLocked(outFrame{frame[n:], fd})
+	}
+	c.armWriteDeadline()
+	var err error
+	switch {
+	case fd >= 0:
+		frame := EncodeFrame(typ, flags, rid, payload)
+		var n int
+		n, _, err = c.nc.WriteMsgUnix(frame, unix.UnixRights(fd), nil)
+		if err == nil && n < len(frame) {
+			_, err = c.nc.Write(frame[n:])
+		}
+	case len(payload) <= 64<<10:
+		n := HeaderSize + len(payload)
+		if cap(c.wbuf) < n {
+			c.wbuf = make([]byte, n, max(n, 4096))
+		}
+		b := c.wbuf[:n]
+		putHeader(b, typ, flags, rid, payload)
+		copy(b[HeaderSize:], payload)
+		_, err = c.nc.Write(b)
+	default:
+		var h [HeaderSize]byte
+		putHeader(h[:], typ, flags, rid, payload)
+		bufs := net.Buffers{h[:], payload}
+		_, err = bufs.WriteTo(c.nc)
+	}
+	if err != nil {
+		c.closeWith(fmt.Errorf("%w: write: %v", ErrClosed, err))
+		return c.closeErr
+	}
+	return nil
+}
+
+// tryWriteLocked makes one non-blocking attempt to write b (with fd, if not -1).
+func (c *conn) tryWriteLocked(b []byte, fd int) (int, error) {
+	raw, err := c.nc.SyscallConn()
+	if err != nil {
+		return 0, err
+	}
+	var n int
+	var werr error
+	var oob []byte
+	if fd >= 0 {
+		oob = unix.UnixRights(fd)
+	}
+	if err := raw.Write(func(s uintptr) bool {
+		n, werr = unix.SendmsgN(int(s), b, oob, nil, unix.MSG_DONTWAIT|unix.MSG_NOSIGNAL)
+		return true
+	}); err != nil {
+		return 0, err
+	}
+	if werr == unix.EAGAIN || werr == unix.EINTR {
+		return 0, nil
+	}
+	return max(n, 0), werr
+}
+
+// enqueueLocked adds to the backlog (caller holds wmu) and starts its writer.
+func (c *conn) enqueueLocked(f outFrame) error {
+	if c.backlogBytes+len(f.b) > c.cfg.sendQueueBytes {
+		c.closeWith(fmt.Errorf("%w: the peer left %d bytes unread (slow consumer: cut)",
+			ErrClosed, c.backlogBytes+len(f.b)))
+		return c.closeErr
+	}
+	c.backlog = append(c.backlog, f)
+	c.backlogBytes += len(f.b)
+	if !c.draining {
+		c.draining = true
+		go c.drain()
+	}
+	return nil
+}
+
+// drain writes the backlog in order. A frame stays in the backlog until it is written, so
+// nobody writes directly meanwhile. A peer that takes nothing for the send timeout is cut.
+func (c *conn) drain() {
+	for {
+		c.wmu.Lock()
+		if len(c.backlog) == 0 || c.err() != nil {
+			c.backlog, c.backlogBytes, c.draining = nil, 0, false
+			c.wmu.Unlock()
+			return
+		}
+		f := c.backlog[0]
+		c.armWriteDeadline()
+		c.wmu.Unlock()
+		var err error
+		if f.fd >= 0 {
+			var n int
+			n, _, err = c.nc.WriteMsgUnix(f.b, unix.UnixRights(f.fd), nil)
+			if err == nil && n < len(f.b) {
+				_, err = c.nc.Write(f.b[n:])
+			}
+		} else {
+			_, err = c.nc.Write(f.b)
+		}
+		c.wmu.Lock()
+		c.backlog = c.backlog[1:]
+		c.backlogBytes -= len(f.b)
+		c.wmu.Unlock()
+		if err != nil {
+			c.closeWith(fmt.Errorf("%w: write: %v", ErrClosed, err))
+		}
+	}
+}
+
+// armWriteDeadline keeps a write deadline between half and all of sendTimeout ahead,
+// touching the timer only when half of it has run down (caller holds wmu).
+func (c *conn) armWriteDeadline() {
+	if c.cfg.sendTimeout <= 0 {
+		return
+	}
+	now := time.Now()
+	if c.wDeadline.Sub(now) < c.cfg.sendTimeout/2 {
+		c.wDeadline = now.Add(c.cfg.sendTimeout)
+		c.nc.SetWriteDeadline(c.wDeadline)
+	}
+}
+
+func (c *conn) sendControl(magic string, ids ...uint32) {
+	for len(ids) > 0 {
+		n := min(len(ids), maxControlIDs)
+		_ = c.writeFrame(TypeEvent, 0, 0, EncodeControl(magic, ids[:n]))
+		ids = ids[n:]
+	}
+}
+
+func (c *conn) sendError(rid uint64, code uint32, msg string) {
+	_ = c.writeFrame(TypeError, 0, rid, EncodeErrorPayload(code, msg))
+}
+
+// releaseLease lets go of a lent payload and hands the segment back to the peer.
+func (c *conn) releaseLease(l *lease) {
+	if l == nil {
+		return
+	}
+	if id := l.release(); id != 0 {
+		c.sendControl("HREL", id)
+	}
+}
+
+// peerLimits: the peer's inline limit and whether shared memory was negotiated.
+func (c *conn) peerLimits() (maxPayload int, shm bool) {
+	c.shm.mu.Lock()
+	defer c.shm.mu.Unlock()
+	maxPayload = DefaultMaxPayload
+	if c.shm.peer != nil {
+		maxPayload = int(c.shm.peer.MaxPayload)
+	}
+	return maxPayload, c.shm.negotiatedLocked()
+}
+
+// waitHello waits (up to helloWait or deadline) for the peer's hello, before a payload that
+// shared memory might carry or the peer's limit might refuse (section 8).
+func (c *conn) waitHello(deadline time.Time) {
+	select {
+	case <-c.helloDone:
+		return
+	default:
+	}
+	if c.needReader != nil {
+		c.needReader()
+	}
+	wait := helloWait
+	if !deadline.IsZero() {
+		wait = min(wait, time.Until(deadline))
+	}
+	if wait <= 0 {
+		return
+	}
+	t := time.NewTimer(wait)
+	defer t.Stop()
+	select {
+	case <-c.helloDone:
+	case <-t.C:
+	}
+}
+
+// sendMode says what send does when shared memory should carry a payload but every segment
+// the pool may hold is lent out.
+type sendMode int
+
+const (
+	waitForSegment    sendMode = iota // wait for a release until the deadline
+	inlineIfNoSegment                 // send inline if the peer's limit allows, and never wait for the socket (pushed Events)
+	failIfNoSegment                   // return errWouldWait (the caller waits elsewhere)
+)
+
+var errWouldWait = errors.New("hintens: every shared-memory segment is lent out")
+
+// send sends a Request, Response or Event, inline or through shared memory (sections 8b and
+// 9). echo, if set, is the lease of the Request being answered: data inside it goes back as a
+// PEER_SEGMENT echo.
+func (c *conn) send(typ uint32, rid uint64, data []byte, echo *lease, deadline time.Time, mode sendMode) error {
+	if len(data) >= c.cfg.shmThreshold {
+		c.waitHello(deadline)
+	}
+	peerMax, negotiated := c.peerLimits()
+	if negotiated && echo != nil {
+		if d, ok := echo.echoDescriptor(data); ok {
+			c.shmSent.Add(1)
+			return c.writeFrame(typ, FlagSHM, rid, d.Encode())
+		}
+	}
+	if negotiated && (len(data) >= c.cfg.shmThreshold || len(data) > peerMax) {
+		for {
+			seg, retired, waitCh, err := c.shm.acquire(uint64(len(data)))
+			if len(retired) > 0 {
+				c.sendControl("HRET", retired...)
+			}
+			if errors.Is(err, errPoolTooSmall) {
+				break // inline, if the peer's limit allows
+			}
+			if err != nil {
+				return err
+			}
+			if seg != nil {
+				copy(seg.mem, data)
+				d, fd := c.shm.lend(seg, uint64(len(data)))
+				c.shmSent.Add(1)
+				return c.write(typ, FlagSHM, rid, d.Encode(), fd, mode == inlineIfNoSegment)
+			}
+			if mode == failIfNoSegment {
+				return errWouldWait
+			}
+			if mode == inlineIfNoSegment {
+				break
+			}
+			if c.needReader != nil {
+				c.needReader()
+			}
+			var timeout <-chan time.Time
+			if !deadline.IsZero() {
+				t := time.NewTimer(time.Until(deadline))
+				defer t.Stop()
+				timeout = t.C
+			}
+			select {
+			case <-waitCh:
+			case <-timeout:
+				return &ProtocolError{Code: CodeTimeout, Message: "no shared-memory segment came free in time"}
+			case <-c.closed:
+				return c.closeErr
+			}
+		}
+	}
+	if len(data) > peerMax {
+		return &ProtocolError{Code: CodeTooLarge, Message: fmt.Sprintf(
+			"payload of %d bytes over the peer's limit of %d, and shared memory cannot carry it", len(data), peerMax)}
+	}
+	return c.write(typ, 0, rid, data, -1, mode == inlineIfNoSegment)
+}
+
+// ---- reading ----
+
+// errReadTimeout: readOnce's own deadline passed (no frame overran its frame timeout).
+var errReadTimeout = errors.New("hintens: read deadline")
+
+// readLoop reads until the connection ends (the server's reading goroutine).
+func (c *conn) readLoop() {
+	for {
+		err := c.readOnce(time.Time{})
+		if err == errReadTimeout {
+			continue
+		}
+		if err != nil {
+			c.endReading(err)
+			return
+		}
+	}
+}
+
+// endReading ends reading for good: partial frames and waiting descriptors are dropped.
+func (c *conn) endReading(err error) {
+	c.dec.Abandon()
+	for _, fd := range c.fds {
+		unix.Close(fd)
+	}
+	c.fds = nil
+	if c.onReadEnd != nil {
+		c.onReadEnd(err)
+	} else {
+		c.closeWith(err)
+	}
+}
+
+// readOnce makes one read (blocking until bytes, the end of the stream, or deadline; zero:
+// none) and dispatches the frames it completes. Only one goroutine at a time may call it. It
+// returns errReadTimeout when deadline passed, and any other error when the connection is
+// over (then the caller calls endReading).
+func (c *conn) readOnce(deadline time.Time) error {
+	eff := deadline
+	if !c.frameDeadline.IsZero() && (eff.IsZero() || c.frameDeadline.Before(eff)) {
+		eff = c.frameDeadline
+	}
+	if !eff.Equal(c.readDeadline) {
+		c.nc.SetReadDeadline(eff)
+		c.readDeadline = eff
+	}
+	if c.oob == nil {
+		c.oob = make([]byte, unix.CmsgSpace(4*maxWaitingFDs))
+	}
+	space := c.dec.Space()
+	n, oobn, _, _, rerr := c.nc.ReadMsgUnix(space, c.oob)
+	if oobn > 0 {
+		c.takeFDs(c.oob[:oobn])
+	}
+	if n > 0 {
+		c.dec.Commit(n)
+		if !c.processFrames() {
+			if err := c.err(); err != nil {
+				return err
+			}
+			return fmt.Errorf("%w: protocol error", ErrClosed)
+		}
+		if c.dec.Idle() {
+			for _, fd := range c.fds {
+				unix.Close(fd) // unclaimed once no frame is in progress
+			}
+			c.fds = c.fds[:0]
+			c.frameDeadline = time.Time{}
+		} else if c.frameDeadline.IsZero() && c.cfg.frameTimeout > 0 {
+			c.frameDeadline = time.Now().Add(c.cfg.frameTimeout)
+		}
+	}
+	if rerr == nil && (n > 0 || oobn > 0) {
+		return nil
+	}
+	switch {
+	case rerr == nil || errors.Is(rerr, io.EOF):
+		return fmt.Errorf("%w: the peer closed the connection", ErrClosed)
+	case errors.Is(rerr, unix.ECONNRESET):
+		return fmt.Errorf("%w: connection reset by the peer", ErrClosed)
+	case errors.Is(rerr, net.ErrClosed):
+		if err := c.err(); err != nil {
+			return err
+		}
+		return fmt.Errorf("%w: closed", ErrClosed)
+	}
+	var ne net.Error
+	if errors.As(rerr, &ne) && ne.Timeout() {
+		if !c.frameDeadline.IsZero() && !time.Now().Before(c.frameDeadline) {
+			return fmt.Errorf("%w: a frame did not arrive whole within %v", ErrClosed, c.cfg.frameTimeout)
+		}
+		return errReadTimeout
+	}
+	return fmt.Errorf("%w: read: %v", ErrClosed, rerr)
+}
+
+func (c *conn) takeFDs(oob []byte) {
+	msgs, err := unix.ParseSocketControlMessage(oob)
+	if err != nil {
+		return
+	}
+	for _, m := range msgs {
+		fds, err := unix.ParseUnixRights(&m)
+		if err != nil {
+			continue
+		}
+		for _, fd := range fds {
+			if len(c.fds) >= maxWaitingFDs {
+				unix.Close(fd)
+				continue
+			}
+			c.fds = append(c.fds, fd)
+		}
+	}
+}
+
+// processFrames decodes and dispatches what the buffer holds; false after a fatal error.
+func (c *conn) processFrames() bool {
+	for {
+		f, ok, perr := c.dec.Next()
+		if perr != nil {
+			if perr.Fatal {
+				if c.isServer {
+					rid := uint64(0)
+					if perr.HasID {
+						rid = perr.RequestID
+					}
+					c.sendError(rid, perr.Code, perr.Message)
+				}
+				c.closeWith(fmt.Errorf("%w: %v", ErrClosed, perr))
+				return false
+			}
+			c.refuse(perr.Type, perr.RequestID, perr)
+			continue
+		}
+		if !ok {
+			return true
+		}
+		c.dispatch(f)
+	}
+}
+
+// aliasesBuffer: whether a decoded inline payload lives in the decoder's reused buffer.
+func aliasesBuffer(n int) bool { return HeaderSize+n <= decoderBufSize }
+
+func (c *conn) dispatch(f Frame) {
+	payload := f.Payload
+	var l *lease
+	if f.Flags&FlagSHM != 0 {
+		fd := -1
+		if len(payload) == descriptorSize && payload[4]&byte(DescNewSegment) != 0 && len(c.fds) > 0 {
+			fd = c.fds[0]
+			c.fds = c.fds[1:]
+		}
+		dec := c.shm.receive(f.Type, f.Flags, f.RequestID, payload, fd)
+		if dec.handBack != "" {
+			c.sendControl(dec.handBack, dec.id)
+		}
+		if dec.lease == nil {
+			c.refuse(f.Type, f.RequestID, &ProtocolError{Code: dec.code, RequestID: f.RequestID,
+				HasID: true, Type: f.Type, Message: dec.msg})
+			return
+		}
+		l = dec.lease
+		payload = l.data
+		c.shmReceived.Add(1)
+	} else if f.Flags&FlagCompressed != 0 {
+		c.refuse(f.Type, f.RequestID, &ProtocolError{Code: CodeUnsupportedFlags, RequestID: f.RequestID,
+			HasID: true, Type: f.Type, Message: "COMPRESSED was not negotiated"})
+		return
+	}
+	switch f.Type {
+	case TypeEvent:
+		if f.RequestID == 0 {
+			c.control(payload)
+			return
+		}
+		if c.onEvent != nil {
+			c.onEvent(payload, l)
+		} else {
+			c.releaseLease(l)
+		}
+	case TypeRequest:
+		c.onRequest(f.RequestID, payload, l)
+	case TypeResponse:
+		c.onResponse(f.RequestID, payload, l, nil)
+	case TypeError:
+		c.onResponse(f.RequestID, nil, nil, remoteErrorFromPayload(payload))
+	}
+}
+
+// refuse handles a frame dropped for a recoverable violation (section 6).
+func (c *conn) refuse(typ uint32, rid uint64, perr *ProtocolError) {
+	switch typ {
+	case TypeRequest:
+		c.sendError(rid, perr.Code, perr.Message)
+	case TypeResponse, TypeError:
+		c.onResponse(rid, nil, nil, perr)
+	default:
+		if rid != 0 {
+			log.Printf("hintens: dropped an Event: %v", perr)
+		}
+	}
+}
+
+func (c *conn) control(p []byte) {
+	if len(p) < 4 {
+		return
+	}
+	switch string(p[:4]) {
+	case "HELO":
+		h, _, ok := ParseHello(p)
+		if !ok {
+			return
+		}
+		c.helloOnce.Do(func() {
+			c.shm.mu.Lock()
+			c.shm.peer = &h
+			c.shm.mu.Unlock()
+			close(c.helloDone)
+		})
+	case "HREL", "HREJ":
+		if magic, ids, ok := ParseControl(p); ok {
+			c.shm.handBack(magic, ids)
+		}
+	case "HRET":
+		if _, ids, ok := ParseControl(p); ok {
+			c.shm.retire(ids)
+		}
+	}
+}

@@ -1,0 +1,120 @@
+package ipc
+
+import "time"
+
+// Defaults (PROTOCOL.md sections 6, 8, 9 and 10).
+const (
+	DefaultTimeout         = 10 * time.Second
+	DefaultShmThreshold    = 64 << 10
+	DefaultShmPoolBytes    = 1 << 30
+	DefaultFrameTimeout    = 10 * time.Second
+	DefaultSendTimeout     = 10 * time.Second
+	DefaultMaxConnections  = 1024
+	DefaultMaxPendingBytes = 256 << 20
+	DefaultShutdownTimeout = 5 * time.Second
+	DefaultSendQueueBytes  = 16 << 20
+	minSendQueueBytes      = 128 << 10
+	helloWait              = time.Second
+	maxWaitingFDs          = 64
+)
+
+type config struct {
+	timeout            time.Duration
+	shm                bool
+	shmThreshold       int
+	shmPoolBytes       uint64
+	maxPayload         uint32
+	shmReceiveBytes    uint64
+	shmReceiveSegments uint32
+	shmTotalBytes      uint64
+	shmTotalSegments   uint64
+	frameTimeout       time.Duration
+	sendTimeout        time.Duration
+	maxConnections     int
+	maxPendingBytes    int64
+	sendQueueBytes     int
+	allowedUIDs        []uint32
+	allowedGIDs        []uint32
+	socketMode         uint32
+}
+
+func defaultConfig() config {
+	return config{
+		timeout:            DefaultTimeout,
+		shm:                true,
+		shmThreshold:       DefaultShmThreshold,
+		shmPoolBytes:       DefaultShmPoolBytes,
+		maxPayload:         DefaultMaxPayload,
+		shmReceiveBytes:    DefaultShmReceiveBytes,
+		shmReceiveSegments: DefaultShmReceiveSegments,
+		shmTotalBytes:      4 << 30,
+		shmTotalSegments:   4096,
+		frameTimeout:       DefaultFrameTimeout,
+		sendTimeout:        DefaultSendTimeout,
+		maxConnections:     DefaultMaxConnections,
+		maxPendingBytes:    DefaultMaxPendingBytes,
+		sendQueueBytes:     DefaultSendQueueBytes,
+		socketMode:         0o600,
+	}
+}
+
+// Option configures a Client or a Server. Options that make no sense for one of them are
+// ignored by it.
+type Option func(*config)
+
+// WithTimeout sets how long a request may take (Client, default 10 s), and how long a
+// server's send may wait for a free shared-memory segment.
+func WithTimeout(d time.Duration) Option { return func(c *config) { c.timeout = d } }
+
+// WithSharedMemory turns shared memory on (the default) or off. Off, the hello does not
+// announce it and every payload travels inline.
+func WithSharedMemory(on bool) Option { return func(c *config) { c.shm = on } }
+
+// WithShmThreshold sets the payload size from which shared memory carries a payload
+// (default 64 KiB).
+func WithShmThreshold(n int) Option { return func(c *config) { c.shmThreshold = n } }
+
+// WithShmPoolBytes bounds the bytes of our own segments lent to one peer (default 1 GiB).
+func WithShmPoolBytes(n uint64) Option { return func(c *config) { c.shmPoolBytes = n } }
+
+// WithMaxPayload sets the largest inline payload accepted (hello key 3, default 64 MiB).
+func WithMaxPayload(n uint32) Option { return func(c *config) { c.maxPayload = n } }
+
+// WithShmReceiveLimits bounds what one peer may make us map (hello keys 6 and 7; defaults
+// 1 GiB and 64 segments).
+func WithShmReceiveLimits(bytes uint64, segments uint32) Option {
+	return func(c *config) { c.shmReceiveBytes, c.shmReceiveSegments = bytes, segments }
+}
+
+// WithFrameTimeout: a frame must arrive whole within this time of its first byte (10 s).
+func WithFrameTimeout(d time.Duration) Option { return func(c *config) { c.frameTimeout = d } }
+
+// WithSendTimeout: a peer that leaves our bytes unread this long is cut (10 s).
+func WithSendTimeout(d time.Duration) Option { return func(c *config) { c.sendTimeout = d } }
+
+// WithMaxConnections bounds a server's connections (default 1024).
+func WithMaxConnections(n int) Option { return func(c *config) { c.maxConnections = n } }
+
+// WithMaxPendingBytes bounds the bytes a server buffers for unfinished large frames across
+// all its connections (default 256 MiB).
+func WithMaxPendingBytes(n int64) Option { return func(c *config) { c.maxPendingBytes = n } }
+
+// WithAllowedUIDs: a server also accepts clients of these uids; a client also trusts a
+// server of these uids (besides its own uid, and root for a client).
+func WithAllowedUIDs(uids ...uint32) Option {
+	return func(c *config) { c.allowedUIDs = append(c.allowedUIDs, uids...) }
+}
+
+// WithSocketMode sets the server socket file's mode (default 0600).
+func WithSocketMode(mode uint32) Option { return func(c *config) { c.socketMode = mode } }
+
+// WithSendQueueBytes bounds the Events a server holds for one client that does not read
+// (default 16 MiB, at least 128 KiB); past it, that client is cut.
+func WithSendQueueBytes(n int) Option {
+	return func(c *config) { c.sendQueueBytes = max(n, minSendQueueBytes) }
+}
+
+// WithAllowedGIDs: a server also accepts clients whose (primary) gid is listed.
+func WithAllowedGIDs(gids ...uint32) Option {
+	return func(c *config) { c.allowedGIDs = append(c.allowedGIDs, gids...) }
+}
