@@ -4,6 +4,9 @@
 #   make bench   benchmarks against the stdlib and the peers (installs the `bench` extra)
 #   make docs    the API reference, HTML in build/docs (installs the `docs` extra)
 #   make crc-check  the CRC16 kernel's C harness (every path vs a bitwise reference, ASan/UBSan)
+#   make ports-check  the Go and Rust ports' own checks (gofmt, go vet, go test -race; cargo fmt,
+#                     clippy -D warnings, cargo test); the cross-language tests run in make test
+#   make bench-ports  every client (Python, Go, Rust) against every server, and the raw floors
 #   make build   rebuild the extensions in place after editing .pyx/.pxd/.h
 #   make wheel   the sdist and a manylinux wheel in dist/, checked by twine
 #   make clean   remove build products and the virtual environment
@@ -21,7 +24,7 @@ WHEEL_TOOLS := $(VENV)/.installed-wheel
 DOCS_INSTALLED := $(VENV)/.installed-docs
 BENCH_ARGS ?=
 
-.PHONY: test demo bench docs build wheel clean crc-check
+.PHONY: test demo bench docs build wheel clean crc-check ports-check bench-ports
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -40,7 +43,7 @@ $(DOCS_INSTALLED): $(INSTALLED)
 
 # The suite runs twice: with the compiled core, then with its pure-Python twin (the slow 1 GiB
 # test only once; core tests that need the extension skip in the second pass).
-test: $(INSTALLED) crc-check
+test: $(INSTALLED) crc-check ports-check
 	$(PY) -m mypy
 	$(PY) -m pytest
 	HINTENS_NO_EXTENSIONS=1 $(PY) -m pytest -q -m "not slow" -p no:cacheprovider
@@ -61,6 +64,27 @@ crc-check:
 	    || { cat build/crc16/test_crc16-$$name.log; echo "crc-check: $$name FAILED"; exit 1; }; \
 	  printf '%s: ' $$name; tail -n 1 build/crc16/test_crc16-$$name.log; \
 	done
+
+# A missing toolchain skips its port in one line, except under CI=true, where it fails (the
+# cross-language tests in tests/test_ports.py follow the same rule). cargo test runs the release
+# profile: the peer program that tests/test_ports.py builds then reuses its compiled crates.
+ports-check:
+	@if command -v go >/dev/null 2>&1; then \
+	    echo "ports-check: Go: gofmt, go vet, go test -race"; \
+	    cd go && unformatted="$$(gofmt -l .)" && { [ -z "$$unformatted" ] \
+	        || { echo "gofmt: not formatted: $$unformatted"; exit 1; }; } \
+	      && go vet ./... && go test -race -count=1 ./...; \
+	  elif [ "$$CI" = true ]; then echo "ports-check: go is not installed, and CI=true needs it"; exit 1; \
+	  else echo "ports-check: go is not installed: the Go port is not checked"; fi
+	@if command -v cargo >/dev/null 2>&1; then \
+	    echo "ports-check: Rust: cargo fmt --check, clippy -D warnings, cargo test"; \
+	    cd rust && cargo fmt --check && cargo clippy --quiet --all-targets -- -D warnings \
+	      && cargo test --release --quiet; \
+	  elif [ "$$CI" = true ]; then echo "ports-check: cargo is not installed, and CI=true needs it"; exit 1; \
+	  else echo "ports-check: cargo is not installed: the Rust port is not checked"; fi
+
+bench-ports: $(INSTALLED)
+	$(PY) bench/ports.py $(BENCH_ARGS)
 
 demo: $(INSTALLED)
 	$(PY) -m hintens demo
@@ -105,7 +129,7 @@ wheel: $(WHEEL_TOOLS)
 	ls -l dist
 
 clean:
-	rm -rf build dist *.egg-info hintens/_bincode.c hintens/wire/_wire.c hintens/transport/_channel.c \
+	rm -rf build dist rust/target *.egg-info hintens/_bincode.c hintens/wire/_wire.c hintens/transport/_channel.c \
 	    hintens/*.so hintens/*/*.so hintens/*.html hintens/*/*.html hintens/_version.py \
 	    .pytest_cache .hypothesis .benchmarks bench/results $(VENV)
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -295,6 +295,56 @@ def recv_exact(sock: socket.socket, view: memoryview) -> None:
         view = view[n:]
 
 
+def send_all(sock: socket.socket, buffers: list[Any]) -> None:
+    """One gathered write of ``buffers`` (more only when the kernel takes part of them)."""
+    views = [memoryview(buffer).cast("B") for buffer in buffers]
+    while views:
+        sent = sock.sendmsg(views)
+        while views and sent >= len(views[0]):
+            sent -= len(views[0])
+            views.pop(0)
+        if views:
+            views[0] = views[0][sent:]
+
+
+class FloorReader:
+    """The floor's reads: into one buffer (allocated once, grown to the largest message), as
+    much as the socket holds per recv, so a small message costs one recv."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buffer = memoryview(bytearray(64 * 1024))
+        self.start = self.end = 0
+
+    def message(self) -> memoryview:
+        """The next length-prefixed payload (valid until the next call)."""
+        self._fill(4)
+        (n,) = struct.unpack_from("<I", self.buffer, self.start)
+        self.start += 4
+        self._fill(n)
+        body = self.buffer[self.start:self.start + n]
+        self.start += n
+        return body
+
+    def _fill(self, n: int) -> None:
+        if self.end - self.start >= n:
+            return
+        if len(self.buffer) - self.start < n:   # move what is there to the front (or grow)
+            held = self.end - self.start
+            if len(self.buffer) < n:
+                bigger = memoryview(bytearray(n))
+                bigger[:held] = self.buffer[self.start:self.end]
+                self.buffer = bigger
+            else:
+                self.buffer[:held] = self.buffer[self.start:self.end]
+            self.start, self.end = 0, held
+        while self.end - self.start < n:
+            got = self.sock.recv_into(self.buffer[self.end:])
+            if not got:
+                raise ConnectionError("the peer closed")
+            self.end += got
+
+
 def floor_serve(path: str) -> None:
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
@@ -302,20 +352,13 @@ def floor_serve(path: str) -> None:
     listener.listen()
 
     def echo(conn: socket.socket) -> None:
-        buffer = bytearray(0)
-        head = bytearray(4)
+        reader = FloorReader(conn)
         with conn:
             try:
                 while True:
-                    recv_exact(conn, memoryview(head))
-                    (n,) = struct.unpack("<I", head)
-                    if len(buffer) < n:
-                        buffer = bytearray(n)
-                    body = memoryview(buffer)[:n]
-                    recv_exact(conn, body)
-                    conn.sendall(head)
-                    conn.sendall(body)
-            except ConnectionError:
+                    body = reader.message()
+                    send_all(conn, [struct.pack("<I", len(body)), body])
+            except (ConnectionError, OSError):
                 pass
 
     def accept() -> None:
@@ -332,16 +375,14 @@ def floor_bench(path: str, kind: str, count: int | None) -> dict[str, Any]:
     size, warmup, default = (64, 2000, 20000) if kind == "rt64" else (64 << 20, 2, 10)
     payload = pattern(size)
     head = struct.pack("<I", size)
-    buffer = memoryview(bytearray(size))
-    got = memoryview(bytearray(4))
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.connect(path)
+        reader = FloorReader(sock)
 
         def once() -> None:
-            sock.sendall(head)
-            sock.sendall(payload)
-            recv_exact(sock, got)
-            recv_exact(sock, buffer)
+            send_all(sock, [head, payload])
+            if len(reader.message()) != size:
+                raise Failed("the floor answered another size")
         return report(kind, timed(once, warmup, count or default))
 
 
