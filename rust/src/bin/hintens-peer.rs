@@ -332,18 +332,20 @@ fn p99(v: &mut [f64]) -> f64 {
     v[((v.len() as f64 * 0.99) as usize).min(v.len() - 1)]
 }
 
-async fn bench(path: &str, what: &str, n: usize) -> Result<String, Failed> {
-    let client = IPCClient::connect(path).await?;
+/// The blocking client: each request is written and its answer read on this thread (no
+/// runtime), the fastest client of this crate.
+fn bench(path: &str, what: &str, n: usize) -> Result<String, Failed> {
+    let client = hintens::blocking::Client::connect(path)?;
     let r = match what {
         "rt64" => {
             let p = pattern(64);
             for _ in 0..2000 {
-                client.send_bytes(&p).await?;
+                client.send_bytes(&p)?;
             }
             let mut t = Vec::with_capacity(n);
             for _ in 0..n {
                 let t0 = Instant::now();
-                let a = client.send_bytes(&p).await?;
+                let a = client.send_bytes(&p)?;
                 t.push(t0.elapsed().as_secs_f64() * 1e6);
                 check(a.len() == 64, "rt64: wrong length")?;
             }
@@ -356,12 +358,12 @@ async fn bench(path: &str, what: &str, n: usize) -> Result<String, Failed> {
         "echo64m" => {
             let p = pattern(64 << 20);
             for _ in 0..2 {
-                client.send_bytes(&p).await?;
+                client.send_bytes(&p)?;
             }
             let mut t = Vec::with_capacity(n);
             for _ in 0..n {
                 let t0 = Instant::now();
-                let a = client.send_bytes(&p).await?;
+                let a = client.send_bytes(&p)?;
                 check(a.len() == p.len(), "echo64m: wrong length")?;
                 drop(a);
                 t.push(t0.elapsed().as_secs_f64() * 1e3);
@@ -370,7 +372,7 @@ async fn bench(path: &str, what: &str, n: usize) -> Result<String, Failed> {
         }
         other => return Err(Failed(format!("unknown benchmark {other}"))),
     };
-    client.close().await;
+    client.close();
     Ok(r)
 }
 
@@ -468,13 +470,7 @@ fn run(args: &[String]) -> Result<Option<String>, Failed> {
         Some("client") if args.len() >= 3 => rt()?.block_on(scenario(&args[1], &args[2])).map(Some),
         Some("bench") if args.len() >= 3 => {
             let n = count_arg(args, if args[2] == "rt64" { 20000 } else { 10 });
-            let (path, what) = (args[1].clone(), args[2].clone());
-            // As a spawned task, the measured loop and the reader task share the run queue:
-            // the runtime polls the I/O driver only when both wait.
-            rt()?
-                .block_on(async move { tokio::spawn(async move { bench(&path, &what, n).await }).await })
-                .map_err(|e| Failed(e.to_string()))?
-                .map(Some)
+            bench(&args[1], &args[2], n).map(Some)
         }
         Some("floor-serve") if args.len() >= 2 => floor_serve(&args[1]).map(|_| None),
         Some("floor-bench") if args.len() >= 3 => {
