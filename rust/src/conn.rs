@@ -76,6 +76,11 @@ pub(crate) trait Dispatch: Send + Sync + 'static {
     fn request(&self, conn: &Arc<Conn>, request_id: u64, payload: Payload);
     /// A plain Event.
     fn event(&self, conn: &Arc<Conn>, payload: Payload);
+    /// The Error frame that answers a refused Request: it leaves in order with the replies
+    /// (the default hands it to the writer, which the async server's replies also follow).
+    fn answer(&self, conn: &Arc<Conn>, frame: Vec<u8>) {
+        conn.queue(frame);
+    }
     /// A drain (graceful shutdown) read everything the socket held: no more Requests are
     /// taken after this.
     fn drained(&self, _conn: &Arc<Conn>) {}
@@ -1189,9 +1194,16 @@ impl Conn {
     }
 
     /// Answers a frame's violation: a Request gets an Error frame (via the writer task).
-    fn answer_error(&self, mtype: Option<u8>, rid: u64, code: u32, message: &str) {
+    fn answer_error(
+        self: &Arc<Self>,
+        dispatch: &Arc<dyn Dispatch>,
+        mtype: Option<u8>,
+        rid: u64,
+        code: u32,
+        message: &str,
+    ) {
         if mtype == Some(REQUEST) {
-            self.queue(wire::encode_frame(
+            dispatch.answer(self, wire::encode_frame(
                 wire::ERROR,
                 0,
                 rid,
@@ -1245,7 +1257,7 @@ impl Conn {
                                 message: e.message,
                             },
                         ),
-                        m => self.answer_error(m, rid, e.code, &e.message),
+                        m => self.answer_error(dispatch, m, rid, e.code, &e.message),
                     }
                     continue;
                 }
@@ -1259,7 +1271,7 @@ impl Conn {
                             wire::RESPONSE | wire::ERROR => {
                                 self.fail_pending(rid, Error::Protocol { code, message })
                             }
-                            m => self.answer_error(Some(m), rid, code, &message),
+                            m => self.answer_error(dispatch, Some(m), rid, code, &message),
                         }
                         continue;
                     }
@@ -1275,7 +1287,7 @@ impl Conn {
                             message: m.into(),
                         },
                     ),
-                    t => self.answer_error(Some(t), rid, code::UNSUPPORTED_FLAGS, m),
+                    t => self.answer_error(dispatch, Some(t), rid, code::UNSUPPORTED_FLAGS, m),
                 }
                 continue;
             } else {

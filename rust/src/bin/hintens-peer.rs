@@ -65,7 +65,8 @@ fn ready() {
 
 // -- serve ------------------------------------------------------------------------------------
 
-async fn handle(req: Request) -> Result<Reply, HandlerError> {
+/// The echo handler of the peer contract, for the blocking server (a thread per connection).
+fn handle(req: Request) -> Result<Reply, HandlerError> {
     let p: &[u8] = &req.payload;
     if let Some(rest) = p.strip_prefix(b"err:") {
         return Err(HandlerError::new(format!(
@@ -87,8 +88,7 @@ async fn handle(req: Request) -> Result<Reply, HandlerError> {
         if let Ok(n) = std::str::from_utf8(rest).unwrap_or("").parse::<u64>() {
             for i in 0..n {
                 req.peer
-                    .send_event(format!("ev-{i}").as_bytes())
-                    .await
+                    .send_event_blocking(format!("ev-{i}").as_bytes())
                     .map_err(|e| HandlerError::new(e.to_string()))?;
             }
             return Ok(format!("sent {n}").into());
@@ -116,7 +116,7 @@ static EVENTS: AtomicU64 = AtomicU64::new(0);
 static EVENT_BYTES: AtomicU64 = AtomicU64::new(0);
 
 async fn serve(path: &str) -> Result<(), Failed> {
-    let server = Server::new(path, handle).on_event(|p: Payload, _| {
+    let server = Server::new_blocking(path, handle).on_event(|p: Payload, _| {
         EVENTS.fetch_add(1, Ordering::Relaxed);
         EVENT_BYTES.fetch_add(p.len() as u64, Ordering::Relaxed);
     });
