@@ -151,6 +151,10 @@ pub(crate) struct Conn {
     wlock: tokio::sync::Mutex<()>,
     swlock: Mutex<()>,
     pool_gen: AtomicU64,
+    /// Frames handed to the writer, and frames it is done with (written or not), so that a
+    /// blocking server writes a reply only after what was queued before it.
+    ctl_queued: AtomicU64,
+    ctl_done: AtomicU64,
     st: Mutex<State>,
     pub(crate) limits: Limits,
     hello_arrived: Notify,
@@ -265,14 +269,19 @@ impl Conn {
                 while let Some(frame) = ctl_rx.blocking_recv() {
                     let Some(c) = weak.upgrade() else { return };
                     if frame.is_empty() {
+                        c.ctl_done.fetch_add(1, Ordering::AcqRel);
                         c.shutdown();
                         return;
                     }
                     let deadline = Instant::now() + c.limits.send_timeout;
-                    if let Err(e) = c.write_all_blocking(&[&frame], None, deadline) {
+                    let res = c.write_all_blocking(&[&frame], None, deadline);
+                    c.ctl_done.fetch_add(1, Ordering::AcqRel);
+                    if let Err(e) = res {
                         if matches!(e, Error::Timeout(_)) {
                             c.cut("the peer left our frames unread past send_timeout");
                         }
+                        // Nothing more can be written: count the rest as done.
+                        c.ctl_done.store(u64::MAX / 2, Ordering::Release);
                         return;
                     }
                 }
@@ -305,6 +314,8 @@ impl Conn {
             wlock: tokio::sync::Mutex::new(()),
             swlock: Mutex::new(()),
             pool_gen: AtomicU64::new(0),
+            ctl_queued: AtomicU64::new(0),
+            ctl_done: AtomicU64::new(0),
             st: Mutex::new(State {
                 next_segment_id: 1,
                 ..Default::default()
@@ -353,7 +364,27 @@ impl Conn {
 
     /// Queues a whole frame for the writer task.
     pub(crate) fn queue(&self, frame: Vec<u8>) {
-        let _ = self.ctl_tx.send(frame);
+        self.ctl_queued.fetch_add(1, Ordering::AcqRel);
+        if self.ctl_tx.send(frame).is_err() {
+            self.ctl_done.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+
+    /// Blocking connections: waits until the writer thread is done with every frame queued so
+    /// far (hand-backs and refusals queued while reading leave before the reply that follows
+    /// them). Costs one atomic load when nothing is queued.
+    pub(crate) fn wait_queue_flushed(&self, deadline: Instant) {
+        let target = self.ctl_queued.load(Ordering::Acquire);
+        let mut spins = 0u32;
+        while self.ctl_done.load(Ordering::Acquire) < target && !self.is_closed() && Instant::now() < deadline
+        {
+            spins += 1;
+            if spins < 100 {
+                std::thread::yield_now();
+            } else {
+                std::thread::sleep(Duration::from_micros(50));
+            }
+        }
     }
 
     async fn writer(conn: Weak<Conn>, mut rx: mpsc::UnboundedReceiver<Vec<u8>>) {
@@ -1203,12 +1234,10 @@ impl Conn {
         message: &str,
     ) {
         if mtype == Some(REQUEST) {
-            dispatch.answer(self, wire::encode_frame(
-                wire::ERROR,
-                0,
-                rid,
-                &wire::encode_error(code, message),
-            ));
+            dispatch.answer(
+                self,
+                wire::encode_frame(wire::ERROR, 0, rid, &wire::encode_error(code, message)),
+            );
         }
     }
 

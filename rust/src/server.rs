@@ -634,14 +634,20 @@ impl Dispatch for SyncDispatch {
 
     fn request(&self, conn: &Arc<Conn>, request_id: u64, payload: Payload) {
         if self.taking.load(Ordering::Acquire) {
-            self.queue.lock().unwrap().push_back(Work::Request(request_id, payload));
+            self.queue
+                .lock()
+                .unwrap()
+                .push_back(Work::Request(request_id, payload));
         } else {
-            self.answer(conn, wire::encode_frame(
-                ERROR,
-                0,
-                request_id,
-                &wire::encode_error(code::UNAVAILABLE, "the server is shutting down"),
-            ));
+            self.answer(
+                conn,
+                wire::encode_frame(
+                    ERROR,
+                    0,
+                    request_id,
+                    &wire::encode_error(code::UNAVAILABLE, "the server is shutting down"),
+                ),
+            );
         }
     }
 
@@ -689,6 +695,7 @@ fn conn_thread(conn: Arc<Conn>, shared: Arc<Shared>, handler: SyncHandlerFn, d: 
                 Some(Work::Request(rid, payload)) => (rid, payload),
                 Some(Work::Answer(frame)) => {
                     let deadline = Instant::now() + shared.opts.limits.send_timeout;
+                    conn.wait_queue_flushed(deadline);
                     if conn.write_all_blocking(&[&frame], None, deadline).is_err() {
                         conn.shutdown();
                     }
@@ -700,6 +707,7 @@ fn conn_thread(conn: Arc<Conn>, shared: Arc<Shared>, handler: SyncHandlerFn, d: 
                 peer: peer.clone(),
             });
             let deadline = Instant::now() + shared.opts.limits.send_timeout;
+            conn.wait_queue_flushed(deadline);
             let sent = match result {
                 Ok(Reply::Bytes(b)) => conn.send_blocking(RESPONSE, rid, Body::Bytes(&b), deadline),
                 Ok(Reply::Payload(p)) => conn.send_blocking(RESPONSE, rid, Body::Echo(&p), deadline),
