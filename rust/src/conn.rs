@@ -1011,7 +1011,9 @@ impl Conn {
                 let state = rs.dec.take().expect("the decoder is home when no one leads");
                 let started = rs.frame_started;
                 let drain = sr.drain_requested.load(Ordering::Acquire) && !rs.drained;
-                let want = (deadline - now).min(TICK);
+                // Whole milliseconds, so that a caller that waits "up to TICK" again and again
+                // does not change the socket's timeout (a system call) on every read.
+                let want = ceil_ms((deadline - now).min(TICK));
                 let set_timeo_to = if want != rs.rcvtimeo { Some(want) } else { None };
                 if let Some(t) = set_timeo_to {
                     rs.rcvtimeo = t;
@@ -1542,19 +1544,24 @@ impl Body<'_> {
 }
 
 fn sendmsg(fd: RawFd, bufs: &[&[u8]], first_off: usize, pass: Option<RawFd>) -> io::Result<usize> {
-    let mut iov: Vec<libc::iovec> = Vec::with_capacity(bufs.len().min(64));
-    for (i, b) in bufs.iter().take(64).enumerate() {
+    // At most 8 buffers per call (callers pass 1 to 3); the rest go in the next call.
+    let mut iov = [libc::iovec {
+        iov_base: std::ptr::null_mut(),
+        iov_len: 0,
+    }; 8];
+    let count = bufs.len().min(iov.len());
+    for (i, b) in bufs.iter().take(count).enumerate() {
         let b = if i == 0 { &b[first_off..] } else { b };
-        iov.push(libc::iovec {
+        iov[i] = libc::iovec {
             iov_base: b.as_ptr() as *mut libc::c_void,
             iov_len: b.len(),
-        });
+        };
     }
     // SAFETY: msghdr built from live buffers; cmsg space sized for one descriptor.
     unsafe {
         let mut msg: libc::msghdr = std::mem::zeroed();
         msg.msg_iov = iov.as_mut_ptr();
-        msg.msg_iovlen = iov.len() as _;
+        msg.msg_iovlen = count as _;
         let space = libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) as usize;
         let mut cbuf = [0u64; 8];
         if let Some(pfd) = pass {
@@ -1643,6 +1650,10 @@ fn advance(bufs: &[&[u8]], idx: &mut usize, off: &mut usize, mut n: usize) {
         *idx += 1;
         *off = 0;
     }
+}
+
+fn ceil_ms(d: Duration) -> Duration {
+    Duration::from_millis(d.as_nanos().div_ceil(1_000_000) as u64)
 }
 
 fn set_blocking(fd: RawFd) -> io::Result<()> {
