@@ -22,6 +22,8 @@ use crate::error::Error;
 use crate::payload::Payload;
 use crate::wire::EVENT;
 
+/// The server type is shared: `Server::new_blocking` and `Server::serve_blocking` are its
+/// blocking mode.
 pub use crate::server::{Server, ServerHandle, ServerOptions};
 
 /// A blocking hintens client. `&self` methods; share it between threads with `Arc` (many
