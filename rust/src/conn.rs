@@ -691,6 +691,9 @@ impl Conn {
         body: Body<'_>,
         deadline: Instant,
     ) -> Result<(), Error> {
+        // Hand-backs and refusals queued before this frame leave before it, as they do on an
+        // async connection.
+        self.wait_queue_flushed(deadline);
         let hello = if body.len() >= self.limits.shm_threshold {
             self.peer_hello_blocking(deadline)
         } else {
