@@ -40,8 +40,30 @@ impl Default for ClientOptions {
     }
 }
 
-struct ClientDispatch {
-    on_event: Mutex<Option<EventHandler>>,
+pub(crate) struct ClientDispatch {
+    pub(crate) on_event: Mutex<Option<EventHandler>>,
+}
+
+impl ClientDispatch {
+    pub(crate) fn new(opts: &ClientOptions) -> Arc<ClientDispatch> {
+        Arc::new(ClientDispatch {
+            on_event: Mutex::new(opts.on_event.clone()),
+        })
+    }
+}
+
+/// Connects a Unix stream socket to `path` and checks the server's uid (SO_PEERCRED: ours,
+/// root, or one of `server_uids`).
+pub(crate) fn connect_checked(
+    std: std::os::unix::net::UnixStream,
+    opts: &ClientOptions,
+) -> Result<OwnedFd, Error> {
+    let fd: OwnedFd = std.into();
+    let uid = conn::peer_uid(std::os::fd::AsRawFd::as_raw_fd(&fd))?;
+    if uid != conn::my_uid() && uid != 0 && !opts.server_uids.contains(&uid) {
+        return Err(Error::UntrustedServer(uid));
+    }
+    Ok(fd)
 }
 
 impl Dispatch for ClientDispatch {
@@ -81,15 +103,8 @@ impl IPCClient {
     /// the hello.
     pub async fn connect_with(path: impl AsRef<Path>, opts: ClientOptions) -> Result<IPCClient, Error> {
         let stream = tokio::net::UnixStream::connect(path.as_ref()).await?;
-        let std = stream.into_std()?;
-        let fd: OwnedFd = std.into();
-        let uid = conn::peer_uid(std::os::fd::AsRawFd::as_raw_fd(&fd))?;
-        if uid != conn::my_uid() && uid != 0 && !opts.server_uids.contains(&uid) {
-            return Err(Error::UntrustedServer(uid));
-        }
-        let dispatch = Arc::new(ClientDispatch {
-            on_event: Mutex::new(opts.on_event.clone()),
-        });
+        let fd = connect_checked(stream.into_std()?, &opts)?;
+        let dispatch = ClientDispatch::new(&opts);
         let conn = Conn::start(fd, opts.limits.clone(), dispatch.clone(), false, None)?;
         Ok(IPCClient {
             conn,

@@ -9,7 +9,7 @@ use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use tokio::io::unix::AsyncFd;
@@ -76,6 +76,11 @@ pub(crate) trait Dispatch: Send + Sync + 'static {
     fn request(&self, conn: &Arc<Conn>, request_id: u64, payload: Payload);
     /// A plain Event.
     fn event(&self, conn: &Arc<Conn>, payload: Payload);
+    /// The Error frame that answers a refused Request: it leaves in order with the replies
+    /// (the default hands it to the writer, which the async server's replies also follow).
+    fn answer(&self, conn: &Arc<Conn>, frame: Vec<u8>) {
+        conn.queue(frame);
+    }
     /// A drain (graceful shutdown) read everything the socket held: no more Requests are
     /// taken after this.
     fn drained(&self, _conn: &Arc<Conn>) {}
@@ -107,9 +112,49 @@ struct State {
     closed: Option<String>,
 }
 
+/// How the socket is driven: by tokio (the async client and server), or by the calling
+/// threads with blocking system calls (the blocking client and server).
+enum Io {
+    Async(AsyncFd<OwnedFd>),
+    Sync(OwnedFd),
+}
+
+/// A blocking connection's reading state: whichever thread needs bytes (a caller waiting for
+/// its answer, a reader thread, a server's connection thread) becomes the leader, reads and
+/// processes frames on its own thread, and wakes the others (leader/follower).
+struct ReadState {
+    /// The decoder and the descriptors waiting, lent to the leader while it reads.
+    dec: Option<(FrameDecoder, VecDeque<OwnedFd>)>,
+    frame_started: Option<Instant>,
+    leader: bool,
+    dead: bool,
+    waiters: usize,
+    drained: bool,
+    /// The receive timeout currently set on the socket (SO_RCVTIMEO).
+    rcvtimeo: Duration,
+}
+
+struct SyncRead {
+    rs: Mutex<ReadState>,
+    cv: Condvar,
+    dispatch: Arc<dyn Dispatch>,
+    drain_requested: AtomicBool,
+}
+
+/// The longest a blocking read or write waits before it looks at its deadline again.
+const TICK: Duration = Duration::from_millis(100);
+
 pub(crate) struct Conn {
-    io: AsyncFd<OwnedFd>,
+    me: Weak<Conn>,
+    io: Io,
+    sync: Option<SyncRead>,
     wlock: tokio::sync::Mutex<()>,
+    swlock: Mutex<()>,
+    pool_gen: AtomicU64,
+    /// Frames handed to the writer, and frames it is done with (written or not), so that a
+    /// blocking server writes a reply only after what was queued before it.
+    ctl_queued: AtomicU64,
+    ctl_done: AtomicU64,
     st: Mutex<State>,
     pub(crate) limits: Limits,
     hello_arrived: Notify,
@@ -175,10 +220,102 @@ impl Conn {
         set_nonblocking(fd.as_raw_fd())?;
         // SAFETY: the AsyncFd owns the descriptor, so it stays open while registered.
         let io = unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE | Interest::WRITABLE)? };
+        let (conn, ctl_rx) = Conn::new(Io::Async(io), None, limits, is_server, budget);
+        // The hello goes first: the writer task writes it before anything else can.
+        conn.queue(wire::encode_frame(EVENT, 0, 0, &conn.our_hello().encode()));
+        tokio::spawn(Conn::writer(Arc::downgrade(&conn), ctl_rx));
+        tokio::spawn(Conn::reader(conn.clone(), dispatch));
+        Ok(conn)
+    }
+
+    /// Wraps a connected Unix stream socket for blocking use: no runtime, no reader task. The
+    /// hello is written before this returns; frames are read by whichever thread waits
+    /// (see [`Conn::wait_sync`]); control frames queued by the protocol logic (releases,
+    /// refusals) are written by a small writer thread, so a reader never waits on a write.
+    pub(crate) fn start_blocking(
+        fd: OwnedFd,
+        limits: Limits,
+        dispatch: Arc<dyn Dispatch>,
+        is_server: bool,
+        budget: Option<Arc<wire::PendingBudget>>,
+    ) -> io::Result<Arc<Conn>> {
+        let budget = budget.unwrap_or_else(|| wire::PendingBudget::new(limits.max_pending_bytes));
+        set_blocking(fd.as_raw_fd())?;
+        set_timeo(fd.as_raw_fd(), libc::SO_RCVTIMEO, TICK)?;
+        set_timeo(fd.as_raw_fd(), libc::SO_SNDTIMEO, TICK)?;
+        let dec = FrameDecoder::new(limits.max_payload).with_budget(budget.clone());
+        let sync = SyncRead {
+            rs: Mutex::new(ReadState {
+                dec: Some((dec, VecDeque::new())),
+                frame_started: None,
+                leader: false,
+                dead: false,
+                waiters: 0,
+                drained: false,
+                rcvtimeo: TICK,
+            }),
+            cv: Condvar::new(),
+            dispatch,
+            drain_requested: AtomicBool::new(false),
+        };
+        let (conn, mut ctl_rx) = Conn::new(Io::Sync(fd), Some(sync), limits, is_server, budget);
+        let hello = wire::encode_frame(EVENT, 0, 0, &conn.our_hello().encode());
+        conn.write_all_blocking(&[&hello], None, Instant::now() + conn.limits.send_timeout)
+            .map_err(|e| io::Error::other(e.to_string()))?;
+        let weak = Arc::downgrade(&conn);
+        std::thread::Builder::new()
+            .name("hintens-writer".into())
+            .spawn(move || {
+                while let Some(frame) = ctl_rx.blocking_recv() {
+                    let Some(c) = weak.upgrade() else { return };
+                    if frame.is_empty() {
+                        c.ctl_done.fetch_add(1, Ordering::AcqRel);
+                        c.shutdown();
+                        return;
+                    }
+                    let deadline = Instant::now() + c.limits.send_timeout;
+                    let res = c.write_all_blocking(&[&frame], None, deadline);
+                    c.ctl_done.fetch_add(1, Ordering::AcqRel);
+                    if let Err(e) = res {
+                        if matches!(e, Error::Timeout(_)) {
+                            c.cut("the peer left our frames unread past send_timeout");
+                        }
+                        // Nothing more can be written: count the rest as done.
+                        c.ctl_done.store(u64::MAX / 2, Ordering::Release);
+                        return;
+                    }
+                }
+            })?;
+        Ok(conn)
+    }
+
+    fn our_hello(&self) -> Hello {
+        Hello {
+            features: if self.limits.shm { FEATURE_SHM } else { 0 },
+            max_payload: self.limits.max_payload,
+            shm_receive_bytes: self.limits.shm_receive_bytes,
+            shm_receive_segments: self.limits.shm_receive_segments,
+            ..Default::default()
+        }
+    }
+
+    fn new(
+        io: Io,
+        sync: Option<SyncRead>,
+        limits: Limits,
+        is_server: bool,
+        budget: Arc<wire::PendingBudget>,
+    ) -> (Arc<Conn>, mpsc::UnboundedReceiver<Vec<u8>>) {
         let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
-        let conn = Arc::new(Conn {
+        let conn = Arc::new_cyclic(|me| Conn {
+            me: me.clone(),
             io,
+            sync,
             wlock: tokio::sync::Mutex::new(()),
+            swlock: Mutex::new(()),
+            pool_gen: AtomicU64::new(0),
+            ctl_queued: AtomicU64::new(0),
+            ctl_done: AtomicU64::new(0),
             st: Mutex::new(State {
                 next_segment_id: 1,
                 ..Default::default()
@@ -196,22 +333,18 @@ impl Conn {
             budget,
             drain: Notify::new(),
         });
-        let hello = Hello {
-            features: if conn.limits.shm { FEATURE_SHM } else { 0 },
-            max_payload: conn.limits.max_payload,
-            shm_receive_bytes: conn.limits.shm_receive_bytes,
-            shm_receive_segments: conn.limits.shm_receive_segments,
-            ..Default::default()
-        };
-        // The hello goes first: the writer task writes it before anything else can.
-        conn.queue(wire::encode_frame(EVENT, 0, 0, &hello.encode()));
-        tokio::spawn(Conn::writer(Arc::downgrade(&conn), ctl_rx));
-        tokio::spawn(Conn::reader(conn.clone(), dispatch));
-        Ok(conn)
+        (conn, ctl_rx)
     }
 
     pub(crate) fn raw_fd(&self) -> RawFd {
-        self.io.get_ref().as_raw_fd()
+        match &self.io {
+            Io::Async(a) => a.get_ref().as_raw_fd(),
+            Io::Sync(fd) => fd.as_raw_fd(),
+        }
+    }
+
+    pub(crate) fn is_blocking(&self) -> bool {
+        self.sync.is_some()
     }
 
     pub(crate) fn is_closed(&self) -> bool {
@@ -231,7 +364,27 @@ impl Conn {
 
     /// Queues a whole frame for the writer task.
     pub(crate) fn queue(&self, frame: Vec<u8>) {
-        let _ = self.ctl_tx.send(frame);
+        self.ctl_queued.fetch_add(1, Ordering::AcqRel);
+        if self.ctl_tx.send(frame).is_err() {
+            self.ctl_done.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+
+    /// Blocking connections: waits until the writer thread is done with every frame queued so
+    /// far (hand-backs and refusals queued while reading leave before the reply that follows
+    /// them). Costs one atomic load when nothing is queued.
+    pub(crate) fn wait_queue_flushed(&self, deadline: Instant) {
+        let target = self.ctl_queued.load(Ordering::Acquire);
+        let mut spins = 0u32;
+        while self.ctl_done.load(Ordering::Acquire) < target && !self.is_closed() && Instant::now() < deadline
+        {
+            spins += 1;
+            if spins < 100 {
+                std::thread::yield_now();
+            } else {
+                std::thread::sleep(Duration::from_micros(50));
+            }
+        }
     }
 
     async fn writer(conn: Weak<Conn>, mut rx: mpsc::UnboundedReceiver<Vec<u8>>) {
@@ -256,6 +409,10 @@ impl Conn {
     /// Graceful shutdown: the reader reads what the socket holds now, hands those Requests on,
     /// then takes no more (they get UNAVAILABLE) while it keeps processing releases.
     pub(crate) fn start_drain(&self) {
+        if let Some(sr) = &self.sync {
+            sr.drain_requested.store(true, Ordering::Release);
+            self.wake_sync();
+        }
         self.drain.notify_one();
     }
 
@@ -290,6 +447,10 @@ impl Conn {
         fd: Option<RawFd>,
         deadline: Instant,
     ) -> Result<(), Error> {
+        let aio = match &self.io {
+            Io::Async(a) => a,
+            Io::Sync(_) => return self.write_all_blocking(bufs, fd, deadline),
+        };
         let timeout = deadline.saturating_duration_since(Instant::now());
         let Ok(_w) = tokio::time::timeout_at(deadline.into(), self.wlock.lock()).await else {
             return Err(Error::Timeout(timeout));
@@ -298,7 +459,7 @@ impl Conn {
         let mut off = 0usize;
         let mut fd = fd;
         while idx < bufs.len() {
-            let mut guard = match tokio::time::timeout_at(deadline.into(), self.io.writable()).await {
+            let mut guard = match tokio::time::timeout_at(deadline.into(), aio.writable()).await {
                 Ok(g) => g?,
                 Err(_) => {
                     if idx > 0 || off > 0 {
@@ -309,27 +470,45 @@ impl Conn {
             };
             let res = guard.try_io(|inner| sendmsg(inner.as_raw_fd(), &bufs[idx..], off, fd));
             match res {
-                Ok(Ok(mut n)) => {
+                Ok(Ok(n)) => {
                     fd = None;
-                    while n > 0 {
-                        let left = bufs[idx].len() - off;
-                        if n >= left {
-                            n -= left;
-                            idx += 1;
-                            off = 0;
-                        } else {
-                            off += n;
-                            n = 0;
-                        }
-                    }
-                    while idx < bufs.len() && bufs[idx].len() == off {
-                        idx += 1;
-                        off = 0;
-                    }
+                    advance(bufs, &mut idx, &mut off, n);
                 }
                 Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Ok(Err(e)) => return Err(Error::Closed(format!("write failed: {e}"))),
                 Err(_would_block) => continue,
+            }
+        }
+        Ok(())
+    }
+
+    /// As [`Conn::write_all`], on the calling thread with blocking `sendmsg` (the socket's
+    /// SO_SNDTIMEO wakes it every [`TICK`] to look at the deadline).
+    pub(crate) fn write_all_blocking(
+        &self,
+        bufs: &[&[u8]],
+        fd: Option<RawFd>,
+        deadline: Instant,
+    ) -> Result<(), Error> {
+        let timeout = deadline.saturating_duration_since(Instant::now());
+        let _w = self.swlock.lock().unwrap();
+        let (mut idx, mut off, mut fd) = (0usize, 0usize, fd);
+        while idx < bufs.len() {
+            match sendmsg(self.raw_fd(), &bufs[idx..], off, fd) {
+                Ok(n) => {
+                    fd = None;
+                    advance(bufs, &mut idx, &mut off, n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if Instant::now() >= deadline {
+                        if idx > 0 || off > 0 {
+                            self.cut("a write timed out in the middle of a frame");
+                        }
+                        return Err(Error::Timeout(timeout));
+                    }
+                }
+                Err(e) => return Err(Error::Closed(format!("write failed: {e}"))),
             }
         }
         Ok(())
@@ -442,26 +621,15 @@ impl Conn {
         }
     }
 
-    /// Sends a Request, Response or Event: inline, or through shared memory when negotiated
-    /// and the payload is large or over the peer's limit (sections 8b, 9).
-    pub(crate) async fn send(
-        &self,
-        mtype: u8,
-        rid: u64,
-        body: Body<'_>,
-        deadline: Instant,
-    ) -> Result<(), Error> {
+    /// What a send of `body` becomes, given the peer's hello (sections 8b, 9): the protocol
+    /// decision shared by the async and the blocking paths.
+    fn plan(&self, body: &Body<'_>, hello: Option<Hello>) -> Result<Plan, Error> {
         let len = body.len();
-        let hello = if len >= self.limits.shm_threshold {
-            self.peer_hello(deadline).await
-        } else {
-            self.st.lock().unwrap().peer_hello.clone()
-        };
         let peer_limit = hello
             .as_ref()
             .map_or(wire::DEFAULT_MAX_PAYLOAD, |h| h.max_payload);
         let negotiated = self.limits.shm && hello.as_ref().is_some_and(|h| h.features & FEATURE_SHM != 0);
-        if let Body::Echo(p) = &body {
+        if let Body::Echo(p) = body {
             if let Some((id, size, offset, length)) = p.peer_segment_on(self) {
                 if negotiated {
                     let d = Descriptor {
@@ -471,16 +639,12 @@ impl Conn {
                         offset,
                         length,
                     };
-                    self.write_frame(mtype, FLAG_SHM, rid, &d.encode(), deadline)
-                        .await?;
-                    self.shm_sent.fetch_add(1, Ordering::Relaxed);
-                    return Ok(());
+                    return Ok(Plan::PeerEcho(d.encode()));
                 }
             }
         }
         if negotiated && (len >= self.limits.shm_threshold || len as u64 > peer_limit as u64) {
-            let hello = hello.expect("negotiated implies a hello");
-            return self.send_shm(mtype, rid, body.bytes(), &hello, deadline).await;
+            return Ok(Plan::Shm(hello.expect("negotiated implies a hello")));
         }
         if len as u64 > peer_limit as u64 {
             return Err(Error::TooLarge {
@@ -488,7 +652,206 @@ impl Conn {
                 limit: peer_limit as u64,
             });
         }
-        self.write_frame(mtype, 0, rid, body.bytes(), deadline).await
+        Ok(Plan::Inline)
+    }
+
+    /// Sends a Request, Response or Event: inline, or through shared memory when negotiated
+    /// and the payload is large or over the peer's limit (sections 8b, 9).
+    pub(crate) async fn send(
+        &self,
+        mtype: u8,
+        rid: u64,
+        body: Body<'_>,
+        deadline: Instant,
+    ) -> Result<(), Error> {
+        if self.is_blocking() {
+            return self.send_blocking(mtype, rid, body, deadline);
+        }
+        let hello = if body.len() >= self.limits.shm_threshold {
+            self.peer_hello(deadline).await
+        } else {
+            self.st.lock().unwrap().peer_hello.clone()
+        };
+        match self.plan(&body, hello)? {
+            Plan::PeerEcho(d) => {
+                self.write_frame(mtype, FLAG_SHM, rid, &d, deadline).await?;
+                self.shm_sent.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            Plan::Shm(hello) => self.send_shm(mtype, rid, body.bytes(), &hello, deadline).await,
+            Plan::Inline => self.write_frame(mtype, 0, rid, body.bytes(), deadline).await,
+        }
+    }
+
+    /// As [`Conn::send`], on the calling thread (a blocking connection).
+    pub(crate) fn send_blocking(
+        &self,
+        mtype: u8,
+        rid: u64,
+        body: Body<'_>,
+        deadline: Instant,
+    ) -> Result<(), Error> {
+        // Hand-backs and refusals queued before this frame leave before it, as they do on an
+        // async connection.
+        self.wait_queue_flushed(deadline);
+        let hello = if body.len() >= self.limits.shm_threshold {
+            self.peer_hello_blocking(deadline)
+        } else {
+            self.st.lock().unwrap().peer_hello.clone()
+        };
+        let frame = |flags: u16, p: &[u8]| {
+            let h = wire::header_for(mtype, flags, rid, p);
+            self.write_all_blocking(&[&h, p], None, deadline)
+        };
+        match self.plan(&body, hello)? {
+            Plan::PeerEcho(d) => {
+                frame(FLAG_SHM, &d)?;
+                self.shm_sent.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            Plan::Shm(hello) => {
+                let data = body.bytes();
+                let (size, cap_bytes, cap_segs) = self.shm_size(data.len() as u64, &hello)?;
+                let (seg, new) = loop {
+                    let gen = self.pool_gen.load(Ordering::Acquire);
+                    let (found, retire) = self.take_segment(data.len() as u64, size, cap_bytes, cap_segs)?;
+                    for chunk in retire.chunks(wire::MAX_CONTROL_IDS) {
+                        frame(0, &wire::encode_control(Control::Retire, chunk))?;
+                    }
+                    if let Some(f) = found {
+                        break f;
+                    }
+                    // Wait for a release (read by whichever thread leads).
+                    let changed = self.wait_sync(deadline, || self.pool_gen.load(Ordering::Acquire) != gen);
+                    if !changed {
+                        if let Some(why) = &self.st.lock().unwrap().closed {
+                            return Err(Error::Closed(why.clone()));
+                        }
+                        return Err(Error::Timeout(Duration::ZERO));
+                    }
+                };
+                let (h, dp) = self.shm_frame(mtype, rid, &seg, new, data);
+                let res = self.write_all_blocking(
+                    &[&h, &dp],
+                    if new { Some(seg.raw_fd()) } else { None },
+                    deadline,
+                );
+                if res.is_ok() {
+                    self.shm_written(&seg, new);
+                }
+                res
+            }
+            Plan::Inline => frame(0, body.bytes()),
+        }
+    }
+
+    /// The segment size for a shared payload of `len` bytes, and the caps of the pool lent to
+    /// this peer.
+    fn shm_size(&self, len: u64, hello: &Hello) -> Result<(u64, u64, usize), Error> {
+        let cap_bytes = self.limits.shm_pool_bytes.min(hello.shm_receive_bytes);
+        let cap_segs = hello.shm_receive_segments as usize;
+        if len > cap_bytes || cap_segs == 0 {
+            return Err(Error::TooLarge {
+                len: len as usize,
+                limit: cap_bytes,
+            });
+        }
+        let p = len.max(MIN_SEGMENT).next_power_of_two();
+        Ok((if p <= cap_bytes { p } else { len.max(1) }, cap_bytes, cap_segs))
+    }
+
+    /// Takes a free segment of ours (or creates one, retiring free ones until it fits): the
+    /// segment and whether the peer has yet to map it, or `None` when all are lent; and the
+    /// ids to retire (HRET) before anything else is sent.
+    #[allow(clippy::type_complexity)]
+    fn take_segment(
+        &self,
+        len: u64,
+        size: u64,
+        cap_bytes: u64,
+        cap_segs: usize,
+    ) -> Result<(Option<(Arc<Segment>, bool)>, Vec<u32>), Error> {
+        let mut retire = Vec::new();
+        let mut st = self.st.lock().unwrap();
+        if let Some(why) = &st.closed {
+            return Err(Error::Closed(why.clone()));
+        }
+        let free = st
+            .own
+            .values()
+            .filter(|s| s.peer_holds == 0 && s.local_views == 0 && s.seg.size >= len)
+            .min_by_key(|s| s.seg.size)
+            .map(|s| s.seg.id);
+        if let Some(id) = free {
+            let s = st.own.get_mut(&id).unwrap();
+            s.peer_holds = 1;
+            return Ok((Some((s.seg.clone(), !s.introduced)), retire));
+        }
+        // Retire free segments until the new one fits (HRET before it).
+        let fits = |st: &State| st.own_bytes + size <= cap_bytes && st.own.len() < cap_segs;
+        if !fits(&st) {
+            let mut frees: Vec<(u32, u64)> = st
+                .own
+                .values()
+                .filter(|s| s.peer_holds == 0 && s.local_views == 0)
+                .map(|s| (s.seg.id, s.seg.size))
+                .collect();
+            frees.sort_by_key(|f| f.1);
+            while !fits(&st) {
+                let Some((id, sz)) = frees.pop() else { break };
+                st.own.remove(&id);
+                st.own_bytes -= sz;
+                retire.push(id);
+            }
+        }
+        if !fits(&st) {
+            return Ok((None, retire));
+        }
+        let id = st.next_segment_id;
+        st.next_segment_id = st.next_segment_id.checked_add(1).unwrap_or(1);
+        let seg = Arc::new(Segment::create(id, size)?);
+        st.own_bytes += size;
+        st.own.insert(
+            id,
+            OwnSeg {
+                seg: seg.clone(),
+                peer_holds: 1,
+                local_views: 0,
+                introduced: false,
+            },
+        );
+        Ok((Some((seg, true)), retire))
+    }
+
+    /// Copies `data` into `seg` (just taken, so not lent) and builds the frame naming it.
+    fn shm_frame(
+        &self,
+        mtype: u8,
+        rid: u64,
+        seg: &Segment,
+        new: bool,
+        data: &[u8],
+    ) -> ([u8; wire::HEADER_LEN], [u8; 32]) {
+        // SAFETY: the segment is ours and not lent (we just took it with peer_holds 0 -> 1).
+        unsafe { seg.write(data) };
+        let d = Descriptor {
+            segment_id: seg.id,
+            flags: if new { NEW_SEGMENT } else { 0 },
+            size: seg.size,
+            offset: 0,
+            length: data.len() as u64,
+        };
+        let dp = d.encode();
+        (wire::header_for(mtype, FLAG_SHM, rid, &dp), dp)
+    }
+
+    fn shm_written(&self, seg: &Segment, new: bool) {
+        if new {
+            if let Some(s) = self.st.lock().unwrap().own.get_mut(&seg.id) {
+                s.introduced = true;
+            }
+        }
+        self.shm_sent.fetch_add(1, Ordering::Relaxed);
     }
 
     async fn send_shm(
@@ -500,85 +863,15 @@ impl Conn {
         deadline: Instant,
     ) -> Result<(), Error> {
         let len = data.len() as u64;
-        let cap_bytes = self.limits.shm_pool_bytes.min(hello.shm_receive_bytes);
-        let cap_segs = hello.shm_receive_segments as usize;
-        if len > cap_bytes || cap_segs == 0 {
-            return Err(Error::TooLarge {
-                len: data.len(),
-                limit: cap_bytes,
-            });
-        }
-        let size = {
-            let p = len.max(MIN_SEGMENT).next_power_of_two();
-            if p <= cap_bytes {
-                p
-            } else {
-                len.max(1)
-            }
-        };
+        let (size, cap_bytes, cap_segs) = self.shm_size(len, hello)?;
         let (seg, new) = loop {
             let notified = self.pool_freed.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let mut retire = Vec::new();
-            let found = {
-                let mut st = self.st.lock().unwrap();
-                if let Some(why) = &st.closed {
-                    return Err(Error::Closed(why.clone()));
-                }
-                let free = st
-                    .own
-                    .values()
-                    .filter(|s| s.peer_holds == 0 && s.local_views == 0 && s.seg.size >= len)
-                    .min_by_key(|s| s.seg.size)
-                    .map(|s| s.seg.id);
-                if let Some(id) = free {
-                    let s = st.own.get_mut(&id).unwrap();
-                    s.peer_holds = 1;
-                    Some((s.seg.clone(), !s.introduced))
-                } else {
-                    // Retire free segments until the new one fits (HRET before it).
-                    let fits = |st: &State| st.own_bytes + size <= cap_bytes && st.own.len() < cap_segs;
-                    if !fits(&st) {
-                        let mut frees: Vec<(u32, u64)> = st
-                            .own
-                            .values()
-                            .filter(|s| s.peer_holds == 0 && s.local_views == 0)
-                            .map(|s| (s.seg.id, s.seg.size))
-                            .collect();
-                        frees.sort_by_key(|f| f.1);
-                        while !fits(&st) {
-                            let Some((id, sz)) = frees.pop() else { break };
-                            st.own.remove(&id);
-                            st.own_bytes -= sz;
-                            retire.push(id);
-                        }
-                    }
-                    if fits(&st) {
-                        let id = st.next_segment_id;
-                        st.next_segment_id = st.next_segment_id.checked_add(1).unwrap_or(1);
-                        let seg = Arc::new(Segment::create(id, size)?);
-                        st.own_bytes += size;
-                        st.own.insert(
-                            id,
-                            OwnSeg {
-                                seg: seg.clone(),
-                                peer_holds: 1,
-                                local_views: 0,
-                                introduced: false,
-                            },
-                        );
-                        Some((seg, true))
-                    } else {
-                        None
-                    }
-                }
-            };
-            if !retire.is_empty() {
-                for chunk in retire.chunks(wire::MAX_CONTROL_IDS) {
-                    let p = wire::encode_control(Control::Retire, chunk);
-                    self.write_frame(EVENT, 0, 0, &p, deadline).await?;
-                }
+            let (found, retire) = self.take_segment(len, size, cap_bytes, cap_segs)?;
+            for chunk in retire.chunks(wire::MAX_CONTROL_IDS) {
+                let p = wire::encode_control(Control::Retire, chunk);
+                self.write_frame(EVENT, 0, 0, &p, deadline).await?;
             }
             if let Some(f) = found {
                 break f;
@@ -587,27 +880,12 @@ impl Conn {
                 return Err(Error::Timeout(Duration::ZERO));
             }
         };
-        // SAFETY: the segment is ours and not lent (we just took it with peer_holds 0 -> 1).
-        unsafe { seg.write(data) };
-        let d = Descriptor {
-            segment_id: seg.id,
-            flags: if new { NEW_SEGMENT } else { 0 },
-            size: seg.size,
-            offset: 0,
-            length: len,
-        };
-        let dp = d.encode();
-        let h = wire::header_for(mtype, FLAG_SHM, rid, &dp);
+        let (h, dp) = self.shm_frame(mtype, rid, &seg, new, data);
         let res = self
             .write_all(&[&h, &dp], if new { Some(seg.raw_fd()) } else { None }, deadline)
             .await;
         if res.is_ok() {
-            if new {
-                if let Some(s) = self.st.lock().unwrap().own.get_mut(&seg.id) {
-                    s.introduced = true;
-                }
-            }
-            self.shm_sent.fetch_add(1, Ordering::Relaxed);
+            self.shm_written(&seg, new);
         }
         res
     }
@@ -629,7 +907,9 @@ impl Conn {
         if let Some(s) = self.st.lock().unwrap().own.get_mut(&id) {
             s.local_views = s.local_views.saturating_sub(1);
         }
+        self.pool_gen.fetch_add(1, Ordering::Release);
         self.pool_freed.notify_waiters();
+        self.wake_sync();
     }
 
     // -- reading ------------------------------------------------------------------------------
@@ -641,10 +921,13 @@ impl Conn {
         let mut fds: VecDeque<OwnedFd> = VecDeque::new();
         let mut linger = false;
         let mut draining = false;
+        let Io::Async(aio) = &conn.io else {
+            unreachable!("the reader task drives async connections only")
+        };
         let why = loop {
             let frame_deadline = frame_started.map(|t0| t0 + conn.limits.frame_timeout);
             let readable = tokio::select! {
-                r = conn.io.readable() => r,
+                r = aio.readable() => r,
                 // A frame must arrive whole within frame_timeout of its first byte.
                 _ = sleep_until(frame_deadline) => {
                     break "a frame did not arrive whole within frame_timeout".to_string();
@@ -663,7 +946,7 @@ impl Conn {
                 Err(e) => break format!("poll failed: {e}"),
             };
             let (ptr, room) = dec.spare();
-            match recvmsg(conn.raw_fd(), ptr, room, &mut fds) {
+            match recvmsg(conn.raw_fd(), ptr, room, &mut fds, 0) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     guard.clear_ready();
                     continue;
@@ -696,6 +979,189 @@ impl Conn {
         dispatch.closed(&conn);
     }
 
+    // -- blocking connections: leader/follower reading ----------------------------------------
+
+    /// Wakes the threads waiting on a blocking connection (an answer, a release, the end).
+    pub(crate) fn wake_sync(&self) {
+        if let Some(sr) = &self.sync {
+            let rs = sr.rs.lock().unwrap();
+            if rs.waiters > 0 {
+                sr.cv.notify_all();
+            }
+        }
+    }
+
+    /// Blocking connections: waits until `done()` (checked with the reading state locked, so
+    /// a wake-up cannot be missed) or `deadline`. While no other thread reads, this one leads:
+    /// it reads the socket and processes frames itself, so an answer is read on the thread
+    /// that waits for it. Returns `done()`'s last value.
+    pub(crate) fn wait_sync(&self, deadline: Instant, mut done: impl FnMut() -> bool) -> bool {
+        let sr = self.sync.as_ref().expect("a blocking connection");
+        let mut rs = sr.rs.lock().unwrap();
+        loop {
+            if done() {
+                return true;
+            }
+            if rs.dead {
+                return false;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            if !rs.leader {
+                rs.leader = true;
+                let state = rs.dec.take().expect("the decoder is home when no one leads");
+                let started = rs.frame_started;
+                let drain = sr.drain_requested.load(Ordering::Acquire) && !rs.drained;
+                // Whole milliseconds, so that a caller that waits "up to TICK" again and again
+                // does not change the socket's timeout (a system call) on every read.
+                let want = ceil_ms((deadline - now).min(TICK));
+                let set_timeo_to = if want != rs.rcvtimeo { Some(want) } else { None };
+                if let Some(t) = set_timeo_to {
+                    rs.rcvtimeo = t;
+                }
+                drop(rs);
+                let this = self.me.upgrade().expect("a caller holds the connection");
+                let (state, started, end) = this.lead_once(state, started, drain, set_timeo_to);
+                let ended = end.is_some();
+                if let Some((why, linger)) = end {
+                    this.finish(why, linger);
+                    sr.dispatch.closed(&this);
+                }
+                rs = sr.rs.lock().unwrap();
+                rs.dec = Some(state);
+                rs.frame_started = started;
+                rs.leader = false;
+                if drain {
+                    rs.drained = true;
+                }
+                if ended {
+                    rs.dead = true;
+                }
+                if rs.waiters > 0 {
+                    sr.cv.notify_all();
+                }
+                continue;
+            }
+            rs.waiters += 1;
+            rs = sr.cv.wait_timeout(rs, deadline - now).unwrap().0;
+            rs.waiters -= 1;
+        }
+    }
+
+    /// One read by the leader of a blocking connection, and the frames it completes.
+    #[allow(clippy::type_complexity)]
+    fn lead_once(
+        self: &Arc<Self>,
+        (mut dec, mut fds): (FrameDecoder, VecDeque<OwnedFd>),
+        mut started: Option<Instant>,
+        drain: bool,
+        set_timeo_to: Option<Duration>,
+    ) -> (
+        (FrameDecoder, VecDeque<OwnedFd>),
+        Option<Instant>,
+        Option<(String, bool)>,
+    ) {
+        let sr = self.sync.as_ref().expect("a blocking connection");
+        let end = 'end: {
+            if drain {
+                if let Err(why) = self.drain_now(&mut dec, &mut fds, &sr.dispatch) {
+                    break 'end Some((why, false));
+                }
+                sr.dispatch.drained(self);
+            }
+            if started.is_some_and(|t0| t0.elapsed() >= self.limits.frame_timeout) {
+                break 'end Some((
+                    "a frame did not arrive whole within frame_timeout".to_string(),
+                    false,
+                ));
+            }
+            if let Some(t) = set_timeo_to {
+                let _ = set_timeo(self.raw_fd(), libc::SO_RCVTIMEO, t);
+            }
+            let (ptr, room) = dec.spare();
+            match recvmsg(self.raw_fd(), ptr, room, &mut fds, 0) {
+                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) => None,
+                Err(e) => Some((format!("read failed: {e}"), false)),
+                Ok(0) => Some(("the peer closed the connection".to_string(), false)),
+                Ok(n) => {
+                    // SAFETY: recvmsg wrote n <= room bytes there.
+                    unsafe { dec.commit(n) };
+                    self.process(&mut dec, &mut fds, &sr.dispatch).err()
+                }
+            }
+        };
+        if end.is_none() {
+            if dec.in_frame() {
+                started.get_or_insert_with(Instant::now);
+            } else {
+                started = None;
+                fds.clear();
+            }
+        }
+        ((dec, fds), started, end)
+    }
+
+    /// A request on a blocking connection: written and answered on the calling thread.
+    pub(crate) fn request_blocking(
+        self: &Arc<Self>,
+        payload: &[u8],
+        timeout: Duration,
+    ) -> Result<Payload, Error> {
+        let deadline = Instant::now() + timeout;
+        let (rid, mut rx) = self.register()?;
+        let res = self
+            .send_blocking(REQUEST, rid, Body::Bytes(payload), deadline)
+            .map_err(|e| match e {
+                Error::Timeout(_) => Error::Timeout(timeout),
+                e => e,
+            })
+            .and_then(|()| self.wait_answer_blocking(&mut rx, deadline, timeout));
+        if res.is_err() {
+            self.unregister(rid);
+        }
+        res
+    }
+
+    /// Waits (leading the reads while no other thread does) for the answer `rx` will carry.
+    pub(crate) fn wait_answer_blocking(
+        self: &Arc<Self>,
+        rx: &mut oneshot::Receiver<Result<Payload, Error>>,
+        deadline: Instant,
+        timeout: Duration,
+    ) -> Result<Payload, Error> {
+        let mut out = None;
+        self.wait_sync(deadline, || match rx.try_recv() {
+            Ok(r) => {
+                out = Some(r);
+                true
+            }
+            Err(oneshot::error::TryRecvError::Closed) => {
+                out = Some(Err(self.closed_error()));
+                true
+            }
+            Err(oneshot::error::TryRecvError::Empty) => false,
+        });
+        out.unwrap_or(Err(Error::Timeout(timeout)))
+    }
+
+    fn peer_hello_blocking(&self, deadline: Instant) -> Option<Hello> {
+        let until = deadline.min(Instant::now() + self.limits.hello_wait);
+        let has = || self.st.lock().unwrap().peer_hello.is_some();
+        if !has() {
+            self.wait_sync(until, || has() || self.is_closed());
+        }
+        self.st.lock().unwrap().peer_hello.clone()
+    }
+
+    /// Blocking connections: reads until the connection has ended (after `shutdown`).
+    pub(crate) fn wait_closed_blocking(self: &Arc<Self>) {
+        while !self.is_closed() {
+            self.wait_sync(Instant::now() + TICK, || self.is_closed());
+        }
+    }
+
     /// Reads and processes whatever the socket holds now, without waiting.
     fn drain_now(
         self: &Arc<Self>,
@@ -705,7 +1171,7 @@ impl Conn {
     ) -> Result<(), String> {
         loop {
             let (ptr, room) = dec.spare();
-            match recvmsg(self.raw_fd(), ptr, room, fds) {
+            match recvmsg(self.raw_fd(), ptr, room, fds, libc::MSG_DONTWAIT) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(format!("read failed: {e}")),
@@ -738,10 +1204,17 @@ impl Conn {
             // Let the writer task flush the last frame, then close (at most 1 s later).
             self.queue(Vec::new());
             let c = self.clone();
-            tokio::spawn(async move {
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                c.shutdown();
-            });
+            if self.is_blocking() {
+                std::thread::spawn(move || {
+                    std::thread::sleep(Duration::from_secs(1));
+                    c.shutdown();
+                });
+            } else {
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    c.shutdown();
+                });
+            }
         } else {
             self.shutdown();
         }
@@ -751,19 +1224,25 @@ impl Conn {
         drop(own);
         drop(mapped);
         self.closed_notify.notify_waiters();
+        self.pool_gen.fetch_add(1, Ordering::Release);
         self.pool_freed.notify_waiters();
         self.hello_arrived.notify_waiters();
     }
 
     /// Answers a frame's violation: a Request gets an Error frame (via the writer task).
-    fn answer_error(&self, mtype: Option<u8>, rid: u64, code: u32, message: &str) {
+    fn answer_error(
+        self: &Arc<Self>,
+        dispatch: &Arc<dyn Dispatch>,
+        mtype: Option<u8>,
+        rid: u64,
+        code: u32,
+        message: &str,
+    ) {
         if mtype == Some(REQUEST) {
-            self.queue(wire::encode_frame(
-                wire::ERROR,
-                0,
-                rid,
-                &wire::encode_error(code, message),
-            ));
+            dispatch.answer(
+                self,
+                wire::encode_frame(wire::ERROR, 0, rid, &wire::encode_error(code, message)),
+            );
         }
     }
 
@@ -812,7 +1291,7 @@ impl Conn {
                                 message: e.message,
                             },
                         ),
-                        m => self.answer_error(m, rid, e.code, &e.message),
+                        m => self.answer_error(dispatch, m, rid, e.code, &e.message),
                     }
                     continue;
                 }
@@ -826,7 +1305,7 @@ impl Conn {
                             wire::RESPONSE | wire::ERROR => {
                                 self.fail_pending(rid, Error::Protocol { code, message })
                             }
-                            m => self.answer_error(Some(m), rid, code, &message),
+                            m => self.answer_error(dispatch, Some(m), rid, code, &message),
                         }
                         continue;
                     }
@@ -842,7 +1321,7 @@ impl Conn {
                             message: m.into(),
                         },
                     ),
-                    t => self.answer_error(Some(t), rid, code::UNSUPPORTED_FLAGS, m),
+                    t => self.answer_error(dispatch, Some(t), rid, code::UNSUPPORTED_FLAGS, m),
                 }
                 continue;
             } else {
@@ -902,6 +1381,7 @@ impl Conn {
                     }
                 }
                 drop(st);
+                self.pool_gen.fetch_add(1, Ordering::Release);
                 self.pool_freed.notify_waiters();
             }
             Control::Retire => {
@@ -1067,19 +1547,24 @@ impl Body<'_> {
 }
 
 fn sendmsg(fd: RawFd, bufs: &[&[u8]], first_off: usize, pass: Option<RawFd>) -> io::Result<usize> {
-    let mut iov: Vec<libc::iovec> = Vec::with_capacity(bufs.len().min(64));
-    for (i, b) in bufs.iter().take(64).enumerate() {
+    // At most 8 buffers per call (callers pass 1 to 3); the rest go in the next call.
+    let mut iov = [libc::iovec {
+        iov_base: std::ptr::null_mut(),
+        iov_len: 0,
+    }; 8];
+    let count = bufs.len().min(iov.len());
+    for (i, b) in bufs.iter().take(count).enumerate() {
         let b = if i == 0 { &b[first_off..] } else { b };
-        iov.push(libc::iovec {
+        iov[i] = libc::iovec {
             iov_base: b.as_ptr() as *mut libc::c_void,
             iov_len: b.len(),
-        });
+        };
     }
     // SAFETY: msghdr built from live buffers; cmsg space sized for one descriptor.
     unsafe {
         let mut msg: libc::msghdr = std::mem::zeroed();
         msg.msg_iov = iov.as_mut_ptr();
-        msg.msg_iovlen = iov.len() as _;
+        msg.msg_iovlen = count as _;
         let space = libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) as usize;
         let mut cbuf = [0u64; 8];
         if let Some(pfd) = pass {
@@ -1100,7 +1585,13 @@ fn sendmsg(fd: RawFd, bufs: &[&[u8]], first_off: usize, pass: Option<RawFd>) -> 
     }
 }
 
-fn recvmsg(fd: RawFd, ptr: *mut u8, room: usize, fds: &mut VecDeque<OwnedFd>) -> io::Result<usize> {
+fn recvmsg(
+    fd: RawFd,
+    ptr: *mut u8,
+    room: usize,
+    fds: &mut VecDeque<OwnedFd>,
+    flags: libc::c_int,
+) -> io::Result<usize> {
     // SAFETY: recvmsg into `room` bytes at `ptr` (the decoder's spare capacity) and a local
     // control buffer; every descriptor received is wrapped in an OwnedFd at once.
     unsafe {
@@ -1114,7 +1605,7 @@ fn recvmsg(fd: RawFd, ptr: *mut u8, room: usize, fds: &mut VecDeque<OwnedFd>) ->
         msg.msg_iovlen = 1;
         msg.msg_control = cbuf.as_mut_ptr() as *mut libc::c_void;
         msg.msg_controllen = std::mem::size_of_val(&cbuf) as _;
-        let n = libc::recvmsg(fd, &mut msg, libc::MSG_CMSG_CLOEXEC);
+        let n = libc::recvmsg(fd, &mut msg, libc::MSG_CMSG_CLOEXEC | flags);
         if n < 0 {
             return Err(io::Error::last_os_error());
         }
@@ -1135,4 +1626,69 @@ fn recvmsg(fd: RawFd, ptr: *mut u8, room: usize, fds: &mut VecDeque<OwnedFd>) ->
         }
         Ok(n as usize)
     }
+}
+
+/// What [`Conn::plan`] decided for a send.
+enum Plan {
+    Inline,
+    /// A PEER_SEGMENT descriptor pointing back into the peer's own segment.
+    PeerEcho([u8; 32]),
+    Shm(Hello),
+}
+
+/// Moves `(idx, off)` past `n` bytes written from `bufs`.
+fn advance(bufs: &[&[u8]], idx: &mut usize, off: &mut usize, mut n: usize) {
+    while n > 0 {
+        let left = bufs[*idx].len() - *off;
+        if n >= left {
+            n -= left;
+            *idx += 1;
+            *off = 0;
+        } else {
+            *off += n;
+            n = 0;
+        }
+    }
+    while *idx < bufs.len() && bufs[*idx].len() == *off {
+        *idx += 1;
+        *off = 0;
+    }
+}
+
+fn ceil_ms(d: Duration) -> Duration {
+    Duration::from_millis(d.as_nanos().div_ceil(1_000_000) as u64)
+}
+
+fn set_blocking(fd: RawFd) -> io::Result<()> {
+    // SAFETY: fcntl on a descriptor we own.
+    unsafe {
+        let fl = libc::fcntl(fd, libc::F_GETFL);
+        if fl < 0 || libc::fcntl(fd, libc::F_SETFL, fl & !libc::O_NONBLOCK) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Sets SO_RCVTIMEO or SO_SNDTIMEO (at least 1 ms: zero would mean "never").
+fn set_timeo(fd: RawFd, which: libc::c_int, d: Duration) -> io::Result<()> {
+    let d = d.max(Duration::from_millis(1));
+    let tv = libc::timeval {
+        tv_sec: d.as_secs() as libc::time_t,
+        tv_usec: d.subsec_micros() as libc::suseconds_t,
+    };
+    // SAFETY: setsockopt with a timeval of the right size.
+    let r = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            which,
+            &tv as *const _ as *const libc::c_void,
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }

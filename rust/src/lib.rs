@@ -2,7 +2,9 @@
 //! `docs/PROTOCOL.md`, shared with the Python and Go implementations.
 //!
 //! * [`IPCClient`] (async, tokio) and [`blocking::Client`]: requests matched by id, Events.
-//! * [`Server`]: a handler closure per Request, Events, broadcast, graceful shutdown.
+//! * [`Server`]: a handler closure per Request, Events, broadcast, graceful shutdown; async
+//!   (`Server::new`, `serve`) or blocking (`Server::new_blocking`, `serve_blocking`: a thread
+//!   per connection).
 //! * Shared memory both ways: sealed memfds passed with `SCM_RIGHTS`; a received shared
 //!   payload is a [`Payload`] over the mapping, released when dropped.
 //! * [`wire`] (frames, hello, control Events, descriptors) and [`shm::decide`] are free of I/O

@@ -1,13 +1,15 @@
-//! The async server, [`Server`]: one task reads each connection, one runs its Requests in
-//! arrival order (so replies leave in that order), Events go to an optional callback.
+//! The server, [`Server`]. Async (`Server::new`, `serve`): one task reads each connection,
+//! one runs its Requests in arrival order (so replies leave in that order). Blocking
+//! (`Server::new_blocking`, `serve_blocking`): one thread per connection reads with blocking
+//! `recvmsg`, runs the handler and writes the reply. Events go to an optional callback.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -68,6 +70,19 @@ impl Peer {
             .await
     }
 
+    /// As [`Peer::send_event`], on the calling thread: for the handlers of a blocking server
+    /// (on an async server's connection it blocks the calling thread while it writes).
+    pub fn send_event_blocking(&self, payload: &[u8]) -> Result<(), Error> {
+        let id = self.next_event_id.fetch_add(1, Ordering::Relaxed);
+        let deadline = Instant::now() + self.timeout;
+        if !self.conn.is_blocking() {
+            return Err(Error::Closed(
+                "send_event_blocking is for a blocking server's connections: use send_event".into(),
+            ));
+        }
+        self.conn.send_blocking(EVENT, id, Body::Bytes(payload), deadline)
+    }
+
     /// The client's uid (SO_PEERCRED).
     pub fn uid(&self) -> Option<u32> {
         conn::peer_uid(self.conn.raw_fd()).ok()
@@ -84,6 +99,12 @@ pub struct Request {
 
 type BoxFut = Pin<Box<dyn Future<Output = Result<Reply, HandlerError>> + Send>>;
 type HandlerFn = Arc<dyn Fn(Request) -> BoxFut + Send + Sync>;
+type SyncHandlerFn = Arc<dyn Fn(Request) -> Result<Reply, HandlerError> + Send + Sync>;
+
+enum Handler {
+    Async(HandlerFn),
+    Sync(SyncHandlerFn),
+}
 type EventFn = Arc<dyn Fn(Payload, Peer) + Send + Sync>;
 
 /// Server settings.
@@ -113,7 +134,7 @@ impl Default for ServerOptions {
 }
 
 struct Shared {
-    handler: HandlerFn,
+    handler: Handler,
     on_event: Option<EventFn>,
     opts: ServerOptions,
     conns: Mutex<HashMap<u64, Weak<Conn>>>,
@@ -191,6 +212,36 @@ impl Server {
         Fut: Future<Output = Result<Reply, HandlerError>> + Send + 'static,
     {
         let handler: HandlerFn = Arc::new(move |r| Box::pin(handler(r)));
+        Self::build(path, Handler::Async(handler), opts)
+    }
+
+    /// A blocking server on `path`: [`Server::serve_blocking`] runs a thread per connection,
+    /// which reads with blocking `recvmsg`, calls `handler` and writes its reply, all on that
+    /// thread (the lowest latency; Requests of one connection run in order).
+    ///
+    /// ```no_run
+    /// # fn f() -> Result<(), hintens::Error> {
+    /// let server = hintens::Server::new_blocking("/tmp/hintens.sock", |req: hintens::Request| {
+    ///     Ok(req.payload.into())   // echo
+    /// });
+    /// server.serve_blocking()?;
+    /// # Ok(()) }
+    /// ```
+    pub fn new_blocking<F>(path: impl AsRef<Path>, handler: F) -> Server
+    where
+        F: Fn(Request) -> Result<Reply, HandlerError> + Send + Sync + 'static,
+    {
+        Self::with_options_blocking(path, handler, ServerOptions::default())
+    }
+
+    pub fn with_options_blocking<F>(path: impl AsRef<Path>, handler: F, opts: ServerOptions) -> Server
+    where
+        F: Fn(Request) -> Result<Reply, HandlerError> + Send + Sync + 'static,
+    {
+        Self::build(path, Handler::Sync(Arc::new(handler)), opts)
+    }
+
+    fn build(path: impl AsRef<Path>, handler: Handler, opts: ServerOptions) -> Server {
         let (stop_tx, _) = watch::channel(false);
         Server {
             path: path.as_ref().to_path_buf(),
@@ -219,10 +270,129 @@ impl Server {
         }
     }
 
-    /// Binds (mode 0600 unless configured) and serves until [`ServerHandle::shutdown`].
+    /// Binds (mode 0600 unless configured) and serves until [`ServerHandle::shutdown`]. A
+    /// blocking server (`new_blocking`) runs [`Server::serve_blocking`] on a blocking thread.
     pub async fn serve(self) -> Result<(), Error> {
-        let listener = bind(&self.path, self.shared.opts.mode)?;
+        if matches!(self.shared.handler, Handler::Sync(_)) {
+            return tokio::task::spawn_blocking(move || self.serve_blocking())
+                .await
+                .map_err(|e| Error::Closed(format!("the server thread failed: {e}")))?;
+        }
+        let listener = tokio::net::UnixListener::from_std(bind(&self.path, self.shared.opts.mode)?)?;
         self.serve_on(listener).await
+    }
+
+    /// Serves a blocking server (`new_blocking`) on the calling thread until
+    /// [`ServerHandle::shutdown`]: a thread per connection. Shutdown, limits and checks are
+    /// those of [`Server::serve`]: each connection answers what it had read, later Requests
+    /// get UNAVAILABLE, and connections still busy after `shutdown_timeout` are cut.
+    pub fn serve_blocking(self) -> Result<(), Error> {
+        let Handler::Sync(handler) = &self.shared.handler else {
+            return Err(Error::Closed(
+                "serve_blocking needs a blocking handler (Server::new_blocking)".into(),
+            ));
+        };
+        let handler = handler.clone();
+        let listener = bind(&self.path, self.shared.opts.mode)?;
+        listener.set_nonblocking(true)?;
+        let stop = self.stop_tx.subscribe();
+        let my_uid = conn::my_uid();
+        let mut next_conn = 0u64;
+        let limits = &self.shared.opts.limits;
+        let budget = wire::PendingBudget::new(limits.max_pending_bytes.max(limits.max_payload as u64));
+        let mut threads: Vec<std::thread::JoinHandle<()>> = Vec::new();
+        while !*stop.borrow() {
+            let mut pfd = libc::pollfd {
+                fd: listener.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: poll on one pollfd of ours; wakes every 100 ms to look at `stop`.
+            unsafe { libc::poll(&mut pfd, 1, 100) };
+            let fd: OwnedFd = match listener.accept() {
+                Ok((s, _)) => s.into(),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    eprintln!("hintens: accept failed: {e}");
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                }
+            };
+            let Some(conn_id) = self.admit(&fd, my_uid, &mut next_conn) else {
+                continue;
+            };
+            let dispatch = Arc::new(SyncDispatch {
+                shared: self.shared.clone(),
+                queue: Mutex::new(VecDeque::new()),
+                taking: AtomicBool::new(true),
+            });
+            let conn = match Conn::start_blocking(
+                fd,
+                self.shared.opts.limits.clone(),
+                dispatch.clone(),
+                true,
+                Some(budget.clone()),
+            ) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("hintens: connection setup failed: {e}");
+                    continue;
+                }
+            };
+            self.shared
+                .conns
+                .lock()
+                .unwrap()
+                .insert(conn_id, Arc::downgrade(&conn));
+            let (shared, handler) = (self.shared.clone(), handler.clone());
+            match std::thread::Builder::new()
+                .name("hintens-conn".into())
+                .spawn(move || conn_thread(conn, shared, handler, dispatch))
+            {
+                Ok(t) => threads.push(t),
+                Err(e) => eprintln!("hintens: no thread for a connection: {e}"),
+            }
+            threads.retain(|t| !t.is_finished());
+        }
+        drop(listener);
+        let _ = std::fs::remove_file(&self.path);
+        for c in self.shared.conns.lock().unwrap().values() {
+            if let Some(c) = c.upgrade() {
+                c.start_drain();
+            }
+        }
+        let deadline = Instant::now() + self.shared.opts.shutdown_timeout;
+        while threads.iter().any(|t| !t.is_finished()) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        for c in self.shared.conns.lock().unwrap().drain() {
+            if let Some(c) = c.1.upgrade() {
+                c.shutdown();
+            }
+        }
+        Ok(())
+    }
+
+    /// The checks after `accept`: the client's uid, and `max_connections`. A refused client
+    /// gets one Error frame (UNAVAILABLE) before anything of its is read.
+    fn admit(&self, fd: &OwnedFd, my_uid: u32, next_conn: &mut u64) -> Option<u64> {
+        let uid = conn::peer_uid(fd.as_raw_fd()).unwrap_or(u32::MAX);
+        if uid != my_uid && !self.shared.opts.allow_uids.contains(&uid) {
+            refuse(fd, &format!("uid {uid} may not use this server"));
+            return None;
+        }
+        let live = {
+            let mut conns = self.shared.conns.lock().unwrap();
+            conns.retain(|_, w| w.strong_count() > 0);
+            conns.len()
+        };
+        if live >= self.shared.opts.max_connections {
+            refuse(fd, "too many connections");
+            return None;
+        }
+        *next_conn += 1;
+        Some(*next_conn)
     }
 
     async fn serve_on(self, listener: tokio::net::UnixListener) -> Result<(), Error> {
@@ -252,21 +422,9 @@ impl Server {
                 Ok(s) => s.into(),
                 Err(_) => continue,
             };
-            let uid = conn::peer_uid(fd.as_raw_fd()).unwrap_or(u32::MAX);
-            if uid != my_uid && !self.shared.opts.allow_uids.contains(&uid) {
-                refuse(&fd, &format!("uid {uid} may not use this server"));
+            let Some(conn_id) = self.admit(&fd, my_uid, &mut next_conn) else {
                 continue;
-            }
-            let live = {
-                let mut conns = self.shared.conns.lock().unwrap();
-                conns.retain(|_, w| w.strong_count() > 0);
-                conns.len()
             };
-            if live >= self.shared.opts.max_connections {
-                refuse(&fd, "too many connections");
-                continue;
-            }
-            next_conn += 1;
             let (tx, rx) = mpsc::unbounded_channel();
             let dispatch = Arc::new(ServerDispatch {
                 shared: self.shared.clone(),
@@ -289,7 +447,7 @@ impl Server {
                 .conns
                 .lock()
                 .unwrap()
-                .insert(next_conn, Arc::downgrade(&conn));
+                .insert(conn_id, Arc::downgrade(&conn));
             tasks.push(tokio::spawn(worker(conn, self.shared.clone(), rx)));
             tasks.retain(|t| !t.is_finished());
         }
@@ -331,14 +489,15 @@ fn refuse(fd: &OwnedFd, why: &str) {
     }
 }
 
-fn bind(path: &Path, mode: u32) -> Result<tokio::net::UnixListener, Error> {
+fn bind(path: &Path, mode: u32) -> Result<std::os::unix::net::UnixListener, Error> {
     if let Ok(md) = std::fs::symlink_metadata(path) {
         // A stale socket of a server that is gone is replaced; a live one is not.
         if md.file_type().is_socket() && std::os::unix::net::UnixStream::connect(path).is_err() {
             std::fs::remove_file(path)?;
         }
     }
-    let listener = tokio::net::UnixListener::bind(path)?;
+    let listener = std::os::unix::net::UnixListener::bind(path)?;
+    listener.set_nonblocking(true)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
     Ok(listener)
 }
@@ -399,7 +558,10 @@ async fn worker(conn: Arc<Conn>, shared: Arc<Shared>, mut rx: mpsc::UnboundedRec
         next_event_id: shared.next_event_id.clone(),
     };
     while let Some((rid, payload)) = rx.recv().await {
-        let result = (shared.handler)(Request {
+        let Handler::Async(handler) = &shared.handler else {
+            unreachable!("a blocking server has no worker tasks")
+        };
+        let result = handler(Request {
             payload,
             peer: peer.clone(),
         })
@@ -413,12 +575,9 @@ async fn worker(conn: Arc<Conn>, shared: Arc<Shared>, mut rx: mpsc::UnboundedRec
                     .await
             }
         };
-        let fallback = match sent {
-            Ok(()) => None,
-            Err(Error::TooLarge { .. }) => Some((code::TOO_LARGE, "the response is over the client's limit")),
-            Err(Error::Timeout(_)) => Some((code::UNAVAILABLE, "no shared memory free for the response")),
-            Err(Error::Io(_)) => Some((code::SHM_ERROR, "shared memory failed for the response")),
-            Err(_) => break,
+        let fallback = match fallback(sent) {
+            Ok(f) => f,
+            Err(()) => break,
         };
         if let Some((c, m)) = fallback {
             let deadline = Instant::now() + shared.opts.limits.send_timeout;
@@ -434,4 +593,158 @@ async fn worker(conn: Arc<Conn>, shared: Arc<Shared>, mut rx: mpsc::UnboundedRec
     // Every reply was written (writes complete before they return): close once the frames
     // queued for the writer task (releases, refusals) are out. The reader task sees the end.
     conn.close_after_queued();
+}
+
+/// What a reply that could not be sent becomes: an Error frame with this code, or (`Err`) the
+/// end of the connection.
+#[allow(clippy::result_unit_err)]
+fn fallback(sent: Result<(), Error>) -> Result<Option<(u32, &'static str)>, ()> {
+    match sent {
+        Ok(()) => Ok(None),
+        Err(Error::TooLarge { .. }) => Ok(Some((code::TOO_LARGE, "the response is over the client's limit"))),
+        Err(Error::Timeout(_)) => Ok(Some((
+            code::UNAVAILABLE,
+            "no shared memory free for the response",
+        ))),
+        Err(Error::Io(_)) => Ok(Some((code::SHM_ERROR, "shared memory failed for the response"))),
+        Err(_) => Err(()),
+    }
+}
+
+/// A blocking server connection's Dispatch: Requests wait in a queue that the connection's
+/// thread runs once the frames of that read are processed (a handler never runs inside the
+/// reader, so it may itself wait for a release the same thread must read).
+struct SyncDispatch {
+    shared: Arc<Shared>,
+    queue: Mutex<VecDeque<Work>>,
+    taking: AtomicBool,
+}
+
+/// What a blocking server connection's thread does next, in arrival order.
+enum Work {
+    Request(u64, Payload),
+    /// The Error frame answering a refused Request.
+    Answer(Vec<u8>),
+}
+
+impl Dispatch for SyncDispatch {
+    fn answer(&self, _conn: &Arc<Conn>, frame: Vec<u8>) {
+        self.queue.lock().unwrap().push_back(Work::Answer(frame));
+    }
+
+    fn request(&self, conn: &Arc<Conn>, request_id: u64, payload: Payload) {
+        if self.taking.load(Ordering::Acquire) {
+            self.queue
+                .lock()
+                .unwrap()
+                .push_back(Work::Request(request_id, payload));
+        } else {
+            self.answer(
+                conn,
+                wire::encode_frame(
+                    ERROR,
+                    0,
+                    request_id,
+                    &wire::encode_error(code::UNAVAILABLE, "the server is shutting down"),
+                ),
+            );
+        }
+    }
+
+    fn event(&self, conn: &Arc<Conn>, payload: Payload) {
+        if let Some(f) = &self.shared.on_event {
+            f(
+                payload,
+                Peer {
+                    conn: conn.clone(),
+                    timeout: self.shared.opts.limits.send_timeout,
+                    next_event_id: self.shared.next_event_id.clone(),
+                },
+            );
+        }
+    }
+
+    fn drained(&self, _conn: &Arc<Conn>) {
+        self.taking.store(false, Ordering::Release);
+    }
+
+    fn closed(&self, _conn: &Arc<Conn>) {
+        self.taking.store(false, Ordering::Release);
+    }
+}
+
+/// One blocking server connection: read (leading the reads), run the Requests read, write
+/// their replies, all on this thread; after a drain, close once the queued frames are out.
+fn conn_thread(conn: Arc<Conn>, shared: Arc<Shared>, handler: SyncHandlerFn, d: Arc<SyncDispatch>) {
+    let peer = Peer {
+        conn: conn.clone(),
+        timeout: shared.opts.limits.send_timeout,
+        next_event_id: shared.next_event_id.clone(),
+    };
+    let mut closing = false;
+    loop {
+        let was_closing = closing;
+        conn.wait_sync(Instant::now() + Duration::from_millis(100), || {
+            !d.queue.lock().unwrap().is_empty()
+                || (!was_closing && !d.taking.load(Ordering::Acquire))
+                || conn.is_closed()
+        });
+        loop {
+            let (rid, payload) = match d.queue.lock().unwrap().pop_front() {
+                None => break,
+                Some(Work::Request(rid, payload)) => (rid, payload),
+                Some(Work::Answer(frame)) => {
+                    let deadline = Instant::now() + shared.opts.limits.send_timeout;
+                    conn.wait_queue_flushed(deadline);
+                    if conn.write_all_blocking(&[&frame], None, deadline).is_err() {
+                        conn.shutdown();
+                    }
+                    continue;
+                }
+            };
+            let result = handler(Request {
+                payload,
+                peer: peer.clone(),
+            });
+            let deadline = Instant::now() + shared.opts.limits.send_timeout;
+            conn.wait_queue_flushed(deadline);
+            let sent = match result {
+                Ok(Reply::Bytes(b)) => conn.send_blocking(RESPONSE, rid, Body::Bytes(&b), deadline),
+                Ok(Reply::Payload(p)) => conn.send_blocking(RESPONSE, rid, Body::Echo(&p), deadline),
+                Err(e) => conn.write_all_blocking(
+                    &[&wire::encode_frame(
+                        ERROR,
+                        0,
+                        rid,
+                        &wire::encode_error(e.code, &e.message),
+                    )],
+                    None,
+                    deadline,
+                ),
+            };
+            let ok = match fallback(sent) {
+                Ok(None) => true,
+                Ok(Some((c, m))) => {
+                    let frame = wire::encode_frame(ERROR, 0, rid, &wire::encode_error(c, m));
+                    let deadline = Instant::now() + shared.opts.limits.send_timeout;
+                    conn.write_all_blocking(&[&frame], None, deadline).is_ok()
+                }
+                Err(()) => false,
+            };
+            if !ok {
+                conn.shutdown();
+            }
+        }
+        if conn.is_closed() {
+            break;
+        }
+        if !closing && !d.taking.load(Ordering::Acquire) {
+            // Drained (or ended): every reply was written; close once the frames queued for
+            // the writer thread (releases, refusals) are out.
+            closing = true;
+            conn.close_after_queued();
+        }
+    }
+    // Requests still queued when the connection ended go unanswered (nothing can be sent).
+    d.queue.lock().unwrap().clear();
 }

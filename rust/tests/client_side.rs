@@ -105,6 +105,18 @@ where
     t.join().unwrap();
 }
 
+/// As [`with_raw_server`], for a blocking client.
+fn with_raw_server_blocking<F, C>(tag: &str, hello: Hello, script: F, client: C)
+where
+    F: FnOnce(&mut Raw) + Send + 'static,
+    C: FnOnce(PathBuf),
+{
+    with_raw_server(tag, hello, script, move |path| {
+        client(path);
+        Box::pin(async {})
+    });
+}
+
 fn shm_hello(bytes: u64, segments: u32) -> Hello {
     Hello {
         features: wire::FEATURE_SHM,
@@ -116,67 +128,22 @@ fn shm_hello(bytes: u64, segments: u32) -> Hello {
 
 #[test]
 fn bad_answers_fail_their_request_and_the_connection_survives() {
-    with_raw_server(
-        "bad",
-        Hello::default(),
-        |raw| {
-            // 1: a Response with a bad CRC.
-            let f = raw.next().unwrap();
-            let mut bad = wire::encode_frame(RESPONSE, 0, f.request_id, b"answer");
-            bad[15] ^= 1;
-            raw.send(&bad);
-            // 2: a malformed Error payload; 3: a Response with reserved flags.
-            let f = raw.next().unwrap();
-            raw.send(&wire::encode_frame(wire::ERROR, 0, f.request_id, b"short"));
-            let f = raw.next().unwrap();
-            raw.send(&wire::encode_frame(RESPONSE, 0x0100, f.request_id, b"x"));
-            // 4: the server sends the client a Request (answered UNAVAILABLE), then answers.
-            let f = raw.next().unwrap();
-            raw.send(&wire::encode_frame(REQUEST, 0, 99, b"serve me"));
-            let answer = raw.next().unwrap();
-            assert_eq!((answer.mtype, answer.request_id), (wire::ERROR, 99));
-            assert_eq!(
-                wire::decode_error(&answer.payload).unwrap().0,
-                wire::code::UNAVAILABLE
-            );
-            raw.send(&wire::encode_frame(RESPONSE, 0, f.request_id, b"fine"));
-            // 5: an SHM Response although SHM was never negotiated: SHM_ERROR, and HREJ.
-            let f = raw.next().unwrap();
-            let d = Descriptor {
-                segment_id: 5,
-                flags: 0,
-                size: 4096,
-                offset: 0,
-                length: 1,
-            };
-            raw.send(&wire::encode_frame(
-                RESPONSE,
-                wire::FLAG_SHM,
-                f.request_id,
-                &d.encode(),
-            ));
-            let hrej = raw.next().unwrap();
-            assert_eq!(hrej.payload, wire::encode_control(wire::Control::Reject, &[5]));
-            let f = raw.next().unwrap();
-            raw.send(&wire::encode_frame(RESPONSE, 0, f.request_id, b"still here"));
-        },
-        |path| {
-            Box::pin(async move {
-                let c = IPCClient::connect(&path).await.unwrap();
-                let e = c.send_bytes(b"1").await.unwrap_err();
-                assert_eq!(e.code(), Some(ErrorCode::Checksum), "{e}");
-                let e = c.send_bytes(b"2").await.unwrap_err();
-                assert_eq!(e.code(), Some(ErrorCode::Generic), "{e}");
-                let e = c.send_bytes(b"3").await.unwrap_err();
-                assert_eq!(e.code(), Some(ErrorCode::UnsupportedFlags), "{e}");
-                assert_eq!(&c.send_bytes(b"4").await.unwrap()[..], b"fine");
-                let e = c.send_bytes(b"5").await.unwrap_err();
-                assert_eq!(e.code(), Some(ErrorCode::ShmError), "{e}");
-                assert_eq!(&c.send_bytes(b"6").await.unwrap()[..], b"still here");
-                c.close().await;
-            })
-        },
-    );
+    with_raw_server("bad", Hello::default(), bad_answers_script, |path| {
+        Box::pin(async move {
+            let c = IPCClient::connect(&path).await.unwrap();
+            let e = c.send_bytes(b"1").await.unwrap_err();
+            assert_eq!(e.code(), Some(ErrorCode::Checksum), "{e}");
+            let e = c.send_bytes(b"2").await.unwrap_err();
+            assert_eq!(e.code(), Some(ErrorCode::Generic), "{e}");
+            let e = c.send_bytes(b"3").await.unwrap_err();
+            assert_eq!(e.code(), Some(ErrorCode::UnsupportedFlags), "{e}");
+            assert_eq!(&c.send_bytes(b"4").await.unwrap()[..], b"fine");
+            let e = c.send_bytes(b"5").await.unwrap_err();
+            assert_eq!(e.code(), Some(ErrorCode::ShmError), "{e}");
+            assert_eq!(&c.send_bytes(b"6").await.unwrap()[..], b"still here");
+            c.close().await;
+        })
+    });
 }
 
 #[test]
@@ -186,50 +153,7 @@ fn the_pool_waits_for_releases_reuses_segments_and_retires_before_growing() {
         "pool",
         // The server maps at most one segment of ours, of at most 2 MiB.
         shm_hello(2 * MIB, 1),
-        |raw| {
-            // 1 MiB: a new 1 MiB segment, with its descriptor. Not released yet.
-            let f = raw.next().unwrap();
-            let d = Descriptor::parse(&f.payload).unwrap();
-            assert_eq!(
-                (f.flags, d.flags, d.size, d.length),
-                (wire::FLAG_SHM, wire::NEW_SEGMENT, MIB, MIB)
-            );
-            assert_eq!(raw.fds.len(), 1);
-            let first = d.segment_id;
-            raw.send(&wire::encode_frame(RESPONSE, 0, f.request_id, b"one"));
-            // The client's second send waits for the release (its timeout is 300 ms), fails.
-            std::thread::sleep(Duration::from_millis(600));
-            raw.send(&wire::encode_frame(
-                EVENT,
-                0,
-                0,
-                &wire::encode_control(wire::Control::Release, &[first]),
-            ));
-            // Third: the same segment again, by id alone.
-            let f = raw.next().unwrap();
-            let d = Descriptor::parse(&f.payload).unwrap();
-            assert_eq!((d.segment_id, d.flags, d.size), (first, 0, MIB));
-            assert_eq!(raw.fds.len(), 1, "no new descriptor");
-            raw.send(&wire::encode_frame(
-                EVENT,
-                0,
-                0,
-                &wire::encode_control(wire::Control::Release, &[first]),
-            ));
-            raw.send(&wire::encode_frame(RESPONSE, 0, f.request_id, b"three"));
-            // 1.5 MiB does not fit beside the 1 MiB segment: HRET first, then a new 2 MiB one.
-            let f = raw.next().unwrap();
-            assert_eq!(f.payload, wire::encode_control(wire::Control::Retire, &[first]));
-            let f = raw.next().unwrap();
-            let d = Descriptor::parse(&f.payload).unwrap();
-            assert_eq!(
-                (d.flags, d.size, d.length),
-                (wire::NEW_SEGMENT, 2 * MIB, 3 * MIB / 2)
-            );
-            assert_ne!(d.segment_id, first);
-            assert_eq!(raw.fds.len(), 2);
-            raw.send(&wire::encode_frame(RESPONSE, 0, f.request_id, b"four"));
-        },
+        pool_script,
         |path| {
             Box::pin(async move {
                 let opts = ClientOptions {
@@ -465,4 +389,137 @@ fn a_retired_segment_is_unmapped_and_no_longer_accepted() {
             })
         },
     );
+}
+
+fn bad_answers_script(raw: &mut Raw) {
+    // 1: a Response with a bad CRC.
+    let f = raw.next().unwrap();
+    let mut bad = wire::encode_frame(RESPONSE, 0, f.request_id, b"answer");
+    bad[15] ^= 1;
+    raw.send(&bad);
+    // 2: a malformed Error payload; 3: a Response with reserved flags.
+    let f = raw.next().unwrap();
+    raw.send(&wire::encode_frame(wire::ERROR, 0, f.request_id, b"short"));
+    let f = raw.next().unwrap();
+    raw.send(&wire::encode_frame(RESPONSE, 0x0100, f.request_id, b"x"));
+    // 4: the server sends the client a Request (answered UNAVAILABLE), then answers.
+    let f = raw.next().unwrap();
+    raw.send(&wire::encode_frame(REQUEST, 0, 99, b"serve me"));
+    let answer = raw.next().unwrap();
+    assert_eq!((answer.mtype, answer.request_id), (wire::ERROR, 99));
+    assert_eq!(
+        wire::decode_error(&answer.payload).unwrap().0,
+        wire::code::UNAVAILABLE
+    );
+    raw.send(&wire::encode_frame(RESPONSE, 0, f.request_id, b"fine"));
+    // 5: an SHM Response although SHM was never negotiated: SHM_ERROR, and HREJ.
+    let f = raw.next().unwrap();
+    let d = Descriptor {
+        segment_id: 5,
+        flags: 0,
+        size: 4096,
+        offset: 0,
+        length: 1,
+    };
+    raw.send(&wire::encode_frame(
+        RESPONSE,
+        wire::FLAG_SHM,
+        f.request_id,
+        &d.encode(),
+    ));
+    let hrej = raw.next().unwrap();
+    assert_eq!(hrej.payload, wire::encode_control(wire::Control::Reject, &[5]));
+    let f = raw.next().unwrap();
+    raw.send(&wire::encode_frame(RESPONSE, 0, f.request_id, b"still here"));
+}
+
+fn pool_script(raw: &mut Raw) {
+    const MIB: u64 = 1 << 20;
+    // 1 MiB: a new 1 MiB segment, with its descriptor. Not released yet.
+    let f = raw.next().unwrap();
+    let d = Descriptor::parse(&f.payload).unwrap();
+    assert_eq!(
+        (f.flags, d.flags, d.size, d.length),
+        (wire::FLAG_SHM, wire::NEW_SEGMENT, MIB, MIB)
+    );
+    assert_eq!(raw.fds.len(), 1);
+    let first = d.segment_id;
+    raw.send(&wire::encode_frame(RESPONSE, 0, f.request_id, b"one"));
+    // The client's second send waits for the release (its timeout is 300 ms), fails.
+    std::thread::sleep(Duration::from_millis(600));
+    raw.send(&wire::encode_frame(
+        EVENT,
+        0,
+        0,
+        &wire::encode_control(wire::Control::Release, &[first]),
+    ));
+    // Third: the same segment again, by id alone.
+    let f = raw.next().unwrap();
+    let d = Descriptor::parse(&f.payload).unwrap();
+    assert_eq!((d.segment_id, d.flags, d.size), (first, 0, MIB));
+    assert_eq!(raw.fds.len(), 1, "no new descriptor");
+    raw.send(&wire::encode_frame(
+        EVENT,
+        0,
+        0,
+        &wire::encode_control(wire::Control::Release, &[first]),
+    ));
+    raw.send(&wire::encode_frame(RESPONSE, 0, f.request_id, b"three"));
+    // 1.5 MiB does not fit beside the 1 MiB segment: HRET first, then a new 2 MiB one.
+    let f = raw.next().unwrap();
+    assert_eq!(f.payload, wire::encode_control(wire::Control::Retire, &[first]));
+    let f = raw.next().unwrap();
+    let d = Descriptor::parse(&f.payload).unwrap();
+    assert_eq!(
+        (d.flags, d.size, d.length),
+        (wire::NEW_SEGMENT, 2 * MIB, 3 * MIB / 2)
+    );
+    assert_ne!(d.segment_id, first);
+    assert_eq!(raw.fds.len(), 2);
+    raw.send(&wire::encode_frame(RESPONSE, 0, f.request_id, b"four"));
+}
+
+#[test]
+fn bad_answers_fail_their_request_and_the_blocking_client_survives() {
+    with_raw_server_blocking("bad-b", Hello::default(), bad_answers_script, |path| {
+        let c = hintens::blocking::Client::connect(&path).unwrap();
+        let e = c.send_bytes(b"1").unwrap_err();
+        assert_eq!(e.code(), Some(ErrorCode::Checksum), "{e}");
+        let e = c.send_bytes(b"2").unwrap_err();
+        assert_eq!(e.code(), Some(ErrorCode::Generic), "{e}");
+        let e = c.send_bytes(b"3").unwrap_err();
+        assert_eq!(e.code(), Some(ErrorCode::UnsupportedFlags), "{e}");
+        assert_eq!(&c.send_bytes(b"4").unwrap()[..], b"fine");
+        let e = c.send_bytes(b"5").unwrap_err();
+        assert_eq!(e.code(), Some(ErrorCode::ShmError), "{e}");
+        assert_eq!(&c.send_bytes(b"6").unwrap()[..], b"still here");
+        c.close();
+    });
+}
+
+#[test]
+fn the_blocking_client_pool_waits_for_releases_reuses_segments_and_retires_before_growing() {
+    const MIB: u64 = 1 << 20;
+    with_raw_server_blocking("pool-b", shm_hello(2 * MIB, 1), pool_script, |path| {
+        let opts = ClientOptions {
+            timeout: Duration::from_millis(300),
+            ..Default::default()
+        };
+        let c = hintens::blocking::Client::connect_with(&path, opts).unwrap();
+        let mib = vec![7u8; 1 << 20];
+        assert_eq!(&c.send_bytes(&mib).unwrap()[..], b"one");
+        let e = c.send_bytes(&mib).unwrap_err();
+        assert!(matches!(e, Error::Timeout(_)), "{e}");
+        std::thread::sleep(Duration::from_millis(500));
+        assert_eq!(
+            &c.send_bytes_timeout(&mib, Duration::from_secs(5)).unwrap()[..],
+            b"three"
+        );
+        let big = vec![8u8; 3 << 19];
+        assert_eq!(
+            &c.send_bytes_timeout(&big, Duration::from_secs(5)).unwrap()[..],
+            b"four"
+        );
+        c.close();
+    });
 }

@@ -10,6 +10,23 @@ use std::time::{Duration, Instant};
 use hintens::wire::{self, Descriptor, FrameDecoder, Hello, EVENT, REQUEST};
 use hintens::{Reply, Request, Server, ServerHandle, ServerOptions};
 
+thread_local! {
+    /// Whether this test's server is the blocking one (`Server::new_blocking`).
+    static BLOCKING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Each server test runs against the async server and against the blocking one.
+macro_rules! both_servers {
+    ($($name:ident),* $(,)?) => {
+        mod async_server {
+            $(#[test] fn $name() { super::$name() })*
+        }
+        mod blocking_server {
+            $(#[test] fn $name() { super::BLOCKING.with(|b| b.set(true)); super::$name() })*
+        }
+    };
+}
+
 struct TestServer {
     path: PathBuf,
     handle: ServerHandle,
@@ -23,18 +40,24 @@ fn start_server(tag: &str) -> TestServer {
 fn start_server_with(tag: &str, opts: ServerOptions) -> TestServer {
     let dir = std::env::temp_dir().join(format!("hintens-rs-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join(format!("{tag}.sock"));
+    let kind = if BLOCKING.with(|b| b.get()) { "b" } else { "a" };
+    let path = dir.join(format!("{tag}-{kind}.sock"));
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .unwrap();
-    let server = Server::with_options(
-        &path,
-        |r: Request| async move { Ok::<Reply, hintens::HandlerError>(r.payload.into()) },
-        opts,
-    );
+    let server = if BLOCKING.with(|b| b.get()) {
+        Server::with_options_blocking(&path, |r: Request| Ok(r.payload.into()), opts)
+    } else {
+        Server::with_options(
+            &path,
+            |r: Request| async move { Ok::<Reply, hintens::HandlerError>(r.payload.into()) },
+            opts,
+        )
+    };
     let handle = server.handle();
+    // A blocking server's serve() runs serve_blocking on the runtime's blocking pool.
     rt.spawn(server.serve());
     let t0 = Instant::now();
     while !path.exists() {
@@ -188,7 +211,6 @@ fn server_still_serves(path: &PathBuf) {
     p.echo_ok(77);
 }
 
-#[test]
 fn bad_crc_is_answered_and_the_connection_survives() {
     let srv = start_server("badcrc");
     let base = fd_count();
@@ -205,7 +227,6 @@ fn bad_crc_is_answered_and_the_connection_survives() {
     drop(srv);
 }
 
-#[test]
 fn oversized_length_is_fatal_and_nothing_is_allocated() {
     let srv = start_server("oversize");
     let base = fd_count();
@@ -222,7 +243,6 @@ fn oversized_length_is_fatal_and_nothing_is_allocated() {
     assert_fds_back(base);
 }
 
-#[test]
 fn declared_large_payload_never_sent_costs_only_what_arrived() {
     let srv = start_server("slowbig");
     let base = fd_count();
@@ -236,7 +256,6 @@ fn declared_large_payload_never_sent_costs_only_what_arrived() {
     assert_fds_back(base);
 }
 
-#[test]
 fn bad_magic_and_bad_version_are_fatal_after_three_bytes() {
     let srv = start_server("magic");
     let base = fd_count();
@@ -251,7 +270,6 @@ fn bad_magic_and_bad_version_are_fatal_after_three_bytes() {
     assert_fds_back(base);
 }
 
-#[test]
 fn garbage_hellos_and_controls_are_ignored() {
     let srv = start_server("garbage");
     let mut p = RawPeer::connect(&srv.path, false);
@@ -286,7 +304,6 @@ fn shm_request(rid: u64, d: Descriptor) -> Vec<u8> {
     wire::encode_frame(REQUEST, wire::FLAG_SHM, rid, &d.encode())
 }
 
-#[test]
 fn bogus_descriptors_and_memfds_are_refused_and_handed_back() {
     let srv = start_server("shm");
     let base = fd_count();
@@ -462,7 +479,6 @@ fn client_fails_promptly_when_the_server_dies_mid_frame() {
     t.join().unwrap();
 }
 
-#[test]
 fn pending_bytes_budget_refuses_with_unavailable_and_the_connection_survives() {
     let mut opts = ServerOptions::default();
     opts.limits.max_payload = 1 << 20;
@@ -504,7 +520,6 @@ fn pending_bytes_budget_refuses_with_unavailable_and_the_connection_survives() {
     assert_fds_back(base);
 }
 
-#[test]
 fn a_frame_that_stalls_past_frame_timeout_is_cut() {
     let mut opts = ServerOptions::default();
     opts.limits.frame_timeout = Duration::from_millis(200);
@@ -521,7 +536,6 @@ fn a_frame_that_stalls_past_frame_timeout_is_cut() {
     assert_fds_back(base);
 }
 
-#[test]
 fn connections_past_max_connections_get_unavailable() {
     let opts = ServerOptions {
         max_connections: 2,
@@ -553,3 +567,15 @@ fn connections_past_max_connections_get_unavailable() {
     drop(b);
     assert_fds_back(base);
 }
+
+both_servers!(
+    bad_crc_is_answered_and_the_connection_survives,
+    oversized_length_is_fatal_and_nothing_is_allocated,
+    declared_large_payload_never_sent_costs_only_what_arrived,
+    bad_magic_and_bad_version_are_fatal_after_three_bytes,
+    garbage_hellos_and_controls_are_ignored,
+    bogus_descriptors_and_memfds_are_refused_and_handed_back,
+    pending_bytes_budget_refuses_with_unavailable_and_the_connection_survives,
+    a_frame_that_stalls_past_frame_timeout_is_cut,
+    connections_past_max_connections_get_unavailable,
+);

@@ -65,7 +65,8 @@ fn ready() {
 
 // -- serve ------------------------------------------------------------------------------------
 
-async fn handle(req: Request) -> Result<Reply, HandlerError> {
+/// The echo handler of the peer contract, for the blocking server (a thread per connection).
+fn handle(req: Request) -> Result<Reply, HandlerError> {
     let p: &[u8] = &req.payload;
     if let Some(rest) = p.strip_prefix(b"err:") {
         return Err(HandlerError::new(format!(
@@ -87,8 +88,7 @@ async fn handle(req: Request) -> Result<Reply, HandlerError> {
         if let Ok(n) = std::str::from_utf8(rest).unwrap_or("").parse::<u64>() {
             for i in 0..n {
                 req.peer
-                    .send_event(format!("ev-{i}").as_bytes())
-                    .await
+                    .send_event_blocking(format!("ev-{i}").as_bytes())
                     .map_err(|e| HandlerError::new(e.to_string()))?;
             }
             return Ok(format!("sent {n}").into());
@@ -115,8 +115,31 @@ async fn handle(req: Request) -> Result<Reply, HandlerError> {
 static EVENTS: AtomicU64 = AtomicU64::new(0);
 static EVENT_BYTES: AtomicU64 = AtomicU64::new(0);
 
-async fn serve(path: &str) -> Result<(), Failed> {
-    let server = Server::new(path, handle).on_event(|p: Payload, _| {
+/// The same handler for the async server (`serve-async`, for comparisons).
+async fn handle_async(req: Request) -> Result<Reply, HandlerError> {
+    if let Some(rest) = req.payload.strip_prefix(b"events:") {
+        if let Ok(n) = std::str::from_utf8(rest).unwrap_or("").parse::<u64>() {
+            for i in 0..n {
+                req.peer
+                    .send_event(format!("ev-{i}").as_bytes())
+                    .await
+                    .map_err(|e| HandlerError::new(e.to_string()))?;
+            }
+            return Ok(format!("sent {n}").into());
+        }
+    }
+    handle(req)
+}
+
+/// `serve` runs the blocking server (a thread per connection: the lowest latency);
+/// `serve-async` the async one.
+async fn serve(path: &str, blocking: bool) -> Result<(), Failed> {
+    let server = if blocking {
+        Server::new_blocking(path, handle)
+    } else {
+        Server::new(path, handle_async)
+    };
+    let server = server.on_event(|p: Payload, _| {
         EVENTS.fetch_add(1, Ordering::Relaxed);
         EVENT_BYTES.fetch_add(p.len() as u64, Ordering::Relaxed);
     });
@@ -332,18 +355,20 @@ fn p99(v: &mut [f64]) -> f64 {
     v[((v.len() as f64 * 0.99) as usize).min(v.len() - 1)]
 }
 
-async fn bench(path: &str, what: &str, n: usize) -> Result<String, Failed> {
-    let client = IPCClient::connect(path).await?;
+/// The blocking client: each request is written and its answer read on this thread (no
+/// runtime), the fastest client of this crate.
+fn bench(path: &str, what: &str, n: usize) -> Result<String, Failed> {
+    let client = hintens::blocking::Client::connect(path)?;
     let r = match what {
         "rt64" => {
             let p = pattern(64);
             for _ in 0..2000 {
-                client.send_bytes(&p).await?;
+                client.send_bytes(&p)?;
             }
             let mut t = Vec::with_capacity(n);
             for _ in 0..n {
                 let t0 = Instant::now();
-                let a = client.send_bytes(&p).await?;
+                let a = client.send_bytes(&p)?;
                 t.push(t0.elapsed().as_secs_f64() * 1e6);
                 check(a.len() == 64, "rt64: wrong length")?;
             }
@@ -356,12 +381,12 @@ async fn bench(path: &str, what: &str, n: usize) -> Result<String, Failed> {
         "echo64m" => {
             let p = pattern(64 << 20);
             for _ in 0..2 {
-                client.send_bytes(&p).await?;
+                client.send_bytes(&p)?;
             }
             let mut t = Vec::with_capacity(n);
             for _ in 0..n {
                 let t0 = Instant::now();
-                let a = client.send_bytes(&p).await?;
+                let a = client.send_bytes(&p)?;
                 check(a.len() == p.len(), "echo64m: wrong length")?;
                 drop(a);
                 t.push(t0.elapsed().as_secs_f64() * 1e3);
@@ -370,10 +395,57 @@ async fn bench(path: &str, what: &str, n: usize) -> Result<String, Failed> {
         }
         other => return Err(Failed(format!("unknown benchmark {other}"))),
     };
-    client.close().await;
+    client.close();
     Ok(r)
 }
 
+/// Reads into `buf[*filled..]` (growing `buf` to hold `need` bytes) until `need` bytes are
+/// there, taking as much as the socket holds per read.
+/// `bench-async SOCKET rt64`: the async client's 64 B round trip (for comparisons).
+async fn bench_async_rt64(path: &str, n: usize) -> Result<String, Failed> {
+    let client = IPCClient::connect(path).await?;
+    let p = pattern(64);
+    for _ in 0..2000 {
+        client.send_bytes(&p).await?;
+    }
+    let mut t = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t0 = Instant::now();
+        let a = client.send_bytes(&p).await?;
+        t.push(t0.elapsed().as_secs_f64() * 1e6);
+        check(a.len() == 64, "rt64: wrong length")?;
+    }
+    client.close().await;
+    Ok(format!(
+        "{{\"median_us\": {:.2}, \"p99_us\": {:.2}, \"n\": {n}}}",
+        median(&mut t),
+        p99(&mut t)
+    ))
+}
+
+fn read_at_least(
+    s: &mut impl Read,
+    buf: &mut Vec<u8>,
+    filled: &mut usize,
+    need: usize,
+) -> std::io::Result<()> {
+    if buf.len() < need {
+        buf.resize(need, 0);
+    }
+    while *filled < need {
+        match s.read(&mut buf[*filled..]) {
+            Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => *filled += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// The raw floor's server (tests/ports/README.md): a message is a u32 little-endian length and
+/// that many bytes; each goes back in one write of one buffer; reads take what the socket
+/// holds into one buffer, grown to the largest message (a small message costs one read).
 fn floor_serve(path: &str) -> Result<(), Failed> {
     let _ = std::fs::remove_file(path);
     let l = std::os::unix::net::UnixListener::bind(path).map_err(|e| Failed(e.to_string()))?;
@@ -381,17 +453,19 @@ fn floor_serve(path: &str) -> Result<(), Failed> {
     for s in l.incoming() {
         let Ok(mut s) = s else { continue };
         std::thread::spawn(move || {
-            let mut buf = Vec::new();
+            let mut buf = vec![0u8; 64 * 1024];
+            let mut filled = 0usize;
             loop {
-                let mut h = [0u8; 4];
-                if s.read_exact(&mut h).is_err() {
+                if read_at_least(&mut s, &mut buf, &mut filled, 4).is_err() {
                     return;
                 }
-                let n = u32::from_le_bytes(h) as usize;
-                buf.resize(n, 0);
-                if s.read_exact(&mut buf).is_err() || s.write_all(&h).is_err() || s.write_all(&buf).is_err() {
+                let n = 4 + u32::from_le_bytes(buf[..4].try_into().unwrap()) as usize;
+                if read_at_least(&mut s, &mut buf, &mut filled, n).is_err() || s.write_all(&buf[..n]).is_err()
+                {
                     return;
                 }
+                buf.copy_within(n..filled, 0);
+                filled -= n;
             }
         });
     }
@@ -405,14 +479,20 @@ fn floor_bench(path: &str, what: &str, n: usize) -> Result<String, Failed> {
         "echo64m" => (64 << 20, 2),
         other => return Err(Failed(format!("unknown benchmark {other}"))),
     };
-    let p = pattern(size);
-    let mut rbuf = vec![0u8; size];
+    // The message, length and payload, in one buffer: one write.
+    let mut msg = (size as u32).to_le_bytes().to_vec();
+    msg.extend_from_slice(&pattern(size));
+    let mut rbuf = vec![0u8; 4 + size];
     let mut one = |s: &mut std::os::unix::net::UnixStream| -> std::io::Result<()> {
-        s.write_all(&(size as u32).to_le_bytes())?;
-        s.write_all(&p)?;
-        let mut h = [0u8; 4];
-        s.read_exact(&mut h)?;
-        s.read_exact(&mut rbuf[..u32::from_le_bytes(h) as usize])
+        s.write_all(&msg)?;
+        let mut filled = 0;
+        read_at_least(s, &mut rbuf, &mut filled, 4)?;
+        let n = 4 + u32::from_le_bytes(rbuf[..4].try_into().unwrap()) as usize;
+        read_at_least(s, &mut rbuf, &mut filled, n)?;
+        if filled != 4 + size {
+            return Err(std::io::Error::other("the floor's echo has the wrong length"));
+        }
+        Ok(())
     };
     let io = |e: std::io::Error| Failed(e.to_string());
     for _ in 0..warm {
@@ -451,7 +531,7 @@ fn memcpy() -> String {
 }
 
 fn usage() -> Failed {
-    Failed("usage: hintens-peer serve SOCKET | client SOCKET SCENARIO | bench SOCKET rt64|echo64m [--count N] | floor-serve SOCKET | floor-bench SOCKET rt64|echo64m [--count N] | memcpy".into())
+    Failed("usage: hintens-peer serve SOCKET | serve-async SOCKET | bench-async SOCKET rt64 [--count N] | client SOCKET SCENARIO | bench SOCKET rt64|echo64m [--count N] | floor-serve SOCKET | floor-bench SOCKET rt64|echo64m [--count N] | memcpy".into())
 }
 
 fn run(args: &[String]) -> Result<Option<String>, Failed> {
@@ -464,17 +544,21 @@ fn run(args: &[String]) -> Result<Option<String>, Failed> {
             .map_err(|e| Failed(e.to_string()))
     };
     match args.first().map(String::as_str) {
-        Some("serve") if args.len() >= 2 => rt()?.block_on(serve(&args[1])).map(|_| None),
+        Some("serve") if args.len() >= 2 => rt()?.block_on(serve(&args[1], true)).map(|_| None),
+        Some("serve-async") if args.len() >= 2 => rt()?.block_on(serve(&args[1], false)).map(|_| None),
+        Some("bench-async") if args.len() >= 3 && args[2] == "rt64" => {
+            let n = count_arg(args, 20000);
+            let path = args[1].clone();
+            // As a spawned task, the measured loop and the reader task share the run queue.
+            rt()?
+                .block_on(async move { tokio::spawn(async move { bench_async_rt64(&path, n).await }).await })
+                .map_err(|e| Failed(e.to_string()))?
+                .map(Some)
+        }
         Some("client") if args.len() >= 3 => rt()?.block_on(scenario(&args[1], &args[2])).map(Some),
         Some("bench") if args.len() >= 3 => {
             let n = count_arg(args, if args[2] == "rt64" { 20000 } else { 10 });
-            let (path, what) = (args[1].clone(), args[2].clone());
-            // As a spawned task, the measured loop and the reader task share the run queue:
-            // the runtime polls the I/O driver only when both wait.
-            rt()?
-                .block_on(async move { tokio::spawn(async move { bench(&path, &what, n).await }).await })
-                .map_err(|e| Failed(e.to_string()))?
-                .map(Some)
+            bench(&args[1], &args[2], n).map(Some)
         }
         Some("floor-serve") if args.len() >= 2 => floor_serve(&args[1]).map(|_| None),
         Some("floor-bench") if args.len() >= 3 => {

@@ -1,0 +1,286 @@
+//! The blocking client and the blocking server, over real sockets: every size across the
+//! inline/shared-memory boundary, bincode, errors, Events both ways, many threads on one
+//! client, timeouts, a dying server, graceful shutdown, and no memfd mapping left behind.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Barrier, Mutex};
+use std::time::{Duration, Instant};
+
+use hintens::{
+    blocking, wire, ClientOptions, Error, ErrorCode, HandlerError, Reply, Request, Server, ServerHandle,
+};
+
+fn sock(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("hintens-rs-blk-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(format!("{tag}.sock"))
+}
+
+fn wait_bound(path: &Path) {
+    let t0 = Instant::now();
+    while !path.exists() {
+        assert!(t0.elapsed() < Duration::from_secs(5), "the server did not bind");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+fn memfd_maps() -> usize {
+    std::fs::read_to_string("/proc/self/maps")
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains("/memfd:hintens"))
+        .count()
+}
+
+fn pattern(n: usize, seed: u8) -> Vec<u8> {
+    (0..n)
+        .map(|i| ((i * 31 + 7 + seed as usize) % 251) as u8)
+        .collect()
+}
+
+/// The blocking handler: errors, pushed Events, a slow answer, else echo.
+fn handler(r: Request) -> Result<Reply, HandlerError> {
+    match &r.payload[..] {
+        b"fail" => Err(HandlerError::new("it failed")),
+        b"app" => Err(HandlerError::app(4321, "app said no")),
+        b"push" => {
+            let e = |e: Error| HandlerError::new(e.to_string());
+            r.peer.send_event_blocking(b"pushed-1").map_err(e)?;
+            r.peer.send_event_blocking(&vec![9u8; 200_000]).map_err(e)?;
+            Ok("pushed".into())
+        }
+        b"slow" => {
+            std::thread::sleep(Duration::from_millis(400));
+            Ok("late".into())
+        }
+        _ => Ok(r.payload.into()),
+    }
+}
+
+struct Running {
+    handle: ServerHandle,
+    thread: Option<std::thread::JoinHandle<Result<(), Error>>>,
+}
+
+impl Running {
+    fn stop(mut self) -> Result<(), Error> {
+        self.handle.shutdown();
+        self.thread.take().unwrap().join().unwrap()
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.handle.shutdown();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn blocking_server(path: &Path, events: Arc<AtomicUsize>) -> Running {
+    let server = Server::new_blocking(path, handler).on_event(move |p, _| {
+        events.fetch_add(p.len(), Ordering::SeqCst);
+    });
+    let handle = server.handle();
+    let thread = Some(std::thread::spawn(move || server.serve_blocking()));
+    wait_bound(path);
+    Running { handle, thread }
+}
+
+#[test]
+fn blocking_client_against_the_blocking_server() {
+    let path = sock("both");
+    let events = Arc::new(AtomicUsize::new(0));
+    let srv = blocking_server(&path, events.clone());
+    let c = blocking::Client::connect(&path).unwrap();
+    for n in [0usize, 1, 65535, 65536, 1 << 20, 8 << 20] {
+        let p = pattern(n, 1);
+        let a = c.send_bytes(&p).unwrap();
+        assert!(a.len() == n && *a == *p, "size {n}");
+        assert_eq!(a.is_shared(), n >= 65536, "size {n}");
+    }
+    assert_eq!(c.shm_counts(), (3, 3));
+    let s: String = c.send("hi").unwrap();
+    assert_eq!(s, "hi");
+    let e = c.send_bytes(b"fail").unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::HandlerError), "{e}");
+    assert!(e.to_string().contains("it failed"), "{e}");
+    let e = c.send_bytes(b"app").unwrap_err();
+    assert_eq!(e.code().map(|c| c.as_u32()), Some(4321), "{e}");
+    // Events pushed by the handler arrive, in order, before its answer.
+    let got = Arc::new(Mutex::new(Vec::new()));
+    let g = got.clone();
+    c.on_event(move |p| g.lock().unwrap().push(p.len()));
+    assert_eq!(&c.send_bytes(b"push").unwrap()[..], b"pushed");
+    assert_eq!(*got.lock().unwrap(), vec![8, 200_000]);
+    // Events from the client reach the server's callback.
+    c.send_event(b"12345").unwrap();
+    c.send_event(&vec![1u8; 100_000]).unwrap();
+    let t0 = Instant::now();
+    while events.load(Ordering::SeqCst) < 100_005 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "events: {}",
+            events.load(Ordering::SeqCst)
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    drop(c);
+    srv.stop().unwrap();
+    assert!(!path.exists(), "shutdown removes the socket file");
+    assert_eq!(memfd_maps(), 0);
+}
+
+/// Many threads on one blocking client: each answer reaches its own caller (leader/follower
+/// hand-over), small and shared-memory payloads mixed.
+fn many_threads(path: &Path) {
+    let c = Arc::new(blocking::Client::connect(path).unwrap());
+    let threads = 6;
+    let barrier = Arc::new(Barrier::new(threads));
+    let ts: Vec<_> = (0..threads)
+        .map(|t| {
+            let (c, barrier) = (c.clone(), barrier.clone());
+            std::thread::spawn(move || {
+                barrier.wait();
+                for i in 0..300usize {
+                    let n = if i % 25 == 0 { 70_000 + t } else { 10 + (i % 50) };
+                    let p = pattern(n, (t * 7 + i) as u8);
+                    let a = c.send_bytes(&p).unwrap();
+                    assert!(*a == *p, "thread {t} request {i}");
+                }
+            })
+        })
+        .collect();
+    for t in ts {
+        t.join().unwrap();
+    }
+    let (sent, received) = c.shm_counts();
+    assert_eq!((sent, received), (72, 72));
+}
+
+#[test]
+fn many_threads_share_one_blocking_client() {
+    let path = sock("threads-b");
+    let srv = blocking_server(&path, Arc::new(AtomicUsize::new(0)));
+    many_threads(&path);
+    srv.stop().unwrap();
+    // And against the async server.
+    let path = sock("threads-a");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let server = Server::new(&path, |r: Request| async move {
+        Ok::<Reply, HandlerError>(r.payload.into())
+    });
+    let handle = server.handle();
+    let task = rt.spawn(server.serve());
+    wait_bound(&path);
+    many_threads(&path);
+    handle.shutdown();
+    rt.block_on(task).unwrap().unwrap();
+    assert_eq!(memfd_maps(), 0);
+}
+
+#[test]
+fn a_timed_out_request_fails_alone_and_its_late_answer_is_dropped() {
+    let path = sock("timeout");
+    let srv = blocking_server(&path, Arc::new(AtomicUsize::new(0)));
+    let c = blocking::Client::connect_with(
+        &path,
+        ClientOptions {
+            timeout: Duration::from_secs(5),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let t0 = Instant::now();
+    let e = c
+        .send_bytes_timeout(b"slow", Duration::from_millis(100))
+        .unwrap_err();
+    assert!(matches!(e, Error::Timeout(_)), "{e}");
+    assert_eq!(e.code(), Some(ErrorCode::Timeout));
+    let took = t0.elapsed();
+    assert!(
+        took >= Duration::from_millis(100) && took < Duration::from_millis(350),
+        "{took:?}"
+    );
+    // The late answer ("late") is read and dropped; the next request gets its own.
+    assert_eq!(&c.send_bytes(b"after").unwrap()[..], b"after");
+    drop(c);
+    srv.stop().unwrap();
+}
+
+#[test]
+fn the_blocking_client_fails_promptly_when_the_server_dies_mid_frame() {
+    let path = sock("dying");
+    let _ = std::fs::remove_file(&path);
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let t = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut buf = [0u8; 4096];
+        let _ = s.read(&mut buf);
+        s.write_all(&wire::header_for(wire::RESPONSE, 0, 1, b"abc")[..10])
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+    });
+    let c = blocking::Client::connect(&path).unwrap();
+    let t0 = Instant::now();
+    let r = c.send_bytes(b"hello");
+    assert!(matches!(r, Err(Error::Closed(_))), "{r:?}");
+    assert!(t0.elapsed() < Duration::from_secs(2));
+    assert!(c.is_closed());
+    let r = c.send_bytes(b"again");
+    assert!(matches!(r, Err(Error::Closed(_))), "{r:?}");
+    t.join().unwrap();
+}
+
+#[test]
+fn blocking_shutdown_answers_what_was_sent_then_closes() {
+    let path = sock("graceful");
+    let started = Arc::new(Barrier::new(2));
+    let s2 = started.clone();
+    let first = Arc::new(AtomicUsize::new(0));
+    let server = Server::new_blocking(&path, move |r: Request| {
+        if first.fetch_add(1, Ordering::SeqCst) == 0 {
+            s2.wait();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+        Ok(r.payload.into())
+    });
+    let handle = server.handle();
+    let srv = std::thread::spawn(move || server.serve_blocking());
+    wait_bound(&path);
+    let client = Arc::new(blocking::Client::connect(&path).unwrap());
+    let calls: Vec<_> = (0..6)
+        .map(|i| {
+            let c = client.clone();
+            std::thread::spawn(move || {
+                let p = format!("slow-{i}");
+                c.send_bytes(p.as_bytes()).map(|a| a.to_vec() == p.into_bytes())
+            })
+        })
+        .collect();
+    started.wait();
+    std::thread::sleep(Duration::from_millis(30));
+    handle.shutdown();
+    for c in calls {
+        assert!(c.join().unwrap().unwrap(), "an answer differs");
+    }
+    srv.join().unwrap().unwrap();
+    assert!(!path.exists());
+    let e = client.send_bytes(b"after").unwrap_err();
+    assert!(matches!(e, Error::Closed(_)), "{e}");
+}
+
+#[test]
+fn serve_blocking_refuses_an_async_handler() {
+    let server = Server::new(sock("wrong"), |r: Request| async move {
+        Ok::<Reply, HandlerError>(r.payload.into())
+    });
+    assert!(server.serve_blocking().is_err());
+}
