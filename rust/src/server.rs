@@ -502,6 +502,32 @@ fn bind(path: &Path, mode: u32) -> Result<std::os::unix::net::UnixListener, Erro
     Ok(listener)
 }
 
+/// The answer to a Request that arrives while the server shuts down.
+fn shutting_down(request_id: u64) -> Vec<u8> {
+    wire::encode_frame(
+        ERROR,
+        0,
+        request_id,
+        &wire::encode_error(code::UNAVAILABLE, "the server is shutting down"),
+    )
+}
+
+impl Shared {
+    /// Hands a client's Event to `on_event`, if the server has one.
+    fn deliver_event(&self, conn: &Arc<Conn>, payload: Payload) {
+        if let Some(f) = &self.on_event {
+            f(
+                payload,
+                Peer {
+                    conn: conn.clone(),
+                    timeout: self.opts.limits.send_timeout,
+                    next_event_id: self.next_event_id.clone(),
+                },
+            );
+        }
+    }
+}
+
 struct ServerDispatch {
     shared: Arc<Shared>,
     work: Mutex<Option<mpsc::UnboundedSender<(u64, Payload)>>>,
@@ -514,26 +540,12 @@ impl Dispatch for ServerDispatch {
             None => false,
         };
         if !sent {
-            conn.queue(wire::encode_frame(
-                ERROR,
-                0,
-                request_id,
-                &wire::encode_error(code::UNAVAILABLE, "the server is shutting down"),
-            ));
+            conn.queue(shutting_down(request_id));
         }
     }
 
     fn event(&self, conn: &Arc<Conn>, payload: Payload) {
-        if let Some(f) = &self.shared.on_event {
-            f(
-                payload,
-                Peer {
-                    conn: conn.clone(),
-                    timeout: self.shared.opts.limits.send_timeout,
-                    next_event_id: self.shared.next_event_id.clone(),
-                },
-            );
-        }
+        self.shared.deliver_event(conn, payload);
     }
 
     fn drained(&self, _conn: &Arc<Conn>) {
@@ -639,29 +651,12 @@ impl Dispatch for SyncDispatch {
                 .unwrap()
                 .push_back(Work::Request(request_id, payload));
         } else {
-            self.answer(
-                conn,
-                wire::encode_frame(
-                    ERROR,
-                    0,
-                    request_id,
-                    &wire::encode_error(code::UNAVAILABLE, "the server is shutting down"),
-                ),
-            );
+            self.answer(conn, shutting_down(request_id));
         }
     }
 
     fn event(&self, conn: &Arc<Conn>, payload: Payload) {
-        if let Some(f) = &self.shared.on_event {
-            f(
-                payload,
-                Peer {
-                    conn: conn.clone(),
-                    timeout: self.shared.opts.limits.send_timeout,
-                    next_event_id: self.shared.next_event_id.clone(),
-                },
-            );
-        }
+        self.shared.deliver_event(conn, payload);
     }
 
     fn drained(&self, _conn: &Arc<Conn>) {
