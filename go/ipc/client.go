@@ -26,12 +26,25 @@ type Client struct {
 
 	onEvent atomic.Pointer[func([]byte)]
 
-	// One goroutine, readLoop, reads the connection for the client's whole life: it delivers
-	// answers to their waiters, and runs Events, releases and the end of the connection as
-	// they arrive, busy or idle. (A request that read its own answer saved a hand-off
-	// between goroutines, but then something had to notice the connection going idle: a
-	// timer touched on every request, which cost far more CPU than the hand-off saves.)
+	// The read role: one goroutine at a time reads the connection. A request waiting alone
+	// for its answer takes the role and reads the answer itself, with no hand-off between
+	// goroutines; otherwise the background reader (readLoop) holds it, delivering answers to
+	// their waiters. The background reader also reads while the connection is idle, so that
+	// Events, releases and the end of the connection are seen.
+	rmu       sync.Mutex
+	roleHeld  bool
+	bgWake    chan struct{}
+	idleTimer *time.Timer
+	// the idle timer is armed at most once at a time; lastRelease (UnixNano) moves its
+	// deadline without touching the timer on every request
+	idleArmed   atomic.Bool
+	lastRelease atomic.Int64
+	delivered   atomic.Uint64
 }
+
+// idleReadDelay: how long the connection may go without a reader after a request returned,
+// before the background reader takes over (Events wait at most this long meanwhile).
+const idleReadDelay = time.Millisecond
 
 type result struct {
 	payload []byte
@@ -85,7 +98,9 @@ func NewClient(path string, opts ...Option) (*Client, error) {
 		nc.Close()
 		return nil, fmt.Errorf("%w: %s belongs to a process of uid %d", ErrUntrustedServer, path, uid)
 	}
-	cl := &Client{cfg: cfg, pending: map[uint64]chan result{}}
+	cl := &Client{cfg: cfg, pending: map[uint64]chan result{}, bgWake: make(chan struct{}, 1)}
+	cl.idleTimer = time.AfterFunc(time.Hour, cl.idleCheck)
+	cl.idleTimer.Stop()
 	cl.c = newConn(nc, &cl.cfg, false, nil)
 	cl.c.onRequest = func(rid uint64, _ []byte, l *lease) {
 		cl.c.releaseLease(l)
@@ -94,11 +109,13 @@ func NewClient(path string, opts ...Option) (*Client, error) {
 	cl.c.onResponse = cl.deliver
 	cl.c.onEvent = cl.event
 	cl.c.onClose = cl.failAll
+	cl.c.needReader = cl.wakeReader
 	if err := cl.c.writeFrame(TypeEvent, 0, 0, cl.c.localHello()); err != nil {
 		cl.c.closeWith(err)
 		return nil, err
 	}
 	go cl.readLoop()
+	cl.wakeReader()
 	return cl, nil
 }
 
@@ -139,6 +156,7 @@ func peerCred(nc *net.UnixConn) (*unix.Ucred, error) {
 // unmapped on Release.
 func (cl *Client) Close() error {
 	cl.c.closeWith(fmt.Errorf("%w: closed by the client", ErrClosed))
+	cl.idleTimer.Stop()
 	return nil
 }
 
@@ -222,6 +240,9 @@ func (cl *Client) roundTrip(ctx context.Context, payload []byte, raw []byte) (re
 		}
 		return result{}, err
 	}
+	if ctx.Done() == nil && cl.takeRole() {
+		return cl.readForAnswer(id, ch, deadline, timeout)
+	}
 	var tc <-chan time.Time
 	var t *time.Timer
 	if timeout > 0 {
@@ -259,16 +280,129 @@ func (cl *Client) roundTrip(ctx context.Context, payload []byte, raw []byte) (re
 	}
 }
 
-// readLoop reads the connection until it ends.
-func (cl *Client) readLoop() {
+// readForAnswer reads the connection (holding the read role) until the answer to id is in ch.
+func (cl *Client) readForAnswer(id uint64, ch chan result, deadline time.Time, timeout time.Duration) (result, error) {
 	for {
-		err := cl.c.readOnce(time.Time{})
+		select {
+		case r := <-ch:
+			cl.releaseRole()
+			chanPool.Put(ch)
+			if r.err != nil {
+				return result{}, r.err
+			}
+			return r, nil
+		default:
+		}
+		err := cl.c.readOnce(cl.coarseDeadline(deadline))
+		if err == errReadTimeout && time.Now().Before(deadline) {
+			continue // the coarse deadline came first
+		}
 		if err == errReadTimeout {
-			continue // a frame's deadline that has not run out yet
+			cl.releaseRole()
+			cl.abandon(id, ch)
+			return result{}, &ProtocolError{Code: CodeTimeout, RequestID: id, HasID: true,
+				Message: fmt.Sprintf("no answer within %v", timeout)}
 		}
 		if err != nil {
-			cl.c.endReading(err) // closes the connection: every waiter fails
+			cl.c.endReading(err) // closes the connection: every waiter, us included, fails
+			r := <-ch
+			chanPool.Put(ch)
+			if r.err != nil {
+				return result{}, r.err
+			}
+			return r, nil
+		}
+	}
+}
+
+// coarseDeadline keeps the socket's read deadline when it falls at most a second before d,
+// so that back-to-back requests do not reset it each time (an early expiry is read again).
+func (cl *Client) coarseDeadline(d time.Time) time.Time {
+	if cur := cl.c.readDeadline; !d.IsZero() && !cur.IsZero() && !cur.After(d) && d.Sub(cur) < time.Second {
+		return cur
+	}
+	return d
+}
+
+func (cl *Client) takeRole() bool {
+	cl.rmu.Lock()
+	defer cl.rmu.Unlock()
+	if cl.roleHeld {
+		return false
+	}
+	cl.roleHeld = true
+	return true
+}
+
+// releaseRole gives up reading: to the background reader at once if requests still wait,
+// else after idleReadDelay (a request that comes sooner reads for itself).
+func (cl *Client) releaseRole() {
+	cl.rmu.Lock()
+	cl.roleHeld = false
+	cl.rmu.Unlock()
+	cl.mu.Lock()
+	waiting := len(cl.pending)
+	cl.mu.Unlock()
+	if waiting > 0 {
+		cl.wakeReader()
+		return
+	}
+	cl.lastRelease.Store(time.Now().UnixNano())
+	if cl.idleArmed.CompareAndSwap(false, true) {
+		cl.idleTimer.Reset(idleReadDelay)
+	}
+}
+
+// idleCheck runs idleReadDelay after the idle timer was armed: it wakes the background reader
+// if no request took the role since the last release, or waits out the rest of the delay.
+func (cl *Client) idleCheck() {
+	since := time.Duration(time.Now().UnixNano() - cl.lastRelease.Load())
+	if since < idleReadDelay {
+		cl.idleTimer.Reset(idleReadDelay - since)
+		return
+	}
+	cl.idleArmed.Store(false)
+	cl.wakeReader()
+}
+
+func (cl *Client) wakeReader() {
+	select {
+	case cl.bgWake <- struct{}{}:
+	default:
+	}
+}
+
+// readLoop is the background reader: woken when nobody reads, it reads until it has
+// delivered an answer and no request waits any more.
+func (cl *Client) readLoop() {
+	for {
+		select {
+		case <-cl.bgWake:
+		case <-cl.c.closed:
 			return
+		}
+		if !cl.takeRole() {
+			continue
+		}
+		start := cl.delivered.Load()
+		for {
+			err := cl.c.readOnce(time.Time{})
+			if err == errReadTimeout {
+				continue
+			}
+			if err != nil {
+				cl.c.endReading(err)
+				return
+			}
+			if cl.delivered.Load() != start {
+				cl.mu.Lock()
+				waiting := len(cl.pending)
+				cl.mu.Unlock()
+				if waiting == 0 {
+					cl.releaseRole()
+					break
+				}
+			}
 		}
 	}
 }
@@ -311,6 +445,7 @@ func (cl *Client) deliver(rid uint64, payload []byte, l *lease, err error) {
 		payload = append([]byte(nil), payload...)
 	}
 	ch <- result{payload: payload, l: l, err: err}
+	cl.delivered.Add(1)
 }
 
 func (cl *Client) failAll(err error) {
@@ -333,10 +468,11 @@ func (cl *Client) SendEvent(payload []byte) error {
 }
 
 // OnEvent sets the function called for each Event the server sends, in arrival order, on
-// the client's reading goroutine: keep it short, Events and answers wait meanwhile, and do
-// not wait in it for an answer (start a goroutine to Send). Events that arrive before an
-// answer have been delivered when that answer returns. The payload is valid only during the
-// call: copy what you keep. nil removes the handler.
+// whichever goroutine reads the connection at that moment (a background one, or a Send
+// waiting for its answer): keep it short, Events and answers wait meanwhile. Events that
+// arrive before an answer have been delivered when that answer returns; while no request is
+// in flight, an Event waits at most about a millisecond for a reader. The
+// payload is valid only during the call: copy what you keep. nil removes the handler.
 func (cl *Client) OnEvent(fn func(payload []byte)) {
 	if fn == nil {
 		cl.onEvent.Store(nil)
