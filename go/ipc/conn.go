@@ -87,7 +87,7 @@ func newConn(nc *net.UnixConn, cfg *config, isServer bool, totals *shmTotals) *c
 // recvmsg is the body of one raw read: false (wait for the socket) when nothing is there.
 func (c *conn) recvmsg(fd uintptr) bool {
 	for {
-		c.rmsg.Controllen = uint64(len(c.oob))
+		c.rmsg.SetControllen(len(c.oob))
 		n, _, errno := unix.Syscall(unix.SYS_RECVMSG, fd, uintptr(unsafe.Pointer(&c.rmsg)), unix.MSG_CMSG_CLOEXEC)
 		switch errno {
 		case 0:
@@ -109,7 +109,7 @@ func (c *conn) readMsg(space []byte) (n, oobn int, err error) {
 	c.riov.Base = &space[0] // Space is never empty
 	c.riov.SetLen(len(space))
 	c.rmsg.Iov = &c.riov
-	c.rmsg.Iovlen = 1
+	c.rmsg.SetIovlen(1)
 	c.rmsg.Control = &c.oob[0]
 	c.rn, c.roobn, c.rerr = 0, 0, nil
 	err = c.rawc.Read(c.readFn)
