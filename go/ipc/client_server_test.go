@@ -381,3 +381,34 @@ func TestEchoOfASliceGoesBackWithoutACopy(t *testing.T) {
 		return len(c.c.shm.own) == 1
 	})
 }
+
+// An Event pushed while no request is in flight reaches the client both after an isolated
+// request and after a stretch of back-to-back ones (when the idle timer has switched to its
+// longer recheck): the background reader must take over in both cases. (Whether a broken
+// recheck shows depends on where the last request falls against the timer, so several
+// bursts give it several chances.)
+func TestEventWhileIdle(t *testing.T) {
+	s, path := startServer(t, echoHandler)
+	c := dial(t, path)
+	got := make(chan string, 8)
+	c.OnEvent(func(p []byte) { got <- string(p) })
+	for _, burst := range []int{1, 3000, 1, 700, 2000} {
+		for i := 0; i < burst; i++ {
+			if _, err := c.Send(pattern(64)); err != nil {
+				t.Fatal(err)
+			}
+		}
+		want := fmt.Sprintf("after %d", burst)
+		if n := s.Broadcast([]byte(want)); n != 1 {
+			t.Fatalf("Broadcast reached %d", n)
+		}
+		select {
+		case ev := <-got:
+			if ev != want {
+				t.Fatalf("got Event %q, want %q", ev, want)
+			}
+		case <-time.After(5 * time.Second):
+			t.Fatalf("the Event pushed after %d requests never reached the idle client", burst)
+		}
+	}
+}

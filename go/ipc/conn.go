@@ -8,7 +8,9 @@ import (
 	"net"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 )
@@ -36,8 +38,16 @@ type conn struct {
 	eventIDSeq   atomic.Uint64
 
 	// reading state, owned by whichever goroutine reads (readOnce)
-	fds           []int // received descriptors not yet claimed, oldest first
-	oob           []byte
+	fds []int // received descriptors not yet claimed, oldest first
+	oob []byte
+	// the read itself: recvmsg straight on the socket (no sockaddr, no allocation), through
+	// a closure made once
+	rawc          syscall.RawConn
+	readFn        func(fd uintptr) bool
+	rmsg          unix.Msghdr // kept here, so that a read allocates nothing
+	riov          unix.Iovec
+	rn, roobn     int
+	rerr          error
 	frameDeadline time.Time // when the frame in progress must be complete
 	readDeadline  time.Time // what the socket's read deadline is set to
 
@@ -68,7 +78,46 @@ func newConn(nc *net.UnixConn, cfg *config, isServer bool, totals *shmTotals) *c
 	c := &conn{nc: nc, cfg: cfg, isServer: isServer, dec: NewDecoder(cfg.maxPayload),
 		shm:       newShmState(features, cfg.shmReceiveBytes, cfg.shmReceiveSegments, cfg.shmPoolBytes, totals),
 		helloDone: make(chan struct{}), closed: make(chan struct{})}
+	c.oob = make([]byte, unix.CmsgSpace(4*maxWaitingFDs))
+	c.rawc, _ = nc.SyscallConn() // fails only for a nil conn
+	c.readFn = c.recvmsg
 	return c
+}
+
+// recvmsg is the body of one raw read: false (wait for the socket) when nothing is there.
+func (c *conn) recvmsg(fd uintptr) bool {
+	for {
+		c.rmsg.SetControllen(len(c.oob))
+		n, _, errno := unix.Syscall(unix.SYS_RECVMSG, fd, uintptr(unsafe.Pointer(&c.rmsg)), unix.MSG_CMSG_CLOEXEC)
+		switch errno {
+		case 0:
+			c.rn, c.roobn, c.rerr = int(n), int(c.rmsg.Controllen), nil
+		case unix.EINTR:
+			continue
+		case unix.EAGAIN:
+			return false
+		default:
+			c.rn, c.roobn, c.rerr = 0, 0, errno
+		}
+		return true
+	}
+}
+
+// readMsg reads into space (and the control buffer c.oob), waiting for the socket up to its
+// read deadline.
+func (c *conn) readMsg(space []byte) (n, oobn int, err error) {
+	c.riov.Base = &space[0] // Space is never empty
+	c.riov.SetLen(len(space))
+	c.rmsg.Iov = &c.riov
+	c.rmsg.SetIovlen(1)
+	c.rmsg.Control = &c.oob[0]
+	c.rn, c.roobn, c.rerr = 0, 0, nil
+	err = c.rawc.Read(c.readFn)
+	c.riov.Base = nil // keep no reference to the buffer
+	if err != nil {
+		return 0, 0, err
+	}
+	return c.rn, c.roobn, c.rerr
 }
 
 func (c *conn) localHello() []byte {
@@ -445,11 +494,7 @@ func (c *conn) readOnce(deadline time.Time) error {
 		c.nc.SetReadDeadline(eff)
 		c.readDeadline = eff
 	}
-	if c.oob == nil {
-		c.oob = make([]byte, unix.CmsgSpace(4*maxWaitingFDs))
-	}
-	space := c.dec.Space()
-	n, oobn, _, _, rerr := c.nc.ReadMsgUnix(space, c.oob)
+	n, oobn, rerr := c.readMsg(c.dec.Space())
 	if oobn > 0 {
 		c.takeFDs(c.oob[:oobn])
 	}

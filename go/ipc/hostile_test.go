@@ -236,6 +236,26 @@ func TestHostileTooManyDescriptors(t *testing.T) {
 	fdsBackNear(t, base)
 }
 
+// One message carrying more descriptors than the control buffer holds (MSG_CTRUNC): the
+// kernel drops what does not fit, we close what arrived, and the connection still serves.
+func TestHostileDescriptorsOverflowControlBuffer(t *testing.T) {
+	_, path, base := hostileServer(t)
+	p := rawDial(t, path)
+	fds := make([]int, 250) // SCM_MAX_FD is 253
+	for i := range fds {
+		fds[i] = sealedMemfd(t, 4096, nil, 0)
+	}
+	p.writeFD(EncodeFrame(TypeEvent, 0, 1, []byte("e")), fds...)
+	for _, fd := range fds {
+		unix.Close(fd)
+	}
+	p.write(EncodeFrame(TypeRequest, 0, 2, []byte("ok")))
+	p.expectEcho(2, []byte("ok"))
+	fdsBackNear(t, base+1) // the raw connection itself is still open
+	p.nc.Close()
+	fdsBackNear(t, base)
+}
+
 func TestHostilePeerDiesMidFrame(t *testing.T) {
 	s, path, base := hostileServer(t)
 	// a large frame's header and part of its payload: the server reserves its length
