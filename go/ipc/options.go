@@ -125,7 +125,7 @@ func WithAllowedGIDs(gids ...uint32) Option {
 // the kernel wakes it directly: one OS thread per idle connection (WithMaxConnections bounds
 // them; the runtime allows 10,000 threads). Off, connections wait in the runtime's netpoller
 // and an idle one costs no thread. Without this option a server reads blocking when
-// GOMAXPROCS is 1 (as under a one-CPU affinity mask), where it measured 2.5-5 us shorter per
+// GOMAXPROCS is 1 (as under a one-CPU affinity mask), where it measured 1-4 us shorter per
 // 64-byte round trip, and through the netpoller otherwise, where blocking reads measured no
 // faster and sometimes slower (the idle P's spinning thread). Clients ignore it.
 func WithBlockingReads(on bool) Option {
