@@ -50,6 +50,12 @@ type conn struct {
 	rerr          error
 	frameDeadline time.Time // when the frame in progress must be complete
 	readDeadline  time.Time // what the socket's read deadline is set to
+	// rfd, when not -1, is a descriptor of our own for the same socket, in blocking mode:
+	// the reader waits in recvmsg itself (the kernel wakes it, no netpoller), its deadlines
+	// through SO_RCVTIMEO. Only the reading goroutine closes it, when reading ends, so its
+	// number cannot be reused under a read. closeWith wakes it with shutdown(2).
+	rfd      int
+	blocking bool // rfd was made (set before any goroutine uses the connection, never changed)
 
 	// needReader, if set, is called before a sender waits for something only a reader
 	// sees (the peer's hello, a segment's release).
@@ -77,7 +83,7 @@ func newConn(nc *net.UnixConn, cfg *config, isServer bool, totals *shmTotals) *c
 	}
 	c := &conn{nc: nc, cfg: cfg, isServer: isServer, dec: NewDecoder(cfg.maxPayload),
 		shm:       newShmState(features, cfg.shmReceiveBytes, cfg.shmReceiveSegments, cfg.shmPoolBytes, totals),
-		helloDone: make(chan struct{}), closed: make(chan struct{})}
+		helloDone: make(chan struct{}), closed: make(chan struct{}), rfd: -1}
 	c.oob = make([]byte, unix.CmsgSpace(4*maxWaitingFDs))
 	c.rawc, _ = nc.SyscallConn() // fails only for a nil conn
 	c.readFn = c.recvmsg
@@ -103,6 +109,54 @@ func (c *conn) recvmsg(fd uintptr) bool {
 	}
 }
 
+// useBlockingReads switches the connection to blocking reads: it makes c.rfd, a duplicate
+// of the socket, and puts the socket (the open file both share) in blocking mode. Writes
+// through nc then block in the kernel too: SO_SNDTIMEO bounds them by the send timeout
+// (after which the write deadline, already past, cuts the peer), and closeWith shuts the
+// socket down first, which wakes any of them.
+func (c *conn) useBlockingReads() error {
+	var derr error
+	err := c.rawc.Control(func(fd uintptr) {
+		nfd, err := unix.FcntlInt(fd, unix.F_DUPFD_CLOEXEC, 0)
+		if err != nil {
+			derr = err
+			return
+		}
+		if c.cfg.sendTimeout > 0 {
+			tv := unix.NsecToTimeval(c.cfg.sendTimeout.Nanoseconds())
+			if err := unix.SetsockoptTimeval(nfd, unix.SOL_SOCKET, unix.SO_SNDTIMEO, &tv); err != nil {
+				unix.Close(nfd)
+				derr = err
+				return
+			}
+		}
+		if err := unix.SetNonblock(nfd, false); err != nil {
+			unix.Close(nfd)
+			derr = err
+			return
+		}
+		c.rfd, c.blocking = nfd, true
+	})
+	if err != nil {
+		return err
+	}
+	return derr
+}
+
+// setRecvTimeout sets SO_RCVTIMEO on c.rfd to what is left until deadline (zero: none).
+// It returns false when the deadline has already passed.
+func (c *conn) setRecvTimeout(deadline time.Time) bool {
+	var tv unix.Timeval
+	if !deadline.IsZero() {
+		left := time.Until(deadline)
+		if left <= 0 {
+			return false
+		}
+		tv = unix.NsecToTimeval(left.Nanoseconds() + int64(time.Microsecond-1)) // never 0 (= forever)
+	}
+	return unix.SetsockoptTimeval(c.rfd, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &tv) == nil
+}
+
 // readMsg reads into space (and the control buffer c.oob), waiting for the socket up to its
 // read deadline.
 func (c *conn) readMsg(space []byte) (n, oobn int, err error) {
@@ -111,6 +165,28 @@ func (c *conn) readMsg(space []byte) (n, oobn int, err error) {
 	c.rmsg.Iov = &c.riov
 	c.rmsg.SetIovlen(1)
 	c.rmsg.Control = &c.oob[0]
+	if c.rfd >= 0 {
+		// a blocking recvmsg: unix.Syscall (not RawSyscall), so that the runtime hands this
+		// thread's P to other goroutines while the kernel holds us
+		for {
+			c.rmsg.SetControllen(len(c.oob))
+			r, _, errno := unix.Syscall(unix.SYS_RECVMSG, uintptr(c.rfd), uintptr(unsafe.Pointer(&c.rmsg)), unix.MSG_CMSG_CLOEXEC)
+			if errno == unix.EINTR {
+				// a signal (the runtime's preemption): SO_RCVTIMEO started over, so set
+				// what is left of the deadline again
+				if !c.readDeadline.IsZero() && !c.setRecvTimeout(c.readDeadline) {
+					c.riov.Base = nil
+					return 0, 0, unix.EAGAIN
+				}
+				continue
+			}
+			c.riov.Base = nil
+			if errno != 0 {
+				return 0, 0, errno // EAGAIN: SO_RCVTIMEO ran out (a net.Error whose Timeout() is true)
+			}
+			return int(r), int(c.rmsg.Controllen), nil
+		}
+	}
 	c.rn, c.roobn, c.rerr = 0, 0, nil
 	err = c.rawc.Read(c.readFn)
 	c.riov.Base = nil // keep no reference to the buffer
@@ -131,6 +207,10 @@ func (c *conn) closeWith(err error) {
 	c.closeOnce.Do(func() {
 		c.closeErr = err
 		close(c.closed)
+		if c.blocking {
+			// wake a blocked read and blocked writes (nc.Close would wait for those)
+			c.rawc.Control(func(fd uintptr) { unix.Shutdown(int(fd), unix.SHUT_RDWR) })
+		}
 		c.nc.Close()
 		c.helloOnce.Do(func() { close(c.helloDone) })
 		c.shm.closeAll()
@@ -474,6 +554,10 @@ func (c *conn) endReading(err error) {
 		unix.Close(fd)
 	}
 	c.fds = nil
+	if c.rfd >= 0 {
+		unix.Close(c.rfd)
+		c.rfd = -1
+	}
 	if c.onReadEnd != nil {
 		c.onReadEnd(err)
 	} else {
@@ -490,11 +574,24 @@ func (c *conn) readOnce(deadline time.Time) error {
 	if !c.frameDeadline.IsZero() && (eff.IsZero() || c.frameDeadline.Before(eff)) {
 		eff = c.frameDeadline
 	}
-	if !eff.Equal(c.readDeadline) {
-		c.nc.SetReadDeadline(eff)
-		c.readDeadline = eff
+	var n, oobn int
+	var rerr error
+	switch {
+	case c.rfd < 0:
+		if !eff.Equal(c.readDeadline) {
+			c.nc.SetReadDeadline(eff)
+			c.readDeadline = eff
+		}
+	case eff.IsZero() && c.readDeadline.IsZero():
+		// no timeout set, none wanted: nothing to do (the usual case of a server between frames)
+	case !c.setRecvTimeout(eff):
+		rerr = unix.EAGAIN // the deadline has passed
+	default:
+		c.readDeadline = eff // SO_RCVTIMEO is relative: set again before each read while eff is not zero
 	}
-	n, oobn, rerr := c.readMsg(c.dec.Space())
+	if rerr == nil {
+		n, oobn, rerr = c.readMsg(c.dec.Space())
+	}
 	if oobn > 0 {
 		c.takeFDs(c.oob[:oobn])
 	}
@@ -518,6 +615,9 @@ func (c *conn) readOnce(deadline time.Time) error {
 	}
 	if rerr == nil && (n > 0 || oobn > 0) {
 		return nil
+	}
+	if err := c.err(); err != nil && c.blocking {
+		return err // closeWith's shutdown(2) woke the read
 	}
 	switch {
 	case rerr == nil || errors.Is(rerr, io.EOF):

@@ -7,6 +7,7 @@ import (
 	"log"
 	"net"
 	"os"
+	"runtime"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -243,6 +244,11 @@ func (s *Server) accept(nc *net.UnixConn) {
 	}
 	sc := &Conn{s: s, queue: make(chan request, 1024), done: make(chan struct{})}
 	sc.c = newConn(nc, &s.cfg, true, s.totals)
+	if s.cfg.blockingReads > 0 || s.cfg.blockingReads == 0 && runtime.GOMAXPROCS(0) == 1 {
+		if err := sc.c.useBlockingReads(); err != nil {
+			log.Printf("hintens: blocking reads unavailable, the connection waits in the netpoller: %v", err)
+		}
+	}
 	ctx, cancel := context.WithCancel(context.Background())
 	sc.ctx, sc.cancel = context.WithValue(ctx, connKey{}, sc), cancel
 	s.conns[sc] = struct{}{}
