@@ -782,7 +782,7 @@ impl Conn {
     }
 
     /// As [`Conn::send_blocking`]; `timeout` is what a timeout error reports.
-    fn send_blocking_t(
+    pub(crate) fn send_blocking_t(
         &self,
         mtype: u8,
         rid: u64,
@@ -1101,7 +1101,7 @@ impl Conn {
 
     /// As [`Conn::wait_sync`]; `now`, when given, is a clock reading the caller just made,
     /// used instead of reading the clock again on the first round.
-    fn wait_sync_at(
+    pub(crate) fn wait_sync_at(
         &self,
         deadline: Instant,
         mut now_hint: Option<Instant>,
