@@ -98,7 +98,34 @@ struct OwnSeg {
     introduced: bool,
 }
 
-type Pending = oneshot::Sender<Result<Payload, Error>>;
+/// Where a request's answer goes: a channel (async callers), or a slot in the table itself
+/// that a blocking caller looks at (no allocation, no channel per request).
+enum Pending {
+    Chan(oneshot::Sender<Result<Payload, Error>>),
+    Slot(Option<Result<Payload, Error>>),
+}
+
+/// Hashes a request id to itself. The ids in `pending` are ours (a counter), so there is no
+/// flooding to defend against, and SipHash cost more than the rest of the lookup on the 64 B
+/// round trip; an id the peer names in an answer is only looked up.
+#[derive(Default, Clone, Copy)]
+struct IdHasher(u64);
+
+impl std::hash::Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 << 8) | b as u64;
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+type IdMap<V> = HashMap<u64, V, std::hash::BuildHasherDefault<IdHasher>>;
 
 #[derive(Default)]
 struct State {
@@ -108,7 +135,7 @@ struct State {
     next_segment_id: u32,
     mapped: HashMap<u32, Arc<PeerMapping>>,
     mapped_sizes: HashMap<u32, u64>,
-    pending: HashMap<u64, Pending>,
+    pending: IdMap<Pending>,
     closed: Option<String>,
 }
 
@@ -124,7 +151,8 @@ enum Io {
 /// processes frames on its own thread, and wakes the others (leader/follower).
 struct ReadState {
     /// The decoder and the descriptors waiting, lent to the leader while it reads.
-    dec: Option<(FrameDecoder, VecDeque<OwnedFd>)>,
+    /// Boxed so that handing it to the leader and back moves a pointer, not the structs.
+    dec: Option<Box<(FrameDecoder, VecDeque<OwnedFd>)>>,
     frame_started: Option<Instant>,
     leader: bool,
     dead: bool,
@@ -246,7 +274,7 @@ impl Conn {
         let dec = FrameDecoder::new(limits.max_payload).with_budget(budget.clone());
         let sync = SyncRead {
             rs: Mutex::new(ReadState {
-                dec: Some((dec, VecDeque::new())),
+                dec: Some(Box::new((dec, VecDeque::new()))),
                 frame_started: None,
                 leader: false,
                 dead: false,
@@ -491,6 +519,18 @@ impl Conn {
         deadline: Instant,
     ) -> Result<(), Error> {
         let timeout = deadline.saturating_duration_since(Instant::now());
+        self.write_all_blocking_t(bufs, fd, deadline, timeout)
+    }
+
+    /// As [`Conn::write_all_blocking`], for a caller that knows the timeout the deadline came
+    /// from (no clock read unless the socket is full).
+    fn write_all_blocking_t(
+        &self,
+        bufs: &[&[u8]],
+        fd: Option<RawFd>,
+        deadline: Instant,
+        timeout: Duration,
+    ) -> Result<(), Error> {
         let _w = self.swlock.lock().unwrap();
         let (mut idx, mut off, mut fd) = (0usize, 0usize, fd);
         while idx < bufs.len() {
@@ -545,7 +585,7 @@ impl Conn {
         if let Some(why) = &st.closed {
             return Err(Error::Closed(why.clone()));
         }
-        st.pending.insert(rid, tx);
+        st.pending.insert(rid, Pending::Chan(tx));
         Ok((rid, rx))
     }
 
@@ -556,8 +596,54 @@ impl Conn {
         if let Some(why) = &st.closed {
             return Err(Error::Closed(why.clone()));
         }
-        st.pending.insert(rid, tx);
+        st.pending.insert(rid, Pending::Chan(tx));
         Ok(rx)
+    }
+
+    /// Registers a request whose answer a blocking caller takes from its slot
+    /// ([`Conn::take_answer`]).
+    fn register_slot(&self) -> Result<u64, Error> {
+        let rid = self.next_request_id.fetch_add(1, Ordering::Relaxed);
+        let mut st = self.st.lock().unwrap();
+        if let Some(why) = &st.closed {
+            return Err(Error::Closed(why.clone()));
+        }
+        st.pending.insert(rid, Pending::Slot(None));
+        Ok(rid)
+    }
+
+    /// The answer in request `rid`'s slot, if it has come (its entry is then removed), or the
+    /// connection's end if the entry is gone (`finish` took it).
+    fn take_answer(&self, rid: u64) -> Option<Result<Payload, Error>> {
+        let mut st = self.st.lock().unwrap();
+        match st.pending.get_mut(&rid) {
+            Some(Pending::Slot(s)) => {
+                let r = s.take()?;
+                st.pending.remove(&rid);
+                Some(r)
+            }
+            Some(Pending::Chan(_)) => None,
+            None => Some(Err(Error::Closed(
+                st.closed.clone().unwrap_or_else(|| "closed".into()),
+            ))),
+        }
+    }
+
+    /// Hands an answer to request `rid`'s waiter (an answer to an id not pending is dropped).
+    fn deliver(&self, rid: u64, res: Result<Payload, Error>) {
+        let mut st = self.st.lock().unwrap();
+        match st.pending.get_mut(&rid) {
+            // A second answer to the same id is dropped (the first one stands).
+            Some(Pending::Slot(s)) if s.is_none() => *s = Some(res),
+            Some(Pending::Slot(_)) => {}
+            Some(Pending::Chan(_)) => {
+                if let Some(Pending::Chan(tx)) = st.pending.remove(&rid) {
+                    drop(st);
+                    let _ = tx.send(res);
+                }
+            }
+            None => {}
+        }
     }
 
     pub(crate) fn unregister(&self, rid: u64) {
@@ -691,6 +777,19 @@ impl Conn {
         body: Body<'_>,
         deadline: Instant,
     ) -> Result<(), Error> {
+        let timeout = deadline.saturating_duration_since(Instant::now());
+        self.send_blocking_t(mtype, rid, body, deadline, timeout)
+    }
+
+    /// As [`Conn::send_blocking`]; `timeout` is what a timeout error reports.
+    pub(crate) fn send_blocking_t(
+        &self,
+        mtype: u8,
+        rid: u64,
+        body: Body<'_>,
+        deadline: Instant,
+        timeout: Duration,
+    ) -> Result<(), Error> {
         // Hand-backs and refusals queued before this frame leave before it, as they do on an
         // async connection.
         self.wait_queue_flushed(deadline);
@@ -701,7 +800,7 @@ impl Conn {
         };
         let frame = |flags: u16, p: &[u8]| {
             let h = wire::header_for(mtype, flags, rid, p);
-            self.write_all_blocking(&[&h, p], None, deadline)
+            self.write_all_blocking_t(&[&h, p], None, deadline, timeout)
         };
         match self.plan(&body, hello)? {
             Plan::PeerEcho(d) => {
@@ -731,10 +830,11 @@ impl Conn {
                     }
                 };
                 let (h, dp) = self.shm_frame(mtype, rid, &seg, new, data);
-                let res = self.write_all_blocking(
+                let res = self.write_all_blocking_t(
                     &[&h, &dp],
                     if new { Some(seg.raw_fd()) } else { None },
                     deadline,
+                    timeout,
                 );
                 if res.is_ok() {
                     self.shm_written(&seg, new);
@@ -995,7 +1095,18 @@ impl Conn {
     /// a wake-up cannot be missed) or `deadline`. While no other thread reads, this one leads:
     /// it reads the socket and processes frames itself, so an answer is read on the thread
     /// that waits for it. Returns `done()`'s last value.
-    pub(crate) fn wait_sync(&self, deadline: Instant, mut done: impl FnMut() -> bool) -> bool {
+    pub(crate) fn wait_sync(&self, deadline: Instant, done: impl FnMut() -> bool) -> bool {
+        self.wait_sync_at(deadline, None, done)
+    }
+
+    /// As [`Conn::wait_sync`]; `now`, when given, is a clock reading the caller just made,
+    /// used instead of reading the clock again on the first round.
+    pub(crate) fn wait_sync_at(
+        &self,
+        deadline: Instant,
+        mut now_hint: Option<Instant>,
+        mut done: impl FnMut() -> bool,
+    ) -> bool {
         let sr = self.sync.as_ref().expect("a blocking connection");
         let mut rs = sr.rs.lock().unwrap();
         loop {
@@ -1005,7 +1116,7 @@ impl Conn {
             if rs.dead {
                 return false;
             }
-            let now = Instant::now();
+            let now = now_hint.take().unwrap_or_else(Instant::now);
             if now >= deadline {
                 return false;
             }
@@ -1054,19 +1165,20 @@ impl Conn {
     #[allow(clippy::type_complexity)]
     fn lead_once(
         self: &Arc<Self>,
-        (mut dec, mut fds): (FrameDecoder, VecDeque<OwnedFd>),
+        mut state: Box<(FrameDecoder, VecDeque<OwnedFd>)>,
         mut started: Option<Instant>,
         drain: bool,
         set_timeo_to: Option<Duration>,
     ) -> (
-        (FrameDecoder, VecDeque<OwnedFd>),
+        Box<(FrameDecoder, VecDeque<OwnedFd>)>,
         Option<Instant>,
         Option<(String, bool)>,
     ) {
         let sr = self.sync.as_ref().expect("a blocking connection");
+        let (dec, fds) = &mut *state;
         let end = 'end: {
             if drain {
-                if let Err(why) = self.drain_now(&mut dec, &mut fds, &sr.dispatch) {
+                if let Err(why) = self.drain_now(dec, fds, &sr.dispatch) {
                     break 'end Some((why, false));
                 }
                 sr.dispatch.drained(self);
@@ -1081,14 +1193,14 @@ impl Conn {
                 let _ = set_timeo(self.raw_fd(), libc::SO_RCVTIMEO, t);
             }
             let (ptr, room) = dec.spare();
-            match recvmsg(self.raw_fd(), ptr, room, &mut fds, 0) {
+            match recvmsg(self.raw_fd(), ptr, room, fds, 0) {
                 Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) => None,
                 Err(e) => Some((format!("read failed: {e}"), false)),
                 Ok(0) => Some(("the peer closed the connection".to_string(), false)),
                 Ok(n) => {
                     // SAFETY: recvmsg wrote n <= room bytes there.
                     unsafe { dec.commit(n) };
-                    self.process(&mut dec, &mut fds, &sr.dispatch).err()
+                    self.process(dec, fds, &sr.dispatch).err()
                 }
             }
         };
@@ -1100,7 +1212,7 @@ impl Conn {
                 fds.clear();
             }
         }
-        ((dec, fds), started, end)
+        (state, started, end)
     }
 
     /// A request on a blocking connection: written and answered on the calling thread.
@@ -1109,41 +1221,28 @@ impl Conn {
         payload: &[u8],
         timeout: Duration,
     ) -> Result<Payload, Error> {
-        let deadline = Instant::now() + timeout;
-        let (rid, mut rx) = self.register()?;
+        // The one clock read of the request while nothing blocks.
+        let now = Instant::now();
+        let deadline = now + timeout;
+        let rid = self.register_slot()?;
         let res = self
-            .send_blocking(REQUEST, rid, Body::Bytes(payload), deadline)
+            .send_blocking_t(REQUEST, rid, Body::Bytes(payload), deadline, timeout)
             .map_err(|e| match e {
                 Error::Timeout(_) => Error::Timeout(timeout),
                 e => e,
             })
-            .and_then(|()| self.wait_answer_blocking(&mut rx, deadline, timeout));
+            .and_then(|()| {
+                let mut out = None;
+                self.wait_sync_at(deadline, Some(now), || {
+                    out = self.take_answer(rid);
+                    out.is_some()
+                });
+                out.unwrap_or(Err(Error::Timeout(timeout)))
+            });
         if res.is_err() {
             self.unregister(rid);
         }
         res
-    }
-
-    /// Waits (leading the reads while no other thread does) for the answer `rx` will carry.
-    pub(crate) fn wait_answer_blocking(
-        self: &Arc<Self>,
-        rx: &mut oneshot::Receiver<Result<Payload, Error>>,
-        deadline: Instant,
-        timeout: Duration,
-    ) -> Result<Payload, Error> {
-        let mut out = None;
-        self.wait_sync(deadline, || match rx.try_recv() {
-            Ok(r) => {
-                out = Some(r);
-                true
-            }
-            Err(oneshot::error::TryRecvError::Closed) => {
-                out = Some(Err(self.closed_error()));
-                true
-            }
-            Err(oneshot::error::TryRecvError::Empty) => false,
-        });
-        out.unwrap_or(Err(Error::Timeout(timeout)))
     }
 
     fn peer_hello_blocking(&self, deadline: Instant) -> Option<Hello> {
@@ -1218,8 +1317,11 @@ impl Conn {
         } else {
             self.shutdown();
         }
-        for (_, tx) in pending {
-            let _ = tx.send(Err(Error::Closed(why.clone())));
+        for (_, p) in pending {
+            // A slot's waiter finds its entry gone and reports the end itself.
+            if let Pending::Chan(tx) = p {
+                let _ = tx.send(Err(Error::Closed(why.clone())));
+            }
         }
         drop(own);
         drop(mapped);
@@ -1247,9 +1349,7 @@ impl Conn {
     }
 
     fn fail_pending(&self, rid: u64, err: Error) {
-        if let Some(tx) = self.st.lock().unwrap().pending.remove(&rid) {
-            let _ = tx.send(Err(err));
-        }
+        self.deliver(rid, Err(err));
     }
 
     /// Decodes and handles every whole frame buffered. `Err` ends the connection.
@@ -1330,9 +1430,7 @@ impl Conn {
             match frame.mtype {
                 REQUEST => dispatch.request(self, rid, payload),
                 RESPONSE => {
-                    if let Some(tx) = self.st.lock().unwrap().pending.remove(&rid) {
-                        let _ = tx.send(Ok(payload));
-                    }
+                    self.deliver(rid, Ok(payload));
                 }
                 wire::ERROR => {
                     let err = match wire::decode_error(&payload) {
@@ -1342,9 +1440,7 @@ impl Conn {
                             message: "malformed Error payload".into(),
                         },
                     };
-                    if let Some(tx) = self.st.lock().unwrap().pending.remove(&rid) {
-                        let _ = tx.send(Err(err));
-                    }
+                    self.deliver(rid, Err(err));
                 }
                 _ if rid == 0 => self.control(&payload),
                 _ => dispatch.event(self, payload),

@@ -679,7 +679,8 @@ fn conn_thread(conn: Arc<Conn>, shared: Arc<Shared>, handler: SyncHandlerFn, d: 
     let mut closing = false;
     loop {
         let was_closing = closing;
-        conn.wait_sync(Instant::now() + Duration::from_millis(100), || {
+        let now = Instant::now();
+        conn.wait_sync_at(now + Duration::from_millis(100), Some(now), || {
             !d.queue.lock().unwrap().is_empty()
                 || (!was_closing && !d.taking.load(Ordering::Acquire))
                 || conn.is_closed()
@@ -701,11 +702,17 @@ fn conn_thread(conn: Arc<Conn>, shared: Arc<Shared>, handler: SyncHandlerFn, d: 
                 payload,
                 peer: peer.clone(),
             });
-            let deadline = Instant::now() + shared.opts.limits.send_timeout;
+            // One clock read for the reply (the handler may have taken a while).
+            let timeout = shared.opts.limits.send_timeout;
+            let deadline = Instant::now() + timeout;
             conn.wait_queue_flushed(deadline);
             let sent = match result {
-                Ok(Reply::Bytes(b)) => conn.send_blocking(RESPONSE, rid, Body::Bytes(&b), deadline),
-                Ok(Reply::Payload(p)) => conn.send_blocking(RESPONSE, rid, Body::Echo(&p), deadline),
+                Ok(Reply::Bytes(b)) => {
+                    conn.send_blocking_t(RESPONSE, rid, Body::Bytes(&b), deadline, timeout)
+                }
+                Ok(Reply::Payload(p)) => {
+                    conn.send_blocking_t(RESPONSE, rid, Body::Echo(&p), deadline, timeout)
+                }
                 Err(e) => conn.write_all_blocking(
                     &[&wire::encode_frame(
                         ERROR,
