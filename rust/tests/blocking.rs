@@ -20,7 +20,7 @@ fn sock(tag: &str) -> PathBuf {
 
 fn wait_bound(path: &Path) {
     let t0 = Instant::now();
-    while !path.exists() {
+    while !listening(path) {
         assert!(t0.elapsed() < Duration::from_secs(5), "the server did not bind");
         std::thread::sleep(Duration::from_millis(2));
     }
@@ -283,4 +283,19 @@ fn serve_blocking_refuses_an_async_handler() {
         Ok::<Reply, HandlerError>(r.payload.into())
     });
     assert!(server.serve_blocking().is_err());
+}
+
+/// Whether a socket is listening at `path` (its /proc/net/unix line has __SO_ACCEPTCON set).
+/// A server sets the socket's mode before it listens, so this also means the mode is final;
+/// unlike a probe connect, it adds no connection the server would see.
+fn listening(path: &std::path::Path) -> bool {
+    let want = path.to_string_lossy();
+    std::fs::read_to_string("/proc/net/unix")
+        .map(|table| {
+            table.lines().skip(1).any(|line| {
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                fields.len() >= 8 && fields[7] == want && fields[3] == "00010000"
+            })
+        })
+        .unwrap_or(false)
 }

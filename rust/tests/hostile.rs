@@ -60,7 +60,7 @@ fn start_server_with(tag: &str, opts: ServerOptions) -> TestServer {
     // A blocking server's serve() runs serve_blocking on the runtime's blocking pool.
     rt.spawn(server.serve());
     let t0 = Instant::now();
-    while !path.exists() {
+    while !listening(&path) {
         assert!(t0.elapsed() < Duration::from_secs(5), "server did not bind");
         std::thread::sleep(Duration::from_millis(2));
     }
@@ -579,3 +579,18 @@ both_servers!(
     a_frame_that_stalls_past_frame_timeout_is_cut,
     connections_past_max_connections_get_unavailable,
 );
+
+/// Whether a socket is listening at `path` (its /proc/net/unix line has __SO_ACCEPTCON set).
+/// A server sets the socket's mode before it listens, so this also means the mode is final;
+/// unlike a probe connect, it adds no connection the server would see.
+fn listening(path: &std::path::Path) -> bool {
+    let want = path.to_string_lossy();
+    std::fs::read_to_string("/proc/net/unix")
+        .map(|table| {
+            table.lines().skip(1).any(|line| {
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                fields.len() >= 8 && fields[7] == want && fields[3] == "00010000"
+            })
+        })
+        .unwrap_or(false)
+}

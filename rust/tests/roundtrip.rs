@@ -35,7 +35,7 @@ async fn handler(r: Request) -> Result<Reply, HandlerError> {
 
 fn wait_bound(path: &std::path::Path) {
     let t0 = Instant::now();
-    while !path.exists() {
+    while !listening(path) {
         assert!(t0.elapsed() < Duration::from_secs(5));
         std::thread::sleep(Duration::from_millis(2));
     }
@@ -242,4 +242,19 @@ async fn shutdown_answers_what_was_sent_then_closes() {
     assert!(!path.exists());
     let e = client.send_bytes(b"after").await.unwrap_err();
     assert!(matches!(e, hintens::Error::Closed(_)), "{e}");
+}
+
+/// Whether a socket is listening at `path` (its /proc/net/unix line has __SO_ACCEPTCON set).
+/// A server sets the socket's mode before it listens, so this also means the mode is final;
+/// unlike a probe connect, it adds no connection the server would see.
+fn listening(path: &std::path::Path) -> bool {
+    let want = path.to_string_lossy();
+    std::fs::read_to_string("/proc/net/unix")
+        .map(|table| {
+            table.lines().skip(1).any(|line| {
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                fields.len() >= 8 && fields[7] == want && fields[3] == "00010000"
+            })
+        })
+        .unwrap_or(false)
 }
