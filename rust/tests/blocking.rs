@@ -2,6 +2,8 @@
 //! inline/shared-memory boundary, bincode, errors, Events both ways, many threads on one
 //! client, timeouts, a dying server, graceful shutdown, and no memfd mapping left behind.
 
+mod common;
+use common::{memfd_maps, wait_bound};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -16,22 +18,6 @@ fn sock(tag: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("hintens-rs-blk-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     dir.join(format!("{tag}.sock"))
-}
-
-fn wait_bound(path: &Path) {
-    let t0 = Instant::now();
-    while !listening(path) {
-        assert!(t0.elapsed() < Duration::from_secs(5), "the server did not bind");
-        std::thread::sleep(Duration::from_millis(2));
-    }
-}
-
-fn memfd_maps() -> usize {
-    std::fs::read_to_string("/proc/self/maps")
-        .unwrap()
-        .lines()
-        .filter(|l| l.contains("/memfd:hintens"))
-        .count()
 }
 
 fn pattern(n: usize, seed: u8) -> Vec<u8> {
@@ -283,19 +269,4 @@ fn serve_blocking_refuses_an_async_handler() {
         Ok::<Reply, HandlerError>(r.payload.into())
     });
     assert!(server.serve_blocking().is_err());
-}
-
-/// Whether a socket is listening at `path` (its /proc/net/unix line has __SO_ACCEPTCON set).
-/// A server sets the socket's mode before it listens, so this also means the mode is final;
-/// unlike a probe connect, it adds no connection the server would see.
-fn listening(path: &std::path::Path) -> bool {
-    let want = path.to_string_lossy();
-    std::fs::read_to_string("/proc/net/unix")
-        .map(|table| {
-            table.lines().skip(1).any(|line| {
-                let fields: Vec<&str> = line.split_whitespace().collect();
-                fields.len() >= 8 && fields[7] == want && fields[3] == "00010000"
-            })
-        })
-        .unwrap_or(false)
 }

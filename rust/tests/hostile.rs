@@ -1,6 +1,8 @@
 //! Hostile raw-socket peers against a real Rust server (and a client against a dying server):
 //! after each, the server still serves, and this process's descriptors are back to baseline.
 
+mod common;
+use common::listening;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
@@ -597,18 +599,3 @@ both_servers!(
     a_frame_that_stalls_past_frame_timeout_is_cut,
     connections_past_max_connections_get_unavailable,
 );
-
-/// Whether a socket is listening at `path` (its /proc/net/unix line has __SO_ACCEPTCON set).
-/// A server sets the socket's mode before it listens, so this also means the mode is final;
-/// unlike a probe connect, it adds no connection the server would see.
-fn listening(path: &std::path::Path) -> bool {
-    let want = path.to_string_lossy();
-    std::fs::read_to_string("/proc/net/unix")
-        .map(|table| {
-            table.lines().skip(1).any(|line| {
-                let fields: Vec<&str> = line.split_whitespace().collect();
-                fields.len() >= 8 && fields[7] == want && fields[3] == "00010000"
-            })
-        })
-        .unwrap_or(false)
-}

@@ -2,9 +2,11 @@
 //! memory boundary, bincode, Events both ways, errors, the blocking client, and that no memfd
 //! mapping is left once both sides are gone.
 
+mod common;
+use common::{memfd_maps, wait_bound};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use hintens::{blocking, HandlerError, IPCClient, Reply, Request, Server};
 
@@ -31,22 +33,6 @@ async fn handler(r: Request) -> Result<Reply, HandlerError> {
         }
         _ => Ok(r.payload.into()),
     }
-}
-
-fn wait_bound(path: &std::path::Path) {
-    let t0 = Instant::now();
-    while !listening(path) {
-        assert!(t0.elapsed() < Duration::from_secs(5));
-        std::thread::sleep(Duration::from_millis(2));
-    }
-}
-
-fn memfd_maps() -> usize {
-    std::fs::read_to_string("/proc/self/maps")
-        .unwrap()
-        .lines()
-        .filter(|l| l.contains("/memfd:hintens"))
-        .count()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -242,19 +228,4 @@ async fn shutdown_answers_what_was_sent_then_closes() {
     assert!(!path.exists());
     let e = client.send_bytes(b"after").await.unwrap_err();
     assert!(matches!(e, hintens::Error::Closed(_)), "{e}");
-}
-
-/// Whether a socket is listening at `path` (its /proc/net/unix line has __SO_ACCEPTCON set).
-/// A server sets the socket's mode before it listens, so this also means the mode is final;
-/// unlike a probe connect, it adds no connection the server would see.
-fn listening(path: &std::path::Path) -> bool {
-    let want = path.to_string_lossy();
-    std::fs::read_to_string("/proc/net/unix")
-        .map(|table| {
-            table.lines().skip(1).any(|line| {
-                let fields: Vec<&str> = line.split_whitespace().collect();
-                fields.len() >= 8 && fields[7] == want && fields[3] == "00010000"
-            })
-        })
-        .unwrap_or(false)
 }
