@@ -10,6 +10,7 @@ from .transport._channel import (
     SEES_VIEW_RELEASE,
     Channel,
     Mapping,
+    Ring,
     SharedRegion,
     call_with_stack_size,
 )
@@ -33,6 +34,7 @@ __all__ = [
     "FrameHeader",
     "Mapping",
     "MemoryBudget",
+    "Ring",
     "SEES_VIEW_RELEASE",
     "SharedRegion",
     "call_with_stack_size",

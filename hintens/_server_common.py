@@ -28,6 +28,7 @@ from ._errors import ConnectionClosed, encode_error_payload
 from ._stats import HANDLER_BUCKETS_S, connection_stats, handler_stats, merge_stats, public_name
 from .protocol.answers import event_writes, is_bytes_like
 from .protocol.endpoint import (
+    FEATURE_RING,
     DEFAULT_COMPRESS_THRESHOLD_BYTES,
     DEFAULT_SHM_POOL_BYTES,
     DEFAULT_SHM_RECEIVE_BYTES,
@@ -38,6 +39,7 @@ from .protocol.endpoint import (
     Endpoint,
 )
 from .protocol.lending import Write
+from .protocol.ring import DEFAULT_RING_CAPACITY, check_capacity
 from .sync.connection import Connection
 from .protocol.replay import (
     DEFAULT_REPLAY_BYTES,
@@ -47,6 +49,7 @@ from .protocol.replay import (
     ReplayMemory,
 )
 from .transport.address import Listener, accepted, is_tcp, listen, resolve
+from .transport.ring import available as ring_available
 from .transport.tls import server_stream
 from .transport.unix import PeerCredentials
 
@@ -127,7 +130,8 @@ class ServerBase:
                  send_queue_bytes: int = DEFAULT_SEND_QUEUE_BYTES,
                  slow_consumer: str = "cut",
                  ssl_context: ssl.SSLContext | None = None,
-                 allow_subjects: Iterable[str] | None = None) -> None:
+                 allow_subjects: Iterable[str] | None = None,
+                 ring: bool = False, ring_bytes: int = DEFAULT_RING_CAPACITY) -> None:
         # Every argument is checked before the socket file is made: a bad one leaves nothing
         # behind. (Subclasses check their own before calling this.)
         wanted = [path_like(one, "path") for one in path] \
@@ -152,6 +156,11 @@ class ServerBase:
         self.compress_threshold = compress_threshold
         self.max_payload = max_payload
         self.shm = shm
+        self.ring_bytes = check_capacity(count(ring_bytes, "ring_bytes"))
+        if ring and not ring_available():
+            log.warning("ring=True needs the compiled core: connections use the socket")
+        #: Rings are offered to clients that ask (Unix sockets, compiled core).
+        self.ring = ring and ring_available()
         self.writable = writable
         self.shm_threshold = shm_threshold
         self.shm_pool_bytes = shm_pool_bytes
@@ -234,12 +243,16 @@ class ServerBase:
         for listener in listeners:
             listener.close()
 
-    def _new_endpoint(self, shm: bool = True) -> Endpoint:
+    def _new_endpoint(self, shm: bool = True, ring: bool = False) -> Endpoint:
         """The protocol state of one connection, with this server's settings (``shm``
-        False: shared memory is not offered on it, as over TCP)."""
+        False: shared memory is not offered on it, as over TCP; ``ring``: the front end can
+        serve this connection through a ring, if the server offers them)."""
+        ring = ring and self.ring
         return Endpoint(max_payload=self.max_payload,
                         features=(FEATURE_SHM if self.shm and shm else 0)
-                        | (FEATURE_COMPRESSION if self.compress else 0),
+                        | (FEATURE_COMPRESSION if self.compress else 0)
+                        | (FEATURE_RING if ring else 0),
+                        ring_capacity=self.ring_bytes if ring else 0,
                         shm_threshold=self.shm_threshold, shm_pool_bytes=self.shm_pool_bytes,
                         compress_threshold=self.compress_threshold,
                         shm_receive_bytes=self.shm_receive_bytes,

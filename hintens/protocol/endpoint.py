@@ -41,6 +41,7 @@ import threading
 from typing import Any, Callable, Sequence, Union
 
 from .. import _impl
+from . import ring as _ring
 from . import shm as _shm
 from .._checks import count
 from .._constants import (
@@ -62,6 +63,7 @@ from .hello import (  # noqa: F401  (the protocol's names, importable from here 
     DEFAULT_SHM_RECEIVE_BYTES,
     DEFAULT_SHM_RECEIVE_SEGMENTS,
     FEATURE_COMPRESSION,
+    FEATURE_RING,
     FEATURE_SHM,
     HELLO_MAGIC,
     MAX_HELLO_BYTES,
@@ -115,6 +117,8 @@ class Endpoint(Lending, Sending):
             connections): ``[(MemoryBudget of bytes, what), (MemoryBudget of segments, what)]``.
         writable_lending: lend shared payloads writable (copy-on-write) when asked, which maps
             each received segment a second time, privately.
+        ring_capacity: with FEATURE_RING, as the side that creates the ring (the server): its
+            bytes per direction. 0: the side that maps the peer's (the client).
 
     Raises:
         ValueError, TypeError: a setting out of range.
@@ -127,7 +131,7 @@ class Endpoint(Lending, Sending):
                  shm_receive_bytes: int = DEFAULT_SHM_RECEIVE_BYTES,
                  shm_receive_segments: int = DEFAULT_SHM_RECEIVE_SEGMENTS,
                  shared_budgets: Sequence[tuple[Any, str]] = (),
-                 writable_lending: bool = True) -> None:
+                 writable_lending: bool = True, ring_capacity: int = 0) -> None:
         core = _impl.core
         max_payload = count(max_payload, "max_payload", minimum=MIN_MAX_PAYLOAD_BYTES,
                             maximum=MAX_FRAME_PAYLOAD_BYTES)
@@ -164,6 +168,14 @@ class Endpoint(Lending, Sending):
         self._encode_header = core.encode_header
         self._copy_shared = not core.SEES_VIEW_RELEASE   # copy out what we cannot track
         self.decoder = core.FrameDecoder(max_payload)
+        # The shared-memory ring (protocol/ring.py): what the driver must do next for it.
+        self.ring_capacity = _ring.check_capacity(ring_capacity) if ring_capacity else 0
+        #: ("offer", capacity): create a ring and send HRNG with its memfd, then write to it;
+        #: ("accept", fd, capacity): map the peer's, read from it, send HRNG, write to it;
+        #: ("read",): read from the ring. The driver takes it (sets None) and does it before
+        #: it reads again.
+        self.ring_step: tuple[Any, ...] | None = None
+        self._ring_state = 0   # 0: none yet; 1: offered (server); 2: switched (HRNG received)
         self.hello = Hello(features=features, max_payload=max_payload,
                            shm_receive_bytes=shm_receive_bytes,
                            shm_receive_segments=shm_receive_segments)
@@ -284,7 +296,12 @@ class Endpoint(Lending, Sending):
             flags = frame.flags
             if not flags:
                 if frame.type == MessageType.EVENT and frame.request_id == 0:
-                    self._control(frame.payload)
+                    if _ring.is_switch(frame.payload):
+                        violation = self._ring_switch(frame.payload, fds, frame is frames[-1])
+                        if violation is not None:
+                            items.append(violation)
+                    else:
+                        self._control(frame.payload)
                 else:
                     items.append(frame)
                 continue
@@ -373,6 +390,9 @@ class Endpoint(Lending, Sending):
                                   else _NEVER)
             if self.pool is not None:
                 self.pool.limit_to(hello.shm_receive_bytes, hello.shm_receive_segments)
+            if self.ring_capacity and self.negotiated(FEATURE_RING):
+                self.ring_step = ("offer", self.ring_capacity)
+                self._ring_state = 1
             return
         magic, ids = control
         if magic == _shm.RETIRE_MAGIC:
@@ -386,6 +406,35 @@ class Endpoint(Lending, Sending):
                     self.pool.release(segment_id)
                 else:
                     self.pool.reject(segment_id)
+
+    def _ring_switch(self, payload: Any, fds: list[int], last: bool) -> ProtocolError | None:
+        """The peer's HRNG: its last frame on the socket (protocol/ring.py). Sets
+        ``ring_step``, or returns the (fatal) violation."""
+        if not self.negotiated(FEATURE_RING):
+            return ProtocolError("an HRNG on a connection that did not negotiate the ring")
+        if not last:
+            return ProtocolError("the peer sent frames on the socket after its HRNG")
+        try:
+            capacity = _ring.decode_switch(payload)
+        except ValueError as error:
+            return ProtocolError(f"the peer's HRNG is not one: {error}")
+        if self.ring_capacity:   # the server: the client answers our offer
+            if self._ring_state != 1 or capacity != self.ring_capacity:
+                return ProtocolError("the client's HRNG answers no ring offer of ours")
+            self._ring_state = 2
+            self.ring_step = ("read",)
+            return None
+        if self._ring_state:
+            return ProtocolError("a second HRNG from the server")
+        if not fds:
+            return ProtocolError("the server's HRNG came without the ring's descriptor")
+        self._ring_state = 2
+        self.ring_step = ("accept", fds.pop(0), capacity)
+        return None
+
+    def ring_frame(self, capacity: int) -> bytes:
+        """Our HRNG, naming a ring of ``capacity`` bytes per direction."""
+        return self._encode_frame(MessageType.EVENT, _ring.encode_switch(capacity), 0)
 
     def close_shm(self) -> None:
         """The connection is over: free our segments and unmap the peer's."""

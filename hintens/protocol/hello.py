@@ -43,6 +43,8 @@ _HELLO_VALUE_SIZES = {HelloKey.MINOR: 1, HelloKey.FEATURES: 4, HelloKey.MAX_PAYL
 
 FEATURE_SHM = 0x1
 FEATURE_COMPRESSION = 0x2
+#: The shared-memory ring (PROTOCOL.md section 9b): Unix sockets between processes of one host.
+FEATURE_RING = 0x4
 
 
 # __module__ is the public name (hintens.X): help(), tracebacks and pickles show it.

@@ -35,6 +35,7 @@ from ..protocol.endpoint import (
     DEFAULT_SHM_RECEIVE_SEGMENTS,
     DEFAULT_SHM_THRESHOLD_BYTES,
     FEATURE_COMPRESSION,
+    FEATURE_RING,
     FEATURE_SHM,
     Endpoint,
     Hello,
@@ -50,6 +51,7 @@ from .._checks import (
     uids,
 )
 from ..transport.address import check_ssl_context, connect, is_tcp, resolve, server_check
+from ..transport.ring import available as ring_available
 from ..transport.unix import socket_alive
 
 if TYPE_CHECKING:
@@ -134,6 +136,10 @@ class Client(ClientSender, Generic[_R]):
         server_uids: uids whose servers this client trusts besides its own uid and root. The
             server's uid (SO_PEERCRED) is checked right after connecting, before anything is
             sent, so another local user cannot impersonate the server by binding its path.
+        ring: ask for a shared-memory ring (docs/PROTOCOL.md section 9b): toward a server
+            that offers one too, over a Unix socket, frames then travel through shared memory
+            instead of the socket, and a waiting side spins a moment before it sleeps, so a
+            busy pair makes no system calls. Needs the compiled core; ignored over TCP.
 
     Raises:
         ConnectError: no server at ``path``.
@@ -170,7 +176,7 @@ class Client(ClientSender, Generic[_R]):
                  server_uids: Iterable[int] = (),
                  shm_receive_bytes: int = DEFAULT_SHM_RECEIVE_BYTES,
                  shm_receive_segments: int = DEFAULT_SHM_RECEIVE_SEGMENTS,
-                 ssl_context: ssl.SSLContext | None = None) -> None: ...
+                 ssl_context: ssl.SSLContext | None = None, ring: bool = False) -> None: ...
 
     @overload
     def __init__(self: Client[Any], path: str | os.PathLike[str] | None = None, *,
@@ -187,7 +193,7 @@ class Client(ClientSender, Generic[_R]):
                  server_uids: Iterable[int] = (),
                  shm_receive_bytes: int = DEFAULT_SHM_RECEIVE_BYTES,
                  shm_receive_segments: int = DEFAULT_SHM_RECEIVE_SEGMENTS,
-                 ssl_context: ssl.SSLContext | None = None) -> None: ...
+                 ssl_context: ssl.SSLContext | None = None, ring: bool = False) -> None: ...
 
     def __init__(self, path: str | os.PathLike[str] | None = None, *,
                  timeout: float | None = DEFAULT_TIMEOUT_S,
@@ -203,7 +209,7 @@ class Client(ClientSender, Generic[_R]):
                  server_uids: Iterable[int] = (),
                  shm_receive_bytes: int = DEFAULT_SHM_RECEIVE_BYTES,
                  shm_receive_segments: int = DEFAULT_SHM_RECEIVE_SEGMENTS,
-                 ssl_context: ssl.SSLContext | None = None) -> None:
+                 ssl_context: ssl.SSLContext | None = None, ring: bool = False) -> None:
         checked_timeout = timeout_s(timeout, "timeout")
         connect_timeout = timeout_s(connect_timeout, "connect_timeout")
         flush_interval = non_negative_s(flush_interval, "flush_interval")
@@ -211,13 +217,15 @@ class Client(ClientSender, Generic[_R]):
         trusted = uids(server_uids, "server_uids")
         self.path = resolve(path_like(path))
         shm = shm and not is_tcp(self.path)   # no shared memory across hosts
+        ring = ring and not is_tcp(self.path) and ring_available()
         check_ssl_context(self.path, ssl_context)
         #: Default seconds a request waits for its reply, and a send for the server to take
         #: our bytes (None: for ever).
         self.timeout = checked_timeout
         endpoint = Endpoint(max_payload=max_payload,
                             features=(FEATURE_SHM if shm else 0)
-                            | (FEATURE_COMPRESSION if compress else 0),
+                            | (FEATURE_COMPRESSION if compress else 0)
+                            | (FEATURE_RING if ring else 0),
                             shm_threshold=shm_threshold, shm_pool_bytes=shm_pool_bytes,
                             compress_threshold=compress_threshold,
                             shm_receive_bytes=shm_receive_bytes,

@@ -10,14 +10,16 @@ a request, a reply or an Event means to the front end above it.
 from __future__ import annotations
 
 import collections
+import os
 import socket
 from time import monotonic
 from typing import Any, Callable, TypeVar
 
 from .. import _impl
 from .._constants import RECEIVE_BUFFER_BYTES
-from .._errors import ConnectionClosed, ProtocolError, Timeout
-from ..protocol.endpoint import Endpoint, Item, Write, take_writes
+from .._errors import ConnectionClosed, ProtocolError, ShmError, Timeout
+from ..protocol.endpoint import FEATURE_RING, Endpoint, Item, Write, take_writes
+from ..transport import ring as _ring
 from ..transport.flusher import FLUSHER
 from ..transport.unix import set_kernel_timeouts
 
@@ -83,7 +85,7 @@ class Connection:
     Args:
         sock: a connected stream socket, blocking.
         endpoint: the protocol state for this connection.
-        shm: shared memory is offered (reads then accept descriptors).
+        shm: shared memory (or a ring) is offered: reads then accept descriptors.
         stall_timeout: seconds the peer may read nothing while our bytes wait for it before
             the flusher cuts the connection (None: never).
 
@@ -100,7 +102,7 @@ class Connection:
         # A TLS stream's pending(): looked up once, not on every read of a plain socket.
         self._pending: Callable[[], bool] | None = getattr(sock, "pending", None)
         self.channel = channel = channel_class(sock, endpoint.decoder, RECEIVE_BUFFER_BYTES)
-        if shm:
+        if shm or endpoint.hello.features & FEATURE_RING:
             channel.max_fds = SHM_MAX_FDS
         channel.stall_timeout = stall_timeout or 0.0
         channel.on_queued = FLUSHER.schedule
@@ -143,19 +145,57 @@ class Connection:
                 return None
             items = self.endpoint.admit(frames, channel.fds) if frames else []
         self.drop_unclaimed()
+        if self.endpoint.ring_step is not None:
+            self._ring_step(items)
         return items
 
     def admit(self, frames: list[Any]) -> list[Item]:
         """Items for frames the channel decoded outside ``read`` (its fast paths)."""
         items = self.endpoint.admit(frames, self.channel.fds) if frames else []
         self.drop_unclaimed()
+        if self.endpoint.ring_step is not None:
+            self._ring_step(items)
         return items
 
     def after_error(self, error: ProtocolError) -> list[Item]:
         """Items around a violation a fast path of the channel raised."""
         items = self.endpoint.after_error(error, self.channel.fds)
         self.drop_unclaimed()
+        if self.endpoint.ring_step is not None:
+            self._ring_step(items)
         return items
+
+    def _ring_step(self, items: list[Item]) -> None:
+        """Do what the endpoint says the ring needs now (protocol/ring.py), before the next
+        read: offer one, map the peer's and switch, or read from it. A ring that cannot be set
+        up or mapped ends the connection: the peer's side of it is already switched.
+
+        Raises:
+            OSError: the switch frame could not be sent.
+        """
+        step, self.endpoint.ring_step = self.endpoint.ring_step, None
+        assert step is not None
+        channel, endpoint = self.channel, self.endpoint
+        try:
+            if step[0] == "offer":
+                ring, fd = _ring.create(step[1], self.sock)
+                try:
+                    channel.switch_tx(ring, endpoint.ring_frame(step[1]), fd)
+                finally:
+                    os.close(fd)
+            elif step[0] == "accept":
+                try:
+                    ring = _ring.attach(step[1], step[2], self.sock)
+                finally:
+                    os.close(step[1])
+                channel.switch_rx(ring)
+                channel.switch_tx(ring, endpoint.ring_frame(step[2]))
+            else:
+                channel.switch_rx(channel.ring)
+        except ShmError as error:
+            items.append(ProtocolError(f"the shared-memory ring could not be set up: {error}"))
+        except ProtocolError as error:
+            items.append(error)
 
     def more_buffered(self) -> bool:
         """Bytes wait above the socket (decrypted TLS records) that its descriptor will not

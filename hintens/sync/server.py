@@ -48,6 +48,7 @@ from ..protocol.endpoint import (
     DEFAULT_SHM_RECEIVE_SEGMENTS,
     DEFAULT_SHM_THRESHOLD_BYTES,
 )
+from ..protocol.ring import DEFAULT_RING_CAPACITY
 from ..protocol.replay import (
     DEFAULT_REPLAY_BYTES,
     DEFAULT_REPLAY_SESSIONS,
@@ -131,6 +132,13 @@ class Server(ServerBase):
             connection (logged); nothing is said in the clear.
         allow_subjects: with client certificates, only these certificate subjects
             (``"CN=client,O=Example"``, as ``ServerConnection.subject`` shows them) get in.
+        thread_stack_bytes: the stack of each connection's thread.
+        ring: offer a shared-memory ring (docs/PROTOCOL.md section 9b) to clients on a Unix
+            socket that ask for one (``Client(ring=True)``): their frames then travel through
+            shared memory, and a waiting side spins a moment before it sleeps on a futex.
+            Needs the compiled core (otherwise logged, and the socket is used).
+        ring_bytes: each ring's capacity per direction, a power of two from 4 KiB to 64 MiB
+            (default 256 KiB); a ring costs ``2 * ring_bytes + 4096`` bytes of shared memory.
 
     Raises:
         ServerRunningError: another server is listening on ``path``.
@@ -172,7 +180,8 @@ class Server(ServerBase):
                  slow_consumer: str = "cut",
                  ssl_context: ssl.SSLContext | None = None,
                  allow_subjects: Iterable[str] | None = None,
-                 thread_stack_bytes: int | None = DEFAULT_THREAD_STACK_BYTES) -> None:
+                 thread_stack_bytes: int | None = DEFAULT_THREAD_STACK_BYTES,
+                 ring: bool = False, ring_bytes: int = DEFAULT_RING_CAPACITY) -> None:
         self.thread_stack_bytes = None if thread_stack_bytes is None else count(
             thread_stack_bytes, "thread_stack_bytes", minimum=MIN_THREAD_STACK_BYTES,
             maximum=MAX_THREAD_STACK_BYTES)
@@ -199,7 +208,8 @@ class Server(ServerBase):
             shm_receive_total_bytes=shm_receive_total_bytes,
             shm_receive_total_segments=shm_receive_total_segments,
             send_queue_bytes=send_queue_bytes, slow_consumer=slow_consumer,
-            ssl_context=ssl_context, allow_subjects=allow_subjects)
+            ssl_context=ssl_context, allow_subjects=allow_subjects, ring=ring,
+            ring_bytes=ring_bytes)
         self._call = handler if self.codec is None else self._coded_call
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_w.setblocking(False)

@@ -58,7 +58,7 @@ class ServerConnection(Answering, Pushing):
         self.subject: str | None = None
         self.events_dropped = 0
         self._server = server
-        endpoint = server._new_endpoint(shm)
+        endpoint = server._new_endpoint(shm, ring=shm)
         endpoint.decoder.budget = server._pending_budget
         # Pushed Events left unread this long with the socket full: the flusher cuts.
         self._conn = Connection(sock, endpoint, shm=server.shm and shm,

@@ -4,7 +4,7 @@
 # kernels' contract, hintens/wire/_wire.pxd.
 
 from cpython.pythread cimport PyThread_type_lock
-from libc.stdint cimport uint32_t, uint64_t
+from libc.stdint cimport int64_t, uint32_t, uint64_t
 
 from ..wire._wire cimport FrameDecoder
 
@@ -44,6 +44,56 @@ cdef extern from "sys/socket.h" nogil:
     const int MSG_CTRUNC
 
 
+cdef extern from "_ring.h" nogil:
+    ctypedef struct hx_ring:
+        uint64_t capacity
+        uint64_t tx_tail
+        uint64_t rx_head
+        int shut
+        long long rx_spin_ns
+        uint64_t futex_waits
+        uint64_t futex_wakes
+        uint64_t spins_won
+    const unsigned int HX_RING_HEADER_BYTES
+    const unsigned int HX_RING_MIN_CAPACITY
+    const unsigned int HX_RING_MAX_CAPACITY
+    const long long HX_RING_LIVENESS_NS
+    const long long HX_RING_SPIN_MAX_NS
+    int hx_ring_max_spinners
+    enum:
+        HX_WAIT_READY
+        HX_WAIT_TIMEOUT
+        HX_WAIT_ENDED
+        HX_WAIT_SHUT
+        HX_WAIT_CORRUPT
+    long long hx_ring_now_ns()
+    void hx_ring_attach(hx_ring *r, unsigned char *base, uint64_t capacity, int creator,
+                        int sock)
+    int64_t hx_ring_readable(hx_ring *r)
+    int64_t hx_ring_writable(hx_ring *r)
+    int hx_ring_peer_closed(hx_ring *r)
+    uint64_t hx_ring_carriers(hx_ring *r)
+    size_t hx_ring_take(hx_ring *r, const iovec *iov, int iovcnt, size_t n)
+    size_t hx_ring_put(hx_ring *r, const iovec *iov, int iovcnt, size_t room)
+    void hx_ring_count_carrier(hx_ring *r)
+    void hx_ring_close_tx(hx_ring *r)
+    void hx_ring_shut(hx_ring *r)
+    int hx_ring_wait_readable(hx_ring *r, long long deadline_ns)
+    int hx_ring_wait_writable(hx_ring *r, long long deadline_ns)
+
+
+cdef class Ring:
+    # A connection's shared-memory ring, both directions (hintens/transport/_ring.pxi).
+    cdef hx_ring r                        # the C state (_ring.h): indices, mapping, counters
+    cdef unsigned char *_map              # the mapping, or NULL
+    cdef size_t _map_size                 # its length
+    cdef readonly bint creator            # we created it (we produce on direction 0)
+    cdef readonly uint64_t carriers_received  # descriptor carriers read off the socket
+    cdef list _ahead                      # [(ring offset, fd)]: carriers whose frame has not
+                                          # begun in what we read yet, oldest first
+    cdef uint64_t _last_carrier           # the ring offset the newest carrier named
+
+
 cdef class Writer:
     # The sending end (hintens/transport/_writer.pxi), and the state of the queue the Outbox
     # fills: written by whichever thread holds the send lock. The queue is only touched with
@@ -78,6 +128,8 @@ cdef class Writer:
     cdef readonly object aborted          # why abort() cut the stream, or None
     cdef public double stall_timeout      # seconds queued bytes may wait on a full socket
                                           # before the flusher aborts the channel (0: never)
+    cdef readonly Ring ring               # the shared-memory ring, once one was set up, or None
+    cdef bint _ring_tx                    # our frames go into the ring (switch_tx)
 
     cdef uint64_t _send(self, object buffers, object fds=*) except? 0
     cdef int _schedule(self) except -1
@@ -93,6 +145,8 @@ cdef class Writer:
                        bint quick=*) except -1
     cdef int _write_all(self, iovec *iov, Py_ssize_t first, Py_ssize_t count, object fds,
                         Py_ssize_t nfds, size_t *written, bint quick) except -1
+    cdef ssize_t _ring_write(self, iovec *iov, Py_ssize_t count, object fds, int flags) except -2
+    cdef void _shut(self) noexcept
 
 
 cdef class Outbox(Writer):
@@ -115,6 +169,7 @@ cdef class Channel(Outbox):
     cdef bint _eager                      # reads found several frames: try the next one
                                           # with MSG_DONTWAIT first, keeping the GIL
     cdef bint _slow                       # the last serve() read needed more than the handler
+    cdef bint _ring_rx                    # frames come from the ring (switch_rx)
     cdef readonly uint64_t responses_sent # Responses serve() answered itself (small or inline)
     cdef readonly uint64_t handler_calls  # handler runs timed (note_handler)
     cdef readonly double handler_seconds  # their total time
@@ -124,6 +179,9 @@ cdef class Channel(Outbox):
 
     cdef int _keep_fds(self, msghdr *message) except -1
     cdef list _receive(self, int flags)
+    cdef Py_ssize_t _ring_read(self, iovec *vectors, int count, int flags) except -2
+    cdef int _ring_carriers(self) except -1
+    cdef int _ring_corrupt(self) except -1
     cdef list _serve_once(self, handler, on_error, reply_writes, Py_ssize_t small_max,
                           Py_ssize_t inline_max)
 

@@ -18,6 +18,7 @@ from cpython.buffer cimport (
     PyBuffer_Release,
     PyObject_GetBuffer,
 )
+from cpython.bytes cimport PyBytes_AS_STRING
 from cpython.memoryview cimport PyMemoryView_FromObject
 from libc.stdint cimport uint16_t, uint32_t, uint64_t
 from libc.errno cimport EAGAIN, EBADF, EINTR, EPIPE, errno
@@ -68,6 +69,7 @@ from ..wire._wire import encode_frame, encode_header
 __all__ = [
     "Channel",
     "Mapping",
+    "Ring",
     "SharedRegion",
     "SEES_VIEW_RELEASE",
     "call_with_stack_size",
@@ -118,6 +120,13 @@ cdef extern from *:
     """
     ctypedef struct hx_fd_control:
         unsigned char bytes[1]
+
+
+cdef extern from *:
+    """
+    static inline void errno_set(int value) { errno = value; }
+    """
+    void errno_set(int value) nogil
 
 
 cdef int _raise_errno() except -1:
@@ -267,7 +276,10 @@ cdef class Channel(Outbox):
             message.msg_iov = vectors
             message.msg_control = &control
             message.msg_controllen = sizeof(hx_fd_control)
-            if eager:
+            if self._ring_rx:
+                count = self._ring_read(vectors, <int>message.msg_iovlen, flags)
+                message.msg_controllen = 0
+            elif eager:
                 # Under load bytes are usually waiting: take them without letting the GIL go
                 # (which would invite another thread in and make us wait for it back).
                 eager = False
@@ -296,6 +308,152 @@ cdef class Channel(Outbox):
         if len(frames) > 1:
             self._eager = True   # several frames per read: the peer is ahead of us
         return frames
+
+    def switch_rx(self, Ring ring):
+        """Read from ``ring`` from now on (PROTOCOL.md section 9b): the peer's switch frame was
+        the last of its frames on the socket, which from now on brings only descriptor
+        carriers and, by its end, the peer's.
+
+        Raises:
+            ProtocolError: bytes of the socket's stream were read past the switch frame.
+            ValueError: the channel already reads from a ring, or ``ring`` is not the one
+                it writes to.
+        """
+        if self._ring_rx:
+            raise ValueError("this channel already reads from a ring")
+        if self.ring is not None and ring is not self.ring:
+            raise ValueError("a channel's two directions share one ring")
+        if self.decoder.in_frame:
+            raise _errors.ProtocolError(
+                "the peer sent bytes on the socket after its ring switch frame (HRNG)")
+        self.ring = ring
+        self._ring_rx = True
+
+    cdef Py_ssize_t _ring_read(self, iovec *vectors, int count, int flags) except -2:
+        # As recvmsg: bytes copied out of the ring into vectors (0: the end of the stream), or
+        # -1 with errno (EAGAIN: nothing with MSG_DONTWAIT, or the socket's receive timeout;
+        # EINTR; EBADF: closed here). A peer that breaks the ring raises ProtocolError.
+        cdef Ring ring = self.ring
+        cdef int64_t ready
+        cdef int state
+        cdef long long deadline
+        cdef size_t want = 0, took
+        cdef int i, fd
+        for i in range(count):
+            want += vectors[i].iov_len
+        while True:
+            ready = hx_ring_readable(&ring.r)
+            if ready > 0:
+                break
+            if ready < 0:
+                self._ring_corrupt()
+            if ring.r.shut:
+                errno_set(EBADF)
+                return -1
+            if hx_ring_peer_closed(&ring.r):
+                ready = hx_ring_readable(&ring.r)   # what it published before it closed
+                if ready > 0:
+                    break
+                if ready < 0:
+                    self._ring_corrupt()
+                return 0
+            if flags & MSG_DONTWAIT:
+                errno_set(EAGAIN)
+                return -1
+            with nogil:
+                deadline = _socket_deadline(self._fd, SO_RCVTIMEO)
+                state = hx_ring_wait_readable(&ring.r, deadline)
+            if state == HX_WAIT_TIMEOUT:
+                errno_set(EAGAIN)
+                return -1
+            if state < 0:
+                errno_set(EINTR)
+                return -1
+            if state == HX_WAIT_CORRUPT:
+                self._ring_corrupt()
+            if state == HX_WAIT_ENDED and hx_ring_readable(&ring.r) == 0:
+                return 0
+        if hx_ring_carriers(&ring.r) != ring.carriers_received:
+            self._ring_carriers()
+        if <size_t>ready < want:
+            want = <size_t>ready
+        if want >= NOGIL_THRESHOLD_BYTES:
+            with nogil:
+                took = hx_ring_take(&ring.r, vectors, count, want)
+        else:
+            took = hx_ring_take(&ring.r, vectors, count, want)
+        # Carriers whose frame has begun in what was just read join the received descriptors,
+        # as if they had come with its first byte.
+        while ring._ahead and (<tuple>ring._ahead[0])[0] < ring.r.rx_head:
+            fd = (<tuple>ring._ahead.pop(0))[1]
+            if len(self.fds) < min(self.max_fds, <Py_ssize_t>_MAX_PENDING_FDS):
+                self.fds.append(fd)
+            else:
+                close_fd(fd)
+                self.fds_dropped += 1
+        return <Py_ssize_t>took
+
+    cdef int _ring_corrupt(self) except -1:
+        raise _errors.ProtocolError("the peer broke the shared-memory ring: an index it wrote "
+                                    "is out of range")
+
+    cdef int _ring_carriers(self) except -1:
+        # The peer counts more carriers than we took: they are on the socket already (it
+        # counts each once its sendmsg returned). Each is 8 bytes, the ring offset of the
+        # frame that claims it, with exactly one descriptor.
+        cdef Ring ring = self.ring
+        cdef uint64_t announced = hx_ring_carriers(&ring.r), offset
+        cdef unsigned char data[8]
+        cdef ssize_t got
+        cdef msghdr message
+        cdef iovec vector
+        cdef hx_fd_control control
+        cdef cmsghdr *header
+        cdef int fd, k, nfds
+        if announced - ring.carriers_received + <uint64_t>len(ring._ahead) \
+                > <uint64_t>_MAX_PENDING_FDS:
+            raise _errors.ProtocolError(
+                f"the peer has more than {_MAX_PENDING_FDS} descriptor carriers ahead of its "
+                f"frames, the most a connection holds")
+        while ring.carriers_received != announced:
+            memset_msghdr(&message)
+            vector.iov_base = data
+            vector.iov_len = 8
+            message.msg_iov = &vector
+            message.msg_iovlen = 1
+            message.msg_control = &control
+            message.msg_controllen = sizeof(hx_fd_control)
+            got = recvmsg(self._fd, &message, MSG_CMSG_CLOEXEC | MSG_DONTWAIT)
+            if got < 0 and errno == EINTR:
+                continue
+            fd = -1
+            nfds = 0
+            if got > 0 and message.msg_controllen:
+                header = CMSG_FIRSTHDR(&message)
+                while header != NULL:
+                    if header.cmsg_level == SOL_SOCKET and header.cmsg_type == SCM_RIGHTS:
+                        for k in range(<int>((header.cmsg_len - CMSG_LEN(0)) // sizeof(int))):
+                            if fd < 0:
+                                fd = (<int *>CMSG_DATA(header))[k]
+                            else:
+                                close_fd((<int *>CMSG_DATA(header))[k])
+                            nfds += 1
+                    header = CMSG_NXTHDR(&message, header)
+            offset = 0
+            for k in range(8):
+                offset |= (<uint64_t>data[k]) << (8 * k)
+            if got != 8 or nfds != 1 or message.msg_flags & MSG_CTRUNC \
+                    or offset < ring._last_carrier or offset < ring.r.rx_head:
+                if fd >= 0:
+                    close_fd(fd)
+                raise _errors.ProtocolError(
+                    "the peer's descriptor carrier on the socket is not one 8-byte ring "
+                    "offset, in order, with exactly one descriptor" if got > 0 else
+                    "the peer counts a descriptor carrier that its socket never brought")
+            ring.carriers_received += 1
+            ring._last_carrier = offset
+            ring._ahead.append((offset, fd))
+        return 0
 
     cdef int _keep_fds(self, msghdr *message) except -1:
         cdef cmsghdr *header = CMSG_FIRSTHDR(message)
@@ -468,3 +626,4 @@ cdef inline void memset_msghdr(msghdr *message) noexcept nogil:
 
 
 include "_memory.pxi"
+include "_ring.pxi"

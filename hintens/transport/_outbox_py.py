@@ -70,6 +70,8 @@ class Writer:
         #: Seconds queued bytes may wait on a full socket before the flusher aborts the
         #: channel (0: never).
         self.stall_timeout = 0.0
+        #: The shared-memory ring: the compiled core only (this one never sets one up).
+        self.ring = None
         # Descriptors queued with frames (offer): (stream offset of the frame, offset past it,
         # a duplicate we own), in stream order.
         self._fd_slots: list[tuple[int, int, int]] = []

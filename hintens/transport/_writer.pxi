@@ -49,6 +49,8 @@ cdef class Writer:
                 self.dropped += <uint64_t>self._queued
                 self._queued = 0
                 self._drop_fds()
+                if self.ring is not None:
+                    hx_ring_shut(&self.ring.r)
                 self._sock.close()
         finally:
             PyThread_release_lock(self._send_lock)
@@ -79,7 +81,7 @@ cdef class Writer:
                 # this stream from now on could be framed right. Shut it (readers see EOF);
                 # the descriptor itself stays until close(), so no number is reused under them.
                 self.broken = True
-                shutdown(self._fd, SHUT_RDWR)
+                self._shut()
             raise
         return 0
 
@@ -107,7 +109,14 @@ cdef class Writer:
                 slots = <int *>CMSG_DATA(header)
                 for k in range(nfds):
                     slots[k] = fds[k]
-            if quick:
+            if self._ring_tx:
+                sent = self._ring_write(iov + first, batch, fds if nfds else None,
+                                        MSG_DONTWAIT if quick else 0)
+                if quick:
+                    quick = False
+                    if sent < 0 and errno == EAGAIN:
+                        continue   # the ring is full: wait for room without the GIL
+            elif quick:
                 quick = False
                 sent = sendmsg(self._fd, &message, MSG_NOSIGNAL | MSG_DONTWAIT)
                 if sent < 0 and errno == EAGAIN:
@@ -230,6 +239,7 @@ cdef class Writer:
         cdef ssize_t sent = 0
         cdef int error = 0, fd
         cdef bint quick
+        cdef iovec vector
         while self._queued:
             if self._fd < 0:
                 raise OSError(EBADF, "the channel is closed")
@@ -257,7 +267,18 @@ cdef class Writer:
                         chunk = min(chunk, <Py_ssize_t>(self._fd_end[0] - self.written))
                     elif ahead < chunk:
                         chunk = ahead   # up to that frame, without the descriptor
-                if quick:
+                if self._ring_tx:
+                    vector.iov_base = buf + done
+                    vector.iov_len = <size_t>chunk
+                    sent = self._ring_write(&vector, 1, (fd,) if fd >= 0 else None,
+                                            flags | (MSG_DONTWAIT if quick else 0))
+                    if sent < 0:
+                        error = errno
+                    if quick:
+                        quick = False
+                        if sent < 0 and error == EAGAIN and not flags & MSG_DONTWAIT:
+                            continue   # full: wait for room without the GIL
+                elif quick:
                     quick = False
                     sent = _send_with_fd(self._fd, buf + done, <size_t>chunk, fd,
                                          flags | MSG_NOSIGNAL | MSG_DONTWAIT)
@@ -304,9 +325,16 @@ cdef class Writer:
         # The stream can no longer be framed right: shut it for good (readers see its end);
         # the descriptor itself stays until close(), so no number is reused under anyone.
         self.broken = True
+        self._shut()
+        return 0
+
+    cdef void _shut(self) noexcept:
+        # Both directions, now: the socket's (shutdown wakes its readers and writers) and the
+        # ring's (its waiters here leave, and the peer's see the end).
         if self._fd >= 0:
             shutdown(self._fd, SHUT_RDWR)
-        return 0
+        if self.ring is not None:
+            hx_ring_shut(&self.ring.r)
 
     cdef int _queue_fd(self, int fd, uint64_t at, uint64_t end) except -1:
         # A duplicate of fd, to ride on the first byte of the frame at [at, end).
@@ -363,7 +391,7 @@ cdef class Writer:
             if grown == NULL:
                 free(buf)
                 self.broken = True
-                shutdown(self._fd, SHUT_RDWR)
+                self._shut()
                 raise MemoryError()
             buf, cap = grown, total
         memmove(buf, buf + start, <size_t>tail)
@@ -373,6 +401,111 @@ cdef class Writer:
         self._spare, self._spare_cap = self._queue, self._queue_cap
         self._queue, self._queue_cap, self._queued = buf, cap, total
         return 0
+
+    # The ring ---------------------------------------------------------------------------------
+    # Once switch_tx ran, what the socket took goes into the ring instead, with the same
+    # semantics as a stream socket's send: some bytes taken (a partial write), or an errno.
+
+    def switch_tx(self, Ring ring, bytes frame, int fd=-1):
+        """Write ``frame`` (the sender's switch frame) on the socket, after everything queued,
+        with ``fd`` passed on its first byte when not -1; then send everything after it
+        through ``ring`` (PROTOCOL.md section 9b). Holds the send lock throughout, so no
+        other write can come between.
+
+        Raises:
+            As ``send``; ValueError if the channel already writes to a ring.
+        """
+        cdef iovec vector
+        if self._ring_tx:
+            raise ValueError("this channel already writes to a ring")
+        self._lock_send()
+        try:
+            if self._fd < 0:
+                raise OSError(EBADF, "the channel is closed")
+            if self._queued:
+                self._drain(0)
+            vector.iov_base = <void *>PyBytes_AS_STRING(frame)
+            vector.iov_len = <size_t>len(frame)
+            self.submitted += <uint64_t>len(frame)
+            self._send_iov(&vector, 1, (fd,) if fd >= 0 else None)
+            self.ring = ring
+            self._ring_tx = True
+        finally:
+            PyThread_release_lock(self._send_lock)
+
+    cdef ssize_t _ring_write(self, iovec *iov, Py_ssize_t count, object fds,
+                             int flags) except -2:
+        # As sendmsg: bytes taken into the ring (at least one), or -1 with errno: EAGAIN (full,
+        # with MSG_DONTWAIT or past the socket's send timeout), EPIPE (the peer closed or is
+        # gone), EPROTO (the peer's index is out of range), EBADF (closed here), EINTR.
+        # Descriptors leave first, one carrier each on the socket, once room for at least the
+        # frame's first byte is sure: a carrier never goes without its frame.
+        cdef Ring ring = self.ring
+        cdef int64_t room
+        cdef int state, fd
+        cdef long long deadline
+        cdef size_t total = 0, put
+        cdef Py_ssize_t i
+        cdef ssize_t sent
+        cdef int k
+        cdef unsigned char carrier[8]
+        for i in range(count):
+            total += iov[i].iov_len
+        while True:
+            if ring.r.shut:
+                errno_set(EBADF)
+                return -1
+            if hx_ring_peer_closed(&ring.r):
+                errno_set(EPIPE)
+                return -1
+            room = hx_ring_writable(&ring.r)
+            if room < 0:
+                errno_set(EPROTO)
+                return -1
+            if room > 0:
+                break
+            if flags & MSG_DONTWAIT:
+                errno_set(EAGAIN)
+                return -1
+            with nogil:
+                deadline = _socket_deadline(self._fd, SO_SNDTIMEO)
+                state = hx_ring_wait_writable(&ring.r, deadline)
+            if state == HX_WAIT_TIMEOUT:
+                errno_set(EAGAIN)
+                return -1
+            if state < 0:
+                errno_set(EINTR)
+                return -1
+            if state == HX_WAIT_CORRUPT:
+                errno_set(EPROTO)
+                return -1
+            if state == HX_WAIT_ENDED:
+                errno_set(EPIPE)
+                return -1
+        if fds:
+            for i, fd in enumerate(fds):
+                for k in range(8):
+                    carrier[k] = <unsigned char>((ring.r.tx_tail >> (8 * k)) & 0xFF)
+                with nogil:
+                    sent = _send_with_fd(self._fd, carrier, 8, fd, MSG_NOSIGNAL)
+                while sent < 0 and errno == EINTR:
+                    with nogil:
+                        sent = _send_with_fd(self._fd, carrier, 8, fd, MSG_NOSIGNAL)
+                if sent != 8:
+                    if i or sent > 0:
+                        self._break()   # a carrier left, or part of one: out of step for good
+                    if sent >= 0:
+                        errno_set(EPIPE)
+                    return -1
+                hx_ring_count_carrier(&ring.r)
+        if total > <size_t>room:
+            total = <size_t>room
+        if total >= NOGIL_THRESHOLD_BYTES:
+            with nogil:
+                put = hx_ring_put(&ring.r, iov, <int>count, total)
+        else:
+            put = hx_ring_put(&ring.r, iov, <int>count, total)
+        return <ssize_t>put
 
     def settled_written(self):
         """``written`` once no write is in progress (waits for one to end): whether a frame
@@ -390,8 +523,7 @@ cdef class Writer:
         if self.aborted is None:
             self.aborted = reason
         self.broken = True
-        if self._fd >= 0:   # close() clears _fd before closing it, both with the GIL held
-            shutdown(self._fd, SHUT_RDWR)
+        self._shut()   # close() clears _fd before closing it, both with the GIL held
 
     @property
     def closed(self):

@@ -1,0 +1,367 @@
+/* The shared-memory ring of hintens (docs/PROTOCOL.md section 9b): two single-producer,
+ * single-consumer byte rings in one sealed memfd, one per direction, that carry a connection's
+ * stream of frames instead of the socket once both sides have switched to it. The socket stays
+ * open beside it: it carries the descriptors of shared-memory segments (one "carrier" message
+ * per descriptor) and tells each side when the other is gone.
+ *
+ * Plain C, no Python: the Channel (_ring.pxi) calls it, with or without the GIL. Every index
+ * the peer writes is validated before use; our own indices are kept here and only published.
+ *
+ * Layout (little-endian; direction 0 runs from the side that created the ring, the server, to
+ * the other; direction 1 back). Control block of direction d at 64 + 256 * d:
+ *     +0    tail      u64  bytes the producer has published, ever
+ *     +8    carriers  u64  descriptor carriers the producer has sent on the socket, ever
+ *     +16   closed    u32  1: the producer wrote its last byte
+ *     +64   head      u64  bytes the consumer has taken, ever
+ *     +128  consumer_sleeps  u32 futex word: 1 while the consumer sleeps (or is about to)
+ *     +132  producer_sleeps  u32 futex word: 1 while the producer waits for room
+ * Offset 0 holds the magic "HRNG", the layout version (u32, 1) and the capacity (u64).
+ * The data of direction d: `capacity` bytes at 4096 + d * capacity.
+ */
+#ifndef HX_RING_H
+#define HX_RING_H
+
+#include <errno.h>
+#include <limits.h>
+#include <linux/futex.h>
+#include <poll.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <sys/uio.h>
+#include <time.h>
+#include <unistd.h>
+
+#define HX_RING_HEADER_BYTES 4096u
+#define HX_RING_MIN_CAPACITY 4096u
+#define HX_RING_MAX_CAPACITY (64u * 1024u * 1024u)
+#define HX_RING_VERSION 1u
+/* How often a sleeper looks at the socket for its peer's end (a SIGKILL'ed peer never wakes
+ * it): the bound on noticing that the peer is gone. */
+#define HX_RING_LIVENESS_NS 50000000LL
+/* The longest a waiter spins before it sleeps, when spinning has been paying. */
+#define HX_RING_SPIN_MAX_NS 100000LL
+
+#define HX__TAIL 0
+#define HX__CARRIERS 8
+#define HX__CLOSED 16
+#define HX__HEAD 64
+#define HX__CSLEEP 128
+#define HX__PSLEEP 132
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define hx_cpu_relax() _mm_pause()
+#elif defined(__aarch64__)
+#define hx_cpu_relax() __asm__ __volatile__("yield")
+#else
+#define hx_cpu_relax() ((void)0)
+#endif
+
+typedef struct {
+    unsigned char *base;          /* the mapping (owned by the caller) */
+    uint64_t capacity;            /* bytes per direction, a power of two */
+    int sock;                     /* the connection's socket: liveness and carriers */
+    /* Our producing direction. */
+    unsigned char *tx_block, *tx_data;
+    uint64_t tx_tail;             /* ours: published as tx_block+TAIL */
+    uint64_t tx_head_seen;        /* the consumer's head, last validated */
+    /* Our consuming direction. */
+    unsigned char *rx_block, *rx_data;
+    uint64_t rx_head;             /* ours: published as rx_block+HEAD */
+    uint64_t rx_tail_seen;        /* the producer's tail, last validated */
+    int shut;                     /* closed here: waiters leave at once */
+    long long rx_spin_ns, tx_spin_ns;   /* adaptive spin budgets */
+    /* Counters for stats and tests. */
+    uint64_t futex_waits, futex_wakes, spins_won;
+} hx_ring;
+
+/* Threads of this process spinning on any ring right now, and how many may. */
+static int hx_ring_spinners = 0;
+static int hx_ring_max_spinners = 1;
+
+#define HX_U64(block, off) ((uint64_t *)((block) + (off)))
+#define HX_U32(block, off) ((uint32_t *)((block) + (off)))
+
+static inline long long hx_ring_now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+static inline int hx_futex_wait(uint32_t *word, uint32_t expected, long long ns) {
+    struct timespec ts;
+    ts.tv_sec = (time_t)(ns / 1000000000LL);
+    ts.tv_nsec = (long)(ns % 1000000000LL);
+    /* Not FUTEX_PRIVATE_FLAG: the word lives in a mapping shared with another process. */
+    return (int)syscall(SYS_futex, word, FUTEX_WAIT, expected, &ts, NULL, 0);
+}
+
+static inline void hx_futex_wake(uint32_t *word) {
+    syscall(SYS_futex, word, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
+}
+
+/* Lay out (creator: zero the header first) or attach to a mapping of
+ * HX_RING_HEADER_BYTES + 2 * capacity bytes. `creator` produces on direction 0. */
+static inline void hx_ring_attach(hx_ring *r, unsigned char *base, uint64_t capacity,
+                                  int creator, int sock) {
+    memset(r, 0, sizeof(*r));
+    r->base = base;
+    r->capacity = capacity;
+    r->sock = sock;
+    r->tx_block = base + 64 + (creator ? 0 : 256);
+    r->rx_block = base + 64 + (creator ? 256 : 0);
+    r->tx_data = base + HX_RING_HEADER_BYTES + (creator ? 0 : capacity);
+    r->rx_data = base + HX_RING_HEADER_BYTES + (creator ? capacity : 0);
+    r->rx_spin_ns = r->tx_spin_ns = HX_RING_SPIN_MAX_NS;
+    if (creator) {
+        memcpy(base, "HRNG", 4);
+        *HX_U32(base, 4) = HX_RING_VERSION;
+        *HX_U64(base, 8) = capacity;
+    }
+}
+
+/* -1: the peer's tail is out of range (more than a ring ahead of our head, or behind it). */
+static inline int64_t hx_ring_readable(hx_ring *r) {
+    uint64_t tail = __atomic_load_n(HX_U64(r->rx_block, HX__TAIL), __ATOMIC_ACQUIRE);
+    uint64_t ahead = tail - r->rx_head;
+    if (ahead > r->capacity || tail - r->rx_tail_seen > r->capacity)
+        return -1;
+    r->rx_tail_seen = tail;
+    return (int64_t)ahead;
+}
+
+static inline int hx_ring_peer_closed(hx_ring *r) {
+    return __atomic_load_n(HX_U32(r->rx_block, HX__CLOSED), __ATOMIC_ACQUIRE) == 1;
+}
+
+static inline uint64_t hx_ring_carriers(hx_ring *r) {
+    return __atomic_load_n(HX_U64(r->rx_block, HX__CARRIERS), __ATOMIC_ACQUIRE);
+}
+
+/* -1: the peer's head is out of range (it moved back, or past what we published). */
+static inline int64_t hx_ring_writable(hx_ring *r) {
+    uint64_t head = __atomic_load_n(HX_U64(r->tx_block, HX__HEAD), __ATOMIC_ACQUIRE);
+    if (head - r->tx_head_seen > r->tx_tail - r->tx_head_seen)
+        return -1;
+    r->tx_head_seen = head;
+    return (int64_t)(r->capacity - (r->tx_tail - head));
+}
+
+/* Copy up to `n` readable bytes out into iov (which may hold less); returns the count and
+ * hands the room back to the producer. The caller checked hx_ring_readable() >= n. */
+static inline size_t hx_ring_take(hx_ring *r, const struct iovec *iov, int iovcnt, size_t n) {
+    size_t done = 0, mask = (size_t)r->capacity - 1;
+    for (int i = 0; i < iovcnt && done < n; i++) {
+        size_t want = iov[i].iov_len < n - done ? iov[i].iov_len : n - done;
+        size_t at = (size_t)((r->rx_head + done) & mask);
+        size_t first = want < r->capacity - at ? want : (size_t)r->capacity - at;
+        memcpy(iov[i].iov_base, r->rx_data + at, first);
+        if (want > first)
+            memcpy((unsigned char *)iov[i].iov_base + first, r->rx_data, want - first);
+        done += want;
+    }
+    r->rx_head += done;
+    __atomic_store_n(HX_U64(r->rx_block, HX__HEAD), r->rx_head, __ATOMIC_RELEASE);
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    uint32_t *sleeps = HX_U32(r->rx_block, HX__PSLEEP);
+    if (__atomic_load_n(sleeps, __ATOMIC_RELAXED) != 0
+            && __atomic_exchange_n(sleeps, 0, __ATOMIC_SEQ_CST) == 1) {
+        hx_futex_wake(sleeps);
+        r->futex_wakes++;
+    }
+    return done;
+}
+
+static inline void hx_ring_wake_consumer(hx_ring *r) {
+    uint32_t *sleeps = HX_U32(r->tx_block, HX__CSLEEP);
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    if (__atomic_load_n(sleeps, __ATOMIC_RELAXED) != 0
+            && __atomic_exchange_n(sleeps, 0, __ATOMIC_SEQ_CST) == 1) {
+        hx_futex_wake(sleeps);
+        r->futex_wakes++;
+    }
+}
+
+/* Copy up to `room` bytes of iov (from byte `skip` on) into the ring and publish them;
+ * returns the count. The caller checked hx_ring_writable() >= room. */
+static inline size_t hx_ring_put(hx_ring *r, const struct iovec *iov, int iovcnt, size_t room) {
+    size_t done = 0, mask = (size_t)r->capacity - 1;
+    for (int i = 0; i < iovcnt && done < room; i++) {
+        size_t want = iov[i].iov_len < room - done ? iov[i].iov_len : room - done;
+        size_t at = (size_t)((r->tx_tail + done) & mask);
+        size_t first = want < r->capacity - at ? want : (size_t)r->capacity - at;
+        memcpy(r->tx_data + at, iov[i].iov_base, first);
+        if (want > first)
+            memcpy(r->tx_data, (const unsigned char *)iov[i].iov_base + first, want - first);
+        done += want;
+    }
+    r->tx_tail += done;
+    __atomic_store_n(HX_U64(r->tx_block, HX__TAIL), r->tx_tail, __ATOMIC_RELEASE);
+    hx_ring_wake_consumer(r);
+    return done;
+}
+
+/* A carrier went out on the socket: count it before the frame it serves is published. */
+static inline void hx_ring_count_carrier(hx_ring *r) {
+    __atomic_add_fetch(HX_U64(r->tx_block, HX__CARRIERS), 1, __ATOMIC_RELEASE);
+}
+
+/* We write no more: the consumer reads what is left, then sees the end. */
+static inline void hx_ring_close_tx(hx_ring *r) {
+    __atomic_store_n(HX_U32(r->tx_block, HX__CLOSED), 1, __ATOMIC_RELEASE);
+    __atomic_store_n(HX_U32(r->tx_block, HX__CSLEEP), 0, __ATOMIC_SEQ_CST);
+    hx_futex_wake(HX_U32(r->tx_block, HX__CSLEEP));
+}
+
+/* Closed here: our own waiters leave at once, and the peer's see the end. */
+static inline void hx_ring_shut(hx_ring *r) {
+    __atomic_store_n(&r->shut, 1, __ATOMIC_SEQ_CST);
+    hx_ring_close_tx(r);
+    /* Our waiters sleep on our consumer word and on our producer word. */
+    __atomic_store_n(HX_U32(r->rx_block, HX__CSLEEP), 0, __ATOMIC_SEQ_CST);
+    hx_futex_wake(HX_U32(r->rx_block, HX__CSLEEP));
+    __atomic_store_n(HX_U32(r->tx_block, HX__PSLEEP), 0, __ATOMIC_SEQ_CST);
+    hx_futex_wake(HX_U32(r->tx_block, HX__PSLEEP));
+}
+
+/* The socket says the peer is gone (hung up, reset, or shut its end). */
+static inline int hx_ring_socket_ended(hx_ring *r) {
+    struct pollfd p;
+    p.fd = r->sock;
+    p.events = POLLIN | POLLRDHUP;
+    p.revents = 0;
+    if (poll(&p, 1, 0) <= 0)
+        return 0;
+    return (p.revents & (POLLHUP | POLLERR | POLLRDHUP | POLLNVAL)) != 0;
+}
+
+enum { HX_WAIT_READY = 0, HX_WAIT_TIMEOUT = 1, HX_WAIT_ENDED = 2, HX_WAIT_SHUT = 3,
+       HX_WAIT_CORRUPT = 4 };
+
+/* Wait, without the GIL, until the ring has bytes to read (READY), the peer closed its side
+ * or its socket ended (ENDED: read what is left, then it is the end), we closed (SHUT), the
+ * peer's index is out of range (CORRUPT), or `deadline_ns` (CLOCK_MONOTONIC; < 0: none)
+ * passed (TIMEOUT). Spins first, for a budget that grows while spinning pays and shrinks
+ * while it does not, and only while fewer than hx_ring_max_spinners threads of this process
+ * spin; then sleeps on the futex word, looking at the socket every HX_RING_LIVENESS_NS. */
+static inline int hx_ring_wait_readable(hx_ring *r, long long deadline_ns) {
+    uint32_t *sleeps = HX_U32(r->rx_block, HX__CSLEEP);
+    long long start = hx_ring_now_ns(), now = start;
+    int64_t ready;
+    if (r->rx_spin_ns > 0
+            && __atomic_add_fetch(&hx_ring_spinners, 1, __ATOMIC_RELAXED) <= hx_ring_max_spinners) {
+        long long until = start + r->rx_spin_ns;
+        if (deadline_ns >= 0 && until > deadline_ns)
+            until = deadline_ns;
+        for (unsigned k = 0;; k++) {
+            ready = hx_ring_readable(r);
+            if (ready != 0 || hx_ring_peer_closed(r) || __atomic_load_n(&r->shut, __ATOMIC_RELAXED))
+                break;
+            hx_cpu_relax();
+            if ((k & 15) == 15 && (now = hx_ring_now_ns()) >= until)
+                break;
+        }
+        __atomic_sub_fetch(&hx_ring_spinners, 1, __ATOMIC_RELAXED);
+        if (ready != 0) {
+            r->spins_won++;
+            r->rx_spin_ns = HX_RING_SPIN_MAX_NS;
+            return ready < 0 ? HX_WAIT_CORRUPT : HX_WAIT_READY;
+        }
+    } else if (r->rx_spin_ns > 0) {
+        __atomic_sub_fetch(&hx_ring_spinners, 1, __ATOMIC_RELAXED);
+    }
+    for (;;) {
+        if (__atomic_load_n(&r->shut, __ATOMIC_RELAXED))
+            return HX_WAIT_SHUT;
+        __atomic_store_n(sleeps, 1, __ATOMIC_SEQ_CST);
+        __atomic_thread_fence(__ATOMIC_SEQ_CST);
+        ready = hx_ring_readable(r);
+        if (ready != 0 || hx_ring_peer_closed(r) || __atomic_load_n(&r->shut, __ATOMIC_RELAXED)) {
+            __atomic_store_n(sleeps, 0, __ATOMIC_RELAXED);
+            if (ready < 0)
+                return HX_WAIT_CORRUPT;
+            if (ready > 0)
+                break;
+            return r->shut ? HX_WAIT_SHUT : HX_WAIT_ENDED;
+        }
+        now = hx_ring_now_ns();
+        long long slice = HX_RING_LIVENESS_NS;
+        if (deadline_ns >= 0) {
+            if (now >= deadline_ns) {
+                __atomic_store_n(sleeps, 0, __ATOMIC_RELAXED);
+                return HX_WAIT_TIMEOUT;
+            }
+            if (deadline_ns - now < slice)
+                slice = deadline_ns - now;
+        }
+        r->futex_waits++;
+        int rc = hx_futex_wait(sleeps, 1, slice), error = rc < 0 ? errno : 0;
+        if (error == ETIMEDOUT) {
+            __atomic_store_n(sleeps, 0, __ATOMIC_RELAXED);
+            if (hx_ring_readable(r) == 0 && hx_ring_socket_ended(r))
+                return HX_WAIT_ENDED;
+        } else if (error == EINTR) {
+            __atomic_store_n(sleeps, 0, __ATOMIC_RELAXED);
+            return -EINTR;
+        }
+    }
+    /* Spinning would have paid if the bytes came within its budget: spin next time. */
+    now = hx_ring_now_ns();
+    if (now - start <= HX_RING_SPIN_MAX_NS)
+        r->rx_spin_ns = HX_RING_SPIN_MAX_NS;
+    else
+        r->rx_spin_ns /= 2;
+    return HX_WAIT_READY;
+}
+
+/* As hx_ring_wait_readable, for room to write: READY (some room), ENDED (the peer closed
+ * its side or its socket ended: nothing will read what we write), SHUT, CORRUPT, TIMEOUT. */
+static inline int hx_ring_wait_writable(hx_ring *r, long long deadline_ns) {
+    uint32_t *sleeps = HX_U32(r->tx_block, HX__PSLEEP);
+    long long now;
+    int64_t room;
+    for (unsigned k = 0; k < 2048; k++) {   /* a short spin: the consumer may be copying */
+        room = hx_ring_writable(r);
+        if (room != 0 || __atomic_load_n(&r->shut, __ATOMIC_RELAXED))
+            break;
+        hx_cpu_relax();
+    }
+    for (;;) {
+        if (__atomic_load_n(&r->shut, __ATOMIC_RELAXED))
+            return HX_WAIT_SHUT;
+        __atomic_store_n(sleeps, 1, __ATOMIC_SEQ_CST);
+        __atomic_thread_fence(__ATOMIC_SEQ_CST);
+        room = hx_ring_writable(r);
+        if (room != 0) {
+            __atomic_store_n(sleeps, 0, __ATOMIC_RELAXED);
+            return room < 0 ? HX_WAIT_CORRUPT : HX_WAIT_READY;
+        }
+        if (hx_ring_peer_closed(r)) {
+            __atomic_store_n(sleeps, 0, __ATOMIC_RELAXED);
+            return HX_WAIT_ENDED;
+        }
+        now = hx_ring_now_ns();
+        long long slice = HX_RING_LIVENESS_NS;
+        if (deadline_ns >= 0) {
+            if (now >= deadline_ns) {
+                __atomic_store_n(sleeps, 0, __ATOMIC_RELAXED);
+                return HX_WAIT_TIMEOUT;
+            }
+            if (deadline_ns - now < slice)
+                slice = deadline_ns - now;
+        }
+        r->futex_waits++;
+        int rc = hx_futex_wait(sleeps, 1, slice), error = rc < 0 ? errno : 0;
+        if (error == ETIMEDOUT) {
+            __atomic_store_n(sleeps, 0, __ATOMIC_RELAXED);
+            if (hx_ring_writable(r) == 0 && hx_ring_socket_ended(r))
+                return HX_WAIT_ENDED;
+        } else if (error == EINTR) {
+            __atomic_store_n(sleeps, 0, __ATOMIC_RELAXED);
+            return -EINTR;
+        }
+    }
+}
+
+#endif

@@ -1,0 +1,150 @@
+# The shared-memory ring (docs/PROTOCOL.md section 9b): the mapping of a connection's ring and
+# the socket-side half of it, the descriptor carriers. Included by _channel.pyx (one compiled
+# module); the C kernels that move bytes and wait are in _ring.h. The Channel reads from the
+# ring and the Writer writes into it once they have switched (Channel.switch_rx/switch_tx).
+# The pure-Python core has no ring: hintens offers one only over the compiled core.
+
+cdef extern from "sched.h" nogil:
+    ctypedef struct cpu_set_t:
+        pass
+    int sched_getaffinity(int pid, size_t size, cpu_set_t *mask)
+    int CPU_COUNT(cpu_set_t *mask)
+
+cdef extern from "sys/time.h" nogil:
+    struct timeval:
+        long tv_sec
+        long tv_usec
+
+cdef extern from "sys/socket.h" nogil:
+    ctypedef unsigned int socklen_t
+    int getsockopt(int fd, int level, int name, void *value, socklen_t *length)
+    const int SO_RCVTIMEO
+    const int SO_SNDTIMEO
+
+cdef extern from "errno.h":
+    const int EPROTO
+
+from libc.stdint cimport int64_t
+
+
+cdef int _count_cpus() noexcept:
+    cdef cpu_set_t cpus
+    if sched_getaffinity(0, sizeof(cpu_set_t), &cpus) != 0:
+        return 1
+    return CPU_COUNT(&cpus)
+
+# One spinning thread per CPU this process may use, less one for whoever it waits for; none
+# on a single CPU, where spinning only keeps the peer from running.
+hx_ring_max_spinners = max(0, _count_cpus() - 1)
+
+#: The ring's layout constants (PROTOCOL.md section 9b), for the Python layers and tests.
+RING_HEADER_BYTES = HX_RING_HEADER_BYTES
+RING_MIN_CAPACITY = HX_RING_MIN_CAPACITY
+RING_MAX_CAPACITY = HX_RING_MAX_CAPACITY
+RING_LIVENESS_S = HX_RING_LIVENESS_NS / 1e9
+#: Bytes of one descriptor carrier on the socket (a u64 ring offset).
+RING_CARRIER_BYTES = 8
+
+
+cdef long long _socket_deadline(int fd, int option) noexcept nogil:
+    # The kernel timeout the caller put on the socket (SO_RCVTIMEO/SO_SNDTIMEO) as a deadline
+    # from now; -1 for none. Ring waits honour it as a socket read or write would.
+    cdef timeval tv
+    cdef socklen_t length = sizeof(timeval)
+    tv.tv_sec = 0
+    tv.tv_usec = 0
+    if getsockopt(fd, SOL_SOCKET, option, &tv, &length) != 0:
+        return -1
+    if tv.tv_sec == 0 and tv.tv_usec == 0:
+        return -1
+    return hx_ring_now_ns() + <long long>tv.tv_sec * 1000000000 + <long long>tv.tv_usec * 1000
+
+
+@cython.final
+cdef class Ring:
+    """A connection's shared-memory ring, mapped: two byte rings (one per direction) in one
+    sealed memfd. The creator (the server) produces on direction 0.
+
+    Args:
+        fd: the memfd, already checked (hintens/transport/ring.py). It is not kept: the
+            mapping stays valid without it.
+        capacity: bytes per direction, a power of two.
+        sock: the connection's socket (its descriptor): carriers and the peer's end.
+        creator: we created it, and lay out its header.
+
+    Raises:
+        ValueError: a capacity out of range.
+        OSError: the mapping failed.
+    """
+
+    def __cinit__(self, int fd, uint64_t capacity, sock, bint creator):
+        cdef void *address
+        cdef size_t size
+        self._map = NULL
+        if capacity < HX_RING_MIN_CAPACITY or capacity > HX_RING_MAX_CAPACITY \
+                or capacity & (capacity - 1):
+            raise ValueError(f"a ring's capacity must be a power of two from "
+                             f"{HX_RING_MIN_CAPACITY} to {HX_RING_MAX_CAPACITY}, not {capacity}")
+        size = HX_RING_HEADER_BYTES + 2 * <size_t>capacity
+        with nogil:
+            address = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)
+        if address == MAP_FAILED:
+            _raise_errno()
+        self._map = <unsigned char *>address
+        self._map_size = size
+        self.creator = creator
+        self._ahead = []
+        hx_ring_attach(&self.r, self._map, capacity, creator, sock.fileno())
+
+    def __dealloc__(self):
+        if self._ahead:
+            for _, fd in self._ahead:
+                close_fd(fd)
+        if self._map != NULL:
+            munmap(self._map, self._map_size)
+
+    @property
+    def capacity(self):
+        """Bytes per direction."""
+        return self.r.capacity
+
+    def stats(self):
+        """Counters of this ring's waits: ``futex_waits`` (sleeps on a futex word, each a
+        system call), ``futex_wakes`` (wake-ups we issued to a sleeping peer), ``spins_won``
+        (waits a spin ended, without a system call), and the stream offsets ``written`` and
+        ``read``."""
+        return {"futex_waits": self.r.futex_waits, "futex_wakes": self.r.futex_wakes,
+                "spins_won": self.r.spins_won, "written": self.r.tx_tail,
+                "read": self.r.rx_head}
+
+    def header(self):
+        """The first 16 bytes of the mapping: magic, layout version, capacity."""
+        return <bytes>self._map[:16]
+
+    def close_tx(self):
+        """We write no more: the peer reads what is left, then sees the end."""
+        hx_ring_close_tx(&self.r)
+
+    def shut(self):
+        """Closed here: our waiters leave at once, and the peer sees the end."""
+        hx_ring_shut(&self.r)
+
+    def _shared(self):
+        # The whole mapping, writable: for tests that play a hostile peer in-process.
+        return PyMemoryView_FromObject(_RingView(self))
+
+
+@cython.final
+cdef class _RingView:
+    # Exports a Ring's mapping (tests only; the Ring stays alive while it is exported).
+    cdef Ring _ring
+
+    def __cinit__(self, Ring ring):
+        self._ring = ring
+
+    def __getbuffer__(self, Py_buffer *view, int flags):
+        PyBuffer_FillInfo(view, self, self._ring._map, <Py_ssize_t>self._ring._map_size, 0,
+                          flags)
+
+    def __releasebuffer__(self, Py_buffer *view):
+        pass
