@@ -22,7 +22,9 @@ import pytest
 
 from hintens import _impl
 from hintens import _python_core as _core_py
+from hintens.protocol import ring as _ring
 from hintens.protocol import shm as _shm
+from hintens.protocol.hello import FEATURE_RING
 from hintens._errors import ProtocolError, ShmError, decode_error_payload, encode_error_payload
 from hintens.protocol.endpoint import Endpoint, Hello
 
@@ -30,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 VECTORS = ROOT / "tests" / "vectors"
 GENERATOR = ROOT / "tools" / "vectors" / "generate.py"
 FILES = ["control.json", "crc16.json", "descriptors.json", "errors.json", "frames.json",
-         "headers.json", "hellos.json", "malformed.json"]
+         "headers.json", "hellos.json", "malformed.json", "ring.json"]
 
 
 def load(name: str) -> dict:
@@ -398,3 +400,47 @@ def test_descriptor_decision(endpoint_core, vector, tmp_path):
         del endpoint
         gc.collect()
     assert open_fds() == fds_before
+
+
+# --- ring.json ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("vector", cases("ring.json", "switches"))
+def test_ring_switch_payload(vector):
+    payload = bytes.fromhex(vector["payload"])
+    assert _ring.is_switch(payload)
+    if not vector["valid"]:
+        with pytest.raises(ValueError):
+            _ring.decode_switch(payload)
+        return
+    assert _ring.decode_switch(payload) == vector["capacity"]
+    assert _ring.encode_switch(vector["capacity"]) == payload
+
+
+def test_ring_layout_and_carriers_match_the_implementation():
+    data = load("ring.json")
+    layout = data["layout"]
+    assert layout["feature_bit"] == FEATURE_RING
+    assert layout["header_bytes"] == _ring.RING_HEADER_BYTES
+    assert _ring.ring_bytes(4096) == layout["header_bytes"] + 2 * 4096
+    assert bytes.fromhex(data["header"]["bytes"]) == _ring.encode_switch(
+        data["header"]["capacity"])   # the header holds what the HRNG says
+    for carrier in data["carriers"]:
+        assert int.from_bytes(bytes.fromhex(carrier["bytes"]), "little") == carrier["offset"]
+    if getattr(_impl.core, "Ring", None) is None:
+        return   # the compiled core's layout is checked where it is built
+    import os
+    import socket as socket_module
+
+    from hintens.transport import ring as transport_ring
+
+    a, b = socket_module.socketpair()
+    try:
+        ring, fd = transport_ring.create(4096, a)
+        os.close(fd)
+        shared = ring._shared()
+        assert bytes(shared[:16]) == _ring.encode_switch(4096)   # the server's header
+        assert len(shared) == layout["header_bytes"] + 2 * 4096
+        del shared
+    finally:
+        a.close()
+        b.close()

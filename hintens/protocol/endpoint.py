@@ -171,8 +171,9 @@ class Endpoint(Lending, Sending):
         # The shared-memory ring (protocol/ring.py): what the driver must do next for it.
         self.ring_capacity = _ring.check_capacity(ring_capacity) if ring_capacity else 0
         #: ("offer", capacity): create a ring and send HRNG with its memfd, then write to it;
-        #: ("accept", fd, capacity): map the peer's, read from it, send HRNG, write to it;
-        #: ("read",): read from the ring. The driver takes it (sets None) and does it before
+        #: ("accept", fd, capacity): map the peer's, read from it, send HRNG (with the fd
+        #: back), write to it; ("read", fd): check that the client sent our ring's fd back,
+        #: and read from the ring. The driver takes it (sets None) and does it before
         #: it reads again.
         self.ring_step: tuple[Any, ...] | None = None
         self._ring_state = 0   # 0: none yet; 1: offered (server); 2: switched (HRNG received)
@@ -421,8 +422,10 @@ class Endpoint(Lending, Sending):
         if self.ring_capacity:   # the server: the client answers our offer
             if self._ring_state != 1 or capacity != self.ring_capacity:
                 return ProtocolError("the client's HRNG answers no ring offer of ours")
+            if not fds:
+                return ProtocolError("the client's HRNG came without the ring's descriptor")
             self._ring_state = 2
-            self.ring_step = ("read",)
+            self.ring_step = ("read", fds.pop(0))
             return None
         if self._ring_state:
             return ProtocolError("a second HRNG from the server")

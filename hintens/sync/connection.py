@@ -108,6 +108,7 @@ class Connection:
         channel.on_queued = FLUSHER.schedule
         endpoint.on_writes = control_waker(channel, endpoint.outgoing)
         self._receive_timeout = _UNSET
+        self._ring_file: tuple[int, int] | None = None   # (st_dev, st_ino) of a ring we made
 
     # Reading -------------------------------------------------------------------------------
 
@@ -180,17 +181,28 @@ class Connection:
             if step[0] == "offer":
                 ring, fd = _ring.create(step[1], self.sock)
                 try:
+                    self._ring_file = _ring.identity(fd)
                     channel.switch_tx(ring, endpoint.ring_frame(step[1]), fd)
                 finally:
                     os.close(fd)
             elif step[0] == "accept":
                 try:
                     ring = _ring.attach(step[1], step[2], self.sock)
+                    channel.switch_rx(ring)
+                    # Our HRNG carries the ring's descriptor back: the kernel then ends the
+                    # server's read at its last byte, so no carrier after it is read as
+                    # stream bytes (and the server sees we mapped its ring).
+                    channel.switch_tx(ring, endpoint.ring_frame(step[2]), step[1])
                 finally:
                     os.close(step[1])
-                channel.switch_rx(ring)
-                channel.switch_tx(ring, endpoint.ring_frame(step[2]))
             else:
+                try:
+                    same = _ring.identity(step[1]) == self._ring_file
+                finally:
+                    os.close(step[1])
+                if not same:
+                    raise ProtocolError("the client's HRNG came with another descriptor than "
+                                        "the ring's")
                 channel.switch_rx(channel.ring)
         except ShmError as error:
             items.append(ProtocolError(f"the shared-memory ring could not be set up: {error}"))

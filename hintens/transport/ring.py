@@ -51,6 +51,12 @@ def create(capacity: int, sock: socket.socket) -> tuple[Any, int]:
     return ring, fd
 
 
+def identity(fd: int) -> tuple[int, int]:
+    """``(st_dev, st_ino)`` of the file ``fd`` names: the same for every descriptor of it."""
+    info = os.fstat(fd)
+    return info.st_dev, info.st_ino
+
+
 def attach(fd: int, capacity: int, sock: socket.socket) -> Any:
     """Map the peer's ring from ``fd`` (which stays the caller's to close).
 

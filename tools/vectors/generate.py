@@ -758,12 +758,54 @@ def decisions() -> list:
     return cases
 
 
+# --- ring.json ------------------------------------------------------------------------------
+
+def ring_switch(capacity: int, version: int = 1, magic: bytes = b"HRNG") -> bytes:
+    return magic + struct.pack("<IQ", version, capacity)
+
+
+def ring_file() -> dict:
+    switches = []
+
+    def add(name, rule, payload, capacity):
+        switches.append({"name": name, "rule": rule, "payload": payload.hex(),
+                         "valid": capacity is not None, "capacity": capacity})
+
+    for capacity in (4096, 8192, 256 * 1024, 64 * 1024 * 1024):
+        add(f"capacity_{capacity}", "9b: the switch", ring_switch(capacity), capacity)
+    add("capacity_2048", "9b: capacity from 4096", ring_switch(2048), None)
+    add("capacity_128_mib", "9b: capacity to 67108864", ring_switch(128 << 20), None)
+    add("capacity_not_power_of_two", "9b: a power of two", ring_switch(3 * 4096), None)
+    add("capacity_zero", "9b: a power of two", ring_switch(0), None)
+    add("capacity_u64_max", "9b: a power of two", ring_switch(U64_MAX), None)
+    add("layout_version_2", "9b: layout version 1", ring_switch(4096, version=2), None)
+    add("layout_version_0", "9b: layout version 1", ring_switch(4096, version=0), None)
+    add("short", "9b: a 16-byte payload", ring_switch(4096)[:15], None)
+    add("trailing_byte", "9b: a 16-byte payload", ring_switch(4096) + b"\x00", None)
+    layout = {"header_bytes": 4096, "magic_offset": 0, "version_offset": 4,
+              "capacity_offset": 8, "direction_stride": 256,
+              "tail": 64, "carriers": 72, "closed": 80, "head": 128,
+              "consumer_sleeps": 192, "producer_sleeps": 196,
+              "data": "4096 + d * capacity", "memfd_bytes": "4096 + 2 * capacity",
+              "feature_bit": 4, "carrier_bytes": 8}
+    carriers = [{"name": f"offset_{offset}", "offset": offset,
+                 "bytes": struct.pack("<Q", offset).hex()}
+                for offset in (0, 1, 4096, 0x0102030405060708, U64_MAX)]
+    header = {"name": "header_256_kib", "capacity": 256 * 1024,
+              "bytes": (b"HRNG" + struct.pack("<IQ", 1, 256 * 1024)).hex()}
+    return {"description": "the shared-memory ring: HRNG payloads, the memfd's layout (offsets "
+                           "of direction d's fields are the given ones + d * direction_stride), "
+                           "its header, and descriptor carriers",
+            "spec": "section 9b", "switches": switches, "layout": layout,
+            "header": header, "carriers": carriers}
+
+
 # --- output -----------------------------------------------------------------------------------
 
 FILES = {"crc16.json": crc_file, "headers.json": header_file, "frames.json": frame_file,
          "malformed.json": malformed_file, "hellos.json": hello_file,
          "control.json": control_file, "errors.json": error_file,
-         "descriptors.json": descriptor_file}
+         "descriptors.json": descriptor_file, "ring.json": ring_file}
 
 
 def main() -> None:
