@@ -43,11 +43,17 @@ $(DOCS_INSTALLED): $(INSTALLED)
 	touch $@
 
 # The suite runs twice: with the compiled core, then with its pure-Python twin (the slow 1 GiB
-# test only once; core tests that need the extension skip in the second pass).
+# test only once; core tests that need the extension skip in the second pass). Then the ring
+# pass: the socket tests of these modules again, every Client and Server asking for the
+# shared-memory ring (tests/conftest.py).
+RING_PASS_TESTS := tests/test_client_server.py tests/test_batching.py tests/test_shm_transfer.py \
+    tests/test_pool.py tests/test_codecs.py tests/test_races.py tests/test_slow_consumers.py \
+    tests/test_shm_waits.py
 test: $(INSTALLED) crc-check ports-check
 	$(PY) -m mypy
 	$(PY) -m pytest
 	HINTENS_NO_EXTENSIONS=1 $(PY) -m pytest -q -m "not slow" -p no:cacheprovider
+	HINTENS_TEST_RING=1 $(PY) -m pytest -q -m "not slow" -p no:cacheprovider $(RING_PASS_TESTS)
 
 # Sanitizers where the compiler has their runtime; a plain optimised build elsewhere. Three
 # builds of the harness: as shipped; with the 512-bit kernel's aligned start used from 256 bytes

@@ -206,7 +206,7 @@ def _serve(args: argparse.Namespace) -> int:
         addresses = ([args.socket] if args.socket else []) + args.listen
         server = Server(addresses or None, handler, on_event=on_event, mode=mode,
                         allow_uids=args.allow_uid, allow_gids=args.allow_gid,
-                        ssl_context=_server_tls(args))
+                        ssl_context=_server_tls(args), ring=args.ring)
 
         def stop(signum: int, frame: Any) -> None:
             server.shutdown()
@@ -259,7 +259,7 @@ def _send(args: argparse.Namespace) -> int:
     data = _payload(args.data)
     with Client(args.connect or args.socket, timeout=args.timeout, connect_timeout=args.timeout,
                 ssl_context=_client_tls(args),
-                server_uids=args.server_uid) as client:
+                server_uids=args.server_uid, ring=args.ring) as client:
         if args.event:
             client.send_event(data)
             return 0
@@ -333,6 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="called as function(payload, connection) for each Event "
                             "(default: Events are dropped unread)")
     serve.add_argument("--mode", default="600", help="socket file mode, octal (default 600)")
+    serve.add_argument("--ring", action="store_true",
+                       help="offer a shared-memory ring to clients that ask for one (Unix "
+                            "sockets): frames then travel through shared memory")
     serve.add_argument("--allow-uid", type=int, action="append", default=[], metavar="UID",
                        help="also accept clients with this uid (repeatable)")
     serve.add_argument("--allow-gid", type=int, action="append", default=[], metavar="GID",
@@ -363,6 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
     _tls_arguments(send, server=False)
     send.add_argument("--event", action="store_true", help="send an Event; expect no reply")
+    send.add_argument("--ring", action="store_true",
+                      help="ask for a shared-memory ring (a server started with --ring)")
     send.add_argument("--server-uid", type=int, action="append", default=[], metavar="UID",
                       help="also trust a server running as this uid (repeatable; by default "
                            "only our own uid and root are trusted)")

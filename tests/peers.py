@@ -21,10 +21,22 @@ HEADER = struct.Struct(">HHIHIHQ")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+RING_PASS = os.environ.get("HINTENS_TEST_RING", "") not in ("", "0")
+
+
+def ring_by_default() -> None:
+    """Make ``ring=True`` the default of hintens.Client and hintens.Server in this process
+    (the ring pass of the suite, tests/conftest.py)."""
+    import hintens
+
+    for cls in (hintens.Client, hintens.Server):
+        cls.__init__.__kwdefaults__["ring"] = True
+
+
 def start_server(path: str, *extra: str, handler: str = "tests.handlers:command"):
     """`hintens serve` in its own process, listening when this returns."""
     argv = [sys.executable, "-m", "hintens", "serve", "--socket", path, "--handler", handler,
-            *extra]
+            *extra, *(["--ring"] if RING_PASS else [])]
     return _spawn(argv, path)
 
 
@@ -32,6 +44,8 @@ def start_server_with(path: str, handler: str = "tests.handlers:command", **opti
     """A hintens Server with ``options`` (keyword arguments, as Python literals) in its own
     process, listening when this returns; stop it with ``stop_server``."""
     module, _, function = handler.partition(":")
+    if RING_PASS:
+        options.setdefault("ring", True)
     script = (
         "import importlib, logging, signal, sys, hintens\n"
         "logging.basicConfig(level=logging.INFO)\n"

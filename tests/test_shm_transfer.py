@@ -129,7 +129,7 @@ def test_shared_memory_can_be_declined(sock_path):
     with hintens.Server(sock_path, shm=False).start():
         with hintens.Client(sock_path) as client:
             reply = client.request(bytes(MIB))
-            assert type(reply.obj) is bytes and client.peer_hello.features == 0
+            assert type(reply.obj) is bytes and not client.peer_hello.features & FEATURE_SHM
 
 
 # Hostile peers -------------------------------------------------------------------------------

@@ -411,10 +411,9 @@ class ClientDriver:
             self._cond.notify_all()
 
     def _pump_events(self) -> None:
-        poller = select.poll()
-        poller.register(self._sock.fileno(), select.POLLIN)
+        wait_readable = self._channel.wait_readable   # the socket's, or the ring's
         while True:
-            ready = poller.poll(250)
+            ready = wait_readable(0.25)
             with self._lock:
                 if self._closed_reason is not None:
                     return

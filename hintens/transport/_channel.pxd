@@ -78,7 +78,8 @@ cdef extern from "_ring.h" nogil:
     void hx_ring_count_carrier(hx_ring *r)
     void hx_ring_close_tx(hx_ring *r)
     void hx_ring_shut(hx_ring *r)
-    int hx_ring_wait_readable(hx_ring *r, long long deadline_ns)
+    int hx_ring_peer_ended_quietly(hx_ring *r)
+    int hx_ring_wait_readable(hx_ring *r, long long deadline_ns, int may_spin)
     int hx_ring_wait_writable(hx_ring *r, long long deadline_ns)
 
 

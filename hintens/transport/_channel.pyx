@@ -139,6 +139,15 @@ cdef extern from "sys/socket.h" nogil:
     const int MSG_DONTWAIT
 
 
+cdef extern from "poll.h" nogil:
+    struct pollfd:
+        int fd
+        short events
+        short revents
+    int poll(pollfd *fds, unsigned long count, int timeout)
+    const short POLLIN
+
+
 cdef extern from "fcntl.h" nogil:
     int fcntl(int fd, int command, int argument)
     const int F_DUPFD_CLOEXEC
@@ -319,6 +328,8 @@ cdef class Channel(Outbox):
             ValueError: the channel already reads from a ring, or ``ring`` is not the one
                 it writes to.
         """
+        if self._fd < 0:
+            raise OSError(EBADF, "the channel is closed")
         if self._ring_rx:
             raise ValueError("this channel already reads from a ring")
         if self.ring is not None and ring is not self.ring:
@@ -328,6 +339,35 @@ cdef class Channel(Outbox):
                 "the peer sent bytes on the socket after its ring switch frame (HRNG)")
         self.ring = ring
         self._ring_rx = True
+
+    def wait_readable(self, double timeout):
+        """Wait up to ``timeout`` seconds, without reading, until a read would not wait:
+        bytes have arrived, or the stream ended or broke. Over a ring it watches the ring
+        (without spinning: the reader spins); otherwise it polls the socket.
+
+        Returns:
+            True when a read would not wait; False at the timeout.
+        """
+        cdef int state
+        cdef long long deadline
+        cdef pollfd watched
+        cdef int found
+        cdef Ring ring = self.ring   # held while we wait: close() may drop the channel's
+        if self._fd < 0 or (self._ring_rx and ring is None):
+            return True
+        if self._ring_rx:
+            if hx_ring_readable(&ring.r) != 0 or hx_ring_peer_closed(&ring.r):
+                return True
+            deadline = hx_ring_now_ns() + <long long>(timeout * 1e9)
+            with nogil:
+                state = hx_ring_wait_readable(&ring.r, deadline, 0)
+            return state != HX_WAIT_TIMEOUT
+        watched.fd = self._fd
+        watched.events = POLLIN
+        watched.revents = 0
+        with nogil:
+            found = poll(&watched, 1, <int>(timeout * 1000))
+        return found != 0
 
     cdef Py_ssize_t _ring_read(self, iovec *vectors, int count, int flags) except -2:
         # As recvmsg: bytes copied out of the ring into vectors (0: the end of the stream), or
@@ -339,6 +379,9 @@ cdef class Channel(Outbox):
         cdef long long deadline
         cdef size_t want = 0, took
         cdef int i, fd
+        if ring is None:   # closed meanwhile
+            errno_set(EBADF)
+            return -1
         for i in range(count):
             want += vectors[i].iov_len
         while True:
@@ -362,7 +405,7 @@ cdef class Channel(Outbox):
                 return -1
             with nogil:
                 deadline = _socket_deadline(self._fd, SO_RCVTIMEO)
-                state = hx_ring_wait_readable(&ring.r, deadline)
+                state = hx_ring_wait_readable(&ring.r, deadline, 1)
             if state == HX_WAIT_TIMEOUT:
                 errno_set(EAGAIN)
                 return -1

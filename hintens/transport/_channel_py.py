@@ -13,6 +13,7 @@ from __future__ import annotations
 import bisect
 import errno
 import os
+import select
 import socket
 import struct
 from time import monotonic
@@ -121,6 +122,20 @@ class Channel(Outbox):
         """Close every received descriptor nobody claimed."""
         while self.fds:
             os.close(self.fds.pop())
+
+    def wait_readable(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds, without reading, until a read would not wait
+        (bytes arrived, or the stream ended or broke): a poll of the socket.
+
+        Returns:
+            True when a read would not wait; False at the timeout.
+        """
+        fd = self.fileno()
+        if fd < 0:
+            return True
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        return bool(poller.poll(timeout * 1000))
 
     def receive(self, flags: int = 0) -> list[Frame] | None:
         """One recv, decoded: the frames it completed (maybe none), or None at end of stream.

@@ -72,6 +72,7 @@ typedef struct {
     uint64_t rx_tail_seen;        /* the producer's tail, last validated */
     int shut;                     /* closed here: waiters leave at once */
     long long rx_spin_ns, tx_spin_ns;   /* adaptive spin budgets */
+    long long peer_seen_ns;       /* when we last took its bytes or saw it take ours */
     /* Counters for stats and tests. */
     uint64_t futex_waits, futex_wakes, spins_won;
 } hx_ring;
@@ -144,7 +145,10 @@ static inline int64_t hx_ring_writable(hx_ring *r) {
     uint64_t head = __atomic_load_n(HX_U64(r->tx_block, HX__HEAD), __ATOMIC_ACQUIRE);
     if (head - r->tx_head_seen > r->tx_tail - r->tx_head_seen)
         return -1;
-    r->tx_head_seen = head;
+    if (head != r->tx_head_seen) {
+        r->tx_head_seen = head;
+        r->peer_seen_ns = hx_ring_now_ns();
+    }
     return (int64_t)(r->capacity - (r->tx_tail - head));
 }
 
@@ -162,6 +166,7 @@ static inline size_t hx_ring_take(hx_ring *r, const struct iovec *iov, int iovcn
         done += want;
     }
     r->rx_head += done;
+    r->peer_seen_ns = hx_ring_now_ns();
     __atomic_store_n(HX_U64(r->rx_block, HX__HEAD), r->rx_head, __ATOMIC_RELEASE);
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
     uint32_t *sleeps = HX_U32(r->rx_block, HX__PSLEEP);
@@ -236,6 +241,20 @@ static inline int hx_ring_socket_ended(hx_ring *r) {
     return (p.revents & (POLLHUP | POLLERR | POLLRDHUP | POLLNVAL)) != 0;
 }
 
+/* Before a write: a peer whose indices have not moved for a millisecond may be dead (a
+ * SIGKILL wakes nobody), and what we write would go to nobody while the caller takes it as
+ * sent. One poll of the socket then tells; a busy pair never pays it. */
+#define HX_RING_QUIET_NS 1000000LL
+static inline int hx_ring_peer_ended_quietly(hx_ring *r) {
+    long long now = hx_ring_now_ns();
+    if (now - r->peer_seen_ns < HX_RING_QUIET_NS)
+        return 0;
+    if (hx_ring_socket_ended(r))
+        return 1;
+    r->peer_seen_ns = now;
+    return 0;
+}
+
 enum { HX_WAIT_READY = 0, HX_WAIT_TIMEOUT = 1, HX_WAIT_ENDED = 2, HX_WAIT_SHUT = 3,
        HX_WAIT_CORRUPT = 4 };
 
@@ -245,11 +264,13 @@ enum { HX_WAIT_READY = 0, HX_WAIT_TIMEOUT = 1, HX_WAIT_ENDED = 2, HX_WAIT_SHUT =
  * passed (TIMEOUT). Spins first, for a budget that grows while spinning pays and shrinks
  * while it does not, and only while fewer than hx_ring_max_spinners threads of this process
  * spin; then sleeps on the futex word, looking at the socket every HX_RING_LIVENESS_NS. */
-static inline int hx_ring_wait_readable(hx_ring *r, long long deadline_ns) {
+static inline int hx_ring_wait_readable(hx_ring *r, long long deadline_ns, int may_spin) {
     uint32_t *sleeps = HX_U32(r->rx_block, HX__CSLEEP);
     long long start = hx_ring_now_ns(), now = start;
     int64_t ready;
-    if (r->rx_spin_ns > 0
+    if (!may_spin) {
+        /* A waiter that only watches (an event pump) leaves the spinning to the reader. */
+    } else if (r->rx_spin_ns > 0
             && __atomic_add_fetch(&hx_ring_spinners, 1, __ATOMIC_RELAXED) <= hx_ring_max_spinners) {
         long long until = start + r->rx_spin_ns;
         if (deadline_ns >= 0 && until > deadline_ns)
@@ -307,6 +328,8 @@ static inline int hx_ring_wait_readable(hx_ring *r, long long deadline_ns) {
         }
     }
     /* Spinning would have paid if the bytes came within its budget: spin next time. */
+    if (!may_spin)
+        return HX_WAIT_READY;
     now = hx_ring_now_ns();
     if (now - start <= HX_RING_SPIN_MAX_NS)
         r->rx_spin_ns = HX_RING_SPIN_MAX_NS;

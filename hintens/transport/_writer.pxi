@@ -51,6 +51,9 @@ cdef class Writer:
                 self._drop_fds()
                 if self.ring is not None:
                     hx_ring_shut(&self.ring.r)
+                    # The mapping goes once no waiter holds it (each holds the Ring while it
+                    # waits): a closed channel kept alive keeps no shared memory.
+                    self.ring = None
                 self._sock.close()
         finally:
             PyThread_release_lock(self._send_lock)
@@ -449,13 +452,16 @@ cdef class Writer:
         cdef ssize_t sent
         cdef int k
         cdef unsigned char carrier[8]
+        if ring is None:
+            errno_set(EBADF)
+            return -1
         for i in range(count):
             total += iov[i].iov_len
         while True:
             if ring.r.shut:
                 errno_set(EBADF)
                 return -1
-            if hx_ring_peer_closed(&ring.r):
+            if hx_ring_peer_closed(&ring.r) or hx_ring_peer_ended_quietly(&ring.r):
                 errno_set(EPIPE)
                 return -1
             room = hx_ring_writable(&ring.r)

@@ -1,0 +1,253 @@
+"""The shared-memory ring (docs/PROTOCOL.md section 9b) between real processes: negotiation,
+traffic of every shape through it, timeouts, ends (close, SIGKILL either side), and idle CPU.
+The suite's ring pass (HINTENS_TEST_RING=1, tests/conftest.py) runs the socket tests of
+several modules again with the ring on; hostile peers are in tests/test_ring_hostile.py."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+import hintens
+from hintens import _impl
+from hintens.protocol.hello import FEATURE_RING
+
+from .peers import memfd_mappings, start_server_with, stop_server, wait_until
+
+COMPILED = getattr(_impl.core, "Ring", None) is not None
+needs_ring = pytest.mark.skipif(not COMPILED, reason="the ring needs the compiled core")
+MIB = 1 << 20
+
+
+def ring_maps(pid="self") -> int:
+    """Mappings of a ring memfd in the process."""
+    with open(f"/proc/{pid}/maps") as maps:
+        return sum("hintens-ring" in line for line in maps)
+
+
+def cpu_seconds(pid) -> float:
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.fixture
+def ring_server(sock_path):
+    process = start_server_with(sock_path, ring=True)
+    yield process
+    stop_server(process, signal.SIGKILL)
+
+
+def test_the_ring_is_negotiated_only_when_both_sides_ask(sock_path):
+    with hintens.Server(sock_path, ring=True).start() as server:
+        with hintens.Client(sock_path, ring=True) as client:
+            assert bytes(client.request(b"one")) == b"one"
+            wait_until(lambda: client._conn.channel.ring is not None, 2)
+            assert bool(client.peer_hello.features & FEATURE_RING) is COMPILED
+            assert (client._conn.channel.ring is not None) is COMPILED
+            (connection,) = server.connections
+            assert (connection._channel.ring is not None) is COMPILED
+        with hintens.Client(sock_path) as client:   # the client did not ask
+            assert bytes(client.request(b"two")) == b"two"
+            assert client._conn.channel.ring is None
+    with hintens.Server(sock_path).start():           # the server does not offer
+        with hintens.Client(sock_path, ring=True) as client:
+            assert bytes(client.request(b"three")) == b"three"
+            assert not client.peer_hello.features & FEATURE_RING
+            assert client._conn.channel.ring is None
+
+
+@needs_ring
+@pytest.mark.parametrize("shm", [True, False])
+def test_every_size_goes_through_the_ring_byte_exact(ring_server, sock_path, shm):
+    # Larger than the ring (256 KiB) inline: frames span many fills of it.
+    sizes = [0, 1, 64, 64 * 1024 - 1, 64 * 1024, 300 * 1024, MIB, 8 * MIB]
+    with hintens.Client(sock_path, ring=True, shm=shm, max_payload=16 * MIB) as client:
+        for size in sizes:
+            payload = os.urandom(size)
+            assert bytes(client.request(b"echo:" + payload)) == payload, size
+        assert client._conn.channel.ring is not None
+        stats = client._conn.channel.ring.stats()
+        assert stats["written"] > 9 * MIB or shm
+        assert client.stats["shm_bytes_sent"] > 0 or not shm
+
+
+@needs_ring
+def test_pipelined_requests_events_both_ways_and_codecs(sock_path):
+    received = []
+    done = threading.Event()
+
+    def on_event(payload, connection):
+        received.append(bytes(payload))
+        if len(received) == 1000:
+            done.set()
+
+    pushed = []
+    got_push = threading.Event()
+
+    def on_push(payload):
+        pushed.append(bytes(payload))
+        if len(pushed) == 100:
+            got_push.set()
+
+    with hintens.Server(sock_path, lambda p: bytes(p)[::-1], on_event=on_event,
+                        ring=True).start() as server:
+        with hintens.Client(sock_path, ring=True, on_event=on_push) as client:
+            replies = client.request_many([b"%d" % i for i in range(1000)])
+            assert [bytes(r) for r in replies] == [(b"%d" % i)[::-1] for i in range(1000)]
+            for i in range(1000):
+                client.send_event(b"e%d" % i)
+            client.flush()
+            assert done.wait(10) and received == [b"e%d" % i for i in range(1000)]
+            (connection,) = server.connections
+            for i in range(100):
+                connection.send_event(b"p%d" % i)
+            assert got_push.wait(10) and pushed == [b"p%d" % i for i in range(100)]
+            assert client._conn.channel.ring is not None
+    with hintens.Server(sock_path, lambda value: value, codec="json", ring=True).start():
+        with hintens.Client(sock_path, codec="json", ring=True) as client:
+            assert client.request({"a": [1, 2.5, "x"]}) == {"a": [1, 2.5, "x"]}
+
+
+@needs_ring
+def test_a_reply_late_past_the_timeout_raises_timeout_and_the_ring_stays_usable(
+        ring_server, sock_path):
+    with hintens.Client(sock_path, ring=True) as client:
+        assert bytes(client.request(b"echo:a")) == b"a"
+        started = time.monotonic()
+        with pytest.raises(hintens.Timeout):
+            client.request(b"sleep:1:late", timeout=0.2)
+        assert time.monotonic() - started < 0.9
+        assert bytes(client.request(b"echo:b", timeout=5)) == b"b"
+        assert client._conn.channel.ring is not None
+
+
+@needs_ring
+def test_a_killed_server_fails_the_waiting_client_promptly_and_frees_the_ring(sock_path):
+    process = start_server_with(sock_path, ring=True)
+    try:
+        client = hintens.Client(sock_path, ring=True)
+        assert bytes(client.request(b"echo:x")) == b"x"
+        assert ring_maps() == 1
+        failure = []
+
+        def wait_for_reply():
+            try:
+                client.request(b"sleep:30:never")
+            except hintens.HintensError as error:
+                failure.append((error, time.monotonic()))
+
+        waiter = threading.Thread(target=wait_for_reply)
+        waiter.start()
+        time.sleep(0.2)
+        killed = time.monotonic()
+        process.kill()
+        waiter.join(5)
+        assert not waiter.is_alive()
+        (error, when), = failure
+        assert isinstance(error, hintens.ConnectionClosed)
+        assert when - killed < 1.0   # the liveness interval is 50 ms
+        client.close()
+        assert ring_maps() == 0 and not memfd_mappings()
+    finally:
+        stop_server(process, signal.SIGKILL)
+
+
+CLIENT_SCRIPT = """
+import sys, hintens
+client = hintens.Client(sys.argv[1], ring=True)
+assert bytes(client.request(b"echo:up")) == b"up"
+assert client._conn.channel.ring is not None
+print("ready", flush=True)
+client.request(b"sleep:30:never")
+"""
+
+
+@needs_ring
+def test_a_killed_client_frees_the_servers_ring_and_the_server_serves_on(ring_server,
+                                                                         sock_path):
+    client = subprocess.Popen([sys.executable, "-c", CLIENT_SCRIPT, sock_path],
+                              stdout=subprocess.PIPE)
+    try:
+        assert client.stdout.readline() == b"ready\n"
+        assert wait_until(lambda: ring_maps(ring_server.pid) == 1, 5)
+        client.kill()
+        client.wait()
+        # The handler sleeps 30 s; the connection's end is seen, and its ring unmapped, once
+        # it returns at the latest. Meanwhile new clients are served.
+        with hintens.Client(sock_path, ring=True) as other:
+            assert bytes(other.request(b"echo:still")) == b"still"
+    finally:
+        client.kill()
+        client.wait()
+        client.stdout.close()
+
+
+@needs_ring
+def test_closing_the_client_wakes_a_thread_waiting_in_the_ring(ring_server, sock_path):
+    client = hintens.Client(sock_path, ring=True)
+    assert bytes(client.request(b"echo:x")) == b"x"
+    failure = []
+
+    def wait_for_reply():
+        try:
+            client.request(b"sleep:30:never")
+        except hintens.HintensError as error:
+            failure.append(error)
+
+    waiter = threading.Thread(target=wait_for_reply)
+    waiter.start()
+    time.sleep(0.2)
+    client.close()
+    waiter.join(5)
+    assert not waiter.is_alive() and isinstance(failure[0], hintens.ConnectionClosed)
+    assert ring_maps() == 0
+
+
+@needs_ring
+def test_a_server_that_stops_frees_every_ring(sock_path):
+    server = hintens.Server(sock_path, ring=True).start()
+    clients = [hintens.Client(sock_path, ring=True) for _ in range(4)]
+    for client in clients:
+        assert bytes(client.request(b"x")) == b"x"
+    assert wait_until(lambda: ring_maps() == 8, 5)   # both sides live in this process
+    server.close()
+    for client in clients:
+        with pytest.raises(hintens.ConnectionClosed):
+            client.request(b"y", timeout=5)
+        client.close()
+    assert wait_until(lambda: ring_maps() == 0, 5)
+
+
+IDLE_SCRIPT = """
+import sys, time, hintens
+client = hintens.Client(sys.argv[1], ring=True)
+assert bytes(client.request(b"echo:up")) == b"up"
+assert client._conn.channel.ring is not None
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+
+@needs_ring
+@pytest.mark.slow
+def test_an_idle_connected_pair_costs_no_measurable_cpu(ring_server, sock_path):
+    client = subprocess.Popen([sys.executable, "-c", IDLE_SCRIPT, sock_path],
+                              stdout=subprocess.PIPE)
+    try:
+        assert client.stdout.readline() == b"ready\n"
+        time.sleep(0.5)   # past the spins that follow the last message
+        before = cpu_seconds(client.pid) + cpu_seconds(ring_server.pid)
+        time.sleep(10)
+        used = cpu_seconds(client.pid) + cpu_seconds(ring_server.pid) - before
+        assert used < 0.1, f"{used:.3f} s of CPU in 10 s"   # under 1% of a core
+    finally:
+        client.kill()
+        client.wait()
+        client.stdout.close()
