@@ -475,10 +475,7 @@ class Server(ServerBase):
         for connection in starting:   # accepted but not serving yet: nothing is in flight
             connection.close()
         for connection in self.connections:
-            try:
-                connection._sock.shutdown(socket.SHUT_RD)   # queued requests still get read
-            except OSError:
-                pass
+            connection._channel.stop_reading()   # queued requests still get read
         me = threading.current_thread()
         for connection in self.connections:
             if connection.thread is not None and connection.thread is not me:

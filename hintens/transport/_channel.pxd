@@ -31,6 +31,7 @@ cdef extern from "sys/socket.h" nogil:
     ssize_t recvmsg(int fd, msghdr *message, int flags)
     int shutdown(int fd, int how)
     const int SHUT_RDWR
+    const int SHUT_RD
     ssize_t sendmsg(int fd, const msghdr *message, int flags)
     cmsghdr *CMSG_FIRSTHDR(msghdr *message)
     cmsghdr *CMSG_NXTHDR(msghdr *message, cmsghdr *header)
@@ -72,12 +73,14 @@ cdef extern from "_ring.h" nogil:
     int64_t hx_ring_readable(hx_ring *r)
     int64_t hx_ring_writable(hx_ring *r)
     int hx_ring_peer_closed(hx_ring *r)
+    int hx_ring_rx_ended(hx_ring *r)
     uint64_t hx_ring_carriers(hx_ring *r)
     size_t hx_ring_take(hx_ring *r, const iovec *iov, int iovcnt, size_t n)
     size_t hx_ring_put(hx_ring *r, const iovec *iov, int iovcnt, size_t room)
     void hx_ring_count_carrier(hx_ring *r)
     void hx_ring_close_tx(hx_ring *r)
     void hx_ring_shut(hx_ring *r)
+    void hx_ring_stop_reading(hx_ring *r)
     int hx_ring_peer_ended_quietly(hx_ring *r)
     int hx_ring_wait_readable(hx_ring *r, long long deadline_ns, int may_spin)
     int hx_ring_wait_writable(hx_ring *r, long long deadline_ns)

@@ -340,6 +340,15 @@ cdef class Channel(Outbox):
         self.ring = ring
         self._ring_rx = True
 
+    def stop_reading(self):
+        """Read what has arrived, then see the end of the stream (``shutdown(SHUT_RD)``, and
+        over a ring its equivalent): a server that closes still answers what was sent."""
+        cdef Ring ring = self.ring
+        if self._fd >= 0:
+            shutdown(self._fd, SHUT_RD)
+        if ring is not None:
+            hx_ring_stop_reading(&ring.r)
+
     def wait_readable(self, double timeout):
         """Wait up to ``timeout`` seconds, without reading, until a read would not wait:
         bytes have arrived, or the stream ended or broke. Over a ring it watches the ring
@@ -356,7 +365,7 @@ cdef class Channel(Outbox):
         if self._fd < 0 or (self._ring_rx and ring is None):
             return True
         if self._ring_rx:
-            if hx_ring_readable(&ring.r) != 0 or hx_ring_peer_closed(&ring.r):
+            if hx_ring_readable(&ring.r) != 0 or hx_ring_rx_ended(&ring.r):
                 return True
             deadline = hx_ring_now_ns() + <long long>(timeout * 1e9)
             with nogil:
@@ -393,7 +402,7 @@ cdef class Channel(Outbox):
             if ring.r.shut:
                 errno_set(EBADF)
                 return -1
-            if hx_ring_peer_closed(&ring.r):
+            if hx_ring_rx_ended(&ring.r):
                 ready = hx_ring_readable(&ring.r)   # what it published before it closed
                 if ready > 0:
                     break

@@ -123,6 +123,14 @@ class Channel(Outbox):
         while self.fds:
             os.close(self.fds.pop())
 
+    def stop_reading(self) -> None:
+        """Read what has arrived, then see the end of the stream (``shutdown(SHUT_RD)``): a
+        server that closes still answers what was sent."""
+        try:
+            self._sock.shutdown(socket.SHUT_RD)
+        except OSError:
+            pass
+
     def wait_readable(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds, without reading, until a read would not wait
         (bytes arrived, or the stream ended or broke): a poll of the socket.

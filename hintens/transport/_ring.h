@@ -13,8 +13,11 @@
  *     +8    carriers  u64  descriptor carriers the producer has sent on the socket, ever
  *     +16   closed    u32  1: the producer wrote its last byte
  *     +64   head      u64  bytes the consumer has taken, ever
- *     +128  consumer_sleeps  u32 futex word: 1 while the consumer sleeps (or is about to)
- *     +132  producer_sleeps  u32 futex word: 1 while the producer waits for room
+ *     +128  consumer_sleeps  u32 futex word: 1 once the consumer announced it sleeps
+ *     +132  producer_sleeps  u32 futex word: 1 once the producer announced it waits for room
+ * A waiter never clears its word: only the other side does, with the exchange that decides
+ * its FUTEX_WAKE. So one waiter's timeout cannot erase another's announcement (two threads
+ * may wait on one direction: a reader and an event pump); a stale 1 costs one wake.
  * Offset 0 holds the magic "HRNG", the layout version (u32, 1) and the capacity (u64).
  * The data of direction d: `capacity` bytes at 4096 + d * capacity.
  */
@@ -71,6 +74,7 @@ typedef struct {
     uint64_t rx_head;             /* ours: published as rx_block+HEAD */
     uint64_t rx_tail_seen;        /* the producer's tail, last validated */
     int shut;                     /* closed here: waiters leave at once */
+    int rx_stopped;               /* stop_reading: what is published is the last we read */
     long long rx_spin_ns, tx_spin_ns;   /* adaptive spin budgets */
     long long peer_seen_ns;       /* when we last took its bytes or saw it take ours */
     /* Counters for stats and tests. */
@@ -134,6 +138,19 @@ static inline int64_t hx_ring_readable(hx_ring *r) {
 
 static inline int hx_ring_peer_closed(hx_ring *r) {
     return __atomic_load_n(HX_U32(r->rx_block, HX__CLOSED), __ATOMIC_ACQUIRE) == 1;
+}
+
+/* Nothing more will be read from the ring once it is empty: the peer closed, or we stopped. */
+static inline int hx_ring_rx_ended(hx_ring *r) {
+    return hx_ring_peer_closed(r) || __atomic_load_n(&r->rx_stopped, __ATOMIC_ACQUIRE);
+}
+
+/* Read what is published, then see the end (a server draining before it closes); our
+ * waiting reader wakes. The peer is not told: its writes go on until the close. */
+static inline void hx_ring_stop_reading(hx_ring *r) {
+    __atomic_store_n(&r->rx_stopped, 1, __ATOMIC_SEQ_CST);
+    __atomic_store_n(HX_U32(r->rx_block, HX__CSLEEP), 0, __ATOMIC_SEQ_CST);
+    hx_futex_wake(HX_U32(r->rx_block, HX__CSLEEP));
 }
 
 static inline uint64_t hx_ring_carriers(hx_ring *r) {
@@ -230,15 +247,16 @@ static inline void hx_ring_shut(hx_ring *r) {
     hx_futex_wake(HX_U32(r->tx_block, HX__PSLEEP));
 }
 
-/* The socket says the peer is gone (hung up, reset, or shut its end). */
+/* The socket says the peer is gone: hung up (closed, or shut both ways) or reset. Not
+ * POLLRDHUP: our own shutdown(SHUT_RD) (stop_reading) raises it too. */
 static inline int hx_ring_socket_ended(hx_ring *r) {
     struct pollfd p;
     p.fd = r->sock;
-    p.events = POLLIN | POLLRDHUP;
+    p.events = POLLIN;
     p.revents = 0;
     if (poll(&p, 1, 0) <= 0)
         return 0;
-    return (p.revents & (POLLHUP | POLLERR | POLLRDHUP | POLLNVAL)) != 0;
+    return (p.revents & (POLLHUP | POLLERR | POLLNVAL)) != 0;
 }
 
 /* Before a write: a peer whose indices have not moved for a millisecond may be dead (a
@@ -277,7 +295,7 @@ static inline int hx_ring_wait_readable(hx_ring *r, long long deadline_ns, int m
             until = deadline_ns;
         for (unsigned k = 0;; k++) {
             ready = hx_ring_readable(r);
-            if (ready != 0 || hx_ring_peer_closed(r) || __atomic_load_n(&r->shut, __ATOMIC_RELAXED))
+            if (ready != 0 || hx_ring_rx_ended(r) || __atomic_load_n(&r->shut, __ATOMIC_RELAXED))
                 break;
             hx_cpu_relax();
             if ((k & 15) == 15 && (now = hx_ring_now_ns()) >= until)
@@ -298,8 +316,7 @@ static inline int hx_ring_wait_readable(hx_ring *r, long long deadline_ns, int m
         __atomic_store_n(sleeps, 1, __ATOMIC_SEQ_CST);
         __atomic_thread_fence(__ATOMIC_SEQ_CST);
         ready = hx_ring_readable(r);
-        if (ready != 0 || hx_ring_peer_closed(r) || __atomic_load_n(&r->shut, __ATOMIC_RELAXED)) {
-            __atomic_store_n(sleeps, 0, __ATOMIC_RELAXED);
+        if (ready != 0 || hx_ring_rx_ended(r) || __atomic_load_n(&r->shut, __ATOMIC_RELAXED)) {
             if (ready < 0)
                 return HX_WAIT_CORRUPT;
             if (ready > 0)
@@ -309,21 +326,17 @@ static inline int hx_ring_wait_readable(hx_ring *r, long long deadline_ns, int m
         now = hx_ring_now_ns();
         long long slice = HX_RING_LIVENESS_NS;
         if (deadline_ns >= 0) {
-            if (now >= deadline_ns) {
-                __atomic_store_n(sleeps, 0, __ATOMIC_RELAXED);
+            if (now >= deadline_ns)
                 return HX_WAIT_TIMEOUT;
-            }
             if (deadline_ns - now < slice)
                 slice = deadline_ns - now;
         }
         r->futex_waits++;
         int rc = hx_futex_wait(sleeps, 1, slice), error = rc < 0 ? errno : 0;
         if (error == ETIMEDOUT) {
-            __atomic_store_n(sleeps, 0, __ATOMIC_RELAXED);
             if (hx_ring_readable(r) == 0 && hx_ring_socket_ended(r))
                 return HX_WAIT_ENDED;
         } else if (error == EINTR) {
-            __atomic_store_n(sleeps, 0, __ATOMIC_RELAXED);
             return -EINTR;
         }
     }
@@ -356,32 +369,24 @@ static inline int hx_ring_wait_writable(hx_ring *r, long long deadline_ns) {
         __atomic_store_n(sleeps, 1, __ATOMIC_SEQ_CST);
         __atomic_thread_fence(__ATOMIC_SEQ_CST);
         room = hx_ring_writable(r);
-        if (room != 0) {
-            __atomic_store_n(sleeps, 0, __ATOMIC_RELAXED);
+        if (room != 0)
             return room < 0 ? HX_WAIT_CORRUPT : HX_WAIT_READY;
-        }
-        if (hx_ring_peer_closed(r)) {
-            __atomic_store_n(sleeps, 0, __ATOMIC_RELAXED);
+        if (hx_ring_peer_closed(r))
             return HX_WAIT_ENDED;
-        }
         now = hx_ring_now_ns();
         long long slice = HX_RING_LIVENESS_NS;
         if (deadline_ns >= 0) {
-            if (now >= deadline_ns) {
-                __atomic_store_n(sleeps, 0, __ATOMIC_RELAXED);
+            if (now >= deadline_ns)
                 return HX_WAIT_TIMEOUT;
-            }
             if (deadline_ns - now < slice)
                 slice = deadline_ns - now;
         }
         r->futex_waits++;
         int rc = hx_futex_wait(sleeps, 1, slice), error = rc < 0 ? errno : 0;
         if (error == ETIMEDOUT) {
-            __atomic_store_n(sleeps, 0, __ATOMIC_RELAXED);
             if (hx_ring_writable(r) == 0 && hx_ring_socket_ended(r))
                 return HX_WAIT_ENDED;
         } else if (error == EINTR) {
-            __atomic_store_n(sleeps, 0, __ATOMIC_RELAXED);
             return -EINTR;
         }
     }

@@ -433,6 +433,10 @@ cdef class Writer:
             self._send_iov(&vector, 1, (fd,) if fd >= 0 else None)
             self.ring = ring
             self._ring_tx = True
+            if self._queued:
+                # Queued while we wrote (a thread that found the lock taken left its frame to
+                # us): it goes after the switch frame, into the ring.
+                self._drain_quietly()
         finally:
             PyThread_release_lock(self._send_lock)
 
