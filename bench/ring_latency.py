@@ -133,12 +133,52 @@ def events_per_second(kind: str, path: str, count: int) -> float:
         peer.close()
 
 
+BUSY_CLIENT = """
+import sys, time, hintens
+client = hintens.Client(sys.argv[1], ring=sys.argv[2] == "ring")
+payload = bytes(64)
+client.request(payload)
+sys.stdout.write("ready\\n"); sys.stdout.flush()
+sys.stdin.readline()
+done, end = 0, time.perf_counter() + float(sys.argv[3])
+while time.perf_counter() < end:
+    client.request(payload)
+    done += 1
+print(done, flush=True)
+"""
+
+
+def busy_throughput(kind: str, path: str, clients: int, seconds: float) -> float:
+    """Round trips per second of ``clients`` client processes at once, each in a loop."""
+    import subprocess
+
+    procs = [subprocess.Popen([sys.executable, "-c", BUSY_CLIENT, path, kind, str(seconds)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+             for _ in range(clients)]
+    try:
+        for proc in procs:
+            assert proc.stdout.readline() == "ready\n"
+        for proc in procs:   # all start together
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+        return sum(int(proc.stdout.readline()) for proc in procs) / seconds
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+            proc.stdin.close()
+            proc.stdout.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--batch", type=int, default=2000)
     parser.add_argument("--events", type=int, default=200_000)
     parser.add_argument("--kinds", default=",".join(KINDS))
+    parser.add_argument("--busy", type=int, default=8,
+                        help="client processes for the busy test (0: skip it)")
+    parser.add_argument("--busy-seconds", type=float, default=3.0)
     args = parser.parse_args()
     kinds = [kind for kind in args.kinds.split(",") if kind]
     if "iceoryx2" in kinds:
@@ -150,6 +190,7 @@ def main() -> None:
     payload = os.urandom(PAYLOAD_BYTES)
     samples: dict[str, list[float]] = {kind: [] for kind in kinds}
     rates: dict[str, list[float]] = {"socket": [], "ring": []}
+    busy: dict[str, list[float]] = {"socket": [], "ring": []}
     futex: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="hintens-ring-bench-") as directory:
         servers = {}
@@ -187,6 +228,10 @@ def main() -> None:
                     if kind in kinds:
                         rates[kind].append(events_per_second(
                             kind, os.path.join(directory, kind + ".sock"), args.events))
+                        if args.busy:
+                            busy[kind].append(busy_throughput(
+                                kind, os.path.join(directory, kind + ".sock"), args.busy,
+                                args.busy_seconds))
         finally:
             for process in servers.values():
                 harness.stop(process)
@@ -209,6 +254,12 @@ def main() -> None:
             print(f"100 B Events/s, {kind}: {statistics.median(rates[kind]):,.0f}")
     if rates.get("socket") and rates.get("ring"):
         print(f"  ring / socket: {statistics.median(rates['ring']) / statistics.median(rates['socket']):.2f}x")
+    for kind in ("socket", "ring"):
+        if busy.get(kind):
+            print(f"{args.busy} busy clients, 64 B round trips/s in all, {kind}: "
+                  f"{statistics.median(busy[kind]):,.0f}")
+    if busy.get("socket") and busy.get("ring"):
+        print(f"  ring / socket: {statistics.median(busy['ring']) / statistics.median(busy['socket']):.2f}x")
 
 
 if __name__ == "__main__":

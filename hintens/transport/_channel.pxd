@@ -82,8 +82,9 @@ cdef extern from "_ring.h" nogil:
     void hx_ring_shut(hx_ring *r)
     void hx_ring_stop_reading(hx_ring *r)
     int hx_ring_peer_ended_quietly(hx_ring *r)
-    int hx_ring_wait_readable(hx_ring *r, long long deadline_ns, int may_spin)
-    int hx_ring_wait_writable(hx_ring *r, long long deadline_ns)
+    int hx_ring_wait_readable(hx_ring *r, long long deadline_ns, int timeout_option,
+                              int may_spin)
+    int hx_ring_wait_writable(hx_ring *r, long long deadline_ns, int timeout_option)
 
 
 cdef class Ring:

@@ -369,7 +369,7 @@ cdef class Channel(Outbox):
                 return True
             deadline = hx_ring_now_ns() + <long long>(timeout * 1e9)
             with nogil:
-                state = hx_ring_wait_readable(&ring.r, deadline, 0)
+                state = hx_ring_wait_readable(&ring.r, deadline, 0, 0)
             return state != HX_WAIT_TIMEOUT
         watched.fd = self._fd
         watched.events = POLLIN
@@ -385,7 +385,6 @@ cdef class Channel(Outbox):
         cdef Ring ring = self.ring
         cdef int64_t ready
         cdef int state
-        cdef long long deadline
         cdef size_t want = 0, took
         cdef int i, fd
         if ring is None:   # closed meanwhile
@@ -412,9 +411,8 @@ cdef class Channel(Outbox):
             if flags & MSG_DONTWAIT:
                 errno_set(EAGAIN)
                 return -1
-            with nogil:
-                deadline = _socket_deadline(self._fd, SO_RCVTIMEO)
-                state = hx_ring_wait_readable(&ring.r, deadline, 1)
+            with nogil:   # the socket's receive timeout, looked up if it comes to a sleep
+                state = hx_ring_wait_readable(&ring.r, -1, SO_RCVTIMEO, 1)
             if state == HX_WAIT_TIMEOUT:
                 errno_set(EAGAIN)
                 return -1

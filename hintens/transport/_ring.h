@@ -30,7 +30,9 @@
 #include <poll.h>
 #include <stdint.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <sys/syscall.h>
+#include <sys/time.h>
 #include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
@@ -273,6 +275,20 @@ static inline int hx_ring_peer_ended_quietly(hx_ring *r) {
     return 0;
 }
 
+/* The kernel timeout the caller keeps on the socket (SO_RCVTIMEO or SO_SNDTIMEO) as a
+ * deadline from now; -1 for none. Looked up only when a wait is about to sleep: a wait that a
+ * spin ends costs no system call. */
+static inline long long hx_ring_socket_deadline(hx_ring *r, int option) {
+    struct timeval tv;
+    socklen_t length = sizeof(tv);
+    tv.tv_sec = 0;
+    tv.tv_usec = 0;
+    if (getsockopt(r->sock, SOL_SOCKET, option, &tv, &length) != 0
+            || (tv.tv_sec == 0 && tv.tv_usec == 0))
+        return -1;
+    return hx_ring_now_ns() + (long long)tv.tv_sec * 1000000000LL + (long long)tv.tv_usec * 1000LL;
+}
+
 enum { HX_WAIT_READY = 0, HX_WAIT_TIMEOUT = 1, HX_WAIT_ENDED = 2, HX_WAIT_SHUT = 3,
        HX_WAIT_CORRUPT = 4 };
 
@@ -282,7 +298,10 @@ enum { HX_WAIT_READY = 0, HX_WAIT_TIMEOUT = 1, HX_WAIT_ENDED = 2, HX_WAIT_SHUT =
  * passed (TIMEOUT). Spins first, for a budget that grows while spinning pays and shrinks
  * while it does not, and only while fewer than hx_ring_max_spinners threads of this process
  * spin; then sleeps on the futex word, looking at the socket every HX_RING_LIVENESS_NS. */
-static inline int hx_ring_wait_readable(hx_ring *r, long long deadline_ns, int may_spin) {
+/* deadline_ns: CLOCK_MONOTONIC nanoseconds, < 0 for none; or, with timeout_option set
+ * (SO_RCVTIMEO/SO_SNDTIMEO), taken from the socket once the spin is over. */
+static inline int hx_ring_wait_readable(hx_ring *r, long long deadline_ns, int timeout_option,
+                                        int may_spin) {
     uint32_t *sleeps = HX_U32(r->rx_block, HX__CSLEEP);
     long long start = hx_ring_now_ns(), now = start;
     int64_t ready;
@@ -291,7 +310,7 @@ static inline int hx_ring_wait_readable(hx_ring *r, long long deadline_ns, int m
     } else if (r->rx_spin_ns > 0
             && __atomic_add_fetch(&hx_ring_spinners, 1, __ATOMIC_RELAXED) <= hx_ring_max_spinners) {
         long long until = start + r->rx_spin_ns;
-        if (deadline_ns >= 0 && until > deadline_ns)
+        if (!timeout_option && deadline_ns >= 0 && until > deadline_ns)
             until = deadline_ns;
         for (unsigned k = 0;; k++) {
             ready = hx_ring_readable(r);
@@ -310,6 +329,8 @@ static inline int hx_ring_wait_readable(hx_ring *r, long long deadline_ns, int m
     } else if (r->rx_spin_ns > 0) {
         __atomic_sub_fetch(&hx_ring_spinners, 1, __ATOMIC_RELAXED);
     }
+    if (timeout_option)
+        deadline_ns = hx_ring_socket_deadline(r, timeout_option);
     for (;;) {
         if (__atomic_load_n(&r->shut, __ATOMIC_RELAXED))
             return HX_WAIT_SHUT;
@@ -353,7 +374,7 @@ static inline int hx_ring_wait_readable(hx_ring *r, long long deadline_ns, int m
 
 /* As hx_ring_wait_readable, for room to write: READY (some room), ENDED (the peer closed
  * its side or its socket ended: nothing will read what we write), SHUT, CORRUPT, TIMEOUT. */
-static inline int hx_ring_wait_writable(hx_ring *r, long long deadline_ns) {
+static inline int hx_ring_wait_writable(hx_ring *r, long long deadline_ns, int timeout_option) {
     uint32_t *sleeps = HX_U32(r->tx_block, HX__PSLEEP);
     long long now;
     int64_t room;
@@ -363,6 +384,8 @@ static inline int hx_ring_wait_writable(hx_ring *r, long long deadline_ns) {
             break;
         hx_cpu_relax();
     }
+    if (timeout_option)
+        deadline_ns = hx_ring_socket_deadline(r, timeout_option);
     for (;;) {
         if (__atomic_load_n(&r->shut, __ATOMIC_RELAXED))
             return HX_WAIT_SHUT;

@@ -10,14 +10,7 @@ cdef extern from "sched.h" nogil:
     int sched_getaffinity(int pid, size_t size, cpu_set_t *mask)
     int CPU_COUNT(cpu_set_t *mask)
 
-cdef extern from "sys/time.h" nogil:
-    struct timeval:
-        long tv_sec
-        long tv_usec
-
 cdef extern from "sys/socket.h" nogil:
-    ctypedef unsigned int socklen_t
-    int getsockopt(int fd, int level, int name, void *value, socklen_t *length)
     const int SO_RCVTIMEO
     const int SO_SNDTIMEO
 
@@ -44,20 +37,6 @@ RING_MAX_CAPACITY = HX_RING_MAX_CAPACITY
 RING_LIVENESS_S = HX_RING_LIVENESS_NS / 1e9
 #: Bytes of one descriptor carrier on the socket (a u64 ring offset).
 RING_CARRIER_BYTES = 8
-
-
-cdef long long _socket_deadline(int fd, int option) noexcept nogil:
-    # The kernel timeout the caller put on the socket (SO_RCVTIMEO/SO_SNDTIMEO) as a deadline
-    # from now; -1 for none. Ring waits honour it as a socket read or write would.
-    cdef timeval tv
-    cdef socklen_t length = sizeof(timeval)
-    tv.tv_sec = 0
-    tv.tv_usec = 0
-    if getsockopt(fd, SOL_SOCKET, option, &tv, &length) != 0:
-        return -1
-    if tv.tv_sec == 0 and tv.tv_usec == 0:
-        return -1
-    return hx_ring_now_ns() + <long long>tv.tv_sec * 1000000000 + <long long>tv.tv_usec * 1000
 
 
 @cython.final

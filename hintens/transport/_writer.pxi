@@ -450,7 +450,6 @@ cdef class Writer:
         cdef Ring ring = self.ring
         cdef int64_t room
         cdef int state, fd
-        cdef long long deadline
         cdef size_t total = 0, put
         cdef Py_ssize_t i
         cdef ssize_t sent
@@ -477,9 +476,8 @@ cdef class Writer:
             if flags & MSG_DONTWAIT:
                 errno_set(EAGAIN)
                 return -1
-            with nogil:
-                deadline = _socket_deadline(self._fd, SO_SNDTIMEO)
-                state = hx_ring_wait_writable(&ring.r, deadline)
+            with nogil:   # the socket's send timeout, looked up if it comes to a sleep
+                state = hx_ring_wait_writable(&ring.r, -1, SO_SNDTIMEO)
             if state == HX_WAIT_TIMEOUT:
                 errno_set(EAGAIN)
                 return -1
