@@ -106,6 +106,7 @@ bench: $(BENCH_INSTALLED)
 	$(PY) bench/fanout.py
 	$(PY) bench/aio_latency.py
 	$(PY) bench/tcp_latency.py
+	$(PY) bench/ring_latency.py
 	$(PY) bench/crc16.py
 
 # Sphinx from docs/reference: warnings are errors (-W), and so is a reference to anything the

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import pytest
 
+from hintens import _impl
+
 from .peers import REPO, _spawn, stop_server
 
 EXAMPLES = sorted((Path(REPO) / "examples").glob("*.py"))
@@ -49,6 +51,9 @@ KEY_OUTPUT = {
                              "b'just for connection"),
                             ("bob received [b'price update 0', b'price update 1', "
                              "b'just for connection")],
+    # True with the compiled core; the pure-Python one does not speak the ring.
+    "ring.py": ["ring negotiated: True" if hasattr(_impl.core, "Ring") else
+                "ring negotiated: False", "64 B round trip: "],
     "msgpack_codec.py": ["{'order': 7, 'total': 3.75, 'status': 'accepted'}"],
     "pool_retries.py": ["retrying a request", "b'charged'", "b'balance: 58'",
                         "the card was charged 1 time(s)"],

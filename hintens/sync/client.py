@@ -528,6 +528,13 @@ class Client(ClientSender, Generic[_R]):
         return self._until_released(lambda: self._endpoint.allocate(size), deadline)
 
     @property
+    def ring_active(self) -> bool:
+        """The connection's frames travel through a shared-memory ring (``ring=True``, and
+        the server offered one): true from the server's switch on, which comes before its
+        reply to our first request."""
+        return self._conn.channel.ring is not None
+
+    @property
     def peer_hello(self) -> Hello | None:
         """The server's capability hello, once it has arrived."""
         return self._endpoint.peer_hello

@@ -80,6 +80,12 @@ class ServerConnection(Answering, Pushing):
         self.thread: threading.Thread | None = None
 
     @property
+    def ring_active(self) -> bool:
+        """This connection's frames travel through a shared-memory ring (the client asked,
+        and we switched)."""
+        return self._channel.ring is not None
+
+    @property
     def peer_hello(self) -> Hello | None:
         """The client's capability hello, once it has arrived."""
         return self._endpoint.peer_hello

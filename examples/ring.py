@@ -1,0 +1,36 @@
+"""Small messages through the shared-memory ring: the server and the client each ask for
+it, and the connection's frames then travel through shared memory instead of the socket
+(docs/PROTOCOL.md section 9b). The server runs in its own process, as it would in a service.
+
+Run it: ``python examples/ring.py``.
+"""
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import hintens
+
+DIR = tempfile.mkdtemp()
+PATH = os.path.join(DIR, "ring.sock")
+# An echo server in its own process: ``hintens serve --ring``.
+server = subprocess.Popen([sys.executable, "-m", "hintens", "serve", "--ring", "-q",
+                           "--socket", PATH])
+try:
+    for _ in range(500):
+        if os.path.exists(PATH):
+            break
+        time.sleep(0.01)
+    with hintens.Client(PATH, ring=True) as client:   # ring=True on both sides
+        assert bytes(client.request(b"ping")) == b"ping"
+        started, count = time.perf_counter(), 20_000
+        for _ in range(count):
+            client.request(b"x" * 64)
+        elapsed = time.perf_counter() - started
+        print(f"ring negotiated: {client.ring_active}")
+        print(f"64 B round trip: {elapsed / count * 1e6:.1f} us on average")
+finally:
+    server.terminate()
+    server.wait()
