@@ -123,6 +123,22 @@ class Channel(Outbox):
         while self.fds:
             os.close(self.fds.pop())
 
+    def switch_rx(self, ring: Any) -> None:
+        """The compiled core's switch to a shared-memory ring: this core has none.
+
+        Raises:
+            NotImplementedError: always (hintens offers no ring over this core).
+        """
+        raise NotImplementedError("the pure-Python core has no shared-memory ring")
+
+    def switch_tx(self, ring: Any, frame: bytes, fd: int = -1) -> None:
+        """The compiled core's switch to a shared-memory ring: this core has none.
+
+        Raises:
+            NotImplementedError: always (hintens offers no ring over this core).
+        """
+        raise NotImplementedError("the pure-Python core has no shared-memory ring")
+
     def stop_reading(self) -> None:
         """Read what has arrived, then see the end of the stream (``shutdown(SHUT_RD)``): a
         server that closes still answers what was sent."""

@@ -26,6 +26,13 @@ def available() -> bool:
     return getattr(_impl.core, "Ring", None) is not None
 
 
+def _ring_class() -> Any:
+    ring_class = getattr(_impl.core, "Ring", None)
+    if ring_class is None:
+        raise ShmError("the pure-Python core has no shared-memory ring")
+    return ring_class
+
+
 def create(capacity: int, sock: socket.socket) -> tuple[Any, int]:
     """A new ring of ``capacity`` bytes per direction, for the connection on ``sock``.
 
@@ -44,10 +51,13 @@ def create(capacity: int, sock: socket.socket) -> tuple[Any, int]:
     try:
         os.ftruncate(fd, ring_bytes(capacity))
         fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
-        ring = _impl.core.Ring(fd, capacity, sock, True)
-    except OSError as error:
+        ring = _ring_class()(fd, capacity, sock, True)
+    except BaseException as error:
         os.close(fd)
-        raise ShmError(f"a ring of {capacity} bytes could not be set up: {error}") from error
+        if isinstance(error, OSError):
+            raise ShmError(f"a ring of {capacity} bytes could not be set up: {error}") \
+                from error
+        raise
     return ring, fd
 
 
@@ -79,7 +89,7 @@ def attach(fd: int, capacity: int, sock: socket.socket) -> Any:
         if info.st_size < ring_bytes(capacity):
             raise ShmError(f"the ring's memfd holds {info.st_size} bytes, less than the "
                            f"{ring_bytes(capacity)} a ring of {capacity} needs")
-        ring = _impl.core.Ring(fd, capacity, sock, False)
+        ring = _ring_class()(fd, capacity, sock, False)
     except OSError as error:
         raise ShmError(f"the ring could not be mapped: {error}") from error
     magic, version, declared = _HEADER.unpack(ring.header())
