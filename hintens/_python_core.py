@@ -9,6 +9,7 @@ from .transport._channel_py import (
     SEES_VIEW_RELEASE,
     Channel,
     Mapping,
+    Ring,
     SharedRegion,
     call_with_stack_size,
 )
@@ -31,6 +32,7 @@ __all__ = [
     "FrameDecoder",
     "FrameHeader",
     "Mapping",
+    "Ring",
     "MemoryBudget",
     "SEES_VIEW_RELEASE",
     "SharedRegion",

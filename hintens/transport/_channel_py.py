@@ -37,10 +37,16 @@ from ..wire._wire_py import (
 __all__ = [
     "Channel",
     "Mapping",
+    "Ring",
     "SharedRegion",
     "SEES_VIEW_RELEASE",
     "call_with_stack_size",
 ]
+
+#: The shared-memory ring (docs/PROTOCOL.md section 9b) is the compiled core's alone: its
+#: waits spin and sleep on futexes without the GIL, which Python code cannot. None here, and
+#: hintens then offers and asks for no ring.
+Ring: Any = None
 
 
 def call_with_stack_size(stack_bytes: int, function: Any, *args: Any) -> Any:
