@@ -282,6 +282,9 @@ class Endpoint(Lending, Sending):
         items: list[Item] = []
         fds = _NO_FDS if fds is None else fds
         while True:
+            # Kept in items: its traceback would hold the frame that holds items (a cycle
+            # only the cyclic collector frees, with every segment the items lend).
+            error.__traceback__ = None
             self._admit(error.frames, items, fds)
             items.append(error)
             if error.fatal:

@@ -67,6 +67,7 @@ cdef extern from "_ring.h" nogil:
         HX_WAIT_ENDED
         HX_WAIT_SHUT
         HX_WAIT_CORRUPT
+        HX_WAIT_SOCKET
     long long hx_ring_now_ns()
     void hx_ring_attach(hx_ring *r, unsigned char *base, uint64_t capacity, int creator,
                         int sock)
@@ -185,6 +186,7 @@ cdef class Channel(Outbox):
     cdef int _keep_fds(self, msghdr *message) except -1
     cdef list _receive(self, int flags)
     cdef Py_ssize_t _ring_read(self, iovec *vectors, int count, int flags) except -2
+    cdef int _ring_socket_bytes(self) except -1
     cdef int _ring_carriers(self) except -1
     cdef int _ring_corrupt(self) except -1
     cdef list _serve_once(self, handler, on_error, reply_writes, Py_ssize_t small_max,

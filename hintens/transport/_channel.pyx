@@ -137,6 +137,7 @@ cdef int _raise_errno() except -1:
 cdef extern from "sys/socket.h" nogil:
     ssize_t send(int fd, const void *buf, size_t n, int flags)
     const int MSG_DONTWAIT
+    const int MSG_PEEK
 
 
 cdef extern from "poll.h" nogil:
@@ -421,6 +422,8 @@ cdef class Channel(Outbox):
                 return -1
             if state == HX_WAIT_CORRUPT:
                 self._ring_corrupt()
+            if state == HX_WAIT_SOCKET:
+                self._ring_socket_bytes()
             if state == HX_WAIT_ENDED and hx_ring_readable(&ring.r) == 0:
                 return 0
         if hx_ring_carriers(&ring.r) != ring.carriers_received:
@@ -447,13 +450,48 @@ cdef class Channel(Outbox):
         raise _errors.ProtocolError("the peer broke the shared-memory ring: an index it wrote "
                                     "is out of range")
 
+    cdef int _ring_socket_bytes(self) except -1:
+        # Bytes wait on the socket while the ring is empty. What the peer counted as carriers
+        # is read with its frames; a carrier in flight (sent, not counted yet) is 8 bytes with
+        # one descriptor. Anything else came after the peer's HRNG: fatal (PROTOCOL.md 9b).
+        cdef Ring ring = self.ring
+        cdef unsigned char data[16]
+        cdef ssize_t got
+        cdef msghdr message
+        cdef iovec vector
+        cdef hx_fd_control control
+        cdef cmsghdr *header
+        cdef int k, nfds = 0
+        if ring is None or hx_ring_carriers(&ring.r) != ring.carriers_received:
+            return 0
+        memset_msghdr(&message)
+        vector.iov_base = data
+        vector.iov_len = 16
+        message.msg_iov = &vector
+        message.msg_iovlen = 1
+        message.msg_control = &control
+        message.msg_controllen = sizeof(hx_fd_control)
+        got = recvmsg(self._fd, &message, MSG_PEEK | MSG_DONTWAIT | MSG_CMSG_CLOEXEC)
+        if got > 0 and message.msg_controllen:
+            header = CMSG_FIRSTHDR(&message)
+            while header != NULL:   # a peek hands out copies of the descriptors: close them
+                if header.cmsg_level == SOL_SOCKET and header.cmsg_type == SCM_RIGHTS:
+                    for k in range(<int>((header.cmsg_len - CMSG_LEN(0)) // sizeof(int))):
+                        close_fd((<int *>CMSG_DATA(header))[k])
+                        nfds += 1
+                header = CMSG_NXTHDR(&message, header)
+        if got <= 0 or (got == 8 and nfds == 1):
+            return 0
+        raise _errors.ProtocolError("the peer sent bytes on the socket after its HRNG that are "
+                                    "not a descriptor carrier")
+
     cdef int _ring_carriers(self) except -1:
         # The peer counts more carriers than we took: they are on the socket already (it
         # counts each once its sendmsg returned). Each is 8 bytes, the ring offset of the
         # frame that claims it, with exactly one descriptor.
         cdef Ring ring = self.ring
         cdef uint64_t announced = hx_ring_carriers(&ring.r), offset
-        cdef unsigned char data[8]
+        cdef unsigned char data[16]
         cdef ssize_t got
         cdef msghdr message
         cdef iovec vector
@@ -468,7 +506,7 @@ cdef class Channel(Outbox):
         while ring.carriers_received != announced:
             memset_msghdr(&message)
             vector.iov_base = data
-            vector.iov_len = 8
+            vector.iov_len = 16   # a carrier reads as 8: more is not one
             message.msg_iov = &vector
             message.msg_iovlen = 1
             message.msg_control = &control

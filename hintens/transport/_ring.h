@@ -290,7 +290,18 @@ static inline long long hx_ring_socket_deadline(hx_ring *r, int option) {
 }
 
 enum { HX_WAIT_READY = 0, HX_WAIT_TIMEOUT = 1, HX_WAIT_ENDED = 2, HX_WAIT_SHUT = 3,
-       HX_WAIT_CORRUPT = 4 };
+       HX_WAIT_CORRUPT = 4, HX_WAIT_SOCKET = 5 };
+
+/* Bytes wait on the socket (and no hang-up): a carrier in flight, or bytes the peer must not
+ * send after its HRNG. The caller tells which. */
+static inline int hx_ring_socket_readable(hx_ring *r) {
+    struct pollfd p;
+    p.fd = r->sock;
+    p.events = POLLIN;
+    p.revents = 0;
+    return poll(&p, 1, 0) > 0 && (p.revents & POLLIN)
+        && !(p.revents & (POLLHUP | POLLERR | POLLNVAL));
+}
 
 /* Wait, without the GIL, until the ring has bytes to read (READY), the peer closed its side
  * or its socket ended (ENDED: read what is left, then it is the end), we closed (SHUT), the
@@ -357,6 +368,8 @@ static inline int hx_ring_wait_readable(hx_ring *r, long long deadline_ns, int t
         if (error == ETIMEDOUT) {
             if (hx_ring_readable(r) == 0 && hx_ring_socket_ended(r))
                 return HX_WAIT_ENDED;
+            if (hx_ring_readable(r) == 0 && hx_ring_socket_readable(r))
+                return HX_WAIT_SOCKET;
         } else if (error == EINTR) {
             return -EINTR;
         }
