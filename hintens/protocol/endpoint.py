@@ -422,6 +422,8 @@ class Endpoint(Lending, Sending):
             capacity = _ring.decode_switch(payload)
         except ValueError as error:
             return ProtocolError(f"the peer's HRNG is not one: {error}")
+        if self._ring_state == 2:
+            return ProtocolError("a second HRNG from the peer")
         if self.ring_capacity:   # the server: the client answers our offer
             if self._ring_state != 1 or capacity != self.ring_capacity:
                 return ProtocolError("the client's HRNG answers no ring offer of ours")
@@ -430,8 +432,6 @@ class Endpoint(Lending, Sending):
             self._ring_state = 2
             self.ring_step = ("read", fds.pop(0))
             return None
-        if self._ring_state:
-            return ProtocolError("a second HRNG from the server")
         if not fds:
             return ProtocolError("the server's HRNG came without the ring's descriptor")
         self._ring_state = 2
