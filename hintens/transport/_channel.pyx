@@ -464,14 +464,7 @@ cdef class Channel(Outbox):
         cdef int k, nfds = 0
         if ring is None or hx_ring_carriers(&ring.r) != ring.carriers_received:
             return 0
-        memset_msghdr(&message)
-        vector.iov_base = data
-        vector.iov_len = 16
-        message.msg_iov = &vector
-        message.msg_iovlen = 1
-        message.msg_control = &control
-        message.msg_controllen = sizeof(hx_fd_control)
-        got = recvmsg(self._fd, &message, MSG_PEEK | MSG_DONTWAIT | MSG_CMSG_CLOEXEC)
+        got = _receive_carrier(self._fd, data, &vector, &message, &control, MSG_PEEK)
         if got > 0 and message.msg_controllen:
             header = CMSG_FIRSTHDR(&message)
             while header != NULL:   # a peek hands out copies of the descriptors: close them
@@ -504,14 +497,7 @@ cdef class Channel(Outbox):
                 f"the peer has more than {_MAX_PENDING_FDS} descriptor carriers ahead of its "
                 f"frames, the most a connection holds")
         while ring.carriers_received != announced:
-            memset_msghdr(&message)
-            vector.iov_base = data
-            vector.iov_len = 16   # a carrier reads as 8: more is not one
-            message.msg_iov = &vector
-            message.msg_iovlen = 1
-            message.msg_control = &control
-            message.msg_controllen = sizeof(hx_fd_control)
-            got = recvmsg(self._fd, &message, MSG_CMSG_CLOEXEC | MSG_DONTWAIT)
+            got = _receive_carrier(self._fd, data, &vector, &message, &control, 0)
             if got < 0 and errno == EINTR:
                 continue
             fd = -1
@@ -701,6 +687,21 @@ cdef class Channel(Outbox):
             self._send(out, None)
         self._slow = slow
         return frames[i:] if i else frames
+
+
+cdef inline ssize_t _receive_carrier(int fd, unsigned char *data, iovec *vector,
+                                     msghdr *message, hx_fd_control *control,
+                                     int flags) noexcept nogil:
+    # One non-blocking recvmsg of a carrier into 16 bytes (a carrier reads as 8: more is not
+    # one) with room for descriptors.
+    memset_msghdr(message)
+    vector.iov_base = data
+    vector.iov_len = 16
+    message.msg_iov = vector
+    message.msg_iovlen = 1
+    message.msg_control = control
+    message.msg_controllen = sizeof(hx_fd_control)
+    return recvmsg(fd, message, flags | MSG_DONTWAIT | MSG_CMSG_CLOEXEC)
 
 
 cdef inline void memset_msghdr(msghdr *message) noexcept nogil:

@@ -289,6 +289,23 @@ static inline long long hx_ring_socket_deadline(hx_ring *r, int option) {
     return hx_ring_now_ns() + (long long)tv.tv_sec * 1000000000LL + (long long)tv.tv_usec * 1000LL;
 }
 
+/* One sleep of a waiter that announced itself on `sleeps`: until woken, the liveness slice,
+ * or `deadline_ns` (< 0: none). Returns 0 when woken (or the word moved), ETIMEDOUT after a
+ * slice (look at the socket), HX__DEADLINE past the deadline, EINTR for a signal. */
+#define HX__DEADLINE -1
+static inline int hx_ring_sleep(hx_ring *r, uint32_t *sleeps, long long deadline_ns) {
+    long long now = hx_ring_now_ns(), slice = HX_RING_LIVENESS_NS;
+    if (deadline_ns >= 0) {
+        if (now >= deadline_ns)
+            return HX__DEADLINE;
+        if (deadline_ns - now < slice)
+            slice = deadline_ns - now;
+    }
+    r->futex_waits++;
+    int rc = hx_futex_wait(sleeps, 1, slice), error = rc < 0 ? errno : 0;
+    return error == ETIMEDOUT || error == EINTR ? error : 0;
+}
+
 enum { HX_WAIT_READY = 0, HX_WAIT_TIMEOUT = 1, HX_WAIT_ENDED = 2, HX_WAIT_SHUT = 3,
        HX_WAIT_CORRUPT = 4, HX_WAIT_SOCKET = 5 };
 
@@ -355,23 +372,16 @@ static inline int hx_ring_wait_readable(hx_ring *r, long long deadline_ns, int t
                 break;
             return r->shut ? HX_WAIT_SHUT : HX_WAIT_ENDED;
         }
-        now = hx_ring_now_ns();
-        long long slice = HX_RING_LIVENESS_NS;
-        if (deadline_ns >= 0) {
-            if (now >= deadline_ns)
-                return HX_WAIT_TIMEOUT;
-            if (deadline_ns - now < slice)
-                slice = deadline_ns - now;
-        }
-        r->futex_waits++;
-        int rc = hx_futex_wait(sleeps, 1, slice), error = rc < 0 ? errno : 0;
-        if (error == ETIMEDOUT) {
-            if (hx_ring_readable(r) == 0 && hx_ring_socket_ended(r))
-                return HX_WAIT_ENDED;
-            if (hx_ring_readable(r) == 0 && hx_ring_socket_readable(r))
-                return HX_WAIT_SOCKET;
-        } else if (error == EINTR) {
+        int slept = hx_ring_sleep(r, sleeps, deadline_ns);
+        if (slept == HX__DEADLINE)
+            return HX_WAIT_TIMEOUT;
+        if (slept == EINTR)
             return -EINTR;
+        if (slept == ETIMEDOUT && hx_ring_readable(r) == 0) {
+            if (hx_ring_socket_ended(r))
+                return HX_WAIT_ENDED;
+            if (hx_ring_socket_readable(r))
+                return HX_WAIT_SOCKET;
         }
     }
     /* Spinning would have paid if the bytes came within its budget: spin next time. */
@@ -389,7 +399,6 @@ static inline int hx_ring_wait_readable(hx_ring *r, long long deadline_ns, int t
  * its side or its socket ended: nothing will read what we write), SHUT, CORRUPT, TIMEOUT. */
 static inline int hx_ring_wait_writable(hx_ring *r, long long deadline_ns, int timeout_option) {
     uint32_t *sleeps = HX_U32(r->tx_block, HX__PSLEEP);
-    long long now;
     int64_t room;
     for (unsigned k = 0; k < 2048; k++) {   /* a short spin: the consumer may be copying */
         room = hx_ring_writable(r);
@@ -409,22 +418,13 @@ static inline int hx_ring_wait_writable(hx_ring *r, long long deadline_ns, int t
             return room < 0 ? HX_WAIT_CORRUPT : HX_WAIT_READY;
         if (hx_ring_peer_closed(r))
             return HX_WAIT_ENDED;
-        now = hx_ring_now_ns();
-        long long slice = HX_RING_LIVENESS_NS;
-        if (deadline_ns >= 0) {
-            if (now >= deadline_ns)
-                return HX_WAIT_TIMEOUT;
-            if (deadline_ns - now < slice)
-                slice = deadline_ns - now;
-        }
-        r->futex_waits++;
-        int rc = hx_futex_wait(sleeps, 1, slice), error = rc < 0 ? errno : 0;
-        if (error == ETIMEDOUT) {
-            if (hx_ring_writable(r) == 0 && hx_ring_socket_ended(r))
-                return HX_WAIT_ENDED;
-        } else if (error == EINTR) {
+        int slept = hx_ring_sleep(r, sleeps, deadline_ns);
+        if (slept == HX__DEADLINE)
+            return HX_WAIT_TIMEOUT;
+        if (slept == EINTR)
             return -EINTR;
-        }
+        if (slept == ETIMEDOUT && hx_ring_writable(r) == 0 && hx_ring_socket_ended(r))
+            return HX_WAIT_ENDED;
     }
 }
 
