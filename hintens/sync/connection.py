@@ -10,6 +10,7 @@ a request, a reply or an Event means to the front end above it.
 from __future__ import annotations
 
 import collections
+import logging
 import os
 import socket
 from time import monotonic
@@ -33,6 +34,7 @@ _UNBOUNDED = 1 << 62
 _UNSET: Any = object()
 
 _T = TypeVar("_T")
+log = logging.getLogger("hintens")
 
 
 def control_waker(channel: Any, outgoing: collections.deque[bytes]) -> Callable[[], None]:
@@ -192,7 +194,12 @@ class Connection:
                     # Our HRNG carries the ring's descriptor back: the kernel then ends the
                     # server's read at its last byte, so no carrier after it is read as
                     # stream bytes (and the server sees we mapped its ring).
-                    channel.switch_tx(ring, endpoint.ring_frame(step[2]), step[1])
+                    try:
+                        channel.switch_tx(ring, endpoint.ring_frame(step[2]), step[1])
+                    except OSError as error:
+                        # The server stopped reading (it is closing): what it sent is still
+                        # read from the ring; our next write meets the same error.
+                        log.debug("could not send our HRNG: %s", error)
                 finally:
                     os.close(step[1])
             else:
