@@ -33,12 +33,14 @@ $(INSTALLED): $(PY) $(CORE_SOURCES)
 	HINTENS_WERROR=1 $(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
 	touch $@
 
+# An extra's packages only: hintens itself is installed (editable) already, so pip takes the
+# extra's requirements from its metadata and does not build the extensions a second time.
 $(BENCH_INSTALLED): $(INSTALLED)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test,bench]'
+	$(PY) -m pip install --quiet --disable-pip-version-check 'hintens[test,bench]'
 	touch $@
 
 $(DOCS_INSTALLED): $(INSTALLED)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test,docs]'
+	$(PY) -m pip install --quiet --disable-pip-version-check 'hintens[test,docs]'
 	touch $@
 
 # The suite runs twice: with the compiled core, then with its pure-Python twin (the slow 1 GiB
