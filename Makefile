@@ -76,8 +76,9 @@ crc-check:
 	done
 
 # A missing toolchain skips its port in one line, except under CI=true, where it fails (the
-# cross-language tests in tests/test_ports.py follow the same rule). cargo test runs the release
-# profile: the peer program that tests/test_ports.py builds then reuses its compiled crates.
+# cross-language tests in tests/test_ports.py follow the same rule). cargo test runs the ci
+# profile (release without debug info, rust/Cargo.toml): the peer program that
+# tests/test_ports.py builds with it then reuses its compiled crates.
 # The two ports are independent targets, so that `make -j` (as `make test` does) checks them
 # side by side. Cargo is not given make's jobserver (MAKEFLAGS unset): it schedules its own jobs.
 ports-check: ports-check-go ports-check-rust
@@ -96,7 +97,7 @@ ports-check-rust:
 	    echo "ports-check: Rust: cargo fmt --check, clippy -D warnings, cargo test"; \
 	    unset MAKEFLAGS MFLAGS; \
 	    cd rust && cargo fmt --check && cargo clippy --quiet --all-targets -- -D warnings \
-	      && cargo test --release --quiet; \
+	      && cargo test --profile ci --quiet; \
 	  elif [ "$$CI" = true ]; then echo "ports-check: cargo is not installed, and CI=true needs it"; exit 1; \
 	  else echo "ports-check: cargo is not installed: the Rust port is not checked"; fi
 
