@@ -3,6 +3,7 @@
 #   make demo    the main job: run hintens and print its numbers
 #   make bench   benchmarks against the stdlib and the peers (installs the `bench` extra)
 #   make docs    the API reference, HTML in build/docs (installs the `docs` extra)
+#   make typecheck  mypy over hintens and tests/typing
 #   make crc-check  the CRC16 kernel's C harness (every path vs a bitwise reference, ASan/UBSan)
 #   make ports-check  the Go and Rust ports' own checks (gofmt, go vet, go test -race; cargo fmt,
 #                     clippy -D warnings, cargo test); the cross-language tests run in make test
@@ -25,7 +26,8 @@ WHEEL_TOOLS := $(VENV)/.installed-wheel
 DOCS_INSTALLED := $(VENV)/.installed-docs
 BENCH_ARGS ?=
 
-.PHONY: test demo bench docs build wheel clean crc-check ports-check bench-ports
+.PHONY: test typecheck demo bench docs build wheel clean crc-check ports-check ports-check-go \
+    ports-check-rust bench-ports
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -34,26 +36,34 @@ $(INSTALLED): $(PY) $(CORE_SOURCES)
 	HINTENS_WERROR=1 $(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
 	touch $@
 
+# An extra's packages only: hintens itself is installed (editable) already, so pip takes the
+# extra's requirements from its metadata and does not build the extensions a second time.
 $(BENCH_INSTALLED): $(INSTALLED)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test,bench]'
+	$(PY) -m pip install --quiet --disable-pip-version-check 'hintens[test,bench]'
 	touch $@
 
 $(DOCS_INSTALLED): $(INSTALLED)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test,docs]'
+	$(PY) -m pip install --quiet --disable-pip-version-check 'hintens[test,docs]'
 	touch $@
 
 # The suite runs twice: with the compiled core, then with its pure-Python twin (the slow 1 GiB
-# test only once; core tests that need the extension skip in the second pass). Then the ring
-# pass: the socket tests of these modules again, every Client and Server asking for the
-# shared-memory ring (tests/conftest.py).
+# test only once; core tests that need the extension skip in the second pass). Before it, side
+# by side (none needs another's output, and each has a core's worth of work or waits on the
+# network): the install with its build, then mypy; the CRC harness; the ports' checks. Each
+# one's output comes in one piece when it ends, and the first failure fails `make test`. After
+# the two passes, the ring pass: the socket tests of these modules again, every Client and
+# Server asking for the shared-memory ring (tests/conftest.py).
 RING_PASS_TESTS := tests/test_client_server.py tests/test_batching.py tests/test_shm_transfer.py \
     tests/test_pool.py tests/test_codecs.py tests/test_races.py tests/test_slow_consumers.py \
     tests/test_shm_waits.py
-test: $(INSTALLED) crc-check ports-check
-	$(PY) -m mypy
+test:
+	@$(MAKE) --no-print-directory -j4 --output-sync=target typecheck crc-check ports-check
 	$(PY) -m pytest
 	HINTENS_NO_EXTENSIONS=1 $(PY) -m pytest -q -m "not slow" -p no:cacheprovider
 	HINTENS_TEST_RING=1 $(PY) -m pytest -q -m "not slow" -p no:cacheprovider $(RING_PASS_TESTS)
+
+typecheck: $(INSTALLED)
+	$(PY) -m mypy
 
 # Sanitizers where the compiler has their runtime; a plain optimised build elsewhere. Three
 # builds of the harness: as shipped; with the 512-bit kernel's aligned start used from 256 bytes
@@ -73,9 +83,14 @@ crc-check:
 	done
 
 # A missing toolchain skips its port in one line, except under CI=true, where it fails (the
-# cross-language tests in tests/test_ports.py follow the same rule). cargo test runs the release
-# profile: the peer program that tests/test_ports.py builds then reuses its compiled crates.
-ports-check:
+# cross-language tests in tests/test_ports.py follow the same rule). cargo test runs the ci
+# profile (release without debug info, rust/Cargo.toml): the peer program that
+# tests/test_ports.py builds with it then reuses its compiled crates.
+# The two ports are independent targets, so that `make -j` (as `make test` does) checks them
+# side by side. Cargo is not given make's jobserver (MAKEFLAGS unset): it schedules its own jobs.
+ports-check: ports-check-go ports-check-rust
+
+ports-check-go:
 	@if command -v go >/dev/null 2>&1; then \
 	    echo "ports-check: Go: gofmt, go vet, go test -race"; \
 	    cd go && unformatted="$$(gofmt -l .)" && { [ -z "$$unformatted" ] \
@@ -83,10 +98,13 @@ ports-check:
 	      && go vet ./... && go test -race -count=1 ./...; \
 	  elif [ "$$CI" = true ]; then echo "ports-check: go is not installed, and CI=true needs it"; exit 1; \
 	  else echo "ports-check: go is not installed: the Go port is not checked"; fi
+
+ports-check-rust:
 	@if command -v cargo >/dev/null 2>&1; then \
 	    echo "ports-check: Rust: cargo fmt --check, clippy -D warnings, cargo test"; \
+	    unset MAKEFLAGS MFLAGS; \
 	    cd rust && cargo fmt --check && cargo clippy --quiet --all-targets -- -D warnings \
-	      && cargo test --release --quiet; \
+	      && cargo test --profile ci --quiet; \
 	  elif [ "$$CI" = true ]; then echo "ports-check: cargo is not installed, and CI=true needs it"; exit 1; \
 	  else echo "ports-check: cargo is not installed: the Rust port is not checked"; fi
 

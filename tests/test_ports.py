@@ -40,8 +40,9 @@ def _build(language: str) -> list[str]:
         command = ["go", "build", "-o", str(binary), "./cmd/hintens-peer"]
         cwd = ROOT / "go"
     else:
-        binary = ROOT / "rust" / "target" / "release" / "hintens-peer"
-        command = ["cargo", "build", "--quiet", "--release", "--bin", "hintens-peer"]
+        # The profile make ports-check tests with, so that its build is reused.
+        binary = ROOT / "rust" / "target" / "ci" / "hintens-peer"
+        command = ["cargo", "build", "--quiet", "--profile", "ci", "--bin", "hintens-peer"]
         cwd = ROOT / "rust"
     built = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=1200)
     assert built.returncode == 0, f"{' '.join(command)} failed:\n{built.stderr[-4000:]}"
