@@ -1392,21 +1392,37 @@ def check_after_fuzz(path: str, process, before: tuple[int, int]) -> None:
             client.request(b"gc")
         assert wait_until(lambda: not memfd_mappings(process.pid), 3.0), \
             memfd_mappings(process.pid)
-    assert wait_until(lambda: open_fds(process.pid) <= before[0], 5.0)
+    # Generous: on a loaded 2-core machine a connection's thread may take a while to end.
+    assert wait_until(lambda: open_fds(process.pid) <= before[0], 15.0), \
+        f"{open_fds(process.pid)} descriptors, {before[0]} before: {fd_targets(process.pid)}"
     assert memfd_fds(process.pid) == 0
     serves(path)
     assert status_kib("VmRSS", process.pid) - before[1] < 64 * 1024
 
 
+def fd_targets(pid) -> list[str]:
+    """What each open descriptor of the process names (for a failure's message)."""
+    targets = []
+    for name in sorted(os.listdir(f"/proc/{pid}/fd"), key=int):
+        try:
+            targets.append(f"{name}: {os.readlink(f'/proc/{pid}/fd/{name}')}")
+        except OSError:
+            pass
+    return targets
+
+
 @pytest.mark.slow   # ~15 s
 def test_fuzzing_the_ring_of_a_live_connection(fuzz_server):
-    from hypothesis import HealthCheck, given, settings
+    from hypothesis import HealthCheck, Phase, given, settings
     from hypothesis import strategies as st
 
     path, process = fuzz_server
     before = baseline(path, process.pid)
 
+    # No shrinking: each example costs a connection and waits, so shrinking a failure could
+    # take many minutes of CI; the failing example is reported as it was generated.
     @settings(max_examples=50, deadline=None, derandomize=True,
+              phases=[Phase.explicit, Phase.reuse, Phase.generate],
               suppress_health_check=list(HealthCheck))
     @given(st.lists(fuzz_operations(), min_size=1, max_size=8),
            st.sampled_from([FEATURE_RING, FEATURE_RING | FEATURE_SHM]))
