@@ -457,22 +457,10 @@ cdef class Channel(Outbox):
         cdef Ring ring = self.ring
         cdef unsigned char data[16]
         cdef ssize_t got
-        cdef msghdr message
-        cdef iovec vector
-        cdef hx_fd_control control
-        cdef cmsghdr *header
-        cdef int k, nfds = 0
+        cdef int fd, nfds
         if ring is None or hx_ring_carriers(&ring.r) != ring.carriers_received:
             return 0
-        got = _receive_carrier(self._fd, data, &vector, &message, &control, MSG_PEEK)
-        if got > 0 and message.msg_controllen:
-            header = CMSG_FIRSTHDR(&message)
-            while header != NULL:   # a peek hands out copies of the descriptors: close them
-                if header.cmsg_level == SOL_SOCKET and header.cmsg_type == SCM_RIGHTS:
-                    for k in range(<int>((header.cmsg_len - CMSG_LEN(0)) // sizeof(int))):
-                        close_fd((<int *>CMSG_DATA(header))[k])
-                        nfds += 1
-                header = CMSG_NXTHDR(&message, header)
+        got = _receive_carrier(self._fd, data, MSG_PEEK, False, &fd, &nfds)
         if got <= 0 or (got == 8 and nfds == 1):
             return 0
         raise _errors.ProtocolError("the peer sent bytes on the socket after its HRNG that are "
@@ -486,10 +474,6 @@ cdef class Channel(Outbox):
         cdef uint64_t announced = hx_ring_carriers(&ring.r), offset
         cdef unsigned char data[16]
         cdef ssize_t got
-        cdef msghdr message
-        cdef iovec vector
-        cdef hx_fd_control control
-        cdef cmsghdr *header
         cdef int fd, k, nfds
         if announced - ring.carriers_received + <uint64_t>len(ring._ahead) \
                 > <uint64_t>_MAX_PENDING_FDS:
@@ -497,27 +481,14 @@ cdef class Channel(Outbox):
                 f"the peer has more than {_MAX_PENDING_FDS} descriptor carriers ahead of its "
                 f"frames, the most a connection holds")
         while ring.carriers_received != announced:
-            got = _receive_carrier(self._fd, data, &vector, &message, &control, 0)
+            got = _receive_carrier(self._fd, data, 0, True, &fd, &nfds)
             if got < 0 and errno == EINTR:
                 continue
-            fd = -1
-            nfds = 0
-            if got > 0 and message.msg_controllen:
-                header = CMSG_FIRSTHDR(&message)
-                while header != NULL:
-                    if header.cmsg_level == SOL_SOCKET and header.cmsg_type == SCM_RIGHTS:
-                        for k in range(<int>((header.cmsg_len - CMSG_LEN(0)) // sizeof(int))):
-                            if fd < 0:
-                                fd = (<int *>CMSG_DATA(header))[k]
-                            else:
-                                close_fd((<int *>CMSG_DATA(header))[k])
-                            nfds += 1
-                    header = CMSG_NXTHDR(&message, header)
             offset = 0
             for k in range(8):
                 offset |= (<uint64_t>data[k]) << (8 * k)
-            if got != 8 or nfds != 1 or message.msg_flags & MSG_CTRUNC \
-                    or offset < ring._last_carrier or offset < ring.r.rx_head:
+            if got != 8 or nfds != 1 or offset < ring._last_carrier \
+                    or offset < ring.r.rx_head:
                 if fd >= 0:
                     close_fd(fd)
                 raise _errors.ProtocolError(
@@ -689,19 +660,43 @@ cdef class Channel(Outbox):
         return frames[i:] if i else frames
 
 
-cdef inline ssize_t _receive_carrier(int fd, unsigned char *data, iovec *vector,
-                                     msghdr *message, hx_fd_control *control,
-                                     int flags) noexcept nogil:
+cdef inline ssize_t _receive_carrier(int sock, unsigned char *data, int flags, bint keep,
+                                     int *first, int *count) noexcept nogil:
     # One non-blocking recvmsg of a carrier into 16 bytes (a carrier reads as 8: more is not
-    # one) with room for descriptors.
-    memset_msghdr(message)
+    # one) with room for descriptors. *count: the descriptors that came (a truncated control
+    # message counts one more, so it never passes as exactly one); with keep the first is
+    # left open in *first, and every other one is closed (with MSG_PEEK they are copies).
+    cdef msghdr message
+    cdef iovec vector
+    cdef hx_fd_control control
+    cdef cmsghdr *header
+    cdef ssize_t got
+    cdef int k
+    first[0] = -1
+    count[0] = 0
+    memset_msghdr(&message)
     vector.iov_base = data
     vector.iov_len = 16
-    message.msg_iov = vector
+    message.msg_iov = &vector
     message.msg_iovlen = 1
-    message.msg_control = control
+    message.msg_control = &control
     message.msg_controllen = sizeof(hx_fd_control)
-    return recvmsg(fd, message, flags | MSG_DONTWAIT | MSG_CMSG_CLOEXEC)
+    got = recvmsg(sock, &message, flags | MSG_DONTWAIT | MSG_CMSG_CLOEXEC)
+    if got <= 0 or not message.msg_controllen:
+        return got
+    if message.msg_flags & MSG_CTRUNC:
+        count[0] += 1
+    header = CMSG_FIRSTHDR(&message)
+    while header != NULL:
+        if header.cmsg_level == SOL_SOCKET and header.cmsg_type == SCM_RIGHTS:
+            for k in range(<int>((header.cmsg_len - CMSG_LEN(0)) // sizeof(int))):
+                if keep and first[0] < 0:
+                    first[0] = (<int *>CMSG_DATA(header))[k]
+                else:
+                    close_fd((<int *>CMSG_DATA(header))[k])
+                count[0] += 1
+        header = CMSG_NXTHDR(&message, header)
+    return got
 
 
 cdef inline void memset_msghdr(msghdr *message) noexcept nogil:
