@@ -33,7 +33,7 @@ import hintens
 from hintens import _impl
 from hintens import _python_core as _core_py
 from hintens.protocol.endpoint import FEATURE_RING, FEATURE_SHM, Hello
-from hintens.protocol.ring import encode_switch
+from hintens.protocol.ring import RING_LAYOUT_VERSION, encode_switch
 
 from .peers import (
     REPO,
@@ -211,7 +211,7 @@ class RingClient:
             if frame.type == 3 and frame.request_id == 0 and bytes(frame.payload[:4]) == b"HRNG":
                 self.frames.remove(frame)
                 _, version, self.capacity = struct.unpack("<4sIQ", bytes(frame.payload))
-                assert version == 1 and self.fds, "the server's HRNG brought no memfd"
+                assert version == RING_LAYOUT_VERSION and self.fds, "the server's HRNG brought no memfd"
                 self.ring_fd = self.fds.pop(0)
                 self.ring = RingView(self.ring_fd, self.capacity)
                 return True
@@ -429,7 +429,7 @@ class RingServer:
         self.listener.close()
 
 
-def ring_header(magic: bytes = b"HRNG", version: int = 1,
+def ring_header(magic: bytes = b"HRNG", version: int = RING_LAYOUT_VERSION,
                 capacity: int = DEFAULT_CAPACITY) -> bytes:
     return struct.pack("<4sIQ", magic, version, capacity)
 
@@ -589,7 +589,7 @@ def test_an_hrng_before_the_servers(sock_path, server, descriptor):
     (encode_switch(DEFAULT_CAPACITY)[:15], "16 bytes, not 15"),
     (encode_switch(DEFAULT_CAPACITY) + b"\0", "16 bytes, not 17"),
     (b"HRNG", "16 bytes, not 4"),
-    (struct.pack("<4sIQ", b"HRNG", 2, DEFAULT_CAPACITY), "layout version 2"),
+    (struct.pack("<4sIQ", b"HRNG", 1, DEFAULT_CAPACITY), "layout version 1"),
     (struct.pack("<4sIQ", b"HRNG", 0, DEFAULT_CAPACITY), "layout version 0"),
     (struct.pack("<4sIQ", b"HRNG", 0xFFFFFFFF, DEFAULT_CAPACITY), "layout version"),
     (encode_switch(0), "not 0"),
@@ -599,7 +599,7 @@ def test_an_hrng_before_the_servers(sock_path, server, descriptor):
     (encode_switch(1 << 63), "not 9223372036854775808"),
     (encode_switch(2**64 - 1), "power of two"),
     (encode_switch(4096), "answers no ring offer"),      # valid, but not what was offered
-], ids=["short", "long", "magic only", "version 2", "version 0", "version max", "capacity 0",
+], ids=["short", "long", "magic only", "version 1", "version 0", "version max", "capacity 0",
         "capacity 12288", "capacity 2048", "capacity 128 MiB", "capacity 2**63",
         "capacity max", "capacity not offered"])
 def test_an_hrng_with_a_wrong_payload(sock_path, server, payload, words):
@@ -846,7 +846,7 @@ def _here(peer: RingClient, delta: int = 0) -> bytes:
 @pytest.mark.parametrize("case", [
     "4 bytes", "no descriptor", "two descriptors", "below head", "out of order",
     "counted, not sent", "counted 10,000", "count lowered",
-    "12 bytes", "16 bytes"])
+    "12 bytes", "16 bytes", "more than a ring ahead", "a wake record's bytes"])
 def test_a_bad_carrier(sock_path, server, case):
     before = baseline(sock_path, server.pid)
     peer = switched(sock_path, FEATURE_RING | FEATURE_SHM)
@@ -869,6 +869,10 @@ def test_a_bad_carrier(sock_path, server, case):
         send_carrier(peer, _here(peer), segment, count=10_000)
     elif case == "count lowered":
         send_carrier(peer, _here(peer), segment, count=-1)
+    elif case == "more than a ring ahead":
+        send_carrier(peer, _here(peer, peer.ring.capacity + 1), segment)
+    elif case == "a wake record's bytes":   # all ones is a wake record: never with a descriptor
+        send_carrier(peer, b"\xff" * 8, segment)
     elif case == "12 bytes":          # the spec: a carrier is exactly 8 bytes
         send_carrier(peer, _here(peer) + b"\0" * 4, segment)
     else:
@@ -884,7 +888,8 @@ def test_64_carriers_ahead_are_held_and_65_are_refused(sock_path, server):
     before = baseline(sock_path, server.pid)
     peer = switched(sock_path, FEATURE_RING | FEATURE_SHM)
     segment = memfd(MIB, SEALS)
-    far = peer.ring.get(CLIENT_TO_SERVER, TAIL) + 10 * MIB      # frames that never come
+    # Frames that never come, as far ahead as a carrier may name: a ring past the server's head.
+    far = peer.ring.get(CLIENT_TO_SERVER, TAIL) + peer.ring.capacity
     for _ in range(64):
         send_carrier(peer, struct.pack("<Q", far), segment)
     peer.request(b"echo:64 ahead", 2)
@@ -1129,7 +1134,7 @@ def _plain_file() -> tuple[int, ...]:
     (lambda: (memfd(HEADER_BYTES, SEALS, ring_header()),), "less than"),
     (lambda: (memfd(_SIZE, SEALS, ring_header(magic=b"HRNX")),), "header"),
     (lambda: (memfd(_SIZE, SEALS),), "header"),                        # all zeros
-    (lambda: (memfd(_SIZE, SEALS, ring_header(version=2)),), "header"),
+    (lambda: (memfd(_SIZE, SEALS, ring_header(version=1)),), "header"),
     (lambda: (memfd(_SIZE, SEALS, ring_header(capacity=4096)),), "header"),
     (lambda: (memfd(_SIZE, SEALS, ring_header(capacity=2**64 - 1)),), "header"),
     (_pipe, "regular file"),
@@ -1137,7 +1142,7 @@ def _plain_file() -> tuple[int, ...]:
     (lambda: (memfd(_SIZE, SEALS | fcntl.F_SEAL_WRITE, ring_header()),), "mapped"),
     (lambda: (), "without"),
 ], ids=["unsealed", "no F_SEAL_SHRINK", "one byte short", "header only", "bad magic",
-        "zeroed header", "layout 2", "capacity disagrees", "capacity 2**64-1", "a pipe",
+        "zeroed header", "layout 1", "capacity disagrees", "capacity 2**64-1", "a pipe",
         "a plain file", "F_SEAL_WRITE", "no descriptor"])
 def test_a_servers_ring_that_fails_the_clients_checks(sock_path, client_baseline, make_fd,
                                                        words):
@@ -1157,11 +1162,11 @@ def test_a_servers_ring_that_fails_the_clients_checks(sock_path, client_baseline
 
 @pytest.mark.parametrize("payload, features, words", [
     (encode_switch(DEFAULT_CAPACITY)[:15], FEATURE_RING, "16 bytes"),
-    (struct.pack("<4sIQ", b"HRNG", 2, DEFAULT_CAPACITY), FEATURE_RING, "layout version 2"),
+    (struct.pack("<4sIQ", b"HRNG", 1, DEFAULT_CAPACITY), FEATURE_RING, "layout version 1"),
     (encode_switch(1000), FEATURE_RING, "power of two"),
     (encode_switch(128 * MIB), FEATURE_RING, "power of two"),
     (None, FEATURE_SHM, "did not negotiate the ring"),
-], ids=["short", "version 2", "capacity 1000", "capacity 128 MiB", "not negotiated"])
+], ids=["short", "version 1", "capacity 1000", "capacity 128 MiB", "not negotiated"])
 def test_a_servers_hrng_that_is_not_one(sock_path, client_baseline, payload, features, words):
     good = lambda: (memfd(_SIZE, SEALS, ring_header()),)    # noqa: E731
     server = RingServer(sock_path, _offering(good, payload, features))

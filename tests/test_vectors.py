@@ -444,3 +444,47 @@ def test_ring_layout_and_carriers_match_the_implementation():
     finally:
         a.close()
         b.close()
+
+
+@pytest.mark.parametrize("vector", cases("ring.json", "records"))
+def test_ring_socket_record(vector):
+    """Each 8-byte record on the socket after an HRNG, as a reader that drains them takes it:
+    a wake record is dropped, a carrier is kept for its frame, anything else is fatal."""
+    if getattr(_impl.core, "Ring", None) is None:
+        pytest.skip("only the compiled core speaks the ring")
+    import socket as socket_module
+
+    from hintens.transport import ring as transport_ring
+
+    layout = load("ring.json")["layout"]
+    assert layout["record_bytes"] == 8 and layout["sleeps_bits"] == {"futex": 1, "socket": 2}
+    ours, theirs = socket_module.socketpair()
+    fds = [os.memfd_create("vector") for _ in range(vector["fds"])]
+    try:
+        ring, ring_fd = transport_ring.create(4096, ours)
+        os.close(ring_fd)
+        channel = _impl.core.Channel(ours, _impl.core.FrameDecoder(), 65536)
+        channel.switch_rx(ring)
+        fds_before = len(os.listdir("/proc/self/fd"))
+        record = bytes.fromhex(vector["bytes"])
+        ancillary = [(socket_module.SOL_SOCKET, socket_module.SCM_RIGHTS,
+                      b"".join(fd.to_bytes(4, "little") for fd in fds))] if fds else []
+        theirs.sendmsg([record], ancillary)
+        if vector["kind"] == "fatal":
+            with pytest.raises(ProtocolError):
+                channel.take_ring_records()
+        else:
+            assert channel.take_ring_records() is False
+            assert ring.carriers_received == (1 if vector["kind"] == "carrier" else 0)
+            assert not channel.take_ring_records()   # nothing more waits
+        channel.close()
+        del channel, ring
+        gc.collect()
+        # The carrier's descriptor (kept until its frame) is closed with the ring; a fatal
+        # record's are closed at once.
+        assert len(os.listdir("/proc/self/fd")) <= fds_before
+    finally:
+        for fd in fds:
+            os.close(fd)
+        ours.close()
+        theirs.close()

@@ -21,7 +21,7 @@ from typing import Any
 
 RING_MAGIC = b"HRNG"
 #: The layout version PROTOCOL.md section 9b describes.
-RING_LAYOUT_VERSION = 1
+RING_LAYOUT_VERSION = 2
 #: A ring's capacity (bytes per direction) is a power of two within these.
 MIN_RING_CAPACITY = 4096
 MAX_RING_CAPACITY = 64 * 1024 * 1024

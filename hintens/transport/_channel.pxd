@@ -55,11 +55,13 @@ cdef extern from "_ring.h" nogil:
         uint64_t futex_waits
         uint64_t futex_wakes
         uint64_t spins_won
+        uint64_t socket_wakes
     const unsigned int HX_RING_HEADER_BYTES
     const unsigned int HX_RING_MIN_CAPACITY
     const unsigned int HX_RING_MAX_CAPACITY
     const long long HX_RING_LIVENESS_NS
     const long long HX_RING_SPIN_MAX_NS
+    const unsigned int HX_RING_VERSION
     int hx_ring_max_spinners
     enum:
         HX_WAIT_READY
@@ -83,6 +85,8 @@ cdef extern from "_ring.h" nogil:
     void hx_ring_shut(hx_ring *r)
     void hx_ring_stop_reading(hx_ring *r)
     int hx_ring_peer_ended_quietly(hx_ring *r)
+    int64_t hx_ring_arm_rx_socket(hx_ring *r)
+    int64_t hx_ring_arm_tx_socket(hx_ring *r)
     int hx_ring_wait_readable(hx_ring *r, long long deadline_ns, int timeout_option,
                               int may_spin)
     int hx_ring_wait_writable(hx_ring *r, long long deadline_ns, int timeout_option)
@@ -136,6 +140,9 @@ cdef class Writer:
                                           # before the flusher aborts the channel (0: never)
     cdef readonly Ring ring               # the shared-memory ring, once one was set up, or None
     cdef bint _ring_tx                    # our frames go into the ring (switch_tx)
+    cdef public bint ring_socket_wakes    # an event loop drives us: over a ring, a read or
+                                          # write that would wait arms a wake record on the
+                                          # socket instead (PROTOCOL.md 9b)
 
     cdef uint64_t _send(self, object buffers, object fds=*) except? 0
     cdef int _schedule(self) except -1
@@ -186,8 +193,7 @@ cdef class Channel(Outbox):
     cdef int _keep_fds(self, msghdr *message) except -1
     cdef list _receive(self, int flags)
     cdef Py_ssize_t _ring_read(self, iovec *vectors, int count, int flags) except -2
-    cdef int _ring_socket_bytes(self) except -1
-    cdef int _ring_carriers(self) except -1
+    cdef int _ring_records(self, bint counted) except -1
     cdef int _ring_corrupt(self) except -1
     cdef list _serve_once(self, handler, on_error, reply_writes, Py_ssize_t small_max,
                           Py_ssize_t inline_max)

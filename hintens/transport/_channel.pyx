@@ -350,6 +350,45 @@ cdef class Channel(Outbox):
         if ring is not None:
             hx_ring_stop_reading(&ring.r)
 
+    @property
+    def ring_rx(self):
+        """Frames come from the shared-memory ring (``switch_rx`` ran)."""
+        return self._ring_rx
+
+    @property
+    def ring_tx(self):
+        """Frames go into the shared-memory ring (``switch_tx`` ran)."""
+        return self._ring_tx
+
+    def ring_pending(self):
+        """For an event loop that reads a ring (``ring_socket_wakes``), after a read: True if
+        a read would not wait now (bytes in the ring, or its end), so read again without
+        waiting for the socket; else False, and the peer's next bytes send a wake record to
+        the socket, which the loop watches. False too when the channel does not read a
+        ring."""
+        cdef Ring ring = self.ring
+        if not self._ring_rx or ring is None:
+            return False
+        if hx_ring_readable(&ring.r) != 0 or hx_ring_rx_ended(&ring.r):
+            return True
+        return hx_ring_arm_rx_socket(&ring.r) != 0 or hx_ring_rx_ended(&ring.r)
+
+    def take_ring_records(self):
+        """Take the records that wait on the socket of a channel that reads a ring (wake
+        records, and descriptor carriers, kept for their frames), without reading the ring:
+        for an event loop that is not reading frames right now but watches the socket.
+
+        Returns:
+            True if the socket's stream ended (the peer is gone, or we stopped reading).
+
+        Raises:
+            ProtocolError: the peer sent something else on the socket.
+            OSError: the connection is lost.
+        """
+        if not self._ring_rx or self.ring is None or self._fd < 0:
+            return False
+        return self._ring_records(False) == 1
+
     def wait_readable(self, double timeout):
         """Wait up to ``timeout`` seconds, without reading, until a read would not wait:
         bytes have arrived, or the stream ended or broke. Over a ring it watches the ring
@@ -410,6 +449,14 @@ cdef class Channel(Outbox):
                     self._ring_corrupt()
                 return 0
             if flags & MSG_DONTWAIT:
+                if self.ring_socket_wakes:
+                    # An event loop reads us, and goes back to watching the socket: take the
+                    # records waiting there (or it stays readable), then ask for a wake record
+                    # and look once more.
+                    if self._ring_records(False) and hx_ring_readable(&ring.r) == 0:
+                        return 0   # the peer's socket ended, and the ring is empty
+                    if hx_ring_arm_rx_socket(&ring.r) != 0:
+                        continue
                 errno_set(EAGAIN)
                 return -1
             with nogil:   # the socket's receive timeout, looked up if it comes to a sleep
@@ -423,11 +470,11 @@ cdef class Channel(Outbox):
             if state == HX_WAIT_CORRUPT:
                 self._ring_corrupt()
             if state == HX_WAIT_SOCKET:
-                self._ring_socket_bytes()
+                self._ring_records(False)
             if state == HX_WAIT_ENDED and hx_ring_readable(&ring.r) == 0:
                 return 0
-        if hx_ring_carriers(&ring.r) != ring.carriers_received:
-            self._ring_carriers()
+        if hx_ring_carriers(&ring.r) > ring.carriers_received:
+            self._ring_records(True)
         if <size_t>ready < want:
             want = <size_t>ready
         if want >= NOGIL_THRESHOLD_BYTES:
@@ -450,54 +497,57 @@ cdef class Channel(Outbox):
         raise _errors.ProtocolError("the peer broke the shared-memory ring: an index it wrote "
                                     "is out of range")
 
-    cdef int _ring_socket_bytes(self) except -1:
-        # Bytes wait on the socket while the ring is empty. What the peer counted as carriers
-        # is read with its frames; a carrier in flight (sent, not counted yet) is 8 bytes with
-        # one descriptor. Anything else came after the peer's HRNG: fatal (PROTOCOL.md 9b).
-        cdef Ring ring = self.ring
-        cdef unsigned char data[16]
-        cdef ssize_t got
-        cdef int fd, nfds
-        if ring is None or hx_ring_carriers(&ring.r) != ring.carriers_received:
-            return 0
-        got = _receive_carrier(self._fd, data, MSG_PEEK, False, &fd, &nfds)
-        if got <= 0 or (got == 8 and nfds == 1):
-            return 0
-        raise _errors.ProtocolError("the peer sent bytes on the socket after its HRNG that are "
-                                    "not a descriptor carrier")
-
-    cdef int _ring_carriers(self) except -1:
-        # The peer counts more carriers than we took: they are on the socket already (it
-        # counts each once its sendmsg returned). Each is 8 bytes, the ring offset of the
-        # frame that claims it, with exactly one descriptor.
+    cdef int _ring_records(self, bint counted) except -1:
+        # Take the peer's records off the socket (PROTOCOL.md 9b): after its HRNG the socket
+        # brings only 8-byte records, each a descriptor carrier (the ring offset of the frame
+        # that claims it, with exactly one descriptor) or a wake record (all ones, no
+        # descriptor; dropped). counted: until every carrier the peer has counted is taken
+        # (they are there: it counts each once its sendmsg returned); else whatever waits.
+        # Returns 1 if the socket's stream ended, else 0. Anything else is fatal.
         cdef Ring ring = self.ring
         cdef uint64_t announced = hx_ring_carriers(&ring.r), offset
-        cdef unsigned char data[16]
+        cdef unsigned char data[8]
         cdef ssize_t got
         cdef int fd, k, nfds
-        if announced - ring.carriers_received + <uint64_t>len(ring._ahead) \
-                > <uint64_t>_MAX_PENDING_FDS:
+        if announced > ring.carriers_received and announced - ring.carriers_received \
+                + <uint64_t>len(ring._ahead) > <uint64_t>_MAX_PENDING_FDS:
             raise _errors.ProtocolError(
                 f"the peer has more than {_MAX_PENDING_FDS} descriptor carriers ahead of its "
                 f"frames, the most a connection holds")
-        while ring.carriers_received != announced:
+        while not counted or announced > ring.carriers_received:
             got = _receive_carrier(self._fd, data, 0, True, &fd, &nfds)
             if got < 0 and errno == EINTR:
                 continue
+            if got < 0 and errno == EAGAIN and not counted:
+                return 0
+            if got < 0 and not counted:
+                _raise_errno()
+            if got == 0 and not counted:
+                return 1
             offset = 0
             for k in range(8):
                 offset |= (<uint64_t>data[k]) << (8 * k)
+            if got == 8 and nfds == 0 and offset == <uint64_t>0xFFFFFFFFFFFFFFFF:
+                continue   # a wake record: it did its work by arriving
+            # A carrier names where its frame will be: at or past the frame of the one before
+            # and our head, and within a ring of our head (its producer is never further
+            # ahead of us than that).
             if got != 8 or nfds != 1 or offset < ring._last_carrier \
-                    or offset < ring.r.rx_head:
+                    or offset < ring.r.rx_head or offset - ring.r.rx_head > ring.r.capacity:
                 if fd >= 0:
                     close_fd(fd)
                 raise _errors.ProtocolError(
-                    "the peer's descriptor carrier on the socket is not one 8-byte ring "
-                    "offset, in order, with exactly one descriptor" if got > 0 else
+                    "the peer sent bytes on the socket after its HRNG that are neither a "
+                    "descriptor carrier (one 8-byte ring offset, in order and within a ring of "
+                    "our head, with exactly one descriptor) nor a wake record" if got > 0 else
                     "the peer counts a descriptor carrier that its socket never brought")
             ring.carriers_received += 1
             ring._last_carrier = offset
             ring._ahead.append((offset, fd))
+            if len(ring._ahead) > _MAX_PENDING_FDS:
+                raise _errors.ProtocolError(
+                    f"the peer has more than {_MAX_PENDING_FDS} descriptor carriers ahead of "
+                    f"its frames, the most a connection holds")
         return 0
 
     cdef int _keep_fds(self, msghdr *message) except -1:
@@ -662,8 +712,8 @@ cdef class Channel(Outbox):
 
 cdef inline ssize_t _receive_carrier(int sock, unsigned char *data, int flags, bint keep,
                                      int *first, int *count) noexcept nogil:
-    # One non-blocking recvmsg of a carrier into 16 bytes (a carrier reads as 8: more is not
-    # one) with room for descriptors. *count: the descriptors that came (a truncated control
+    # One non-blocking recvmsg of one 8-byte record into data (never more: the kernel would
+    # join a record without descriptors to the next one) with room for descriptors. *count: the descriptors that came (a truncated control
     # message counts one more, so it never passes as exactly one); with keep the first is
     # left open in *first, and every other one is closed (with MSG_PEEK they are copies).
     cdef msghdr message
@@ -676,7 +726,7 @@ cdef inline ssize_t _receive_carrier(int sock, unsigned char *data, int flags, b
     count[0] = 0
     memset_msghdr(&message)
     vector.iov_base = data
-    vector.iov_len = 16
+    vector.iov_len = 8
     message.msg_iov = &vector
     message.msg_iovlen = 1
     message.msg_control = &control

@@ -145,6 +145,25 @@ class Channel(Outbox):
         """
         raise NotImplementedError("the pure-Python core has no shared-memory ring")
 
+    #: Frames come from / go into a shared-memory ring: never over this core.
+    ring_rx = False
+    ring_tx = False
+    #: An event loop drives the channel (over a ring, its waits arm wake records): no ring
+    #: here, so nothing changes.
+    ring_socket_wakes = False
+
+    def ring_pending(self) -> bool:
+        """A ring's bytes wait to be read: never over this core (it has no ring)."""
+        return False
+
+    def take_ring_records(self) -> bool:
+        """Take a ring's records off the socket: nothing to take over this core.
+
+        Returns:
+            False (the stream did not end by this).
+        """
+        return False
+
     def stop_reading(self) -> None:
         """Read what has arrived, then see the end of the stream (``shutdown(SHUT_RD)``): a
         server that closes still answers what was sent."""

@@ -13,12 +13,15 @@
  *     +8    carriers  u64  descriptor carriers the producer has sent on the socket, ever
  *     +16   closed    u32  1: the producer wrote its last byte
  *     +64   head      u64  bytes the consumer has taken, ever
- *     +128  consumer_sleeps  u32 futex word: 1 once the consumer announced it sleeps
- *     +132  producer_sleeps  u32 futex word: 1 once the producer announced it waits for room
- * A waiter never clears its word: only the other side does, with the exchange that decides
- * its FUTEX_WAKE. So one waiter's timeout cannot erase another's announcement (two threads
- * may wait on one direction: a reader and an event pump); a stale 1 costs one wake.
- * Offset 0 holds the magic "HRNG", the layout version (u32, 1) and the capacity (u64).
+ *     +128  consumer_sleeps  u32: how the consumer wants to be woken once it has data
+ *     +132  producer_sleeps  u32: how the producer wants to be woken once it has room
+ * Each sleeps word is a set of bits a waiter ORs in: 1 (HX_WAKE_FUTEX), wake it with
+ * FUTEX_WAKE on the word; 2 (HX_WAKE_SOCKET), send it a wake record on the socket (a waiter
+ * that cannot sleep on a futex: an event loop watching the socket). A waiter never clears
+ * its word: only the other side does, with the exchange that decides its wake-up. So one
+ * waiter's timeout cannot erase another's announcement (several may wait on one direction: a
+ * reader, an event pump, an event loop); a stale bit costs one needless wake-up.
+ * Offset 0 holds the magic "HRNG", the layout version (u32, 2) and the capacity (u64).
  * The data of direction d: `capacity` bytes at 4096 + d * capacity.
  */
 #ifndef HX_RING_H
@@ -40,7 +43,12 @@
 #define HX_RING_HEADER_BYTES 4096u
 #define HX_RING_MIN_CAPACITY 4096u
 #define HX_RING_MAX_CAPACITY (64u * 1024u * 1024u)
-#define HX_RING_VERSION 1u
+#define HX_RING_VERSION 2u
+/* The bits of a sleeps word. */
+#define HX_WAKE_FUTEX 1u
+#define HX_WAKE_SOCKET 2u
+/* A wake record on the socket: 8 bytes, all 0xFF, without a descriptor. */
+#define HX_RING_RECORD_BYTES 8
 /* How often a sleeper looks at the socket for its peer's end (a SIGKILL'ed peer never wakes
  * it): the bound on noticing that the peer is gone. */
 #define HX_RING_LIVENESS_NS 50000000LL
@@ -80,7 +88,7 @@ typedef struct {
     long long rx_spin_ns, tx_spin_ns;   /* adaptive spin budgets */
     long long peer_seen_ns;       /* when we last took its bytes or saw it take ours */
     /* Counters for stats and tests. */
-    uint64_t futex_waits, futex_wakes, spins_won;
+    uint64_t futex_waits, futex_wakes, spins_won, socket_wakes;
 } hx_ring;
 
 /* Threads of this process spinning on any ring right now, and how many may. */
@@ -106,6 +114,44 @@ static inline int hx_futex_wait(uint32_t *word, uint32_t expected, long long ns)
 
 static inline void hx_futex_wake(uint32_t *word) {
     syscall(SYS_futex, word, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
+}
+
+/* A wake record for a peer that waits on the socket. Never waits: a socket that takes none
+ * of it holds unread bytes already, which wake that peer as well. (8 bytes are one piece on
+ * a Unix stream socket: taken whole or not at all.) */
+static inline void hx_ring_send_wake(int sock) {
+    static const unsigned char record[HX_RING_RECORD_BYTES] = {
+        0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF};
+    ssize_t sent;
+    do
+        sent = send(sock, record, sizeof(record), MSG_DONTWAIT | MSG_NOSIGNAL);
+    while (sent < 0 && errno == EINTR);
+}
+
+/* The other side's half of a wake-up: after our store and a sequentially consistent fence,
+ * take the peer's announcement on `sleeps` (exchange it to 0) and wake it each way it asked.
+ * Cheap when nobody waits: one load. */
+static inline void hx_ring_wake_word(hx_ring *r, uint32_t *sleeps) {
+    if (__atomic_load_n(sleeps, __ATOMIC_RELAXED) == 0)
+        return;
+    uint32_t asked = __atomic_exchange_n(sleeps, 0, __ATOMIC_SEQ_CST);
+    if (asked & HX_WAKE_FUTEX) {
+        hx_futex_wake(sleeps);
+        r->futex_wakes++;
+    }
+    if (asked & HX_WAKE_SOCKET) {
+        hx_ring_send_wake(r->sock);
+        r->socket_wakes++;
+    }
+}
+
+/* Announce a waiter on `sleeps` (its bit `how`), then fence: the re-check of the index that
+ * follows sees what the other side published before it could see our announcement. Returns
+ * the word's value after it (what a futex wait expects). */
+static inline uint32_t hx_ring_announce(uint32_t *sleeps, uint32_t how) {
+    uint32_t now = __atomic_or_fetch(sleeps, how, __ATOMIC_SEQ_CST);
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    return now;
 }
 
 /* Lay out (creator: zero the header first) or attach to a mapping of
@@ -188,23 +234,13 @@ static inline size_t hx_ring_take(hx_ring *r, const struct iovec *iov, int iovcn
     r->peer_seen_ns = hx_ring_now_ns();
     __atomic_store_n(HX_U64(r->rx_block, HX__HEAD), r->rx_head, __ATOMIC_RELEASE);
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
-    uint32_t *sleeps = HX_U32(r->rx_block, HX__PSLEEP);
-    if (__atomic_load_n(sleeps, __ATOMIC_RELAXED) != 0
-            && __atomic_exchange_n(sleeps, 0, __ATOMIC_SEQ_CST) == 1) {
-        hx_futex_wake(sleeps);
-        r->futex_wakes++;
-    }
+    hx_ring_wake_word(r, HX_U32(r->rx_block, HX__PSLEEP));
     return done;
 }
 
 static inline void hx_ring_wake_consumer(hx_ring *r) {
-    uint32_t *sleeps = HX_U32(r->tx_block, HX__CSLEEP);
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
-    if (__atomic_load_n(sleeps, __ATOMIC_RELAXED) != 0
-            && __atomic_exchange_n(sleeps, 0, __ATOMIC_SEQ_CST) == 1) {
-        hx_futex_wake(sleeps);
-        r->futex_wakes++;
-    }
+    hx_ring_wake_word(r, HX_U32(r->tx_block, HX__CSLEEP));
 }
 
 /* Copy up to `room` bytes of iov (from byte `skip` on) into the ring and publish them;
@@ -226,6 +262,19 @@ static inline size_t hx_ring_put(hx_ring *r, const struct iovec *iov, int iovcnt
     return done;
 }
 
+/* A reader or writer that waits on the socket (an event loop's) instead of a futex: announce
+ * it, then look again. Nonzero (as hx_ring_readable/hx_ring_writable): go on now; 0: the peer
+ * sends a wake record on the socket once it publishes bytes (or takes some). */
+static inline int64_t hx_ring_arm_rx_socket(hx_ring *r) {
+    hx_ring_announce(HX_U32(r->rx_block, HX__CSLEEP), HX_WAKE_SOCKET);
+    return hx_ring_readable(r);
+}
+
+static inline int64_t hx_ring_arm_tx_socket(hx_ring *r) {
+    hx_ring_announce(HX_U32(r->tx_block, HX__PSLEEP), HX_WAKE_SOCKET);
+    return hx_ring_writable(r);
+}
+
 /* A carrier went out on the socket: count it before the frame it serves is published. */
 static inline void hx_ring_count_carrier(hx_ring *r) {
     __atomic_add_fetch(HX_U64(r->tx_block, HX__CARRIERS), 1, __ATOMIC_RELEASE);
@@ -233,9 +282,9 @@ static inline void hx_ring_count_carrier(hx_ring *r) {
 
 /* We write no more: the consumer reads what is left, then sees the end. */
 static inline void hx_ring_close_tx(hx_ring *r) {
-    __atomic_store_n(HX_U32(r->tx_block, HX__CLOSED), 1, __ATOMIC_RELEASE);
-    __atomic_store_n(HX_U32(r->tx_block, HX__CSLEEP), 0, __ATOMIC_SEQ_CST);
-    hx_futex_wake(HX_U32(r->tx_block, HX__CSLEEP));
+    if (__atomic_exchange_n(HX_U32(r->tx_block, HX__CLOSED), 1, __ATOMIC_SEQ_CST) == 1)
+        return;   /* once: the wake-up that follows may send a record on the socket */
+    hx_ring_wake_consumer(r);
 }
 
 /* Closed here: our own waiters leave at once, and the peer's see the end. */
@@ -293,7 +342,8 @@ static inline long long hx_ring_socket_deadline(hx_ring *r, int option) {
  * or `deadline_ns` (< 0: none). Returns 0 when woken (or the word moved), ETIMEDOUT after a
  * slice (look at the socket), HX__DEADLINE past the deadline, EINTR for a signal. */
 #define HX__DEADLINE -1
-static inline int hx_ring_sleep(hx_ring *r, uint32_t *sleeps, long long deadline_ns) {
+static inline int hx_ring_sleep(hx_ring *r, uint32_t *sleeps, uint32_t expected,
+                                long long deadline_ns) {
     long long now = hx_ring_now_ns(), slice = HX_RING_LIVENESS_NS;
     if (deadline_ns >= 0) {
         if (now >= deadline_ns)
@@ -302,7 +352,7 @@ static inline int hx_ring_sleep(hx_ring *r, uint32_t *sleeps, long long deadline
             slice = deadline_ns - now;
     }
     r->futex_waits++;
-    int rc = hx_futex_wait(sleeps, 1, slice), error = rc < 0 ? errno : 0;
+    int rc = hx_futex_wait(sleeps, expected, slice), error = rc < 0 ? errno : 0;
     return error == ETIMEDOUT || error == EINTR ? error : 0;
 }
 
@@ -362,8 +412,7 @@ static inline int hx_ring_wait_readable(hx_ring *r, long long deadline_ns, int t
     for (;;) {
         if (__atomic_load_n(&r->shut, __ATOMIC_RELAXED))
             return HX_WAIT_SHUT;
-        __atomic_store_n(sleeps, 1, __ATOMIC_SEQ_CST);
-        __atomic_thread_fence(__ATOMIC_SEQ_CST);
+        uint32_t expected = hx_ring_announce(sleeps, HX_WAKE_FUTEX);
         ready = hx_ring_readable(r);
         if (ready != 0 || hx_ring_rx_ended(r) || __atomic_load_n(&r->shut, __ATOMIC_RELAXED)) {
             if (ready < 0)
@@ -372,7 +421,7 @@ static inline int hx_ring_wait_readable(hx_ring *r, long long deadline_ns, int t
                 break;
             return r->shut ? HX_WAIT_SHUT : HX_WAIT_ENDED;
         }
-        int slept = hx_ring_sleep(r, sleeps, deadline_ns);
+        int slept = hx_ring_sleep(r, sleeps, expected, deadline_ns);
         if (slept == HX__DEADLINE)
             return HX_WAIT_TIMEOUT;
         if (slept == EINTR)
@@ -411,14 +460,13 @@ static inline int hx_ring_wait_writable(hx_ring *r, long long deadline_ns, int t
     for (;;) {
         if (__atomic_load_n(&r->shut, __ATOMIC_RELAXED))
             return HX_WAIT_SHUT;
-        __atomic_store_n(sleeps, 1, __ATOMIC_SEQ_CST);
-        __atomic_thread_fence(__ATOMIC_SEQ_CST);
+        uint32_t expected = hx_ring_announce(sleeps, HX_WAKE_FUTEX);
         room = hx_ring_writable(r);
         if (room != 0)
             return room < 0 ? HX_WAIT_CORRUPT : HX_WAIT_READY;
         if (hx_ring_peer_closed(r))
             return HX_WAIT_ENDED;
-        int slept = hx_ring_sleep(r, sleeps, deadline_ns);
+        int slept = hx_ring_sleep(r, sleeps, expected, deadline_ns);
         if (slept == HX__DEADLINE)
             return HX_WAIT_TIMEOUT;
         if (slept == EINTR)

@@ -35,6 +35,7 @@ RING_HEADER_BYTES = HX_RING_HEADER_BYTES
 RING_MIN_CAPACITY = HX_RING_MIN_CAPACITY
 RING_MAX_CAPACITY = HX_RING_MAX_CAPACITY
 RING_LIVENESS_S = HX_RING_LIVENESS_NS / 1e9
+RING_LAYOUT_VERSION = HX_RING_VERSION
 #: Bytes of one descriptor carrier on the socket (a u64 ring offset).
 RING_CARRIER_BYTES = 8
 
@@ -90,10 +91,12 @@ cdef class Ring:
     def stats(self):
         """Counters of this ring's waits: ``futex_waits`` (sleeps on a futex word, each a
         system call), ``futex_wakes`` (wake-ups we issued to a sleeping peer), ``spins_won``
-        (waits a spin ended, without a system call), and the stream offsets ``written`` and
+        (waits a spin ended, without a system call), ``socket_wakes`` (wake records we sent
+        to a peer that waits on the socket), and the stream offsets ``written`` and
         ``read``."""
         return {"futex_waits": self.r.futex_waits, "futex_wakes": self.r.futex_wakes,
-                "spins_won": self.r.spins_won, "written": self.r.tx_tail,
+                "spins_won": self.r.spins_won, "socket_wakes": self.r.socket_wakes,
+                "written": self.r.tx_tail,
                 "read": self.r.rx_head}
 
     def header(self):

@@ -474,6 +474,9 @@ cdef class Writer:
             if room > 0:
                 break
             if flags & MSG_DONTWAIT:
+                # An event loop writes us: it learns of room from a wake record on the socket.
+                if self.ring_socket_wakes and hx_ring_arm_tx_socket(&ring.r) != 0:
+                    continue
                 errno_set(EAGAIN)
                 return -1
             with nogil:   # the socket's send timeout, looked up if it comes to a sleep

@@ -760,7 +760,7 @@ def decisions() -> list:
 
 # --- ring.json ------------------------------------------------------------------------------
 
-def ring_switch(capacity: int, version: int = 1, magic: bytes = b"HRNG") -> bytes:
+def ring_switch(capacity: int, version: int = 2, magic: bytes = b"HRNG") -> bytes:
     return magic + struct.pack("<IQ", version, capacity)
 
 
@@ -778,8 +778,9 @@ def ring_file() -> dict:
     add("capacity_not_power_of_two", "9b: a power of two", ring_switch(3 * 4096), None)
     add("capacity_zero", "9b: a power of two", ring_switch(0), None)
     add("capacity_u64_max", "9b: a power of two", ring_switch(U64_MAX), None)
-    add("layout_version_2", "9b: layout version 1", ring_switch(4096, version=2), None)
-    add("layout_version_0", "9b: layout version 1", ring_switch(4096, version=0), None)
+    add("layout_version_1", "9b: layout version 2", ring_switch(4096, version=1), None)
+    add("layout_version_3", "9b: layout version 2", ring_switch(4096, version=3), None)
+    add("layout_version_0", "9b: layout version 2", ring_switch(4096, version=0), None)
     add("short", "9b: a 16-byte payload", ring_switch(4096)[:15], None)
     add("trailing_byte", "9b: a 16-byte payload", ring_switch(4096) + b"\x00", None)
     layout = {"header_bytes": 4096, "magic_offset": 0, "version_offset": 4,
@@ -787,17 +788,37 @@ def ring_file() -> dict:
               "tail": 64, "carriers": 72, "closed": 80, "head": 128,
               "consumer_sleeps": 192, "producer_sleeps": 196,
               "data": "4096 + d * capacity", "memfd_bytes": "4096 + 2 * capacity",
-              "feature_bit": 4, "carrier_bytes": 8}
+              "feature_bit": 4, "carrier_bytes": 8, "record_bytes": 8,
+              "sleeps_bits": {"futex": 1, "socket": 2}}
     carriers = [{"name": f"offset_{offset}", "offset": offset,
                  "bytes": struct.pack("<Q", offset).hex()}
                 for offset in (0, 1, 4096, 0x0102030405060708, U64_MAX)]
     header = {"name": "header_256_kib", "capacity": 256 * 1024,
-              "bytes": (b"HRNG" + struct.pack("<IQ", 1, 256 * 1024)).hex()}
+              "bytes": (b"HRNG" + struct.pack("<IQ", 2, 256 * 1024)).hex()}
+    # What a receiver makes of each 8-byte record on the socket after the sender's HRNG, by
+    # its bytes and the number of descriptors that came with it.
+    records = [
+        {"name": "wake", "bytes": struct.pack("<Q", U64_MAX).hex(), "fds": 0, "kind": "wake"},
+        {"name": "carrier_0", "bytes": struct.pack("<Q", 0).hex(), "fds": 1, "kind": "carrier",
+         "offset": 0},
+        {"name": "carrier_4096", "bytes": struct.pack("<Q", 4096).hex(), "fds": 1,
+         "kind": "carrier", "offset": 4096},
+        {"name": "wake_with_a_descriptor", "bytes": struct.pack("<Q", U64_MAX).hex(),
+         "fds": 1, "kind": "fatal"},
+        {"name": "carrier_without_descriptor", "bytes": struct.pack("<Q", 4096).hex(),
+         "fds": 0, "kind": "fatal"},
+        {"name": "carrier_two_descriptors", "bytes": struct.pack("<Q", 4096).hex(), "fds": 2,
+         "kind": "fatal"},
+        {"name": "almost_wake", "bytes": struct.pack("<Q", U64_MAX - 1).hex(), "fds": 0,
+         "kind": "fatal"},
+    ]
     return {"description": "the shared-memory ring: HRNG payloads, the memfd's layout (offsets "
                            "of direction d's fields are the given ones + d * direction_stride), "
-                           "its header, and descriptor carriers",
+                           "its header, descriptor carriers, the bits of a sleeps word, and "
+                           "the 8-byte records on the socket after an HRNG (a carrier, a wake "
+                           "record, or fatal)",
             "spec": "section 9b", "switches": switches, "layout": layout,
-            "header": header, "carriers": carriers}
+            "header": header, "carriers": carriers, "records": records}
 
 
 # --- output -----------------------------------------------------------------------------------
