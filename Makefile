@@ -52,10 +52,11 @@ $(DOCS_INSTALLED): $(INSTALLED)
 # network): the install with its build, then mypy; the CRC harness; the ports' checks. Each
 # one's output comes in one piece when it ends, and the first failure fails `make test`. After
 # the two passes, the ring pass: the socket tests of these modules again, every Client and
-# Server asking for the shared-memory ring (tests/conftest.py).
+# Server (sync and asyncio) asking for the shared-memory ring (tests/conftest.py).
 RING_PASS_TESTS := tests/test_client_server.py tests/test_batching.py tests/test_shm_transfer.py \
     tests/test_pool.py tests/test_codecs.py tests/test_races.py tests/test_slow_consumers.py \
-    tests/test_shm_waits.py
+    tests/test_shm_waits.py tests/test_aio_client.py tests/test_aio_server.py \
+    tests/test_aio_pool.py
 test:
 	@$(MAKE) --no-print-directory -j4 --output-sync=target typecheck crc-check ports-check
 	$(PY) -m pytest

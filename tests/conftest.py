@@ -18,7 +18,7 @@ settings.register_profile(
 settings.load_profile("hintens")
 
 NO_EXTENSIONS = os.environ.get("HINTENS_NO_EXTENSIONS", "") not in ("", "0")
-#: The ring pass (make test runs it on a set of modules): every sync Client and Server, in
+#: The ring pass (make test runs it on a set of modules): every Client and Server, in
 #: this process and in the server processes the tests start, asks for a shared-memory ring by
 #: default, so that the same tests run with their frames in the ring instead of the socket.
 RING_PASS = os.environ.get("HINTENS_TEST_RING", "") not in ("", "0")

@@ -25,11 +25,12 @@ RING_PASS = os.environ.get("HINTENS_TEST_RING", "") not in ("", "0")
 
 
 def ring_by_default() -> None:
-    """Make ``ring=True`` the default of hintens.Client and hintens.Server in this process
-    (the ring pass of the suite, tests/conftest.py)."""
+    """Make ``ring=True`` the default of the Clients and Servers (sync and asyncio) in this
+    process (the ring pass of the suite, tests/conftest.py)."""
     import hintens
+    import hintens.aio
 
-    for cls in (hintens.Client, hintens.Server):
+    for cls in (hintens.Client, hintens.Server, hintens.aio.Client, hintens.aio.Server):
         cls.__init__.__kwdefaults__["ring"] = True
 
 
@@ -63,6 +64,8 @@ def start_aio_server_with(path: str, handler: str = "tests.handlers:async_comman
     with ``stop_server`` (SIGTERM closes it gracefully)."""
     module, _, function = handler.partition(":")
     loop = options.pop("loop", "asyncio")
+    if RING_PASS:
+        options.setdefault("ring", True)
     script = (
         "import asyncio, importlib, logging, signal, sys, hintens.aio\n"
         "logging.basicConfig(level=logging.INFO)\n"

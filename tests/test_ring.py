@@ -5,6 +5,7 @@ several modules again with the ring on; hostile peers are in tests/test_ring_hos
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -15,10 +16,17 @@ import time
 import pytest
 
 import hintens
+import hintens.aio
 from hintens import _impl
 from hintens.protocol.hello import FEATURE_RING
 
-from .peers import memfd_mappings, start_server_with, stop_server, wait_until
+from .peers import (
+    memfd_mappings,
+    start_aio_server_with,
+    start_server_with,
+    stop_server,
+    wait_until,
+)
 
 COMPILED = getattr(_impl.core, "Ring", None) is not None
 needs_ring = pytest.mark.skipif(not COMPILED, reason="the ring needs the compiled core")
@@ -251,3 +259,112 @@ def test_an_idle_connected_pair_costs_no_measurable_cpu(ring_server, sock_path):
         client.kill()
         client.wait()
         client.stdout.close()
+
+
+# The asyncio front end: a socket waiter (wake records on the socket, never a futex or a spin) --
+
+def _asyncio_peer(kind: str, path: str):
+    """A server process of ``kind`` offering rings (the sync or the asyncio Server)."""
+    if kind == "sync":
+        return start_server_with(path, ring=True)
+    return start_aio_server_with(path, ring=True)
+
+
+async def _exercise_asyncio_client(path: str, shm: bool) -> dict:
+    async with hintens.aio.Client(path, ring=True, shm=shm, max_payload=16 * MIB,
+                                  timeout=20) as client:
+        # Larger than the ring (256 KiB) inline: each side waits for room, woken on the socket.
+        for size in [0, 1, 64, 64 * 1024 - 1, 64 * 1024, 300 * 1024, MIB, 3 * MIB]:
+            payload = os.urandom(size)
+            assert bytes(await client.request(b"echo:" + payload)) == payload, size
+        replies = await asyncio.gather(*[client.request(b"echo:%d" % i) for i in range(500)])
+        assert [bytes(r) for r in replies] == [b"%d" % i for i in range(500)]
+        assert client.ring_active
+        return client._conn.channel.ring.stats()
+
+
+@needs_ring
+@pytest.mark.parametrize("server_kind", ["sync", "aio"])
+@pytest.mark.parametrize("shm", [True, False])
+def test_an_asyncio_client_speaks_the_ring_byte_exact(sock_path, server_kind, shm):
+    process = _asyncio_peer(server_kind, sock_path)
+    try:
+        stats = asyncio.run(_exercise_asyncio_client(sock_path, shm))
+    finally:
+        stop_server(process, signal.SIGKILL)
+    # It waited on the socket only: no futex sleep, no spin.
+    assert stats["futex_waits"] == 0 and stats["spins_won"] == 0, stats
+    assert stats["written"] > 4 * MIB or shm
+    # An asyncio server is a socket waiter too: the client sent it wake records.
+    assert (stats["socket_wakes"] > 0) is (server_kind == "aio")
+
+
+@needs_ring
+def test_a_sync_client_speaks_the_ring_to_an_asyncio_server(sock_path):
+    process = start_aio_server_with(sock_path, ring=True)
+    try:
+        with hintens.Client(sock_path, ring=True, shm=False, max_payload=16 * MIB) as client:
+            for size in [0, 1, 64 * 1024, 300 * 1024, 3 * MIB]:
+                payload = os.urandom(size)
+                assert bytes(client.request(b"echo:" + payload)) == payload, size
+            replies = client.request_many([b"echo:%d" % i for i in range(500)])
+            assert [bytes(r) for r in replies] == [b"%d" % i for i in range(500)]
+            assert client.ring_active
+            assert client._conn.channel.ring.stats()["socket_wakes"] > 0
+    finally:
+        stop_server(process, signal.SIGKILL)
+
+
+@needs_ring
+def test_a_killed_server_fails_an_asyncio_client_promptly_and_frees_the_ring(sock_path):
+    process = start_server_with(sock_path, ring=True)
+
+    async def main():
+        async with hintens.aio.Client(sock_path, ring=True, timeout=30) as client:
+            assert bytes(await client.request(b"echo:up")) == b"up"
+            assert client.ring_active and ring_maps() == 1
+            waiting = asyncio.ensure_future(client.request(b"sleep:20:never"))
+            await asyncio.sleep(0.2)
+            process.kill()
+            started = time.monotonic()
+            with pytest.raises(hintens.ConnectionClosed):
+                await waiting
+            return time.monotonic() - started
+
+    try:
+        took = asyncio.run(main())
+    finally:
+        stop_server(process, signal.SIGKILL)
+    assert took < 2.0, took   # the socket's end wakes the loop: no liveness slice to wait
+    assert ring_maps() == 0
+
+
+IDLE_AIO_SCRIPT = """
+import asyncio, sys, hintens.aio
+async def main():
+    async with hintens.aio.Client(sys.argv[1], ring=True) as client:
+        assert bytes(await client.request(b"echo:x")) == b"x" and client.ring_active
+        print("ready", flush=True)
+        await asyncio.sleep(60)
+asyncio.run(main())
+"""
+
+
+@needs_ring
+@pytest.mark.slow
+def test_an_idle_asyncio_ring_pair_costs_no_measurable_cpu(sock_path):
+    server = start_aio_server_with(sock_path, ring=True)
+    client = subprocess.Popen([sys.executable, "-c", IDLE_AIO_SCRIPT, sock_path],
+                              stdout=subprocess.PIPE)
+    try:
+        assert client.stdout.readline() == b"ready\n"
+        time.sleep(0.5)
+        before = cpu_seconds(client.pid) + cpu_seconds(server.pid)
+        time.sleep(5)
+        used = cpu_seconds(client.pid) + cpu_seconds(server.pid) - before
+        assert used < 0.05, f"{used:.3f} s of CPU in 5 s"   # under 1% of a core
+    finally:
+        client.kill()
+        client.wait()
+        client.stdout.close()
+        stop_server(server, signal.SIGKILL)

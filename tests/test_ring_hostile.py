@@ -44,6 +44,7 @@ from .peers import (
     raw_frame,
     raw_listener,
     server_log,
+    start_aio_server_with,
     start_server_with,
     status_kib,
     stop_server,
@@ -59,6 +60,8 @@ KIB = 1 << 10
 MIB = 1 << 20
 #: The ring's layout (section 9b), written here from the spec, not imported from hintens.
 HEADER_BYTES = 4096
+#: A wake record (section 9b): 8 bytes of all ones, without a descriptor.
+WAKE_RECORD = b"\xff" * 8
 TAIL, CARRIERS, CLOSED, HEAD, CONSUMER_SLEEPS, PRODUCER_SLEEPS = 0, 8, 16, 64, 128, 132
 SERVER_TO_CLIENT, CLIENT_TO_SERVER = 0, 1
 #: What hintens waits between looks at the socket while it sleeps on a futex.
@@ -102,8 +105,10 @@ class RingView:
     Index words are read and written through ctypes (one aligned 8- or 4-byte access each), so
     the other side never sees a torn value the test did not mean."""
 
-    def __init__(self, fd: int, capacity: int, size: int | None = None) -> None:
+    def __init__(self, fd: int, capacity: int, size: int | None = None,
+                 sock: socket.socket | None = None) -> None:
         self.capacity = capacity
+        self.sock = sock   # where wake records go
         self.map = mmap.mmap(fd, size or HEADER_BYTES + 2 * capacity)
         self._cells: dict = {}
 
@@ -124,10 +129,19 @@ class RingView:
         cell.value = value
 
     def wake(self, direction: int, field: int) -> None:
-        """FUTEX_WAKE on a futex word (shared, not private: the word is in another process)."""
-        if _SYS_FUTEX is not None:
+        """Take the announcement on a sleep word, as section 9b says: read it, clear it, and
+        wake each way it asks: bit 0, FUTEX_WAKE on the word (shared, not private: the word
+        is in another process); bit 1, a wake record on the socket."""
+        asked = self.get(direction, field)
+        self.put(direction, field, 0)
+        if asked & 1 and _SYS_FUTEX is not None:
             _libc.syscall(_SYS_FUTEX, ctypes.c_void_p(ctypes.addressof(
                 self._cell(direction, field))), _FUTEX_WAKE, 1 << 30, None, None, 0)
+        if asked & 2 and self.sock is not None:
+            try:
+                self.sock.send(WAKE_RECORD, socket.MSG_DONTWAIT)
+            except OSError:
+                pass   # full (it has unread bytes: awake anyway), or gone
 
     def publish(self, direction: int, data: bytes, timeout_s: float = 5.0) -> None:
         """Produce ``data`` into ``direction`` as the spec says, waiting (politely) for room."""
@@ -147,7 +161,6 @@ class RingView:
             if first < len(chunk):
                 self.map[base:base + len(chunk) - first] = chunk[first:]
             self.put(direction, TAIL, tail + len(chunk))
-            self.put(direction, CONSUMER_SLEEPS, 0)
             self.wake(direction, CONSUMER_SLEEPS)
 
     def take(self, direction: int) -> bytes:
@@ -162,7 +175,6 @@ class RingView:
             out += self.map[base + at:base + at + n]
             head += n
         self.put(direction, HEAD, head)
-        self.put(direction, PRODUCER_SLEEPS, 0)
         self.wake(direction, PRODUCER_SLEEPS)
         return bytes(out)
 
@@ -213,7 +225,7 @@ class RingClient:
                 _, version, self.capacity = struct.unpack("<4sIQ", bytes(frame.payload))
                 assert version == RING_LAYOUT_VERSION and self.fds, "the server's HRNG brought no memfd"
                 self.ring_fd = self.fds.pop(0)
-                self.ring = RingView(self.ring_fd, self.capacity)
+                self.ring = RingView(self.ring_fd, self.capacity, sock=self.sock)
                 return True
         return False
 
@@ -384,7 +396,7 @@ class RingServer:
     def offer(self, capacity: int = DEFAULT_CAPACITY) -> int:
         """Create a ring as section 9b says, send HRNG with its memfd; returns the memfd."""
         fd = memfd(HEADER_BYTES + 2 * capacity, SEALS, ring_header(capacity=capacity))
-        self.ring = RingView(fd, capacity)
+        self.ring = RingView(fd, capacity, sock=self.conn)
         self.send(switch_frame(capacity=capacity), fd)
         return fd
 
@@ -462,9 +474,15 @@ def cpu_seconds(pid: int) -> float:
 
 # A server process, and what it holds ------------------------------------------------------------
 
-@pytest.fixture
-def server(sock_path):
-    process = start_server_with(sock_path, ring=True)
+@pytest.fixture(params=["sync", "aio"])
+def server(request, sock_path):
+    """A hintens server process that offers rings: the sync ``Server`` (futex waiters), then
+    ``hintens.aio.Server`` (socket waiters: wake records)."""
+    if request.param == "sync":
+        process = start_server_with(sock_path, ring=True)
+    else:
+        process = start_aio_server_with(sock_path, ring=True)
+    process.kind = request.param
     yield process
     try:
         assert process.poll() is None, "the server died:\n" + server_log(process)
@@ -721,7 +739,6 @@ def test_a_tail_out_of_range(sock_path, server, move):
         tail = {"capacity + 1 ahead": tail + ring.capacity + 1, "2**63 ahead": tail + 2**63,
                 "back below head": tail - 100, "to 2**64 - 1": 2**64 - 1}[move]
     ring.put(CLIENT_TO_SERVER, TAIL, tail)
-    ring.put(CLIENT_TO_SERVER, CONSUMER_SLEEPS, 0)
     ring.wake(CLIENT_TO_SERVER, CONSUMER_SLEEPS)
     assert_fatal(peer, "broke the shared-memory ring")
     peer.close()
@@ -761,7 +778,6 @@ def test_a_head_moved_back_while_the_server_waits_for_room(sock_path):
         assert wait_until(lambda: ring.get(SERVER_TO_CLIENT, TAIL)
                           - ring.get(SERVER_TO_CLIENT, HEAD) == 4096)
         ring.put(SERVER_TO_CLIENT, HEAD, ring.get(SERVER_TO_CLIENT, HEAD) - 1)
-        ring.put(SERVER_TO_CLIENT, PRODUCER_SLEEPS, 0)
         ring.wake(SERVER_TO_CLIENT, PRODUCER_SLEEPS)
         assert_hung_up(peer)
         peer.close()
@@ -915,8 +931,10 @@ def test_garbage_in_the_futex_words_only_slows_the_server(sock_path, server):
     for n in range(10):
         peer.request(b"echo:%d" % n, 10 + n)
         assert bytes(peer.answer(10 + n).payload) == b"%d" % n
-    # Now without ever waking it, and the word it sleeps on overwritten each time: the
-    # server still finds each request, within its 50 ms liveness look.
+    # Now without ever waking it, and the word it sleeps on overwritten each time: the sync
+    # server (a futex waiter) still finds each request, within its 50 ms liveness look. The
+    # asyncio server (a socket waiter) finds them at the next record on the socket: a peer
+    # that does not wake it delays only its own frames.
     base = HEADER_BYTES + ring.capacity
     started = time.monotonic()
     for n in range(10):
@@ -927,7 +945,13 @@ def test_garbage_in_the_futex_words_only_slows_the_server(sock_path, server):
         assert at + len(frame) <= ring.capacity
         ring.map[base + at:base + at + len(frame)] = frame
         ring.put(CLIENT_TO_SERVER, TAIL, tail + len(frame))
-        assert bytes(peer.answer(30 + n).payload) == b"unwoken %d" % n
+        if server.kind == "sync":
+            assert bytes(peer.answer(30 + n).payload) == b"unwoken %d" % n
+    if server.kind == "aio":
+        serves(sock_path)   # meanwhile, others are served
+        peer.sock.send(WAKE_RECORD)
+        for n in range(10):
+            assert bytes(peer.answer(30 + n).payload) == b"unwoken %d" % n
     assert time.monotonic() - started < 10 * (LIVENESS_S + 0.5)
     # A word hammered with garbage for a second costs the server no spinning core.
     cell = ring._cell(CLIENT_TO_SERVER, CONSUMER_SLEEPS)

@@ -46,6 +46,7 @@ from ..protocol.endpoint import (
     DEFAULT_SHM_RECEIVE_SEGMENTS,
     DEFAULT_SHM_THRESHOLD_BYTES,
     FEATURE_COMPRESSION,
+    FEATURE_RING,
     FEATURE_SHM,
     Endpoint,
 )
@@ -53,8 +54,10 @@ from ..protocol.hello import Hello, HelloKey
 from ..protocol.roles import sort_for_client
 from ..sync.client import Session
 from ._loop import on_loop
+from ._watch import SocketWatch
 from ..sync.connection import Connection, mark_sent
 from ..transport.address import check_ssl_context, connect, is_tcp, resolve, server_check
+from ..transport.ring import available as ring_available
 from ..transport.unix import socket_alive
 
 log = logging.getLogger("hintens")
@@ -102,6 +105,11 @@ class Client(Generic[_R]):
             handshake runs with the connect, off the loop's thread).
         session: draw request ids from this ``hintens.Session``, and announce it in the hello
             if it is exactly-once (as a ``ClientPool`` does for its connections).
+        ring: ask for a shared-memory ring (docs/PROTOCOL.md section 9b), as the sync
+            ``Client``: toward a server that offers one, frames then travel through shared
+            memory instead of the socket. The loop never spins: a read that finds the ring
+            empty (or a write that finds it full) asks the server for a wake record on the
+            socket, which the loop watches (``ring_active`` says if it was negotiated).
 
     Raises:
         ConnectError, UntrustedServerError, SocketPathError, Timeout: from ``connect`` or
@@ -129,7 +137,7 @@ class Client(Generic[_R]):
                  session: Session | None = None,
                  shm_receive_bytes: int = DEFAULT_SHM_RECEIVE_BYTES,
                  shm_receive_segments: int = DEFAULT_SHM_RECEIVE_SEGMENTS,
-                 ssl_context: ssl.SSLContext | None = None) -> None: ...
+                 ssl_context: ssl.SSLContext | None = None, ring: bool = False) -> None: ...
 
     @overload
     def __init__(self: Client[Any], path: str | os.PathLike[str] | None = None, *,
@@ -147,7 +155,7 @@ class Client(Generic[_R]):
                  session: Session | None = None,
                  shm_receive_bytes: int = DEFAULT_SHM_RECEIVE_BYTES,
                  shm_receive_segments: int = DEFAULT_SHM_RECEIVE_SEGMENTS,
-                 ssl_context: ssl.SSLContext | None = None) -> None: ...
+                 ssl_context: ssl.SSLContext | None = None, ring: bool = False) -> None: ...
 
     def __init__(self, path: str | os.PathLike[str] | None = None, *,
                  timeout: float | None = DEFAULT_TIMEOUT_S,
@@ -164,13 +172,14 @@ class Client(Generic[_R]):
                  session: Session | None = None,
                  shm_receive_bytes: int = DEFAULT_SHM_RECEIVE_BYTES,
                  shm_receive_segments: int = DEFAULT_SHM_RECEIVE_SEGMENTS,
-                 ssl_context: ssl.SSLContext | None = None) -> None:
+                 ssl_context: ssl.SSLContext | None = None, ring: bool = False) -> None:
         self.timeout = timeout_s(timeout, "timeout")
         self._connect_timeout = timeout_s(connect_timeout, "connect_timeout")
         self._on_event = optional_callable(on_event, "on_event")
         self._trusted = uids(server_uids, "server_uids")
         self.path = resolve(path_like(path))
         shm = shm and not is_tcp(self.path)   # no shared memory across hosts
+        ring = ring and not is_tcp(self.path) and ring_available()
         check_ssl_context(self.path, ssl_context)
         self._ssl_context = ssl_context
         self._shm = shm
@@ -179,7 +188,8 @@ class Client(Generic[_R]):
         self.codec = codec_from(codec)
         self._endpoint = Endpoint(max_payload=max_payload,
                                   features=(FEATURE_SHM if shm else 0)
-                                  | (FEATURE_COMPRESSION if compress else 0),
+                                  | (FEATURE_COMPRESSION if compress else 0)
+                                  | (FEATURE_RING if ring else 0),
                                   shm_threshold=shm_threshold, shm_pool_bytes=shm_pool_bytes,
                                   compress_threshold=compress_threshold,
                                   shm_receive_bytes=shm_receive_bytes,
@@ -194,7 +204,7 @@ class Client(Generic[_R]):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed_reason: BaseException | None = None
         self._server_error: BaseException | None = None
-        self._writing = False
+        self._watch: SocketWatch | None = None
         self._flush_handle: asyncio.TimerHandle | None = None
         self._soon_handle: asyncio.Handle | None = None
         # Our bytes that wait for the server: since when (the channel's written count then),
@@ -274,9 +284,13 @@ class Client(Generic[_R]):
         conn.channel.flush_interval = self._flush_interval
         # The loop writes what a write left queued: deadline flushes, releases and leftovers.
         conn.channel.on_queued = self._queued_threadsafe
+        if self._endpoint.hello.features & FEATURE_RING:
+            conn.channel.ring_socket_wakes = True   # the loop waits on the socket, not a futex
         self._conn = conn
+        self._watch = SocketWatch(loop, conn.channel.fileno(), conn.channel, self._readable,
+                                  self._writable, self._watch_failed)
         self._send([self._endpoint.hello_frame()])
-        loop.add_reader(conn.channel.fileno(), self._readable)
+        self._watch.want_read(True)
         if self._shm:
             # A hintens server says hello on accept: shared memory is negotiated once it is
             # here, and allocate() needs that. A server that never says it is waited for a
@@ -340,6 +354,14 @@ class Client(Generic[_R]):
         state = "closed" if self._closed_reason is not None else \
             "connected" if self._conn is not None else "not connected"
         return f"<{public_name(self)} {self.path} {state}, {len(self._waiters)} in flight>"
+
+    @property
+    def ring_active(self) -> bool:
+        """The connection's frames travel through a shared-memory ring (``ring=True``, and
+        the server offered one): true from the server's switch on, which comes before its
+        reply to our first request."""
+        conn = self._conn
+        return conn is not None and conn.channel.ring is not None
 
     def is_alive(self) -> bool:
         """Whether this connection can still carry a request: not ``closed``, and the server
@@ -630,9 +652,8 @@ class Client(Generic[_R]):
             self._fail(ConnectionClosed(f"connection to {self.path} lost while writing"))
             return
         if left:
-            if not self._writing and self._loop is not None:
-                self._writing = True
-                self._loop.add_writer(conn.channel.fileno(), self._writable)
+            if self._watch is not None:
+                self._watch.want_write(True)
             if self._stall_handle is None and self.timeout is not None \
                     and self._loop is not None:
                 self._stall_mark = conn.channel.written
@@ -685,10 +706,18 @@ class Client(Generic[_R]):
         self._flush()
 
     def _writable(self) -> None:
-        self._writing = False
-        assert self._loop is not None and self._conn is not None
-        self._loop.remove_writer(self._conn.channel.fileno())
+        if self._watch is not None:
+            self._watch.want_write(False)
         self._flush()
+
+    def _watch_failed(self, error: BaseException) -> None:
+        if isinstance(error, OSError):
+            self._fail(ConnectionClosed(self._lost_message(error)), error)
+            return
+        log.warning("closing the connection to %s: the server broke the protocol: %s",
+                    self.path, error)
+        self._fail(ConnectionClosed(f"connection to {self.path} closed: the server broke "
+                                    f"the protocol: {error}"), error)
 
     def _queued_threadsafe(self, channel: Any, soon: bool = False) -> None:
         """The channel's ``on_queued``: from any thread (a release, on the thread that dropped
@@ -726,7 +755,8 @@ class Client(Generic[_R]):
         if items:
             self._dispatch(items)
         if conn.more_buffered() and self._closed_reason is None and self._loop is not None:
-            self._loop.call_soon(self._readable)   # decrypted TLS bytes the fd will not tell
+            # Decrypted TLS bytes, or a ring's: the fd will not tell of them.
+            self._loop.call_soon(self._readable)
 
     def _dispatch(self, items: list[Any]) -> None:
         sorted_items = sort_for_client(self._endpoint, items)
@@ -830,12 +860,8 @@ class Client(Generic[_R]):
         self._events_ready.set()   # events() ends once it has taken what is queued
         conn = self._conn
         if conn is not None and self._loop is not None:
-            fd = conn.channel.fileno()
-            if fd >= 0:
-                self._loop.remove_reader(fd)
-                if self._writing:
-                    self._loop.remove_writer(fd)
-                    self._writing = False
+            if self._watch is not None and conn.channel.fileno() >= 0:
+                self._watch.close()
             dropped = conn.close()
             conn.channel.on_queued = None   # no cycle through the channel keeps us alive
             if dropped:

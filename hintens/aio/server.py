@@ -45,6 +45,7 @@ from ..protocol.endpoint import (
     DEFAULT_SHM_RECEIVE_SEGMENTS,
     DEFAULT_SHM_THRESHOLD_BYTES,
 )
+from ..protocol.ring import DEFAULT_RING_CAPACITY
 from ..protocol.replay import (
     DEFAULT_REPLAY_BYTES,
     DEFAULT_REPLAY_SESSIONS,
@@ -109,7 +110,9 @@ class Server(ServerBase):
     ``replay_*`` bounds, ``codec``, ``compress``, ``compress_threshold``,
     ``max_connections``, ``max_pending_bytes``, ``shm_receive_*`` bounds,
     ``send_queue_bytes`` (also: a connection whose outgoing queue holds more is not read until
-    it drains) and ``slow_consumer``.
+    it drains), ``slow_consumer``, ``ring`` and ``ring_bytes``. Over a ring the loop never
+    spins: a read that finds the ring empty (or a write that finds it full) asks the client
+    for a wake record on the socket, which the loop watches.
 
     Raises:
         ServerRunningError, SocketPathError, OSError, TypeError, ValueError: as the sync
@@ -150,7 +153,8 @@ class Server(ServerBase):
                  send_queue_bytes: int = DEFAULT_SEND_QUEUE_BYTES,
                  slow_consumer: str = "cut",
                  ssl_context: ssl.SSLContext | None = None,
-                 allow_subjects: Iterable[str] | None = None) -> None:
+                 allow_subjects: Iterable[str] | None = None, ring: bool = False,
+                 ring_bytes: int = DEFAULT_RING_CAPACITY) -> None:
         self.max_concurrency = count(max_concurrency, "max_concurrency")
         if executor is not None and not isinstance(executor, concurrent.futures.Executor):
             raise TypeError(f"executor must be a concurrent.futures.Executor, not "
@@ -181,7 +185,8 @@ class Server(ServerBase):
             shm_receive_total_bytes=shm_receive_total_bytes,
             shm_receive_total_segments=shm_receive_total_segments,
             send_queue_bytes=send_queue_bytes, slow_consumer=slow_consumer,
-            ssl_context=ssl_context, allow_subjects=allow_subjects)
+            ssl_context=ssl_context, allow_subjects=allow_subjects, ring=ring,
+            ring_bytes=ring_bytes)
         #: Plain handlers run in the read callback; the rest as tasks.
         self._inline = not self.threaded and not inspect.iscoroutinefunction(handler)
         self._call: Callable[[Any], Any] = handler if self.codec is None else self._coded_call

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import _impl
 from .._constants import EVENT, MSG_DONTWAIT, REQUEST, RESPONSE, ErrorCode, Flags, MessageType
-from .._errors import no_free_segment
+from .._errors import ProtocolError, no_free_segment
 from .._stats import public_name
 from .._server_common import Pushing
 from ..protocol.answers import (
@@ -44,12 +44,13 @@ from ..protocol.answers import (
     kept_answer,
     no_segment_reply,
 )
-from ..protocol.hello import FEATURE_SHM, Hello, HelloKey
+from ..protocol.hello import FEATURE_RING, FEATURE_SHM, Hello, HelloKey
 from ..protocol.replay import ANSWERED, NEW, RUNNING, ReplayWindow, refusal
 from ..sync.connection import Connection
 from ..transport.tls import client_hello_hint
 from ..transport.unix import PeerCredentials
 from ._loop import on_loop
+from ._watch import SocketWatch
 
 if TYPE_CHECKING:
     from .server import Server
@@ -97,7 +98,7 @@ class ServerConnection(Pushing):
         self.events_dropped = 0
         self._server = server
         self._loop = loop
-        endpoint = server._new_endpoint(shm)
+        endpoint = server._new_endpoint(shm, ring=shm)
         endpoint.decoder.budget = server._pending_budget
         endpoint.writable_all = server.writable
         endpoint.hello.entries[HelloKey.INSTANCE_ID] = server.instance_id
@@ -106,6 +107,8 @@ class ServerConnection(Pushing):
         self._conn = Connection(sock, endpoint, shm=server.shm and shm, stall_timeout=None)
         self._sock, self._channel, self._endpoint = sock, self._conn.channel, endpoint
         self._channel.on_queued = self._queued_threadsafe
+        if endpoint.hello.features & FEATURE_RING:
+            self._channel.ring_socket_wakes = True   # the loop waits on the socket
         self._fd = self._channel.fileno()
         self._loop_thread = server._loop_thread
         #: The replay window of the client's session, once its hello announced one.
@@ -117,6 +120,8 @@ class ServerConnection(Pushing):
         self._cut = False
         self._reading = False
         self._writing = False
+        self._watch = SocketWatch(loop, self._fd, self._channel, self._readable,
+                                  self._writable, self._watch_failed)
         self._eof = False            # the client's half is over: answer what came, then end
         self._tasks: set[asyncio.Future[Any]] = set()
         # Items a read brought while the connection was busy (_busy): served, in order,
@@ -146,6 +151,12 @@ class ServerConnection(Pushing):
     def shm(self) -> bool:
         """Shared memory was negotiated with this client."""
         return self._endpoint.negotiated(FEATURE_SHM)
+
+    @property
+    def ring_active(self) -> bool:
+        """This connection's frames travel through a shared-memory ring (the client asked,
+        and the server offers rings): true from our switch on."""
+        return self._channel.ring is not None
 
     @property
     def closed(self) -> bool:
@@ -194,7 +205,7 @@ class ServerConnection(Pushing):
         """The server is closing: what the client sent already is read and answered, nothing
         more (the socket's read side is shut; its end comes after those bytes)."""
         try:
-            self._sock.shutdown(socket.SHUT_RD)
+            self._channel.stop_reading()   # over a ring too: it reads what was published
         except OSError:
             pass
 
@@ -212,10 +223,7 @@ class ServerConnection(Pushing):
         self._timer = self._flush_handle = self._soon_handle = self._held_handle = None
         self._held = []
         if self._fd >= 0:
-            if self._reading:
-                loop.remove_reader(self._fd)
-            if self._writing:
-                loop.remove_writer(self._fd)
+            self._watch.close()
         self._reading = self._writing = False
         for task in list(self._tasks):
             task.cancel()
@@ -241,12 +249,19 @@ class ServerConnection(Pushing):
     def _resume(self) -> None:
         if not self._reading and self._open and not self._eof:
             self._reading = True
-            self._loop.add_reader(self._fd, self._readable)
+            self._watch.want_read(True)
 
     def _pause(self) -> None:
         if self._reading:
             self._reading = False
-            self._loop.remove_reader(self._fd)
+            self._watch.want_read(False)
+
+    def _watch_failed(self, error: BaseException) -> None:
+        if isinstance(error, ProtocolError):
+            log.info("%r broke the protocol: %s", self, error)
+            self._end("closed after a fatal protocol error")
+        else:
+            self._end(str(error))
 
     def _readable(self) -> None:
         conn, endpoint = self._conn, self._endpoint
@@ -285,7 +300,8 @@ class ServerConnection(Pushing):
         if self._tasks or self._held or self._channel.queued:
             self._check_backpressure()
         if self._reading and conn.more_buffered():
-            self._loop.call_soon(self._readable)   # decrypted TLS bytes the fd will not tell
+            # Decrypted TLS bytes, or a ring's: the fd will not tell of them.
+            self._loop.call_soon(self._readable)
 
     def _join_session(self) -> None:
         server = self._server
@@ -603,7 +619,7 @@ class ServerConnection(Pushing):
         if left:
             if not self._writing:
                 self._writing = True
-                self._loop.add_writer(self._fd, self._writable)
+                self._watch.want_write(True)
             if self._stall_since is None:
                 self._stall_since, self._stall_mark = self._loop.time(), channel.written
                 if self._server.send_timeout is not None:
@@ -612,7 +628,7 @@ class ServerConnection(Pushing):
             self._stall_since = None
             if self._writing:
                 self._writing = False
-                self._loop.remove_writer(self._fd)
+                self._watch.want_write(False)
             self._check_backpressure()
             self._maybe_done()
 

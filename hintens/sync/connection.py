@@ -217,10 +217,14 @@ class Connection:
             items.append(error)
 
     def more_buffered(self) -> bool:
-        """Bytes wait above the socket (decrypted TLS records) that its descriptor will not
-        announce: read again without waiting for it."""
+        """For an event loop, after a read: bytes wait that the socket's descriptor will not
+        announce (decrypted TLS records, or a ring's bytes), so read again without waiting
+        for it. Over a ring, when none wait, the peer's next bytes will send a wake record
+        to the socket (``Channel.ring_pending``)."""
         pending = self._pending
-        return pending is not None and pending()
+        if pending is not None:
+            return bool(pending())
+        return bool(self.channel.ring_rx and self.channel.ring_pending())
 
     def drop_unclaimed(self) -> None:
         """Close the descriptors no frame claimed, once no frame is open: never kept."""

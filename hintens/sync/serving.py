@@ -34,6 +34,10 @@ log = logging.getLogger("hintens")
 
 
 # __module__ is the public name (hintens.X): help(), tracebacks and pickles show it.
+#: Why ``ServerConnection.close`` cut a connection (its channel's ``aborted``).
+_CLOSED_HERE = "closed by the server"
+
+
 class ServerConnection(Answering, Pushing):
     """One accepted client, as callbacks see it.
 
@@ -99,10 +103,9 @@ class ServerConnection(Answering, Pushing):
     def close(self) -> None:
         """Cut this connection now; its serving thread ends."""
         self._open = False
-        try:
-            self._sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
+        # Both ways, the socket's and a ring's: a reply the handler returns after this is
+        # not sent (over a ring, nothing else would stop it).
+        self._channel.abort(_CLOSED_HERE)
 
     def serve(self) -> None:
         """The connection's thread: say hello, serve until the connection ends, close it."""
@@ -127,7 +130,8 @@ class ServerConnection(Answering, Pushing):
         except Exception:
             log.exception("connection %r failed", self)
         finally:
-            if channel.aborted is not None and not self._cut:
+            if channel.aborted is not None and not self._cut \
+                    and channel.aborted != _CLOSED_HERE:
                 # Cut by the flusher: the client read nothing for send_timeout.
                 server._count("slow_consumers_cut")
                 log.warning("cut %r: %s", self, channel.aborted)

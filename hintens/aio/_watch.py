@@ -1,0 +1,152 @@
+"""What an asyncio connection asks of the loop for its socket: "tell me when a read would not
+wait" and "tell me when a write would not wait".
+
+Over the socket that is ``add_reader`` and ``add_writer``. Over a shared-memory ring
+(docs/PROTOCOL.md section 9b) the bytes travel in shared memory, which the loop cannot watch;
+the connection's channel is a *socket waiter* there instead (``ring_socket_wakes``): a read
+that finds the ring empty, or a write that finds it full, asks the peer for a wake record on
+the socket, so the socket becomes readable when the ring has bytes, or room. The socket is then
+watched for reading whenever either is wanted, and each wake calls whichever callbacks want
+it. Its end (the peer gone) makes it readable too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Callable
+
+log = logging.getLogger("hintens")
+
+#: Between a server's switch and its client's, the ring takes our writes while the socket
+#: still brings the client's frames: a write that waits for room looks again this often when
+#: the connection is not reading (reading would be the wake-up).
+_SWITCH_POLL_S = 0.001
+
+
+def _nothing(*_: Any) -> None:
+    pass
+
+
+class SocketWatch:
+    """The loop's watch over one connection's socket.
+
+    Args:
+        loop: the connection's event loop (every method runs on its thread).
+        fd: the socket's descriptor.
+        channel: the core Channel over it (its ``ring_rx``/``ring_tx`` say where bytes go).
+        on_read: called when a read would not wait, while reading is wanted.
+        on_write: called when a write would not wait, while writing is wanted.
+        on_error: called with the exception when taking the socket's records (a ring's, while
+            not reading) fails: the connection is over.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, fd: int, channel: Any,
+                 on_read: Callable[[], None], on_write: Callable[[], None],
+                 on_error: Callable[[BaseException], None]) -> None:
+        self._loop, self._fd, self._channel = loop, fd, channel
+        self._on_read, self._on_write, self._on_error = on_read, on_write, on_error
+        self.reading = False       # on_read is wanted
+        self.writing = False       # on_write is wanted
+        self._reader = False       # add_reader is in place
+        self._writer = False       # add_writer is in place
+        self._poll: asyncio.TimerHandle | None = None
+        self._closed = False
+
+    def want_read(self, wanted: bool) -> None:
+        """Call ``on_read`` when a read would not wait (or stop)."""
+        if wanted and not self.reading and self._channel.ring_rx and not self._closed:
+            # Bytes may wait in the ring already, and no wake record announces those.
+            self._loop.call_soon(self._ring_read_now)
+        self.reading = wanted
+        self.update()
+
+    def want_write(self, wanted: bool) -> None:
+        """Call ``on_write`` when a write would not wait (or stop)."""
+        self.writing = wanted
+        self.update()
+
+    def update(self) -> None:
+        """Put the loop's watches in line with what is wanted and where the bytes go now (a
+        read may have switched the connection to a ring)."""
+        if self._closed:
+            return
+        channel = self._channel
+        reader, writer, poll = self.reading, self.writing, False
+        if channel.ring_tx:
+            writer = False
+            if channel.ring_rx:
+                reader = self.reading or self.writing   # wake records, for either
+            elif self.writing and not self.reading:
+                poll = True   # the socket brings frames we may not read now: look again
+        self._set(reader, writer)
+        if poll and self._poll is None:
+            self._poll = self._loop.call_later(_SWITCH_POLL_S, self._polled)
+        elif not poll and self._poll is not None:
+            self._poll.cancel()
+            self._poll = None
+
+    def close(self) -> None:
+        """Stop watching, for good, and let go of the callbacks (bound methods of the
+        connection: without that cycle, it goes as soon as nobody holds it)."""
+        self._set(False, False)
+        if self._poll is not None:
+            self._poll.cancel()
+            self._poll = None
+        self.reading = self.writing = False
+        self._closed = True
+        self._on_read = self._on_write = _nothing
+        self._on_error = _nothing
+
+    def _set(self, reader: bool, writer: bool) -> None:
+        if reader != self._reader:
+            self._reader = reader
+            if reader:
+                self._loop.add_reader(self._fd, self._readable)
+            else:
+                self._loop.remove_reader(self._fd)
+        if writer != self._writer:
+            self._writer = writer
+            if writer:
+                self._loop.add_writer(self._fd, self._writable)
+            else:
+                self._loop.remove_writer(self._fd)
+
+    def _readable(self) -> None:
+        channel = self._channel
+        if channel.ring_tx and channel.ring_rx:
+            if self.writing:
+                self._on_write()
+            if self._closed:
+                return
+            if self.reading:
+                self._on_read()
+            else:
+                # Not reading frames now: take the wake records (else the socket stays
+                # readable); its end, or a bad record, goes to the reader.
+                try:
+                    ended = channel.take_ring_records()
+                except Exception as error:  # noqa: BLE001 (a violation or a lost socket)
+                    self._on_error(error)
+                    return
+                if ended:
+                    self._on_read()
+        elif self.reading:
+            self._on_read()
+        self.update()
+
+    def _writable(self) -> None:
+        if self.writing:
+            self._on_write()
+        self.update()
+
+    def _polled(self) -> None:
+        self._poll = None
+        if self.writing and not self._closed:
+            self._on_write()
+        self.update()
+
+    def _ring_read_now(self) -> None:
+        if self.reading and not self._closed:
+            self._on_read()
+            self.update()
