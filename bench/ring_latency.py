@@ -13,7 +13,10 @@ counts (system calls a round trip costs). Kinds:
 * ``ring``: hintens with ``ring=True`` on both sides;
 * ``iceoryx2``: request-response, both sides busy-polling (``receive()`` in a loop, no sleep),
   the fastest way its Python API allows. Its server spins a core for as long as it runs, so it
-  runs only while it is measured.
+  runs only while it is measured;
+* ``aio-socket``, ``aio-ring``: ``hintens.aio.Client`` against ``hintens.aio.Server`` (a plain
+  handler, on the loop), without and with the ring; over the ring both are socket waiters
+  (wake records, no spinning). Besides the round trip, 64 B requests/s with 100 in flight.
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import harness  # noqa: E402
 
-KINDS = ("raw", "socket", "ring", "iceoryx2")
+KINDS = ("raw", "socket", "ring", "iceoryx2", "aio-socket", "aio-ring")
+AIO_WINDOW = 100
 PAYLOAD_BYTES = 64
 EVENT_BYTES = 100
 
@@ -51,6 +55,17 @@ def serve(kind: str, path: str) -> None:
             return payload
 
         hintens.Server(path, handler, on_event=on_event, ring=kind == "ring").serve_forever()
+    elif kind in ("aio-socket", "aio-ring"):
+        import asyncio
+
+        import hintens.aio
+
+        async def main() -> None:
+            async with hintens.aio.Server(path, lambda payload: payload,
+                                          ring=kind == "aio-ring") as server:
+                await server.serve_forever()
+
+        asyncio.run(main())
     elif kind == "iceoryx2":
         iox, _, service = _iceoryx2_service(path)
         server = service.server_builder().initial_max_slice_len(4096).create()
@@ -110,6 +125,34 @@ def client(kind: str, path: str):
     import hintens
 
     return hintens.Client(path, ring=kind == "ring")
+
+
+def aio_samples(kind: str, path: str, payload: bytes, count: int,
+                warmup: int) -> tuple[list[float], float]:
+    """``count`` round trips one at a time (seconds each), then requests/s with AIO_WINDOW in
+    flight, from a ``hintens.aio.Client`` on a loop of its own."""
+    import asyncio
+
+    import hintens.aio
+
+    async def main() -> tuple[list[float], float]:
+        async with hintens.aio.Client(path, ring=kind == "aio-ring") as peer:
+            assert bytes(await peer.request(payload)) == payload
+            assert peer.ring_active is (kind == "aio-ring"), "the ring was not negotiated"
+            clock = time.perf_counter
+            for _ in range(warmup):
+                await peer.request(payload)
+            times = []
+            for _ in range(count):
+                started = clock()
+                await peer.request(payload)
+                times.append(clock() - started)
+            started = clock()
+            for _ in range(count // AIO_WINDOW):
+                await asyncio.gather(*[peer.request(payload) for _ in range(AIO_WINDOW)])
+            return times, count // AIO_WINDOW * AIO_WINDOW / (clock() - started)
+
+    return asyncio.run(main())
 
 
 def start(kind: str, path: str):
@@ -191,6 +234,7 @@ def main() -> None:
     samples: dict[str, list[float]] = {kind: [] for kind in kinds}
     rates: dict[str, list[float]] = {"socket": [], "ring": []}
     busy: dict[str, list[float]] = {"socket": [], "ring": []}
+    pipelined: dict[str, list[float]] = {"aio-socket": [], "aio-ring": []}
     futex: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="hintens-ring-bench-") as directory:
         servers = {}
@@ -202,6 +246,11 @@ def main() -> None:
                 for kind in kinds:
                     path = os.path.join(directory, kind + ".sock")
                     process = start(kind, path) if kind == "iceoryx2" else None
+                    if kind.startswith("aio-"):
+                        times, rate = aio_samples(kind, path, payload, args.batch, 200)
+                        samples[kind] += times
+                        pipelined[kind].append(rate)
+                        continue
                     try:
                         peer = client(kind, path)
                         try:
@@ -260,6 +309,16 @@ def main() -> None:
                   f"{statistics.median(busy[kind]):,.0f}")
     if busy.get("socket") and busy.get("ring"):
         print(f"  ring / socket: {statistics.median(busy['ring']) / statistics.median(busy['socket']):.2f}x")
+    if "aio-ring" in medians and "aio-socket" in medians:
+        print(f"  aio-ring / aio-socket (round trip): "
+              f"{medians['aio-ring'] / medians['aio-socket']:.2f}x")
+    for kind in ("aio-socket", "aio-ring"):
+        if pipelined.get(kind):
+            print(f"asyncio, {AIO_WINDOW} in flight, 64 B requests/s, {kind}: "
+                  f"{statistics.median(pipelined[kind]):,.0f}")
+    if pipelined.get("aio-socket") and pipelined.get("aio-ring"):
+        print(f"  aio-ring / aio-socket: "
+              f"{statistics.median(pipelined['aio-ring']) / statistics.median(pipelined['aio-socket']):.2f}x")
 
 
 if __name__ == "__main__":

@@ -922,6 +922,21 @@ def test_64_carriers_ahead_are_held_and_65_are_refused(sock_path, server):
 
 # Futex words (section 9b, "Validation": no other field the peer writes is trusted) -------------
 
+def test_a_flood_of_wake_records_is_dropped_and_costs_no_spinning(sock_path, server):
+    before = baseline(sock_path, server.pid)
+    peer = switched(sock_path)
+    used = cpu_seconds(server.pid)
+    flood = WAKE_RECORD * 8192             # 64 KiB of wake records, never asked for
+    for _ in range(16):
+        peer.sock.sendall(flood)
+    for n in range(5):                      # taken off the socket, and it serves on
+        peer.request(b"echo:%d" % n, 10 + n)
+        assert bytes(peer.answer(10 + n).payload) == b"%d" % n
+    assert cpu_seconds(server.pid) - used < 2.0
+    peer.close()
+    assert_near_baseline(sock_path, server.pid, before)
+
+
 def test_garbage_in_the_futex_words_only_slows_the_server(sock_path, server):
     before = baseline(sock_path, server.pid)
     peer = switched(sock_path)

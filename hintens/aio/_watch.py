@@ -8,6 +8,13 @@ that finds the ring empty, or a write that finds it full, asks the peer for a wa
 the socket, so the socket becomes readable when the ring has bytes, or room. The socket is then
 watched for reading whenever either is wanted, and each wake calls whichever callbacks want
 it. Its end (the peer gone) makes it readable too.
+
+A wake record says only "look again", to whichever side waits: the reader takes every record
+off the socket (or it would stay readable), including one that was meant for a waiting write.
+So whenever a callback took one (``ring_wakes_taken`` moved), a waiting write is tried again
+before the loop sleeps: its own announcement and re-check then cannot lose the wake-up. For
+that, every read goes through here, also the ones a connection asks for again at once
+(``read_soon``).
 """
 
 from __future__ import annotations
@@ -51,15 +58,21 @@ class SocketWatch:
         self._reader = False       # add_reader is in place
         self._writer = False       # add_writer is in place
         self._poll: asyncio.TimerHandle | None = None
+        self._soon: asyncio.Handle | None = None
         self._closed = False
 
     def want_read(self, wanted: bool) -> None:
         """Call ``on_read`` when a read would not wait (or stop)."""
-        if wanted and not self.reading and self._channel.ring_rx and not self._closed:
-            # Bytes may wait in the ring already, and no wake record announces those.
-            self._loop.call_soon(self._ring_read_now)
+        if wanted and not self.reading and self._channel.ring_rx:
+            self.read_soon()   # bytes may wait in the ring already, unannounced
         self.reading = wanted
         self.update()
+
+    def read_soon(self) -> None:
+        """Call ``on_read`` on the loop's next turn, without waiting for the socket: bytes
+        wait that it will not announce (decrypted TLS records, a ring's)."""
+        if self._soon is None and not self._closed:
+            self._soon = self._loop.call_soon(self._read_now)
 
     def want_write(self, wanted: bool) -> None:
         """Call ``on_write`` when a write would not wait (or stop)."""
@@ -93,6 +106,9 @@ class SocketWatch:
         if self._poll is not None:
             self._poll.cancel()
             self._poll = None
+        if self._soon is not None:
+            self._soon.cancel()
+            self._soon = None
         self.reading = self.writing = False
         self._closed = True
         self._on_read = self._on_write = _nothing
@@ -114,6 +130,7 @@ class SocketWatch:
 
     def _readable(self) -> None:
         channel = self._channel
+        taken = channel.ring_wakes_taken
         if channel.ring_tx and channel.ring_rx:
             if self.writing:
                 self._on_write()
@@ -133,20 +150,34 @@ class SocketWatch:
                     self._on_read()
         elif self.reading:
             self._on_read()
-        self.update()
+        self._settle(taken)
 
     def _writable(self) -> None:
+        taken = self._channel.ring_wakes_taken
         if self.writing:
             self._on_write()
-        self.update()
+        self._settle(taken)
 
     def _polled(self) -> None:
         self._poll = None
+        taken = self._channel.ring_wakes_taken
         if self.writing and not self._closed:
             self._on_write()
-        self.update()
+        self._settle(taken)
 
-    def _ring_read_now(self) -> None:
+    def _read_now(self) -> None:
+        self._soon = None
+        taken = self._channel.ring_wakes_taken
         if self.reading and not self._closed:
             self._on_read()
-            self.update()
+        self._settle(taken)
+
+    def _settle(self, taken: int) -> None:
+        """After a callback, before the loop sleeps: a write that waits for room looks again
+        if wake records were taken meanwhile (one may have been its own); then the watches."""
+        channel = self._channel
+        while self.writing and not self._closed and channel.ring_tx \
+                and channel.ring_wakes_taken != taken:
+            taken = channel.ring_wakes_taken
+            self._on_write()
+        self.update()

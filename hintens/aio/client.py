@@ -754,9 +754,9 @@ class Client(Generic[_R]):
             self._hello.set()
         if items:
             self._dispatch(items)
-        if conn.more_buffered() and self._closed_reason is None and self._loop is not None:
+        if conn.more_buffered() and self._closed_reason is None and self._watch is not None:
             # Decrypted TLS bytes, or a ring's: the fd will not tell of them.
-            self._loop.call_soon(self._readable)
+            self._watch.read_soon()
 
     def _dispatch(self, items: list[Any]) -> None:
         sorted_items = sort_for_client(self._endpoint, items)

@@ -301,7 +301,7 @@ class ServerConnection(Pushing):
             self._check_backpressure()
         if self._reading and conn.more_buffered():
             # Decrypted TLS bytes, or a ring's: the fd will not tell of them.
-            self._loop.call_soon(self._readable)
+            self._watch.read_soon()
 
     def _join_session(self) -> None:
         server = self._server

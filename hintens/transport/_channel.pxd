@@ -183,6 +183,7 @@ cdef class Channel(Outbox):
                                           # with MSG_DONTWAIT first, keeping the GIL
     cdef bint _slow                       # the last serve() read needed more than the handler
     cdef bint _ring_rx                    # frames come from the ring (switch_rx)
+    cdef readonly uint64_t ring_wakes_taken  # wake records taken off the socket, ever
     cdef readonly uint64_t responses_sent # Responses serve() answered itself (small or inline)
     cdef readonly uint64_t handler_calls  # handler runs timed (note_handler)
     cdef readonly double handler_seconds  # their total time

@@ -108,6 +108,8 @@ cdef enum:
     # hold more than this (fd exhaustion); extras are closed at once and counted.
     _FDS_PER_READ = 16
     _MAX_PENDING_FDS = 64
+    # Records (PROTOCOL.md 9b) taken off the socket by one read, at most.
+    _RECORDS_PER_READ = 8
 
 
 cdef extern from *:
@@ -371,6 +373,8 @@ cdef class Channel(Outbox):
             return False
         if hx_ring_readable(&ring.r) != 0 or hx_ring_rx_ended(&ring.r):
             return True
+        if self.ring_socket_wakes and self._ring_records(False):
+            return True   # the socket ended: the next read sees it
         return hx_ring_arm_rx_socket(&ring.r) != 0 or hx_ring_rx_ended(&ring.r)
 
     def take_ring_records(self):
@@ -503,19 +507,22 @@ cdef class Channel(Outbox):
         # that claims it, with exactly one descriptor) or a wake record (all ones, no
         # descriptor; dropped). counted: until every carrier the peer has counted is taken
         # (they are there: it counts each once its sendmsg returned); else whatever waits.
+        # Up to 8 records a read: the kernel ends a read after the data that brought
+        # descriptors, so only a read's last record can be a carrier (and a read shorter than
+        # the buffer took all that waited: no second read to find the socket empty).
         # Returns 1 if the socket's stream ended, else 0. Anything else is fatal.
         cdef Ring ring = self.ring
         cdef uint64_t announced = hx_ring_carriers(&ring.r), offset
-        cdef unsigned char data[8]
+        cdef unsigned char data[_RECORDS_PER_READ * 8]
         cdef ssize_t got
-        cdef int fd, k, nfds
+        cdef int fd, k, nfds, at
         if announced > ring.carriers_received and announced - ring.carriers_received \
                 + <uint64_t>len(ring._ahead) > <uint64_t>_MAX_PENDING_FDS:
             raise _errors.ProtocolError(
                 f"the peer has more than {_MAX_PENDING_FDS} descriptor carriers ahead of its "
                 f"frames, the most a connection holds")
         while not counted or announced > ring.carriers_received:
-            got = _receive_carrier(self._fd, data, 0, True, &fd, &nfds)
+            got = _receive_carrier(self._fd, data, sizeof(data), True, &fd, &nfds)
             if got < 0 and errno == EINTR:
                 continue
             if got < 0 and errno == EAGAIN and not counted:
@@ -524,30 +531,38 @@ cdef class Channel(Outbox):
                 _raise_errno()
             if got == 0 and not counted:
                 return 1
-            offset = 0
-            for k in range(8):
-                offset |= (<uint64_t>data[k]) << (8 * k)
-            if got == 8 and nfds == 0 and offset == <uint64_t>0xFFFFFFFFFFFFFFFF:
-                continue   # a wake record: it did its work by arriving
-            # A carrier names where its frame will be: at or past the frame of the one before
-            # and our head, and within a ring of our head (its producer is never further
-            # ahead of us than that).
-            if got != 8 or nfds != 1 or offset < ring._last_carrier \
-                    or offset < ring.r.rx_head or offset - ring.r.rx_head > ring.r.capacity:
+            if got <= 0 or got % 8 or nfds > 1:
                 if fd >= 0:
                     close_fd(fd)
                 raise _errors.ProtocolError(
-                    "the peer sent bytes on the socket after its HRNG that are neither a "
-                    "descriptor carrier (one 8-byte ring offset, in order and within a ring of "
-                    "our head, with exactly one descriptor) nor a wake record" if got > 0 else
+                    _NOT_A_RECORD if got > 0 else
                     "the peer counts a descriptor carrier that its socket never brought")
-            ring.carriers_received += 1
-            ring._last_carrier = offset
-            ring._ahead.append((offset, fd))
-            if len(ring._ahead) > _MAX_PENDING_FDS:
-                raise _errors.ProtocolError(
-                    f"the peer has more than {_MAX_PENDING_FDS} descriptor carriers ahead of "
-                    f"its frames, the most a connection holds")
+            for at in range(0, <int>got, 8):
+                offset = 0
+                for k in range(8):
+                    offset |= (<uint64_t>data[at + k]) << (8 * k)
+                if offset == <uint64_t>0xFFFFFFFFFFFFFFFF and (nfds == 0 or at + 8 < got):
+                    # A wake record: it did its work by arriving. (It may have been meant for
+                    # a writer waiting for room: an event loop's looks again when this moves.)
+                    self.ring_wakes_taken += 1
+                    continue
+                # A carrier (the read's last record, with its descriptor) names where its frame
+                # will be: at or past the frame of the one before and our head, and within a
+                # ring of our head (its producer is never further ahead of us than that).
+                if at + 8 != got or nfds != 1 or offset < ring._last_carrier \
+                        or offset < ring.r.rx_head or offset - ring.r.rx_head > ring.r.capacity:
+                    if fd >= 0:
+                        close_fd(fd)
+                    raise _errors.ProtocolError(_NOT_A_RECORD)
+                ring.carriers_received += 1
+                ring._last_carrier = offset
+                ring._ahead.append((offset, fd))
+                if len(ring._ahead) > _MAX_PENDING_FDS:
+                    raise _errors.ProtocolError(
+                        f"the peer has more than {_MAX_PENDING_FDS} descriptor carriers ahead "
+                        f"of its frames, the most a connection holds")
+            if not counted and got < <ssize_t>sizeof(data):
+                return 0   # it took all that waited
         return 0
 
     cdef int _keep_fds(self, msghdr *message) except -1:
@@ -710,10 +725,15 @@ cdef class Channel(Outbox):
         return frames[i:] if i else frames
 
 
-cdef inline ssize_t _receive_carrier(int sock, unsigned char *data, int flags, bint keep,
+_NOT_A_RECORD = ("the peer sent bytes on the socket after its HRNG that are neither a "
+                 "descriptor carrier (one 8-byte ring offset, in order and within a ring of "
+                 "our head, with exactly one descriptor) nor a wake record")
+
+
+cdef inline ssize_t _receive_carrier(int sock, unsigned char *data, size_t size, bint keep,
                                      int *first, int *count) noexcept nogil:
-    # One non-blocking recvmsg of one 8-byte record into data (never more: the kernel would
-    # join a record without descriptors to the next one) with room for descriptors. *count: the descriptors that came (a truncated control
+    # One non-blocking recvmsg of records into data (size bytes, a multiple of 8), with room
+    # for descriptors. *count: the descriptors that came (a truncated control
     # message counts one more, so it never passes as exactly one); with keep the first is
     # left open in *first, and every other one is closed (with MSG_PEEK they are copies).
     cdef msghdr message
@@ -726,12 +746,12 @@ cdef inline ssize_t _receive_carrier(int sock, unsigned char *data, int flags, b
     count[0] = 0
     memset_msghdr(&message)
     vector.iov_base = data
-    vector.iov_len = 8
+    vector.iov_len = size
     message.msg_iov = &vector
     message.msg_iovlen = 1
     message.msg_control = &control
     message.msg_controllen = sizeof(hx_fd_control)
-    got = recvmsg(sock, &message, flags | MSG_DONTWAIT | MSG_CMSG_CLOEXEC)
+    got = recvmsg(sock, &message, MSG_DONTWAIT | MSG_CMSG_CLOEXEC)
     if got <= 0 or not message.msg_controllen:
         return got
     if message.msg_flags & MSG_CTRUNC:

@@ -151,6 +151,7 @@ class Channel(Outbox):
     #: An event loop drives the channel (over a ring, its waits arm wake records): no ring
     #: here, so nothing changes.
     ring_socket_wakes = False
+    ring_wakes_taken = 0
 
     def ring_pending(self) -> bool:
         """A ring's bytes wait to be read: never over this core (it has no ring)."""
