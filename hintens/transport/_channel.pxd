@@ -56,6 +56,7 @@ cdef extern from "_ring.h" nogil:
         uint64_t futex_wakes
         uint64_t spins_won
         uint64_t socket_wakes
+        uint64_t socket_waits
     const unsigned int HX_RING_HEADER_BYTES
     const unsigned int HX_RING_MIN_CAPACITY
     const unsigned int HX_RING_MAX_CAPACITY
@@ -184,6 +185,7 @@ cdef class Channel(Outbox):
     cdef bint _slow                       # the last serve() read needed more than the handler
     cdef bint _ring_rx                    # frames come from the ring (switch_rx)
     cdef readonly uint64_t ring_wakes_taken  # wake records taken off the socket, ever
+    cdef object _ring_error               # what ring_pending met, raised by the next read
     cdef readonly uint64_t responses_sent # Responses serve() answered itself (small or inline)
     cdef readonly uint64_t handler_calls  # handler runs timed (note_handler)
     cdef readonly double handler_seconds  # their total time

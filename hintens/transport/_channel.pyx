@@ -373,8 +373,13 @@ cdef class Channel(Outbox):
             return False
         if hx_ring_readable(&ring.r) != 0 or hx_ring_rx_ended(&ring.r):
             return True
-        if self.ring_socket_wakes and self._ring_records(False):
-            return True   # the socket ended: the next read sees it
+        if self.ring_socket_wakes:
+            try:
+                if self._ring_records(False):
+                    return True   # the socket ended: the next read sees it
+            except (_errors.ProtocolError, OSError) as error:
+                self._ring_error = error   # the next read raises it, as if it had met it
+                return True
         return hx_ring_arm_rx_socket(&ring.r) != 0 or hx_ring_rx_ended(&ring.r)
 
     def take_ring_records(self):
@@ -434,6 +439,9 @@ cdef class Channel(Outbox):
         if ring is None:   # closed meanwhile
             errno_set(EBADF)
             return -1
+        if self._ring_error is not None:
+            error, self._ring_error = self._ring_error, None
+            raise error
         for i in range(count):
             want += vectors[i].iov_len
         while True:

@@ -52,6 +52,12 @@
 /* How often a sleeper looks at the socket for its peer's end (a SIGKILL'ed peer never wakes
  * it): the bound on noticing that the peer is gone. */
 #define HX_RING_LIVENESS_NS 50000000LL
+/* A reader idle for this many liveness slices in a row waits on the socket instead of the
+ * futex (it announces HX_WAKE_SOCKET, and the peer's next bytes send a wake record): an idle
+ * connection then costs no wake-up every slice, and the peer's end wakes it at once. It
+ * still looks at the ring this often (our own shut reaches it through the socket too). */
+#define HX_RING_IDLE_SLICES 4
+#define HX_RING_IDLE_POLL_NS 1000000000LL
 /* The longest a waiter spins before it sleeps, when spinning has been paying. */
 #define HX_RING_SPIN_MAX_NS 100000LL
 
@@ -88,7 +94,7 @@ typedef struct {
     long long rx_spin_ns, tx_spin_ns;   /* adaptive spin budgets */
     long long peer_seen_ns;       /* when we last took its bytes or saw it take ours */
     /* Counters for stats and tests. */
-    uint64_t futex_waits, futex_wakes, spins_won, socket_wakes;
+    uint64_t futex_waits, futex_wakes, spins_won, socket_wakes, socket_waits;
 } hx_ring;
 
 /* Threads of this process spinning on any ring right now, and how many may. */
@@ -356,6 +362,28 @@ static inline int hx_ring_sleep(hx_ring *r, uint32_t *sleeps, uint32_t expected,
     return error == ETIMEDOUT || error == EINTR ? error : 0;
 }
 
+/* One sleep of an idle reader on the socket (it announced HX_WAKE_SOCKET): until the socket
+ * is readable (a record, or its end), HX_RING_IDLE_POLL_NS, or `deadline_ns`. Returns as
+ * hx_ring_sleep: 0 when the socket woke it. */
+static inline int hx_ring_poll_socket(hx_ring *r, long long deadline_ns) {
+    long long now = hx_ring_now_ns(), slice = HX_RING_IDLE_POLL_NS;
+    struct pollfd p;
+    if (deadline_ns >= 0) {
+        if (now >= deadline_ns)
+            return HX__DEADLINE;
+        if (deadline_ns - now < slice)
+            slice = deadline_ns - now;
+    }
+    p.fd = r->sock;
+    p.events = POLLIN;
+    p.revents = 0;
+    r->socket_waits++;
+    int found = poll(&p, 1, (int)((slice + 999999) / 1000000));
+    if (found < 0)
+        return errno == EINTR ? EINTR : 0;
+    return found == 0 ? ETIMEDOUT : 0;
+}
+
 enum { HX_WAIT_READY = 0, HX_WAIT_TIMEOUT = 1, HX_WAIT_ENDED = 2, HX_WAIT_SHUT = 3,
        HX_WAIT_CORRUPT = 4, HX_WAIT_SOCKET = 5 };
 
@@ -409,10 +437,11 @@ static inline int hx_ring_wait_readable(hx_ring *r, long long deadline_ns, int t
     }
     if (timeout_option)
         deadline_ns = hx_ring_socket_deadline(r, timeout_option);
-    for (;;) {
+    for (int idle = 0;;) {
         if (__atomic_load_n(&r->shut, __ATOMIC_RELAXED))
             return HX_WAIT_SHUT;
-        uint32_t expected = hx_ring_announce(sleeps, HX_WAKE_FUTEX);
+        int on_socket = idle >= HX_RING_IDLE_SLICES;
+        uint32_t expected = hx_ring_announce(sleeps, on_socket ? HX_WAKE_SOCKET : HX_WAKE_FUTEX);
         ready = hx_ring_readable(r);
         if (ready != 0 || hx_ring_rx_ended(r) || __atomic_load_n(&r->shut, __ATOMIC_RELAXED)) {
             if (ready < 0)
@@ -421,16 +450,19 @@ static inline int hx_ring_wait_readable(hx_ring *r, long long deadline_ns, int t
                 break;
             return r->shut ? HX_WAIT_SHUT : HX_WAIT_ENDED;
         }
-        int slept = hx_ring_sleep(r, sleeps, expected, deadline_ns);
+        int slept = on_socket ? hx_ring_poll_socket(r, deadline_ns)
+                              : hx_ring_sleep(r, sleeps, expected, deadline_ns);
         if (slept == HX__DEADLINE)
             return HX_WAIT_TIMEOUT;
         if (slept == EINTR)
             return -EINTR;
-        if (slept == ETIMEDOUT && hx_ring_readable(r) == 0) {
+        if (slept == ETIMEDOUT)
+            idle++;
+        if ((slept == ETIMEDOUT || on_socket) && hx_ring_readable(r) == 0) {
             if (hx_ring_socket_ended(r))
                 return HX_WAIT_ENDED;
             if (hx_ring_socket_readable(r))
-                return HX_WAIT_SOCKET;
+                return HX_WAIT_SOCKET;   /* the caller takes the records, then waits again */
         }
     }
     /* Spinning would have paid if the bytes came within its budget: spin next time. */

@@ -92,10 +92,11 @@ cdef class Ring:
         """Counters of this ring's waits: ``futex_waits`` (sleeps on a futex word, each a
         system call), ``futex_wakes`` (wake-ups we issued to a sleeping peer), ``spins_won``
         (waits a spin ended, without a system call), ``socket_wakes`` (wake records we sent
-        to a peer that waits on the socket), and the stream offsets ``written`` and
-        ``read``."""
+        to a peer that waits on the socket), ``socket_waits`` (sleeps of an idle reader on
+        the socket), and the stream offsets ``written`` and ``read``."""
         return {"futex_waits": self.r.futex_waits, "futex_wakes": self.r.futex_wakes,
                 "spins_won": self.r.spins_won, "socket_wakes": self.r.socket_wakes,
+                "socket_waits": self.r.socket_waits,
                 "written": self.r.tx_tail,
                 "read": self.r.rx_head}
 
