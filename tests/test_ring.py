@@ -364,3 +364,20 @@ def test_an_idle_asyncio_ring_pair_costs_no_measurable_cpu(sock_path):
         assert_idle_pair_costs_no_cpu(IDLE_AIO_SCRIPT, sock_path, server, 5)
     finally:
         stop_server(server, signal.SIGKILL)
+
+
+@needs_ring
+def test_an_idle_sync_reader_waits_on_the_socket_and_wakes_for_the_next_request(sock_path):
+    with hintens.Server(sock_path, lambda p: bytes(p), ring=True).start() as server:
+        with hintens.Client(sock_path, ring=True) as client:
+            assert bytes(client.request(b"before")) == b"before"
+            (connection,) = server.connections
+            ring = connection._channel.ring
+            before = ring.stats()
+            time.sleep(1.5)   # 4 slices of 50 ms on the futex, then the socket
+            idle = ring.stats()
+            assert idle["socket_waits"] > before["socket_waits"]
+            assert idle["futex_waits"] - before["futex_waits"] <= 8   # not one per 50 ms
+            payload = os.urandom(1000)
+            assert bytes(client.request(payload)) == payload   # a wake record woke it
+            assert client._conn.channel.ring.stats()["socket_wakes"] >= 1
