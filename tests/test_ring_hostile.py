@@ -1123,6 +1123,37 @@ def test_a_fatal_frame_after_a_segment_frame_in_one_read_pins_no_segment(sock_pa
         f"{len(memfd_mappings(server.pid))} segments of closed connections still mapped"
 
 
+@pytest.mark.parametrize("path", ["ring", "socket"])
+def test_a_refused_segment_frame_after_a_lent_one_pins_no_segment(sock_path, server, path):
+    # Found by the descriptor-leak hunt's fuzz. A read that brings an SHM Request and then an
+    # SHM frame refused for its region (ShmError, not fatal) both answered; the client then
+    # hangs up. The refusal kept in the read's items must not hold (through its traceback)
+    # the frames that map the segment until the garbage collector runs.
+    from hintens.protocol import shm as _shm
+
+    serves(sock_path)
+    assert wait_until(lambda: not memfd_mappings(server.pid))
+    for request_id in range(1, 4):
+        segment = memfd(MIB, SEALS, b"echo:segment")
+        lent = raw_frame(_shm.encode_descriptor(1, MIB, 0, 12, True), flags=1,
+                         request_id=request_id)
+        refused = raw_frame(_shm.encode_descriptor(1, MIB, MIB - 4, 12, False), flags=1,
+                            request_id=100 + request_id)
+        if path == "ring":
+            peer = switched(sock_path, FEATURE_RING | FEATURE_SHM)
+            send_carrier(peer, _here(peer), segment)
+            peer.publish(lent + refused)
+        else:
+            peer = RingClient(sock_path, FEATURE_SHM)
+            peer.send(lent + refused, segment)
+        os.close(segment)
+        assert bytes(peer.answer(request_id).payload) == b"segment"
+        assert peer.answer(100 + request_id).type == 4
+        peer.close()
+    assert wait_until(lambda: not memfd_mappings(server.pid), 3.0), \
+        f"{len(memfd_mappings(server.pid))} segments of closed connections still mapped"
+
+
 # Against a hintens Client: the raw server's ring fails the client's checks ---------------------
 
 @pytest.fixture

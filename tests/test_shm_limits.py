@@ -36,6 +36,7 @@ from .peers import (
     raw_frame,
     raw_listener,
     read_requests,
+    server_log,
     start_server_with,
     status_kib,
     stop_server,
@@ -588,6 +589,37 @@ def test_a_client_that_hangs_up_while_answered_is_not_a_handler_failure(sock_pat
             peer.close()
             assert wait_until(lambda: not server.connections)
     assert "handler failed" not in caplog.text and "Traceback" not in caplog.text
+
+
+@pytest.mark.parametrize("ring", [
+    False,
+    pytest.param(True, marks=pytest.mark.skipif(
+        getattr(hintens._impl.core, "Ring", None) is None,
+        reason="only the compiled core speaks the shared-memory ring")),
+])
+def test_a_reply_through_a_new_segment_to_a_client_gone_leaves_no_descriptor(sock_path, ring):
+    # The handler answers after the client gave up and closed: the reply's write, with the
+    # duplicate of its new segment's descriptor, fails. That descriptor must close with the
+    # connection, not wait for the garbage collector (which an idle server may never run).
+    process = start_server_with(sock_path, ring=ring)
+    try:
+        with hintens.Client(sock_path, ring=ring, timeout=10) as client:   # the pool, warm
+            assert len(client.request(b"sleep:0:" + b"w" * 100_000)) == 100_000
+        assert wait_until(lambda: memfd_fds(process.pid) == 0
+                          and not memfd_mappings(process.pid))
+        client = hintens.Client(sock_path, ring=ring, timeout=0.3)
+        with pytest.raises(hintens.Timeout):
+            client.request(b"sleep:1.5:" + b"t" * 100_000)    # answered through a segment
+        client.close()
+        time.sleep(1.5)                                       # the reply meets nobody
+        assert wait_until(lambda: memfd_fds(process.pid) == 0
+                          and not memfd_mappings(process.pid)), \
+            (memfd_fds(process.pid), memfd_mappings(process.pid))
+        with hintens.Client(sock_path, ring=ring, timeout=10) as client:
+            assert bytes(client.request(b"echo:alive")) == b"alive"
+        assert "Traceback" not in server_log(process), server_log(process)
+    finally:
+        stop_server(process, signal.SIGKILL)
 
 
 @pytest.mark.skipif(not CYTHON, reason="the pure-Python core copies: no lent view is held")

@@ -104,6 +104,13 @@ class Lending:
     @staticmethod
     def _refused(frame: Any, error: ShmError) -> ShmError:
         error.request_id, error.msg_type = frame.request_id, frame.type
+        # Kept in the items: a traceback (its own, or its cause's) would hold the frames that
+        # hold the items, a cycle only the cyclic collector frees, with the segment and every
+        # payload they lend.
+        link: BaseException | None = error
+        while link is not None:
+            link.__traceback__ = None
+            link = link.__cause__ or link.__context__
         return error
 
     def _hand_back_named(self, frame: Any, fds: list[int]) -> None:

@@ -110,7 +110,10 @@ class Answering:
         reply_writes = self._reply_writes
 
         def on_error(request_id: int, error: Exception) -> bytes:
-            return self._error_answer(endpoint, request_id, error)
+            try:
+                return self._error_answer(endpoint, request_id, error)
+            finally:
+                del error   # as in _error_answer: a ClientGone it raises must not hold us
 
         frame_started = 0.0
         frame_timeout, idle_timeout = server.frame_timeout, server.idle_timeout
@@ -312,5 +315,12 @@ class Answering:
                 nothing else on this connection is.
         """
         if isinstance(error, ClientGone):
-            raise error
+            try:
+                raise error
+            finally:
+                # This frame is in the traceback of the error it raises: were it to keep the
+                # error too, that reference cycle would keep every frame of the traceback
+                # (and what they hold: a reply's writes, with the descriptor each passes)
+                # until the garbage collector ran.
+                del error
         return failure_frame(endpoint, request_id, error)
