@@ -302,12 +302,15 @@ class RingClient:
                 return None
 
     def answer(self, request_id: int):
-        """The Response or Error for ``request_id``."""
-        while True:
+        """The Response or Error for ``request_id`` (answers to others that come first are
+        kept for their turn: an asyncio server's tasks may answer out of order)."""
+        kept = self.__dict__.setdefault("_answers", {})
+        while request_id not in kept:
             frame = self.next_frame()
             assert frame is not None, f"the server hung up before answering {request_id}"
-            if frame.type in (2, 4) and frame.request_id == request_id:
-                return frame
+            if frame.type in (2, 4):
+                kept[frame.request_id] = frame
+        return kept.pop(request_id)
 
     def fatal_end(self) -> tuple[int, str]:
         """The server ends the connection: its last frame is an Error, then the end."""
