@@ -440,6 +440,14 @@ impl Conn {
         if let Some(sr) = &self.sync {
             sr.drain_requested.store(true, Ordering::Release);
             self.wake_sync();
+            // A blocking server's connection thread may wait in recvmsg with no timeout
+            // (`wait_sync_idle_at`): end our receiving side, which wakes it. What the client
+            // sent before is still read (and answered); its later writes fail (EPIPE), as the
+            // Go server's CloseRead does.
+            // SAFETY: shutdown on our socket.
+            unsafe {
+                libc::shutdown(self.raw_fd(), libc::SHUT_RD);
+            }
         }
         self.drain.notify_one();
     }
@@ -1104,7 +1112,32 @@ impl Conn {
     pub(crate) fn wait_sync_at(
         &self,
         deadline: Instant,
+        now_hint: Option<Instant>,
+        done: impl FnMut() -> bool,
+    ) -> bool {
+        self.wait_sync_with(deadline, now_hint, false, done)
+    }
+
+    /// As [`Conn::wait_sync_at`], for a blocking server's connection thread: while no frame
+    /// is in progress and no drain was asked for, its read waits with no timeout (a
+    /// `SO_RCVTIMEO` sleep arms and cancels a kernel timer each time, measurably slower on
+    /// the 64 B round trip than an untimed one). `deadline` then bounds only followers; the
+    /// read returns when bytes arrive or the socket is shut down: `start_drain` and `cut`
+    /// both do that, and a frame in progress is read with a timeout again.
+    pub(crate) fn wait_sync_idle_at(
+        &self,
+        deadline: Instant,
+        now_hint: Option<Instant>,
+        done: impl FnMut() -> bool,
+    ) -> bool {
+        self.wait_sync_with(deadline, now_hint, true, done)
+    }
+
+    fn wait_sync_with(
+        &self,
+        deadline: Instant,
         mut now_hint: Option<Instant>,
+        untimed_idle: bool,
         mut done: impl FnMut() -> bool,
     ) -> bool {
         let sr = self.sync.as_ref().expect("a blocking connection");
@@ -1126,8 +1159,13 @@ impl Conn {
                 let started = rs.frame_started;
                 let drain = sr.drain_requested.load(Ordering::Acquire) && !rs.drained;
                 // Whole milliseconds, so that a caller that waits "up to TICK" again and again
-                // does not change the socket's timeout (a system call) on every read.
-                let want = ceil_ms((deadline - now).min(TICK));
+                // does not change the socket's timeout (a system call) on every read. Zero:
+                // no timeout.
+                let want = if untimed_idle && started.is_none() && !drain {
+                    Duration::ZERO
+                } else {
+                    ceil_ms((deadline - now).min(TICK))
+                };
                 let set_timeo_to = if want != rs.rcvtimeo { Some(want) } else { None };
                 if let Some(t) = set_timeo_to {
                     rs.rcvtimeo = t;
@@ -1182,6 +1220,9 @@ impl Conn {
                     break 'end Some((why, false));
                 }
                 sr.dispatch.drained(self);
+                // Let the caller answer what the drain read before reading on: the socket's
+                // receiving side is shut down, so the next read returns at once.
+                break 'end None;
             }
             if started.is_some_and(|t0| t0.elapsed() >= self.limits.frame_timeout) {
                 break 'end Some((
@@ -1196,6 +1237,12 @@ impl Conn {
             match recvmsg(self.raw_fd(), ptr, room, fds, 0) {
                 Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) => None,
                 Err(e) => Some((format!("read failed: {e}"), false)),
+                Ok(0) if sr.drain_requested.load(Ordering::Acquire) => {
+                    // Our own SHUT_RD (start_drain): everything sent before it was read. Let
+                    // the writer thread flush the hand-backs queued so far, then end.
+                    self.wait_queue_flushed(Instant::now() + self.limits.send_timeout);
+                    Some(("the server shut down".to_string(), false))
+                }
                 Ok(0) => Some(("the peer closed the connection".to_string(), false)),
                 Ok(n) => {
                     // SAFETY: recvmsg wrote n <= room bytes there.
@@ -1800,9 +1847,9 @@ fn set_blocking(fd: RawFd) -> io::Result<()> {
     Ok(())
 }
 
-/// Sets SO_RCVTIMEO or SO_SNDTIMEO (at least 1 ms: zero would mean "never").
+/// Sets SO_RCVTIMEO or SO_SNDTIMEO: zero for none, else at least 1 ms.
 fn set_timeo(fd: RawFd, which: libc::c_int, d: Duration) -> io::Result<()> {
-    let d = d.max(Duration::from_millis(1));
+    let d = if d.is_zero() { d } else { d.max(Duration::from_millis(1)) };
     let tv = libc::timeval {
         tv_sec: d.as_secs() as libc::time_t,
         tv_usec: d.subsec_micros() as libc::suseconds_t,

@@ -719,7 +719,7 @@ fn conn_thread(conn: Arc<Conn>, shared: Arc<Shared>, handler: SyncHandlerFn, d: 
     loop {
         let was_closing = closing;
         let now = Instant::now();
-        conn.wait_sync_at(now + Duration::from_millis(100), Some(now), || {
+        conn.wait_sync_idle_at(now + Duration::from_millis(100), Some(now), || {
             !d.queue.lock().unwrap().is_empty()
                 || (!was_closing && !d.taking.load(Ordering::Acquire))
                 || conn.is_closed()
