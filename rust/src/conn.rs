@@ -1161,10 +1161,13 @@ impl Conn {
                 // Whole milliseconds, so that a caller that waits "up to TICK" again and again
                 // does not change the socket's timeout (a system call) on every read. Zero:
                 // no timeout.
+                let left = deadline - now;
                 let want = if untimed_idle && started.is_none() && !drain {
                     Duration::ZERO
+                } else if left >= TICK {
+                    TICK
                 } else {
-                    ceil_ms((deadline - now).min(TICK))
+                    ceil_ms(left)
                 };
                 let set_timeo_to = if want != rs.rcvtimeo { Some(want) } else { None };
                 if let Some(t) = set_timeo_to {
@@ -1256,7 +1259,9 @@ impl Conn {
                 started.get_or_insert_with(Instant::now);
             } else {
                 started = None;
-                fds.clear();
+                if !fds.is_empty() {
+                    fds.clear();
+                }
             }
         }
         (state, started, end)
@@ -1284,7 +1289,7 @@ impl Conn {
                     out = self.take_answer(rid);
                     out.is_some()
                 });
-                out.unwrap_or(Err(Error::Timeout(timeout)))
+                out.unwrap_or_else(|| Err(Error::Timeout(timeout)))
             });
         if res.is_err() {
             self.unregister(rid);
@@ -1849,7 +1854,11 @@ fn set_blocking(fd: RawFd) -> io::Result<()> {
 
 /// Sets SO_RCVTIMEO or SO_SNDTIMEO: zero for none, else at least 1 ms.
 fn set_timeo(fd: RawFd, which: libc::c_int, d: Duration) -> io::Result<()> {
-    let d = if d.is_zero() { d } else { d.max(Duration::from_millis(1)) };
+    let d = if d.is_zero() {
+        d
+    } else {
+        d.max(Duration::from_millis(1))
+    };
     let tv = libc::timeval {
         tv_sec: d.as_secs() as libc::time_t,
         tv_usec: d.subsec_micros() as libc::suseconds_t,
