@@ -7,8 +7,9 @@ All in one run, each peer a process of its own (the peer programs of tests/ports
 
 1. 64 B round trips: every client against every server, and the Go, Rust and Python clients
    against their own language's raw floor (a plain Unix stream socket echoing a length-prefixed
-   payload, no hintens). Medians and p99 over ``--rounds`` rounds, the pairings interleaved
-   round by round.
+   payload, no hintens); the Go and Rust clients also against the other one's floor server, to
+   show what a raw server in that language costs them. Medians and p99 over ``--rounds``
+   rounds, the pairings interleaved round by round.
 2. 64 MiB echo through shared memory: every client against every server, against the floors'
    ``sendall``/``recv_into`` into a reused buffer, and one 64 MiB ``memcpy`` in each language.
 
@@ -36,6 +37,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 LANGUAGES = ("python", "go", "rust")
+COMPILED = ("go", "rust")
 
 
 def build() -> dict[str, list[str]]:
@@ -115,12 +117,18 @@ def main() -> int:
                     process = Server(programs[server], command, path, placement)
                     bench = "bench" if command == "serve" else "floor-bench"
                     clients = languages if command == "serve" else [server]
+                    if command == "floor-serve" and server in COMPILED:
+                        # The other compiled client against this floor too (64 B only): what
+                        # a raw server in this language costs that client, with no hintens.
+                        clients = [server, *(c for c in COMPILED if c != server and c in languages)]
                     try:
                         for client in clients:
                             wrap = placement.wrap
                             rt.setdefault((client, target), []).append(run_json(wrap(
                                 [*programs[client], bench, path, "rt64", "--count",
                                  str(args.count)], False)))
+                            if command == "floor-serve" and client != server:
+                                continue
                             big.setdefault((client, target), []).append(run_json(wrap(
                                 [*programs[client], bench, path, "echo64m", "--count",
                                  str(args.big_count)], False)))
@@ -147,6 +155,11 @@ def main() -> int:
                 value = median(rt[(lang, server)], "median_us")
                 print(f"  {lang} client -> {server} server / {lang} floor:"
                       f" {value / floor:5.2f}x   (target <= 1.2x)")
+        for server in COMPILED:
+            if server != lang and (lang, f"{server}-floor") in rt:
+                value = median(rt[(lang, f"{server}-floor")], "median_us")
+                print(f"  ({lang} client -> {server} raw floor server / {lang} floor:"
+                      f" {value / floor:5.2f}x: the {server} server's language alone, no hintens)")
     own = median(rt[("python", "python")], "median_us")
     for client in languages:
         value = median(rt[(client, "python")], "median_us")

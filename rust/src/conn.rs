@@ -440,6 +440,14 @@ impl Conn {
         if let Some(sr) = &self.sync {
             sr.drain_requested.store(true, Ordering::Release);
             self.wake_sync();
+            // A blocking server's connection thread may wait in recvmsg with no timeout
+            // (`wait_sync_idle_at`): end our receiving side, which wakes it. What the client
+            // sent before is still read (and answered); its later writes fail (EPIPE), as the
+            // Go server's CloseRead does.
+            // SAFETY: shutdown on our socket.
+            unsafe {
+                libc::shutdown(self.raw_fd(), libc::SHUT_RD);
+            }
         }
         self.drain.notify_one();
     }
@@ -1104,7 +1112,32 @@ impl Conn {
     pub(crate) fn wait_sync_at(
         &self,
         deadline: Instant,
+        now_hint: Option<Instant>,
+        done: impl FnMut() -> bool,
+    ) -> bool {
+        self.wait_sync_with(deadline, now_hint, false, done)
+    }
+
+    /// As [`Conn::wait_sync_at`], for a blocking server's connection thread: while no frame
+    /// is in progress and no drain was asked for, its read waits with no timeout (a
+    /// `SO_RCVTIMEO` sleep arms and cancels a kernel timer each time, measurably slower on
+    /// the 64 B round trip than an untimed one). `deadline` then bounds only followers; the
+    /// read returns when bytes arrive or the socket is shut down: `start_drain` and `cut`
+    /// both do that, and a frame in progress is read with a timeout again.
+    pub(crate) fn wait_sync_idle_at(
+        &self,
+        deadline: Instant,
+        now_hint: Option<Instant>,
+        done: impl FnMut() -> bool,
+    ) -> bool {
+        self.wait_sync_with(deadline, now_hint, true, done)
+    }
+
+    fn wait_sync_with(
+        &self,
+        deadline: Instant,
         mut now_hint: Option<Instant>,
+        untimed_idle: bool,
         mut done: impl FnMut() -> bool,
     ) -> bool {
         let sr = self.sync.as_ref().expect("a blocking connection");
@@ -1126,8 +1159,16 @@ impl Conn {
                 let started = rs.frame_started;
                 let drain = sr.drain_requested.load(Ordering::Acquire) && !rs.drained;
                 // Whole milliseconds, so that a caller that waits "up to TICK" again and again
-                // does not change the socket's timeout (a system call) on every read.
-                let want = ceil_ms((deadline - now).min(TICK));
+                // does not change the socket's timeout (a system call) on every read. Zero:
+                // no timeout.
+                let left = deadline - now;
+                let want = if untimed_idle && started.is_none() && !drain {
+                    Duration::ZERO
+                } else if left >= TICK {
+                    TICK
+                } else {
+                    ceil_ms(left)
+                };
                 let set_timeo_to = if want != rs.rcvtimeo { Some(want) } else { None };
                 if let Some(t) = set_timeo_to {
                     rs.rcvtimeo = t;
@@ -1182,6 +1223,9 @@ impl Conn {
                     break 'end Some((why, false));
                 }
                 sr.dispatch.drained(self);
+                // Let the caller answer what the drain read before reading on: the socket's
+                // receiving side is shut down, so the next read returns at once.
+                break 'end None;
             }
             if started.is_some_and(|t0| t0.elapsed() >= self.limits.frame_timeout) {
                 break 'end Some((
@@ -1196,6 +1240,12 @@ impl Conn {
             match recvmsg(self.raw_fd(), ptr, room, fds, 0) {
                 Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) => None,
                 Err(e) => Some((format!("read failed: {e}"), false)),
+                Ok(0) if sr.drain_requested.load(Ordering::Acquire) => {
+                    // Our own SHUT_RD (start_drain): everything sent before it was read. Let
+                    // the writer thread flush the hand-backs queued so far, then end.
+                    self.wait_queue_flushed(Instant::now() + self.limits.send_timeout);
+                    Some(("the server shut down".to_string(), false))
+                }
                 Ok(0) => Some(("the peer closed the connection".to_string(), false)),
                 Ok(n) => {
                     // SAFETY: recvmsg wrote n <= room bytes there.
@@ -1209,7 +1259,9 @@ impl Conn {
                 started.get_or_insert_with(Instant::now);
             } else {
                 started = None;
-                fds.clear();
+                if !fds.is_empty() {
+                    fds.clear();
+                }
             }
         }
         (state, started, end)
@@ -1237,7 +1289,7 @@ impl Conn {
                     out = self.take_answer(rid);
                     out.is_some()
                 });
-                out.unwrap_or(Err(Error::Timeout(timeout)))
+                out.unwrap_or_else(|| Err(Error::Timeout(timeout)))
             });
         if res.is_err() {
             self.unregister(rid);
@@ -1642,7 +1694,41 @@ impl Body<'_> {
     }
 }
 
+/// Frames up to this size (header and payload) without a descriptor leave through one
+/// `send(2)` of one gathered buffer: on the 64 B round trip, `sendmsg` with its msghdr and
+/// two iovecs cost the kernel measurably more than `send` (as the raw floor writes), and
+/// copying a few hundred bytes costs less than that difference.
+const GATHER_BYTES: usize = 1024;
+
 fn sendmsg(fd: RawFd, bufs: &[&[u8]], first_off: usize, pass: Option<RawFd>) -> io::Result<usize> {
+    if pass.is_none() {
+        let first = &bufs[0][first_off..];
+        let total = first.len() + bufs[1..].iter().map(|b| b.len()).sum::<usize>();
+        if bufs.len() == 1 || total <= GATHER_BYTES {
+            // Not zeroed: only the `total` bytes copied in are sent.
+            let mut gathered = std::mem::MaybeUninit::<[u8; GATHER_BYTES]>::uninit();
+            let (ptr, len) = if bufs.len() == 1 {
+                (first.as_ptr(), first.len())
+            } else {
+                let dst = gathered.as_mut_ptr() as *mut u8;
+                let mut at = 0;
+                for b in std::iter::once(first).chain(bufs[1..].iter().copied()) {
+                    // SAFETY: `at + b.len() <= total <= GATHER_BYTES`, and the source is a
+                    // live slice that cannot overlap our stack buffer.
+                    unsafe { std::ptr::copy_nonoverlapping(b.as_ptr(), dst.add(at), b.len()) };
+                    at += b.len();
+                }
+                (dst as *const u8, at)
+            };
+            // SAFETY: send from `len` initialised bytes at `ptr`.
+            let n = unsafe { libc::send(fd, ptr as *const libc::c_void, len, libc::MSG_NOSIGNAL) };
+            return if n < 0 {
+                Err(io::Error::last_os_error())
+            } else {
+                Ok(n as usize)
+            };
+        }
+    }
     // At most 8 buffers per call (callers pass 1 to 3); the rest go in the next call.
     let mut iov = [libc::iovec {
         iov_base: std::ptr::null_mut(),
@@ -1766,9 +1852,13 @@ fn set_blocking(fd: RawFd) -> io::Result<()> {
     Ok(())
 }
 
-/// Sets SO_RCVTIMEO or SO_SNDTIMEO (at least 1 ms: zero would mean "never").
+/// Sets SO_RCVTIMEO or SO_SNDTIMEO: zero for none, else at least 1 ms.
 fn set_timeo(fd: RawFd, which: libc::c_int, d: Duration) -> io::Result<()> {
-    let d = d.max(Duration::from_millis(1));
+    let d = if d.is_zero() {
+        d
+    } else {
+        d.max(Duration::from_millis(1))
+    };
     let tv = libc::timeval {
         tv_sec: d.as_secs() as libc::time_t,
         tv_usec: d.subsec_micros() as libc::suseconds_t,

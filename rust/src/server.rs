@@ -716,14 +716,20 @@ fn conn_thread(conn: Arc<Conn>, shared: Arc<Shared>, handler: SyncHandlerFn, d: 
         next_event_id: shared.next_event_id.clone(),
     };
     let mut closing = false;
+    // The clock reading of the last reply (or of the start, or of a wait that timed out): the
+    // wait between frames has no timeout, so a slightly old reading only bounds the wait of a
+    // frame in progress or a follower's, and saves a clock read per round trip.
+    let mut now = Instant::now();
     loop {
         let was_closing = closing;
-        let now = Instant::now();
-        conn.wait_sync_at(now + Duration::from_millis(100), Some(now), || {
+        let woken = conn.wait_sync_idle_at(now + Duration::from_millis(100), Some(now), || {
             !d.queue.lock().unwrap().is_empty()
                 || (!was_closing && !d.taking.load(Ordering::Acquire))
                 || conn.is_closed()
         });
+        if !woken {
+            now = Instant::now();
+        }
         loop {
             let (rid, payload) = match d.queue.lock().unwrap().pop_front() {
                 None => break,
@@ -741,9 +747,11 @@ fn conn_thread(conn: Arc<Conn>, shared: Arc<Shared>, handler: SyncHandlerFn, d: 
                 payload,
                 peer: peer.clone(),
             });
-            // One clock read for the reply (the handler may have taken a while).
+            // One clock read for the reply (the handler may have taken a while), which the
+            // next wait reuses.
             let timeout = shared.opts.limits.send_timeout;
-            let deadline = Instant::now() + timeout;
+            now = Instant::now();
+            let deadline = now + timeout;
             conn.wait_queue_flushed(deadline);
             let sent = match result {
                 Ok(Reply::Bytes(b)) => {
