@@ -688,14 +688,7 @@ func (c *conn) processFrames() bool {
 		f, ok, perr := c.dec.Next()
 		if perr != nil {
 			if perr.Fatal {
-				if c.isServer {
-					rid := uint64(0)
-					if perr.HasID {
-						rid = perr.RequestID
-					}
-					c.sendError(rid, perr.Code, perr.Message)
-				}
-				c.closeWith(fmt.Errorf("%w: %v", ErrClosed, perr))
+				c.fatal(perr)
 				return false
 			}
 			c.refuse(perr.Type, perr.RequestID, perr)
@@ -704,14 +697,38 @@ func (c *conn) processFrames() bool {
 		if !ok {
 			return true
 		}
-		c.dispatch(f)
+		if !c.dispatch(f) {
+			return false
+		}
 	}
+}
+
+// fatal ends the connection for a fatal violation (section 6): a server answers it with one
+// Error frame (request id 0 when the header was unreadable), a client closes without
+// answering; what is pending fails with ErrClosed.
+func (c *conn) fatal(perr *ProtocolError) {
+	if c.isServer {
+		rid := uint64(0)
+		if perr.HasID {
+			rid = perr.RequestID
+		}
+		c.sendError(rid, perr.Code, perr.Message)
+	}
+	c.closeWith(fmt.Errorf("%w: %v", ErrClosed, perr))
+}
+
+// errRingNotNegotiated: an HRNG control Event on a connection that did not negotiate RING
+// (every connection of this port), fatal for every peer (section 8a).
+func errRingNotNegotiated() *ProtocolError {
+	return &ProtocolError{Code: CodeBadHeader, Fatal: true, HasID: true, RequestID: 0, Type: TypeEvent,
+		Message: "an HRNG on a connection that did not negotiate the ring"}
 }
 
 // aliasesBuffer: whether a decoded inline payload lives in the decoder's reused buffer.
 func aliasesBuffer(n int) bool { return HeaderSize+n <= decoderBufSize }
 
-func (c *conn) dispatch(f Frame) {
+// dispatch handles one decoded frame; false after a fatal violation (the connection is closed).
+func (c *conn) dispatch(f Frame) bool {
 	payload := f.Payload
 	var l *lease
 	if f.Flags&FlagSHM != 0 {
@@ -727,7 +744,7 @@ func (c *conn) dispatch(f Frame) {
 		if dec.lease == nil {
 			c.refuse(f.Type, f.RequestID, &ProtocolError{Code: dec.code, RequestID: f.RequestID,
 				HasID: true, Type: f.Type, Message: dec.msg})
-			return
+			return true
 		}
 		l = dec.lease
 		payload = l.data
@@ -735,13 +752,18 @@ func (c *conn) dispatch(f Frame) {
 	} else if f.Flags&FlagCompressed != 0 {
 		c.refuse(f.Type, f.RequestID, &ProtocolError{Code: CodeUnsupportedFlags, RequestID: f.RequestID,
 			HasID: true, Type: f.Type, Message: "COMPRESSED was not negotiated"})
-		return
+		return true
 	}
 	switch f.Type {
 	case TypeEvent:
 		if f.RequestID == 0 {
+			// (a control Event with SHM or COMPRESSED was refused above: it is no HRNG)
+			if isRingSwitch(payload) {
+				c.fatal(errRingNotNegotiated())
+				return false
+			}
 			c.control(payload)
-			return
+			return true
 		}
 		if c.onEvent != nil {
 			c.onEvent(payload, l)
@@ -755,6 +777,7 @@ func (c *conn) dispatch(f Frame) {
 	case TypeError:
 		c.onResponse(f.RequestID, nil, nil, remoteErrorFromPayload(payload))
 	}
+	return true
 }
 
 // refuse handles a frame dropped for a recoverable violation (section 6).
@@ -771,6 +794,8 @@ func (c *conn) refuse(typ uint32, rid uint64, perr *ProtocolError) {
 	}
 }
 
+// control handles a control Event other than HRNG (dispatch ends the connection on an HRNG):
+// a hello, a release, reject or retire; any other magic is ignored (section 8a).
 func (c *conn) control(p []byte) {
 	if len(p) < 4 {
 		return

@@ -4,11 +4,15 @@ import (
 	"encoding/binary"
 )
 
-// The capability hello (section 8) and the control Events HREL, HREJ, HRET (section 8a).
+// The capability hello (section 8) and the control Events HREL, HREJ, HRET (section 8a),
+// and the one thing this port knows of the ring's switch, HRNG (sections 8a, 9b).
 
 const (
 	FeatureSHM         uint32 = 1 << 0
 	FeatureCompression uint32 = 1 << 1
+	// FeatureRing is the shared-memory ring (section 9b). This port does not implement the
+	// ring, so its hello never announces it and RING is never negotiated on its connections.
+	FeatureRing uint32 = 1 << 2
 
 	helloKeyMinor       = 1
 	helloKeyFeatures    = 2
@@ -156,6 +160,14 @@ func EncodeControl(magic string, ids []uint32) []byte {
 		out = binary.LittleEndian.AppendUint32(out, id)
 	}
 	return out
+}
+
+// isRingSwitch reports whether a control Event's payload is an HRNG, the ring's switch
+// (section 9b), of any shape: the magic alone decides. RING is never negotiated on this
+// port's connections, so every HRNG it receives is a fatal violation (section 8a): its sender's
+// next bytes would not come on the socket.
+func isRingSwitch(p []byte) bool {
+	return len(p) >= 4 && string(p[:4]) == "HRNG"
 }
 
 // ParseControl reads an HREL, HREJ or HRET payload; ok false means it must be ignored.

@@ -7,7 +7,9 @@ import (
 	"bytes"
 	"encoding/binary"
 	"errors"
+	"io"
 	"net"
+	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -433,4 +435,114 @@ func TestHostileClientThatNeverReads(t *testing.T) {
 	}
 	p.nc.Close()
 	fdsBackNear(t, base+1) // the good client's connection (both ends) remains
+}
+
+// ringSwitch is a valid HRNG payload (section 9b): layout version 2, a ring of 256 KiB.
+func ringSwitch() []byte {
+	p := binary.LittleEndian.AppendUint32([]byte("HRNG"), 2)
+	return binary.LittleEndian.AppendUint64(p, 262144)
+}
+
+// An HRNG on a connection that did not negotiate RING (this port never announces it) is a
+// fatal violation (section 8a): its sender's next bytes would be in a ring, not on the
+// socket. The server answers BAD_HEADER with request id 0, reads nothing after it (the
+// Request behind it is not answered), closes, and serves new connections; a peer whose own
+// hello announces RING changes nothing. An HRNG with a flag is no control Event anybody
+// understands: ignored as before, as are magics that are not HRNG.
+func TestHostileRingSwitchIsFatal(t *testing.T) {
+	ringHello := EncodeFrame(TypeEvent, 0, 0, EncodeHello(Hello{Features: FeatureSHM | FeatureRing,
+		MaxPayload: DefaultMaxPayload, ShmReceiveBytes: DefaultShmReceiveBytes,
+		ShmReceiveSegments: DefaultShmReceiveSegments}))
+	for _, blocking := range []bool{false, true} {
+		_, path, base := hostileServer(t, WithBlockingReads(blocking))
+		for _, hello := range [][]byte{nil, shmHello(), ringHello} {
+			p := rawDial(t, path)
+			p.write(hello)
+			p.write(EncodeFrame(TypeRequest, 0, 1, []byte("before")))
+			p.expectEcho(1, []byte("before"))
+			stream := EncodeFrame(TypeEvent, 0, 0, ringSwitch())
+			stream = append(stream, EncodeFrame(TypeRequest, 0, 2, []byte("after"))...)
+			p.write(stream)
+			f, _, ok := p.nextNonControl()
+			code, msg, _ := DecodeErrorPayload(f.Payload)
+			if !ok || f.Type != TypeError || f.RequestID != 0 || code != CodeBadHeader ||
+				!strings.Contains(msg, "did not negotiate the ring") {
+				t.Fatalf("blocking %v: want BAD_HEADER for request 0, got ok=%v %+v (%d %q)", blocking, ok, f, code, msg)
+			}
+			if f, _, ok := p.nextNonControl(); ok {
+				t.Fatalf("blocking %v: the server went on after the HRNG: %+v", blocking, f)
+			}
+			p.nc.Close()
+		}
+		p := rawDial(t, path)
+		for _, flags := range []uint16{FlagCompressed, FlagSHM} {
+			p.write(EncodeFrame(TypeEvent, flags, 0, ringSwitch()))
+		}
+		for _, other := range []string{"HRNX", "HRN", "HREL"} {
+			p.write(EncodeFrame(TypeEvent, 0, 0, append([]byte(other), ringSwitch()[4:]...)))
+		}
+		p.write(EncodeFrame(TypeRequest, 0, 3, []byte("ok")))
+		p.expectEcho(3, []byte("ok"))
+		p.nc.Close()
+		stillServes(t, path)
+		fdsBackNear(t, base)
+	}
+}
+
+// The client side of the same rule: a server that sends an HRNG (RING was not negotiated)
+// fails the request waiting for an answer, or the next one, with ErrClosed at once, and the
+// client closes the connection without answering.
+func TestClientRingSwitchIsFatal(t *testing.T) {
+	for _, pending := range []bool{true, false} {
+		path := t.TempDir() + "/raw.sock"
+		ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer ln.Close()
+		sent := make(chan struct{})
+		closed := make(chan error, 1)
+		go func() {
+			nc, err := ln.AcceptUnix()
+			if err != nil {
+				closed <- err
+				return
+			}
+			defer nc.Close()
+			nc.Write(shmHello())
+			if pending {
+				p := &rawPeer{t: t, nc: nc, dec: NewDecoder(DefaultMaxPayload)}
+				p.nextNonControl() // the client's Request: never answered
+			}
+			nc.Write(EncodeFrame(TypeEvent, 0, 0, ringSwitch()))
+			close(sent)
+			// the client answers nothing and closes; the connection stays open on this side
+			nc.SetReadDeadline(time.Now().Add(5 * time.Second))
+			buf := make([]byte, 4096)
+			for {
+				if _, err := nc.Read(buf); err != nil {
+					closed <- err
+					return
+				}
+			}
+		}()
+		c := dial(t, path)
+		if !pending {
+			<-sent
+		}
+		start := time.Now()
+		_, err = c.Send([]byte("x"))
+		if !errors.Is(err, ErrClosed) || time.Since(start) > 2*time.Second {
+			t.Fatalf("pending %v: got %v after %v, want ErrClosed at once", pending, err, time.Since(start))
+		}
+		if pending && !strings.Contains(err.Error(), "did not negotiate the ring") {
+			t.Fatalf("the request failed with %v, want the HRNG named", err)
+		}
+		if err := <-closed; !errors.Is(err, io.EOF) {
+			t.Fatalf("pending %v: the raw server read %v, want the client's close", pending, err)
+		}
+		if _, err := c.Send([]byte("y")); !errors.Is(err, ErrClosed) {
+			t.Fatalf("pending %v: a later request got %v", pending, err)
+		}
+	}
 }
