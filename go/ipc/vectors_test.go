@@ -1,17 +1,22 @@
 package ipc
 
-// Every vector of tests/vectors/*.json (the files the Python suite checks too).
+// The vectors of tests/vectors/*.json (the files the Python suite checks too): every vector of
+// every file except ring.json, of which only what applies to a port without the ring is checked
+// (TestVectorsRing): the hello's RING bit, and the switches as control Events.
 
 import (
 	"bytes"
 	"encoding/hex"
 	"encoding/json"
+	"errors"
+	"net"
 	"os"
 	"path/filepath"
 	"sort"
 	"strconv"
 	"strings"
 	"testing"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -631,6 +636,113 @@ func TestVectorsDecisions(t *testing.T) {
 			if !fake[id] {
 				unix.Munmap(p.mem)
 			}
+		}
+	}
+}
+
+// socketPair returns the two ends of a connected Unix stream socket.
+func socketPair(t *testing.T) (*net.UnixConn, *net.UnixConn) {
+	t.Helper()
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var ends [2]*net.UnixConn
+	for i, fd := range fds {
+		f := os.NewFile(uintptr(fd), "socketpair")
+		nc, err := net.FileConn(f) // a duplicate of fd
+		f.Close()
+		if err != nil {
+			t.Fatal(err)
+		}
+		ends[i] = nc.(*net.UnixConn)
+		t.Cleanup(func() { ends[i].Close() })
+	}
+	return ends[0], ends[1]
+}
+
+// ring.json (section 9b) describes the shared-memory ring, which this port does not
+// implement. What applies to it is checked: layout.feature_bit is FeatureRing, the bit its
+// hellos never set (as client or server, with or without shared memory), so RING is never
+// negotiated; and every entry of switches (valid or not), sent as a control Event, is an HRNG
+// to its control handling, fatal on a connection without RING (section 8a): the connection
+// closes, and a server answers BAD_HEADER with request id 0. The rest (the memfd's layout,
+// its header, carriers, records, sleep bits, and which switches a ring would accept) is not
+// checked here: only a port that implements the ring can use it.
+func TestVectorsRing(t *testing.T) {
+	var v struct {
+		Layout struct {
+			FeatureBit *uint32 `json:"feature_bit"`
+		}
+		Switches []struct {
+			Name, Payload string
+			Valid         bool
+		}
+	}
+	loadVectors(t, "ring.json", &v)
+	if v.Layout.FeatureBit == nil || *v.Layout.FeatureBit != FeatureRing {
+		t.Fatalf("layout.feature_bit is %v, this port's FeatureRing %d", v.Layout.FeatureBit, FeatureRing)
+	}
+	for _, isServer := range []bool{false, true} {
+		for _, shm := range []bool{false, true} {
+			cfg := defaultConfig()
+			cfg.shm = shm
+			a, _ := socketPair(t)
+			h, _, ok := ParseHello(newConn(a, &cfg, isServer, nil).localHello())
+			if !ok || h.Features&FeatureRing != 0 {
+				t.Errorf("server %v, shm %v: our hello announces features %#x (understood %v)",
+					isServer, shm, h.Features, ok)
+			}
+		}
+	}
+	if len(v.Switches) == 0 {
+		t.Fatal("no switches")
+	}
+	valid := 0
+	for _, c := range v.Switches {
+		p := unhex(t, c.Payload)
+		if c.Valid {
+			valid++
+		}
+		if !isRingSwitch(p) {
+			t.Errorf("%s: not recognised as an HRNG", c.Name)
+			continue
+		}
+		for _, isServer := range []bool{false, true} {
+			cfg := defaultConfig()
+			ours, peer := socketPair(t)
+			conn := newConn(ours, &cfg, isServer, nil)
+			peer.Write(EncodeFrame(TypeEvent, 0, 0, p))
+			err := conn.readOnce(time.Now().Add(5 * time.Second))
+			if !errors.Is(err, ErrClosed) || conn.err() == nil {
+				t.Errorf("%s (server %v): read gave %v, closed %v; want a fatal violation", c.Name, isServer, err, conn.err())
+				continue
+			}
+			conn.endReading(err)
+			rp := &rawPeer{t: t, nc: peer, dec: NewDecoder(DefaultMaxPayload)}
+			f, ok := rp.next()
+			if !isServer {
+				if ok {
+					t.Errorf("%s: the client answered %+v, want a close without answer", c.Name, f)
+				}
+				continue
+			}
+			code, msg, _ := DecodeErrorPayload(f.Payload)
+			if !ok || f.Type != TypeError || f.RequestID != 0 || code != CodeBadHeader {
+				t.Errorf("%s: the server answered %+v (%d %q), want BAD_HEADER for request 0", c.Name, f, code, msg)
+			}
+			if _, ok := rp.next(); ok {
+				t.Errorf("%s: the server sent more after its Error", c.Name)
+			}
+		}
+	}
+	if valid == 0 || valid == len(v.Switches) {
+		t.Errorf("%d valid switches of %d: want both kinds", valid, len(v.Switches))
+	}
+	// Control Events that are not HRNG are still ignored or handled as before.
+	for _, p := range []string{"", "48524e", "48524e58020000000010000000000000", "4852454c00000000"} {
+		if isRingSwitch(unhex(t, p)) {
+			t.Errorf("%s: taken for an HRNG", p)
 		}
 	}
 }
