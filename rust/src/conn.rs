@@ -1404,6 +1404,21 @@ impl Conn {
         self.deliver(rid, Err(err));
     }
 
+    /// A fatal violation (section 6): a server answers it with one Error frame (request id
+    /// `rid`), a client closes without answering. Returns what ends the connection: the reason,
+    /// and whether to let the writer flush that Error first.
+    fn fatal(&self, rid: u64, code: u32, message: &str) -> (String, bool) {
+        if self.is_server {
+            self.queue(wire::encode_frame(
+                wire::ERROR,
+                0,
+                rid,
+                &wire::encode_error(code, message),
+            ));
+        }
+        (format!("fatal protocol error {code}: {message}"), self.is_server)
+    }
+
     /// Decodes and handles every whole frame buffered. `Err` ends the connection.
     fn process(
         self: &Arc<Self>,
@@ -1415,20 +1430,7 @@ impl Conn {
             let frame = match dec.next_frame() {
                 Ok(Some(f)) => f,
                 Ok(None) => return Ok(()),
-                Err(e) if e.fatal => {
-                    if self.is_server {
-                        self.queue(wire::encode_frame(
-                            wire::ERROR,
-                            0,
-                            e.request_id.unwrap_or(0),
-                            &wire::encode_error(e.code, &e.message),
-                        ));
-                    }
-                    return Err((
-                        format!("fatal protocol error {}: {}", e.code, e.message),
-                        self.is_server,
-                    ));
-                }
+                Err(e) if e.fatal => return Err(self.fatal(e.request_id.unwrap_or(0), e.code, &e.message)),
                 Err(e) => {
                     let rid = e.request_id.unwrap_or(0);
                     if e.flags & FLAG_SHM != 0 && e.code == code::CHECKSUM {
@@ -1494,13 +1496,24 @@ impl Conn {
                     };
                     self.deliver(rid, Err(err));
                 }
-                _ if rid == 0 => self.control(&payload),
+                _ if rid == 0 => {
+                    // (A control Event with SHM or COMPRESSED was refused above: it is no HRNG.)
+                    if wire::is_ring_switch(&payload) {
+                        return Err(self.fatal(
+                            0,
+                            code::BAD_HEADER,
+                            "an HRNG on a connection that did not negotiate the ring",
+                        ));
+                    }
+                    self.control(&payload)
+                }
                 _ => dispatch.event(self, payload),
             }
         }
     }
 
-    /// A control Event (section 8a): the hello, or a release, reject or retire.
+    /// A control Event (section 8a) other than HRNG (`process` ends the connection on one):
+    /// the hello, or a release, reject or retire; any other magic is ignored.
     fn control(&self, payload: &[u8]) {
         if payload.starts_with(b"HELO") {
             let Some(h) = Hello::decode(payload) else { return };

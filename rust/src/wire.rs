@@ -484,6 +484,9 @@ pub fn decode_error(payload: &[u8]) -> Option<(u32, String)> {
 
 pub const FEATURE_SHM: u32 = 1;
 pub const FEATURE_COMPRESSION: u32 = 2;
+/// RING, the shared-memory ring (section 9b). This crate does not implement the ring: its
+/// hello never announces it, so RING is never negotiated on its connections.
+pub const FEATURE_RING: u32 = 4;
 pub const DEFAULT_SHM_RECEIVE_BYTES: u64 = 1 << 30;
 pub const DEFAULT_SHM_RECEIVE_SEGMENTS: u32 = 64;
 const HELLO_MAX_ENTRIES: u64 = 64;
@@ -660,6 +663,14 @@ pub fn decode_control(payload: &[u8]) -> Option<(Control, Vec<u32>)> {
         .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
         .collect();
     Some((kind, ids))
+}
+
+/// Whether a control Event's payload is an HRNG, the ring's switch (sections 8a, 9b), of any
+/// shape: the magic alone decides. RING is never negotiated on this crate's connections, so
+/// every HRNG it receives is a fatal violation (section 8a): its sender's next bytes would not
+/// come on the socket.
+pub fn is_ring_switch(payload: &[u8]) -> bool {
+    payload.starts_with(b"HRNG")
 }
 
 // -- SHM descriptors (section 9) --------------------------------------------------------------

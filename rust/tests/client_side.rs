@@ -1,5 +1,5 @@
 //! The client against scripted raw-socket servers: what it does with bad answers, with
-//! Requests sent to it, and how its shared-memory pool obeys the server's hello (keys 6, 7):
+//! Requests sent to it, with an HRNG (fatal: RING is never negotiated), and how its shared-memory pool obeys the server's hello (keys 6, 7):
 //! waiting for a release, reusing a segment, retiring one (HRET before the new NEW_SEGMENT).
 
 use std::io::{Read, Write};
@@ -522,4 +522,90 @@ fn the_blocking_client_pool_waits_for_releases_reuses_segments_and_retires_befor
         );
         c.close();
     });
+}
+
+/// A valid HRNG payload (section 9b): layout version 2, a ring of 256 KiB.
+fn ring_switch() -> Vec<u8> {
+    let mut p = b"HRNG".to_vec();
+    p.extend_from_slice(&2u32.to_le_bytes());
+    p.extend_from_slice(&262144u64.to_le_bytes());
+    p
+}
+
+/// A raw server that sends an HRNG although RING was not negotiated (this crate never
+/// announces it): after the client's first Request when `pending` (it is never answered), else
+/// at once. The client must close without answering (section 8a: fatal).
+fn hrng_script(pending: bool) -> impl FnOnce(&mut Raw) + Send + 'static {
+    move |raw: &mut Raw| {
+        if pending {
+            assert_eq!(raw.next().unwrap().mtype, REQUEST);
+        }
+        raw.send(&wire::encode_frame(EVENT, 0, 0, &ring_switch()));
+        // Then only the client's close (or, not pending, a Request it sent before it read the
+        // HRNG): never an answer.
+        while let Some(f) = raw.next() {
+            assert!(
+                !pending && f.mtype == REQUEST,
+                "after the HRNG the client sent {f:?}"
+            );
+        }
+    }
+}
+
+/// The request failed at once, with the end of the connection the HRNG caused.
+fn failed_for_the_hrng(r: Result<hintens::Payload, Error>, t0: std::time::Instant) {
+    match r {
+        Err(Error::Closed(why)) => assert!(why.contains("did not negotiate the ring"), "{why}"),
+        r => panic!("want Closed, got {:?}", r.map(|p| p.to_vec())),
+    }
+    assert!(
+        t0.elapsed() < Duration::from_secs(2),
+        "failed after {:?}",
+        t0.elapsed()
+    );
+}
+
+#[test]
+fn an_hrng_fails_the_pending_or_next_request_and_closes() {
+    for pending in [true, false] {
+        with_raw_server(
+            &format!("hrng-{pending}"),
+            Hello::default(),
+            hrng_script(pending),
+            move |path| {
+                Box::pin(async move {
+                    let c = IPCClient::connect(&path).await.unwrap();
+                    if !pending {
+                        // The HRNG comes while nothing is in flight: the next request fails.
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    let t0 = std::time::Instant::now();
+                    failed_for_the_hrng(c.send_bytes(b"x").await, t0);
+                    let t0 = std::time::Instant::now();
+                    failed_for_the_hrng(c.send_bytes(b"y").await, t0);
+                })
+            },
+        );
+    }
+}
+
+#[test]
+fn an_hrng_fails_the_blocking_clients_pending_or_next_request_and_closes() {
+    for pending in [true, false] {
+        with_raw_server_blocking(
+            &format!("hrng-b-{pending}"),
+            Hello::default(),
+            hrng_script(pending),
+            move |path| {
+                let c = hintens::blocking::Client::connect(&path).unwrap();
+                if !pending {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                let t0 = std::time::Instant::now();
+                failed_for_the_hrng(c.send_bytes(b"x"), t0);
+                let t0 = std::time::Instant::now();
+                failed_for_the_hrng(c.send_bytes(b"y"), t0);
+            },
+        );
+    }
 }

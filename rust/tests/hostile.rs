@@ -107,19 +107,28 @@ struct RawPeer {
 
 impl RawPeer {
     fn connect(path: &PathBuf, hello_shm: bool) -> RawPeer {
+        RawPeer::connect_with(
+            path,
+            Some(Hello {
+                features: if hello_shm { wire::FEATURE_SHM } else { 0 },
+                ..Default::default()
+            }),
+        )
+    }
+
+    /// Connects and sends `hello` (none: a peer that sends no hello).
+    fn connect_with(path: &PathBuf, hello: Option<Hello>) -> RawPeer {
         let s = UnixStream::connect(path).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         let mut p = RawPeer {
             s,
             dec: FrameDecoder::new(64 << 20),
         };
-        let h = Hello {
-            features: if hello_shm { wire::FEATURE_SHM } else { 0 },
-            ..Default::default()
-        };
-        // A server over its connection limit answers UNAVAILABLE and closes, maybe before
-        // our hello is written: that refusal is read by the test, not a failure here.
-        p.try_send(&wire::encode_frame(EVENT, 0, 0, &h.encode()));
+        if let Some(h) = hello {
+            // A server over its connection limit answers UNAVAILABLE and closes, maybe before
+            // our hello is written: that refusal is read by the test, not a failure here.
+            p.try_send(&wire::encode_frame(EVENT, 0, 0, &h.encode()));
+        }
         p
     }
 
@@ -303,6 +312,62 @@ fn garbage_hellos_and_controls_are_ignored() {
         p.send(&wire::encode_frame(EVENT, 0, 0, junk));
     }
     p.echo_ok(3);
+}
+
+/// A valid HRNG payload (section 9b): layout version 2, a ring of 256 KiB.
+fn ring_switch() -> Vec<u8> {
+    let mut p = b"HRNG".to_vec();
+    p.extend_from_slice(&2u32.to_le_bytes());
+    p.extend_from_slice(&262144u64.to_le_bytes());
+    p
+}
+
+/// An HRNG on a connection that did not negotiate RING (this crate never announces it) is a
+/// fatal violation (section 8a): its sender's next bytes would be in a ring, not on the socket.
+/// The server answers BAD_HEADER with request id 0, reads nothing after it (the Request behind
+/// it is not answered), closes, and serves new connections; a peer whose own hello announces
+/// RING changes nothing. An HRNG with a flag is no control Event anybody understands: ignored
+/// as before, as are magics that are not HRNG.
+fn an_hrng_is_fatal_and_the_server_still_serves() {
+    let srv = start_server("hrng");
+    let base = fd_count();
+    let ring = Hello {
+        features: wire::FEATURE_SHM | wire::FEATURE_RING,
+        ..Default::default()
+    };
+    for hello in [None, Some(Hello::default()), Some(ring)] {
+        let mut p = RawPeer::connect_with(&srv.path, hello.clone());
+        p.echo_ok(1);
+        let mut stream = wire::encode_frame(EVENT, 0, 0, &ring_switch());
+        stream.extend(wire::encode_frame(REQUEST, 0, 2, b"after"));
+        p.send(&stream);
+        let e = p.next().expect("an Error frame");
+        let (code, message) = error_of(&e);
+        assert_eq!(
+            (code, e.request_id),
+            (wire::code::BAD_HEADER, 0),
+            "{hello:?}: {message}"
+        );
+        assert!(message.contains("did not negotiate the ring"), "{message}");
+        let after = p.next();
+        assert!(
+            after.is_none(),
+            "{hello:?}: the server went on after the HRNG: {after:?}"
+        );
+    }
+    let mut p = RawPeer::connect(&srv.path, true);
+    for flags in [wire::FLAG_COMPRESSED, wire::FLAG_SHM] {
+        p.send(&wire::encode_frame(EVENT, flags, 0, &ring_switch()));
+    }
+    for magic in [&b"HRNX"[..], b"HRN", b"HREL"] {
+        let mut other = magic.to_vec();
+        other.extend_from_slice(&ring_switch()[4..]);
+        p.send(&wire::encode_frame(EVENT, 0, 0, &other));
+    }
+    p.echo_ok(3);
+    drop(p);
+    server_still_serves(&srv.path);
+    assert_fds_back(base);
 }
 
 fn memfd(size: u64, seals: i32) -> OwnedFd {
@@ -594,6 +659,7 @@ both_servers!(
     declared_large_payload_never_sent_costs_only_what_arrived,
     bad_magic_and_bad_version_are_fatal_after_three_bytes,
     garbage_hellos_and_controls_are_ignored,
+    an_hrng_is_fatal_and_the_server_still_serves,
     bogus_descriptors_and_memfds_are_refused_and_handed_back,
     pending_bytes_budget_refuses_with_unavailable_and_the_connection_survives,
     a_frame_that_stalls_past_frame_timeout_is_cut,
