@@ -1,10 +1,18 @@
-//! Every vector of ../tests/vectors/*.json (PROTOCOL.md section 12) against this crate.
+//! The vectors of ../tests/vectors/*.json (PROTOCOL.md section 12) against this crate: every
+//! vector of every file except ring.json, of which only what applies to a crate without the
+//! ring is checked (`ring_vectors`: the hello's RING bit, and the switches as control Events).
+
+mod common;
 
 use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
+use std::time::Duration;
 
 use hintens::shm::{decide, Decision, FdInfo, Lent, ReceiverView};
 use hintens::wire::{self, Control, Descriptor, FrameDecoder, Header, Hello};
+use hintens::{ClientOptions, HandlerError, Limits, Reply, Request, Server, ServerOptions};
 use serde_json::Value;
 
 fn load(name: &str) -> Value {
@@ -434,5 +442,161 @@ fn shm_decision_vectors() {
             }
         }
         assert_eq!(mapped_after, idmap(&e["mapped_after"]), "{name}: mapped_after");
+    }
+}
+
+/// Every frame `s` carries until the peer closes it (5 s at most).
+fn frames_until_closed(s: &mut UnixStream) -> Vec<wire::Frame> {
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut dec = FrameDecoder::new(64 << 20);
+    let mut buf = [0u8; 65536];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => dec.feed(&buf[..n]),
+            Err(e) => panic!("the peer did not close the connection: {e}"),
+        }
+    }
+    std::iter::from_fn(|| dec.next_frame().expect("a well-formed stream")).collect()
+}
+
+/// The first frame `s` carries (5 s at most).
+fn first_frame(s: &mut UnixStream) -> wire::Frame {
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut dec = FrameDecoder::new(64 << 20);
+    let mut buf = [0u8; 4096];
+    loop {
+        if let Some(f) = dec.next_frame().expect("a well-formed stream") {
+            return f;
+        }
+        let n = s.read(&mut buf).expect("a frame");
+        assert!(n > 0, "closed before its first frame");
+        dec.feed(&buf[..n]);
+    }
+}
+
+/// The features a hello frame announces.
+fn hello_features(f: &wire::Frame) -> u32 {
+    assert_eq!((f.mtype, f.request_id), (wire::EVENT, 0), "the hello comes first");
+    Hello::decode(&f.payload).expect("a hello").features
+}
+
+/// ring.json (section 9b) describes the shared-memory ring, which this crate does not
+/// implement. What applies to it is checked: `layout.feature_bit` is `FEATURE_RING`, the bit
+/// its hellos never set (async and blocking, server and client, with or without shared
+/// memory), so RING is never negotiated; and every entry of `switches` (valid or not), sent as
+/// a control Event, is an HRNG to its control handling, fatal on a connection without RING
+/// (section 8a): the server answers BAD_HEADER with request id 0 and closes (the client side of
+/// the rule: tests/client_side.rs). The rest (the memfd's layout, its header, carriers,
+/// records, sleep bits, and which switches a ring would accept) is not checked here: only an
+/// implementation of the ring can use it.
+#[test]
+fn ring_vectors() {
+    let d = load("ring.json");
+    assert_eq!(
+        u(&d["layout"]["feature_bit"]),
+        wire::FEATURE_RING as u64,
+        "layout.feature_bit"
+    );
+    let switches: Vec<(String, Vec<u8>)> = arr(&d["switches"])
+        .iter()
+        .map(|v| (v["name"].to_string(), hex(&v["payload"])))
+        .collect();
+    let valid = arr(&d["switches"]).iter().filter(|v| v["valid"] == true).count();
+    assert!(valid > 0 && valid < switches.len(), "valid and invalid switches");
+    for (name, payload) in &switches {
+        assert!(wire::is_ring_switch(payload), "{name}: not taken for an HRNG");
+    }
+    let release = wire::encode_control(Control::Release, &[1]);
+    for other in [&b""[..], b"HRN", b"HRNX\x02\0\0\0\0\x10\0\0\0\0\0\0", &release] {
+        assert!(!wire::is_ring_switch(other), "{other:?} taken for an HRNG");
+    }
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let _enter = rt.enter();
+    let dir = std::env::temp_dir().join(format!("hintens-rs-vec-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for blocking in [false, true] {
+        for shm in [false, true] {
+            let limits = Limits {
+                shm,
+                ..Default::default()
+            };
+            // The server: its hello, and its answer to each switch.
+            let path = dir.join(format!("ring-s-{blocking}-{shm}.sock"));
+            let opts = ServerOptions {
+                limits: limits.clone(),
+                ..Default::default()
+            };
+            let server = if blocking {
+                Server::with_options_blocking(&path, |r: Request| Ok(r.payload.into()), opts)
+            } else {
+                Server::with_options(
+                    &path,
+                    |r: Request| async move { Ok::<Reply, HandlerError>(r.payload.into()) },
+                    opts,
+                )
+            };
+            let handle = server.handle();
+            rt.spawn(server.serve());
+            common::wait_bound(&path);
+            for (name, payload) in &switches {
+                let mut s = UnixStream::connect(&path).unwrap();
+                s.write_all(&wire::encode_frame(wire::EVENT, 0, 0, payload))
+                    .unwrap();
+                let frames = frames_until_closed(&mut s);
+                let features = hello_features(&frames[0]);
+                assert_eq!(
+                    features & wire::FEATURE_RING,
+                    0,
+                    "the server's hello: {features:#x}"
+                );
+                let answers: Vec<_> = frames[1..]
+                    .iter()
+                    .filter(|f| !(f.mtype == wire::EVENT && f.request_id == 0))
+                    .collect();
+                assert_eq!(answers.len(), 1, "{name} (blocking {blocking}): {answers:?}");
+                let (code, message) = wire::decode_error(&answers[0].payload).unwrap();
+                assert_eq!(
+                    (answers[0].mtype, answers[0].request_id, code),
+                    (wire::ERROR, 0, wire::code::BAD_HEADER),
+                    "{name} (blocking {blocking}): {message}"
+                );
+            }
+            handle.shutdown();
+            // The client: its hello.
+            let path = dir.join(format!("ring-c-{blocking}-{shm}.sock"));
+            let _ = std::fs::remove_file(&path);
+            let listener = UnixListener::bind(&path).unwrap();
+            let opts = ClientOptions {
+                limits: limits.clone(),
+                ..Default::default()
+            };
+            let (mut s, close): (UnixStream, Box<dyn FnOnce()>) = if blocking {
+                let c = hintens::blocking::Client::connect_with(&path, opts).unwrap();
+                (listener.accept().unwrap().0, Box::new(move || c.close()))
+            } else {
+                let c = rt
+                    .block_on(hintens::IPCClient::connect_with(&path, opts))
+                    .unwrap();
+                let rt = rt.handle().clone();
+                (
+                    listener.accept().unwrap().0,
+                    Box::new(move || rt.block_on(c.close())),
+                )
+            };
+            let features = hello_features(&first_frame(&mut s));
+            assert_eq!(
+                features & wire::FEATURE_RING,
+                0,
+                "the client's hello: {features:#x}"
+            );
+            close();
+            let _ = std::fs::remove_file(&path);
+        }
     }
 }
