@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import socket
@@ -45,6 +46,18 @@ def core(request):
 @pytest.fixture(scope="session")
 def cython_core():
     return _cython_core()
+
+
+@pytest.fixture(scope="module")
+def young_heap():
+    """For a module's tests that call gc.collect() to free what they made (descriptors,
+    mappings) before counting: what each collection walks is only what was made since this
+    fixture began. Everything alive before, once fully collected, is frozen (gc.freeze) until
+    the module ends: a full collection of the suite's heap takes ~0.15 s."""
+    gc.collect()
+    gc.freeze()
+    yield
+    gc.unfreeze()
 
 
 # Real servers for the socket tests: each test gets its own socket path and, where it asks for

@@ -308,18 +308,6 @@ def release(payload) -> None:
         payload.release()
 
 
-@pytest.fixture(scope="module")
-def young_heap():
-    """What a decision test's gc.collect() walks: only the objects made since this fixture
-    began. Everything alive before, once fully collected, is frozen (gc.freeze) until the
-    module ends: a full collection of the suite's heap took ~0.15 s, four per test. The
-    endpoints, descriptors and mappings those collections are for are all made after it."""
-    gc.collect()
-    gc.freeze()
-    yield
-    gc.unfreeze()
-
-
 @pytest.fixture
 def endpoint_core(core, monkeypatch, young_heap):
     """Endpoints (and the segments they map) built on ``core``."""
