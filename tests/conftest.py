@@ -60,6 +60,20 @@ def young_heap():
     gc.unfreeze()
 
 
+@pytest.fixture
+def no_hangup_check(monkeypatch):
+    """For a test whose request must go out on a connection the server dropped while the
+    pool held it idle: the pools' look for a hang-up before lending a connection idle over
+    _HANGUP_CHECK_S (1 s) is kept out of the way. Killing and restarting a server process can
+    take longer than that on a loaded machine, and then the pool opens a new connection
+    instead, without a retry: not the case such a test is about."""
+    import hintens.aio.pool
+    import hintens.sync.pool
+
+    monkeypatch.setattr(hintens.sync.pool, "_HANGUP_CHECK_S", 60.0)
+    monkeypatch.setattr(hintens.aio.pool, "_HANGUP_CHECK_S", 60.0)
+
+
 # Real servers for the socket tests: each test gets its own socket path and, where it asks for
 # one, its own `hintens serve` process (handler: tests.handlers.command) and a client of it.
 
