@@ -55,8 +55,11 @@ $(DOCS_INSTALLED): $(INSTALLED)
 # the shared-memory ring (tests/conftest.py).
 # The passes run in two lanes side by side: the compiled pass in one, the twin pass then the
 # ring pass in the other. Much of each pass is waiting (timeouts, sleeps, servers starting), so
-# on 2 cores the two lanes take little longer than the compiled pass alone. Each lane's output
-# comes in one piece when it ends; a failure in either fails `make test`.
+# on 2 cores the two lanes take little longer than the compiled pass alone. The compiled pass's
+# wheel tests (they build and install the wheel: core-independent, ~30-60 s) run at the end of
+# the second lane, which is the shorter one without them. Each lane's output comes in one piece
+# when it ends; a failure in either fails `make test`.
+WHEEL_TESTS := tests/test_wheel.py
 RING_PASS_TESTS := tests/test_client_server.py tests/test_batching.py tests/test_shm_transfer.py \
     tests/test_pool.py tests/test_codecs.py tests/test_races.py tests/test_slow_consumers.py \
     tests/test_shm_waits.py
@@ -65,11 +68,12 @@ test:
 	@$(MAKE) --no-print-directory -j2 --output-sync=target test-compiled test-twin-then-ring
 
 test-compiled: $(INSTALLED)
-	$(PY) -m pytest
+	$(PY) -m pytest --ignore=$(WHEEL_TESTS)
 
 test-twin-then-ring: $(INSTALLED)
 	HINTENS_NO_EXTENSIONS=1 $(PY) -m pytest -q -m "not slow" -p no:cacheprovider
 	HINTENS_TEST_RING=1 $(PY) -m pytest -q -m "not slow" -p no:cacheprovider $(RING_PASS_TESTS)
+	$(PY) -m pytest -q -p no:cacheprovider $(WHEEL_TESTS)
 
 typecheck: $(INSTALLED)
 	$(PY) -m mypy
