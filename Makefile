@@ -26,7 +26,7 @@ WHEEL_TOOLS := $(VENV)/.installed-wheel
 DOCS_INSTALLED := $(VENV)/.installed-docs
 BENCH_ARGS ?=
 
-.PHONY: test typecheck demo bench docs build wheel clean crc-check ports-check ports-check-go \
+.PHONY: test test-compiled test-twin-then-ring typecheck demo bench docs build wheel clean crc-check ports-check ports-check-go \
     ports-check-rust bench-ports
 
 $(PY):
@@ -50,18 +50,31 @@ $(DOCS_INSTALLED): $(INSTALLED)
 # test only once; core tests that need the extension skip in the second pass). Before it, side
 # by side (none needs another's output, and each has a core's worth of work or waits on the
 # network): the install with its build, then mypy; the CRC harness; the ports' checks. Each
-# one's output comes in one piece when it ends, and the first failure fails `make test`. After
-# the two passes, the ring pass: the socket tests of these modules again, every Client and
-# Server (sync and asyncio) asking for the shared-memory ring (tests/conftest.py).
+# one's output comes in one piece when it ends, and the first failure fails `make test`. Then
+# the ring pass: the socket tests of these modules again, every Client and Server (sync and
+# asyncio) asking for the shared-memory ring (tests/conftest.py).
+# The passes run in two lanes side by side: the compiled pass in one, the twin pass then the
+# ring pass in the other. Much of each pass is waiting (timeouts, sleeps, servers starting), so
+# on 2 cores the two lanes take little longer than the compiled pass alone. The compiled pass's
+# wheel tests (they build and install the wheel: core-independent, ~30-60 s) run at the end of
+# the second lane, which is the shorter one without them. Each lane's output comes in one piece
+# when it ends; a failure in either fails `make test`.
+WHEEL_TESTS := tests/test_wheel.py
 RING_PASS_TESTS := tests/test_client_server.py tests/test_batching.py tests/test_shm_transfer.py \
     tests/test_pool.py tests/test_codecs.py tests/test_races.py tests/test_slow_consumers.py \
     tests/test_shm_waits.py tests/test_aio_client.py tests/test_aio_server.py \
     tests/test_aio_pool.py
 test:
 	@$(MAKE) --no-print-directory -j4 --output-sync=target typecheck crc-check ports-check
-	$(PY) -m pytest
+	@$(MAKE) --no-print-directory -j2 --output-sync=target test-compiled test-twin-then-ring
+
+test-compiled: $(INSTALLED)
+	$(PY) -m pytest --ignore=$(WHEEL_TESTS)
+
+test-twin-then-ring: $(INSTALLED)
 	HINTENS_NO_EXTENSIONS=1 $(PY) -m pytest -q -m "not slow" -p no:cacheprovider
 	HINTENS_TEST_RING=1 $(PY) -m pytest -q -m "not slow" -p no:cacheprovider $(RING_PASS_TESTS)
+	$(PY) -m pytest -q -p no:cacheprovider $(WHEEL_TESTS)
 
 typecheck: $(INSTALLED)
 	$(PY) -m mypy

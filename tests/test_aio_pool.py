@@ -282,7 +282,7 @@ async def _positive(count):
 
 @pytest.mark.parametrize("loop", LOOPS)
 def test_exactly_once_a_server_killed_before_the_request_is_sent(served, sock_path, loop,
-                                                                 caplog):
+                                                                 caplog, no_hangup_check):
     """The server dies (SIGKILL) and is restarted while the pool's connection is idle: the
     request's write fails, nothing was sent, so it goes again to the new server, once."""
     async def main():
@@ -408,7 +408,7 @@ def test_no_server_is_retried_per_policy_then_a_connect_error(sock_path, caplog)
     run(main())
 
 
-def test_no_retry_raises_the_first_failure(served, sock_path, caplog):
+def test_no_retry_raises_the_first_failure(served, sock_path, caplog, no_hangup_check):
     """NO_RETRY: a request that could safely go again (its write failed on a connection the
     server had dropped: request_sent False) raises at once, and did not run."""
     async def main():

@@ -113,7 +113,8 @@ def test_a_connection_the_server_dropped_is_replaced(sock_path):
         stop_server(process, signal.SIGKILL)
 
 
-def test_a_request_that_never_left_is_retried_even_if_not_idempotent(sock_path, caplog):
+def test_a_request_that_never_left_is_retried_even_if_not_idempotent(sock_path, caplog,
+                                                                    no_hangup_check):
     process = start_server(sock_path)
     try:
         with hintens.ClientPool(sock_path, size=1) as pool:

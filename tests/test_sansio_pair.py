@@ -55,7 +55,7 @@ class Side:
 
 
 @pytest.fixture
-def pair(core, monkeypatch):
+def pair(core, monkeypatch, young_heap):
     """Build a (client, server) pair on ``core`` with the given options, hellos exchanged.
     Afterwards, no descriptor is left open."""
     monkeypatch.setattr(_impl, "core", core)

@@ -309,7 +309,7 @@ def release(payload) -> None:
 
 
 @pytest.fixture
-def endpoint_core(core, monkeypatch):
+def endpoint_core(core, monkeypatch, young_heap):
     """Endpoints (and the segments they map) built on ``core``."""
     monkeypatch.setattr(_impl, "core", core)
     monkeypatch.setattr(_impl, "implementation", "python" if core is _core_py else "cython")

@@ -26,10 +26,12 @@ ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 NEEDS_AN_EXTRA = re.compile(r"^# needs:", re.MULTILINE)
 
-#: What a build leaves in the tree: the copy the wheel is built from takes sources only.
+#: What a build leaves in the tree: the copy the wheel is built from takes sources only
+#: (rust/target, which make ports-check fills before the tests, was ~230 MB and 2 s to copy).
 BUILD_PRODUCTS = shutil.ignore_patterns(
     ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".*_cache", ".hypothesis",
-    ".benchmarks", "*.so", "*.html", "_version.py", "_bincode.c", "_wire.c", "_channel.c")
+    ".benchmarks", "*.so", "*.html", "_version.py", "_bincode.c", "_wire.c", "_channel.c",
+    "target")
 
 
 def _environment(**extra: str) -> dict[str, str]:
