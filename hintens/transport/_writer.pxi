@@ -144,6 +144,11 @@ cdef class Writer:
                     sent = 0
             while first < count and iov[first].iov_len == 0:
                 first += 1
+            if first < count:
+                # A partial write: a signal may have cut it short (a send returns what it sent
+                # then, not EINTR). Its handler runs now, not when the rest's wait ends (with
+                # no send timeout, a peer that never reads would keep Ctrl-C from acting).
+                PyErr_CheckSignals()
         return 0
 
     def send(self, buffers, fds=()):
