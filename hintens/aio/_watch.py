@@ -153,23 +153,21 @@ class SocketWatch:
         self._settle(taken)
 
     def _writable(self) -> None:
-        taken = self._channel.ring_wakes_taken
-        if self.writing:
-            self._on_write()
-        self._settle(taken)
+        self._call(self.writing, self._on_write)
 
     def _polled(self) -> None:
         self._poll = None
-        taken = self._channel.ring_wakes_taken
-        if self.writing and not self._closed:
-            self._on_write()
-        self._settle(taken)
+        self._call(self.writing, self._on_write)
 
     def _read_now(self) -> None:
         self._soon = None
+        self._call(self.reading, self._on_read)
+
+    def _call(self, wanted: bool, callback: Callable[[], None]) -> None:
+        """``callback()`` if it is still wanted, then settle."""
         taken = self._channel.ring_wakes_taken
-        if self.reading and not self._closed:
-            self._on_read()
+        if wanted and not self._closed:
+            callback()
         self._settle(taken)
 
     def _settle(self, taken: int) -> None:

@@ -118,8 +118,7 @@ class ServerConnection(Pushing):
         self._open = True
         self._dropping = False
         self._cut = False
-        self._reading = False
-        self._writing = False
+        # What the loop watches for (reading, writing) is the watch's state.
         self._watch = SocketWatch(loop, self._fd, self._channel, self._readable,
                                   self._writable, self._watch_failed)
         self._eof = False            # the client's half is over: answer what came, then end
@@ -224,7 +223,6 @@ class ServerConnection(Pushing):
         self._held = []
         if self._fd >= 0:
             self._watch.close()
-        self._reading = self._writing = False
         for task in list(self._tasks):
             task.cancel()
         channel = self._channel
@@ -247,13 +245,11 @@ class ServerConnection(Pushing):
     # Reading -------------------------------------------------------------------------------
 
     def _resume(self) -> None:
-        if not self._reading and self._open and not self._eof:
-            self._reading = True
+        if not self._watch.reading and self._open and not self._eof:
             self._watch.want_read(True)
 
     def _pause(self) -> None:
-        if self._reading:
-            self._reading = False
+        if self._watch.reading:
             self._watch.want_read(False)
 
     def _watch_failed(self, error: BaseException) -> None:
@@ -299,7 +295,7 @@ class ServerConnection(Pushing):
             self._flush()   # (which looks at the back-pressure once all is written)
         if self._tasks or self._held or self._channel.queued:
             self._check_backpressure()
-        if self._reading and conn.more_buffered():
+        if self._watch.reading and conn.more_buffered():
             # Decrypted TLS bytes, or a ring's: the fd will not tell of them.
             self._watch.read_soon()
 
@@ -617,8 +613,7 @@ class ServerConnection(Pushing):
             self._end("lost while sending")
             return
         if left:
-            if not self._writing:
-                self._writing = True
+            if not self._watch.writing:
                 self._watch.want_write(True)
             if self._stall_since is None:
                 self._stall_since, self._stall_mark = self._loop.time(), channel.written
@@ -626,8 +621,7 @@ class ServerConnection(Pushing):
                     self._arm(self._stall_since + self._server.send_timeout)
         else:
             self._stall_since = None
-            if self._writing:
-                self._writing = False
+            if self._watch.writing:
                 self._watch.want_write(False)
             self._check_backpressure()
             self._maybe_done()
