@@ -305,6 +305,42 @@ def open_fds(pid="self"):
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def settled_fds(path: str, pid: int, timeout_s: float = 10.0) -> int:
+    """The descriptors of the server process ``pid`` (listening on Unix socket ``path``) at
+    rest, after it has served a connection. A server's socket accepts (``_accepting``) as
+    soon as it listens, before the server has opened the rest of what it keeps open (its
+    wake pipe, say): a count read then is too low. Here a peer waits for the server's hello
+    (it is accepting), notes the count with that connection open, hangs up, and waits for
+    one fewer, then for the count to hold still."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout_s)
+        sock.connect(path)
+        if not sock.recv(1):
+            raise RuntimeError("the server hung up before its hello")
+        with_connection = open_fds(pid)
+    if not wait_until(lambda: open_fds(pid) < with_connection, timeout_s):
+        raise RuntimeError(f"the server kept a closed connection: {fd_table(pid)}")
+    previous = open_fds(pid)
+    for _ in range(100):
+        time.sleep(0.05)
+        now = open_fds(pid)
+        if now == previous:
+            return now
+        previous = now
+    return previous
+
+
+def fd_table(pid="self"):
+    """A process's descriptors and what each names (for failure messages)."""
+    table = {}
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            table[int(name)] = os.readlink(f"/proc/{pid}/fd/{name}")
+        except OSError:
+            pass
+    return table
+
+
 def memfd_fds(pid="self"):
     """How many of a process's descriptors are memfds."""
     count = 0
@@ -340,7 +376,7 @@ def wait_until(predicate, timeout_s=10.0, interval_s=0.02):
     return bool(predicate())
 
 
-__all__ = ["RawPeer", "ShmPeer", "fork_server_as", "memfd", "memfd_fds", "memfd_mappings",
-           "open_fds", "raw_frame", "raw_listener", "read_requests", "server_log", "start_server",
+__all__ = ["RawPeer", "ShmPeer", "fd_table", "fork_server_as", "memfd", "memfd_fds",
+           "memfd_mappings", "open_fds", "settled_fds", "raw_frame", "raw_listener", "read_requests", "server_log", "start_server",
            "start_server_with",
            "status_kib", "stop_server", "wait_for_lone_thread", "wait_until"]

@@ -38,6 +38,7 @@ from hintens.protocol.ring import RING_LAYOUT_VERSION, encode_switch
 
 from .peers import (
     REPO,
+    fd_table,
     memfd,
     memfd_fds,
     memfd_mappings,
@@ -45,6 +46,7 @@ from .peers import (
     raw_frame,
     raw_listener,
     server_log,
+    settled_fds,
     start_aio_server_with,
     start_server_with,
     status_kib,
@@ -503,10 +505,11 @@ def serves(path: str) -> None:
 
 def baseline(path: str, pid: int) -> tuple[int, int]:
     """The server's descriptors and resident memory (KiB), once a ring connection came and
-    went (its first thread stack and the ring code's first use are then in the count)."""
+    went (its first thread stack and the ring code's first use are then in the count), and
+    that connection's descriptor was closed."""
     serves(path)
     assert wait_until(lambda: not memfd_mappings(pid))
-    return open_fds(pid), status_kib("VmRSS", pid)
+    return settled_fds(path, pid), status_kib("VmRSS", pid)
 
 
 def assert_near_baseline(path: str, pid: int, before: tuple[int, int],
@@ -1541,21 +1544,10 @@ def check_after_fuzz(path: str, process, before: tuple[int, int]) -> None:
             memfd_mappings(process.pid)
     # Generous: on a loaded 2-core machine a connection's thread may take a while to end.
     assert wait_until(lambda: open_fds(process.pid) <= before[0], 15.0), \
-        f"{open_fds(process.pid)} descriptors, {before[0]} before: {fd_targets(process.pid)}"
+        f"{open_fds(process.pid)} descriptors, {before[0]} before: {fd_table(process.pid)}"
     assert memfd_fds(process.pid) == 0
     serves(path)
     assert status_kib("VmRSS", process.pid) - before[1] < 64 * 1024
-
-
-def fd_targets(pid) -> list[str]:
-    """What each open descriptor of the process names (for a failure's message)."""
-    targets = []
-    for name in sorted(os.listdir(f"/proc/{pid}/fd"), key=int):
-        try:
-            targets.append(f"{name}: {os.readlink(f'/proc/{pid}/fd/{name}')}")
-        except OSError:
-            pass
-    return targets
 
 
 @pytest.mark.slow   # ~15 s for each server

@@ -29,6 +29,7 @@ from hintens.protocol.endpoint import FEATURE_SHM, Hello
 from .peers import (
     RawPeer,
     ShmPeer,
+    fd_table,
     memfd,
     memfd_fds,
     memfd_mappings,
@@ -37,6 +38,7 @@ from .peers import (
     raw_listener,
     read_requests,
     server_log,
+    settled_fds,
     start_server_with,
     status_kib,
     stop_server,
@@ -53,6 +55,7 @@ CYTHON = hintens.implementation == "cython"
 @pytest.fixture
 def server(sock_path):
     process = start_server_with(sock_path)
+    process.fds = settled_fds(sock_path, process.pid)
     yield process
     stop_server(process, signal.SIGKILL)
 
@@ -74,9 +77,9 @@ def assert_serves(peer, request_id=999):
     assert (frame.type, bytes(frame.payload)) == (2, b"alive")
 
 
-def baseline(pid):
-    """The server's descriptors and resident memory (KiB), once idle."""
-    return open_fds(pid), status_kib("VmRSS", pid)
+def baseline(server):
+    """The server's descriptors (at rest, from the fixture) and resident memory (KiB)."""
+    return server.fds, status_kib("VmRSS", server.pid)
 
 
 def assert_near_baseline(pid, before, rss_slack_kib=32 * 1024):
@@ -90,7 +93,7 @@ def assert_near_baseline(pid, before, rss_slack_kib=32 * 1024):
 # One connection's caps -----------------------------------------------------------------------
 
 def test_a_sparse_terabyte_segment_is_refused_before_it_is_mapped(sock_path, server):
-    before = baseline(server.pid)
+    before = baseline(server)
     peer = ShmPeer(sock_path)
     fd = memfd(TIB, SEALED, b"echo:x")          # sealed, 1 TiB declared, nothing allocated
     peer.send_shm(5, 1, TIB, 0, 6, True, fd)
@@ -106,7 +109,7 @@ def test_a_sparse_terabyte_segment_is_refused_before_it_is_mapped(sock_path, ser
 
 
 def test_repeated_huge_segments_cannot_exhaust_address_space(sock_path, server):
-    before = baseline(server.pid)
+    before = baseline(server)
     vm_before = status_kib("VmSize", server.pid)
     peer = ShmPeer(sock_path)
     for n in range(1, 201):                            # 200 x 1 TiB: 200 TiB if mapped
@@ -124,7 +127,7 @@ def test_repeated_huge_segments_cannot_exhaust_address_space(sock_path, server):
 
 
 def test_thousands_of_small_segments_pin_no_descriptors(sock_path, server):
-    before = baseline(server.pid)
+    before = baseline(server)
     peer = ShmPeer(sock_path)
     count = 3000
     served, refused, controls = 0, 0, []
@@ -399,7 +402,7 @@ def _read_shm_request(conn):
 ])
 def test_every_refusal_hands_the_segment_back_as_the_spec_says(sock_path, server, case,
                                                                 expected):
-    before = open_fds(server.pid)
+    before = server.fds
     peer = RawPeer(sock_path) if case == "not_negotiated" else ShmPeer(sock_path)
     fd = None
     if case == "unsealed":
@@ -442,7 +445,8 @@ def test_every_refusal_hands_the_segment_back_as_the_spec_says(sock_path, server
     if fd is not None:
         os.close(fd)
     peer.close()
-    assert wait_until(lambda: open_fds(server.pid) <= before)   # the descriptor was closed
+    assert wait_until(lambda: open_fds(server.pid) <= before), \
+        (before, fd_table(server.pid))   # the descriptor was closed
 
 
 def test_received_segments_keep_no_descriptor_on_either_side(sock_path):
