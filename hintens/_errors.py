@@ -13,6 +13,7 @@ The Error frame payload is the bincode 1.x encoding of ``(code: u32, message: St
 
 from __future__ import annotations
 
+import copy
 import struct
 from typing import Any, Sequence
 
@@ -164,6 +165,28 @@ class ConnectionClosed(HintensError, ConnectionError):
 
     request_sent: bool | None = None
     request_id: int | None = None
+
+
+def detached(error: BaseException, depth: int = 4) -> BaseException:
+    """``error``, to be kept after it was raised (the cause of a connection's closing): a
+    copy without a traceback, its own cause and context detached alike (``depth`` levels).
+
+    The error itself gathers a traceback as it propagates, and so every frame it passes
+    through, with what they hold: the client (whose closing reason keeps the error, a
+    reference cycle) and the payload of the call that failed. Kept as it is, all of that
+    would live until a full garbage collection. An error that cannot be copied is kept
+    as it is.
+    """
+    try:
+        twin = copy.copy(error)
+    except Exception:   # an exception class whose state does not reduce
+        return error
+    if depth > 1:
+        if error.__cause__ is not None:
+            twin.__cause__ = detached(error.__cause__, depth - 1)
+        elif error.__context__ is not None and not error.__suppress_context__:
+            twin.__context__ = detached(error.__context__, depth - 1)
+    return twin
 
 
 def closed_error(reason: BaseException, path: str) -> ConnectionClosed:

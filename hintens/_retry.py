@@ -100,3 +100,12 @@ def needs_same_server(error: BaseException, idempotent: bool) -> bool:
     replay window), under the same request id: a request that was sent, then lost its
     connection, and is not idempotent (exactly-once)."""
     return isinstance(error, ConnectionClosed) and bool(error.request_sent) and not idempotent
+
+
+def restarted_error(path: str, request_id: int | None) -> ConnectionClosed:
+    """The error for an exactly-once retry that found another server process at ``path``:
+    the request was sent to the one before, which may or may not have run it."""
+    gone = ConnectionClosed(f"the server at {path} restarted after request {request_id} was "
+                            f"sent; it may or may not have run")
+    gone.request_sent, gone.request_id = True, request_id
+    return gone

@@ -37,7 +37,8 @@ from .._codecs import Codec, CodecSpec, codec_from, ready
 from .._constants import (
     DEFAULT_FLUSH_INTERVAL_S, DEFAULT_MAX_PAYLOAD_BYTES, EVENT, MSG_DONTWAIT, REQUEST)
 from .._errors import (
-    ConnectionClosed, RemoteError, Timeout, closed_error, lost_message, no_free_segment)
+    ConnectionClosed, RemoteError, Timeout, closed_error, detached, lost_message,
+    no_free_segment)
 from .._stats import ClientCounts, public_name
 from ..protocol.endpoint import (
     DEFAULT_COMPRESS_THRESHOLD_BYTES,
@@ -453,6 +454,9 @@ class Client(Generic[_R]):
             self._waiters.pop(request_id, None)
             if writable:
                 endpoint.writable_ids.discard(request_id)
+            # A failed future holds its error, whose traceback has this frame: kept here,
+            # the cycle would hold the request's payload until a full collection.
+            del future
         if self.codec is None:   # one shape for every raw reply, as in the sync client
             return reply if type(reply) is memoryview else memoryview(reply)  # type: ignore[return-value]
         return self.codec.decode(reply, "response")  # type: ignore[no-any-return]
@@ -841,7 +845,7 @@ class Client(Generic[_R]):
         if self._closed_reason is not None:
             return
         if cause is not None:
-            reason.__cause__ = cause
+            reason.__cause__ = detached(cause)
         self._closed_reason = reason
         for future in self._waiters.values():
             if not future.done():

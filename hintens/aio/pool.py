@@ -19,7 +19,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Iterable
 
 from .._checks import count, path_like, timeout_s
 from .._errors import ConnectionClosed
-from .._retry import RetryPolicy, may_retry, needs_same_server
+from .._retry import RetryPolicy, may_retry, needs_same_server, restarted_error
 from .._stats import PoolTally
 from ..protocol.hello import HelloKey
 from ..sync.client import Session
@@ -287,40 +287,42 @@ class ClientPool:
         instance: bytes | None = None   # that server's instance id
         last: BaseException | None = None
         tries = 0
-        while True:
-            tries += 1
-            client: Client | None = None
-            restarted = False
-            try:
-                client = await self._acquire()
-                if instance is not None and await _instance(client) != instance:
-                    restarted = True
-                else:
-                    return await attempt(client, request_id)
-            except policy.retry_on as error:
-                if tries >= policy.max_attempts or not may_retry(
-                        error, idempotent, self.exactly_once, self._closed):
-                    raise
-                if needs_same_server(error, idempotent):
-                    # Exactly-once: the server may have run it. Only its replay window may
-                    # answer a retry, so the retry carries the same id to the same server.
-                    instance = await _instance(client) if client is not None else None
-                    request_id = getattr(error, "request_id", None) if same_ids else None
-                    if instance is None or request_id is None:
+        try:
+            while True:
+                tries += 1
+                client: Client | None = None
+                restarted = False
+                try:
+                    client = await self._acquire()
+                    if instance is not None and await _instance(client) != instance:
+                        restarted = True
+                    else:
+                        return await attempt(client, request_id)
+                except policy.retry_on as error:
+                    if tries >= policy.max_attempts or not may_retry(
+                            error, idempotent, self.exactly_once, self._closed):
                         raise
-                log.info("retrying a request to %s after: %s", self.path, error)
-                self._tally.retrying()
-                last = error
-            finally:
-                if client is not None:
-                    self._release(client)
-            if restarted:
-                gone = ConnectionClosed(
-                    f"the server at {self.path} restarted after request {request_id} was "
-                    f"sent; it may or may not have run")
-                gone.request_sent, gone.request_id = True, request_id
-                raise gone from last
-            await asyncio.sleep(policy.delay(tries))
+                    if needs_same_server(error, idempotent):
+                        # Exactly-once: the server may have run it. Only its replay window
+                        # may answer a retry, so the retry carries the same id to the same
+                        # server.
+                        instance = await _instance(client) if client is not None else None
+                        request_id = getattr(error, "request_id", None) if same_ids else None
+                        if instance is None or request_id is None:
+                            raise
+                    log.info("retrying a request to %s after: %s", self.path, error)
+                    self._tally.retrying()
+                    last = error
+                finally:
+                    if client is not None:
+                        self._release(client)
+                if restarted:
+                    raise restarted_error(self.path, request_id) from last
+                await asyncio.sleep(policy.delay(tries))
+        finally:
+            # ``last`` has this frame in its traceback: kept here, that cycle would hold the
+            # attempt (and its payload) until a full collection, even after a success.
+            last = None
 
 
 async def _instance(client: Client) -> bytes | None:

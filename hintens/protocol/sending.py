@@ -157,7 +157,10 @@ class Sending:
                 f"announced, and shared memory was not negotiated: nothing was sent",
                 request_id, msg_type=msg_type)
             error.fatal = False   # refused here: the connection is untouched
-            raise error
+            try:
+                raise error
+            finally:
+                del error   # else error -> traceback -> this frame -> error: a cycle
         if self.compress_min < _NEVER:
             return [(self.inline(msg_type, payload, request_id), [])]
         if size < SCATTER_THRESHOLD_BYTES:   # plain_frame, inlined: the hot inline path

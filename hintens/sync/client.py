@@ -349,9 +349,15 @@ class Client(ClientSender, Generic[_R]):
                     self._waiters.pop(request_id, None)
                     self._endpoint.writable_ids.discard(request_id)
         if waiter.error is not None:
-            self._mark_sent(waiter.error, end, request_id)
-            self._counts.failed(waiter.error)
-            raise waiter.error
+            failure, waiter.error = waiter.error, None
+            self._mark_sent(failure, end, request_id)
+            self._counts.failed(failure)
+            try:
+                raise failure
+            finally:
+                # Its traceback has this frame: were the frame (its waiter) to keep it, the
+                # cycle would hold the request's payload until a full collection.
+                del failure
         reply = waiter.payload
         # One shape for every raw reply, inline or lent from shared memory: a memoryview,
         # which ``with`` and ``release()`` work on. A codec gets the payload as it came.
@@ -422,7 +428,11 @@ class Client(ClientSender, Generic[_R]):
                 self._counts.failed(waiter.error)
         for waiter in waiters:
             if waiter.error is not None and not return_exceptions:
-                raise waiter.error
+                failure, waiter.error = waiter.error, None
+                try:
+                    raise failure
+                finally:
+                    del failure   # no cycle through this frame (see ``request``)
             reply = waiter.payload if waiter.error is None else waiter.error
             replies.append(memoryview(reply) if raw and type(reply) is bytes else reply)
         return replies

@@ -30,6 +30,7 @@ from .._errors import (
     ProtocolError,
     Timeout,
     closed_error,
+    detached,
     lost_message,
 )
 from .._checks import lock_wait_s
@@ -144,23 +145,31 @@ class ClientDriver:
 
     def _send_failed(self, error: BaseException) -> NoReturn:
         """Classify a failed send, fail the connection where the stream may be cut, raise."""
-        if isinstance(error, (TypeError, ValueError, ProtocolError)):
-            # Refused before a byte was written: too large for the server, not bytes-like,
-            # more than shared memory takes. The connection is untouched.
+        raised: BaseException = error
+        try:
+            if isinstance(error, (TypeError, ValueError, ProtocolError)):
+                # Refused before a byte was written: too large for the server, not bytes-like,
+                # more than shared memory takes. The connection is untouched.
+                raise error
+            if isinstance(error, BlockingIOError):
+                # SO_SNDTIMEO expired; part of a frame may have left: the stream is unusable.
+                raised = Timeout("the server did not read in time (send timed out)")
+                self._fail(ConnectionClosed(f"connection to {self.path} closed: {raised}"),
+                           raised)
+                raise raised from error
+            if isinstance(error, OSError):
+                self._salvage_server_error()
+                self._fail(ConnectionClosed(self._lost_message(error)), error)
+                raise self._closed_error() from error
+            # A signal handler raised mid-write: part of a frame may have left.
+            self._fail(ConnectionClosed(f"connection to {self.path} closed: a send was "
+                                        f"interrupted ({type(error).__name__})"), error)
             raise error
-        if isinstance(error, BlockingIOError):
-            # SO_SNDTIMEO expired; part of a frame may have left, so the stream is unusable.
-            timeout = Timeout("the server did not read in time (send timed out)")
-            self._fail(ConnectionClosed(f"connection to {self.path} closed: {timeout}"), timeout)
-            raise timeout from error
-        if isinstance(error, OSError):
-            self._salvage_server_error()
-            self._fail(ConnectionClosed(self._lost_message(error)), error)
-            raise self._closed_error() from error
-        # A signal handler raised mid-write: part of a frame may have left.
-        self._fail(ConnectionClosed(f"connection to {self.path} closed: a send was "
-                                    f"interrupted ({type(error).__name__})"), error)
-        raise error
+        finally:
+            # What this raises has this frame in its traceback: holding it (or the error it
+            # was raised from) here would make a cycle that keeps the failed send's frames,
+            # and the payloads and descriptors they hold, until a full collection.
+            del error, raised
 
     def _salvage_server_error(self) -> None:
         """After a failed send: the reason the server gave before it hung up, if any.
@@ -298,7 +307,10 @@ class ClientDriver:
         if isinstance(error, OSError):
             self._fail(ConnectionClosed(self._lost_message(error)), error)
             return []
-        raise error
+        try:
+            raise error
+        finally:
+            del error   # else error -> traceback -> this frame -> error: a cycle
 
     def _finish_read(self, items: Any, salvaged: bool = False) -> None:
         """Give the reader role back and hand ``items`` to their waiters (``salvaged``: read
@@ -392,7 +404,7 @@ class ClientDriver:
         if self._closed_reason is not None:
             return
         if cause is not None:
-            reason.__cause__ = cause
+            reason.__cause__ = detached(cause)
         self._closed_reason = reason
         for waiter in self._waiters.values():
             waiter.error, waiter.done = self._closed_error(), True

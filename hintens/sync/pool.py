@@ -19,7 +19,7 @@ from typing import Any, Iterable, Iterator
 from .._checks import call_timeout_s, count, deadline_after, path_like, timeout_s, wait_s
 from .client import DEFAULT_CONNECT_TIMEOUT_S, DEFAULT_TIMEOUT_S, Client, Session
 from .._errors import ConnectionClosed, Timeout
-from .._retry import RetryPolicy, may_retry, needs_same_server
+from .._retry import RetryPolicy, may_retry, needs_same_server, restarted_error
 from .._stats import PoolTally
 from ..protocol.hello import HelloKey
 from ..transport.address import resolve
@@ -336,15 +336,23 @@ class ClientPool:
                     same_ids: bool, tries: int) -> tuple[bytes | None, int | None]:
         """Raise ``error`` unless it may be retried; else what the retry must reach: the
         server instance and request id (exactly-once), or (None, None)."""
+        # Raised from here, ``error`` has this frame in its traceback: the frame must let go
+        # of it (and of ``client``) first, or the cycle keeps them until a full collection.
         if tries >= self.retry.max_attempts or not may_retry(
                 error, idempotent, self.exactly_once, self._closed):
-            raise error
+            try:
+                raise error
+            finally:
+                del error, client
         planned: tuple[bytes | None, int | None] = (None, None)
         if needs_same_server(error, idempotent):
             instance = _instance(client) if client is not None else None
             request_id = getattr(error, "request_id", None) if same_ids else None
             if instance is None or request_id is None:
-                raise error
+                try:
+                    raise error
+                finally:
+                    del error, client
             planned = (instance, request_id)
         log.info("retrying a request to %s after: %s", self.path, error)
         self._tally.retrying()
@@ -359,36 +367,37 @@ class ClientPool:
         instance: bytes | None = None   # that server's instance id
         last: BaseException | None = None
         tries = 0
-        if first is not None:
-            tries = 1
-            last, failed = first
-            instance, request_id = self._retry_plan(last, failed, idempotent, same_ids, 1)
-            time.sleep(policy.delay(1))
-        while True:
-            tries += 1
-            client = None
-            restarted = False
-            try:
-                client = self._acquire()
-                if instance is not None and _instance(client) != instance:
-                    restarted = True
-                else:
-                    return attempt(client, request_id)
-            except policy.retry_on as error:
-                planned = self._retry_plan(error, client, idempotent, same_ids, tries)
-                if planned != (None, None):
-                    instance, request_id = planned
-                last = error
-            finally:
-                if client is not None:
-                    self._release(client)
-            if restarted:
-                gone = ConnectionClosed(
-                    f"the server at {self.path} restarted after request {request_id} was "
-                    f"sent; it may or may not have run")
-                gone.request_sent, gone.request_id = True, request_id
-                raise gone from last
-            time.sleep(policy.delay(tries))
+        try:
+            if first is not None:
+                tries = 1
+                last, failed = first
+                instance, request_id = self._retry_plan(last, failed, idempotent, same_ids, 1)
+                time.sleep(policy.delay(1))
+            while True:
+                tries += 1
+                client = None
+                restarted = False
+                try:
+                    client = self._acquire()
+                    if instance is not None and _instance(client) != instance:
+                        restarted = True
+                    else:
+                        return attempt(client, request_id)
+                except policy.retry_on as error:
+                    planned = self._retry_plan(error, client, idempotent, same_ids, tries)
+                    if planned != (None, None):
+                        instance, request_id = planned
+                    last = error
+                finally:
+                    if client is not None:
+                        self._release(client)
+                if restarted:
+                    raise restarted_error(self.path, request_id) from last
+                time.sleep(policy.delay(tries))
+        finally:
+            # ``last`` has this frame in its traceback: kept here, that cycle would hold the
+            # attempt (and its payload) until a full collection, even after a success.
+            last = first = None
 
 
 def _instance(client: Client) -> bytes | None:
