@@ -22,6 +22,7 @@ import hintens
 import hintens.aio
 
 from .peers import raw_listener
+from .test_pool import CuttingServer   # cuts its connection after a first run of cut:...
 
 
 class Payload(bytearray):
@@ -34,25 +35,6 @@ def collector_off():
     gc.disable()
     yield
     gc.enable()
-
-
-class CuttingServer:
-    """An in-process server that cuts its own connection after running a request the first
-    time it sees it: the answer never arrives, and an exactly-once pool retries."""
-
-    def __init__(self, path):
-        self.runs = {}
-        self.server = hintens.Server(path, self.handle).start()
-
-    def handle(self, payload):
-        key = bytes(payload)
-        self.runs[key] = self.runs.get(key, 0) + 1
-        if self.runs[key] == 1:
-            self.server.current_connection().close()
-        return b"ran %d" % self.runs[key]
-
-    def close(self):
-        self.server.close()
 
 
 def test_a_sync_pool_request_retried_after_a_lost_answer_keeps_nothing(sock_path,
