@@ -305,29 +305,82 @@ def open_fds(pid="self"):
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
-def settled_fds(path: str, pid: int, timeout_s: float = 10.0) -> int:
-    """The descriptors of the server process ``pid`` (listening on Unix socket ``path``) at
-    rest, after it has served a connection. A server's socket accepts (``_accepting``) as
-    soon as it listens, before the server has opened the rest of what it keeps open (its
-    wake pipe, say): a count read then is too low. Here a peer waits for the server's hello
-    (it is accepting), notes the count with that connection open, hangs up, and waits for
-    one fewer, then for the count to hold still."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout_s)
-        sock.connect(path)
-        if not sock.recv(1):
-            raise RuntimeError("the server hung up before its hello")
-        with_connection = open_fds(pid)
-    if not wait_until(lambda: open_fds(pid) < with_connection, timeout_s):
-        raise RuntimeError(f"the server kept a closed connection: {fd_table(pid)}")
+def settled_fds(path: str, pid: int, timeout_s: float = 10.0, *, connect=None) -> int:
+    """The descriptors of the server process ``pid`` (listening on ``path``: a Unix socket,
+    or ``tcp://host:port``) at rest. A server's socket accepts (``_accepting``) as soon as it
+    listens, before the server has opened the rest of what it keeps open (its wake pipe,
+    say): a count read then is too low. And a connection the test closed a moment ago may
+    not be closed on the server's side yet: a count read then is too high. Here a connection
+    waits for the server's hello (it is serving, with all it keeps open opened) and hangs up;
+    then the server must hold no connection's socket (``connection_fds``), and the count
+    must hold still. ``connect()``: opens a connection and returns it (with a ``close()``)
+    once the server's hello came on it, for a TLS server say; by default a plain socket."""
+    connection = connect() if connect is not None else _hello_socket(path, timeout_s)
+    connection.close()
+    if not wait_until(lambda: not connection_fds(pid), timeout_s):
+        raise RuntimeError(f"the server kept closed connections {connection_fds(pid)}: "
+                           f"{fd_table(pid)}")
     previous = open_fds(pid)
     for _ in range(100):
         time.sleep(0.05)
         now = open_fds(pid)
-        if now == previous:
+        if now == previous and not connection_fds(pid):
             return now
         previous = now
     return previous
+
+
+def _hello_socket(path: str, timeout_s: float) -> socket.socket:
+    """A plain socket connected to ``path`` (Unix or ``tcp://``), once the server's hello
+    (its first byte) came on it."""
+    if path.startswith("tcp://"):
+        host, _, port = path[len("tcp://"):].rpartition(":")
+        sock = socket.create_connection((host.strip("[]"), int(port)), timeout_s)
+    else:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(timeout_s)
+        sock.connect(path)
+    try:
+        if not sock.recv(1):
+            raise RuntimeError("the server hung up before its hello")
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def connection_fds(pid: int) -> dict[int, str]:
+    """The descriptors of process ``pid`` that are connections (Unix or TCP) it has not
+    closed, and what each names. A connection holds its descriptor until the server closes
+    it, whatever the peer did. The kernel's socket tables (of the process's network
+    namespace) tell them from the rest: a listener (a Unix one carries __SO_ACCEPTCON, a TCP
+    one is in state LISTEN) and a Unix socket with no path (a socketpair: a wake pipe) are
+    not connections; a Unix socket with a path is an accepted one; a TCP socket in any other
+    state is one, and so is a socket in none of the tables (a TCP connection that the kernel
+    has closed already: it leaves the table, while the process still holds it)."""
+    inodes = {}
+    for fd, target in fd_table(pid).items():
+        if target.startswith("socket:["):
+            inodes[int(target[len("socket:["):-1])] = fd
+    resting, connected = set(), set()
+    with open(f"/proc/{pid}/net/unix") as rows:
+        for line in rows.readlines()[1:]:
+            # Num RefCount Protocol Flags Type St Inode [Path]
+            fields = line.split(maxsplit=7)
+            listener = int(fields[3], 16) & 0x10000
+            (connected if len(fields) == 8 and not listener else resting).add(int(fields[6]))
+    for table in ("tcp", "tcp6"):
+        try:
+            with open(f"/proc/{pid}/net/{table}") as rows:
+                lines = rows.readlines()[1:]
+        except FileNotFoundError:   # no IPv6
+            continue
+        for line in lines:
+            # sl local_address rem_address st ... inode: LISTEN is 0A
+            fields = line.split()
+            (resting if fields[3] == "0A" else connected).add(int(fields[9]))
+    return {fd: f"socket:[{inode}]" for inode, fd in inodes.items()
+            if inode in connected or inode not in resting}
 
 
 def fd_table(pid="self"):
@@ -376,7 +429,7 @@ def wait_until(predicate, timeout_s=10.0, interval_s=0.02):
     return bool(predicate())
 
 
-__all__ = ["RawPeer", "ShmPeer", "fd_table", "fork_server_as", "memfd", "memfd_fds",
-           "memfd_mappings", "open_fds", "settled_fds", "raw_frame", "raw_listener", "read_requests", "server_log", "start_server",
-           "start_server_with",
+__all__ = ["RawPeer", "ShmPeer", "connection_fds", "fd_table", "fork_server_as", "memfd",
+           "memfd_fds", "memfd_mappings", "open_fds", "raw_frame", "raw_listener",
+           "read_requests", "server_log", "settled_fds", "start_server", "start_server_with",
            "status_kib", "stop_server", "wait_for_lone_thread", "wait_until"]

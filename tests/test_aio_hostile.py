@@ -33,12 +33,14 @@ from .peers import (
     HEADER,
     RawPeer,
     ShmPeer,
+    fd_table,
     memfd,
     memfd_fds,
     memfd_mappings,
     open_fds,
     raw_frame,
     server_log,
+    settled_fds,
     start_aio_server_with,
     status_kib,
     wait_until,
@@ -92,15 +94,12 @@ class AioServer:
         self.stopped = False     # the test closed it itself
 
     def baseline(self):
-        """Descriptors and resident memory (KiB) once the warm-up connection has gone."""
-        previous = -1
-        for _ in range(50):
-            now = open_fds(self.pid)
-            if now == previous:
-                break
-            previous = now
-            time.sleep(0.05)
-        return open_fds(self.pid), status_kib("VmRSS", self.pid)
+        """Descriptors and resident memory (KiB) at rest: once the warm-up connection is
+        closed on the server's side too (a count that held still for a moment could still
+        include it, on a loaded machine), and a served connection came and went."""
+        fds = settled_fds(self.path, self.pid)
+        self.fd_names = fd_table(self.pid)   # for a failure's message
+        return fds, status_kib("VmRSS", self.pid)
 
     def alive(self):
         return self.process.poll() is None
@@ -110,7 +109,8 @@ class AioServer:
         resident memory within RSS_SLACK_KIB of it."""
         assert self.alive(), server_log(self.process)
         assert wait_until(lambda: open_fds(self.pid) == self.fds, timeout_s=timeout_s), \
-            (open_fds(self.pid), self.fds, os.listdir(f"/proc/{self.pid}/fd"))
+            f"{open_fds(self.pid)} descriptors: {fd_table(self.pid)}; {self.fds} before: " \
+            f"{self.fd_names}"
         assert memfd_fds(self.pid) == 0
         assert wait_until(lambda: not memfd_mappings(self.pid), timeout_s=timeout_s)
         assert status_kib("VmRSS", self.pid) - self.rss < RSS_SLACK_KIB

@@ -35,10 +35,12 @@ from .peers import (
     HEADER,
     RawPeer,
     _spawn,
+    fd_table,
     free_port,
     open_fds,
     raw_frame,
     server_log,
+    settled_fds,
     status_kib,
     wait_until,
 )
@@ -192,15 +194,13 @@ class Target:
     # Measurements
 
     def baseline(self):
-        """Descriptors and resident memory (KiB) once they have settled."""
-        previous = -1
-        for _ in range(100):
-            now = open_fds(self.pid)
-            if now == previous:
-                break
-            previous = now
-            time.sleep(0.05)
-        return open_fds(self.pid), status_kib("VmRSS", self.pid)
+        """Descriptors and resident memory (KiB) at rest: once the warm-up connection is
+        closed on the server's side too (a count that held still for a moment could still
+        include it, on a loaded machine), and a served connection (over TLS, for a TLS
+        server) came and went."""
+        fds = settled_fds(self.address, self.pid, connect=lambda: self.peer(hello=True))
+        self.fd_names = fd_table(self.pid)   # for a failure's message
+        return fds, status_kib("VmRSS", self.pid)
 
     def alive(self):
         return self.process.poll() is None
@@ -211,7 +211,8 @@ class Target:
     def assert_back_to_baseline(self, timeout_s=5.0):
         assert self.alive(), server_log(self.process)
         assert wait_until(lambda: open_fds(self.pid) == self.fds, timeout_s=timeout_s), \
-            (open_fds(self.pid), self.fds, server_log(self.process)[-3000:])
+            f"{open_fds(self.pid)} descriptors: {fd_table(self.pid)}; {self.fds} before: " \
+            f"{self.fd_names}\n{server_log(self.process)[-3000:]}"
         assert self.rss_grew_kib() < RSS_SLACK_KIB, (self.rss_grew_kib(), self.rss)
 
     def assert_recovered(self):
