@@ -8,7 +8,9 @@ All in one run, each peer a process of its own (the peer programs of tests/ports
 1. 64 B round trips: every client against every server, and the Go, Rust and Python clients
    against their own language's raw floor (a plain Unix stream socket echoing a length-prefixed
    payload, no hintens); the Go and Rust clients also against the other one's floor server, to
-   show what a raw server in that language costs them. Medians and p99 over ``--rounds``
+   show what a raw server in that language costs them (a cross pairing, Rust client to Go
+   server say, is also given against that pairing's own floor: the same client against the
+   raw server of the same language). Medians and p99 over ``--rounds``
    rounds, the pairings interleaved round by round.
 2. 64 MiB echo through shared memory: every client against every server, against the floors'
    ``sendall``/``recv_into`` into a reused buffer, and one 64 MiB ``memcpy`` in each language.
@@ -157,9 +159,13 @@ def main() -> int:
                       f" {value / floor:5.2f}x   (target <= 1.2x)")
         for server in COMPILED:
             if server != lang and (lang, f"{server}-floor") in rt:
-                value = median(rt[(lang, f"{server}-floor")], "median_us")
+                pairing = median(rt[(lang, f"{server}-floor")], "median_us")
                 print(f"  ({lang} client -> {server} raw floor server / {lang} floor:"
-                      f" {value / floor:5.2f}x: the {server} server's language alone, no hintens)")
+                      f" {pairing / floor:5.2f}x: the {server} server's language alone, no hintens)")
+                if (lang, server) in rt:
+                    value = median(rt[(lang, server)], "median_us")
+                    print(f"  {lang} client -> {server} server / {lang} client -> {server} raw"
+                          f" floor server: {value / pairing:5.2f}x   (the pairing's own floor)")
     own = median(rt[("python", "python")], "median_us")
     for client in languages:
         value = median(rt[(client, "python")], "median_us")

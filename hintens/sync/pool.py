@@ -338,22 +338,19 @@ class ClientPool:
         server instance and request id (exactly-once), or (None, None)."""
         # Raised from here, ``error`` has this frame in its traceback: the frame must let go
         # of it (and of ``client``) first, or the cycle keeps them until a full collection.
-        if tries >= self.retry.max_attempts or not may_retry(
-                error, idempotent, self.exactly_once, self._closed):
+        refused = tries >= self.retry.max_attempts or not may_retry(
+            error, idempotent, self.exactly_once, self._closed)
+        planned: tuple[bytes | None, int | None] = (None, None)
+        if not refused and needs_same_server(error, idempotent):
+            instance = _instance(client) if client is not None else None
+            request_id = getattr(error, "request_id", None) if same_ids else None
+            refused = instance is None or request_id is None
+            planned = (instance, request_id)
+        if refused:
             try:
                 raise error
             finally:
                 del error, client
-        planned: tuple[bytes | None, int | None] = (None, None)
-        if needs_same_server(error, idempotent):
-            instance = _instance(client) if client is not None else None
-            request_id = getattr(error, "request_id", None) if same_ids else None
-            if instance is None or request_id is None:
-                try:
-                    raise error
-                finally:
-                    del error, client
-            planned = (instance, request_id)
         log.info("retrying a request to %s after: %s", self.path, error)
         self._tally.retrying()
         return planned
