@@ -137,6 +137,32 @@ def test_a_reply_late_past_the_timeout_raises_timeout_and_the_ring_stays_usable(
 
 
 @needs_ring
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="a process spins only with "
+                    "two CPUs or more (on one it would keep the peer from running)")
+def test_spinning_resumes_when_the_peer_becomes_fast_again(ring_server, sock_path):
+    # Replies 2 ms late spend the reader's spin budget (each wait is longer than a spin);
+    # fast replies must bring spinning back, even where a futex wake-up alone takes longer
+    # than a spin (some VMs): the reader probes with a full spin now and then.
+    from hintens.transport._channel import RING_SPIN_MAX_S
+
+    full = round(RING_SPIN_MAX_S * 1e9)
+    with hintens.Client(sock_path, ring=True) as client:
+        assert bytes(client.request(b"echo:a")) == b"a"
+        ring = client._conn.channel.ring
+        assert ring is not None
+        for _ in range(40):   # 19 halvings spend 300 us; probes fail and space out
+            assert bytes(client.request(b"sleep:0.002:slow")) == b"slow"
+        slow = ring.stats()
+        assert slow["spin_budget_ns"] == 0, slow
+        assert slow["probe_every"] > 8, slow
+        for _ in range(300):
+            assert bytes(client.request(b"echo:b")) == b"b"
+        fast = ring.stats()
+        assert fast["spins_won"] > slow["spins_won"], (slow, fast)
+        assert fast["spin_budget_ns"] == full and fast["probe_every"] == 8, fast
+
+
+@needs_ring
 def test_a_killed_server_fails_the_waiting_client_promptly_and_frees_the_ring(sock_path):
     process = start_server_with(sock_path, ring=True)
     try:

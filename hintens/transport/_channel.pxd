@@ -52,6 +52,7 @@ cdef extern from "_ring.h" nogil:
         uint64_t rx_head
         int shut
         long long rx_spin_ns
+        unsigned rx_probe_every
         uint64_t futex_waits
         uint64_t futex_wakes
         uint64_t spins_won

@@ -59,7 +59,14 @@
 #define HX_RING_IDLE_SLICES 4
 #define HX_RING_IDLE_POLL_NS 1000000000LL
 /* The longest a waiter spins before it sleeps, when spinning has been paying. */
-#define HX_RING_SPIN_MAX_NS 100000LL
+#define HX_RING_SPIN_MAX_NS 300000LL
+/* A waiter whose budget ran out spins the full budget again on every HX_RING_PROBE_MIN-th
+ * wait; each probe that does not pay doubles that interval, up to HX_RING_PROBE_MAX. Without
+ * probes a budget could stay at nothing for good: a wait that ends in a futex wake-up
+ * counts the wake-up's own latency (over 100 us on some VMs), so it never looks as if
+ * spinning would have paid, even when the peer answers in microseconds. */
+#define HX_RING_PROBE_MIN 8u
+#define HX_RING_PROBE_MAX 1024u
 
 #define HX__TAIL 0
 #define HX__CARRIERS 8
@@ -92,6 +99,9 @@ typedef struct {
     int shut;                     /* closed here: waiters leave at once */
     int rx_stopped;               /* stop_reading: what is published is the last we read */
     long long rx_spin_ns, tx_spin_ns;   /* adaptive spin budgets */
+    /* With no budget left, every rx_probe_every-th wait spins the full budget once, to see
+     * whether spinning pays again (rx_unspun counts the waits since the last such probe). */
+    unsigned rx_probe_every, rx_unspun;
     long long peer_seen_ns;       /* when we last took its bytes or saw it take ours */
     /* Counters for stats and tests. */
     uint64_t futex_waits, futex_wakes, spins_won, socket_wakes, socket_waits;
@@ -173,6 +183,7 @@ static inline void hx_ring_attach(hx_ring *r, unsigned char *base, uint64_t capa
     r->tx_data = base + HX_RING_HEADER_BYTES + (creator ? 0 : capacity);
     r->rx_data = base + HX_RING_HEADER_BYTES + (creator ? capacity : 0);
     r->rx_spin_ns = r->tx_spin_ns = HX_RING_SPIN_MAX_NS;
+    r->rx_probe_every = HX_RING_PROBE_MIN;
     if (creator) {
         memcpy(base, "HRNG", 4);
         *HX_U32(base, 4) = HX_RING_VERSION;
@@ -410,12 +421,19 @@ static inline int hx_ring_wait_readable(hx_ring *r, long long deadline_ns, int t
                                         int may_spin) {
     uint32_t *sleeps = HX_U32(r->rx_block, HX__CSLEEP);
     long long start = hx_ring_now_ns(), now = start;
+    long long budget = r->rx_spin_ns;
     int64_t ready;
+    int probing = 0;
+    if (may_spin && budget == 0 && ++r->rx_unspun >= r->rx_probe_every) {
+        r->rx_unspun = 0;
+        budget = HX_RING_SPIN_MAX_NS;
+        probing = 1;
+    }
     if (!may_spin) {
         /* A waiter that only watches (an event pump) leaves the spinning to the reader. */
-    } else if (r->rx_spin_ns > 0
+    } else if (budget > 0
             && __atomic_add_fetch(&hx_ring_spinners, 1, __ATOMIC_RELAXED) <= hx_ring_max_spinners) {
-        long long until = start + r->rx_spin_ns;
+        long long until = start + budget;
         if (!timeout_option && deadline_ns >= 0 && until > deadline_ns)
             until = deadline_ns;
         for (unsigned k = 0;; k++) {
@@ -430,11 +448,14 @@ static inline int hx_ring_wait_readable(hx_ring *r, long long deadline_ns, int t
         if (ready != 0) {
             r->spins_won++;
             r->rx_spin_ns = HX_RING_SPIN_MAX_NS;
+            r->rx_probe_every = HX_RING_PROBE_MIN;
             return ready < 0 ? HX_WAIT_CORRUPT : HX_WAIT_READY;
         }
-    } else if (r->rx_spin_ns > 0) {
+    } else if (budget > 0) {
         __atomic_sub_fetch(&hx_ring_spinners, 1, __ATOMIC_RELAXED);
     }
+    if (probing && r->rx_probe_every < HX_RING_PROBE_MAX)
+        r->rx_probe_every *= 2;
     if (timeout_option)
         deadline_ns = hx_ring_socket_deadline(r, timeout_option);
     for (int idle = 0;;) {
@@ -469,10 +490,12 @@ static inline int hx_ring_wait_readable(hx_ring *r, long long deadline_ns, int t
     if (!may_spin)
         return HX_WAIT_READY;
     now = hx_ring_now_ns();
-    if (now - start <= HX_RING_SPIN_MAX_NS)
+    if (now - start <= HX_RING_SPIN_MAX_NS) {
         r->rx_spin_ns = HX_RING_SPIN_MAX_NS;
-    else
+        r->rx_probe_every = HX_RING_PROBE_MIN;
+    } else {
         r->rx_spin_ns /= 2;
+    }
     return HX_WAIT_READY;
 }
 

@@ -35,6 +35,8 @@ RING_HEADER_BYTES = HX_RING_HEADER_BYTES
 RING_MIN_CAPACITY = HX_RING_MIN_CAPACITY
 RING_MAX_CAPACITY = HX_RING_MAX_CAPACITY
 RING_LIVENESS_S = HX_RING_LIVENESS_NS / 1e9
+#: The longest a ring reader spins before it sleeps (not wire-visible: PROTOCOL.md 9b).
+RING_SPIN_MAX_S = HX_RING_SPIN_MAX_NS / 1e9
 RING_LAYOUT_VERSION = HX_RING_VERSION
 #: Bytes of one descriptor carrier on the socket (a u64 ring offset).
 RING_CARRIER_BYTES = 8
@@ -93,12 +95,17 @@ cdef class Ring:
         system call), ``futex_wakes`` (wake-ups we issued to a sleeping peer), ``spins_won``
         (waits a spin ended, without a system call), ``socket_wakes`` (wake records we sent
         to a peer that waits on the socket), ``socket_waits`` (sleeps of an idle reader on
-        the socket), and the stream offsets ``written`` and ``read``."""
+        the socket), the stream offsets ``written`` and ``read``, and the reader's adaptive
+        spin: ``spin_budget_ns`` (how long its next wait spins; 0: it sleeps at once) and
+        ``probe_every`` (with no budget, every how many waits it spins once to see whether
+        spinning pays again)."""
         return {"futex_waits": self.r.futex_waits, "futex_wakes": self.r.futex_wakes,
                 "spins_won": self.r.spins_won, "socket_wakes": self.r.socket_wakes,
                 "socket_waits": self.r.socket_waits,
                 "written": self.r.tx_tail,
-                "read": self.r.rx_head}
+                "read": self.r.rx_head,
+                "spin_budget_ns": self.r.rx_spin_ns,
+                "probe_every": self.r.rx_probe_every}
 
     def header(self):
         """The first 16 bytes of the mapping: magic, layout version, capacity."""
