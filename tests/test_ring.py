@@ -39,6 +39,22 @@ def ring_maps(pid="self") -> int:
         return sum("hintens-ring" in line for line in maps)
 
 
+def ring_residency(pid="self") -> list[tuple[int, int]]:
+    """``(size, resident)`` in KiB of each ring mapping of the process (/proc/PID/smaps)."""
+    found: list[tuple[int, int]] = []
+    size = None
+    with open(f"/proc/{pid}/smaps") as smaps:
+        for line in smaps:
+            if "hintens-ring" in line:
+                size = -1
+            elif size == -1 and line.startswith("Size:"):
+                size = int(line.split()[1])
+            elif size is not None and size >= 0 and line.startswith("Rss:"):
+                found.append((size, int(line.split()[1])))
+                size = None
+    return found
+
+
 def cpu_seconds(pid) -> float:
     with open(f"/proc/{pid}/stat") as stat:
         fields = stat.read().rsplit(")", 1)[1].split()
@@ -134,6 +150,20 @@ def test_a_reply_late_past_the_timeout_raises_timeout_and_the_ring_stays_usable(
         assert time.monotonic() - started < 0.9
         assert bytes(client.request(b"echo:b", timeout=5)) == b"b"
         assert client._conn.channel.ring is not None
+
+
+@needs_ring
+def test_the_creator_populates_the_ring_and_the_peer_does_not(ring_server, sock_path):
+    # The server (the creator) maps every page at once, so that the ring's first lap takes
+    # no page fault inside a round trip; the client maps the server's memfd lazily, so that
+    # a creator's sparse memfd cannot make it allocate what it never reads.
+    with hintens.Client(sock_path, ring=True) as client:
+        assert bytes(client.request(b"echo:a")) == b"a"
+        assert wait_until(lambda: ring_residency(ring_server.pid), 5)
+        for size, resident in ring_residency(ring_server.pid):
+            assert resident == size, ring_residency(ring_server.pid)
+        ((size, resident),) = ring_residency()
+        assert resident < size // 4, (size, resident)
 
 
 @needs_ring

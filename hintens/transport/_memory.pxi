@@ -12,6 +12,7 @@ cdef extern from "sys/mman.h" nogil:
     const int PROT_WRITE
     const int MAP_SHARED
     const int MAP_PRIVATE
+    const int MAP_POPULATE
     void *MAP_FAILED
 
 
