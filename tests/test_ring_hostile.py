@@ -696,8 +696,15 @@ def test_bytes_on_the_socket_after_the_switch_fail_the_next_carrier(sock_path, s
     peer = switched(sock_path, FEATURE_RING | FEATURE_SHM)
     peer.send(raw_frame(b"echo:on the socket", request_id=7))
     segment = memfd(MIB, SEALS, b"echo:segment")
-    send_carrier(peer, struct.pack("<Q", peer.ring.get(CLIENT_TO_SERVER, TAIL)), segment)
-    os.close(segment)
+    try:
+        send_carrier(peer, struct.pack("<Q", peer.ring.get(CLIENT_TO_SERVER, TAIL)), segment)
+    except (BrokenPipeError, ConnectionResetError):
+        # The server found the stray bytes first and ended the connection: an asyncio
+        # server watches its socket, and a sync one looks at it every liveness slice. Both
+        # are the same violation, checked below.
+        pass
+    finally:
+        os.close(segment)
     peer.publish(segment_frame(2, 12))
     assert_fatal(peer, "carrier")
     peer.close()
