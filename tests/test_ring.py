@@ -6,6 +6,7 @@ several modules again with the ring on; hostile peers are in tests/test_ring_hos
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -21,6 +22,8 @@ from hintens import _impl
 from hintens.protocol.hello import FEATURE_RING
 
 from .peers import (
+    REPO,
+    _spawn,
     memfd_mappings,
     start_aio_server_with,
     start_server_with,
@@ -190,6 +193,44 @@ def test_spinning_resumes_when_the_peer_becomes_fast_again(ring_server, sock_pat
         fast = ring.stats()
         assert fast["spins_won"] > slow["spins_won"], (slow, fast)
         assert fast["spin_budget_ns"] == full and fast["probe_every"] == 8, fast
+
+
+def _pinned(cpu: int, main: str) -> str:
+    """A Python program that may use CPU ``cpu`` only (pinned before hintens loads), then
+    runs ``main``."""
+    return f"import os\nos.sched_setaffinity(0, {{{cpu}}})\nimport hintens\n{main}"
+
+
+@needs_ring
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="two CPUs are needed to pin a "
+                    "client and a server apart")
+@pytest.mark.parametrize("apart", [True, False], ids=["apart", "together"])
+def test_a_client_pinned_to_one_cpu_spins_unless_its_server_shares_that_cpu(sock_path, apart):
+    # Pinned apart, a spin sees the peer run: spinning pays. Pinned to the same one CPU, the
+    # two take turns on it, and a spin could only keep the server from running: none spins.
+    first, second = sorted(os.sched_getaffinity(0))[:2]
+    process = _spawn([sys.executable, "-c", _pinned(
+        second if apart else first,
+        "from tests.handlers import command\n"
+        f"hintens.Server({sock_path!r}, command, ring=True).serve_forever()\n")], sock_path)
+    try:
+        client = subprocess.run([sys.executable, "-c", _pinned(first, (
+            "import json\n"
+            f"with hintens.Client({sock_path!r}, ring=True) as client:\n"
+            "    for _ in range(300):\n"
+            "        assert bytes(client.request(b'echo:x')) == b'x'\n"
+            "    print(json.dumps(client._conn.channel.ring.stats()))\n"))],
+            capture_output=True, text=True, timeout=60,
+            cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO))
+    finally:
+        stop_server(process, signal.SIGKILL)
+    assert client.returncode == 0, client.stderr
+    stats = json.loads(client.stdout)
+    assert stats["may_spin"] == apart, stats
+    if apart:
+        assert stats["spins_won"] > 0, stats
+    else:
+        assert stats["spins_won"] == 0, stats
 
 
 @needs_ring

@@ -53,11 +53,13 @@ cdef extern from "_ring.h" nogil:
         int shut
         long long rx_spin_ns
         unsigned rx_probe_every
+        int spin_ok
         uint64_t futex_waits
         uint64_t futex_wakes
         uint64_t spins_won
         uint64_t socket_wakes
         uint64_t socket_waits
+    int hx_ring_peer_may_run_beside(int sock)
     const unsigned int HX_RING_HEADER_BYTES
     const unsigned int HX_RING_MIN_CAPACITY
     const unsigned int HX_RING_MAX_CAPACITY

@@ -31,6 +31,7 @@
 #include <limits.h>
 #include <linux/futex.h>
 #include <poll.h>
+#include <sched.h>
 #include <stdint.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -102,6 +103,8 @@ typedef struct {
     /* With no budget left, every rx_probe_every-th wait spins the full budget once, to see
      * whether spinning pays again (rx_unspun counts the waits since the last such probe). */
     unsigned rx_probe_every, rx_unspun;
+    /* 0: a spin here could never see the peer move (both pinned to one CPU): never spin. */
+    int spin_ok;
     long long peer_seen_ns;       /* when we last took its bytes or saw it take ours */
     /* Counters for stats and tests. */
     uint64_t futex_waits, futex_wakes, spins_won, socket_wakes, socket_waits;
@@ -192,6 +195,26 @@ static inline void hx_ring_attach(hx_ring *r, unsigned char *base, uint64_t capa
 }
 
 /* -1: the peer's tail is out of range (more than a ring ahead of our head, or behind it). */
+/* Whether the peer on `sock` may run while we spin: we may use two CPUs or more, or the
+ * peer (SO_PEERCRED) may use a CPU we may not. 0 when we may use one CPU only and the peer
+ * that CPU only (the two take turns on it: a spin only keeps the peer from running), or
+ * cannot be looked at (another PID namespace). Read once, when the ring is mapped. */
+static inline int hx_ring_peer_may_run_beside(int sock) {
+    cpu_set_t ours, theirs, elsewhere;
+    struct ucred peer;
+    socklen_t length = sizeof(peer);
+    if (sched_getaffinity(0, sizeof(ours), &ours) != 0)
+        return 0;
+    if (CPU_COUNT(&ours) >= 2)
+        return 1;
+    if (getsockopt(sock, SOL_SOCKET, SO_PEERCRED, &peer, &length) != 0 || peer.pid <= 0
+            || sched_getaffinity(peer.pid, sizeof(theirs), &theirs) != 0)
+        return 0;
+    CPU_XOR(&elsewhere, &theirs, &ours);
+    CPU_AND(&elsewhere, &elsewhere, &theirs);
+    return CPU_COUNT(&elsewhere) > 0;
+}
+
 static inline int64_t hx_ring_readable(hx_ring *r) {
     uint64_t tail = __atomic_load_n(HX_U64(r->rx_block, HX__TAIL), __ATOMIC_ACQUIRE);
     uint64_t ahead = tail - r->rx_head;
@@ -424,6 +447,7 @@ static inline int hx_ring_wait_readable(hx_ring *r, long long deadline_ns, int t
     long long budget = r->rx_spin_ns;
     int64_t ready;
     int probing = 0;
+    may_spin = may_spin && r->spin_ok;
     if (may_spin && budget == 0 && ++r->rx_unspun >= r->rx_probe_every) {
         r->rx_unspun = 0;
         budget = HX_RING_SPIN_MAX_NS;

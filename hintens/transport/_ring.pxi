@@ -26,9 +26,16 @@ cdef int _count_cpus() noexcept:
         return 1
     return CPU_COUNT(&cpus)
 
-# One spinning thread per CPU this process may use, less one for whoever it waits for; none
-# on a single CPU, where spinning only keeps the peer from running.
-hx_ring_max_spinners = max(0, _count_cpus() - 1)
+cdef extern from "unistd.h" nogil:
+    long sysconf(int name)
+    const int _SC_NPROCESSORS_ONLN
+
+# One spinning thread per CPU this process may use, less one for whoever it waits for, and
+# at least one when the machine has another CPU: a process pinned to one CPU may wait for a
+# peer pinned to another. Each ring also looks, when it is mapped, whether its peer may run
+# beside us (hx_ring_peer_may_run_beside): two processes pinned to the same one CPU never
+# spin. None on a single-CPU machine, where spinning only keeps the peer from running.
+hx_ring_max_spinners = max(1, _count_cpus() - 1) if sysconf(_SC_NPROCESSORS_ONLN) > 1 else 0
 
 #: The ring's layout constants (PROTOCOL.md section 9b), for the Python layers and tests.
 RING_HEADER_BYTES = HX_RING_HEADER_BYTES
@@ -84,6 +91,7 @@ cdef class Ring:
         self.creator = creator
         self._ahead = []
         hx_ring_attach(&self.r, self._map, capacity, creator, sock.fileno())
+        self.r.spin_ok = hx_ring_peer_may_run_beside(sock.fileno())
 
     def __dealloc__(self):
         if self._ahead:
@@ -103,16 +111,18 @@ cdef class Ring:
         (waits a spin ended, without a system call), ``socket_wakes`` (wake records we sent
         to a peer that waits on the socket), ``socket_waits`` (sleeps of an idle reader on
         the socket), the stream offsets ``written`` and ``read``, and the reader's adaptive
-        spin: ``spin_budget_ns`` (how long its next wait spins; 0: it sleeps at once) and
+        spin: ``spin_budget_ns`` (how long its next wait spins; 0: it sleeps at once),
         ``probe_every`` (with no budget, every how many waits it spins once to see whether
-        spinning pays again)."""
+        spinning pays again) and ``may_spin`` (0: the peer may use only the one CPU we may
+        use, so the reader never spins)."""
         return {"futex_waits": self.r.futex_waits, "futex_wakes": self.r.futex_wakes,
                 "spins_won": self.r.spins_won, "socket_wakes": self.r.socket_wakes,
                 "socket_waits": self.r.socket_waits,
                 "written": self.r.tx_tail,
                 "read": self.r.rx_head,
                 "spin_budget_ns": self.r.rx_spin_ns,
-                "probe_every": self.r.rx_probe_every}
+                "probe_every": self.r.rx_probe_every,
+                "may_spin": self.r.spin_ok}
 
     def header(self):
         """The first 16 bytes of the mapping: magic, layout version, capacity."""
