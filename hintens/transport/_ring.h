@@ -194,7 +194,6 @@ static inline void hx_ring_attach(hx_ring *r, unsigned char *base, uint64_t capa
     }
 }
 
-/* -1: the peer's tail is out of range (more than a ring ahead of our head, or behind it). */
 /* Whether the peer on `sock` may run while we spin: we may use two CPUs or more, or the
  * peer (SO_PEERCRED) may use a CPU we may not. 0 when we may use one CPU only and the peer
  * that CPU only (the two take turns on it: a spin only keeps the peer from running), or
@@ -215,6 +214,7 @@ static inline int hx_ring_peer_may_run_beside(int sock) {
     return CPU_COUNT(&elsewhere) > 0;
 }
 
+/* -1: the peer's tail is out of range (more than a ring ahead of our head, or behind it). */
 static inline int64_t hx_ring_readable(hx_ring *r) {
     uint64_t tail = __atomic_load_n(HX_U64(r->rx_block, HX__TAIL), __ATOMIC_ACQUIRE);
     uint64_t ahead = tail - r->rx_head;
