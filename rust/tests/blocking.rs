@@ -78,6 +78,7 @@ fn blocking_server(path: &Path, events: Arc<AtomicUsize>) -> Running {
 
 #[test]
 fn blocking_client_against_the_blocking_server() {
+    let _serial = common::serial();
     let path = sock("both");
     let events = Arc::new(AtomicUsize::new(0));
     let srv = blocking_server(&path, events.clone());
@@ -149,6 +150,7 @@ fn many_threads(path: &Path) {
 
 #[test]
 fn many_threads_share_one_blocking_client() {
+    let _serial = common::serial();
     let path = sock("threads-b");
     let srv = blocking_server(&path, Arc::new(AtomicUsize::new(0)));
     many_threads(&path);
@@ -174,6 +176,7 @@ fn many_threads_share_one_blocking_client() {
 
 #[test]
 fn a_timed_out_request_fails_alone_and_its_late_answer_is_dropped() {
+    let _serial = common::serial();
     let path = sock("timeout");
     let srv = blocking_server(&path, Arc::new(AtomicUsize::new(0)));
     let c = blocking::Client::connect_with(
@@ -203,6 +206,7 @@ fn a_timed_out_request_fails_alone_and_its_late_answer_is_dropped() {
 
 #[test]
 fn the_blocking_client_fails_promptly_when_the_server_dies_mid_frame() {
+    let _serial = common::serial();
     let path = sock("dying");
     let _ = std::fs::remove_file(&path);
     let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
@@ -227,6 +231,7 @@ fn the_blocking_client_fails_promptly_when_the_server_dies_mid_frame() {
 
 #[test]
 fn blocking_shutdown_answers_what_was_sent_then_closes() {
+    let _serial = common::serial();
     let path = sock("graceful");
     let started = Arc::new(Barrier::new(2));
     let s2 = started.clone();
@@ -265,6 +270,7 @@ fn blocking_shutdown_answers_what_was_sent_then_closes() {
 
 #[test]
 fn serve_blocking_refuses_an_async_handler() {
+    let _serial = common::serial();
     let server = Server::new(sock("wrong"), |r: Request| async move {
         Ok::<Reply, HandlerError>(r.payload.into())
     });

@@ -21,10 +21,14 @@ thread_local! {
 macro_rules! both_servers {
     ($($name:ident),* $(,)?) => {
         mod async_server {
-            $(#[test] fn $name() { super::$name() })*
+            $(#[test] fn $name() { let _serial = crate::common::serial(); super::$name() })*
         }
         mod blocking_server {
-            $(#[test] fn $name() { super::BLOCKING.with(|b| b.set(true)); super::$name() })*
+            $(#[test] fn $name() {
+                let _serial = crate::common::serial();
+                super::BLOCKING.with(|b| b.set(true));
+                super::$name()
+            })*
         }
     };
 }
@@ -536,6 +540,7 @@ fn bogus_descriptors_and_memfds_are_refused_and_handed_back() {
 
 #[test]
 fn client_fails_promptly_when_the_server_dies_mid_frame() {
+    let _serial = common::serial();
     let dir = std::env::temp_dir().join(format!("hintens-rs-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("dying.sock");

@@ -36,7 +36,9 @@ async fn handler(r: Request) -> Result<Reply, HandlerError> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::await_holding_lock)] // it serializes whole tests, never tasks
 async fn async_client_and_server() {
+    let _serial = common::serial();
     let path = sock("async");
     let events = Arc::new(AtomicUsize::new(0));
     let ev = events.clone();
@@ -124,6 +126,7 @@ async fn async_client_and_server() {
 
 #[test]
 fn blocking_client() {
+    let _serial = common::serial();
     let path = sock("blocking");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -153,7 +156,9 @@ fn blocking_client() {
 /// A handler may answer with a payload lent by another connection: it is then copied into a
 /// segment of this connection (a PEER_SEGMENT echo would name a segment this client never had).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::await_holding_lock)] // it serializes whole tests, never tasks
 async fn a_payload_of_another_connection_is_sent_as_a_copy() {
+    let _serial = common::serial();
     let path = sock("stash");
     let stash: Arc<Mutex<Option<hintens::Payload>>> = Arc::default();
     let st = stash.clone();
@@ -192,7 +197,9 @@ async fn a_payload_of_another_connection_is_sent_as_a_copy() {
 
 /// Shutdown answers every Request already sent, then closes; the socket file goes at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::await_holding_lock)] // it serializes whole tests, never tasks
 async fn shutdown_answers_what_was_sent_then_closes() {
+    let _serial = common::serial();
     let path = sock("graceful");
     let started = Arc::new(tokio::sync::Notify::new());
     let s2 = started.clone();

@@ -36,3 +36,13 @@ pub fn memfd_maps() -> usize {
         .filter(|l| l.contains("/memfd:hintens"))
         .count()
 }
+
+/// Serializes the tests of one test binary that read or change process-wide state: the
+/// descriptor count (`/proc/self/fd`) and the memfd mappings (`/proc/self/maps`). Cargo runs
+/// a binary's tests on parallel threads of one process, so without it one test's baseline or
+/// "nothing left mapped" check sees another test's sockets and segments. A test that failed
+/// (and so poisoned the lock) does not fail the ones after it.
+pub fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
