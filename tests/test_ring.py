@@ -188,11 +188,18 @@ def test_spinning_resumes_when_the_peer_becomes_fast_again(ring_server, sock_pat
         slow = ring.stats()
         assert slow["spin_budget_ns"] == 0, slow
         assert slow["probe_every"] > 8, slow
-        for _ in range(300):
+        # Fast replies win spins again, and a won spin (or a short wait) restores the whole
+        # budget and the probe rate. A wait the machine delays (CI runs other tests beside
+        # this one) may halve it again, so the check is that both come about within these
+        # round trips, not that they hold at their end.
+        for _ in range(1000):
             assert bytes(client.request(b"echo:b")) == b"b"
-        fast = ring.stats()
-        assert fast["spins_won"] > slow["spins_won"], (slow, fast)
-        assert fast["spin_budget_ns"] == full and fast["probe_every"] == 8, fast
+            fast = ring.stats()
+            if (fast["spins_won"] > slow["spins_won"] and fast["spin_budget_ns"] == full
+                    and fast["probe_every"] == 8):
+                break
+        else:
+            raise AssertionError(("spinning did not resume", slow, fast))
 
 
 def _pinned(cpu: int, main: str) -> str:
@@ -235,11 +242,12 @@ def test_a_client_pinned_to_one_cpu_spins_unless_its_server_shares_that_cpu(sock
 
 @needs_ring
 def test_a_killed_server_fails_the_waiting_client_promptly_and_frees_the_ring(sock_path):
+    base, base_memfds = ring_maps(), len(memfd_mappings())
     process = start_server_with(sock_path, ring=True)
     try:
         client = hintens.Client(sock_path, ring=True)
         assert bytes(client.request(b"echo:x")) == b"x"
-        assert ring_maps() == 1
+        assert ring_maps() == base + 1
         failure = []
 
         def wait_for_reply():
@@ -259,7 +267,7 @@ def test_a_killed_server_fails_the_waiting_client_promptly_and_frees_the_ring(so
         assert isinstance(error, hintens.ConnectionClosed)
         assert when - killed < 1.0   # the liveness interval is 50 ms
         client.close()
-        assert ring_maps() == 0 and not memfd_mappings()
+        assert ring_maps() == base and len(memfd_mappings()) == base_memfds
     finally:
         stop_server(process, signal.SIGKILL)
 
@@ -296,6 +304,7 @@ def test_a_killed_client_frees_the_servers_ring_and_the_server_serves_on(ring_se
 
 @needs_ring
 def test_closing_the_client_wakes_a_thread_waiting_in_the_ring(ring_server, sock_path):
+    base = ring_maps()
     client = hintens.Client(sock_path, ring=True)
     assert bytes(client.request(b"echo:x")) == b"x"
     failure = []
@@ -312,22 +321,23 @@ def test_closing_the_client_wakes_a_thread_waiting_in_the_ring(ring_server, sock
     client.close()
     waiter.join(5)
     assert not waiter.is_alive() and isinstance(failure[0], hintens.ConnectionClosed)
-    assert ring_maps() == 0
+    assert ring_maps() == base
 
 
 @needs_ring
 def test_a_server_that_stops_frees_every_ring(sock_path):
+    base = ring_maps()
     server = hintens.Server(sock_path, ring=True).start()
     clients = [hintens.Client(sock_path, ring=True) for _ in range(4)]
     for client in clients:
         assert bytes(client.request(b"x")) == b"x"
-    assert wait_until(lambda: ring_maps() == 8, 5)   # both sides live in this process
+    assert wait_until(lambda: ring_maps() == base + 8, 5)   # both sides live in this process
     server.close()
     for client in clients:
         with pytest.raises(hintens.ConnectionClosed):
             client.request(b"y", timeout=5)
         client.close()
-    assert wait_until(lambda: ring_maps() == 0, 5)
+    assert wait_until(lambda: ring_maps() == base, 5)
 
 
 IDLE_SCRIPT = """
@@ -420,12 +430,13 @@ def test_a_sync_client_speaks_the_ring_to_an_asyncio_server(sock_path):
 
 @needs_ring
 def test_a_killed_server_fails_an_asyncio_client_promptly_and_frees_the_ring(sock_path):
+    base = ring_maps()
     process = start_server_with(sock_path, ring=True)
 
     async def main():
         async with hintens.aio.Client(sock_path, ring=True, timeout=30) as client:
             assert bytes(await client.request(b"echo:up")) == b"up"
-            assert client.ring_active and ring_maps() == 1
+            assert client.ring_active and ring_maps() == base + 1
             waiting = asyncio.ensure_future(client.request(b"sleep:20:never"))
             await asyncio.sleep(0.2)
             process.kill()
@@ -439,7 +450,7 @@ def test_a_killed_server_fails_an_asyncio_client_promptly_and_frees_the_ring(soc
     finally:
         stop_server(process, signal.SIGKILL)
     assert took < 2.0, took   # the socket's end wakes the loop: no liveness slice to wait
-    assert ring_maps() == 0
+    assert ring_maps() == base
 
 
 IDLE_AIO_SCRIPT = """
