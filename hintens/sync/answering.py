@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from time import monotonic
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from .. import _impl
 from .._checks import deadline_after
@@ -115,6 +115,9 @@ class Answering:
             finally:
                 del error   # as in _error_answer: a ClientGone it raises must not hold us
 
+        # Plain Events are delivered inside the core too, between the Requests around them.
+        events = (self._event_callback(), self, self._event_failed) \
+            if server.on_event is not None else None
         frame_started = 0.0
         frame_timeout, idle_timeout = server.frame_timeout, server.idle_timeout
         joined = False   # looked for the session its hello announces
@@ -133,7 +136,7 @@ class Answering:
                 # it.) A session's requests all go through _handle and its replay window.
                 if self.window is None and not endpoint.compressing:
                     rest = channel.serve(handler, on_error, reply_writes, endpoint.small_max,
-                                         endpoint.inline_max, not was_in_frame)
+                                         endpoint.inline_max, not was_in_frame, events)
                 else:
                     rest = channel.receive()
                 if rest is None:
@@ -260,14 +263,29 @@ class Answering:
         return False, self._endpoint.error_frame(ErrorCode.UNAVAILABLE,
                                                  refusal(request_id, state), request_id)
 
-    def _deliver_event(self, item: Any) -> None:
+    def _event_callback(self) -> Callable[[Any, Any], Any]:
+        """``on_event``, taking raw payloads: with a codec, it decodes them first."""
         server = self._server
-        if server.on_event is not None:
+        on_event = server.on_event
+        assert on_event is not None
+        if server.codec is None:
+            return on_event
+        decode = server.codec.decode
+
+        def decoded(payload: Any, connection: Any) -> Any:
+            return on_event(decode(payload, "event"), connection)
+        return decoded
+
+    def _event_failed(self, error: Exception) -> None:
+        """What an Exception from ``on_event`` (or its decoding) comes to: a log record."""
+        log.error("on_event callback raised", exc_info=error)
+
+    def _deliver_event(self, item: Any) -> None:
+        if self._server.on_event is not None:
             try:
-                server.on_event(item.payload if server.codec is None else
-                                server.codec.decode(item.payload, "event"), self)
-            except Exception:
-                log.exception("on_event callback raised")
+                self._event_callback()(item.payload, self)
+            except Exception as error:
+                self._event_failed(error)
 
     def _violation(self, error: Any, out: list[Any]) -> bool:
         """A frame that broke the protocol: its Error reply joins ``out``. False if it is

@@ -202,7 +202,7 @@ cdef class Channel(Outbox):
     cdef int _ring_records(self, bint counted) except -1
     cdef int _ring_corrupt(self) except -1
     cdef list _serve_once(self, handler, on_error, reply_writes, Py_ssize_t small_max,
-                          Py_ssize_t inline_max)
+                          Py_ssize_t inline_max, on_event, context, failed)
 
 
 cdef class Mapping:

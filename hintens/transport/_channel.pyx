@@ -630,8 +630,9 @@ cdef class Channel(Outbox):
         return None
 
     def serve(self, handler, on_error, reply_writes, Py_ssize_t small_max,
-              Py_ssize_t inline_max, bint repeat=False):
-        """Read once; answer the leading run of plain Requests; return the frames after it.
+              Py_ssize_t inline_max, bint repeat=False, events=None):
+        """Read once; answer the leading run of plain Requests (and deliver the plain Events
+        among them, given ``events``); return the frames after it.
 
         ``handler(payload)`` returns the Response's payload (None for an empty one). A bytes
         result shorter than ``small_max`` is answered here, packed with the other small
@@ -650,22 +651,32 @@ cdef class Channel(Outbox):
         brought no descriptor: the caller's loop runs only when there is something for it to
         see (descriptors no frame claimed are the caller's to close).
 
+        With ``events``, a ``(callback, context, failed)`` triple, the plain Events (no
+        flags, a request id other than 0) of the run are delivered here too, in stream order
+        with the Requests around them, as ``callback(payload, context)``: an Exception it
+        raises goes to ``failed(exception)``, and the run goes on. Without it, an Event ends
+        the run.
+
         Returns:
             The frames that follow the run, for the caller (often empty), or None at end of
             stream.
 
         Raises:
-            As ``send`` and ``receive``.
+            As ``send`` and ``receive``, and what ``failed`` raises.
         """
         cdef list frames
+        cdef object on_event = None, context = None, failed = None
+        if events is not None:
+            on_event, context, failed = events
         while True:
-            frames = self._serve_once(handler, on_error, reply_writes, small_max, inline_max)
+            frames = self._serve_once(handler, on_error, reply_writes, small_max, inline_max,
+                                      on_event, context, failed)
             if not repeat or frames is None or frames or self._slow \
                     or self.decoder.in_frame or self.fds:
                 return frames
 
     cdef list _serve_once(self, handler, on_error, reply_writes, Py_ssize_t small_max,
-                          Py_ssize_t inline_max):
+                          Py_ssize_t inline_max, on_event, context, failed):
         # One read of serve(); self._slow says whether anything beyond the handler ran.
         cdef list frames = self._receive(0)
         cdef list out = []
@@ -689,6 +700,14 @@ cdef class Channel(Outbox):
         i = 0
         while i < count:
             frame = frames[i]
+            if frame.type == 3 and on_event is not None:   # plain: controls returned above
+                try:
+                    on_event(frame.payload, context)
+                except Exception as error:
+                    slow = True
+                    failed(error)
+                i += 1
+                continue
             if frame.type != 1 or frame.flags != 0:
                 break
             writes = None

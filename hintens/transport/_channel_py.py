@@ -238,8 +238,10 @@ class Channel(Outbox):
         return None
 
     def serve(self, handler: Any, on_error: Any, reply_writes: Any,
-              small_max: int, inline_max: int, repeat: bool = False) -> list[Frame] | None:
-        """Read once; answer the leading run of plain Requests; return the frames after it.
+              small_max: int, inline_max: int, repeat: bool = False,
+              events: tuple[Any, Any, Any] | None = None) -> list[Frame] | None:
+        """Read once; answer the leading run of plain Requests (and deliver the plain Events
+        among them, given ``events``); return the frames after it.
 
         ``handler(payload)`` returns the Response's payload (None for an empty one). A bytes
         result shorter than ``small_max`` is answered here, packed with the other small
@@ -258,22 +260,29 @@ class Channel(Outbox):
         brought no descriptor: the caller's loop runs only when there is something for it to
         see (descriptors no frame claimed are the caller's to close).
 
+        With ``events``, a ``(callback, context, failed)`` triple, the plain Events (no
+        flags, a request id other than 0) of the run are delivered here too, in stream order
+        with the Requests around them, as ``callback(payload, context)``: an Exception it
+        raises goes to ``failed(exception)``, and the run goes on. Without it, an Event ends
+        the run.
+
         Returns:
             The frames that follow the run, for the caller (often empty), or None at end of
             stream.
 
         Raises:
-            As ``send`` and ``receive``.
+            As ``send`` and ``receive``, and what ``failed`` raises.
         """
         while True:
             frames, slow = self._serve_once(handler, on_error, reply_writes, small_max,
-                                            inline_max)
+                                            inline_max, events)
             if not repeat or frames is None or frames or slow or self.decoder.in_frame \
                     or self.fds:
                 return frames
 
     def _serve_once(self, handler: Any, on_error: Any, reply_writes: Any, small_max: int,
-                    inline_max: int) -> tuple[list[Frame] | None, bool]:
+                    inline_max: int, events: tuple[Any, Any, Any] | None
+                    ) -> tuple[list[Frame] | None, bool]:
         # One read of serve(), and whether anything beyond the handler ran.
         frames = self.receive()
         if not frames:
@@ -289,6 +298,15 @@ class Channel(Outbox):
         done = 0
         flush = slow = False
         for frame in frames:
+            if frame.type == 3 and events is not None:   # plain: controls returned above
+                on_event, context, failed = events
+                try:
+                    on_event(frame.payload, context)
+                except Exception as error:
+                    slow = True
+                    failed(error)
+                done += 1
+                continue
             if frame.type != 1 or frame.flags != 0:
                 break
             writes = None
