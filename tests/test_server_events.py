@@ -121,3 +121,26 @@ def test_events_from_many_clients_all_arrive(sock_path):
             for client in clients:
                 client.close()
     assert sorted(counts.values()) == [5000] * 4
+
+
+def test_a_slow_on_event_does_not_hold_back_the_replies_before_it(sock_path):
+    # [R1, E1, R2] in one write: R1's reply leaves before on_event runs, and on_event
+    # blocks until the test has read it; R2 is answered once on_event returns.
+    release = threading.Event()
+    seen = []
+
+    def on_event(payload, connection):
+        seen.append(bytes(payload))
+        assert release.wait(10)
+
+    with hintens.Server(sock_path, on_event=on_event).start():
+        peer = RawPeer(sock_path)
+        peer.send(raw_frame(b"r1", request_id=1) + raw_frame(b"e1", msg_type=3, request_id=2)
+                  + raw_frame(b"r2", request_id=3))
+        first = peer.next_frame()
+        assert (first.request_id, bytes(first.payload)) == (1, b"r1")
+        release.set()
+        second = peer.next_frame()
+        assert (second.request_id, bytes(second.payload)) == (3, b"r2")
+        peer.close()
+    assert seen == [b"e1"]

@@ -701,6 +701,10 @@ cdef class Channel(Outbox):
         while i < count:
             frame = frames[i]
             if frame.type == 3 and on_event is not None:   # plain: controls returned above
+                # Replies to the Requests before it leave first: on_event may take its time.
+                if out:
+                    self._send(out, None)
+                    out = []
                 try:
                     on_event(frame.payload, context)
                 except Exception as error:

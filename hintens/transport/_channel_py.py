@@ -300,6 +300,10 @@ class Channel(Outbox):
         for frame in frames:
             if frame.type == 3 and events is not None:   # plain: controls returned above
                 on_event, context, failed = events
+                # Replies to the Requests before it leave first: on_event may take its time.
+                if out:
+                    self.send(out)
+                    out = []
                 try:
                     on_event(frame.payload, context)
                 except Exception as error:
