@@ -188,15 +188,16 @@ def test_spinning_resumes_when_the_peer_becomes_fast_again(ring_server, sock_pat
         slow = ring.stats()
         assert slow["spin_budget_ns"] == 0, slow
         assert slow["probe_every"] > 8, slow
-        # Fast replies win spins again, and a won spin (or a short wait) restores the whole
-        # budget and the probe rate. A wait the machine delays (CI runs other tests beside
-        # this one) may halve it again, so the check is that both come about within these
-        # round trips, not that they hold at their end.
+        # A fast reply (a won spin, or a wait shorter than a full spin) restores the whole
+        # budget and the probe rate, and the reader spins again. Whether a spin then wins
+        # depends on the peer getting a CPU at once, which a loaded machine does not promise
+        # (CI runs other tests beside this one); and a delayed wait may halve the budget
+        # again. So the check is that the full budget comes back within these round trips,
+        # not that it holds at their end.
         for _ in range(1000):
             assert bytes(client.request(b"echo:b")) == b"b"
             fast = ring.stats()
-            if (fast["spins_won"] > slow["spins_won"] and fast["spin_budget_ns"] == full
-                    and fast["probe_every"] == 8):
+            if fast["spin_budget_ns"] == full and fast["probe_every"] == 8:
                 break
         else:
             raise AssertionError(("spinning did not resume", slow, fast))
