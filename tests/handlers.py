@@ -68,3 +68,8 @@ def event_summary():
     numbers = [int(e) if e.isdigit() else None for e in EVENTS]
     return {"count": len(EVENTS), "in_order": numbers == list(range(len(numbers))),
             "sizes": sorted({len(e) for e in EVENTS})}
+
+
+def refuse_event(payload, connection):
+    """``--on-event`` for hostile tests: every Event raises, as a broken callback would."""
+    raise ValueError(f"refused an Event of {len(payload)} bytes")

@@ -12,7 +12,17 @@ import pytest
 
 import hintens
 
-from .peers import RawPeer, raw_frame
+from .peers import (
+    RawPeer,
+    open_fds,
+    raw_frame,
+    server_log,
+    settled_fds,
+    start_server,
+    status_kib,
+    stop_server,
+    wait_until,
+)
 from .test_ring import needs_ring
 
 
@@ -144,3 +154,33 @@ def test_a_slow_on_event_does_not_hold_back_the_replies_before_it(sock_path):
         assert (second.request_id, bytes(second.payload)) == (3, b"r2")
         peer.close()
     assert seen == [b"e1"]
+
+
+def test_a_peer_whose_every_event_makes_on_event_raise_leaves_nothing_behind(sock_path):
+    # A hostile raw peer: large inline Events (8 MiB, no shared memory) and floods of small
+    # ones, every one of which makes the server's on_event raise, with Requests between.
+    # Each failure is logged once; the connection and the server serve on; descriptors and
+    # resident memory come back to where they were.
+    process = start_server(sock_path, "--on-event", "tests.handlers:refuse_event")
+    try:
+        fds = settled_fds(sock_path, process.pid)
+        rss = status_kib("VmRSS", process.pid)
+        peer = RawPeer(sock_path, timeout=30)
+        sent = 0
+        for round_ in range(4):
+            burst = [raw_frame(bytes(8 << 20), msg_type=3, request_id=1)]
+            burst += [raw_frame(b"e" * 100, msg_type=3, request_id=2 + i) for i in range(500)]
+            burst.append(raw_frame(b"echo:%d" % round_, request_id=10_000 + round_))
+            peer.send(b"".join(burst))
+            sent += 501
+            reply = peer.next_frame()
+            assert (reply.type, reply.request_id, bytes(reply.payload)) == \
+                (2, 10_000 + round_, b"%d" % round_)
+        peer.close()
+        with hintens.Client(sock_path) as client:
+            assert bytes(client.request(b"echo:still")) == b"still"
+        assert wait_until(lambda: open_fds(process.pid) <= fds), (open_fds(process.pid), fds)
+        assert status_kib("VmRSS", process.pid) - rss < 32 * 1024
+        assert server_log(process).count("on_event callback raised") == sent
+    finally:
+        stop_server(process)
