@@ -51,6 +51,9 @@ class Answering:
     _endpoint: Endpoint
     _channel: Any
     _backlog: list[Any]
+    #: ``(callback, self, failed)`` for Channel.serve's events, set once serving starts (None
+    #: without an ``on_event``); ``_deliver_event`` uses it too.
+    _events: tuple[Callable[[Any, Any], Any], Any, Callable[[Exception], None]] | None = None
 
     if TYPE_CHECKING:   # ServerConnection's own
         def _send(self, frames: list[Any]) -> None: ...
@@ -116,7 +119,7 @@ class Answering:
                 del error   # as in _error_answer: a ClientGone it raises must not hold us
 
         # Plain Events are delivered inside the core too, between the Requests around them.
-        events = (self._event_callback(), self, self._event_failed) \
+        events = self._events = (self._event_callback(), self, self._event_failed) \
             if server.on_event is not None else None
         frame_started = 0.0
         frame_timeout, idle_timeout = server.frame_timeout, server.idle_timeout
@@ -281,11 +284,13 @@ class Answering:
         log.error("on_event callback raised", exc_info=error)
 
     def _deliver_event(self, item: Any) -> None:
-        if self._server.on_event is not None:
+        """An Event the core's serve loop did not deliver (a session's, say): as it would."""
+        if self._events is not None:
+            callback, context, failed = self._events
             try:
-                self._event_callback()(item.payload, self)
+                callback(item.payload, context)
             except Exception as error:
-                self._event_failed(error)
+                failed(error)
 
     def _violation(self, error: Any, out: list[Any]) -> bool:
         """A frame that broke the protocol: its Error reply joins ``out``. False if it is
