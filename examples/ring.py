@@ -6,6 +6,7 @@ Run it: ``python examples/ring.py``.
 """
 
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -13,16 +14,31 @@ import time
 
 import hintens
 
+
+
+def wait_until_listening(path, server, timeout_s=10.0):
+    """Until the server accepts connections: its socket file appears a moment before."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        probe = socket.socket(socket.AF_UNIX)
+        try:
+            probe.connect(path)
+            return
+        except OSError:
+            if time.monotonic() > deadline or server.poll() is not None:
+                raise
+            time.sleep(0.02)
+        finally:
+            probe.close()
+
+
 DIR = tempfile.mkdtemp()
 PATH = os.path.join(DIR, "ring.sock")
 # An echo server in its own process: ``hintens serve --ring``.
 server = subprocess.Popen([sys.executable, "-m", "hintens", "serve", "--ring", "-q",
                            "--socket", PATH])
 try:
-    for _ in range(500):
-        if os.path.exists(PATH):
-            break
-        time.sleep(0.01)
+    wait_until_listening(PATH, server)
     with hintens.Client(PATH, ring=True) as client:   # ring=True on both sides
         assert bytes(client.request(b"ping")) == b"ping"
         started, count = time.perf_counter(), 20_000
