@@ -39,8 +39,8 @@ printed, never asserted).
    * 64 MiB echo: hintens against the raw floor's ``sendall``/``recv_into`` over
      ``ssl.SSLSocket`` on both sides.
    Targets: a round trip <= 1.3x the raw TLS floor, 64 MiB throughput >= 0.8x. Over TLS
-   hintens drives its pure-Python Channel (``hintens/transport/tls.py``), so these rows
-   measure that path, not the compiled one of the TCP rows.
+   the compiled Channel calls the ``ssl`` module's OpenSSL object for each read and write
+   (``TlsStream.tls_parts``), as the raw floor's ``SSLSocket`` does underneath.
 
 Placement matters more than anything else here: on a VM, waking a process on the other core
 costs tens of microseconds, so a 64 B round trip takes about 7 us when the client and server

@@ -7,6 +7,7 @@ socket transport (``hintens.transport._channel``), with the same names as their 
 from __future__ import annotations
 
 from .transport._channel import (
+    DRIVES_TLS,
     SEES_VIEW_RELEASE,
     Channel,
     Mapping,
@@ -29,6 +30,7 @@ from .wire._wire import (
 
 __all__ = [
     "Channel",
+    "DRIVES_TLS",
     "Frame",
     "FrameDecoder",
     "FrameHeader",

@@ -6,6 +6,7 @@ with the same names as ``hintens._cython_core``. ``hintens._impl`` picks one of 
 from __future__ import annotations
 
 from .transport._channel_py import (
+    DRIVES_TLS,
     SEES_VIEW_RELEASE,
     Channel,
     Mapping,
@@ -28,6 +29,7 @@ from .wire._wire_py import (
 
 __all__ = [
     "Channel",
+    "DRIVES_TLS",
     "Frame",
     "FrameDecoder",
     "FrameHeader",

@@ -627,8 +627,8 @@ def test_a_peer_that_resets_before_it_is_accepted_is_dropped_quietly(target, kin
 
 
 def test_queued_frames_for_a_peer_that_reset_are_dropped_quietly():
-    # The pure-Python channel (every TLS connection's, and all of them without the compiled
-    # core) shuts the stream when the flusher's write fails. Once the peer has reset, that
+    # The pure-Python channel (every connection's without the compiled core, TLS ones
+    # included) shuts the stream when the flusher's write fails. Once the peer has reset, that
     # shutdown fails too (ENOTCONN): the flusher must drop the frames and mark the channel
     # broken, not raise (the server logged an ERROR with a traceback for each such peer).
     with socket.create_server(("127.0.0.1", 0)) as listener:

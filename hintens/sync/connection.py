@@ -99,11 +99,14 @@ class Connection:
                  stall_timeout: float | None) -> None:
         self.sock = sock
         self.endpoint = endpoint
-        # A TLS stream names the Channel that can drive it (the pure-Python one).
+        # A TLS stream names the Channel that can drive it.
         channel_class = getattr(sock, "channel_class", None) or _impl.core.Channel
-        # A TLS stream's pending(): looked up once, not on every read of a plain socket.
-        self._pending: Callable[[], bool] | None = getattr(sock, "pending", None)
         self.channel = channel = channel_class(sock, endpoint.decoder, RECEIVE_BUFFER_BYTES)
+        # Over TLS, what decrypted bytes wait (the channel's, when it drives OpenSSL itself):
+        # looked up once, not on every read of a plain socket.
+        pending = getattr(sock, "pending", None)
+        self._pending: Callable[[], bool] | None = None if pending is None \
+            else getattr(channel, "tls_pending", pending)
         if shm or endpoint.hello.features & FEATURE_RING:
             channel.max_fds = SHM_MAX_FDS
         channel.stall_timeout = stall_timeout or 0.0

@@ -147,6 +147,10 @@ cdef class Writer:
     cdef public bint ring_socket_wakes    # an event loop drives us: over a ring, a read or
                                           # write that would wait arms a wake record on the
                                           # socket instead (PROTOCOL.md 9b)
+    # TLS (a TlsStream's socket): the stream's OpenSSL object (ssl's _SSLSocket), which every
+    # read and write goes through instead of the descriptor; None over a plain socket.
+    cdef object _tls
+    cdef PyThread_type_lock _tls_lock     # one OpenSSL call at a time (taken without the GIL)
 
     cdef uint64_t _send(self, object buffers, object fds=*) except? 0
     cdef int _schedule(self) except -1
@@ -163,6 +167,9 @@ cdef class Writer:
     cdef int _write_all(self, iovec *iov, Py_ssize_t first, Py_ssize_t count, object fds,
                         Py_ssize_t nfds, size_t *written, bint quick) except -1
     cdef ssize_t _ring_write(self, iovec *iov, Py_ssize_t count, object fds, int flags) except -2
+    cdef ssize_t _tls_write(self, iovec *iov, Py_ssize_t count, int flags) except -2
+    cdef int _tls_call_begin(self) except -1
+    cdef int _tls_wait(self, short events, int option, long long *deadline) except -1
     cdef void _shut(self) noexcept
 
 
@@ -187,6 +194,7 @@ cdef class Channel(Outbox):
                                           # with MSG_DONTWAIT first, keeping the GIL
     cdef bint _slow                       # the last serve() read needed more than the handler
     cdef bint _ring_rx                    # frames come from the ring (switch_rx)
+    cdef bytes _tls_early                 # TLS: bytes the stream read ahead, served first
     cdef readonly uint64_t ring_wakes_taken  # wake records taken off the socket, ever
     cdef object _ring_error               # what ring_pending met, raised by the next read
     cdef readonly uint64_t responses_sent # Responses serve() answered itself (small or inline)
@@ -201,6 +209,8 @@ cdef class Channel(Outbox):
     cdef Py_ssize_t _ring_read(self, iovec *vectors, int count, int flags) except -2
     cdef int _ring_records(self, bint counted) except -1
     cdef int _ring_corrupt(self) except -1
+    cdef list _tls_receive(self, int flags)
+    cdef Py_ssize_t _tls_read(self, unsigned char *buf, Py_ssize_t size, int flags) except -1
     cdef list _serve_once(self, handler, on_error, reply_writes, Py_ssize_t small_max,
                           Py_ssize_t inline_max, on_event, context, failed)
 

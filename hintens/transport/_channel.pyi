@@ -8,6 +8,7 @@ from ._channel_py import SharedRegion as SharedRegion
 
 __all__: list[str]
 SEES_VIEW_RELEASE: bool
+DRIVES_TLS: bool
 
 def call_with_stack_size(stack_bytes: int, function: Any, *args: Any) -> Any: ...
 

@@ -20,8 +20,10 @@ from cpython.buffer cimport (
 )
 from cpython.bytes cimport PyBytes_AS_STRING
 from cpython.memoryview cimport PyMemoryView_FromObject
+from cpython.buffer cimport PyBUF_READ, PyBUF_WRITE
+from cpython.memoryview cimport PyMemoryView_FromMemory
 from libc.stdint cimport uint16_t, uint32_t, uint64_t
-from libc.errno cimport EAGAIN, EBADF, EINTR, EPIPE, errno
+from libc.errno cimport EAGAIN, EBADF, EINTR, EINVAL, EPIPE, errno
 from libc.stdlib cimport free, malloc, realloc
 from libc.math cimport INFINITY
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
@@ -68,6 +70,7 @@ from ..wire._wire import encode_frame, encode_header
 
 __all__ = [
     "Channel",
+    "DRIVES_TLS",
     "Mapping",
     "Ring",
     "SharedRegion",
@@ -149,6 +152,20 @@ cdef extern from "poll.h" nogil:
         short revents
     int poll(pollfd *fds, unsigned long count, int timeout)
     const short POLLIN
+    const short POLLOUT
+
+
+cdef extern from "sys/time.h" nogil:
+    struct timeval:
+        long tv_sec
+        long tv_usec
+
+
+cdef extern from "sys/socket.h" nogil:
+    int getsockopt(int fd, int level, int option, void *value, unsigned int *length)
+    const int SOL_SOCKET
+    const int SO_RCVTIMEO
+    const int SO_SNDTIMEO
 
 
 cdef extern from "fcntl.h" nogil:
@@ -199,6 +216,43 @@ cdef Py_ssize_t _KEEP_SPARE_BYTES = 1024 * 1024
 # (the raw socket: 61-70). Below 4 MiB (the default tcp_wmem maximum) it stays slow.
 cdef Py_ssize_t _DIRECT_READ_BYTES = 8 * 1024 * 1024
 
+# TLS. A channel over a TlsStream reads and writes through the stream's OpenSSL object (ssl's
+# _SSLSocket: its read and write are C calls that let the GIL go), never through the descriptor,
+# which is non-blocking: a call that would wait polls the descriptor here, without the GIL,
+# within the kernel timeout the caller keeps on the socket (SO_RCVTIMEO / SO_SNDTIMEO, read back
+# when a wait begins). hintens/transport/tls.py is the pure-Python twin (TlsStream's own calls).
+DRIVES_TLS = True   # the twin (_channel_py) says False
+# What one TLS write hands OpenSSL at most (it cuts 16 KiB records); small buffers after a
+# small first one are joined into one record's worth, so a small frame is one record.
+cdef Py_ssize_t _TLS_WRITE_BYTES = 256 * 1024
+cdef Py_ssize_t _TLS_RECORD_BYTES = 16384
+_SSL_WANT_READ = _SSL_WANT_WRITE = _SSL_ENDED = None
+
+
+cdef int _load_ssl() except -1:
+    global _SSL_WANT_READ, _SSL_WANT_WRITE, _SSL_ENDED
+    if _SSL_ENDED is None:
+        import ssl
+        _SSL_WANT_READ = ssl.SSLWantReadError
+        _SSL_WANT_WRITE = ssl.SSLWantWriteError
+        _SSL_ENDED = (ssl.SSLZeroReturnError, ssl.SSLEOFError)
+    return 0
+
+
+cdef long long _socket_deadline(int fd, int option) noexcept:
+    # The socket's kernel timeout (option) as a CLOCK_MONOTONIC deadline in ns; -1: none.
+    cdef timeval tv
+    cdef unsigned int length = sizeof(timeval)
+    cdef timespec ts
+    tv.tv_sec = 0
+    tv.tv_usec = 0
+    if getsockopt(fd, SOL_SOCKET, option, &tv, &length) != 0 or (tv.tv_sec == 0
+                                                                 and tv.tv_usec == 0):
+        return -1
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return (<long long>ts.tv_sec + tv.tv_sec) * 1000000000LL + ts.tv_nsec \
+        + <long long>tv.tv_usec * 1000LL
+
 include "_writer.pxi"
 include "_outbox.pxi"
 
@@ -229,6 +283,13 @@ cdef class Channel(Outbox):
         self.fds = []
         self.fds_dropped = 0
         self.max_fds = 0
+        tls_parts = getattr(sock, "tls_parts", None)
+        if tls_parts is not None:   # a TlsStream: OpenSSL's object, driven from here
+            _load_ssl()
+            self._tls_lock = PyThread_allocate_lock()
+            if self._tls_lock == NULL:
+                raise MemoryError()
+            self._tls, self._tls_early = tls_parts()
 
     cpdef note_handler(self, double seconds):
         """Count one handler run of ``seconds`` in the stats (``handler_times``)."""
@@ -272,6 +333,8 @@ cdef class Channel(Outbox):
         cdef unsigned char *direct
         if self._fd < 0:
             raise OSError(EBADF, "the channel is closed")
+        if self._tls is not None:
+            return self._tls_receive(flags)
         # Inside a large payload, the kernel copies straight into its buffer (at most
         # _DIRECT_READ_BYTES per read; the CRC runs after each); what follows it lands in our
         # buffer as usual.
@@ -325,6 +388,67 @@ cdef class Channel(Outbox):
         if len(frames) > 1:
             self._eager = True   # several frames per read: the peer is ahead of us
         return frames
+
+    cdef list _tls_receive(self, int flags):
+        # _receive over TLS: inside a large payload OpenSSL decrypts straight into its buffer.
+        cdef Py_ssize_t room = 0, count
+        cdef unsigned char *direct = self.decoder._direct(_DIRECT_READ_BYTES, &room)
+        if direct != NULL:
+            count = self._tls_read(direct, room, flags)
+            return self.decoder._direct_done(count, NULL, 0) if count else None
+        count = self._tls_read(self._buffer, self._size, flags)
+        return self.decoder._feed(self._buffer, count, None, False) if count else None
+
+    cdef Py_ssize_t _tls_read(self, unsigned char *buf, Py_ssize_t size, int flags) except -1:
+        # As recv over TLS: what has arrived, as many records as fit (at least one byte,
+        # waiting for it within the receive timeout unless MSG_DONTWAIT, else
+        # BlockingIOError); 0 at the end of the stream.
+        cdef Py_ssize_t count = 0, got = 0
+        cdef long long deadline = -2
+        cdef short events
+        cdef bytes early = self._tls_early
+        if early:
+            got = min(size, len(early))
+            memcpy(buf, PyBytes_AS_STRING(early), got)
+            self._tls_early = early[got:] if got < len(early) else None
+            return got
+        while count < size:
+            events = 0
+            self._tls_call_begin()
+            try:
+                got = self._tls.read(size - count, PyMemoryView_FromMemory(
+                    <char *>buf + count, size - count, PyBUF_WRITE))
+                # A record only partly taken, or a full one (more usually follows at once):
+                # read on; the rest, if any, is news the descriptor will tell.
+                if got and got < _TLS_RECORD_BYTES and self._tls.pending() == 0:
+                    return count + got
+            except _SSL_WANT_READ:
+                events = POLLIN
+            except _SSL_WANT_WRITE:
+                events = POLLOUT
+            except _SSL_ENDED:
+                return count   # the end (the next read says 0)
+            finally:
+                PyThread_release_lock(self._tls_lock)
+            if events == 0:
+                if not got:
+                    return count
+                count += got
+                continue
+            if count:
+                return count
+            if flags & MSG_DONTWAIT:
+                raise BlockingIOError(EAGAIN, "nothing to read now")
+            if not self._tls_wait(events, SO_RCVTIMEO, &deadline):
+                raise BlockingIOError(EAGAIN, "the receive timeout expired")
+        return count
+
+    def tls_pending(self):
+        """Over TLS: decrypted bytes wait (inside OpenSSL, or read ahead) that the
+        descriptor will not announce. False over a plain socket."""
+        if self._tls is None or self._fd < 0:
+            return False
+        return bool(self._tls_early) or self._tls.pending() > 0
 
     def switch_rx(self, Ring ring):
         """Read from ``ring`` from now on (PROTOCOL.md section 9b): the peer's switch frame was
@@ -417,6 +541,8 @@ cdef class Channel(Outbox):
         cdef int found
         cdef Ring ring = self.ring   # held while we wait: close() may drop the channel's
         if self._fd < 0 or (self._ring_rx and ring is None):
+            return True
+        if self._tls is not None and self.tls_pending():
             return True
         if self._ring_rx:
             if hx_ring_readable(&ring.r) != 0 or hx_ring_rx_ended(&ring.r):

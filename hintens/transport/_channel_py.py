@@ -36,12 +36,17 @@ from ..wire._wire_py import (
 
 __all__ = [
     "Channel",
+    "DRIVES_TLS",
     "Mapping",
     "Ring",
     "SharedRegion",
     "SEES_VIEW_RELEASE",
     "call_with_stack_size",
 ]
+
+#: Whether the Channel drives a TlsStream's OpenSSL object itself (the compiled one does).
+#: This one does not: over TLS, hintens/transport/tls.py gives it a socket interface.
+DRIVES_TLS = False
 
 #: The shared-memory ring (docs/PROTOCOL.md section 9b) is the compiled core's alone: its
 #: waits spin and sleep on futexes without the GIL, which Python code cannot. None here, and

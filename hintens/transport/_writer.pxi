@@ -25,6 +25,7 @@ cdef class Writer:
         # No Event yet: the first one leaves at once, whatever the machine's uptime (the
         # monotonic clock counts from boot, so 0.0 would hold it on a machine just booted).
         self._last_lazy = -INFINITY
+        self._tls_lock = NULL
         self._send_lock = PyThread_allocate_lock()
         if self._send_lock == NULL:
             raise MemoryError()
@@ -38,6 +39,8 @@ cdef class Writer:
         free(self._spare)
         if self._send_lock != NULL:
             PyThread_free_lock(self._send_lock)
+        if self._tls_lock != NULL:
+            PyThread_free_lock(self._tls_lock)
 
     def close(self):
         """Close the socket. Waits for a send in progress to end, so no write can reach a
@@ -63,6 +66,88 @@ cdef class Writer:
             with nogil:
                 PyThread_acquire_lock(self._send_lock, WAIT_LOCK)
         return 0
+
+    cdef int _tls_call_begin(self) except -1:
+        # Takes the TLS lock for one OpenSSL call; the caller releases it right after.
+        if self._fd < 0:
+            raise OSError(EBADF, "the channel is closed")
+        if not PyThread_acquire_lock(self._tls_lock, NOWAIT_LOCK):
+            with nogil:
+                PyThread_acquire_lock(self._tls_lock, WAIT_LOCK)
+        return 0
+
+    cdef int _tls_wait(self, short events, int option, long long *deadline) except -1:
+        # Waits, without the GIL, until the descriptor has ``events``, within the socket's
+        # kernel timeout ``option`` counted from this call's first wait (*deadline: -2 before
+        # it, then the deadline in ns, -1 for none). 1 when it has them, 0 when time is up.
+        cdef pollfd watched
+        cdef timespec ts
+        cdef long long left
+        cdef int ms, found
+        if deadline[0] == -2:
+            deadline[0] = _socket_deadline(self._fd, option)
+        while True:
+            if self._fd < 0:
+                raise OSError(EBADF, "the channel is closed")
+            ms = -1
+            if deadline[0] >= 0:
+                clock_gettime(CLOCK_MONOTONIC, &ts)
+                left = deadline[0] - (<long long>ts.tv_sec * 1000000000LL + ts.tv_nsec)
+                if left <= 0:
+                    return 0
+                ms = <int>min((left + 999999) // 1000000, 1 << 30)
+            watched.fd = self._fd
+            watched.events = events
+            watched.revents = 0
+            with nogil:
+                found = poll(&watched, 1, ms)
+            if found > 0:
+                return 1
+            if found < 0:
+                if errno != EINTR:
+                    _raise_errno()
+                PyErr_CheckSignals()
+
+    cdef ssize_t _tls_write(self, iovec *iov, Py_ssize_t count, int flags) except -2:
+        # As sendmsg, over TLS: the bytes OpenSSL took, which is all it was given (up to
+        # _TLS_WRITE_BYTES of iov[0], or small buffers joined into one record), or -1 with
+        # errno EAGAIN when MSG_DONTWAIT or the send timeout stopped it. A write that had to
+        # wait is retried with the same bytes, as OpenSSL requires; so is a later one (the
+        # queue keeps what was not taken in front, and a frame's bytes are only ever given
+        # from their start, never fewer of them).
+        cdef unsigned char joined[16384]
+        cdef size_t n = 0, take
+        cdef Py_ssize_t i
+        cdef long long deadline = -2
+        cdef short events = 0
+        cdef object view
+        if count > 1 and iov[0].iov_len < <size_t>_TLS_RECORD_BYTES:
+            for i in range(count):
+                take = min(iov[i].iov_len, <size_t>_TLS_RECORD_BYTES - n)
+                memcpy(joined + n, iov[i].iov_base, take)
+                n += take
+                if n == <size_t>_TLS_RECORD_BYTES:
+                    break
+            view = PyMemoryView_FromMemory(<char *>joined, <Py_ssize_t>n, PyBUF_READ)
+        else:
+            view = PyMemoryView_FromMemory(<char *>iov[0].iov_base,
+                                           min(<Py_ssize_t>iov[0].iov_len, _TLS_WRITE_BYTES),
+                                           PyBUF_READ)
+        while True:
+            self._tls_call_begin()
+            try:
+                return self._tls.write(view)
+            except _SSL_WANT_WRITE:
+                events = POLLOUT
+            except _SSL_WANT_READ:
+                events = POLLIN
+            except _SSL_ENDED as error:
+                raise BrokenPipeError(EPIPE, f"the peer closed the TLS stream: {error}")
+            finally:
+                PyThread_release_lock(self._tls_lock)
+            if flags & MSG_DONTWAIT or not self._tls_wait(events, SO_SNDTIMEO, &deadline):
+                errno_set(EAGAIN)
+                return -1
 
     cdef int _send_iov(self, iovec *iov, Py_ssize_t count, object fds,
                        bint quick=False) except -1:
@@ -112,7 +197,11 @@ cdef class Writer:
                 slots = <int *>CMSG_DATA(header)
                 for k in range(nfds):
                     slots[k] = fds[k]
-            if self._ring_tx:
+            if self._tls is not None:
+                if nfds:
+                    raise OSError(EINVAL, "descriptors cannot travel over TLS")
+                sent = self._tls_write(iov + first, batch, 0)
+            elif self._ring_tx:
                 sent = self._ring_write(iov + first, batch, fds if nfds else None,
                                         MSG_DONTWAIT if quick else 0)
                 if quick:
@@ -275,7 +364,19 @@ cdef class Writer:
                         chunk = min(chunk, <Py_ssize_t>(self._fd_end[0] - self.written))
                     elif ahead < chunk:
                         chunk = ahead   # up to that frame, without the descriptor
-                if self._ring_tx:
+                if self._tls is not None:
+                    vector.iov_base = buf + done
+                    vector.iov_len = <size_t>chunk
+                    try:
+                        if fd >= 0:
+                            raise OSError(EINVAL, "descriptors cannot travel over TLS")
+                        sent = self._tls_write(&vector, 1, flags)
+                    except BaseException:
+                        self._requeue(buf, cap, done, n)
+                        raise
+                    if sent < 0:
+                        error = errno
+                elif self._ring_tx:
                     vector.iov_base = buf + done
                     vector.iov_len = <size_t>chunk
                     sent = self._ring_write(&vector, 1, (fd,) if fd >= 0 else None,

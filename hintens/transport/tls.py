@@ -1,7 +1,10 @@
-"""TLS over TCP: ``TlsStream`` gives the pure-Python Channel the socket interface it drives
-(``recvmsg_into``, ``send``, ``sendmsg``, ``shutdown``, ``setsockopt``...) over an
-``ssl.SSLSocket``, so that the same frames, batching and drivers run encrypted. (The compiled
-Channel reads and writes the descriptor itself, which TLS cannot allow.)
+"""TLS over TCP: ``TlsStream`` wraps an ``ssl.SSLSocket`` for the Channel, so that the same
+frames, batching and drivers run encrypted.
+
+- The compiled Channel drives OpenSSL's object itself (``tls_parts``): its reads and writes
+  are C calls, with no Python in between (hintens/transport/_channel.pyx).
+- The pure-Python Channel (the twin core, or a Python without ``SSLSocket._sslobj``) uses
+  the socket interface this class gives (``recvmsg_into``, ``send``, ``sendmsg``...).
 
 The socket underneath is non-blocking; blocking calls wait in ``poll()`` for as long as the
 receive or send timeout the driver set (SO_RCVTIMEO / SO_SNDTIMEO, kept here instead of in the
@@ -70,9 +73,29 @@ class TlsStream:
 
     @property
     def channel_class(self) -> Any:
-        """The Channel that can drive this stream: the pure-Python one, with the core's
-        frame encoders (compiled, when the compiled core is in use)."""
+        """The Channel that can drive this stream: the compiled core's, which drives OpenSSL
+        itself (``tls_parts``); else the pure-Python one, with the core's frame encoders.
+        (``SSLSocket._sslobj``, ssl's object underneath, is private to the ssl module; it is
+        there on every Python hintens supports, and were it not, the pure-Python Channel
+        would serve.)"""
+        from .. import _impl
+
+        if getattr(self._ssl, "_sslobj", None) is not None \
+                and _impl.core.DRIVES_TLS:
+            return _impl.core.Channel
         return _tls_channel_class()
+
+    def tls_parts(self) -> tuple[Any, bytes]:
+        """For a Channel that drives OpenSSL itself: ssl's object under the ``SSLSocket``
+        (its ``read``, ``write`` and ``pending``), and the bytes read ahead, which it serves
+        first. From then on only that Channel reads and writes; the timeouts it waits within
+        are the kernel's (``setsockopt`` sets them there too), and ``pending`` is its.
+
+        Returns:
+            ``(ssl object, bytes read ahead)``.
+        """
+        early, self._early = self._early, b""
+        return getattr(self._ssl, "_sslobj"), early   # (private to ssl: see channel_class)
 
     # Handshake --------------------------------------------------------------------------
 
@@ -117,12 +140,14 @@ class TlsStream:
         return -1 if self._closed else self._ssl.fileno()
 
     def setsockopt(self, level: int, option: int, value: Any) -> None:
+        # The timeouts are kept here for this class's waits, and set on the socket too for a
+        # Channel that waits itself (tls_parts); the descriptor is non-blocking, so the kernel
+        # does not apply them.
         if level == socket.SOL_SOCKET and option == socket.SO_RCVTIMEO:
             self._receive_s = _seconds(value)
         elif level == socket.SOL_SOCKET and option == socket.SO_SNDTIMEO:
             self._send_s = _seconds(value)
-        else:
-            self._ssl.setsockopt(level, option, value)
+        self._ssl.setsockopt(level, option, value)
 
     def getsockopt(self, *args: Any) -> Any:
         return self._ssl.getsockopt(*args)
