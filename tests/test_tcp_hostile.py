@@ -16,6 +16,7 @@ peers that vanish with an RST mid-frame and mid-request.
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import ssl
@@ -548,6 +549,30 @@ def test_garbage_frames_inside_tls_are_bad_header_then_closed(target, kind):
     assert peer.next_error()[:2] == (0, ErrorCode.BAD_HEADER)
     assert peer.at_eof()
     peer.close()
+    server.assert_recovered()
+
+
+@pytest.mark.parametrize("record", [
+    b"\x17\x03\x03\x00\x40" + bytes(range(64)),          # application data whose MAC fails
+    b"\x17\x03\x03\xff\xff" + bytes(3000),                 # longer than a record may be
+    b"\x16\x03\x03\x00\x04\x01\x00\x00\x00",          # a plaintext handshake message
+    b"\x15\x03\x03\x00\x02\x02\x28",                    # a plaintext fatal alert
+], ids=["bad-mac", "oversized", "plaintext-handshake", "plaintext-alert"])
+def test_a_broken_record_after_the_handshake_closes_that_connection(target, kind, record):
+    """After the handshake and the hello, bytes written under TLS, straight to the socket:
+    OpenSSL refuses them in the server's read. That connection ends, with no traceback in
+    the log; another peer's Requests on the same server are answered meanwhile."""
+    server = target(kind, tls=True)
+    other = server.peer(hello=True)
+    peer = server.peer(hello=True)
+    peer.send(raw_frame(b"echo:before", request_id=1))
+    assert peer.next_frame().payload == b"before"
+    os.write(peer.sock.fileno(), record)
+    assert ends_within(peer.sock, 10), "the server kept a connection whose TLS broke"
+    other.send(raw_frame(b"echo:still", request_id=2))
+    assert other.next_frame().payload == b"still"
+    peer.close()
+    other.close()
     server.assert_recovered()
 
 
