@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import ssl
 import sys
@@ -182,3 +183,28 @@ def test_a_peer_that_reads_nothing_times_the_send_out(pki):
         for sock in held:
             sock.close()
         listener.close()
+
+
+def test_a_signal_while_a_request_waits_over_tls_acts_at_once(served, pki):
+    """A signal whose handler raises (Ctrl-C, say), while a request waits for its reply over
+    TLS: the exception comes out of request() at once, not when the reply or the timeout
+    comes."""
+
+    class Interrupted(Exception):
+        pass
+
+    def interrupt(signum, frame):
+        raise Interrupted
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        with hintens.Client(served, ssl_context=client_context(pki), timeout=30) as client:
+            assert client.request(b"echo:warm") == b"warm"
+            signal.setitimer(signal.ITIMER_REAL, 0.3)
+            started = time.monotonic()
+            with pytest.raises(Interrupted):
+                client.request(b"sleep:5:late")
+            assert time.monotonic() - started < 3
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
