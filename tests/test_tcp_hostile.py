@@ -560,8 +560,8 @@ def test_garbage_frames_inside_tls_are_bad_header_then_closed(target, kind):
 ], ids=["bad-mac", "oversized", "plaintext-handshake", "plaintext-alert"])
 def test_a_broken_record_after_the_handshake_closes_that_connection(target, kind, record):
     """After the handshake and the hello, bytes written under TLS, straight to the socket:
-    OpenSSL refuses them in the server's read. That connection ends, with no traceback in
-    the log; another peer's Requests on the same server are answered meanwhile."""
+    OpenSSL refuses them in the server's read. That connection ends, logged at INFO with no
+    traceback; another peer's Requests on the same server are answered meanwhile."""
     server = target(kind, tls=True)
     other = server.peer(hello=True)
     peer = server.peer(hello=True)
@@ -569,6 +569,7 @@ def test_a_broken_record_after_the_handshake_closes_that_connection(target, kind
     assert peer.next_frame().payload == b"before"
     os.write(peer.sock.fileno(), record)
     assert ends_within(peer.sock, 10), "the server kept a connection whose TLS broke"
+    assert wait_until(lambda: "its TLS stream broke" in server.log()), server.log()
     other.send(raw_frame(b"echo:still", request_id=2))
     assert other.next_frame().payload == b"still"
     peer.close()

@@ -47,7 +47,7 @@ from ..protocol.answers import (
 from ..protocol.hello import FEATURE_RING, FEATURE_SHM, Hello, HelloKey
 from ..protocol.replay import ANSWERED, NEW, RUNNING, ReplayWindow, refusal
 from ..sync.connection import Connection
-from ..transport.tls import client_hello_hint
+from ..transport.tls import client_hello_hint, note_broken_stream
 from ..transport.unix import PeerCredentials
 from ._loop import on_loop
 from ._watch import SocketWatch
@@ -268,6 +268,7 @@ class ServerConnection(Pushing):
         except BlockingIOError:
             return
         except OSError as error:
+            note_broken_stream(self, error)
             self._end(str(error))
             return
         now = self._last_activity = self._loop.time()

@@ -25,7 +25,7 @@ from ..protocol.answers import (
 from ..protocol.endpoint import Endpoint
 from ..protocol.hello import HelloKey
 from ..protocol.replay import ANSWERED, NEW, ReplayWindow, refusal
-from ..transport.tls import client_hello_hint
+from ..transport.tls import client_hello_hint, note_broken_stream
 from .connection import Connection
 
 if TYPE_CHECKING:
@@ -155,6 +155,7 @@ class Answering:
             except ProtocolError as error:
                 items = conn.after_error(error)
             except OSError as error:
+                note_broken_stream(self, error)
                 return str(error)
             if not joined and endpoint.peer_hello is not None:
                 joined = True

@@ -15,6 +15,7 @@ OpenSSL's object to one thread at a time; nobody holds it while waiting.
 from __future__ import annotations
 
 import errno
+import logging
 import select
 import socket
 import ssl
@@ -389,6 +390,16 @@ def plaintext_hint(error: BaseException) -> str:
             or "HTTP_REQUEST" in text:
         return " (a client without TLS? it needs ssl_context=)"
     return ""
+
+
+def note_broken_stream(connection: Any, error: BaseException) -> None:
+    """For a server whose read failed: an ``ssl.SSLError`` there means a record OpenSSL
+    refused after the handshake (a peer that broke TLS, or bytes changed on the way),
+    which is logged at INFO, as a client that broke the protocol is. Anything else (a reset,
+    a closed connection) is not."""
+    if isinstance(error, ssl.SSLError):
+        logging.getLogger("hintens").info("closing %r: its TLS stream broke: %s", connection,
+                                          error.reason or error)
 
 
 def client_hello_hint(error: BaseException) -> str:
