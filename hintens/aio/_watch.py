@@ -46,12 +46,16 @@ class SocketWatch:
         on_write: called when a write would not wait, while writing is wanted.
         on_error: called with the exception when taking the socket's records (a ring's, while
             not reading) fails: the connection is over.
+        buffered: says whether bytes wait that the socket will not announce (decrypted TLS
+            records: ``Connection.more_buffered``), looked at when reading resumes.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, fd: int, channel: Any,
                  on_read: Callable[[], None], on_write: Callable[[], None],
-                 on_error: Callable[[BaseException], None]) -> None:
+                 on_error: Callable[[BaseException], None],
+                 buffered: Callable[[], bool] | None = None) -> None:
         self._loop, self._fd, self._channel = loop, fd, channel
+        self._buffered = buffered
         self._on_read, self._on_write, self._on_error = on_read, on_write, on_error
         self.reading = False       # on_read is wanted
         self.writing = False       # on_write is wanted
@@ -63,8 +67,9 @@ class SocketWatch:
 
     def want_read(self, wanted: bool) -> None:
         """Call ``on_read`` when a read would not wait (or stop)."""
-        if wanted and not self.reading and self._channel.ring_rx:
-            self.read_soon()   # bytes may wait in the ring already, unannounced
+        if wanted and not self.reading and (
+                self._channel.ring_rx or (self._buffered is not None and self._buffered())):
+            self.read_soon()   # bytes may wait already, unannounced (in the ring, or TLS's)
         self.reading = wanted
         self.update()
 

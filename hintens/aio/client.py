@@ -289,7 +289,7 @@ class Client(Generic[_R]):
             conn.channel.ring_socket_wakes = True   # the loop waits on the socket, not a futex
         self._conn = conn
         self._watch = SocketWatch(loop, conn.channel.fileno(), conn.channel, self._readable,
-                                  self._writable, self._watch_failed)
+                                  self._writable, self._watch_failed, conn.more_buffered)
         self._send([self._endpoint.hello_frame()])
         self._watch.want_read(True)
         if self._shm:

@@ -120,7 +120,7 @@ class ServerConnection(Pushing):
         self._cut = False
         # What the loop watches for (reading, writing) is the watch's state.
         self._watch = SocketWatch(loop, self._fd, self._channel, self._readable,
-                                  self._writable, self._watch_failed)
+                                  self._writable, self._watch_failed, self._conn.more_buffered)
         self._eof = False            # the client's half is over: answer what came, then end
         self._tasks: set[asyncio.Future[Any]] = set()
         # Items a read brought while the connection was busy (_busy): served, in order,
