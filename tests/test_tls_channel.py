@@ -208,3 +208,158 @@ def test_a_signal_while_a_request_waits_over_tls_acts_at_once(served, pki):
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+
+
+class _Tick(Exception):
+    pass
+
+
+@pytest.fixture
+def tls_pair():
+    """Both ends of a TLS stream over a socketpair, handshake done: (our TlsStream, the
+    peer's SSLSocket)."""
+    from hintens.transport.tls import TlsStream
+
+    ca = trustme.CA()
+    server_side = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_side)
+    client_side = ssl.create_default_context()
+    ca.configure_trust(client_side)
+    a, b = socket.socketpair()
+    peer = server_side.wrap_socket(b, server_side=True, do_handshake_on_connect=False)
+    ours = client_side.wrap_socket(a, server_hostname="127.0.0.1", do_handshake_on_connect=False)
+    shake = threading.Thread(target=peer.do_handshake)
+    shake.start()
+    ours.do_handshake()
+    shake.join(10)
+    stream = TlsStream(ours)
+    yield stream, peer
+    stream.close()
+    peer.close()
+
+
+@pytest.fixture
+def ticking():
+    """A SIGALRM every 0.5 ms whose handler raises _Tick while ``armed[0]`` is True."""
+    armed = [False]
+
+    def tick(signum, frame):
+        if armed[0]:
+            raise _Tick()
+
+    previous = signal.signal(signal.SIGALRM, tick)
+    signal.setitimer(signal.ITIMER_REAL, 0.0005, 0.0005)
+    yield armed
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+compiled_only = pytest.mark.skipif(
+    not _impl.core.DRIVES_TLS,
+    reason="pure-Python I/O cannot be made safe against a handler's exception between two "
+           "bytecodes (between a read and the decoding of what it read)")
+
+
+@compiled_only
+def test_a_signal_during_tls_writes_never_sends_bytes_twice(tls_pair, ticking):
+    """ssl looks at signals after its OpenSSL call: a handler's exception raised there came
+    after the bytes left. The channel must not send them again (it did: the outbox put them
+    back in its queue); the stream breaks instead."""
+    stream, peer = tls_pair
+    channel = stream.channel_class(stream, _impl.core.FrameDecoder(), 65536)
+    seen: list[int] = []
+
+    def read_peer() -> None:
+        decoder = _impl.core.FrameDecoder()
+        while True:
+            data = peer.recv(1 << 16)
+            if not data:
+                return
+            seen.extend(frame.request_id for frame in decoder.feed(data))
+
+    reader = threading.Thread(target=read_peer, daemon=True)
+    reader.start()
+    ticks = 0
+    deadline = time.monotonic() + 3
+    payload = b"y" * 2000
+    try:
+        while time.monotonic() < deadline:
+            try:
+                ticking[0] = True
+                channel.event(payload)
+                channel.flush()
+            except _Tick:
+                ticks += 1
+            except OSError:
+                break   # broken by a signal that came after the bytes left: allowed
+            finally:
+                ticking[0] = False
+    finally:
+        ticking[0] = False
+    assert ticks, "no signal arrived during the writes: nothing was tested"
+    try:
+        channel.flush()
+    except OSError:
+        pass
+    channel.stop_reading()
+    stream.shutdown(socket.SHUT_WR)
+    reader.join(10)
+    assert len(seen) == len(set(seen)), f"{len(seen) - len(set(seen))} frames came twice"
+    assert seen == sorted(seen)
+
+
+@compiled_only
+def test_a_signal_during_tls_reads_never_loses_bytes_unnoticed(tls_pair, ticking):
+    """A handler's exception raised after OpenSSL took a record loses that record: the stream
+    must then end (the decoder reports it), never go on with a hole in it."""
+    stream, peer = tls_pair
+    channel = stream.channel_class(stream, _impl.core.FrameDecoder(), 65536)
+    count = 5000
+    frame = _impl.core.encode_frame(3, b"x" * 3000, 7)
+
+    def send_peer() -> None:
+        data = frame * count
+        try:
+            for start in range(0, len(data), 5001):   # records that do not align with frames
+                peer.sendall(data[start:start + 5001])
+        except OSError:
+            pass   # our end broke and went away
+
+    sender = threading.Thread(target=send_peer, daemon=True)
+    sender.start()
+    frames = ticks = 0
+    ended = False
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and frames < count:
+        try:
+            ticking[0] = True
+            got = channel.receive()
+        except _Tick:
+            ticks += 1
+            continue
+        finally:
+            ticking[0] = False
+        if got is None:
+            ended = True
+            break
+        assert all(bytes(f.payload) == b"x" * 3000 for f in got)
+        frames += len(got)
+    assert ticks, "no signal arrived during the reads: nothing was tested"
+    assert frames == count or ended, (frames, ticks)
+
+
+@compiled_only
+def test_a_tls_send_that_times_out_breaks_the_stream(tls_pair):
+    """A send the peer does not take within the send timeout: OpenSSL may hold part of a
+    record of it, and a later send with other bytes would follow that part on the wire. The
+    stream is broken instead, and a later send fails."""
+    from hintens.transport.unix import set_kernel_timeouts
+
+    stream, peer = tls_pair
+    channel = stream.channel_class(stream, _impl.core.FrameDecoder(), 65536)
+    set_kernel_timeouts(stream, None, 0.2)
+    with pytest.raises(BlockingIOError):
+        channel.send([b"A" * (16 << 20)])   # the peer reads nothing
+    assert channel.broken
+    with pytest.raises(OSError):
+        channel.send([b"B" * 200_000])

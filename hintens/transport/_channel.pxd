@@ -169,6 +169,7 @@ cdef class Writer:
     cdef ssize_t _ring_write(self, iovec *iov, Py_ssize_t count, object fds, int flags) except -2
     cdef ssize_t _tls_write(self, iovec *iov, Py_ssize_t count, int flags) except -2
     cdef int _tls_call_begin(self) except -1
+    cdef int _tls_failed(self) except -1
     cdef int _tls_wait(self, short events, int option, long long *deadline) except -1
     cdef void _shut(self) noexcept
 

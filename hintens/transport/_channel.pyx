@@ -163,9 +163,7 @@ cdef extern from "sys/time.h" nogil:
 
 cdef extern from "sys/socket.h" nogil:
     int getsockopt(int fd, int level, int option, void *value, unsigned int *length)
-    const int SOL_SOCKET
-    const int SO_RCVTIMEO
-    const int SO_SNDTIMEO
+    # (SOL_SOCKET comes from _channel.pxd, SO_RCVTIMEO and SO_SNDTIMEO from _ring.pxi)
 
 
 cdef extern from "fcntl.h" nogil:
@@ -407,6 +405,10 @@ cdef class Channel(Outbox):
         cdef long long deadline = -2
         cdef short events
         cdef bytes early = self._tls_early
+        if self.broken:
+            # Shut for good (_break): its end, as a plain socket's reader sees, even though
+            # OpenSSL may hold decrypted bytes (after a lost read they would not follow on).
+            return 0
         if early:
             got = min(size, len(early))
             memcpy(buf, PyBytes_AS_STRING(early), got)
@@ -428,6 +430,9 @@ cdef class Channel(Outbox):
                 events = POLLOUT
             except _SSL_ENDED:
                 return count   # the end (the next read says 0)
+            except BaseException:
+                self._tls_failed()   # (bytes it took may be lost: see _tls_call_begin)
+                raise
             finally:
                 PyThread_release_lock(self._tls_lock)
             if events == 0:
@@ -446,9 +451,18 @@ cdef class Channel(Outbox):
     def tls_pending(self):
         """Over TLS: decrypted bytes wait (inside OpenSSL, or read ahead) that the
         descriptor will not announce. False over a plain socket."""
+        cdef int waiting
         if self._tls is None or self._fd < 0:
             return False
-        return bool(self._tls_early) or self._tls.pending() > 0
+        if self._tls_early:
+            return True
+        # Not while another thread is in an OpenSSL call: that one reads (or will) anyway.
+        if not PyThread_acquire_lock(self._tls_lock, NOWAIT_LOCK):
+            return True
+        try:
+            return self._fd >= 0 and self._tls.pending() > 0
+        finally:
+            PyThread_release_lock(self._tls_lock)
 
     def switch_rx(self, Ring ring):
         """Read from ``ring`` from now on (PROTOCOL.md section 9b): the peer's switch frame was

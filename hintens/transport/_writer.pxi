@@ -69,11 +69,23 @@ cdef class Writer:
 
     cdef int _tls_call_begin(self) except -1:
         # Takes the TLS lock for one OpenSSL call; the caller releases it right after.
-        if self._fd < 0:
-            raise OSError(EBADF, "the channel is closed")
+        # Signals that came meanwhile are handled first: ssl looks at them only after its
+        # OpenSSL call, and a handler's exception raised there would lose what the call did
+        # (the bytes a write sent, a read took), which breaks the stream (_tls_failed).
+        PyErr_CheckSignals()
         if not PyThread_acquire_lock(self._tls_lock, NOWAIT_LOCK):
             with nogil:
                 PyThread_acquire_lock(self._tls_lock, WAIT_LOCK)
+        if self._fd < 0:
+            PyThread_release_lock(self._tls_lock)
+            raise OSError(EBADF, "the channel is closed")
+        return 0
+
+    cdef int _tls_failed(self) except -1:
+        # An OpenSSL call raised something other than "wait" or "the stream ended": TLS broke,
+        # the connection did, or a signal handler's exception came after the call had sent or
+        # taken bytes. Which bytes is unknown, so the stream cannot go on: shut it for good.
+        self._break()
         return 0
 
     cdef int _tls_wait(self, short events, int option, long long *deadline) except -1:
@@ -142,7 +154,11 @@ cdef class Writer:
             except _SSL_WANT_READ:
                 events = POLLIN
             except _SSL_ENDED as error:
+                self._tls_failed()
                 raise BrokenPipeError(EPIPE, f"the peer closed the TLS stream: {error}")
+            except BaseException:
+                self._tls_failed()
+                raise
             finally:
                 PyThread_release_lock(self._tls_lock)
             if flags & MSG_DONTWAIT or not self._tls_wait(events, SO_SNDTIMEO, &deadline):
@@ -201,6 +217,10 @@ cdef class Writer:
                 if nfds:
                     raise OSError(EINVAL, "descriptors cannot travel over TLS")
                 sent = self._tls_write(iov + first, batch, 0)
+                if sent < 0:
+                    # The send timeout: OpenSSL may hold part of a record of these bytes, and
+                    # the caller will not offer them again (it fails the frame).
+                    self._tls_failed()
             elif self._ring_tx:
                 sent = self._ring_write(iov + first, batch, fds if nfds else None,
                                         MSG_DONTWAIT if quick else 0)

@@ -70,6 +70,7 @@ class TlsStream:
         self._receive_s: float | None = None
         self._send_s: float | None = None
         self._closed = False
+        self._broke = False   # a call failed in a way that leaves the stream unusable
         self._early = b""   # bytes read ahead (``prefetch``), served first
 
     @property
@@ -201,6 +202,8 @@ class TlsStream:
     def _read_some(self, view: memoryview) -> tuple[int, int | None]:
         # (bytes read, None) when done, or (0, events to wait for) when nothing was there.
         count = 0
+        if self._broke:
+            return 0, None   # its end (decrypted bytes OpenSSL may hold would not follow on)
         with self._lock:
             while count < len(view):
                 try:
@@ -211,6 +214,9 @@ class TlsStream:
                     return (count, None) if count else (0, _EVENTS_WRITE)
                 except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
                     return count, None   # the end (the next read says 0)
+                except BaseException:
+                    self._broken()
+                    raise
                 if not got:
                     return count, None
                 count += got
@@ -237,6 +243,8 @@ class TlsStream:
 
     def _write_some(self, chunk: memoryview) -> tuple[int, int | None]:
         # (bytes written, None), or (0, events to wait for) when OpenSSL could not go on.
+        if self._broke:
+            raise BrokenPipeError(errno.EPIPE, "the TLS stream broke")
         try:
             with self._lock:
                 return self._ssl.send(chunk), None
@@ -247,6 +255,19 @@ class TlsStream:
         except ssl.SSLEOFError as error:
             raise BrokenPipeError(errno.EPIPE, f"the peer closed the TLS stream: {error}") \
                 from error
+        except BaseException:
+            self._broken()
+            raise
+
+    def _broken(self) -> None:
+        # An OpenSSL call raised something other than "wait" or "ended": TLS broke, or a
+        # signal handler's exception came after the call had sent or taken bytes (ssl looks
+        # at signals after the call). Which bytes is unknown: the stream ends here.
+        self._broke = True
+        try:
+            socket.socket.shutdown(self._ssl, socket.SHUT_RDWR)
+        except OSError:
+            pass
 
     def _until(self, step: Callable[[], tuple[Any, int | None]], seconds: float | None,
                now_only: bool, expired: BaseException | None) -> Any:
