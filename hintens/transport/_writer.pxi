@@ -198,6 +198,7 @@ cdef class Writer:
         cdef hx_fd_control control
         cdef cmsghdr *header
         cdef int *slots
+        cdef int saved
         while first < count:
             batch = min(count - first, <Py_ssize_t>_MAX_IOV)
             memset_msghdr(&message)
@@ -220,7 +221,9 @@ cdef class Writer:
                 if sent < 0:
                     # The send timeout: OpenSSL may hold part of a record of these bytes, and
                     # the caller will not offer them again (it fails the frame).
+                    saved = errno
                     self._tls_failed()
+                    errno_set(saved)
             elif self._ring_tx:
                 sent = self._ring_write(iov + first, batch, fds if nfds else None,
                                         MSG_DONTWAIT if quick else 0)
