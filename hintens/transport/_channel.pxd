@@ -75,6 +75,7 @@ cdef extern from "_ring.h" nogil:
         HX_WAIT_CORRUPT
         HX_WAIT_SOCKET
     long long hx_ring_now_ns()
+    long long hx_socket_deadline(int sock, int option)
     void hx_ring_attach(hx_ring *r, unsigned char *base, uint64_t capacity, int creator,
                         int sock)
     int64_t hx_ring_readable(hx_ring *r)

@@ -155,17 +155,6 @@ cdef extern from "poll.h" nogil:
     const short POLLOUT
 
 
-cdef extern from "sys/time.h" nogil:
-    struct timeval:
-        long tv_sec
-        long tv_usec
-
-
-cdef extern from "sys/socket.h" nogil:
-    int getsockopt(int fd, int level, int option, void *value, unsigned int *length)
-    # (SOL_SOCKET comes from _channel.pxd, SO_RCVTIMEO and SO_SNDTIMEO from _ring.pxi)
-
-
 cdef extern from "fcntl.h" nogil:
     int fcntl(int fd, int command, int argument)
     const int F_DUPFD_CLOEXEC
@@ -236,20 +225,6 @@ cdef int _load_ssl() except -1:
         _SSL_ENDED = (ssl.SSLZeroReturnError, ssl.SSLEOFError)
     return 0
 
-
-cdef long long _socket_deadline(int fd, int option) noexcept:
-    # The socket's kernel timeout (option) as a CLOCK_MONOTONIC deadline in ns; -1: none.
-    cdef timeval tv
-    cdef unsigned int length = sizeof(timeval)
-    cdef timespec ts
-    tv.tv_sec = 0
-    tv.tv_usec = 0
-    if getsockopt(fd, SOL_SOCKET, option, &tv, &length) != 0 or (tv.tv_sec == 0
-                                                                 and tv.tv_usec == 0):
-        return -1
-    clock_gettime(CLOCK_MONOTONIC, &ts)
-    return (<long long>ts.tv_sec + tv.tv_sec) * 1000000000LL + ts.tv_nsec \
-        + <long long>tv.tv_usec * 1000LL
 
 include "_writer.pxi"
 include "_outbox.pxi"

@@ -364,18 +364,22 @@ static inline int hx_ring_peer_ended_quietly(hx_ring *r) {
     return 0;
 }
 
-/* The kernel timeout the caller keeps on the socket (SO_RCVTIMEO or SO_SNDTIMEO) as a
+/* The kernel timeout the caller keeps on a socket (SO_RCVTIMEO or SO_SNDTIMEO) as a
  * deadline from now; -1 for none. Looked up only when a wait is about to sleep: a wait that a
  * spin ends costs no system call. */
-static inline long long hx_ring_socket_deadline(hx_ring *r, int option) {
+static inline long long hx_socket_deadline(int sock, int option) {
     struct timeval tv;
     socklen_t length = sizeof(tv);
     tv.tv_sec = 0;
     tv.tv_usec = 0;
-    if (getsockopt(r->sock, SOL_SOCKET, option, &tv, &length) != 0
+    if (getsockopt(sock, SOL_SOCKET, option, &tv, &length) != 0
             || (tv.tv_sec == 0 && tv.tv_usec == 0))
         return -1;
     return hx_ring_now_ns() + (long long)tv.tv_sec * 1000000000LL + (long long)tv.tv_usec * 1000LL;
+}
+
+static inline long long hx_ring_socket_deadline(hx_ring *r, int option) {
+    return hx_socket_deadline(r->sock, option);
 }
 
 /* One sleep of a waiter that announced itself on `sleeps`: until woken, the liveness slice,

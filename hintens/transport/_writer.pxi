@@ -97,7 +97,7 @@ cdef class Writer:
         cdef long long left
         cdef int ms, found
         if deadline[0] == -2:
-            deadline[0] = _socket_deadline(self._fd, option)
+            deadline[0] = hx_socket_deadline(self._fd, option)
         while True:
             if self._fd < 0:
                 raise OSError(EBADF, "the channel is closed")
