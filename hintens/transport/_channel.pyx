@@ -426,7 +426,6 @@ cdef class Channel(Outbox):
     def tls_pending(self):
         """Over TLS: decrypted bytes wait (inside OpenSSL, or read ahead) that the
         descriptor will not announce. False over a plain socket."""
-        cdef int waiting
         if self._tls is None or self._fd < 0:
             return False
         if self._tls_early:

@@ -28,6 +28,8 @@ from .._constants import MSG_DONTWAIT
 from .._errors import ConnectError
 
 
+log = logging.getLogger("hintens")
+
 #: What one write hands OpenSSL at most: 16 TLS records (OpenSSL cuts them), so that a large
 #: frame costs a Python call per 256 KiB rather than per 16 KiB record. A write that must be
 #: retried is retried with the same bytes, as OpenSSL requires; small buffers are joined into
@@ -215,7 +217,7 @@ class TlsStream:
                 except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
                     return count, None   # the end (the next read says 0)
                 except BaseException:
-                    self._broken()
+                    self._break_stream()
                     raise
                 if not got:
                     return count, None
@@ -256,10 +258,10 @@ class TlsStream:
             raise BrokenPipeError(errno.EPIPE, f"the peer closed the TLS stream: {error}") \
                 from error
         except BaseException:
-            self._broken()
+            self._break_stream()
             raise
 
-    def _broken(self) -> None:
+    def _break_stream(self) -> None:
         # An OpenSSL call raised something other than "wait" or "ended": TLS broke, or a
         # signal handler's exception came after the call had sent or taken bytes (ssl looks
         # at signals after the call). Which bytes is unknown: the stream ends here.
@@ -419,8 +421,7 @@ def note_broken_stream(connection: Any, error: BaseException) -> None:
     which is logged at INFO, as a client that broke the protocol is. Anything else (a reset,
     a closed connection) is not."""
     if isinstance(error, ssl.SSLError):
-        logging.getLogger("hintens").info("closing %r: its TLS stream broke: %s", connection,
-                                          error.reason or error)
+        log.info("closing %r: its TLS stream broke: %s", connection, error.reason or error)
 
 
 def client_hello_hint(error: BaseException) -> str:
