@@ -16,7 +16,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 CORE_SOURCES := pyproject.toml setup.py hintens/wire/_wire.pyx hintens/wire/_wire.pxd \
-    hintens/wire/_wire.h hintens/wire/_crc16.h hintens/transport/_channel.pyx \
+    hintens/wire/_wire.h hintens/wire/_crc16.h hintens/wire/_crc16_threads.h \
+    hintens/transport/_channel.pyx \
     hintens/transport/_writer.pxi hintens/transport/_outbox.pxi hintens/transport/_memory.pxi \
     hintens/transport/_ring.pxi hintens/transport/_ring.h \
     hintens/transport/_channel.pxd

@@ -71,6 +71,39 @@ def test_64_mib(core):
     assert core.crc16(data) == binascii.crc_hqx(data, 0xFFFF)
 
 
+# From 16 MiB the compiled CRC splits the buffer into blocks that several threads take in turn,
+# and folds their CRCs together (_crc16_threads.h). Each case runs in its own interpreter, with
+# its CPUs and HINTENS_CRC_THREADS set before the first call.
+_THREADED_CHECK = """
+import binascii, os, random, sys
+from hintens.wire import _wire
+cpus, cap = int(sys.argv[1]), sys.argv[2]
+os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:cpus])
+if cap != "-":
+    os.environ["HINTENS_CRC_THREADS"] = cap
+rng = random.Random(cpus)
+data = rng.randbytes((40 << 20) + 4099)
+view = memoryview(data)
+for n in ((16 << 20) - 1, 16 << 20, (16 << 20) + 1, (33 << 20) + 4095, len(data) - 3):
+    for off in (0, 3):
+        piece = view[off:off + n]
+        start = rng.randrange(0x10000)
+        assert _wire.crc16(piece, start) == binascii.crc_hqx(piece, start), (n, off, start)
+print(_wire.crc16_threads((16 << 20) - 1), _wire.crc16_threads(len(data)))
+"""
+
+
+@pytest.mark.parametrize("cpus, cap, expected", [
+    (1, "-", 1), (2, "-", 2), (2, "1", 1), (2, "0", 1), (2, "3", 2), (2, "many", 2)])
+def test_a_large_buffer_on_several_threads_has_the_crc_of_one(cython_core, cpus, cap, expected):
+    if len(os.sched_getaffinity(0)) < cpus:
+        pytest.skip(f"this test process may run on fewer than {cpus} CPUs")
+    done = subprocess.run([sys.executable, "-c", _THREADED_CHECK, str(cpus), cap],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["1", str(expected)]   # one below 16 MiB; then the CPUs or cap
+
+
 def test_accepts_any_contiguous_buffer_without_copying(core):
     payload = bytes(range(256)) * 4
     expected = binascii.crc_hqx(payload, 0xFFFF)

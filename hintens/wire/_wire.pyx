@@ -131,15 +131,26 @@ cdef extern from "_crc16.h" nogil:
     uint16_t hx_crc16(uint16_t crc, const unsigned char *buf, size_t length)
     const char *hx_crc16_impl()
 
+cdef extern from "_crc16_threads.h" nogil:
+    size_t HX_CRC16_THREADED_MIN
+    uint16_t hx_crc16_threaded(uint16_t crc, const unsigned char *buf, size_t length)
+    int hx_crc16_threads(size_t length)
+
 
 cdef uint16_t crc16_kernel(uint16_t crc, const unsigned char *p, size_t n) noexcept nogil:
     return hx_crc16(crc, p, n)
 
 
 cdef inline uint16_t _crc(uint16_t crc, const unsigned char *p, size_t n) noexcept:
+    # A large buffer's CRC runs without the GIL, and from HX_CRC16_THREADED_MIN on several
+    # CPUs when this thread may use them (_crc16_threads.h): a sender computes it before its
+    # frame's first byte can leave, so the whole pass is latency.
     if n >= NOGIL_THRESHOLD_BYTES:
         with nogil:
-            crc = hx_crc16(crc, p, n)
+            if n >= HX_CRC16_THREADED_MIN:
+                crc = hx_crc16_threaded(crc, p, n)
+            else:
+                crc = hx_crc16(crc, p, n)
         return crc
     return hx_crc16(crc, p, n)
 
@@ -166,6 +177,18 @@ def crc16(data, value=0xFFFF):
     crc = _crc(crc, ref.buf, <size_t>ref.len)
     _release(&ref)
     return crc
+
+
+def crc16_threads(Py_ssize_t length):
+    """How many threads ``crc16`` (and a frame's encoder or decoder) takes for ``length`` bytes.
+
+    One below 16 MiB. From there, the CPUs this thread may run on (``os.sched_getaffinity``),
+    at most 4, or ``HINTENS_CRC_THREADS`` if that is lower (1 keeps every CRC on the calling
+    thread). Read on every call.
+    """
+    if length < 0:
+        raise ValueError("a length cannot be negative")
+    return hx_crc16_threads(<size_t>length)
 
 
 def crc16_backend():

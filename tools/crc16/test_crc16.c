@@ -1,6 +1,6 @@
 /* Correctness harness for _crc16.h: every path vs. a bitwise reference.
  * Build: gcc -O2 -Wall -Wextra -Werror -pthread test_crc16.c -o test_crc16 */
-#include "_crc16.h"
+#include "_crc16_threads.h" /* first: it defines _GNU_SOURCE; it includes _crc16.h */
 
 #include <pthread.h>
 #include <stdio.h>
@@ -243,6 +243,57 @@ static void test_dispatch(const unsigned char *data, size_t big, int has_pcl, in
         pthread_join(th[i], NULL);
 }
 
+/* hx_crc16_zeros against the bitwise reference over zero bytes, and hx_crc16_threaded against
+ * the (already checked) one-thread kernel across its thresholds, block edges and thread caps. */
+static void test_threaded(void)
+{
+    static const unsigned char zeros[5000];
+    size_t big = HX_CRC16_THREADED_MIN * 2 + 3 * 4096 + 17;
+    unsigned char *data = malloc(big);
+    const char *caps[] = {NULL, "1", "2", "3", "4", "9", "0", "x"};
+    long before = failures;
+
+    for (size_t n = 0; n <= sizeof zeros; n += (n < 64 ? 1 : 97)) {
+        uint16_t c0 = (uint16_t)rnd();
+        checks++;
+        if (hx_crc16_zeros(c0, n) != ref_crc16(c0, zeros, n)) {
+            fprintf(stderr, "FAIL zeros n=%zu crc0=%04x\n", n, c0);
+            failures++;
+        }
+    }
+    for (size_t i = 0; i < big; i++)
+        data[i] = (unsigned char)(rnd() >> 56);
+    setenv("HINTENS_CRC_THREADS", "2", 1);
+    if (hx_crc16_threads(HX_CRC16_THREADED_MIN - 1) != 1 || hx_crc16_threads(HX_CRC16_THREADED_MIN) < 1) {
+        fprintf(stderr, "FAIL hx_crc16_threads below/at the threshold\n");
+        failures++;
+    }
+    for (size_t c = 0; c < sizeof caps / sizeof caps[0]; c++) {
+        const size_t sizes[] = {HX_CRC16_THREADED_MIN - 1, HX_CRC16_THREADED_MIN, HX_CRC16_THREADED_MIN + 1,
+                                HX_CRC16_THREADED_MIN + 4095, big / 2 + 1, big - 5, big};
+        if (caps[c])
+            setenv("HINTENS_CRC_THREADS", caps[c], 1);
+        else
+            unsetenv("HINTENS_CRC_THREADS");
+        printf("  HINTENS_CRC_THREADS=%-7s -> %d threads for %zu bytes\n", caps[c] ? caps[c] : "(unset)",
+               hx_crc16_threads(big), big);
+        for (size_t k = 0; k < sizeof sizes / sizeof sizes[0]; k++) {
+            size_t off = k % 3, n = sizes[k] - off;
+            uint16_t c0 = (uint16_t)rnd(), want = hx_crc16(c0, data + off, n);
+            checks++;
+            if (hx_crc16_threaded(c0, data + off, n) != want) {
+                fprintf(stderr, "FAIL threaded cap=%s n=%zu off=%zu crc0=%04x\n", caps[c] ? caps[c] : "-", n, off, c0);
+                failures++;
+            }
+        }
+    }
+    unsetenv("HINTENS_CRC_THREADS");
+    if (hx_crc16_threads(big) < 2)
+        printf("note: this thread may run on one CPU only, so the threaded CRC ran on one thread\n");
+    printf("  threaded: %s\n", failures == before ? "ok" : "FAILED");
+    free(data);
+}
+
 int main(int argc, char **argv)
 {
     size_t big = (argc > 1) ? (size_t)atol(argv[1]) : (size_t)6 << 20; /* "several MiB" */
@@ -283,6 +334,10 @@ int main(int argc, char **argv)
 
     printf("dispatcher / env override:\n");
     test_dispatch(data, big, has_pcl, has_vpcl, has_zmm);
+
+    printf("threaded CRC:\n");
+    set_impl(NULL);
+    test_threaded();
 
     free(data);
     printf("%ld passed, %ld failed\n", checks - failures, failures);

@@ -1,0 +1,170 @@
+/*
+ * _crc16_threads.h -- the CRC of one large buffer on several CPUs at once.
+ *
+ *   static uint16_t hx_crc16_zeros(uint16_t crc, size_t n);
+ *       The register after n zero bytes: hx_crc16(crc, "\0" * n, n), in O(log n).
+ *   static uint16_t hx_crc16_threaded(uint16_t crc, const unsigned char *p, size_t len);
+ *       hx_crc16(crc, p, len), computed by up to HX_CRC16_MAX_THREADS threads
+ *       when len >= HX_CRC16_THREADED_MIN and this thread may run on more than
+ *       one CPU (sched_getaffinity); on one thread otherwise.
+ *   static int hx_crc16_threads(size_t len);
+ *       How many threads hx_crc16_threaded would use for len bytes.
+ *
+ * Combining.  The CRC is linear over GF(2) and has no final XOR, so for a
+ * buffer A followed by B (|B| = n bytes):
+ *     crc(c, A||B) = crc(crc(c, A), B) = crc(c', 0^n) ^ crc(0, B),  c' = crc(c, A)
+ * and crc(c', 0^n) = c' * x^(8n) mod P (each zero bit multiplies the
+ * register by x).  So pieces can be checksummed apart, each from 0 (the
+ * first from c), and folded together in order.
+ *
+ * Scheduling.  The buffer is cut into at most HX__CRC16_MAX_BLOCKS blocks of
+ * at least HX__CRC16_BLOCK_MIN bytes.  The calling thread and its helpers
+ * take blocks from a shared counter, so a helper that the scheduler leaves
+ * waiting costs at most the blocks it took, never a whole half.  A helper
+ * that cannot be started is simply not there: the others take its blocks.
+ * HINTENS_CRC_THREADS=N (read on every call) caps the threads, 1 (or 0)
+ * turning this off; the default, and what a value that is not a whole number
+ * gives, is the CPUs this thread may run on, at most HX_CRC16_MAX_THREADS.
+ *
+ * Nothing here touches Python state: call it without the GIL.
+ */
+#ifndef HX_CRC16_THREADS_H
+#define HX_CRC16_THREADS_H
+
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE /* sched_getaffinity, CPU_COUNT */
+#endif
+#include <pthread.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdlib.h>
+
+#include "_crc16.h"
+
+#ifndef HX_CRC16_THREADED_MIN
+#define HX_CRC16_THREADED_MIN ((size_t)16 << 20) /* below this a thread costs more than it saves */
+#endif
+#ifndef HX__CRC16_BLOCK_MIN
+#define HX__CRC16_BLOCK_MIN ((size_t)2 << 20)
+#endif
+#define HX_CRC16_MAX_THREADS 4
+#define HX__CRC16_MAX_BLOCKS 64
+
+/* a * b mod P, both of degree < 16 (Horner over b's bits, highest first). */
+static uint16_t hx__crc16_mulmod(uint16_t a, uint16_t b)
+{
+    uint16_t r = 0;
+    for (int i = 15; i >= 0; i--) {
+        r = (uint16_t)((r << 1) ^ ((r & 0x8000) ? 0x1021 : 0));
+        if ((b >> i) & 1)
+            r ^= a;
+    }
+    return r;
+}
+
+/* x^(8n) mod P, by squaring x^8. */
+static uint16_t hx__crc16_xpow8n(size_t n)
+{
+    uint16_t result = 1, square = 0x0100;
+    while (n) {
+        if (n & 1)
+            result = hx__crc16_mulmod(result, square);
+        square = hx__crc16_mulmod(square, square);
+        n >>= 1;
+    }
+    return result;
+}
+
+static uint16_t hx_crc16_zeros(uint16_t crc, size_t n)
+{
+    return hx__crc16_mulmod(crc, hx__crc16_xpow8n(n));
+}
+
+typedef struct {
+    const unsigned char *p;
+    size_t len, block;
+    int blocks;
+    int next;                          /* the next block to take (atomic) */
+    uint16_t crcs[HX__CRC16_MAX_BLOCKS]; /* each block's CRC from 0 */
+} hx__crc16_job;
+
+static void *hx__crc16_work(void *arg)
+{
+    hx__crc16_job *job = (hx__crc16_job *)arg;
+    int i;
+    while ((i = __atomic_fetch_add(&job->next, 1, __ATOMIC_RELAXED)) < job->blocks) {
+        size_t start = (size_t)i * job->block;
+        size_t n = (i == job->blocks - 1) ? job->len - start : job->block;
+        job->crcs[i] = hx_crc16(0, job->p + start, n);
+    }
+    return NULL;
+}
+
+static int hx_crc16_threads(size_t len)
+{
+    cpu_set_t set;
+    const char *env;
+    int threads = HX_CRC16_MAX_THREADS, cpus;
+
+    if (len < HX_CRC16_THREADED_MIN)
+        return 1;
+    env = getenv("HINTENS_CRC_THREADS");
+    if (env && *env) { /* a whole number; anything else leaves the default */
+        char *end;
+        long wanted = strtol(env, &end, 10);
+        if (*end == '\0') {
+            if (wanted < 1)
+                return 1;
+            if (wanted < threads)
+                threads = (int)wanted;
+        }
+    }
+    if (sched_getaffinity(0, sizeof set, &set) != 0)
+        return 1;
+    cpus = CPU_COUNT(&set);
+    return cpus < threads ? cpus : threads;
+}
+
+static uint16_t hx_crc16_threaded(uint16_t crc, const unsigned char *p, size_t len)
+{
+    hx__crc16_job job;
+    pthread_t helpers[HX_CRC16_MAX_THREADS - 1];
+    pthread_attr_t attr;
+    int threads = hx_crc16_threads(len), started = 0;
+    uint16_t step;
+
+    if (threads < 2)
+        return hx_crc16(crc, p, len);
+    job.p = p;
+    job.len = len;
+    job.block = len / HX__CRC16_MAX_BLOCKS;
+    if (job.block < HX__CRC16_BLOCK_MIN)
+        job.block = HX__CRC16_BLOCK_MIN;
+    job.block = (job.block + 4095) & ~(size_t)4095; /* whole pages: no page is split */
+    job.blocks = (int)((len + job.block - 1) / job.block);
+    job.next = 0;
+    if (pthread_attr_init(&attr) == 0) {
+        sigset_t all, old;
+        /* The helpers take no signal (they inherit this mask): each stays the caller's. */
+        sigfillset(&all);
+        int masked = pthread_sigmask(SIG_SETMASK, &all, &old) == 0;
+        pthread_attr_setstacksize(&attr, 64 * 1024); /* a CRC needs no more */
+        for (int t = 0; t < threads - 1; t++)
+            if (pthread_create(&helpers[started], &attr, hx__crc16_work, &job) == 0)
+                started++;
+        if (masked)
+            pthread_sigmask(SIG_SETMASK, &old, NULL);
+        pthread_attr_destroy(&attr);
+    }
+    hx__crc16_work(&job);
+    for (int t = 0; t < started; t++)
+        pthread_join(helpers[t], NULL);
+    /* Fold the blocks in order; all but the last are job.block bytes. */
+    step = hx__crc16_xpow8n(job.block);
+    for (int i = 0; i < job.blocks - 1; i++)
+        crc = (uint16_t)(hx__crc16_mulmod(crc, step) ^ job.crcs[i]);
+    return (uint16_t)(hx_crc16_zeros(crc, len - (size_t)(job.blocks - 1) * job.block) ^
+                      job.crcs[job.blocks - 1]);
+}
+
+#endif /* HX_CRC16_THREADS_H */
