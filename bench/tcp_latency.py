@@ -2,8 +2,8 @@
 pyzmq (TCP only) and grpc.aio, each server in its own process, all in one run (numbers are
 printed, never asserted).
 
-    python bench/tcp_latency.py [--count 3000] [--rounds 8] [--events 300000]
-                                [--tls-events N] [--pin none|same|split]
+    python bench/tcp_latency.py [--count 3000] [--rounds 8] [--big-count 3]
+                                [--events 300000] [--tls-events N] [--pin none|same|split]
 
 1. 64 B round trips, the peers interleaved round by round (``--rounds`` rounds of ``--count``
    requests each), median and p99 of the per-request latencies:
@@ -19,10 +19,12 @@ printed, never asserted).
    ``Client.send_event`` then one request that returns the count the server's ``on_event``
    kept (checked against what was sent), against pyzmq PUSH/PULL, where the puller counts
    and answers a final ``done`` on a PUSH back.
-3. 64 MiB echo (one per round, after one untimed): hintens (client and server both with
-   ``max_payload=80 MiB``; over TCP the payload travels inline) against a raw floor that
-   ``sendall``s 64 MiB and ``recv_into``s a preallocated buffer, with an echo server that
-   does the same.
+3. 64 MiB echo (``--big-count`` of each peer a round, alternating, after one untimed):
+   hintens (client and server both with ``max_payload=80 MiB``; over TCP the payload travels
+   inline) against a raw floor that ``sendall``s 64 MiB and ``recv_into``s a preallocated
+   buffer, with an echo server that does the same. The header says on how many threads the
+   compiled CRC of 64 MiB runs here (one under ``--pin same``: a sender's CRC uses the CPUs
+   it may run on).
 
 4.-6. The same three over TLS (``ssl_context=`` on the hintens Client and Server; the
    certificates are made at run time by trustme, a CA and a server certificate for
@@ -650,9 +652,20 @@ def report_events(rates: dict[str, list[float]], count: int, rounds: int,
 
 # 3. 64 MiB echo -------------------------------------------------------------------------------
 
-def measure_big(rounds: int, cert_dir: str | None = None) -> dict[str, list[float]]:
-    """Over TLS with ``cert_dir``: hintens with ``ssl_context`` against the raw floor over
-    ``ssl.SSLSocket`` (its ``sendall`` and ``recv_into``, on both sides)."""
+def _crc_threads(length: int) -> int:
+    """The threads the compiled core's CRC takes for ``length`` bytes here (1 for the twin)."""
+    import hintens
+
+    if hintens.implementation != "cython":
+        return 1
+    from hintens.wire import _wire
+    return _wire.crc16_threads(length)
+
+
+def measure_big(rounds: int, count: int, cert_dir: str | None = None) -> dict[str, list[float]]:
+    """``count`` echoes of each a round, alternating. Over TLS with ``cert_dir``: hintens with
+    ``ssl_context`` against the raw floor over ``ssl.SSLSocket`` (its ``sendall`` and
+    ``recv_into``, on both sides)."""
     import hintens
 
     floor = "raw TCP floor" if cert_dir is None else "raw TLS floor"
@@ -694,7 +707,7 @@ def measure_big(rounds: int, cert_dir: str | None = None) -> dict[str, list[floa
         echo_raw()
         if target != payload:
             raise RuntimeError("raw: the 64 MiB echo differs from the request")
-        for _ in range(rounds):
+        for _ in range(rounds * count):
             times["hintens"].append(echo_hintens())
             times[floor].append(echo_raw())
     finally:
@@ -707,12 +720,13 @@ def measure_big(rounds: int, cert_dir: str | None = None) -> dict[str, list[floa
     return times
 
 
-def report_big(times: dict[str, list[float]], rounds: int, tls: bool = False) -> None:
+def report_big(times: dict[str, list[float]], rounds: int, count: int,
+               tls: bool = False) -> None:
     medians = {name: statistics.median(values) for name, values in times.items()}
     link, floor = ("TLS", "raw TLS floor") if tls else ("TCP", "raw TCP floor")
     print(f"\n{'6' if tls else '3'}. {BIG >> 20} MiB echo over loopback {link} (inline, no "
-          f"shared memory), {rounds} rounds, interleaved; throughput = payload bytes / round "
-          f"trip")
+          f"shared memory), {rounds} rounds x {count}, interleaved; throughput = payload bytes "
+          f"/ round trip; the client's CRC of {BIG >> 20} MiB on {_crc_threads(BIG)} thread(s)")
     for name, values in times.items():
         print(f"  {name:<16} median {medians[name] * 1e3:8.1f} ms  "
               f"min {min(values) * 1e3:8.1f}  max {max(values) * 1e3:8.1f}  "
@@ -726,7 +740,9 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=3000,
                         help="64 B round trips per peer and round")
     parser.add_argument("--rounds", type=int, default=8,
-                        help="rounds of each section (the 64 MiB echo: one per round)")
+                        help="rounds of each section")
+    parser.add_argument("--big-count", type=int, default=3,
+                        help="64 MiB echoes of each peer a round")
     parser.add_argument("--events", type=int, default=300_000, help="Events a round")
     parser.add_argument("--tls-events", type=int, default=None,
                         help="Events a round over TLS (default: --events)")
@@ -742,7 +758,7 @@ def main() -> None:
         "split": " (client on CPU 0, servers on CPU 1)"}[args.pin])
     report_round_trips(measure_round_trips(args.count, args.rounds), args.count, args.rounds)
     report_events(measure_events(args.events, args.rounds), args.events, args.rounds)
-    report_big(measure_big(args.rounds), args.rounds)
+    report_big(measure_big(args.rounds, args.big_count), args.rounds, args.big_count)
     if args.tls_events is None:
         args.tls_events = args.events
     cert_dir = make_certificates()
@@ -753,7 +769,8 @@ def main() -> None:
                            args.count, args.rounds, tls=True)
         report_events(measure_events(args.tls_events, args.rounds, cert_dir), args.tls_events,
                       args.rounds, tls=True)
-        report_big(measure_big(args.rounds, cert_dir), args.rounds, tls=True)
+        report_big(measure_big(args.rounds, args.big_count, cert_dir), args.rounds,
+                   args.big_count, tls=True)
     finally:
         shutil.rmtree(cert_dir, ignore_errors=True)
 
