@@ -94,7 +94,8 @@ print(_wire.crc16_threads((16 << 20) - 1), _wire.crc16_threads(len(data)))
 
 
 @pytest.mark.parametrize("cpus, cap, expected", [
-    (1, "-", 1), (2, "-", 2), (2, "1", 1), (2, "0", 1), (2, "3", 2), (2, "many", 2)])
+    (1, "-", 1), (2, "-", 2), (2, "1", 1), (2, "0", 1), (2, " 1 ", 1), (2, "3", 2),
+    (2, "many", 2), (2, " ", 2)])
 def test_a_large_buffer_on_several_threads_has_the_crc_of_one(cython_core, cpus, cap, expected):
     if len(os.sched_getaffinity(0)) < cpus:
         pytest.skip(f"this test process may run on fewer than {cpus} CPUs")

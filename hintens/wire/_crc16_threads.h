@@ -8,7 +8,9 @@
  *       when len >= HX_CRC16_THREADED_MIN and this thread may run on more than
  *       one CPU (sched_getaffinity); on one thread otherwise.
  *   static int hx_crc16_threads(size_t len);
- *       How many threads hx_crc16_threaded would use for len bytes.
+ *       How many threads hx_crc16_threaded would use for len bytes.  It reads the
+ *       environment: call it where nothing can change that meanwhile (with the GIL held),
+ *       then hx_crc16_threaded_on(crc, p, len, threads) without the GIL.
  *
  * Combining.  The CRC is linear over GF(2) and has no final XOR, so for a
  * buffer A followed by B (|B| = n bytes):
@@ -109,10 +111,13 @@ static int hx_crc16_threads(size_t len)
     if (len < HX_CRC16_THREADED_MIN)
         return 1;
     env = getenv("HINTENS_CRC_THREADS");
-    if (env && *env) { /* a whole number; anything else leaves the default */
+    if (env && *env) { /* a whole number, spaces around it allowed; else the default */
         char *end;
         long wanted = strtol(env, &end, 10);
-        if (*end == '\0') {
+        int converted = end != env;
+        while (*end == ' ' || *end == '\t' || *end == '\n')
+            end++;
+        if (converted && *end == '\0') {
             if (wanted < 1)
                 return 1;
             if (wanted < threads)
@@ -125,23 +130,31 @@ static int hx_crc16_threads(size_t len)
     return cpus < threads ? cpus : threads;
 }
 
-static uint16_t hx_crc16_threaded(uint16_t crc, const unsigned char *p, size_t len)
+/* hx_crc16(crc, p, len) on up to `threads` threads (hx_crc16_threads(len) gives the usual
+ * number; the caller may take it while it holds a lock that keeps the environment still). */
+static uint16_t hx_crc16_threaded_on(uint16_t crc, const unsigned char *p, size_t len, int threads)
 {
     hx__crc16_job job;
     pthread_t helpers[HX_CRC16_MAX_THREADS - 1];
     pthread_attr_t attr;
-    int threads = hx_crc16_threads(len), started = 0;
+    int started = 0;
     uint16_t step;
 
-    if (threads < 2)
+    if (threads > HX_CRC16_MAX_THREADS)
+        threads = HX_CRC16_MAX_THREADS;
+    if (threads < 2 || len < 2 * HX__CRC16_BLOCK_MIN)
         return hx_crc16(crc, p, len);
     job.p = p;
     job.len = len;
-    job.block = len / HX__CRC16_MAX_BLOCKS;
+    /* Rounded up, both times, so that blocks * block >= len with at most MAX_BLOCKS blocks
+     * (a multiple of 4096 keeps the blocks' starts at one alignment). */
+    job.block = len / HX__CRC16_MAX_BLOCKS + (len % HX__CRC16_MAX_BLOCKS != 0);
     if (job.block < HX__CRC16_BLOCK_MIN)
         job.block = HX__CRC16_BLOCK_MIN;
-    job.block = (job.block + 4095) & ~(size_t)4095; /* whole pages: no page is split */
+    job.block = (job.block + 4095) & ~(size_t)4095;
     job.blocks = (int)((len + job.block - 1) / job.block);
+    if (job.blocks > HX__CRC16_MAX_BLOCKS) /* cannot happen (above); never write past crcs */
+        return hx_crc16(crc, p, len);
     job.next = 0;
     if (pthread_attr_init(&attr) == 0) {
         sigset_t all, old;
@@ -165,6 +178,11 @@ static uint16_t hx_crc16_threaded(uint16_t crc, const unsigned char *p, size_t l
         crc = (uint16_t)(hx__crc16_mulmod(crc, step) ^ job.crcs[i]);
     return (uint16_t)(hx_crc16_zeros(crc, len - (size_t)(job.blocks - 1) * job.block) ^
                       job.crcs[job.blocks - 1]);
+}
+
+static inline uint16_t hx_crc16_threaded(uint16_t crc, const unsigned char *p, size_t len)
+{
+    return hx_crc16_threaded_on(crc, p, len, hx_crc16_threads(len));
 }
 
 #endif /* HX_CRC16_THREADS_H */

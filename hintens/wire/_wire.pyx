@@ -132,8 +132,8 @@ cdef extern from "_crc16.h" nogil:
     const char *hx_crc16_impl()
 
 cdef extern from "_crc16_threads.h" nogil:
-    size_t HX_CRC16_THREADED_MIN
-    uint16_t hx_crc16_threaded(uint16_t crc, const unsigned char *buf, size_t length)
+    uint16_t hx_crc16_threaded_on(uint16_t crc, const unsigned char *buf, size_t length,
+                                  int threads)
     int hx_crc16_threads(size_t length)
 
 
@@ -145,10 +145,13 @@ cdef inline uint16_t _crc(uint16_t crc, const unsigned char *p, size_t n) noexce
     # A large buffer's CRC runs without the GIL, and from HX_CRC16_THREADED_MIN on several
     # CPUs when this thread may use them (_crc16_threads.h): a sender computes it before its
     # frame's first byte can leave, so the whole pass is latency.
+    cdef int threads
     if n >= NOGIL_THRESHOLD_BYTES:
+        # The count reads HINTENS_CRC_THREADS: here, where the GIL keeps os.environ still.
+        threads = hx_crc16_threads(n)
         with nogil:
-            if n >= HX_CRC16_THREADED_MIN:
-                crc = hx_crc16_threaded(crc, p, n)
+            if threads > 1:
+                crc = hx_crc16_threaded_on(crc, p, n, threads)
             else:
                 crc = hx_crc16(crc, p, n)
         return crc

@@ -1,5 +1,9 @@
 /* Correctness harness for _crc16.h: every path vs. a bitwise reference.
  * Build: gcc -O2 -Wall -Wextra -Werror -pthread test_crc16.c -o test_crc16 */
+#ifdef HX_TEST_SMALL_BLOCKS /* the threaded CRC's every path on small buffers (make crc-check) */
+#define HX_CRC16_THREADED_MIN ((size_t)8192)
+#define HX__CRC16_BLOCK_MIN ((size_t)4096)
+#endif
 #include "_crc16_threads.h" /* first: it defines _GNU_SOURCE; it includes _crc16.h */
 
 #include <pthread.h>
@@ -248,8 +252,12 @@ static void test_dispatch(const unsigned char *data, size_t big, int has_pcl, in
 static void test_threaded(void)
 {
     static const unsigned char zeros[5000];
+    /* 64 blocks at most: (128 MiB + 1) / 64 rounded down is a whole 2 MiB, which once cut
+     * such a length into 65 blocks. The small-block build scales it down. */
+    size_t edge = HX__CRC16_BLOCK_MIN * 64 + 1;
     size_t big = HX_CRC16_THREADED_MIN * 2 + 3 * 4096 + 17;
-    unsigned char *data = malloc(big);
+    size_t room = edge + 63 > big ? edge + 63 : big;
+    unsigned char *data = malloc(room);
     const char *caps[] = {NULL, "1", "2", "3", "4", "9", "0", "x"};
     long before = failures;
 
@@ -261,7 +269,7 @@ static void test_threaded(void)
             failures++;
         }
     }
-    for (size_t i = 0; i < big; i++)
+    for (size_t i = 0; i < room; i++)
         data[i] = (unsigned char)(rnd() >> 56);
     setenv("HINTENS_CRC_THREADS", "2", 1);
     if (hx_crc16_threads(HX_CRC16_THREADED_MIN - 1) != 1 || hx_crc16_threads(HX_CRC16_THREADED_MIN) < 1) {
@@ -287,6 +295,26 @@ static void test_threaded(void)
             }
         }
     }
+    /* Past the old 64-block edge, once. */
+    for (size_t n = edge; n <= edge + 62; n += 61) {
+        uint16_t c0 = (uint16_t)rnd(), want = hx_crc16(c0, data, n);
+        checks++;
+        if (hx_crc16_threaded_on(c0, data, n, 2) != want) {
+            fprintf(stderr, "FAIL threaded at the block edge n=%zu\n", n);
+            failures++;
+        }
+    }
+#ifdef HX_TEST_SMALL_BLOCKS
+    /* Every 37th length over a range, on 2 and 4 threads, many blocks each. */
+    for (size_t n = HX_CRC16_THREADED_MIN; n < HX_CRC16_THREADED_MIN + 40000 && n <= big; n += 37) {
+        uint16_t c0 = (uint16_t)rnd(), want = hx_crc16(c0, data, n);
+        checks += 2;
+        if (hx_crc16_threaded_on(c0, data, n, 2) != want || hx_crc16_threaded_on(c0, data, n, 4) != want) {
+            fprintf(stderr, "FAIL threaded_on n=%zu crc0=%04x\n", n, c0);
+            failures++;
+        }
+    }
+#endif
     unsetenv("HINTENS_CRC_THREADS");
     if (hx_crc16_threads(big) < 2)
         printf("note: this thread may run on one CPU only, so the threaded CRC ran on one thread\n");
