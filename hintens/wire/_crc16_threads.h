@@ -24,6 +24,9 @@
  * take blocks from a shared counter, so a helper that the scheduler leaves
  * waiting costs at most the blocks it took, never a whole half.  A helper
  * that cannot be started is simply not there: the others take its blocks.
+ * The process runs at most HX_CRC16_MAX_THREADS - 1 helpers at a time, however
+ * many threads take large CRCs at once; a call that finds them all busy takes
+ * fewer, or none.
  * HINTENS_CRC_THREADS=N (read on every call) caps the threads, 1 (or 0)
  * turning this off; the default, and what a value that is not a whole number
  * gives, is the CPUs this thread may run on, at most HX_CRC16_MAX_THREADS.
@@ -102,6 +105,10 @@ static void *hx__crc16_work(void *arg)
     return NULL;
 }
 
+/* Helper threads running now, in the whole process: at most HX_CRC16_MAX_THREADS - 1, so
+ * that several threads taking large CRCs at once do not each start their own. */
+static int hx__crc16_helpers_running;
+
 static int hx_crc16_threads(size_t len)
 {
     cpu_set_t set;
@@ -162,9 +169,14 @@ static uint16_t hx_crc16_threaded_on(uint16_t crc, const unsigned char *p, size_
         sigfillset(&all);
         int masked = pthread_sigmask(SIG_SETMASK, &all, &old) == 0;
         pthread_attr_setstacksize(&attr, 64 * 1024); /* a CRC needs no more */
-        for (int t = 0; t < threads - 1; t++)
-            if (pthread_create(&helpers[started], &attr, hx__crc16_work, &job) == 0)
-                started++;
+        for (int t = 0; t < threads - 1; t++) {
+            if (__atomic_add_fetch(&hx__crc16_helpers_running, 1, __ATOMIC_RELAXED) > HX_CRC16_MAX_THREADS - 1 ||
+                pthread_create(&helpers[started], &attr, hx__crc16_work, &job) != 0) {
+                __atomic_sub_fetch(&hx__crc16_helpers_running, 1, __ATOMIC_RELAXED);
+                break;
+            }
+            started++;
+        }
         if (masked)
             pthread_sigmask(SIG_SETMASK, &old, NULL);
         pthread_attr_destroy(&attr);
@@ -172,6 +184,7 @@ static uint16_t hx_crc16_threaded_on(uint16_t crc, const unsigned char *p, size_
     hx__crc16_work(&job);
     for (int t = 0; t < started; t++)
         pthread_join(helpers[t], NULL);
+    __atomic_sub_fetch(&hx__crc16_helpers_running, started, __ATOMIC_RELAXED);
     /* Fold the blocks in order; all but the last are job.block bytes. */
     step = hx__crc16_xpow8n(job.block);
     for (int i = 0; i < job.blocks - 1; i++)

@@ -247,6 +247,44 @@ static void test_dispatch(const unsigned char *data, size_t big, int has_pcl, in
         pthread_join(th[i], NULL);
 }
 
+typedef struct {
+    const unsigned char *p;
+    size_t len;
+    uint16_t want;
+    int bad;
+} crowd_t;
+
+static void *crowd_thread(void *arg)
+{
+    crowd_t *c = arg;
+    for (int i = 0; i < 3; i++)
+        c->bad += hx_crc16_threaded_on(0xFFFF, c->p, c->len, 4) != c->want;
+    return NULL;
+}
+
+/* Six threads taking threaded CRCs at once: each right, and the process-wide count of
+ * helpers back to 0 afterwards (it bounds them to HX_CRC16_MAX_THREADS - 1 meanwhile). */
+static void test_crowd(const unsigned char *data, size_t len)
+{
+    pthread_t th[6];
+    crowd_t c[6];
+    for (int i = 0; i < 6; i++) {
+        c[i] = (crowd_t){data + i, len - i, hx_crc16(0xFFFF, data + i, len - i), 0};
+        pthread_create(&th[i], NULL, crowd_thread, &c[i]);
+    }
+    for (int i = 0; i < 6; i++) {
+        pthread_join(th[i], NULL);
+        checks += 3;
+        failures += c[i].bad;
+    }
+    checks++;
+    if (__atomic_load_n(&hx__crc16_helpers_running, __ATOMIC_RELAXED) != 0) {
+        fprintf(stderr, "FAIL %d CRC helpers counted as running after all were joined\n",
+                hx__crc16_helpers_running);
+        failures++;
+    }
+}
+
 /* hx_crc16_zeros against the bitwise reference over zero bytes, and hx_crc16_threaded against
  * the (already checked) one-thread kernel across its thresholds, block edges and thread caps. */
 static void test_threaded(void)
@@ -295,6 +333,7 @@ static void test_threaded(void)
             }
         }
     }
+    test_crowd(data, big);
     /* Past the old 64-block edge, once. */
     for (size_t n = edge; n <= edge + 62; n += 61) {
         uint16_t c0 = (uint16_t)rnd(), want = hx_crc16(c0, data, n);
