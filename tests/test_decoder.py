@@ -397,3 +397,20 @@ def test_a_bad_crc_in_a_reused_buffer(spare_module):
     assert caught.value.request_id == 9 and not frames
     ok = _decode_one(decoder, raw_frame(bytes([8]) * SPARE_SIZE, request_id=10))
     assert ok.request_id == 10 and ok.payload == bytes([8]) * SPARE_SIZE
+
+
+@pytest.mark.parametrize("flip", [0, (10 << 20) + 1, (20 << 20) + 2])
+def test_a_whole_frame_of_20_mib_with_one_bad_byte(core, flip):
+    # A frame fed whole from 16 MiB on has its CRC taken on several threads by the compiled
+    # core (_crc16_threads.h): one changed byte anywhere, the first of a block or the last,
+    # is a recoverable CHECKSUM error, and the frame after it decodes.
+    payload = bytearray(random.Random(flip).randbytes((20 << 20) + 3))
+    good = raw_frame(bytes(payload), request_id=4)
+    payload[flip] ^= 0x40
+    bad = good[:24] + bytes(payload)
+    decoder = core.FrameDecoder(max_payload=32 << 20)
+    with pytest.raises(ChecksumError) as caught:
+        decoder.feed(bad + good)
+    assert caught.value.request_id == 4 and not caught.value.fatal and caught.value.frames == []
+    (frame,) = decoder.feed(b"")
+    assert frame.request_id == 4 and frame.payload == good[24:]
