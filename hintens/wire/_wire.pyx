@@ -161,6 +161,9 @@ cdef inline uint16_t _crc(uint16_t crc, const unsigned char *p, size_t n) noexce
 def crc16(data, value=0xFFFF):
     """CRC-16/IBM-3740 (poly 0x1021, init 0xFFFF, not reflected, xorout 0) of a buffer.
 
+    From 16 MiB the compiled core shares the work among up to 4 threads: as many as the CPUs
+    the calling thread may run on, or ``HINTENS_CRC_THREADS`` if lower (1: one thread).
+
     Args:
         data: any C-contiguous buffer; it is not copied.
         value: the CRC of the data that precedes ``data``, to compute incrementally; 0xFFFF

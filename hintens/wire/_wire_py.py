@@ -66,6 +66,9 @@ def _u(value: Any, bits: int, name: str) -> int:
 def crc16(data: Any, value: int = 0xFFFF) -> int:
     """CRC-16/IBM-3740 (poly 0x1021, init 0xFFFF, not reflected, xorout 0) of a buffer.
 
+    The pure-Python core takes it on the calling thread (``binascii.crc_hqx``); the compiled
+    one shares a buffer of 16 MiB or more among up to 4 threads.
+
     Args:
         data: any C-contiguous buffer; it is not copied.
         value: the CRC of the data that precedes ``data``, to compute incrementally; 0xFFFF
