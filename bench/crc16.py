@@ -4,7 +4,9 @@
 
 The kernel is chosen once per process, so each path runs in its own worker process
 (HINTENS_CRC_IMPL=table|pclmul|vpclmul|vpclmul512, and one with the default choice), and
-fastcrc (`crc16.ibm_3740`) in another. Round by round, the parent asks every worker in turn for
+fastcrc (`crc16.ibm_3740`) in another. Each hintens path runs on one thread
+(HINTENS_CRC_THREADS=1); a "threads" worker adds the default choice with its default threads
+(from 16 MiB, the CPUs this process may run on). Round by round, the parent asks every worker in turn for
 one sample of every size: drift on this kind of machine then hits every implementation alike.
 A sample is the mean time per call of as many calls as fill about --sample-ms, each call on the
 same buffer (hot in cache up to 1 MiB; 64 MiB streams from memory), Python call overhead
@@ -27,8 +29,13 @@ from typing import Callable
 SIZES = {"16 B": 16, "64 B": 64, "256 B": 256, "4 KiB": 4096, "64 KiB": 64 << 10,
          "1 MiB": 1 << 20, "64 MiB": 64 << 20}
 # Worker name -> (HINTENS_CRC_IMPL, the crc16_backend() that proves the path really ran).
+# Every path runs on one thread (HINTENS_CRC_THREADS=1), kernel against kernel, except
+# "threads": the default choice with its default threads, which from 16 MiB shares a CRC
+# among the CPUs this process may run on (fastcrc uses one).
+THREADED = "threads"
 HINTENS_PATHS = {
     "auto": (None, None),
+    THREADED: (None, None),
     "table": ("table", "table"),
     "pclmul": ("pclmul", "pclmulqdq"),
     "vpclmul": ("vpclmul", "vpclmulqdq-avx2"),
@@ -71,7 +78,10 @@ def worker(name: str, sample_ns: int) -> None:
 def start_workers(sample_ms: float) -> dict[str, subprocess.Popen[str]]:
     workers: dict[str, subprocess.Popen[str]] = {}
     for name, (forced, expected) in {BASELINE: (None, None), **HINTENS_PATHS}.items():
-        env = {key: value for key, value in os.environ.items() if key != "HINTENS_CRC_IMPL"}
+        env = {key: value for key, value in os.environ.items()
+               if key not in ("HINTENS_CRC_IMPL", "HINTENS_CRC_THREADS")}
+        if name != THREADED:
+            env["HINTENS_CRC_THREADS"] = "1"
         if forced:
             env["HINTENS_CRC_IMPL"] = forced
         proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", name,
