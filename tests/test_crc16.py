@@ -105,6 +105,67 @@ def test_a_large_buffer_on_several_threads_has_the_crc_of_one(cython_core, cpus,
     assert done.stdout.split() == ["1", str(expected)]   # one below 16 MiB; then the CPUs or cap
 
 
+def _cpu_cgroup_root() -> tuple[str, bool] | None:
+    """Where a test may make a cgroup with a CPU quota, and whether it is cgroup v2."""
+    if os.geteuid() != 0:
+        return None
+    for root, v2 in (("/sys/fs/cgroup", True), ("/sys/fs/cgroup/unified", True),
+                     ("/sys/fs/cgroup/cpu", False), ("/sys/fs/cgroup/cpu,cpuacct", False)):
+        if v2:
+            try:
+                with open(os.path.join(root, "cgroup.subtree_control")) as control:
+                    if "cpu" not in control.read().split():
+                        continue
+            except OSError:
+                continue
+        elif not os.path.exists(os.path.join(root, "cpu.cfs_quota_us")):
+            continue
+        return root, v2
+    return None
+
+
+# The child joins the cgroup before hintens reads its quota (once per process), then reports.
+_QUOTA_CHECK = """
+import os, sys
+with open(sys.argv[1], "w") as procs:
+    procs.write(str(os.getpid()))
+from hintens.wire import _wire
+print(_wire.crc16_threads(64 << 20))
+"""
+
+
+@pytest.mark.parametrize("quota, period, expected", [
+    (100_000, 100_000, 1), (150_000, 100_000, 1), (200_000, 100_000, 2), (None, 100_000, 2)])
+def test_a_cgroup_cpu_quota_caps_the_crc_threads(cython_core, quota, period, expected):
+    # In a container allowed fewer CPUs than it sees, helpers would only queue for the quota
+    # (and, bursting, get the whole process throttled): the threads follow the quota.
+    found = _cpu_cgroup_root()
+    if found is None:
+        pytest.skip("needs root and a cgroup CPU controller this test can write "
+                    "(cgroup v2 with cpu in subtree_control, or v1's cpu hierarchy)")
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("this test process may run on one CPU only")
+    root, v2 = found
+    group = os.path.join(root, f"hintens-test-{os.getpid()}")
+    os.mkdir(group)
+    try:
+        if v2:
+            with open(os.path.join(group, "cpu.max"), "w") as limit:
+                limit.write(f"{'max' if quota is None else quota} {period}")
+        else:
+            with open(os.path.join(group, "cpu.cfs_period_us"), "w") as limit:
+                limit.write(str(period))
+            with open(os.path.join(group, "cpu.cfs_quota_us"), "w") as limit:
+                limit.write(str(-1 if quota is None else quota))
+        done = subprocess.run(
+            [sys.executable, "-c", _QUOTA_CHECK, os.path.join(group, "cgroup.procs")],
+            capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.split() == [str(expected)]
+    finally:
+        os.rmdir(group)   # empty again: the child has exited
+
+
 def test_accepts_any_contiguous_buffer_without_copying(core):
     payload = bytes(range(256)) * 4
     expected = binascii.crc_hqx(payload, 0xFFFF)

@@ -29,7 +29,8 @@
  * fewer, or none.
  * HINTENS_CRC_THREADS=N (read on every call) caps the threads, 1 (or 0)
  * turning this off; the default, and what a value that is not a whole number
- * gives, is the CPUs this thread may run on, at most HX_CRC16_MAX_THREADS.
+ * gives, is the CPUs this thread may run on (fewer if the process's cgroup has
+ * a CPU quota of fewer, read once), at most HX_CRC16_MAX_THREADS.
  *
  * Nothing here touches Python state: call it without the GIL.
  */
@@ -42,7 +43,9 @@
 #include <pthread.h>
 #include <sched.h>
 #include <signal.h>
+#include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "_crc16.h"
 
@@ -105,6 +108,95 @@ static void *hx__crc16_work(void *arg)
     return NULL;
 }
 
+/* A whole number of CPUs from a cgroup quota file: v2's cpu.max ("max 100000" or "quota
+ * period"), or v1's cpu.cfs_quota_us (-1: none) with cpu.cfs_period_us beside it.  0: no
+ * quota there (or no such file); else quota / period rounded down, at least 1. */
+static int hx__crc16_quota_file(const char *dir, int v2)
+{
+    char path[4200], text[64];
+    long long quota = -1, period = 0;
+    FILE *f;
+
+    snprintf(path, sizeof path, "%s/%s", dir, v2 ? "cpu.max" : "cpu.cfs_quota_us");
+    if (!(f = fopen(path, "re")))
+        return 0;
+    if (!fgets(text, sizeof text, f))
+        text[0] = 0;
+    fclose(f);
+    if (v2) {
+        if (sscanf(text, "%lld %lld", &quota, &period) != 2) /* "max ..." fails here: none */
+            return 0;
+    } else {
+        if (sscanf(text, "%lld", &quota) != 1 || quota <= 0)
+            return 0;
+        snprintf(path, sizeof path, "%s/cpu.cfs_period_us", dir);
+        if (!(f = fopen(path, "re")))
+            return 0;
+        if (!fgets(text, sizeof text, f) || sscanf(text, "%lld", &period) != 1)
+            period = 0;
+        fclose(f);
+    }
+    if (quota <= 0 || period <= 0)
+        return 0;
+    return quota / period >= 1 ? (int)(quota / period < 1024 ? quota / period : 1024) : 1;
+}
+
+/* The CPUs this process's cgroup may use, by its CPU quota: 0 when it has none.  Its own
+ * cgroup only (as /proc/self/cgroup names it, then the mount's root, as inside a container),
+ * not its ancestors'.  Read once per process. */
+static int hx__crc16_quota_cpus_read(void)
+{
+    char line[4096], dir[4200];
+    FILE *f = fopen("/proc/self/cgroup", "re");
+    int cpus = 0;
+
+    while (f && !cpus && fgets(line, sizeof line, f)) {
+        char *controllers = strchr(line, ':'), *where;
+        if (!controllers || !(where = strchr(controllers + 1, ':')))
+            continue;
+        *where++ = 0;
+        where[strcspn(where, "\n")] = 0;
+        controllers++;
+        if (strcmp(line, "0") == 0 && *controllers == 0) { /* v2: "0::/path" */
+            snprintf(dir, sizeof dir, "/sys/fs/cgroup%s", where);
+            cpus = hx__crc16_quota_file(dir, 1);
+        } else {
+            /* v1: a controller list naming "cpu" ("cpu", "cpu,cpuacct", ...) */
+            char list[256], *save = NULL, *name;
+            int has_cpu = 0;
+            snprintf(list, sizeof list, "%s", controllers);
+            for (name = strtok_r(list, ",", &save); name; name = strtok_r(NULL, ",", &save))
+                has_cpu |= strcmp(name, "cpu") == 0;
+            if (!has_cpu)
+                continue;
+            snprintf(dir, sizeof dir, "/sys/fs/cgroup/%s%s", controllers, where);
+            cpus = hx__crc16_quota_file(dir, 0);
+            if (!cpus) {
+                snprintf(dir, sizeof dir, "/sys/fs/cgroup/cpu%s", where);
+                cpus = hx__crc16_quota_file(dir, 0);
+            }
+        }
+    }
+    if (f)
+        fclose(f);
+    if (!cpus)
+        cpus = hx__crc16_quota_file("/sys/fs/cgroup", 1);
+    if (!cpus)
+        cpus = hx__crc16_quota_file("/sys/fs/cgroup/cpu", 0);
+    return cpus;
+}
+
+static int hx__crc16_quota_cpus(void)
+{
+    static int known = -1; /* -1: not read yet; racing first reads compute the same value */
+    int cpus = __atomic_load_n(&known, __ATOMIC_RELAXED);
+    if (cpus < 0) {
+        cpus = hx__crc16_quota_cpus_read();
+        __atomic_store_n(&known, cpus, __ATOMIC_RELAXED);
+    }
+    return cpus;
+}
+
 /* Helper threads running now, in the whole process: at most HX_CRC16_MAX_THREADS - 1, so
  * that several threads taking large CRCs at once do not each start their own. */
 static int hx__crc16_helpers_running;
@@ -113,7 +205,7 @@ static int hx_crc16_threads(size_t len)
 {
     cpu_set_t set;
     const char *env;
-    int threads = HX_CRC16_MAX_THREADS, cpus;
+    int threads = HX_CRC16_MAX_THREADS, cpus, quota;
 
     if (len < HX_CRC16_THREADED_MIN)
         return 1;
@@ -134,6 +226,9 @@ static int hx_crc16_threads(size_t len)
     if (sched_getaffinity(0, sizeof set, &set) != 0)
         return 1;
     cpus = CPU_COUNT(&set);
+    quota = hx__crc16_quota_cpus(); /* a container limited to fewer CPUs than it sees */
+    if (quota > 0 && quota < cpus)
+        cpus = quota;
     return cpus < threads ? cpus : threads;
 }
 

@@ -162,7 +162,8 @@ def crc16(data, value=0xFFFF):
     """CRC-16/IBM-3740 (poly 0x1021, init 0xFFFF, not reflected, xorout 0) of a buffer.
 
     From 16 MiB the compiled core shares the work among up to 4 threads: as many as the CPUs
-    the calling thread may run on, or ``HINTENS_CRC_THREADS`` if lower (1: one thread).
+    the calling thread may run on (fewer under a cgroup CPU quota of fewer), or
+    ``HINTENS_CRC_THREADS`` if lower (1: one thread).
 
     Args:
         data: any C-contiguous buffer; it is not copied.
@@ -189,8 +190,8 @@ def crc16_threads(Py_ssize_t length):
     """How many threads ``crc16`` (and a frame's encoder or decoder) takes for ``length`` bytes.
 
     One below 16 MiB. From there, the CPUs this thread may run on (``os.sched_getaffinity``),
-    at most 4, or ``HINTENS_CRC_THREADS`` if that is lower (1 keeps every CRC on the calling
-    thread). Read on every call.
+    fewer if the process's cgroup has a CPU quota of fewer (read once per process), at most 4,
+    or ``HINTENS_CRC_THREADS`` if that is lower (1 keeps every CRC on the calling thread).
     """
     if length < 0:
         raise ValueError("a length cannot be negative")
