@@ -8,10 +8,11 @@ fastcrc (`crc16.ibm_3740`) in another. Each hintens path runs on one thread
 (HINTENS_CRC_THREADS=1); a "threads" worker adds the default choice with its default threads
 (from 16 MiB, the CPUs this process may run on). Round by round, the parent asks every worker
 in turn for one sample of every size: drift on this kind of machine then hits every
-implementation alike. A sample is the mean time per call of as many calls as fill about --sample-ms, each call on the
-same buffer (hot in cache up to 1 MiB; 64 MiB streams from memory), Python call overhead
-included as a user sees it. Prints medians with their spread (min-max over the rounds) and
-fastcrc's median over each path's median (above 1: hintens is faster). Nothing is asserted.
+implementation alike. A sample is the mean time per call of as many calls as fill about
+--sample-ms, each call on the same buffer (hot in cache up to 1 MiB; 64 MiB streams from
+memory), Python call overhead included as a user sees it. Prints medians with their spread
+(min-max over the rounds) and fastcrc's median over each path's median (above 1: hintens is
+faster). Nothing is asserted.
 """
 
 from __future__ import annotations
