@@ -261,6 +261,31 @@ def test_frame_objects(core):
     assert frame.type == hintens.wire.MessageType.REQUEST
 
 
+
+def test_decoded_frames_of_bytes_are_left_out_of_the_collector(cython_core):
+    """A decoded frame whose payload is a bytes cannot be in a reference cycle, so the
+    compiled decoder takes it out of the garbage collector's lists (a stream of small Events
+    made each young-generation collection walk hundreds of them). One that shares the input
+    (a memoryview) or that the application built stays tracked: either may reach anything."""
+    import gc
+    import sys
+
+    small, assembled, shared = b"s" * 100, b"a" * 70_000, b"m" * 5000
+    decoder = cython_core.FrameDecoder(max_payload=1 << 20)
+    frames = decoder.feed(raw_frame(small, request_id=1) + raw_frame(shared, request_id=2)
+                          + raw_frame(b"", request_id=3))
+    whole = raw_frame(assembled, request_id=4)
+    frames += decoder.feed(whole[:30_000]) + decoder.feed(whole[30_000:])
+    kinds = [(f.request_id, type(f.payload).__name__, gc.is_tracked(f)) for f in frames]
+    assert kinds == [(1, "bytes", False), (2, "memoryview", True), (3, "bytes", False),
+                     (4, "bytes", False)]
+    assert [bytes(f.payload) for f in frames] == [small, shared, b"", assembled]
+    payload = frames[0].payload
+    held = sys.getrefcount(payload)
+    del frames   # an untracked frame is still freed with its last reference
+    assert sys.getrefcount(payload) == held - 1
+    assert gc.is_tracked(cython_core.Frame(1, 0, 0x0100, 5, b"p"))
+
 # Property test: random streams with random faults, random chunking, both cores.
 
 FAULTS = ["none", "none", "none", "crc", "flags", "magic", "version", "type", "too_large"]
