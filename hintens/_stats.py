@@ -153,7 +153,7 @@ class ClientCounts:
 
     Attributes:
         requests: Requests sent (the sync client counts them under its lock).
-        events: Events sent.
+        events: Events sent (besides those the channel counts, ``small_events``).
         timeouts: requests that timed out.
         errors: RemoteErrors raised to callers, by code.
     """
@@ -179,7 +179,8 @@ class ClientCounts:
         """The client's stats: its connection's counters, and its own."""
         with self._lock:
             errors, timeouts = dict(self.errors), self.timeouts
-        stats = connection_stats(endpoint, channel, requests_sent=self.requests,
-                                 events_sent=self.events)
+        stats = connection_stats(
+            endpoint, channel, requests_sent=self.requests,
+            events_sent=self.events + (channel.small_events if channel is not None else 0))
         stats.update(errors=errors, timeouts=timeouts, in_flight=in_flight)
         return stats

@@ -119,6 +119,25 @@ def test_zero_interval_writes_every_event(core, pair):
     assert [f.payload for f in read_frames(core, right, 5)] == [b"0", b"1", b"2", b"3", b"4"]
 
 
+def test_event_small_takes_only_a_bytes_under_the_limit(core, pair):
+    left, right = pair
+    ours = channel(core, left, interval=0.0)
+    assert ours.event_small(b"a" * 9, 10) is True
+    assert ours.event_small(b"", 10) is True
+    ours.event(b"plain")   # shares the request ids, not the count
+    for refused in (b"b" * 10, bytearray(b"c"), memoryview(b"d"), "text", None):
+        assert ours.event_small(refused, 10) is False
+    assert ours.small_events == 2
+    frames = read_frames(core, right, 3)
+    assert [(f.type, f.request_id, f.payload) for f in frames] == \
+        [(3, 1, b"a" * 9), (3, 2, b""), (3, 3, b"plain")]
+    assert nothing_to_read(right)
+    ours.close()
+    with pytest.raises(OSError):
+        ours.event_small(b"late", 10)
+    assert ours.small_events == 2
+
+
 def test_a_request_takes_queued_events_with_it(core, pair):
     left, right = pair
     ours = channel(core, left, interval=60.0)

@@ -45,6 +45,28 @@ def _exercise(client) -> None:
 ERRORS = {hintens.ErrorCode.HANDLER_ERROR: 1, 1001: 1}
 
 
+def test_every_kind_of_event_is_counted_once(sock_path):
+    """Small bytes Events go through the channel's one-call path (counted there), the others
+    (another buffer type, a large one through shared memory) through the client's own:
+    events_sent adds both, each Event once, and not one refused by a closed client."""
+    received = []
+    with hintens.Server(sock_path, command,
+                        on_event=lambda payload, connection: received.append(bytes(payload))):
+        client = hintens.Client(sock_path)
+        client.send_event(b"small")
+        client.send_event(bytearray(b"array"))
+        client.send_event(memoryview(b"view"))
+        client.send_event(bytes(BIG))
+        client.send_event(b"")
+        client.flush()
+        assert wait_until(lambda: len(received) == 5)
+        assert received == [b"small", b"array", b"view", bytes(BIG), b""]
+        assert client.stats["events_sent"] == 5
+        client.close()
+        with pytest.raises(hintens.ConnectionClosed):
+            client.send_event(b"after")
+        assert client.stats["events_sent"] == 5   # as a request, not counted when refused
+
 def test_sync_client_and_server_count_what_happened(sock_path):
     with hintens.Server(sock_path, command, on_event=lambda payload, connection: None) \
             as server:

@@ -99,7 +99,7 @@ class ClientDriver:
         self._channel.flush_interval = flush_interval
         self._post = self._channel.post
         self._receive_reply = self._channel.receive_reply
-        self._event = self._channel.event
+        self._event_small = self._channel.event_small
         self._pump: threading.Thread | None = None
         self._counts = ClientCounts()   # for stats
         set_kernel_timeouts(self._sock, None, self.timeout, set_send=True)

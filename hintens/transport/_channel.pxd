@@ -132,6 +132,7 @@ cdef class Writer:
     cdef bint _scheduled                  # on_queued was called and flush_due() has not run
     cdef double _last_lazy                # CLOCK_MONOTONIC seconds of the newest non-urgent post
     cdef uint64_t _event_id               # the request id of the newest Event posted
+    cdef readonly uint64_t small_events   # Events queued by event_small
     # Descriptors queued with frames of the outbox (offer), in stream order: each rides on the
     # first byte of its frame, in a sendmsg that carries that frame alone. The outbox owns
     # these (duplicates) until they are sent or dropped.

@@ -152,6 +152,24 @@ cdef class Outbox(Writer):
         self._post(3, payload, self._event_id)
         self._after_post(False)
 
+    def event_small(self, payload, Py_ssize_t small_max):
+        """``Client.send_event``'s common case in one call: a bytes shorter than
+        ``small_max`` is queued as ``event`` queues it, and counted in ``small_events``.
+
+        Returns:
+            True if it was queued; False, with nothing done, for anything else.
+
+        Raises:
+            As ``event``.
+        """
+        if type(payload) is not bytes or len(<bytes>payload) >= small_max:
+            return False
+        self._event_id += 1
+        self._post(3, payload, self._event_id)
+        self.small_events += 1
+        self._after_post(False)
+        return True
+
     def flush(self):
         """Write everything queued, waiting for another writer to finish first.
 

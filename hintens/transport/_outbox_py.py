@@ -79,6 +79,8 @@ class Writer:
         self._scheduled = False
         self._last_lazy = -math.inf   # when the newest non-urgent frame was posted (never yet)
         self._event_id = 0
+        #: Events queued by ``event_small``.
+        self.small_events = 0
 
     def close(self) -> None:
         """Close the socket. Waits for a send in progress to end, so no write can reach a
@@ -389,6 +391,24 @@ class Outbox(Writer):
         self._event_id += 1
         self._post(3, payload, self._event_id)
         self._after_post(False)
+
+    def event_small(self, payload: Any, small_max: int) -> bool:
+        """``Client.send_event``'s common case in one call: a bytes shorter than
+        ``small_max`` is queued as ``event`` queues it, and counted in ``small_events``.
+
+        Returns:
+            True if it was queued; False, with nothing done, for anything else.
+
+        Raises:
+            As ``event``.
+        """
+        if type(payload) is not bytes or len(payload) >= small_max:
+            return False
+        self._event_id += 1
+        self._post(3, payload, self._event_id)
+        self.small_events += 1
+        self._after_post(False)
+        return True
 
     def flush(self) -> None:
         """Write everything queued, waiting for another writer to finish first.
