@@ -624,3 +624,39 @@ def test_with_server_serves_without_start(sock_path):
     with hintens.Server(sock_path, lambda payload: payload).start() as again:
         with hintens.Client(sock_path, timeout=5) as client:
             assert client.request(b"ok") == b"ok"
+
+
+def test_a_server_that_sends_no_hello_is_waited_for_once_per_connection(sock_path):
+    """A minimal server (sections 1-7: no hello) answers large requests inline. The client
+    waits for its hello at most until 1 s after connecting (HELLO_WAIT_S), not on every
+    large send: six 100 KB requests take about 1 s in all, where a wait per send took 6."""
+    from hintens import _python_core as core
+
+    listener = raw_listener(sock_path)
+    big = os.urandom(100_000)
+
+    def serve():
+        conn, _ = listener.accept()
+        with conn:
+            decoder = core.FrameDecoder()
+            while True:
+                data = conn.recv(1 << 20)
+                if not data:
+                    return
+                for frame in decoder.feed(data):
+                    if frame.type == 1:   # the client's hello (an Event) goes unanswered
+                        conn.sendall(core.encode_frame(2, frame.payload, frame.request_id))
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    try:
+        with hintens.Client(sock_path, timeout=30) as client:
+            started = time.monotonic()
+            for _ in range(6):
+                assert client.request(big) == big
+            elapsed = time.monotonic() - started
+            assert client.stats["shm_bytes_sent"] == 0   # inline: nothing was negotiated
+        assert elapsed < 4.0, f"six large requests took {elapsed:.1f} s: a wait per send"
+    finally:
+        server.join(10)
+        listener.close()

@@ -5,7 +5,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"os"
+	"path/filepath"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -410,5 +412,63 @@ func TestEventWhileIdle(t *testing.T) {
 		case <-time.After(5 * time.Second):
 			t.Fatalf("the Event pushed after %d requests never reached the idle client", burst)
 		}
+	}
+}
+
+// A server that never sends a hello (sections 1-7 only) is waited for until helloWait after
+// connecting, not before every large request: six 100 KB requests take about a second in
+// all, where a wait per send took six.
+func TestNoHelloServerIsWaitedForOncePerConnection(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "nohello.sock")
+	ln, err := net.Listen("unix", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	served := make(chan struct{})
+	go func() {
+		defer close(served)
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		dec := NewDecoder(DefaultMaxPayload)
+		for {
+			n, err := c.Read(dec.Space())
+			if err != nil {
+				return
+			}
+			dec.Commit(n)
+			for {
+				f, ok, perr := dec.Next()
+				if perr != nil || !ok {
+					break
+				}
+				if f.Type == TypeRequest { // the client's hello (an Event) goes unanswered
+					if _, err := c.Write(EncodeFrame(TypeResponse, 0, f.RequestID, f.Payload)); err != nil {
+						return
+					}
+				}
+			}
+		}
+	}()
+	cl, err := NewClient(path, WithTimeout(30*time.Second))
+	if err != nil {
+		t.Fatal(err)
+	}
+	big := pattern(100_000)
+	started := time.Now()
+	for i := 0; i < 6; i++ {
+		got, err := cl.Send(big)
+		if err != nil || !bytes.Equal(got, big) {
+			t.Fatalf("request %d: %v (%d bytes back)", i, err, len(got))
+		}
+	}
+	elapsed := time.Since(started)
+	cl.Close()
+	<-served
+	if elapsed > 4*time.Second {
+		t.Fatalf("six large requests took %v: a hello wait per send", elapsed)
 	}
 }

@@ -28,6 +28,7 @@ type conn struct {
 
 	helloDone chan struct{}
 	helloOnce sync.Once
+	helloBy   time.Time // until when a send may wait for the peer's hello (waitHello)
 
 	wmu          sync.Mutex
 	wbuf         []byte
@@ -83,7 +84,8 @@ func newConn(nc *net.UnixConn, cfg *config, isServer bool, totals *shmTotals) *c
 	}
 	c := &conn{nc: nc, cfg: cfg, isServer: isServer, dec: NewDecoder(cfg.maxPayload),
 		shm:       newShmState(features, cfg.shmReceiveBytes, cfg.shmReceiveSegments, cfg.shmPoolBytes, totals),
-		helloDone: make(chan struct{}), closed: make(chan struct{}), rfd: -1}
+		helloDone: make(chan struct{}), helloBy: time.Now().Add(helloWait),
+		closed: make(chan struct{}), rfd: -1}
 	c.oob = make([]byte, unix.CmsgSpace(4*maxWaitingFDs))
 	c.rawc, _ = nc.SyscallConn() // fails only for a nil conn
 	c.readFn = c.recvmsg
@@ -449,8 +451,9 @@ func (c *conn) peerLimits() (maxPayload int, shm bool) {
 	return maxPayload, c.shm.negotiatedLocked()
 }
 
-// waitHello waits (up to helloWait or deadline) for the peer's hello, before a payload that
-// shared memory might carry or the peer's limit might refuse (section 8).
+// waitHello waits (until helloWait after the connection began, or deadline) for the peer's
+// hello, before a payload that shared memory might carry or the peer's limit might refuse
+// (section 8). Past that, the peer is taken to send none, and no send waits again.
 func (c *conn) waitHello(deadline time.Time) {
 	select {
 	case <-c.helloDone:
@@ -460,7 +463,7 @@ func (c *conn) waitHello(deadline time.Time) {
 	if c.needReader != nil {
 		c.needReader()
 	}
-	wait := helloWait
+	wait := time.Until(c.helloBy)
 	if !deadline.IsZero() {
 		wait = min(wait, time.Until(deadline))
 	}

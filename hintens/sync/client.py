@@ -26,7 +26,7 @@ from .._errors import (
 )
 from .._codecs import CodecSpec, codec_from
 from .connection import Connection
-from .driver import FOREVER, HELLO_WAIT_S, Waiter
+from .driver import FOREVER, Waiter
 from .sender import ClientSender
 from ..protocol.endpoint import (
     DEFAULT_COMPRESS_THRESHOLD_BYTES,
@@ -536,7 +536,7 @@ class Client(ClientSender, Generic[_R]):
         """
         deadline = deadline_after(call_timeout_s(timeout, self.timeout))
         if self._endpoint.peer_hello is None and self._endpoint.pool is not None:
-            self._await_hello(min(deadline, monotonic() + HELLO_WAIT_S))
+            self._await_hello(min(deadline, self._conn.hello_by))
         return self._until_released(lambda: self._endpoint.allocate(size), deadline)
 
     @property

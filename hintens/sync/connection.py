@@ -113,6 +113,9 @@ class Connection:
         channel.on_queued = FLUSHER.schedule
         endpoint.on_writes = control_waker(channel, endpoint.outgoing)
         self._receive_timeout = _UNSET
+        #: Until when a send may wait for the peer's hello (``monotonic``; the client sets
+        #: it when it starts); past it, none is waited for.
+        self.hello_by = 0.0
         self._ring_file: tuple[int, int] | None = None   # (st_dev, st_ino) of a ring we made
 
     # Reading -------------------------------------------------------------------------------

@@ -42,7 +42,8 @@ from .connection import Connection
 
 log = logging.getLogger("hintens")
 
-#: How long a large send waits for the server's hello before it goes inline (once).
+#: How long after connecting a large send may wait for the server's hello (a hintens server
+#: sends it on accept); past that, the server is taken to send none, and no send waits again.
 HELLO_WAIT_S = 1.0
 #: A kernel receive timeout may overshoot a request's deadline by this much at most.
 _TIMEOUT_SLACK_S = 0.01
@@ -76,6 +77,7 @@ class ClientDriver:
                on_event: Callable[[Any], Any] | None, flush_interval: float) -> None:
         """Take over a connected, checked socket: say hello, start the event pump."""
         self._conn = conn
+        conn.hello_by = monotonic() + HELLO_WAIT_S
         self._sock, self._channel, self._endpoint = conn.sock, conn.channel, conn.endpoint
         self._ids = ids
         self._on_event = on_event

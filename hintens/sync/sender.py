@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 from .._errors import ShmError, no_free_segment
 from .connection import mark_sent
-from .driver import HELLO_WAIT_S, ClientDriver
+from .driver import ClientDriver
 
 
 class ClientSender(ClientDriver):
@@ -52,7 +52,7 @@ class ClientSender(ClientDriver):
             except TypeError:
                 size = 0   # Endpoint.writes says what is wrong with it
             if size >= endpoint.shm_threshold:
-                self._await_hello(min(deadline, monotonic() + HELLO_WAIT_S))
+                self._await_hello(min(deadline, self._conn.hello_by))
         return self._until_released(
             lambda: endpoint.writes(msg_type, payload, request_id), deadline)
 

@@ -185,6 +185,9 @@ pub(crate) struct Conn {
     ctl_done: AtomicU64,
     st: Mutex<State>,
     pub(crate) limits: Limits,
+    /// Until when a send may wait for the peer's hello (`limits.hello_wait` after the
+    /// connection began); past it the peer is taken to send none (section 8).
+    hello_by: Instant,
     hello_arrived: Notify,
     pool_freed: Notify,
     closed_flag: AtomicBool,
@@ -348,6 +351,7 @@ impl Conn {
                 next_segment_id: 1,
                 ..Default::default()
             }),
+            hello_by: Instant::now() + limits.hello_wait,
             limits,
             hello_arrived: Notify::new(),
             pool_freed: Notify::new(),
@@ -703,7 +707,7 @@ impl Conn {
     }
 
     async fn peer_hello(&self, deadline: Instant) -> Option<Hello> {
-        let until = deadline.min(Instant::now() + self.limits.hello_wait);
+        let until = deadline.min(self.hello_by);
         loop {
             let n = self.hello_arrived.notified();
             if let Some(h) = self.st.lock().unwrap().peer_hello.clone() {
@@ -1298,7 +1302,7 @@ impl Conn {
     }
 
     fn peer_hello_blocking(&self, deadline: Instant) -> Option<Hello> {
-        let until = deadline.min(Instant::now() + self.limits.hello_wait);
+        let until = deadline.min(self.hello_by);
         let has = || self.st.lock().unwrap().peer_hello.is_some();
         if !has() {
             self.wait_sync(until, || has() || self.is_closed());

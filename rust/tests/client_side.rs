@@ -609,3 +609,70 @@ fn an_hrng_fails_the_blocking_clients_pending_or_next_request_and_closes() {
         );
     }
 }
+
+/// A server that never sends a hello (sections 1-7 only), echoing Requests inline.
+fn no_hello_server(tag: &str) -> (PathBuf, std::thread::JoinHandle<()>) {
+    let dir = std::env::temp_dir().join(format!("hintens-rs-cs-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(format!("{tag}.sock"));
+    let _ = std::fs::remove_file(&path);
+    let listener = UnixListener::bind(&path).unwrap();
+    let t = std::thread::spawn(move || {
+        let (s, _) = listener.accept().unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut raw = Raw {
+            s,
+            dec: FrameDecoder::new(64 << 20),
+            fds: Vec::new(),
+        };
+        while let Some(f) = raw.next() {
+            if f.mtype == REQUEST {
+                raw.send(&wire::encode_frame(RESPONSE, 0, f.request_id, &f.payload));
+            }
+        }
+    });
+    (path, t)
+}
+
+/// The client waits for a missing hello until `hello_wait` after connecting, not before
+/// every large request: six 100 KB requests take about a second in all, where a wait per
+/// send took six. Async and blocking.
+#[test]
+fn a_server_that_sends_no_hello_is_waited_for_once_per_connection() {
+    let big: Vec<u8> = (0..100_000u32).map(|i| (i * 7) as u8).collect();
+    let (path, t) = no_hello_server("nohello");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let b = big.clone();
+    let elapsed = rt.block_on(async move {
+        let c = IPCClient::connect(&path).await.unwrap();
+        let started = std::time::Instant::now();
+        for _ in 0..6 {
+            assert_eq!(&c.send_bytes(&b).await.unwrap()[..], &b[..]);
+        }
+        let elapsed = started.elapsed();
+        drop(c);
+        elapsed
+    });
+    t.join().unwrap();
+    assert!(
+        elapsed < Duration::from_secs(4),
+        "six large requests took {elapsed:?}"
+    );
+
+    let (path, t) = no_hello_server("nohello-blocking");
+    let c = hintens::blocking::Client::connect(&path).unwrap();
+    let started = std::time::Instant::now();
+    for _ in 0..6 {
+        assert_eq!(&c.send_bytes(&big).unwrap()[..], &big[..]);
+    }
+    let elapsed = started.elapsed();
+    drop(c);
+    t.join().unwrap();
+    assert!(
+        elapsed < Duration::from_secs(4),
+        "blocking: six large requests took {elapsed:?}"
+    );
+}
