@@ -474,6 +474,29 @@ def test_a_client_that_never_reads_is_paused_then_cut_after_send_timeout(aio_ser
     assert "send_timeout" in text
 
 
+@pytest.mark.parametrize("handler", ["tests.handlers:async_command", "tests.handlers:command"],
+                         ids=["async", "plain"])
+def test_large_replies_to_a_client_that_never_reads_stop_at_the_queue_bound(aio_server,
+                                                                             handler):
+    """300 Requests for 1 MB each, in one write, from a client that never reads. An async
+    handler's Requests become tasks, all started by that one read before any reply is
+    queued: a task starts its handler only while at most send_queue_bytes wait for the
+    client, so the server holds about that much, not a reply per task (max_concurrency is
+    256: 256 MB)."""
+    server = aio_server(handler=handler, send_timeout=3, send_queue_bytes=MIB)
+    peer, sent = _flood_unread(server.path, b"size:1000000", 300)
+    assert sent == 300
+    worst, until = 0, time.monotonic() + 1.5   # the old server got to 240 MB within 1 s
+    while time.monotonic() < until:
+        worst = max(worst, status_kib("VmRSS", server.pid) - server.rss)
+        time.sleep(0.05)
+    assert worst < RSS_SLACK_KIB, f"{worst // 1024} MiB held for a client that reads nothing"
+    assert serves(server.path)
+    assert wait_until(lambda: open_fds(server.pid) == server.fds, timeout_s=10)   # cut
+    assert ends_within(peer, 10)
+    peer.close()
+    server.assert_back_to_baseline()
+
 def test_a_client_that_reads_nothing_does_not_hold_up_others(aio_server):
     server = aio_server(send_timeout=30, send_queue_bytes=256 * KIB)
     stalled = [_flood_unread(server.path, b"size:65536", 2000, seconds=0.5)[0]

@@ -123,6 +123,9 @@ class ServerConnection(Pushing):
                                   self._writable, self._watch_failed, self._conn.more_buffered)
         self._eof = False            # the client's half is over: answer what came, then end
         self._tasks: set[asyncio.Future[Any]] = set()
+        # Tasks whose handler waits to start until the client has read our queue down to
+        # send_queue_bytes (_room).
+        self._room_waiters: list[asyncio.Future[None]] = []
         # Items a read brought while the connection was busy (_busy): served, in order,
         # once it is not.
         self._held: list[Any] = []
@@ -221,6 +224,7 @@ class ServerConnection(Pushing):
                 handle.cancel()
         self._timer = self._flush_handle = self._soon_handle = self._held_handle = None
         self._held = []
+        self._room_waiters = []   # their tasks are cancelled below
         if self._fd >= 0:
             self._watch.close()
         for task in list(self._tasks):
@@ -395,6 +399,8 @@ class ServerConnection(Pushing):
         """A Request answered in a task of its own."""
         current.set(self)
         request_id = item.request_id
+        if self._channel.queued > self._server.send_queue_bytes:
+            await self._room()
         try:
             if self.window is not None:
                 ok, result = await self._replay_or_run(item)
@@ -419,6 +425,8 @@ class ServerConnection(Pushing):
         ``send_timeout`` for a shared-memory segment if it needs one."""
         try:
             if inspect.isawaitable(result):
+                if self._channel.queued > self._server.send_queue_bytes:
+                    await self._room()
                 result = await result
             result = checked_result(result)
             endpoint = self._endpoint
@@ -521,6 +529,26 @@ class ServerConnection(Pushing):
         self._check_backpressure()
         self._maybe_done()
 
+    async def _room(self) -> None:
+        """Wait while more than ``send_queue_bytes`` wait for the client to read: a handler
+        started now would only add its reply to them. The tasks of one read all start before
+        any reply is queued, so without this a client that never reads made us hold a reply
+        per task (``max_concurrency`` of them). One that never reads is cut at
+        ``send_timeout``, which cancels the waiting tasks."""
+        while self._open and self._channel.queued > self._server.send_queue_bytes:
+            waiter: asyncio.Future[None] = self._loop.create_future()
+            self._room_waiters.append(waiter)
+            await waiter
+
+    def _wake_room(self) -> None:
+        """Let the tasks waiting in ``_room`` start, if the queue is down to
+        ``send_queue_bytes``."""
+        if self._room_waiters and self._channel.queued <= self._server.send_queue_bytes:
+            waiters, self._room_waiters = self._room_waiters, []
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+
     def _busy(self) -> bool:
         """Too much is under way to take more from this client: ``max_concurrency`` tasks,
         or more than ``send_queue_bytes`` waiting for it to read."""
@@ -547,6 +575,7 @@ class ServerConnection(Pushing):
         under ``send_queue_bytes``."""
         if not self._open:
             return
+        self._wake_room()
         if self._held:
             self._pause()
             if self._held_handle is None and not self._busy():
@@ -632,6 +661,7 @@ class ServerConnection(Pushing):
         if self._stall_since is not None and channel.written != self._stall_mark:
             self._stall_since, self._stall_mark = self._loop.time(), channel.written
         self._flush()
+        self._wake_room()
         if self._held:
             self._check_backpressure()   # the queue may have drained below send_queue_bytes
 
