@@ -626,37 +626,72 @@ def test_with_server_serves_without_start(sock_path):
             assert client.request(b"ok") == b"ok"
 
 
-def test_a_server_that_sends_no_hello_is_waited_for_once_per_connection(sock_path):
-    """A minimal server (sections 1-7: no hello) answers large requests inline. The client
-    waits for its hello at most until 1 s after connecting (HELLO_WAIT_S), not on every
-    large send: six 100 KB requests take about 1 s in all, where a wait per send took 6."""
+def _no_hello_echo(listener):
+    """Serve one connection as a minimal server (sections 1-7: no hello): echo Requests."""
     from hintens import _python_core as core
+
+    conn, _ = listener.accept()
+    with conn:
+        decoder = core.FrameDecoder()
+        while True:
+            data = conn.recv(1 << 20)
+            if not data:
+                return
+            for frame in decoder.feed(data):
+                if frame.type == 1:   # the client's hello (an Event) goes unanswered
+                    conn.sendall(core.encode_frame(2, frame.payload, frame.request_id))
+
+
+@pytest.mark.parametrize("kind", ["sync", "asyncio"])
+def test_a_server_that_sends_no_hello_is_waited_for_once_per_connection(sock_path, kind):
+    """A minimal server (no hello) answers large requests inline. The client waits for its
+    hello at most until 1 s after connecting (HELLO_WAIT_S), not on every large send: six
+    100 KB requests take about 1 s in all, where a wait per send took 6."""
+    import asyncio
+
+    import hintens.aio
 
     listener = raw_listener(sock_path)
     big = os.urandom(100_000)
-
-    def serve():
-        conn, _ = listener.accept()
-        with conn:
-            decoder = core.FrameDecoder()
-            while True:
-                data = conn.recv(1 << 20)
-                if not data:
-                    return
-                for frame in decoder.feed(data):
-                    if frame.type == 1:   # the client's hello (an Event) goes unanswered
-                        conn.sendall(core.encode_frame(2, frame.payload, frame.request_id))
-
-    server = threading.Thread(target=serve, daemon=True)
+    server = threading.Thread(target=_no_hello_echo, args=(listener,), daemon=True)
     server.start()
-    try:
+
+    def sync_run():
         with hintens.Client(sock_path, timeout=30) as client:
             started = time.monotonic()
             for _ in range(6):
                 assert client.request(big) == big
-            elapsed = time.monotonic() - started
             assert client.stats["shm_bytes_sent"] == 0   # inline: nothing was negotiated
+            return time.monotonic() - started
+
+    async def aio_run():
+        async with hintens.aio.Client(sock_path, timeout=30, shm=False) as client:
+            started = time.monotonic()
+            for _ in range(6):
+                assert await client.request(big) == big
+            return time.monotonic() - started
+
+    try:
+        elapsed = sync_run() if kind == "sync" else asyncio.run(aio_run())
         assert elapsed < 4.0, f"six large requests took {elapsed:.1f} s: a wait per send"
     finally:
         server.join(10)
         listener.close()
+
+
+def test_a_client_idle_past_the_hello_wait_still_takes_the_hello(sock_path):
+    """A client without ``on_event`` reads only when it waits for something, so the
+    server's hello sits unread while it is idle. Past the hello wait (1 s after connecting)
+    a large send still reads what is there first: the payload goes through shared memory,
+    not inline (where this server's 1 MiB limit would refuse it), and ``allocate`` works."""
+    big = os.urandom(4 << 20)
+    with hintens.Server(sock_path, lambda payload: payload, max_payload=1 << 20):
+        with hintens.Client(sock_path, timeout=10) as client:
+            time.sleep(1.5)
+            assert client.request(big) == big
+            assert client.stats["shm_bytes_sent"] == len(big)
+        with hintens.Client(sock_path, timeout=10) as client:
+            time.sleep(1.5)
+            buffer = client.allocate(1 << 20)
+            buffer[:5] = b"hello"
+            assert bytes(client.request(buffer)[:5]) == b"hello"

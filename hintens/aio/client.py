@@ -22,6 +22,7 @@ import logging
 import os
 import ssl
 import threading
+from time import monotonic
 from typing import Any, AsyncIterator, Callable, Generic, Iterable, TypeVar, overload
 
 from .._checks import (
@@ -288,6 +289,7 @@ class Client(Generic[_R]):
         if self._endpoint.hello.features & FEATURE_RING:
             conn.channel.ring_socket_wakes = True   # the loop waits on the socket, not a futex
         self._conn = conn
+        conn.hello_by = monotonic() + HELLO_WAIT_S
         self._watch = SocketWatch(loop, conn.channel.fileno(), conn.channel, self._readable,
                                   self._writable, self._watch_failed, conn.more_buffered)
         self._send([self._endpoint.hello_frame()])
@@ -574,14 +576,17 @@ class Client(Generic[_R]):
         endpoint = self._endpoint
         if endpoint.peer_hello is None:
             # A large payload waits (briefly) for the server's hello: its limit, and whether
-            # shared memory may carry it, are known only then.
+            # shared memory may carry it, are known only then. Until HELLO_WAIT_S after
+            # connecting at most: a server that has not said it by then says none, and no
+            # send waits for it again (the loop still reads a late one).
             try:
                 size = memoryview(payload).nbytes
             except TypeError:
                 size = 0
-            if size >= endpoint.shm_threshold:
+            wait = self._live().hello_by - monotonic()
+            if size >= endpoint.shm_threshold and wait > 0:
                 try:
-                    await asyncio.wait_for(self._hello.wait(), HELLO_WAIT_S)
+                    await asyncio.wait_for(self._hello.wait(), wait)
                 except asyncio.TimeoutError:
                     pass
         loop = self._running()

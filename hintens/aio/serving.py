@@ -531,10 +531,11 @@ class ServerConnection(Pushing):
 
     async def _room(self) -> None:
         """Wait while more than ``send_queue_bytes`` wait for the client to read: a handler
-        started now would only add its reply to them. The tasks of one read all start before
-        any reply is queued, so without this a client that never reads made us hold a reply
-        per task (``max_concurrency`` of them). One that never reads is cut at
-        ``send_timeout``, which cancels the waiting tasks."""
+        started now would only add its reply to them. Without this, a client that never
+        reads made us hold a reply per task of its read (``max_concurrency`` of them). Tasks
+        whose handler awaits before it answers still all start before the first reply is
+        queued: for those ``max_concurrency`` stays the bound. One that never reads is cut
+        at ``send_timeout``, which cancels the waiting tasks."""
         while self._open and self._channel.queued > self._server.send_queue_bytes:
             waiter: asyncio.Future[None] = self._loop.create_future()
             self._room_waiters.append(waiter)

@@ -97,13 +97,20 @@ class ClientSender(ClientDriver):
 
     def _await_hello(self, until: float) -> None:
         """Read until the server's hello has arrived, or ``until``: shared memory is only
-        negotiated once it has. A hintens server sends its hello on accept."""
+        negotiated once it has. A hintens server sends its hello on accept. Past ``until``
+        the socket is still read once without waiting: a client that has read nothing since
+        it connected (no ``on_event``) has the hello there, unread."""
+        looked = False
         while self._endpoint.peer_hello is None and self._closed_reason is None:
             remaining = until - monotonic()
             if remaining <= 0:
-                return
+                if looked:
+                    return
+                remaining = 0.0
             with self._lock:
                 if self._reading:   # another thread reads; it will admit the hello
+                    if remaining <= 0:
+                        return
                     self._sleepers += 1
                     try:
                         self._cond.wait(min(remaining, 0.05))
@@ -111,4 +118,5 @@ class ClientSender(ClientDriver):
                         self._sleepers -= 1
                     continue
                 self._reading = True
-            self._read(remaining)
+            looked = True
+            self._read(remaining if remaining > 0 else None)   # None: without waiting

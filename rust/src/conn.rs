@@ -171,6 +171,9 @@ struct SyncRead {
 
 /// The longest a blocking read or write waits before it looks at its deadline again.
 const TICK: Duration = Duration::from_millis(100);
+/// How long a blocking send looks for the peer's hello once `hello_by` has passed (a read
+/// of what the socket holds, section 8).
+const HELLO_LOOK: Duration = Duration::from_millis(1);
 
 pub(crate) struct Conn {
     me: Weak<Conn>,
@@ -1302,7 +1305,9 @@ impl Conn {
     }
 
     fn peer_hello_blocking(&self, deadline: Instant) -> Option<Hello> {
-        let until = deadline.min(self.hello_by);
+        // Past hello_by, still one short look: a blocking client reads only while it waits,
+        // so a hello that came while it sat idle since connecting is in the socket, unread.
+        let until = deadline.min(self.hello_by.max(Instant::now() + HELLO_LOOK));
         let has = || self.st.lock().unwrap().peer_hello.is_some();
         if !has() {
             self.wait_sync(until, || has() || self.is_closed());

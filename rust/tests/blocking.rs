@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use hintens::{
     blocking, wire, ClientOptions, Error, ErrorCode, HandlerError, Reply, Request, Server, ServerHandle,
+    ServerOptions,
 };
 
 fn sock(tag: &str) -> PathBuf {
@@ -275,4 +276,27 @@ fn serve_blocking_refuses_an_async_handler() {
         Ok::<Reply, HandlerError>(r.payload.into())
     });
     assert!(server.serve_blocking().is_err());
+}
+
+/// A blocking client reads only while it waits: one that sat idle past the hello wait (1 s
+/// after connecting) still finds the server's hello in the socket before a large send, and
+/// sends it through shared memory, not inline (where this server's 1 MiB limit refuses it).
+#[test]
+fn a_client_idle_past_the_hello_wait_still_takes_the_hello() {
+    let path = sock("idle-hello");
+    let mut opts = ServerOptions::default();
+    opts.limits.max_payload = 1 << 20;
+    let server = Server::with_options_blocking(&path, handler, opts);
+    let handle = server.handle();
+    let running = Running {
+        handle,
+        thread: Some(std::thread::spawn(move || server.serve_blocking())),
+    };
+    wait_bound(&path);
+    let c = hintens::blocking::Client::connect(&path).unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let big = pattern(4 << 20, 3);
+    assert_eq!(&c.send_bytes(&big).unwrap()[..], &big[..]);
+    drop(c);
+    running.stop().unwrap();
 }
