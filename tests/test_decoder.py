@@ -285,6 +285,12 @@ def test_decoded_frames_of_bytes_are_left_out_of_the_collector(cython_core):
     del frames   # an untracked frame is still freed with its last reference
     assert sys.getrefcount(payload) == held - 1
     assert gc.is_tracked(cython_core.Frame(1, 0, 0x0100, 5, b"p"))
+    # __init__ called again on a decoded frame may give it any payload: tracked again.
+    (again,) = cython_core.FrameDecoder().feed(raw_frame(small, request_id=7))
+    assert not gc.is_tracked(again)
+    holder: list = []
+    again.__init__(1, 0, 0x0100, 7, holder)
+    assert gc.is_tracked(again)
 
 # Property test: random streams with random faults, random chunking, both cores.
 

@@ -242,6 +242,8 @@ cdef class Frame:
         self.version = version
         self.request_id = request_id
         self.payload = payload
+        if not PyObject_GC_IsTracked(self):   # a decoded frame (_new_frame) given any payload
+            PyObject_GC_Track(<void *>self)
 
     def __repr__(self):
         return (f"Frame(type={self.type}, flags=0x{self.flags:04x}, "
@@ -251,6 +253,8 @@ cdef class Frame:
 
 cdef extern from "Python.h":
     void PyObject_GC_UnTrack(void *op)
+    void PyObject_GC_Track(void *op)
+    int PyObject_GC_IsTracked(object op)
 
 
 cdef inline Frame _new_frame(const hx_header *h, object payload):
