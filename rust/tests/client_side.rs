@@ -72,11 +72,11 @@ impl Raw {
     }
 }
 
-/// Runs `script` as a raw server that announced `hello`, and `client` against it.
-fn with_raw_server<F, C>(tag: &str, hello: Hello, script: F, client: C)
+/// Listens on a fresh socket named for `tag` and runs `serve` on a thread for the one
+/// connection it accepts (reads time out after `timeout`).
+fn spawn_raw<S>(tag: &str, timeout: Duration, serve: S) -> (PathBuf, std::thread::JoinHandle<()>)
 where
-    F: FnOnce(&mut Raw) + Send + 'static,
-    C: FnOnce(PathBuf) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>,
+    S: FnOnce(Raw) + Send + 'static,
 {
     let dir = std::env::temp_dir().join(format!("hintens-rs-cs-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -85,12 +85,23 @@ where
     let listener = UnixListener::bind(&path).unwrap();
     let t = std::thread::spawn(move || {
         let (s, _) = listener.accept().unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        let mut raw = Raw {
+        s.set_read_timeout(Some(timeout)).unwrap();
+        serve(Raw {
             s,
             dec: FrameDecoder::new(64 << 20),
             fds: Vec::new(),
-        };
+        });
+    });
+    (path, t)
+}
+
+/// Runs `script` as a raw server that announced `hello`, and `client` against it.
+fn with_raw_server<F, C>(tag: &str, hello: Hello, script: F, client: C)
+where
+    F: FnOnce(&mut Raw) + Send + 'static,
+    C: FnOnce(PathBuf) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>,
+{
+    let (path, t) = spawn_raw(tag, Duration::from_secs(10), move |mut raw| {
         raw.send(&wire::encode_frame(EVENT, 0, 0, &hello.encode()));
         script(&mut raw);
         // Drain until the client closes.
@@ -612,26 +623,13 @@ fn an_hrng_fails_the_blocking_clients_pending_or_next_request_and_closes() {
 
 /// A server that never sends a hello (sections 1-7 only), echoing Requests inline.
 fn no_hello_server(tag: &str) -> (PathBuf, std::thread::JoinHandle<()>) {
-    let dir = std::env::temp_dir().join(format!("hintens-rs-cs-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join(format!("{tag}.sock"));
-    let _ = std::fs::remove_file(&path);
-    let listener = UnixListener::bind(&path).unwrap();
-    let t = std::thread::spawn(move || {
-        let (s, _) = listener.accept().unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-        let mut raw = Raw {
-            s,
-            dec: FrameDecoder::new(64 << 20),
-            fds: Vec::new(),
-        };
+    spawn_raw(tag, Duration::from_secs(30), |mut raw| {
         while let Some(f) = raw.next() {
             if f.mtype == REQUEST {
                 raw.send(&wire::encode_frame(RESPONSE, 0, f.request_id, &f.payload));
             }
         }
-    });
-    (path, t)
+    })
 }
 
 /// The client waits for a missing hello until `hello_wait` after connecting, not before
