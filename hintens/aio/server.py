@@ -110,9 +110,10 @@ class Server(ServerBase):
     ``replay_*`` bounds, ``codec``, ``compress``, ``compress_threshold``,
     ``max_connections``, ``max_pending_bytes``, ``shm_receive_*`` bounds,
     ``send_queue_bytes`` (also: a connection whose outgoing queue holds more is not read, and
-    its tasks start no handler, until it drains), ``slow_consumer``, ``ring`` and ``ring_bytes``. Over a ring the loop never
-    spins: a read that finds the ring empty (or a write that finds it full) asks the client
-    for a wake record on the socket, which the loop watches.
+    its tasks start no handler, until it drains), ``slow_consumer``, ``ring`` and
+    ``ring_bytes``. Over a ring the loop never spins: a read that finds the ring empty (or a
+    write that finds it full) asks the client for a wake record on the socket, which the loop
+    watches.
 
     Raises:
         ServerRunningError, SocketPathError, OSError, TypeError, ValueError: as the sync
