@@ -478,11 +478,14 @@ def test_a_client_that_never_reads_is_paused_then_cut_after_send_timeout(aio_ser
                          ids=["async", "plain"])
 def test_large_replies_to_a_client_that_never_reads_stop_at_the_queue_bound(aio_server,
                                                                              handler):
-    """300 Requests for 1 MB each, in one write, from a client that never reads. An async
-    handler's Requests become tasks, all started by that one read before any reply is
-    queued: a task starts its handler only while at most send_queue_bytes wait for the
-    client, so the server holds about that much, not a reply per task (max_concurrency is
-    256: 256 MB)."""
+    """300 Requests for 1 MB each, in one write, from a client that never reads; the server
+    may queue 1 MiB for it (send_queue_bytes), and holds about that much.
+
+    An async handler's Requests become tasks, all started by that one read before any reply
+    is queued: a task starts its handler only while the queue is within the bound (else a
+    reply per task: 245 MiB). A plain handler's large reply is queued as soon as it is made,
+    so the queue's check sees it before the next Request runs (left in the read's batch, up
+    to 32 of them went unseen: 30-70 MiB)."""
     server = aio_server(handler=handler, send_timeout=3, send_queue_bytes=MIB)
     peer, sent = _flood_unread(server.path, b"size:1000000", 300)
     assert sent == 300
@@ -490,7 +493,7 @@ def test_large_replies_to_a_client_that_never_reads_stop_at_the_queue_bound(aio_
     while time.monotonic() < until:
         worst = max(worst, status_kib("VmRSS", server.pid) - server.rss)
         time.sleep(0.05)
-    assert worst < RSS_SLACK_KIB, f"{worst // 1024} MiB held for a client that reads nothing"
+    assert worst < 16 * MIB // KIB, f"{worst // 1024} MiB held for a client that reads nothing"
     assert serves(server.path)
     assert wait_until(lambda: open_fds(server.pid) == server.fds, timeout_s=10)   # cut
     assert ends_within(peer, 10)

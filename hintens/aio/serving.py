@@ -385,8 +385,12 @@ class ServerConnection(Pushing):
             self._spawn(self._finish(request_id, result, item))
             return out
         if len(writes) == 1 and not _impl.core.unpack_header(writes[0][0][0]).flags & _SHM:
+            # Inline, but not small: queued now with what came before it, so that the queue's
+            # size (_busy) sees it before the next Request of this read is run. Left in
+            # ``out``, up to _BATCH_FRAMES of them (32 MB of 1 MB replies) went unseen.
             out += writes[0][0]
-            return out
+            self._send_frames(out)
+            return []
         if not is_echo(self._endpoint, result):
             item = result = None   # the request's lent payload is released before the reply
         if out:
