@@ -394,3 +394,34 @@ def test_a_peer_segment_we_never_lent_gets_shm_error(sock_path, server_process):
     assert hintens.wire.decode_error_payload(frame.payload)[0] == ErrorCode.SHM_ERROR
     assert_still_serving(peer)
     peer.close()
+
+
+def test_a_retired_segment_id_may_be_introduced_again(sock_path):
+    """HRET (section 9): the receiver forgets the retired ids at once, so the sender may
+    introduce the same id again with another memfd; an id it does not map is ignored; and
+    nothing of the retired segments stays mapped."""
+    from .peers import memfd_mappings, wait_until
+
+    def hostile_mappings():
+        return [line for line in memfd_mappings() if "memfd:hostile" in line]
+
+    with hintens.Server(sock_path, lambda payload: bytes(payload)).start():
+        peer = ShmPeer(sock_path)
+        try:
+            for request_id, text in ((1, b"first"), (2, b"second")):
+                fd = memfd(MIB, fcntl.F_SEAL_SHRINK, text)
+                try:
+                    peer.send_shm(request_id, 5, MIB, 0, len(text), True, fd)
+                finally:
+                    os.close(fd)
+                seen = peer.until(lambda f, r=request_id: f.type == 2 and f.request_id == r)
+                assert bytes(seen[-1].payload) == text
+                peer.send(raw_frame(_shm.encode_control(_shm.RETIRE_MAGIC, [5, 99]),
+                                    msg_type=3, request_id=0))
+            peer.send(raw_frame(b"still", request_id=3))
+            seen = peer.until(lambda f: f.type == 2 and f.request_id == 3)
+            assert bytes(seen[-1].payload) == b"still"
+            assert not [f for f in seen if f.type == 4]   # no Error for the unknown id 99
+            assert wait_until(lambda: not hostile_mappings())
+        finally:
+            peer.close()
