@@ -8,6 +8,8 @@ printed, never asserted).
 1. 64 B round trips, the peers interleaved round by round (``--rounds`` rounds of ``--count``
    requests each), median and p99 of the per-request latencies:
    * ``hintens``: the sync ``hintens.Client`` to ``hintens serve --listen tcp://...`` (echo);
+   * ``hintens spin=False``: the same with ``Client(spin=False)``, whose thread sleeps at
+     once while it waits for a reply (TCP only: over TLS hintens never spins);
    * ``raw TCP floor``: a Python client that ``sendall``s an encoded Request frame and
      ``recv_into``s until the whole reply frame has arrived, against a Python echo server
      that decodes frames with ``hintens.wire.FrameDecoder`` and answers with
@@ -477,6 +479,9 @@ def _have(module: str) -> bool:
 
 # 1. Round trips -------------------------------------------------------------------------------
 
+NO_SPIN = "hintens spin=False"
+
+
 def measure_round_trips(count: int, rounds: int,
                         cert_dir: str | None = None) -> dict[str, list[float]]:
     """Over TLS with ``cert_dir``: hintens (``hintens.Server`` with ``ssl_context``: the CLI
@@ -487,7 +492,8 @@ def measure_round_trips(count: int, rounds: int,
     tls = cert_dir is not None
     floor = "raw TLS floor" if tls else "raw TCP floor"
     kinds = ["hintens", floor]
-    if not tls:   # pyzmq has no TLS
+    if not tls:   # no spin over TLS; pyzmq has no TLS
+        kinds.insert(1, NO_SPIN)
         if _have("zmq"):
             kinds.append("pyzmq REQ/REP")
         else:
@@ -496,7 +502,8 @@ def measure_round_trips(count: int, rounds: int,
         kinds.append("grpc.aio")
     elif not tls:
         print("grpc.aio: grpcio is not installed (the bench extra); no grpc row")
-    server_kinds = {"hintens": "hintens-counter" if tls else "hintens", floor: "raw-frames",
+    server_kinds = {"hintens": "hintens-counter" if tls else "hintens", NO_SPIN: "hintens",
+                    floor: "raw-frames",
                     "pyzmq REQ/REP": "zmq-rep", "grpc.aio": "grpc"}
     payload = os.urandom(SMALL)
     samples: dict[str, list[float]] = {kind: [] for kind in kinds}
@@ -510,6 +517,7 @@ def measure_round_trips(count: int, rounds: int,
             clients[kind] = (
                 hintens.Client(f"tcp://{HOST}:{port}", ssl_context=context)
                 if kind == "hintens" else
+                hintens.Client(f"tcp://{HOST}:{port}", spin=False) if kind == NO_SPIN else
                 RawFramesClient(port, cert_dir) if kind == floor else
                 ZmqReqClient(port) if kind == "pyzmq REQ/REP" else
                 GrpcClient(port, cert_dir))
@@ -538,10 +546,13 @@ def report_round_trips(samples: dict[str, list[float]], count: int, rounds: int,
     print(f"\n{'4' if tls else '1'}. {SMALL} B round trips over loopback {link}, {rounds} "
           f"rounds x {count} per peer, interleaved (us)")
     for kind, s in samples.items():
-        print(f"  {kind:<16} median {medians[kind] * 1e6:8.1f}  "
+        print(f"  {kind:<18} median {medians[kind] * 1e6:8.1f}  "
               f"p99 {harness.percentile(s, 0.99) * 1e6:8.1f}")
     ours = medians["hintens"]
     print(f"  hintens / {floor}   {ours / medians[floor]:5.2f}x   (target <= 1.3x)")
+    if NO_SPIN in medians:
+        print(f"  {NO_SPIN} / {floor}   {medians[NO_SPIN] / medians[floor]:5.2f}x   "
+              f"(the client's thread sleeps at once while it waits)")
     if "pyzmq REQ/REP" in medians:
         print(f"  hintens / pyzmq REQ/REP   {ours / medians['pyzmq REQ/REP']:5.2f}x   "
               f"(target <= 0.5x)")

@@ -140,6 +140,14 @@ class Client(ClientSender, Generic[_R]):
             that offers one too, over a Unix socket, frames then travel through shared memory
             instead of the socket, and a waiting side spins a moment before it sleeps, so a
             busy pair makes no system calls. Needs the compiled core; ignored over TCP.
+        spin: while a request waits for its reply on the socket, try the socket again
+            (without the GIL, yielding the CPU between tries) for up to 100 µs before the
+            thread sleeps: a reply from a server on another CPU then costs no wake-up of this
+            thread, which on a VM is tens of microseconds. The budget adapts: it stays full
+            while replies come within 100 µs, halves after each wait that lasted longer (a
+            slow server soon costs no spinning), and is tried again now and then. At most
+            one thread per CPU beyond the first spins in a process. False: sleep at once.
+            Needs the compiled core; not over TLS (the ring spins on its own).
 
     Raises:
         ConnectError: no server at ``path``.
@@ -176,7 +184,8 @@ class Client(ClientSender, Generic[_R]):
                  server_uids: Iterable[int] = (),
                  shm_receive_bytes: int = DEFAULT_SHM_RECEIVE_BYTES,
                  shm_receive_segments: int = DEFAULT_SHM_RECEIVE_SEGMENTS,
-                 ssl_context: ssl.SSLContext | None = None, ring: bool = False) -> None: ...
+                 ssl_context: ssl.SSLContext | None = None, ring: bool = False,
+                 spin: bool = True) -> None: ...
 
     @overload
     def __init__(self: Client[Any], path: str | os.PathLike[str] | None = None, *,
@@ -193,7 +202,8 @@ class Client(ClientSender, Generic[_R]):
                  server_uids: Iterable[int] = (),
                  shm_receive_bytes: int = DEFAULT_SHM_RECEIVE_BYTES,
                  shm_receive_segments: int = DEFAULT_SHM_RECEIVE_SEGMENTS,
-                 ssl_context: ssl.SSLContext | None = None, ring: bool = False) -> None: ...
+                 ssl_context: ssl.SSLContext | None = None, ring: bool = False,
+                 spin: bool = True) -> None: ...
 
     def __init__(self, path: str | os.PathLike[str] | None = None, *,
                  timeout: float | None = DEFAULT_TIMEOUT_S,
@@ -209,7 +219,8 @@ class Client(ClientSender, Generic[_R]):
                  server_uids: Iterable[int] = (),
                  shm_receive_bytes: int = DEFAULT_SHM_RECEIVE_BYTES,
                  shm_receive_segments: int = DEFAULT_SHM_RECEIVE_SEGMENTS,
-                 ssl_context: ssl.SSLContext | None = None, ring: bool = False) -> None:
+                 ssl_context: ssl.SSLContext | None = None, ring: bool = False,
+                 spin: bool = True) -> None:
         checked_timeout = timeout_s(timeout, "timeout")
         connect_timeout = timeout_s(connect_timeout, "connect_timeout")
         flush_interval = non_negative_s(flush_interval, "flush_interval")
@@ -243,7 +254,9 @@ class Client(ClientSender, Generic[_R]):
             #: The server process's pid, uid and gid (SO_PEERCRED), checked before any byte
             #: was sent: our own uid, root, or one of ``server_uids``. None over TCP.
             self.server_credentials = server_check(sock, self.path, trusted)
-            self._start(Connection(sock, endpoint, shm=shm, stall_timeout=checked_timeout),
+            connection = Connection(sock, endpoint, shm=shm, stall_timeout=checked_timeout)
+            connection.channel.reply_spin = bool(spin)
+            self._start(connection,
                         ids=session.ids if session is not None else itertools.count(1),
                         on_event=on_event, flush_interval=flush_interval)
         except BaseException:

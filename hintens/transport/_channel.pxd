@@ -95,6 +95,15 @@ cdef extern from "_ring.h" nogil:
     int hx_ring_wait_readable(hx_ring *r, long long deadline_ns, int timeout_option,
                               int may_spin)
     int hx_ring_wait_writable(hx_ring *r, long long deadline_ns, int timeout_option)
+    ctypedef struct hx_spin:
+        long long spin_ns
+        uint64_t spins
+        uint64_t spins_won
+    const long long HX_SOCKET_SPIN_MAX_NS
+    const ssize_t HX_SPIN_NOTHING
+    void hx_spin_init(hx_spin *s)
+    ssize_t hx_spin_recvmsg(hx_spin *s, int fd, msghdr *m, int flags, long long *start)
+    void hx_spin_after(hx_spin *s, long long start)
 
 
 cdef class Ring:
@@ -196,6 +205,9 @@ cdef class Channel(Outbox):
     cdef bint _eager                      # reads found several frames: try the next one
                                           # with MSG_DONTWAIT first, keeping the GIL
     cdef bint _slow                       # the last serve() read needed more than the handler
+    cdef public bint reply_spin           # receive_reply spins a moment before it blocks
+    cdef bint _spin_next                  # the next blocking read may spin first
+    cdef hx_spin _spin                    # its adaptive budget and counters (_ring.h)
     cdef bint _ring_rx                    # frames come from the ring (switch_rx)
     cdef bytes _tls_early                 # TLS: bytes the stream read ahead, served first
     cdef readonly uint64_t ring_wakes_taken  # wake records taken off the socket, ever

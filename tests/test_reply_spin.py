@@ -1,0 +1,196 @@
+"""The spin before a reply's blocking read (``Client(spin=True)``, ``Channel.reply_spin``):
+what it takes, how its budget adapts, and that it changes nothing a caller sees. The budget
+rules are in hintens/transport/_ring.h (hx_spin_recvmsg); the pure-Python twin never spins."""
+
+from __future__ import annotations
+
+import array
+import os
+import socket
+import threading
+import time
+
+import pytest
+
+import hintens
+from hintens.transport import unix as _unix
+
+from .peers import start_server, stop_server
+
+FULL_NS = 100_000          # HX_SOCKET_SPIN_MAX_NS
+HALVINGS_TO_NOTHING = 17   # 100_000 halved 17 times (integer division) is 0
+FIRST_PROBE = 8            # HX_RING_PROBE_MIN
+
+#: A process spins only on a machine with another CPU (hx_ring_max_spinners).
+MAY_SPIN = (os.cpu_count() or 1) > 1
+
+
+def spinning_channel(core, sock, spin=True):
+    channel = core.Channel(sock, core.FrameDecoder())
+    channel.reply_spin = spin
+    return channel
+
+
+def compiled(core):
+    return core.Channel.__module__.endswith("_channel")
+
+
+def later(delay, function, *args):
+    """``function(*args)`` on a thread after ``delay`` seconds; the thread, started."""
+    def run():
+        time.sleep(delay)
+        function(*args)
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+def test_a_reply_already_there_is_taken_by_the_spin_with_its_descriptor(core, pair):
+    left, right = pair
+    ours = spinning_channel(core, left)
+    ours.max_fds = 4
+    read_end, write_end = os.pipe()
+    try:
+        right.sendmsg([core.encode_frame(2, b"pong", 7)],
+                      [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [read_end]))])
+        assert ours.receive_reply(7) == b"pong"
+        assert len(ours.fds) == 1   # the control message survived the MSG_DONTWAIT tries
+        os.write(write_end, b"!")
+        assert os.read(ours.fds[0], 1) == b"!"
+    finally:
+        ours.close_fds()
+        os.close(read_end)
+        os.close(write_end)
+    if compiled(core) and MAY_SPIN:
+        assert ours.spin_stats() == {"spins": 1, "spins_won": 1, "spin_budget_ns": FULL_NS}
+    else:
+        assert ours.spin_stats()["spins"] == 0
+
+
+def test_no_spin_without_reply_spin_nor_outside_receive_reply(core, pair):
+    left, right = pair
+    ours = spinning_channel(core, left, spin=False)
+    right.sendall(core.encode_frame(2, b"a", 1))
+    assert ours.receive_reply(1) == b"a"
+    ours.reply_spin = True
+    right.sendall(core.encode_frame(3, b"event", 2))
+    assert [f.payload for f in ours.receive()] == [b"event"]   # receive() never spins
+    assert ours.spin_stats()["spins"] == 0
+
+
+def test_a_reply_slower_than_the_spin_halves_the_budget(core, pair):
+    left, right = pair
+    ours = spinning_channel(core, left)
+    writer = later(0.005, right.sendall, core.encode_frame(2, b"late", 3))
+    assert ours.receive_reply(3) == b"late"
+    writer.join()
+    if compiled(core) and MAY_SPIN:
+        assert ours.spin_stats() == {"spins": 1, "spins_won": 0, "spin_budget_ns": FULL_NS // 2}
+
+
+def test_a_slow_peer_soon_costs_no_spin_and_a_fast_one_restores_the_budget(cython_core, pair):
+    if not MAY_SPIN:
+        pytest.skip("one CPU: nothing spins")
+    left, right = pair
+    ours = spinning_channel(cython_core, left)
+    for rid in range(1, HALVINGS_TO_NOTHING + 1):
+        writer = later(0.001, right.sendall, cython_core.encode_frame(2, b"slow", rid))
+        assert ours.receive_reply(rid) == b"slow"
+        writer.join()
+    stats = ours.spin_stats()
+    assert stats == {"spins": HALVINGS_TO_NOTHING, "spins_won": 0, "spin_budget_ns": 0}
+    # Spent: the next waits block at once, but for a probe (a full spin) on the 8th.
+    for rid in range(100, 100 + FIRST_PROBE):
+        writer = later(0.001, right.sendall, cython_core.encode_frame(2, b"slow", rid))
+        assert ours.receive_reply(rid) == b"slow"
+        writer.join()
+        probed = rid == 100 + FIRST_PROBE - 1
+        assert ours.spin_stats()["spins"] == HALVINGS_TO_NOTHING + probed
+    assert ours.spin_stats()["spin_budget_ns"] == 0
+    # A reply that is there at once (it would have paid to spin): the budget is full again.
+    right.sendall(cython_core.encode_frame(2, b"fast", 200))
+    assert ours.receive_reply(200) == b"fast"
+    assert ours.spin_stats()["spin_budget_ns"] == FULL_NS
+
+
+def test_the_socket_timeout_still_ends_a_spinning_read(core, pair):
+    left, _ = pair
+    _unix.set_kernel_timeouts(left, 0.05)
+    ours = spinning_channel(core, left)
+    started = time.monotonic()
+    with pytest.raises(BlockingIOError):
+        ours.receive_reply(1)
+    assert time.monotonic() - started < 5
+
+
+def test_end_of_stream_during_the_spin(core, pair):
+    left, right = pair
+    ours = spinning_channel(core, left)
+    right.sendall(b"\x01")   # one byte of a header, then the end
+    right.shutdown(socket.SHUT_WR)
+    assert ours.receive_reply(1) is None and ours.pending == []
+    assert ours.receive_reply(1) is None and ours.pending is None
+
+
+def test_a_reply_dribbled_a_byte_at_a_time_arrives_whole(core, pair):
+    left, right = pair
+    ours = spinning_channel(core, left)
+    frame = core.encode_frame(2, bytes(range(64)), 9)
+
+    def dribble():
+        for i in range(len(frame)):
+            right.sendall(frame[i:i + 1])
+            time.sleep(0.0002)
+
+    writer = threading.Thread(target=dribble)
+    writer.start()
+    reply = ours.receive_reply(9)
+    while reply is None:
+        assert ours.pending == []
+        reply = ours.receive_reply(9)
+    writer.join()
+    assert bytes(reply) == bytes(range(64))
+
+
+def test_a_client_spins_for_a_fast_server_and_not_with_spin_false(sock_path):
+    """A real server process: replies within the spin are taken by it (on a machine with
+    another CPU); ``spin=False`` never spins. The replies are the same either way."""
+    process = start_server(sock_path)
+    try:
+        with hintens.Client(sock_path, timeout=30, ring=False) as client:
+            for i in range(300):
+                assert bytes(client.request(b"echo:%d" % i)) == b"%d" % i
+            spun = client._channel.spin_stats()
+        with hintens.Client(sock_path, timeout=30, ring=False, spin=False) as client:
+            for i in range(50):
+                assert bytes(client.request(b"echo:%d" % i)) == b"%d" % i
+            still = client._channel.spin_stats()
+    finally:
+        stop_server(process)
+    assert still["spins"] == 0
+    if MAY_SPIN and hintens.implementation == "cython":
+        # At least the first waits spin (the budget starts full); on an idle machine nearly
+        # every reply comes within the spin. Only that something was won is certain enough
+        # to assert on a loaded machine.
+        assert spun["spins"] >= 1 and spun["spins_won"] >= 1
+    else:
+        assert spun["spins"] == 0
+
+
+def test_a_client_waiting_on_a_slow_server_soon_stops_spinning(sock_path):
+    process = start_server(sock_path)
+    try:
+        with hintens.Client(sock_path, timeout=30, ring=False) as client:
+            assert bytes(client.request(b"echo:first")) == b"first"   # the hello read too
+            before = client._channel.spin_stats()
+            for i in range(40):
+                assert bytes(client.request(b"sleep:0.002:%d" % i)) == b"%d" % i
+            after = client._channel.spin_stats()
+    finally:
+        stop_server(process)
+    if MAY_SPIN and hintens.implementation == "cython":
+        assert after["spin_budget_ns"] == 0
+        # At most 17 halvings (fewer if the first reply was slow too), then a probe on the
+        # 8th and on the 16th wait after them: 19 of the 40 waits spun at most.
+        assert 1 <= after["spins"] - before["spins"] <= HALVINGS_TO_NOTHING + 2
+        assert after["spins_won"] == before["spins_won"]
