@@ -145,9 +145,10 @@ class Client(ClientSender, Generic[_R]):
             thread sleeps: a reply from a server on another CPU then costs no wake-up of this
             thread, which on a VM is tens of microseconds. The budget adapts: it stays full
             while replies come within 100 µs, halves after each wait that lasted longer (a
-            slow server soon costs no spinning), and is tried again now and then. At most
-            one thread per CPU beyond the first spins in a process. False: sleep at once.
-            Needs the compiled core; not over TLS (the ring spins on its own).
+            slow server soon costs no spinning), and is tried again now and then; a reply
+            that comes in pieces is spun for only until its first bytes. At most one thread
+            per CPU beyond the first spins in a process. False: sleep at once. Needs the
+            compiled core; not over TLS (the ring spins on its own).
 
     Raises:
         ConnectError: no server at ``path``.

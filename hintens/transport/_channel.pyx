@@ -42,6 +42,7 @@ from cpython.pythread cimport (
 )
 
 from ..wire._wire cimport (
+    _HEADER_STATE,
     HEADER_SIZE,
     NOGIL_THRESHOLD_BYTES,
     Frame,
@@ -305,7 +306,10 @@ cdef class Channel(Outbox):
         cdef bint eager = self._eager
         cdef Py_ssize_t room = 0
         cdef unsigned char *direct
-        cdef bint spin = self._spin_next
+        # Spin only for the start of a reply: a frame that has begun arriving is read as it
+        # comes (a reply dribbled in pieces costs no spin per piece).
+        cdef bint spin = self._spin_next and self.decoder._header_len == 0 \
+            and self.decoder._state == _HEADER_STATE
         cdef long long spun_at = 0
         self._spin_next = False
         if self._fd < 0:
@@ -350,9 +354,12 @@ cdef class Channel(Outbox):
                 with nogil:
                     count = hx_spin_recvmsg(&self._spin, self._fd, &message,
                                             flags | MSG_CMSG_CLOEXEC, &spun_at)
-                    if count == HX_SPIN_NOTHING:
+                if count == HX_SPIN_NOTHING:
+                    # A signal that came while we spun is handled now, not after the sleep.
+                    PyErr_CheckSignals()
+                    with nogil:
                         count = recvmsg(self._fd, &message, flags | MSG_CMSG_CLOEXEC)
-                        if count >= 0:
+                        if count >= 0 or errno == EAGAIN:
                             hx_spin_after(&self._spin, spun_at)
             else:
                 with nogil:

@@ -108,9 +108,10 @@ class Channel(Outbox):
         self._handler_buckets = [0] * (len(HANDLER_BUCKETS_S) + 1)
         #: ``receive_reply`` may spin a moment before its read blocks: with the compiled core,
         #: it tries the socket with MSG_DONTWAIT, yielding the CPU between tries, for up to
-        #: 100 us (an adaptive budget: see ``spin_stats``). A reply from a peer on another CPU
-        #: then costs no wake-up of this thread. Not over TLS, and not here: this core always
-        #: blocks at once (a Python loop would hold the GIL).
+        #: 100 us (an adaptive budget: see ``spin_stats``), and only while no frame is half
+        #: read. A reply from a peer on another CPU then costs no wake-up of this thread. A
+        #: signal that comes while it spins is handled before the read blocks. Not over TLS,
+        #: and not here: this core always blocks at once (a Python loop would hold the GIL).
         self.reply_spin = False
 
     def note_handler(self, seconds: float) -> None:
@@ -234,8 +235,9 @@ class Channel(Outbox):
         that spun), ``spins_won`` (those that bytes ended), and ``spin_budget_ns`` (how long
         the next one may spin; 0: it sleeps at once, but for a probe now and then). The
         budget is full while replies come within 100 us of the spin's start, halves after
-        each wait that lasted longer, and once spent is tried again in full every 8th wait,
-        then every 16th, up to every 1,024th while the tries do not pay. Always zeros here."""
+        each wait that lasted longer (a wait the receive timeout ended included), and once
+        spent is tried again in full every 8th wait, then every 16th, up to every 1,024th while
+        the tries do not pay. Always zeros here."""
         return {"spins": 0, "spins_won": 0, "spin_budget_ns": 0}
 
     def receive_reply(self, request_id: int) -> Any:

@@ -590,14 +590,14 @@ static inline void hx_spin_init(hx_spin *s) {
 /* Tries `m` on `fd` until bytes come or the budget is spent. Returns recvmsg's result when a
  * try took bytes or failed other than with EAGAIN (errno as recvmsg left it), or
  * HX_SPIN_NOTHING: block now (msg_controllen and msg_flags are as the caller set them), then
- * call hx_spin_after with *start. */
+ * call hx_spin_after with *start once that read has returned bytes or timed out. */
 static inline ssize_t hx_spin_recvmsg(hx_spin *s, int fd, struct msghdr *m, int flags,
                                       long long *start) {
-    long long budget = s->spin_ns, now, until;
+    long long budget = s->spin_ns, until;
     size_t controllen = m->msg_controllen;
-    int probing = 0;
+    int probing = 0, saved;
     ssize_t n = HX_SPIN_NOTHING;
-    now = *start = hx_ring_now_ns();
+    *start = hx_ring_now_ns();
     if (hx_ring_max_spinners <= 0)
         return HX_SPIN_NOTHING;
     if (budget == 0 && ++s->unspun >= s->probe_every) {
@@ -607,47 +607,49 @@ static inline ssize_t hx_spin_recvmsg(hx_spin *s, int fd, struct msghdr *m, int 
     }
     if (budget == 0)
         return HX_SPIN_NOTHING;
-    if (__atomic_add_fetch(&hx_ring_spinners, 1, __ATOMIC_RELAXED) <= hx_ring_max_spinners) {
-        s->spins++;
-        until = now + budget;
-        for (;;) {
-            n = recvmsg(fd, m, flags | MSG_DONTWAIT);
-            if (n >= 0 || (errno != EAGAIN && errno != EWOULDBLOCK))
-                break;
-            m->msg_controllen = controllen;
-            m->msg_flags = 0;
-            sched_yield();
-            if (hx_ring_now_ns() >= until) {
-                n = HX_SPIN_NOTHING;
-                break;
-            }
+    if (__atomic_add_fetch(&hx_ring_spinners, 1, __ATOMIC_RELAXED) > hx_ring_max_spinners) {
+        __atomic_sub_fetch(&hx_ring_spinners, 1, __ATOMIC_RELAXED);
+        return HX_SPIN_NOTHING;   /* others spin: a probe refused so is not counted */
+    }
+    s->spins++;
+    until = *start + budget;
+    for (;;) {
+        n = recvmsg(fd, m, flags | MSG_DONTWAIT);
+        if (n >= 0 || (errno != EAGAIN && errno != EWOULDBLOCK))
+            break;
+        m->msg_controllen = controllen;
+        m->msg_flags = 0;
+        sched_yield();
+        if (hx_ring_now_ns() >= until) {
+            n = HX_SPIN_NOTHING;
+            break;
         }
     }
-    {
-        int saved = errno;
-        __atomic_sub_fetch(&hx_ring_spinners, 1, __ATOMIC_RELAXED);
-        errno = saved;
-    }
-    if (n != HX_SPIN_NOTHING) {
+    saved = errno;
+    __atomic_sub_fetch(&hx_ring_spinners, 1, __ATOMIC_RELAXED);
+    errno = saved;
+    if (n >= 0) {
         s->spins_won++;
         s->spin_ns = HX_SOCKET_SPIN_MAX_NS;
         s->probe_every = HX_RING_PROBE_MIN;
-        return n;
-    }
-    if (probing && s->probe_every < HX_RING_PROBE_MAX)
+    } else if (n == HX_SPIN_NOTHING && probing && s->probe_every < HX_RING_PROBE_MAX) {
         s->probe_every *= 2;
-    return HX_SPIN_NOTHING;
+    }
+    return n;
 }
 
-/* After the blocking read that followed HX_SPIN_NOTHING: spinning would have paid if the
- * bytes came within the longest budget. */
+/* After the blocking read that followed HX_SPIN_NOTHING (it returned bytes, or the receive
+ * timeout expired): spinning would have paid if the bytes came within the longest budget.
+ * Leaves errno as it was. */
 static inline void hx_spin_after(hx_spin *s, long long start) {
+    int saved = errno;
     if (hx_ring_now_ns() - start <= HX_SOCKET_SPIN_MAX_NS) {
         s->spin_ns = HX_SOCKET_SPIN_MAX_NS;
         s->probe_every = HX_RING_PROBE_MIN;
     } else {
         s->spin_ns /= 2;
     }
+    errno = saved;
 }
 
 #endif

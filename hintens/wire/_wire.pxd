@@ -68,6 +68,13 @@ cdef class MemoryBudget:
     cpdef give(self, Py_ssize_t amount)
 
 
+cdef enum:
+    # FrameDecoder._state
+    _HEADER_STATE = 0
+    _PAYLOAD_STATE = 1
+    _DISCARD_STATE = 2
+
+
 cdef class FrameDecoder:
     cdef uint32_t _max_payload           # payload limit, checked before anything is buffered
     cdef int _state                      # _HEADER_STATE, _PAYLOAD_STATE or _DISCARD_STATE

@@ -53,11 +53,6 @@ __all__ = [
     "unpack_header",
 ]
 
-cdef enum:
-    _HEADER_STATE = 0
-    _PAYLOAD_STATE = 1
-    _DISCARD_STATE = 2
-
 cdef Py_ssize_t COPY_THRESHOLD = PAYLOAD_COPY_THRESHOLD_BYTES
 cdef uint64_t MAX_FRAME_PAYLOAD = 0xFFFFFFFF
 cdef uint32_t CONTROL_MAX = CONTROL_MAX_PAYLOAD_BYTES
