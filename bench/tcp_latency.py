@@ -9,7 +9,7 @@ printed, never asserted).
    requests each), median and p99 of the per-request latencies:
    * ``hintens``: the sync ``hintens.Client`` to ``hintens serve --listen tcp://...`` (echo);
    * ``hintens spin=False``: the same with ``Client(spin=False)``, whose thread sleeps at
-     once while it waits for a reply (TCP only: over TLS hintens never spins);
+     once while it waits for a reply (over TLS too);
    * ``raw TCP floor``: a Python client that ``sendall``s an encoded Request frame and
      ``recv_into``s until the whole reply frame has arrived, against a Python echo server
      that decodes frames with ``hintens.wire.FrameDecoder`` and answers with
@@ -491,9 +491,8 @@ def measure_round_trips(count: int, rounds: int,
 
     tls = cert_dir is not None
     floor = "raw TLS floor" if tls else "raw TCP floor"
-    kinds = ["hintens", floor]
-    if not tls:   # no spin over TLS; pyzmq has no TLS
-        kinds.insert(1, NO_SPIN)
+    kinds = ["hintens", NO_SPIN, floor]
+    if not tls:   # pyzmq has no TLS
         if _have("zmq"):
             kinds.append("pyzmq REQ/REP")
         else:
@@ -502,7 +501,8 @@ def measure_round_trips(count: int, rounds: int,
         kinds.append("grpc.aio")
     elif not tls:
         print("grpc.aio: grpcio is not installed (the bench extra); no grpc row")
-    server_kinds = {"hintens": "hintens-counter" if tls else "hintens", NO_SPIN: "hintens",
+    server_kinds = {"hintens": "hintens-counter" if tls else "hintens",
+                    NO_SPIN: "hintens-counter" if tls else "hintens",
                     floor: "raw-frames",
                     "pyzmq REQ/REP": "zmq-rep", "grpc.aio": "grpc"}
     payload = os.urandom(SMALL)
@@ -517,7 +517,8 @@ def measure_round_trips(count: int, rounds: int,
             clients[kind] = (
                 hintens.Client(f"tcp://{HOST}:{port}", ssl_context=context)
                 if kind == "hintens" else
-                hintens.Client(f"tcp://{HOST}:{port}", spin=False) if kind == NO_SPIN else
+                hintens.Client(f"tcp://{HOST}:{port}", ssl_context=context, spin=False)
+                if kind == NO_SPIN else
                 RawFramesClient(port, cert_dir) if kind == floor else
                 ZmqReqClient(port) if kind == "pyzmq REQ/REP" else
                 GrpcClient(port, cert_dir))

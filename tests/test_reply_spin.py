@@ -25,6 +25,8 @@ SLOW_S = 0.02
 
 #: A process spins only on a machine with another CPU (hx_ring_max_spinners).
 MAY_SPIN = (os.cpu_count() or 1) > 1
+#: A Client of this process spins: the compiled core on such a machine.
+SPINS = MAY_SPIN and hintens.implementation == "cython"
 
 
 def spinning_channel(core, sock, spin=True):
@@ -243,15 +245,28 @@ def test_a_signal_during_the_spin_is_handled_before_the_sleep(cython_core, pair)
         signal.signal(signal.SIGALRM, previous)
 
 
+def requests_until_a_spin_wins(client, request, expected, at_least=300, seconds=5.0):
+    """``at_least`` requests, then more until a spin has won (or ``seconds`` are up: on a
+    loaded machine a reply can take longer than the spin many times over); each reply
+    checked. Returns the client's spin_stats()."""
+    until = time.monotonic() + (seconds if SPINS else 0)
+    i = 0
+    while True:
+        assert bytes(client.request(request(i))) == expected(i)
+        i += 1
+        if i >= at_least and (client._channel.spin_stats()["spins_won"]
+                              or time.monotonic() > until):
+            return client._channel.spin_stats()
+
+
 def test_a_client_spins_for_a_fast_server_and_not_with_spin_false(sock_path):
     """A real server process: replies within the spin are taken by it (on a machine with
     another CPU); ``spin=False`` never spins. The replies are the same either way."""
     process = start_server(sock_path)
     try:
         with hintens.Client(sock_path, timeout=30, ring=False) as client:
-            for i in range(300):
-                assert bytes(client.request(b"echo:%d" % i)) == b"%d" % i
-            spun = client._channel.spin_stats()
+            spun = requests_until_a_spin_wins(client, lambda i: b"echo:%d" % i,
+                                              lambda i: b"%d" % i)
         with hintens.Client(sock_path, timeout=30, ring=False, spin=False) as client:
             for i in range(50):
                 assert bytes(client.request(b"echo:%d" % i)) == b"%d" % i
@@ -259,7 +274,7 @@ def test_a_client_spins_for_a_fast_server_and_not_with_spin_false(sock_path):
     finally:
         stop_server(process)
     assert still["spins"] == 0
-    if MAY_SPIN and hintens.implementation == "cython":
+    if SPINS:
         # At least the first waits spin (the budget starts full); on an idle machine nearly
         # every reply comes within the spin. Only that something was won is certain enough
         # to assert on a loaded machine.
@@ -279,9 +294,40 @@ def test_a_client_waiting_on_a_slow_server_soon_stops_spinning(sock_path):
             after = client._channel.spin_stats()
     finally:
         stop_server(process)
-    if MAY_SPIN and hintens.implementation == "cython":
+    if SPINS:
         assert after["spin_budget_ns"] == 0
         # At most 17 halvings (fewer if the first reply was slow too), then a probe on the
         # 8th and on the 16th wait after them: 19 of the 40 waits spun at most.
         assert 1 <= after["spins"] - before["spins"] <= HALVINGS_TO_NOTHING + 2
         assert after["spins_won"] == before["spins_won"]
+
+
+def test_a_tls_client_spins_too(tmp_path):
+    """Over TLS (the compiled core drives OpenSSL itself) the wait polls the socket while it
+    spins, and OpenSSL reads what came."""
+    import ssl
+
+    trustme = pytest.importorskip("trustme", reason="trustme is in the test extra")
+    ca = trustme.CA()
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_context)
+    client_context = ssl.create_default_context()
+    ca.configure_trust(client_context)
+    big = bytes(range(256)) * 4096   # 1 MiB inline: a frame that arrives in many records
+    with hintens.Server("tcp://127.0.0.1:0", lambda payload: payload,
+                        ssl_context=server_context) as server:
+        address = server.addresses[0]
+        with hintens.Client(address, timeout=30, ssl_context=client_context) as client:
+            spun = requests_until_a_spin_wins(client, lambda i: b"tls %d" % i,
+                                              lambda i: b"tls %d" % i, at_least=100)
+            assert bytes(client.request(big)) == big
+        with hintens.Client(address, timeout=30, ssl_context=client_context,
+                            spin=False) as client:
+            for i in range(20):
+                assert bytes(client.request(b"%d" % i)) == b"%d" % i
+            still = client._channel.spin_stats()
+    assert still["spins"] == 0
+    if SPINS:
+        assert spun["spins"] >= 1 and spun["spins_won"] >= 1
+    else:
+        assert spun["spins"] == 0

@@ -148,7 +148,7 @@ class Client(ClientSender, Generic[_R]):
             slow server soon costs no spinning), and is tried again now and then; a reply
             that comes in pieces is spun for only until its first bytes. At most one thread
             per CPU beyond the first spins in a process. False: sleep at once. Needs the
-            compiled core; not over TLS (the ring spins on its own).
+            compiled core (over TLS too); a ring spins on its own.
 
     Raises:
         ConnectError: no server at ``path``.

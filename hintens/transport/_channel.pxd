@@ -103,6 +103,7 @@ cdef extern from "_ring.h" nogil:
     const ssize_t HX_SPIN_NOTHING
     void hx_spin_init(hx_spin *s)
     ssize_t hx_spin_recvmsg(hx_spin *s, int fd, msghdr *m, int flags, long long *start)
+    int hx_spin_poll(hx_spin *s, int fd, long long *start)
     void hx_spin_after(hx_spin *s, long long start)
 
 
@@ -224,8 +225,9 @@ cdef class Channel(Outbox):
     cdef Py_ssize_t _ring_read(self, iovec *vectors, int count, int flags) except -2
     cdef int _ring_records(self, bint counted) except -1
     cdef int _ring_corrupt(self) except -1
-    cdef list _tls_receive(self, int flags)
-    cdef Py_ssize_t _tls_read(self, unsigned char *buf, Py_ssize_t size, int flags) except -1
+    cdef list _tls_receive(self, int flags, bint spin)
+    cdef Py_ssize_t _tls_read(self, unsigned char *buf, Py_ssize_t size, int flags,
+                              bint spin) except -1
     cdef list _serve_once(self, handler, on_error, reply_writes, Py_ssize_t small_max,
                           Py_ssize_t inline_max, on_event, context, failed)
 

@@ -315,7 +315,7 @@ cdef class Channel(Outbox):
         if self._fd < 0:
             raise OSError(EBADF, "the channel is closed")
         if self._tls is not None:
-            return self._tls_receive(flags)
+            return self._tls_receive(flags, spin)
         # Inside a large payload, the kernel copies straight into its buffer (at most
         # _DIRECT_READ_BYTES per read; the CRC runs after each); what follows it lands in our
         # buffer as usual.
@@ -383,22 +383,26 @@ cdef class Channel(Outbox):
             self._eager = True   # several frames per read: the peer is ahead of us
         return frames
 
-    cdef list _tls_receive(self, int flags):
+    cdef list _tls_receive(self, int flags, bint spin):
         # _receive over TLS: inside a large payload OpenSSL decrypts straight into its buffer.
         cdef Py_ssize_t room = 0, count
         cdef unsigned char *direct = self.decoder._direct(_DIRECT_READ_BYTES, &room)
         if direct != NULL:
-            count = self._tls_read(direct, room, flags)
+            count = self._tls_read(direct, room, flags, False)
             return self.decoder._direct_done(count, NULL, 0) if count else None
-        count = self._tls_read(self._buffer, self._size, flags)
+        count = self._tls_read(self._buffer, self._size, flags, spin)
         return self.decoder._feed(self._buffer, count, None, False) if count else None
 
-    cdef Py_ssize_t _tls_read(self, unsigned char *buf, Py_ssize_t size, int flags) except -1:
+    cdef Py_ssize_t _tls_read(self, unsigned char *buf, Py_ssize_t size, int flags,
+                              bint spin) except -1:
         # As recv over TLS: what has arrived, as many records as fit (at least one byte,
         # waiting for it within the receive timeout unless MSG_DONTWAIT, else
-        # BlockingIOError); 0 at the end of the stream.
+        # BlockingIOError); 0 at the end of the stream. With ``spin``, a wait for bytes
+        # spins a moment first (receive_reply; _ring.h).
         cdef Py_ssize_t count = 0, got = 0
-        cdef long long deadline = -2
+        cdef long long deadline = -2, spun_at = 0
+        cdef bint spun = False
+        cdef int ready
         cdef short events
         cdef bytes early = self._tls_early
         if self.broken:
@@ -440,8 +444,22 @@ cdef class Channel(Outbox):
                 return count
             if flags & MSG_DONTWAIT:
                 raise BlockingIOError(EAGAIN, "nothing to read now")
+            if spin and events == POLLIN:
+                spin = False
+                with nogil:
+                    ready = hx_spin_poll(&self._spin, self._fd, &spun_at)
+                if ready:
+                    continue   # bytes came while we spun: OpenSSL reads them
+                spun = True
+                # A signal that came while we spun is handled now, not after the sleep.
+                PyErr_CheckSignals()
             if not self._tls_wait(events, SO_RCVTIMEO, &deadline):
+                if spun:
+                    hx_spin_after(&self._spin, spun_at)
                 raise BlockingIOError(EAGAIN, "the receive timeout expired")
+            if spun:
+                spun = False
+                hx_spin_after(&self._spin, spun_at)
         return count
 
     def tls_pending(self):

@@ -24,8 +24,9 @@
  * Offset 0 holds the magic "HRNG", the layout version (u32, 2) and the capacity (u64).
  * The data of direction d: `capacity` bytes at 4096 + d * capacity.
  *
- * At the end, the same adaptive spin for a plain socket (hx_spin_recvmsg): a client that
- * waits for a reply without a ring. It shares the ring's limit on spinning threads.
+ * At the end, the same adaptive spin for a plain socket (hx_spin_recvmsg; hx_spin_poll over
+ * TLS): a client that waits for a reply without a ring. It shares the ring's limit on
+ * spinning threads.
  */
 #ifndef HX_RING_H
 #define HX_RING_H
@@ -587,32 +588,56 @@ static inline void hx_spin_init(hx_spin *s) {
     s->spins = s->spins_won = 0;
 }
 
+/* The budget of the wait about to start (0: block at once), with a spinner's slot taken when
+ * it is not 0; hx_spin_end gives the slot back. *start: now, for hx_spin_after. */
+static inline long long hx_spin_begin(hx_spin *s, long long *start, int *probing) {
+    long long budget = s->spin_ns;
+    *start = hx_ring_now_ns();
+    *probing = 0;
+    if (hx_ring_max_spinners <= 0)
+        return 0;
+    if (budget == 0 && ++s->unspun >= s->probe_every) {
+        s->unspun = 0;
+        budget = HX_SOCKET_SPIN_MAX_NS;
+        *probing = 1;
+    }
+    if (budget == 0)
+        return 0;
+    if (__atomic_add_fetch(&hx_ring_spinners, 1, __ATOMIC_RELAXED) > hx_ring_max_spinners) {
+        __atomic_sub_fetch(&hx_ring_spinners, 1, __ATOMIC_RELAXED);
+        return 0;   /* others spin: a probe refused so is not counted */
+    }
+    s->spins++;
+    return budget;
+}
+
+/* Ends a spin hx_spin_begin allowed: won, bytes came (the budget is full again); otherwise a
+ * probe that did not pay makes the next one wait twice as long. Leaves errno as it was. */
+static inline void hx_spin_end(hx_spin *s, int won, int probing) {
+    int saved = errno;
+    __atomic_sub_fetch(&hx_ring_spinners, 1, __ATOMIC_RELAXED);
+    if (won) {
+        s->spins_won++;
+        s->spin_ns = HX_SOCKET_SPIN_MAX_NS;
+        s->probe_every = HX_RING_PROBE_MIN;
+    } else if (probing && s->probe_every < HX_RING_PROBE_MAX) {
+        s->probe_every *= 2;
+    }
+    errno = saved;
+}
+
 /* Tries `m` on `fd` until bytes come or the budget is spent. Returns recvmsg's result when a
  * try took bytes or failed other than with EAGAIN (errno as recvmsg left it), or
  * HX_SPIN_NOTHING: block now (msg_controllen and msg_flags are as the caller set them), then
  * call hx_spin_after with *start once that read has returned bytes or timed out. */
 static inline ssize_t hx_spin_recvmsg(hx_spin *s, int fd, struct msghdr *m, int flags,
                                       long long *start) {
-    long long budget = s->spin_ns, until;
     size_t controllen = m->msg_controllen;
-    int probing = 0, saved;
+    int probing;
     ssize_t n = HX_SPIN_NOTHING;
-    *start = hx_ring_now_ns();
-    if (hx_ring_max_spinners <= 0)
-        return HX_SPIN_NOTHING;
-    if (budget == 0 && ++s->unspun >= s->probe_every) {
-        s->unspun = 0;
-        budget = HX_SOCKET_SPIN_MAX_NS;
-        probing = 1;
-    }
+    long long budget = hx_spin_begin(s, start, &probing);
     if (budget == 0)
         return HX_SPIN_NOTHING;
-    if (__atomic_add_fetch(&hx_ring_spinners, 1, __ATOMIC_RELAXED) > hx_ring_max_spinners) {
-        __atomic_sub_fetch(&hx_ring_spinners, 1, __ATOMIC_RELAXED);
-        return HX_SPIN_NOTHING;   /* others spin: a probe refused so is not counted */
-    }
-    s->spins++;
-    until = *start + budget;
     for (;;) {
         n = recvmsg(fd, m, flags | MSG_DONTWAIT);
         if (n >= 0 || (errno != EAGAIN && errno != EWOULDBLOCK))
@@ -620,22 +645,37 @@ static inline ssize_t hx_spin_recvmsg(hx_spin *s, int fd, struct msghdr *m, int 
         m->msg_controllen = controllen;
         m->msg_flags = 0;
         sched_yield();
-        if (hx_ring_now_ns() >= until) {
+        if (hx_ring_now_ns() - *start >= budget) {
             n = HX_SPIN_NOTHING;
             break;
         }
     }
-    saved = errno;
-    __atomic_sub_fetch(&hx_ring_spinners, 1, __ATOMIC_RELAXED);
-    errno = saved;
-    if (n >= 0) {
-        s->spins_won++;
-        s->spin_ns = HX_SOCKET_SPIN_MAX_NS;
-        s->probe_every = HX_RING_PROBE_MIN;
-    } else if (n == HX_SPIN_NOTHING && probing && s->probe_every < HX_RING_PROBE_MAX) {
-        s->probe_every *= 2;
-    }
+    hx_spin_end(s, n >= 0, probing && n == HX_SPIN_NOTHING);
     return n;
+}
+
+/* As hx_spin_recvmsg, for a reader that cannot take the bytes here (OpenSSL reads them):
+ * 1 when `fd` became readable (or failed: the read that follows says how) within the
+ * budget, 0 when the caller should block, then call hx_spin_after with *start. */
+static inline int hx_spin_poll(hx_spin *s, int fd, long long *start) {
+    struct pollfd p;
+    int probing, found = 0;
+    long long budget = hx_spin_begin(s, start, &probing);
+    if (budget == 0)
+        return 0;
+    for (;;) {
+        p.fd = fd;
+        p.events = POLLIN;
+        p.revents = 0;
+        found = poll(&p, 1, 0);
+        if (found != 0)
+            break;
+        sched_yield();
+        if (hx_ring_now_ns() - *start >= budget)
+            break;
+    }
+    hx_spin_end(s, found != 0, probing && found == 0);
+    return found != 0;
 }
 
 /* After the blocking read that followed HX_SPIN_NOTHING (it returned bytes, or the receive
