@@ -423,6 +423,8 @@ cdef class Channel(Outbox):
                 # A record only partly taken, or a full one (more usually follows at once):
                 # read on; the rest, if any, is news the descriptor will tell.
                 if got and got < _TLS_RECORD_BYTES and self._tls.pending() == 0:
+                    if spin:   # there at once: as a spin that won, the budget is full again
+                        hx_spin_after(&self._spin, hx_ring_now_ns())
                     return count + got
             except _SSL_WANT_READ:
                 events = POLLIN
@@ -438,6 +440,9 @@ cdef class Channel(Outbox):
             if events == 0:
                 if not got:
                     return count
+                if spin:
+                    spin = False
+                    hx_spin_after(&self._spin, hx_ring_now_ns())
                 count += got
                 continue
             if count:
@@ -767,8 +772,9 @@ cdef class Channel(Outbox):
 
     def spin_stats(self):
         """Counters of the spins before blocking reads (``reply_spin``): ``spins`` (waits
-        that spun), ``spins_won`` (those that bytes ended), and ``spin_budget_ns`` (how long
-        the next one may spin; 0: it sleeps at once, but for a probe now and then)."""
+        that spun), ``spins_won`` (those that bytes ended; over TLS, the socket becoming
+        readable, its end included), and ``spin_budget_ns`` (how long the next one may spin;
+        0: it sleeps at once, but for a probe now and then)."""
         return {"spins": self._spin.spins, "spins_won": self._spin.spins_won,
                 "spin_budget_ns": self._spin.spin_ns}
 

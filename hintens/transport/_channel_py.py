@@ -233,8 +233,9 @@ class Channel(Outbox):
 
     def spin_stats(self) -> dict[str, int]:
         """Counters of the spins before blocking reads (``reply_spin``): ``spins`` (waits
-        that spun), ``spins_won`` (those that bytes ended), and ``spin_budget_ns`` (how long
-        the next one may spin; 0: it sleeps at once, but for a probe now and then). The
+        that spun), ``spins_won`` (those that bytes ended; over TLS, the socket becoming
+        readable, its end included), and ``spin_budget_ns`` (how long the next one may spin;
+        0: it sleeps at once, but for a probe now and then). The
         budget is full while replies come within 100 us of the spin's start, halves after
         each wait that lasted longer (a wait the receive timeout ended included), and once
         spent is tried again in full every 8th wait, then every 16th, up to every 1,024th while
