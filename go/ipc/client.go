@@ -303,6 +303,7 @@ func (cl *Client) readForAnswer(id uint64, ch chan result, deadline time.Time, t
 			return r, nil
 		default:
 		}
+		cl.c.spinNext = true
 		err := cl.c.readOnce(cl.coarseDeadline(deadline))
 		if err == errReadTimeout && time.Now().Before(deadline) {
 			continue // the coarse deadline came first
@@ -504,11 +505,17 @@ func (cl *Client) event(payload []byte, l *lease) {
 type Stats struct {
 	ShmSent     uint64 // frames we sent through shared memory
 	ShmReceived uint64 // frames we received through shared memory
+	Spins       uint64 // waits for an answer that spun before parking (WithSpin)
+	SpinsWon    uint64 // those that the answer's bytes ended
 }
 
 // Stats returns the connection's counters.
 func (cl *Client) Stats() Stats {
-	return Stats{ShmSent: cl.c.shmSent.Load(), ShmReceived: cl.c.shmReceived.Load()}
+	st := Stats{ShmSent: cl.c.shmSent.Load(), ShmReceived: cl.c.shmReceived.Load()}
+	if s := cl.c.spin; s != nil {
+		st.Spins, st.SpinsWon = s.spins.Load(), s.won.Load()
+	}
+	return st
 }
 
 // PeerHello returns the server's hello, and false before it arrived.

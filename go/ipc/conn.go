@@ -6,6 +6,7 @@ import (
 	"io"
 	"log"
 	"net"
+	"os"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -57,6 +58,11 @@ type conn struct {
 	// number cannot be reused under a read. closeWith wakes it with shutdown(2).
 	rfd      int
 	blocking bool // rfd was made (set before any goroutine uses the connection, never changed)
+	// spin, for a client (WithSpin): the next read, if it starts between frames, spins
+	// before it parks when spinNext is set (readForAnswer sets it)
+	spin     *spinState
+	spinFn   func(fd uintptr) bool
+	spinNext bool
 
 	// needReader, if set, is called before a sender waits for something only a reader
 	// sees (the peer's hello, a segment's release).
@@ -89,6 +95,10 @@ func newConn(nc *net.UnixConn, cfg *config, isServer bool, totals *shmTotals) *c
 	c.oob = make([]byte, unix.CmsgSpace(4*maxWaitingFDs))
 	c.rawc, _ = nc.SyscallConn() // fails only for a nil conn
 	c.readFn = c.recvmsg
+	if !isServer && cfg.spin {
+		c.spin = newSpinState()
+		c.spinFn = c.spinRecvmsg
+	}
 	return c
 }
 
@@ -190,8 +200,17 @@ func (c *conn) readMsg(space []byte) (n, oobn int, err error) {
 		}
 	}
 	c.rn, c.roobn, c.rerr = 0, 0, nil
-	err = c.rawc.Read(c.readFn)
+	fn, spinning := c.readFn, c.spinNext && c.spin != nil && c.dec.Idle()
+	c.spinNext = false
+	if spinning {
+		c.spin.tried, c.spin.spun = false, false
+		fn = c.spinFn
+	}
+	err = c.rawc.Read(fn)
 	c.riov.Base = nil // keep no reference to the buffer
+	if spinning && c.spin.spun && c.rerr == nil && (err == nil || errors.Is(err, os.ErrDeadlineExceeded)) {
+		c.spin.after()
+	}
 	if err != nil {
 		return 0, 0, err
 	}

@@ -578,6 +578,7 @@ static inline int hx_ring_wait_writable(hx_ring *r, long long deadline_ns, int t
 typedef struct {
     long long spin_ns;            /* the budget */
     unsigned probe_every, unspun;
+    int peer_beside;              /* -1: not looked yet; 0: the peer shares our one CPU */
     uint64_t spins, spins_won;    /* counters for stats and tests */
 } hx_spin;
 
@@ -585,16 +586,39 @@ static inline void hx_spin_init(hx_spin *s) {
     s->spin_ns = HX_SOCKET_SPIN_MAX_NS;
     s->probe_every = HX_RING_PROBE_MIN;
     s->unspun = 0;
+    s->peer_beside = -1;
     s->spins = s->spins_won = 0;
 }
 
-/* The budget of the wait about to start (0: block at once), with a spinner's slot taken when
- * it is not 0; hx_spin_end gives the slot back. *start: now, for hx_spin_after. */
-static inline long long hx_spin_begin(hx_spin *s, long long *start, int *probing) {
+/* Whether a spin on `sock` may see the peer move: as hx_ring_peer_may_run_beside, except
+ * that a peer we cannot look at (TCP has no SO_PEERCRED pid) may: our tries yield the CPU,
+ * so a spin beside a peer on the same CPU costs a few system calls, not its turn. Only two
+ * processes both pinned to one same CPU never spin (each try would only hand the CPU over). */
+static inline int hx_spin_peer_beside(int sock) {
+    cpu_set_t ours, theirs, elsewhere;
+    struct ucred peer;
+    socklen_t length = sizeof(peer);
+    if (sched_getaffinity(0, sizeof(ours), &ours) != 0 || CPU_COUNT(&ours) >= 2)
+        return 1;
+    if (getsockopt(sock, SOL_SOCKET, SO_PEERCRED, &peer, &length) != 0 || peer.pid <= 0
+            || sched_getaffinity(peer.pid, sizeof(theirs), &theirs) != 0)
+        return 1;
+    CPU_XOR(&elsewhere, &theirs, &ours);
+    CPU_AND(&elsewhere, &elsewhere, &theirs);
+    return CPU_COUNT(&elsewhere) > 0;
+}
+
+/* The budget of the wait about to start on `sock` (0: block at once), with a spinner's slot
+ * taken when it is not 0; hx_spin_end gives the slot back. *start: now, for hx_spin_after. */
+static inline long long hx_spin_begin(hx_spin *s, int sock, long long *start, int *probing) {
     long long budget = s->spin_ns;
     *start = hx_ring_now_ns();
     *probing = 0;
     if (hx_ring_max_spinners <= 0)
+        return 0;
+    if (s->peer_beside < 0)
+        s->peer_beside = hx_spin_peer_beside(sock);
+    if (!s->peer_beside)
         return 0;
     if (budget == 0 && ++s->unspun >= s->probe_every) {
         s->unspun = 0;
@@ -635,7 +659,7 @@ static inline ssize_t hx_spin_recvmsg(hx_spin *s, int fd, struct msghdr *m, int 
     size_t controllen = m->msg_controllen;
     int probing;
     ssize_t n = HX_SPIN_NOTHING;
-    long long budget = hx_spin_begin(s, start, &probing);
+    long long budget = hx_spin_begin(s, fd, start, &probing);
     if (budget == 0)
         return HX_SPIN_NOTHING;
     for (;;) {
@@ -660,7 +684,7 @@ static inline ssize_t hx_spin_recvmsg(hx_spin *s, int fd, struct msghdr *m, int 
 static inline int hx_spin_poll(hx_spin *s, int fd, long long *start) {
     struct pollfd p;
     int probing, found = 0;
-    long long budget = hx_spin_begin(s, start, &probing);
+    long long budget = hx_spin_begin(s, fd, start, &probing);
     if (budget == 0)
         return 0;
     for (;;) {

@@ -51,7 +51,7 @@ impl Client {
     pub fn connect_with(path: impl AsRef<Path>, opts: ClientOptions) -> Result<Client, Error> {
         let fd = connect_checked(UnixStream::connect(path.as_ref())?, &opts)?;
         let dispatch = ClientDispatch::new(&opts);
-        let conn = Conn::start_blocking(fd, opts.limits.clone(), dispatch.clone(), false, None)?;
+        let conn = Conn::start_blocking(fd, opts.limits.clone(), dispatch.clone(), false, None, opts.spin)?;
         let c = Client {
             conn,
             dispatch,
@@ -123,6 +123,13 @@ impl Client {
             self.conn.shm_sent.load(Ordering::Relaxed),
             self.conn.shm_received.load(Ordering::Relaxed),
         )
+    }
+
+    /// The spins before blocking reads of answers ([`crate::ClientOptions::spin`]): waits
+    /// that spun, those that bytes ended, and how long the next wait may spin (ns; 0: it
+    /// sleeps at once, but for a probe now and then).
+    pub fn spin_counts(&self) -> (u64, u64, u64) {
+        self.conn.spin_counts()
     }
 
     /// True once the connection has ended (as seen by the last read).

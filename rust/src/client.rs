@@ -27,6 +27,12 @@ pub struct ClientOptions {
     pub server_uids: Vec<u32>,
     /// Called for each Event the server pushes (in the connection's reader task: keep it short).
     pub on_event: Option<EventHandler>,
+    /// The blocking client ([`crate::blocking::Client`]) only: while a request waits for its
+    /// answer, try the socket again (yielding the CPU between tries) for up to 100 µs
+    /// before the thread sleeps, so that an answer from a server on another CPU costs no
+    /// wake-up. The budget adapts as the Python client's does (see the README); at most one
+    /// thread per CPU beyond the first spins in a process. Default true.
+    pub spin: bool,
 }
 
 impl Default for ClientOptions {
@@ -36,6 +42,7 @@ impl Default for ClientOptions {
             limits: Limits::default(),
             server_uids: Vec::new(),
             on_event: None,
+            spin: true,
         }
     }
 }

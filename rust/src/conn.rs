@@ -19,6 +19,7 @@ use tokio::sync::{mpsc, oneshot, Notify};
 use crate::error::Error;
 use crate::payload::{Payload, Release};
 use crate::shm::{self, Decision, FdInfo, Lent, PeerMapping, ReceiverView, Segment};
+use crate::spin::Spin;
 use crate::wire::{
     self, code, Control, Descriptor, FrameDecoder, Hello, EVENT, FEATURE_SHM, FLAG_SHM, NEW_SEGMENT,
     PEER_SEGMENT, REQUEST, RESPONSE,
@@ -167,6 +168,8 @@ struct SyncRead {
     cv: Condvar,
     dispatch: Arc<dyn Dispatch>,
     drain_requested: AtomicBool,
+    /// The spin before a blocking client's read of an answer (crate::spin).
+    spin: Spin,
 }
 
 /// The longest a blocking read or write waits before it looks at its deadline again.
@@ -272,6 +275,7 @@ impl Conn {
         dispatch: Arc<dyn Dispatch>,
         is_server: bool,
         budget: Option<Arc<wire::PendingBudget>>,
+        spin: bool,
     ) -> io::Result<Arc<Conn>> {
         let budget = budget.unwrap_or_else(|| wire::PendingBudget::new(limits.max_pending_bytes));
         set_blocking(fd.as_raw_fd())?;
@@ -291,6 +295,7 @@ impl Conn {
             cv: Condvar::new(),
             dispatch,
             drain_requested: AtomicBool::new(false),
+            spin: Spin::new(spin),
         };
         let (conn, mut ctl_rx) = Conn::new(Io::Sync(fd), Some(sync), limits, is_server, budget);
         let hello = wire::encode_frame(EVENT, 0, 0, &conn.our_hello().encode());
@@ -1122,7 +1127,7 @@ impl Conn {
         now_hint: Option<Instant>,
         done: impl FnMut() -> bool,
     ) -> bool {
-        self.wait_sync_with(deadline, now_hint, false, done)
+        self.wait_sync_with(deadline, now_hint, false, false, done)
     }
 
     /// As [`Conn::wait_sync_at`], for a blocking server's connection thread: while no frame
@@ -1137,7 +1142,7 @@ impl Conn {
         now_hint: Option<Instant>,
         done: impl FnMut() -> bool,
     ) -> bool {
-        self.wait_sync_with(deadline, now_hint, true, done)
+        self.wait_sync_with(deadline, now_hint, true, false, done)
     }
 
     fn wait_sync_with(
@@ -1145,6 +1150,7 @@ impl Conn {
         deadline: Instant,
         mut now_hint: Option<Instant>,
         untimed_idle: bool,
+        spin: bool,
         mut done: impl FnMut() -> bool,
     ) -> bool {
         let sr = self.sync.as_ref().expect("a blocking connection");
@@ -1182,7 +1188,7 @@ impl Conn {
                 }
                 drop(rs);
                 let this = self.me.upgrade().expect("a caller holds the connection");
-                let (state, started, end) = this.lead_once(state, started, drain, set_timeo_to);
+                let (state, started, end) = this.lead_once(state, started, drain, set_timeo_to, spin);
                 let ended = end.is_some();
                 if let Some((why, linger)) = end {
                     this.finish(why, linger);
@@ -1217,6 +1223,7 @@ impl Conn {
         mut started: Option<Instant>,
         drain: bool,
         set_timeo_to: Option<Duration>,
+        spin: bool,
     ) -> (
         Box<(FrameDecoder, VecDeque<OwnedFd>)>,
         Option<Instant>,
@@ -1244,7 +1251,13 @@ impl Conn {
                 let _ = set_timeo(self.raw_fd(), libc::SO_RCVTIMEO, t);
             }
             let (ptr, room) = dec.spare();
-            match recvmsg(self.raw_fd(), ptr, room, fds, 0) {
+            // An answer is on its way and no frame is half read: try for it a moment first.
+            let read = if spin && started.is_none() && !dec.in_frame() {
+                spin_recvmsg(&sr.spin, self.raw_fd(), ptr, room, fds)
+            } else {
+                recvmsg(self.raw_fd(), ptr, room, fds, 0)
+            };
+            match read {
                 Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) => None,
                 Err(e) => Some((format!("read failed: {e}"), false)),
                 Ok(0) if sr.drain_requested.load(Ordering::Acquire) => {
@@ -1292,7 +1305,7 @@ impl Conn {
             })
             .and_then(|()| {
                 let mut out = None;
-                self.wait_sync_at(deadline, Some(now), || {
+                self.wait_sync_with(deadline, Some(now), false, true, || {
                     out = self.take_answer(rid);
                     out.is_some()
                 });
@@ -1313,6 +1326,11 @@ impl Conn {
             self.wait_sync(until, || has() || self.is_closed());
         }
         self.st.lock().unwrap().peer_hello.clone()
+    }
+
+    /// The spin counts of a blocking connection (zeros for others).
+    pub(crate) fn spin_counts(&self) -> (u64, u64, u64) {
+        self.sync.as_ref().map_or((0, 0, 0), |sr| sr.spin.counts())
     }
 
     /// Blocking connections: reads until the connection has ended (after `shutdown`).
@@ -1830,6 +1848,40 @@ fn recvmsg(
         }
         Ok(n as usize)
     }
+}
+
+/// A blocking read that spins first ([`Spin`]): tries with `MSG_DONTWAIT`, yielding the CPU
+/// between tries, for up to the spin's budget, then blocks.
+fn spin_recvmsg(
+    spin: &Spin,
+    fd: RawFd,
+    ptr: *mut u8,
+    room: usize,
+    fds: &mut VecDeque<OwnedFd>,
+) -> io::Result<usize> {
+    let started = Instant::now();
+    if let Some(spinning) = spin.begin(fd) {
+        loop {
+            match recvmsg(fd, ptr, room, fds, libc::MSG_DONTWAIT) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                other => {
+                    spin.end(spinning, other.is_ok(), false);
+                    return other;
+                }
+            }
+            // SAFETY: sched_yield has no preconditions.
+            unsafe { libc::sched_yield() };
+            if started.elapsed() >= spinning.budget {
+                spin.end(spinning, false, true);
+                break;
+            }
+        }
+    }
+    let read = recvmsg(fd, ptr, room, fds, 0);
+    if read.is_ok() || matches!(&read, Err(e) if e.kind() == io::ErrorKind::WouldBlock) {
+        spin.after(started);
+    }
+    read
 }
 
 /// What [`Conn::plan`] decided for a send.

@@ -19,6 +19,7 @@ mod path;
 mod payload;
 mod server;
 pub mod shm;
+mod spin;
 pub mod wire;
 
 pub use client::{ClientOptions, EventHandler, IPCClient};

@@ -333,6 +333,7 @@ impl Server {
                 dispatch.clone(),
                 true,
                 Some(budget.clone()),
+                false,
             ) {
                 Ok(c) => c,
                 Err(e) => {

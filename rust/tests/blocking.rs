@@ -42,6 +42,10 @@ fn handler(r: Request) -> Result<Reply, HandlerError> {
             std::thread::sleep(Duration::from_millis(400));
             Ok("late".into())
         }
+        b"slow20" => {
+            std::thread::sleep(Duration::from_millis(20));
+            Ok("late".into())
+        }
         _ => Ok(r.payload.into()),
     }
 }
@@ -120,6 +124,58 @@ fn blocking_client_against_the_blocking_server() {
     srv.stop().unwrap();
     assert!(!path.exists(), "shutdown removes the socket file");
     assert_eq!(memfd_maps(), 0);
+}
+
+/// The spin before an answer's blocking read (ClientOptions::spin): the first waits spin,
+/// some win against a fast server (given time on a loaded machine), a slow server soon costs
+/// none, and `spin: false` never spins. Answers are the same either way.
+#[test]
+fn the_blocking_client_spins_for_fast_answers_only_and_not_when_told() {
+    let _serial = common::serial();
+    // SAFETY: sysconf has no preconditions.
+    let may_spin = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) } > 1;
+    let path = sock("spin");
+    let srv = blocking_server(&path, Arc::new(AtomicUsize::new(0)));
+    let c = blocking::Client::connect(&path).unwrap();
+    let t0 = Instant::now();
+    let mut i = 0u32;
+    loop {
+        let p = format!("fast {i}");
+        assert_eq!(&c.send_bytes(p.as_bytes()).unwrap()[..], p.as_bytes());
+        i += 1;
+        let (spins, won, _) = c.spin_counts();
+        if i >= 300 && (!may_spin || won > 0 || t0.elapsed() > Duration::from_secs(5)) {
+            assert_eq!(spins > 0 && won > 0, may_spin, "spins {spins}, won {won}");
+            break;
+        }
+    }
+    // A slow server (20 ms an answer): within 17 halvings the budget is spent, and of 40
+    // waits at most 19 spun (the halvings, then a probe on the 8th and the 16th wait).
+    let (before, won_before, _) = c.spin_counts();
+    for _ in 0..40 {
+        assert_eq!(&c.send_bytes(b"slow20").unwrap()[..], b"late");
+    }
+    let (after, won_after, budget) = c.spin_counts();
+    if may_spin {
+        assert_eq!(budget, 0);
+        assert!((1..=19).contains(&(after - before)), "{before} -> {after}");
+        assert_eq!(won_after, won_before);
+    }
+    let quiet = blocking::Client::connect_with(
+        &path,
+        ClientOptions {
+            spin: false,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    for n in [0usize, 64, 1 << 20] {
+        let p = pattern(n, 3);
+        assert_eq!(&quiet.send_bytes(&p).unwrap()[..], &p[..]);
+    }
+    assert_eq!(quiet.spin_counts().0, 0);
+    drop((c, quiet));
+    srv.stop().unwrap();
 }
 
 /// Many threads on one blocking client: each answer reaches its own caller (leader/follower
