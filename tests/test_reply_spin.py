@@ -346,3 +346,28 @@ def test_a_tls_client_spins_too(tmp_path):
         assert drained["spin_budget_ns"] == 0
     else:
         assert spun["spins"] == 0
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs two CPUs to pin to")
+def test_no_spin_while_client_and_server_are_pinned_to_one_same_cpu(sock_path):
+    """Pinned together, each try would only hand the CPU to the server: the client blocks at
+    once. Pinned apart, it spins. (The check reads SO_PEERCRED's pid and both affinities
+    once, on the first wait.)"""
+    process = start_server(sock_path)
+    ours = os.sched_getaffinity(0)
+    try:
+        counts = {}
+        for server_cpu in (0, 1):
+            os.sched_setaffinity(process.pid, {server_cpu})
+            os.sched_setaffinity(0, {0})
+            try:
+                with hintens.Client(sock_path, timeout=30, ring=False) as client:
+                    for i in range(50):
+                        assert bytes(client.request(b"echo:%d" % i)) == b"%d" % i
+                    counts[server_cpu] = client._channel.spin_stats()["spins"]
+            finally:
+                os.sched_setaffinity(0, ours)
+    finally:
+        stop_server(process)
+    assert counts[0] == 0
+    assert (counts[1] >= 1) == SPINS

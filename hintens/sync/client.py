@@ -147,8 +147,9 @@ class Client(ClientSender, Generic[_R]):
             while replies come within 100 µs, halves after each wait that lasted longer (a
             slow server soon costs no spinning), and is tried again now and then; a reply
             that comes in pieces is spun for only until its first bytes. At most one thread
-            per CPU beyond the first spins in a process. False: sleep at once. Needs the
-            compiled core (over TLS too); a ring spins on its own.
+            per CPU beyond the first spins in a process, none while this thread and the
+            server are pinned to one same CPU. False: sleep at once. Needs the compiled core
+            (over TLS too); a ring spins on its own.
 
     Raises:
         ConnectError: no server at ``path``.

@@ -109,7 +109,7 @@ class Channel(Outbox):
         #: ``receive_reply`` may spin a moment before its read blocks: with the compiled core,
         #: it tries the socket with MSG_DONTWAIT, yielding the CPU between tries, for up to
         #: 100 us (an adaptive budget: see ``spin_stats``), and only while no frame is half
-        #: read. A reply from a peer on another CPU then costs no wake-up of this thread. A
+        #: read, and not while this thread and the peer are pinned to one same CPU. A reply from a peer on another CPU then costs no wake-up of this thread. A
         #: signal that comes while it spins is handled before the read blocks. Over TLS it
         #: polls the socket while it spins. Not here: this core always blocks at once (a
         #: Python loop would hold the GIL).
