@@ -45,6 +45,20 @@ func TestMain(m *testing.M) {
 			fmt.Println("nothing")
 		}
 		os.Exit(0)
+	case "spinserver":
+		// spin_test.go's server in a process of its own: "slow..." waits 20 ms
+		s := NewServer(arg, func(_ context.Context, req []byte) ([]byte, error) {
+			if strings.HasPrefix(string(req), "slow") {
+				time.Sleep(20 * time.Millisecond)
+			}
+			return req, nil
+		})
+		if err := s.Listen(); err != nil {
+			fmt.Println("listen:", err)
+			os.Exit(1)
+		}
+		fmt.Println("READY")
+		s.Serve()
 	case "server":
 		s := NewServer(arg, echoHandler, WithSocketMode(0o666), WithAllowedUIDs(0)) // root: the test
 		if err := s.Listen(); err != nil {

@@ -31,7 +31,8 @@ pub struct ClientOptions {
     /// answer, try the socket again (yielding the CPU between tries) for up to 100 µs
     /// before the thread sleeps, so that an answer from a server on another CPU costs no
     /// wake-up. The budget adapts as the Python client's does (see the README); at most one
-    /// thread per CPU beyond the first spins in a process. Default true.
+    /// thread per CPU beyond the first spins in a process, none while client and server are
+    /// pinned to one same CPU. Default true.
     pub spin: bool,
 }
 

@@ -132,8 +132,14 @@ fn blocking_client_against_the_blocking_server() {
 #[test]
 fn the_blocking_client_spins_for_fast_answers_only_and_not_when_told() {
     let _serial = common::serial();
-    // SAFETY: sysconf has no preconditions.
-    let may_spin = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) } > 1;
+    // The machine has another CPU and this process (the server's threads too) may use two.
+    // SAFETY: sysconf has no preconditions; sched_getaffinity writes into `set`.
+    let may_spin = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::sysconf(libc::_SC_NPROCESSORS_ONLN) > 1
+            && libc::sched_getaffinity(0, std::mem::size_of_val(&set), &mut set) == 0
+            && libc::CPU_COUNT(&set) >= 2
+    };
     let path = sock("spin");
     let srv = blocking_server(&path, Arc::new(AtomicUsize::new(0)));
     let c = blocking::Client::connect(&path).unwrap();
