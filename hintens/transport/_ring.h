@@ -200,22 +200,28 @@ static inline void hx_ring_attach(hx_ring *r, unsigned char *base, uint64_t capa
 
 /* Whether the peer on `sock` may run while we spin: we may use two CPUs or more, or the
  * peer (SO_PEERCRED) may use a CPU we may not. 0 when we may use one CPU only and the peer
- * that CPU only (the two take turns on it: a spin only keeps the peer from running), or
- * cannot be looked at (another PID namespace). Read once, when the ring is mapped. */
-static inline int hx_ring_peer_may_run_beside(int sock) {
+ * that CPU only (the two take turns on it: a spin only keeps the peer from running);
+ * `unknown` when either cannot be looked at (another PID namespace, a TCP peer). */
+static inline int hx_peer_may_run_beside(int sock, int unknown) {
     cpu_set_t ours, theirs, elsewhere;
     struct ucred peer;
     socklen_t length = sizeof(peer);
     if (sched_getaffinity(0, sizeof(ours), &ours) != 0)
-        return 0;
+        return unknown;
     if (CPU_COUNT(&ours) >= 2)
         return 1;
     if (getsockopt(sock, SOL_SOCKET, SO_PEERCRED, &peer, &length) != 0 || peer.pid <= 0
             || sched_getaffinity(peer.pid, sizeof(theirs), &theirs) != 0)
-        return 0;
+        return unknown;
     CPU_XOR(&elsewhere, &theirs, &ours);
     CPU_AND(&elsewhere, &elsewhere, &theirs);
     return CPU_COUNT(&elsewhere) > 0;
+}
+
+/* The ring's: a peer it cannot look at is taken to share our CPU. Read once, when the ring
+ * is mapped. */
+static inline int hx_ring_peer_may_run_beside(int sock) {
+    return hx_peer_may_run_beside(sock, 0);
 }
 
 /* -1: the peer's tail is out of range (more than a ring ahead of our head, or behind it). */
@@ -595,17 +601,7 @@ static inline void hx_spin_init(hx_spin *s) {
  * so a spin beside a peer on the same CPU costs a few system calls, not its turn. Only two
  * processes both pinned to one same CPU never spin (each try would only hand the CPU over). */
 static inline int hx_spin_peer_beside(int sock) {
-    cpu_set_t ours, theirs, elsewhere;
-    struct ucred peer;
-    socklen_t length = sizeof(peer);
-    if (sched_getaffinity(0, sizeof(ours), &ours) != 0 || CPU_COUNT(&ours) >= 2)
-        return 1;
-    if (getsockopt(sock, SOL_SOCKET, SO_PEERCRED, &peer, &length) != 0 || peer.pid <= 0
-            || sched_getaffinity(peer.pid, sizeof(theirs), &theirs) != 0)
-        return 1;
-    CPU_XOR(&elsewhere, &theirs, &ours);
-    CPU_AND(&elsewhere, &elsewhere, &theirs);
-    return CPU_COUNT(&elsewhere) > 0;
+    return hx_peer_may_run_beside(sock, 1);
 }
 
 /* The budget of the wait about to start on `sock` (0: block at once), with a spinner's slot
