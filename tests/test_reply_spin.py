@@ -378,3 +378,51 @@ def test_no_spin_while_client_and_server_are_pinned_to_one_same_cpu(sock_path):
         stop_server(process)
     assert counts[0] == 0
     assert (counts[1] >= 1) == (hintens.implementation == "cython")
+
+
+def _open_fds():
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_a_hostile_server_dribbling_replies_costs_one_spin_a_reply_and_leaks_nothing(tmp_path):
+    """A raw-socket server that answers each Request a byte every 200 us (the worst timing
+    for a spin: something always seems about to come): each reply still costs the client at
+    most one spin, the replies are right, and after the client closes, its descriptors are
+    back where they were."""
+    from hintens.wire import FrameDecoder, encode_frame
+
+    path = str(tmp_path / "dribble.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(1)
+
+    def serve():
+        conn, _ = listener.accept()
+        decoder = FrameDecoder()
+        with conn:
+            while True:
+                data = conn.recv(65536)
+                if not data:
+                    return
+                for frame in decoder.feed(data):
+                    if frame.type != 1:
+                        continue   # the client's hello
+                    reply = encode_frame(2, bytes(frame.payload), frame.request_id)
+                    for i in range(len(reply)):
+                        conn.sendall(reply[i:i + 1])
+                        time.sleep(0.0002)
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    baseline = _open_fds()
+    try:
+        with hintens.Client(path, timeout=30, ring=False) as client:
+            for i in range(5):
+                payload = b"dribbled %d" % i
+                before = client._channel.spin_stats()["spins"]
+                assert bytes(client.request(payload)) == payload
+                assert client._channel.spin_stats()["spins"] - before <= 1
+    finally:
+        listener.close()
+        server.join(10)
+    assert _open_fds() <= baseline
