@@ -99,7 +99,6 @@ cdef extern from "_ring.h" nogil:
         long long spin_ns
         uint64_t spins
         uint64_t spins_won
-    const long long HX_SOCKET_SPIN_MAX_NS
     const ssize_t HX_SPIN_NOTHING
     void hx_spin_init(hx_spin *s)
     ssize_t hx_spin_recvmsg(hx_spin *s, int fd, msghdr *m, int flags, long long *start)
