@@ -4,8 +4,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log"
 	"net"
 	"os"
+	"runtime"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -99,11 +101,12 @@ func NewClient(path string, opts ...Option) (*Client, error) {
 	if err != nil {
 		return nil, fmt.Errorf("hintens: connect %s: %w", path, err)
 	}
-	uid, err := peerUID(nc)
+	cred, err := peerCred(nc)
 	if err != nil {
 		nc.Close()
 		return nil, fmt.Errorf("hintens: reading the server's credentials: %w", err)
 	}
+	uid := cred.Uid
 	if uid != uint32(os.Getuid()) && uid != 0 && !containsUID(cfg.allowedUIDs, uid) {
 		nc.Close()
 		return nil, fmt.Errorf("%w: %s belongs to a process of uid %d", ErrUntrustedServer, path, uid)
@@ -112,6 +115,11 @@ func NewClient(path string, opts ...Option) (*Client, error) {
 	cl.idleTimer = time.AfterFunc(time.Hour, cl.idleCheck)
 	cl.idleTimer.Stop()
 	cl.c = newConn(nc, &cl.cfg, false, nil)
+	if cfg.blockingReads > 0 || cfg.blockingReads == 0 && runtime.GOMAXPROCS(0) > 1 && int(cred.Pid) != os.Getpid() {
+		if err := cl.c.leavePoller(); err != nil {
+			log.Printf("hintens: blocking reads unavailable, the connection waits in the netpoller: %v", err)
+		}
+	}
 	cl.c.onRequest = func(rid uint64, _ []byte, l *lease) {
 		cl.c.releaseLease(l)
 		cl.c.sendError(rid, CodeUnavailable, "a hintens client serves no requests")
@@ -136,14 +144,6 @@ func containsUID(list []uint32, uid uint32) bool {
 		}
 	}
 	return false
-}
-
-func peerUID(nc *net.UnixConn) (uint32, error) {
-	cred, err := peerCred(nc)
-	if err != nil {
-		return 0, err
-	}
-	return cred.Uid, nil
 }
 
 func peerCred(nc *net.UnixConn) (*unix.Ucred, error) {

@@ -20,7 +20,7 @@ import (
 // any goroutine writes whole frames under wmu. What to do with Requests, Responses and Events
 // is left to the owner's callbacks, which run on the reading goroutine.
 type conn struct {
-	nc  *net.UnixConn
+	nc  sock // the *net.UnixConn, or a *blockingSock after leavePoller
 	cfg *config
 	dec *Decoder
 	shm *shmState
@@ -52,12 +52,12 @@ type conn struct {
 	rerr          error
 	frameDeadline time.Time // when the frame in progress must be complete
 	readDeadline  time.Time // what the socket's read deadline is set to
-	// rfd, when not -1, is a descriptor of our own for the same socket, in blocking mode:
-	// the reader waits in recvmsg itself (the kernel wakes it, no netpoller), its deadlines
-	// through SO_RCVTIMEO. Only the reading goroutine closes it, when reading ends, so its
-	// number cannot be reused under a read. closeWith wakes it with shutdown(2).
-	rfd      int
-	blocking bool // rfd was made (set before any goroutine uses the connection, never changed)
+	// blocking: leavePoller ran (before any goroutine used the connection). The reader then
+	// waits in recvmsg itself (the kernel wakes it, no netpoller), its deadlines through
+	// SO_RCVTIMEO, whose current value is rcvTimeo (0: none); closeWith wakes it with
+	// shutdown(2).
+	blocking bool
+	rcvTimeo time.Duration
 	// spin, for a client (WithSpin): the next read, if it starts between frames, spins
 	// before it parks when spinNext is set (readForAnswer sets it)
 	spin     *spinState
@@ -91,7 +91,7 @@ func newConn(nc *net.UnixConn, cfg *config, isServer bool, totals *shmTotals) *c
 	c := &conn{nc: nc, cfg: cfg, isServer: isServer, dec: NewDecoder(cfg.maxPayload),
 		shm:       newShmState(features, cfg.shmReceiveBytes, cfg.shmReceiveSegments, cfg.shmPoolBytes, totals),
 		helloDone: make(chan struct{}), helloBy: time.Now().Add(helloWait),
-		closed: make(chan struct{}), rfd: -1}
+		closed: make(chan struct{})}
 	c.oob = make([]byte, unix.CmsgSpace(4*maxWaitingFDs))
 	c.rawc, _ = nc.SyscallConn() // fails only for a nil conn
 	c.readFn = c.recvmsg
@@ -121,52 +121,101 @@ func (c *conn) recvmsg(fd uintptr) bool {
 	}
 }
 
-// useBlockingReads switches the connection to blocking reads: it makes c.rfd, a duplicate
-// of the socket, and puts the socket (the open file both share) in blocking mode. Writes
-// through nc then block in the kernel too: SO_SNDTIMEO bounds them by the send timeout
-// (after which the write deadline, already past, cuts the peer), and closeWith shuts the
-// socket down first, which wakes any of them.
-func (c *conn) useBlockingReads() error {
+// leavePoller takes the connection out of the runtime's netpoller (see blockingSock): its
+// socket becomes a descriptor in blocking mode that no epoll set holds, read and written
+// through a blockingSock. The reader waits in recvmsg itself and the kernel wakes it, with
+// its deadlines through SO_RCVTIMEO; writes wait in the kernel, up to the write deadline
+// (SO_SNDTIMEO). closeWith shuts the socket down first, which wakes them. Call it before
+// any goroutine uses the connection. On an error the connection is left in the netpoller.
+func (c *conn) leavePoller() error {
+	uc, ok := c.nc.(*net.UnixConn)
+	if !ok {
+		return nil
+	}
+	nfd := -1
 	var derr error
-	err := c.rawc.Control(func(fd uintptr) {
-		nfd, err := unix.FcntlInt(fd, unix.F_DUPFD_CLOEXEC, 0)
-		if err != nil {
-			derr = err
-			return
-		}
-		if c.cfg.sendTimeout > 0 {
-			tv := unix.NsecToTimeval(c.cfg.sendTimeout.Nanoseconds())
-			if err := unix.SetsockoptTimeval(nfd, unix.SOL_SOCKET, unix.SO_SNDTIMEO, &tv); err != nil {
-				unix.Close(nfd)
-				derr = err
-				return
-			}
-		}
-		if err := unix.SetNonblock(nfd, false); err != nil {
-			unix.Close(nfd)
-			derr = err
-			return
-		}
-		c.rfd, c.blocking = nfd, true
-	})
-	if err != nil {
+	if err := c.rawc.Control(func(fd uintptr) {
+		nfd, derr = unix.FcntlInt(fd, unix.F_DUPFD_CLOEXEC, 0)
+	}); err != nil {
 		return err
 	}
-	return derr
+	if derr != nil {
+		return derr
+	}
+	bs, err := newBlockingSock(nfd)
+	if err != nil {
+		unix.SetNonblock(nfd, true) // the open file the netpoller's descriptor shares
+		unix.Close(nfd)
+		return err
+	}
+	// closing the net.UnixConn takes the socket out of the netpoller's epoll set; our
+	// descriptor keeps the socket itself open
+	uc.Close()
+	c.nc, c.rawc, c.blocking = bs, bs.rc, true
+	c.readFn = c.blockingRecvmsg
+	if c.spin != nil {
+		c.spinFn = c.spinBlockingRecvmsg
+	}
+	return nil
 }
 
-// setRecvTimeout sets SO_RCVTIMEO on c.rfd to what is left until deadline (zero: none).
-// It returns false when the deadline has already passed.
-func (c *conn) setRecvTimeout(deadline time.Time) bool {
-	var tv unix.Timeval
+// setRecvTimeout makes SO_RCVTIMEO on fd fit deadline (zero: none), and returns false when
+// the deadline has already passed. SO_RCVTIMEO counts from each read's start, so it must
+// not exceed what is left. To spare a setsockopt per read it is set to half of what is
+// left, then kept while it is within what is left and at least a quarter of it: a read it
+// ends early is only read again (readOnce's callers read again after errReadTimeout until
+// their own deadline), about log2(timeout / 2 ms) times for a deadline that passes.
+func (c *conn) setRecvTimeout(fd int, deadline time.Time) bool {
+	var want time.Duration
 	if !deadline.IsZero() {
 		left := time.Until(deadline)
 		if left <= 0 {
 			return false
 		}
-		tv = unix.NsecToTimeval(left.Nanoseconds() + int64(time.Microsecond-1)) // never 0 (= forever)
+		if c.rcvTimeo != 0 && c.rcvTimeo <= left && c.rcvTimeo >= left/4 {
+			return true
+		}
+		want = left / 2
+		if left < 2*time.Millisecond {
+			want = left
+		}
+	} else if c.rcvTimeo == 0 {
+		return true
 	}
-	return unix.SetsockoptTimeval(c.rfd, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &tv) == nil
+	var tv unix.Timeval
+	if want > 0 {
+		tv = unix.NsecToTimeval(want.Nanoseconds() + int64(time.Microsecond-1)) // never 0 (= forever)
+	}
+	if unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &tv) != nil {
+		return false
+	}
+	c.rcvTimeo = want
+	return true
+}
+
+// blockingRecvmsg is the body of a read outside the netpoller (readFn after leavePoller):
+// it waits in recvmsg, up to c.readDeadline, and always ends the read (a deadline that
+// passed is c.rerr EAGAIN, a net.Error whose Timeout() is true).
+func (c *conn) blockingRecvmsg(fd uintptr) bool {
+	for {
+		if !c.setRecvTimeout(int(fd), c.readDeadline) {
+			c.rn, c.roobn, c.rerr = 0, 0, unix.EAGAIN
+			return true
+		}
+		c.rmsg.SetControllen(len(c.oob))
+		// unix.Syscall (not RawSyscall): the runtime hands this thread's P to other
+		// goroutines while the kernel holds us
+		n, _, errno := unix.Syscall(unix.SYS_RECVMSG, fd, uintptr(unsafe.Pointer(&c.rmsg)), unix.MSG_CMSG_CLOEXEC)
+		switch errno {
+		case 0:
+			c.rn, c.roobn, c.rerr = int(n), int(c.rmsg.Controllen), nil
+		case unix.EINTR:
+			continue // a signal: SO_RCVTIMEO started over, so look at the deadline again
+		default:
+			c.rn, c.roobn, c.rerr = 0, 0, errno
+		}
+		return true
+	}
 }
 
 // readMsg reads into space (and the control buffer c.oob), waiting for the socket up to its
@@ -177,28 +226,6 @@ func (c *conn) readMsg(space []byte) (n, oobn int, err error) {
 	c.rmsg.Iov = &c.riov
 	c.rmsg.SetIovlen(1)
 	c.rmsg.Control = &c.oob[0]
-	if c.rfd >= 0 {
-		// a blocking recvmsg: unix.Syscall (not RawSyscall), so that the runtime hands this
-		// thread's P to other goroutines while the kernel holds us
-		for {
-			c.rmsg.SetControllen(len(c.oob))
-			r, _, errno := unix.Syscall(unix.SYS_RECVMSG, uintptr(c.rfd), uintptr(unsafe.Pointer(&c.rmsg)), unix.MSG_CMSG_CLOEXEC)
-			if errno == unix.EINTR {
-				// a signal (the runtime's preemption): SO_RCVTIMEO started over, so set
-				// what is left of the deadline again
-				if !c.readDeadline.IsZero() && !c.setRecvTimeout(c.readDeadline) {
-					c.riov.Base = nil
-					return 0, 0, unix.EAGAIN
-				}
-				continue
-			}
-			c.riov.Base = nil
-			if errno != 0 {
-				return 0, 0, errno // EAGAIN: SO_RCVTIMEO ran out (a net.Error whose Timeout() is true)
-			}
-			return int(r), int(c.rmsg.Controllen), nil
-		}
-	}
 	c.rn, c.roobn, c.rerr = 0, 0, nil
 	fn, spinning := c.readFn, c.spinNext && c.spin != nil && c.dec.Idle()
 	c.spinNext = false
@@ -208,7 +235,8 @@ func (c *conn) readMsg(space []byte) (n, oobn int, err error) {
 	}
 	err = c.rawc.Read(fn)
 	c.riov.Base = nil // keep no reference to the buffer
-	if spinning && c.spin.spun && c.rerr == nil && (err == nil || errors.Is(err, os.ErrDeadlineExceeded)) {
+	if spinning && c.spin.spun && (c.rerr == nil || c.rerr == unix.EAGAIN) &&
+		(err == nil || errors.Is(err, os.ErrDeadlineExceeded)) {
 		c.spin.after()
 	}
 	if err != nil {
@@ -598,10 +626,6 @@ func (c *conn) endReading(err error) {
 		unix.Close(fd)
 	}
 	c.fds = nil
-	if c.rfd >= 0 {
-		unix.Close(c.rfd)
-		c.rfd = -1
-	}
 	if c.onReadEnd != nil {
 		c.onReadEnd(err)
 	} else {
@@ -620,22 +644,13 @@ func (c *conn) readOnce(deadline time.Time) error {
 	}
 	var n, oobn int
 	var rerr error
-	switch {
-	case c.rfd < 0:
-		if !eff.Equal(c.readDeadline) {
+	if !eff.Equal(c.readDeadline) {
+		if !c.blocking {
 			c.nc.SetReadDeadline(eff)
-			c.readDeadline = eff
 		}
-	case eff.IsZero() && c.readDeadline.IsZero():
-		// no timeout set, none wanted: nothing to do (the usual case of a server between frames)
-	case !c.setRecvTimeout(eff):
-		rerr = unix.EAGAIN // the deadline has passed
-	default:
-		c.readDeadline = eff // SO_RCVTIMEO is relative: set again before each read while eff is not zero
+		c.readDeadline = eff // outside the netpoller, blockingRecvmsg keeps SO_RCVTIMEO to it
 	}
-	if rerr == nil {
-		n, oobn, rerr = c.readMsg(c.dec.Space())
-	}
+	n, oobn, rerr = c.readMsg(c.dec.Space())
 	if oobn > 0 {
 		c.takeFDs(c.oob[:oobn])
 	}

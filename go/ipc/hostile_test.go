@@ -17,9 +17,11 @@ import (
 	"golang.org/x/sys/unix"
 )
 
+// hostileServer starts an echo server whose connections wait as they do toward a peer in
+// another process (outside the netpoller), unless opts say otherwise.
 func hostileServer(t *testing.T, opts ...Option) (*Server, string, int) {
 	t.Helper()
-	s, path := startServer(t, echoHandler, opts...)
+	s, path := startServer(t, echoHandler, append([]Option{WithBlockingReads(true)}, opts...)...)
 	stillServes(t, path) // warm up: goroutines, buffers
 	return s, path, openFDs()
 }

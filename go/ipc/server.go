@@ -7,7 +7,6 @@ import (
 	"log"
 	"net"
 	"os"
-	"runtime"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -244,8 +243,8 @@ func (s *Server) accept(nc *net.UnixConn) {
 	}
 	sc := &Conn{s: s, queue: make(chan request, 1024), done: make(chan struct{})}
 	sc.c = newConn(nc, &s.cfg, true, s.totals)
-	if s.cfg.blockingReads > 0 || s.cfg.blockingReads == 0 && runtime.GOMAXPROCS(0) == 1 {
-		if err := sc.c.useBlockingReads(); err != nil {
+	if s.cfg.blockingReads > 0 || s.cfg.blockingReads == 0 && int(cred.Pid) != os.Getpid() {
+		if err := sc.c.leavePoller(); err != nil {
 			log.Printf("hintens: blocking reads unavailable, the connection waits in the netpoller: %v", err)
 		}
 	}

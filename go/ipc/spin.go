@@ -144,20 +144,34 @@ func (s *spinState) after() {
 	}
 }
 
-// spinRecvmsg is the body of a raw read that spins first (readFn's spinning twin): the
-// first call of a wait tries for up to the budget, later calls (after the netpoller woke us)
-// read as recvmsg does.
+// spinRecvmsg is the body of a netpoller read that spins first (readFn's spinning twin):
+// the first call of a wait spins (spinTry), later calls (after the netpoller woke us) read
+// as recvmsg does.
 func (c *conn) spinRecvmsg(fd uintptr) bool {
-	s := c.spin
-	if s.tried {
-		return c.recvmsg(fd)
+	if !c.spin.tried && c.spinTry(fd) {
+		return true
 	}
+	return c.recvmsg(fd)
+}
+
+// spinBlockingRecvmsg is blockingRecvmsg that spins first.
+func (c *conn) spinBlockingRecvmsg(fd uintptr) bool {
+	return c.spinTry(fd) || c.blockingRecvmsg(fd)
+}
+
+// spinTry is a wait's spin on fd, which need not be in non-blocking mode: it tries recvmsg
+// with MSG_DONTWAIT, yielding between tries, for up to the budget. It returns true when the
+// read is over (bytes, the end of the stream or an error, in c.rn, c.roobn and c.rerr), and
+// false when it did not spin or ran out (spun is then set: the read that follows reports
+// back through after).
+func (c *conn) spinTry(fd uintptr) bool {
+	s := c.spin
 	s.tried = true
 	s.waitStart = time.Now()
 	budget, probing := s.begin(int(fd))
 	if budget == 0 {
 		s.spun = true
-		return c.recvmsg(fd)
+		return false
 	}
 	for {
 		c.rmsg.SetControllen(len(c.oob))
@@ -181,7 +195,7 @@ func (c *conn) spinRecvmsg(fd uintptr) bool {
 		if time.Since(s.waitStart) >= budget {
 			s.end(false, probing)
 			s.spun = true
-			return false // park: the netpoller wakes us, and recvmsg reads
+			return false
 		}
 	}
 }
