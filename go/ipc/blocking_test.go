@@ -235,7 +235,7 @@ func TestDefaultWaysToWait(t *testing.T) {
 }
 
 // A server that takes none of a request's bytes is cut after the send timeout, whether the
-// client's writes wait in the kernel (SO_SNDTIMEO, kept to the write deadline) or in the
+// client's writes wait in the kernel (ppoll up to the write deadline) or in the
 // netpoller; the client keeps no descriptor.
 func TestClientCutsAServerThatReadsNothing(t *testing.T) {
 	for _, m := range readModes {
@@ -275,6 +275,97 @@ func TestClientCutsAServerThatReadsNothing(t *testing.T) {
 			}
 			cl.Close()
 			fdsBackNear(t, base+1) // the peer's end is still open
+		})
+	}
+}
+
+// trickleRead takes up to 128 KiB from nc every 150 ms until the peer cuts the connection or
+// limit passes; it returns when the cut came (or limit).
+func trickleRead(nc *net.UnixConn, limit time.Duration) time.Duration {
+	buf := make([]byte, 128<<10)
+	start := time.Now()
+	for time.Since(start) < limit {
+		time.Sleep(150 * time.Millisecond)
+		nc.SetReadDeadline(time.Now().Add(20 * time.Millisecond))
+		n, err := nc.Read(buf)
+		var ne net.Error
+		if n == 0 && err != nil && !(errors.As(err, &ne) && ne.Timeout()) {
+			break
+		}
+	}
+	return time.Since(start)
+}
+
+// A peer that takes a little of a big frame now and then, never enough to finish it within
+// the send timeout, is cut at the send timeout, by a server and by a client, waiting in the
+// kernel or in the netpoller. (A blocking sendmsg under SO_SNDTIMEO was not cut: its timeout
+// starts over for each buffer the kernel allocates.)
+func TestATricklingReaderIsCutAtTheSendTimeout(t *testing.T) {
+	for _, m := range readModes {
+		t.Run("server/"+m.name, func(t *testing.T) {
+			_, path, base := hostileServer(t, WithSendTimeout(300*time.Millisecond), WithBlockingReads(m.on))
+			p := rawDial(t, path)
+			p.write(EncodeFrame(TypeEvent, 0, 0, EncodeHello(Hello{MaxPayload: 64 << 20}))) // no shared memory
+			p.write(EncodeFrame(TypeRequest, 0, 1, make([]byte, 16<<20)))                    // an inline echo
+			if el := trickleRead(p.nc, 5*time.Second); el > 2*time.Second {
+				t.Fatalf("a client trickling its answer's reads was cut after %v (send timeout 300 ms)", el)
+			}
+			p.nc.Close()
+			stillServes(t, path)
+			fdsBackNear(t, base)
+		})
+		t.Run("client/"+m.name, func(t *testing.T) {
+			path := filepath.Join(t.TempDir(), "trickle.sock")
+			ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer ln.Close()
+			took := make(chan time.Duration, 1)
+			go func() {
+				c, err := ln.AcceptUnix()
+				if err != nil {
+					return
+				}
+				defer c.Close()
+				c.Write(EncodeFrame(TypeEvent, 0, 0, EncodeHello(Hello{MaxPayload: 64 << 20})))
+				took <- trickleRead(c, 5*time.Second)
+			}()
+			base := openFDs()
+			cl, err := NewClient(path, WithBlockingReads(m.on), WithSendTimeout(300*time.Millisecond),
+				WithTimeout(10*time.Second))
+			if err != nil {
+				t.Fatal(err)
+			}
+			start := time.Now()
+			_, err = cl.Send(make([]byte, 32<<20))
+			if el := time.Since(start); !errors.Is(err, ErrClosed) || el > 2*time.Second {
+				t.Fatalf("a server trickling its reads: %v after %v (send timeout 300 ms)", err, el)
+			}
+			cl.Close()
+			<-took
+			fdsBackNear(t, base)
+		})
+	}
+}
+
+// A client's request timeout holds whether it waits in the kernel (SO_RCVTIMEO, half of what
+// is left of the deadline at a time) or in the netpoller, request after request.
+func TestRequestTimeoutWaitingEitherWay(t *testing.T) {
+	_, path := startServer(t, func(ctx context.Context, req []byte) ([]byte, error) {
+		time.Sleep(1500 * time.Millisecond)
+		return req, nil
+	})
+	for _, m := range readModes {
+		t.Run(m.name, func(t *testing.T) {
+			c := dial(t, path, WithBlockingReads(m.on), WithTimeout(300*time.Millisecond))
+			for i := 0; i < 2; i++ {
+				start := time.Now()
+				_, err := c.Send([]byte("x"))
+				if el := time.Since(start); !errors.Is(err, ErrTimeout) || el < 300*time.Millisecond || el > 750*time.Millisecond {
+					t.Fatalf("request %d, timeout 300 ms: %v after %v", i, err, el)
+				}
+			}
 		})
 	}
 }

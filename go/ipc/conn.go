@@ -124,8 +124,8 @@ func (c *conn) recvmsg(fd uintptr) bool {
 // leavePoller takes the connection out of the runtime's netpoller (see blockingSock): its
 // socket becomes a descriptor in blocking mode that no epoll set holds, read and written
 // through a blockingSock. The reader waits in recvmsg itself and the kernel wakes it, with
-// its deadlines through SO_RCVTIMEO; writes wait in the kernel, up to the write deadline
-// (SO_SNDTIMEO). closeWith shuts the socket down first, which wakes them. Call it before
+// its deadlines through SO_RCVTIMEO; writes wait for room in ppoll(2), up to the write
+// deadline. closeWith shuts the socket down first, which wakes them. Call it before
 // any goroutine uses the connection. On an error the connection is left in the netpoller.
 func (c *conn) leavePoller() error {
 	uc, ok := c.nc.(*net.UnixConn)

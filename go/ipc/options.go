@@ -135,7 +135,7 @@ func WithSpin(on bool) Option { return func(c *config) { c.spin = on } }
 // WithBlockingReads chooses how a connection waits. On, its socket leaves the runtime's
 // netpoller: the descriptor is put in blocking mode and registered with no epoll set, the
 // reading goroutine waits in recvmsg itself and the kernel wakes it directly, and writes
-// wait in the kernel (deadlines through SO_RCVTIMEO and SO_SNDTIMEO). The cost is one OS
+// wait in the kernel (deadlines through SO_RCVTIMEO and ppoll). The cost is one OS
 // thread per waiting connection (WithMaxConnections bounds a server's; the runtime allows
 // 10,000 threads). Off, the connection waits in the netpoller and an idle one costs no
 // thread, but the netpoller's thread is woken for every byte that arrives and every byte the

@@ -35,10 +35,8 @@ type sock interface {
 type blockingSock struct {
 	f  *os.File
 	rc syscall.RawConn
-	// the write deadline (UnixNano; 0: none), enforced through SO_SNDTIMEO before each
-	// write that may block
+	// the write deadline (UnixNano; 0: none): a write waits for room in ppoll(2) up to it
 	deadline atomic.Int64
-	sndTimeo time.Duration // what SO_SNDTIMEO is set to (under the file's write lock)
 }
 
 func newBlockingSock(fd int) (*blockingSock, error) {
@@ -47,10 +45,9 @@ func newBlockingSock(fd int) (*blockingSock, error) {
 	}
 	// a descriptor in blocking mode: os.NewFile leaves it out of the netpoller
 	f := os.NewFile(uintptr(fd), "hintens-socket")
-	rc, err := f.SyscallConn()
+	rc, err := f.SyscallConn() // fails only for a nil *os.File
 	if err != nil {
-		f.Close()
-		return nil, err
+		return nil, err // fd stays open: the caller restores it and closes it
 	}
 	return &blockingSock{f: f, rc: rc}, nil
 }
@@ -67,46 +64,36 @@ func (b *blockingSock) Write(p []byte) (int, error) {
 	return sent, nil
 }
 
-// WriteMsgUnix makes one sendmsg (b must not be empty), waiting in the kernel for room up to
-// the write deadline. It returns how much of b went (all of oob went with its first byte).
+// WriteMsgUnix sends from p (which must not be empty) in one sendmsg, waiting for room up to
+// the write deadline. It returns how much of p went (all of oob went with its first byte).
 func (b *blockingSock) WriteMsgUnix(p, oob []byte, _ *net.UnixAddr) (n, oobn int, err error) {
 	werr := b.rc.Write(func(fd uintptr) bool {
-		// first without waiting: most writes find room, and pay no SO_SNDTIMEO
-		n, err = unix.SendmsgN(int(fd), p, oob, nil, unix.MSG_NOSIGNAL|unix.MSG_DONTWAIT)
-		if err != unix.EAGAIN && err != unix.EINTR {
-			return true
-		}
 		for {
+			n, err = unix.SendmsgN(int(fd), p, oob, nil, unix.MSG_NOSIGNAL|unix.MSG_DONTWAIT)
+			if err != unix.EAGAIN && err != unix.EINTR {
+				return true // some or all of p went, or the socket failed
+			}
+			// No room: wait for it in ppoll(2), up to the deadline itself. A blocking
+			// sendmsg under SO_SNDTIMEO would not do: its timeout starts over for each
+			// buffer the kernel allocates, so a peer that takes a little now and then
+			// would keep one call going long past the deadline. (unix.Ppoll is
+			// unix.Syscall: the runtime hands this thread's P to other goroutines while
+			// the kernel holds us; shutdown(2) in closeWith wakes it.)
+			var ts *unix.Timespec
 			if d := b.deadline.Load(); d != 0 {
 				left := time.Until(time.Unix(0, d))
 				if left <= 0 {
-					err = os.ErrDeadlineExceeded
+					n, err = 0, os.ErrDeadlineExceeded
 					return true
 				}
-				if left < b.sndTimeo || left > 2*b.sndTimeo || b.sndTimeo == 0 {
-					// never longer than what is left; reset when much shorter than it
-					tv := unix.NsecToTimeval(left.Nanoseconds() + int64(time.Microsecond-1))
-					if err = unix.SetsockoptTimeval(int(fd), unix.SOL_SOCKET, unix.SO_SNDTIMEO, &tv); err != nil {
-						return true
-					}
-					b.sndTimeo = left
-				}
-			} else if b.sndTimeo != 0 {
-				var tv unix.Timeval // none: wait for as long as it takes
-				if err = unix.SetsockoptTimeval(int(fd), unix.SOL_SOCKET, unix.SO_SNDTIMEO, &tv); err != nil {
-					return true
-				}
-				b.sndTimeo = 0
+				t := unix.NsecToTimespec(left.Nanoseconds())
+				ts = &t
 			}
-			// unix.SendmsgN is unix.Syscall: the runtime hands this thread's P to other
-			// goroutines while the kernel holds us
-			n, err = unix.SendmsgN(int(fd), p, oob, nil, unix.MSG_NOSIGNAL)
-			if err == unix.EINTR || err == unix.EAGAIN {
-				// a signal, or SO_SNDTIMEO ran out with nothing taken: look at the deadline
-				// again (SO_SNDTIMEO may be shorter than what is left)
-				continue
+			pfd := [1]unix.PollFd{{Fd: int32(fd), Events: unix.POLLOUT}}
+			if _, perr := unix.Ppoll(pfd[:], ts, nil); perr != nil && perr != unix.EINTR {
+				n, err = 0, perr
+				return true
 			}
-			return true
 		}
 	})
 	if werr != nil {
