@@ -306,7 +306,7 @@ func TestATricklingReaderIsCutAtTheSendTimeout(t *testing.T) {
 			_, path, base := hostileServer(t, WithSendTimeout(300*time.Millisecond), WithBlockingReads(m.on))
 			p := rawDial(t, path)
 			p.write(EncodeFrame(TypeEvent, 0, 0, EncodeHello(Hello{MaxPayload: 64 << 20}))) // no shared memory
-			p.write(EncodeFrame(TypeRequest, 0, 1, make([]byte, 16<<20)))                    // an inline echo
+			p.write(EncodeFrame(TypeRequest, 0, 1, make([]byte, 16<<20)))                   // an inline echo
 			if el := trickleRead(p.nc, 5*time.Second); el > 2*time.Second {
 				t.Fatalf("a client trickling its answer's reads was cut after %v (send timeout 300 ms)", el)
 			}
