@@ -102,20 +102,31 @@ func newConn(nc *net.UnixConn, cfg *config, isServer bool, totals *shmTotals) *c
 	return c
 }
 
+// recvmsgOnce makes one recvmsg(2) into c.rmsg with flags (and MSG_CMSG_CLOEXEC): what it
+// read goes to c.rn and c.roobn, an error to c.rerr, except EINTR and EAGAIN, which it only
+// returns, for the caller to decide. unix.Syscall (not RawSyscall): when the read waits in
+// the kernel, the runtime hands this thread's P to other goroutines.
+func (c *conn) recvmsgOnce(fd uintptr, flags int) unix.Errno {
+	c.rmsg.SetControllen(len(c.oob))
+	n, _, errno := unix.Syscall(unix.SYS_RECVMSG, fd, uintptr(unsafe.Pointer(&c.rmsg)), uintptr(unix.MSG_CMSG_CLOEXEC|flags))
+	switch errno {
+	case 0:
+		c.rn, c.roobn, c.rerr = int(n), int(c.rmsg.Controllen), nil
+	case unix.EINTR, unix.EAGAIN:
+	default:
+		c.rn, c.roobn, c.rerr = 0, 0, errno
+	}
+	return errno
+}
+
 // recvmsg is the body of one raw read: false (wait for the socket) when nothing is there.
 func (c *conn) recvmsg(fd uintptr) bool {
 	for {
-		c.rmsg.SetControllen(len(c.oob))
-		n, _, errno := unix.Syscall(unix.SYS_RECVMSG, fd, uintptr(unsafe.Pointer(&c.rmsg)), unix.MSG_CMSG_CLOEXEC)
-		switch errno {
-		case 0:
-			c.rn, c.roobn, c.rerr = int(n), int(c.rmsg.Controllen), nil
+		switch c.recvmsgOnce(fd, 0) {
 		case unix.EINTR:
 			continue
 		case unix.EAGAIN:
 			return false
-		default:
-			c.rn, c.roobn, c.rerr = 0, 0, errno
 		}
 		return true
 	}
@@ -202,17 +213,11 @@ func (c *conn) blockingRecvmsg(fd uintptr) bool {
 			c.rn, c.roobn, c.rerr = 0, 0, unix.EAGAIN
 			return true
 		}
-		c.rmsg.SetControllen(len(c.oob))
-		// unix.Syscall (not RawSyscall): the runtime hands this thread's P to other
-		// goroutines while the kernel holds us
-		n, _, errno := unix.Syscall(unix.SYS_RECVMSG, fd, uintptr(unsafe.Pointer(&c.rmsg)), unix.MSG_CMSG_CLOEXEC)
-		switch errno {
-		case 0:
-			c.rn, c.roobn, c.rerr = int(n), int(c.rmsg.Controllen), nil
+		switch c.recvmsgOnce(fd, 0) {
 		case unix.EINTR:
 			continue // a signal: SO_RCVTIMEO started over, so look at the deadline again
-		default:
-			c.rn, c.roobn, c.rerr = 0, 0, errno
+		case unix.EAGAIN:
+			c.rn, c.roobn, c.rerr = 0, 0, unix.EAGAIN // SO_RCVTIMEO ran out
 		}
 		return true
 	}
