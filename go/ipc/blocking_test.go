@@ -22,6 +22,21 @@ var readModes = []struct {
 	on   bool
 }{{"blocking", true}, {"netpoller", false}}
 
+// connEchoServer starts an echo server that hands the Conn of each request it answers to
+// the channel it returns, while the channel has room (n).
+func connEchoServer(t *testing.T, n int, opts ...Option) (*Server, string, <-chan *Conn) {
+	t.Helper()
+	conns := make(chan *Conn, n)
+	s, path := startServer(t, func(ctx context.Context, req []byte) ([]byte, error) {
+		select {
+		case conns <- ConnFromContext(ctx):
+		default:
+		}
+		return req, nil
+	}, opts...)
+	return s, path, conns
+}
+
 // A frame that trickles in a byte at a time, each byte well within the frame timeout, is
 // still cut when the frame timeout runs out: the blocking read's SO_RCVTIMEO is what is left
 // of the frame's deadline, not a fresh timeout per read.
@@ -62,14 +77,7 @@ func TestCloseAndShutdownWakeAnIdleReader(t *testing.T) {
 	for _, m := range readModes {
 		t.Run(m.name, func(t *testing.T) {
 			var got *Conn
-			seen := make(chan *Conn, 1)
-			s, path := startServer(t, func(ctx context.Context, req []byte) ([]byte, error) {
-				select {
-				case seen <- ConnFromContext(ctx):
-				default:
-				}
-				return req, nil
-			}, WithBlockingReads(m.on))
+			s, path, seen := connEchoServer(t, 1, WithBlockingReads(m.on))
 			stillServes(t, path)
 			<-seen // that was stillServes's connection
 			base := openFDs()
@@ -169,14 +177,7 @@ func connFD(c *conn) int {
 func TestBlockingConnectionsLeaveTheNetpoller(t *testing.T) {
 	for _, m := range readModes {
 		t.Run(m.name, func(t *testing.T) {
-			conns := make(chan *Conn, 4)
-			_, path := startServer(t, func(ctx context.Context, req []byte) ([]byte, error) {
-				select {
-				case conns <- ConnFromContext(ctx):
-				default:
-				}
-				return req, nil
-			}, WithBlockingReads(m.on))
+			_, path, conns := connEchoServer(t, 4, WithBlockingReads(m.on))
 			base := openFDs()
 			cl, err := NewClient(path, WithBlockingReads(m.on))
 			if err != nil {
@@ -217,14 +218,7 @@ func TestDefaultWaysToWait(t *testing.T) {
 		t.Fatalf("GOMAXPROCS %d, a server in another process: an epoll set holds the client's socket: %v",
 			runtime.GOMAXPROCS(0), held)
 	}
-	conns := make(chan *Conn, 1)
-	_, path := startServer(t, func(ctx context.Context, req []byte) ([]byte, error) {
-		select {
-		case conns <- ConnFromContext(ctx):
-		default:
-		}
-		return req, nil
-	})
+	_, path, conns := connEchoServer(t, 1)
 	local := dial(t, path)
 	if _, err := local.Send([]byte("x")); err != nil {
 		t.Fatal(err)
