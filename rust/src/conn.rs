@@ -8,8 +8,8 @@
 use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, Weak};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 use tokio::io::unix::AsyncFd;
@@ -106,6 +106,21 @@ enum Pending {
     Slot(Option<Result<Payload, Error>>),
 }
 
+/// The answer of a blocking request whose caller leads the connection's reading from before
+/// its write until its answer ([`Conn::request_blocking`]'s fast path): [`Conn::process`]
+/// puts a Response or Error for `rid` here, not in the pending table. `rid` 0 (never a
+/// request id of ours) is no request.
+pub(crate) struct Solo {
+    rid: u64,
+    answer: Option<Result<Payload, Error>>,
+}
+
+impl Solo {
+    fn none() -> Solo {
+        Solo { rid: 0, answer: None }
+    }
+}
+
 /// Hashes a request id to itself. The ids in `pending` are ours (a counter), so there is no
 /// flooding to defend against, and SipHash cost more than the rest of the lookup on the 64 B
 /// round trip; an id the peer names in an answer is only looked up.
@@ -163,6 +178,19 @@ struct ReadState {
     rcvtimeo: Duration,
 }
 
+/// A leader's hold on the reading ([`Conn::take_lead`] to [`Conn::give_lead`]).
+struct Lead {
+    state: Box<(FrameDecoder, VecDeque<OwnedFd>)>,
+    /// When the frame in progress began to arrive.
+    started: Option<Instant>,
+    /// This lead reads what the socket holds and reports the drain.
+    drain: bool,
+    /// The receive timeout to set before the next read.
+    set_timeo: Option<Duration>,
+    /// Why the connection is over, and whether to let the writer flush first.
+    end: Option<(String, bool)>,
+}
+
 struct SyncRead {
     rs: Mutex<ReadState>,
     cv: Condvar,
@@ -200,6 +228,8 @@ pub(crate) struct Conn {
     closed_notify: Notify,
     ctl_tx: mpsc::UnboundedSender<Vec<u8>>,
     next_request_id: AtomicU64,
+    /// The peer's inline limit: its hello's, the default until the hello came.
+    peer_limit: AtomicU32,
     pub(crate) shm_sent: AtomicU64,
     pub(crate) shm_received: AtomicU64,
     is_server: bool,
@@ -367,6 +397,7 @@ impl Conn {
             closed_notify: Notify::new(),
             ctl_tx,
             next_request_id: AtomicU64::new(1),
+            peer_limit: AtomicU32::new(wire::DEFAULT_MAX_PAYLOAD),
             shm_sent: AtomicU64::new(0),
             shm_received: AtomicU64::new(0),
             is_server,
@@ -516,7 +547,7 @@ impl Conn {
                     return Err(Error::Timeout(timeout));
                 }
             };
-            let res = guard.try_io(|inner| sendmsg(inner.as_raw_fd(), &bufs[idx..], off, fd));
+            let res = guard.try_io(|inner| sendmsg(inner.as_raw_fd(), &bufs[idx..], off, fd, 0));
             match res {
                 Ok(Ok(n)) => {
                     fd = None;
@@ -551,10 +582,26 @@ impl Conn {
         deadline: Instant,
         timeout: Duration,
     ) -> Result<(), Error> {
-        let _w = self.swlock.lock().unwrap();
-        let (mut idx, mut off, mut fd) = (0usize, 0usize, fd);
+        let w = self.swlock.lock().unwrap();
+        self.write_rest(w, bufs, 0, 0, fd, deadline, timeout)
+    }
+
+    /// The rest of a frame, from `bufs[idx][off..]` on, under the write lock `_w` (taken by
+    /// the caller: no other frame's bytes come between this one's).
+    #[allow(clippy::too_many_arguments)]
+    fn write_rest(
+        &self,
+        _w: MutexGuard<'_, ()>,
+        bufs: &[&[u8]],
+        mut idx: usize,
+        mut off: usize,
+        mut fd: Option<RawFd>,
+        deadline: Instant,
+        timeout: Duration,
+    ) -> Result<(), Error> {
+        let torn_at_start = idx > 0 || off > 0;
         while idx < bufs.len() {
-            match sendmsg(self.raw_fd(), &bufs[idx..], off, fd) {
+            match sendmsg(self.raw_fd(), &bufs[idx..], off, fd, 0) {
                 Ok(n) => {
                     fd = None;
                     advance(bufs, &mut idx, &mut off, n);
@@ -562,7 +609,7 @@ impl Conn {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     if Instant::now() >= deadline {
-                        if idx > 0 || off > 0 {
+                        if torn_at_start || idx > 0 || off > 0 {
                             self.cut("a write timed out in the middle of a frame");
                         }
                         return Err(Error::Timeout(timeout));
@@ -622,8 +669,7 @@ impl Conn {
 
     /// Registers a request whose answer a blocking caller takes from its slot
     /// ([`Conn::take_answer`]).
-    fn register_slot(&self) -> Result<u64, Error> {
-        let rid = self.next_request_id.fetch_add(1, Ordering::Relaxed);
+    fn register_slot(&self, rid: u64) -> Result<u64, Error> {
         let mut st = self.st.lock().unwrap();
         if let Some(why) = &st.closed {
             return Err(Error::Closed(why.clone()));
@@ -727,6 +773,16 @@ impl Conn {
         }
     }
 
+    /// Whether `body` goes inline whatever the peer's hello says (`plan` would say
+    /// `Inline`): under the shared-memory threshold and the peer's limit, and no view of a
+    /// segment (which may go back as an echo). Needs no lock.
+    fn plainly_inline(&self, body: &Body<'_>) -> bool {
+        let len = body.len();
+        len < self.limits.shm_threshold
+            && len as u64 <= u64::from(self.peer_limit.load(Ordering::Acquire))
+            && !matches!(body, Body::Echo(p) if p.is_shared())
+    }
+
     /// What a send of `body` becomes, given the peer's hello (sections 8b, 9): the protocol
     /// decision shared by the async and the blocking paths.
     fn plan(&self, body: &Body<'_>, hello: Option<Hello>) -> Result<Plan, Error> {
@@ -813,6 +869,11 @@ impl Conn {
         // Hand-backs and refusals queued before this frame leave before it, as they do on an
         // async connection.
         self.wait_queue_flushed(deadline);
+        if self.plainly_inline(&body) {
+            let p = body.bytes();
+            let h = wire::header_for(mtype, 0, rid, p);
+            return self.write_all_blocking_t(&[&h, p], None, deadline, timeout);
+        }
         let hello = if body.len() >= self.limits.shm_threshold {
             self.peer_hello_blocking(deadline)
         } else {
@@ -1084,7 +1145,7 @@ impl Conn {
                     unsafe { dec.commit(n) };
                 }
             }
-            if let Err((why, last_frame)) = conn.process(&mut dec, &mut fds, &dispatch) {
+            if let Err((why, last_frame)) = conn.process(&mut dec, &mut fds, &dispatch, &mut Solo::none()) {
                 linger = last_frame;
                 break why;
             }
@@ -1167,46 +1228,11 @@ impl Conn {
                 return false;
             }
             if !rs.leader {
-                rs.leader = true;
-                let state = rs.dec.take().expect("the decoder is home when no one leads");
-                let started = rs.frame_started;
-                let drain = sr.drain_requested.load(Ordering::Acquire) && !rs.drained;
-                // Whole milliseconds, so that a caller that waits "up to TICK" again and again
-                // does not change the socket's timeout (a system call) on every read. Zero:
-                // no timeout.
-                let left = deadline - now;
-                let want = if untimed_idle && started.is_none() && !drain {
-                    Duration::ZERO
-                } else if left >= TICK {
-                    TICK
-                } else {
-                    ceil_ms(left)
-                };
-                let set_timeo_to = if want != rs.rcvtimeo { Some(want) } else { None };
-                if let Some(t) = set_timeo_to {
-                    rs.rcvtimeo = t;
-                }
+                let lead = Self::take_lead(sr, &mut rs, deadline, now, untimed_idle);
                 drop(rs);
                 let this = self.me.upgrade().expect("a caller holds the connection");
-                let (state, started, end) = this.lead_once(state, started, drain, set_timeo_to, spin);
-                let ended = end.is_some();
-                if let Some((why, linger)) = end {
-                    this.finish(why, linger);
-                    sr.dispatch.closed(&this);
-                }
-                rs = sr.rs.lock().unwrap();
-                rs.dec = Some(state);
-                rs.frame_started = started;
-                rs.leader = false;
-                if drain {
-                    rs.drained = true;
-                }
-                if ended {
-                    rs.dead = true;
-                }
-                if rs.waiters > 0 {
-                    sr.cv.notify_all();
-                }
+                let lead = this.lead_once(lead, spin, &mut Solo::none());
+                rs = this.give_lead(sr, lead);
                 continue;
             }
             rs.waiters += 1;
@@ -1215,24 +1241,80 @@ impl Conn {
         }
     }
 
-    /// One read by the leader of a blocking connection, and the frames it completes.
-    #[allow(clippy::type_complexity)]
-    fn lead_once(
-        self: &Arc<Self>,
-        mut state: Box<(FrameDecoder, VecDeque<OwnedFd>)>,
-        mut started: Option<Instant>,
-        drain: bool,
-        set_timeo_to: Option<Duration>,
-        spin: bool,
-    ) -> (
-        Box<(FrameDecoder, VecDeque<OwnedFd>)>,
-        Option<Instant>,
-        Option<(String, bool)>,
-    ) {
+    /// Makes the calling thread the leader (no one leads: the caller checked, with `rs`
+    /// locked): it takes the decoder and the reading state.
+    fn take_lead(
+        sr: &SyncRead,
+        rs: &mut ReadState,
+        deadline: Instant,
+        now: Instant,
+        untimed_idle: bool,
+    ) -> Lead {
+        rs.leader = true;
+        let state = rs.dec.take().expect("the decoder is home when no one leads");
+        let started = rs.frame_started;
+        let drain = sr.drain_requested.load(Ordering::Acquire) && !rs.drained;
+        let untimed = untimed_idle && started.is_none() && !drain;
+        Lead {
+            state,
+            started,
+            drain,
+            set_timeo: Self::timeo_for(rs, deadline, now, untimed),
+            end: None,
+        }
+    }
+
+    /// The receive timeout the leader's next read needs, when the socket's differs (it is then
+    /// recorded as set). Whole milliseconds, so that a caller that waits "up to TICK" again
+    /// and again does not change the socket's timeout (a system call) on every read. Zero: no
+    /// timeout.
+    fn timeo_for(rs: &mut ReadState, deadline: Instant, now: Instant, untimed: bool) -> Option<Duration> {
+        let left = deadline - now;
+        let want = if untimed {
+            Duration::ZERO
+        } else if left >= TICK {
+            TICK
+        } else {
+            ceil_ms(left)
+        };
+        if want == rs.rcvtimeo {
+            return None;
+        }
+        rs.rcvtimeo = want;
+        Some(want)
+    }
+
+    /// Ends a lead: ends the connection if the lead's read did, hands the decoder back, and
+    /// wakes the threads waiting. Returns the reading state, locked.
+    fn give_lead<'a>(self: &Arc<Self>, sr: &'a SyncRead, lead: Lead) -> MutexGuard<'a, ReadState> {
+        let ended = lead.end.is_some();
+        if let Some((why, linger)) = lead.end {
+            self.finish(why, linger);
+            sr.dispatch.closed(self);
+        }
+        let mut rs = sr.rs.lock().unwrap();
+        rs.dec = Some(lead.state);
+        rs.frame_started = lead.started;
+        rs.leader = false;
+        if lead.drain {
+            rs.drained = true;
+        }
+        if ended {
+            rs.dead = true;
+        }
+        if rs.waiters > 0 {
+            sr.cv.notify_all();
+        }
+        rs
+    }
+
+    /// One read by the leader of a blocking connection, and the frames it completes (an answer
+    /// `solo` waits for goes there). Sets `lead.end` when the connection is over.
+    fn lead_once(self: &Arc<Self>, mut lead: Lead, spin: bool, solo: &mut Solo) -> Lead {
         let sr = self.sync.as_ref().expect("a blocking connection");
-        let (dec, fds) = &mut *state;
+        let (dec, fds) = &mut *lead.state;
         let end = 'end: {
-            if drain {
+            if lead.drain {
                 if let Err(why) = self.drain_now(dec, fds, &sr.dispatch) {
                     break 'end Some((why, false));
                 }
@@ -1241,18 +1323,21 @@ impl Conn {
                 // receiving side is shut down, so the next read returns at once.
                 break 'end None;
             }
-            if started.is_some_and(|t0| t0.elapsed() >= self.limits.frame_timeout) {
+            if lead
+                .started
+                .is_some_and(|t0| t0.elapsed() >= self.limits.frame_timeout)
+            {
                 break 'end Some((
                     "a frame did not arrive whole within frame_timeout".to_string(),
                     false,
                 ));
             }
-            if let Some(t) = set_timeo_to {
+            if let Some(t) = lead.set_timeo.take() {
                 let _ = set_timeo(self.raw_fd(), libc::SO_RCVTIMEO, t);
             }
             let (ptr, room) = dec.spare();
             // An answer is on its way and no frame is half read: try for it a moment first.
-            let read = if spin && started.is_none() && !dec.in_frame() {
+            let read = if spin && lead.started.is_none() && !dec.in_frame() {
                 spin_recvmsg(&sr.spin, self.raw_fd(), ptr, room, fds)
             } else {
                 recvmsg(self.raw_fd(), ptr, room, fds, 0)
@@ -1270,21 +1355,22 @@ impl Conn {
                 Ok(n) => {
                     // SAFETY: recvmsg wrote n <= room bytes there.
                     unsafe { dec.commit(n) };
-                    self.process(dec, fds, &sr.dispatch).err()
+                    self.process(dec, fds, &sr.dispatch, solo).err()
                 }
             }
         };
         if end.is_none() {
             if dec.in_frame() {
-                started.get_or_insert_with(Instant::now);
+                lead.started.get_or_insert_with(Instant::now);
             } else {
-                started = None;
+                lead.started = None;
                 if !fds.is_empty() {
                     fds.clear();
                 }
             }
         }
-        (state, started, end)
+        lead.end = end;
+        lead
     }
 
     /// A request on a blocking connection: written and answered on the calling thread.
@@ -1296,25 +1382,125 @@ impl Conn {
         // The one clock read of the request while nothing blocks.
         let now = Instant::now();
         let deadline = now + timeout;
-        let rid = self.register_slot()?;
+        if let Some(res) = self.request_solo(payload, now, deadline, timeout) {
+            return res;
+        }
+        let rid = self.register_slot(self.next_request_id.fetch_add(1, Ordering::Relaxed))?;
         let res = self
             .send_blocking_t(REQUEST, rid, Body::Bytes(payload), deadline, timeout)
             .map_err(|e| match e {
                 Error::Timeout(_) => Error::Timeout(timeout),
                 e => e,
             })
-            .and_then(|()| {
-                let mut out = None;
-                self.wait_sync_with(deadline, Some(now), false, true, || {
-                    out = self.take_answer(rid);
-                    out.is_some()
-                });
-                out.unwrap_or_else(|| Err(Error::Timeout(timeout)))
-            });
+            .and_then(|()| self.wait_slot(rid, Some(now), deadline, timeout));
         if res.is_err() {
             self.unregister(rid);
         }
         res
+    }
+
+    /// Waits for the answer in request `rid`'s slot, reading while no other thread does.
+    fn wait_slot(
+        &self,
+        rid: u64,
+        now: Option<Instant>,
+        deadline: Instant,
+        timeout: Duration,
+    ) -> Result<Payload, Error> {
+        let mut out = None;
+        self.wait_sync_with(deadline, now, false, true, || {
+            out = self.take_answer(rid);
+            out.is_some()
+        });
+        out.unwrap_or_else(|| Err(Error::Timeout(timeout)))
+    }
+
+    /// [`Conn::request_blocking`]'s fast path, for an inline payload while no other thread
+    /// reads or writes the connection: this thread leads the reading from before its write
+    /// until its answer has come, so the answer comes straight to it ([`Solo`]), with no entry
+    /// in the pending table and no lock of the connection's state. None when the path is not
+    /// free (another thread reads or writes, frames queued for the writer thread must leave
+    /// first, the payload does not go inline): the general path then takes the request.
+    fn request_solo(
+        self: &Arc<Self>,
+        payload: &[u8],
+        now: Instant,
+        deadline: Instant,
+        timeout: Duration,
+    ) -> Option<Result<Payload, Error>> {
+        let sr = self.sync.as_ref()?;
+        if !self.plainly_inline(&Body::Bytes(payload))
+            || self.ctl_done.load(Ordering::Acquire) < self.ctl_queued.load(Ordering::Acquire)
+        {
+            return None;
+        }
+        let mut rs = sr.rs.lock().unwrap();
+        if rs.leader || rs.dead || sr.drain_requested.load(Ordering::Acquire) {
+            return None;
+        }
+        // Never wait for the write lock while leading: its holder may wait for the peer,
+        // which may wait for someone to read.
+        let w = self.swlock.try_lock().ok()?;
+        let mut lead = Self::take_lead(sr, &mut rs, deadline, now, false);
+        drop(rs);
+        let rid = self.next_request_id.fetch_add(1, Ordering::Relaxed);
+        let h = wire::header_for(REQUEST, 0, rid, payload);
+        let bufs: [&[u8]; 2] = [&h, payload];
+        let sent = loop {
+            match sendmsg(self.raw_fd(), &bufs, 0, None, libc::MSG_DONTWAIT) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break Ok(0),
+                other => break other,
+            }
+        };
+        match sent {
+            Ok(n) if n == h.len() + payload.len() => drop(w),
+            Ok(n) => {
+                // The socket is full. The peer may be waiting for us to read before it takes
+                // more: register the request, let another thread lead, and write the rest as
+                // the general path does (under the same write lock: the frame stays whole).
+                let registered = self.register_slot(rid);
+                drop(self.give_lead(sr, lead));
+                let (mut idx, mut off) = (0, 0);
+                advance(&bufs, &mut idx, &mut off, n);
+                let res = registered
+                    .and_then(|_| self.write_rest(w, &bufs, idx, off, None, deadline, timeout))
+                    .and_then(|()| self.wait_slot(rid, None, deadline, timeout));
+                if res.is_err() {
+                    self.unregister(rid);
+                }
+                return Some(res);
+            }
+            Err(e) => {
+                drop(w);
+                drop(self.give_lead(sr, lead));
+                return Some(Err(Error::Closed(format!("write failed: {e}"))));
+            }
+        }
+        let mut solo = Solo { rid, answer: None };
+        loop {
+            lead = self.lead_once(lead, true, &mut solo);
+            if lead.end.is_some() || solo.answer.is_some() {
+                break;
+            }
+            // Frames for other threads may have come: wake them, and read on.
+            let now = Instant::now();
+            let mut rs = sr.rs.lock().unwrap();
+            if rs.waiters > 0 {
+                sr.cv.notify_all();
+            }
+            if now >= deadline {
+                break;
+            }
+            lead.set_timeo = Self::timeo_for(&mut rs, deadline, now, false);
+        }
+        let ended = lead.end.is_some();
+        drop(self.give_lead(sr, lead));
+        Some(match solo.answer {
+            Some(answer) => answer,
+            None if ended => Err(self.closed_error()),
+            None => Err(Error::Timeout(timeout)),
+        })
     }
 
     fn peer_hello_blocking(&self, deadline: Instant) -> Option<Hello> {
@@ -1357,7 +1543,8 @@ impl Conn {
                 // SAFETY: recvmsg wrote n <= room bytes there.
                 Ok(n) => unsafe { dec.commit(n) },
             }
-            self.process(dec, fds, dispatch).map_err(|(why, _)| why)?;
+            self.process(dec, fds, dispatch, &mut Solo::none())
+                .map_err(|(why, _)| why)?;
         }
     }
 
@@ -1427,8 +1614,14 @@ impl Conn {
         }
     }
 
-    fn fail_pending(&self, rid: u64, err: Error) {
-        self.deliver(rid, Err(err));
+    /// Hands an answer to `solo` when it is the answer `solo` waits for, else to the pending
+    /// table ([`Conn::deliver`]).
+    fn deliver_to(&self, solo: &mut Solo, rid: u64, res: Result<Payload, Error>) {
+        if rid != 0 && rid == solo.rid && solo.answer.is_none() {
+            solo.answer = Some(res);
+        } else {
+            self.deliver(rid, res);
+        }
     }
 
     /// A fatal violation (section 6): a server answers it with one Error frame (request id
@@ -1452,6 +1645,7 @@ impl Conn {
         dec: &mut FrameDecoder,
         fds: &mut VecDeque<OwnedFd>,
         dispatch: &Arc<dyn Dispatch>,
+        solo: &mut Solo,
     ) -> Result<(), (String, bool)> {
         loop {
             let frame = match dec.next_frame() {
@@ -1465,12 +1659,13 @@ impl Conn {
                         self.refuse_shm_segment(&e.payload, fds);
                     }
                     match e.mtype {
-                        Some(wire::RESPONSE) | Some(wire::ERROR) => self.fail_pending(
+                        Some(wire::RESPONSE) | Some(wire::ERROR) => self.deliver_to(
+                            solo,
                             rid,
-                            Error::Protocol {
+                            Err(Error::Protocol {
                                 code: e.code,
                                 message: e.message,
-                            },
+                            }),
                         ),
                         m => self.answer_error(dispatch, m, rid, e.code, &e.message),
                     }
@@ -1484,7 +1679,7 @@ impl Conn {
                     Err((code, message)) => {
                         match frame.mtype {
                             wire::RESPONSE | wire::ERROR => {
-                                self.fail_pending(rid, Error::Protocol { code, message })
+                                self.deliver_to(solo, rid, Err(Error::Protocol { code, message }))
                             }
                             m => self.answer_error(dispatch, Some(m), rid, code, &message),
                         }
@@ -1495,12 +1690,13 @@ impl Conn {
                 // We never announce COMPRESSION, so it is never negotiated.
                 let m = "COMPRESSED was not negotiated";
                 match frame.mtype {
-                    wire::RESPONSE | wire::ERROR => self.fail_pending(
+                    wire::RESPONSE | wire::ERROR => self.deliver_to(
+                        solo,
                         rid,
-                        Error::Protocol {
+                        Err(Error::Protocol {
                             code: code::UNSUPPORTED_FLAGS,
                             message: m.into(),
-                        },
+                        }),
                     ),
                     t => self.answer_error(dispatch, Some(t), rid, code::UNSUPPORTED_FLAGS, m),
                 }
@@ -1510,9 +1706,7 @@ impl Conn {
             };
             match frame.mtype {
                 REQUEST => dispatch.request(self, rid, payload),
-                RESPONSE => {
-                    self.deliver(rid, Ok(payload));
-                }
+                RESPONSE => self.deliver_to(solo, rid, Ok(payload)),
                 wire::ERROR => {
                     let err = match wire::decode_error(&payload) {
                         Some((code, message)) => Error::Remote { code, message },
@@ -1521,7 +1715,7 @@ impl Conn {
                             message: "malformed Error payload".into(),
                         },
                     };
-                    self.deliver(rid, Err(err));
+                    self.deliver_to(solo, rid, Err(err));
                 }
                 _ if rid == 0 => {
                     // (A control Event with SHM or COMPRESSED was refused above: it is no HRNG.)
@@ -1546,6 +1740,7 @@ impl Conn {
             let Some(h) = Hello::decode(payload) else { return };
             let mut st = self.st.lock().unwrap();
             if st.peer_hello.is_none() {
+                self.peer_limit.store(h.max_payload, Ordering::Release);
                 st.peer_hello = Some(h);
                 drop(st);
                 self.hello_arrived.notify_waiters();
@@ -1740,7 +1935,19 @@ impl Body<'_> {
 /// copying a few hundred bytes costs less than that difference.
 const GATHER_BYTES: usize = 1024;
 
-fn sendmsg(fd: RawFd, bufs: &[&[u8]], first_off: usize, pass: Option<RawFd>) -> io::Result<usize> {
+// The socket calls below are made with syscall(2), not through libc's wrappers: those are
+// POSIX cancellation points, and entering and leaving one (nothing here uses
+// pthread_cancel) cost as many instructions as the rest of a 64 B read or write.
+
+/// One sendmsg(2) of `bufs` from `bufs[0][first_off..]` on (`flags` added to MSG_NOSIGNAL),
+/// with `pass` as SCM_RIGHTS.
+fn sendmsg(
+    fd: RawFd,
+    bufs: &[&[u8]],
+    first_off: usize,
+    pass: Option<RawFd>,
+    flags: libc::c_int,
+) -> io::Result<usize> {
     if pass.is_none() {
         let first = &bufs[0][first_off..];
         let total = first.len() + bufs[1..].iter().map(|b| b.len()).sum::<usize>();
@@ -1761,7 +1968,17 @@ fn sendmsg(fd: RawFd, bufs: &[&[u8]], first_off: usize, pass: Option<RawFd>) -> 
                 (dst as *const u8, at)
             };
             // SAFETY: send from `len` initialised bytes at `ptr`.
-            let n = unsafe { libc::send(fd, ptr as *const libc::c_void, len, libc::MSG_NOSIGNAL) };
+            let n = unsafe {
+                libc::syscall(
+                    libc::SYS_sendto,
+                    fd,
+                    ptr as *const libc::c_void,
+                    len,
+                    libc::MSG_NOSIGNAL | flags,
+                    std::ptr::null::<libc::sockaddr>(),
+                    0 as libc::socklen_t,
+                )
+            };
             return if n < 0 {
                 Err(io::Error::last_os_error())
             } else {
@@ -1798,7 +2015,12 @@ fn sendmsg(fd: RawFd, bufs: &[&[u8]], first_off: usize, pass: Option<RawFd>) -> 
             (*c).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<RawFd>() as u32) as _;
             std::ptr::write_unaligned(libc::CMSG_DATA(c) as *mut RawFd, pfd);
         }
-        let n = libc::sendmsg(fd, &msg, libc::MSG_NOSIGNAL);
+        let n = libc::syscall(
+            libc::SYS_sendmsg,
+            fd,
+            &msg as *const libc::msghdr,
+            libc::MSG_NOSIGNAL | flags,
+        );
         if n < 0 {
             Err(io::Error::last_os_error())
         } else {
@@ -1827,7 +2049,12 @@ fn recvmsg(
         msg.msg_iovlen = 1;
         msg.msg_control = cbuf.as_mut_ptr() as *mut libc::c_void;
         msg.msg_controllen = std::mem::size_of_val(&cbuf) as _;
-        let n = libc::recvmsg(fd, &mut msg, libc::MSG_CMSG_CLOEXEC | flags);
+        let n = libc::syscall(
+            libc::SYS_recvmsg,
+            fd,
+            &mut msg as *mut libc::msghdr,
+            libc::MSG_CMSG_CLOEXEC | flags,
+        );
         if n < 0 {
             return Err(io::Error::last_os_error());
         }
@@ -1859,6 +2086,9 @@ fn spin_recvmsg(
     room: usize,
     fds: &mut VecDeque<OwnedFd>,
 ) -> io::Result<usize> {
+    if !spin.possible(fd) {
+        return recvmsg(fd, ptr, room, fds, 0);
+    }
     let started = Instant::now();
     if let Some(spinning) = spin.begin(fd) {
         loop {

@@ -106,16 +106,23 @@ impl Spin {
         }
     }
 
-    /// The spin the wait about to start may make (None: block at once), with a spinner's
-    /// slot taken.
-    pub(crate) fn begin(&self, fd: RawFd) -> Option<Spinning> {
+    /// Whether a wait on `fd` may ever spin: spinning is on, this machine has another CPU,
+    /// and the peer is not pinned to our one CPU. When not, a wait reads at once and keeps
+    /// no time (no budget to keep).
+    pub(crate) fn possible(&self, fd: RawFd) -> bool {
         if !self.enabled || max_spinners() == 0 {
-            return None;
+            return false;
         }
         if self.beside.load(Relaxed) < 0 {
             self.beside.store(peer_beside(fd) as i8, Relaxed);
         }
-        if self.beside.load(Relaxed) == 0 {
+        self.beside.load(Relaxed) != 0
+    }
+
+    /// The spin the wait about to start may make (None: block at once), with a spinner's
+    /// slot taken.
+    pub(crate) fn begin(&self, fd: RawFd) -> Option<Spinning> {
+        if !self.possible(fd) {
             return None;
         }
         let mut budget = self.budget_ns.load(Relaxed);

@@ -674,3 +674,73 @@ fn a_server_that_sends_no_hello_is_waited_for_once_per_connection() {
         "blocking: six large requests took {elapsed:?}"
     );
 }
+
+/// A blocking request that finds the socket full (the server reads nothing for a while):
+/// whether its frame went out in part or not at all, it fails with a timeout in time; a torn
+/// frame cuts the connection, and every frame the server reads is whole. (The one-thread
+/// fast path writes without waiting and hands over to the general path when the socket
+/// takes less than the whole frame.)
+#[test]
+fn a_blocking_request_into_a_full_socket_times_out_and_never_tears_a_frame_silently() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    const TRIES: usize = 8;
+    let (go, wait) = std::sync::mpsc::channel::<()>();
+    let requests = Arc::new(AtomicUsize::new(0));
+    let seen = requests.clone();
+    with_raw_server_blocking(
+        "full-b",
+        Hello::default(),
+        move |raw| {
+            wait.recv().unwrap();
+            // next() panics on a frame that is not whole and valid.
+            while let Some(f) = raw.next() {
+                if f.mtype == REQUEST {
+                    seen.fetch_add(1, Ordering::SeqCst);
+                    let _ = raw
+                        .s
+                        .write_all(&wire::encode_frame(RESPONSE, 0, f.request_id, b"ok"));
+                }
+            }
+        },
+        move |path| {
+            let timeout = Duration::from_millis(200);
+            let c = hintens::blocking::Client::connect_with(
+                &path,
+                ClientOptions {
+                    timeout,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+            let big = vec![5u8; 60_000];
+            for i in 0..TRIES {
+                let t0 = std::time::Instant::now();
+                let e = c.send_bytes(&big).unwrap_err();
+                let took = t0.elapsed();
+                assert!(
+                    took < timeout + Duration::from_millis(400),
+                    "request {i}: {took:?}"
+                );
+                match e {
+                    Error::Timeout(t) => assert_eq!(t, timeout),
+                    Error::Closed(_) => break, // the torn frame cut the connection
+                    other => panic!("request {i}: {other}"),
+                }
+                if c.is_closed() {
+                    break;
+                }
+            }
+            go.send(()).unwrap();
+            match c.send_bytes_timeout(b"after", Duration::from_secs(5)) {
+                Ok(a) => assert_eq!(&a[..], b"ok"),
+                Err(Error::Closed(_)) => {}
+                Err(e) => panic!("after: {e}"),
+            }
+            c.close();
+        },
+    );
+    // Some of the large requests never went out whole: the socket was full for them.
+    let n = requests.load(Ordering::SeqCst);
+    assert!(n < TRIES, "the server read {n} requests");
+}
