@@ -242,7 +242,7 @@ func (cl *Client) roundTrip(ctx context.Context, payload []byte, raw []byte) (re
 	if raw != nil {
 		err = cl.c.writeRaw(raw)
 	} else {
-		err = cl.c.send(TypeRequest, id, payload, nil, deadline, waitForSegment)
+		err = cl.c.send(TypeRequest, id, payload, nil, deadline, 0, waitForSegment)
 	}
 	if err != nil {
 		if cl.forget(id) {
@@ -476,7 +476,7 @@ func (cl *Client) SendEvent(payload []byte) error {
 	if cl.cfg.timeout > 0 {
 		deadline = time.Now().Add(cl.cfg.timeout)
 	}
-	return cl.c.send(TypeEvent, cl.c.eventIDSeq.Add(1), payload, nil, deadline, waitForSegment)
+	return cl.c.send(TypeEvent, cl.c.eventIDSeq.Add(1), payload, nil, deadline, 0, waitForSegment)
 }
 
 // OnEvent sets the function called for each Event the server sends, in arrival order, on

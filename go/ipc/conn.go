@@ -38,6 +38,15 @@ type conn struct {
 	draining     bool
 	wDeadline    time.Time
 	eventIDSeq   atomic.Uint64
+	// the peer's hello, as send reads it without a lock: its inline limit (DefaultMaxPayload
+	// until the hello came) and whether it offers shared memory
+	peerMax atomic.Int64
+	peerSHM atomic.Bool
+	// trySend's one send(2), made through a closure made once (a closure per call would be
+	// an allocation per frame): the bytes to send and what the call took, under wmu
+	trySendFn  func(fd uintptr)
+	trySendBuf []byte
+	trySendN   int
 
 	// reading state, owned by whichever goroutine reads (readOnce)
 	fds []int // received descriptors not yet claimed, oldest first
@@ -95,6 +104,8 @@ func newConn(nc *net.UnixConn, cfg *config, isServer bool, totals *shmTotals) *c
 	c.oob = make([]byte, unix.CmsgSpace(4*maxWaitingFDs))
 	c.rawc, _ = nc.SyscallConn() // fails only for a nil conn
 	c.readFn = c.recvmsg
+	c.trySendFn = c.trySendRaw
+	c.peerMax.Store(DefaultMaxPayload)
 	if !isServer && cfg.spin {
 		c.spin = newSpinState()
 		c.spinFn = c.spinRecvmsg
@@ -373,15 +384,20 @@ func (c *conn) write(typ uint32, flags uint16, rid uint64, payload []byte, fd in
 // cost the runtime's syscall entry and exit, the descriptor's locks and a clock read more.
 // The caller holds wmu.
 func (c *conn) trySend(b []byte) int {
-	sent := 0
-	c.rawc.Control(func(fd uintptr) {
-		n, _, errno := unix.RawSyscall6(unix.SYS_SENDTO, fd, uintptr(unsafe.Pointer(&b[0])), uintptr(len(b)),
-			unix.MSG_DONTWAIT|unix.MSG_NOSIGNAL, 0, 0)
-		if errno == 0 {
-			sent = int(n)
-		}
-	})
-	return sent
+	c.trySendBuf, c.trySendN = b, 0
+	c.rawc.Control(c.trySendFn)
+	c.trySendBuf = nil // keep no reference to the buffer
+	return c.trySendN
+}
+
+// trySendRaw is trySend's system call (trySendFn), on the descriptor Control lends.
+func (c *conn) trySendRaw(fd uintptr) {
+	b := c.trySendBuf
+	n, _, errno := unix.RawSyscall6(unix.SYS_SENDTO, fd, uintptr(unsafe.Pointer(&b[0])), uintptr(len(b)),
+		unix.MSG_DONTWAIT|unix.MSG_NOSIGNAL, 0, 0)
+	if errno == 0 {
+		c.trySendN = int(n)
+	}
 }
 
 // tryWriteLocked makes one non-blocking attempt to write b (with fd, if not -1).
@@ -494,13 +510,7 @@ func (c *conn) releaseLease(l *lease) {
 
 // peerLimits: the peer's inline limit and whether shared memory was negotiated.
 func (c *conn) peerLimits() (maxPayload int, shm bool) {
-	c.shm.mu.Lock()
-	defer c.shm.mu.Unlock()
-	maxPayload = DefaultMaxPayload
-	if c.shm.peer != nil {
-		maxPayload = int(c.shm.peer.MaxPayload)
-	}
-	return maxPayload, c.shm.negotiatedLocked()
+	return int(c.peerMax.Load()), c.shm.localFeatures&FeatureSHM != 0 && c.peerSHM.Load()
 }
 
 // waitHello waits (until helloWait after the connection began, or deadline) for the peer's
@@ -544,8 +554,16 @@ var errWouldWait = errors.New("hintens: every shared-memory segment is lent out"
 
 // send sends a Request, Response or Event, inline or through shared memory (sections 8b and
 // 9). echo, if set, is the lease of the Request being answered: data inside it goes back as a
-// PEER_SEGMENT echo.
-func (c *conn) send(typ uint32, rid uint64, data []byte, echo *lease, deadline time.Time, mode sendMode) error {
+// PEER_SEGMENT echo. What waits (for the peer's hello, for a segment) waits until deadline,
+// or, when deadline is zero and timeout is not, until timeout after send began to wait: an
+// inline send then reads no clock.
+func (c *conn) send(typ uint32, rid uint64, data []byte, echo *lease, deadline time.Time, timeout time.Duration, mode sendMode) error {
+	if echo == nil && len(data) < c.cfg.shmThreshold && len(data) <= int(c.peerMax.Load()) {
+		return c.write(typ, 0, rid, data, -1, mode == inlineIfNoSegment) // inline whatever was negotiated
+	}
+	if deadline.IsZero() && timeout > 0 {
+		deadline = time.Now().Add(timeout)
+	}
 	if len(data) >= c.cfg.shmThreshold {
 		c.waitHello(deadline)
 	}
@@ -852,6 +870,8 @@ func (c *conn) control(p []byte) {
 			c.shm.mu.Lock()
 			c.shm.peer = &h
 			c.shm.mu.Unlock()
+			c.peerMax.Store(int64(h.MaxPayload))
+			c.peerSHM.Store(h.Features&FeatureSHM != 0)
 			close(c.helloDone)
 		})
 	case "HREL", "HREJ":

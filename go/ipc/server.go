@@ -338,8 +338,7 @@ func (sc *Conn) answer(rid uint64, payload []byte, l *lease, mode sendMode) {
 
 func (sc *Conn) respond(rid uint64, resp []byte, l *lease, mode sendMode) {
 	c := sc.c
-	deadline := time.Now().Add(sc.s.cfg.sendTimeout)
-	serr := c.send(TypeResponse, rid, resp, l, deadline, mode)
+	serr := c.send(TypeResponse, rid, resp, l, time.Time{}, sc.s.cfg.sendTimeout, mode)
 	if serr == errWouldWait {
 		sc.inflight.Add(1)
 		sc.queue <- request{rid: rid, payload: append([]byte(nil), resp...), l: l, answered: true}
@@ -369,7 +368,7 @@ func (sc *Conn) call(req []byte) (resp []byte, err error) {
 // segment is lent out, the Event goes inline if the client's limit allows, else it fails.
 // A client that leaves our bytes unread for the send timeout is cut.
 func (sc *Conn) SendEvent(payload []byte) error {
-	return sc.c.send(TypeEvent, sc.c.eventIDSeq.Add(1), payload, nil, time.Time{}, inlineIfNoSegment)
+	return sc.c.send(TypeEvent, sc.c.eventIDSeq.Add(1), payload, nil, time.Time{}, 0, inlineIfNoSegment)
 }
 
 // Close cuts this connection.
