@@ -1269,13 +1269,15 @@ impl Conn {
     /// and again does not change the socket's timeout (a system call) on every read. Zero: no
     /// timeout.
     fn timeo_for(rs: &mut ReadState, deadline: Instant, now: Instant, untimed: bool) -> Option<Duration> {
-        let left = deadline - now;
         let want = if untimed {
             Duration::ZERO
-        } else if left >= TICK {
-            TICK
         } else {
-            ceil_ms(left)
+            let left = deadline - now;
+            if left >= TICK {
+                TICK
+            } else {
+                ceil_ms(left)
+            }
         };
         if want == rs.rcvtimeo {
             return None;

@@ -9,7 +9,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -325,6 +325,7 @@ impl Server {
             let dispatch = Arc::new(SyncDispatch {
                 shared: self.shared.clone(),
                 queue: Mutex::new(VecDeque::new()),
+                queued: AtomicUsize::new(0),
                 taking: AtomicBool::new(true),
             });
             let conn = match Conn::start_blocking(
@@ -669,7 +670,29 @@ fn fallback(sent: Result<(), Error>) -> Result<Option<(u32, &'static str)>, ()> 
 struct SyncDispatch {
     shared: Arc<Shared>,
     queue: Mutex<VecDeque<Work>>,
+    /// The queue's length, for the connection thread to look at without the lock (counted
+    /// up after each push, down after each pop, under the lock).
+    queued: AtomicUsize,
     taking: AtomicBool,
+}
+
+impl SyncDispatch {
+    fn push(&self, w: Work) {
+        let mut q = self.queue.lock().unwrap();
+        q.push_back(w);
+        self.queued.store(q.len(), Ordering::Release);
+    }
+
+    /// The next Work, if any (no lock taken when the queue is empty).
+    fn pop(&self) -> Option<Work> {
+        if self.queued.load(Ordering::Acquire) == 0 {
+            return None;
+        }
+        let mut q = self.queue.lock().unwrap();
+        let w = q.pop_front();
+        self.queued.store(q.len(), Ordering::Release);
+        w
+    }
 }
 
 /// What a blocking server connection's thread does next, in arrival order.
@@ -681,15 +704,12 @@ enum Work {
 
 impl Dispatch for SyncDispatch {
     fn answer(&self, _conn: &Arc<Conn>, frame: Vec<u8>) {
-        self.queue.lock().unwrap().push_back(Work::Answer(frame));
+        self.push(Work::Answer(frame));
     }
 
     fn request(&self, conn: &Arc<Conn>, request_id: u64, payload: Payload) {
         if self.taking.load(Ordering::Acquire) {
-            self.queue
-                .lock()
-                .unwrap()
-                .push_back(Work::Request(request_id, payload));
+            self.push(Work::Request(request_id, payload));
         } else {
             self.answer(conn, shutting_down(request_id));
         }
@@ -724,7 +744,7 @@ fn conn_thread(conn: Arc<Conn>, shared: Arc<Shared>, handler: SyncHandlerFn, d: 
     loop {
         let was_closing = closing;
         let woken = conn.wait_sync_idle_at(now + Duration::from_millis(100), Some(now), || {
-            !d.queue.lock().unwrap().is_empty()
+            d.queued.load(Ordering::Acquire) > 0
                 || (!was_closing && !d.taking.load(Ordering::Acquire))
                 || conn.is_closed()
         });
@@ -732,7 +752,7 @@ fn conn_thread(conn: Arc<Conn>, shared: Arc<Shared>, handler: SyncHandlerFn, d: 
             now = Instant::now();
         }
         loop {
-            let (rid, payload) = match d.queue.lock().unwrap().pop_front() {
+            let (rid, payload) = match d.pop() {
                 None => break,
                 Some(Work::Request(rid, payload)) => (rid, payload),
                 Some(Work::Answer(frame)) => {
@@ -796,5 +816,7 @@ fn conn_thread(conn: Arc<Conn>, shared: Arc<Shared>, handler: SyncHandlerFn, d: 
         }
     }
     // Requests still queued when the connection ended go unanswered (nothing can be sent).
-    d.queue.lock().unwrap().clear();
+    let mut q = d.queue.lock().unwrap();
+    q.clear();
+    d.queued.store(0, Ordering::Release);
 }
