@@ -1272,11 +1272,12 @@ impl Conn {
         let want = if untimed {
             Duration::ZERO
         } else {
-            let left = deadline - now;
+            let left = deadline.saturating_duration_since(now);
             if left >= TICK {
                 TICK
             } else {
-                ceil_ms(left)
+                // Never zero, which would mean no timeout at all.
+                ceil_ms(left).max(Duration::from_millis(1))
             }
         };
         if want == rs.rcvtimeo {
@@ -1295,6 +1296,11 @@ impl Conn {
             sr.dispatch.closed(self);
         }
         let mut rs = sr.rs.lock().unwrap();
+        if lead.set_timeo.is_some() {
+            // Recorded by take_lead, never set (the lead ended before reading): the socket's
+            // timeout is unknown, so the next leader sets its own.
+            rs.rcvtimeo = Duration::MAX;
+        }
         rs.dec = Some(lead.state);
         rs.frame_started = lead.started;
         rs.leader = false;
@@ -1431,7 +1437,8 @@ impl Conn {
         timeout: Duration,
     ) -> Option<Result<Payload, Error>> {
         let sr = self.sync.as_ref()?;
-        if !self.plainly_inline(&Body::Bytes(payload))
+        if now >= deadline
+            || !self.plainly_inline(&Body::Bytes(payload))
             || self.ctl_done.load(Ordering::Acquire) < self.ctl_queued.load(Ordering::Acquire)
         {
             return None;
@@ -1476,7 +1483,11 @@ impl Conn {
             Err(e) => {
                 drop(w);
                 drop(self.give_lead(sr, lead));
-                return Some(Err(Error::Closed(format!("write failed: {e}"))));
+                // A connection cut (a send timed out) says why, as the general path does.
+                let why = self.st.lock().unwrap().closed.clone();
+                return Some(Err(Error::Closed(
+                    why.unwrap_or_else(|| format!("write failed: {e}")),
+                )));
             }
         }
         let mut solo = Solo { rid, answer: None };

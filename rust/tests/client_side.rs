@@ -744,3 +744,36 @@ fn a_blocking_request_into_a_full_socket_times_out_and_never_tears_a_frame_silen
     let n = requests.load(Ordering::SeqCst);
     assert!(n < TRIES, "the server read {n} requests");
 }
+
+/// A blocking request whose timeout is zero, or already spent, fails with a timeout at once,
+/// also when nothing else uses the connection (the one-thread fast path): it never waits in
+/// a read with no timeout for an answer that does not come.
+#[test]
+fn a_blocking_request_with_no_time_left_times_out_at_once() {
+    with_raw_server_blocking(
+        "zero-b",
+        Hello::default(),
+        |raw| {
+            // Read the requests, answer none.
+            while raw.next().is_some() {}
+        },
+        |path| {
+            let c = hintens::blocking::Client::connect(&path).unwrap();
+            for _ in 0..3 {
+                let t0 = std::time::Instant::now();
+                let e = c
+                    .send_bytes_timeout(b"never answered", Duration::ZERO)
+                    .unwrap_err();
+                assert!(matches!(e, Error::Timeout(_)), "{e}");
+                assert!(t0.elapsed() < Duration::from_millis(500), "{:?}", t0.elapsed());
+            }
+            let t0 = std::time::Instant::now();
+            let e = c
+                .send_bytes_timeout(b"never answered", Duration::from_micros(300))
+                .unwrap_err();
+            assert!(matches!(e, Error::Timeout(_)), "{e}");
+            assert!(t0.elapsed() < Duration::from_millis(500), "{:?}", t0.elapsed());
+            c.close();
+        },
+    );
+}
