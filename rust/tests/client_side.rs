@@ -777,3 +777,41 @@ fn a_blocking_request_with_no_time_left_times_out_at_once() {
         },
     );
 }
+
+/// The answers a blocking client reads for itself (one thread: the short way) from a hostile
+/// server: an answer to an id it never used, two answers to one request, then a header that
+/// declares a payload over the limit. Each request gets its own answer, the stray and the
+/// repeated one are dropped, and the oversized header ends the connection at once, failing
+/// the request that waits with `Closed`.
+#[test]
+fn a_blocking_client_takes_only_its_own_answers_from_a_hostile_server() {
+    with_raw_server_blocking(
+        "hostile-solo-b",
+        Hello::default(),
+        |raw| {
+            let f = raw.next().unwrap();
+            raw.send(&wire::encode_frame(RESPONSE, 0, f.request_id + 1000, b"nobody's"));
+            raw.send(&wire::encode_frame(RESPONSE, 0, f.request_id, b"one"));
+            raw.send(&wire::encode_frame(RESPONSE, 0, f.request_id, b"one again"));
+            let f = raw.next().unwrap();
+            raw.send(&wire::encode_frame(RESPONSE, 0, f.request_id, b"two"));
+            let f = raw.next().unwrap();
+            let mut h = wire::header_for(RESPONSE, 0, f.request_id, b"");
+            h[10..14].copy_from_slice(&u32::MAX.to_be_bytes()); // the length field
+            raw.send(&h);
+        },
+        |path| {
+            let c = hintens::blocking::Client::connect(&path).unwrap();
+            assert_eq!(&c.send_bytes(b"1").unwrap()[..], b"one");
+            assert_eq!(&c.send_bytes(b"2").unwrap()[..], b"two");
+            let t0 = std::time::Instant::now();
+            let e = c.send_bytes(b"3").unwrap_err();
+            assert!(matches!(e, Error::Closed(_)), "{e}");
+            assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+            assert!(c.is_closed());
+            let e = c.send_bytes(b"4").unwrap_err();
+            assert!(matches!(e, Error::Closed(_)), "{e}");
+            c.close();
+        },
+    );
+}
